@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the project: the Rust workspace (unit, integration, reference,
+# header drift, ffi through dlopen) and the C / C++ examples under sanitizers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace --release
+if [ -x scripts/ffi-examples.sh ]; then
+  scripts/ffi-examples.sh
+fi

@@ -1,0 +1,298 @@
+//! The CPU backend: host K/V pools in caller memory and the NSA kernels over them.
+//!
+//! A layer run has three phases, each over independent tasks:
+//! 1. copy-on-write page copies of the step (calling thread; rare, after forks);
+//! 2. per (sequence, KV head): append the new K/V rows, emit finished compressed tokens;
+//! 3. per (sequence, KV head, chunk of queries): NSA attention for every new token.
+//!
+//! Writes in phases 2 and 3 are disjoint between tasks: a task writes only pages its
+//! sequence owns exclusively (planning copied every shared page it appends to) and only
+//! its own rows and heads of `out`. That is the invariant behind the raw-pointer views
+//! (`LayerStore`, `SharedSlice`).
+
+mod attend;
+mod compress;
+mod math;
+mod runner;
+mod select;
+mod store;
+mod workspace;
+
+pub use runner::Runner;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::elem::Elem;
+use crate::error::{NsaError, Result};
+use crate::layout::{Layout, ARENA_ALIGN, POOL_RAW};
+use crate::plan::Step;
+use crate::sync::{AtomicUsize, Ordering};
+use store::{LayerStore, Pool};
+
+/// Queries per attention task: small enough to spread a prefill chunk over threads.
+const QUERY_CHUNK: u32 = 16;
+
+/// One layer's activations for the planned step. Rows are the step's tokens in plan
+/// order (all of the first sequence's new tokens, then the second's, ...).
+pub struct LayerIo<'x, T> {
+    /// `[tokens, HQ, DK]`.
+    pub q: &'x [T],
+    /// `[tokens, HKV, DK]`: the new keys (post-RoPE if the model uses RoPE).
+    pub k: &'x [T],
+    /// `[tokens, HKV, DV]`.
+    pub v: &'x [T],
+    /// `[tokens, HQ, 3]`: `(g_cmp, g_slc, g_win)` per token and query head.
+    pub gates: &'x [f32],
+    /// `[tokens, HQ, DV]`, written.
+    pub out: &'x mut [T],
+    /// `[tokens, HKV, n]`, written if given: each token's selected blocks, ascending,
+    /// padded with -1.
+    pub selected: Option<&'x mut [i32]>,
+}
+
+/// One layer's phi weights (f32, `Config::phi_weight_len(DK)` and `(DV)` elements; empty
+/// for `Phi::Mean`).
+#[derive(Clone, Copy, Default)]
+pub struct PhiWeights<'w> {
+    pub k: &'w [f32],
+    pub v: &'w [f32],
+}
+
+/// A mutable slice shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedSlice<T> {
+    ptr: *mut T,
+    len: usize,
+}
+// SAFETY: tasks write disjoint ranges (module invariant); T is plain data.
+unsafe impl<T: Send> Send for SharedSlice<T> {}
+unsafe impl<T: Send> Sync for SharedSlice<T> {}
+
+impl<T> SharedSlice<T> {
+    fn new(s: &mut [T]) -> Self {
+        SharedSlice { ptr: s.as_mut_ptr(), len: s.len() }
+    }
+    /// # Safety
+    /// No other task accesses `start..start+len` during the borrow.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+/// Everything a task of one layer run reads.
+struct LayerRun<'a, T> {
+    cfg: &'a Config,
+    step: Step<'a>,
+    store: LayerStore<'a, T>,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    gates: &'a [f32],
+    weights: PhiWeights<'a>,
+    out: SharedSlice<T>,
+    selected: Option<SharedSlice<i32>>,
+    ws: SharedSlice<f32>,
+    ws_sel: SharedSlice<i32>,
+    ws_floats: usize,
+    /// Attention only, full causal instead of NSA (the in-repo baseline).
+    full: bool,
+}
+
+/// The CPU backend over caller memory: every layer's K/V pools, then each thread's scratch.
+pub struct CpuBackend<'p> {
+    cfg: Config,
+    lay: Layout,
+    buf: &'p mut [u8],
+    ws_floats: usize,
+    runner: Runner,
+}
+
+impl<'p> CpuBackend<'p> {
+    /// Bytes of host memory the backend needs: K/V pools of every layer plus scratch for
+    /// `cpu_threads` threads.
+    pub fn buffer_bytes(cfg: &Config) -> Result<usize> {
+        cfg.validate()?;
+        let lay = Layout::new(cfg)?;
+        Ok(Self::parts(cfg, &lay).3)
+    }
+
+    /// (pool bytes, f32 scratch offset, i32 scratch offset, total).
+    fn parts(cfg: &Config, lay: &Layout) -> (usize, usize, usize, usize) {
+        let th = cfg.cpu_threads as usize;
+        let ws_off = lay.pool_bytes.div_ceil(64) * 64;
+        let sel_off = ws_off + th * workspace::floats_per_thread(cfg) * 4;
+        (lay.pool_bytes, ws_off, sel_off, sel_off + th * cfg.sel_count as usize * 4)
+    }
+
+    /// Creates the backend over `buf` (at least `buffer_bytes(cfg)` bytes, 16-byte
+    /// aligned) and starts `cfg.cpu_threads - 1` worker threads. The pools' contents are
+    /// left as they are: rows are written by appends before anything reads them.
+    pub fn new(cfg: &Config, buf: &'p mut [u8]) -> Result<Self> {
+        let need = Self::buffer_bytes(cfg)?;
+        if buf.len() < need {
+            return Err(NsaError::BufferTooSmall { what: "cpu buffer", got: buf.len(), need });
+        }
+        let addr = buf.as_ptr() as usize;
+        if addr % ARENA_ALIGN != 0 {
+            return Err(NsaError::Misaligned { what: "cpu buffer", addr, align: ARENA_ALIGN });
+        }
+        Ok(CpuBackend {
+            cfg: *cfg,
+            lay: Layout::new(cfg)?,
+            buf,
+            ws_floats: workspace::floats_per_thread(cfg),
+            runner: Runner::new(cfg.cpu_threads as usize),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Runs one layer of the planned step: copies shared pages it appends to, appends the
+    /// step's K/V rows, emits finished compressed tokens, and writes NSA attention for
+    /// every new token to `io.out`. Run each layer exactly once per step.
+    ///
+    /// Fails, changing nothing, when no step is planned, `layer` is out of range, `T` is
+    /// not the config's dtype, or any array has the wrong length.
+    pub fn run_layer<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>) -> Result<()> {
+        self.run(cache, layer, io, w, false)
+    }
+
+    /// The in-repo full-attention baseline over the same paged cache: plain causal
+    /// attention of every query of the step over all of its sequence's keys, written to
+    /// `out` (`[tokens, HQ, DV]`). Appends nothing: run `run_layer` for this layer and step
+    /// first, so the step's K/V rows are in the pools.
+    pub fn attend_full<T: Elem>(&mut self, cache: &Cache, layer: u32, q: &[T], out: &mut [T]) -> Result<()> {
+        let io = LayerIo { q, k: &[], v: &[], gates: &[], out, selected: None };
+        self.run(cache, layer, io, PhiWeights::default(), true)
+    }
+
+    fn run<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>, full: bool) -> Result<()> {
+        let cfg = self.cfg;
+        if cache.config() != &cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        if T::DTYPE != cfg.dtype {
+            return Err(NsaError::arg("T", T::DTYPE.name(), format!("the config's dtype is {}", cfg.dtype.name())));
+        }
+        if layer >= cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
+        }
+        let step = cache.step()?;
+        let n = step.tokens as usize;
+        let (hq, hkv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize);
+        let (dk, dv) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
+        let check = |arg: &'static str, got: usize, want: usize, shape: &str| {
+            if got != want {
+                Err(NsaError::arg(arg, format!("{got} elements"), format!("must be {want} = {shape} for {n} step tokens")))
+            } else {
+                Ok(())
+            }
+        };
+        check("q", io.q.len(), n * hq * dk, "tokens*HQ*DK")?;
+        check("out", io.out.len(), n * hq * dv, "tokens*HQ*DV")?;
+        if !full {
+            check("k", io.k.len(), n * hkv * dk, "tokens*HKV*DK")?;
+            check("v", io.v.len(), n * hkv * dv, "tokens*HKV*DV")?;
+            check("gates", io.gates.len(), n * hq * 3, "tokens*HQ*3")?;
+            if let Some(s) = &io.selected {
+                check("selected", s.len(), n * hkv * cfg.sel_count as usize, "tokens*HKV*n")?;
+            }
+            check("phi_weights.k", w.k.len(), cfg.phi_weight_len(cfg.head_dim_qk), "Config::phi_weight_len(DK)")?;
+            check("phi_weights.v", w.v.len(), cfg.phi_weight_len(cfg.head_dim_v), "Config::phi_weight_len(DV)")?;
+        }
+
+        let (pool_bytes, ws_off, sel_off, total) = Self::parts(&cfg, &self.lay);
+        let threads = self.runner.threads();
+        let ws_floats = self.ws_floats;
+        let buf = &mut self.buf[..total];
+        let (pools, rest) = buf.split_at_mut(ws_off);
+        let (ws_bytes, sel_bytes) = rest.split_at_mut(sel_off - ws_off);
+        // SAFETY: `new` checked 16-byte alignment of the buffer; ws_off and sel_off are
+        // multiples of 4 (64 and whole f32s) and every bit pattern is a valid T/f32/i32.
+        let (pools, ws, ws_sel) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pools.as_mut_ptr().cast::<T>(), pool_bytes / std::mem::size_of::<T>()),
+                std::slice::from_raw_parts_mut(ws_bytes.as_mut_ptr().cast::<f32>(), threads * ws_floats),
+                std::slice::from_raw_parts_mut(sel_bytes.as_mut_ptr().cast::<i32>(), threads * cfg.sel_count as usize),
+            )
+        };
+        let store = LayerStore::new(&cfg, &self.lay, pools, layer);
+        let mut out = io.out;
+        let mut selected = io.selected;
+        let run = LayerRun {
+            cfg: &cfg,
+            step,
+            store,
+            q: io.q,
+            k: io.k,
+            v: io.v,
+            gates: io.gates,
+            weights: w,
+            out: SharedSlice::new(&mut out),
+            selected: selected.as_deref_mut().map(SharedSlice::new),
+            ws: SharedSlice::new(ws),
+            ws_sel: SharedSlice::new(ws_sel),
+            ws_floats,
+            full,
+        };
+
+        if !full {
+            // Phase 1: copy-on-write copies, before any task writes a page.
+            for c in step.copies {
+                run.copy_page(c.pool, c.src, c.dst, c.rows);
+            }
+            // Phase 2: append + compress per (sequence, KV head).
+            let tasks = step.seqs.len() * hkv;
+            self.parallel(tasks, &|th, t| run.append_task(th, t / hkv, t % hkv));
+        }
+        // Phase 3: attention per (sequence, KV head, query chunk).
+        let chunks: usize = step.seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(QUERY_CHUNK) as usize).sum();
+        self.parallel(chunks * hkv, &|th, t| run.attend_task(th, t / hkv, t % hkv));
+        Ok(())
+    }
+
+    /// Runs `task(thread, i)` for `i in 0..tasks` over the worker threads, dynamically
+    /// balanced (sequences differ in length).
+    fn parallel(&self, tasks: usize, task: &(dyn Fn(usize, usize) + Sync)) {
+        if tasks == 0 {
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        self.runner.run(&|th| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= tasks {
+                break;
+            }
+            task(th, i);
+        });
+    }
+}
+
+impl<T: Elem> LayerRun<'_, T> {
+    fn copy_page(&self, pool: u32, src: u32, dst: u32, rows: u32) {
+        let sides = if pool == POOL_RAW { [Pool::RawK, Pool::RawV] } else { [Pool::CmpK, Pool::CmpV] };
+        for side in sides {
+            for h in 0..self.cfg.num_kv_heads as usize {
+                // SAFETY: phase 1 runs on one thread before any task; src != dst.
+                unsafe {
+                    let from = self.store.rows(side, src as i32, h, 0, rows as usize);
+                    self.store.rows_mut(side, dst as i32, h, 0, rows as usize).copy_from_slice(from);
+                }
+            }
+        }
+    }
+
+    /// Thread `th`'s scratch.
+    ///
+    /// # Safety
+    /// Each thread index is used by one thread at a time (the runner's contract).
+    unsafe fn ws(&self, th: usize) -> workspace::Ws<'_> {
+        let n = self.ws_floats;
+        let sel_n = self.cfg.sel_count as usize;
+        workspace::Ws::carve(self.cfg, self.ws.part(th * n, n), self.ws_sel.part(th * sel_n, sel_n))
+    }
+}

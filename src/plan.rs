@@ -1,0 +1,195 @@
+//! Per-step planning: which sequences append how many tokens, which pages they need,
+//! which shared pages must be copied first (copy-on-write). Planning is host-side
+//! bookkeeping done once per step; every layer then runs against the same plan.
+//!
+//! The plan lives in the arena's staging regions (no allocation). A plan is all or
+//! nothing: arguments are checked and pages counted exactly before the first write.
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::error::{NsaError, Result};
+use crate::layout::{PageCopy, PlanSeq, POOL_CMP, POOL_RAW};
+
+/// One sequence's part of a step: append `tokens` new tokens (1 for decode, more for a
+/// prefill chunk). Its rows in the step's q/k/v/out arrays follow the previous entry's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct StepSeq {
+    pub seq: u32,
+    pub tokens: u32,
+}
+
+/// Read-only view of the planned step, for the backends.
+#[derive(Clone, Copy)]
+pub struct Step<'c> {
+    pub(crate) cfg: &'c Config,
+    /// The step's sequences in order.
+    pub seqs: &'c [PlanSeq],
+    /// Copy-on-write copies to perform (every layer) before appending.
+    pub copies: &'c [PageCopy],
+    /// Total new tokens (rows of q/k/v/out).
+    pub tokens: u32,
+    pub(crate) raw_tables: &'c [i32],
+    pub(crate) cmp_tables: &'c [i32],
+}
+
+impl<'c> Step<'c> {
+    /// Raw page table of a step sequence (covers `new_len`).
+    pub fn raw_table(&self, seq: u32) -> &'c [i32] {
+        let pps = self.cfg.pages_per_seq() as usize;
+        &self.raw_tables[seq as usize * pps..][..pps]
+    }
+
+    /// Compressed page table of a step sequence.
+    pub fn cmp_table(&self, seq: u32) -> &'c [i32] {
+        let cpps = self.cfg.cmp_pages_per_seq() as usize;
+        &self.cmp_tables[seq as usize * cpps..][..cpps]
+    }
+}
+
+/// Pages one entry adds to a pool, given the live rows before and after.
+fn new_pages(before: u32, after: u32, p: u32) -> u32 {
+    after.div_ceil(p) - before.div_ceil(p)
+}
+
+impl Cache<'_> {
+    /// Plans a step: every entry's sequence grows by `tokens`. On success the lengths,
+    /// page tables and pools already reflect the step, and every layer must then be run
+    /// (the K/V rows of the new positions are written by the layer runs). Any later
+    /// add/fork/truncate/remove ends the step.
+    ///
+    /// Fails, changing nothing, on: no entries or more than `max_step_seqs`; an id out of
+    /// range, not live, or listed twice; `tokens == 0`; a length past `max_seq_len`; more
+    /// than `max_step_tokens` tokens in all; not enough free raw or compressed pages.
+    pub fn plan_step(&mut self, entries: &[StepSeq]) -> Result<()> {
+        let cfg = *self.config();
+        let p = cfg.page_size;
+        if entries.is_empty() || entries.len() > cfg.max_step_seqs as usize {
+            return Err(NsaError::arg(
+                "entries.len",
+                entries.len(),
+                format!("a step has 1..={} sequences (max_step_seqs)", cfg.max_step_seqs),
+            ));
+        }
+        let v = self.view();
+        let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+        let mut total: u64 = 0;
+        let (mut raw_need, mut cmp_need) = (0u32, 0u32);
+        for (i, e) in entries.iter().enumerate() {
+            if e.seq >= cfg.max_seqs {
+                return Err(NsaError::arg("entries[].seq", e.seq, format!("sequence ids are 0..{}", cfg.max_seqs)));
+            }
+            if v.seqs[e.seq as usize].active == 0 {
+                return Err(NsaError::UnknownSequence { seq: e.seq });
+            }
+            if entries[..i].iter().any(|o| o.seq == e.seq) {
+                return Err(NsaError::arg("entries[].seq", e.seq, "listed twice in one step"));
+            }
+            if e.tokens == 0 {
+                return Err(NsaError::arg("entries[].tokens", 0, format!("sequence {} appends no token", e.seq)));
+            }
+            let old = v.seqs[e.seq as usize].len;
+            let new = old as u64 + e.tokens as u64;
+            if new > cfg.max_seq_len as u64 {
+                return Err(NsaError::SequenceTooLong { seq: e.seq, len: new, max: cfg.max_seq_len });
+            }
+            total += e.tokens as u64;
+            let new = new as u32;
+            raw_need += new_pages(old, new, p);
+            let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
+            cmp_need += new_pages(cold, cnew, p);
+            // Copy-on-write: the m-th step sequence (in order) appending into a page with
+            // refcount rc copies it iff rc - m > 1 (each earlier one dropped a holder).
+            let cow = |rows: u32, tables: &[i32], per: usize, rc: &[u32], last_of: &dyn Fn(&StepSeq) -> Option<i32>| {
+                if rows % p == 0 {
+                    return false;
+                }
+                let pg = tables[e.seq as usize * per + (rows / p) as usize];
+                let m = entries[..i].iter().filter(|o| last_of(o) == Some(pg)).count() as u32;
+                rc[pg as usize] > m + 1
+            };
+            let raw_last = |o: &StepSeq| {
+                let l = v.seqs[o.seq as usize].len;
+                (l % p != 0).then(|| v.raw_tables[o.seq as usize * pps + (l / p) as usize])
+            };
+            let cmp_last = |o: &StepSeq| {
+                let l = v.seqs[o.seq as usize].len;
+                let (c0, c1) = (cfg.num_cmp_tokens(l), cfg.num_cmp_tokens(l + o.tokens));
+                (c1 > c0 && c0 % p != 0).then(|| v.cmp_tables[o.seq as usize * cpps + (c0 / p) as usize])
+            };
+            if cow(old, v.raw_tables, pps, v.raw_refcount, &raw_last) {
+                raw_need += 1;
+            }
+            if cnew > cold && cow(cold, v.cmp_tables, cpps, v.cmp_refcount, &cmp_last) {
+                cmp_need += 1;
+            }
+        }
+        if total > cfg.max_step_tokens as u64 {
+            return Err(NsaError::arg("entries[].tokens", total, format!("a step holds at most max_step_tokens = {} tokens", cfg.max_step_tokens)));
+        }
+        if raw_need > v.hdr.raw_free {
+            return Err(NsaError::OutOfPages { pool: "raw", need: raw_need, free: v.hdr.raw_free });
+        }
+        if cmp_need > v.hdr.cmp_free {
+            return Err(NsaError::OutOfPages { pool: "compressed", need: cmp_need, free: v.hdr.cmp_free });
+        }
+
+        // --- commit: nothing below can fail ---
+        let mut sp = self.split();
+        let mut row = 0u32;
+        let mut ncopies = 0usize;
+        for (i, e) in entries.iter().enumerate() {
+            let s = e.seq as usize;
+            let old = sp.seqs[s].len;
+            let new = old + e.tokens;
+            let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
+            for (pool_id, before, after, pool, tables, per) in [
+                (POOL_RAW, old, new, &mut sp.raw, &mut *sp.raw_tables, pps),
+                (POOL_CMP, cold, cnew, &mut sp.cmp, &mut *sp.cmp_tables, cpps),
+            ] {
+                if after == before {
+                    continue;
+                }
+                let table = &mut tables[s * per..][..per];
+                if before % p != 0 {
+                    let idx = (before / p) as usize;
+                    let src = table[idx] as u32;
+                    if pool.refcount[src as usize] > 1 {
+                        let dst = pool.take();
+                        pool.release(src);
+                        table[idx] = dst as i32;
+                        sp.plan_copies[ncopies] = PageCopy { pool: pool_id, src, dst, rows: before % p };
+                        ncopies += 1;
+                    }
+                }
+                for slot in &mut table[before.div_ceil(p) as usize..after.div_ceil(p) as usize] {
+                    *slot = pool.take() as i32;
+                }
+            }
+            sp.seqs[s].len = new;
+            sp.plan_seqs[i] = PlanSeq { seq: e.seq, old_len: old, new_len: new, row };
+            row += e.tokens;
+        }
+        *sp.step_seqs = entries.len() as u32;
+        *sp.step_tokens = row;
+        *sp.step_copies = ncopies as u32;
+        *sp.step_valid = 1;
+        Ok(())
+    }
+
+    /// The planned step, or `NoStep` when none is planned or a later operation ended it.
+    pub fn step(&self) -> Result<Step<'_>> {
+        let v = self.view();
+        if v.hdr.step_valid == 0 {
+            return Err(NsaError::NoStep);
+        }
+        Ok(Step {
+            cfg: self.config(),
+            seqs: &v.plan_seqs[..v.hdr.step_seqs as usize],
+            copies: &v.plan_copies[..v.hdr.step_copies as usize],
+            tokens: v.hdr.step_tokens,
+            raw_tables: v.raw_tables,
+            cmp_tables: v.cmp_tables,
+        })
+    }
+}

@@ -1,0 +1,240 @@
+//! Shared test support: a seeded RNG, caller-owned aligned buffers, random inputs, and a
+//! driver that runs a schedule of steps through the cache and the CPU backend.
+#![allow(dead_code)]
+
+use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
+use nsa::elem::Elem;
+use nsa::{Cache, Config, Phi, StepSeq};
+
+/// xorshift64*: small, seeded, good enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn range(&mut self, lo: u64, hi_incl: u64) -> u64 {
+        lo + self.below(hi_incl - lo + 1)
+    }
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.unit() * scale).collect()
+    }
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+/// A 16-byte aligned byte buffer owned by the test (the engine's caller).
+pub struct Buf(Vec<u128>, usize);
+
+impl Buf {
+    pub fn new(bytes: usize) -> Buf {
+        Buf(vec![0u128; bytes.div_ceil(16)], bytes)
+    }
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: u128 storage is plain bytes; length within the allocation.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), self.1) }
+    }
+}
+
+/// One sequence's full inputs, f32 values already rounded through the storage dtype.
+#[derive(Clone)]
+pub struct SeqData {
+    pub len: usize,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub gates: Vec<f32>,
+}
+
+pub fn round<T: Elem>(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| T::from_f32(v).to_f32()).collect()
+}
+
+impl SeqData {
+    pub fn random<T: Elem>(cfg: &Config, len: usize, rng: &mut Rng) -> SeqData {
+        let (hq, hkv, dk, dv) = dims(cfg);
+        SeqData {
+            len,
+            // Larger q makes attention peaky, so selection matters.
+            q: round::<T>(&rng.vec(len * hq * dk, 2.0)),
+            k: round::<T>(&rng.vec(len * hkv * dk, 1.0)),
+            v: round::<T>(&rng.vec(len * hkv * dv, 1.0)),
+            gates: (0..len * hq * 3).map(|_| 0.05 + 0.9 * (rng.unit() * 0.5 + 0.5)).collect(),
+        }
+    }
+}
+
+pub fn dims(cfg: &Config) -> (usize, usize, usize, usize) {
+    (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize)
+}
+
+/// Random phi weights for one layer (K side, V side), scaled to keep values O(1).
+pub fn random_weights(cfg: &Config, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
+    let mk = |d: u32, rng: &mut Rng| {
+        let n = cfg.phi_weight_len(d);
+        let fan_in = match cfg.phi {
+            Phi::Mean => 1.0,
+            Phi::Weighted => cfg.cmp_block as f32,
+            Phi::Linear | Phi::Mlp => (cfg.cmp_block * d) as f32,
+        };
+        rng.vec(n, 1.5 / fan_in.sqrt())
+    };
+    (mk(cfg.head_dim_qk, rng), mk(cfg.head_dim_v, rng))
+}
+
+/// An engine owned by a test: arena + CPU buffer.
+pub struct Engine {
+    pub cfg: Config,
+    pub arena: Buf,
+    pub pool: Buf,
+}
+
+impl Engine {
+    pub fn new(cfg: &Config) -> Engine {
+        Engine {
+            cfg: *cfg,
+            arena: Buf::new(Cache::arena_bytes(cfg).unwrap()),
+            pool: Buf::new(CpuBackend::buffer_bytes(cfg).unwrap()),
+        }
+    }
+}
+
+/// Per-sequence results of a run: outputs `[len, HQ, DV]` and selections `[len, HKV, n]`.
+pub struct Outs {
+    pub out: Vec<Vec<f32>>,
+    pub sel: Vec<Vec<i32>>,
+}
+
+/// Drives one cache + CPU backend over per-slot input data: slot `i` reads `data[i]`
+/// at its current length, and outputs land in `out[i]`/`sel[i]` at those positions.
+pub struct Driver<'e, T> {
+    pub cache: Cache<'e>,
+    pub cpu: CpuBackend<'e>,
+    pub cfg: Config,
+    pub data: Vec<SeqData>,
+    pub w: (Vec<f32>, Vec<f32>),
+    pub out: Vec<Vec<f32>>,
+    pub sel: Vec<Vec<i32>>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<'e, T: Elem> Driver<'e, T> {
+    pub fn new(eng: &'e mut Engine, data: Vec<SeqData>, w: (Vec<f32>, Vec<f32>)) -> Self {
+        let cfg = eng.cfg;
+        let (hq, hkv, _, dv) = dims(&cfg);
+        let n = cfg.sel_count as usize;
+        Driver {
+            cache: Cache::new(&cfg, eng.arena.bytes()).unwrap(),
+            cpu: CpuBackend::new(&cfg, eng.pool.bytes()).unwrap(),
+            cfg,
+            out: data.iter().map(|s| vec![f32::NAN; s.len * hq * dv]).collect(),
+            sel: data.iter().map(|s| vec![i32::MIN; s.len * hkv * n]).collect(),
+            data,
+            w,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// Plans and runs one step (one layer), recording outputs, then checks invariants.
+    pub fn step(&mut self, step: &[(usize, usize)]) {
+        let (hq, hkv, dk, dv) = dims(&self.cfg);
+        let n = self.cfg.sel_count as usize;
+        let cache = &mut self.cache;
+        let entries: Vec<StepSeq> = step.iter().map(|&(s, t)| StepSeq { seq: s as u32, tokens: t as u32 }).collect();
+        let starts: Vec<usize> = step.iter().map(|&(s, _)| cache.len(s as u32).unwrap() as usize).collect();
+        cache.plan_step(&entries).unwrap();
+        let (mut q, mut k, mut v, mut g) = (vec![], vec![], vec![], vec![]);
+        for (&(s, t), &p0) in step.iter().zip(&starts) {
+            let d = &self.data[s];
+            q.extend(d.q[p0 * hq * dk..(p0 + t) * hq * dk].iter().map(|&x| T::from_f32(x)));
+            k.extend(d.k[p0 * hkv * dk..(p0 + t) * hkv * dk].iter().map(|&x| T::from_f32(x)));
+            v.extend(d.v[p0 * hkv * dv..(p0 + t) * hkv * dv].iter().map(|&x| T::from_f32(x)));
+            g.extend_from_slice(&d.gates[p0 * hq * 3..(p0 + t) * hq * 3]);
+        }
+        let tokens: usize = step.iter().map(|x| x.1).sum();
+        let mut out = vec![T::from_f32(f32::NAN); tokens * hq * dv];
+        let mut sel = vec![i32::MIN; tokens * hkv * n];
+        self.cpu
+            .run_layer(
+                cache,
+                0,
+                LayerIo { q: &q, k: &k, v: &v, gates: &g, out: &mut out, selected: Some(&mut sel) },
+                PhiWeights { k: &self.w.0, v: &self.w.1 },
+            )
+            .unwrap();
+        let mut row = 0;
+        for (&(s, t), &p0) in step.iter().zip(&starts) {
+            for (dst, src) in self.out[s][p0 * hq * dv..(p0 + t) * hq * dv].iter_mut().zip(&out[row * hq * dv..]) {
+                *dst = src.to_f32();
+            }
+            self.sel[s][p0 * hkv * n..(p0 + t) * hkv * n].copy_from_slice(&sel[row * hkv * n..(row + t) * hkv * n]);
+            row += t;
+        }
+        cache.check_invariants().unwrap();
+    }
+}
+
+/// Runs `schedule` (steps of `(slot, tokens)`) over fresh sequences `0..seqs.len()`.
+pub fn run_schedule<T: Elem>(cfg: &Config, seqs: &[SeqData], schedule: &[Vec<(usize, usize)>], w: &(Vec<f32>, Vec<f32>)) -> Outs {
+    let mut eng = Engine::new(cfg);
+    let mut d = Driver::<T>::new(&mut eng, seqs.to_vec(), w.clone());
+    for i in 0..seqs.len() {
+        d.cache.add_sequence(i as u32).unwrap();
+    }
+    for step in schedule {
+        d.step(step);
+    }
+    Outs { out: d.out, sel: d.sel }
+}
+
+/// One step per sequence chunk: prefill each sequence in chunks of random sizes in
+/// `1..=max_chunk`, interleaving sequences in the same steps.
+pub fn random_schedule(lens: &[usize], max_chunk: usize, rng: &mut Rng) -> Vec<Vec<(usize, usize)>> {
+    let mut done = vec![0usize; lens.len()];
+    let mut steps = vec![];
+    while done.iter().zip(lens).any(|(d, l)| d < l) {
+        let mut step = vec![];
+        for (i, (&l, d)) in lens.iter().zip(done.iter_mut()).enumerate() {
+            if *d < l && rng.below(4) != 0 {
+                let t = (rng.range(1, max_chunk as u64) as usize).min(l - *d);
+                step.push((i, t));
+                *d += t;
+            }
+        }
+        if !step.is_empty() {
+            steps.push(step);
+        }
+    }
+    steps
+}
+
+/// Largest |a - b| / (1 + |b|) over two arrays (NaN counts as infinite).
+pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let e = ((x - y).abs() / (1.0 + y.abs())) as f64;
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
+        })
+        .fold(0.0, f64::max)
+}
