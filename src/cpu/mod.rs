@@ -109,6 +109,12 @@ pub struct CpuBackend<'p> {
     runner: Runner,
 }
 
+impl std::fmt::Debug for CpuBackend<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend").field("threads", &self.runner.threads()).finish_non_exhaustive()
+    }
+}
+
 impl<'p> CpuBackend<'p> {
     /// Bytes of host memory the backend needs: K/V pools of every layer plus scratch for
     /// `cpu_threads` threads.
