@@ -264,7 +264,9 @@ impl<'p> CpuBackend<'p> {
     /// Runs `task(thread, i)` for `i in 0..tasks` over the worker threads, dynamically
     /// balanced (sequences differ in length).
     fn parallel(&self, tasks: usize, task: &(dyn Fn(usize, usize) + Sync)) {
-        if tasks == 0 {
+        if tasks <= 1 {
+            // One task (a single-sequence decode phase): waking workers costs more than it gives.
+            (0..tasks).for_each(|i| task(0, i));
             return;
         }
         let next = AtomicUsize::new(0);
