@@ -160,3 +160,37 @@ fn splice(a: &SeqData, b: &SeqData, cut: usize) -> SeqData {
     }
     s
 }
+
+#[test]
+fn append_only_fill_then_decode_equals_full_prefill_then_decode() {
+    use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
+    use nsa::{Cache, StepSeq};
+    let mut rng = Rng::new(6);
+    let cfg = small(Preset::Paper, 4, Phi::Linear);
+    let w = random_weights(&cfg, &mut rng);
+    let d = SeqData::random::<f32>(&cfg, 390, &mut rng);
+    let want = run_schedule::<f32>(&cfg, &[d.clone()], &[vec![(0, 370)], vec![(0, 20)]], &w);
+    let (hq, hkv, dk, dv) = dims(&cfg);
+    let mut eng = Engine::new(&cfg);
+    let mut cache = Cache::new(&cfg, eng.arena.bytes()).unwrap();
+    let mut cpu = CpuBackend::new(&cfg, eng.pool.bytes()).unwrap();
+    let pw = PhiWeights { k: &w.0, v: &w.1 };
+    cache.add_sequence(0).unwrap();
+    for (start, n) in [(0usize, 200usize), (200, 170)] {
+        cache.plan_step(&[StepSeq { seq: 0, tokens: n as u32 }]).unwrap();
+        cpu.append_layer(&cache, 0, &d.k[start * hkv * dk..(start + n) * hkv * dk], &d.v[start * hkv * dv..(start + n) * hkv * dv], pw).unwrap();
+    }
+    assert_eq!(cache.cmp_len(0).unwrap(), cfg.num_cmp_tokens(370));
+    cache.plan_step(&[StepSeq { seq: 0, tokens: 20 }]).unwrap();
+    let mut out = vec![f32::NAN; 20 * hq * dv];
+    let io = LayerIo {
+        q: &d.q[370 * hq * dk..],
+        k: &d.k[370 * hkv * dk..],
+        v: &d.v[370 * hkv * dv..],
+        gates: &d.gates[370 * hq * 3..],
+        out: &mut out,
+        selected: None,
+    };
+    cpu.run_layer(&cache, 0, io, pw).unwrap();
+    assert_eq!(&out[..], &want.out[0][370 * hq * dv..]);
+}

@@ -103,7 +103,7 @@ impl<T: Elem> LayerRun<'_, T> {
         let mut slc = Online { m: m_slc, l: l_slc, acc: acc_slc, dv };
         let mut win = Online { m: m_win, l: l_win, acc: &mut acc_win[..g * dv], dv };
 
-        if self.full {
+        if self.mode == super::Mode::FullAttend {
             slc.reset();
             self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut slc, table, kvh, 0, t + 1);
             // SAFETY: this task alone writes rows of its chunk, heads of its group.

@@ -81,6 +81,17 @@ impl<T> SharedSlice<T> {
     }
 }
 
+/// What a layer run does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Copies, append + compress, NSA attention.
+    Nsa,
+    /// Copies, append + compress; no attention.
+    AppendOnly,
+    /// Full causal attention over the already-appended cache (the in-repo baseline).
+    FullAttend,
+}
+
 /// Everything a task of one layer run reads.
 struct LayerRun<'a, T> {
     cfg: &'a Config,
@@ -96,8 +107,7 @@ struct LayerRun<'a, T> {
     ws: SharedSlice<f32>,
     ws_sel: SharedSlice<i32>,
     ws_floats: usize,
-    /// Attention only, full causal instead of NSA (the in-repo baseline).
-    full: bool,
+    mode: Mode,
 }
 
 /// The CPU backend over caller memory: every layer's K/V pools, then each thread's scratch.
@@ -164,7 +174,16 @@ impl<'p> CpuBackend<'p> {
     /// Fails, changing nothing, when no step is planned, `layer` is out of range, `T` is
     /// not the config's dtype, or any array has the wrong length.
     pub fn run_layer<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>) -> Result<()> {
-        self.run(cache, layer, io, w, false)
+        self.run(cache, layer, io, w, Mode::Nsa)
+    }
+
+    /// Appends the step's K/V rows of one layer and emits finished compressed tokens,
+    /// without computing attention: for filling a cache from K/V the host already has
+    /// (a restored session, a prompt cache). `k` is `[tokens, HKV, DK]`, `v`
+    /// `[tokens, HKV, DV]`. Same rules and errors as `run_layer`.
+    pub fn append_layer<T: Elem>(&mut self, cache: &Cache, layer: u32, k: &[T], v: &[T], w: PhiWeights<'_>) -> Result<()> {
+        let io = LayerIo { q: &[], k, v, gates: &[], out: &mut [], selected: None };
+        self.run(cache, layer, io, w, Mode::AppendOnly)
     }
 
     /// The in-repo full-attention baseline over the same paged cache: plain causal
@@ -173,10 +192,10 @@ impl<'p> CpuBackend<'p> {
     /// first, so the step's K/V rows are in the pools.
     pub fn attend_full<T: Elem>(&mut self, cache: &Cache, layer: u32, q: &[T], out: &mut [T]) -> Result<()> {
         let io = LayerIo { q, k: &[], v: &[], gates: &[], out, selected: None };
-        self.run(cache, layer, io, PhiWeights::default(), true)
+        self.run(cache, layer, io, PhiWeights::default(), Mode::FullAttend)
     }
 
-    fn run<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>, full: bool) -> Result<()> {
+    fn run<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>, mode: Mode) -> Result<()> {
         let cfg = self.cfg;
         if cache.config() != &cfg {
             return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
@@ -198,17 +217,22 @@ impl<'p> CpuBackend<'p> {
                 Ok(())
             }
         };
-        check("q", io.q.len(), n * hq * dk, "tokens*HQ*DK")?;
-        check("out", io.out.len(), n * hq * dv, "tokens*HQ*DV")?;
-        if !full {
+        let (appends, attends) = (mode != Mode::FullAttend, mode != Mode::AppendOnly);
+        if attends {
+            check("q", io.q.len(), n * hq * dk, "tokens*HQ*DK")?;
+            check("out", io.out.len(), n * hq * dv, "tokens*HQ*DV")?;
+        }
+        if appends {
             check("k", io.k.len(), n * hkv * dk, "tokens*HKV*DK")?;
             check("v", io.v.len(), n * hkv * dv, "tokens*HKV*DV")?;
+            check("phi_weights.k", w.k.len(), cfg.phi_weight_len(cfg.head_dim_qk), "Config::phi_weight_len(DK)")?;
+            check("phi_weights.v", w.v.len(), cfg.phi_weight_len(cfg.head_dim_v), "Config::phi_weight_len(DV)")?;
+        }
+        if mode == Mode::Nsa {
             check("gates", io.gates.len(), n * hq * 3, "tokens*HQ*3")?;
             if let Some(s) = &io.selected {
                 check("selected", s.len(), n * hkv * cfg.sel_count as usize, "tokens*HKV*n")?;
             }
-            check("phi_weights.k", w.k.len(), cfg.phi_weight_len(cfg.head_dim_qk), "Config::phi_weight_len(DK)")?;
-            check("phi_weights.v", w.v.len(), cfg.phi_weight_len(cfg.head_dim_v), "Config::phi_weight_len(DV)")?;
         }
 
         let (pool_bytes, ws_off, sel_off, total) = Self::parts(&cfg, &self.lay);
@@ -243,10 +267,10 @@ impl<'p> CpuBackend<'p> {
             ws: SharedSlice::new(ws),
             ws_sel: SharedSlice::new(ws_sel),
             ws_floats,
-            full,
+            mode,
         };
 
-        if !full {
+        if appends {
             // Phase 1: copy-on-write copies, before any task writes a page.
             for c in step.copies {
                 run.copy_page(c.pool, c.src, c.dst, c.rows);
@@ -254,6 +278,9 @@ impl<'p> CpuBackend<'p> {
             // Phase 2: append + compress per (sequence, KV head).
             let tasks = step.seqs.len() * hkv;
             self.parallel(tasks, &|th, t| run.append_task(th, t / hkv, t % hkv));
+        }
+        if !attends {
+            return Ok(());
         }
         // Phase 3: attention per (sequence, KV head, query chunk).
         let chunks: usize = step.seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(QUERY_CHUNK) as usize).sum();
