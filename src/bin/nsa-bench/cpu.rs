@@ -1,0 +1,131 @@
+//! CPU decode benchmark: a cache filled to each context length (append_layer, no
+//! prefill attention), then timed decode steps of NSA (`run_layer`: append + all
+//! branches) and of the full-attention baseline (`attend_full`) on the same cache.
+
+use std::time::Instant;
+
+use half::bf16;
+use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
+use nsa::{Cache, Config, Dtype, Preset, StepSeq};
+
+use crate::report::Row;
+use crate::Opts;
+
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(self.unit() * scale)).collect()
+    }
+}
+
+fn aligned(bytes: usize) -> Vec<u128> {
+    vec![0u128; bytes.div_ceil(16)]
+}
+fn as_bytes(v: &mut [u128]) -> &mut [u8] {
+    // SAFETY: u128 storage viewed as bytes; 16-byte aligned as the engine asks.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 16) }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Host memory bandwidth (bytes read + written per second): the best of a few large copies.
+pub fn bandwidth() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            2.0 * n as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// K/V bytes one NSA decode step must read per (sequence, KV head) at length `len`.
+pub fn nsa_bytes(c: &Config, len: u32) -> f64 {
+    let keys = c.num_cmp_tokens(len) + (c.sel_count * c.sel_block).min(len) + c.window.min(len);
+    keys as f64 * (c.head_dim_qk + c.head_dim_v) as f64 * c.dtype.size() as f64
+}
+
+pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
+    let bw = bandwidth();
+    let (hq, hkv, dk, dv) = if o.quick { (8usize, 2usize, 64usize, 64usize) } else { (64, 4, 128, 128) };
+    let mut rows = vec![];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for preset in [Preset::Paper, Preset::Fla] {
+        for &ctx in &o.contexts {
+            for &batch in &o.batches {
+                let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32);
+                c.dtype = Dtype::Bf16;
+                c.max_seqs = batch;
+                c.max_step_seqs = batch;
+                c.max_seq_len = ctx + o.reps as u32 + 2;
+                c.max_step_tokens = 8192.max(batch);
+                c.cpu_threads = o.threads;
+                c.fit_pages();
+                let mut arena = aligned(Cache::arena_bytes(&c)?);
+                let mut pool = aligned(CpuBackend::buffer_bytes(&c)?);
+                let mut cache = Cache::new(&c, as_bytes(&mut arena))?;
+                let mut cpu = CpuBackend::new(&c, as_bytes(&mut pool))?;
+                for s in 0..batch {
+                    cache.add_sequence(s)?;
+                }
+                // Fill every sequence to `ctx` tokens, a chunk of each per step.
+                let chunk = (8192 / batch).max(1);
+                let mut done = 0;
+                while done < ctx {
+                    let n = chunk.min(ctx - done);
+                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: n }).collect();
+                    cache.plan_step(&entries)?;
+                    let rows_n = (n * batch) as usize;
+                    let (k, v) = (rng.bf16s(rows_n * hkv * dk, 1.0), rng.bf16s(rows_n * hkv * dv, 1.0));
+                    cpu.append_layer(&cache, 0, &k, &v, PhiWeights::default())?;
+                    done += n;
+                }
+                let b = batch as usize;
+                let gates = vec![1.0f32 / 3.0; b * hq * 3];
+                let (mut t_nsa, mut t_full) = (vec![], vec![]);
+                let mut out = vec![bf16::ZERO; b * hq * dv];
+                for _ in 0..o.reps {
+                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
+                    cache.plan_step(&entries)?;
+                    let q = rng.bf16s(b * hq * dk, 2.0);
+                    let (k, v) = (rng.bf16s(b * hkv * dk, 1.0), rng.bf16s(b * hkv * dv, 1.0));
+                    let t = Instant::now();
+                    cpu.run_layer(&cache, 0, LayerIo { q: &q, k: &k, v: &v, gates: &gates, out: &mut out, selected: None }, PhiWeights::default())?;
+                    t_nsa.push(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    cpu.attend_full(&cache, 0, &q, &mut out)?;
+                    t_full.push(t.elapsed().as_secs_f64());
+                }
+                let bytes = nsa_bytes(&c, ctx) * (batch as usize * hkv) as f64;
+                rows.push(Row {
+                    backend: "cpu",
+                    preset: if preset == Preset::Paper { "paper" } else { "fla" },
+                    shape: format!("{hq}q/{hkv}kv {dk}/{dv}"),
+                    dtype: "bf16",
+                    batch,
+                    context: ctx,
+                    nsa_us: median(t_nsa) * 1e6,
+                    full_us: median(t_full) * 1e6,
+                    nsa_bytes: bytes,
+                    floor_us: bytes / bw * 1e6,
+                    bandwidth: bw,
+                });
+                eprintln!("  done: {preset:?} context {ctx} batch {batch}");
+            }
+        }
+    }
+    Ok(rows)
+}
