@@ -218,6 +218,14 @@ fn selection_row(row: &[i32]) -> Vec<usize> {
 
 /// One causal prefill of a single sequence, exactly as `NSA_SPEC.md` defines NSA.
 pub fn prefill(inp: &RefInputs) -> RefOutput {
+    prefill_last(inp, usize::MAX)
+}
+
+/// Like `prefill`, but computes only the last `count` queries (all when `count >= T`):
+/// outputs are `[count, ...]`, row 0 being query `T - count`. `inp.selection`, if given,
+/// is still indexed by absolute position (`[T, HKV, n]`). For checking long contexts,
+/// where every query of a prefill would cost O(T^2).
+pub fn prefill_last(inp: &RefInputs, count: usize) -> RefOutput {
     let cfg = inp.cfg;
     let hq = cfg.num_q_heads as usize;
     let hkv = cfg.num_kv_heads as usize;
@@ -282,11 +290,14 @@ pub fn prefill(inp: &RefInputs) -> RefOutput {
     let vc_row = |i: usize, h: usize| &vc[(i * hkv + h) * dv..(i * hkv + h + 1) * dv];
 
     let nb = t_len.div_ceil(dm.lp);
-    let mut out = vec![0.0f32; t_len * hq * dv];
-    let mut selected = vec![-1i32; t_len * hkv * dm.n];
-    let mut scores = vec![0.0f64; t_len * hkv * nb];
+    let first = t_len.saturating_sub(count);
+    let rows = t_len - first;
+    let mut out = vec![0.0f32; rows * hq * dv];
+    let mut selected = vec![-1i32; rows * hkv * dm.n];
+    let mut scores = vec![0.0f64; rows * hkv * nb];
 
-    for t in 0..t_len {
+    for t in first..t_len {
+        let r = t - first; // output row
         // Compressed tokens visible to query t: exactly those with i*d + l - 1 <= t.
         let visible: Vec<usize> = (0..nc).filter(|&i| i * dm.d + dm.l - 1 <= t).collect();
         // The query's own selection block b = floor(t / l'); candidates 0..=b.
@@ -333,7 +344,7 @@ pub fn prefill(inp: &RefInputs) -> RefOutput {
             }
             for j in 0..=b {
                 assert!(!s[j].is_nan());
-                scores[(t * hkv + kh) * nb + j] = s[j];
+                scores[(r * hkv + kh) * nb + j] = s[j];
             }
 
             // ---- Eq. 11: top min(n, b+1) by score, ties to the lower block index. ----
@@ -341,7 +352,7 @@ pub fn prefill(inp: &RefInputs) -> RefOutput {
             order.sort_by(|&x, &y| s[y].total_cmp(&s[x]).then(x.cmp(&y)));
             let mut chosen: Vec<usize> = order[..dm.n.min(b + 1)].to_vec();
             chosen.sort_unstable();
-            let row = &mut selected[(t * hkv + kh) * dm.n..(t * hkv + kh + 1) * dm.n];
+            let row = &mut selected[(r * hkv + kh) * dm.n..(r * hkv + kh + 1) * dm.n];
             for (slot, &j) in row.iter_mut().zip(chosen.iter()) {
                 *slot = j as i32;
             }
@@ -374,7 +385,7 @@ pub fn prefill(inp: &RefInputs) -> RefOutput {
                 let (g_cmp, g_slc, g_win) = (gate(0), gate(1), gate(2));
                 for e in 0..dv {
                     let o = g_cmp * o_cmp[gi][e] + g_slc * o_slc[e] + g_win * o_win[e];
-                    out[(t * hq + h) * dv + e] = o as f32;
+                    out[(r * hq + h) * dv + e] = o as f32;
                 }
             }
         }
