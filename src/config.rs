@@ -179,6 +179,19 @@ impl Config {
         self
     }
 
+    /// Sets the capacity: `seqs` sequence slots of up to `max_len` tokens, all of which
+    /// may be in one step, prefill chunks of up to `min(max_len, 8192)` tokens per step;
+    /// then sizes both page pools to fit (`fit_pages`). Callers that overcommit pages or
+    /// want other step limits set those fields afterwards.
+    pub fn with_capacity(mut self, seqs: u32, max_len: u32) -> Config {
+        self.max_seqs = seqs;
+        self.max_step_seqs = seqs;
+        self.max_seq_len = max_len;
+        self.max_step_tokens = max_len.min(8192).max(seqs);
+        self.fit_pages();
+        self
+    }
+
     /// Sizes both page pools so that every sequence slot can reach `max_seq_len`
     /// without sharing: `num_pages = max_seqs * ceil(max_seq_len / P)`, and likewise for
     /// compressed pages. Callers that overcommit set the two fields themselves.

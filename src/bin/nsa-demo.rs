@@ -12,7 +12,11 @@ use std::time::Instant;
 
 use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
-use nsa::{Cache, Config, Dtype, Preset, StepSeq};
+use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
+
+#[path = "shared/rng.rs"]
+mod rng;
+use rng::Rng;
 
 struct Args {
     tokens: u32,
@@ -71,31 +75,6 @@ fn parse() -> Args {
     a
 }
 
-/// xorshift64* with a Box-Muller normal.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        ((-2.0 * self.uniform().ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()) as f32
-    }
-}
-
-fn aligned(bytes: usize) -> Vec<u128> {
-    vec![0u128; bytes.div_ceil(16)]
-}
-fn as_bytes(v: &mut [u128]) -> &mut [u8] {
-    // SAFETY: u128 storage viewed as its bytes; 16-byte aligned as the engine asks.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 16) }
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
@@ -135,7 +114,7 @@ fn run(a: &Args) -> nsa::Result<()> {
     cfg.fit_pages();
     cfg.validate()?;
 
-    let mut rng = Rng(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(a.seed);
     let t = a.tokens as usize;
     let depth = a.depth.unwrap_or_else(|| rng.uniform()).clamp(0.0, 1.0);
     let needle_pos = ((t - 1) as f64 * depth) as usize;
@@ -162,10 +141,10 @@ fn run(a: &Args) -> nsa::Result<()> {
     };
 
     let (arena_bytes, pool_bytes) = (Cache::arena_bytes(&cfg)?, CpuBackend::buffer_bytes(&cfg)?);
-    let mut arena = aligned(arena_bytes);
-    let mut pool = aligned(pool_bytes);
-    let mut cache = Cache::new(&cfg, as_bytes(&mut arena))?;
-    let mut cpu = CpuBackend::new(&cfg, as_bytes(&mut pool))?;
+    let mut arena = HostBuf::new(arena_bytes);
+    let mut pool = HostBuf::new(pool_bytes);
+    let mut cache = Cache::new(&cfg, arena.bytes())?;
+    let mut cpu = CpuBackend::new(&cfg, pool.bytes())?;
     cache.add_sequence(0)?;
 
     println!("nsa-demo: needle in a haystack, Native Sparse Attention on the CPU ({} threads)", cfg.cpu_threads);

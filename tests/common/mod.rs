@@ -4,7 +4,10 @@
 
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::elem::Elem;
-use nsa::{Cache, Config, Phi, StepSeq};
+use nsa::{Cache, Config, HostBuf, Phi, StepSeq};
+
+/// The tests' caller-owned buffers.
+pub type Buf = HostBuf;
 
 /// xorshift64*: small, seeded, good enough for test data.
 pub struct Rng(pub u64);
@@ -35,19 +38,6 @@ impl Rng {
     }
     pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[self.below(xs.len() as u64) as usize]
-    }
-}
-
-/// A 16-byte aligned byte buffer owned by the test (the engine's caller).
-pub struct Buf(Vec<u128>, usize);
-
-impl Buf {
-    pub fn new(bytes: usize) -> Buf {
-        Buf(vec![0u128; bytes.div_ceil(16)], bytes)
-    }
-    pub fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: u128 storage is plain bytes; length within the allocation.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), self.1) }
     }
 }
 

@@ -6,30 +6,14 @@ use std::time::Instant;
 
 use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
-use nsa::{Cache, Config, Dtype, Preset, StepSeq};
+use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 
 use crate::report::Row;
+use crate::rng::Rng;
 use crate::Opts;
 
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
-        (0..n).map(|_| bf16::from_f32(self.unit() * scale)).collect()
-    }
-}
-
-fn aligned(bytes: usize) -> Vec<u128> {
-    vec![0u128; bytes.div_ceil(16)]
-}
-fn as_bytes(v: &mut [u128]) -> &mut [u8] {
-    // SAFETY: u128 storage viewed as bytes; 16-byte aligned as the engine asks.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 16) }
+fn bf16s(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(rng.unit() * scale)).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -62,7 +46,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
     let bw = bandwidth();
     let (hq, hkv, dk, dv) = if o.quick { (8usize, 2usize, 64usize, 64usize) } else { (64, 4, 128, 128) };
     let mut rows = vec![];
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(1);
     for preset in [Preset::Paper, Preset::Fla] {
         for &ctx in &o.contexts {
             for &batch in &o.batches {
@@ -74,10 +58,10 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                 c.max_step_tokens = 8192.max(batch);
                 c.cpu_threads = o.threads;
                 c.fit_pages();
-                let mut arena = aligned(Cache::arena_bytes(&c)?);
-                let mut pool = aligned(CpuBackend::buffer_bytes(&c)?);
-                let mut cache = Cache::new(&c, as_bytes(&mut arena))?;
-                let mut cpu = CpuBackend::new(&c, as_bytes(&mut pool))?;
+                let mut arena = HostBuf::new(Cache::arena_bytes(&c)?);
+                let mut pool = HostBuf::new(CpuBackend::buffer_bytes(&c)?);
+                let mut cache = Cache::new(&c, arena.bytes())?;
+                let mut cpu = CpuBackend::new(&c, pool.bytes())?;
                 for s in 0..batch {
                     cache.add_sequence(s)?;
                 }
@@ -89,7 +73,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: n }).collect();
                     cache.plan_step(&entries)?;
                     let rows_n = (n * batch) as usize;
-                    let (k, v) = (rng.bf16s(rows_n * hkv * dk, 1.0), rng.bf16s(rows_n * hkv * dv, 1.0));
+                    let (k, v) = (bf16s(&mut rng, rows_n * hkv * dk, 1.0), bf16s(&mut rng, rows_n * hkv * dv, 1.0));
                     cpu.append_layer(&cache, 0, &k, &v, PhiWeights::default())?;
                     done += n;
                 }
@@ -100,8 +84,8 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                 for _ in 0..o.reps {
                     let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
                     cache.plan_step(&entries)?;
-                    let q = rng.bf16s(b * hq * dk, 2.0);
-                    let (k, v) = (rng.bf16s(b * hkv * dk, 1.0), rng.bf16s(b * hkv * dv, 1.0));
+                    let q = bf16s(&mut rng, b * hq * dk, 2.0);
+                    let (k, v) = (bf16s(&mut rng, b * hkv * dk, 1.0), bf16s(&mut rng, b * hkv * dv, 1.0));
                     let t = Instant::now();
                     cpu.run_layer(&cache, 0, LayerIo { q: &q, k: &k, v: &v, gates: &gates, out: &mut out, selected: None }, PhiWeights::default())?;
                     t_nsa.push(t.elapsed().as_secs_f64());

@@ -7,6 +7,8 @@
 
 mod cpu;
 mod report;
+#[path = "../shared/rng.rs"]
+mod rng;
 
 use report::Row;
 
