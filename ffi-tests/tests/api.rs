@@ -1,0 +1,90 @@
+//! The function table and the version and status functions of the loaded library.
+
+use nsa::{Config, Preset};
+use nsa_ffi_tests::*;
+
+#[test]
+fn the_table_describes_the_loaded_library() {
+    let l = lib();
+    let a = l.api;
+    assert_eq!(a.struct_size as usize, std::mem::size_of::<nsa_api_v1>());
+    assert_eq!(a.abi_version, NSA_ABI_VERSION);
+    assert_eq!((a.abi_version_fn)(), NSA_ABI_VERSION);
+    assert_eq!((a.version)(), NSA_VERSION);
+    assert_eq!(NSA_VERSION, (NSA_VERSION_MAJOR << 16) | (NSA_VERSION_MINOR << 8) | NSA_VERSION_PATCH);
+    let s = unsafe { std::ffi::CStr::from_ptr((a.version_string)()) }.to_str().unwrap();
+    assert_eq!(s, format!("{NSA_VERSION_MAJOR}.{NSA_VERSION_MINOR}.{NSA_VERSION_PATCH}"));
+    // Repeated calls return the same static table.
+    assert_eq!((l.get_api)(NSA_ABI_VERSION), a as *const nsa_api_v1);
+    // Every entry is a function of the loaded library, not of this test binary's copy.
+    let this_binary = nsa_get_api as extern "C" fn(u32) -> *const nsa_api_v1 as usize;
+    assert_ne!((l.get_api) as usize, this_binary, "the table must come from {}", l.path.display());
+}
+
+#[test]
+fn status_strings_name_every_code() {
+    let names = [
+        "NSA_STATUS_OK",
+        "NSA_STATUS_INVALID_ARGUMENT",
+        "NSA_STATUS_NULL_POINTER",
+        "NSA_STATUS_BAD_STRUCT_SIZE",
+        "NSA_STATUS_INVALID_HANDLE",
+        "NSA_STATUS_INVALID_CONFIG",
+        "NSA_STATUS_BUFFER_TOO_SMALL",
+        "NSA_STATUS_MISALIGNED",
+        "NSA_STATUS_UNKNOWN_SEQUENCE",
+        "NSA_STATUS_SEQUENCE_EXISTS",
+        "NSA_STATUS_OUT_OF_PAGES",
+        "NSA_STATUS_SEQUENCE_TOO_LONG",
+        "NSA_STATUS_NO_STEP",
+        "NSA_STATUS_BACKEND_UNAVAILABLE",
+        "NSA_STATUS_CUDA_ERROR",
+        "NSA_STATUS_PANIC",
+    ];
+    for (code, name) in names.iter().enumerate() {
+        assert_eq!(status_name(code as nsa_status), *name);
+    }
+    assert_eq!(NSA_STATUS_PANIC as usize, names.len() - 1);
+    for bad in [-1, names.len() as nsa_status, i32::MIN] {
+        assert_eq!(status_name(bad), "NSA_STATUS_UNKNOWN");
+    }
+}
+
+#[test]
+fn presets_and_sizes_match_the_rust_api() {
+    for (c, r) in [(NSA_PRESET_PAPER, Preset::Paper), (NSA_PRESET_FLA, Preset::Fla)] {
+        let cfg = preset(c);
+        assert_eq!(cfg, nsa_config_t::from(&Config::preset(r)));
+        assert_eq!(Config::try_from(&cfg).unwrap(), Config::preset(r));
+        ok(unsafe { (api().config_validate)(&cfg) });
+        let (mut arena, mut buf) = (0usize, 0usize);
+        unsafe {
+            ok((api().cache_arena_size)(&cfg, &mut arena));
+            ok((api().cpu_buffer_size)(&cfg, &mut buf));
+        }
+        // The handles take a little room in front of what the Rust API needs.
+        let ra = nsa::Cache::arena_bytes(&Config::preset(r)).unwrap();
+        let rb = nsa::cpu::CpuBackend::buffer_bytes(&Config::preset(r)).unwrap();
+        assert!(arena > ra && arena - ra <= 4096, "{arena} vs {ra}");
+        assert!(buf > rb && buf - rb <= 4096, "{buf} vs {rb}");
+    }
+}
+
+/// Every function `nsa.h` declares is exported by the library, and the table holds every
+/// one of them except `nsa_get_api` itself.
+#[test]
+fn header_functions_are_exported_and_in_the_table() {
+    let header = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../include/nsa.h")).unwrap();
+    let functions: Vec<&str> = header
+        .lines()
+        .filter(|l| l.contains('(') && !l.starts_with([' ', '#', '*', '/']) && !l.starts_with("typedef"))
+        .filter_map(|l| l.split('(').next()?.rsplit([' ', '*']).next())
+        .filter(|name| name.starts_with("nsa_"))
+        .collect();
+    assert!(functions.len() > 20, "{functions:?}");
+    for f in &functions {
+        assert!(lib().exports(f), "{f} is declared in nsa.h but not exported by {}", lib().path.display());
+    }
+    let table_entries = (std::mem::size_of::<nsa_api_v1>() - 8) / std::mem::size_of::<usize>();
+    assert_eq!(table_entries + 1, functions.len(), "nsa_api_v1 must hold every function but nsa_get_api: {functions:?}");
+}

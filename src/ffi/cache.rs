@@ -1,0 +1,270 @@
+//! `struct nsa_cache`: the paged KV cache, placed entirely inside the caller's arena
+//! (handle included), with its sequence operations and the step plan.
+
+use std::ffi::c_void;
+use std::mem::{align_of, offset_of, size_of};
+
+use super::args::{self, carve, handle, handle_bytes, handle_mut, out_ptr, out_struct, Handle, Versioned};
+use super::config::{nsa_config_t, read_config};
+use super::status::{guard, guard_infallible, nsa_status};
+use crate::cache::Cache;
+use crate::layout::ARENA_ALIGN;
+use crate::plan::StepSeq;
+
+/// A paged NSA KV cache: page pools, per-sequence page tables and lengths, and the current
+/// step plan. Opaque; it lives at the start of the arena given to `nsa_cache_init` and owns
+/// nothing outside it.
+///
+/// Thread safety: not internally synchronized. Calls that take `nsa_cache*` must not run
+/// concurrently with any other call on the same cache; calls that take `const nsa_cache*`
+/// (`nsa_cache_len`, `nsa_cache_stats`, `nsa_cache_config`, `nsa_cpu_run_layer`) may run
+/// concurrently with each other. Different caches are independent.
+pub struct nsa_cache {
+    magic: u64,
+    cache: Cache<'static>,
+    /// The whole arena, handle included (no layer's writable array may overlap it).
+    base: usize,
+    bytes: usize,
+}
+
+const CACHE_MAGIC: u64 = 0x4e53_415f_4341_4348; // "NSA_CACH"
+
+impl Handle for nsa_cache {
+    const MAGIC: u64 = CACHE_MAGIC;
+    const NAME: &'static str = "nsa_cache";
+    unsafe fn magic(p: *const Self) -> u64 {
+        std::ptr::addr_of!((*p).magic).read()
+    }
+}
+
+impl nsa_cache {
+    pub(crate) fn cache(&self) -> &Cache<'static> {
+        &self.cache
+    }
+    pub(crate) fn span(&self) -> args::Span {
+        args::Span { arg: "cache arena", start: self.base, len: self.bytes, written: false }
+    }
+}
+
+/// One sequence's part of a step: it appends `tokens` new tokens (1 to decode, more to
+/// prefill a chunk). The step's rows (of q, k, v, gates, out, selected) are the entries'
+/// tokens in entry order: entry 0's `tokens` rows first, then entry 1's, and so on.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct nsa_step_seq_t {
+    /// Sequence id (a live sequence, listed at most once per step).
+    pub seq: u32,
+    /// New tokens, at least 1.
+    pub tokens: u32,
+}
+
+// The plan reads the caller's array in place as `StepSeq` (no copy, no allocation).
+const _: () = {
+    assert!(size_of::<nsa_step_seq_t>() == size_of::<StepSeq>());
+    assert!(align_of::<nsa_step_seq_t>() == align_of::<StepSeq>());
+    assert!(offset_of!(nsa_step_seq_t, seq) == offset_of!(StepSeq, seq));
+    assert!(offset_of!(nsa_step_seq_t, tokens) == offset_of!(StepSeq, tokens));
+};
+
+/// Page-pool occupancy, from `nsa_cache_stats`. Set `struct_size` before the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct nsa_cache_stats_t {
+    /// `sizeof(nsa_cache_stats_t)` as the caller compiled it.
+    pub struct_size: u32,
+    /// Raw pages in the pool (`num_pages`).
+    pub raw_pages: u32,
+    /// Raw pages free.
+    pub raw_free: u32,
+    /// Compressed pages in the pool (`num_cmp_pages`).
+    pub cmp_pages: u32,
+    /// Compressed pages free.
+    pub cmp_free: u32,
+    /// Live sequences.
+    pub live_seqs: u32,
+}
+
+// SAFETY: repr(C), starts with struct_size, six u32 fields.
+unsafe impl Versioned for nsa_cache_stats_t {
+    const NAME: &'static str = "nsa_cache_stats_t";
+}
+
+/// Writes to `*out` the bytes of host arena a cache with this config needs (handle
+/// included). Allocate at least that much, aligned to 16 bytes (what `malloc` returns on
+/// 64-bit hosts), and pass it to `nsa_cache_init`.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+/// `NSA_STATUS_INVALID_CONFIG`. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_arena_size(cfg: *const nsa_config_t, out: *mut usize) -> nsa_status {
+    guard("nsa_cache_arena_size", || {
+        let out = out_ptr(out, "out")?;
+        let cfg = read_config(cfg, "cfg")?;
+        out.write(handle_bytes::<nsa_cache>() + Cache::arena_bytes(&cfg)?);
+        Ok(())
+    })
+}
+
+/// Initializes an empty cache in the caller's `arena` (`bytes` bytes, at least
+/// `nsa_cache_arena_size`, 16-byte aligned) and writes its handle to `*out`. Every page is
+/// free and no sequence exists. Allocates nothing: the handle and all metadata live in
+/// the arena, so `*out` points into it.
+///
+/// Ownership: the caller keeps owning the arena. It must stay allocated and must not be
+/// read or written by the caller while the handle is in use; to end the cache, call
+/// `nsa_cache_deinit` (optional: the cache holds no other resource), then free the
+/// arena. Initializing over a live cache discards it.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `arena`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
+/// `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`arena`),
+/// `NSA_STATUS_BUFFER_TOO_SMALL` (`bytes`). On failure the arena is untouched.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_init(
+    cfg: *const nsa_config_t,
+    arena: *mut c_void,
+    bytes: usize,
+    out: *mut *mut nsa_cache,
+) -> nsa_status {
+    guard("nsa_cache_init", || {
+        let out = out_ptr(out, "out")?;
+        let cfg = read_config(cfg, "cfg")?;
+        let need = Cache::arena_bytes(&cfg)?;
+        let meta = carve::<nsa_cache>(arena.cast(), bytes, need, ARENA_ALIGN, "arena")?;
+        let cache = Cache::new(&cfg, meta)?;
+        let h = arena.cast::<nsa_cache>();
+        h.write(nsa_cache { magic: CACHE_MAGIC, cache, base: arena as usize, bytes });
+        out.write(h);
+        Ok(())
+    })
+}
+
+/// Ends a cache: afterwards the handle is invalid (calls with it fail with
+/// `NSA_STATUS_INVALID_HANDLE` while the arena is still allocated) and the arena may be
+/// freed or reused. NULL or an already ended handle is ignored. Must not run concurrently
+/// with another call on the same cache.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_deinit(cache: *mut nsa_cache) {
+    guard_infallible("nsa_cache_deinit", (), || {
+        if let Ok(c) = handle_mut(cache, "cache") {
+            c.magic = 0;
+        }
+    })
+}
+
+/// Starts an empty sequence in slot `seq` (`0 <= seq < max_seqs`). Ends the planned step.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_SEQUENCE_EXISTS`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_add(cache: *mut nsa_cache, seq: u32) -> nsa_status {
+    guard("nsa_cache_add", || Ok(handle_mut(cache, "cache")?.cache.add_sequence(seq)?))
+}
+
+/// Makes `dst` a copy of the live sequence `src`: same length and contents, sharing its
+/// pages by reference count (the first append to a shared, partly filled page copies
+/// it). Needs no free page. Serves prefix sharing (prefill a prompt once, fork it per
+/// request) and speculative decoding (fork, draft, keep or drop). Ends the planned step.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (an id out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`
+/// (`src`), `NSA_STATUS_SEQUENCE_EXISTS` (`dst`).
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_fork(cache: *mut nsa_cache, src: u32, dst: u32) -> nsa_status {
+    guard("nsa_cache_fork", || Ok(handle_mut(cache, "cache")?.cache.fork(src, dst)?))
+}
+
+/// Shortens the live sequence `seq` to `new_len` tokens (`new_len <= its length`): pages
+/// past the new end return to the pool unless another sequence shares them, and
+/// compressed tokens that are no longer complete are dropped. Used to reject draft
+/// tokens in speculative decoding. Ends the planned step.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range, `new_len` too large),
+/// `NSA_STATUS_UNKNOWN_SEQUENCE`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_truncate(cache: *mut nsa_cache, seq: u32, new_len: u32) -> nsa_status {
+    guard("nsa_cache_truncate", || Ok(handle_mut(cache, "cache")?.cache.truncate(seq, new_len)?))
+}
+
+/// Ends the live sequence `seq` and frees its pages (those no other sequence shares);
+/// the slot can be added again. Ends the planned step.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_remove(cache: *mut nsa_cache, seq: u32) -> nsa_status {
+    guard("nsa_cache_remove", || Ok(handle_mut(cache, "cache")?.cache.remove(seq)?))
+}
+
+/// Writes to `*out` the length (tokens appended so far, planned step included) of the
+/// live sequence `seq`. Use `NSA_STATUS_UNKNOWN_SEQUENCE` to test whether a slot is live.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_len(cache: *const nsa_cache, seq: u32, out: *mut u32) -> nsa_status {
+    guard("nsa_cache_len", || {
+        let out = out_ptr(out, "out")?;
+        let len = handle(cache, "cache")?.cache.len(seq)?;
+        out.write(len);
+        Ok(())
+    })
+}
+
+/// Writes the page pools' occupancy to `*out` (set `out->struct_size` first).
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_BAD_STRUCT_SIZE`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_stats(cache: *const nsa_cache, out: *mut nsa_cache_stats_t) -> nsa_status {
+    guard("nsa_cache_stats", || {
+        let out = out_struct(out, "out")?;
+        let s = handle(cache, "cache")?.cache.stats();
+        out.write(nsa_cache_stats_t {
+            struct_size: 0,
+            raw_pages: s.raw_pages,
+            raw_free: s.raw_free,
+            cmp_pages: s.cmp_pages,
+            cmp_free: s.cmp_free,
+            live_seqs: s.live_seqs,
+        });
+        Ok(())
+    })
+}
+
+/// Writes the config the cache was initialized with to `*out` (set `out->struct_size`
+/// first).
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_BAD_STRUCT_SIZE`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_config(cache: *const nsa_cache, out: *mut nsa_config_t) -> nsa_status {
+    guard("nsa_cache_config", || {
+        let out = out_struct(out, "out")?;
+        let c = nsa_config_t::from(handle(cache, "cache")?.cache.config());
+        out.write(c);
+        Ok(())
+    })
+}
+
+/// Plans one step, once per step before running its layers: every entry's sequence grows
+/// by its `tokens` (this is how tokens are appended). On success the lengths, page tables
+/// and pools already include the step; then run every layer exactly once
+/// (`nsa_cpu_run_layer`), which writes the new positions' K/V and attention output. Any
+/// later add/fork/truncate/remove ends the step. `entries` is read during the call only.
+///
+/// Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`n` is 0 or above `max_step_seqs`; an id out of range or
+/// listed twice; `tokens` 0; over `max_step_tokens` in all), `NSA_STATUS_UNKNOWN_SEQUENCE`,
+/// `NSA_STATUS_SEQUENCE_TOO_LONG`, `NSA_STATUS_OUT_OF_PAGES`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_plan_step(cache: *mut nsa_cache, entries: *const nsa_step_seq_t, n: u32) -> nsa_status {
+    guard("nsa_cache_plan_step", || {
+        let c = handle_mut(cache, "cache")?;
+        if entries.is_null() {
+            return Err(super::status::Failure::null("entries"));
+        }
+        let entries = args::span(entries.cast::<StepSeq>(), n as usize, "entries", false)?;
+        Ok(c.cache.plan_step(entries.slice())?)
+    })
+}
