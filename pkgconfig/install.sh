@@ -11,7 +11,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 prefix="${1:?usage: $0 PREFIX [LIBDIR]}"
-libdir="${2:-$root/target/release}"
+libdir="${2:-${CARGO_TARGET_DIR:-$root/target}/release}"
 mkdir -p "$prefix"
 prefix="$(cd "$prefix" && pwd)"
 
