@@ -454,6 +454,10 @@ typedef struct nsa_api_v1 {
      */
     nsa_status (*cache_config)(const struct nsa_cache *cache, struct nsa_config_t *out);
     /**
+     * `nsa_cache_check`.
+     */
+    nsa_status (*cache_check)(const struct nsa_cache *cache);
+    /**
      * `nsa_cache_plan_step`.
      */
     nsa_status (*cache_plan_step)(struct nsa_cache *cache,
@@ -567,6 +571,13 @@ typedef struct nsa_api_v1 {
  * was given, as unusable and initialize them again.
  */
 #define NSA_STATUS_PANIC 15
+
+/**
+ * `nsa_cache_check` found the cache's bookkeeping inconsistent (its arena was written by
+ * someone else, or an engine bug): the message names the first violation. Treat the
+ * cache as unusable.
+ */
+#define NSA_STATUS_CORRUPT 16
 
 /**
  * IEEE 754 binary32 (`float`).
@@ -789,6 +800,20 @@ nsa_status nsa_cache_len(const struct nsa_cache *cache, uint32_t seq, uint32_t *
  * `NSA_STATUS_BAD_STRUCT_SIZE`.
  */
 nsa_status nsa_cache_stats(const struct nsa_cache *cache, struct nsa_cache_stats_t *out);
+
+/**
+ * Verifies the cache's internal bookkeeping: every page's refcount equals the number of
+ * page-table entries naming it, free pages are on the free list exactly once, free plus
+ * used pages make the whole pool, and every live sequence holds exactly the pages its
+ * length needs. O(pages + table entries): meant for debug builds, tests and fuzzers, not
+ * for every step.
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_CORRUPT`
+ * (the message names the first violation).
+ *
+ * Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
+ */
+nsa_status nsa_cache_check(const struct nsa_cache *cache);
 
 /**
  * Writes the config the cache was initialized with to `*out` (set `out->struct_size`

@@ -51,6 +51,11 @@ pub enum NsaError {
     #[error("cuda: {0}")]
     Cuda(String),
 
+    /// The cache's internal invariants do not hold (the arena was overwritten by someone
+    /// else, or a bug). Found by `Cache::check_invariants` / `nsa_cache_check`.
+    #[error("cache state is corrupt: {0}")]
+    Corrupt(String),
+
     /// A Rust panic was caught at the C boundary (a bug in the engine; please report it).
     #[error("internal error (panic): {0}")]
     Panic(String),

@@ -64,6 +64,8 @@ pub struct nsa_api_v1 {
     pub cache_stats: unsafe extern "C" fn(cache: *const nsa_cache, out: *mut nsa_cache_stats_t) -> nsa_status,
     /// `nsa_cache_config`.
     pub cache_config: unsafe extern "C" fn(cache: *const nsa_cache, out: *mut nsa_config_t) -> nsa_status,
+    /// `nsa_cache_check`.
+    pub cache_check: unsafe extern "C" fn(cache: *const nsa_cache) -> nsa_status,
     /// `nsa_cache_plan_step`.
     pub cache_plan_step: unsafe extern "C" fn(cache: *mut nsa_cache, entries: *const nsa_step_seq_t, n: u32) -> nsa_status,
     /// `nsa_cpu_buffer_size`.
@@ -107,6 +109,7 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cache_len: nsa_cache_len,
     cache_stats: nsa_cache_stats,
     cache_config: nsa_cache_config,
+    cache_check: nsa_cache_check,
     cache_plan_step: nsa_cache_plan_step,
     cpu_buffer_size: nsa_cpu_buffer_size,
     cpu_backend_create: nsa_cpu_backend_create,

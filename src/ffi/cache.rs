@@ -232,6 +232,23 @@ pub unsafe extern "C" fn nsa_cache_stats(cache: *const nsa_cache, out: *mut nsa_
     })
 }
 
+/// Verifies the cache's internal bookkeeping: every page's refcount equals the number of
+/// page-table entries naming it, free pages are on the free list exactly once, free plus
+/// used pages make the whole pool, and every live sequence holds exactly the pages its
+/// length needs. O(pages + table entries): meant for debug builds, tests and fuzzers, not
+/// for every step.
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_CORRUPT`
+/// (the message names the first violation).
+///
+/// Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_check(cache: *const nsa_cache) -> nsa_status {
+    guard("nsa_cache_check", || {
+        handle(cache, "cache")?.cache.check_invariants().map_err(|e| crate::error::NsaError::Corrupt(e).into())
+    })
+}
+
 /// Writes the config the cache was initialized with to `*out` (set `out->struct_size`
 /// first).
 ///

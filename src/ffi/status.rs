@@ -52,9 +52,13 @@ pub const NSA_STATUS_CUDA_ERROR: nsa_status = 14;
 /// call may have done part of its work: treat its outputs, and the cache or backend it
 /// was given, as unusable and initialize them again.
 pub const NSA_STATUS_PANIC: nsa_status = 15;
+/// `nsa_cache_check` found the cache's bookkeeping inconsistent (its arena was written by
+/// someone else, or an engine bug): the message names the first violation. Treat the
+/// cache as unusable.
+pub const NSA_STATUS_CORRUPT: nsa_status = 16;
 
 /// Every status code's name, indexed by code (the one list `nsa_status_string` reads).
-const NAMES: [&str; 16] = [
+const NAMES: [&str; 17] = [
     "NSA_STATUS_OK\0",
     "NSA_STATUS_INVALID_ARGUMENT\0",
     "NSA_STATUS_NULL_POINTER\0",
@@ -71,6 +75,7 @@ const NAMES: [&str; 16] = [
     "NSA_STATUS_BACKEND_UNAVAILABLE\0",
     "NSA_STATUS_CUDA_ERROR\0",
     "NSA_STATUS_PANIC\0",
+    "NSA_STATUS_CORRUPT\0",
 ];
 
 /// A failed call: the status to return and the message for `nsa_last_error`.
@@ -106,6 +111,7 @@ impl From<NsaError> for Failure {
             NsaError::BackendUnavailable(_) => NSA_STATUS_BACKEND_UNAVAILABLE,
             NsaError::Cuda(_) => NSA_STATUS_CUDA_ERROR,
             NsaError::Panic(_) => NSA_STATUS_PANIC,
+            NsaError::Corrupt(_) => NSA_STATUS_CORRUPT,
         };
         Failure::new(status, e.to_string())
     }
