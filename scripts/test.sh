@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, integration, reference,
-# header drift, ffi through dlopen) and the C / C++ examples under sanitizers.
+# header drift, the C ABI through dlopen, the bounded fuzz run), the loom model check,
+# the C / C++ examples under sanitizers, and valgrind over the C ABI's users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --release
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg).
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom_runner
-if [ -x scripts/ffi-examples.sh ]; then
-  scripts/ffi-examples.sh
-fi
+# C and C++ examples under ASan/UBSan, then everything that crosses the C ABI under valgrind.
+scripts/ffi-examples.sh
+scripts/valgrind.sh

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the C and C++ examples (built without sanitizers) and the ffi-tests binaries under
+# valgrind memcheck: any invalid read/write, use of uninitialised memory or definite
+# leak fails the run. scripts/valgrind.supp lists the one known false report.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+target="${CARGO_TARGET_DIR:-$root/target}"
+build="$root/build/valgrind"
+vg=(valgrind -q --error-exitcode=9 --leak-check=full --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect
+    --suppressions="$root/scripts/valgrind.supp")
+
+cargo build --release --lib
+lib="$target/release/libnsa.so"
+
+echo "== valgrind: C example and dlopen plugin"
+make -s -C examples/c BUILD="$build/c" SANITIZE=0 LIBDIR="$target/release" all
+"${vg[@]}" "$build/c/nsa_example" >/dev/null
+"${vg[@]}" "$build/c/nsa_plugin" "$lib" >/dev/null
+
+echo "== valgrind: C++ example"
+pkgconfig/install.sh "$build/prefix" "$target/release" >/dev/null
+cmake -S examples/cpp -B "$build/cpp" -DCMAKE_PREFIX_PATH="$build/prefix" -DNSA_SANITIZE=OFF -DCMAKE_BUILD_TYPE=Debug >/dev/null
+cmake --build "$build/cpp" -- -s
+"${vg[@]}" "$build/cpp/nsa_cpp_example" >/dev/null
+
+echo "== valgrind: ffi-tests (api, bad_input, roundtrip)"
+for t in api bad_input roundtrip; do
+  exe=$(cargo test --release -p nsa-ffi-tests --test "$t" --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$t")
+  NSA_LIB="$lib" "${vg[@]}" "$exe" --test-threads=2 -q
+done
+echo "== valgrind: clean"
