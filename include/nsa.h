@@ -97,6 +97,16 @@ typedef struct nsa_cache nsa_cache;
 typedef struct nsa_cpu_backend nsa_cpu_backend;
 
 /**
+ * The CUDA backend: kernels compiled for the device, and the host side of the step
+ * upload. Opaque; created by `nsa_cuda_backend_create`, which allocates this host-side
+ * state once (the per-step calls allocate nothing), freed by `nsa_cuda_backend_destroy`.
+ *
+ * Thread safety: one call at a time per backend (calls enqueue work on the stream the
+ * caller passes). Different backends are independent.
+ */
+typedef struct nsa_cuda_backend nsa_cuda_backend;
+
+/**
  * What every fallible `nsa_*` call returns: `NSA_STATUS_OK` (0) on success, otherwise one
  * of the `NSA_STATUS_*` codes. On failure `nsa_last_error()` describes what was wrong, and
  * nothing was changed: no output parameter was written, and every cache and backend is
@@ -360,6 +370,113 @@ typedef struct nsa_layer_io_t {
 } nsa_layer_io_t;
 
 /**
+ * What `nsa_cuda_probe` found: the device the CUDA backend uses (ordinal 0).
+ */
+typedef struct nsa_cuda_device_info_t {
+    /**
+     * `sizeof(nsa_cuda_device_info_t)` as the caller compiled it.
+     */
+    uint32_t struct_size;
+    /**
+     * Device ordinal (0).
+     */
+    int32_t ordinal;
+    /**
+     * Compute capability, major (9 for an H100).
+     */
+    int32_t cc_major;
+    /**
+     * Compute capability, minor (0 for an H100).
+     */
+    int32_t cc_minor;
+    /**
+     * Streaming multiprocessors.
+     */
+    int32_t multiprocessors;
+    /**
+     * `cuDriverGetVersion`, e.g. 13000.
+     */
+    int32_t driver_version;
+    /**
+     * Device memory in bytes.
+     */
+    uint64_t total_memory;
+    /**
+     * The device's name, NUL-terminated (truncated to 127 bytes).
+     */
+    char name[128];
+} nsa_cuda_device_info_t;
+
+/**
+ * One layer's device arrays for the planned step: device pointers (`CUdeviceptr`, 0 for
+ * an optional array that is absent). Shapes as `nsa_layer_io_t`: `q [tokens, HQ, DK]`,
+ * `k [tokens, HKV, DK]`, `v [tokens, HKV, DV]` in the config's `dtype`; `gates
+ * [tokens, HQ, 3]` f32; `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` int32
+ * written when not 0; `phi_k`/`phi_v` the layer's f32 phi weights (`phi_k_len` and
+ * `phi_v_len` elements, 0 for phi = mean). All must be device memory of the primary
+ * context, read or written only by the work the call enqueues. Set
+ * `struct_size = sizeof(nsa_cuda_layer_io_t)`.
+ */
+typedef struct nsa_cuda_layer_io_t {
+    /**
+     * `sizeof(nsa_cuda_layer_io_t)` as the caller compiled it.
+     */
+    uint32_t struct_size;
+    /**
+     * Element type of q, k, v and out: must be the config's dtype.
+     */
+    nsa_dtype dtype;
+    /**
+     * Rows: must equal the planned step's token count.
+     */
+    uint32_t tokens;
+    /**
+     * Must be 0 (no flag is defined in this version).
+     */
+    uint32_t flags;
+    /**
+     * `[tokens, HQ, DK]` queries (required).
+     */
+    uint64_t q;
+    /**
+     * `[tokens, HKV, DK]` new keys (required).
+     */
+    uint64_t k;
+    /**
+     * `[tokens, HKV, DV]` new values (required).
+     */
+    uint64_t v;
+    /**
+     * `[tokens, HQ, 3]` f32 gates (compressed, selected, window) (required).
+     */
+    uint64_t gates;
+    /**
+     * `[tokens, HQ, DV]` output, written (required).
+     */
+    uint64_t out;
+    /**
+     * `[tokens, HKV, n]` int32 selected blocks, written; 0 to skip.
+     */
+    uint64_t selected;
+    /**
+     * The layer's f32 phi weights for K; 0 for phi = mean.
+     */
+    uint64_t phi_k;
+    /**
+     * The layer's f32 phi weights for V; 0 for phi = mean.
+     */
+    uint64_t phi_v;
+    /**
+     * Elements at `phi_k`: `Config::phi_weight_len(DK)` (0 for mean).
+     */
+    uint64_t phi_k_len;
+    /**
+     * Elements at `phi_v`: `Config::phi_weight_len(DV)` (0 for mean).
+     */
+    uint64_t phi_v_len;
+} nsa_cuda_layer_io_t;
+
+/**
  * Every function of ABI version 1, for hosts that load the library with `dlopen` and
  * look up only `nsa_get_api`. Each field points to the function of the same name
  * without the `nsa_` prefix; see that function's documentation.
@@ -485,6 +602,39 @@ typedef struct nsa_api_v1 {
                                 const struct nsa_cache *cache,
                                 uint32_t layer,
                                 const struct nsa_layer_io_t *io);
+    /**
+     * `nsa_cuda_probe`.
+     */
+    nsa_status (*cuda_probe)(struct nsa_cuda_device_info_t *out);
+    /**
+     * `nsa_cuda_device_size`.
+     */
+    nsa_status (*cuda_device_size)(const struct nsa_config_t *cfg, size_t *out);
+    /**
+     * `nsa_cuda_backend_create`.
+     */
+    nsa_status (*cuda_backend_create)(const struct nsa_config_t *cfg,
+                                      uint64_t device_ptr,
+                                      size_t bytes,
+                                      struct nsa_cuda_backend **out);
+    /**
+     * `nsa_cuda_backend_destroy`.
+     */
+    void (*cuda_backend_destroy)(struct nsa_cuda_backend *backend);
+    /**
+     * `nsa_cuda_upload_step`.
+     */
+    nsa_status (*cuda_upload_step)(struct nsa_cuda_backend *backend,
+                                   const struct nsa_cache *cache,
+                                   void *stream);
+    /**
+     * `nsa_cuda_run_layer`.
+     */
+    nsa_status (*cuda_run_layer)(struct nsa_cuda_backend *backend,
+                                 const struct nsa_cache *cache,
+                                 uint32_t layer,
+                                 const struct nsa_cuda_layer_io_t *io,
+                                 void *stream);
 } nsa_api_v1;
 
 /**
@@ -898,6 +1048,86 @@ nsa_status nsa_cpu_run_layer(struct nsa_cpu_backend *backend,
                              const struct nsa_cache *cache,
                              uint32_t layer,
                              const struct nsa_layer_io_t *io);
+
+/**
+ * Whether a CUDA device is usable, and which. Loads the CUDA driver and NVRTC at run time
+ * (nothing CUDA is linked): on success writes `*out` (set `out->struct_size` first).
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_BACKEND_UNAVAILABLE` (built without CUDA, no driver, no device, a device
+ * older than compute capability 8.0, or no NVRTC: the message says which).
+ * Thread-safe.
+ */
+nsa_status nsa_cuda_probe(struct nsa_cuda_device_info_t *out);
+
+/**
+ * Writes to `*out` the bytes of device memory the CUDA backend needs for `cfg`: every
+ * layer's K/V pools plus the per-step workspace. Pure arithmetic (no CUDA call).
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_BACKEND_UNAVAILABLE` (built without CUDA).
+ * Thread-safe.
+ */
+nsa_status nsa_cuda_device_size(const struct nsa_config_t *cfg, size_t *out);
+
+/**
+ * Creates a CUDA backend over the caller's device buffer `device_ptr` (`bytes` bytes, at
+ * least `nsa_cuda_device_size`, 256-byte aligned, allocated in device 0's primary context,
+ * e.g. by `cudaMalloc`) and writes its handle to `*out`. Compiles the kernels with NVRTC
+ * for the device (once per process and architecture; set `NSA_CUDA_CACHE_DIR` to keep
+ * compiled code on disk). Pass the same config to `nsa_cache_init`.
+ *
+ * Ownership: the caller keeps owning the device buffer; it must stay allocated until
+ * `nsa_cuda_backend_destroy`.
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0),
+ * `NSA_STATUS_MISALIGNED`, `NSA_STATUS_BUFFER_TOO_SMALL`,
+ * `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR` (compilation or loading).
+ */
+nsa_status nsa_cuda_backend_create(const struct nsa_config_t *cfg,
+                                   uint64_t device_ptr,
+                                   size_t bytes,
+                                   struct nsa_cuda_backend **out);
+
+/**
+ * Frees the backend's host-side state (the device buffer stays the caller's). NULL is
+ * ignored. The handle must not be used afterwards; work already enqueued on a stream
+ * must be finished or synchronized first.
+ */
+void nsa_cuda_backend_destroy(struct nsa_cuda_backend *backend);
+
+/**
+ * Uploads the planned step (its sequences, copy-on-write copies and page tables) into the
+ * backend's device workspace, on `stream` (a `CUstream`; NULL is the default stream).
+ * Call once per step, after `nsa_cache_plan_step` and before the step's layer runs.
+ * Copies from host memory the cache owns; allocates nothing.
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_NO_STEP`,
+ * `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config),
+ * `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+ */
+nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
+                                const struct nsa_cache *cache,
+                                void *stream);
+
+/**
+ * Enqueues layer `layer` of the planned (and uploaded) step on `stream`: copy-on-write
+ * copies, append of the step's K/V rows, compression of finished blocks, NSA attention
+ * for every new token into `io->out` (and the selected blocks into `io->selected`).
+ * Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
+ * captured in a CUDA graph. Run every layer once per step.
+ *
+ * Errors (nothing is enqueued): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step planned or not uploaded),
+ * `NSA_STATUS_INVALID_ARGUMENT` (`layer`, `dtype`, `tokens`, `flags`, a required pointer
+ * 0, a phi weight count), `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+ */
+nsa_status nsa_cuda_run_layer(struct nsa_cuda_backend *backend,
+                              const struct nsa_cache *cache,
+                              uint32_t layer,
+                              const struct nsa_cuda_layer_io_t *io,
+                              void *stream);
 
 /**
  * The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

@@ -89,3 +89,30 @@ fn header_functions_are_exported_and_in_the_table() {
     let table_entries = (std::mem::size_of::<nsa_api_v1>() - 8) / std::mem::size_of::<usize>();
     assert_eq!(table_entries + 1, functions.len(), "nsa_api_v1 must hold every function but nsa_get_api: {functions:?}");
 }
+
+#[test]
+fn cuda_entry_points_answer_without_cuda() {
+    // In every build the CUDA functions exist. Without a usable device (CI: no GPU; a
+    // build without the `cuda` feature) they answer BACKEND_UNAVAILABLE with a reason and
+    // leave their outputs alone; with one, probe describes it.
+    let a = api();
+    let mut info: nsa_cuda_device_info_t = unsafe { std::mem::zeroed() };
+    info.struct_size = std::mem::size_of::<nsa_cuda_device_info_t>() as u32;
+    let st = unsafe { (a.cuda_probe)(&mut info) };
+    if st == NSA_STATUS_OK {
+        assert!(info.cc_major >= 8 && info.multiprocessors > 0, "{info:?}");
+        println!("CUDA device present: cc {}.{}", info.cc_major, info.cc_minor);
+        return;
+    }
+    assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
+    let why = last_error();
+    assert!(why.starts_with("nsa_cuda_probe: backend unavailable: "), "{why}");
+    assert_eq!(info.cc_major, 0, "output written on failure");
+    let cfg = preset(NSA_PRESET_PAPER);
+    let mut out: *mut nsa_cuda_backend = std::ptr::null_mut();
+    let st = unsafe { (a.cuda_backend_create)(&cfg, 256, 1 << 30, &mut out) };
+    assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
+    assert!(out.is_null(), "handle written on failure");
+    unsafe { (a.cuda_backend_destroy)(std::ptr::null_mut()) }; // NULL is ignored
+    println!("no CUDA: {why}");
+}

@@ -6,6 +6,7 @@ use std::ffi::{c_char, c_void};
 use super::cache::*;
 use super::config::*;
 use super::cpu::*;
+use super::cuda::*;
 use super::status::*;
 use super::version::*;
 
@@ -86,6 +87,29 @@ pub struct nsa_api_v1 {
         layer: u32,
         io: *const nsa_layer_io_t,
     ) -> nsa_status,
+    /// `nsa_cuda_probe`.
+    pub cuda_probe: unsafe extern "C" fn(out: *mut nsa_cuda_device_info_t) -> nsa_status,
+    /// `nsa_cuda_device_size`.
+    pub cuda_device_size: unsafe extern "C" fn(cfg: *const nsa_config_t, out: *mut usize) -> nsa_status,
+    /// `nsa_cuda_backend_create`.
+    pub cuda_backend_create: unsafe extern "C" fn(
+        cfg: *const nsa_config_t,
+        device_ptr: u64,
+        bytes: usize,
+        out: *mut *mut nsa_cuda_backend,
+    ) -> nsa_status,
+    /// `nsa_cuda_backend_destroy`.
+    pub cuda_backend_destroy: unsafe extern "C" fn(backend: *mut nsa_cuda_backend),
+    /// `nsa_cuda_upload_step`.
+    pub cuda_upload_step: unsafe extern "C" fn(backend: *mut nsa_cuda_backend, cache: *const nsa_cache, stream: *mut c_void) -> nsa_status,
+    /// `nsa_cuda_run_layer`.
+    pub cuda_run_layer: unsafe extern "C" fn(
+        backend: *mut nsa_cuda_backend,
+        cache: *const nsa_cache,
+        layer: u32,
+        io: *const nsa_cuda_layer_io_t,
+        stream: *mut c_void,
+    ) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -115,6 +139,12 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cpu_backend_create: nsa_cpu_backend_create,
     cpu_backend_destroy: nsa_cpu_backend_destroy,
     cpu_run_layer: nsa_cpu_run_layer,
+    cuda_probe: nsa_cuda_probe,
+    cuda_device_size: nsa_cuda_device_size,
+    cuda_backend_create: nsa_cuda_backend_create,
+    cuda_backend_destroy: nsa_cuda_backend_destroy,
+    cuda_upload_step: nsa_cuda_upload_step,
+    cuda_run_layer: nsa_cuda_run_layer,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

@@ -23,6 +23,7 @@ pub mod status;
 pub mod config;
 pub mod cache;
 pub mod cpu;
+pub mod cuda;
 pub mod api;
 mod args;
 
@@ -30,5 +31,6 @@ pub use api::*;
 pub use cache::*;
 pub use config::*;
 pub use cpu::*;
+pub use cuda::*;
 pub use status::*;
 pub use version::*;

@@ -231,12 +231,13 @@ mod tests {
             (NSA_STATUS_BACKEND_UNAVAILABLE, "NSA_STATUS_BACKEND_UNAVAILABLE"),
             (NSA_STATUS_CUDA_ERROR, "NSA_STATUS_CUDA_ERROR"),
             (NSA_STATUS_PANIC, "NSA_STATUS_PANIC"),
+            (NSA_STATUS_CORRUPT, "NSA_STATUS_CORRUPT"),
         ];
         assert_eq!(codes.len(), NAMES.len());
         for (code, name) in codes {
             assert_eq!(unsafe { CStr::from_ptr(nsa_status_string(code)) }.to_str().unwrap(), name);
         }
-        for bad in [-1, 16, i32::MAX, i32::MIN] {
+        for bad in [-1, 17, i32::MAX, i32::MIN] {
             assert_eq!(unsafe { CStr::from_ptr(nsa_status_string(bad)) }.to_str().unwrap(), "NSA_STATUS_UNKNOWN");
         }
     }

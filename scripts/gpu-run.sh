@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs the staged GPU tests (see scripts/gpu-stage.sh) on the GPU machine:
+#   1. every test binary in .gpu/bin (the `nsa` lib binary only for its cuda:: tests);
+#   2. compute-sanitizer memcheck and racecheck on gpu_decode and gpu_prefill with
+#      NSA_GPU_TEST_SMALL=1 (reduced sizes), and initcheck on one small test of each.
+# Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
+# Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck" (default all), NSA_GPU_FILTER (a test
+# name filter for phase 1), NSA_GPU_SAN_FILTER (filter for the sanitizer phases).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$here/out}"
+LOGS="$(mktemp -d)"
+mkdir -p "$OUT"
+phases="${NSA_GPU_PHASES:-tests memcheck initcheck racecheck}"
+summary="$OUT/summary.txt"
+: > "$summary"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+  command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc: /'
+} | tee -a "$summary"
+export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-/tmp/nsa-kernel-cache}"
+table=()
+run() { # name logfile cmd...
+  local name="$1" log="$2"; shift 2
+  local t0=$(date +%s.%N)
+  "$@" > "$log" 2>&1
+  local rc=$?
+  local dt=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.1f}')")
+  local pass=$(grep -oE 'test result: .* ([0-9]+) passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+  local fail=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+  table+=("$(printf '%-44s rc=%-3s pass=%-3s fail=%-3s %6ss' "$name" "$rc" "$pass" "$fail" "$dt")")
+  echo "== $name rc=$rc ($dt s)" | tee -a "$summary"
+  grep -oE '(RESULT|BENCH|SKIP:) .*|^test .* FAILED|^---- .*|^thread .* panicked.*|^========= (ERROR|RACECHECK SUMMARY|ERROR SUMMARY|Invalid|Race|Uninitialized).*' "$log" | head -60 | tee -a "$summary"
+  grep -E 'panicked at|assertion' -A3 "$log" | head -30 >> "$summary"
+  (cd "$LOGS" && tar czf "$OUT/logs.tgz" .)
+}
+if [[ " $phases " == *" tests "* ]]; then
+  for b in "$here"/bin/*; do
+    n=$(basename "$b")
+    if [[ "$n" == nsa ]]; then
+      run "$n (cuda:: unit tests)" "$LOGS/$n.log" "$b" cuda:: --include-ignored --test-threads=1 --nocapture
+    else
+      run "$n" "$LOGS/$n.log" "$b" ${NSA_GPU_FILTER:-} --include-ignored --test-threads=1 --nocapture
+    fi
+  done
+fi
+for tool in memcheck initcheck racecheck; do
+  [[ " $phases " == *" $tool "* ]] || continue
+  for n in gpu_decode gpu_prefill; do
+    [[ -x "$here/bin/$n" ]] || continue
+    filter="${NSA_GPU_SAN_FILTER:-}"
+    # initcheck tracks every byte and is slow: one small test per binary by default, and
+    # the harness skips downloading the pools (their unused pages are never written).
+    skip=0
+    if [[ $tool == initcheck ]]; then
+      skip=1
+      if [[ $n == gpu_decode ]]; then filter="${NSA_GPU_INIT_FILTER_DECODE:-decode_paper_g16}"; else filter="${NSA_GPU_INIT_FILTER_PREFILL:-prefill_chunks_with_decodes_paper}"; fi
+    fi
+    extra=()
+    [[ $tool == memcheck ]] && extra=(--leak-check no)
+    run "$tool $n (small) $filter" "$LOGS/${tool}_$n.log" timeout "${NSA_GPU_SAN_TIMEOUT:-400}" env NSA_GPU_TEST_SMALL=1 NSA_GPU_SKIP_POOL_DOWNLOAD=$skip \
+      compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 "$here/bin/$n" $filter --include-ignored --test-threads=1 --nocapture
+  done
+done
+{
+  echo
+  echo "---------------- summary"
+  printf '%s\n' "${table[@]}"
+} | tee -a "$summary"

@@ -1,0 +1,689 @@
+//! The CUDA backend: K/V pools and the per-step workspace in one device buffer the caller
+//! owns (or that [`CudaBackend::with_allocation`] allocates once), kernels from
+//! `kernels/nsa.cu` compiled with NVRTC once per device architecture, launches on the
+//! caller's `CUstream` in the device's primary context.
+//!
+//! CUDA is loaded at run time (cudarc's dynamic loading): without a driver, every entry
+//! point returns [`NsaError::BackendUnavailable`] and nothing panics. [`probe`] says
+//! whether a usable device is there.
+//!
+//! Per step: [`Cache::plan_step`], then [`CudaBackend::upload_step`] once (copies the plan
+//! and the page tables of the step's sequences into the workspace), then
+//! [`CudaBackend::run_layer`] for every layer. Neither allocates on host or device. The
+//! device pools use the CPU backend's layout (`[layer][pool][page][kv_head][token][dim]`,
+//! offsets from [`Layout`]), so a download of the pools equals the CPU pools.
+//!
+//! Launch sequence of a layer (see the kernel file's header): copy-on-write copies,
+//! append, compress, then per wave of query rows: compressed attention split over
+//! blocks, selection, selected + window attention split over blocks, gated combine.
+//! Grid shapes depend only on the step's token and sequence counts and the config;
+//! lengths are read on the device, so a decode step can be captured in a CUDA graph
+//! (upload_step itself copies from pageable memory and stays outside the graph).
+
+// `CUstream` is an opaque driver handle passed through to the driver, never dereferenced here.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+mod compile;
+mod driver;
+mod params;
+
+use std::ffi::{c_void, CString};
+use std::path::{Path, PathBuf};
+
+use cudarc::driver::sys;
+
+use crate::cache::Cache;
+use crate::config::{Config, Dtype, Phi};
+use crate::error::{NsaError, Result};
+use crate::layout::{Layout, PageCopy, PlanSeq};
+pub use compile::{cache_key, KERNEL_SOURCE};
+use driver::{check, CtxGuard};
+pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf};
+use params::{DevLayout, Params};
+
+/// What [`probe`] found: the device the backend would use (ordinal 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: i32,
+    pub name: String,
+    /// Compute capability (major, minor); the backend needs 8.0 or newer.
+    pub compute_capability: (i32, i32),
+    /// NVRTC target the kernels are compiled for, e.g. `sm_90`.
+    pub arch: String,
+    pub multiprocessors: i32,
+    pub total_memory: usize,
+    /// `cuDriverGetVersion`, e.g. 13000.
+    pub driver_version: i32,
+    pub nvrtc_version: (i32, i32),
+    /// Opt-in shared memory per block, bytes.
+    pub max_shared_per_block: i32,
+}
+
+/// Whether a CUDA device is usable: the driver and NVRTC load, a device exists and has
+/// compute capability 8.0 or newer. Never panics; the error says why not.
+pub fn probe() -> Result<DeviceInfo> {
+    match std::panic::catch_unwind(probe_inner) {
+        Ok(r) => r,
+        Err(_) => Err(NsaError::BackendUnavailable("loading the CUDA libraries panicked".into())),
+    }
+}
+
+fn probe_inner() -> Result<DeviceInfo> {
+    let unavailable = |e: NsaError| match e {
+        NsaError::Cuda(s) => NsaError::BackendUnavailable(s),
+        other => other,
+    };
+    driver::libraries_present().map_err(NsaError::BackendUnavailable)?;
+    // SAFETY: the driver library is present; plain driver queries.
+    unsafe {
+        check(sys::cuInit(0), "cuInit").map_err(unavailable)?;
+        let mut n = 0;
+        check(sys::cuDeviceGetCount(&mut n), "cuDeviceGetCount").map_err(unavailable)?;
+        if n == 0 {
+            return Err(NsaError::BackendUnavailable("the CUDA driver sees no device".into()));
+        }
+        let mut dev = 0;
+        check(sys::cuDeviceGet(&mut dev, 0), "cuDeviceGet").map_err(unavailable)?;
+        use sys::CUdevice_attribute::*;
+        let major = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let smem = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let mut name = [0 as std::ffi::c_char; 256];
+        check(sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev), "cuDeviceGetName")?;
+        let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+        let mut mem = 0usize;
+        check(sys::cuDeviceTotalMem_v2(&mut mem, dev), "cuDeviceTotalMem")?;
+        let mut drv = 0;
+        check(sys::cuDriverGetVersion(&mut drv), "cuDriverGetVersion")?;
+        let nvrtc = compile::nvrtc_version().map_err(unavailable)?;
+        if major < 8 {
+            return Err(NsaError::BackendUnavailable(format!(
+                "device 0 ({name}) has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer"
+            )));
+        }
+        Ok(DeviceInfo {
+            ordinal: 0,
+            name,
+            compute_capability: (major, minor),
+            arch: format!("sm_{major}{minor}"),
+            multiprocessors: sms,
+            total_memory: mem,
+            driver_version: drv,
+            nvrtc_version: nvrtc,
+            max_shared_per_block: smem,
+        })
+    }
+}
+
+/// One layer's device arrays for the planned step (device pointers; 0 = none). Shapes
+/// and meaning as [`crate::cpu::LayerIo`]: `q [tokens, HQ, DK]`, `k [tokens, HKV, DK]`,
+/// `v [tokens, HKV, DV]` in the config's dtype; `gates [tokens, HQ, 3]` f32;
+/// `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` i32, written when not 0;
+/// `phi_k`, `phi_v`: the layer's f32 phi weights (`Config::phi_weight_len`), 0 for mean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLayerIo {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub gates: u64,
+    pub out: u64,
+    pub selected: u64,
+    pub phi_k: u64,
+    pub phi_v: u64,
+}
+
+/// Options of [`CudaBackend::new_with`].
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    /// Directory of the on-disk cache of compiled kernels; `None`: the environment
+    /// variable `NSA_CUDA_CACHE_DIR` if set, else no disk cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+const K_COPY: usize = 0;
+const K_APPEND: usize = 1;
+const K_COMPRESS: usize = 2;
+const K_CMP: usize = 3;
+const K_SELECT: usize = 4;
+const K_SW: usize = 5;
+const K_COMBINE: usize = 6;
+const KERNELS: [&str; 7] = ["copy_pages", "append", "compress", "cmp_partial", "select_blocks", "sw_partial", "combine"];
+/// Keys per attention tile (`TK` in the kernels) and the attention kernels' block size.
+const TK: usize = 32;
+const NT_ATT: u32 = 128;
+const NT_SEL: u32 = 256;
+const NT_MISC: u32 = 256;
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// The CUDA backend over one caller-owned device buffer.
+pub struct CudaBackend {
+    cfg: Config,
+    lay: Layout,
+    dl: DevLayout,
+    base: u64,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    module: sys::CUmodule,
+    funcs: [sys::CUfunction; 7],
+    info: DeviceInfo,
+    hc: u32,
+    smem: [u32; 7],
+    /// Host mirror of the uploaded regions (meta .. end of cmp tables), allocated once.
+    staging: Vec<u8>,
+    /// The plan last uploaded (capacity `max_step_seqs`, never grows).
+    uploaded: Vec<PlanSeq>,
+    uploaded_tokens: u32,
+    uploaded_valid: bool,
+    owned: Option<DeviceBuf>,
+}
+
+// SAFETY: the handles are driver objects usable from any thread; `&mut self` methods
+// serialize use of the staging buffer.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// Whether a CUDA device is usable (see [`probe`]).
+    pub fn probe() -> Result<DeviceInfo> {
+        probe()
+    }
+
+    /// Bytes of device memory the backend needs for `cfg`: every layer's K/V pools
+    /// (`Layout::pool_bytes`, first, at offset 0) plus the workspace (uploaded plan and
+    /// page tables, compressed logits, selection indices, split-KV partials).
+    pub fn device_bytes(cfg: &Config) -> Result<usize> {
+        cfg.validate()?;
+        let lay = Layout::new(cfg)?;
+        Ok(DevLayout::new(cfg, &lay)?.total)
+    }
+
+    /// Creates the backend over the caller's device buffer `device_ptr..+bytes` (at least
+    /// `device_bytes(cfg)`, 256-byte aligned, allocated in device 0's primary context):
+    /// compiles the kernels (once per architecture and process), loads them into the
+    /// primary context. The pools' contents are left as they are.
+    pub fn new(cfg: &Config, device_ptr: u64, bytes: usize) -> Result<Self> {
+        Self::new_with(cfg, device_ptr, bytes, &CudaOptions::default())
+    }
+
+    /// [`CudaBackend::new`] with options (the kernel cache directory).
+    pub fn new_with(cfg: &Config, device_ptr: u64, bytes: usize, opts: &CudaOptions) -> Result<Self> {
+        let need = Self::device_bytes(cfg)?;
+        let info = probe()?;
+        if device_ptr == 0 {
+            return Err(NsaError::arg("device_ptr", 0, "must be a device allocation"));
+        }
+        if device_ptr % 256 != 0 {
+            return Err(NsaError::Misaligned { what: "device buffer", addr: device_ptr as usize, align: 256 });
+        }
+        if bytes < need {
+            return Err(NsaError::BufferTooSmall { what: "device buffer", got: bytes, need });
+        }
+        let (dev, ctx) = driver::primary_context()?;
+        match Self::build(cfg, device_ptr, bytes, opts, info, dev, ctx) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                driver::release_primary(dev);
+                Err(e)
+            }
+        }
+    }
+
+    /// Allocates `device_bytes(cfg)` once with `cuMemAlloc` and creates the backend over it
+    /// (freed when the backend drops).
+    pub fn with_allocation(cfg: &Config) -> Result<Self> {
+        let need = Self::device_bytes(cfg)?;
+        probe()?;
+        let buf = DeviceBuf::new(need)?;
+        let mut b = Self::new(cfg, buf.ptr(), need)?;
+        b.owned = Some(buf);
+        Ok(b)
+    }
+
+    fn build(
+        cfg: &Config,
+        device_ptr: u64,
+        bytes: usize,
+        opts: &CudaOptions,
+        info: DeviceInfo,
+        dev: sys::CUdevice,
+        ctx: sys::CUcontext,
+    ) -> Result<Self> {
+        let lay = Layout::new(cfg)?;
+        let dl = DevLayout::new(cfg, &lay)?;
+        let _g = CtxGuard::push(ctx)?;
+        // The buffer must be device memory of this context covering the whole range.
+        let (mut abase, mut asize) = (0u64, 0usize);
+        // SAFETY: plain query on a caller-supplied address.
+        let r = unsafe { sys::cuMemGetAddressRange_v2(&mut abase, &mut asize, device_ptr) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NsaError::arg(
+                "device_ptr",
+                format!("{device_ptr:#x}"),
+                format!("is not device memory of device 0's primary context ({r:?})"),
+            ));
+        }
+        if device_ptr + bytes as u64 > abase + asize as u64 {
+            return Err(NsaError::arg(
+                "bytes",
+                bytes,
+                format!("runs past the end of the allocation holding device_ptr ({asize} bytes at {abase:#x})"),
+            ));
+        }
+
+        // Shared memory of each kernel; the attention kernels take the group's heads in
+        // chunks of `hc` so any group size fits.
+        let (g, dk, dv) = (cfg.group_size() as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
+        let att = |hc: usize| 4 * (hc * dk + hc * TK + TK * dv + hc * dv + 3 * hc);
+        let optin = info.max_shared_per_block.max(DEFAULT_SMEM as i32) as usize;
+        let mut hc = g;
+        while hc > 1 && att(hc) > DEFAULT_SMEM {
+            hc -= 1;
+        }
+        let smem_att = att(hc);
+        let smem_cmp = 4 * (2 * dk.max(dv) + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
+        let smem_sel = 4 * (cfg.max_sel_blocks() as usize + 2 * g + cfg.sel_count as usize + 64);
+        let smem_comb = 4 * (2 * (dl.nsplit_c + dl.units_s + dl.units_w) as usize + 6);
+        for (what, n) in [
+            ("attention (head_dim_qk, head_dim_v)", smem_att),
+            ("compress (phi_hidden)", smem_cmp),
+            ("selection (max_seq_len / sel_block)", smem_sel),
+            ("combine (sel_count + window / sel_block)", smem_comb),
+        ] {
+            if n > optin {
+                return Err(NsaError::config(
+                    "cuda",
+                    what,
+                    format!("the {what} kernel needs {n} bytes of shared memory, the device allows {optin}"),
+                ));
+            }
+        }
+        let mut smem = [0u32; 7];
+        smem[K_COMPRESS] = smem_cmp as u32;
+        smem[K_CMP] = smem_att as u32;
+        smem[K_SW] = smem_att as u32;
+        smem[K_SELECT] = smem_sel as u32;
+        smem[K_COMBINE] = smem_comb as u32;
+
+        let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
+        let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: a CUBIN from NVRTC for this device's architecture.
+        check(unsafe { sys::cuModuleLoadData(&mut module, bin.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+        let suffix = match cfg.dtype {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        };
+        let mut funcs = [std::ptr::null_mut(); 7];
+        let loaded = (|| {
+            for (i, k) in KERNELS.iter().enumerate() {
+                let name = CString::new(format!("nsa_{k}_{suffix}")).expect("no NUL");
+                // SAFETY: module loaded above; name is a kernel of it.
+                check(unsafe { sys::cuModuleGetFunction(&mut funcs[i], module, name.as_ptr()) }, "cuModuleGetFunction")?;
+                if smem[i] as usize > DEFAULT_SMEM {
+                    // SAFETY: plain attribute on a function of our module.
+                    check(
+                        unsafe {
+                            sys::cuFuncSetAttribute(
+                                funcs[i],
+                                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                smem[i] as i32,
+                            )
+                        },
+                        "cuFuncSetAttribute",
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = loaded {
+            // SAFETY: loaded above, unloaded once.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
+        let staging = vec![0u8; dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off];
+        Ok(CudaBackend {
+            cfg: *cfg,
+            lay,
+            dl,
+            base: device_ptr,
+            dev,
+            ctx,
+            module,
+            funcs,
+            info,
+            hc: hc as u32,
+            smem,
+            staging,
+            uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
+            uploaded_tokens: 0,
+            uploaded_valid: false,
+            owned: None,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Device address of the K/V pools (all layers, the CPU backend's layout).
+    pub fn pools_ptr(&self) -> u64 {
+        self.base + self.dl.pools.off as u64
+    }
+
+    /// Bytes of the K/V pools (`Layout::pool_bytes`).
+    pub fn pools_bytes(&self) -> usize {
+        self.lay.pool_bytes
+    }
+
+    /// Heads per attention block pass (the group is split into chunks of this size when
+    /// shared memory is short).
+    pub fn head_chunk(&self) -> u32 {
+        self.hc
+    }
+
+    /// Copies the planned step (its sequences, copy-on-write copies, per-token positions,
+    /// finished compressed tokens and the page tables of its sequences) into the device
+    /// workspace, on `stream`. Call once per step, after `plan_step`, before `run_layer`;
+    /// issue `run_layer` on the same stream (or order the streams). Allocates nothing.
+    pub fn upload_step(&mut self, cache: &Cache, stream: CUstream) -> Result<()> {
+        if cache.config() != &self.cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        let step = cache.step()?;
+        let cfg = &self.cfg;
+        let dl = self.dl;
+        let m0 = dl.meta.off;
+        let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+        let st = &mut self.staging;
+        let put_i32 = |st: &mut [u8], off: usize, x: i32| st[off - m0..off - m0 + 4].copy_from_slice(&x.to_ne_bytes());
+        let mut njobs = 0usize;
+        let mut trow = 0usize;
+        for (si, ps) in step.seqs.iter().enumerate() {
+            let base = dl.meta.off + dl.plan_off + si * std::mem::size_of::<PlanSeq>();
+            for (i, x) in [ps.seq, ps.old_len, ps.new_len, ps.row].into_iter().enumerate() {
+                put_i32(st, base + 4 * i, x as i32);
+            }
+            for t in ps.old_len..ps.new_len {
+                let o = dl.tokmap.off + trow * 8;
+                put_i32(st, o, si as i32);
+                put_i32(st, o + 4, t as i32);
+                trow += 1;
+            }
+            for i in cfg.num_cmp_tokens(ps.old_len)..cfg.num_cmp_tokens(ps.new_len) {
+                let o = dl.jobs.off + njobs * 8;
+                put_i32(st, o, si as i32);
+                put_i32(st, o + 4, i as i32);
+                njobs += 1;
+            }
+            let rt = step.raw_table(ps.seq);
+            for (j, &pg) in rt.iter().enumerate() {
+                put_i32(st, dl.raw_tab.off + (si * pps + j) * 4, pg);
+            }
+            let ct = step.cmp_table(ps.seq);
+            for (j, &pg) in ct.iter().enumerate() {
+                put_i32(st, dl.cmp_tab.off + (si * cpps + j) * 4, pg);
+            }
+        }
+        for (ci, c) in step.copies.iter().enumerate() {
+            let base = dl.meta.off + dl.copies_off + ci * std::mem::size_of::<PageCopy>();
+            for (i, x) in [c.pool, c.src, c.dst, c.rows].into_iter().enumerate() {
+                put_i32(st, base + 4 * i, x as i32);
+            }
+        }
+        for (i, x) in [step.seqs.len(), step.tokens as usize, step.copies.len(), njobs].into_iter().enumerate() {
+            put_i32(st, m0 + 4 * i, x as i32);
+        }
+        let nseqs = step.seqs.len();
+        let _g = CtxGuard::push(self.ctx)?;
+        let regions = [
+            (dl.meta.off, dl.meta.bytes),
+            (dl.tokmap.off, trow * 8),
+            (dl.jobs.off, njobs * 8),
+            (dl.raw_tab.off, nseqs * pps * 4),
+            (dl.cmp_tab.off, nseqs * cpps * 4),
+        ];
+        self.uploaded_valid = false;
+        for (off, n) in regions {
+            // SAFETY: every region lies inside the caller's buffer (checked at creation)
+            // and inside the staging mirror.
+            unsafe { driver::htod(self.base + off as u64, self.staging[off - m0..].as_ptr().cast(), n, stream)? };
+        }
+        self.uploaded.clear();
+        self.uploaded.extend_from_slice(step.seqs);
+        self.uploaded_tokens = step.tokens;
+        self.uploaded_valid = true;
+        Ok(())
+    }
+
+    /// Runs one layer of the uploaded step on `stream`: copy-on-write copies, appends the
+    /// step's K/V rows, emits finished compressed tokens, writes NSA attention of every
+    /// new token to `io.out` (and the selected blocks to `io.selected` when given).
+    /// Launches only; nothing is allocated. Run each layer once per step.
+    ///
+    /// Fails, launching nothing, when no step is planned or the planned step is not the
+    /// one uploaded, `layer` is out of range, or a required pointer is 0.
+    pub fn run_layer(&mut self, cache: &Cache, layer: u32, io: &DeviceLayerIo, stream: CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        if cache.config() != &cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        if layer >= cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
+        }
+        let step = cache.step()?;
+        if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
+            return Err(NsaError::arg("step", "not uploaded", "call upload_step for the planned step before run_layer"));
+        }
+        for (name, p) in [("io.q", io.q), ("io.k", io.k), ("io.v", io.v), ("io.gates", io.gates), ("io.out", io.out)] {
+            if p == 0 {
+                return Err(NsaError::arg(name, 0, "must be a device pointer"));
+            }
+        }
+        if cfg.phi != Phi::Mean {
+            for (name, p) in [("io.phi_k", io.phi_k), ("io.phi_v", io.phi_v)] {
+                if p == 0 {
+                    return Err(NsaError::arg(name, 0, format!("phi = {} needs weights", cfg.phi.name())));
+                }
+            }
+        }
+        let p = self.params(layer, io);
+        let tokens = step.tokens;
+        let nseqs = step.seqs.len() as u32;
+        let hkv = cfg.num_kv_heads;
+        let _g = CtxGuard::push(self.ctx)?;
+        // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
+        // grids and shared memory match the kernels' expectations.
+        unsafe {
+            self.launch(K_COPY, (2 * nseqs, hkv, 1), NT_MISC, &p, stream)?;
+            self.launch(K_APPEND, (tokens, hkv, 1), NT_MISC, &p, stream)?;
+            if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 {
+                self.launch(K_COMPRESS, (tokens, hkv, 2), NT_MISC, &p, stream)?;
+            }
+            let units = self.dl.units_s + self.dl.units_w;
+            let mut row0 = 0u32;
+            while row0 < tokens {
+                let rows = (tokens - row0).min(self.dl.wave_rows);
+                let mut pw = p;
+                pw.row0 = row0 as i32;
+                self.launch(K_CMP, (rows, hkv, self.dl.nsplit_c), NT_ATT, &pw, stream)?;
+                self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
+                self.launch(K_SW, (rows, hkv, units), NT_ATT, &pw, stream)?;
+                self.launch(K_COMBINE, (rows, cfg.num_q_heads, 1), NT_ATT, &pw, stream)?;
+                row0 += rows;
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self, layer: u32, io: &DeviceLayerIo) -> Params {
+        let cfg = &self.cfg;
+        let dl = &self.dl;
+        let es = cfg.dtype.size() as u64;
+        let lb = self.base + dl.pools.off as u64 + layer as u64 * self.lay.layer_elems as u64 * es;
+        let at = |off: usize| self.base + off as u64;
+        Params {
+            raw_k: lb + self.lay.raw_k as u64 * es,
+            raw_v: lb + self.lay.raw_v as u64 * es,
+            cmp_k: lb + self.lay.cmp_k as u64 * es,
+            cmp_v: lb + self.lay.cmp_v as u64 * es,
+            q: io.q,
+            k: io.k,
+            v: io.v,
+            gates: io.gates,
+            out: io.out,
+            selected: io.selected,
+            phi_k: io.phi_k,
+            phi_v: io.phi_v,
+            hdr: at(dl.meta.off),
+            plan: at(dl.meta.off + dl.plan_off),
+            copies: at(dl.meta.off + dl.copies_off),
+            tokmap: at(dl.tokmap.off),
+            jobs: at(dl.jobs.off),
+            raw_tab: at(dl.raw_tab.off),
+            cmp_tab: at(dl.cmp_tab.off),
+            logits: at(dl.logits.off),
+            psum: at(dl.psum.off),
+            sel: at(dl.sel.off),
+            part_ml: at(dl.part_ml.off),
+            part_acc: at(dl.part_acc.off),
+            hq: cfg.num_q_heads as i32,
+            hkv: cfg.num_kv_heads as i32,
+            g: cfg.group_size() as i32,
+            dk: cfg.head_dim_qk as i32,
+            dv: cfg.head_dim_v as i32,
+            page: cfg.page_size as i32,
+            pps: cfg.pages_per_seq() as i32,
+            cpps: cfg.cmp_pages_per_seq() as i32,
+            cl: cfg.cmp_block as i32,
+            cd: cfg.cmp_stride as i32,
+            lsel: cfg.sel_block as i32,
+            nsel: cfg.sel_count as i32,
+            n_init: cfg.sel_init as i32,
+            n_local: cfg.sel_local as i32,
+            window: cfg.window as i32,
+            phi: cfg.phi as i32,
+            phi_hidden: cfg.phi_hidden as i32,
+            phi_pe: cfg.phi_pe as i32,
+            maxc: dl.maxc as i32,
+            nb: cfg.max_sel_blocks() as i32,
+            nsplit_c: dl.nsplit_c as i32,
+            split_c: dl.split_c as i32,
+            units_s: dl.units_s as i32,
+            units_w: dl.units_w as i32,
+            wave_rows: dl.wave_rows as i32,
+            row0: 0,
+            hc: self.hc as i32,
+            pad0: 0,
+            scale: cfg.scale,
+            pad1: 0,
+        }
+    }
+
+    /// # Safety
+    /// `p` describes valid device memory for the kernel `k`.
+    unsafe fn launch(&self, k: usize, grid: (u32, u32, u32), block: u32, p: &Params, stream: CUstream) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut args = [p as *const Params as *mut c_void];
+        let r = sys::cuLaunchKernel(
+            self.funcs[k],
+            grid.0,
+            grid.1,
+            grid.2,
+            block,
+            1,
+            1,
+            self.smem[k],
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NsaError::Cuda(format!("cuLaunchKernel(nsa_{}) failed: {r:?}", KERNELS[k])));
+        }
+        Ok(())
+    }
+
+    /// Copies every layer's K/V pools (`pools_bytes()` bytes, the CPU backend's layout)
+    /// into `dst` after the work queued on `stream`, and waits for it.
+    pub fn download_pools(&self, dst: &mut [u8], stream: CUstream) -> Result<()> {
+        let n = self.lay.pool_bytes;
+        if dst.len() < n {
+            return Err(NsaError::BufferTooSmall { what: "dst", got: dst.len(), need: n });
+        }
+        let _g = CtxGuard::push(self.ctx)?;
+        // SAFETY: the pools lie inside the caller's buffer; dst has n bytes.
+        unsafe { driver::dtoh_sync(dst.as_mut_ptr().cast(), self.pools_ptr(), n, stream) }
+    }
+
+    /// Waits for `stream` and reports any asynchronous kernel error as `NsaError::Cuda`.
+    pub fn synchronize(&self, stream: CUstream) -> Result<()> {
+        let _g = CtxGuard::push(self.ctx)?;
+        stream_sync(stream)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::push(self.ctx) {
+            // SAFETY: loaded in `build`, unloaded once.
+            unsafe {
+                sys::cuModuleUnload(self.module);
+            }
+        }
+        driver::release_primary(self.dev);
+        // `owned` (if any) frees its allocation after this, in its own Drop.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    #[test]
+    fn params_match_the_kernel_struct_size() {
+        // 24 pointers + 30 four-byte fields.
+        assert_eq!(std::mem::size_of::<Params>(), 24 * 8 + 30 * 4);
+    }
+
+    #[test]
+    fn device_bytes_covers_pools_and_workspace() {
+        for p in [Preset::Paper, Preset::Fla] {
+            let c = Config::preset(p);
+            let lay = Layout::new(&c).unwrap();
+            let n = CudaBackend::device_bytes(&c).unwrap();
+            assert!(n > lay.pool_bytes);
+            assert_eq!(n % 256, 0);
+        }
+    }
+
+    #[test]
+    fn probe_never_panics() {
+        match probe() {
+            Ok(d) => assert!(d.compute_capability.0 >= 8),
+            Err(NsaError::BackendUnavailable(why)) => assert!(!why.is_empty()),
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+
+    /// Compiles the kernels with NVRTC (no GPU needed, but the library must be there).
+    #[test]
+    #[ignore = "needs libnvrtc: scripts/gpu-run.sh runs it with --include-ignored"]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only probes for the shared library.
+        if !std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false) {
+            panic!("libnvrtc not found (this test was asked for explicitly)");
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let bin = compile::compile(arch).unwrap_or_else(|e| panic!("{e}"));
+            assert!(bin.len() > 1000);
+        }
+    }
+}

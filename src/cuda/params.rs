@@ -1,0 +1,181 @@
+//! The kernels' argument struct (twin of `struct Params` in kernels/nsa.cu: same fields,
+//! same order) and the device buffer's layout: pools first (exactly the CPU backend's
+//! layout), then the per-step workspace. Pure arithmetic, checked for overflow.
+
+use crate::config::Config;
+use crate::error::{NsaError, Result};
+use crate::layout::{Layout, PageCopy, PlanSeq};
+
+/// Keys per split of the compressed branch (a split is one thread block); the number of
+/// splits is fixed per config so grid shapes don't depend on lengths.
+const CMP_SPLIT_MIN: u32 = 256;
+const CMP_SPLITS_MAX: u32 = 64;
+/// Query rows per wave of the attention kernels (bounds the logits workspace).
+const WAVE_ROWS_MIN: u32 = 64;
+/// Region alignment inside the device buffer.
+const ALIGN: usize = 256;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Params {
+    pub raw_k: u64,
+    pub raw_v: u64,
+    pub cmp_k: u64,
+    pub cmp_v: u64,
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub gates: u64,
+    pub out: u64,
+    pub selected: u64,
+    pub phi_k: u64,
+    pub phi_v: u64,
+    pub hdr: u64,
+    pub plan: u64,
+    pub copies: u64,
+    pub tokmap: u64,
+    pub jobs: u64,
+    pub raw_tab: u64,
+    pub cmp_tab: u64,
+    pub logits: u64,
+    pub psum: u64,
+    pub sel: u64,
+    pub part_ml: u64,
+    pub part_acc: u64,
+    pub hq: i32,
+    pub hkv: i32,
+    pub g: i32,
+    pub dk: i32,
+    pub dv: i32,
+    pub page: i32,
+    pub pps: i32,
+    pub cpps: i32,
+    pub cl: i32,
+    pub cd: i32,
+    pub lsel: i32,
+    pub nsel: i32,
+    pub n_init: i32,
+    pub n_local: i32,
+    pub window: i32,
+    pub phi: i32,
+    pub phi_hidden: i32,
+    pub phi_pe: i32,
+    pub maxc: i32,
+    pub nb: i32,
+    pub nsplit_c: i32,
+    pub split_c: i32,
+    pub units_s: i32,
+    pub units_w: i32,
+    pub wave_rows: i32,
+    pub row0: i32,
+    pub hc: i32,
+    pub pad0: i32,
+    pub scale: f32,
+    pub pad1: i32,
+}
+
+/// One region of the device buffer: byte offset and length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reg {
+    pub off: usize,
+    pub bytes: usize,
+}
+
+/// Where everything lives in the device buffer, and the fixed launch shapes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DevLayout {
+    pub pools: Reg,
+    /// Uploaded per step: header (4 ints) + plan + copies (one region, uploaded whole).
+    pub meta: Reg,
+    pub plan_off: usize,
+    pub copies_off: usize,
+    pub tokmap: Reg,
+    pub jobs: Reg,
+    pub raw_tab: Reg,
+    pub cmp_tab: Reg,
+    pub logits: Reg,
+    pub psum: Reg,
+    pub sel: Reg,
+    pub part_ml: Reg,
+    pub part_acc: Reg,
+    pub total: usize,
+    pub wave_rows: u32,
+    pub maxc: u32,
+    pub nsplit_c: u32,
+    pub split_c: u32,
+    pub units_s: u32,
+    pub units_w: u32,
+}
+
+fn too_big() -> NsaError {
+    NsaError::config("capacity", "cuda workspace", "the device buffer it needs overflows the address space; lower the capacity")
+}
+
+struct B {
+    at: usize,
+}
+
+impl B {
+    fn take(&mut self, parts: &[usize]) -> Result<Reg> {
+        let bytes = parts.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(too_big)?;
+        let off = self.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
+        self.at = off.checked_add(bytes).ok_or_else(too_big)?;
+        Ok(Reg { off, bytes })
+    }
+}
+
+impl DevLayout {
+    pub fn new(cfg: &Config, lay: &Layout) -> Result<DevLayout> {
+        let u = |x: u32| x as usize;
+        let mut b = B { at: 0 };
+        let pools = b.take(&[lay.pool_bytes])?;
+        let seqs = u(cfg.max_step_seqs);
+        let hdr = 16usize;
+        let plan_off = hdr;
+        let copies_off = plan_off + seqs * std::mem::size_of::<PlanSeq>();
+        let meta = b.take(&[copies_off + 2 * seqs * std::mem::size_of::<PageCopy>()])?;
+        let tokmap = b.take(&[u(cfg.max_step_tokens), 8])?;
+        let jobs = b.take(&[u(cfg.max_step_tokens), 8])?;
+        let raw_tab = b.take(&[seqs, u(cfg.pages_per_seq()), 4])?;
+        let cmp_tab = b.take(&[seqs, u(cfg.cmp_pages_per_seq()).max(1), 4])?;
+        let maxc = cfg.num_cmp_tokens(cfg.max_seq_len).max(1);
+        let nsplit_c = maxc.div_ceil(CMP_SPLIT_MIN).clamp(1, CMP_SPLITS_MAX);
+        let split_c = maxc.div_ceil(nsplit_c);
+        let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
+        let units_s = cfg.sel_count;
+        let units_w = cfg.window.div_ceil(cfg.sel_block);
+        let units = u(nsplit_c + units_s + units_w);
+        let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
+        let logits = b.take(&[w, hq, u(maxc), 4])?;
+        let psum = b.take(&[w, hkv, u(maxc), 4])?;
+        let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
+        let part_ml = b.take(&[w, hq, units, 8])?;
+        let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
+        let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
+        if total > isize::MAX as usize {
+            return Err(too_big());
+        }
+        Ok(DevLayout {
+            pools,
+            meta,
+            plan_off,
+            copies_off,
+            tokmap,
+            jobs,
+            raw_tab,
+            cmp_tab,
+            logits,
+            psum,
+            sel,
+            part_ml,
+            part_acc,
+            total,
+            wave_rows,
+            maxc,
+            nsplit_c,
+            split_c,
+            units_s,
+            units_w,
+        })
+    }
+}

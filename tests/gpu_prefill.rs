@@ -1,0 +1,65 @@
+//! CUDA engine vs CPU engine, prefill-heavy schedules: long chunks in the same steps as
+//! decodes of other sequences, one long single-step prefill, tiny contexts. Skips without
+//! a device; `NSA_GPU_TEST_SMALL=1` shrinks sizes (for compute-sanitizer).
+#![cfg(feature = "cuda")]
+
+mod common;
+mod gpu_harness;
+
+use gpu_harness::*;
+use half::{bf16, f16};
+use nsa::{Dtype, Preset};
+
+fn sz(full: u32, small_: u32) -> u32 {
+    if small() {
+        small_
+    } else {
+        full
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_chunks_with_decodes_paper_g8_bf16() {
+    if device_or_skip("prefill_chunks_with_decodes_paper_g8_bf16").is_none() {
+        return;
+    }
+    let cfg = cfg_for(Preset::Paper, 16, 2, 128, 128, Dtype::Bf16, 8, 4096, 4096);
+    let pl = Plan { seqs: 6, prompt_min: 1, prompt_max: sz(3000, 300), chunk_max: sz(900, 120), decode_steps: sz(6, 2), forks: true };
+    scenario::<bf16>("prefill_chunks_with_decodes_paper_g8_bf16", &cfg, 31, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_chunks_with_decodes_fla_g5_dk48_dv80_f16() {
+    if device_or_skip("prefill_chunks_with_decodes_fla_g5_dk48_dv80_f16").is_none() {
+        return;
+    }
+    let cfg = cfg_for(Preset::Fla, 10, 2, 48, 80, Dtype::F16, 6, 4096, 3000);
+    let pl = Plan { seqs: 4, prompt_min: 1, prompt_max: sz(3500, 300), chunk_max: sz(1000, 150), decode_steps: sz(6, 2), forks: true };
+    scenario::<f16>("prefill_chunks_with_decodes_fla_g5_dk48_dv80_f16", &cfg, 32, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_one_long_step_paper_g8_bf16() {
+    if device_or_skip("prefill_one_long_step_paper_g8_bf16").is_none() {
+        return;
+    }
+    let len = sz(8192, 1024);
+    let cfg = cfg_for(Preset::Paper, 8, 1, 64, 64, Dtype::Bf16, 1, len + 16, len);
+    let pl = Plan { seqs: 1, prompt_min: len, prompt_max: len, chunk_max: len, decode_steps: 4, forks: false };
+    scenario::<bf16>("prefill_one_long_step_paper_g8_bf16", &cfg, 33, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_tiny_contexts_paper_bf16() {
+    if device_or_skip("prefill_tiny_contexts_paper_bf16").is_none() {
+        return;
+    }
+    // Lengths 1..40: no compressed token at first, then the first ones appear.
+    let cfg = cfg_for(Preset::Paper, 4, 2, 32, 32, Dtype::Bf16, 6, 128, 64);
+    let pl = Plan { seqs: 4, prompt_min: 1, prompt_max: 3, chunk_max: 3, decode_steps: 40, forks: true };
+    scenario::<bf16>("prefill_tiny_contexts_paper_bf16", &cfg, 34, &pl);
+}
