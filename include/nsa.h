@@ -435,7 +435,7 @@ typedef struct nsa_cuda_layer_io_t {
      */
     uint32_t flags;
     /**
-     * `[tokens, HQ, DK]` queries (required).
+     * `[tokens, HQ, DK]` queries (required, unless `q` and `out` are both 0: append only).
      */
     uint64_t q;
     /**
@@ -1115,6 +1115,8 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * Enqueues layer `layer` of the planned (and uploaded) step on `stream`: copy-on-write
  * copies, append of the step's K/V rows, compression of finished blocks, NSA attention
  * for every new token into `io->out` (and the selected blocks into `io->selected`).
+ * With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
+ * compressed, no attention (to fill a cache from K/V the host already has).
  * Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
  * captured in a CUDA graph. Run every layer once per step.
  *

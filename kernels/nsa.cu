@@ -17,6 +17,11 @@
 //   select       combine split max/sum, Eq. 9 block scores summed over the group, top-n
 //   sw_partial   selected blocks and window chunks, one block per unit (rows x HKV x units)
 //   combine      merge every partial, gated sum, store (rows x HQ)
+// (an append-only run stops after compress). cmp_mma / sw_mma replace cmp_partial /
+// sw_partial on tensor cores (bf16/f16, DK and DV multiples of 16); a unit of sw_mma holds
+// `spb` selected blocks or lsel * spb window keys. nsplit_c, units_s, units_w and spb are
+// per launch (the host picks them from the row count). The full-attention baseline is
+// full_partial | full_mma (rows x HKV x nsplit) then full_combine (rows x HQ).
 // Lengths and positions are read from the uploaded plan (device side); grid shapes depend
 // only on the step's token and sequence counts, so a decode step is graph-capturable.
 // All heads of a GQA group share each K/V load (a block owns one KV head).
@@ -34,9 +39,9 @@ struct Params {
     int hq, hkv, g, dk, dv, page, pps, cpps;
     int cl, cd, lsel, nsel, n_init, n_local, window, phi;
     int phi_hidden, phi_pe, maxc, nb, nsplit_c, split_c, units_s, units_w;
-    int wave_rows, row0, hc, pad0;
+    int wave_rows, row0, hc, mode;
     float scale;
-    int pad1;
+    int spb;
 };
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -49,11 +54,13 @@ struct Params {
 
 struct EF32 {
     typedef float T;
+    static const int MMA = 0;
     static __device__ __forceinline__ float ld(const T* p, usize i) { return p[i]; }
     static __device__ __forceinline__ void st(T* p, usize i, float x) { p[i] = x; }
 };
 struct EBF16 {
     typedef u16 T;
+    static const int MMA = 1;  // mma.sync .bf16
     static __device__ __forceinline__ float ld(const T* p, usize i) {
         return __uint_as_float(((unsigned)p[i]) << 16);
     }
@@ -65,6 +72,7 @@ struct EBF16 {
 };
 struct EF16 {
     typedef u16 T;
+    static const int MMA = 2;  // mma.sync .f16
     static __device__ __forceinline__ float ld(const T* p, usize i) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
@@ -185,6 +193,35 @@ __device__ void compress(const Params& p) {
         w2 = all + w2_at + h * w2n;
         b2 = all + b2_at + h * d;
         if (p.phi_pe) pe = all + b2_at + hkv * d + h * l * d;
+    }
+    if (p.phi <= 1) {
+        // Mean / weighted: a thread per column, rows in order (the CPU's order); the row
+        // addresses first, so the row loads are independent.
+        int* rows = (int*)hidden;  // l ints (the host sizes this region for them)
+        for (int j = threadIdx.x; j < p.cl; j += blockDim.x) rows[j] = rtab[(ci * p.cd + j) / p.page];
+        __syncthreads();
+        T* dst = cmp + row_at(p, ctab[ci / p.page], h, ci % p.page, D);
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float a = 0.f;
+            int j = 0;
+            for (; j + 4 <= p.cl; j += 4) {
+                float x[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    int pos = ci * p.cd + j + k;
+                    x[k] = E::ld(raw + row_at(p, rows[j + k], h, pos % p.page, D), c);
+                }
+#pragma unroll
+                for (int k = 0; k < 4; k++) a = p.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
+            }
+            for (; j < p.cl; j++) {
+                int pos = ci * p.cd + j;
+                float x = E::ld(raw + row_at(p, rows[j], h, pos % p.page, D), c);
+                a = p.phi == 0 ? a + x : a + w[j] * x;
+            }
+            E::st(dst, c, p.phi == 0 ? a * (1.0f / (float)p.cl) : a);
+        }
+        return;
     }
     for (int c = threadIdx.x; c < D; c += blockDim.x) acc[c] = 0.f;
     if (p.phi == 3)
@@ -383,15 +420,34 @@ __device__ void attend_group(const Params& p, int r, int wr, int kvh, int lo, in
 
 // ---------------------------------------------------------------- decode/prefill stages
 
+// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to 16 keys,
+// at least 64 (lengths are device-side: a fixed grid divides the actual length; splits past
+// the end get empty ranges and store empty partials).
+__device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
+    int ch = max(((n + nsplit - 1) / nsplit + 15) & ~15, 64);
+    lo = min(split * ch, n);
+    hi = min(lo + ch, n);
+}
+
 template <class E>
 __device__ void cmp_partial(const Params& p) {
     int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
     int t = ((const int2*)p.tokmap)[r].y;
     int nc = num_cmp(p, t + 1);
-    int lo = split * p.split_c;
-    int hi = min(lo + p.split_c, nc);
-    if (hi < lo) hi = lo;
+    int lo, hi;
+    split_range(nc, p.nsplit_c, split, lo, hi);
     attend_group<E>(p, r, wr, kvh, lo, hi, true, split);
+}
+
+// Full causal attention (the in-repo baseline): split `blockIdx.z` of the row's keys
+// [0, t] over the raw pools; partials as the NSA units (unit = split).
+template <class E>
+__device__ void full_partial(const Params& p) {
+    int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
+    int t = ((const int2*)p.tokmap)[r].y;
+    int lo, hi;
+    split_range(t + 1, p.nsplit_c, split, lo, hi);
+    attend_group<E>(p, r, wr, kvh, lo, hi, false, split);
 }
 
 // Eq. 9 overlap count of offset k: pairs (a, b), a < A, b < B, a + b = k.
@@ -425,18 +481,26 @@ __device__ void select_blocks(const Params& p) {
     int* red_j = (int*)(red_s + 32);
     const float* ml = (const float*)p.part_ml;
     // Combine the compressed splits' max and sum per head.
-    for (int h = tid; h < p.g; h += blockDim.x) {
+    // A warp per head, a lane per split (independent loads).
+    for (int h = warp; h < p.g; h += nwarps) {
         int hg = kvh * p.g + h;
         float m = NEG_INF;
-        for (int u = 0; u < p.nsplit_c; u++) m = fmaxf(m, ml[2 * part_at(p, wr, hg, u)]);
+        for (int u = lane; u < p.nsplit_c; u += 32) {
+            usize at = part_at(p, wr, hg, u);
+            if (ml[2 * at + 1] > 0.f) m = fmaxf(m, ml[2 * at]);
+        }
+        m = warp_max(m);
         float l = 0.f;
         if (m != NEG_INF)
-            for (int u = 0; u < p.nsplit_c; u++) {
+            for (int u = lane; u < p.nsplit_c; u += 32) {
                 usize at = part_at(p, wr, hg, u);
                 if (ml[2 * at + 1] > 0.f) l += ml[2 * at + 1] * expf(ml[2 * at] - m);
             }
-        mh[h] = m;
-        inv[h] = l > 0.f ? 1.0f / l : 0.f;
+        l = warp_sum(l);
+        if (lane == 0) {
+            mh[h] = m;
+            inv[h] = l > 0.f ? 1.0f / l : 0.f;
+        }
     }
     __syncthreads();
     // Group-summed normalised probabilities of every visible compressed token.
@@ -444,7 +508,14 @@ __device__ void select_blocks(const Params& p) {
     float* ps = (float*)p.psum + ((usize)wr * p.hkv + kvh) * p.maxc;
     for (int i = tid; i < nc; i += blockDim.x) {
         float a = 0.f;
-        for (int h = 0; h < p.g; h++) a += expf(lg[(usize)h * p.maxc + i] - mh[h]) * inv[h];
+        for (int h0 = 0; h0 < p.g; h0 += 8) {
+            float x[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] = h0 + k < p.g ? lg[(usize)(h0 + k) * p.maxc + i] : 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (h0 + k < p.g) a += expf(x[k] - mh[h0 + k]) * inv[h0 + k];
+        }
         ps[i] = a;
     }
     __syncthreads();
@@ -454,9 +525,16 @@ __device__ void select_blocks(const Params& p) {
     for (int j = tid; j <= b; j += blockDim.x) {
         int first = B * j - (A - 1);
         float acc = 0.f;
-        for (int k = 0; k < A + B - 1; k++) {
-            int i = first + k;
-            if (i >= 0 && i < nc) acc += overlap_count(k, A, B) * ps[i];
+        for (int k0 = 0; k0 < A + B - 1; k0 += 8) {
+            float x[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                int i = first + k0 + k;
+                x[k] = (k0 + k < A + B - 1 && i >= 0 && i < nc) ? ps[i] : 0.f;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (k0 + k < A + B - 1) acc += overlap_count(k0 + k, A, B) * x[k];
         }
         if (j < p.n_init || j > b - p.n_local) acc = POS_INF;
         blk[j] = acc;
@@ -542,6 +620,20 @@ __device__ void sw_partial(const Params& p) {
     attend_group<E>(p, r, wr, kvh, lo, hi, false, p.nsplit_c + u);
 }
 
+// sum over units u0..u1 of col[u * stride] * f[u], f[u] == 0 skipped; loads 8 at a time.
+__device__ __forceinline__ float unit_sum(const float* col, int stride, const float* f, int u0, int u1) {
+    float a = 0.f;
+    for (int u = u0; u < u1; u += 8) {
+        float x[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) x[k] = (u + k < u1 && f[u + k] != 0.f) ? col[(usize)(u + k) * stride] : 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (u + k < u1 && f[u + k] != 0.f) a += x[k] * f[u + k];
+    }
+    return a;
+}
+
 // Gated combine for one (row, query head): 128 threads, a thread per output column.
 // The per-unit merge factors exp(m_u - m_branch) are computed once in shared memory,
 // then each column sums its units' accumulators (independent loads).
@@ -586,19 +678,474 @@ __device__ void combine(const Params& p) {
     typename E::T* out = (typename E::T*)p.out;
     usize base = part_at(p, wr, hg, 0) * p.dv;
     for (int c = tid; c < p.dv; c += blockDim.x) {
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-        for (int u = 0; u < s0; u++)
-            if (fu[u] != 0.f) a0 += pa[base + (usize)u * p.dv + c] * fu[u];
-        for (int u = s0; u < s1; u++)
-            if (fu[u] != 0.f) a1 += pa[base + (usize)u * p.dv + c] * fu[u];
-        for (int u = s1; u < U; u++)
-            if (fu[u] != 0.f) a2 += pa[base + (usize)u * p.dv + c] * fu[u];
+        // Every unit's accumulator is written (0 for empty units, whose factor is 0).
+        float a0 = unit_sum(pa + base + c, p.dv, fu, 0, s0);
+        float a1 = unit_sum(pa + base + c, p.dv, fu, s0, s1);
+        float a2 = unit_sum(pa + base + c, p.dv, fu, s1, U);
         float o = 0.f;
         float ocmp = gl[0] > 0.f ? a0 * (1.0f / gl[0]) : 0.f;
         o = o + gt[0] * ocmp;
         if (gl[1] > 0.f) o = o + (gt[1] / gl[1]) * a1;
         if (gl[2] > 0.f) o = o + (gt[2] / gl[2]) * a2;
         E::st(out, ((usize)r * p.hq + hg) * p.dv + c, o);
+    }
+}
+
+// Full attention: merge the splits of one (row, query head), normalise, store.
+// Shared: m[U] | f[U] | gm | gl.
+template <class E>
+__device__ void full_combine(const Params& p) {
+    extern __shared__ float smem[];
+    int wr = blockIdx.x, r = p.row0 + wr, hg = blockIdx.y, tid = threadIdx.x;
+    int U = p.nsplit_c;
+    float* mu = smem;
+    float* fu = mu + U;
+    float* gm = fu + U;
+    const float* ml = (const float*)p.part_ml;
+    const float* pa = (const float*)p.part_acc;
+    for (int u = tid; u < U; u += blockDim.x) {
+        usize at = part_at(p, wr, hg, u);
+        mu[u] = ml[2 * at];
+        fu[u] = ml[2 * at + 1];
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float m = NEG_INF;
+        for (int u = 0; u < U; u++)
+            if (fu[u] > 0.f) m = fmaxf(m, mu[u]);
+        float l = 0.f;
+        if (m != NEG_INF)
+            for (int u = 0; u < U; u++)
+                if (fu[u] > 0.f) l += fu[u] * expf(mu[u] - m);
+        gm[0] = m;
+        gm[1] = l;
+    }
+    __syncthreads();
+    for (int u = tid; u < U; u += blockDim.x) fu[u] = (fu[u] > 0.f && gm[0] != NEG_INF) ? expf(mu[u] - gm[0]) : 0.f;
+    __syncthreads();
+    float inv = gm[1] > 0.f ? 1.0f / gm[1] : 0.f;
+    typename E::T* out = (typename E::T*)p.out;
+    usize base = part_at(p, wr, hg, 0) * p.dv;
+    for (int c = tid; c < p.dv; c += blockDim.x) {
+        float a = unit_sum(pa + base + c, p.dv, fu, 0, U);
+        E::st(out, ((usize)r * p.hq + hg) * p.dv + c, a * inv);
+    }
+}
+
+// ---------------------------------------------------------------- tensor-core attention
+// bf16/f16 with DK, DV multiples of 16 (the host checks; other shapes use `attend`).
+// A block of MW warps owns (row, KV head, unit) and up to 16 heads of the group at a time
+// (the rows of an m16n8k16 tile; a smaller group pads rows with zero queries). Each warp
+// streams its own tiles of MK = 16 keys (tiles warp, warp + MW, ...) through MSTAGES
+// shared-memory stages with cp.async (16-byte copies, zero-filled for masked keys),
+// computes S = Q K^T (ldmatrix + mma), an online softmax in registers, O += P V (P
+// packed to 16 bits as the A operand, V through ldmatrix.trans), then the warps' states
+// are merged in shared memory and stored as the unit's partial (m, l, acc).
+// With `p.mode & 1` (sm_90) a tile is loaded by 1-D bulk copies instead, one K or V row
+// per lane, completing on the stage's mbarrier; masked keys of a partly valid tile copy a
+// valid row of the tile (their scores are masked), fully masked tiles load nothing.
+// Shared: q_s[16][DK+8] | mbarriers[MW][MSTAGES] (128 bytes) | per warp, per stage:
+// K[16][DK+8] V[16][DV+8] (16-bit); after the loop the stages are reused for the merge:
+// acc[MW][16][DV] | m[MW][16] | l | f.
+#define MW 4
+#define MK 16
+#define MSTAGES 2
+
+__device__ __forceinline__ unsigned smem_u32(const void* ptr) {
+    unsigned r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(ptr));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm4(unsigned a, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm4t(unsigned a, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a)
+                 : "memory");
+}
+template <int MMA>
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    if (MMA == 1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+}
+// 1-D bulk copies (the copy engine, sm_90) completing on an mbarrier.
+__device__ __forceinline__ void mbar_init(unsigned bar, int count) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_inval(unsigned bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect(unsigned bar, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+    unsigned ok = 0;
+    while (!ok) {
+        asm volatile(
+            "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+            : "=r"(ok)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+#endif
+}
+__device__ __forceinline__ void fence_async_smem() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fence_mbar_init() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+#endif
+}
+
+template <int MMA>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if (MMA == 1)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The keys of one unit: a contiguous range [lo, lo + n), or `n / lsel` selected blocks
+// (`blocks`, -1 = none) of lsel keys each, masked past position t.
+struct Keys {
+    const int* blocks;
+    int lo, n, t;
+};
+__device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
+    if (j >= ks.n) return -1;
+    if (!ks.blocks) return ks.lo + j;
+    int b = ks.blocks[j / p.lsel];
+    if (b < 0) return -1;
+    int pos = b * p.lsel + j % p.lsel;
+    return pos <= ks.t ? pos : -1;
+}
+
+template <class E, int NVT>
+__device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, const int* table, int kvh,
+                           const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u, float* logit_out) {
+    extern __shared__ float smem[];
+    const int DK = p.dk, DV = p.dv;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q4 = lane & 3;
+    const int QS = DK + 8, VS = DV + 8;
+    const int stage_elems = MK * (QS + VS);
+    u16* q_s = (u16*)smem;
+    unsigned long long* bars = (unsigned long long*)(q_s + 16 * QS);
+    u16* stg = q_s + 16 * QS + 64;  // 128 bytes of mbarriers
+    u16* my = stg + warp * MSTAGES * stage_elems;
+    const bool bulk = (p.mode & 1) != 0;
+    const unsigned bar0 = smem_u32(bars + warp * MSTAGES);
+    if (bulk && lane == 0) {
+        for (int st = 0; st < MSTAGES; st++) mbar_init(bar0 + 8 * st, 1);
+        fence_mbar_init();
+    }
+    for (int e = tid; e < 16 * DK; e += blockDim.x) {
+        int h = e / DK, c = e - h * DK;
+        q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
+    }
+    __syncthreads();
+    const int ntiles = (ks.n + MK - 1) / MK;
+    const int cnt = ntiles > warp ? (ntiles - warp + MW - 1) / MW : 0;
+    const int ck = DK / 8, cv = DV / 8;
+    auto load = [&](int ti, int st) {
+        u16* kd = my + st * stage_elems;
+        u16* vd = kd + MK * QS;
+        if (bulk) {
+            int j = lane & (MK - 1);
+            int pos = key_pos(p, ks, ti * MK + j);
+            unsigned valid = __ballot_sync(0xffffffffu, pos >= 0) & 0xffffu;
+            unsigned bar = bar0 + 8 * st;
+            fence_async_smem();  // earlier generic accesses of the stage before the copy engine's writes
+            if (valid == 0u) {
+                if (lane == 0) mbar_expect(bar, 0u);
+                return;
+            }
+            int first = __shfl_sync(0xffffffffu, pos, __ffs(valid) - 1);
+            int src = pos >= 0 ? pos : first;
+            if (lane == 0) mbar_expect(bar, (unsigned)(MK * (DK + DV) * 2));
+            __syncwarp();
+            int page = table[src / p.page];
+            int off = src % p.page;
+            if (lane < MK)
+                bulk_g2s(smem_u32(kd + j * QS), kpool + row_at(p, page, kvh, off, DK), (unsigned)(DK * 2), bar);
+            else
+                bulk_g2s(smem_u32(vd + j * VS), vpool + row_at(p, page, kvh, off, DV), (unsigned)(DV * 2), bar);
+            return;
+        }
+        int pos = lane < MK ? key_pos(p, ks, ti * MK + lane) : -1;
+        usize rk = 0, rv = 0;
+        if (pos >= 0) {
+            int page = table[pos / p.page];
+            int off = pos % p.page;
+            rk = row_at(p, page, kvh, off, DK);
+            rv = row_at(p, page, kvh, off, DV);
+        }
+        for (int j = 0; j < MK; j++) {
+            int pj = __shfl_sync(0xffffffffu, pos, j);
+            usize k0 = __shfl_sync(0xffffffffu, rk, j);
+            usize v0 = __shfl_sync(0xffffffffu, rv, j);
+            int bytes = pj >= 0 ? 16 : 0;
+            for (int c = lane; c < ck; c += 32) cp_async16(smem_u32(kd + j * QS + c * 8), kpool + k0 + c * 8, bytes);
+            for (int c = lane; c < cv; c += 32) cp_async16(smem_u32(vd + j * VS + c * 8), vpool + v0 + c * 8, bytes);
+        }
+    };
+    float o[NVT][4];
+#pragma unroll
+    for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+#pragma unroll
+    for (int st = 0; st < MSTAGES - 1; st++) {
+        if (st < cnt) load(warp + st * MW, st);
+        cp_commit();
+    }
+    const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
+    for (int i = 0; i < cnt; i++) {
+        int nx = i + MSTAGES - 1;
+        if (nx < cnt) load(warp + nx * MW, nx % MSTAGES);
+        if (bulk) {
+            mbar_wait(bar0 + 8 * (i % MSTAGES), (unsigned)((i / MSTAGES) & 1));
+        } else {
+            cp_commit();
+            cp_wait<MSTAGES - 1>();
+        }
+        __syncwarp();
+        const int j0 = (warp + i * MW) * MK;
+        // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
+        // holds no copied rows in bulk mode.
+        if (__ballot_sync(0xffffffffu, key_pos(p, ks, j0 + (lane & (MK - 1))) >= 0) == 0u) continue;
+        const u16* kt = my + (i % MSTAGES) * stage_elems;
+        const u16* vt = kt + MK * QS;
+        float s[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
+        const unsigned ka = smem_u32(kt + ((lane & 7) + (lane >> 4) * 8) * QS + ((lane >> 3) & 1) * 8);
+        for (int kk = 0; kk < DK; kk += 16) {
+            unsigned a0, a1, a2, a3, b0, b1, b2, b3;
+            ldsm4(qa + kk * 2, a0, a1, a2, a3);
+            ldsm4(ka + kk * 2, b0, b1, b2, b3);
+            mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
+        }
+        // Scale, mask, keep the raw logits (compressed branch), online softmax.
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int pos = key_pos(p, ks, j0 + nt * 8 + q4 * 2 + e);
+                float xa = s[nt][e] * p.scale, xb = s[nt][2 + e] * p.scale;
+                if (pos >= 0 && logit_out) {
+                    if (g < hcn) logit_out[(usize)g * p.maxc + pos] = xa;
+                    if (g + 8 < hcn) logit_out[(usize)(g + 8) * p.maxc + pos] = xb;
+                }
+                s[nt][e] = pos >= 0 ? xa : NEG_INF;
+                s[nt][2 + e] = pos >= 0 ? xb : NEG_INF;
+            }
+        float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+        float uA = nA == NEG_INF ? 0.f : nA, uB = nB == NEG_INF ? 0.f : nB;
+        float cA = expf(mA - uA), cB = expf(mB - uB);
+        float pr[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            pr[nt][0] = expf(s[nt][0] - uA);
+            pr[nt][1] = expf(s[nt][1] - uA);
+            pr[nt][2] = expf(s[nt][2] - uB);
+            pr[nt][3] = expf(s[nt][3] - uB);
+        }
+        lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+        lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+        mA = nA;
+        mB = nB;
+#pragma unroll
+        for (int d = 0; d < NVT; d++) {
+            o[d][0] *= cA;
+            o[d][1] *= cA;
+            o[d][2] *= cB;
+            o[d][3] *= cB;
+        }
+        unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
+        unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
+        const unsigned va = smem_u32(vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * VS + (lane >> 4) * 8);
+#pragma unroll
+        for (int dp = 0; dp < NVT / 2; dp++) {
+            if (dp * 16 < DV) {
+                unsigned b0, b1, b2, b3;
+                ldsm4t(va + dp * 32, b0, b1, b2, b3);
+                mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+                mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+            }
+        }
+        __syncwarp();
+    }
+    cp_wait<0>();
+    __syncwarp();
+    if (bulk && lane == 0)
+        for (int st = 0; st < MSTAGES; st++) mbar_inval(bar0 + 8 * st);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    __syncthreads();  // every warp is done with the stages
+    float* area = (float*)stg;
+    float* mw = area + MW * 16 * DV;
+    float* lw = mw + MW * 16;
+    float* fw = lw + MW * 16;
+    float* mine = area + warp * 16 * DV;
+#pragma unroll
+    for (int d = 0; d < NVT; d++) {
+        if (d * 8 < DV) {
+            int c = d * 8 + q4 * 2;
+            mine[g * DV + c] = o[d][0];
+            mine[g * DV + c + 1] = o[d][1];
+            mine[(g + 8) * DV + c] = o[d][2];
+            mine[(g + 8) * DV + c + 1] = o[d][3];
+        }
+    }
+    if (q4 == 0) {
+        mw[warp * 16 + g] = mA;
+        mw[warp * 16 + g + 8] = mB;
+        lw[warp * 16 + g] = lA;
+        lw[warp * 16 + g + 8] = lB;
+    }
+    __syncthreads();
+    float* ml = (float*)p.part_ml;
+    float* pacc = (float*)p.part_acc;
+    if (tid < 16) {
+        float m = NEG_INF;
+        for (int w = 0; w < MW; w++) m = fmaxf(m, mw[w * 16 + tid]);
+        float l = 0.f;
+        for (int w = 0; w < MW; w++) {
+            float f = (m == NEG_INF || mw[w * 16 + tid] == NEG_INF) ? 0.f : expf(mw[w * 16 + tid] - m);
+            fw[w * 16 + tid] = f;
+            l += f * lw[w * 16 + tid];
+        }
+        if (tid < hcn) {
+            usize at = part_at(p, wr, hglob0 + tid, u);
+            ml[2 * at] = l > 0.f ? m : NEG_INF;
+            ml[2 * at + 1] = l;
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < hcn * DV; e += blockDim.x) {
+        int h = e / DV, c = e - h * DV;
+        float a = 0.f;
+        for (int w = 0; w < MW; w++) a += fw[w * 16 + h] * area[(w * 16 + h) * DV + c];
+        pacc[part_at(p, wr, hglob0 + h, u) * DV + c] = a;
+    }
+    __syncthreads();  // the shared memory is reused by the next head chunk
+}
+
+// Compressed branch, tensor cores: split `blockIdx.z` of the visible compressed tokens.
+template <class E, int NVT>
+__device__ void cmp_mma(const Params& p) {
+    int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
+    int2 tm = ((const int2*)p.tokmap)[r];
+    int lo, hi;
+    split_range(num_cmp(p, tm.y + 1), p.nsplit_c, split, lo, hi);
+    Keys ks = {0, lo, hi - lo, tm.y};
+    const int* table = (const int*)p.cmp_tab + (usize)tm.x * p.cpps;
+    for (int h0 = 0; h0 < p.g; h0 += 16) {
+        int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
+        const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
+        float* lg = (float*)p.logits + ((usize)wr * p.hq + hg0) * p.maxc;
+        attend_mma<E, NVT>(p, (const u16*)p.cmp_k, (const u16*)p.cmp_v, table, kvh, ks, hcn, q, wr, hg0, split, lg);
+    }
+}
+
+// Selected blocks (units 0..units_s, `spb` blocks each) and window chunks of lsel * spb
+// keys (units units_s..), tensor cores.
+template <class E, int NVT>
+__device__ void sw_mma(const Params& p) {
+    int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, u = blockIdx.z;
+    int2 tm = ((const int2*)p.tokmap)[r];
+    int t = tm.y;
+    Keys ks;
+    ks.t = t;
+    if (u < p.units_s) {
+        int b0 = u * p.spb;
+        ks.blocks = (const int*)p.sel + ((usize)wr * p.hkv + kvh) * p.nsel + b0;
+        ks.lo = 0;
+        ks.n = min(p.spb, p.nsel - b0) * p.lsel;
+    } else {
+        int c = u - p.units_s, span = p.lsel * p.spb;
+        int lo = max(0, t + 1 - p.window) + c * span;
+        int hi = min(lo + span, t + 1);
+        ks.blocks = 0;
+        ks.lo = lo;
+        ks.n = hi > lo ? hi - lo : 0;
+    }
+    const int* table = (const int*)p.raw_tab + (usize)tm.x * p.pps;
+    for (int h0 = 0; h0 < p.g; h0 += 16) {
+        int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
+        const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
+        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, table, kvh, ks, hcn, q, wr, hg0,
+                           p.nsplit_c + u, (float*)0);
+    }
+}
+
+// Full causal attention, tensor cores: split `blockIdx.z` of [0, t].
+template <class E, int NVT>
+__device__ void full_mma(const Params& p) {
+    int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
+    int2 tm = ((const int2*)p.tokmap)[r];
+    int lo, hi;
+    split_range(tm.y + 1, p.nsplit_c, split, lo, hi);
+    Keys ks = {0, lo, hi - lo, tm.y};
+    const int* table = (const int*)p.raw_tab + (usize)tm.x * p.pps;
+    for (int h0 = 0; h0 < p.g; h0 += 16) {
+        int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
+        const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
+        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, table, kvh, ks, hcn, q, wr, hg0, split,
+                           (float*)0);
     }
 }
 
@@ -614,8 +1161,26 @@ __device__ void combine(const Params& p) {
     NSA_ENTRY(cmp_partial, E, suffix)   \
     NSA_ENTRY(select_blocks, E, suffix) \
     NSA_ENTRY(sw_partial, E, suffix)    \
-    NSA_ENTRY(combine, E, suffix)
+    NSA_ENTRY(combine, E, suffix)       \
+    NSA_ENTRY(full_partial, E, suffix)  \
+    NSA_ENTRY(full_combine, E, suffix)
 
 NSA_ALL(EF32, f32)
 NSA_ALL(EF16, f16)
 NSA_ALL(EBF16, bf16)
+
+// Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} (DV <= 128 or <= 256).
+#define NSA_MMA_ENTRY(name, E, suffix, NVT)                                                        \
+    extern "C" __global__ void __launch_bounds__(MW * 32) nsa_##name##_##suffix##_##NVT(const Params p) { \
+        name<E, NVT>(p);                                                                           \
+    }
+#define NSA_MMA_ALL(E, suffix)             \
+    NSA_MMA_ENTRY(cmp_mma, E, suffix, 16)  \
+    NSA_MMA_ENTRY(sw_mma, E, suffix, 16)   \
+    NSA_MMA_ENTRY(full_mma, E, suffix, 16) \
+    NSA_MMA_ENTRY(cmp_mma, E, suffix, 32)  \
+    NSA_MMA_ENTRY(sw_mma, E, suffix, 32)   \
+    NSA_MMA_ENTRY(full_mma, E, suffix, 32)
+
+NSA_MMA_ALL(EF16, f16)
+NSA_MMA_ALL(EBF16, bf16)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the staged GPU tests (see scripts/gpu-stage.sh) on the GPU machine:
 #   1. every test binary in .gpu/bin (the `nsa` lib binary only for its cuda:: tests);
-#   2. compute-sanitizer memcheck and racecheck on gpu_decode and gpu_prefill with
+#   2. compute-sanitizer memcheck and racecheck on gpu_decode, gpu_prefill and gpu_full with
 #      NSA_GPU_TEST_SMALL=1 (reduced sizes), and initcheck on one small test of each.
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
 # Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck" (default all), NSA_GPU_FILTER (a test
@@ -47,7 +47,7 @@ if [[ " $phases " == *" tests "* ]]; then
 fi
 for tool in memcheck initcheck racecheck; do
   [[ " $phases " == *" $tool "* ]] || continue
-  for n in gpu_decode gpu_prefill; do
+  for n in gpu_decode gpu_prefill gpu_full; do
     [[ -x "$here/bin/$n" ]] || continue
     filter="${NSA_GPU_SAN_FILTER:-}"
     # initcheck tracks every byte and is slow: one small test per binary by default, and
@@ -55,7 +55,11 @@ for tool in memcheck initcheck racecheck; do
     skip=0
     if [[ $tool == initcheck ]]; then
       skip=1
-      if [[ $n == gpu_decode ]]; then filter="${NSA_GPU_INIT_FILTER_DECODE:-decode_paper_g16}"; else filter="${NSA_GPU_INIT_FILTER_PREFILL:-prefill_chunks_with_decodes_paper}"; fi
+      case $n in
+        gpu_decode) filter="${NSA_GPU_INIT_FILTER_DECODE:-decode_paper_g16}" ;;
+        gpu_prefill) filter="${NSA_GPU_INIT_FILTER_PREFILL:-prefill_chunks_with_decodes_paper}" ;;
+        *) filter="${NSA_GPU_INIT_FILTER_FULL:-full_attention_paper_g16}" ;;
+      esac
     fi
     extra=()
     [[ $tool == memcheck ]] && extra=(--leak-check no)

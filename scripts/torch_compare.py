@@ -140,6 +140,9 @@ def nsa_reference(cfg, q, K, V, gates, sel):
         idx = torch.arange(nb, device=q.device) * Bb + k - (A - 1)
         ok = (idx >= 0) & (idx < nc)
         scores[:, :, ok] += ck * P[:, :, idx[ok]]
+    # Forced blocks (step 4): the first n_init and the last n_local candidates score +inf.
+    scores[:, :, :cfg.sel_init] = float("inf")
+    scores[:, :, max(0, nb - cfg.sel_local):] = float("inf")
     # Selected blocks (the engine's) and the window, as masks over positions 0..t.
     pos = torch.arange(T, device=q.device)
     blk = pos // lp
@@ -215,8 +218,10 @@ def main():
             top = scores.clone()
             chosen = torch.gather(top, 2, sel.long().clamp(min=0)).masked_fill(sel < 0, 0)
             finite = lambda x: torch.where(torch.isinf(x), torch.zeros_like(x), x)
-            best = finite(top.topk(min(n, top.shape[-1]), -1).values).sum(-1)
-            gap = (best - finite(chosen).sum(-1)).abs().max().item()
+            best_vals = top.topk(min(n, top.shape[-1]), -1).values
+            # Same number of forced (+inf) blocks, and the rest scoring as the best set.
+            assert (torch.isinf(best_vals).sum(-1) == torch.isinf(chosen).sum(-1)).all(), "forced blocks missing"
+            gap = (finite(best_vals).sum(-1) - finite(chosen).sum(-1)).abs().max().item()
             assert not torch.isnan(out).any(), "unwritten outputs"
             # Timing: decode steps of NSA (plan + upload + layer) vs SDPA over the same K/V.
             qs = [torch.randn(B, hq, dk, device="cuda", dtype=bf) for _ in range(4)]

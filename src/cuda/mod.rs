@@ -16,9 +16,14 @@
 //! Launch sequence of a layer (see the kernel file's header): copy-on-write copies,
 //! append, compress, then per wave of query rows: compressed attention split over
 //! blocks, selection, selected + window attention split over blocks, gated combine.
-//! Grid shapes depend only on the step's token and sequence counts and the config;
+//! An append-only run (`q == 0 && out == 0`) stops after compress. The attention
+//! kernels run on tensor cores (mma.sync, tiles loaded by 1-D bulk copies on sm_90,
+//! `cp.async` before) for bf16/f16 with DK and DV multiples of 16, else on the scalar
+//! kernels. Split counts are picked per launch from the row count (one wave of blocks);
+//! grid shapes depend only on the step's token and sequence counts and the config;
 //! lengths are read on the device, so a decode step can be captured in a CUDA graph
 //! (upload_step itself copies from pageable memory and stays outside the graph).
+//! [`CudaBackend::attend_full`] is the full-attention baseline over the same cache.
 
 // `CUstream` is an opaque driver handle passed through to the driver, never dereferenced here.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
@@ -121,6 +126,12 @@ fn probe_inner() -> Result<DeviceInfo> {
 /// `v [tokens, HKV, DV]` in the config's dtype; `gates [tokens, HQ, 3]` f32;
 /// `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` i32, written when not 0;
 /// `phi_k`, `phi_v`: the layer's f32 phi weights (`Config::phi_weight_len`), 0 for mean.
+///
+/// **Append-only runs:** with `q == 0` and `out == 0`, [`CudaBackend::run_layer`] only
+/// makes the step's copy-on-write copies, appends `k`/`v` and emits finished compressed
+/// tokens (no attention; `gates` and `selected` are ignored), like
+/// [`crate::cpu::CpuBackend::append_layer`]: for filling a cache from K/V the host already
+/// has, without paying for prefill attention.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceLayerIo {
     pub q: u64,
@@ -148,10 +159,38 @@ const K_CMP: usize = 3;
 const K_SELECT: usize = 4;
 const K_SW: usize = 5;
 const K_COMBINE: usize = 6;
-const KERNELS: [&str; 7] = ["copy_pages", "append", "compress", "cmp_partial", "select_blocks", "sw_partial", "combine"];
+const K_FULL: usize = 7;
+const K_FULL_COMBINE: usize = 8;
+/// Tensor-core variants of K_CMP, K_SW, K_FULL (bf16/f16, DK and DV multiples of 16).
+const K_CMP_MMA: usize = 9;
+const K_SW_MMA: usize = 10;
+const K_FULL_MMA: usize = 11;
+const NK: usize = 12;
+const KERNELS: [&str; NK] = [
+    "copy_pages",
+    "append",
+    "compress",
+    "cmp_partial",
+    "select_blocks",
+    "sw_partial",
+    "combine",
+    "full_partial",
+    "full_combine",
+    "cmp_mma",
+    "sw_mma",
+    "full_mma",
+];
+/// Warps per block, keys per warp tile and pipeline stages of the tensor-core kernels
+/// (`MW`, `MK`, `MSTAGES` in the kernels).
+const MMA_WARPS: usize = 4;
+const MMA_KEYS: usize = 16;
+const MMA_STAGES: usize = 2;
+/// Blocks per multiprocessor a launch aims for when it picks its split counts.
+const BLOCKS_PER_SM: u32 = 2;
 /// Keys per attention tile (`TK` in the kernels) and the attention kernels' block size.
 const TK: usize = 32;
 const NT_ATT: u32 = 128;
+const NT_MMA: u32 = (MMA_WARPS * 32) as u32;
 const NT_SEL: u32 = 256;
 const NT_MISC: u32 = 256;
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -165,10 +204,18 @@ pub struct CudaBackend {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
     module: sys::CUmodule,
-    funcs: [sys::CUfunction; 7],
+    funcs: [sys::CUfunction; NK],
     info: DeviceInfo,
     hc: u32,
-    smem: [u32; 7],
+    smem: [u32; NK],
+    /// Whether the tensor-core attention kernels are used (bf16/f16, DK and DV multiples
+    /// of 16, DV <= 256, shared memory fits; `NSA_CUDA_SCALAR=1` turns them off).
+    mma: bool,
+    /// Blocks of a tensor-core kernel per multiprocessor (by shared memory).
+    mma_per_sm: u32,
+    /// Tensor-core kernels load tiles with 1-D bulk copies (sm_90+; `NSA_CUDA_NO_BULK=1`
+    /// at creation falls back to cp.async).
+    bulk: bool,
     /// Host mirror of the uploaded regions (meta .. end of cmp tables), allocated once.
     staging: Vec<u8>,
     /// The plan last uploaded (capacity `max_step_seqs`, never grows).
@@ -280,9 +327,17 @@ impl CudaBackend {
             hc -= 1;
         }
         let smem_att = att(hc);
-        let smem_cmp = 4 * (2 * dk.max(dv) + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
+        let smem_cmp = 4 * (2 * dk.max(dv) + cfg.cmp_block as usize + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
         let smem_sel = 4 * (cfg.max_sel_blocks() as usize + 2 * g + cfg.sel_count as usize + 64);
         let smem_comb = 4 * (2 * (dl.nsplit_c + dl.units_s + dl.units_w) as usize + 6);
+        let smem_mma = 2 * 16 * (dk + 8) + 128 + MMA_WARPS * MMA_STAGES * 2 * MMA_KEYS * (dk + dv + 16);
+        // Blocks of the tensor-core kernels one multiprocessor holds (228 KB of shared
+        // memory, 1 KB reserved per block; 4 by registers).
+        let mma_per_sm = ((228 * 1024) / (smem_mma + 1024)).clamp(1, 4) as u32;
+        let bulk = info.compute_capability.0 >= 9 && !std::env::var("NSA_CUDA_NO_BULK").is_ok_and(|v| v == "1");
+        let scalar_forced = std::env::var("NSA_CUDA_SCALAR").is_ok_and(|v| v == "1");
+        let mma = cfg.dtype != Dtype::F32 && dk % 16 == 0 && dv % 16 == 0 && dv <= 256 && smem_mma <= optin && !scalar_forced;
+        let nvt = if dv <= 128 { 16 } else { 32 };
         for (what, n) in [
             ("attention (head_dim_qk, head_dim_v)", smem_att),
             ("compress (phi_hidden)", smem_cmp),
@@ -297,12 +352,17 @@ impl CudaBackend {
                 ));
             }
         }
-        let mut smem = [0u32; 7];
+        let mut smem = [0u32; NK];
         smem[K_COMPRESS] = smem_cmp as u32;
         smem[K_CMP] = smem_att as u32;
         smem[K_SW] = smem_att as u32;
+        smem[K_FULL] = smem_att as u32;
         smem[K_SELECT] = smem_sel as u32;
         smem[K_COMBINE] = smem_comb as u32;
+        smem[K_FULL_COMBINE] = smem_comb as u32;
+        for k in [K_CMP_MMA, K_SW_MMA, K_FULL_MMA] {
+            smem[k] = if mma { smem_mma as u32 } else { 0 };
+        }
 
         let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
         let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
@@ -314,10 +374,17 @@ impl CudaBackend {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
         };
-        let mut funcs = [std::ptr::null_mut(); 7];
+        let mut funcs = [std::ptr::null_mut(); NK];
         let loaded = (|| {
             for (i, k) in KERNELS.iter().enumerate() {
-                let name = CString::new(format!("nsa_{k}_{suffix}")).expect("no NUL");
+                let name = if i >= K_CMP_MMA {
+                    if !mma {
+                        continue;
+                    }
+                    CString::new(format!("nsa_{k}_{suffix}_{nvt}")).expect("no NUL")
+                } else {
+                    CString::new(format!("nsa_{k}_{suffix}")).expect("no NUL")
+                };
                 // SAFETY: module loaded above; name is a kernel of it.
                 check(unsafe { sys::cuModuleGetFunction(&mut funcs[i], module, name.as_ptr()) }, "cuModuleGetFunction")?;
                 if smem[i] as usize > DEFAULT_SMEM {
@@ -354,6 +421,9 @@ impl CudaBackend {
             info,
             hc: hc as u32,
             smem,
+            mma,
+            mma_per_sm,
+            bulk,
             staging,
             uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
             uploaded_tokens: 0,
@@ -384,6 +454,12 @@ impl CudaBackend {
     /// shared memory is short).
     pub fn head_chunk(&self) -> u32 {
         self.hc
+    }
+
+    /// Whether the attention kernels run on tensor cores (bf16/f16 with DK and DV
+    /// multiples of 16 and DV <= 256; `NSA_CUDA_SCALAR=1` at creation turns them off).
+    pub fn uses_tensor_cores(&self) -> bool {
+        self.mma
     }
 
     /// Copies the planned step (its sequences, copy-on-write copies, per-token positions,
@@ -465,6 +541,10 @@ impl CudaBackend {
     /// new token to `io.out` (and the selected blocks to `io.selected` when given).
     /// Launches only; nothing is allocated. Run each layer once per step.
     ///
+    /// With `io.q == 0 && io.out == 0` the run is **append-only**: copies, append and
+    /// compress, no attention (`io.gates` and `io.selected` are ignored); see
+    /// [`DeviceLayerIo`]. It leaves the cache exactly as a full run would.
+    ///
     /// Fails, launching nothing, when no step is planned or the planned step is not the
     /// one uploaded, `layer` is out of range, or a required pointer is 0.
     pub fn run_layer(&mut self, cache: &Cache, layer: u32, io: &DeviceLayerIo, stream: CUstream) -> Result<()> {
@@ -479,7 +559,13 @@ impl CudaBackend {
         if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
             return Err(NsaError::arg("step", "not uploaded", "call upload_step for the planned step before run_layer"));
         }
-        for (name, p) in [("io.q", io.q), ("io.k", io.k), ("io.v", io.v), ("io.gates", io.gates), ("io.out", io.out)] {
+        let append_only = io.q == 0 && io.out == 0;
+        let required: &[(&str, u64)] = if append_only {
+            &[("io.k", io.k), ("io.v", io.v)]
+        } else {
+            &[("io.q", io.q), ("io.k", io.k), ("io.v", io.v), ("io.gates", io.gates), ("io.out", io.out)]
+        };
+        for &(name, p) in required {
             if p == 0 {
                 return Err(NsaError::arg(name, 0, "must be a device pointer"));
             }
@@ -504,18 +590,116 @@ impl CudaBackend {
             if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 {
                 self.launch(K_COMPRESS, (tokens, hkv, 2), NT_MISC, &p, stream)?;
             }
-            let units = self.dl.units_s + self.dl.units_w;
+            if append_only {
+                return Ok(());
+            }
             let mut row0 = 0u32;
             while row0 < tokens {
                 let rows = (tokens - row0).min(self.dl.wave_rows);
                 let mut pw = p;
                 pw.row0 = row0 as i32;
-                self.launch(K_CMP, (rows, hkv, self.dl.nsplit_c), NT_ATT, &pw, stream)?;
-                self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
-                self.launch(K_SW, (rows, hkv, units), NT_ATT, &pw, stream)?;
+                self.wave_splits(&mut pw, rows);
+                let units = (pw.units_s + pw.units_w) as u32;
+                let nsplit = pw.nsplit_c as u32;
+                if self.mma {
+                    self.launch(K_CMP_MMA, (rows, hkv, nsplit), NT_MMA, &pw, stream)?;
+                    self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
+                    self.launch(K_SW_MMA, (rows, hkv, units), NT_MMA, &pw, stream)?;
+                } else {
+                    self.launch(K_CMP, (rows, hkv, nsplit), NT_ATT, &pw, stream)?;
+                    self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
+                    self.launch(K_SW, (rows, hkv, units), NT_ATT, &pw, stream)?;
+                }
                 self.launch(K_COMBINE, (rows, cfg.num_q_heads, 1), NT_ATT, &pw, stream)?;
                 row0 += rows;
             }
+        }
+        Ok(())
+    }
+
+    /// Blocks of one attention launch that run at once (one wave).
+    fn target_blocks(&self) -> u32 {
+        let per_sm = if self.mma { self.mma_per_sm } else { BLOCKS_PER_SM };
+        (self.info.multiprocessors.max(1) as u32) * per_sm
+    }
+
+    /// Split counts of one wave of `rows` query rows: as many compressed splits as fit in
+    /// one wave of blocks (the kernels give each split at least 64 keys of the actual
+    /// length); on tensor cores, selected blocks per unit (`spb`) by a wave model: waves
+    /// x (keys per unit + 64 keys' worth of per-block overhead), the larger on ties.
+    fn wave_splits(&self, p: &mut Params, rows: u32) {
+        let cfg = &self.cfg;
+        let pairs = rows * cfg.num_kv_heads;
+        let slots = self.target_blocks();
+        p.nsplit_c = (slots / pairs.max(1)).clamp(1, self.dl.nsplit_c) as i32;
+        let mut spb = 1u32;
+        if self.mma {
+            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
+            let cost = |spb: u32| (pairs * units(spb)).div_ceil(slots) * (spb * cfg.sel_block + 64);
+            let mut c = 2 * spb;
+            while c <= cfg.sel_count.next_power_of_two() {
+                if cost(c) <= cost(spb) {
+                    spb = c;
+                }
+                c *= 2;
+            }
+        }
+        p.spb = spb as i32;
+        p.units_s = cfg.sel_count.div_ceil(spb) as i32;
+        p.units_w = cfg.window.div_ceil(cfg.sel_block * spb) as i32;
+    }
+
+    /// The full-attention baseline over the same paged cache, on the device: plain causal
+    /// attention of every query of the uploaded step over all keys of its sequence
+    /// (`0..=position`), written to `out` (`[tokens, HQ, DV]`, the config's dtype) from
+    /// `q` (`[tokens, HQ, DK]`). Split across thread blocks (split-KV, then a combine),
+    /// every K/V load shared by the group's heads. Appends nothing: run `run_layer` (or an
+    /// append-only run) for this layer and step first, so the step's rows are in the
+    /// pools. Same checks as `run_layer`; compare with
+    /// [`crate::cpu::CpuBackend::attend_full`].
+    pub fn attend_full(&mut self, cache: &Cache, layer: u32, q: u64, out: u64, stream: CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        if cache.config() != &cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        if layer >= cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
+        }
+        let step = cache.step()?;
+        if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
+            return Err(NsaError::arg("step", "not uploaded", "call upload_step for the planned step before attend_full"));
+        }
+        for (name, ptr) in [("q", q), ("out", out)] {
+            if ptr == 0 {
+                return Err(NsaError::arg(name, 0, "must be a device pointer"));
+            }
+        }
+        let io = DeviceLayerIo { q, out, ..Default::default() };
+        let p = self.params(layer, &io);
+        let tokens = step.tokens;
+        let hkv = cfg.num_kv_heads;
+        let max_units = self.dl.nsplit_c + self.dl.units_s + self.dl.units_w;
+        let _g = CtxGuard::push(self.ctx)?;
+        let mut row0 = 0u32;
+        while row0 < tokens {
+            let rows = (tokens - row0).min(self.dl.wave_rows);
+            let mut pw = p;
+            pw.row0 = row0 as i32;
+            let nsplit = self.target_blocks().div_ceil(rows * hkv).clamp(1, max_units);
+            pw.nsplit_c = nsplit as i32;
+            pw.units_s = 0;
+            pw.units_w = 0;
+            // SAFETY: as in run_layer; `nsplit` partials per (row, head) fit the workspace
+            // (at most the NSA units it was sized for).
+            unsafe {
+                if self.mma {
+                    self.launch(K_FULL_MMA, (rows, hkv, nsplit), NT_MMA, &pw, stream)?;
+                } else {
+                    self.launch(K_FULL, (rows, hkv, nsplit), NT_ATT, &pw, stream)?;
+                }
+                self.launch(K_FULL_COMBINE, (rows, cfg.num_q_heads, 1), NT_ATT, &pw, stream)?;
+            }
+            row0 += rows;
         }
         Ok(())
     }
@@ -578,9 +762,9 @@ impl CudaBackend {
             wave_rows: dl.wave_rows as i32,
             row0: 0,
             hc: self.hc as i32,
-            pad0: 0,
+            mode: if self.bulk { 1 } else { 0 },
             scale: cfg.scale,
-            pad1: 0,
+            spb: 1,
         }
     }
 

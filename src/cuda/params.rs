@@ -6,9 +6,11 @@ use crate::config::Config;
 use crate::error::{NsaError, Result};
 use crate::layout::{Layout, PageCopy, PlanSeq};
 
-/// Keys per split of the compressed branch (a split is one thread block); the number of
-/// splits is fixed per config so grid shapes don't depend on lengths.
-const CMP_SPLIT_MIN: u32 = 256;
+/// Keys per split of the compressed branch at the longest context, at least (a split is
+/// one thread block). The most splits the workspace holds; each launch picks its count
+/// from the step's rows (`CudaBackend::run_layer`), and the kernels divide the actual
+/// lengths (device-side) among them, so grid shapes never depend on lengths.
+const CMP_SPLIT_MIN: u32 = 64;
 const CMP_SPLITS_MAX: u32 = 64;
 /// Query rows per wave of the attention kernels (bounds the logits workspace).
 const WAVE_ROWS_MIN: u32 = 64;
@@ -69,9 +71,12 @@ pub(crate) struct Params {
     pub wave_rows: i32,
     pub row0: i32,
     pub hc: i32,
-    pub pad0: i32,
+    /// Unused by the kernels (0); keeps the struct's layout.
+    pub mode: i32,
     pub scale: f32,
-    pub pad1: i32,
+    /// Selected blocks per unit of the tensor-core selected branch (window units span
+    /// `sel_block * spb` keys); 1 on the scalar path.
+    pub spb: i32,
 }
 
 /// One region of the device buffer: byte offset and length.

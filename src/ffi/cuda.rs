@@ -86,7 +86,7 @@ pub struct nsa_cuda_layer_io_t {
     pub tokens: u32,
     /// Must be 0 (no flag is defined in this version).
     pub flags: u32,
-    /// `[tokens, HQ, DK]` queries (required).
+    /// `[tokens, HQ, DK]` queries (required, unless `q` and `out` are both 0: append only).
     pub q: u64,
     /// `[tokens, HKV, DK]` new keys (required).
     pub k: u64,
@@ -261,6 +261,8 @@ pub unsafe extern "C" fn nsa_cuda_upload_step(backend: *mut nsa_cuda_backend, ca
 /// Enqueues layer `layer` of the planned (and uploaded) step on `stream`: copy-on-write
 /// copies, append of the step's K/V rows, compression of finished blocks, NSA attention
 /// for every new token into `io->out` (and the selected blocks into `io->selected`).
+/// With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
+/// compressed, no attention (to fill a cache from K/V the host already has).
 /// Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
 /// captured in a CUDA graph. Run every layer once per step.
 ///
@@ -293,7 +295,14 @@ pub unsafe extern "C" fn nsa_cuda_run_layer(
             if io.tokens != step_tokens {
                 return Err(NsaError::arg("io->tokens", io.tokens, format!("the planned step has {step_tokens} tokens")).into());
             }
-            for (arg, p) in [("io->q", io.q), ("io->k", io.k), ("io->v", io.v), ("io->gates", io.gates), ("io->out", io.out)] {
+            // q = out = 0 asks for an append-only run (no attention: gates unused).
+            let append_only = io.q == 0 && io.out == 0;
+            let required: &[(&'static str, u64)] = if append_only {
+                &[("io->k", io.k), ("io->v", io.v)]
+            } else {
+                &[("io->q", io.q), ("io->k", io.k), ("io->v", io.v), ("io->gates", io.gates), ("io->out", io.out)]
+            };
+            for &(arg, p) in required {
                 if p == 0 {
                     return Err(NsaError::arg(arg, 0, "a device pointer is required").into());
                 }

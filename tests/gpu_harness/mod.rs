@@ -91,6 +91,8 @@ pub struct Harness<T: Elem> {
     pub stream: CUstream,
     w: Vec<(Vec<f32>, Vec<f32>)>,
     d: [DeviceBuf; 8],
+    /// When set, `step` appends every layer's device output (as f32) here.
+    pub record: Option<Vec<Vec<f32>>>,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -132,7 +134,7 @@ impl<T: Elem> Harness<T> {
         ]
         .map(|b| DeviceBuf::new(b).unwrap());
         let w: Vec<_> = (0..cfg.num_layers).map(|_| random_weights(cfg, &mut rng)).collect();
-        Harness { cfg: *cfg, lay, cache, cpu, cpu_pool, gpu, rng, stats: Stats::default(), name: name.into(), stream: std::ptr::null_mut(), w, d, _t: Default::default() }
+        Harness { cfg: *cfg, lay, cache, cpu, cpu_pool, gpu, rng, stats: Stats::default(), name: name.into(), stream: std::ptr::null_mut(), w, d, record: None, _t: Default::default() }
     }
 
     pub fn add(&mut self, seq: u32) {
@@ -201,9 +203,128 @@ impl<T: Elem> Harness<T> {
             let mut sel_g = vec![0i32; n * hkv * nsel];
             d[DOUT].download(&mut out_g).unwrap();
             d[DSEL].download(&mut sel_g).unwrap();
+            if let Some(r) = self.record.as_mut() {
+                r.push(out_g.iter().map(|x| x.to_f32()).collect());
+            }
             self.compare(layer, &q, &out_c, &out_g, &sel_c, &sel_g);
         }
         self.stats.gpu_s += gpu_s;
+        self.stats.steps += 1;
+        self.stats.rows += n;
+    }
+
+    /// Random inputs of one layer, drawn exactly as `step` draws them (so harnesses with the
+    /// same seed stay in step whichever method they call).
+    fn inputs(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>, Vec<f32>) {
+        let cfg = self.cfg;
+        let (hq, hkv, dk, dv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
+        let rng = &mut self.rng;
+        let q: Vec<T> = (0..n * hq * dk).map(|_| T::from_f32(rng.unit() * 2.0)).collect();
+        let k: Vec<T> = (0..n * hkv * dk).map(|_| T::from_f32(rng.unit())).collect();
+        let v: Vec<T> = (0..n * hkv * dv).map(|_| T::from_f32(rng.unit())).collect();
+        let g: Vec<f32> = (0..n * hq * 3).map(|_| 0.05 + 0.9 * (rng.unit() * 0.5 + 0.5)).collect();
+        (q, k, v, g)
+    }
+
+    /// An append-only step: the CPU runs `append_layer`, the device `run_layer` with
+    /// `q = out = 0` (the output and selection buffers must stay as poisoned: no attention
+    /// ran). Draws the same random inputs as `step`.
+    pub fn append_step(&mut self, entries: &[(u32, u32)]) {
+        let cfg = self.cfg;
+        let es: Vec<StepSeq> = entries.iter().map(|&(seq, tokens)| StepSeq { seq, tokens }).collect();
+        self.cache.plan_step(&es).unwrap_or_else(|e| panic!("{}: plan_step {entries:?}: {e}", self.name));
+        let n = self.cache.step().unwrap().tokens as usize;
+        self.gpu.upload_step(&self.cache, self.stream).unwrap();
+        for layer in 0..cfg.num_layers {
+            let (_q, k, v, _g) = self.inputs(n);
+            let (wk, wv) = &self.w[layer as usize];
+            self.cpu.append_layer(&self.cache, layer, &k, &v, PhiWeights { k: wk, v: wv }).unwrap();
+            let d = &self.d;
+            d[DK].upload(&k).unwrap();
+            d[DV].upload(&v).unwrap();
+            if !wk.is_empty() {
+                d[DWK].upload(wk).unwrap();
+                d[DWV].upload(wv).unwrap();
+            }
+            d[DOUT].fill(0xFF).unwrap();
+            d[DSEL].fill(0x7F).unwrap();
+            let io = DeviceLayerIo {
+                q: 0,
+                k: d[DK].ptr(),
+                v: d[DV].ptr(),
+                gates: d[DG].ptr(),
+                out: 0,
+                selected: d[DSEL].ptr(),
+                phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
+                phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
+            };
+            self.gpu.run_layer(&self.cache, layer, &io, self.stream).unwrap();
+            self.gpu.synchronize(self.stream).unwrap_or_else(|e| panic!("{}: kernel error: {e}", self.name));
+            let mut out = vec![0u8; d[DOUT].bytes()];
+            d[DOUT].download(&mut out).unwrap();
+            assert!(out.iter().all(|&b| b == 0xFF), "{}: an append-only run wrote the output buffer", self.name);
+            let mut sel = vec![0u8; d[DSEL].bytes()];
+            d[DSEL].download(&mut sel).unwrap();
+            assert!(sel.iter().all(|&b| b == 0x7F), "{}: an append-only run wrote the selection buffer", self.name);
+        }
+        self.stats.steps += 1;
+    }
+
+    /// A step whose layers run `run_layer` (appends; NSA outputs not compared) and then the
+    /// full-attention baseline on both backends; the device's `attend_full` output must
+    /// match the CPU's `attend_full` within the dtype's tolerance on every element.
+    pub fn full_step(&mut self, entries: &[(u32, u32)]) {
+        let cfg = self.cfg;
+        let es: Vec<StepSeq> = entries.iter().map(|&(seq, tokens)| StepSeq { seq, tokens }).collect();
+        self.cache.plan_step(&es).unwrap_or_else(|e| panic!("{}: plan_step {entries:?}: {e}", self.name));
+        let (hq, hkv, dv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_v as usize);
+        let n = self.cache.step().unwrap().tokens as usize;
+        let nsel = cfg.sel_count as usize;
+        self.gpu.upload_step(&self.cache, self.stream).unwrap();
+        for layer in 0..cfg.num_layers {
+            let (q, k, v, g) = self.inputs(n);
+            let (wk, wv) = &self.w[layer as usize];
+            let mut out_c = vec![T::from_f32(f32::NAN); n * hq * dv];
+            let mut sel_c = vec![i32::MIN; n * hkv * nsel];
+            self.cpu
+                .run_layer(&self.cache, layer, LayerIo { q: &q, k: &k, v: &v, gates: &g, out: &mut out_c, selected: Some(&mut sel_c) }, PhiWeights { k: wk, v: wv })
+                .unwrap();
+            let mut full_c = vec![T::from_f32(f32::NAN); n * hq * dv];
+            self.cpu.attend_full(&self.cache, layer, &q, &mut full_c).unwrap();
+            let d = &self.d;
+            d[DQ].upload(&q).unwrap();
+            d[DK].upload(&k).unwrap();
+            d[DV].upload(&v).unwrap();
+            d[DG].upload(&g).unwrap();
+            if !wk.is_empty() {
+                d[DWK].upload(wk).unwrap();
+                d[DWV].upload(wv).unwrap();
+            }
+            let io = DeviceLayerIo {
+                q: d[DQ].ptr(),
+                k: d[DK].ptr(),
+                v: d[DV].ptr(),
+                gates: d[DG].ptr(),
+                out: d[DOUT].ptr(),
+                selected: 0,
+                phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
+                phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
+            };
+            self.gpu.run_layer(&self.cache, layer, &io, self.stream).unwrap();
+            d[DOUT].fill(0xFF).unwrap();
+            self.gpu.attend_full(&self.cache, layer, d[DQ].ptr(), d[DOUT].ptr(), self.stream).unwrap();
+            self.gpu.synchronize(self.stream).unwrap_or_else(|e| panic!("{}: kernel error: {e}", self.name));
+            let mut full_g = vec![T::from_f32(0.0); n * hq * dv];
+            d[DOUT].download(&mut full_g).unwrap();
+            for (i, (a, b)) in full_g.iter().zip(&full_c).enumerate() {
+                let (a, b) = (a.to_f32() as f64, b.to_f32() as f64);
+                assert!(a.is_finite(), "{}: layer {layer} full attention element {i} not written ({a})", self.name);
+                let e = (a - b).abs() / (1.0 + b.abs());
+                assert!(e <= tol(&cfg), "{}: layer {layer} full attention element {i} (row {}, head {}): gpu {a} cpu {b}, error {e:.3e}", self.name, i / (hq * dv), i / dv % hq);
+                self.stats.max_err = self.stats.max_err.max(e);
+            }
+            self.stats.groups += n * hkv;
+        }
         self.stats.steps += 1;
         self.stats.rows += n;
     }

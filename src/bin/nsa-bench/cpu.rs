@@ -36,12 +36,6 @@ pub fn bandwidth() -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// K/V bytes one NSA decode step must read per (sequence, KV head) at length `len`.
-pub fn nsa_bytes(c: &Config, len: u32) -> f64 {
-    let keys = c.num_cmp_tokens(len) + (c.sel_count * c.sel_block).min(len) + c.window.min(len);
-    keys as f64 * (c.head_dim_qk + c.head_dim_v) as f64 * c.dtype.size() as f64
-}
-
 pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
     let bw = bandwidth();
     let (hq, hkv, dk, dv) = if o.quick { (8usize, 2usize, 64usize, 64usize) } else { (64, 4, 128, 128) };
@@ -93,20 +87,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     cpu.attend_full(&cache, 0, &q, &mut out)?;
                     t_full.push(t.elapsed().as_secs_f64());
                 }
-                let bytes = nsa_bytes(&c, ctx) * (batch as usize * hkv) as f64;
-                rows.push(Row {
-                    backend: "cpu",
-                    preset: if preset == Preset::Paper { "paper" } else { "fla" },
-                    shape: format!("{hq}q/{hkv}kv {dk}/{dv}"),
-                    dtype: "bf16",
-                    batch,
-                    context: ctx,
-                    nsa_us: median(t_nsa) * 1e6,
-                    full_us: median(t_full) * 1e6,
-                    nsa_bytes: bytes,
-                    floor_us: bytes / bw * 1e6,
-                    bandwidth: bw,
-                });
+                rows.push(Row::decode("cpu", &c, preset, batch, ctx, median(t_nsa), median(t_full), bw));
                 eprintln!("  done: {preset:?} context {ctx} batch {batch}");
             }
         }

@@ -6,6 +6,8 @@
 //! markdown table; `--json FILE` also writes them as JSON.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod report;
 #[path = "../shared/rng.rs"]
 mod rng;
@@ -19,12 +21,14 @@ pub struct Opts {
     pub reps: usize,
     pub json: Option<String>,
     pub quick: bool,
+    pub gpu: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "nsa-bench: NSA vs full attention over the same paged cache\n\n\
-         options:\n  --cpu                 CPU decode benchmark (the default; the CUDA one comes with the CUDA backend)\n  \
+         options:\n  --cpu                 CPU decode benchmark (the default)\n  \
+         --gpu                 CUDA decode benchmark (needs --features cuda and a device)\n  \
          --contexts A,B,...    context lengths (default 8192,16384,32768)\n  \
          --batches A,B,...     sequences per decode step (default 1,4)\n  \
          --threads N           CPU threads (default: all cores)\n  \
@@ -33,6 +37,16 @@ fn usage() -> ! {
          --json FILE           also write the results as JSON"
     );
     std::process::exit(2)
+}
+
+#[cfg(feature = "cuda")]
+fn run_gpu(o: &Opts) -> nsa::Result<Vec<Row>> {
+    gpu::run(o)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_gpu(_: &Opts) -> nsa::Result<Vec<Row>> {
+    Err(nsa::NsaError::BackendUnavailable("nsa-bench was built without --features cuda".into()))
 }
 
 fn list(s: &str) -> Vec<u32> {
@@ -47,12 +61,14 @@ fn main() {
         reps: 9,
         json: None,
         quick: false,
+        gpu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
         match f.as_str() {
-            "--cpu" => {}
+            "--cpu" => o.gpu = false,
+            "--gpu" => o.gpu = true,
             "--contexts" => o.contexts = list(&val()),
             "--batches" => o.batches = list(&val()),
             "--threads" => o.threads = val().parse().unwrap_or_else(|_| usage()),
@@ -67,7 +83,8 @@ fn main() {
         o.batches = vec![1, 2];
         o.reps = 3;
     }
-    let rows: Vec<Row> = match cpu::run(&o) {
+    let result = if o.gpu { run_gpu(&o) } else { cpu::run(&o) };
+    let rows: Vec<Row> = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

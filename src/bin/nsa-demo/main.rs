@@ -11,10 +11,13 @@
 use std::time::Instant;
 
 use half::bf16;
-use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
+use nsa::cpu::CpuBackend;
 use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 
-#[path = "shared/rng.rs"]
+mod backend;
+use backend::Backend;
+
+#[path = "../shared/rng.rs"]
 mod rng;
 use rng::Rng;
 
@@ -87,18 +90,31 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 fn main() {
     let args = parse();
-    match args.backend.as_str() {
-        "auto" | "cpu" => {}
-        "cuda" => {
-            eprintln!("error: this build has no CUDA backend yet; run with --backend cpu (or auto)");
-            std::process::exit(1);
-        }
-        _ => usage(),
+    if !["auto", "cpu", "cuda"].contains(&args.backend.as_str()) {
+        usage();
     }
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// The backend `--backend` asks for: `auto` takes CUDA when this build has it and a device
+/// is usable (saying why not otherwise), else the CPU.
+fn choose_backend<'p>(which: &str, cfg: &Config, pool: &'p mut HostBuf) -> nsa::Result<Box<dyn Backend + 'p>> {
+    #[cfg(feature = "cuda")]
+    if which != "cpu" {
+        match backend::Gpu::new(cfg) {
+            Ok(g) => return Ok(Box::new(g)),
+            Err(e) if which == "auto" => eprintln!("  (CUDA not used: {e}; running on the CPU)"),
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if which == "cuda" {
+        return Err(nsa::NsaError::BackendUnavailable("this nsa-demo was built without --features cuda".into()));
+    }
+    Ok(Box::new(backend::Cpu::new(cfg, pool)?))
 }
 
 fn run(a: &Args) -> nsa::Result<()> {
@@ -144,10 +160,10 @@ fn run(a: &Args) -> nsa::Result<()> {
     let mut arena = HostBuf::new(arena_bytes);
     let mut pool = HostBuf::new(pool_bytes);
     let mut cache = Cache::new(&cfg, arena.bytes())?;
-    let mut cpu = CpuBackend::new(&cfg, pool.bytes())?;
+    let mut engine = choose_backend(&a.backend, &cfg, &mut pool)?;
     cache.add_sequence(0)?;
 
-    println!("nsa-demo: needle in a haystack, Native Sparse Attention on the CPU ({} threads)", cfg.cpu_threads);
+    println!("nsa-demo: needle in a haystack, Native Sparse Attention on {}", engine.name());
     println!(
         "  preset {:?}: l={} d={} l'={} n={} w={}; heads {hq}q/{hkv}kv, dims {dk}/{dv}, bf16 storage",
         a.preset, cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_count, cfg.window
@@ -177,8 +193,7 @@ fn run(a: &Args) -> nsa::Result<()> {
             k.extend(key(&mut rng, p).into_iter().map(bf16::from_f32));
             v.extend(val(&mut rng, p).into_iter().map(bf16::from_f32));
         }
-        let io = LayerIo { q: &q, k: &k, v: &v, gates: &gates_prefill[..n * hq * 3], out: &mut out[..n * hq * dv], selected: None };
-        cpu.run_layer(&cache, 0, io, PhiWeights::default())?;
+        engine.run(&cache, &q, &k, &v, &gates_prefill[..n * hq * 3], &mut out[..n * hq * dv], None)?;
         done += n;
         let frac = done as f64 / t as f64;
         let bar = (frac * 40.0) as usize;
@@ -205,10 +220,10 @@ fn run(a: &Args) -> nsa::Result<()> {
         let mut sel = vec![-1i32; hkv * n_sel];
         cache.plan_step(&[StepSeq { seq: 0, tokens: 1 }])?;
         let t0 = Instant::now();
-        cpu.run_layer(&cache, 0, LayerIo { q: &q, k: &k, v: &v, gates: &gates, out: &mut o_nsa, selected: Some(&mut sel) }, PhiWeights::default())?;
+        engine.run(&cache, &q, &k, &v, &gates, &mut o_nsa, Some(&mut sel))?;
         t_nsa.push(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        cpu.attend_full(&cache, 0, &q, &mut o_full)?;
+        engine.full(&cache, &q, &mut o_full)?;
         t_full.push(t0.elapsed().as_secs_f64());
         if sel.contains(&needle_block) {
             hits += 1;
