@@ -4,8 +4,9 @@
 #   2. compute-sanitizer memcheck and racecheck on gpu_decode, gpu_prefill and gpu_full with
 #      NSA_GPU_TEST_SMALL=1 (reduced sizes), and initcheck on one small test of each.
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
-# Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck" (default all), NSA_GPU_FILTER (a test
-# name filter for phase 1), NSA_GPU_SAN_FILTER (filter for the sanitizer phases).
+# Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck synccheck" (default: all but
+# synccheck), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
+# the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$here/out}"
@@ -45,9 +46,9 @@ if [[ " $phases " == *" tests "* ]]; then
     fi
   done
 fi
-for tool in memcheck initcheck racecheck; do
+for tool in memcheck initcheck racecheck synccheck; do
   [[ " $phases " == *" $tool "* ]] || continue
-  for n in gpu_decode gpu_prefill gpu_full; do
+  for n in ${NSA_GPU_SAN_BINS:-gpu_decode gpu_prefill gpu_full}; do
     [[ -x "$here/bin/$n" ]] || continue
     filter="${NSA_GPU_SAN_FILTER:-}"
     # initcheck tracks every byte and is slow: one small test per binary by default, and
