@@ -2,8 +2,9 @@
 //! and NSA attention for one (sequence, KV head, chunk of queries).
 
 use super::compress::PhiHead;
-use super::math::{dot, to_f32, Online, TILE};
+use super::math::{Online, TILE};
 use super::select::{block_scores, top_n};
+use super::simd::{Isa, Prefetch};
 use super::store::Pool;
 use super::{LayerRun, QUERY_CHUNK};
 use crate::elem::Elem;
@@ -34,6 +35,7 @@ impl<T: Elem> LayerRun<'_, T> {
         }
         // SAFETY: thread index th is this thread's alone.
         let ws = unsafe { self.ws(th) };
+        let isa = Isa::get();
         let ctable = self.step.cmp_table(ps.seq);
         let (l, d) = (cfg.cmp_block as usize, cfg.cmp_stride);
         for (raw, cmp, dim, weights) in [(Pool::RawK, Pool::CmpK, dk, self.weights.k), (Pool::RawV, Pool::CmpV, dv, self.weights.v)] {
@@ -44,9 +46,7 @@ impl<T: Elem> LayerRun<'_, T> {
                     let pos = i * d + j as u32;
                     // SAFETY: rows below new_len are not written by any other task.
                     let src = unsafe { self.store.rows(raw, table[(pos / p) as usize], kvh, (pos % p) as usize, 1) };
-                    for (o, s) in rows[j * dim..][..dim].iter_mut().zip(src) {
-                        *o = s.to_f32();
-                    }
+                    isa.convert(src, &mut rows[j * dim..][..dim]);
                 }
                 let out = &mut ws.phi_out[..dim];
                 phi.apply(rows, dim, out, ws.phi);
@@ -77,22 +77,22 @@ impl<T: Elem> LayerRun<'_, T> {
         let last = (first + QUERY_CHUNK).min(ps.new_len);
         // SAFETY: thread index th is this thread's alone.
         let mut ws = unsafe { self.ws(th) };
+        let isa = Isa::get();
         for t in first..last {
-            self.attend_query(&mut ws, &ps, t, kvh);
+            self.attend_query(isa, &mut ws, &ps, t, kvh);
         }
     }
 
-    fn attend_query(&self, ws: &mut super::workspace::Ws<'_>, ps: &PlanSeq, t: u32, kvh: usize) {
+    fn attend_query(&self, isa: Isa, ws: &mut super::workspace::Ws<'_>, ps: &PlanSeq, t: u32, kvh: usize) {
         let cfg = self.cfg;
         let g = cfg.group_size() as usize;
         let (hq, dk, dv) = (cfg.num_q_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
         let r = (ps.row + t - ps.old_len) as usize;
         let h0 = kvh * g;
         for h in 0..g {
-            let q = &self.q[(r * hq + h0 + h) * dk..][..dk];
-            for (o, x) in ws.qf[h * dk..][..dk].iter_mut().zip(q) {
-                *o = x.to_f32() * cfg.scale;
-            }
+            let qf = &mut ws.qf[h * dk..][..dk];
+            isa.convert(&self.q[(r * hq + h0 + h) * dk..][..dk], qf);
+            isa.scale(qf, cfg.scale); // exact conversion, then one rounding: x * scale
         }
         let table = self.step.raw_table(ps.seq);
         let (acc_cmp, rest) = ws.acc.split_at_mut(g * dv);
@@ -100,12 +100,12 @@ impl<T: Elem> LayerRun<'_, T> {
         let (m_slc, rest) = ws.ml.split_at_mut(g);
         let (l_slc, rest) = rest.split_at_mut(g);
         let (m_win, l_win) = rest.split_at_mut(g);
-        let mut slc = Online { m: m_slc, l: l_slc, acc: acc_slc, dv };
-        let mut win = Online { m: m_win, l: l_win, acc: &mut acc_win[..g * dv], dv };
+        let mut slc = Online { m: m_slc, l: l_slc, acc: acc_slc, dv, isa };
+        let mut win = Online { m: m_win, l: l_win, acc: &mut acc_win[..g * dv], dv, isa };
 
         if self.mode == super::Mode::FullAttend {
             slc.reset();
-            self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut slc, table, kvh, 0, t + 1);
+            self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut slc, table, kvh, (0, t + 1), (0, 0));
             // SAFETY: this task alone writes rows of its chunk, heads of its group.
             let out = unsafe { self.out.part((r * hq + h0) * dv, g * dv) };
             for h in 0..g {
@@ -123,44 +123,37 @@ impl<T: Elem> LayerRun<'_, T> {
         let nc = cfg.num_cmp_tokens(t + 1) as usize;
         let maxc = ws.psum.len();
         let ctable = self.step.cmp_table(ps.seq);
-        let p = cfg.page_size as usize;
         acc_cmp.fill(0.0);
         let mut i = 0;
         while i < nc {
-            let n = (nc - i).min(p - i % p).min(TILE);
-            let page = ctable[i / p];
             // SAFETY: compressed rows of this sequence below nc are not written in phase 3.
-            let k = to_f32(unsafe { self.store.rows(Pool::CmpK, page, kvh, i % p, n) }, ws.kt);
-            for h in 0..g {
-                let q = &ws.qf[h * dk..][..dk];
-                for j in 0..n {
-                    ws.sc[h * maxc + i + j] = dot(q, &k[j * dk..][..dk]);
-                }
-            }
+            let (k, next) = unsafe {
+                let k = self.tile(Pool::CmpK, ctable, kvh, i, nc);
+                let n = k.len() / dk;
+                (k, if i + n < nc { self.tile(Pool::CmpK, ctable, kvh, i + n, nc) } else { self.tile(Pool::CmpV, ctable, kvh, 0, nc) })
+            };
+            let n = k.len() / dk;
+            let k = isa.k_tile(k, dk, ws.kt);
+            isa.scores(ws.qf, g, dk, k, n, &mut ws.sc[i..], maxc, &mut Prefetch::new(next));
             i += n;
         }
         for h in 0..g {
             let s = &mut ws.sc[h * maxc..][..nc];
-            let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for x in s.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            s.iter_mut().for_each(|x| *x *= inv);
+            let mx = isa.max(s);
+            let sum = isa.exp_sum(s, mx);
+            isa.scale(s, 1.0 / sum);
         }
         let mut i = 0;
         while i < nc {
-            let n = (nc - i).min(p - i % p).min(TILE);
             // SAFETY: as above.
-            let v = to_f32(unsafe { self.store.rows(Pool::CmpV, ctable[i / p], kvh, i % p, n) }, ws.vt);
-            for h in 0..g {
-                let acc = &mut acc_cmp[h * dv..][..dv];
-                for j in 0..n {
-                    super::math::axpy(acc, ws.sc[h * maxc + i + j], &v[j * dv..][..dv]);
-                }
-            }
+            let (v, next) = unsafe {
+                let v = self.tile(Pool::CmpV, ctable, kvh, i, nc);
+                let n = v.len() / dv;
+                (v, if i + n < nc { self.tile(Pool::CmpV, ctable, kvh, i + n, nc) } else { &[] })
+            };
+            let n = v.len() / dv;
+            let v = isa.to_f32(v, ws.vt);
+            isa.pv(&ws.sc[i..], maxc, g, v, n, dv, acc_cmp, &mut Prefetch::new(next));
             i += n;
         }
 
@@ -168,9 +161,7 @@ impl<T: Elem> LayerRun<'_, T> {
         let psum = &mut ws.psum[..nc];
         psum.fill(0.0);
         for h in 0..g {
-            for (a, s) in psum.iter_mut().zip(&ws.sc[h * maxc..][..nc]) {
-                *a += s;
-            }
+            isa.axpy(psum, 1.0, &ws.sc[h * maxc..][..nc]); // psum + 1 * s: exactly psum + s
         }
         let lp = cfg.sel_block;
         let b = (t / lp) as usize;
@@ -183,17 +174,17 @@ impl<T: Elem> LayerRun<'_, T> {
             dst[..count].copy_from_slice(&ws.sel[..count]);
             dst[count..].fill(-1);
         }
+        let window = ((t + 1).saturating_sub(cfg.window), t + 1);
+        let block = |j: i32| (j as u32 * lp, (j as u32 * lp + lp).min(t + 1));
         slc.reset();
-        for &j in &ws.sel[..count] {
-            let lo = j as u32 * lp;
-            let hi = (lo + lp).min(t + 1);
-            self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut slc, table, kvh, lo, hi);
+        for (idx, &j) in ws.sel[..count].iter().enumerate() {
+            let next = if idx + 1 < count { block(ws.sel[idx + 1]) } else { window };
+            self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut slc, table, kvh, block(j), next);
         }
 
         // Branch 3: sliding window of min(w, t+1) keys.
         win.reset();
-        let lo = (t + 1).saturating_sub(cfg.window);
-        self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut win, table, kvh, lo, t + 1);
+        self.attend_range(ws.qf, ws.kt, ws.vt, ws.st, &mut win, table, kvh, window, (0, 0));
 
         // Gated combine.
         // SAFETY: this task alone writes rows of its chunk, heads of its group.
@@ -202,7 +193,7 @@ impl<T: Elem> LayerRun<'_, T> {
             let gates = &self.gates[(r * hq + h0 + h) * 3..][..3];
             let o = &mut ws.orow[..dv];
             o.fill(0.0);
-            super::math::axpy(o, gates[0], &acc_cmp[h * dv..][..dv]);
+            isa.axpy(o, gates[0], &acc_cmp[h * dv..][..dv]);
             slc.emit(h, gates[1], o);
             win.emit(h, gates[2], o);
             for (d, x) in out[h * dv..][..dv].iter_mut().zip(o.iter()) {
@@ -212,7 +203,8 @@ impl<T: Elem> LayerRun<'_, T> {
     }
 
     /// Feeds keys/values at positions `lo..hi` of the sequence (head `kvh`) into `state`,
-    /// a tile at a time (tiles never cross a page).
+    /// a tile at a time (tiles never cross a page). `next` is the range the caller feeds
+    /// after this one (empty if none): its first tile is prefetched during the last tile.
     #[allow(clippy::too_many_arguments)]
     fn attend_range(
         &self,
@@ -223,24 +215,39 @@ impl<T: Elem> LayerRun<'_, T> {
         state: &mut Online<'_>,
         table: &[i32],
         kvh: usize,
-        lo: u32,
-        hi: u32,
+        (lo, hi): (u32, u32),
+        next: (u32, u32),
     ) {
-        let p = self.cfg.page_size;
-        let dk = self.cfg.head_dim_qk as usize;
-        let mut pos = lo;
+        let (dk, dv) = (self.cfg.head_dim_qk as usize, self.cfg.head_dim_v as usize);
+        let (mut pos, hi) = (lo as usize, hi as usize);
         while pos < hi {
-            let n = (hi - pos).min(p - pos % p).min(TILE as u32);
-            let page = table[(pos / p) as usize];
-            let off = (pos % p) as usize;
             // SAFETY: positions below new_len are written only in phase 2, which is over.
-            let (k, v) = unsafe {
-                (self.store.rows(Pool::RawK, page, kvh, off, n as usize), self.store.rows(Pool::RawV, page, kvh, off, n as usize))
+            let (k, v, nk, nv) = unsafe {
+                let k = self.tile(Pool::RawK, table, kvh, pos, hi);
+                let n = k.len() / dk;
+                let at = if pos + n < hi { Some((pos + n, hi)) } else { (next.0 < next.1).then_some((next.0 as usize, next.1 as usize)) };
+                let (nk, nv) = match at {
+                    Some((a, b)) => (self.tile(Pool::RawK, table, kvh, a, b), self.tile(Pool::RawV, table, kvh, a, b)),
+                    None => (&[][..], &[][..]),
+                };
+                (k, self.tile(Pool::RawV, table, kvh, pos, hi), nk, nv)
             };
-            let k = to_f32(k, kt);
-            let v = to_f32(v, vt);
-            state.update(qf, k, v, n as usize, dk, st);
+            let n = k.len() / dk;
+            debug_assert_eq!(v.len(), n * dv);
+            let k = state.isa.k_tile(k, dk, kt);
+            state.update(qf, k, v, vt, n, dk, st, (Prefetch::new(nk), Prefetch::new(nv)));
             pos += n;
         }
+    }
+
+    /// Rows of the tile of `pool` that starts at position `pos` of a range ending at `hi`
+    /// (`pos < hi`): up to the end of the range, of the page, or TILE rows.
+    ///
+    /// # Safety
+    /// No task writes these rows during the borrow.
+    unsafe fn tile(&self, pool: Pool, table: &[i32], kvh: usize, pos: usize, hi: usize) -> &[T] {
+        let p = self.cfg.page_size as usize;
+        let n = (hi - pos).min(p - pos % p).min(TILE);
+        self.store.rows(pool, table[pos / p], kvh, pos % p, n)
     }
 }

@@ -1,7 +1,7 @@
 //! The compression function phi (NSA_SPEC.md branch 1): one compressed K or V row from
 //! the `l` raw rows of its block, with the caller's weights.
 
-use super::math::axpy;
+use super::simd::Isa;
 use crate::config::{Config, Phi};
 
 /// The weights of one KV head for one side (K or V), cut out of the layer's weight array.
@@ -42,6 +42,7 @@ impl<'w> PhiHead<'w> {
     /// `out = phi(x)` for `x: [l, d]` (f32 rows). `scratch` holds at least `l*d + hid`.
     pub fn apply(&self, x: &[f32], d: usize, out: &mut [f32], scratch: &mut [f32]) {
         let l = x.len() / d;
+        let isa = Isa::get();
         out.fill(0.0);
         // Adds pe to the concatenated rows when the variant has it.
         let with_pe = |pe: Option<&[f32]>, scratch: &'_ mut [f32]| -> usize {
@@ -59,20 +60,19 @@ impl<'w> PhiHead<'w> {
         match *self {
             PhiHead::Mean => {
                 for j in 0..l {
-                    axpy(out, 1.0, &x[j * d..][..d]);
+                    isa.axpy(out, 1.0, &x[j * d..][..d]);
                 }
-                let inv = 1.0 / l as f32;
-                out.iter_mut().for_each(|o| *o *= inv);
+                isa.scale(out, 1.0 / l as f32);
             }
             PhiHead::Weighted(w) => {
                 for j in 0..l {
-                    axpy(out, w[j], &x[j * d..][..d]);
+                    isa.axpy(out, w[j], &x[j * d..][..d]);
                 }
             }
             PhiHead::Linear { w, pe } => {
                 let n = with_pe(pe, scratch);
                 for r in 0..n {
-                    axpy(out, scratch[r], &w[r * d..][..d]);
+                    isa.axpy(out, scratch[r], &w[r * d..][..d]);
                 }
             }
             PhiHead::Mlp { w1, b1, w2, b2, pe } => {
@@ -82,12 +82,12 @@ impl<'w> PhiHead<'w> {
                 let hidden = &mut hidden[..hid];
                 hidden.copy_from_slice(b1);
                 for r in 0..n {
-                    axpy(hidden, xin[r], &w1[r * hid..][..hid]);
+                    isa.axpy(hidden, xin[r], &w1[r * hid..][..hid]);
                 }
                 out.copy_from_slice(b2);
                 for (u, hu) in hidden.iter().enumerate() {
                     if *hu > 0.0 {
-                        axpy(out, *hu, &w2[u * d..][..d]);
+                        isa.axpy(out, *hu, &w2[u * d..][..d]);
                     }
                 }
             }

@@ -15,6 +15,7 @@ mod compress;
 mod math;
 mod runner;
 mod select;
+mod simd;
 mod store;
 mod workspace;
 
