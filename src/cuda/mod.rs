@@ -536,6 +536,23 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The planned step, after checking what every layer call needs: the cache has this
+    /// backend's config, `layer` is in range, and the step is the one last uploaded.
+    fn uploaded_step<'c>(&self, cache: &'c Cache, layer: u32, call: &str) -> Result<crate::plan::Step<'c>> {
+        let cfg = &self.cfg;
+        if cache.config() != cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        if layer >= cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
+        }
+        let step = cache.step()?;
+        if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
+            return Err(NsaError::arg("step", "not uploaded", format!("call upload_step for the planned step before {call}")));
+        }
+        Ok(step)
+    }
+
     /// Runs one layer of the uploaded step on `stream`: copy-on-write copies, appends the
     /// step's K/V rows, emits finished compressed tokens, writes NSA attention of every
     /// new token to `io.out` (and the selected blocks to `io.selected` when given).
@@ -549,16 +566,7 @@ impl CudaBackend {
     /// one uploaded, `layer` is out of range, or a required pointer is 0.
     pub fn run_layer(&mut self, cache: &Cache, layer: u32, io: &DeviceLayerIo, stream: CUstream) -> Result<()> {
         let cfg = self.cfg;
-        if cache.config() != &cfg {
-            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
-        }
-        if layer >= cfg.num_layers {
-            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
-        }
-        let step = cache.step()?;
-        if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
-            return Err(NsaError::arg("step", "not uploaded", "call upload_step for the planned step before run_layer"));
-        }
+        let step = self.uploaded_step(cache, layer, "run_layer")?;
         let append_only = io.q == 0 && io.out == 0;
         let required: &[(&str, u64)] = if append_only {
             &[("io.k", io.k), ("io.v", io.v)]
@@ -659,16 +667,7 @@ impl CudaBackend {
     /// [`crate::cpu::CpuBackend::attend_full`].
     pub fn attend_full(&mut self, cache: &Cache, layer: u32, q: u64, out: u64, stream: CUstream) -> Result<()> {
         let cfg = self.cfg;
-        if cache.config() != &cfg {
-            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
-        }
-        if layer >= cfg.num_layers {
-            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
-        }
-        let step = cache.step()?;
-        if !self.uploaded_valid || step.tokens != self.uploaded_tokens || step.seqs != self.uploaded.as_slice() {
-            return Err(NsaError::arg("step", "not uploaded", "call upload_step for the planned step before attend_full"));
-        }
+        let step = self.uploaded_step(cache, layer, "attend_full")?;
         for (name, ptr) in [("q", q), ("out", out)] {
             if ptr == 0 {
                 return Err(NsaError::arg(name, 0, "must be a device pointer"));

@@ -295,18 +295,8 @@ pub unsafe extern "C" fn nsa_cuda_run_layer(
             if io.tokens != step_tokens {
                 return Err(NsaError::arg("io->tokens", io.tokens, format!("the planned step has {step_tokens} tokens")).into());
             }
-            // q = out = 0 asks for an append-only run (no attention: gates unused).
-            let append_only = io.q == 0 && io.out == 0;
-            let required: &[(&'static str, u64)] = if append_only {
-                &[("io->k", io.k), ("io->v", io.v)]
-            } else {
-                &[("io->q", io.q), ("io->k", io.k), ("io->v", io.v), ("io->gates", io.gates), ("io->out", io.out)]
-            };
-            for &(arg, p) in required {
-                if p == 0 {
-                    return Err(NsaError::arg(arg, 0, "a device pointer is required").into());
-                }
-            }
+            // Required pointers (and the q = out = 0 append-only rule) are checked by the
+            // backend; here only what it cannot know: the phi weights' element counts.
             for (arg, p, len, want) in [
                 ("io->phi_k_len", io.phi_k, io.phi_k_len, cfg.phi_weight_len(cfg.head_dim_qk)),
                 ("io->phi_v_len", io.phi_v, io.phi_v_len, cfg.phi_weight_len(cfg.head_dim_v)),
