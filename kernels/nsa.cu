@@ -9,12 +9,13 @@
 // (16-bit types as raw `unsigned short`); every accumulation is f32.
 //
 // A layer run is a fixed sequence of launches on the caller's stream:
-//   copy_pages   copy-on-write copies of the step (grid: 2*seqs x HKV, exits past n_copies)
-//   append       new K/V rows into their pages (grid: tokens x HKV)
+//   append       new K/V rows into their pages and the step's copy-on-write copies, which
+//                touch other rows (grid: (tokens + 2*seqs) x HKV, copies exit past n_copies)
 //   compress     finished compressed tokens, every phi (grid: tokens x HKV x 2, exits past n_jobs)
 //   then, per wave of up to `wave_rows` query rows:
 //   cmp_partial  compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
 //   select       combine split max/sum, Eq. 9 block scores summed over the group, top-n
+//                per chunk of blocks (rows x HKV x sel_chunks), merged by the last chunk
 //   sw_partial   selected blocks and window chunks, one block per unit (rows x HKV x units)
 //   combine      merge every partial, gated sum, store (rows x HQ)
 // (an append-only run stops after compress). cmp_mma / sw_mma replace cmp_partial /
@@ -35,13 +36,14 @@ struct Params {
     u64 raw_k, raw_v, cmp_k, cmp_v;
     u64 q, k, v, gates, out, selected, phi_k, phi_v;
     u64 hdr, plan, copies, tokmap, jobs, raw_tab, cmp_tab;
-    u64 logits, psum, sel, part_ml, part_acc;
+    u64 logits, sel, part_ml, part_acc, cand, count;
+    u64 tmaps;  // this layer's tensor maps (raw K, raw V, cmp K, cmp V; 128 bytes each), mode & 2
     int hq, hkv, g, dk, dv, page, pps, cpps;
     int cl, cd, lsel, nsel, n_init, n_local, window, phi;
     int phi_hidden, phi_pe, maxc, nb, nsplit_c, split_c, units_s, units_w;
     int wave_rows, row0, hc, mode;
     float scale;
-    int spb;
+    int spb, sel_chunks, nstage;
 };
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -116,14 +118,16 @@ __device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) 
     return ((usize)wr * (usize)p.hq + (usize)h) * (usize)units + (usize)u;
 }
 
-// ---------------------------------------------------------------- copy-on-write copies
+// ---------------------------------------------------------------- copy-on-write copies + append
+// One launch, grid (tokens + 2*seqs) x HKV: blocks [0, tokens) append the step's new K/V
+// rows, the rest make the step's copy-on-write copies (exiting past n_copies). The two
+// never touch the same rows: a copy covers a page's live rows (< the sequence's old
+// length), an append writes rows at or past it, so they need no ordering between them;
+// compress (the next launch) reads both.
 
 template <class E>
-__device__ void copy_pages(const Params& p) {
+__device__ void copy_rows(const Params& p, int c, int kvh) {
     typedef typename E::T T;
-    const int* hdr = (const int*)p.hdr;
-    int c = blockIdx.x, kvh = blockIdx.y;
-    if (c >= hdr[2]) return;
     PageCopy pc = ((const PageCopy*)p.copies)[c];
     T* kpool = (T*)(pc.pool == 0 ? p.raw_k : p.cmp_k);
     T* vpool = (T*)(pc.pool == 0 ? p.raw_v : p.cmp_v);
@@ -134,14 +138,16 @@ __device__ void copy_pages(const Params& p) {
     for (usize i = threadIdx.x; i < nv; i += blockDim.x) vpool[dv_ + i] = vpool[sv + i];
 }
 
-// ---------------------------------------------------------------- append
-
 template <class E>
 __device__ void append(const Params& p) {
     typedef typename E::T T;
     const int* hdr = (const int*)p.hdr;
     int r = blockIdx.x, kvh = blockIdx.y;
-    if (r >= hdr[1]) return;
+    if (r >= hdr[1]) {
+        int c = r - hdr[1];
+        if (c < hdr[2]) copy_rows<E>(p, c, kvh);
+        return;
+    }
     int2 tm = ((const int2*)p.tokmap)[r];
     int page = ((const int*)p.raw_tab)[(usize)tm.x * p.pps + tm.y / p.page];
     int off = tm.y % p.page;
@@ -204,15 +210,16 @@ __device__ void compress(const Params& p) {
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
             float a = 0.f;
             int j = 0;
-            for (; j + 4 <= p.cl; j += 4) {
-                float x[4];
+            // 16 loads in flight per round (a compressed token is 2 rounds at l = 32).
+            for (; j + 16 <= p.cl; j += 16) {
+                float x[16];
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
+                for (int k = 0; k < 16; k++) {
                     int pos = ci * p.cd + j + k;
                     x[k] = E::ld(raw + row_at(p, rows[j + k], h, pos % p.page, D), c);
                 }
 #pragma unroll
-                for (int k = 0; k < 4; k++) a = p.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
+                for (int k = 0; k < 16; k++) a = p.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
             }
             for (; j < p.cl; j++) {
                 int pos = ci * p.cd + j;
@@ -458,132 +465,163 @@ __device__ __forceinline__ float overlap_count(int k, int A, int B) {
     return hi >= lo ? (float)(hi - lo + 1) : 0.f;
 }
 
+// Fast exp on the SFU (ex2.approx, flush-to-zero): exp(-inf) = 0. Used where the
+// result feeds a softmax or a ranking, whose error budget (1e-2 relative in 16-bit
+// outputs, near-tie tolerance in selection) dwarfs its ~2 ulp.
+__device__ __forceinline__ float fexp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
+// Selection, split over chunks of selection blocks: grid rows x HKV x sel_chunks, 256
+// threads. A chunk of `cb` blocks (at least SEL_MIN_CHUNK; the host bounds it by
+// SEL_MAX_CHUNK through sel_chunks): merges the compressed splits' (m, l) of the group's
+// heads, sums the group's normalised probabilities over the compressed tokens its blocks
+// overlap (Eq. 8), scores its blocks (Eq. 9, forced blocks +inf), ranks them (a thread
+// per block counts the better ones: ties to the lower index) and stores its best n,
+// best first, -1 padded. The last chunk block of the (row, KV head) to finish (a counter
+// in the workspace, reset by that block) merges the chunks' lists: a candidate's global
+// rank is its rank in its list plus, per other list, the count of better entries (exact
+// for the true top n: every better block is in its own list's best n). Output ascending,
+// -1 padded.
+// Shared: chunk phase m[g] | inv[g] | blk[cb] | ps[cb*B + A - 1];
+//         merge phase cand[chunks * n] (int2) | pick[n] | flag.
+#define SEL_MIN_CHUNK 64
+
 __device__ __forceinline__ bool better(float s1, int j1, float s2, int j2) {
     if (j1 < 0) return false;
     if (j2 < 0) return true;
     return s1 > s2 || (s1 == s2 && j1 < j2);
 }
 
-// Selection for one (row, KV head): 256 threads.
-// Shared: blk[nb] | m[g] | inv[g] | pick[nsel] | red_s[32] | red_j[32].
 template <class E>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
-    int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-    int t = ((const int2*)p.tokmap)[r].y;
-    int nc = num_cmp(p, t + 1);
-    float* blk = smem;
-    float* mh = blk + p.nb;
-    float* inv = mh + p.g;
-    int* pick = (int*)(inv + p.g);
-    float* red_s = (float*)(pick + p.nsel);
-    int* red_j = (int*)(red_s + 32);
-    const float* ml = (const float*)p.part_ml;
-    // Combine the compressed splits' max and sum per head.
-    // A warp per head, a lane per split (independent loads).
-    for (int h = warp; h < p.g; h += nwarps) {
-        int hg = kvh * p.g + h;
-        float m = NEG_INF;
-        for (int u = lane; u < p.nsplit_c; u += 32) {
-            usize at = part_at(p, wr, hg, u);
-            if (ml[2 * at + 1] > 0.f) m = fmaxf(m, ml[2 * at]);
-        }
-        m = warp_max(m);
-        float l = 0.f;
-        if (m != NEG_INF)
+    __shared__ int last;
+    const int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const int t = ((const int2*)p.tokmap)[r].y;
+    const int nc = num_cmp(p, t + 1);
+    const int A = p.cl / p.cd, B = p.lsel / p.cd, n = p.nsel;
+    const int nblk = t / p.lsel + 1, b = nblk - 1;
+    const int cb = max(SEL_MIN_CHUNK, (nblk + p.sel_chunks - 1) / p.sel_chunks);
+    const int nlists = (nblk + cb - 1) / cb;
+    const usize pair = (usize)wr * p.hkv + kvh;
+    int2* lists = (int2*)p.cand + pair * p.sel_chunks * n;
+    const int j0 = min(ch * cb, nblk), j1 = min(j0 + cb, nblk);
+    if (j0 < j1) {
+        float* mh = smem;
+        float* inv = mh + p.g;
+        float* blk = inv + p.g;
+        float* ps = blk + cb;
+        const float* ml = (const float*)p.part_ml;
+        // Softmax (m, l) of every head over all compressed splits: a warp per head, one
+        // pass (each lane merges its splits online, then the lanes' states merge).
+        for (int h = warp; h < p.g; h += nwarps) {
+            int hg = kvh * p.g + h;
+            float m = NEG_INF, l = 0.f;
             for (int u = lane; u < p.nsplit_c; u += 32) {
-                usize at = part_at(p, wr, hg, u);
-                if (ml[2 * at + 1] > 0.f) l += ml[2 * at + 1] * expf(ml[2 * at] - m);
-            }
-        l = warp_sum(l);
-        if (lane == 0) {
-            mh[h] = m;
-            inv[h] = l > 0.f ? 1.0f / l : 0.f;
-        }
-    }
-    __syncthreads();
-    // Group-summed normalised probabilities of every visible compressed token.
-    const float* lg = (const float*)p.logits + ((usize)wr * p.hq + (usize)kvh * p.g) * p.maxc;
-    float* ps = (float*)p.psum + ((usize)wr * p.hkv + kvh) * p.maxc;
-    for (int i = tid; i < nc; i += blockDim.x) {
-        float a = 0.f;
-        for (int h0 = 0; h0 < p.g; h0 += 8) {
-            float x[8];
-#pragma unroll
-            for (int k = 0; k < 8; k++) x[k] = h0 + k < p.g ? lg[(usize)(h0 + k) * p.maxc + i] : 0.f;
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                if (h0 + k < p.g) a += expf(x[k] - mh[h0 + k]) * inv[h0 + k];
-        }
-        ps[i] = a;
-    }
-    __syncthreads();
-    // Block scores (Eq. 9 overlap-centred), forced blocks +inf.
-    int A = p.cl / p.cd, B = p.lsel / p.cd;
-    int b = t / p.lsel;
-    for (int j = tid; j <= b; j += blockDim.x) {
-        int first = B * j - (A - 1);
-        float acc = 0.f;
-        for (int k0 = 0; k0 < A + B - 1; k0 += 8) {
-            float x[8];
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                int i = first + k0 + k;
-                x[k] = (k0 + k < A + B - 1 && i >= 0 && i < nc) ? ps[i] : 0.f;
-            }
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                if (k0 + k < A + B - 1) acc += overlap_count(k0 + k, A, B) * x[k];
-        }
-        if (j < p.n_init || j > b - p.n_local) acc = POS_INF;
-        blk[j] = acc;
-    }
-    __syncthreads();
-    // Top-n: repeated block-wide argmax, ties to the lower index; chosen blocks are
-    // marked by NaN (never a real score).
-    int count = min(p.nsel, b + 1);
-    for (int k = 0; k < count; k++) {
-        float bs = 0.f;
-        int bj = -1;
-        for (int j = tid; j <= b; j += blockDim.x) {
-            float s = blk[j];
-            if (s == s && better(s, j, bs, bj)) {
-                bs = s;
-                bj = j;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float os = __shfl_xor_sync(0xffffffffu, bs, o);
-            int oj = __shfl_xor_sync(0xffffffffu, bj, o);
-            if (better(os, oj, bs, bj)) {
-                bs = os;
-                bj = oj;
-            }
-        }
-        if (lane == 0) {
-            red_s[warp] = bs;
-            red_j[warp] = bj;
-        }
-        __syncthreads();
-        if (tid == 0) {
-            float s0 = red_s[0];
-            int j0 = red_j[0];
-            for (int w = 1; w < nwarps; w++)
-                if (better(red_s[w], red_j[w], s0, j0)) {
-                    s0 = red_s[w];
-                    j0 = red_j[w];
+                float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
+                if (x.y > 0.f) {
+                    float mn = fmaxf(m, x.x);
+                    l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
+                    m = mn;
                 }
-            pick[k] = j0;
-            blk[j0] = __int_as_float(0x7fc00000);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
+                float mn = fmaxf(m, mo);
+                l = (l > 0.f ? l * fexp(m - mn) : 0.f) + (lo > 0.f ? lo * fexp(mo - mn) : 0.f);
+                m = mn;
+            }
+            if (lane == 0) {
+                mh[h] = m;
+                inv[h] = l > 0.f ? 1.0f / l : 0.f;
+            }
         }
         __syncthreads();
+        // Group-summed probabilities of compressed tokens i0 .. i0 + span (0 outside [0, nc)).
+        const int i0 = B * j0 - (A - 1), span = B * (j1 - j0) + A - 1;
+        const float* lg = (const float*)p.logits + ((usize)wr * p.hq + (usize)kvh * p.g) * p.maxc;
+        for (int x = tid; x < span; x += blockDim.x) {
+            int i = i0 + x;
+            float a = 0.f;
+            if (i >= 0 && i < nc) {
+                for (int h0 = 0; h0 < p.g; h0 += 8) {
+                    float v[8];
+#pragma unroll
+                    for (int k = 0; k < 8; k++) v[k] = h0 + k < p.g ? lg[(usize)(h0 + k) * p.maxc + i] : 0.f;
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        if (h0 + k < p.g) a += fexp(v[k] - mh[h0 + k]) * inv[h0 + k];
+                }
+            }
+            ps[x] = a;
+        }
+        __syncthreads();
+        // Block scores (Eq. 9: overlap counts of the A x B pairs), forced blocks +inf.
+        for (int j = j0 + tid; j < j1; j += blockDim.x) {
+            const float* pj = ps + B * (j - j0);
+            float acc = 0.f;
+            for (int k = 0; k < A + B - 1; k++) acc += overlap_count(k, A, B) * pj[k];
+            if (j < p.n_init || j > b - p.n_local) acc = POS_INF;
+            blk[j - j0] = acc;
+        }
+        __syncthreads();
+        // This chunk's best n, best first.
+        int2* mine = lists + (usize)ch * n;
+        const int cn = j1 - j0;
+        for (int x = tid; x < cn; x += blockDim.x) {
+            float s = blk[x];
+            int rank = 0;
+#pragma unroll 8
+            for (int k = 0; k < cn; k++) {
+                float o = blk[k];  // the same address across the warp: a broadcast
+                rank += (o > s) | ((o == s) & (k < x));
+            }
+            if (rank < n) mine[rank] = make_int2(__float_as_int(s), j0 + x);
+        }
+        for (int k = (j1 - j0) + tid; k < n; k += blockDim.x) mine[k] = make_int2(0, -1);
     }
-    // Ascending order by rank, -1 padding; to the workspace and the caller's array.
-    int* wsel = (int*)p.sel + ((usize)wr * p.hkv + kvh) * p.nsel;
-    int* usel = p.selected ? (int*)p.selected + ((usize)r * p.hkv + kvh) * p.nsel : (int*)0;
-    for (int k = tid; k < p.nsel; k += blockDim.x) {
+    // The last chunk block to finish merges (classic threadfence + counter pattern).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int done = atomicAdd((int*)p.count + pair, 1);
+        last = done == p.sel_chunks - 1;
+        if (last) atomicExch((int*)p.count + pair, 0);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int2* cs = (int2*)smem;
+    int* pick = (int*)(cs + nlists * n);
+    for (int x = tid; x < nlists * n; x += blockDim.x) {
+        // Written by other blocks of this launch: read through L2 (volatile), not L1.
+        const volatile int* src = (const volatile int*)(lists + x);
+        cs[x] = make_int2(src[0], src[1]);
+    }
+    const int count = min(n, nblk);
+    __syncthreads();
+    for (int x = tid; x < nlists * n; x += blockDim.x) {
+        int2 me = cs[x];
+        if (me.y < 0) continue;
+        float s = __int_as_float(me.x);
+        int own = x / n, rank = x - own * n;
+        for (int l = 0; l < nlists && rank < count; l++) {
+            if (l == own) continue;
+            const int2* ls = cs + l * n;
+#pragma unroll 4
+            for (int k = 0; k < n; k++) rank += better(__int_as_float(ls[k].x), ls[k].y, s, me.y);
+        }
+        if (rank < count) pick[rank] = me.y;
+    }
+    __syncthreads();
+    int* wsel = (int*)p.sel + pair * n;
+    int* usel = p.selected ? (int*)p.selected + ((usize)r * p.hkv + kvh) * n : (int*)0;
+    for (int k = tid; k < n; k += blockDim.x) {
         if (k < count) {
             int me = pick[k], pos = 0;
             for (int k2 = 0; k2 < count; k2++) pos += pick[k2] < me;
@@ -634,25 +672,28 @@ __device__ __forceinline__ float unit_sum(const float* col, int stride, const fl
     return a;
 }
 
-// Gated combine for one (row, query head): 128 threads, a thread per output column.
-// The per-unit merge factors exp(m_u - m_branch) are computed once in shared memory,
-// then each column sums its units' accumulators (independent loads).
-// Shared: m[U] | f[U] (l_u, then the factor) | gm[3] | gl[3].
+// Gated combine for one (row, query head): the per-unit merge factors exp(m_u - m_branch)
+// are computed once in shared memory, then P = blockDim / DV parts of the block each sum
+// a slice of every branch's units for every column (P independent load streams per
+// column: the partials come from L2), the parts' sums are added, gated and stored.
+// Shared: m[U] | f[U] (l_u, then the factor) | gm[3] | gl[3] | red[3][P][DV].
 template <class E>
 __device__ void combine(const Params& p) {
     extern __shared__ float smem[];
     int wr = blockIdx.x, r = p.row0 + wr, hg = blockIdx.y, tid = threadIdx.x;
     int s0 = p.nsplit_c, s1 = s0 + p.units_s, U = s1 + p.units_w;
+    const int DV = p.dv, P = max(1, (int)blockDim.x / DV);
     float* mu = smem;
     float* fu = mu + U;
     float* gm = fu + U;
     float* gl = gm + 3;
+    float* red = gl + 3;
     const float* ml = (const float*)p.part_ml;
     const float* pa = (const float*)p.part_acc;
     for (int u = tid; u < U; u += blockDim.x) {
-        usize at = part_at(p, wr, hg, u);
-        mu[u] = ml[2 * at];
-        fu[u] = ml[2 * at + 1];
+        float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
+        mu[u] = x.x;
+        fu[u] = x.y;
     }
     __syncthreads();
     if (tid < 3) {
@@ -674,20 +715,35 @@ __device__ void combine(const Params& p) {
         fu[u] = (fu[u] > 0.f && gm[grp] != NEG_INF) ? expf(mu[u] - gm[grp]) : 0.f;
     }
     __syncthreads();
+    usize base = part_at(p, wr, hg, 0) * DV;
+    // Every unit's accumulator is written (0 for empty units, whose factor is 0).
+    for (int e = tid; e < P * DV; e += blockDim.x) {
+        int c = e % DV, part = e / DV;
+        int bounds[4] = {0, s0, s1, U};
+#pragma unroll
+        for (int br = 0; br < 3; br++) {
+            int n = bounds[br + 1] - bounds[br];
+            int lo = bounds[br] + n * part / P, hi = bounds[br] + n * (part + 1) / P;
+            red[(br * P + part) * DV + c] = unit_sum(pa + base + c, DV, fu, lo, hi);
+        }
+    }
+    __syncthreads();
     const float* gt = (const float*)p.gates + ((usize)r * p.hq + hg) * 3;
     typename E::T* out = (typename E::T*)p.out;
-    usize base = part_at(p, wr, hg, 0) * p.dv;
-    for (int c = tid; c < p.dv; c += blockDim.x) {
-        // Every unit's accumulator is written (0 for empty units, whose factor is 0).
-        float a0 = unit_sum(pa + base + c, p.dv, fu, 0, s0);
-        float a1 = unit_sum(pa + base + c, p.dv, fu, s0, s1);
-        float a2 = unit_sum(pa + base + c, p.dv, fu, s1, U);
+    for (int c = tid; c < DV; c += blockDim.x) {
+        float a[3];
+#pragma unroll
+        for (int br = 0; br < 3; br++) {
+            float x = 0.f;
+            for (int part = 0; part < P; part++) x += red[(br * P + part) * DV + c];
+            a[br] = x;
+        }
         float o = 0.f;
-        float ocmp = gl[0] > 0.f ? a0 * (1.0f / gl[0]) : 0.f;
+        float ocmp = gl[0] > 0.f ? a[0] * (1.0f / gl[0]) : 0.f;
         o = o + gt[0] * ocmp;
-        if (gl[1] > 0.f) o = o + (gt[1] / gl[1]) * a1;
-        if (gl[2] > 0.f) o = o + (gt[2] / gl[2]) * a2;
-        E::st(out, ((usize)r * p.hq + hg) * p.dv + c, o);
+        if (gl[1] > 0.f) o = o + (gt[1] / gl[1]) * a[1];
+        if (gl[2] > 0.f) o = o + (gt[2] / gl[2]) * a[2];
+        E::st(out, ((usize)r * p.hq + hg) * DV + c, o);
     }
 }
 
@@ -736,20 +792,27 @@ __device__ void full_combine(const Params& p) {
 // bf16/f16 with DK, DV multiples of 16 (the host checks; other shapes use `attend`).
 // A block of MW warps owns (row, KV head, unit) and up to 16 heads of the group at a time
 // (the rows of an m16n8k16 tile; a smaller group pads rows with zero queries). Each warp
-// streams its own tiles of MK = 16 keys (tiles warp, warp + MW, ...) through MSTAGES
-// shared-memory stages with cp.async (16-byte copies, zero-filled for masked keys),
+// streams its own tiles of MK = 16 keys (tiles warp, warp + MW, ...) through
+// `p.nstage` (2..MAX_STAGES, picked by the host from the occupancy) shared-memory stages with cp.async (16-byte copies, zero-filled for masked keys),
 // computes S = Q K^T (ldmatrix + mma), an online softmax in registers, O += P V (P
 // packed to 16 bits as the A operand, V through ldmatrix.trans), then the warps' states
 // are merged in shared memory and stored as the unit's partial (m, l, acc).
 // With `p.mode & 1` (sm_90) a tile is loaded by 1-D bulk copies instead, one K or V row
 // per lane, completing on the stage's mbarrier; masked keys of a partly valid tile copy a
 // valid row of the tile (their scores are masked), fully masked tiles load nothing.
-// Shared: q_s[16][DK+8] | mbarriers[MW][MSTAGES] (128 bytes) | per warp, per stage:
-// K[16][DK+8] V[16][DV+8] (16-bit); after the loop the stages are reused for the merge:
-// acc[MW][16][DV] | m[MW][16] | l | f.
+// With `p.mode & 2` (sm_90, DK and DV multiples of 64, 16-aligned pages and blocks) a tile
+// is DK/64 + DV/64 boxes of a tensor map instead (16 rows x 128 bytes each, the copy
+// engine's 128-byte swizzle, which the ldmatrix addresses undo): a few large requests
+// instead of 32 row copies. The copy engine issues requests slowly, so this is what keeps
+// enough bytes in flight. Masked keys' V rows are zeroed after arrival.
+// Shared: q_s[16][DK+8] | mbarriers[MW][MAX_STAGES] (128 bytes) | per warp, per stage:
+// K[16][DK+8] V[16][DV+8] (16-bit; unpadded K[DK/64][16][64] V[DV/64][16][64] boxes from a
+// 1024-byte boundary with tensor maps); after the loop the stages are reused for the
+// merge: acc[MW][16][DV] | m[MW][16] | l | f.
 #define MW 4
 #define MK 16
-#define MSTAGES 2
+#define TMAP_BYTES 128
+#define MAX_STAGES 4  // the 128 bytes of mbarriers hold MW x MAX_STAGES
 
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
     unsigned r;
@@ -839,6 +902,17 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned
 #endif
 }
 
+// A box of a 3-D tensor map (in global memory) into shared memory, completing on an mbarrier.
+__device__ __forceinline__ void tma_load3(unsigned dst, u64 map, int x, int y, int z, unsigned bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];" ::"r"(dst),
+        "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar)
+        : "memory");
+#endif
+}
+
 template <int MMA>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
@@ -854,10 +928,11 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 struct Keys {
     const int* blocks;
     int lo, n, t;
+    int first;  // contiguous ranges: positions below it are masked (a 16-aligned window start)
 };
 __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
     if (j >= ks.n) return -1;
-    if (!ks.blocks) return ks.lo + j;
+    if (!ks.blocks) return ks.lo + j >= ks.first ? ks.lo + j : -1;
     int b = ks.blocks[j / p.lsel];
     if (b < 0) return -1;
     int pos = b * p.lsel + j % p.lsel;
@@ -865,22 +940,26 @@ __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
 }
 
 template <class E, int NVT>
-__device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, const int* table, int kvh,
-                           const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u, float* logit_out) {
+__device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
+                           int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
+                           float* logit_out) {
     extern __shared__ float smem[];
     const int DK = p.dk, DV = p.dv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const int QS = DK + 8, VS = DV + 8;
-    const int stage_elems = MK * (QS + VS);
+    const bool bulk = (p.mode & 1) != 0, tma = (p.mode & 2) != 0;
+    // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
+    const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
+    const int stage_elems = MK * (KS + VS);
     u16* q_s = (u16*)smem;
     unsigned long long* bars = (unsigned long long*)(q_s + 16 * QS);
     u16* stg = q_s + 16 * QS + 64;  // 128 bytes of mbarriers
-    u16* my = stg + warp * MSTAGES * stage_elems;
-    const bool bulk = (p.mode & 1) != 0;
-    const unsigned bar0 = smem_u32(bars + warp * MSTAGES);
+    if (tma) stg = (u16*)smem + ((smem_u32(stg) + 1023u & ~1023u) - smem_u32(smem)) / 2;  // box alignment
+    const int S = p.nstage;
+    u16* my = stg + warp * S * stage_elems;
+    const unsigned bar0 = smem_u32(bars + warp * MAX_STAGES);
     if (bulk && lane == 0) {
-        for (int st = 0; st < MSTAGES; st++) mbar_init(bar0 + 8 * st, 1);
+        for (int st = 0; st < S; st++) mbar_init(bar0 + 8 * st, 1);
         fence_mbar_init();
     }
     for (int e = tid; e < 16 * DK; e += blockDim.x) {
@@ -893,7 +972,36 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int ck = DK / 8, cv = DV / 8;
     auto load = [&](int ti, int st) {
         u16* kd = my + st * stage_elems;
-        u16* vd = kd + MK * QS;
+        u16* vd = kd + MK * KS;
+        if (tma) {
+            // The tile's keys are 16 consecutive rows of one page (the host guarantees
+            // 16-aligned ranges, blocks and pages): DK/64 + DV/64 box loads.
+            int pos = key_pos(p, ks, ti * MK + (lane & (MK - 1)));
+            unsigned valid = __ballot_sync(0xffffffffu, pos >= 0) & 0xffffu;
+            unsigned bar = bar0 + 8 * st;
+            fence_async_smem();
+            if (valid == 0u) {
+                if (lane == 0) mbar_expect(bar, 0u);
+                return;
+            }
+            int j0 = ti * MK, pos0;
+            if (ks.blocks) {
+                int b = ks.blocks[j0 / p.lsel];
+                pos0 = b * p.lsel + j0 % p.lsel;
+            } else {
+                pos0 = ks.lo + j0;
+            }
+            if (lane == 0) mbar_expect(bar, (unsigned)(MK * (DK + DV) * 2));
+            __syncwarp();
+            int page = table[pos0 / p.page];
+            int y = pos0 % p.page, z = page * p.hkv + kvh;
+            int nbk = DK / 64, nbv = DV / 64;
+            if (lane < nbk)
+                tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
+            else if (lane < nbk + nbv)
+                tma_load3(smem_u32(vd) + (lane - nbk) * 2048, vmap, (lane - nbk) * 64, y, z, bar);
+            return;
+        }
         if (bulk) {
             int j = lane & (MK - 1);
             int pos = key_pos(p, ks, ti * MK + j);
@@ -937,36 +1045,55 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
 #pragma unroll
     for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
-#pragma unroll
-    for (int st = 0; st < MSTAGES - 1; st++) {
+    for (int st = 0; st < S - 1; st++) {
         if (st < cnt) load(warp + st * MW, st);
         cp_commit();
     }
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
     for (int i = 0; i < cnt; i++) {
-        int nx = i + MSTAGES - 1;
-        if (nx < cnt) load(warp + nx * MW, nx % MSTAGES);
+        int nx = i + S - 1;
+        if (nx < cnt) load(warp + nx * MW, nx % S);
         if (bulk) {
-            mbar_wait(bar0 + 8 * (i % MSTAGES), (unsigned)((i / MSTAGES) & 1));
+            mbar_wait(bar0 + 8 * (i % S), (unsigned)((i / S) & 1));
         } else {
             cp_commit();
-            cp_wait<MSTAGES - 1>();
+            if (S == 2)
+                cp_wait<1>();
+            else if (S == 3)
+                cp_wait<2>();
+            else
+                cp_wait<3>();
         }
         __syncwarp();
         const int j0 = (warp + i * MW) * MK;
         // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
         // holds no copied rows in bulk mode.
-        if (__ballot_sync(0xffffffffu, key_pos(p, ks, j0 + (lane & (MK - 1))) >= 0) == 0u) continue;
-        const u16* kt = my + (i % MSTAGES) * stage_elems;
-        const u16* vt = kt + MK * QS;
+        unsigned vis = __ballot_sync(0xffffffffu, key_pos(p, ks, j0 + (lane & (MK - 1))) >= 0) & 0xffffu;
+        if (vis == 0u) continue;
+        u16* kt = my + (i % S) * stage_elems;
+        u16* vt = kt + MK * KS;
+        if (tma && vis != 0xffffu) {
+            // Box rows of masked keys hold whatever the page holds there (maybe NaN):
+            // zero their V rows, as P = 0 times NaN is NaN. (The next copy into this stage
+            // is ordered after these writes by the proxy fence in `load`.)
+            for (int x = lane; x < MK * (DV / 8); x += 32) {
+                int r = x & (MK - 1), c = x >> 4;  // row, 16-byte chunk (any order: whole rows)
+                if (!((vis >> r) & 1u)) *(uint4*)(vt + (c >> 3) * 1024 + r * 64 + (c & 7) * 8) = make_uint4(0, 0, 0, 0);
+            }
+            __syncwarp();
+        }
         float s[2][4];
 #pragma unroll
         for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
-        const unsigned ka = smem_u32(kt + ((lane & 7) + (lane >> 4) * 8) * QS + ((lane >> 3) & 1) * 8);
+        // ldmatrix row addresses; swizzled boxes: 16-byte chunk c of row r of a box sits
+        // at chunk c ^ (r & 7) of the row (the copy engine's 128-byte swizzle).
+        const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+        const unsigned ka = tma ? smem_u32(kt) + krow * 128 : smem_u32(kt + krow * KS + kc * 8);
         for (int kk = 0; kk < DK; kk += 16) {
             unsigned a0, a1, a2, a3, b0, b1, b2, b3;
             ldsm4(qa + kk * 2, a0, a1, a2, a3);
-            ldsm4(ka + kk * 2, b0, b1, b2, b3);
+            ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2,
+                  b3);
             mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
             mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
         }
@@ -992,14 +1119,14 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
         float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
         float uA = nA == NEG_INF ? 0.f : nA, uB = nB == NEG_INF ? 0.f : nB;
-        float cA = expf(mA - uA), cB = expf(mB - uB);
+        float cA = fexp(mA - uA), cB = fexp(mB - uB);
         float pr[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-            pr[nt][0] = expf(s[nt][0] - uA);
-            pr[nt][1] = expf(s[nt][1] - uA);
-            pr[nt][2] = expf(s[nt][2] - uB);
-            pr[nt][3] = expf(s[nt][3] - uB);
+            pr[nt][0] = fexp(s[nt][0] - uA);
+            pr[nt][1] = fexp(s[nt][1] - uA);
+            pr[nt][2] = fexp(s[nt][2] - uB);
+            pr[nt][3] = fexp(s[nt][3] - uB);
         }
         lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
         lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
@@ -1014,12 +1141,14 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
         unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
         unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
-        const unsigned va = smem_u32(vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * VS + (lane >> 4) * 8);
+        const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+        const unsigned va = tma ? smem_u32(vt) + vrow * 128 : smem_u32(vt + vrow * VS + vc * 8);
 #pragma unroll
         for (int dp = 0; dp < NVT / 2; dp++) {
             if (dp * 16 < DV) {
                 unsigned b0, b1, b2, b3;
-                ldsm4t(va + dp * 32, b0, b1, b2, b3);
+                ldsm4t(tma ? va + ((dp >> 2) << 11) + (((((dp * 2) & 7) + vc) ^ (vrow & 7)) << 4) : va + dp * 32, b0, b1,
+                       b2, b3);
                 mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
                 mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
             }
@@ -1029,7 +1158,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     cp_wait<0>();
     __syncwarp();
     if (bulk && lane == 0)
-        for (int st = 0; st < MSTAGES; st++) mbar_inval(bar0 + 8 * st);
+        for (int st = 0; st < S; st++) mbar_inval(bar0 + 8 * st);
     lA += __shfl_xor_sync(0xffffffffu, lA, 1);
     lA += __shfl_xor_sync(0xffffffffu, lA, 2);
     lB += __shfl_xor_sync(0xffffffffu, lB, 1);
@@ -1064,7 +1193,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int w = 0; w < MW; w++) m = fmaxf(m, mw[w * 16 + tid]);
         float l = 0.f;
         for (int w = 0; w < MW; w++) {
-            float f = (m == NEG_INF || mw[w * 16 + tid] == NEG_INF) ? 0.f : expf(mw[w * 16 + tid] - m);
+            float f = (m == NEG_INF || mw[w * 16 + tid] == NEG_INF) ? 0.f : fexp(mw[w * 16 + tid] - m);
             fw[w * 16 + tid] = f;
             l += f * lw[w * 16 + tid];
         }
@@ -1091,13 +1220,14 @@ __device__ void cmp_mma(const Params& p) {
     int2 tm = ((const int2*)p.tokmap)[r];
     int lo, hi;
     split_range(num_cmp(p, tm.y + 1), p.nsplit_c, split, lo, hi);
-    Keys ks = {0, lo, hi - lo, tm.y};
+    Keys ks = {0, lo, hi - lo, tm.y, 0};
     const int* table = (const int*)p.cmp_tab + (usize)tm.x * p.cpps;
     for (int h0 = 0; h0 < p.g; h0 += 16) {
         int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
         const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
         float* lg = (float*)p.logits + ((usize)wr * p.hq + hg0) * p.maxc;
-        attend_mma<E, NVT>(p, (const u16*)p.cmp_k, (const u16*)p.cmp_v, table, kvh, ks, hcn, q, wr, hg0, split, lg);
+        attend_mma<E, NVT>(p, (const u16*)p.cmp_k, (const u16*)p.cmp_v, p.tmaps + 2 * TMAP_BYTES,
+                           p.tmaps + 3 * TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, split, lg);
     }
 }
 
@@ -1110,25 +1240,30 @@ __device__ void sw_mma(const Params& p) {
     int t = tm.y;
     Keys ks;
     ks.t = t;
+    ks.first = 0;
     if (u < p.units_s) {
         int b0 = u * p.spb;
         ks.blocks = (const int*)p.sel + ((usize)wr * p.hkv + kvh) * p.nsel + b0;
         ks.lo = 0;
         ks.n = min(p.spb, p.nsel - b0) * p.lsel;
     } else {
+        // With tensor maps the window's units start at its first position rounded down
+        // to 16 (tiles are whole 16-row boxes); the positions before it are masked.
         int c = u - p.units_s, span = p.lsel * p.spb;
-        int lo = max(0, t + 1 - p.window) + c * span;
+        int wlo = max(0, t + 1 - p.window);
+        int lo = ((p.mode & 2) ? wlo & ~15 : wlo) + c * span;
         int hi = min(lo + span, t + 1);
         ks.blocks = 0;
         ks.lo = lo;
         ks.n = hi > lo ? hi - lo : 0;
+        ks.first = wlo;
     }
     const int* table = (const int*)p.raw_tab + (usize)tm.x * p.pps;
     for (int h0 = 0; h0 < p.g; h0 += 16) {
         int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
         const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
-        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, table, kvh, ks, hcn, q, wr, hg0,
-                           p.nsplit_c + u, (float*)0);
+        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, p.tmaps, p.tmaps + TMAP_BYTES, table, kvh,
+                           ks, hcn, q, wr, hg0, p.nsplit_c + u, (float*)0);
     }
 }
 
@@ -1139,12 +1274,13 @@ __device__ void full_mma(const Params& p) {
     int2 tm = ((const int2*)p.tokmap)[r];
     int lo, hi;
     split_range(tm.y + 1, p.nsplit_c, split, lo, hi);
-    Keys ks = {0, lo, hi - lo, tm.y};
+    Keys ks = {0, lo, hi - lo, tm.y, 0};
     const int* table = (const int*)p.raw_tab + (usize)tm.x * p.pps;
     for (int h0 = 0; h0 < p.g; h0 += 16) {
         int hcn = min(16, p.g - h0), hg0 = kvh * p.g + h0;
         const u16* q = (const u16*)p.q + ((usize)r * p.hq + hg0) * p.dk;
-        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, table, kvh, ks, hcn, q, wr, hg0, split,
+        attend_mma<E, NVT>(p, (const u16*)p.raw_k, (const u16*)p.raw_v, p.tmaps, p.tmaps + TMAP_BYTES, table, kvh, ks,
+                           hcn, q, wr, hg0, split,
                            (float*)0);
     }
 }
@@ -1155,7 +1291,6 @@ __device__ void full_mma(const Params& p) {
     extern "C" __global__ void __launch_bounds__(256) nsa_##name##_##suffix(const Params p) { name<E>(p); }
 
 #define NSA_ALL(E, suffix)              \
-    NSA_ENTRY(copy_pages, E, suffix)    \
     NSA_ENTRY(append, E, suffix)        \
     NSA_ENTRY(compress, E, suffix)      \
     NSA_ENTRY(cmp_partial, E, suffix)   \

@@ -9,9 +9,14 @@ match the best within tolerance), and times the decode step against
 torch.nn.functional.scaled_dot_product_attention (cuDNN and flash backends) over the
 same K/V, in the same process, with CUDA events.
 
-    python3 scripts/torch_compare.py --lib target/release/libnsa.so [--contexts 8192,65536] [--batches 1,16]
+For each prefill length T (--prefill): the engine's prefill of T tokens of one fresh
+sequence in one step (all three branches), median of 3 after 1 warm-up, against causal
+SDPA over the same q/k/v (cuDNN and flash; K/V repeated to HQ heads where a backend
+refuses GQA), the last query rows checked against the same reference.
 
-Prints a markdown table; --json FILE writes the rows.
+    python3 scripts/torch_compare.py --lib target/release/libnsa.so [--contexts 8192,65536] [--batches 1,16] [--prefill 8192,65536|none]
+
+Prints markdown tables; --json FILE writes {"decode": [...], "prefill": [...]}.
 """
 import argparse
 import ctypes as C
@@ -53,7 +58,7 @@ class Lib:
         l.nsa_last_error.restype = C.c_char_p
         l.nsa_status_string.restype = C.c_char_p
         for f in ("nsa_config_preset nsa_config_fit_pages nsa_cache_arena_size nsa_cache_init nsa_cache_add "
-                  "nsa_cache_plan_step nsa_cuda_device_size nsa_cuda_backend_create nsa_cuda_upload_step "
+                  "nsa_cache_plan_step nsa_cache_remove nsa_cuda_device_size nsa_cuda_backend_create nsa_cuda_upload_step "
                   "nsa_cuda_run_layer").split():
             getattr(l, f).restype = C.c_int32
         l.nsa_cuda_backend_create.argtypes = [C.POINTER(Config), C.c_uint64, C.c_size_t, C.POINTER(C.c_void_p)]
@@ -62,6 +67,7 @@ class Lib:
         l.nsa_cache_plan_step.argtypes = [C.c_void_p, C.POINTER(StepSeq), C.c_uint32]
         l.nsa_cache_init.argtypes = [C.POINTER(Config), C.c_void_p, C.c_size_t, C.POINTER(C.c_void_p)]
         l.nsa_cache_add.argtypes = [C.c_void_p, C.c_uint32]
+        l.nsa_cache_remove.argtypes = [C.c_void_p, C.c_uint32]
 
     def ok(self, status, what):
         if status != 0:
@@ -97,6 +103,13 @@ class Engine:
         for s in range(batch):
             lib.ok(l.nsa_cache_add(self.cache, s), "add")
         self.batch = batch
+
+    def restart(self):
+        """Removes every sequence and adds it again, empty (a fresh prefill each time)."""
+        l, lib = self.lib.l, self.lib
+        for s in range(self.batch):
+            lib.ok(l.nsa_cache_remove(self.cache, s), "remove")
+            lib.ok(l.nsa_cache_add(self.cache, s), "add")
 
     def step(self, tokens_per_seq, q, k, v, gates, out, selected):
         l, lib = self.lib.l, self.lib
@@ -161,17 +174,94 @@ def nsa_reference(cfg, q, K, V, gates, sel):
     return o.reshape(B, HQ, -1), scores
 
 
-def time_ms(fn, reps):
+def time_ms(fn, reps, warmup=3, setup=None):
+    """Median milliseconds of fn(i) on the current stream (CUDA events); setup(i), if
+    given, runs on the host before each call, outside the events."""
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for _ in range(3):
+    for _ in range(warmup):
+        if setup:
+            setup(0)
         fn(0)
     for i, (a, b) in enumerate(ev):
+        if setup:
+            setup(i)
         a.record()
         fn(i)
         b.record()
     torch.cuda.synchronize()
     ts = sorted(a.elapsed_time(b) for a, b in ev)
     return ts[len(ts) // 2]
+
+
+def check(out, ref, scores, sel, n):
+    """Relative error of the engine's output against the reference, and the gap between
+    the group scores of the engine's selected blocks and the best set's. sel [B, HKV, n]."""
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    chosen = torch.gather(scores, 2, sel.long().clamp(min=0)).masked_fill(sel < 0, 0)
+    finite = lambda x: torch.where(torch.isinf(x), torch.zeros_like(x), x)
+    best_vals = scores.topk(min(n, scores.shape[-1]), -1).values
+    # Same number of forced (+inf) blocks, and the rest scoring as the best set.
+    assert (torch.isinf(best_vals).sum(-1) == torch.isinf(chosen).sum(-1)).all(), "forced blocks missing"
+    gap = (finite(best_vals).sum(-1) - finite(chosen).sum(-1)).abs().max().item()
+    assert not torch.isnan(out).any(), "unwritten outputs"
+    return err, gap
+
+
+def sdpa_ms(q, k, v, reps, causal=False, warmup=3, repeat_kv=False):
+    """Median milliseconds of SDPA (q [B, HQ, Tq, D], k/v [B, HKV, T, D]) under the cuDNN and
+    flash backends, NaN where a backend refuses; and per backend how K/V went in ("gqa",
+    or "repeated": with repeat_kv, a backend that refuses GQA gets K/V repeated to HQ
+    heads, more bytes for the same FLOPs, so only for compute-bound prefill)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ms, kv = {}, {}
+    g = q.shape[1] // k.shape[1]
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        ms[name], kv[name] = float("nan"), None
+        for gqa in (True, False) if repeat_kv else (True,):
+            try:
+                kk, vv = (k, v) if gqa else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+                with sdpa_kernel(be):
+                    ms[name] = time_ms(lambda i: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa),
+                                       reps, warmup)
+                kv[name] = "gqa" if gqa else "repeated"
+                break
+            except Exception as ex:  # a backend may refuse the shape
+                print(f"  {name}{'' if gqa else ' (K/V repeated)'}: {ex}", file=sys.stderr)
+    return ms, kv
+
+
+PREFILL_REPS, PREFILL_WARMUP, PREFILL_CHECK_ROWS = 3, 1, 4
+
+
+def prefill_row(lib, a, preset, hq, hkv, dk, dv, T):
+    """The engine's prefill of T tokens in one step vs causal SDPA; the last query rows
+    checked against the reference (cheap: one query each, given the engine's blocks)."""
+    bf = torch.bfloat16
+    e = Engine(lib, preset, hq, hkv, dk, dv, 1, T, T)
+    n = e.cfg.sel_count
+    q = torch.randn(T, hq, dk, device="cuda", dtype=bf) * 2
+    K = torch.randn(T, hkv, dk, device="cuda", dtype=bf)
+    V = torch.randn(T, hkv, dv, device="cuda", dtype=bf)
+    gates = torch.rand(T, hq, 3, device="cuda", dtype=torch.float32)
+    out = torch.full((T, hq, dv), float("nan"), device="cuda", dtype=bf)
+    sel = torch.full((T, hkv, n), -7, device="cuda", dtype=torch.int32)
+    # The checked run (also a warm-up), then the timed ones, a fresh sequence each.
+    e.step(T, q, K, V, gates, out, sel)
+    torch.cuda.synchronize()
+    errs, gaps = [], []
+    for r in range(max(0, T - PREFILL_CHECK_ROWS), T):
+        ref, scores = nsa_reference(e.cfg, q[r:r + 1], K[None, :r + 1], V[None, :r + 1], gates[r:r + 1], sel[r:r + 1])
+        err, gap = check(out[r:r + 1], ref, scores, sel[r:r + 1], n)
+        errs.append(err)
+        gaps.append(gap)
+    assert not torch.isnan(out).any(), "unwritten prefill outputs"
+    t_nsa = time_ms(lambda i: e.step(T, q, K, V, gates, out, None), PREFILL_REPS, PREFILL_WARMUP, setup=lambda i: e.restart())
+    del e
+    # SDPA layout [B, H, T, D], same values.
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, K, V))
+    res, kv = sdpa_ms(q4, k4, v4, PREFILL_REPS, causal=True, warmup=PREFILL_WARMUP, repeat_kv=True)
+    return dict(preset=a.preset, tokens=T, nsa_ms=t_nsa, cudnn_ms=res["cudnn"], flash_ms=res["flash"],
+                rel_err=max(errs), sel_score_gap=max(gaps), checked_rows=len(errs), sdpa_kv=kv)
 
 
 def main():
@@ -182,6 +272,8 @@ def main():
     ap.add_argument("--preset", default="paper", choices=["paper", "fla"])
     ap.add_argument("--shape", default="64,4,128,128")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--prefill", default="8192,16384,32768,65536",
+                    help="prefill lengths, each one fresh sequence in one step ('none' or empty: skip)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -214,15 +306,7 @@ def main():
             K = torch.cat([K, kn], 1)
             V = torch.cat([V, vn], 1)
             ref, scores = nsa_reference(e.cfg, q, K, V, gates, sel)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            top = scores.clone()
-            chosen = torch.gather(top, 2, sel.long().clamp(min=0)).masked_fill(sel < 0, 0)
-            finite = lambda x: torch.where(torch.isinf(x), torch.zeros_like(x), x)
-            best_vals = top.topk(min(n, top.shape[-1]), -1).values
-            # Same number of forced (+inf) blocks, and the rest scoring as the best set.
-            assert (torch.isinf(best_vals).sum(-1) == torch.isinf(chosen).sum(-1)).all(), "forced blocks missing"
-            gap = (finite(best_vals).sum(-1) - finite(chosen).sum(-1)).abs().max().item()
-            assert not torch.isnan(out).any(), "unwritten outputs"
+            err, gap = check(out, ref, scores, sel, n)
             # Timing: decode steps of NSA (plan + upload + layer) vs SDPA over the same K/V.
             qs = [torch.randn(B, hq, dk, device="cuda", dtype=bf) for _ in range(4)]
 
@@ -233,28 +317,34 @@ def main():
             Kt = K.transpose(1, 2).contiguous()  # [B, HKV, T, DK]
             Vt = V.transpose(1, 2).contiguous()
             q4 = qs[0].view(B, hq, 1, dk)
-            res = {}
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-                try:
-                    with sdpa_kernel(be):
-                        res[name] = time_ms(lambda i: F.scaled_dot_product_attention(q4, Kt, Vt, enable_gqa=True), a.reps)
-                except Exception as ex:  # a backend may refuse the shape
-                    res[name] = float("nan")
-                    print(f"  {name}: {ex}", file=sys.stderr)
+            res, _ = sdpa_ms(q4, Kt, Vt, a.reps)
             row = dict(preset=a.preset, batch=B, context=T, nsa_us=t_nsa * 1e3, cudnn_us=res["cudnn"] * 1e3,
                        flash_us=res["flash"] * 1e3, rel_err=err, sel_score_gap=gap)
             rows.append(row)
             print(f"  done {row}", file=sys.stderr)
             del e
+    prows = []
+    for T in ([] if a.prefill.strip() in ("", "none") else map(int, a.prefill.split(","))):
+        row = prefill_row(lib, a, preset, hq, hkv, dk, dv, T)
+        prows.append(row)
+        print(f"  done {row}", file=sys.stderr)
+        torch.cuda.empty_cache()
     print("| preset | batch | context | NSA us | cuDNN us | flash us | cuDNN/NSA | rel err vs torch ref | selection score gap |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['batch']} | {r['context']} | {r['nsa_us']:.1f} | {r['cudnn_us']:.1f} | {r['flash_us']:.1f} | "
               f"{r['cudnn_us'] / r['nsa_us']:.1f}x | {r['rel_err']:.2e} | {r['sel_score_gap']:.1e} |")
-    bad = [r for r in rows if not (r["rel_err"] < 2e-2 and r["sel_score_gap"] < 1e-2)]
+    if prows:
+        print(f"\nprefill, {a.preset} {a.shape.replace(',', '/')}, one sequence, all tokens in one step "
+              f"(rel err and gap over the last {PREFILL_CHECK_ROWS} query rows)\n")
+        print("| preset | tokens | NSA ms | cuDNN ms | flash ms | cuDNN/NSA | rel err vs torch ref | selection score gap |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in prows:
+            print(f"| {r['preset']} | {r['tokens']} | {r['nsa_ms']:.2f} | {r['cudnn_ms']:.2f} | {r['flash_ms']:.2f} | "
+                  f"{r['cudnn_ms'] / r['nsa_ms']:.2f}x | {r['rel_err']:.2e} | {r['sel_score_gap']:.1e} |")
+    bad = [r for r in rows + prows if not (r["rel_err"] < 2e-2 and r["sel_score_gap"] < 1e-2)]
     if a.json:
-        json.dump(rows, open(a.json, "w"), indent=1)
+        json.dump({"decode": rows, "prefill": prows}, open(a.json, "w"), indent=1)
     if bad:
         print(f"FAILED: {bad}")
         sys.exit(1)

@@ -31,6 +31,7 @@
 mod compile;
 mod driver;
 mod params;
+mod tensor_map;
 
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ use crate::layout::{Layout, PageCopy, PlanSeq};
 pub use compile::{cache_key, KERNEL_SOURCE};
 use driver::{check, CtxGuard};
 pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf};
-use params::{DevLayout, Params};
+use params::{DevLayout, Params, SEL_MAX_CHUNK};
 
 /// What [`probe`] found: the device the backend would use (ordinal 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,22 +153,20 @@ pub struct CudaOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
-const K_COPY: usize = 0;
-const K_APPEND: usize = 1;
-const K_COMPRESS: usize = 2;
-const K_CMP: usize = 3;
-const K_SELECT: usize = 4;
-const K_SW: usize = 5;
-const K_COMBINE: usize = 6;
-const K_FULL: usize = 7;
-const K_FULL_COMBINE: usize = 8;
+const K_APPEND: usize = 0;
+const K_COMPRESS: usize = 1;
+const K_CMP: usize = 2;
+const K_SELECT: usize = 3;
+const K_SW: usize = 4;
+const K_COMBINE: usize = 5;
+const K_FULL: usize = 6;
+const K_FULL_COMBINE: usize = 7;
 /// Tensor-core variants of K_CMP, K_SW, K_FULL (bf16/f16, DK and DV multiples of 16).
-const K_CMP_MMA: usize = 9;
-const K_SW_MMA: usize = 10;
-const K_FULL_MMA: usize = 11;
-const NK: usize = 12;
+const K_CMP_MMA: usize = 8;
+const K_SW_MMA: usize = 9;
+const K_FULL_MMA: usize = 10;
+const NK: usize = 11;
 const KERNELS: [&str; NK] = [
-    "copy_pages",
     "append",
     "compress",
     "cmp_partial",
@@ -180,11 +179,11 @@ const KERNELS: [&str; NK] = [
     "sw_mma",
     "full_mma",
 ];
-/// Warps per block, keys per warp tile and pipeline stages of the tensor-core kernels
-/// (`MW`, `MK`, `MSTAGES` in the kernels).
+/// Warps per block, keys per warp tile and the most pipeline stages of the tensor-core
+/// kernels (`MW`, `MK`, `MAX_STAGES` in the kernels).
 const MMA_WARPS: usize = 4;
 const MMA_KEYS: usize = 16;
-const MMA_STAGES: usize = 2;
+const MMA_MAX_STAGES: usize = 4;
 /// Blocks per multiprocessor a launch aims for when it picks its split counts.
 const BLOCKS_PER_SM: u32 = 2;
 /// Keys per attention tile (`TK` in the kernels) and the attention kernels' block size.
@@ -192,6 +191,8 @@ const TK: usize = 32;
 const NT_ATT: u32 = 128;
 const NT_MMA: u32 = (MMA_WARPS * 32) as u32;
 const NT_SEL: u32 = 256;
+/// Threads of the gated combine: 256 / DV parts sum slices of the units in parallel.
+const NT_COMB: u32 = 256;
 const NT_MISC: u32 = 256;
 const DEFAULT_SMEM: usize = 48 * 1024;
 
@@ -211,8 +212,13 @@ pub struct CudaBackend {
     /// Whether the tensor-core attention kernels are used (bf16/f16, DK and DV multiples
     /// of 16, DV <= 256, shared memory fits; `NSA_CUDA_SCALAR=1` turns them off).
     mma: bool,
-    /// Blocks of a tensor-core kernel per multiprocessor (by shared memory).
+    /// Blocks of a tensor-core kernel per multiprocessor (occupancy at `nstage` stages).
     mma_per_sm: u32,
+    /// Copy pipeline stages of the tensor-core kernels (`NSA_CUDA_STAGES` overrides).
+    nstage: u32,
+    /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`; sm_90 and a
+    /// config it supports; `NSA_CUDA_NO_TMA=1` at creation turns it off).
+    tma: bool,
     /// Tensor-core kernels load tiles with 1-D bulk copies (sm_90+; `NSA_CUDA_NO_BULK=1`
     /// at creation falls back to cp.async).
     bulk: bool,
@@ -328,15 +334,22 @@ impl CudaBackend {
         }
         let smem_att = att(hc);
         let smem_cmp = 4 * (2 * dk.max(dv) + cfg.cmp_block as usize + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
-        let smem_sel = 4 * (cfg.max_sel_blocks() as usize + 2 * g + cfg.sel_count as usize + 64);
-        let smem_comb = 4 * (2 * (dl.nsplit_c + dl.units_s + dl.units_w) as usize + 6);
-        let smem_mma = 2 * 16 * (dk + 8) + 128 + MMA_WARPS * MMA_STAGES * 2 * MMA_KEYS * (dk + dv + 16);
-        // Blocks of the tensor-core kernels one multiprocessor holds (228 KB of shared
-        // memory, 1 KB reserved per block; 4 by registers).
-        let mma_per_sm = ((228 * 1024) / (smem_mma + 1024)).clamp(1, 4) as u32;
-        let bulk = info.compute_capability.0 >= 9 && !std::env::var("NSA_CUDA_NO_BULK").is_ok_and(|v| v == "1");
+        // Selection: the chunk phase's floats, or the merge phase's candidate lists.
+        let (a_cmp, b_sel) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+        let (cbmax, n) = (SEL_MAX_CHUNK as usize, cfg.sel_count as usize);
+        let smem_sel = (4 * (2 * g + cbmax * (b_sel + 1) + a_cmp)).max(dl.sel_chunks as usize * n * 8 + 4 * n);
+        let parts = (NT_COMB as usize / dv).max(1);
+        let smem_comb = 4 * (2 * (dl.nsplit_c + dl.units_s + dl.units_w) as usize + 6 + 3 * parts * dv);
         let scalar_forced = std::env::var("NSA_CUDA_SCALAR").is_ok_and(|v| v == "1");
-        let mma = cfg.dtype != Dtype::F32 && dk % 16 == 0 && dv % 16 == 0 && dv <= 256 && smem_mma <= optin && !scalar_forced;
+        let bulk = info.compute_capability.0 >= 9 && !std::env::var("NSA_CUDA_NO_BULK").is_ok_and(|v| v == "1");
+        let tma = bulk && tensor_map::supported(cfg) && !std::env::var("NSA_CUDA_NO_TMA").is_ok_and(|v| v == "1");
+        // Q tile | mbarriers | per warp and stage K and V tiles (padded rows, or unpadded
+        // boxes from a 1024-byte boundary with tensor maps).
+        let smem_mma = |stages: usize| {
+            let tile = if tma { 2 * MMA_KEYS * (dk + dv) } else { 2 * MMA_KEYS * (dk + dv + 16) };
+            2 * 16 * (dk + 8) + 128 + if tma { 1024 } else { 0 } + MMA_WARPS * stages * tile
+        };
+        let mma = cfg.dtype != Dtype::F32 && dk % 16 == 0 && dv % 16 == 0 && dv <= 256 && smem_mma(2) <= optin && !scalar_forced;
         let nvt = if dv <= 128 { 16 } else { 32 };
         for (what, n) in [
             ("attention (head_dim_qk, head_dim_v)", smem_att),
@@ -360,8 +373,11 @@ impl CudaBackend {
         smem[K_SELECT] = smem_sel as u32;
         smem[K_COMBINE] = smem_comb as u32;
         smem[K_FULL_COMBINE] = smem_comb as u32;
+        // The tensor-core kernels may use up to MMA_MAX_STAGES stages (the attribute is
+        // set for the most that fits); the count is picked by occupancy once loaded.
+        let stages_fit = (2..=MMA_MAX_STAGES).filter(|&s| smem_mma(s) <= optin).max().unwrap_or(2);
         for k in [K_CMP_MMA, K_SW_MMA, K_FULL_MMA] {
-            smem[k] = if mma { smem_mma as u32 } else { 0 };
+            smem[k] = if mma { smem_mma(stages_fit) as u32 } else { 0 };
         }
 
         let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
@@ -401,13 +417,55 @@ impl CudaBackend {
                     )?;
                 }
             }
-            Ok(())
+            // Pipeline depth of the tensor-core kernels: the most stages that keep as many
+            // blocks resident (by registers and shared memory) as two stages do. Measured
+            // on the H100: resident warps matter more than depth (a warp's tile chain is
+            // serial), so depth never costs a block.
+            let mut pick = (2usize, 1u32);
+            if mma {
+                let occupancy = |s: usize| -> Result<u32> {
+                    let mut blocks = 0i32;
+                    // SAFETY: a loaded function; plain occupancy query.
+                    check(
+                        unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, funcs[K_CMP_MMA], NT_MMA as i32, smem_mma(s)) },
+                        "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                    )?;
+                    Ok(blocks.max(1) as u32)
+                };
+                pick = (2, occupancy(2)?);
+                for s in 3..=stages_fit {
+                    let b = occupancy(s)?;
+                    if b == pick.1 {
+                        pick.0 = s;
+                    }
+                }
+                if let Some(s) = std::env::var("NSA_CUDA_STAGES").ok().and_then(|s| s.parse::<usize>().ok()) {
+                    let s = s.clamp(2, stages_fit);
+                    pick = (s, occupancy(s)?);
+                }
+                for k in [K_CMP_MMA, K_SW_MMA, K_FULL_MMA] {
+                    smem[k] = smem_mma(pick.0) as u32;
+                }
+            }
+            if tma && mma {
+                let maps = tensor_map::encode_all(cfg, &lay, device_ptr + dl.pools.off as u64)?;
+                // SAFETY: the region holds num_layers * 4 maps and lies inside the buffer.
+                unsafe { driver::htod(device_ptr + dl.tmaps.off as u64, maps.as_ptr().cast(), maps.len(), std::ptr::null_mut())? };
+            }
+            // The selection's per-(row, KV head) counters start at 0 (each launch leaves them so).
+            // SAFETY: the region lies inside the caller's buffer (checked above).
+            check(unsafe { sys::cuMemsetD8_v2(device_ptr + dl.count.off as u64, 0, dl.count.bytes) }, "cuMemsetD8")?;
+            check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")?;
+            Ok(pick)
         })();
-        if let Err(e) = loaded {
-            // SAFETY: loaded above, unloaded once.
-            unsafe { sys::cuModuleUnload(module) };
-            return Err(e);
-        }
+        let (nstage, mma_per_sm) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                // SAFETY: loaded above, unloaded once.
+                unsafe { sys::cuModuleUnload(module) };
+                return Err(e);
+            }
+        };
         let staging = vec![0u8; dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off];
         Ok(CudaBackend {
             cfg: *cfg,
@@ -423,7 +481,9 @@ impl CudaBackend {
             smem,
             mma,
             mma_per_sm,
+            nstage: nstage as u32,
             bulk,
+            tma: tma && mma,
             staging,
             uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
             uploaded_tokens: 0,
@@ -593,8 +653,7 @@ impl CudaBackend {
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
         unsafe {
-            self.launch(K_COPY, (2 * nseqs, hkv, 1), NT_MISC, &p, stream)?;
-            self.launch(K_APPEND, (tokens, hkv, 1), NT_MISC, &p, stream)?;
+            self.launch(K_APPEND, (tokens + 2 * nseqs, hkv, 1), NT_MISC, &p, stream)?;
             if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 {
                 self.launch(K_COMPRESS, (tokens, hkv, 2), NT_MISC, &p, stream)?;
             }
@@ -611,14 +670,14 @@ impl CudaBackend {
                 let nsplit = pw.nsplit_c as u32;
                 if self.mma {
                     self.launch(K_CMP_MMA, (rows, hkv, nsplit), NT_MMA, &pw, stream)?;
-                    self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
+                    self.launch(K_SELECT, (rows, hkv, pw.sel_chunks as u32), NT_SEL, &pw, stream)?;
                     self.launch(K_SW_MMA, (rows, hkv, units), NT_MMA, &pw, stream)?;
                 } else {
                     self.launch(K_CMP, (rows, hkv, nsplit), NT_ATT, &pw, stream)?;
-                    self.launch(K_SELECT, (rows, hkv, 1), NT_SEL, &pw, stream)?;
+                    self.launch(K_SELECT, (rows, hkv, pw.sel_chunks as u32), NT_SEL, &pw, stream)?;
                     self.launch(K_SW, (rows, hkv, units), NT_ATT, &pw, stream)?;
                 }
-                self.launch(K_COMBINE, (rows, cfg.num_q_heads, 1), NT_ATT, &pw, stream)?;
+                self.launch(K_COMBINE, (rows, cfg.num_q_heads, 1), NT_COMB, &pw, stream)?;
                 row0 += rows;
             }
         }
@@ -653,8 +712,15 @@ impl CudaBackend {
             }
         }
         p.spb = spb as i32;
+        // Selection: a chunk of blocks per thread block, enough chunks to fill the wave
+        // (chunks past the length exit; the kernel keeps SEL_MIN_CHUNK blocks per chunk)
+        // and enough that none exceeds SEL_MAX_CHUNK blocks (its shared memory).
+        let fewest = cfg.max_sel_blocks().div_ceil(SEL_MAX_CHUNK).max(1);
+        p.sel_chunks = (slots / pairs.max(1)).clamp(fewest, self.dl.sel_chunks.max(fewest)) as i32;
         p.units_s = cfg.sel_count.div_ceil(spb) as i32;
-        p.units_w = cfg.window.div_ceil(cfg.sel_block * spb) as i32;
+        // With tensor maps the window's range starts up to 15 keys early (16-aligned).
+        let wkeys = if self.tma { cfg.window + 15 } else { cfg.window };
+        p.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
     }
 
     /// The full-attention baseline over the same paged cache, on the device: plain causal
@@ -730,10 +796,11 @@ impl CudaBackend {
             raw_tab: at(dl.raw_tab.off),
             cmp_tab: at(dl.cmp_tab.off),
             logits: at(dl.logits.off),
-            psum: at(dl.psum.off),
             sel: at(dl.sel.off),
             part_ml: at(dl.part_ml.off),
             part_acc: at(dl.part_acc.off),
+            cand: at(dl.cand.off),
+            count: at(dl.count.off),
             hq: cfg.num_q_heads as i32,
             hkv: cfg.num_kv_heads as i32,
             g: cfg.group_size() as i32,
@@ -761,9 +828,12 @@ impl CudaBackend {
             wave_rows: dl.wave_rows as i32,
             row0: 0,
             hc: self.hc as i32,
-            mode: if self.bulk { 1 } else { 0 },
+            mode: self.bulk as i32 | (self.tma as i32) << 1,
+            tmaps: at(dl.tmaps.off + layer as usize * tensor_map::MAPS_PER_LAYER * tensor_map::TMAP_BYTES),
             scale: cfg.scale,
             spb: 1,
+            sel_chunks: 1,
+            nstage: self.nstage as i32,
         }
     }
 
@@ -832,8 +902,8 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_struct_size() {
-        // 24 pointers + 30 four-byte fields.
-        assert_eq!(std::mem::size_of::<Params>(), 24 * 8 + 30 * 4);
+        // 26 pointers + 32 four-byte fields.
+        assert_eq!(std::mem::size_of::<Params>(), 26 * 8 + 32 * 4);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
+use super::tensor_map::{MAPS_PER_LAYER, TMAP_BYTES};
 use crate::layout::{Layout, PageCopy, PlanSeq};
 
 /// Keys per split of the compressed branch at the longest context, at least (a split is
@@ -12,6 +13,11 @@ use crate::layout::{Layout, PageCopy, PlanSeq};
 /// lengths (device-side) among them, so grid shapes never depend on lengths.
 const CMP_SPLIT_MIN: u32 = 64;
 const CMP_SPLITS_MAX: u32 = 64;
+/// Selection blocks per chunk of the selection kernel: at least (`SEL_MIN_CHUNK` in the
+/// kernels), at most (the host raises the chunk count so no chunk exceeds it; bounds the
+/// kernel's shared memory).
+pub(crate) const SEL_MIN_CHUNK: u32 = 64;
+pub(crate) const SEL_MAX_CHUNK: u32 = 256;
 /// Query rows per wave of the attention kernels (bounds the logits workspace).
 const WAVE_ROWS_MIN: u32 = 64;
 /// Region alignment inside the device buffer.
@@ -40,10 +46,15 @@ pub(crate) struct Params {
     pub raw_tab: u64,
     pub cmp_tab: u64,
     pub logits: u64,
-    pub psum: u64,
     pub sel: u64,
     pub part_ml: u64,
     pub part_acc: u64,
+    /// Selection: per (wave row, KV head, chunk) the chunk's best n as (score bits, block).
+    pub cand: u64,
+    /// Selection: per (wave row, KV head) the count of finished chunk blocks (0 between launches).
+    pub count: u64,
+    /// This layer's 4 tensor maps (`tensor_map.rs`), when `mode & 2`.
+    pub tmaps: u64,
     pub hq: i32,
     pub hkv: i32,
     pub g: i32,
@@ -71,12 +82,16 @@ pub(crate) struct Params {
     pub wave_rows: i32,
     pub row0: i32,
     pub hc: i32,
-    /// Unused by the kernels (0); keeps the struct's layout.
+    /// Tile loads of the tensor-core kernels: bit 0 1-D bulk copies (sm_90), bit 1 tensor maps.
     pub mode: i32,
     pub scale: f32,
     /// Selected blocks per unit of the tensor-core selected branch (window units span
     /// `sel_block * spb` keys); 1 on the scalar path.
     pub spb: i32,
+    /// Chunks of selection blocks per (row, KV head) of the selection launch.
+    pub sel_chunks: i32,
+    /// Copy pipeline stages of the tensor-core attention kernels.
+    pub nstage: i32,
 }
 
 /// One region of the device buffer: byte offset and length.
@@ -99,8 +114,10 @@ pub(crate) struct DevLayout {
     pub raw_tab: Reg,
     pub cmp_tab: Reg,
     pub logits: Reg,
-    pub psum: Reg,
     pub sel: Reg,
+    pub cand: Reg,
+    pub count: Reg,
+    pub tmaps: Reg,
     pub part_ml: Reg,
     pub part_acc: Reg,
     pub total: usize,
@@ -110,6 +127,8 @@ pub(crate) struct DevLayout {
     pub split_c: u32,
     pub units_s: u32,
     pub units_w: u32,
+    /// Most chunks of selection blocks per (row, KV head) (`cand` is sized for them).
+    pub sel_chunks: u32,
 }
 
 fn too_big() -> NsaError {
@@ -148,12 +167,16 @@ impl DevLayout {
         let split_c = maxc.div_ceil(nsplit_c);
         let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
         let units_s = cfg.sel_count;
-        let units_w = cfg.window.div_ceil(cfg.sel_block);
+        // (+15: with tensor maps the window's range starts 16-aligned, up to 15 keys early.)
+        let units_w = (cfg.window + 15).div_ceil(cfg.sel_block);
         let units = u(nsplit_c + units_s + units_w);
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(maxc), 4])?;
-        let psum = b.take(&[w, hkv, u(maxc), 4])?;
         let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
+        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_MIN_CHUNK).max(1);
+        let cand = b.take(&[w, hkv, u(sel_chunks), u(cfg.sel_count), 8])?;
+        let count = b.take(&[w, hkv, 4])?;
+        let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
         let part_ml = b.take(&[w, hq, units, 8])?;
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
         let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
@@ -170,8 +193,10 @@ impl DevLayout {
             raw_tab,
             cmp_tab,
             logits,
-            psum,
             sel,
+            cand,
+            count,
+            tmaps,
             part_ml,
             part_acc,
             total,
@@ -181,6 +206,7 @@ impl DevLayout {
             split_c,
             units_s,
             units_w,
+            sel_chunks,
         })
     }
 }

@@ -8,17 +8,12 @@ use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 
-use crate::report::Row;
+use crate::report::{median, Medians, Row};
 use crate::rng::Rng;
 use crate::Opts;
 
 fn bf16s(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
     (0..n).map(|_| bf16::from_f32(rng.unit() * scale)).collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// Host memory bandwidth (bytes read + written per second): the best of a few large copies.
@@ -87,7 +82,8 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     cpu.attend_full(&cache, 0, &q, &mut out)?;
                     t_full.push(t.elapsed().as_secs_f64());
                 }
-                rows.push(Row::decode("cpu", &c, preset, batch, ctx, median(t_nsa), median(t_full), bw));
+                let t = Medians { nsa: median(t_nsa), full: median(t_full), graph: None };
+                rows.push(Row::decode("cpu", &c, preset, batch, ctx, t, bw));
                 eprintln!("  done: {preset:?} context {ctx} batch {batch}");
             }
         }

@@ -1,36 +1,40 @@
 //! CUDA decode benchmark (`--gpu`, needs `--features cuda` and a device): for each point,
 //! a cache filled to the context length with append-only layer runs, then timed decode
-//! steps of NSA (`upload_step` + `run_layer`: append, compress, all branches) and of the
-//! in-repo full-attention baseline (`attend_full`, attention only) over the same paged
-//! cache, in the same run. CUDA events on one stream, warm-up, median; the L2 (50 MB on
-//! an H100) is flushed before every timed step by writing a 128 MiB scratch buffer; the
-//! floor is the step's bytes over the device-to-device bandwidth measured in the run.
+//! steps of NSA (`upload_step` + `run_layer`: append, compress, all branches), of the same
+//! step with the layer replayed from a CUDA graph, and of the in-repo full-attention
+//! baseline (`attend_full`, attention only) over the same paged cache, in the same run.
+//! CUDA events, warm-up, median; the L2 (50 MB on an H100) is flushed before every timed
+//! step by writing a 128 MiB scratch buffer; the floor is the step's bytes over the
+//! device-to-device bandwidth measured in the run. Then the prefill points (`prefill.rs`).
 
 use cudarc::driver::{result, sys};
 use half::bf16;
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
 use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 
-use crate::report::Row;
+use crate::report::{median, Medians, Results, Row};
 use crate::rng::Rng;
 use crate::Opts;
 
-fn cuda(e: cudarc::driver::DriverError, what: &str) -> nsa::NsaError {
+/// Model shape: HQ, HKV, DK, DV.
+pub type Shape = (usize, usize, usize, usize);
+
+pub fn cuda(e: cudarc::driver::DriverError, what: &str) -> nsa::NsaError {
     nsa::NsaError::Cuda(format!("{what}: {e:?}"))
 }
 
-struct Timer {
+pub struct Timer {
     a: sys::CUevent,
     b: sys::CUevent,
 }
 
 impl Timer {
-    fn new() -> nsa::Result<Timer> {
+    pub fn new() -> nsa::Result<Timer> {
         let mk = || result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| cuda(e, "cuEventCreate"));
         Ok(Timer { a: mk()?, b: mk()? })
     }
     /// Milliseconds `f` takes on `stream`.
-    fn time(&self, stream: sys::CUstream, f: impl FnOnce() -> nsa::Result<()>) -> nsa::Result<f64> {
+    pub fn time(&self, stream: sys::CUstream, f: impl FnOnce() -> nsa::Result<()>) -> nsa::Result<f64> {
         // SAFETY: events and stream are live for the call.
         unsafe {
             result::event::record(self.a, stream).map_err(|e| cuda(e, "cuEventRecord"))?;
@@ -42,16 +46,83 @@ impl Timer {
     }
 }
 
-fn upload_bf16(rng: &mut Rng, n: usize, scale: f32) -> nsa::Result<DeviceBuf> {
-    let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.unit() * scale)).collect();
+/// `n` bf16 values in [-scale, scale) on the device: up to 64 Mi random ones from the
+/// host, repeated on the device past that (prefill inputs run to GBs).
+pub fn random_bf16(rng: &mut Rng, n: usize, scale: f32) -> nsa::Result<DeviceBuf> {
+    let first = n.min(1 << 26);
+    let host: Vec<bf16> = (0..first).map(|_| bf16::from_f32(rng.unit() * scale)).collect();
     let d = DeviceBuf::new(n * 2)?;
     d.upload(&host)?;
+    let (mut have, bytes, stream) = (first * 2, n * 2, std::ptr::null_mut());
+    while have < bytes {
+        let c = have.min(bytes - have);
+        // SAFETY: both ranges lie inside the allocation and do not overlap.
+        unsafe { result::memcpy_dtod_async(d.ptr() + have as u64, d.ptr(), c, stream).map_err(|e| cuda(e, "cuMemcpyDtoDAsync"))? };
+        have += c;
+    }
+    // SAFETY: the legacy default stream.
+    unsafe { result::stream::synchronize(stream).map_err(|e| cuda(e, "cuStreamSynchronize")) }?;
     Ok(d)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// Layer 0 of a decode step captured once in a CUDA graph, on a stream of its own (the
+/// legacy default stream cannot be captured). Replays serve every later decode step of
+/// the same batch: grid shapes depend only on the step's token and sequence counts, and
+/// the kernels read lengths, positions and page tables from the uploaded plan. The graph
+/// bakes in the `DeviceLayerIo` pointers. Destroyed on drop.
+struct DecodeGraph {
+    stream: sys::CUstream,
+    exec: sys::CUgraphExec,
+}
+
+impl DecodeGraph {
+    /// Captures `run_layer` of the planned step with `io` and runs that step by launching
+    /// the graph once.
+    fn capture(gpu: &mut CudaBackend, cache: &Cache, io: &DeviceLayerIo) -> nsa::Result<DecodeGraph> {
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| cuda(e, "cuStreamCreate"))?;
+        let mut g = DecodeGraph { stream, exec: std::ptr::null_mut() };
+        gpu.upload_step(cache, stream)?;
+        // SAFETY: the stream is live; the capture is ended on every path; the graph is
+        // destroyed once, after instantiation.
+        unsafe {
+            result::stream::begin_capture(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(|e| cuda(e, "cuStreamBeginCapture"))?;
+            let ran = gpu.run_layer(cache, 0, io, stream);
+            let graph = result::stream::end_capture(stream).map_err(|e| cuda(e, "cuStreamEndCapture"));
+            ran?;
+            let graph = graph?;
+            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)).map_err(|e| cuda(e, "cuGraphInstantiate"));
+            result::graph::destroy(graph).map_err(|e| cuda(e, "cuGraphDestroy"))?;
+            g.exec = exec?;
+        }
+        g.launch()?;
+        gpu.synchronize(stream)?;
+        Ok(g)
+    }
+
+    fn launch(&self) -> nsa::Result<()> {
+        // SAFETY: exec and stream live until drop.
+        unsafe { result::graph::launch(self.exec, self.stream) }.map_err(|e| cuda(e, "cuGraphLaunch"))
+    }
+
+    /// One decode step of the captured batch: uploads the planned step (from pageable host
+    /// memory, so outside the graph) and replays the layer, on the graph's stream.
+    fn step(&self, gpu: &mut CudaBackend, cache: &Cache) -> nsa::Result<()> {
+        gpu.upload_step(cache, self.stream)?;
+        self.launch()
+    }
+}
+
+impl Drop for DecodeGraph {
+    fn drop(&mut self) {
+        // SAFETY: created in `capture`, destroyed once; the stream is idle (every use ends
+        // with a synchronize).
+        unsafe {
+            if !self.exec.is_null() {
+                let _ = result::graph::exec_destroy(self.exec);
+            }
+            let _ = result::stream::destroy(self.stream);
+        }
+    }
 }
 
 /// Device-to-device copy bandwidth, bytes read + written per second (best of 5 x 1 GiB).
@@ -67,7 +138,7 @@ fn bandwidth(stream: sys::CUstream, t: &Timer) -> nsa::Result<f64> {
     Ok(best)
 }
 
-pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
+pub fn run(o: &Opts) -> nsa::Result<Results> {
     let info = CudaBackend::probe()?;
     // The engine works in device 0's primary context (pushing it around each call); the
     // bench's own events and copies need it current on this thread too.
@@ -80,19 +151,21 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
     }
     eprintln!("GPU: {} (sm_{}{}), {} SMs", info.name, info.compute_capability.0, info.compute_capability.1, info.multiprocessors);
     let stream: sys::CUstream = std::ptr::null_mut();
-    let mut rows = vec![];
+    let mut res = Results::default();
     let mut rng = Rng::new(3);
     let flush = DeviceBuf::new(128 << 20)?;
     let timer = Timer::new()?;
     let bw = bandwidth(stream, &timer)?;
-    let shapes: &[(usize, usize, usize, usize)] = if o.quick { &[(16, 2, 64, 64)] } else { &[(64, 4, 128, 128), (64, 4, 192, 128)] };
+    let shapes: &[Shape] = if o.quick { &[(16, 2, 64, 64)] } else { &[(64, 4, 128, 128), (64, 4, 192, 128)] };
     for &(hq, hkv, dk, dv) in shapes {
         for preset in [Preset::Paper, Preset::Fla] {
             for &ctx in &o.contexts {
                 for &batch in &o.batches {
                     let b = batch as usize;
                     let chunk = (65536 / b).clamp(1, 4096) as u32;
-                    let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32).with_capacity(batch, ctx + o.reps as u32 + 8);
+                    // Each timed rep decodes two steps (plain and graph), the capture one more.
+                    let steps = 2 * (o.reps as u32 + 3) + 1;
+                    let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32).with_capacity(batch, ctx + steps + 8);
                     c.dtype = Dtype::Bf16;
                     c.max_step_tokens = chunk * batch;
                     let mut arena = HostBuf::new(Cache::arena_bytes(&c)?);
@@ -103,7 +176,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     }
                     // Fill: append-only layer runs over one random chunk of K/V, reused.
                     let rows_max = (chunk * batch) as usize;
-                    let (k, v) = (upload_bf16(&mut rng, rows_max * hkv * dk, 1.0)?, upload_bf16(&mut rng, rows_max * hkv * dv, 1.0)?);
+                    let (k, v) = (random_bf16(&mut rng, rows_max * hkv * dk, 1.0)?, random_bf16(&mut rng, rows_max * hkv * dv, 1.0)?);
                     let mut done = 0;
                     while done < ctx {
                         let n = chunk.min(ctx - done);
@@ -114,14 +187,19 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                         done += n;
                     }
                     gpu.synchronize(stream)?;
-                    // Decode steps: fresh q each of 4 rotations.
-                    let qs: Vec<DeviceBuf> = (0..4).map(|_| upload_bf16(&mut rng, b * hq * dk, 2.0)).collect::<nsa::Result<_>>()?;
+                    // Decode steps: fresh q each of 4 rotations (copied into `gq` for the
+                    // graph, whose pointers are fixed at capture).
+                    let qs: Vec<DeviceBuf> = (0..4).map(|_| random_bf16(&mut rng, b * hq * dk, 2.0)).collect::<nsa::Result<_>>()?;
+                    let gq = DeviceBuf::new(b * hq * dk * 2)?;
                     let gates = DeviceBuf::new(b * hq * 3 * 4)?;
                     gates.upload(&vec![1.0f32 / 3.0; b * hq * 3])?;
                     let out = DeviceBuf::new(b * hq * dv * 2)?;
-                    let (mut t_nsa, mut t_full) = (vec![], vec![]);
+                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
+                    cache.plan_step(&entries)?;
+                    let gio = DeviceLayerIo { q: gq.ptr(), k: k.ptr(), v: v.ptr(), gates: gates.ptr(), out: out.ptr(), ..Default::default() };
+                    let graph = DecodeGraph::capture(&mut gpu, &cache, &gio)?;
+                    let (mut t_nsa, mut t_full, mut t_graph) = (vec![], vec![], vec![]);
                     for rep in 0..o.reps + 3 {
-                        let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
                         cache.plan_step(&entries)?;
                         let q = qs[rep % 4].ptr();
                         let io = DeviceLayerIo { q, k: k.ptr(), v: v.ptr(), gates: gates.ptr(), out: out.ptr(), ..Default::default() };
@@ -132,16 +210,25 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                         })?;
                         flush.fill((rep % 253) as u8)?;
                         let tf = timer.time(stream, || gpu.attend_full(&cache, 0, q, out.ptr(), stream))?;
+                        cache.plan_step(&entries)?;
+                        // On the legacy stream, which the flush then waits for.
+                        // SAFETY: both buffers hold b * hq * dk bf16 values.
+                        unsafe { result::memcpy_dtod_async(gq.ptr(), q, gq.bytes(), stream).map_err(|e| cuda(e, "cuMemcpyDtoDAsync"))? };
+                        flush.fill((rep % 239) as u8)?;
+                        let tg = timer.time(graph.stream, || graph.step(&mut gpu, &cache))?;
                         if rep >= 3 {
                             t_nsa.push(tn);
                             t_full.push(tf);
+                            t_graph.push(tg);
                         }
                     }
-                    rows.push(Row::decode("cuda", &c, preset, batch, ctx, median(t_nsa) * 1e-3, median(t_full) * 1e-3, bw));
+                    let t = Medians { nsa: median(t_nsa) * 1e-3, full: median(t_full) * 1e-3, graph: Some(median(t_graph) * 1e-3) };
+                    res.decode.push(Row::decode("cuda", &c, preset, batch, ctx, t, bw));
                     eprintln!("  done: {hq}q/{hkv}kv {dk}/{dv} {preset:?} context {ctx} batch {batch}");
                 }
             }
         }
     }
-    Ok(rows)
+    res.prefill = crate::prefill::run(o, shapes, &timer, stream)?;
+    Ok(res)
 }

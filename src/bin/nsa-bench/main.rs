@@ -2,17 +2,20 @@
 //! full-attention baseline over the same paged cache, measured in one run on one
 //! machine, with each time set beside its physical floor.
 //!
-//! `cargo run --release --bin nsa-bench -- --help` lists the options. Results print as a
-//! markdown table; `--json FILE` also writes them as JSON.
+//! `cargo run --release --bin nsa-bench -- --help` lists the options. Results print as
+//! markdown tables (decode, then prefill); `--json FILE` also writes them as JSON,
+//! `{"decode": [...], "prefill": [...]}`.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod prefill;
 mod report;
 #[path = "../shared/rng.rs"]
 mod rng;
 
-use report::Row;
+use report::Results;
 
 pub struct Opts {
     pub contexts: Vec<u32>,
@@ -22,17 +25,26 @@ pub struct Opts {
     pub json: Option<String>,
     pub quick: bool,
     pub gpu: bool,
+    /// Prefill lengths (CUDA only; empty: no prefill points).
+    pub prefill: Vec<u32>,
+    /// Dense matrix rate of the prefill floor, FLOP/s.
+    pub matrix_rate: f64,
 }
+
+/// Prefill lengths of a `--gpu` run without `--prefill`.
+const PREFILL_DEFAULT: [u32; 4] = [8192, 16384, 32768, 65536];
 
 fn usage() -> ! {
     eprintln!(
         "nsa-bench: NSA vs full attention over the same paged cache\n\n\
          options:\n  --cpu                 CPU decode benchmark (the default)\n  \
-         --gpu                 CUDA decode benchmark (needs --features cuda and a device)\n  \
+         --gpu                 CUDA decode (plain and CUDA-graph replay) and prefill benchmark\n                        (needs --features cuda and a device)\n  \
          --contexts A,B,...    context lengths (default 8192,16384,32768)\n  \
          --batches A,B,...     sequences per decode step (default 1,4)\n  \
          --threads N           CPU threads (default: all cores)\n  \
          --reps N              timed decode steps per point (default 9; the median is reported)\n  \
+         --prefill A,B,...     --gpu: prefill lengths, each one fresh sequence in one step, median of\n                        min(reps, 3) after 1 warm-up (default 8192,16384,32768,65536;\n                        `none` or an empty list: no prefill)\n  \
+         --matrix-tflops X     dense bf16 matrix rate of the prefill floor, TFLOP/s (default 767,\n                        measured on the H100)\n  \
          --quick               small sizes, for a smoke test\n  \
          --json FILE           also write the results as JSON"
     );
@@ -40,17 +52,26 @@ fn usage() -> ! {
 }
 
 #[cfg(feature = "cuda")]
-fn run_gpu(o: &Opts) -> nsa::Result<Vec<Row>> {
+fn run_gpu(o: &Opts) -> nsa::Result<Results> {
     gpu::run(o)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_gpu(_: &Opts) -> nsa::Result<Vec<Row>> {
+fn run_gpu(_: &Opts) -> nsa::Result<Results> {
     Err(nsa::NsaError::BackendUnavailable("nsa-bench was built without --features cuda".into()))
 }
 
 fn list(s: &str) -> Vec<u32> {
     s.split(',').map(|x| x.trim().parse().unwrap_or_else(|_| usage())).collect()
+}
+
+/// A list that may be `none` or empty.
+fn maybe_list(s: &str) -> Vec<u32> {
+    if s.trim().is_empty() || s.trim() == "none" {
+        vec![]
+    } else {
+        list(s)
+    }
 }
 
 fn main() {
@@ -62,7 +83,10 @@ fn main() {
         json: None,
         quick: false,
         gpu: false,
+        prefill: vec![],
+        matrix_rate: 767e12,
     };
+    let mut prefill = None;
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
@@ -74,6 +98,8 @@ fn main() {
             "--threads" => o.threads = val().parse().unwrap_or_else(|_| usage()),
             "--reps" => o.reps = val().parse().unwrap_or_else(|_| usage()),
             "--json" => o.json = Some(val()),
+            "--prefill" => prefill = Some(maybe_list(&val())),
+            "--matrix-tflops" => o.matrix_rate = val().parse::<f64>().ok().filter(|&x| x > 0.0).unwrap_or_else(|| usage()) * 1e12,
             "--quick" => o.quick = true,
             _ => usage(),
         }
@@ -83,17 +109,27 @@ fn main() {
         o.batches = vec![1, 2];
         o.reps = 3;
     }
-    let result = if o.gpu { run_gpu(&o) } else { cpu::run(&o) };
-    let rows: Vec<Row> = match result {
+    o.prefill = match prefill {
+        Some(p) if !p.is_empty() && !o.gpu => {
+            eprintln!("error: --prefill needs --gpu (the CPU benchmark times decode only)");
+            std::process::exit(2)
+        }
+        Some(p) => p,
+        None if o.gpu && o.quick => vec![2048],
+        None if o.gpu => PREFILL_DEFAULT.to_vec(),
+        None => vec![],
+    };
+    let result = if o.gpu { run_gpu(&o) } else { cpu::run(&o).map(|decode| Results { decode, ..Default::default() }) };
+    let res = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);
         }
     };
-    report::print(&rows);
+    report::print(&res);
     if let Some(path) = &o.json {
-        if let Err(e) = std::fs::write(path, report::json(&rows)) {
+        if let Err(e) = std::fs::write(path, report::json(&res)) {
             eprintln!("error: writing {path}: {e}");
             std::process::exit(1);
         }

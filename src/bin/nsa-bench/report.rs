@@ -1,16 +1,56 @@
-//! Result rows, printed as a markdown table and as JSON (no serde: the rows are flat).
+//! Result rows, printed as markdown tables and as JSON (no serde: the rows are flat).
 
-use nsa::Config;
+use nsa::{Config, Preset};
 
-/// K/V bytes one NSA decode step must read per (sequence, KV head) at length `len`:
-/// compressed tokens, selected blocks and the window, each once (the window and the local
-/// blocks overlap, so this bounds the unique bytes from above).
-pub fn nsa_bytes(c: &Config, len: u32) -> f64 {
-    let keys = c.num_cmp_tokens(len) + (c.sel_count * c.sel_block).min(len) + c.window.min(len);
-    keys as f64 * (c.head_dim_qk + c.head_dim_v) as f64 * c.dtype.size() as f64
+/// Keys one NSA query at length `len` attends per KV head: compressed tokens, selected
+/// blocks and the window (the window and the local blocks overlap, and a short sequence
+/// has fewer selectable keys than `n * l'`, so this bounds the unique keys from above).
+pub fn nsa_keys(c: &Config, len: u32) -> u32 {
+    c.num_cmp_tokens(len) + (c.sel_count * c.sel_block).min(len) + c.window.min(len)
 }
 
-/// One measured point.
+/// K/V bytes one NSA decode step must read per (sequence, KV head) at length `len`: each
+/// of `nsa_keys` once.
+pub fn nsa_bytes(c: &Config, len: u32) -> f64 {
+    nsa_keys(c, len) as f64 * (c.head_dim_qk + c.head_dim_v) as f64 * c.dtype.size() as f64
+}
+
+/// FLOPs of the QK and PV products of a prefill of `tokens` tokens of a fresh sequence:
+/// query row `t` attends `nsa_keys(t + 1)` keys in each of its `HQ` heads.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn prefill_flops(c: &Config, tokens: u32) -> f64 {
+    let keys: f64 = (1..=tokens).map(|len| nsa_keys(c, len) as f64).sum();
+    2.0 * c.num_q_heads as f64 * (c.head_dim_qk + c.head_dim_v) as f64 * keys
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn preset_name(p: Preset) -> &'static str {
+    if p == Preset::Paper {
+        "paper"
+    } else {
+        "fla"
+    }
+}
+
+fn shape(c: &Config) -> String {
+    format!("{}q/{}kv {}/{}", c.num_q_heads, c.num_kv_heads, c.head_dim_qk, c.head_dim_v)
+}
+
+/// Median times of one decode point, seconds.
+pub struct Medians {
+    /// NSA decode step (append + all branches), one layer.
+    pub nsa: f64,
+    /// The full-attention baseline over the same cache.
+    pub full: f64,
+    /// The NSA step with the layer replayed from a CUDA graph (CUDA only).
+    pub graph: Option<f64>,
+}
+
+/// One measured decode point.
 pub struct Row {
     pub backend: &'static str,
     pub preset: &'static str,
@@ -20,6 +60,9 @@ pub struct Row {
     pub context: u32,
     /// Median time of one NSA decode step (append + all branches), one layer.
     pub nsa_us: f64,
+    /// The same step with `run_layer` replayed from a CUDA graph (the plan's upload
+    /// outside it); `None` on the CPU.
+    pub graph_us: Option<f64>,
     /// Median time of the full-attention baseline over the same cache.
     pub full_us: f64,
     /// K/V bytes an NSA decode step must read (compressed + selected + window, once).
@@ -31,18 +74,19 @@ pub struct Row {
 }
 
 impl Row {
-    /// A decode point: medians in seconds; the floor from `nsa_bytes` and `bandwidth`.
-    pub fn decode(backend: &'static str, c: &Config, preset: nsa::Preset, batch: u32, context: u32, nsa_s: f64, full_s: f64, bandwidth: f64) -> Row {
+    /// A decode point: the floor from `nsa_bytes` and `bandwidth`.
+    pub fn decode(backend: &'static str, c: &Config, preset: Preset, batch: u32, context: u32, t: Medians, bandwidth: f64) -> Row {
         let bytes = nsa_bytes(c, context) * (batch * c.num_kv_heads) as f64;
         Row {
             backend,
-            preset: if preset == nsa::Preset::Paper { "paper" } else { "fla" },
-            shape: format!("{}q/{}kv {}/{}", c.num_q_heads, c.num_kv_heads, c.head_dim_qk, c.head_dim_v),
+            preset: preset_name(preset),
+            shape: shape(c),
             dtype: c.dtype.name(),
             batch,
             context,
-            nsa_us: nsa_s * 1e6,
-            full_us: full_s * 1e6,
+            nsa_us: t.nsa * 1e6,
+            graph_us: t.graph.map(|s| s * 1e6),
+            full_us: t.full * 1e6,
             nsa_bytes: bytes,
             floor_us: bytes / bandwidth * 1e6,
             bandwidth,
@@ -50,12 +94,62 @@ impl Row {
     }
 }
 
-pub fn print(rows: &[Row]) {
-    println!("| backend | preset | shape | dtype | batch | context | NSA us | full us | full/NSA | NSA MB read | floor us | NSA/floor |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+/// One measured prefill point: `tokens` tokens of a fresh sequence in one step.
+pub struct PrefillRow {
+    pub preset: &'static str,
+    pub shape: String,
+    pub dtype: &'static str,
+    pub tokens: u32,
+    /// Median time of the step (`upload_step` + `run_layer`, all three branches).
+    pub nsa_ms: f64,
+    /// QK and PV FLOPs of the three branches (`prefill_flops`).
+    pub flops: f64,
+    /// FLOPs over the dense matrix rate.
+    pub floor_ms: f64,
+    /// The dense matrix rate of the floor, FLOP/s.
+    pub matrix_rate: f64,
+}
+
+impl PrefillRow {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn new(c: &Config, preset: Preset, tokens: u32, nsa_s: f64, matrix_rate: f64) -> PrefillRow {
+        let flops = prefill_flops(c, tokens);
+        PrefillRow {
+            preset: preset_name(preset),
+            shape: shape(c),
+            dtype: c.dtype.name(),
+            tokens,
+            nsa_ms: nsa_s * 1e3,
+            flops,
+            floor_ms: flops / matrix_rate * 1e3,
+            matrix_rate,
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Default)]
+pub struct Results {
+    pub decode: Vec<Row>,
+    pub prefill: Vec<PrefillRow>,
+}
+
+pub fn print(res: &Results) {
+    let rows = &res.decode;
+    // The graph columns only where some point has them (CUDA runs).
+    let graph = rows.iter().any(|r| r.graph_us.is_some());
+    let (gh, gs) = if graph { (" NSA graph us |", "---|") } else { ("", "") };
+    let (fh, fs) = if graph { (" graph/floor |", "---|") } else { ("", "") };
+    println!("| backend | preset | shape | dtype | batch | context | NSA us |{gh} full us | full/NSA | NSA MB read | floor us | NSA/floor |{fh}");
+    println!("|---|---|---|---|---|---|---|{gs}---|---|---|---|---|{fs}");
     for r in rows {
+        let (gt, gr) = match (graph, r.graph_us) {
+            (false, _) => (String::new(), String::new()),
+            (true, Some(g)) => (format!(" {g:.1} |"), format!(" {:.1}x |", g / r.floor_us)),
+            (true, None) => (" - |".into(), " - |".into()),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1}x | {:.2} | {:.1} | {:.1}x |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} |{gt} {:.1} | {:.1}x | {:.2} | {:.1} | {:.1}x |{gr}",
             r.backend,
             r.preset,
             r.shape,
@@ -73,17 +167,67 @@ pub fn print(rows: &[Row]) {
     if let Some(r) = rows.first() {
         println!("\nfloor = NSA bytes / {:.1} GB/s (memory bandwidth measured in this run)", r.bandwidth / 1e9);
     }
+    if graph {
+        println!("NSA graph = upload_step + run_layer replayed from a CUDA graph (launch overhead removed)");
+    }
+    if let Some(p) = res.prefill.first() {
+        println!("\n| preset | shape | dtype | tokens | NSA prefill ms | TFLOP | NSA TFLOP/s | floor ms | NSA/floor |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for r in &res.prefill {
+            println!(
+                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.1}x |",
+                r.preset,
+                r.shape,
+                r.dtype,
+                r.tokens,
+                r.nsa_ms,
+                r.flops / 1e12,
+                r.flops / r.nsa_ms * 1e-9,
+                r.floor_ms,
+                r.nsa_ms / r.floor_ms,
+            );
+        }
+        println!(
+            "\nprefill: one fresh sequence, all tokens in one step; FLOPs = QK + PV of the three branches \
+             (selected keys an upper bound); floor = FLOPs / {:.0} TFLOP/s (dense bf16 matrix rate, --matrix-tflops)",
+            p.matrix_rate / 1e12
+        );
+    }
 }
 
-pub fn json(rows: &[Row]) -> String {
-    let items: Vec<String> = rows
+pub fn json(res: &Results) -> String {
+    let decode: Vec<String> = res
+        .decode
         .iter()
         .map(|r| {
             format!(
-                "{{\"backend\":\"{}\",\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"batch\":{},\"context\":{},\"nsa_us\":{:.3},\"full_us\":{:.3},\"speedup\":{:.3},\"nsa_bytes\":{:.0},\"floor_us\":{:.3},\"bandwidth\":{:.0}}}",
-                r.backend, r.preset, r.shape, r.dtype, r.batch, r.context, r.nsa_us, r.full_us, r.full_us / r.nsa_us, r.nsa_bytes, r.floor_us, r.bandwidth
+                "{{\"backend\":\"{}\",\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"batch\":{},\"context\":{},\"nsa_us\":{:.3},\"full_us\":{:.3},\"speedup\":{:.3},\"nsa_bytes\":{:.0},\"floor_us\":{:.3},\"bandwidth\":{:.0},\"graph_us\":{}}}",
+                r.backend,
+                r.preset,
+                r.shape,
+                r.dtype,
+                r.batch,
+                r.context,
+                r.nsa_us,
+                r.full_us,
+                r.full_us / r.nsa_us,
+                r.nsa_bytes,
+                r.floor_us,
+                r.bandwidth,
+                r.graph_us.map_or("null".into(), |g| format!("{g:.3}")),
             )
         })
         .collect();
-    format!("[\n  {}\n]\n", items.join(",\n  "))
+    let prefill: Vec<String> = res
+        .prefill
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"tokens\":{},\"nsa_ms\":{:.4},\"flops\":{:.0},\"floor_ms\":{:.4},\"matrix_rate\":{:.0}}}",
+                r.preset, r.shape, r.dtype, r.tokens, r.nsa_ms, r.flops, r.floor_ms, r.matrix_rate
+            )
+        })
+        .collect();
+    let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n  {}\n ]", v.join(",\n  ")) };
+    format!("{{\n \"decode\": {},\n \"prefill\": {}\n}}\n", list(&decode), list(&prefill))
 }
