@@ -43,7 +43,7 @@ struct Params {
     int phi_hidden, phi_pe, maxc, nb, nsplit_c, split_c, units_s, units_w;
     int wave_rows, row0, hc, mode;
     float scale;
-    int spb, sel_chunks, nstage;
+    int spb, sel_chunks, nstage, comb_heads;
 };
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -475,18 +475,17 @@ __device__ __forceinline__ float fexp(float x) {
 }
 
 // Selection, split over chunks of selection blocks: grid rows x HKV x sel_chunks, 256
-// threads. A chunk of `cb` blocks (at least SEL_MIN_CHUNK; the host bounds it by
-// SEL_MAX_CHUNK through sel_chunks): merges the compressed splits' (m, l) of the group's
-// heads, sums the group's normalised probabilities over the compressed tokens its blocks
-// overlap (Eq. 8), scores its blocks (Eq. 9, forced blocks +inf), ranks them (a thread
-// per block counts the better ones: ties to the lower index) and stores its best n,
-// best first, -1 padded. The last chunk block of the (row, KV head) to finish (a counter
-// in the workspace, reset by that block) merges the chunks' lists: a candidate's global
-// rank is its rank in its list plus, per other list, the count of better entries (exact
-// for the true top n: every better block is in its own list's best n). Output ascending,
-// -1 padded.
+// threads. A chunk of `cb` blocks (at least SEL_MIN_CHUNK; the host launches enough
+// chunks that it is exactly that, `SEL_CHUNK` in params.rs): merges the compressed
+// splits' (m, l) of the group's heads, sums the group's normalised probabilities over the
+// compressed tokens its blocks overlap (Eq. 8), scores its blocks (Eq. 9, forced blocks
+// +inf), ranks them (a thread per block counts the better ones: ties to the lower index)
+// and stores its best n, best first, -1 padded. The last chunk block of the (row, KV
+// head) to finish (a counter in the workspace, reset by that block) merges the chunks'
+// sorted lists with one warp (the true top n are all in their lists: every better block
+// is in its own list's best n). Output ascending, -1 padded.
 // Shared: chunk phase m[g] | inv[g] | blk[cb] | ps[cb*B + A - 1];
-//         merge phase cand[chunks * n] (int2) | pick[n] | flag.
+//         merge phase cand[chunks * n] (int2) | heads[chunks] | pick[n].
 #define SEL_MIN_CHUNK 64
 
 __device__ __forceinline__ bool better(float s1, int j1, float s2, int j2) {
@@ -549,12 +548,14 @@ __device__ void select_blocks(const Params& p) {
             int i = i0 + x;
             float a = 0.f;
             if (i >= 0 && i < nc) {
-                for (int h0 = 0; h0 < p.g; h0 += 8) {
-                    float v[8];
+                // 16 heads' loads in flight at once (one latency round for a group of 16).
+                const float* li = lg + i;  // head h's logit of token i: li[h * maxc]
+                for (int h0 = 0; h0 < p.g; h0 += 16) {
+                    float v[16];
 #pragma unroll
-                    for (int k = 0; k < 8; k++) v[k] = h0 + k < p.g ? lg[(usize)(h0 + k) * p.maxc + i] : 0.f;
+                    for (int k = 0; k < 16; k++) v[k] = h0 + k < p.g ? li[(h0 + k) * p.maxc] : 0.f;
 #pragma unroll
-                    for (int k = 0; k < 8; k++)
+                    for (int k = 0; k < 16; k++)
                         if (h0 + k < p.g) a += fexp(v[k] - mh[h0 + k]) * inv[h0 + k];
                 }
             }
@@ -597,26 +598,48 @@ __device__ void select_blocks(const Params& p) {
     if (!last) return;
     __threadfence();
     int2* cs = (int2*)smem;
-    int* pick = (int*)(cs + nlists * n);
+    int* heads = (int*)(cs + nlists * n);
+    int* pick = heads + nlists;
     for (int x = tid; x < nlists * n; x += blockDim.x) {
         // Written by other blocks of this launch: read through L2 (volatile), not L1.
         const volatile int* src = (const volatile int*)(lists + x);
         cs[x] = make_int2(src[0], src[1]);
     }
+    for (int l = tid; l < nlists; l += blockDim.x) heads[l] = 0;
     const int count = min(n, nblk);
     __syncthreads();
-    for (int x = tid; x < nlists * n; x += blockDim.x) {
-        int2 me = cs[x];
-        if (me.y < 0) continue;
-        float s = __int_as_float(me.x);
-        int own = x / n, rank = x - own * n;
-        for (int l = 0; l < nlists && rank < count; l++) {
-            if (l == own) continue;
-            const int2* ls = cs + l * n;
-#pragma unroll 4
-            for (int k = 0; k < n; k++) rank += better(__int_as_float(ls[k].x), ls[k].y, s, me.y);
+    if (warp == 0) {
+        // Merge of sorted lists by one warp: each round takes the best list head (a lane
+        // scans its lists' heads, then a warp argmax) and advances that list.
+        for (int k = 0; k < count; k++) {
+            float bs = 0.f;
+            int bj = -1, bl = -1;
+            for (int l = lane; l < nlists; l += 32) {
+                int h = heads[l];
+                if (h < n) {
+                    int2 c = cs[l * n + h];
+                    if (better(__int_as_float(c.x), c.y, bs, bj)) {
+                        bs = __int_as_float(c.x);
+                        bj = c.y;
+                        bl = l;
+                    }
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float os = __shfl_xor_sync(0xffffffffu, bs, o);
+                int oj = __shfl_xor_sync(0xffffffffu, bj, o);
+                int ol = __shfl_xor_sync(0xffffffffu, bl, o);
+                if (better(os, oj, bs, bj)) {
+                    bs = os;
+                    bj = oj;
+                    bl = ol;
+                }
+            }
+            if (lane == 0) pick[k] = bj;
+            if (bl >= 0 && lane == (bl & 31)) heads[bl] += 1;
+            __syncwarp();
         }
-        if (rank < count) pick[rank] = me.y;
     }
     __syncthreads();
     int* wsel = (int*)p.sel + pair * n;
@@ -672,77 +695,102 @@ __device__ __forceinline__ float unit_sum(const float* col, int stride, const fl
     return a;
 }
 
-// Gated combine for one (row, query head): the per-unit merge factors exp(m_u - m_branch)
-// are computed once in shared memory, then P = blockDim / DV parts of the block each sum
-// a slice of every branch's units for every column (P independent load streams per
-// column: the partials come from L2), the parts' sums are added, gated and stored.
-// Shared: m[U] | f[U] (l_u, then the factor) | gm[3] | gl[3] | red[3][P][DV].
+// (max, sum) of the partial softmax states u0..u1 (m[u], l[u]; l = 0: empty) by one warp.
+__device__ __forceinline__ float2 merge_ml(const float* mu, const float* lu, int u0, int u1, int lane) {
+    float m = NEG_INF;
+    for (int u = u0 + lane; u < u1; u += 32)
+        if (lu[u] > 0.f) m = fmaxf(m, mu[u]);
+    m = warp_max(m);
+    float l = 0.f;
+    if (m != NEG_INF)
+        for (int u = u0 + lane; u < u1; u += 32)
+            if (lu[u] > 0.f) l += lu[u] * expf(mu[u] - m);
+    return make_float2(m, warp_sum(l));
+}
+
+// Gated combine of `p.comb_heads` consecutive query heads of one row per block (the host
+// picks more heads per block when rows are many, so blocks stay few and long, and one
+// head per block at batch 1, so the work spreads over SMs). Per head: each branch's
+// (max, sum) over its units (a warp per (head, branch)), the per-unit merge factors
+// exp(m_u - m_branch) in shared memory, then per output column the branch sums of the
+// units' accumulators; with one head per block, P = blockDim / DV parts of the block sum
+// slices of the units (P independent load streams per column) and their sums are added.
+// Shared: m[H][U] | f[H][U] (l_u, then the factor) | gm[H][3] | gl[H][3] | red[3][P][DV].
 template <class E>
 __device__ void combine(const Params& p) {
     extern __shared__ float smem[];
-    int wr = blockIdx.x, r = p.row0 + wr, hg = blockIdx.y, tid = threadIdx.x;
-    int s0 = p.nsplit_c, s1 = s0 + p.units_s, U = s1 + p.units_w;
-    const int DV = p.dv, P = max(1, (int)blockDim.x / DV);
+    const int wr = blockIdx.x, r = p.row0 + wr, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int H = p.comb_heads, hg0 = blockIdx.y * H;
+    const int s0 = p.nsplit_c, s1 = s0 + p.units_s, U = s1 + p.units_w;
+    const int DV = p.dv, P = H == 1 ? max(1, (int)blockDim.x / DV) : 1;
     float* mu = smem;
-    float* fu = mu + U;
-    float* gm = fu + U;
-    float* gl = gm + 3;
-    float* red = gl + 3;
+    float* fu = mu + H * U;
+    float* gm = fu + H * U;
+    float* gl = gm + 3 * H;
+    float* red = gl + 3 * H;
     const float* ml = (const float*)p.part_ml;
     const float* pa = (const float*)p.part_acc;
-    for (int u = tid; u < U; u += blockDim.x) {
-        float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
-        mu[u] = x.x;
-        fu[u] = x.y;
+    for (int x = tid; x < H * U; x += blockDim.x) {
+        int hh = x / U, u = x - hh * U;
+        float2 v = ((const float2*)ml)[part_at(p, wr, hg0 + hh, u)];
+        mu[x] = v.x;
+        fu[x] = v.y;
     }
     __syncthreads();
-    if (tid < 3) {
-        int u0 = tid == 0 ? 0 : (tid == 1 ? s0 : s1);
-        int u1 = tid == 0 ? s0 : (tid == 1 ? s1 : U);
-        float m = NEG_INF;
-        for (int u = u0; u < u1; u++)
-            if (fu[u] > 0.f) m = fmaxf(m, mu[u]);
-        float l = 0.f;
-        if (m != NEG_INF)
-            for (int u = u0; u < u1; u++)
-                if (fu[u] > 0.f) l += fu[u] * expf(mu[u] - m);
-        gm[tid] = m;
-        gl[tid] = l;
-    }
-    __syncthreads();
-    for (int u = tid; u < U; u += blockDim.x) {
-        int grp = u < s0 ? 0 : (u < s1 ? 1 : 2);
-        fu[u] = (fu[u] > 0.f && gm[grp] != NEG_INF) ? expf(mu[u] - gm[grp]) : 0.f;
-    }
-    __syncthreads();
-    usize base = part_at(p, wr, hg, 0) * DV;
-    // Every unit's accumulator is written (0 for empty units, whose factor is 0).
-    for (int e = tid; e < P * DV; e += blockDim.x) {
-        int c = e % DV, part = e / DV;
-        int bounds[4] = {0, s0, s1, U};
-#pragma unroll
-        for (int br = 0; br < 3; br++) {
-            int n = bounds[br + 1] - bounds[br];
-            int lo = bounds[br] + n * part / P, hi = bounds[br] + n * (part + 1) / P;
-            red[(br * P + part) * DV + c] = unit_sum(pa + base + c, DV, fu, lo, hi);
+    for (int task = warp; task < 3 * H; task += blockDim.x >> 5) {
+        int hh = task / 3, br = task - hh * 3;
+        int u0 = br == 0 ? 0 : (br == 1 ? s0 : s1);
+        int u1 = br == 0 ? s0 : (br == 1 ? s1 : U);
+        float2 v = merge_ml(mu + hh * U, fu + hh * U, u0, u1, lane);
+        if (lane == 0) {
+            gm[task] = v.x;
+            gl[task] = v.y;
         }
     }
     __syncthreads();
-    const float* gt = (const float*)p.gates + ((usize)r * p.hq + hg) * 3;
+    for (int x = tid; x < H * U; x += blockDim.x) {
+        int hh = x / U, u = x - hh * U;
+        int grp = hh * 3 + (u < s0 ? 0 : (u < s1 ? 1 : 2));
+        fu[x] = (fu[x] > 0.f && gm[grp] != NEG_INF) ? expf(mu[x] - gm[grp]) : 0.f;
+    }
+    __syncthreads();
     typename E::T* out = (typename E::T*)p.out;
-    for (int c = tid; c < DV; c += blockDim.x) {
+    const int bounds[4] = {0, s0, s1, U};
+    if (P > 1) {
+        // One head (H = 1): P parts per column, then their sums are added.
+        usize base = part_at(p, wr, hg0, 0) * DV;
+        for (int e = tid; e < P * DV; e += blockDim.x) {
+            int c = e % DV, part = e / DV;
+#pragma unroll
+            for (int br = 0; br < 3; br++) {
+                int n = bounds[br + 1] - bounds[br];
+                int lo = bounds[br] + n * part / P, hi = bounds[br] + n * (part + 1) / P;
+                red[(br * P + part) * DV + c] = unit_sum(pa + base + c, DV, fu, lo, hi);
+            }
+        }
+        __syncthreads();
+    }
+    // Every unit's accumulator is written (0 for empty units, whose factor is 0).
+    for (int e = tid; e < H * DV; e += blockDim.x) {
+        int hh = e / DV, c = e - hh * DV, hg = hg0 + hh;
+        usize base = part_at(p, wr, hg, 0) * DV;
         float a[3];
 #pragma unroll
         for (int br = 0; br < 3; br++) {
             float x = 0.f;
-            for (int part = 0; part < P; part++) x += red[(br * P + part) * DV + c];
+            if (P > 1)
+                for (int part = 0; part < P; part++) x += red[(br * P + part) * DV + c];
+            else
+                x = unit_sum(pa + base + c, DV, fu + hh * U, bounds[br], bounds[br + 1]);
             a[br] = x;
         }
+        const float* gt = (const float*)p.gates + ((usize)r * p.hq + hg) * 3;
+        const float* g3 = gl + hh * 3;
         float o = 0.f;
-        float ocmp = gl[0] > 0.f ? a[0] * (1.0f / gl[0]) : 0.f;
+        float ocmp = g3[0] > 0.f ? a[0] * (1.0f / g3[0]) : 0.f;
         o = o + gt[0] * ocmp;
-        if (gl[1] > 0.f) o = o + (gt[1] / gl[1]) * a[1];
-        if (gl[2] > 0.f) o = o + (gt[2] / gl[2]) * a[2];
+        if (g3[1] > 0.f) o = o + (gt[1] / g3[1]) * a[1];
+        if (g3[2] > 0.f) o = o + (gt[2] / g3[2]) * a[2];
         E::st(out, ((usize)r * p.hq + hg) * DV + c, o);
     }
 }
@@ -765,16 +813,12 @@ __device__ void full_combine(const Params& p) {
         fu[u] = ml[2 * at + 1];
     }
     __syncthreads();
-    if (tid == 0) {
-        float m = NEG_INF;
-        for (int u = 0; u < U; u++)
-            if (fu[u] > 0.f) m = fmaxf(m, mu[u]);
-        float l = 0.f;
-        if (m != NEG_INF)
-            for (int u = 0; u < U; u++)
-                if (fu[u] > 0.f) l += fu[u] * expf(mu[u] - m);
-        gm[0] = m;
-        gm[1] = l;
+    if (tid < 32) {
+        float2 ml_ = merge_ml(mu, fu, 0, U, tid);
+        if (tid == 0) {
+            gm[0] = ml_.x;
+            gm[1] = ml_.y;
+        }
     }
     __syncthreads();
     for (int u = tid; u < U; u += blockDim.x) fu[u] = (fu[u] > 0.f && gm[0] != NEG_INF) ? expf(mu[u] - gm[0]) : 0.f;
@@ -792,8 +836,9 @@ __device__ void full_combine(const Params& p) {
 // bf16/f16 with DK, DV multiples of 16 (the host checks; other shapes use `attend`).
 // A block of MW warps owns (row, KV head, unit) and up to 16 heads of the group at a time
 // (the rows of an m16n8k16 tile; a smaller group pads rows with zero queries). Each warp
-// streams its own tiles of MK = 16 keys (tiles warp, warp + MW, ...) through
-// `p.nstage` (2..MAX_STAGES, picked by the host from the occupancy) shared-memory stages with cp.async (16-byte copies, zero-filled for masked keys),
+// streams its own tiles of MK = 16 keys (tiles warp, warp + MW, ...) through `p.nstage`
+// (2..MAX_STAGES, picked by the host from the occupancy) shared-memory stages with
+// cp.async (16-byte copies, zero-filled for masked keys),
 // computes S = Q K^T (ldmatrix + mma), an online softmax in registers, O += P V (P
 // packed to 16 bits as the A operand, V through ldmatrix.trans), then the warps' states
 // are merged in shared memory and stored as the unit's partial (m, l, acc).
@@ -962,9 +1007,19 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int st = 0; st < S; st++) mbar_init(bar0 + 8 * st, 1);
         fence_mbar_init();
     }
-    for (int e = tid; e < 16 * DK; e += blockDim.x) {
-        int h = e / DK, c = e - h * DK;
-        q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
+    if (((usize)qsrc & 15) == 0) {
+        // 16-byte loads, all independent (DK is a multiple of 16, so rows stay aligned).
+        const int cpr = DK / 8;
+        for (int e = tid; e < 16 * cpr; e += blockDim.x) {
+            int h = e / cpr, c = (e - h * cpr) * 8;
+            uint4 x = h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
+            *(uint4*)(q_s + h * QS + c) = x;
+        }
+    } else {
+        for (int e = tid; e < 16 * DK; e += blockDim.x) {
+            int h = e / DK, c = e - h * DK;
+            q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
+        }
     }
     __syncthreads();
     const int ntiles = (ks.n + MK - 1) / MK;

@@ -31,6 +31,7 @@
 mod compile;
 mod driver;
 mod params;
+mod staging;
 mod tensor_map;
 
 use std::ffi::{c_void, CString};
@@ -45,7 +46,8 @@ use crate::layout::{Layout, PageCopy, PlanSeq};
 pub use compile::{cache_key, KERNEL_SOURCE};
 use driver::{check, CtxGuard};
 pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf};
-use params::{DevLayout, Params, SEL_MAX_CHUNK};
+use params::{DevLayout, Params, SEL_CHUNK};
+use staging::Staging;
 
 /// What [`probe`] found: the device the backend would use (ordinal 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,8 +224,9 @@ pub struct CudaBackend {
     /// Tensor-core kernels load tiles with 1-D bulk copies (sm_90+; `NSA_CUDA_NO_BULK=1`
     /// at creation falls back to cp.async).
     bulk: bool,
-    /// Host mirror of the uploaded regions (meta .. end of cmp tables), allocated once.
-    staging: Vec<u8>,
+    /// Page-locked host mirrors of the uploaded regions (meta .. end of cmp tables), two
+    /// in turn, allocated once (`None` only while dropping).
+    staging: Option<Staging>,
     /// The plan last uploaded (capacity `max_step_seqs`, never grows).
     uploaded: Vec<PlanSeq>,
     uploaded_tokens: u32,
@@ -336,10 +339,12 @@ impl CudaBackend {
         let smem_cmp = 4 * (2 * dk.max(dv) + cfg.cmp_block as usize + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
         // Selection: the chunk phase's floats, or the merge phase's candidate lists.
         let (a_cmp, b_sel) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
-        let (cbmax, n) = (SEL_MAX_CHUNK as usize, cfg.sel_count as usize);
-        let smem_sel = (4 * (2 * g + cbmax * (b_sel + 1) + a_cmp)).max(dl.sel_chunks as usize * n * 8 + 4 * n);
-        let parts = (NT_COMB as usize / dv).max(1);
-        let smem_comb = 4 * (2 * (dl.nsplit_c + dl.units_s + dl.units_w) as usize + 6 + 3 * parts * dv);
+        let (cbmax, n) = (SEL_CHUNK as usize, cfg.sel_count as usize);
+        let smem_sel = (4 * (2 * g + cbmax * (b_sel + 1) + a_cmp)).max(dl.sel_chunks as usize * (n * 8 + 4) + 4 * n);
+        // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
+        // parts' sums (only with one head per block, parts * DV <= NT_COMB).
+        let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;
+        let smem_comb = 4 * (g * (2 * units_max + 6) + 3 * (NT_COMB as usize).max(dv));
         let scalar_forced = std::env::var("NSA_CUDA_SCALAR").is_ok_and(|v| v == "1");
         let bulk = info.compute_capability.0 >= 9 && !std::env::var("NSA_CUDA_NO_BULK").is_ok_and(|v| v == "1");
         let tma = bulk && tensor_map::supported(cfg) && !std::env::var("NSA_CUDA_NO_TMA").is_ok_and(|v| v == "1");
@@ -466,7 +471,14 @@ impl CudaBackend {
                 return Err(e);
             }
         };
-        let staging = vec![0u8; dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off];
+        let staging = match Staging::new(dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off) {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: loaded above, unloaded once.
+                unsafe { sys::cuModuleUnload(module) };
+                return Err(e);
+            }
+        };
         Ok(CudaBackend {
             cfg: *cfg,
             lay,
@@ -484,7 +496,7 @@ impl CudaBackend {
             nstage: nstage as u32,
             bulk,
             tma: tma && mma,
-            staging,
+            staging: Some(staging),
             uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
             uploaded_tokens: 0,
             uploaded_valid: false,
@@ -535,8 +547,16 @@ impl CudaBackend {
         let dl = self.dl;
         let m0 = dl.meta.off;
         let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
-        let st = &mut self.staging;
+        let _g = CtxGuard::push(self.ctx)?;
+        let staging = self.staging.as_mut().expect("staging lives until drop");
+        let st = staging.next()?;
         let put_i32 = |st: &mut [u8], off: usize, x: i32| st[off - m0..off - m0 + 4].copy_from_slice(&x.to_ne_bytes());
+        // A whole page table in one copy.
+        let put_i32s = |st: &mut [u8], off: usize, xs: &[i32]| {
+            // SAFETY: any i32 is 4 initialised bytes; the view covers exactly `xs`.
+            let bytes = unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) };
+            st[off - m0..off - m0 + bytes.len()].copy_from_slice(bytes);
+        };
         let mut njobs = 0usize;
         let mut trow = 0usize;
         for (si, ps) in step.seqs.iter().enumerate() {
@@ -556,14 +576,8 @@ impl CudaBackend {
                 put_i32(st, o + 4, i as i32);
                 njobs += 1;
             }
-            let rt = step.raw_table(ps.seq);
-            for (j, &pg) in rt.iter().enumerate() {
-                put_i32(st, dl.raw_tab.off + (si * pps + j) * 4, pg);
-            }
-            let ct = step.cmp_table(ps.seq);
-            for (j, &pg) in ct.iter().enumerate() {
-                put_i32(st, dl.cmp_tab.off + (si * cpps + j) * 4, pg);
-            }
+            put_i32s(st, dl.raw_tab.off + si * pps * 4, step.raw_table(ps.seq));
+            put_i32s(st, dl.cmp_tab.off + si * cpps * 4, step.cmp_table(ps.seq));
         }
         for (ci, c) in step.copies.iter().enumerate() {
             let base = dl.meta.off + dl.copies_off + ci * std::mem::size_of::<PageCopy>();
@@ -575,7 +589,6 @@ impl CudaBackend {
             put_i32(st, m0 + 4 * i, x as i32);
         }
         let nseqs = step.seqs.len();
-        let _g = CtxGuard::push(self.ctx)?;
         let regions = [
             (dl.meta.off, dl.meta.bytes),
             (dl.tokmap.off, trow * 8),
@@ -586,9 +599,10 @@ impl CudaBackend {
         self.uploaded_valid = false;
         for (off, n) in regions {
             // SAFETY: every region lies inside the caller's buffer (checked at creation)
-            // and inside the staging mirror.
-            unsafe { driver::htod(self.base + off as u64, self.staging[off - m0..].as_ptr().cast(), n, stream)? };
+            // and inside the staging mirror, which stays untouched until these copies ran.
+            unsafe { driver::htod(self.base + off as u64, staging.current().add(off - m0).cast(), n, stream)? };
         }
+        staging.copied(stream)?;
         self.uploaded.clear();
         self.uploaded.extend_from_slice(step.seqs);
         self.uploaded_tokens = step.tokens;
@@ -677,7 +691,7 @@ impl CudaBackend {
                     self.launch(K_SELECT, (rows, hkv, pw.sel_chunks as u32), NT_SEL, &pw, stream)?;
                     self.launch(K_SW, (rows, hkv, units), NT_ATT, &pw, stream)?;
                 }
-                self.launch(K_COMBINE, (rows, cfg.num_q_heads, 1), NT_COMB, &pw, stream)?;
+                self.launch(K_COMBINE, (rows, cfg.num_q_heads / pw.comb_heads as u32, 1), NT_COMB, &pw, stream)?;
                 row0 += rows;
             }
         }
@@ -712,11 +726,15 @@ impl CudaBackend {
             }
         }
         p.spb = spb as i32;
-        // Selection: a chunk of blocks per thread block, enough chunks to fill the wave
-        // (chunks past the length exit; the kernel keeps SEL_MIN_CHUNK blocks per chunk)
-        // and enough that none exceeds SEL_MAX_CHUNK blocks (its shared memory).
-        let fewest = cfg.max_sel_blocks().div_ceil(SEL_MAX_CHUNK).max(1);
-        p.sel_chunks = (slots / pairs.max(1)).clamp(fewest, self.dl.sel_chunks.max(fewest)) as i32;
+        // Combine: the most heads per block (a divisor of G) that still leaves two blocks
+        // per multiprocessor.
+        let heads = rows * cfg.num_q_heads;
+        let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
+        p.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
+        // Selection: chunks of SEL_CHUNK blocks (chunks past the length exit). Small chunks
+        // keep the per-chunk ranking (quadratic in the chunk) and the probability sums short;
+        // the final merge reads one list per lane up to 32 chunks.
+        p.sel_chunks = self.dl.sel_chunks as i32;
         p.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to 15 keys early (16-aligned).
         let wkeys = if self.tma { cfg.window + 15 } else { cfg.window };
@@ -834,6 +852,7 @@ impl CudaBackend {
             spb: 1,
             sel_chunks: 1,
             nstage: self.nstage as i32,
+            comb_heads: 1,
         }
     }
 
@@ -885,6 +904,8 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Ok(_g) = CtxGuard::push(self.ctx) {
+            // The page-locked buffers and events go while the context is current.
+            self.staging = None;
             // SAFETY: loaded in `build`, unloaded once.
             unsafe {
                 sys::cuModuleUnload(self.module);
@@ -902,8 +923,8 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_struct_size() {
-        // 26 pointers + 32 four-byte fields.
-        assert_eq!(std::mem::size_of::<Params>(), 26 * 8 + 32 * 4);
+        // 26 pointers + 33 four-byte fields (+ 4 bytes of tail padding).
+        assert_eq!(std::mem::size_of::<Params>(), 26 * 8 + 34 * 4);
     }
 
     #[test]

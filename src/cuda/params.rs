@@ -13,11 +13,9 @@ use crate::layout::{Layout, PageCopy, PlanSeq};
 /// lengths (device-side) among them, so grid shapes never depend on lengths.
 const CMP_SPLIT_MIN: u32 = 64;
 const CMP_SPLITS_MAX: u32 = 64;
-/// Selection blocks per chunk of the selection kernel: at least (`SEL_MIN_CHUNK` in the
-/// kernels), at most (the host raises the chunk count so no chunk exceeds it; bounds the
-/// kernel's shared memory).
-pub(crate) const SEL_MIN_CHUNK: u32 = 64;
-pub(crate) const SEL_MAX_CHUNK: u32 = 256;
+/// Selection blocks per chunk of the selection kernel (`SEL_MIN_CHUNK` in the kernels:
+/// with `ceil(max blocks / SEL_CHUNK)` chunks every chunk has exactly this many or fewer).
+pub(crate) const SEL_CHUNK: u32 = 64;
 /// Query rows per wave of the attention kernels (bounds the logits workspace).
 const WAVE_ROWS_MIN: u32 = 64;
 /// Region alignment inside the device buffer.
@@ -92,6 +90,8 @@ pub(crate) struct Params {
     pub sel_chunks: i32,
     /// Copy pipeline stages of the tensor-core attention kernels.
     pub nstage: i32,
+    /// Query heads per block of the gated combine (a divisor of the group size).
+    pub comb_heads: i32,
 }
 
 /// One region of the device buffer: byte offset and length.
@@ -173,7 +173,7 @@ impl DevLayout {
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(maxc), 4])?;
         let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
-        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_MIN_CHUNK).max(1);
+        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK).max(1);
         let cand = b.take(&[w, hkv, u(sel_chunks), u(cfg.sel_count), 8])?;
         let count = b.take(&[w, hkv, 4])?;
         let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;

@@ -82,7 +82,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     cpu.attend_full(&cache, 0, &q, &mut out)?;
                     t_full.push(t.elapsed().as_secs_f64());
                 }
-                let t = Medians { nsa: median(t_nsa), full: median(t_full), graph: None };
+                let t = Medians { nsa: median(t_nsa), full: median(t_full), graph: None, upload: None };
                 rows.push(Row::decode("cpu", &c, preset, batch, ctx, t, bw));
                 eprintln!("  done: {preset:?} context {ctx} batch {batch}");
             }

@@ -4,14 +4,17 @@
 //! step with the layer replayed from a CUDA graph, and of the in-repo full-attention
 //! baseline (`attend_full`, attention only) over the same paged cache, in the same run.
 //! CUDA events, warm-up, median; the L2 (50 MB on an H100) is flushed before every timed
-//! step by writing a 128 MiB scratch buffer; the floor is the step's bytes over the
-//! device-to-device bandwidth measured in the run. Then the prefill points (`prefill.rs`).
+//! step by a kernel that READS a 128 MiB scratch buffer on the step's stream (`flush.rs`:
+//! writing it would leave dirty lines for the timed step to write back); the floor is the
+//! step's bytes over the device-to-device bandwidth measured in the run. Then the prefill
+//! points (`prefill.rs`).
 
 use cudarc::driver::{result, sys};
 use half::bf16;
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
 use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 
+use crate::flush::L2Flush;
 use crate::report::{median, Medians, Results, Row};
 use crate::rng::Rng;
 use crate::Opts;
@@ -104,12 +107,6 @@ impl DecodeGraph {
         unsafe { result::graph::launch(self.exec, self.stream) }.map_err(|e| cuda(e, "cuGraphLaunch"))
     }
 
-    /// One decode step of the captured batch: uploads the planned step (from pageable host
-    /// memory, so outside the graph) and replays the layer, on the graph's stream.
-    fn step(&self, gpu: &mut CudaBackend, cache: &Cache) -> nsa::Result<()> {
-        gpu.upload_step(cache, self.stream)?;
-        self.launch()
-    }
 }
 
 impl Drop for DecodeGraph {
@@ -153,7 +150,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
     let stream: sys::CUstream = std::ptr::null_mut();
     let mut res = Results::default();
     let mut rng = Rng::new(3);
-    let flush = DeviceBuf::new(128 << 20)?;
+    let flush = L2Flush::new(&info.arch, info.multiprocessors)?;
     let timer = Timer::new()?;
     let bw = bandwidth(stream, &timer)?;
     let shapes: &[Shape] = if o.quick { &[(16, 2, 64, 64)] } else { &[(64, 4, 128, 128), (64, 4, 192, 128)] };
@@ -198,31 +195,40 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                     cache.plan_step(&entries)?;
                     let gio = DeviceLayerIo { q: gq.ptr(), k: k.ptr(), v: v.ptr(), gates: gates.ptr(), out: out.ptr(), ..Default::default() };
                     let graph = DecodeGraph::capture(&mut gpu, &cache, &gio)?;
-                    let (mut t_nsa, mut t_full, mut t_graph) = (vec![], vec![], vec![]);
+                    let (mut t_nsa, mut t_full, mut t_graph, mut t_upload) = (vec![], vec![], vec![], vec![]);
                     for rep in 0..o.reps + 3 {
                         cache.plan_step(&entries)?;
                         let q = qs[rep % 4].ptr();
                         let io = DeviceLayerIo { q, k: k.ptr(), v: v.ptr(), gates: gates.ptr(), out: out.ptr(), ..Default::default() };
-                        flush.fill((rep % 251) as u8)?;
+                        flush.run(stream)?;
                         let tn = timer.time(stream, || {
                             gpu.upload_step(&cache, stream)?;
                             gpu.run_layer(&cache, 0, &io, stream)
                         })?;
-                        flush.fill((rep % 253) as u8)?;
+                        flush.run(stream)?;
                         let tf = timer.time(stream, || gpu.attend_full(&cache, 0, q, out.ptr(), stream))?;
                         cache.plan_step(&entries)?;
-                        // On the legacy stream, which the flush then waits for.
+                        // On the graph's stream, before the flush that then evicts it.
                         // SAFETY: both buffers hold b * hq * dk bf16 values.
-                        unsafe { result::memcpy_dtod_async(gq.ptr(), q, gq.bytes(), stream).map_err(|e| cuda(e, "cuMemcpyDtoDAsync"))? };
-                        flush.fill((rep % 239) as u8)?;
-                        let tg = timer.time(graph.stream, || graph.step(&mut gpu, &cache))?;
+                        unsafe { result::memcpy_dtod_async(gq.ptr(), q, gq.bytes(), graph.stream).map_err(|e| cuda(e, "cuMemcpyDtoDAsync"))? };
+                        // The plan's upload (once per step for every layer) is timed apart;
+                        // the graph replays the layer alone.
+                        let tu = timer.time(graph.stream, || gpu.upload_step(&cache, graph.stream))?;
+                        flush.run(graph.stream)?;
+                        let tg = timer.time(graph.stream, || graph.launch())?;
                         if rep >= 3 {
                             t_nsa.push(tn);
                             t_full.push(tf);
                             t_graph.push(tg);
+                            t_upload.push(tu);
                         }
                     }
-                    let t = Medians { nsa: median(t_nsa) * 1e-3, full: median(t_full) * 1e-3, graph: Some(median(t_graph) * 1e-3) };
+                    let t = Medians {
+                        nsa: median(t_nsa) * 1e-3,
+                        full: median(t_full) * 1e-3,
+                        graph: Some(median(t_graph) * 1e-3),
+                        upload: Some(median(t_upload) * 1e-3),
+                    };
                     res.decode.push(Row::decode("cuda", &c, preset, batch, ctx, t, bw));
                     eprintln!("  done: {hq}q/{hkv}kv {dk}/{dv} {preset:?} context {ctx} batch {batch}");
                 }

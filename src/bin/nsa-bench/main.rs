@@ -8,6 +8,8 @@
 
 mod cpu;
 #[cfg(feature = "cuda")]
+mod flush;
+#[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
 mod prefill;

@@ -46,8 +46,10 @@ pub struct Medians {
     pub nsa: f64,
     /// The full-attention baseline over the same cache.
     pub full: f64,
-    /// The NSA step with the layer replayed from a CUDA graph (CUDA only).
+    /// The layer alone replayed from a CUDA graph, the plan's upload excluded (CUDA only).
     pub graph: Option<f64>,
+    /// `upload_step` alone: once per step, shared by all layers (CUDA only).
+    pub upload: Option<f64>,
 }
 
 /// One measured decode point.
@@ -60,9 +62,11 @@ pub struct Row {
     pub context: u32,
     /// Median time of one NSA decode step (append + all branches), one layer.
     pub nsa_us: f64,
-    /// The same step with `run_layer` replayed from a CUDA graph (the plan's upload
-    /// outside it); `None` on the CPU.
+    /// The layer alone (`run_layer` replayed from a CUDA graph, without the plan's
+    /// upload); `None` on the CPU.
     pub graph_us: Option<f64>,
+    /// `upload_step` alone (once per step for all layers); `None` on the CPU.
+    pub upload_us: Option<f64>,
     /// Median time of the full-attention baseline over the same cache.
     pub full_us: f64,
     /// K/V bytes an NSA decode step must read (compressed + selected + window, once).
@@ -86,6 +90,7 @@ impl Row {
             context,
             nsa_us: t.nsa * 1e6,
             graph_us: t.graph.map(|s| s * 1e6),
+            upload_us: t.upload.map(|s| s * 1e6),
             full_us: t.full * 1e6,
             nsa_bytes: bytes,
             floor_us: bytes / bandwidth * 1e6,
@@ -138,15 +143,15 @@ pub fn print(res: &Results) {
     let rows = &res.decode;
     // The graph columns only where some point has them (CUDA runs).
     let graph = rows.iter().any(|r| r.graph_us.is_some());
-    let (gh, gs) = if graph { (" NSA graph us |", "---|") } else { ("", "") };
+    let (gh, gs) = if graph { (" NSA graph us | upload us |", "---|---|") } else { ("", "") };
     let (fh, fs) = if graph { (" graph/floor |", "---|") } else { ("", "") };
     println!("| backend | preset | shape | dtype | batch | context | NSA us |{gh} full us | full/NSA | NSA MB read | floor us | NSA/floor |{fh}");
     println!("|---|---|---|---|---|---|---|{gs}---|---|---|---|---|{fs}");
     for r in rows {
         let (gt, gr) = match (graph, r.graph_us) {
             (false, _) => (String::new(), String::new()),
-            (true, Some(g)) => (format!(" {g:.1} |"), format!(" {:.1}x |", g / r.floor_us)),
-            (true, None) => (" - |".into(), " - |".into()),
+            (true, Some(g)) => (format!(" {g:.1} | {:.1} |", r.upload_us.unwrap_or(f64::NAN)), format!(" {:.1}x |", g / r.floor_us)),
+            (true, None) => (" - | - |".into(), " - |".into()),
         };
         println!(
             "| {} | {} | {} | {} | {} | {} | {:.1} |{gt} {:.1} | {:.1}x | {:.2} | {:.1} | {:.1}x |{gr}",
@@ -168,7 +173,10 @@ pub fn print(res: &Results) {
         println!("\nfloor = NSA bytes / {:.1} GB/s (memory bandwidth measured in this run)", r.bandwidth / 1e9);
     }
     if graph {
-        println!("NSA graph = upload_step + run_layer replayed from a CUDA graph (launch overhead removed)");
+        println!(
+            "NSA us = upload_step + run_layer, launched from the host; NSA graph = run_layer alone replayed from a CUDA \
+             graph (launch overhead removed); upload = upload_step alone (once per step, shared by every layer)"
+        );
     }
     if let Some(p) = res.prefill.first() {
         println!("\n| preset | shape | dtype | tokens | NSA prefill ms | TFLOP | NSA TFLOP/s | floor ms | NSA/floor |");
@@ -201,7 +209,7 @@ pub fn json(res: &Results) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{{\"backend\":\"{}\",\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"batch\":{},\"context\":{},\"nsa_us\":{:.3},\"full_us\":{:.3},\"speedup\":{:.3},\"nsa_bytes\":{:.0},\"floor_us\":{:.3},\"bandwidth\":{:.0},\"graph_us\":{}}}",
+                "{{\"backend\":\"{}\",\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"batch\":{},\"context\":{},\"nsa_us\":{:.3},\"full_us\":{:.3},\"speedup\":{:.3},\"nsa_bytes\":{:.0},\"floor_us\":{:.3},\"bandwidth\":{:.0},\"graph_us\":{},\"upload_us\":{}}}",
                 r.backend,
                 r.preset,
                 r.shape,
@@ -215,6 +223,7 @@ pub fn json(res: &Results) -> String {
                 r.floor_us,
                 r.bandwidth,
                 r.graph_us.map_or("null".into(), |g| format!("{g:.3}")),
+                r.upload_us.map_or("null".into(), |g| format!("{g:.3}")),
             )
         })
         .collect();
