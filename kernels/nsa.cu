@@ -482,11 +482,13 @@ __device__ __forceinline__ float fexp(float x) {
 // +inf), ranks them (a thread per block counts the better ones: ties to the lower index)
 // and stores its best n, best first, -1 padded. The last chunk block of the (row, KV
 // head) to finish (a counter in the workspace, reset by that block) merges the chunks'
-// sorted lists with one warp (the true top n are all in their lists: every better block
-// is in its own list's best n). Output ascending, -1 padded.
+// lists (the true top n are all in their lists: every better block is in its own list's
+// best n): up to SEL_RANK_ALL candidates each ranked against all, else merged as sorted
+// lists by one warp. Output ascending, -1 padded.
 // Shared: chunk phase m[g] | inv[g] | blk[cb] | ps[cb*B + A - 1];
 //         merge phase cand[chunks * n] (int2) | heads[chunks] | pick[n].
 #define SEL_MIN_CHUNK 64
+#define SEL_RANK_ALL 512  // the final merge ranks every candidate up to this many
 
 __device__ __forceinline__ bool better(float s1, int j1, float s2, int j2) {
     if (j1 < 0) return false;
@@ -584,7 +586,9 @@ __device__ void select_blocks(const Params& p) {
             }
             if (rank < n) mine[rank] = make_int2(__float_as_int(s), j0 + x);
         }
-        for (int k = (j1 - j0) + tid; k < n; k += blockDim.x) mine[k] = make_int2(0, -1);
+        // Padding (-inf, INT_MAX) sorts after every real block (scores are sums of
+        // probabilities or +inf) under the plain (score desc, index asc) order.
+        for (int k = (j1 - j0) + tid; k < n; k += blockDim.x) mine[k] = make_int2(__float_as_int(NEG_INF), 0x7fffffff);
     }
     // The last chunk block to finish merges (classic threadfence + counter pattern).
     __threadfence();
@@ -608,7 +612,23 @@ __device__ void select_blocks(const Params& p) {
     for (int l = tid; l < nlists; l += blockDim.x) heads[l] = 0;
     const int count = min(n, nblk);
     __syncthreads();
-    if (warp == 0) {
+    if (nlists * n <= SEL_RANK_ALL) {
+        // Few candidates: each thread ranks its own against all of them (every thread reads
+        // the same candidate at each step: shared-memory broadcasts, no serial rounds).
+        for (int x = tid; x < nlists * n; x += blockDim.x) {
+            int2 me = cs[x];
+            if (me.y == 0x7fffffff) continue;
+            float s = __int_as_float(me.x);
+            int rank = 0;
+#pragma unroll 8
+            for (int y = 0; y < nlists * n; y++) {
+                int2 o = cs[y];
+                float os = __int_as_float(o.x);
+                rank += (os > s) | ((os == s) & (o.y < me.y));
+            }
+            if (rank < count) pick[rank] = me.y;
+        }
+    } else if (warp == 0) {
         // Merge of sorted lists by one warp: each round takes the best list head (a lane
         // scans its lists' heads, then a warp argmax) and advances that list.
         for (int k = 0; k < count; k++) {
@@ -681,15 +701,15 @@ __device__ void sw_partial(const Params& p) {
     attend_group<E>(p, r, wr, kvh, lo, hi, false, p.nsplit_c + u);
 }
 
-// sum over units u0..u1 of col[u * stride] * f[u], f[u] == 0 skipped; loads 8 at a time.
+// sum over units u0..u1 of col[u * stride] * f[u], f[u] == 0 skipped; loads 16 at a time.
 __device__ __forceinline__ float unit_sum(const float* col, int stride, const float* f, int u0, int u1) {
     float a = 0.f;
-    for (int u = u0; u < u1; u += 8) {
-        float x[8];
+    for (int u = u0; u < u1; u += 16) {
+        float x[16];
 #pragma unroll
-        for (int k = 0; k < 8; k++) x[k] = (u + k < u1 && f[u + k] != 0.f) ? col[(usize)(u + k) * stride] : 0.f;
+        for (int k = 0; k < 16; k++) x[k] = (u + k < u1 && f[u + k] != 0.f) ? col[(usize)(u + k) * stride] : 0.f;
 #pragma unroll
-        for (int k = 0; k < 8; k++)
+        for (int k = 0; k < 16; k++)
             if (u + k < u1 && f[u + k] != 0.f) a += x[k] * f[u + k];
     }
     return a;

@@ -6,7 +6,8 @@
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
 # Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck synccheck" (default: all but
 # synccheck), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
-# the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run).
+# the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run),
+# NSA_GPU_RACE_SKIP (gpu_decode tests racecheck skips; default the 128k test, see below).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$here/out}"
@@ -64,8 +65,15 @@ for tool in memcheck initcheck racecheck synccheck; do
     fi
     extra=()
     [[ $tool == memcheck ]] && extra=(--leak-check no)
+    # Racecheck's host memory grows with the launches of a run: the 128k test's 8k-token
+    # prefill (128 waves) drove it past 128 GB (OOM-killed, 2026-11-25); it runs under the
+    # other tools, and racecheck covers the same kernels in the other tests.
+    skip_args=()
+    if [[ $tool == racecheck && $n == gpu_decode ]]; then
+      for t in ${NSA_GPU_RACE_SKIP-decode_long_context_128k_paper_bf16}; do skip_args+=(--skip "$t"); done
+    fi
     run "$tool $n (small) $filter" "$LOGS/${tool}_$n.log" timeout "${NSA_GPU_SAN_TIMEOUT:-400}" env NSA_GPU_TEST_SMALL=1 NSA_GPU_SKIP_POOL_DOWNLOAD=$skip \
-      compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 "$here/bin/$n" $filter --include-ignored --test-threads=1 --nocapture
+      compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 "$here/bin/$n" $filter "${skip_args[@]}" --include-ignored --test-threads=1 --nocapture
   done
 done
 {

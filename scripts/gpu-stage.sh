@@ -25,5 +25,6 @@ for line in sys.stdin:
 done
 ls .gpu/bin/gpu_* >/dev/null 2>&1 || { echo "no gpu_* test binary was built" >&2; exit 1; }
 cp scripts/gpu-run.sh .gpu/run.sh
+cp scripts/gpu-profile.sh .gpu/profile.sh
 chmod +x .gpu/run.sh .gpu/bin/*
 du -sh .gpu

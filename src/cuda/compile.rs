@@ -15,8 +15,9 @@ use crate::error::{NsaError, Result};
 /// The kernels' CUDA C source, embedded in the library.
 pub const KERNEL_SOURCE: &str = include_str!("../../kernels/nsa.cu");
 
-/// NVRTC options besides the architecture.
-const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];
+/// NVRTC options besides the architecture. `-lineinfo` (no effect on the code) lets
+/// Nsight Compute attribute stalls to source lines.
+const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device", "-lineinfo"];
 
 fn nvrtc_err(call: &str, e: nr::NvrtcError) -> NsaError {
     NsaError::Cuda(format!("{call} failed: {:?}", e.0))
