@@ -9,16 +9,16 @@
 // (16-bit types as raw `unsigned short`); every accumulation is f32.
 //
 // A layer run is a fixed sequence of launches on the caller's stream:
-//   append       new K/V rows into their pages and the step's copy-on-write copies, which
-//                touch other rows (grid: (tokens + 2*seqs) x HKV, copies exit past n_copies)
-//   compress     finished compressed tokens, every phi (grid: tokens x HKV x 2, exits past n_jobs)
+//   append       new K/V rows into their pages, the step's copy-on-write copies and its
+//                finished compressed tokens, every phi, in one launch: none depends on
+//                another (grid: (2*tokens + 2*seqs) x HKV x 2, roles by block index)
 //   then, per wave of up to `wave_rows` query rows:
 //   cmp_partial  compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
 //   select       combine split max/sum, Eq. 9 block scores summed over the group, top-n
 //                per chunk of blocks (rows x HKV x sel_chunks), merged by the last chunk
 //   sw_partial   selected blocks and window chunks, one block per unit (rows x HKV x units)
 //   combine      merge every partial, gated sum, store (rows x HQ)
-// (an append-only run stops after compress). cmp_mma / sw_mma replace cmp_partial /
+// (an append-only run stops after append). cmp_mma / sw_mma replace cmp_partial /
 // sw_partial on tensor cores (bf16/f16, DK and DV multiples of 16); a unit of sw_mma holds
 // `spb` selected blocks or lsel * spb window keys. nsplit_c, units_s, units_w and spb are
 // per launch (the host picks them from the row count). The full-attention baseline is
@@ -119,11 +119,9 @@ __device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) 
 }
 
 // ---------------------------------------------------------------- copy-on-write copies + append
-// One launch, grid (tokens + 2*seqs) x HKV: blocks [0, tokens) append the step's new K/V
-// rows, the rest make the step's copy-on-write copies (exiting past n_copies). The two
-// never touch the same rows: a copy covers a page's live rows (< the sequence's old
-// length), an append writes rows at or past it, so they need no ordering between them;
-// compress (the next launch) reads both.
+// Both run in the step's first launch (see `append` below). They never touch the same
+// rows: a copy covers a page's live rows (< the sequence's old length), an append writes
+// rows at or past it.
 
 template <class E>
 __device__ void copy_rows(const Params& p, int c, int kvh) {
@@ -139,15 +137,8 @@ __device__ void copy_rows(const Params& p, int c, int kvh) {
 }
 
 template <class E>
-__device__ void append(const Params& p) {
+__device__ void append_row(const Params& p, int r, int kvh) {
     typedef typename E::T T;
-    const int* hdr = (const int*)p.hdr;
-    int r = blockIdx.x, kvh = blockIdx.y;
-    if (r >= hdr[1]) {
-        int c = r - hdr[1];
-        if (c < hdr[2]) copy_rows<E>(p, c, kvh);
-        return;
-    }
     int2 tm = ((const int2*)p.tokmap)[r];
     int page = ((const int*)p.raw_tab)[(usize)tm.x * p.pps + tm.y / p.page];
     int off = tm.y % p.page;
@@ -162,23 +153,42 @@ __device__ void append(const Params& p) {
 // ---------------------------------------------------------------- compress (phi)
 // One block per (job = one new compressed token of one sequence, KV head, side K|V).
 // Each output column (or hidden unit) is owned by one thread and accumulated in the same
-// order as the CPU backend: rows j ascending, elements e ascending.
-// Shared memory: row[D] | acc[D] | hidden[phi_hidden].
+// order as the CPU backend: rows j ascending, elements e ascending. Runs in the step's
+// first launch (`append` below).
+// Shared memory: row[D] | acc[D] | hidden[max(phi_hidden, 2 * l)] (the mean / weighted
+// path keeps the l row pointers there).
+
+// Row `pos` of step sequence `si`, KV head h, side K | V: the step's input row when the
+// position is new this step (compress then needs no ordering with the same launch's
+// appends), else the pool row, from the source page when its page is a copy-on-write
+// destination of this step (the copy runs in the same launch).
+template <class E>
+__device__ const typename E::T* src_row(const Params& p, int si, int h, int pos, int side) {
+    typedef typename E::T T;
+    const PlanSeq ps = ((const PlanSeq*)p.plan)[si];
+    const int D = side == 0 ? p.dk : p.dv;
+    if (pos >= ps.old_len)
+        return (const T*)(side == 0 ? p.k : p.v) + ((usize)(ps.row + pos - ps.old_len) * p.hkv + h) * D;
+    int page = ((const int*)p.raw_tab)[(usize)si * p.pps + pos / p.page];
+    const int n_copies = ((const int*)p.hdr)[2];
+    const PageCopy* cps = (const PageCopy*)p.copies;
+    for (int c = 0; c < n_copies; c++)
+        if (cps[c].pool == 0 && cps[c].dst == page) {
+            page = cps[c].src;
+            break;
+        }
+    return (const T*)(side == 0 ? p.raw_k : p.raw_v) + row_at(p, page, h, pos % p.page, D);
+}
 
 template <class E>
-__device__ void compress(const Params& p) {
+__device__ void compress(const Params& p, int job, int h, int side) {
     typedef typename E::T T;
     extern __shared__ float smem[];
-    const int* hdr = (const int*)p.hdr;
-    int job = blockIdx.x, h = blockIdx.y, side = blockIdx.z;
-    if (job >= hdr[3]) return;
     int2 jb = ((const int2*)p.jobs)[job];
     int si = jb.x, ci = jb.y;
     int D = side == 0 ? p.dk : p.dv;
-    const T* raw = (const T*)(side == 0 ? p.raw_k : p.raw_v);
     T* cmp = (T*)(side == 0 ? p.cmp_k : p.cmp_v);
     const float* all = (const float*)(side == 0 ? p.phi_k : p.phi_v);
-    const int* rtab = (const int*)p.raw_tab + (usize)si * p.pps;
     const int* ctab = (const int*)p.cmp_tab + (usize)si * p.cpps;
     usize hkv = p.hkv, l = p.cl, d = D, hid = p.phi_hidden;
     float* row = smem;
@@ -203,8 +213,8 @@ __device__ void compress(const Params& p) {
     if (p.phi <= 1) {
         // Mean / weighted: a thread per column, rows in order (the CPU's order); the row
         // addresses first, so the row loads are independent.
-        int* rows = (int*)hidden;  // l ints (the host sizes this region for them)
-        for (int j = threadIdx.x; j < p.cl; j += blockDim.x) rows[j] = rtab[(ci * p.cd + j) / p.page];
+        const T** rows = (const T**)hidden;  // l pointers (the host sizes this region for them)
+        for (int j = threadIdx.x; j < p.cl; j += blockDim.x) rows[j] = src_row<E>(p, si, h, ci * p.cd + j, side);
         __syncthreads();
         T* dst = cmp + row_at(p, ctab[ci / p.page], h, ci % p.page, D);
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
@@ -214,16 +224,12 @@ __device__ void compress(const Params& p) {
             for (; j + 16 <= p.cl; j += 16) {
                 float x[16];
 #pragma unroll
-                for (int k = 0; k < 16; k++) {
-                    int pos = ci * p.cd + j + k;
-                    x[k] = E::ld(raw + row_at(p, rows[j + k], h, pos % p.page, D), c);
-                }
+                for (int k = 0; k < 16; k++) x[k] = E::ld(rows[j + k], c);
 #pragma unroll
                 for (int k = 0; k < 16; k++) a = p.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
             }
             for (; j < p.cl; j++) {
-                int pos = ci * p.cd + j;
-                float x = E::ld(raw + row_at(p, rows[j], h, pos % p.page, D), c);
+                float x = E::ld(rows[j], c);
                 a = p.phi == 0 ? a + x : a + w[j] * x;
             }
             E::st(dst, c, p.phi == 0 ? a * (1.0f / (float)p.cl) : a);
@@ -234,9 +240,7 @@ __device__ void compress(const Params& p) {
     if (p.phi == 3)
         for (int u = threadIdx.x; u < p.phi_hidden; u += blockDim.x) hidden[u] = b1[u];
     for (int j = 0; j < p.cl; j++) {
-        int pos = ci * p.cd + j;
-        int page = rtab[pos / p.page];
-        const T* src = raw + row_at(p, page, h, pos % p.page, D);
+        const T* src = src_row<E>(p, si, h, ci * p.cd + j, side);
         __syncthreads();  // previous row fully consumed
         for (int e = threadIdx.x; e < D; e += blockDim.x) {
             float x = E::ld(src, e);
@@ -281,6 +285,28 @@ __device__ void compress(const Params& p) {
         }
     } else {
         for (int c = threadIdx.x; c < D; c += blockDim.x) E::st(dst, c, acc[c]);
+    }
+}
+
+// ---------------------------------------------------------------- the step's writes
+// One launch for everything a step writes, grid (2*tokens + 2*seqs) x HKV x 2: blocks
+// [0, tokens) append the new K/V rows, the next 2*seqs make the copy-on-write copies
+// (exiting past n_copies), the rest emit the finished compressed tokens (one block per
+// job and side z, exiting past n_jobs; a step finishes at most one per new token). None
+// waits for another: appends and copies write disjoint rows, compress reads new rows
+// from the step's inputs and copied rows from their source pages (`src_row`), and
+// writes compressed rows past the live ones, which cmp copies do not touch.
+template <class E>
+__device__ void append(const Params& p) {
+    const int* hdr = (const int*)p.hdr;
+    const int x = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const int tokens = hdr[1], copies_end = tokens + 2 * hdr[0];
+    if (x < tokens) {
+        if (z == 0) append_row<E>(p, x, h);
+    } else if (x < copies_end) {
+        if (z == 0 && x - tokens < hdr[2]) copy_rows<E>(p, x - tokens, h);
+    } else if (x - copies_end < hdr[3]) {
+        compress<E>(p, x - copies_end, h, z);
     }
 }
 
@@ -1367,7 +1393,6 @@ __device__ void full_mma(const Params& p) {
 
 #define NSA_ALL(E, suffix)              \
     NSA_ENTRY(append, E, suffix)        \
-    NSA_ENTRY(compress, E, suffix)      \
     NSA_ENTRY(cmp_partial, E, suffix)   \
     NSA_ENTRY(select_blocks, E, suffix) \
     NSA_ENTRY(sw_partial, E, suffix)    \

@@ -13,16 +13,18 @@
 //! device pools use the CPU backend's layout (`[layer][pool][page][kv_head][token][dim]`,
 //! offsets from [`Layout`]), so a download of the pools equals the CPU pools.
 //!
-//! Launch sequence of a layer (see the kernel file's header): copy-on-write copies,
-//! append, compress, then per wave of query rows: compressed attention split over
-//! blocks, selection, selected + window attention split over blocks, gated combine.
-//! An append-only run (`q == 0 && out == 0`) stops after compress. The attention
-//! kernels run on tensor cores (mma.sync, tiles loaded by 1-D bulk copies on sm_90,
-//! `cp.async` before) for bf16/f16 with DK and DV multiples of 16, else on the scalar
-//! kernels. Split counts are picked per launch from the row count (one wave of blocks);
-//! grid shapes depend only on the step's token and sequence counts and the config;
-//! lengths are read on the device, so a decode step can be captured in a CUDA graph
-//! (upload_step itself copies from pageable memory and stays outside the graph).
+//! Launch sequence of a layer (see the kernel file's header): one launch for the step's
+//! writes (copy-on-write copies, appends, compressed tokens), then per wave of query
+//! rows: compressed attention split over blocks, selection split over chunks of blocks,
+//! selected + window attention split over blocks, gated combine. An append-only run
+//! (`q == 0 && out == 0`) stops after the first launch. The attention kernels run on
+//! tensor cores (mma.sync; tiles loaded as tensor-map boxes on sm_90 where the config
+//! allows, else 1-D bulk copies on sm_90, `cp.async` before) for bf16/f16 with DK and DV
+//! multiples of 16, else on the scalar kernels. Split counts are picked per launch from
+//! the row count (one wave of blocks); grid shapes depend only on the step's token and
+//! sequence counts and the config; lengths are read on the device, so a decode step can
+//! be captured in a CUDA graph (upload_step stays outside: it writes host staging
+//! buffers and issues copies from them).
 //! [`CudaBackend::attend_full`] is the full-attention baseline over the same cache.
 
 // `CUstream` is an opaque driver handle passed through to the driver, never dereferenced here.
@@ -155,22 +157,21 @@ pub struct CudaOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// Appends, copy-on-write copies and compression, in one launch.
 const K_APPEND: usize = 0;
-const K_COMPRESS: usize = 1;
-const K_CMP: usize = 2;
-const K_SELECT: usize = 3;
-const K_SW: usize = 4;
-const K_COMBINE: usize = 5;
-const K_FULL: usize = 6;
-const K_FULL_COMBINE: usize = 7;
+const K_CMP: usize = 1;
+const K_SELECT: usize = 2;
+const K_SW: usize = 3;
+const K_COMBINE: usize = 4;
+const K_FULL: usize = 5;
+const K_FULL_COMBINE: usize = 6;
 /// Tensor-core variants of K_CMP, K_SW, K_FULL (bf16/f16, DK and DV multiples of 16).
-const K_CMP_MMA: usize = 8;
-const K_SW_MMA: usize = 9;
-const K_FULL_MMA: usize = 10;
-const NK: usize = 11;
+const K_CMP_MMA: usize = 7;
+const K_SW_MMA: usize = 8;
+const K_FULL_MMA: usize = 9;
+const NK: usize = 10;
 const KERNELS: [&str; NK] = [
     "append",
-    "compress",
     "cmp_partial",
     "select_blocks",
     "sw_partial",
@@ -336,7 +337,9 @@ impl CudaBackend {
             hc -= 1;
         }
         let smem_att = att(hc);
-        let smem_cmp = 4 * (2 * dk.max(dv) + cfg.cmp_block as usize + if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 });
+        // Compress: a row and an accumulator, then the MLP's hidden units or l row pointers.
+        let hidden = if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 };
+        let smem_cmp = 4 * (2 * dk.max(dv) + hidden.max(2 * cfg.cmp_block as usize));
         // Selection: the chunk phase's floats, or the merge phase's candidate lists.
         let (a_cmp, b_sel) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
         let (cbmax, n) = (SEL_CHUNK as usize, cfg.sel_count as usize);
@@ -371,7 +374,7 @@ impl CudaBackend {
             }
         }
         let mut smem = [0u32; NK];
-        smem[K_COMPRESS] = smem_cmp as u32;
+        smem[K_APPEND] = smem_cmp as u32;
         smem[K_CMP] = smem_att as u32;
         smem[K_SW] = smem_att as u32;
         smem[K_FULL] = smem_att as u32;
@@ -667,10 +670,9 @@ impl CudaBackend {
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
         unsafe {
-            self.launch(K_APPEND, (tokens + 2 * nseqs, hkv, 1), NT_MISC, &p, stream)?;
-            if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 {
-                self.launch(K_COMPRESS, (tokens, hkv, 2), NT_MISC, &p, stream)?;
-            }
+            // Appends, copies and compressed tokens (K and V sides: z), one launch.
+            let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
+            self.launch(K_APPEND, (2 * tokens + 2 * nseqs, hkv, sides), NT_MISC, &p, stream)?;
             if append_only {
                 return Ok(());
             }
