@@ -1071,31 +1071,60 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int ntiles = (ks.n + MK - 1) / MK;
     const int cnt = ntiles > warp ? (ntiles - warp + MW - 1) / MW : 0;
     const int ck = DK / 8, cv = DV / 8;
+    // Tensor maps: lane l holds the first key position and the box row (z = page * HKV +
+    // kvh) of the warp's tiles 32g + l, looked up together once per 32 tiles (one round of
+    // selection-index and page-table loads, instead of two dependent loads before each
+    // tile's copy). Two groups (g even / odd) live at once: the copies run S - 1 tiles
+    // ahead of the math, which still reads the previous group.
+    int tpos[2] = {-1, -1}, tz[2] = {0, 0};
+    auto tile_src = [&](int li) {  // warp-local tile li = (ti - warp) / MW, lane's entry
+        const int g = (li >> 5) & 1, j0 = (warp + li * MW) * MK;
+        int pos0 = -1;
+        if (j0 < ks.n) {
+            if (ks.blocks) {
+                int b = ks.blocks[j0 / p.lsel];
+                pos0 = b >= 0 && b * p.lsel + j0 % p.lsel <= ks.t ? b * p.lsel + j0 % p.lsel : -1;
+            } else {
+                pos0 = ks.lo + min(j0 + MK, ks.n) - 1 >= ks.first ? ks.lo + j0 : -1;
+            }
+        }
+        int z = pos0 >= 0 ? table[pos0 / p.page] * p.hkv + kvh : 0;
+        if (g) {
+            tpos[1] = pos0;
+            tz[1] = z;
+        } else {
+            tpos[0] = pos0;
+            tz[0] = z;
+        }
+    };
+    // First key position of warp-local tile li (a shuffle: call it warp-uniformly).
+    auto tile_pos0 = [&](int li) { return __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tpos[1] : tpos[0], li & 31); };
+    // Position of key jj (0..15) of warp-local tile li, given its first position, or -1.
+    auto tile_key = [&](int li, int pos0, int jj) {
+        if (pos0 < 0) return -1;
+        int pos = pos0 + jj;
+        if (ks.blocks) return pos <= ks.t ? pos : -1;
+        return (warp + li * MW) * MK + jj < ks.n && pos >= ks.first ? pos : -1;
+    };
     auto load = [&](int ti, int st) {
         u16* kd = my + st * stage_elems;
         u16* vd = kd + MK * KS;
         if (tma) {
             // The tile's keys are 16 consecutive rows of one page (the host guarantees
             // 16-aligned ranges, blocks and pages): DK/64 + DV/64 box loads.
-            int pos = key_pos(p, ks, ti * MK + (lane & (MK - 1)));
-            unsigned valid = __ballot_sync(0xffffffffu, pos >= 0) & 0xffffu;
+            const int li = (ti - warp) / MW;
+            if ((li & 31) == 0) tile_src(li + lane);
+            int pos0 = tile_pos0(li);
+            int z = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tz[1] : tz[0], li & 31);
             unsigned bar = bar0 + 8 * st;
             fence_async_smem();
-            if (valid == 0u) {
+            if (pos0 < 0) {
                 if (lane == 0) mbar_expect(bar, 0u);
                 return;
             }
-            int j0 = ti * MK, pos0;
-            if (ks.blocks) {
-                int b = ks.blocks[j0 / p.lsel];
-                pos0 = b * p.lsel + j0 % p.lsel;
-            } else {
-                pos0 = ks.lo + j0;
-            }
             if (lane == 0) mbar_expect(bar, (unsigned)(MK * (DK + DV) * 2));
             __syncwarp();
-            int page = table[pos0 / p.page];
-            int y = pos0 % p.page, z = page * p.hkv + kvh;
+            int y = pos0 % p.page;
             int nbk = DK / 64, nbv = DV / 64;
             if (lane < nbk)
                 tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
@@ -1169,7 +1198,10 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         const int j0 = (warp + i * MW) * MK;
         // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
         // holds no copied rows in bulk mode.
-        unsigned vis = __ballot_sync(0xffffffffu, key_pos(p, ks, j0 + (lane & (MK - 1))) >= 0) & 0xffffu;
+        const int tp0 = tma ? tile_pos0(i) : -1;
+        unsigned vis =
+            __ballot_sync(0xffffffffu, (tma ? tile_key(i, tp0, lane & (MK - 1)) : key_pos(p, ks, j0 + (lane & (MK - 1)))) >= 0) &
+            0xffffu;
         if (vis == 0u) continue;
         u16* kt = my + (i % S) * stage_elems;
         u16* vt = kt + MK * KS;
@@ -1203,7 +1235,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int nt = 0; nt < 2; nt++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                int pos = key_pos(p, ks, j0 + nt * 8 + q4 * 2 + e);
+                const int jj = nt * 8 + q4 * 2 + e;
+                int pos = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
                 float xa = s[nt][e] * p.scale, xb = s[nt][2 + e] * p.scale;
                 if (pos >= 0 && logit_out) {
                     if (g < hcn) logit_out[(usize)g * p.maxc + pos] = xa;
