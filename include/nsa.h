@@ -1078,7 +1078,11 @@ nsa_status nsa_cuda_device_size(const struct nsa_config_t *cfg, size_t *out);
  * compiled code on disk). Pass the same config to `nsa_cache_init`.
  *
  * Ownership: the caller keeps owning the device buffer; it must stay allocated until
- * `nsa_cuda_backend_destroy`.
+ * `nsa_cuda_backend_destroy`. The backend itself allocates, here and only here, its
+ * host-side state: two page-locked staging buffers for `nsa_cuda_upload_step` (each the
+ * size of the step plan and the step's page tables at `max_step_seqs`) and two events.
+ * The workspace part of the device buffer is initialised (its selection counters
+ * zeroed, the pools' tensor maps written); the pools are left as they are.
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
  * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0),
@@ -1101,7 +1105,10 @@ void nsa_cuda_backend_destroy(struct nsa_cuda_backend *backend);
  * Uploads the planned step (its sequences, copy-on-write copies and page tables) into the
  * backend's device workspace, on `stream` (a `CUstream`; NULL is the default stream).
  * Call once per step, after `nsa_cache_plan_step` and before the step's layer runs.
- * Copies from host memory the cache owns; allocates nothing.
+ * Writes the plan into one of the backend's two page-locked staging buffers (first
+ * waiting, if need be, until the copies that used it two uploads ago have run) and
+ * enqueues asynchronous copies from it; allocates nothing. Stays outside CUDA graphs;
+ * the layer runs can be captured.
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_NO_STEP`,
  * `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config),

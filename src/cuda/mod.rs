@@ -257,7 +257,9 @@ impl CudaBackend {
     /// Creates the backend over the caller's device buffer `device_ptr..+bytes` (at least
     /// `device_bytes(cfg)`, 256-byte aligned, allocated in device 0's primary context):
     /// compiles the kernels (once per architecture and process), loads them into the
-    /// primary context. The pools' contents are left as they are.
+    /// primary context, allocates the page-locked upload staging (`staging.rs`) and
+    /// initialises the workspace (selection counters, tensor maps). The pools' contents
+    /// are left as they are.
     pub fn new(cfg: &Config, device_ptr: u64, bytes: usize) -> Result<Self> {
         Self::new_with(cfg, device_ptr, bytes, &CudaOptions::default())
     }
@@ -539,8 +541,10 @@ impl CudaBackend {
 
     /// Copies the planned step (its sequences, copy-on-write copies, per-token positions,
     /// finished compressed tokens and the page tables of its sequences) into the device
-    /// workspace, on `stream`. Call once per step, after `plan_step`, before `run_layer`;
-    /// issue `run_layer` on the same stream (or order the streams). Allocates nothing.
+    /// workspace, on `stream`, from a page-locked staging buffer (two alternate; one is
+    /// reused only after its previous copies ran). Call once per step, after `plan_step`,
+    /// before `run_layer`; issue `run_layer` on the same stream (or order the streams).
+    /// Allocates nothing.
     pub fn upload_step(&mut self, cache: &Cache, stream: CUstream) -> Result<()> {
         if cache.config() != &self.cfg {
             return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
