@@ -1230,21 +1230,39 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
             mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
         }
-        // Scale, mask, keep the raw logits (compressed branch), online softmax.
+        // Scale, mask, keep the raw logits (compressed branch), online softmax. A lane's
+        // two keys of an n8 tile are adjacent positions (ranges are contiguous there):
+        // one 8-byte store per head when both are visible (the host keeps maxc even).
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++)
+        for (int nt = 0; nt < 2; nt++) {
+            int pos[2];
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int jj = nt * 8 + q4 * 2 + e;
-                int pos = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
-                float xa = s[nt][e] * p.scale, xb = s[nt][2 + e] * p.scale;
-                if (pos >= 0 && logit_out) {
-                    if (g < hcn) logit_out[(usize)g * p.maxc + pos] = xa;
-                    if (g + 8 < hcn) logit_out[(usize)(g + 8) * p.maxc + pos] = xb;
-                }
-                s[nt][e] = pos >= 0 ? xa : NEG_INF;
-                s[nt][2 + e] = pos >= 0 ? xb : NEG_INF;
+                pos[e] = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
+                s[nt][e] *= p.scale;
+                s[nt][2 + e] *= p.scale;
             }
+            if (logit_out) {
+                float* la = logit_out + (usize)g * p.maxc;
+                float* lb = logit_out + (usize)(g + 8) * p.maxc;
+                if (pos[0] >= 0 && pos[1] == pos[0] + 1 && (pos[0] & 1) == 0) {
+                    if (g < hcn) *(float2*)(la + pos[0]) = make_float2(s[nt][0], s[nt][1]);
+                    if (g + 8 < hcn) *(float2*)(lb + pos[0]) = make_float2(s[nt][2], s[nt][3]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                        if (pos[e] >= 0) {
+                            if (g < hcn) la[pos[e]] = s[nt][e];
+                            if (g + 8 < hcn) lb[pos[e]] = s[nt][2 + e];
+                        }
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (pos[e] < 0) s[nt][e] = s[nt][2 + e] = NEG_INF;
+            }
+        }
         float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
         float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
         xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));

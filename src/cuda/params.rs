@@ -162,7 +162,8 @@ impl DevLayout {
         let jobs = b.take(&[u(cfg.max_step_tokens), 8])?;
         let raw_tab = b.take(&[seqs, u(cfg.pages_per_seq()), 4])?;
         let cmp_tab = b.take(&[seqs, u(cfg.cmp_pages_per_seq()).max(1), 4])?;
-        let maxc = cfg.num_cmp_tokens(cfg.max_seq_len).max(1);
+        // Compressed tokens per logits row, rounded up to even (8-byte logit stores).
+        let maxc = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(2);
         let nsplit_c = maxc.div_ceil(CMP_SPLIT_MIN).clamp(1, CMP_SPLITS_MAX);
         let split_c = maxc.div_ceil(nsplit_c);
         let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
@@ -208,5 +209,39 @@ impl DevLayout {
             units_w,
             sel_chunks,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    #[test]
+    fn workspace_shapes_fit_the_kernels() {
+        for preset in [Preset::Paper, Preset::Fla] {
+            for len in [1000u32, 65536, 131072] {
+                let c = Config::preset(preset).with_shape(64, 4, 192, 128).with_capacity(4, len);
+                let lay = Layout::new(&c).unwrap();
+                let dl = DevLayout::new(&c, &lay).unwrap();
+                // Logits rows are even (8-byte stores) and hold every compressed token.
+                assert_eq!(dl.maxc % 2, 0);
+                assert!(dl.maxc >= c.num_cmp_tokens(c.max_seq_len));
+                // Selection chunks of SEL_CHUNK blocks cover every block, each with a list of n.
+                assert!(dl.sel_chunks * SEL_CHUNK >= c.max_sel_blocks());
+                let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
+                assert_eq!(dl.cand.bytes, pairs * (dl.sel_chunks * c.sel_count) as usize * 8);
+                assert_eq!(dl.count.bytes, pairs * 4);
+                // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
+                assert!(dl.units_w * c.sel_block >= c.window + 15);
+                assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
+                // Regions do not overlap and stay in order.
+                let regs = [dl.pools, dl.meta, dl.tokmap, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc];
+                for w in regs.windows(2) {
+                    assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
+                }
+                assert!(dl.part_acc.off + dl.part_acc.bytes <= dl.total);
+            }
+        }
     }
 }

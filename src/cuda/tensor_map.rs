@@ -97,3 +97,29 @@ pub(crate) fn encode_all(cfg: &Config, lay: &Layout, pools: u64) -> Result<Vec<u
     }
     Ok(all)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Dtype, Preset};
+
+    fn cfg(dk: u32, dv: u32, dtype: Dtype) -> Config {
+        let mut c = Config::preset(Preset::Paper).with_shape(64, 4, dk, dv).with_capacity(2, 4096);
+        c.dtype = dtype;
+        c
+    }
+
+    #[test]
+    fn maps_need_16_bit_whole_boxes_and_16_row_pages() {
+        assert!(supported(&cfg(128, 128, Dtype::Bf16)));
+        assert!(supported(&cfg(192, 128, Dtype::F16)));
+        assert!(!supported(&cfg(128, 128, Dtype::F32)), "f32 rows are not 16-bit boxes");
+        assert!(!supported(&cfg(40, 24, Dtype::Bf16)), "DK not a multiple of 64 columns");
+        assert!(!supported(&cfg(128, 96, Dtype::Bf16)), "DV not a multiple of 64 columns");
+        let mut c = cfg(128, 128, Dtype::Bf16);
+        (c.sel_block, c.page_size) = (48, 48);
+        assert!(supported(&c), "48-row blocks and pages are whole 16-row tiles");
+        (c.cmp_stride, c.sel_block, c.page_size) = (8, 40, 40);
+        assert!(!supported(&c), "a 16-row tile would cross a 40-row page");
+    }
+}
