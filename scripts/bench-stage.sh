@@ -24,7 +24,7 @@ o="${OUT:-$here/out}"; mkdir -p "$o"
 export NSA_CUDA_CACHE_DIR=/tmp/nsa-kernel-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$o/gpu.txt"
 "$here/nsa-demo" --backend cuda 2>&1 | tee "$o/demo.txt"
-"$here/nsa-bench" --gpu ${NSA_BENCH_ARGS:---contexts 8192,65536,131072 --batches 1,16,64 --reps 15 --prefill 8192,16384,32768,65536} --json "$o/bench.json" 2>"$o/bench.err" | tee "$o/bench.md"
+"$here/nsa-bench" --gpu ${NSA_BENCH_ARGS:---contexts 8192,16384,32768,65536,131072 --batches 1,16,64 --reps 15 --prefill 8192,16384,32768,65536} --json "$o/bench.json" 2>"$o/bench.err" | tee "$o/bench.md"
 python3 "$here/torch_compare.py" --lib "$here/libnsa.so" ${NSA_TORCH_ARGS:---contexts 8192,65536 --batches 1,16 --prefill 8192,16384,32768,65536} --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
 echo "== demo"; tail -4 "$o/demo.txt"; echo "== nsa-bench"; cat "$o/bench.md"; echo "== torch"; cat "$o/torch.md"; tail -n 3 "$o/bench.err" "$o/torch.err"
 RUN

@@ -235,6 +235,12 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
             }
         }
     }
-    res.prefill = crate::prefill::run(o, shapes, &timer, stream)?;
+    // Prefill also at the small groups the issue names (G = 4 and 8: 64 query heads over
+    // 16 and 8 KV heads), where the decode-shaped kernels pad G to 16 mma rows.
+    let mut prefill_shapes = shapes.to_vec();
+    if !o.quick {
+        prefill_shapes.extend([(64, 16, 128, 128), (64, 8, 128, 128)]);
+    }
+    res.prefill = crate::prefill::run(o, &prefill_shapes, &timer, stream)?;
     Ok(res)
 }

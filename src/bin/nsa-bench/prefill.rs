@@ -4,9 +4,11 @@
 //! on one stream, median of `min(--reps, 3)` after one warm-up; each rep removes the
 //! sequence, adds it again and re-plans, so every rep is a first prefill. No L2 flush:
 //! the inputs alone exceed the L2 many times over. The floor is the step's QK and PV
-//! FLOPs over the dense matrix rate (`--matrix-tflops`). The repository has no
-//! tensor-core full-attention prefill to set beside it; the full-attention baseline is
-//! PyTorch's (`scripts/torch_compare.py --prefill`).
+//! FLOPs over the dense matrix rate (`--matrix-tflops`). Beside it, the engine's own full
+//! attention of the same step (`attend_full`: causal attention of the T rows over the
+//! same cache, with the decode-shaped split-KV tensor-core kernels over waves of rows;
+//! timed once per shape and length, the presets share it); the cuDNN and flash baselines
+//! are PyTorch's (`scripts/torch_compare.py --prefill`).
 
 use cudarc::driver::{result, sys};
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
@@ -57,6 +59,7 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                 let mut cache = Cache::new(&c, arena.bytes())?;
                 let mut gpu = CudaBackend::with_allocation(&c)?;
                 let mut times = vec![];
+                let mut full = vec![];
                 for rep in 0..=reps {
                     if cache.contains(0) {
                         cache.remove(0)?;
@@ -68,11 +71,27 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                         gpu.run_layer(&cache, 0, &io, stream)
                     })?;
                     eprintln!("  {what}: {} {ms:.2} ms", if rep == 0 { "warm-up" } else { "rep" });
+                    // The full-attention baseline over the step just appended (the same
+                    // work for both presets: measured with the first).
+                    let fms = if preset == Preset::Paper {
+                        let f = timer.time(stream, || gpu.attend_full(&cache, 0, io.q, io.out, stream))?;
+                        eprintln!("  {what}: full attention {f:.2} ms");
+                        f
+                    } else {
+                        f64::NAN
+                    };
                     if rep > 0 {
                         times.push(ms);
+                        full.push(fms);
                     }
                 }
-                rows.push(PrefillRow::new(&c, preset, t, median(times) * 1e-3, o.matrix_rate));
+                let full_s = if preset == Preset::Paper {
+                    median(full) * 1e-3
+                } else {
+                    // The paper row of the same shape and length, measured just before.
+                    rows.iter().rev().find(|r: &&PrefillRow| r.tokens == t && r.preset == "paper").map_or(f64::NAN, |r| r.full_ms * 1e-3)
+                };
+                rows.push(PrefillRow::new(&c, preset, t, median(times) * 1e-3, full_s, o.matrix_rate));
             }
         }
     }
