@@ -247,3 +247,38 @@ pub fn json(res: &Results) -> String {
     let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n  {}\n ]", v.join(",\n  ")) };
     format!("{{\n \"decode\": {},\n \"prefill\": {}\n}}\n", list(&decode), list(&prefill))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor the issue states for the paper preset (64 query / 4 KV heads, 128/128,
+    /// bf16): (L - 32) / 16 + 1 compressed + 16 x 64 selected + 512 window keys, read once
+    /// per (sequence, KV head); at batch 16 and 64k about 61 us at 3.0 TB/s.
+    #[test]
+    fn decode_bytes_match_the_issue_floor() {
+        let c = {
+            let mut c = Config::preset(Preset::Paper).with_shape(64, 4, 128, 128).with_capacity(16, 65536);
+            c.dtype = nsa::Dtype::Bf16;
+            c
+        };
+        let keys = (65536 - 32) / 16 + 1 + 16 * 64 + 512;
+        assert_eq!(nsa_keys(&c, 65536), keys);
+        let bytes = nsa_bytes(&c, 65536) * 16.0 * 4.0;
+        assert_eq!(bytes, (keys * 256 * 2 * 16 * 4) as f64);
+        let floor_us = bytes / 3.0e12 * 1e6;
+        assert!((floor_us - 61.5).abs() < 0.1, "{floor_us}");
+        // Short contexts read every key once per branch at most.
+        assert_eq!(nsa_keys(&c, 100), (100 - 32) / 16 + 1 + 100 + 100);
+    }
+
+    /// Prefill FLOPs are the per-row decode keys summed: 2 FLOPs per multiply-add of QK
+    /// (DK) and PV (DV) per head.
+    #[test]
+    fn prefill_flops_sum_the_rows() {
+        let c = Config::preset(Preset::Fla).with_shape(8, 2, 64, 32).with_capacity(1, 4096);
+        let rows: u64 = (1..=300u32).map(|t| nsa_keys(&c, t) as u64).sum();
+        assert_eq!(prefill_flops(&c, 300), (2 * 8 * (64 + 32)) as f64 * rows as f64);
+        assert_eq!(prefill_flops(&c, 1), (2 * 8 * 96) as f64 * 2.0); // 0 compressed + 1 selected + 1 window
+    }
+}
