@@ -11,14 +11,6 @@ use gpu_harness::*;
 use half::{bf16, f16};
 use nsa::{Dtype, Phi, Preset};
 
-fn sz(full: u32, small_: u32) -> u32 {
-    if small() {
-        small_
-    } else {
-        full
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn decode_paper_g16_dk192_dv128_bf16() {

@@ -11,14 +11,6 @@ use half::{bf16, f16};
 use nsa::elem::Elem;
 use nsa::{Config, Dtype, Phi, Preset};
 
-fn sz(full: u32, small_: u32) -> u32 {
-    if small() {
-        small_
-    } else {
-        full
-    }
-}
-
 /// Chunked prefill entries: every sequence gets `prompt` tokens in chunks of `chunk`.
 fn prefill_steps(seqs: u32, prompt: &[u32], chunk: u32, budget: u32) -> Vec<Vec<(u32, u32)>> {
     let mut done = vec![0u32; seqs as usize];

@@ -10,14 +10,6 @@ use gpu_harness::*;
 use half::{bf16, f16};
 use nsa::{Dtype, Preset};
 
-fn sz(full: u32, small_: u32) -> u32 {
-    if small() {
-        small_
-    } else {
-        full
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn prefill_chunks_with_decodes_paper_g8_bf16() {

@@ -38,6 +38,15 @@ pub fn small() -> bool {
     std::env::var("NSA_GPU_TEST_SMALL").map(|v| v != "0" && !v.is_empty()).unwrap_or(false)
 }
 
+/// `full`, or `small_` under `NSA_GPU_TEST_SMALL`.
+pub fn sz(full: u32, small_: u32) -> u32 {
+    if small() {
+        small_
+    } else {
+        full
+    }
+}
+
 pub fn threads() -> u32 {
     std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1).clamp(1, 16)
 }
@@ -153,18 +162,14 @@ impl<T: Elem> Harness<T> {
         let cfg = self.cfg;
         let es: Vec<StepSeq> = entries.iter().map(|&(seq, tokens)| StepSeq { seq, tokens }).collect();
         self.cache.plan_step(&es).unwrap_or_else(|e| panic!("{}: plan_step {entries:?}: {e}", self.name));
-        let (hq, hkv, dk, dv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
+        let (hq, hkv, dv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_v as usize);
         let n = self.cache.step().unwrap().tokens as usize;
         let nsel = cfg.sel_count as usize;
         let t0 = Instant::now();
         self.gpu.upload_step(&self.cache, self.stream).unwrap();
         let mut gpu_s = t0.elapsed().as_secs_f64();
         for layer in 0..cfg.num_layers {
-            let rng = &mut self.rng;
-            let q: Vec<T> = (0..n * hq * dk).map(|_| T::from_f32(rng.unit() * 2.0)).collect();
-            let k: Vec<T> = (0..n * hkv * dk).map(|_| T::from_f32(rng.unit())).collect();
-            let v: Vec<T> = (0..n * hkv * dv).map(|_| T::from_f32(rng.unit())).collect();
-            let g: Vec<f32> = (0..n * hq * 3).map(|_| 0.05 + 0.9 * (rng.unit() * 0.5 + 0.5)).collect();
+            let (q, k, v, g) = self.inputs(n);
             let (wk, wv) = &self.w[layer as usize];
             let mut out_c = vec![T::from_f32(f32::NAN); n * hq * dv];
             let mut sel_c = vec![i32::MIN; n * hkv * nsel];
@@ -174,27 +179,10 @@ impl<T: Elem> Harness<T> {
                 .unwrap();
             self.stats.cpu_s += t1.elapsed().as_secs_f64();
 
+            let io = self.upload_layer(&q, &k, &v, &g, wk, wv);
             let d = &self.d;
-            d[DQ].upload(&q).unwrap();
-            d[DK].upload(&k).unwrap();
-            d[DV].upload(&v).unwrap();
-            d[DG].upload(&g).unwrap();
-            if !wk.is_empty() {
-                d[DWK].upload(wk).unwrap();
-                d[DWV].upload(wv).unwrap();
-            }
             d[DOUT].fill(0xFF).unwrap();
             d[DSEL].fill(0x7F).unwrap();
-            let io = DeviceLayerIo {
-                q: d[DQ].ptr(),
-                k: d[DK].ptr(),
-                v: d[DV].ptr(),
-                gates: d[DG].ptr(),
-                out: d[DOUT].ptr(),
-                selected: d[DSEL].ptr(),
-                phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
-                phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
-            };
             let t2 = Instant::now();
             exec(&mut self.gpu, &self.cache, layer, &io, self.stream);
             self.gpu.synchronize(self.stream).unwrap_or_else(|e| panic!("{}: kernel error: {e}", self.name));
@@ -213,7 +201,34 @@ impl<T: Elem> Harness<T> {
         self.stats.rows += n;
     }
 
-    /// Random inputs of one layer, drawn exactly as `step` draws them (so harnesses with the
+    /// Uploads one layer's inputs (an empty `q` or `g` is not uploaded) and phi weights, and
+    /// returns the layer's arrays over the device buffers, every one set (callers zero the
+    /// ones a run omits).
+    fn upload_layer(&self, q: &[T], k: &[T], v: &[T], g: &[f32], wk: &[f32], wv: &[f32]) -> DeviceLayerIo {
+        let d = &self.d;
+        for (i, x) in [(DQ, q), (DK, k), (DV, v)] {
+            if !x.is_empty() {
+                d[i].upload(x).unwrap();
+            }
+        }
+        for (i, x) in [(DG, g), (DWK, wk), (DWV, wv)] {
+            if !x.is_empty() {
+                d[i].upload(x).unwrap();
+            }
+        }
+        DeviceLayerIo {
+            q: d[DQ].ptr(),
+            k: d[DK].ptr(),
+            v: d[DV].ptr(),
+            gates: d[DG].ptr(),
+            out: d[DOUT].ptr(),
+            selected: d[DSEL].ptr(),
+            phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
+            phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
+        }
+    }
+
+    /// Random inputs of one layer (every step method draws them here, so harnesses with the
     /// same seed stay in step whichever method they call).
     fn inputs(&mut self, n: usize) -> (Vec<T>, Vec<T>, Vec<T>, Vec<f32>) {
         let cfg = self.cfg;
@@ -239,25 +254,10 @@ impl<T: Elem> Harness<T> {
             let (_q, k, v, _g) = self.inputs(n);
             let (wk, wv) = &self.w[layer as usize];
             self.cpu.append_layer(&self.cache, layer, &k, &v, PhiWeights { k: wk, v: wv }).unwrap();
+            let io = DeviceLayerIo { q: 0, out: 0, ..self.upload_layer(&[], &k, &v, &[], wk, wv) };
             let d = &self.d;
-            d[DK].upload(&k).unwrap();
-            d[DV].upload(&v).unwrap();
-            if !wk.is_empty() {
-                d[DWK].upload(wk).unwrap();
-                d[DWV].upload(wv).unwrap();
-            }
             d[DOUT].fill(0xFF).unwrap();
             d[DSEL].fill(0x7F).unwrap();
-            let io = DeviceLayerIo {
-                q: 0,
-                k: d[DK].ptr(),
-                v: d[DV].ptr(),
-                gates: d[DG].ptr(),
-                out: 0,
-                selected: d[DSEL].ptr(),
-                phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
-                phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
-            };
             self.gpu.run_layer(&self.cache, layer, &io, self.stream).unwrap();
             self.gpu.synchronize(self.stream).unwrap_or_else(|e| panic!("{}: kernel error: {e}", self.name));
             let mut out = vec![0u8; d[DOUT].bytes()];
@@ -291,25 +291,8 @@ impl<T: Elem> Harness<T> {
                 .unwrap();
             let mut full_c = vec![T::from_f32(f32::NAN); n * hq * dv];
             self.cpu.attend_full(&self.cache, layer, &q, &mut full_c).unwrap();
+            let io = DeviceLayerIo { selected: 0, ..self.upload_layer(&q, &k, &v, &g, wk, wv) };
             let d = &self.d;
-            d[DQ].upload(&q).unwrap();
-            d[DK].upload(&k).unwrap();
-            d[DV].upload(&v).unwrap();
-            d[DG].upload(&g).unwrap();
-            if !wk.is_empty() {
-                d[DWK].upload(wk).unwrap();
-                d[DWV].upload(wv).unwrap();
-            }
-            let io = DeviceLayerIo {
-                q: d[DQ].ptr(),
-                k: d[DK].ptr(),
-                v: d[DV].ptr(),
-                gates: d[DG].ptr(),
-                out: d[DOUT].ptr(),
-                selected: 0,
-                phi_k: if wk.is_empty() { 0 } else { d[DWK].ptr() },
-                phi_v: if wv.is_empty() { 0 } else { d[DWV].ptr() },
-            };
             self.gpu.run_layer(&self.cache, layer, &io, self.stream).unwrap();
             d[DOUT].fill(0xFF).unwrap();
             self.gpu.attend_full(&self.cache, layer, d[DQ].ptr(), d[DOUT].ptr(), self.stream).unwrap();
