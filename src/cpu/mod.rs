@@ -10,12 +10,13 @@
 //! its own rows and heads of `out`. That is the invariant behind the raw-pointer views
 //! (`LayerStore`, `SharedSlice`).
 
+mod append;
 mod attend;
 mod compress;
-mod math;
+mod kernels;
+mod online;
 mod runner;
 mod select;
-mod simd;
 mod store;
 mod workspace;
 
