@@ -60,6 +60,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")] pub mod cuda;
 #[cfg(feature = "reference")]
 pub mod reference;
+#[cfg(test)]
+mod rng;
 mod sync;
 pub mod ffi;
 

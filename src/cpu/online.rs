@@ -69,7 +69,8 @@ impl<'w> Online<'w> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::kernels::tests::{close, simd, Rng};
+    use crate::cpu::kernels::tests::{close, simd};
+    use crate::rng::Rng;
 
     /// The online softmax of a GQA group over several tiles, SIMD vs portable, bf16 rows.
     #[test]

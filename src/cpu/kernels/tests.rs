@@ -1,19 +1,7 @@
 //! The SIMD kernels against the portable ones, and their in-cache rates.
 
 use super::*;
-
-pub(crate) struct Rng(pub u64);
-impl Rng {
-    fn f(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * scale).collect()
-    }
-}
+use crate::rng::Rng;
 
 /// The SIMD kernels of this CPU, or a printed skip.
 pub(crate) fn simd() -> Option<Isa> {
