@@ -24,13 +24,18 @@ impl<T: Elem> LayerRun<'_, T> {
             ci -= nchunks;
         }
         let (ps, c) = found.expect("chunk index within the step");
+        self.attend_chunk(th, &ps, c, kvh);
+    }
+
+    /// Attention for the queries of chunk `c` of step sequence `ps`, KV head `kvh`.
+    pub(super) fn attend_chunk(&self, th: usize, ps: &PlanSeq, c: u32, kvh: usize) {
         let first = ps.old_len + c * QUERY_CHUNK;
         let last = (first + QUERY_CHUNK).min(ps.new_len);
         // SAFETY: thread index th is this thread's alone.
         let mut ws = unsafe { self.ws(th) };
         let isa = Isa::get();
         for t in first..last {
-            self.attend_query(isa, &mut ws, &ps, t, kvh);
+            self.attend_query(isa, &mut ws, ps, t, kvh);
         }
     }
 
