@@ -147,7 +147,6 @@ fn host_threads_match_the_runner_bit_for_bit() {
                     s.spawn(move || parts.run(ith, nth));
                 }
             });
-            drop(parts);
             assert!(oa.iter().all(|x| x.is_finite()), "the runner wrote every output");
             let first_diff = bits(&oa).iter().zip(bits(&ob)).position(|(x, y)| *x != y);
             assert_eq!(first_diff, None, "outputs differ (first element shown): step {entries:?}, layer {layer}, nth {nth}");
@@ -196,6 +195,5 @@ fn layer_parts_checks_like_run_layer() {
     // And the step still runs afterwards.
     let parts = b.layer_parts(&cache, 0, io!(&mut out), pw).unwrap();
     parts.run(0, 1);
-    drop(parts);
     assert!(out.iter().all(|x| x.is_finite()));
 }

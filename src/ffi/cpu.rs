@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use super::args::{carve, disjoint, handle, handle_bytes, handle_mut, out_ptr, read_struct, span, Handle, Span, Versioned};
+use super::args::{carve, check_layer_header, disjoint, handle, handle_bytes, handle_mut, out_ptr, read_struct, span, Handle, Span, Versioned};
 use super::cache::nsa_cache;
 use super::config::{nsa_config_t, nsa_dtype, read_config};
 use super::status::{guard, guard_infallible, nsa_status, FfiResult};
@@ -266,18 +266,8 @@ pub unsafe extern "C" fn nsa_cpu_run_layer_part(
 
 /// The checks of `io`'s scalar fields; returns the config's dtype.
 fn checked_dtype(b: &CpuBackend<'static>, c: &nsa_cache, io: &nsa_layer_io_t) -> FfiResult<Dtype> {
-    let cfg = b.config();
-    if io.dtype != cfg.dtype as u32 {
-        return Err(NsaError::arg("io->dtype", io.dtype, format!("the config's dtype is {} ({})", cfg.dtype.name(), cfg.dtype as u32)).into());
-    }
-    if io.flags != 0 {
-        return Err(NsaError::arg("io->flags", format!("{:#x}", io.flags), "no flag is defined in this version: must be 0").into());
-    }
-    let step_tokens = c.cache().step()?.tokens;
-    if io.tokens != step_tokens {
-        return Err(NsaError::arg("io->tokens", io.tokens, format!("the planned step has {step_tokens} tokens")).into());
-    }
-    Ok(cfg.dtype)
+    check_layer_header(b.config(), c.cache(), io.dtype, io.flags, io.tokens)?;
+    Ok(b.config().dtype)
 }
 
 /// What a layer call runs: the whole layer on the backend's threads, or one host
