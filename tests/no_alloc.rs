@@ -92,25 +92,19 @@ fn per_step_calls_allocate_nothing() {
                     let t: usize = st.iter().map(|e| e.tokens as usize).sum();
                     let wts = PhiWeights { k: &w.0, v: &w.1 };
                     if dtype == Dtype::F32 {
+                        let (qs, ks, vs, gs) = (&q[..t * hq * dk], &k[..t * hkv * dk], &v[..t * hkv * dv], &g[..t * hq * 3]);
                         let io = LayerIo {
-                            q: &q[..t * hq * dk],
-                            k: &k[..t * hkv * dk],
-                            v: &v[..t * hkv * dv],
-                            gates: &g[..t * hq * 3],
+                            q: qs,
+                            k: ks,
+                            v: vs,
+                            gates: gs,
                             out: &mut out[..t * hq * dv],
                             selected: Some(&mut sel[..t * hkv * cfg.sel_count as usize]),
                         };
                         cpu.run_layer(&cache, 0, io, wts).unwrap();
                         cpu.attend_full(&cache, 0, &q[..t * hq * dk], &mut out[..t * hq * dv]).unwrap();
                         // Layer 1 as a host would run it: every (ith, nth) share (here in turn).
-                        let io = LayerIo {
-                            q: &q[..t * hq * dk],
-                            k: &k[..t * hkv * dk],
-                            v: &v[..t * hkv * dv],
-                            gates: &g[..t * hq * 3],
-                            out: &mut out[..t * hq * dv],
-                            selected: None,
-                        };
+                        let io = LayerIo { q: qs, k: ks, v: vs, gates: gs, out: &mut out[..t * hq * dv], selected: None };
                         let parts = cpu.layer_parts(&cache, 1, io, wts).unwrap();
                         (0..4).for_each(|ith| parts.run(ith, 4));
                     } else {
