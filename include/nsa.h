@@ -61,7 +61,7 @@
 /**
  * Library minor version.
  */
-#define NSA_VERSION_MINOR 1
+#define NSA_VERSION_MINOR 2
 
 /**
  * Library patch version.
@@ -88,11 +88,13 @@ typedef struct nsa_cache nsa_cache;
 
 /**
  * The CPU backend: every layer's K/V pools and each thread's scratch, in the buffer given
- * to `nsa_cpu_backend_create`, plus `cpu_threads - 1` worker threads. Opaque; it lives at
- * the start of that buffer.
+ * to `nsa_cpu_backend_create`, plus `cpu_threads - 1` worker threads (none when made by
+ * `nsa_cpu_backend_create_hosted`). Opaque; it lives at the start of that buffer.
  *
- * Thread safety: one call at a time per backend. Different backends are independent and
- * may run concurrently (each with its own cache: a cache's layers all run on one backend).
+ * Thread safety: one call at a time per backend, except the `nth` calls of one
+ * `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads. Different
+ * backends are independent and may run concurrently (each with its own cache: a cache's
+ * layers all run on one backend).
  */
 typedef struct nsa_cpu_backend nsa_cpu_backend;
 
@@ -325,7 +327,8 @@ typedef struct nsa_layer_io_t {
      */
     uint32_t flags;
     /**
-     * Queries `[tokens][HQ][DK]`.
+     * Queries `[tokens][HQ][DK]`. NULL together with `out`: an append-only run (K/V
+     * appended and compressed, no attention; `gates` and `selected` are then ignored).
      */
     const void *q;
     /**
@@ -343,6 +346,7 @@ typedef struct nsa_layer_io_t {
     const float *gates;
     /**
      * Output `[tokens][HQ][DV]`, written: `g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`.
+     * NULL together with `q`: an append-only run.
      */
     void *out;
     /**
@@ -635,6 +639,22 @@ typedef struct nsa_api_v1 {
                                  uint32_t layer,
                                  const struct nsa_cuda_layer_io_t *io,
                                  void *stream);
+    /**
+     * `nsa_cpu_backend_create_hosted` (library 0.2).
+     */
+    nsa_status (*cpu_backend_create_hosted)(const struct nsa_config_t *cfg,
+                                            void *buf,
+                                            size_t bytes,
+                                            struct nsa_cpu_backend **out);
+    /**
+     * `nsa_cpu_run_layer_part` (library 0.2).
+     */
+    nsa_status (*cpu_run_layer_part)(const struct nsa_cpu_backend *backend,
+                                     const struct nsa_cache *cache,
+                                     uint32_t layer,
+                                     const struct nsa_layer_io_t *io,
+                                     uint32_t ith,
+                                     uint32_t nth);
 } nsa_api_v1;
 
 /**
@@ -1021,6 +1041,19 @@ nsa_status nsa_cpu_backend_create(const struct nsa_config_t *cfg,
                                   struct nsa_cpu_backend **out);
 
 /**
+ * As `nsa_cpu_backend_create`, for a host that runs layers on its own threads with
+ * `nsa_cpu_run_layer_part` (ggml's custom operations, a host thread pool): starts no
+ * thread at all. The buffer (same `nsa_cpu_buffer_size`) holds scratch for
+ * `cfg->cpu_threads` host threads working on one layer at once: set it to the host's
+ * thread count. `nsa_cpu_run_layer` still works on such a backend, on the calling thread
+ * alone. Same ownership, errors and `nsa_cpu_backend_destroy` as `nsa_cpu_backend_create`.
+ */
+nsa_status nsa_cpu_backend_create_hosted(const struct nsa_config_t *cfg,
+                                         void *buf,
+                                         size_t bytes,
+                                         struct nsa_cpu_backend **out);
+
+/**
  * Stops and joins the backend's worker threads and invalidates the handle; afterwards
  * its buffer may be freed. NULL or an already destroyed handle is ignored. Must not run
  * concurrently with another call on the same backend.
@@ -1031,9 +1064,11 @@ void nsa_cpu_backend_destroy(struct nsa_cpu_backend *backend);
  * Runs layer `layer` of the planned step on the CPU: copies shared pages the step
  * appends to, appends the step's K/V rows to the layer's pools, emits finished
  * compressed tokens, and writes NSA attention for every new token to `io->out` (and the
- * selected blocks to `io->selected` if not NULL). Run every layer `0..num_layers`
- * exactly once per step, each after `nsa_cache_plan_step`. Uses the backend's worker
- * threads (the calling thread is one of them) and allocates nothing.
+ * selected blocks to `io->selected` if not NULL). With `io->q` and `io->out` both NULL
+ * the run is append-only: K/V appended and compressed, no attention (to fill a cache
+ * from K/V the host already has). Run every layer `0..num_layers` exactly once per step,
+ * each after `nsa_cache_plan_step`. Uses the backend's worker threads (the calling
+ * thread is one of them) and allocates nothing.
  *
  * The cache is only read; it must have the backend's config, and the same backend must
  * run all of its layers.
@@ -1048,6 +1083,36 @@ nsa_status nsa_cpu_run_layer(struct nsa_cpu_backend *backend,
                              const struct nsa_cache *cache,
                              uint32_t layer,
                              const struct nsa_layer_io_t *io);
+
+/**
+ * Thread `ith` of `nth`'s share of layer `layer` of the planned step, for a host that
+ * drives the engine with its own threads (ggml calls a custom operation once per thread
+ * with `(ith, nth)`): every one of the `nth` threads calls this with the same arguments
+ * and its own `ith`; the layer is done when all have returned. Same work, arrays,
+ * append-only rule and errors as `nsa_cpu_run_layer`, and bit-identical results. The
+ * engine starts no thread, allocates nothing and needs no barrier: thread `ith` takes the
+ * (sequence, KV head) pairs `ith, ith + nth, ...` of the step and does each one whole
+ * (its copy-on-write copies, append, compressed tokens, then attention for the
+ * sequence's new tokens), so the call is one graph node with no dependency between
+ * threads. At most `cpu_threads` threads work (the backend's scratch slots): with `nth`
+ * larger, threads `ith >= cpu_threads` return at once. Parallelism is at most
+ * sequences x KV heads of the step.
+ *
+ * Thread safety: the `nth` calls of one layer may run concurrently on one backend and
+ * cache (that is the point); nothing else may use that backend or cache until all have
+ * returned. Works on backends from either create function (use
+ * `nsa_cpu_backend_create_hosted` to have no engine thread at all).
+ *
+ * Errors: as `nsa_cpu_run_layer` (every thread checks the same arguments, so all fail
+ * alike and nothing is written), and `NSA_STATUS_INVALID_ARGUMENT` for `nth == 0` or
+ * `ith >= nth` (that thread does nothing).
+ */
+nsa_status nsa_cpu_run_layer_part(const struct nsa_cpu_backend *backend,
+                                  const struct nsa_cache *cache,
+                                  uint32_t layer,
+                                  const struct nsa_layer_io_t *io,
+                                  uint32_t ith,
+                                  uint32_t nth);
 
 /**
  * Whether a CUDA device is usable, and which. Loads the CUDA driver and NVRTC at run time

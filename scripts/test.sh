@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, integration, reference,
 # header drift, the C ABI through dlopen, the bounded fuzz run), the loom model check,
-# the C / C++ examples under sanitizers, and valgrind over the C ABI's users.
+# the C / C++ examples under sanitizers, valgrind over the C ABI's users, the ggml host
+# example, and that the shipped library carries no reference code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +15,12 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test 
 # C and C++ examples under ASan/UBSan, then everything that crosses the C ABI under valgrind.
 scripts/ffi-examples.sh
 scripts/valgrind.sh
+# ggml as the host: NSA as a custom op in a ggml graph (ggml built once, cached in build/ggml).
+scripts/ggml-example.sh
+# The brute-force reference is a test-only feature: a plain release build has none of it.
+cargo build --release --lib
+if nm -C target/release/libnsa.a 2>/dev/null | grep -q 'nsa::reference'; then
+  echo "target/release/libnsa.a carries nsa::reference code without the reference feature" >&2
+  exit 1
+fi
+echo "== the release library carries no reference code"

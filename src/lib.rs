@@ -45,7 +45,8 @@
 //! - [`cache`]: the paged KV manager (page pools, tables, add/fork/truncate/remove);
 //! - [`plan`]: per-step bookkeeping that the backends read;
 //! - [`cpu`]: the CPU backend (the same kernels the CUDA backend has);
-//! - [`reference`]: a brute-force oracle straight from the spec, sharing no code with the engine;
+//! - `reference` (cargo feature `reference`, for tests and benchmarks; not in the shipped
+//!   library): a brute-force oracle straight from the spec, sharing no code with the engine;
 //! - `ffi`: the C ABI (`include/nsa.h`).
 
 pub mod cache;
@@ -57,7 +58,10 @@ pub mod layout;
 pub mod plan;
 pub mod cpu;
 #[cfg(feature = "cuda")] pub mod cuda;
+#[cfg(feature = "reference")]
 pub mod reference;
+#[cfg(test)]
+mod rng;
 mod sync;
 pub mod ffi;
 

@@ -426,23 +426,7 @@ pub fn full_attention(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, dk
 mod tests {
     use super::*;
     use crate::config::Preset;
-
-    /// xorshift64* with values uniform in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn uniform(&mut self) -> f32 {
-            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.uniform()).collect()
-        }
-    }
+    use crate::rng::Rng;
 
     fn cfg(p: Preset, hq: u32, hkv: u32, dk: u32, dv: u32) -> Config {
         let mut c = Config::preset(p).with_shape(hq, hkv, dk, dv);
@@ -474,7 +458,7 @@ mod tests {
     fn random_data(c: &Config, t_len: usize, seed: u64) -> Data {
         let mut r = Rng(seed);
         let (hq, hkv, dk, dv) = (c.num_q_heads as usize, c.num_kv_heads as usize, c.head_dim_qk as usize, c.head_dim_v as usize);
-        Data { q: r.vec(t_len * hq * dk), k: r.vec(t_len * hkv * dk), v: r.vec(t_len * hkv * dv) }
+        Data { q: r.vec(t_len * hq * dk, 1.0), k: r.vec(t_len * hkv * dk, 1.0), v: r.vec(t_len * hkv * dv, 1.0) }
     }
 
     fn run(c: &Config, d: &Data, g: &[f32], phi_k: &[f32], phi_v: &[f32], selection: Option<&[i32]>) -> RefOutput {
@@ -565,7 +549,7 @@ mod tests {
             q[(t * 2) * 8] = a0;
             q[(t * 2 + 1) * 8] = a1;
         }
-        let v = Rng(3).vec(t_len * 8);
+        let v = Rng(3).vec(t_len * 8, 1.0);
         let d = Data { q, k, v };
         let r = run(&c, &d, &gates(t_len, 2, [1.0, 0.0, 0.0]), &[], &[], None);
         assert_eq!(r.nb, 4);

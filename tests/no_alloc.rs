@@ -1,5 +1,6 @@
 //! "No allocation per step", proved: a counting global allocator wraps the system one,
-//! and the per-step calls (plan_step, run_layer on 3 threads, attend_full) and the
+//! and the per-step calls (plan_step, run_layer on 3 threads, attend_full, layer_parts
+//! with its (ith, nth) shares) and the
 //! sequence operations (add, fork, truncate, remove) run after init with the counter
 //! watched. One test in this binary, so no other test allocates concurrently.
 
@@ -54,6 +55,7 @@ fn per_step_calls_allocate_nothing() {
         cfg.max_seq_len = 2048;
         cfg.max_step_tokens = 600;
         cfg.cpu_threads = 3;
+        cfg.num_layers = 2;
         cfg.fit_pages();
         let (hq, hkv, dk, dv) = dims(&cfg);
         let mut eng = Engine::new(&cfg);
@@ -90,16 +92,21 @@ fn per_step_calls_allocate_nothing() {
                     let t: usize = st.iter().map(|e| e.tokens as usize).sum();
                     let wts = PhiWeights { k: &w.0, v: &w.1 };
                     if dtype == Dtype::F32 {
+                        let (qs, ks, vs, gs) = (&q[..t * hq * dk], &k[..t * hkv * dk], &v[..t * hkv * dv], &g[..t * hq * 3]);
                         let io = LayerIo {
-                            q: &q[..t * hq * dk],
-                            k: &k[..t * hkv * dk],
-                            v: &v[..t * hkv * dv],
-                            gates: &g[..t * hq * 3],
+                            q: qs,
+                            k: ks,
+                            v: vs,
+                            gates: gs,
                             out: &mut out[..t * hq * dv],
                             selected: Some(&mut sel[..t * hkv * cfg.sel_count as usize]),
                         };
                         cpu.run_layer(&cache, 0, io, wts).unwrap();
                         cpu.attend_full(&cache, 0, &q[..t * hq * dk], &mut out[..t * hq * dv]).unwrap();
+                        // Layer 1 as a host would run it: every (ith, nth) share (here in turn).
+                        let io = LayerIo { q: qs, k: ks, v: vs, gates: gs, out: &mut out[..t * hq * dv], selected: None };
+                        let parts = cpu.layer_parts(&cache, 1, io, wts).unwrap();
+                        (0..4).for_each(|ith| parts.run(ith, 4));
                     } else {
                         let io = LayerIo {
                             q: &qb[..t * hq * dk],
@@ -110,6 +117,8 @@ fn per_step_calls_allocate_nothing() {
                             selected: None,
                         };
                         cpu.run_layer(&cache, 0, io, wts).unwrap();
+                        let parts = cpu.append_parts(&cache, 1, &kb[..t * hkv * dk], &vb[..t * hkv * dv], wts).unwrap();
+                        (0..2).for_each(|ith| parts.run(ith, 2));
                     }
                 }
                 // Sequence operations between steps: fork (copy-on-write next step), truncate.
@@ -119,7 +128,7 @@ fn per_step_calls_allocate_nothing() {
                 cache.truncate(1, 200).unwrap();
             }
         });
-        println!("{phi:?}/{dtype:?}: {n} heap allocations in 12 planned steps, 12 layer runs, 4 fork/truncate/remove rounds");
+        println!("{phi:?}/{dtype:?}: {n} heap allocations in 12 planned steps, 24 layer runs, 4 fork/truncate/remove rounds");
         assert_eq!(n, 0, "{phi:?}/{dtype:?}: per-step calls allocated {n} times");
     }
 }

@@ -14,9 +14,9 @@ pub use nsa::ffi::*;
 
 pub mod fuzz;
 
-/// xorshift64*, seeded: the ffi tests' and the fuzzer's generator (the engine tests'
-/// own, from `tests/common/rng.rs`).
-#[path = "../../tests/common/rng.rs"]
+/// xorshift64*, seeded: the ffi tests' and the fuzzer's generator (the project's one,
+/// `src/rng.rs`).
+#[path = "../../src/rng.rs"]
 mod rng;
 pub use rng::Rng;
 

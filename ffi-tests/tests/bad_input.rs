@@ -511,6 +511,25 @@ fn run_layer_checks_every_array_and_argument() {
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["io->dtype = 9"], |fx| fx.run_with(|io| io.dtype = 9));
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["io->tokens = 2: the planned step has 3 tokens"], |fx| fx.run_with(|io| io.tokens = 2));
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["io->flags = 0x4"], |fx| fx.run_with(|io| io.flags = 4));
+    // The host-thread form checks the same arguments, and its thread index.
+    let fp = "nsa_cpu_run_layer_part";
+    let part = |fx: &mut Fx, layer: u32, ith: u32, nth: u32| {
+        let io = fx.io();
+        unsafe { (a.cpu_run_layer_part)(fx.e.cpu, fx.e.cache, layer, &io, ith, nth) }
+    };
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, fp, &["ith = 2", "ith < nth (nth = 2)"], |fx| part(fx, 0, 2, 2));
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, fp, &["ith = 0", "(nth = 0)"], |fx| part(fx, 0, 0, 0));
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, fp, &["layer = 2: layers are 0..2"], |fx| part(fx, 2, 0, 1));
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, fp, &["io->tokens = 2: the planned step has 3 tokens"], |fx| {
+        let mut io = fx.io();
+        io.tokens = 2;
+        unsafe { (a.cpu_run_layer_part)(fx.e.cpu, fx.e.cache, 0, &io, 0, 1) }
+    });
+    // Append-only (q and out both NULL) still needs k, v and the phi weights.
+    fx.fails(NSA_STATUS_NULL_POINTER, f, &["io->k is NULL"], |fx| fx.run_with(|io| (io.q, io.out, io.k) = (null(), null_mut(), null())));
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["phi_weights.v = 0 elements"], |fx| {
+        fx.run_with(|io| (io.q, io.out, io.phi_v, io.phi_v_len) = (null(), null_mut(), null(), 0))
+    });
     for bad in [0, 12, IO_SIZE - 8, 1 << 16] {
         fx.fails(NSA_STATUS_BAD_STRUCT_SIZE, f, &[&format!("io->struct_size = {bad}"), "sizeof(nsa_layer_io_t)"], |fx| fx.run_with(|io| io.struct_size = bad));
     }

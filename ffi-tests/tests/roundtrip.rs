@@ -2,6 +2,9 @@
 //! bit for bit what the Rust API gives: a multi-sequence prefill + decode loop with forks,
 //! truncations and removals, over several layers, dtypes and phi functions. After every
 //! operation the cache metadata in the C arena equals the Rust cache's byte for byte.
+//! The C side runs layer 0 with `nsa_cpu_run_layer` and layer 1 with
+//! `nsa_cpu_run_layer_part` on 1 to 4 host threads (the Rust side always `run_layer`),
+//! and one append-only step (q = out = NULL) against `append_layer`.
 
 mod common;
 use common::*;
@@ -17,7 +20,14 @@ enum Op {
     Truncate(u32, u32),
     Remove(u32),
     Step(Vec<(u32, u32)>),
+    /// An append-only step.
+    Append(Vec<(u32, u32)>),
 }
+
+/// `nsa_layer_io_t` and the handles, shared by the host threads of one layer run.
+struct Shared<'a>(&'a nsa_layer_io_t, *mut nsa_cpu_backend, *mut nsa_cache);
+// SAFETY: the threads only pass these to nsa_cpu_run_layer_part, which is made for that.
+unsafe impl Sync for Shared<'_> {}
 
 fn schedule() -> Vec<Op> {
     use Op::*;
@@ -30,6 +40,8 @@ fn schedule() -> Vec<Op> {
         Step(vec![(3, 2), (2, 1)]),
         Remove(1),
         Add(1),
+        Add(4),
+        Append(vec![(4, 90), (0, 2)]),
         Step(vec![(1, 40), (0, 1)]),
         Fork(2, 1 + 4),
         Step(vec![(5, 3), (2, 3)]),
@@ -94,7 +106,8 @@ fn round_trip<T: Elem>(cfg: &Config, seed: u64) {
                     ok((a.cache_remove)(c.cache, *s));
                     cache.remove(*s).unwrap();
                 }
-                Op::Step(entries) => {
+                Op::Step(entries) | Op::Append(entries) => {
+                    let append_only = matches!(op, Op::Append(_));
                     let ce: Vec<nsa_step_seq_t> = entries.iter().map(|&(seq, tokens)| nsa_step_seq_t { seq, tokens }).collect();
                     let re: Vec<StepSeq> = entries.iter().map(|&(seq, tokens)| StepSeq { seq, tokens }).collect();
                     ok((a.cache_plan_step)(c.cache, ce.as_ptr(), ce.len() as u32));
@@ -106,7 +119,7 @@ fn round_trip<T: Elem>(cfg: &Config, seed: u64) {
                         let nan = T::from_f32(f32::NAN);
                         let (mut c_out, mut r_out) = (vec![nan; tokens * hq * dv], vec![nan; tokens * hq * dv]);
                         let (mut c_sel, mut r_sel) = (vec![i32::MIN; tokens * hkv * n], vec![i32::MIN; tokens * hkv * n]);
-                        let io = nsa_layer_io_t {
+                        let mut io = nsa_layer_io_t {
                             struct_size: std::mem::size_of::<nsa_layer_io_t>() as u32,
                             dtype: cfg.dtype as u32,
                             tokens: tokens as u32,
@@ -122,7 +135,26 @@ fn round_trip<T: Elem>(cfg: &Config, seed: u64) {
                             phi_v: wv.as_ptr(),
                             phi_v_len: wv.len(),
                         };
-                        ok((a.cpu_run_layer)(c.cpu, c.cache, layer, &io));
+                        if append_only {
+                            (io.q, io.out) = (std::ptr::null(), std::ptr::null_mut());
+                        }
+                        if layer == 0 {
+                            ok((a.cpu_run_layer)(c.cpu, c.cache, layer, &io));
+                        } else {
+                            let nth = 1 + i as u32 % 4;
+                            let sh = Shared(&io, c.cpu, c.cache);
+                            std::thread::scope(|s| {
+                                for ith in 0..nth {
+                                    let sh = &sh;
+                                    s.spawn(move || ok((a.cpu_run_layer_part)(sh.1, sh.2, layer, sh.0, ith, nth)));
+                                }
+                            });
+                        }
+                        if append_only {
+                            cpu.append_layer(&cache, layer, &d.k, &d.v, PhiWeights { k: wk, v: wv }).unwrap();
+                            assert!(c_out.iter().all(|x| x.to_f32().is_nan()) && c_sel.iter().all(|&x| x == i32::MIN), "op {i}: append-only wrote");
+                            continue;
+                        }
                         let rio = LayerIo { q: &d.q, k: &d.k, v: &d.v, gates: &d.gates, out: &mut r_out, selected: Some(&mut r_sel) };
                         cpu.run_layer(&cache, layer, rio, PhiWeights { k: wk, v: wv }).unwrap();
                         assert!(r_out.iter().all(|x| x.to_f32().is_finite()), "op {i} layer {layer}: unwritten output");

@@ -1,64 +1,15 @@
-//! The two task kinds of a CPU layer run: append + compress for one (sequence, KV head),
-//! and NSA attention for one (sequence, KV head, chunk of queries).
+//! The attention task of a CPU layer run: NSA (or the full-attention baseline) for one
+//! (sequence, KV head, chunk of queries).
 
-use super::compress::PhiHead;
-use super::math::{Online, TILE};
+use super::kernels::{Isa, Prefetch, TILE};
+use super::online::Online;
 use super::select::{block_scores, top_n};
-use super::simd::{Isa, Prefetch};
 use super::store::Pool;
 use super::{LayerRun, QUERY_CHUNK};
 use crate::elem::Elem;
 use crate::layout::PlanSeq;
 
 impl<T: Elem> LayerRun<'_, T> {
-    /// Writes the step's new K/V rows of sequence `si` (index in the plan), head `kvh`,
-    /// into their pages, then every compressed token the new rows complete.
-    pub(super) fn append_task(&self, th: usize, si: usize, kvh: usize) {
-        let cfg = self.cfg;
-        let ps: PlanSeq = self.step.seqs[si];
-        let (hkv, dk, dv) = (cfg.num_kv_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
-        let p = cfg.page_size;
-        let table = self.step.raw_table(ps.seq);
-        for pos in ps.old_len..ps.new_len {
-            let r = (ps.row + pos - ps.old_len) as usize;
-            let (page, off) = (table[(pos / p) as usize], (pos % p) as usize);
-            // SAFETY: the page holding a new position is exclusively this sequence's
-            // (planning copied it if it was shared), and only this task writes head kvh.
-            unsafe {
-                self.store.rows_mut(Pool::RawK, page, kvh, off, 1).copy_from_slice(&self.k[(r * hkv + kvh) * dk..][..dk]);
-                self.store.rows_mut(Pool::RawV, page, kvh, off, 1).copy_from_slice(&self.v[(r * hkv + kvh) * dv..][..dv]);
-            }
-        }
-        let (c0, c1) = (cfg.num_cmp_tokens(ps.old_len), cfg.num_cmp_tokens(ps.new_len));
-        if c1 == c0 {
-            return;
-        }
-        // SAFETY: thread index th is this thread's alone.
-        let ws = unsafe { self.ws(th) };
-        let isa = Isa::get();
-        let ctable = self.step.cmp_table(ps.seq);
-        let (l, d) = (cfg.cmp_block as usize, cfg.cmp_stride);
-        for (raw, cmp, dim, weights) in [(Pool::RawK, Pool::CmpK, dk, self.weights.k), (Pool::RawV, Pool::CmpV, dv, self.weights.v)] {
-            let phi = PhiHead::cut(cfg, weights, kvh, dim);
-            for i in c0..c1 {
-                let rows = &mut ws.rows[..l * dim];
-                for j in 0..l {
-                    let pos = i * d + j as u32;
-                    // SAFETY: rows below new_len are not written by any other task.
-                    let src = unsafe { self.store.rows(raw, table[(pos / p) as usize], kvh, (pos % p) as usize, 1) };
-                    isa.convert(src, &mut rows[j * dim..][..dim]);
-                }
-                let out = &mut ws.phi_out[..dim];
-                phi.apply(rows, dim, out, ws.phi);
-                // SAFETY: as for raw rows: the compressed page is this sequence's alone.
-                let dst = unsafe { self.store.rows_mut(cmp, ctable[(i / p) as usize], kvh, (i % p) as usize, 1) };
-                for (o, x) in dst.iter_mut().zip(out.iter()) {
-                    *o = T::from_f32(*x);
-                }
-            }
-        }
-    }
-
     /// Attention for the `ci`-th query chunk of the step (chunks numbered across
     /// sequences in plan order), KV head `kvh`.
     pub(super) fn attend_task(&self, th: usize, ci: usize, kvh: usize) {
@@ -73,13 +24,18 @@ impl<T: Elem> LayerRun<'_, T> {
             ci -= nchunks;
         }
         let (ps, c) = found.expect("chunk index within the step");
+        self.attend_chunk(th, &ps, c, kvh);
+    }
+
+    /// Attention for the queries of chunk `c` of step sequence `ps`, KV head `kvh`.
+    pub(super) fn attend_chunk(&self, th: usize, ps: &PlanSeq, c: u32, kvh: usize) {
         let first = ps.old_len + c * QUERY_CHUNK;
         let last = (first + QUERY_CHUNK).min(ps.new_len);
         // SAFETY: thread index th is this thread's alone.
         let mut ws = unsafe { self.ws(th) };
         let isa = Isa::get();
         for t in first..last {
-            self.attend_query(isa, &mut ws, &ps, t, kvh);
+            self.attend_query(isa, &mut ws, ps, t, kvh);
         }
     }
 

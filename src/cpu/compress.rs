@@ -1,7 +1,7 @@
 //! The compression function phi (NSA_SPEC.md branch 1): one compressed K or V row from
 //! the `l` raw rows of its block, with the caller's weights.
 
-use super::simd::Isa;
+use super::kernels::Isa;
 use crate::config::{Config, Phi};
 
 /// The weights of one KV head for one side (K or V), cut out of the layer's weight array.

@@ -9,23 +9,31 @@
 //! sequence owns exclusively (planning copied every shared page it appends to) and only
 //! its own rows and heads of `out`. That is the invariant behind the raw-pointer views
 //! (`LayerStore`, `SharedSlice`).
+//!
+//! A host with its own thread pool (ggml hands each op `(ith, nth)`, with no barrier
+//! inside an op) runs a layer through `LayerParts` instead (`parts.rs`): each thread
+//! owns whole (sequence, KV head) tasks, doing that head's copies, append and attention in
+//! one go, so no phase has to wait for another thread.
 
+mod append;
 mod attend;
 mod compress;
-mod math;
+mod kernels;
+mod online;
+mod parts;
 mod runner;
 mod select;
-mod simd;
 mod store;
 mod workspace;
 
+pub use parts::LayerParts;
 pub use runner::Runner;
 
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::elem::Elem;
 use crate::error::{NsaError, Result};
-use crate::layout::{Layout, ARENA_ALIGN, POOL_RAW};
+use crate::layout::{Layout, PageCopy, ARENA_ALIGN, POOL_RAW};
 use crate::plan::Step;
 use crate::sync::{AtomicUsize, Ordering};
 use store::{LayerStore, Pool};
@@ -74,6 +82,12 @@ impl<T> SharedSlice<T> {
         SharedSlice { ptr: s.as_mut_ptr(), len: s.len() }
     }
     /// # Safety
+    /// `ptr..ptr + len` is valid memory for the slice's users, written only in disjoint
+    /// parts (module invariant).
+    pub(crate) unsafe fn from_raw(ptr: *mut T, len: usize) -> Self {
+        SharedSlice { ptr, len }
+    }
+    /// # Safety
     /// No other task accesses `start..start+len` during the borrow.
     #[allow(clippy::mut_from_ref)]
     unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
@@ -108,6 +122,8 @@ struct LayerRun<'a, T> {
     ws: SharedSlice<f32>,
     ws_sel: SharedSlice<i32>,
     ws_floats: usize,
+    /// Scratch slots: threads that may run tasks of this run at once (`cpu_threads`).
+    slots: usize,
     mode: Mode,
 }
 
@@ -115,10 +131,20 @@ struct LayerRun<'a, T> {
 pub struct CpuBackend<'p> {
     cfg: Config,
     lay: Layout,
-    buf: &'p mut [u8],
+    /// The caller's buffer, borrowed exclusively for `'p`; kept as a pointer so that the
+    /// host-thread path (`LayerParts`, `nsa_cpu_run_layer_part`) can share the backend.
+    buf: *mut u8,
+    buf_len: usize,
+    _buf: std::marker::PhantomData<&'p mut [u8]>,
     ws_floats: usize,
     runner: Runner,
 }
+
+// SAFETY: the backend owns its buffer exclusively (the `&'p mut` it was made from) and
+// the runner is Send + Sync; shared (`&self`) access writes the buffer only through
+// `LayerRun`, whose tasks write disjoint parts (module invariant).
+unsafe impl Send for CpuBackend<'_> {}
+unsafe impl Sync for CpuBackend<'_> {}
 
 impl std::fmt::Debug for CpuBackend<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +173,17 @@ impl<'p> CpuBackend<'p> {
     /// aligned) and starts `cfg.cpu_threads - 1` worker threads. The pools' contents are
     /// left as they are: rows are written by appends before anything reads them.
     pub fn new(cfg: &Config, buf: &'p mut [u8]) -> Result<Self> {
+        Self::create(cfg, buf, cfg.cpu_threads as usize)
+    }
+
+    /// As `new`, for a host that runs layers on its own threads (`layer_parts`): starts
+    /// no thread. The buffer holds scratch for `cfg.cpu_threads` host threads at once;
+    /// `run_layer` and the other whole-layer calls still work, on the calling thread alone.
+    pub fn new_hosted(cfg: &Config, buf: &'p mut [u8]) -> Result<Self> {
+        Self::create(cfg, buf, 1)
+    }
+
+    fn create(cfg: &Config, buf: &'p mut [u8], threads: usize) -> Result<Self> {
         let need = Self::buffer_bytes(cfg)?;
         if buf.len() < need {
             return Err(NsaError::BufferTooSmall { what: "cpu buffer", got: buf.len(), need });
@@ -158,9 +195,11 @@ impl<'p> CpuBackend<'p> {
         Ok(CpuBackend {
             cfg: *cfg,
             lay: Layout::new(cfg)?,
-            buf,
+            buf: buf.as_mut_ptr(),
+            buf_len: buf.len(),
+            _buf: std::marker::PhantomData,
             ws_floats: workspace::floats_per_thread(cfg),
-            runner: Runner::new(cfg.cpu_threads as usize),
+            runner: Runner::new(threads),
         })
     }
 
@@ -197,8 +236,53 @@ impl<'p> CpuBackend<'p> {
     }
 
     fn run<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>, mode: Mode) -> Result<()> {
-        let cfg = self.cfg;
-        if cache.config() != &cfg {
+        let (out, selected) = (SharedSlice::new(io.out), io.selected.map(SharedSlice::new));
+        // SAFETY: `out` and `selected` are exclusive borrows held for the whole run, and
+        // `&mut self` excludes every other run on this backend.
+        let run = unsafe { self.layer_run(cache, layer, (io.q, io.k, io.v, io.gates), out, selected, w, mode)? };
+        let (appends, attends) = (mode != Mode::FullAttend, mode != Mode::AppendOnly);
+        let (step, hkv) = (run.step, self.cfg.num_kv_heads as usize);
+        if appends {
+            // Phase 1: copy-on-write copies, before any task writes a page.
+            for c in step.copies {
+                for h in 0..hkv {
+                    // SAFETY: phase 1 runs on one thread before any task.
+                    unsafe { run.copy_head(c, h) };
+                }
+            }
+            // Phase 2: append + compress per (sequence, KV head).
+            let tasks = step.seqs.len() * hkv;
+            self.parallel(tasks, &|th, t| run.append_task(th, t / hkv, t % hkv));
+        }
+        if !attends {
+            return Ok(());
+        }
+        // Phase 3: attention per (sequence, KV head, query chunk).
+        let chunks: usize = step.seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(QUERY_CHUNK) as usize).sum();
+        self.parallel(chunks * hkv, &|th, t| run.attend_task(th, t / hkv, t % hkv));
+        Ok(())
+    }
+
+    /// Checks a layer run's arguments and builds the view its tasks share: the step, the
+    /// layer's pools, the arrays and every scratch slot. Nothing is written here.
+    ///
+    /// # Safety
+    /// `out` and `selected` are valid for the run and written by nothing else meanwhile;
+    /// no other run on this backend writes its buffer meanwhile (a whole-layer run holds
+    /// `&mut self`; host threads of one `LayerParts` run share one run).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn layer_run<'a, T: Elem>(
+        &'a self,
+        cache: &'a Cache,
+        layer: u32,
+        (q, k, v, gates): (&'a [T], &'a [T], &'a [T], &'a [f32]),
+        out: SharedSlice<T>,
+        selected: Option<SharedSlice<i32>>,
+        w: PhiWeights<'a>,
+        mode: Mode,
+    ) -> Result<LayerRun<'a, T>> {
+        let cfg = &self.cfg;
+        if cache.config() != cfg {
             return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
         }
         if T::DTYPE != cfg.dtype {
@@ -220,73 +304,36 @@ impl<'p> CpuBackend<'p> {
         };
         let (appends, attends) = (mode != Mode::FullAttend, mode != Mode::AppendOnly);
         if attends {
-            check("q", io.q.len(), n * hq * dk, "tokens*HQ*DK")?;
-            check("out", io.out.len(), n * hq * dv, "tokens*HQ*DV")?;
+            check("q", q.len(), n * hq * dk, "tokens*HQ*DK")?;
+            check("out", out.len, n * hq * dv, "tokens*HQ*DV")?;
         }
         if appends {
-            check("k", io.k.len(), n * hkv * dk, "tokens*HKV*DK")?;
-            check("v", io.v.len(), n * hkv * dv, "tokens*HKV*DV")?;
+            check("k", k.len(), n * hkv * dk, "tokens*HKV*DK")?;
+            check("v", v.len(), n * hkv * dv, "tokens*HKV*DV")?;
             check("phi_weights.k", w.k.len(), cfg.phi_weight_len(cfg.head_dim_qk), "Config::phi_weight_len(DK)")?;
             check("phi_weights.v", w.v.len(), cfg.phi_weight_len(cfg.head_dim_v), "Config::phi_weight_len(DV)")?;
         }
         if mode == Mode::Nsa {
-            check("gates", io.gates.len(), n * hq * 3, "tokens*HQ*3")?;
-            if let Some(s) = &io.selected {
-                check("selected", s.len(), n * hkv * cfg.sel_count as usize, "tokens*HKV*n")?;
+            check("gates", gates.len(), n * hq * 3, "tokens*HQ*3")?;
+            if let Some(s) = &selected {
+                check("selected", s.len, n * hkv * cfg.sel_count as usize, "tokens*HKV*n")?;
             }
         }
 
-        let (pool_bytes, ws_off, sel_off, total) = Self::parts(&cfg, &self.lay);
-        let threads = self.runner.threads();
-        let ws_floats = self.ws_floats;
-        let buf = &mut self.buf[..total];
-        let (pools, rest) = buf.split_at_mut(ws_off);
-        let (ws_bytes, sel_bytes) = rest.split_at_mut(sel_off - ws_off);
-        // SAFETY: `new` checked 16-byte alignment of the buffer; ws_off and sel_off are
-        // multiples of 4 (64 and whole f32s) and every bit pattern is a valid T/f32/i32.
-        let (pools, ws, ws_sel) = unsafe {
+        let (pool_bytes, ws_off, sel_off, total) = Self::parts(cfg, &self.lay);
+        assert!(total <= self.buf_len, "checked by the constructor");
+        let slots = cfg.cpu_threads as usize;
+        // SAFETY: the constructor checked the buffer's size and 16-byte alignment; ws_off
+        // and sel_off are multiples of 4 (64 and whole f32s) and every bit pattern is a
+        // valid T/f32/i32; the caller excludes concurrent runs.
+        let (store, ws, ws_sel) = unsafe {
             (
-                std::slice::from_raw_parts_mut(pools.as_mut_ptr().cast::<T>(), pool_bytes / std::mem::size_of::<T>()),
-                std::slice::from_raw_parts_mut(ws_bytes.as_mut_ptr().cast::<f32>(), threads * ws_floats),
-                std::slice::from_raw_parts_mut(sel_bytes.as_mut_ptr().cast::<i32>(), threads * cfg.sel_count as usize),
+                LayerStore::new(cfg, &self.lay, self.buf.cast::<T>(), pool_bytes / std::mem::size_of::<T>(), layer),
+                SharedSlice::from_raw(self.buf.add(ws_off).cast::<f32>(), slots * self.ws_floats),
+                SharedSlice::from_raw(self.buf.add(sel_off).cast::<i32>(), slots * cfg.sel_count as usize),
             )
         };
-        let store = LayerStore::new(&cfg, &self.lay, pools, layer);
-        let mut out = io.out;
-        let mut selected = io.selected;
-        let run = LayerRun {
-            cfg: &cfg,
-            step,
-            store,
-            q: io.q,
-            k: io.k,
-            v: io.v,
-            gates: io.gates,
-            weights: w,
-            out: SharedSlice::new(&mut out),
-            selected: selected.as_deref_mut().map(SharedSlice::new),
-            ws: SharedSlice::new(ws),
-            ws_sel: SharedSlice::new(ws_sel),
-            ws_floats,
-            mode,
-        };
-
-        if appends {
-            // Phase 1: copy-on-write copies, before any task writes a page.
-            for c in step.copies {
-                run.copy_page(c.pool, c.src, c.dst, c.rows);
-            }
-            // Phase 2: append + compress per (sequence, KV head).
-            let tasks = step.seqs.len() * hkv;
-            self.parallel(tasks, &|th, t| run.append_task(th, t / hkv, t % hkv));
-        }
-        if !attends {
-            return Ok(());
-        }
-        // Phase 3: attention per (sequence, KV head, query chunk).
-        let chunks: usize = step.seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(QUERY_CHUNK) as usize).sum();
-        self.parallel(chunks * hkv, &|th, t| run.attend_task(th, t / hkv, t % hkv));
-        Ok(())
+        Ok(LayerRun { cfg, step, store, q, k, v, gates, weights: w, out, selected, ws, ws_sel, ws_floats: self.ws_floats, slots, mode })
     }
 
     /// Runs `task(thread, i)` for `i in 0..tasks` over the worker threads, dynamically
@@ -309,16 +356,15 @@ impl<'p> CpuBackend<'p> {
 }
 
 impl<T: Elem> LayerRun<'_, T> {
-    fn copy_page(&self, pool: u32, src: u32, dst: u32, rows: u32) {
-        let sides = if pool == POOL_RAW { [Pool::RawK, Pool::RawV] } else { [Pool::CmpK, Pool::CmpV] };
+    /// Copies head `kvh` of a copy-on-write page (K and V sides).
+    ///
+    /// # Safety
+    /// No task reads or writes head `kvh` of page `c.dst` meanwhile (`c.src != c.dst`).
+    unsafe fn copy_head(&self, c: &PageCopy, kvh: usize) {
+        let sides = if c.pool == POOL_RAW { [Pool::RawK, Pool::RawV] } else { [Pool::CmpK, Pool::CmpV] };
         for side in sides {
-            for h in 0..self.cfg.num_kv_heads as usize {
-                // SAFETY: phase 1 runs on one thread before any task; src != dst.
-                unsafe {
-                    let from = self.store.rows(side, src as i32, h, 0, rows as usize);
-                    self.store.rows_mut(side, dst as i32, h, 0, rows as usize).copy_from_slice(from);
-                }
-            }
+            let from = self.store.rows(side, c.src as i32, kvh, 0, c.rows as usize);
+            self.store.rows_mut(side, c.dst as i32, kvh, 0, c.rows as usize).copy_from_slice(from);
         }
     }
 

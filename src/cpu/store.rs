@@ -37,14 +37,19 @@ unsafe impl<T: Send> Send for LayerStore<'_, T> {}
 unsafe impl<T: Sync> Sync for LayerStore<'_, T> {}
 
 impl<'p, T: Elem> LayerStore<'p, T> {
-    /// `pools` is every layer's storage (`lay.pool_bytes / size_of::<T>()` elements).
-    pub fn new(cfg: &Config, lay: &Layout, pools: &'p mut [T], layer: u32) -> Self {
+    /// `pools` points to every layer's storage, `len` elements
+    /// (`lay.pool_bytes / size_of::<T>()`).
+    ///
+    /// # Safety
+    /// `pools..pools + len` is valid memory for `'p`, accessed only through views that
+    /// follow the module contract (disjoint writes).
+    pub unsafe fn new(cfg: &Config, lay: &Layout, pools: *mut T, len: usize, layer: u32) -> Self {
         let start = layer as usize * lay.layer_elems;
-        let mine = &mut pools[start..start + lay.layer_elems];
+        assert!(start + lay.layer_elems <= len, "layer {layer} outside the pools");
         let (np, ncp) = (cfg.num_pages as usize, cfg.num_cmp_pages as usize);
         let (dk, dv) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
         LayerStore {
-            base: mine.as_mut_ptr(),
+            base: pools.add(start),
             offsets: [lay.raw_k, lay.raw_v, lay.cmp_k, lay.cmp_v],
             pages: [np, np, ncp, ncp],
             dims: [dk, dv, dk, dv],

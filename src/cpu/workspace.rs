@@ -1,7 +1,7 @@
 //! Per-thread scratch of the CPU kernels, carved from the caller's buffer once per task
 //! (no allocation). Sizes follow from the config's capacity.
 
-use super::math::TILE;
+use super::kernels::TILE;
 use crate::config::Config;
 
 /// f32 elements of one thread's scratch.

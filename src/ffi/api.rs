@@ -110,6 +110,22 @@ pub struct nsa_api_v1 {
         io: *const nsa_cuda_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
+    /// `nsa_cpu_backend_create_hosted` (library 0.2).
+    pub cpu_backend_create_hosted: unsafe extern "C" fn(
+        cfg: *const nsa_config_t,
+        buf: *mut c_void,
+        bytes: usize,
+        out: *mut *mut nsa_cpu_backend,
+    ) -> nsa_status,
+    /// `nsa_cpu_run_layer_part` (library 0.2).
+    pub cpu_run_layer_part: unsafe extern "C" fn(
+        backend: *const nsa_cpu_backend,
+        cache: *const nsa_cache,
+        layer: u32,
+        io: *const nsa_layer_io_t,
+        ith: u32,
+        nth: u32,
+    ) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -145,6 +161,8 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cuda_backend_destroy: nsa_cuda_backend_destroy,
     cuda_upload_step: nsa_cuda_upload_step,
     cuda_run_layer: nsa_cuda_run_layer,
+    cpu_backend_create_hosted: nsa_cpu_backend_create_hosted,
+    cpu_run_layer_part: nsa_cpu_run_layer_part,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

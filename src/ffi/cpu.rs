@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use half::{bf16, f16};
 
-use super::args::{carve, disjoint, handle, handle_bytes, handle_mut, out_ptr, read_struct, span, Handle, Span, Versioned};
+use super::args::{carve, check_layer_header, disjoint, handle, handle_bytes, handle_mut, out_ptr, read_struct, span, Handle, Span, Versioned};
 use super::cache::nsa_cache;
 use super::config::{nsa_config_t, nsa_dtype, read_config};
 use super::status::{guard, guard_infallible, nsa_status, FfiResult};
@@ -16,11 +16,13 @@ use crate::error::NsaError;
 use crate::layout::ARENA_ALIGN;
 
 /// The CPU backend: every layer's K/V pools and each thread's scratch, in the buffer given
-/// to `nsa_cpu_backend_create`, plus `cpu_threads - 1` worker threads. Opaque; it lives at
-/// the start of that buffer.
+/// to `nsa_cpu_backend_create`, plus `cpu_threads - 1` worker threads (none when made by
+/// `nsa_cpu_backend_create_hosted`). Opaque; it lives at the start of that buffer.
 ///
-/// Thread safety: one call at a time per backend. Different backends are independent and
-/// may run concurrently (each with its own cache: a cache's layers all run on one backend).
+/// Thread safety: one call at a time per backend, except the `nth` calls of one
+/// `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads. Different
+/// backends are independent and may run concurrently (each with its own cache: a cache's
+/// layers all run on one backend).
 pub struct nsa_cpu_backend {
     magic: u64,
     backend: CpuBackend<'static>,
@@ -57,7 +59,8 @@ pub struct nsa_layer_io_t {
     pub tokens: u32,
     /// Reserved for options of later versions: must be 0.
     pub flags: u32,
-    /// Queries `[tokens][HQ][DK]`.
+    /// Queries `[tokens][HQ][DK]`. NULL together with `out`: an append-only run (K/V
+    /// appended and compressed, no attention; `gates` and `selected` are then ignored).
     pub q: *const c_void,
     /// New keys `[tokens][HKV][DK]` (after RoPE, if the model uses it); appended to the cache.
     pub k: *const c_void,
@@ -67,6 +70,7 @@ pub struct nsa_layer_io_t {
     /// [0, 1] (the model's sigmoid output); the engine does not normalize them.
     pub gates: *const f32,
     /// Output `[tokens][HQ][DV]`, written: `g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`.
+    /// NULL together with `q`: an append-only run.
     pub out: *mut c_void,
     /// NULL, or `[tokens][HKV][sel_count]`, written: each token's selected block indices
     /// (block `j` covers positions `[j*sel_block, (j+1)*sel_block)`), ascending, padded with -1.
@@ -124,17 +128,41 @@ pub unsafe extern "C" fn nsa_cpu_backend_create(
     bytes: usize,
     out: *mut *mut nsa_cpu_backend,
 ) -> nsa_status {
-    guard("nsa_cpu_backend_create", || {
-        let out = out_ptr(out, "out")?;
-        let cfg = read_config(cfg, "cfg")?;
-        let need = CpuBackend::buffer_bytes(&cfg)?;
-        let pools = carve::<nsa_cpu_backend>(buf.cast(), bytes, need, ARENA_ALIGN, "buf")?;
-        let backend = CpuBackend::new(&cfg, pools)?;
-        let h = buf.cast::<nsa_cpu_backend>();
-        h.write(nsa_cpu_backend { magic: CPU_MAGIC, backend, base: buf as usize, bytes });
-        out.write(h);
-        Ok(())
-    })
+    guard("nsa_cpu_backend_create", || create(cfg, buf, bytes, out, CpuBackend::new))
+}
+
+/// As `nsa_cpu_backend_create`, for a host that runs layers on its own threads with
+/// `nsa_cpu_run_layer_part` (ggml's custom operations, a host thread pool): starts no
+/// thread at all. The buffer (same `nsa_cpu_buffer_size`) holds scratch for
+/// `cfg->cpu_threads` host threads working on one layer at once: set it to the host's
+/// thread count. `nsa_cpu_run_layer` still works on such a backend, on the calling thread
+/// alone. Same ownership, errors and `nsa_cpu_backend_destroy` as `nsa_cpu_backend_create`.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cpu_backend_create_hosted(
+    cfg: *const nsa_config_t,
+    buf: *mut c_void,
+    bytes: usize,
+    out: *mut *mut nsa_cpu_backend,
+) -> nsa_status {
+    guard("nsa_cpu_backend_create_hosted", || create(cfg, buf, bytes, out, CpuBackend::new_hosted))
+}
+
+unsafe fn create(
+    cfg: *const nsa_config_t,
+    buf: *mut c_void,
+    bytes: usize,
+    out: *mut *mut nsa_cpu_backend,
+    make: fn(&crate::config::Config, &'static mut [u8]) -> crate::error::Result<CpuBackend<'static>>,
+) -> FfiResult {
+    let out = out_ptr(out, "out")?;
+    let cfg = read_config(cfg, "cfg")?;
+    let need = CpuBackend::buffer_bytes(&cfg)?;
+    let pools = carve::<nsa_cpu_backend>(buf.cast(), bytes, need, ARENA_ALIGN, "buf")?;
+    let backend = make(&cfg, pools)?;
+    let h = buf.cast::<nsa_cpu_backend>();
+    h.write(nsa_cpu_backend { magic: CPU_MAGIC, backend, base: buf as usize, bytes });
+    out.write(h);
+    Ok(())
 }
 
 /// Stops and joins the backend's worker threads and invalidates the handle; afterwards
@@ -153,9 +181,11 @@ pub unsafe extern "C" fn nsa_cpu_backend_destroy(backend: *mut nsa_cpu_backend) 
 /// Runs layer `layer` of the planned step on the CPU: copies shared pages the step
 /// appends to, appends the step's K/V rows to the layer's pools, emits finished
 /// compressed tokens, and writes NSA attention for every new token to `io->out` (and the
-/// selected blocks to `io->selected` if not NULL). Run every layer `0..num_layers`
-/// exactly once per step, each after `nsa_cache_plan_step`. Uses the backend's worker
-/// threads (the calling thread is one of them) and allocates nothing.
+/// selected blocks to `io->selected` if not NULL). With `io->q` and `io->out` both NULL
+/// the run is append-only: K/V appended and compressed, no attention (to fill a cache
+/// from K/V the host already has). Run every layer `0..num_layers` exactly once per step,
+/// each after `nsa_cache_plan_step`. Uses the backend's worker threads (the calling
+/// thread is one of them) and allocates nothing.
 ///
 /// The cache is only read; it must have the backend's config, and the same backend must
 /// run all of its layers.
@@ -176,42 +206,105 @@ pub unsafe extern "C" fn nsa_cpu_run_layer(
         let b = handle_mut(backend, "backend")?;
         let c = handle(cache, "cache")?;
         let io = read_struct(io, "io")?;
-        let cfg = *b.backend.config();
-        if io.dtype != cfg.dtype as u32 {
-            return Err(NsaError::arg("io->dtype", io.dtype, format!("the config's dtype is {} ({})", cfg.dtype.name(), cfg.dtype as u32)).into());
-        }
-        if io.flags != 0 {
-            return Err(NsaError::arg("io->flags", format!("{:#x}", io.flags), "no flag is defined in this version: must be 0").into());
-        }
-        let step_tokens = c.cache().step()?.tokens;
-        if io.tokens != step_tokens {
-            return Err(NsaError::arg("io->tokens", io.tokens, format!("the planned step has {step_tokens} tokens")).into());
-        }
         let span = Span { arg: "backend buffer", start: b.base, len: b.bytes, written: true };
-        match cfg.dtype {
-            Dtype::F32 => run::<f32>(&mut b.backend, span, c, layer, &io),
-            Dtype::F16 => run::<f16>(&mut b.backend, span, c, layer, &io),
-            Dtype::Bf16 => run::<bf16>(&mut b.backend, span, c, layer, &io),
+        let dtype = checked_dtype(&b.backend, c, &io)?;
+        let b = Target::Whole(&mut b.backend);
+        match dtype {
+            Dtype::F32 => run::<f32>(b, span, c, layer, &io),
+            Dtype::F16 => run::<f16>(b, span, c, layer, &io),
+            Dtype::Bf16 => run::<bf16>(b, span, c, layer, &io),
         }
     })
 }
 
+/// Thread `ith` of `nth`'s share of layer `layer` of the planned step, for a host that
+/// drives the engine with its own threads (ggml calls a custom operation once per thread
+/// with `(ith, nth)`): every one of the `nth` threads calls this with the same arguments
+/// and its own `ith`; the layer is done when all have returned. Same work, arrays,
+/// append-only rule and errors as `nsa_cpu_run_layer`, and bit-identical results. The
+/// engine starts no thread, allocates nothing and needs no barrier: thread `ith` takes the
+/// (sequence, KV head) pairs `ith, ith + nth, ...` of the step and does each one whole
+/// (its copy-on-write copies, append, compressed tokens, then attention for the
+/// sequence's new tokens), so the call is one graph node with no dependency between
+/// threads. At most `cpu_threads` threads work (the backend's scratch slots): with `nth`
+/// larger, threads `ith >= cpu_threads` return at once. Parallelism is at most
+/// sequences x KV heads of the step.
+///
+/// Thread safety: the `nth` calls of one layer may run concurrently on one backend and
+/// cache (that is the point); nothing else may use that backend or cache until all have
+/// returned. Works on backends from either create function (use
+/// `nsa_cpu_backend_create_hosted` to have no engine thread at all).
+///
+/// Errors: as `nsa_cpu_run_layer` (every thread checks the same arguments, so all fail
+/// alike and nothing is written), and `NSA_STATUS_INVALID_ARGUMENT` for `nth == 0` or
+/// `ith >= nth` (that thread does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cpu_run_layer_part(
+    backend: *const nsa_cpu_backend,
+    cache: *const nsa_cache,
+    layer: u32,
+    io: *const nsa_layer_io_t,
+    ith: u32,
+    nth: u32,
+) -> nsa_status {
+    guard("nsa_cpu_run_layer_part", || {
+        let b = handle(backend, "backend")?;
+        let c = handle(cache, "cache")?;
+        let io = read_struct(io, "io")?;
+        if nth == 0 || ith >= nth {
+            return Err(NsaError::arg("ith", ith, format!("thread index and count must satisfy ith < nth (nth = {nth})")).into());
+        }
+        let span = Span { arg: "backend buffer", start: b.base, len: b.bytes, written: true };
+        let b = Target::Part(&b.backend, (ith as usize, nth as usize));
+        match checked_dtype(b.backend(), c, &io)? {
+            Dtype::F32 => run::<f32>(b, span, c, layer, &io),
+            Dtype::F16 => run::<f16>(b, span, c, layer, &io),
+            Dtype::Bf16 => run::<bf16>(b, span, c, layer, &io),
+        }
+    })
+}
+
+/// The checks of `io`'s scalar fields; returns the config's dtype.
+fn checked_dtype(b: &CpuBackend<'static>, c: &nsa_cache, io: &nsa_layer_io_t) -> FfiResult<Dtype> {
+    check_layer_header(b.config(), c.cache(), io.dtype, io.flags, io.tokens)?;
+    Ok(b.config().dtype)
+}
+
+/// What a layer call runs: the whole layer on the backend's threads, or one host
+/// thread's `(ith, nth)` share.
+enum Target<'a> {
+    Whole(&'a mut CpuBackend<'static>),
+    Part(&'a CpuBackend<'static>, (usize, usize)),
+}
+
+impl Target<'_> {
+    fn backend(&self) -> &CpuBackend<'static> {
+        match self {
+            Target::Whole(b) => b,
+            Target::Part(b, _) => b,
+        }
+    }
+}
+
 /// Checks every array of `io` (present, aligned, in range, and none overlapping what the
-/// run writes) before making references to them, then runs the layer. `io.tokens` is the
-/// planned step's.
-unsafe fn run<T: Elem>(b: &mut CpuBackend<'static>, buf: Span, c: &nsa_cache, layer: u32, io: &nsa_layer_io_t) -> FfiResult {
-    let cfg = *b.config();
+/// run writes) before making references to them, then runs the layer or the thread's
+/// share. `io.tokens` is the planned step's.
+unsafe fn run<T: Elem>(b: Target<'_>, buf: Span, c: &nsa_cache, layer: u32, io: &nsa_layer_io_t) -> FfiResult {
+    let cfg = *b.backend().config();
     let t = io.tokens as usize;
     let (hq, hkv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize);
     let (dk, dv) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
-    let n_sel = if io.selected.is_null() { 0 } else { t * hkv * cfg.sel_count as usize };
+    // Append-only: q and out both NULL; gates and selected are then not read.
+    let attends = !(io.q.is_null() && io.out.is_null());
+    let (n_q, n_out, n_gates) = if attends { (t * hq * dk, t * hq * dv, t * hq * 3) } else { (0, 0, 0) };
+    let n_sel = if io.selected.is_null() || !attends { 0 } else { t * hkv * cfg.sel_count as usize };
     let spans = [
-        span(io.out.cast::<T>().cast_const(), t * hq * dv, "io->out", true)?,
+        span(io.out.cast::<T>().cast_const(), n_out, "io->out", true)?,
         span(io.selected.cast_const(), n_sel, "io->selected", true)?,
-        span(io.q.cast::<T>(), t * hq * dk, "io->q", false)?,
+        span(io.q.cast::<T>(), n_q, "io->q", false)?,
         span(io.k.cast::<T>(), t * hkv * dk, "io->k", false)?,
         span(io.v.cast::<T>(), t * hkv * dv, "io->v", false)?,
-        span(io.gates, t * hq * 3, "io->gates", false)?,
+        span(io.gates, n_gates, "io->gates", false)?,
         span(io.phi_k, io.phi_k_len, "io->phi_k", false)?,
         span(io.phi_v, io.phi_v_len, "io->phi_v", false)?,
         buf,
@@ -219,8 +312,21 @@ unsafe fn run<T: Elem>(b: &mut CpuBackend<'static>, buf: Span, c: &nsa_cache, la
     ];
     disjoint(&spans)?;
     let [out, selected, q, k, v, gates, phi_k, phi_v, ..] = spans;
-    // SAFETY: each span was checked above and the caller promised the ranges are valid;
-    // the written ones overlap nothing else.
+    let w = PhiWeights { k: phi_k.slice(), v: phi_v.slice() };
+    // SAFETY (all three paths): each span was checked above and the caller promised the
+    // ranges are valid; the written ones overlap nothing else.
+    let b = match b {
+        Target::Part(b, ith_nth) => {
+            // Every host thread makes its own view of out/selected: raw pointers, no `&mut`.
+            let sel = (n_sel > 0).then_some((io.selected, n_sel));
+            let inputs = (q.slice::<T>(), k.slice::<T>(), v.slice::<T>(), gates.slice::<f32>());
+            return Ok(b.run_part_raw(c.cache(), layer, inputs, (io.out.cast::<T>(), n_out), sel, w, ith_nth)?);
+        }
+        Target::Whole(b) => b,
+    };
+    if !attends {
+        return Ok(b.append_layer(c.cache(), layer, k.slice::<T>(), v.slice::<T>(), w)?);
+    }
     let layer_io = LayerIo {
         q: q.slice::<T>(),
         k: k.slice::<T>(),
@@ -229,6 +335,5 @@ unsafe fn run<T: Elem>(b: &mut CpuBackend<'static>, buf: Span, c: &nsa_cache, la
         out: out.slice_mut::<T>(),
         selected: (!io.selected.is_null()).then(|| selected.slice_mut::<i32>()),
     };
-    let w = PhiWeights { k: phi_k.slice(), v: phi_v.slice() };
     Ok(b.run_layer(c.cache(), layer, layer_io, w)?)
 }

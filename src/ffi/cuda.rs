@@ -292,16 +292,7 @@ pub unsafe extern "C" fn nsa_cuda_run_layer(
             let b = handle_mut(backend, "backend")?;
             let c = handle(cache, "cache")?;
             let cfg = *b.backend.config();
-            if io.dtype != cfg.dtype as u32 {
-                return Err(NsaError::arg("io->dtype", io.dtype, format!("the config's dtype is {} ({})", cfg.dtype.name(), cfg.dtype as u32)).into());
-            }
-            if io.flags != 0 {
-                return Err(NsaError::arg("io->flags", format!("{:#x}", io.flags), "no flag is defined in this version: must be 0").into());
-            }
-            let step_tokens = c.cache().step()?.tokens;
-            if io.tokens != step_tokens {
-                return Err(NsaError::arg("io->tokens", io.tokens, format!("the planned step has {step_tokens} tokens")).into());
-            }
+            super::args::check_layer_header(&cfg, c.cache(), io.dtype, io.flags, io.tokens)?;
             // Required pointers (and the q = out = 0 append-only rule) are checked by the
             // backend; here only what it cannot know: the phi weights' element counts.
             for (arg, p, len, want) in [

@@ -12,7 +12,7 @@ pub const NSA_ABI_VERSION: u32 = 1;
 /// Library major version (the crate's semver major).
 pub const NSA_VERSION_MAJOR: u32 = 0;
 /// Library minor version.
-pub const NSA_VERSION_MINOR: u32 = 1;
+pub const NSA_VERSION_MINOR: u32 = 2;
 /// Library patch version.
 pub const NSA_VERSION_PATCH: u32 = 0;
 /// The library version as one number: `(MAJOR << 16) | (MINOR << 8) | PATCH`, comparable

@@ -9,6 +9,7 @@ use nsa::{Cache, Config, HostBuf, Phi, StepSeq};
 /// The tests' caller-owned buffers.
 pub type Buf = HostBuf;
 
+#[path = "../../src/rng.rs"]
 mod rng;
 pub use rng::Rng;
 

@@ -6,15 +6,12 @@ use std::time::Instant;
 
 use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
-use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
+use nsa::{Cache, HostBuf, Preset};
 
+use crate::common::{bf16s, config, each_seq, fill};
 use crate::report::{median, Medians, Row};
 use crate::rng::Rng;
 use crate::Opts;
-
-fn bf16s(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
-    (0..n).map(|_| bf16::from_f32(rng.unit() * scale)).collect()
-}
 
 /// Host memory bandwidth (bytes read + written per second): the best of a few large copies.
 pub fn bandwidth() -> f64 {
@@ -39,8 +36,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
     for preset in [Preset::Paper, Preset::Fla] {
         for &ctx in &o.contexts {
             for &batch in &o.batches {
-                let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32);
-                c.dtype = Dtype::Bf16;
+                let mut c = config(preset, (hq, hkv, dk, dv));
                 c.max_seqs = batch;
                 c.max_step_seqs = batch;
                 c.max_seq_len = ctx + o.reps as u32 + 2;
@@ -55,24 +51,17 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
                     cache.add_sequence(s)?;
                 }
                 // Fill every sequence to `ctx` tokens, a chunk of each per step.
-                let chunk = (8192 / batch).max(1);
-                let mut done = 0;
-                while done < ctx {
-                    let n = chunk.min(ctx - done);
-                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: n }).collect();
-                    cache.plan_step(&entries)?;
+                fill(&mut cache, batch, ctx, (8192 / batch).max(1), |cache, n| {
                     let rows_n = (n * batch) as usize;
                     let (k, v) = (bf16s(&mut rng, rows_n * hkv * dk, 1.0), bf16s(&mut rng, rows_n * hkv * dv, 1.0));
-                    cpu.append_layer(&cache, 0, &k, &v, PhiWeights::default())?;
-                    done += n;
-                }
+                    cpu.append_layer(cache, 0, &k, &v, PhiWeights::default())
+                })?;
                 let b = batch as usize;
                 let gates = vec![1.0f32 / 3.0; b * hq * 3];
                 let (mut t_nsa, mut t_full) = (vec![], vec![]);
                 let mut out = vec![bf16::ZERO; b * hq * dv];
                 for _ in 0..o.reps {
-                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
-                    cache.plan_step(&entries)?;
+                    cache.plan_step(&each_seq(batch, 1))?;
                     let q = bf16s(&mut rng, b * hq * dk, 2.0);
                     let (k, v) = (bf16s(&mut rng, b * hkv * dk, 1.0), bf16s(&mut rng, b * hkv * dv, 1.0));
                     let t = Instant::now();

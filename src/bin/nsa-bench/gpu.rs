@@ -12,15 +12,13 @@
 use cudarc::driver::{result, sys};
 use half::bf16;
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
-use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
+use nsa::{Cache, HostBuf, Preset};
 
+use crate::common::{bf16s, config, each_seq, fill, Shape};
 use crate::flush::L2Flush;
 use crate::report::{median, Medians, Results, Row};
 use crate::rng::Rng;
 use crate::Opts;
-
-/// Model shape: HQ, HKV, DK, DV.
-pub type Shape = (usize, usize, usize, usize);
 
 pub fn cuda(e: cudarc::driver::DriverError, what: &str) -> nsa::NsaError {
     nsa::NsaError::Cuda(format!("{what}: {e:?}"))
@@ -53,7 +51,7 @@ impl Timer {
 /// host, repeated on the device past that (prefill inputs run to GBs).
 pub fn random_bf16(rng: &mut Rng, n: usize, scale: f32) -> nsa::Result<DeviceBuf> {
     let first = n.min(1 << 26);
-    let host: Vec<bf16> = (0..first).map(|_| bf16::from_f32(rng.unit() * scale)).collect();
+    let host: Vec<bf16> = bf16s(rng, first, scale);
     let d = DeviceBuf::new(n * 2)?;
     d.upload(&host)?;
     let (mut have, bytes, stream) = (first * 2, n * 2, std::ptr::null_mut());
@@ -162,8 +160,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                     let chunk = (65536 / b).clamp(1, 4096) as u32;
                     // Each timed rep decodes two steps (plain and graph), the capture one more.
                     let steps = 2 * (o.reps as u32 + 3) + 1;
-                    let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32).with_capacity(batch, ctx + steps + 8);
-                    c.dtype = Dtype::Bf16;
+                    let mut c = config(preset, (hq, hkv, dk, dv)).with_capacity(batch, ctx + steps + 8);
                     c.max_step_tokens = chunk * batch;
                     let mut arena = HostBuf::new(Cache::arena_bytes(&c)?);
                     let mut cache = Cache::new(&c, arena.bytes())?;
@@ -174,15 +171,10 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                     // Fill: append-only layer runs over one random chunk of K/V, reused.
                     let rows_max = (chunk * batch) as usize;
                     let (k, v) = (random_bf16(&mut rng, rows_max * hkv * dk, 1.0)?, random_bf16(&mut rng, rows_max * hkv * dv, 1.0)?);
-                    let mut done = 0;
-                    while done < ctx {
-                        let n = chunk.min(ctx - done);
-                        let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: n }).collect();
-                        cache.plan_step(&entries)?;
-                        gpu.upload_step(&cache, stream)?;
-                        gpu.run_layer(&cache, 0, &DeviceLayerIo { k: k.ptr(), v: v.ptr(), ..Default::default() }, stream)?;
-                        done += n;
-                    }
+                    fill(&mut cache, batch, ctx, chunk, |cache, _| {
+                        gpu.upload_step(cache, stream)?;
+                        gpu.run_layer(cache, 0, &DeviceLayerIo { k: k.ptr(), v: v.ptr(), ..Default::default() }, stream)
+                    })?;
                     gpu.synchronize(stream)?;
                     // Decode steps: fresh q each of 4 rotations (copied into `gq` for the
                     // graph, whose pointers are fixed at capture).
@@ -191,7 +183,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                     let gates = DeviceBuf::new(b * hq * 3 * 4)?;
                     gates.upload(&vec![1.0f32 / 3.0; b * hq * 3])?;
                     let out = DeviceBuf::new(b * hq * dv * 2)?;
-                    let entries: Vec<StepSeq> = (0..batch).map(|s| StepSeq { seq: s, tokens: 1 }).collect();
+                    let entries = each_seq(batch, 1);
                     cache.plan_step(&entries)?;
                     let gio = DeviceLayerIo { q: gq.ptr(), k: k.ptr(), v: v.ptr(), gates: gates.ptr(), out: out.ptr(), ..Default::default() };
                     let graph = DecodeGraph::capture(&mut gpu, &cache, &gio)?;

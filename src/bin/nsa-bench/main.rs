@@ -6,6 +6,7 @@
 //! markdown tables (decode, then prefill); `--json FILE` also writes them as JSON,
 //! `{"decode": [...], "prefill": [...]}`.
 
+mod common;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod flush;
@@ -14,7 +15,7 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod prefill;
 mod report;
-#[path = "../shared/rng.rs"]
+#[path = "../../rng.rs"]
 mod rng;
 
 use report::Results;

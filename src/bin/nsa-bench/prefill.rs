@@ -12,9 +12,10 @@
 
 use cudarc::driver::{result, sys};
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
-use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
+use nsa::{Cache, HostBuf, Preset, StepSeq};
 
-use crate::gpu::{cuda, random_bf16, Shape, Timer};
+use crate::common::{config, Shape};
+use crate::gpu::{cuda, random_bf16, Timer};
 use crate::report::{median, PrefillRow};
 use crate::rng::Rng;
 use crate::Opts;
@@ -45,8 +46,7 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
     for &(hq, hkv, dk, dv) in shapes {
         for preset in [Preset::Paper, Preset::Fla] {
             for &t in &o.prefill {
-                let mut c = Config::preset(preset).with_shape(hq as u32, hkv as u32, dk as u32, dv as u32).with_capacity(1, t);
-                c.dtype = Dtype::Bf16;
+                let mut c = config(preset, (hq, hkv, dk, dv)).with_capacity(1, t);
                 c.max_step_tokens = t;
                 let what = format!("{hq}q/{hkv}kv {dk}/{dv} {preset:?} prefill {t}");
                 let need = CudaBackend::device_bytes(&c)?;

@@ -17,7 +17,7 @@ use nsa::{Cache, Config, Dtype, HostBuf, Preset, StepSeq};
 mod backend;
 use backend::Backend;
 
-#[path = "../shared/rng.rs"]
+#[path = "../../rng.rs"]
 mod rng;
 use rng::Rng;
 
