@@ -16,6 +16,7 @@ mod math;
 mod runner;
 mod select;
 mod simd;
+mod state;
 mod store;
 mod workspace;
 

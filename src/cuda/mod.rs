@@ -854,7 +854,7 @@ impl CudaBackend {
             hc: self.hc as i32,
             mode: self.bulk as i32 | (self.tma as i32) << 1,
             tmaps: at(dl.tmaps.off + layer as usize * tensor_map::MAPS_PER_LAYER * tensor_map::TMAP_BYTES),
-            scale: cfg.scale,
+            scale: cfg.softmax_scale(),
             spb: 1,
             sel_chunks: 1,
             nstage: self.nstage as i32,

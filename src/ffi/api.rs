@@ -148,14 +148,26 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL
-/// when the loaded library does not implement that version; then `nsa_last_error()`
-/// says which versions it does. The one symbol a plugin host needs:
+/// when the loaded library does not implement that version. The one symbol a plugin
+/// host needs (`"libnsa.so.0"` is found through the host's rpath, `LD_LIBRARY_PATH` or
+/// the ldconfig cache; otherwise pass the full path,
+/// `$(pkg-config --variable=libdir nsa)/libnsa.so.0`):
 ///
 /// ```c
-/// void *lib = dlopen("libnsa.so", RTLD_NOW | RTLD_LOCAL);
-/// const nsa_api_v1 *(*get)(uint32_t) = (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api");
+/// void *lib = dlopen("libnsa.so.0", RTLD_NOW | RTLD_LOCAL);
+/// const nsa_api_v1 *(*get)(uint32_t) =
+///     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
 /// const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
+/// if (get && !api) {
+///     /* Why: nsa_last_error is exported by every version, so it needs no table. */
+///     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
+///     fprintf(stderr, "nsa: %s\n", why ? why() : "no nsa_last_error");
+/// }
 /// ```
+///
+/// On NULL the calling thread's `nsa_last_error()` names the requested version and the
+/// one the library implements; `nsa_last_error` keeps its name and signature in every
+/// version, so a host looks it up with `dlsym` as it did `nsa_get_api`.
 ///
 /// The table is static (never free it) and valid while the library stays loaded.
 /// Thread-safe.

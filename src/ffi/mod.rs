@@ -9,7 +9,7 @@
 //! - `cpu`: `struct nsa_cpu_backend` in the caller's buffer, the per-layer run;
 //! - `api`: the versioned function table returned by `nsa_get_api`.
 //!
-//! Conventions (DESIGN.md "C ABI conventions"): every fallible call returns an
+//! Conventions (docs/ARCHITECTURE.md, "C ABI conventions"): every fallible call returns an
 //! `nsa_status` and writes its outputs only on success; every body runs inside
 //! `status::guard`, so a panic becomes `NSA_STATUS_PANIC` and never unwinds into C; every
 //! pointer, range and struct size is checked before the core is called, and the core

@@ -211,7 +211,7 @@ fn run(a: &Args) -> nsa::Result<()> {
     // Selected branch only (gates 0,1,0): the branch whose job is exact retrieval.
     let gates = [0.0f32, 1.0, 0.0].repeat(hq);
     for _ in 0..a.decode_steps {
-        let q: Vec<bf16> = (0..hq).flat_map(|_| u.iter().map(|x| bf16::from_f32(x * 2.5 / (cfg.scale * 8.0)))).collect();
+        let q: Vec<bf16> = (0..hq).flat_map(|_| u.iter().map(|x| bf16::from_f32(x * 2.5 / (cfg.softmax_scale() * 8.0)))).collect();
         let pos = cache.len(0)? as usize;
         let k: Vec<bf16> = key(&mut rng, pos).into_iter().map(bf16::from_f32).collect();
         let v: Vec<bf16> = val(&mut rng, pos).into_iter().map(bf16::from_f32).collect();
