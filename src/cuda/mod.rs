@@ -34,6 +34,7 @@ mod compile;
 mod driver;
 mod params;
 mod staging;
+mod state;
 mod tensor_map;
 
 use std::ffi::{c_void, CString};
@@ -515,6 +516,11 @@ impl CudaBackend {
 
     pub fn device_info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The primary context the backend runs in (for `state.rs`).
+    pub(crate) fn context(&self) -> sys::CUcontext {
+        self.ctx
     }
 
     /// Device address of the K/V pools (all layers, the CPU backend's layout).

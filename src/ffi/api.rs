@@ -8,6 +8,7 @@ use super::config::*;
 use super::cpu::*;
 use super::cuda::*;
 use super::status::*;
+use super::state::*;
 use super::version::*;
 
 /// Every function of ABI version 1, for hosts that load the library with `dlopen` and
@@ -110,6 +111,44 @@ pub struct nsa_api_v1 {
         io: *const nsa_cuda_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
+    // --- added in library version 0.2 (check struct_size before use) ---
+    /// `nsa_phi_weight_len`.
+    pub phi_weight_len: unsafe extern "C" fn(cfg: *const nsa_config_t, side: nsa_phi_side, out: *mut usize) -> nsa_status,
+    /// `nsa_cache_sequences`.
+    pub cache_sequences: unsafe extern "C" fn(cache: *const nsa_cache, ids: *mut u32, capacity: u32, count: *mut u32) -> nsa_status,
+    /// `nsa_cache_state_size`.
+    pub cache_state_size: unsafe extern "C" fn(cache: *const nsa_cache, seq: u32, out: *mut usize) -> nsa_status,
+    /// `nsa_cpu_state_export`.
+    pub cpu_state_export: unsafe extern "C" fn(
+        backend: *mut nsa_cpu_backend,
+        cache: *const nsa_cache,
+        seq: u32,
+        buf: *mut c_void,
+        bytes: usize,
+        written: *mut usize,
+    ) -> nsa_status,
+    /// `nsa_cpu_state_import`.
+    pub cpu_state_import:
+        unsafe extern "C" fn(backend: *mut nsa_cpu_backend, cache: *mut nsa_cache, seq: u32, buf: *const c_void, bytes: usize) -> nsa_status,
+    /// `nsa_cuda_state_export`.
+    pub cuda_state_export: unsafe extern "C" fn(
+        backend: *mut nsa_cuda_backend,
+        cache: *const nsa_cache,
+        seq: u32,
+        buf: *mut c_void,
+        bytes: usize,
+        written: *mut usize,
+        stream: *mut c_void,
+    ) -> nsa_status,
+    /// `nsa_cuda_state_import`.
+    pub cuda_state_import: unsafe extern "C" fn(
+        backend: *mut nsa_cuda_backend,
+        cache: *mut nsa_cache,
+        seq: u32,
+        buf: *const c_void,
+        bytes: usize,
+        stream: *mut c_void,
+    ) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -145,6 +184,13 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cuda_backend_destroy: nsa_cuda_backend_destroy,
     cuda_upload_step: nsa_cuda_upload_step,
     cuda_run_layer: nsa_cuda_run_layer,
+    phi_weight_len: nsa_phi_weight_len,
+    cache_sequences: nsa_cache_sequences,
+    cache_state_size: nsa_cache_state_size,
+    cpu_state_export: nsa_cpu_state_export,
+    cpu_state_import: nsa_cpu_state_import,
+    cuda_state_export: nsa_cuda_state_export,
+    cuda_state_import: nsa_cuda_state_import,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL
@@ -159,7 +205,7 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
 ///     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
 /// const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
 /// if (get && !api) {
-///     /* Why: nsa_last_error is exported by every version, so it needs no table. */
+///     // Why: nsa_last_error is exported by every version, so it needs no table.
 ///     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
 ///     fprintf(stderr, "nsa: %s\n", why ? why() : "no nsa_last_error");
 /// }

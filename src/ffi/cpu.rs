@@ -23,9 +23,9 @@ use crate::layout::ARENA_ALIGN;
 /// may run concurrently (each with its own cache: a cache's layers all run on one backend).
 pub struct nsa_cpu_backend {
     magic: u64,
-    backend: CpuBackend<'static>,
-    base: usize,
-    bytes: usize,
+    pub(super) backend: CpuBackend<'static>,
+    pub(super) base: usize,
+    pub(super) bytes: usize,
 }
 
 const CPU_MAGIC: u64 = 0x4e53_415f_4350_5542; // "NSA_CPUB"

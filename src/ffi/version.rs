@@ -12,7 +12,7 @@ pub const NSA_ABI_VERSION: u32 = 1;
 /// Library major version (the crate's semver major).
 pub const NSA_VERSION_MAJOR: u32 = 0;
 /// Library minor version.
-pub const NSA_VERSION_MINOR: u32 = 1;
+pub const NSA_VERSION_MINOR: u32 = 2;
 /// Library patch version.
 pub const NSA_VERSION_PATCH: u32 = 0;
 /// The library version as one number: `(MAJOR << 16) | (MINOR << 8) | PATCH`, comparable
@@ -35,7 +35,7 @@ pub extern "C" fn nsa_version() -> u32 {
     NSA_VERSION
 }
 
-/// The loaded library's version as a static NUL-terminated string such as `"0.1.0"`
+/// The loaded library's version as a static NUL-terminated string such as `"0.2.0"`
 /// (never NULL; do not free it). Thread-safe; never fails.
 #[no_mangle]
 pub extern "C" fn nsa_version_string() -> *const c_char {
