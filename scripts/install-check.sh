@@ -31,6 +31,16 @@ soname="$(readelf -d "$lib/libnsa.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')"
 needed="$(readelf -d "$tmp/work/app" | sed -n 's/.*(NEEDED).*\[\(libnsa[^]]*\)\]/\1/p')"
 [[ "$needed" == libnsa.so.0 ]] || { echo "the linked program needs '$needed', want libnsa.so.0" >&2; exit 1; }
 
+echo "== the header's dlopen snippet, as written"
+{
+  printf '#define _POSIX_C_SOURCE 200112L\n#include <dlfcn.h>\n#include <stdio.h>\n#include "nsa.h"\nint main(void) {\n'
+  awk '/^ \* ```c$/{f=1; next} f && /^ \* ```$/{exit} f {sub(/^ \* ?/, ""); print}' "$prefix/include/nsa.h"
+  printf '    return api != NULL && api->abi_version == NSA_ABI_VERSION ? 0 : 1;\n}\n'
+} >"$tmp/snippet.c"
+grep -q nsa_get_api "$tmp/snippet.c" || { echo "no dlopen snippet found in nsa.h" >&2; exit 1; }
+cc -std=c99 -Wall -Werror -I"$prefix/include" "$tmp/snippet.c" -o "$tmp/snippet" -Wl,-rpath,"$lib" -ldl
+"$tmp/snippet"
+
 echo "== CMake: nsa::nsa and nsa::headers"
 mkdir -p "$tmp/cmake"
 cat >"$tmp/cmake/CMakeLists.txt" <<CMAKE
@@ -48,6 +58,9 @@ CMAKE
 cmake -S "$tmp/cmake" -B "$tmp/cmake/build" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build "$tmp/cmake/build" -- -s
 "$tmp/cmake/build/linked" >/dev/null
-"$tmp/cmake/build/plugin" | head -2
-"$tmp/cmake/build/plugin_by_name" | head -1
+# nsa::headers: NSA_LIBRARY_PATH (the full path), and the rpath for dlopen by name.
+"$tmp/cmake/build/plugin" >"$tmp/plugin.out"
+grep -q "loaded $lib/libnsa.so.0:" "$tmp/plugin.out" || { cat "$tmp/plugin.out"; echo "nsa::headers: not loaded by NSA_LIBRARY_PATH" >&2; exit 1; }
+"$tmp/cmake/build/plugin_by_name" >"$tmp/plugin.out"
+grep -q "loaded libnsa.so.0:" "$tmp/plugin.out" || { cat "$tmp/plugin.out"; echo "nsa::headers: dlopen(\"libnsa.so.0\") failed" >&2; exit 1; }
 echo "== install check: passed"
