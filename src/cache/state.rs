@@ -120,6 +120,14 @@ fn next_free(stack: &[u32], free: u32, n: usize) -> impl Iterator<Item = i32> + 
 }
 
 impl Cache<'_> {
+    /// Refuses a backend made with another config than this cache (`arg` = "cache").
+    pub(crate) fn check_backend_config(&self, backend: &Config) -> Result<()> {
+        if self.config() != backend {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        Ok(())
+    }
+
     /// The live sequence ids, ascending.
     pub fn sequences(&self) -> impl Iterator<Item = u32> + '_ {
         self.view().seqs.iter().enumerate().filter(|(_, s)| s.active != 0).map(|(i, _)| i as u32)

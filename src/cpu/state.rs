@@ -3,7 +3,7 @@
 
 use super::CpuBackend;
 use crate::cache::{Cache, PoolBytes};
-use crate::error::{NsaError, Result};
+use crate::error::Result;
 
 /// The backend's pools as bytes.
 struct HostPools<'b>(&'b mut [u8]);
@@ -20,18 +20,11 @@ impl PoolBytes for HostPools<'_> {
 }
 
 impl CpuBackend<'_> {
-    fn same_config(&self, cache: &Cache) -> Result<()> {
-        if cache.config() != &self.cfg {
-            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
-        }
-        Ok(())
-    }
-
     /// Writes the live sequence `seq`'s state (every layer's K/V rows and compressed tokens,
     /// its length) to `out`, which needs [`Cache::sequence_state_bytes`] bytes; returns the
     /// bytes written. See [`Cache::export_sequence`] for the format and rules.
     pub fn export_sequence(&mut self, cache: &Cache, seq: u32, out: &mut [u8]) -> Result<usize> {
-        self.same_config(cache)?;
+        cache.check_backend_config(&self.cfg)?;
         let n = self.lay.pool_bytes;
         cache.export_sequence(seq, &HostPools(&mut self.buf[..n]), out)
     }
@@ -40,7 +33,7 @@ impl CpuBackend<'_> {
     /// the free slot `seq` of `cache`. Fails, changing nothing, as
     /// [`Cache::import_sequence`] says.
     pub fn import_sequence(&mut self, cache: &mut Cache, seq: u32, state: &[u8]) -> Result<()> {
-        self.same_config(cache)?;
+        cache.check_backend_config(&self.cfg)?;
         let n = self.lay.pool_bytes;
         cache.import_sequence(seq, &mut HostPools(&mut self.buf[..n]), state)
     }

@@ -5,7 +5,7 @@
 use super::driver::{self, CtxGuard, CUstream};
 use super::CudaBackend;
 use crate::cache::{Cache, PoolBytes};
-use crate::error::{NsaError, Result};
+use crate::error::Result;
 
 /// The device pools as bytes: page-sized copies on the caller's stream, each waited for
 /// (export and import are not on the decode path).
@@ -39,9 +39,7 @@ impl PoolBytes for DevicePools {
 
 impl CudaBackend {
     fn device_pools(&self, cache: &Cache, stream: CUstream) -> Result<DevicePools> {
-        if cache.config() != self.config() {
-            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
-        }
+        cache.check_backend_config(self.config())?;
         Ok(DevicePools { base: self.pools_ptr(), bytes: self.pools_bytes(), stream })
     }
 
