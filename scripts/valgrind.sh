@@ -26,8 +26,8 @@ cmake -S examples/cpp -B "$build/cpp" -DCMAKE_PREFIX_PATH="$build/prefix" -DNSA_
 cmake --build "$build/cpp" -- -s
 "${vg[@]}" "$build/cpp/nsa_cpp_example" >/dev/null
 
-echo "== valgrind: ffi-tests (api, bad_input, roundtrip)"
-for t in api bad_input roundtrip; do
+echo "== valgrind: ffi-tests (api, bad_input, roundtrip, state)"
+for t in api bad_input roundtrip state; do
   exe=$(cargo test --release -p nsa-ffi-tests --test "$t" --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys
 for l in sys.stdin:
