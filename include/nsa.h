@@ -4,7 +4,7 @@
  * SPDX-License-Identifier: MIT OR Apache-2.0
  *
  * Overview
- *   The engine computes NSA attention (NSA_SPEC.md) over a paged KV cache that lives in
+ *   The engine computes NSA attention (docs/SPEC.md) over a paged KV cache that lives in
  *   memory the caller provides. Once: fill an nsa_config_t (nsa_config_preset, then
  *   change shape and capacity, nsa_config_fit_pages), ask the sizes
  *   (nsa_cache_arena_size, nsa_cpu_buffer_size), allocate them, and create the cache
@@ -34,9 +34,15 @@
  *   independent and may be used from different threads at once. nsa_last_error() is
  *   per thread.
  *
- * Loading at run time
- *   dlopen the library and look up the one symbol nsa_get_api; it returns a table of
- *   every other function (nsa_api_v1) for a given NSA_ABI_VERSION.
+ * Linking and loading
+ *   The library's SONAME is libnsa.so.0 (pkgconfig/install.sh installs
+ *   PREFIX/lib/libnsa.so.0.MINOR.PATCH with the links libnsa.so.0 and libnsa.so).
+ *   `pkg-config --libs nsa` and the CMake target nsa::nsa carry an rpath to that
+ *   directory, so a linked program runs without LD_LIBRARY_PATH. A plugin host
+ *   dlopens "libnsa.so.0" (found through the host's rpath, LD_LIBRARY_PATH or ldconfig)
+ *   or the full path `$(pkg-config --variable=libdir nsa)/libnsa.so.0`, looks up the one
+ *   symbol nsa_get_api, and gets a table of every other function (nsa_api_v1) for a
+ *   given NSA_ABI_VERSION; see nsa_get_api.
  */
 
 #ifndef NSA_H
@@ -135,7 +141,7 @@ typedef uint32_t nsa_phi;
 
 /**
  * The engine configuration: model shape, NSA parameters, storage type and capacity.
- * Field meanings are those of NSA_SPEC.md; `nsa_config_validate` lists every rule.
+ * Field meanings are those of docs/SPEC.md; `nsa_config_validate` lists every rule.
  *
  * Versioning: set `struct_size = sizeof(nsa_config_t)` before passing one in or asking
  * for one. Fields are only ever appended; a library reading a larger struct accepts it
@@ -198,8 +204,10 @@ typedef struct nsa_config_t {
      */
     uint32_t window;
     /**
-     * Softmax scale, finite and > 0; usually `1/sqrt(head_dim_qk)` (the presets set it
-     * for their shape: recompute it when you change `head_dim_qk`).
+     * Softmax scale: finite and > 0, or 0 (the presets' value) for `1/sqrt(head_dim_qk)`,
+     * derived from the config's `head_dim_qk` when the cache and backends are created, so
+     * a preset stays right after you change the shape. Set it only for a model trained
+     * with another scale.
      */
     float scale;
     /**
@@ -247,11 +255,18 @@ typedef struct nsa_config_t {
      */
     uint32_t max_step_tokens;
     /**
-     * Threads of the CPU backend, 1..=256 (1: the calling thread only; otherwise the
-     * backend starts `cpu_threads - 1` workers at creation).
+     * Threads of the CPU backend's layer runs, 1..=256. 1 (the presets' value): every
+     * run works on the calling thread only. `N > 1`: `nsa_cpu_backend_create` starts
+     * `N - 1` worker threads once (joined by `nsa_cpu_backend_destroy`), and each layer
+     * run spreads its work over them and the calling thread. Ignored by the CUDA backend.
      */
     uint32_t cpu_threads;
 } nsa_config_t;
+
+/**
+ * Which side's phi weights `nsa_phi_weight_len` counts (one of `NSA_PHI_SIDE_*`).
+ */
+typedef uint32_t nsa_phi_side;
 
 /**
  * Page-pool occupancy, from `nsa_cache_stats`. Set `struct_size` before the call.
@@ -355,12 +370,12 @@ typedef struct nsa_layer_io_t {
      */
     int32_t *selected;
     /**
-     * This layer's phi weights for keys, `phi_k_len` floats laid out as NSA_SPEC.md says
-     * (NULL with length 0 for `NSA_PHI_MEAN`).
+     * This layer's phi weights for keys, `phi_k_len` floats laid out as docs/SPEC.md
+     * ("Weight layouts") says (NULL with length 0 for `NSA_PHI_MEAN`).
      */
     const float *phi_k;
     /**
-     * Floats at `phi_k`: must be the K-side weight count for the config's phi.
+     * Floats at `phi_k`: must be `nsa_phi_weight_len(cfg, NSA_PHI_SIDE_K)`.
      */
     size_t phi_k_len;
     /**
@@ -368,7 +383,7 @@ typedef struct nsa_layer_io_t {
      */
     const float *phi_v;
     /**
-     * Floats at `phi_v`.
+     * Floats at `phi_v`: must be `nsa_phi_weight_len(cfg, NSA_PHI_SIDE_V)`.
      */
     size_t phi_v_len;
 } nsa_layer_io_t;
@@ -655,6 +670,57 @@ typedef struct nsa_api_v1 {
                                      const struct nsa_layer_io_t *io,
                                      uint32_t ith,
                                      uint32_t nth);
+    /**
+     * `nsa_phi_weight_len`.
+     */
+    nsa_status (*phi_weight_len)(const struct nsa_config_t *cfg, nsa_phi_side side, size_t *out);
+    /**
+     * `nsa_cache_sequences`.
+     */
+    nsa_status (*cache_sequences)(const struct nsa_cache *cache,
+                                  uint32_t *ids,
+                                  uint32_t capacity,
+                                  uint32_t *count);
+    /**
+     * `nsa_cache_state_size`.
+     */
+    nsa_status (*cache_state_size)(const struct nsa_cache *cache, uint32_t seq, size_t *out);
+    /**
+     * `nsa_cpu_state_export`.
+     */
+    nsa_status (*cpu_state_export)(struct nsa_cpu_backend *backend,
+                                   const struct nsa_cache *cache,
+                                   uint32_t seq,
+                                   void *buf,
+                                   size_t bytes,
+                                   size_t *written);
+    /**
+     * `nsa_cpu_state_import`.
+     */
+    nsa_status (*cpu_state_import)(struct nsa_cpu_backend *backend,
+                                   struct nsa_cache *cache,
+                                   uint32_t seq,
+                                   const void *buf,
+                                   size_t bytes);
+    /**
+     * `nsa_cuda_state_export`.
+     */
+    nsa_status (*cuda_state_export)(struct nsa_cuda_backend *backend,
+                                    const struct nsa_cache *cache,
+                                    uint32_t seq,
+                                    void *buf,
+                                    size_t bytes,
+                                    size_t *written,
+                                    void *stream);
+    /**
+     * `nsa_cuda_state_import`.
+     */
+    nsa_status (*cuda_state_import)(struct nsa_cuda_backend *backend,
+                                    struct nsa_cache *cache,
+                                    uint32_t seq,
+                                    const void *buf,
+                                    size_t bytes,
+                                    void *stream);
 } nsa_api_v1;
 
 /**
@@ -796,6 +862,16 @@ typedef struct nsa_api_v1 {
  */
 #define NSA_PRESET_FLA 1
 
+/**
+ * The keys' phi (`phi_k` of a layer's io struct; row width `head_dim_qk`).
+ */
+#define NSA_PHI_SIDE_K 0
+
+/**
+ * The values' phi (`phi_v`; row width `head_dim_v`).
+ */
+#define NSA_PHI_SIDE_V 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -813,7 +889,7 @@ uint32_t nsa_abi_version(void);
 uint32_t nsa_version(void);
 
 /**
- * The loaded library's version as a static NUL-terminated string such as `"0.1.0"`
+ * The loaded library's version as a static NUL-terminated string such as `"0.2.0"`
  * (never NULL; do not free it). Thread-safe; never fails.
  */
 const char *nsa_version_string(void);
@@ -842,9 +918,10 @@ const char *nsa_last_error(void);
 
 /**
  * Writes a preset's parameters to `*out`: the preset's NSA parameters with the paper's
- * model shape (64 query heads, 4 KV heads, head dims 192/128, bf16, scale 1/sqrt(192)),
- * and a small capacity (1 layer, 4 sequences of 8192 tokens, pools fitted). Change the
- * shape and capacity, recompute `scale`, then call `nsa_config_fit_pages`.
+ * model shape (64 query heads, 4 KV heads, head dims 192/128, bf16), `scale = 0` (the
+ * engine uses `1/sqrt(head_dim_qk)` of the final config), `cpu_threads = 1` (layer runs
+ * use the calling thread only), and a small capacity (1 layer, 4 sequences of 8192
+ * tokens, pools fitted). Change the shape and capacity, then call `nsa_config_fit_pages`.
  *
  * `out->struct_size` must be set by the caller. Errors: `NSA_STATUS_NULL_POINTER`,
  * `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_INVALID_ARGUMENT` (unknown preset).
@@ -864,6 +941,21 @@ nsa_status nsa_config_preset(nsa_preset preset, struct nsa_config_t *out);
  * (for distinct `cfg`).
  */
 nsa_status nsa_config_fit_pages(struct nsa_config_t *cfg);
+
+/**
+ * Writes to `*out` the number of floats of one layer's phi weights for keys
+ * (`side = NSA_PHI_SIDE_K`, row width `D = head_dim_qk`) or values
+ * (`NSA_PHI_SIDE_V`, `D = head_dim_v`): what `phi_k_len` / `phi_v_len` of a layer's io
+ * struct must be. 0 for `NSA_PHI_MEAN`; `HKV*cmp_block` for weighted;
+ * `HKV*cmp_block*D*D` for linear; `HKV*(cmp_block*D*phi_hidden + phi_hidden +
+ * phi_hidden*D + D)` for mlp; plus `HKV*cmp_block*D` when `phi_pe` is 1. The parts'
+ * order and layouts are in docs/SPEC.md ("Weight layouts").
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_INVALID_CONFIG` (the config fails `nsa_config_validate`),
+ * `NSA_STATUS_INVALID_ARGUMENT` (unknown `side`). Thread-safe.
+ */
+nsa_status nsa_phi_weight_len(const struct nsa_config_t *cfg, nsa_phi_side side, size_t *out);
 
 /**
  * Checks every field of `cfg` and every relation between fields. On failure the message
@@ -1009,6 +1101,23 @@ nsa_status nsa_cache_config(const struct nsa_cache *cache, struct nsa_config_t *
 nsa_status nsa_cache_plan_step(struct nsa_cache *cache,
                                const struct nsa_step_seq_t *entries,
                                uint32_t n);
+
+/**
+ * Lists the live sequence ids, ascending: writes their number to `*count` and, when
+ * `ids` is not NULL, the ids to `ids[0 .. *count]`. `capacity` is the number of
+ * `uint32_t` at `ids`. Query the count first with `ids = NULL` (`capacity` is then
+ * ignored), or pass `max_seqs` entries, which always suffice.
+ *
+ * Errors (nothing written): `NSA_STATUS_NULL_POINTER` (`cache`, `count`),
+ * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BUFFER_TOO_SMALL` (`capacity` below the
+ * count; the message gives the count).
+ *
+ * Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
+ */
+nsa_status nsa_cache_sequences(const struct nsa_cache *cache,
+                               uint32_t *ids,
+                               uint32_t capacity,
+                               uint32_t *count);
 
 /**
  * Writes to `*out` the bytes of host memory the CPU backend needs (handle, every layer's
@@ -1204,15 +1313,114 @@ nsa_status nsa_cuda_run_layer(struct nsa_cuda_backend *backend,
                               void *stream);
 
 /**
+ * Writes to `*out` the bytes `nsa_cpu_state_export` / `nsa_cuda_state_export` write for
+ * the live sequence `seq`: the 128-byte header plus, per layer, its raw and compressed
+ * pages (`ceil(len/page_size)` and `ceil(ncmp/page_size)` pages of
+ * `HKV*page_size*(DK+DV)` elements each).
+ *
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`.
+ * Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
+ */
+nsa_status nsa_cache_state_size(const struct nsa_cache *cache, uint32_t seq, size_t *out);
+
+/**
+ * Saves the live sequence `seq` of `cache` (its length, and every layer's K/V rows and
+ * compressed tokens from the CPU backend's pools) into the caller's `buf` (`bytes`
+ * bytes, at least `nsa_cache_state_size`; any alignment) and writes the bytes used to
+ * `*written`. The cache and pools are only read. Call it when the sequence is not in a
+ * half-run step (after every layer of its last step ran). The buffer can be kept (in
+ * memory or a file) and restored with `nsa_cpu_state_import` or `nsa_cuda_state_import`
+ * into any cache with the same config fields (see `NSA_STATE_VERSION`).
+ *
+ * Errors (nothing written): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range, `buf` overlapping the arena or the
+ * backend's buffer, a cache with another config), `NSA_STATUS_UNKNOWN_SEQUENCE`,
+ * `NSA_STATUS_BUFFER_TOO_SMALL`. Thread safety: as `nsa_cpu_run_layer`.
+ */
+nsa_status nsa_cpu_state_export(struct nsa_cpu_backend *backend,
+                                const struct nsa_cache *cache,
+                                uint32_t seq,
+                                void *buf,
+                                size_t bytes,
+                                size_t *written);
+
+/**
+ * Restores a state saved by `nsa_cpu_state_export` or `nsa_cuda_state_export` into the
+ * free slot `seq` of `cache` (`0 <= seq < max_seqs`, not live): takes fresh pages,
+ * writes the rows into the CPU backend's pools, then makes `seq` live with the saved
+ * length; decoding it continues exactly as the saved sequence would have. `buf` is read
+ * during the call only. Ends the planned step, like `nsa_cache_add`.
+ *
+ * Errors (the cache is unchanged: no page taken, no slot live):
+ * `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_INVALID_ARGUMENT`
+ * (`seq` out of range; a buffer that is not a state of this version, is truncated, or
+ * was saved under another config: the message names the header field and both values;
+ * a cache with another config than the backend), `NSA_STATUS_SEQUENCE_EXISTS`,
+ * `NSA_STATUS_OUT_OF_PAGES`. Thread safety: as `nsa_cpu_run_layer`, and no other call on
+ * the cache may overlap it.
+ */
+nsa_status nsa_cpu_state_import(struct nsa_cpu_backend *backend,
+                                struct nsa_cache *cache,
+                                uint32_t seq,
+                                const void *buf,
+                                size_t bytes);
+
+/**
+ * `nsa_cpu_state_export` for the CUDA backend: copies the sequence's pages from the
+ * device, after the work queued on `stream` (a `CUstream`; NULL is the default stream),
+ * into the host buffer `buf`, and waits for the copies. The bytes are the same format:
+ * either backend imports them.
+ *
+ * Errors: as `nsa_cpu_state_export`, and `NSA_STATUS_BACKEND_UNAVAILABLE`,
+ * `NSA_STATUS_CUDA_ERROR`.
+ */
+nsa_status nsa_cuda_state_export(struct nsa_cuda_backend *backend,
+                                 const struct nsa_cache *cache,
+                                 uint32_t seq,
+                                 void *buf,
+                                 size_t bytes,
+                                 size_t *written,
+                                 void *stream);
+
+/**
+ * `nsa_cpu_state_import` for the CUDA backend: copies the state's rows from the host
+ * buffer `buf` into free pages of the device pools on `stream` (waited for), then makes
+ * `seq` live. A failed copy touched only free pages; the cache is unchanged. Upload the
+ * next step (`nsa_cuda_upload_step`) as usual.
+ *
+ * Errors: as `nsa_cpu_state_import`, and `NSA_STATUS_BACKEND_UNAVAILABLE`,
+ * `NSA_STATUS_CUDA_ERROR`.
+ */
+nsa_status nsa_cuda_state_import(struct nsa_cuda_backend *backend,
+                                 struct nsa_cache *cache,
+                                 uint32_t seq,
+                                 const void *buf,
+                                 size_t bytes,
+                                 void *stream);
+
+/**
  * The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL
- * when the loaded library does not implement that version; then `nsa_last_error()`
- * says which versions it does. The one symbol a plugin host needs:
+ * when the loaded library does not implement that version. The one symbol a plugin
+ * host needs (`"libnsa.so.0"` is found through the host's rpath, `LD_LIBRARY_PATH` or
+ * the ldconfig cache; otherwise pass the full path,
+ * `$(pkg-config --variable=libdir nsa)/libnsa.so.0`):
  *
  * ```c
- * void *lib = dlopen("libnsa.so", RTLD_NOW | RTLD_LOCAL);
- * const nsa_api_v1 *(*get)(uint32_t) = (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api");
+ * void *lib = dlopen("libnsa.so.0", RTLD_NOW | RTLD_LOCAL);
+ * const nsa_api_v1 *(*get)(uint32_t) =
+ *     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
  * const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
+ * if (get && !api) {
+ *     // Why: nsa_last_error is exported by every version, so it needs no table.
+ *     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
+ *     fprintf(stderr, "nsa: %s\n", why ? why() : "no nsa_last_error");
+ * }
  * ```
+ *
+ * On NULL the calling thread's `nsa_last_error()` names the requested version and the
+ * one the library implements; `nsa_last_error` keeps its name and signature in every
+ * version, so a host looks it up with `dlsym` as it did `nsa_get_api`.
  *
  * The table is static (never free it) and valid while the library stays loaded.
  * Thread-safe.

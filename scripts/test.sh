@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, integration, reference,
-# header drift, the C ABI through dlopen, the bounded fuzz run), the loom model check,
-# the C / C++ examples under sanitizers, valgrind over the C ABI's users, the ggml host
-# example, and that the shipped library carries no reference code.
+# header drift, the C ABI through dlopen, the bounded fuzz run, links in the docs), the
+# loom model check, the C / C++ examples under sanitizers, an install used as README.md
+# says, valgrind over the C ABI's users, the ggml host example, and that the shipped
+# library carries no reference code. Installs nothing (README, Prerequisites).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --release
 # The CUDA feature's tests: without a GPU they are reported as ignored (the GPU machine
 # runs them with --include-ignored, see docs/GPU_TESTS.md); the ones needing no device run.
-cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench
-# Model-check the CPU worker runner with loom (its own target dir: a different cfg).
-RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom_runner
+cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state
+# Model-check the CPU worker runner with loom (its own target dir: a different cfg),
+# under CARGO_TARGET_DIR when set.
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner
 # C and C++ examples under ASan/UBSan, then everything that crosses the C ABI under valgrind.
 scripts/ffi-examples.sh
+# Install into a temporary prefix and link, load and run as README.md says.
+scripts/install-check.sh
 scripts/valgrind.sh
 # ggml as the host: NSA as a custom op in a ggml graph (ggml built once, cached in build/ggml).
 scripts/ggml-example.sh

@@ -4,7 +4,7 @@
 For each (context, batch): fills a paged NSA cache to the context length (append-only
 layer runs), then decodes steps on torch's current stream with q/k/v/gates/out living in
 torch tensors. Checks one decode step against an NSA reference written here in torch
-(float32, from NSA_SPEC.md; given the engine's selected blocks, whose group scores must
+(float32, from docs/SPEC.md; given the engine's selected blocks, whose group scores must
 match the best within tolerance), and times the decode step against
 torch.nn.functional.scaled_dot_product_attention (cuDNN and flash backends) over the
 same K/V, in the same process, with CUDA events.
@@ -124,7 +124,7 @@ class Engine:
         lib.ok(l.nsa_cuda_run_layer(self.backend, self.cache, 0, C.byref(io), stream), "run_layer")
 
 
-# ---- NSA reference in torch (NSA_SPEC.md), one decode query per sequence -----------------
+# ---- NSA reference in torch (docs/SPEC.md), one decode query per sequence -----------------
 
 def nsa_reference(cfg, q, K, V, gates, sel):
     """q [B, HQ, DK]; K [B, T, HKV, DK], V [B, T, HKV, DV] (the whole sequences, the

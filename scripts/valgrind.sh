@@ -13,19 +13,21 @@ vg=(valgrind -q --error-exitcode=9 --leak-check=full --show-leak-kinds=definite,
 cargo build --release --lib
 lib="$target/release/libnsa.so"
 
+pkgconfig/install.sh "$build/prefix" "$target/release" >/dev/null
+export PKG_CONFIG_PATH="$build/prefix/lib/pkgconfig"
+
 echo "== valgrind: C example and dlopen plugin"
-make -s -C examples/c BUILD="$build/c" SANITIZE=0 LIBDIR="$target/release" all
+make -s -C examples/c BUILD="$build/c" SANITIZE=0 NSA_CFLAGS="$(pkg-config --cflags nsa)" NSA_LIBS="$(pkg-config --libs nsa)" all
 "${vg[@]}" "$build/c/nsa_example" >/dev/null
-"${vg[@]}" "$build/c/nsa_plugin" "$lib" >/dev/null
+"${vg[@]}" "$build/c/nsa_plugin" "$build/prefix/lib/libnsa.so.0" >/dev/null
 
 echo "== valgrind: C++ example"
-pkgconfig/install.sh "$build/prefix" "$target/release" >/dev/null
 cmake -S examples/cpp -B "$build/cpp" -DCMAKE_PREFIX_PATH="$build/prefix" -DNSA_SANITIZE=OFF -DCMAKE_BUILD_TYPE=Debug >/dev/null
 cmake --build "$build/cpp" -- -s
 "${vg[@]}" "$build/cpp/nsa_cpp_example" >/dev/null
 
-echo "== valgrind: ffi-tests (api, bad_input, roundtrip)"
-for t in api bad_input roundtrip; do
+echo "== valgrind: ffi-tests (api, bad_input, roundtrip, state)"
+for t in api bad_input roundtrip state; do
   exe=$(cargo test --release -p nsa-ffi-tests --test "$t" --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys
 for l in sys.stdin:

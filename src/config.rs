@@ -1,4 +1,4 @@
-//! The engine's configuration: model shape, NSA parameters (NSA_SPEC.md), storage type
+//! The engine's configuration: model shape, NSA parameters (docs/SPEC.md), storage type
 //! and capacity. Validated once; everything downstream relies on `validate` having passed.
 
 use crate::error::{NsaError, Result};
@@ -29,7 +29,7 @@ impl Dtype {
     }
 }
 
-/// The compression function `phi` of NSA_SPEC.md, branch 1.
+/// The compression function `phi` of the compressed branch (docs/SPEC.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Phi {
@@ -54,7 +54,7 @@ impl Phi {
     }
 }
 
-/// The two parameter sets NSA_SPEC.md requires to work exactly.
+/// The two parameter sets the engine is tested to compute exactly (docs/SPEC.md, "Presets").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     /// The paper's: l=32, d=16, l'=64, n=16 (1 initial + 2 local forced), w=512, phi=mean.
@@ -63,7 +63,7 @@ pub enum Preset {
     Fla,
 }
 
-/// Full engine configuration. Field names follow NSA_SPEC.md's table.
+/// Full engine configuration. Field names follow docs/SPEC.md's table of names.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Config {
     // --- model shape ---
@@ -93,7 +93,9 @@ pub struct Config {
     pub sel_local: u32,
     /// Sliding window length `w` in keys.
     pub window: u32,
-    /// Softmax scale (NSA_SPEC.md default `1/sqrt(DK)`).
+    /// Softmax scale; `0` (the presets' value) means `1/sqrt(DK)`, derived from
+    /// `head_dim_qk` when the engine is created, so changing the shape keeps it right.
+    /// Read the value in effect with [`Config::softmax_scale`].
     pub scale: f32,
     /// Compression function.
     pub phi: Phi,
@@ -119,7 +121,9 @@ pub struct Config {
     pub max_step_seqs: u32,
     /// Most new tokens (queries) in one step, over all its sequences.
     pub max_step_tokens: u32,
-    /// Worker threads of the CPU backend (1 = the calling thread only).
+    /// Threads of the CPU backend's layer runs: 1 (the presets' value) runs everything on
+    /// the calling thread; `N > 1` makes `CpuBackend::new` start `N - 1` worker threads
+    /// once, which every layer run then shares with the calling thread.
     pub cpu_threads: u32,
 }
 
@@ -131,7 +135,8 @@ pub const MAX_THREADS: u32 = 256;
 
 impl Config {
     /// A preset's NSA parameters with the paper's model shape (HQ=64, HKV=4, DK=192,
-    /// DV=128, bf16) and a small capacity (1 layer, 4 sequences of 8192 tokens).
+    /// DV=128, bf16), `scale = 0` (derived: `1/sqrt(DK)` for whatever DK ends up being),
+    /// `cpu_threads = 1` and a small capacity (1 layer, 4 sequences of 8192 tokens).
     /// Change the shape and capacity fields, then call [`Config::fit_pages`].
     pub fn preset(p: Preset) -> Config {
         let (l, d, lp, n, init, local, phi) = match p {
@@ -151,7 +156,7 @@ impl Config {
             sel_init: init,
             sel_local: local,
             window: 512,
-            scale: 1.0 / (192f32).sqrt(),
+            scale: 0.0,
             phi,
             phi_hidden: 0,
             phi_pe: false,
@@ -169,14 +174,23 @@ impl Config {
         c
     }
 
-    /// Sets the model shape and the softmax scale that goes with `dk` (`1/sqrt(dk)`).
+    /// Sets the model shape. `scale` is left as it is: when it is 0 (derived, the
+    /// presets' value) it follows the new `dk`.
     pub fn with_shape(mut self, hq: u32, hkv: u32, dk: u32, dv: u32) -> Config {
         self.num_q_heads = hq;
         self.num_kv_heads = hkv;
         self.head_dim_qk = dk;
         self.head_dim_v = dv;
-        self.scale = 1.0 / (dk.max(1) as f32).sqrt();
         self
+    }
+
+    /// The softmax scale the engine uses: `scale` when set (> 0), else `1/sqrt(DK)`.
+    pub fn softmax_scale(&self) -> f32 {
+        if self.scale == 0.0 {
+            1.0 / (self.head_dim_qk.max(1) as f32).sqrt()
+        } else {
+            self.scale
+        }
     }
 
     /// Sets the capacity: `seqs` sequence slots of up to `max_len` tokens, all of which
@@ -234,8 +248,8 @@ impl Config {
     }
 
     /// Length in f32 elements of one layer's phi weights for K (`d = DK`) or V (`d = DV`),
-    /// laid out as NSA_SPEC.md's table says, parts in the order they are listed there
-    /// (`W` or `W1, b1, W2, b2`, then `pe` when `phi_pe`).
+    /// laid out as `docs/SPEC.md` ("Weight layouts") says, parts in the order listed
+    /// there (`W` or `W1, b1, W2, b2`, then `pe` when `phi_pe`).
     pub fn phi_weight_len(&self, d: u32) -> usize {
         let (hkv, l, d, hid) = (self.num_kv_heads as usize, self.cmp_block as usize, d as usize, self.phi_hidden as usize);
         let pe = if self.phi_pe { hkv * l * d } else { 0 };
@@ -293,8 +307,8 @@ impl Config {
             ));
         }
         nz("window", c.window)?;
-        if !(c.scale.is_finite() && c.scale > 0.0) {
-            return Err(NsaError::config("scale", c.scale, "must be finite and > 0"));
+        if !(c.scale.is_finite() && c.scale >= 0.0) {
+            return Err(NsaError::config("scale", c.scale, "must be finite and > 0, or 0 for 1/sqrt(head_dim_qk)"));
         }
         if c.phi == Phi::Mlp {
             nz("phi_hidden", c.phi_hidden)?;
@@ -408,6 +422,20 @@ mod tests {
             assert_eq!(field_of(e), want, "{msg}");
             assert!(msg.contains(want), "{msg}");
         }
+    }
+
+    #[test]
+    fn preset_scale_follows_head_dim_unless_set() {
+        let c = Config::preset(Preset::Paper);
+        assert_eq!(c.scale, 0.0);
+        assert_eq!(c.softmax_scale(), 1.0 / 192f32.sqrt());
+        let c = c.with_shape(8, 2, 64, 32);
+        assert_eq!(c.softmax_scale(), 0.125);
+        let mut c = c;
+        c.scale = 0.5;
+        assert_eq!(c.with_shape(8, 2, 128, 32).softmax_scale(), 0.5);
+        c.scale = -1.0;
+        assert!(c.validate().unwrap_err().to_string().contains("scale"));
     }
 
     #[test]

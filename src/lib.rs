@@ -1,6 +1,6 @@
 //! # nsa: an embeddable Native Sparse Attention engine
 //!
-//! Computes NSA attention (DeepSeek, ACL 2025; the exact function is `NSA_SPEC.md`) over a
+//! Computes NSA attention (DeepSeek, ACL 2025; the exact function is `docs/SPEC.md`) over a
 //! paged KV cache that lives in caller-provided memory. The host plans each step once
 //! ([`Cache::plan_step`]), then runs every layer against that plan on a backend
 //! ([`cpu::CpuBackend`], or CUDA with the `cuda` feature). Nothing is allocated per step.

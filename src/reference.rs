@@ -1,5 +1,5 @@
 //! Brute-force reference ("oracle") of Native Sparse Attention, written straight from
-//! `NSA_SPEC.md` and sharing no code with the engine: it reads only the fields of
+//! `docs/SPEC.md` and sharing no code with the engine: it reads only the fields of
 //! [`Config`] and recomputes everything else (compressed-token counts, visibility, the
 //! selection-block mapping, top-n) with plain loops over contiguous arrays, in f64.
 //!
@@ -9,7 +9,7 @@
 //! block is selected or the window covers the whole sequence.
 //!
 //! Equation numbers refer to the paper (Yuan et al., arXiv 2502.11089) as quoted in
-//! `NSA_SPEC.md`.
+//! `docs/SPEC.md`.
 
 // Index loops mirror the spec's sums one to one; keep them.
 #![allow(clippy::needless_range_loop)]
@@ -27,7 +27,7 @@ pub struct RefInputs<'a> {
     pub v: &'a [f32],
     /// `[T, HQ, 3]`: `(g_cmp, g_slc, g_win)` per token and query head.
     pub gates: &'a [f32],
-    /// phi weights for K (layout in `NSA_SPEC.md`, branch 1); empty for `Phi::Mean`.
+    /// phi weights for K (layout in `docs/SPEC.md`, "Weight layouts"); empty for `Phi::Mean`.
     pub phi_k: &'a [f32],
     /// phi weights for V.
     pub phi_v: &'a [f32],
@@ -216,7 +216,7 @@ fn selection_row(row: &[i32]) -> Vec<usize> {
     valid
 }
 
-/// One causal prefill of a single sequence, exactly as `NSA_SPEC.md` defines NSA.
+/// One causal prefill of a single sequence, exactly as `docs/SPEC.md` defines NSA.
 pub fn prefill(inp: &RefInputs) -> RefOutput {
     prefill_last(inp, usize::MAX)
 }
@@ -244,7 +244,7 @@ pub fn prefill_last(inp: &RefInputs, count: usize) -> RefOutput {
         n_init: cfg.sel_init as usize,
         n_local: cfg.sel_local as usize,
         w: cfg.window as usize,
-        scale: cfg.scale as f64,
+        scale: cfg.softmax_scale() as f64,
     };
     assert!(dm.l > 0 && dm.d > 0 && dm.lp > 0 && dm.n > 0 && dm.w > 0);
     assert!(dm.l % dm.d == 0 && dm.lp % dm.d == 0, "d must divide l and l'");
@@ -478,7 +478,7 @@ mod tests {
         let t_len = 200; // n*l' = 16*64 = 1024 >= 200
         let d = random_data(&c, t_len, 1);
         let r = run(&c, &d, &gates(t_len, 4, [0.0, 1.0, 0.0]), &[], &[], None);
-        let full = full_attention(&d.q, &d.k, &d.v, 4, 2, 16, 8, c.scale as f64);
+        let full = full_attention(&d.q, &d.k, &d.v, 4, 2, 16, 8, c.softmax_scale() as f64);
         let diff = max_abs_diff(&r.out, &full);
         assert!(diff < 1e-6, "max diff {diff}");
         // And the selection is exactly 0..=b, -1 padded.
@@ -501,7 +501,7 @@ mod tests {
         let t_len = 150; // w = 512
         let d = random_data(&c, t_len, 2);
         let r = run(&c, &d, &gates(t_len, 4, [0.0, 0.0, 1.0]), &[], &[], None);
-        let full = full_attention(&d.q, &d.k, &d.v, 4, 2, 16, 8, c.scale as f64);
+        let full = full_attention(&d.q, &d.k, &d.v, 4, 2, 16, 8, c.softmax_scale() as f64);
         let diff = max_abs_diff(&r.out, &full);
         assert!(diff < 1e-6, "max diff {diff}");
 
@@ -520,7 +520,7 @@ mod tests {
         let r3 = run(&c3, &d, &gates(t_len, 4, [0.0, 0.0, 1.0]), &[], &[], None);
         let t = 100;
         let sub = |x: &[f32], w: usize| x[(t - 2) * w..(t + 1) * w].to_vec();
-        let sub_full = full_attention(&sub(&d.q, 4 * 16), &sub(&d.k, 2 * 16), &sub(&d.v, 2 * 8), 4, 2, 16, 8, c.scale as f64);
+        let sub_full = full_attention(&sub(&d.q, 4 * 16), &sub(&d.k, 2 * 16), &sub(&d.v, 2 * 8), 4, 2, 16, 8, c.softmax_scale() as f64);
         let diff = max_abs_diff(&r3.out[t * 4 * 8..(t + 1) * 4 * 8], &sub_full[2 * 4 * 8..]);
         assert!(diff < 1e-6, "max diff {diff}");
     }
@@ -553,7 +553,7 @@ mod tests {
         let d = Data { q, k, v };
         let r = run(&c, &d, &gates(t_len, 2, [1.0, 0.0, 0.0]), &[], &[], None);
         assert_eq!(r.nb, 4);
-        let scale = c.scale as f64;
+        let scale = c.softmax_scale() as f64;
         for t in 0..t_len {
             let b = t / 64;
             let nvis = (t + 1) / 64; // tokens with 64i + 63 <= t
@@ -615,7 +615,7 @@ mod tests {
             .map(|i| (0..8).map(|e| (0..32).map(|j| d2.k[(16 * i + j) * 8 + e] as f64).sum::<f64>() / 32.0).collect())
             .collect();
         let logits: Vec<f64> =
-            kc.iter().map(|kci| c.scale as f64 * (0..8).map(|e| d2.q[t * 8 + e] as f64 * kci[e]).sum::<f64>()).collect();
+            kc.iter().map(|kci| c.softmax_scale() as f64 * (0..8).map(|e| d2.q[t * 8 + e] as f64 * kci[e]).sum::<f64>()).collect();
         let z: f64 = logits.iter().map(|x| x.exp()).sum();
         let pc = |i: i64| if (0..11).contains(&i) { logits[i as usize].exp() / z } else { 0.0 };
         for j in 0..=3i64 {

@@ -1,4 +1,4 @@
-//! NSA_SPEC.md "Incremental (decode) semantics": every way of feeding the same tokens
+//! docs/SPEC.md "Incremental semantics": every way of feeding the same tokens
 //! gives the same output. Each query's arithmetic does not depend on how the step was
 //! cut, so these compare bit for bit.
 

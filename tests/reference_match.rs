@@ -1,5 +1,5 @@
 //! The paged CPU engine against the brute-force reference (`nsa::reference`, written
-//! straight from NSA_SPEC.md, sharing no code with the engine).
+//! straight from docs/SPEC.md, sharing no code with the engine).
 //!
 //! Selections are compared by score, as the spec asks: where the engine picked a
 //! different set than the reference (a near-tie under different float order), the
@@ -158,7 +158,7 @@ fn sparse_branches_reduce_to_full_attention_when_they_cover_everything() {
         }
         let outs = run_schedule::<f32>(&cfg, &[s.clone()], &[vec![(0, 250)], vec![(0, 350)]], &(vec![], vec![]));
         let (hq, hkv, dk, dv) = dims(&cfg);
-        let full = full_attention(&s.q, &s.k, &s.v, hq, hkv, dk, dv, cfg.scale as f64);
+        let full = full_attention(&s.q, &s.k, &s.v, hq, hkv, dk, dv, cfg.softmax_scale() as f64);
         let err = max_rel_err(&outs.out[0], &full);
         assert!(err < 1e-5, "gates {gates:?}: error vs full attention {err:e}");
     }

@@ -84,6 +84,8 @@ static void attend(const float *q, const float *keys, const float *vals, int n, 
 /* Naive NSA output of query head h at position t (see the top of the file). */
 static void naive(const nsa_config_t *c, int layer, int seq, int t, int h, const float *q, const float *g,
                   float *out) {
+    /* The config's scale 0 (the presets') means 1/sqrt(DK). */
+    const float scale = c->scale != 0.0f ? c->scale : 1.0f / sqrtf((float)c->head_dim_qk);
     static float keys[MAX_LEN * DK], vals[MAX_LEN * DV];
     double full[DV], cmp[DV];
     int kv = h / (HQ / HKV), l = (int)c->cmp_block, d = (int)c->cmp_stride, n = 0, i, p, j;
@@ -91,7 +93,7 @@ static void naive(const nsa_config_t *c, int layer, int seq, int t, int h, const
         memcpy(&keys[p * DK], hist_k[layer][seq][p][kv], sizeof(float) * DK);
         memcpy(&vals[p * DV], hist_v[layer][seq][p][kv], sizeof(float) * DV);
     }
-    attend(q, keys, vals, t + 1, c->scale, full);
+    attend(q, keys, vals, t + 1, scale, full);
     for (i = 0; i * d + l - 1 <= t; i++, n++) { /* compressed token i: mean of [i*d, i*d+l) */
         for (j = 0; j < DK; j++) {
             double s = 0.0;
@@ -104,7 +106,7 @@ static void naive(const nsa_config_t *c, int layer, int seq, int t, int h, const
             vals[i * DV + j] = (float)(s / l);
         }
     }
-    attend(q, keys, vals, n, c->scale, cmp);
+    attend(q, keys, vals, n, scale, cmp);
     for (j = 0; j < DV; j++) out[j] = (float)(g[0] * cmp[j] + (g[1] + g[2]) * full[j]);
 }
 
@@ -136,7 +138,7 @@ int main(void) {
     cfg.num_kv_heads = HKV;
     cfg.head_dim_qk = DK;
     cfg.head_dim_v = DV;
-    cfg.scale = 1.0f / sqrtf((float)DK);
+    /* cfg.scale stays 0 (the preset's): the engine uses 1/sqrt(head_dim_qk). */
     cfg.dtype = NSA_DTYPE_F32;
     cfg.num_layers = LAYERS;
     cfg.max_seqs = SEQS;
@@ -231,6 +233,22 @@ int main(void) {
         }
         for (s = 0; s < SEQS; s++) lens[s] += entries[s].tokens;
         if (step == 0) printf("prefill: %d sequences, %u tokens in one step\n", SEQS, tokens);
+        if (step == DECODE_STEPS / 2) { /* save sequence 1, end it, restore it: decoding goes on */
+            size_t need = 0, used = 0;
+            uint32_t ids[SEQS], n = 0;
+            void *saved;
+            CHECK(nsa_cache_state_size(cache, 1, &need));
+            saved = alloc(need);
+            CHECK(nsa_cpu_state_export(cpu, cache, 1, saved, need, &used));
+            CHECK(nsa_cache_remove(cache, 1));
+            CHECK(nsa_cache_sequences(cache, ids, SEQS, &n));
+            if (n != 2 || ids[0] != 0 || ids[1] != 2) bad_blocks++;
+            CHECK(nsa_cpu_state_import(cpu, cache, 1, saved, used));
+            CHECK(nsa_cache_sequences(cache, ids, SEQS, &n));
+            if (n != 3) bad_blocks++;
+            printf("state: sequence 1 (%u tokens) saved in %zu bytes, removed, restored\n", lens[1], used);
+            free(saved);
+        }
     }
     printf("decode: %d steps x %d sequences; lengths %u, %u, %u\n", DECODE_STEPS, SEQS, lens[0], lens[1], lens[2]);
 

@@ -2,12 +2,18 @@
  * Loading libnsa as a plugin: dlopen it, look up the one symbol nsa_get_api, and call
  * everything else through the returned table. This file does not link against libnsa.
  *
- * Usage: nsa_plugin [path/to/libnsa.so]
+ * Usage: nsa_plugin [path/to/libnsa.so.0]
+ *
+ * Without an argument it loads NSA_LIBRARY_PATH when the build defines it (CMake's
+ * nsa::headers target does: the installed library's full path), else "libnsa.so.0",
+ * which the dynamic loader finds through this program's rpath (nsa::headers adds one),
+ * LD_LIBRARY_PATH or the ldconfig cache.
  */
 #define _POSIX_C_SOURCE 200112L
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "nsa.h"
 
@@ -21,7 +27,11 @@ static int failed(nsa_status st) { /* reports through the table's own last-error
 }
 
 int main(int argc, char **argv) {
-    const char *path = argc > 1 ? argv[1] : "libnsa.so";
+#ifdef NSA_LIBRARY_PATH
+    const char *path = argc > 1 ? argv[1] : NSA_LIBRARY_PATH;
+#else
+    const char *path = argc > 1 ? argv[1] : "libnsa.so.0";
+#endif
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     get_api_fn get_api;
     nsa_config_t cfg;
@@ -46,6 +56,20 @@ int main(int argc, char **argv) {
         *(void **)(&get_api) = sym;
     }
     if (get_api(NSA_ABI_VERSION + 1) != NULL) return 1; /* a version it does not implement */
+    {
+        /* Why it refused: nsa_last_error is exported by every version, no table needed. */
+        const char *(*last_error)(void);
+        const char *why;
+        void *sym = dlsym(lib, "nsa_last_error");
+        if (sym == NULL) return 1;
+        *(void **)(&last_error) = sym;
+        why = last_error();
+        if (why == NULL || strstr(why, "abi_version") == NULL) {
+            fprintf(stderr, "plugin: no reason for the refused ABI version: %s\n", why ? why : "(null)");
+            return 1;
+        }
+        printf("plugin: ABI %d refused as expected: %s\n", NSA_ABI_VERSION + 1, why);
+    }
     api = get_api(NSA_ABI_VERSION);
     if (api == NULL || api->struct_size < sizeof *api) {
         fprintf(stderr, "%s does not implement nsa ABI %d\n", path, NSA_ABI_VERSION);

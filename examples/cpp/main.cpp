@@ -200,8 +200,11 @@ int main() try {
     std::printf("speculative step: 4 drafts verified, 3 rejected, sequence 1 back to %u tokens\n", host.engine.len(1));
     for (int i = 0; i < 6; i++) host.step({{0, 1}, {1, 1}, {2, 1}});
 
-    // Request 2 finishes; a new request takes slot 3.
+    // Request 2 pauses: its state is saved and its slot freed; a new request takes slot 3
+    // (and the pages request 2 held).
+    auto saved = host.engine.save(2);
     host.engine.remove(2);
+    History paused = host.seqs.at(2);
     host.seqs.erase(2);
     host.engine.add(3);
     host.seqs[3];
@@ -216,9 +219,22 @@ int main() try {
         std::printf("expected error: %s\n", e.what());
     }
 
+    // Request 2 resumes from its saved state, in slot 2 again, and decodes on.
+    host.engine.restore(2, saved);
+    host.seqs[2] = paused;
+    const auto live = host.engine.sequences();
+    std::printf("request 2 restored from %zu saved bytes: live sequences", saved.size());
+    for (uint32_t id : live) std::printf(" %u", id);
+    std::printf("\n");
+    if (live != std::vector<uint32_t>{0, 1, 2, 3}) {
+        std::printf("FAIL: live sequences after the restore\n");
+        return 1;
+    }
+    for (int i = 0; i < 4; i++) host.step({{0, 1}, {1, 1}, {2, 1}, {3, 1}});
+
     auto s = host.engine.stats();
-    std::printf("lengths: seq0 %u, seq1 %u, seq3 %u; raw pages %u of %u in use, %u live sequences\n",
-                host.engine.len(0), host.engine.len(1), host.engine.len(3), s.raw_pages - s.raw_free, s.raw_pages,
+    std::printf("lengths: seq0 %u, seq1 %u, seq2 %u, seq3 %u; raw pages %u of %u in use, %u live sequences\n",
+                host.engine.len(0), host.engine.len(1), host.engine.len(2), host.engine.len(3), s.raw_pages - s.raw_free, s.raw_pages,
                 s.live_seqs);
     std::printf("checked %ld outputs (token x head x layer) against naive attention: max |err| = %.3g\n",
                 host.checked, host.max_err);

@@ -96,6 +96,29 @@ class Engine {
         return s;
     }
 
+    // The live sequence ids, ascending.
+    std::vector<uint32_t> sequences() const {
+        uint32_t n = 0;
+        check(nsa_cache_sequences(cache_.get(), nullptr, 0, &n));
+        std::vector<uint32_t> ids(n);
+        check(nsa_cache_sequences(cache_.get(), ids.data(), n, &n));
+        return ids;
+    }
+
+    // One sequence's state (length, K/V rows, compressed tokens of every layer), to keep
+    // and restore later into any free slot of an engine with the same config.
+    std::vector<unsigned char> save(uint32_t seq) {
+        size_t need = 0, used = 0;
+        check(nsa_cache_state_size(cache_.get(), seq, &need));
+        std::vector<unsigned char> state(need);
+        check(nsa_cpu_state_export(cpu_.get(), cache_.get(), seq, state.data(), state.size(), &used));
+        state.resize(used);
+        return state;
+    }
+    void restore(uint32_t seq, const std::vector<unsigned char>& state) {
+        check(nsa_cpu_state_import(cpu_.get(), cache_.get(), seq, state.data(), state.size()));
+    }
+
     // Once per step, before its layers.
     void plan(const std::vector<nsa_step_seq_t>& entries) {
         check(nsa_cache_plan_step(cache_.get(), entries.data(), static_cast<uint32_t>(entries.size())));

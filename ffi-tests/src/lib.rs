@@ -74,6 +74,13 @@ pub fn lib() -> &'static Lib {
 }
 
 impl Lib {
+    /// `nsa_last_error` looked up by name, as a host does after `nsa_get_api` refused.
+    pub fn last_error_by_symbol(&self) -> String {
+        // SAFETY: nsa_last_error has this signature (nsa.h).
+        let f = *unsafe { self._lib.get::<extern "C" fn() -> *const std::ffi::c_char>(b"nsa_last_error\0") }.expect("nsa_last_error symbol");
+        c_str(f())
+    }
+
     /// Whether the loaded library exports `name`.
     pub fn exports(&self, name: &str) -> bool {
         let sym = format!("{name}\0");

@@ -11,10 +11,12 @@
 
 mod arena;
 mod pool;
+mod state;
 
 pub(crate) use arena::View;
 use arena::{Arena, Parts};
 use pool::PoolMut;
+pub use state::{PoolBytes, FINGERPRINT, STATE_HEADER_BYTES, STATE_MAGIC, STATE_VERSION};
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};

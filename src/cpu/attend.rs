@@ -48,7 +48,7 @@ impl<T: Elem> LayerRun<'_, T> {
         for h in 0..g {
             let qf = &mut ws.qf[h * dk..][..dk];
             isa.convert(&self.q[(r * hq + h0 + h) * dk..][..dk], qf);
-            isa.scale(qf, cfg.scale); // exact conversion, then one rounding: x * scale
+            isa.scale(qf, cfg.softmax_scale()); // exact conversion, then one rounding: x * scale
         }
         let table = self.step.raw_table(ps.seq);
         let (acc_cmp, rest) = ws.acc.split_at_mut(g * dv);

@@ -1,4 +1,4 @@
-//! The compression function phi (NSA_SPEC.md branch 1): one compressed K or V row from
+//! The compression function phi (docs/SPEC.md, compressed branch): one compressed K or V row from
 //! the `l` raw rows of its block, with the caller's weights.
 
 use super::kernels::Isa;

@@ -23,6 +23,7 @@ mod online;
 mod parts;
 mod runner;
 mod select;
+mod state;
 mod store;
 mod workspace;
 
@@ -181,6 +182,13 @@ impl<'p> CpuBackend<'p> {
     /// `run_layer` and the other whole-layer calls still work, on the calling thread alone.
     pub fn new_hosted(cfg: &Config, buf: &'p mut [u8]) -> Result<Self> {
         Self::create(cfg, buf, 1)
+    }
+
+    /// The pools (the buffer's first `Layout::pool_bytes`) as bytes, for the state copies.
+    pub(super) fn pool_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `buf..buf_len` is the buffer borrowed exclusively for 'p (checked by the
+        // constructor to hold the pools); `&mut self` excludes any run writing it meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.lay.pool_bytes) }
     }
 
     fn create(cfg: &Config, buf: &'p mut [u8], threads: usize) -> Result<Self> {

@@ -1,4 +1,4 @@
-//! Block selection (NSA_SPEC.md branch 2, Eq. 9-11): compressed-attention probabilities
+//! Block selection (docs/SPEC.md, selected branch, Eq. 9-11): compressed-attention probabilities
 //! summed over the group, mapped to selection blocks with the overlap-centred reading of
 //! Eq. 9, forced blocks, then a deterministic top-n (ties to the lower block index).
 

@@ -34,6 +34,7 @@ mod compile;
 mod driver;
 mod params;
 mod staging;
+mod state;
 mod tensor_map;
 
 use std::ffi::{c_void, CString};
@@ -517,6 +518,11 @@ impl CudaBackend {
         &self.info
     }
 
+    /// The primary context the backend runs in (for `state.rs`).
+    pub(crate) fn context(&self) -> sys::CUcontext {
+        self.ctx
+    }
+
     /// Device address of the K/V pools (all layers, the CPU backend's layout).
     pub fn pools_ptr(&self) -> u64 {
         self.base + self.dl.pools.off as u64
@@ -854,7 +860,7 @@ impl CudaBackend {
             hc: self.hc as i32,
             mode: self.bulk as i32 | (self.tma as i32) << 1,
             tmaps: at(dl.tmaps.off + layer as usize * tensor_map::MAPS_PER_LAYER * tensor_map::TMAP_BYTES),
-            scale: cfg.scale,
+            scale: cfg.softmax_scale(),
             spb: 1,
             sel_chunks: 1,
             nstage: self.nstage as i32,

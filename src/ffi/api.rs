@@ -8,6 +8,7 @@ use super::config::*;
 use super::cpu::*;
 use super::cuda::*;
 use super::status::*;
+use super::state::*;
 use super::version::*;
 
 /// Every function of ABI version 1, for hosts that load the library with `dlopen` and
@@ -110,6 +111,7 @@ pub struct nsa_api_v1 {
         io: *const nsa_cuda_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
+    // --- added in library version 0.2 (check struct_size before use) ---
     /// `nsa_cpu_backend_create_hosted` (library 0.2).
     pub cpu_backend_create_hosted: unsafe extern "C" fn(
         cfg: *const nsa_config_t,
@@ -125,6 +127,43 @@ pub struct nsa_api_v1 {
         io: *const nsa_layer_io_t,
         ith: u32,
         nth: u32,
+    ) -> nsa_status,
+    /// `nsa_phi_weight_len`.
+    pub phi_weight_len: unsafe extern "C" fn(cfg: *const nsa_config_t, side: nsa_phi_side, out: *mut usize) -> nsa_status,
+    /// `nsa_cache_sequences`.
+    pub cache_sequences: unsafe extern "C" fn(cache: *const nsa_cache, ids: *mut u32, capacity: u32, count: *mut u32) -> nsa_status,
+    /// `nsa_cache_state_size`.
+    pub cache_state_size: unsafe extern "C" fn(cache: *const nsa_cache, seq: u32, out: *mut usize) -> nsa_status,
+    /// `nsa_cpu_state_export`.
+    pub cpu_state_export: unsafe extern "C" fn(
+        backend: *mut nsa_cpu_backend,
+        cache: *const nsa_cache,
+        seq: u32,
+        buf: *mut c_void,
+        bytes: usize,
+        written: *mut usize,
+    ) -> nsa_status,
+    /// `nsa_cpu_state_import`.
+    pub cpu_state_import:
+        unsafe extern "C" fn(backend: *mut nsa_cpu_backend, cache: *mut nsa_cache, seq: u32, buf: *const c_void, bytes: usize) -> nsa_status,
+    /// `nsa_cuda_state_export`.
+    pub cuda_state_export: unsafe extern "C" fn(
+        backend: *mut nsa_cuda_backend,
+        cache: *const nsa_cache,
+        seq: u32,
+        buf: *mut c_void,
+        bytes: usize,
+        written: *mut usize,
+        stream: *mut c_void,
+    ) -> nsa_status,
+    /// `nsa_cuda_state_import`.
+    pub cuda_state_import: unsafe extern "C" fn(
+        backend: *mut nsa_cuda_backend,
+        cache: *mut nsa_cache,
+        seq: u32,
+        buf: *const c_void,
+        bytes: usize,
+        stream: *mut c_void,
     ) -> nsa_status,
 }
 
@@ -163,17 +202,36 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cuda_run_layer: nsa_cuda_run_layer,
     cpu_backend_create_hosted: nsa_cpu_backend_create_hosted,
     cpu_run_layer_part: nsa_cpu_run_layer_part,
+    phi_weight_len: nsa_phi_weight_len,
+    cache_sequences: nsa_cache_sequences,
+    cache_state_size: nsa_cache_state_size,
+    cpu_state_export: nsa_cpu_state_export,
+    cpu_state_import: nsa_cpu_state_import,
+    cuda_state_export: nsa_cuda_state_export,
+    cuda_state_import: nsa_cuda_state_import,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL
-/// when the loaded library does not implement that version; then `nsa_last_error()`
-/// says which versions it does. The one symbol a plugin host needs:
+/// when the loaded library does not implement that version. The one symbol a plugin
+/// host needs (`"libnsa.so.0"` is found through the host's rpath, `LD_LIBRARY_PATH` or
+/// the ldconfig cache; otherwise pass the full path,
+/// `$(pkg-config --variable=libdir nsa)/libnsa.so.0`):
 ///
 /// ```c
-/// void *lib = dlopen("libnsa.so", RTLD_NOW | RTLD_LOCAL);
-/// const nsa_api_v1 *(*get)(uint32_t) = (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api");
+/// void *lib = dlopen("libnsa.so.0", RTLD_NOW | RTLD_LOCAL);
+/// const nsa_api_v1 *(*get)(uint32_t) =
+///     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
 /// const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
+/// if (get && !api) {
+///     // Why: nsa_last_error is exported by every version, so it needs no table.
+///     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
+///     fprintf(stderr, "nsa: %s\n", why ? why() : "no nsa_last_error");
+/// }
 /// ```
+///
+/// On NULL the calling thread's `nsa_last_error()` names the requested version and the
+/// one the library implements; `nsa_last_error` keeps its name and signature in every
+/// version, so a host looks it up with `dlsym` as it did `nsa_get_api`.
 ///
 /// The table is static (never free it) and valid while the library stays loaded.
 /// Thread-safe.

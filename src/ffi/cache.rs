@@ -41,6 +41,9 @@ impl nsa_cache {
     pub(crate) fn cache(&self) -> &Cache<'static> {
         &self.cache
     }
+    pub(crate) fn cache_mut(&mut self) -> &mut Cache<'static> {
+        &mut self.cache
+    }
     pub(crate) fn span(&self) -> args::Span {
         args::Span { arg: "cache arena", start: self.base, len: self.bytes, written: false }
     }
@@ -283,5 +286,40 @@ pub unsafe extern "C" fn nsa_cache_plan_step(cache: *mut nsa_cache, entries: *co
         }
         let entries = args::span(entries.cast::<StepSeq>(), n as usize, "entries", false)?;
         Ok(c.cache.plan_step(entries.slice())?)
+    })
+}
+
+/// Lists the live sequence ids, ascending: writes their number to `*count` and, when
+/// `ids` is not NULL, the ids to `ids[0 .. *count]`. `capacity` is the number of
+/// `uint32_t` at `ids`. Query the count first with `ids = NULL` (`capacity` is then
+/// ignored), or pass `max_seqs` entries, which always suffice.
+///
+/// Errors (nothing written): `NSA_STATUS_NULL_POINTER` (`cache`, `count`),
+/// `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BUFFER_TOO_SMALL` (`capacity` below the
+/// count; the message gives the count).
+///
+/// Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_sequences(cache: *const nsa_cache, ids: *mut u32, capacity: u32, count: *mut u32) -> nsa_status {
+    guard("nsa_cache_sequences", || {
+        let count = out_ptr(count, "count")?;
+        let c = handle(cache, "cache")?;
+        let n = c.cache.stats().live_seqs;
+        if !ids.is_null() {
+            if capacity < n {
+                let need = n as usize * size_of::<u32>();
+                return Err(crate::error::NsaError::BufferTooSmall { what: "ids", got: capacity as usize * size_of::<u32>(), need }.into());
+            }
+            let out = args::span(ids.cast_const(), n as usize, "ids", true)?;
+            let spans = [out, c.span()];
+            args::disjoint(&spans)?;
+            // SAFETY: `ids` holds `capacity >= n` elements (the caller's promise), checked
+            // aligned and not overlapping the arena.
+            for (slot, id) in out.slice_mut::<u32>().iter_mut().zip(c.cache.sequences()) {
+                *slot = id;
+            }
+        }
+        count.write(n);
+        Ok(())
     })
 }

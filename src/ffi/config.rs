@@ -1,6 +1,6 @@
 //! `nsa_config_t`: the engine configuration as a C struct, its presets and validation.
 
-use super::args::{out_struct, read_struct, Versioned};
+use super::args::{out_ptr, out_struct, read_struct, Versioned};
 use super::status::{guard, nsa_status, FfiResult};
 use crate::config::{Config, Dtype, Phi, Preset};
 use crate::error::NsaError;
@@ -36,7 +36,7 @@ pub const NSA_PRESET_PAPER: nsa_preset = 0;
 pub const NSA_PRESET_FLA: nsa_preset = 1;
 
 /// The engine configuration: model shape, NSA parameters, storage type and capacity.
-/// Field meanings are those of NSA_SPEC.md; `nsa_config_validate` lists every rule.
+/// Field meanings are those of docs/SPEC.md; `nsa_config_validate` lists every rule.
 ///
 /// Versioning: set `struct_size = sizeof(nsa_config_t)` before passing one in or asking
 /// for one. Fields are only ever appended; a library reading a larger struct accepts it
@@ -73,8 +73,10 @@ pub struct nsa_config_t {
     pub sel_local: u32,
     /// Sliding window length `w`, in keys.
     pub window: u32,
-    /// Softmax scale, finite and > 0; usually `1/sqrt(head_dim_qk)` (the presets set it
-    /// for their shape: recompute it when you change `head_dim_qk`).
+    /// Softmax scale: finite and > 0, or 0 (the presets' value) for `1/sqrt(head_dim_qk)`,
+    /// derived from the config's `head_dim_qk` when the cache and backends are created, so
+    /// a preset stays right after you change the shape. Set it only for a model trained
+    /// with another scale.
     pub scale: f32,
     /// Compression function: an `NSA_PHI_*` value.
     pub phi: nsa_phi,
@@ -98,8 +100,10 @@ pub struct nsa_config_t {
     pub max_step_seqs: u32,
     /// Most new tokens in one step over all its sequences, `>= max_step_seqs`.
     pub max_step_tokens: u32,
-    /// Threads of the CPU backend, 1..=256 (1: the calling thread only; otherwise the
-    /// backend starts `cpu_threads - 1` workers at creation).
+    /// Threads of the CPU backend's layer runs, 1..=256. 1 (the presets' value): every
+    /// run works on the calling thread only. `N > 1`: `nsa_cpu_backend_create` starts
+    /// `N - 1` worker threads once (joined by `nsa_cpu_backend_destroy`), and each layer
+    /// run spreads its work over them and the calling thread. Ignored by the CUDA backend.
     pub cpu_threads: u32,
 }
 
@@ -259,9 +263,10 @@ pub(crate) unsafe fn read_config(p: *const nsa_config_t, arg: &'static str) -> F
 }
 
 /// Writes a preset's parameters to `*out`: the preset's NSA parameters with the paper's
-/// model shape (64 query heads, 4 KV heads, head dims 192/128, bf16, scale 1/sqrt(192)),
-/// and a small capacity (1 layer, 4 sequences of 8192 tokens, pools fitted). Change the
-/// shape and capacity, recompute `scale`, then call `nsa_config_fit_pages`.
+/// model shape (64 query heads, 4 KV heads, head dims 192/128, bf16), `scale = 0` (the
+/// engine uses `1/sqrt(head_dim_qk)` of the final config), `cpu_threads = 1` (layer runs
+/// use the calling thread only), and a small capacity (1 layer, 4 sequences of 8192
+/// tokens, pools fitted). Change the shape and capacity, then call `nsa_config_fit_pages`.
 ///
 /// `out->struct_size` must be set by the caller. Errors: `NSA_STATUS_NULL_POINTER`,
 /// `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_INVALID_ARGUMENT` (unknown preset).
@@ -296,6 +301,40 @@ pub unsafe extern "C" fn nsa_config_fit_pages(cfg: *mut nsa_config_t) -> nsa_sta
         c.fit_pages();
         (*cfg).num_pages = c.num_pages;
         (*cfg).num_cmp_pages = c.num_cmp_pages;
+        Ok(())
+    })
+}
+
+/// Which side's phi weights `nsa_phi_weight_len` counts (one of `NSA_PHI_SIDE_*`).
+pub type nsa_phi_side = u32;
+/// The keys' phi (`phi_k` of a layer's io struct; row width `head_dim_qk`).
+pub const NSA_PHI_SIDE_K: nsa_phi_side = 0;
+/// The values' phi (`phi_v`; row width `head_dim_v`).
+pub const NSA_PHI_SIDE_V: nsa_phi_side = 1;
+
+/// Writes to `*out` the number of floats of one layer's phi weights for keys
+/// (`side = NSA_PHI_SIDE_K`, row width `D = head_dim_qk`) or values
+/// (`NSA_PHI_SIDE_V`, `D = head_dim_v`): what `phi_k_len` / `phi_v_len` of a layer's io
+/// struct must be. 0 for `NSA_PHI_MEAN`; `HKV*cmp_block` for weighted;
+/// `HKV*cmp_block*D*D` for linear; `HKV*(cmp_block*D*phi_hidden + phi_hidden +
+/// phi_hidden*D + D)` for mlp; plus `HKV*cmp_block*D` when `phi_pe` is 1. The parts'
+/// order and layouts are in docs/SPEC.md ("Weight layouts").
+///
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+/// `NSA_STATUS_INVALID_CONFIG` (the config fails `nsa_config_validate`),
+/// `NSA_STATUS_INVALID_ARGUMENT` (unknown `side`). Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_phi_weight_len(cfg: *const nsa_config_t, side: nsa_phi_side, out: *mut usize) -> nsa_status {
+    guard("nsa_phi_weight_len", || {
+        let out = out_ptr(out, "out")?;
+        let c = read_config(cfg, "cfg")?;
+        c.validate()?;
+        let d = match side {
+            NSA_PHI_SIDE_K => c.head_dim_qk,
+            NSA_PHI_SIDE_V => c.head_dim_v,
+            v => return Err(NsaError::arg("side", v, "must be NSA_PHI_SIDE_K (0) or NSA_PHI_SIDE_V (1)").into()),
+        };
+        out.write(c.phi_weight_len(d));
         Ok(())
     })
 }

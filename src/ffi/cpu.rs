@@ -25,9 +25,9 @@ use crate::layout::ARENA_ALIGN;
 /// layers all run on one backend).
 pub struct nsa_cpu_backend {
     magic: u64,
-    backend: CpuBackend<'static>,
-    base: usize,
-    bytes: usize,
+    pub(super) backend: CpuBackend<'static>,
+    pub(super) base: usize,
+    pub(super) bytes: usize,
 }
 
 const CPU_MAGIC: u64 = 0x4e53_415f_4350_5542; // "NSA_CPUB"
@@ -75,14 +75,14 @@ pub struct nsa_layer_io_t {
     /// NULL, or `[tokens][HKV][sel_count]`, written: each token's selected block indices
     /// (block `j` covers positions `[j*sel_block, (j+1)*sel_block)`), ascending, padded with -1.
     pub selected: *mut i32,
-    /// This layer's phi weights for keys, `phi_k_len` floats laid out as NSA_SPEC.md says
-    /// (NULL with length 0 for `NSA_PHI_MEAN`).
+    /// This layer's phi weights for keys, `phi_k_len` floats laid out as docs/SPEC.md
+    /// ("Weight layouts") says (NULL with length 0 for `NSA_PHI_MEAN`).
     pub phi_k: *const f32,
-    /// Floats at `phi_k`: must be the K-side weight count for the config's phi.
+    /// Floats at `phi_k`: must be `nsa_phi_weight_len(cfg, NSA_PHI_SIDE_K)`.
     pub phi_k_len: usize,
     /// This layer's phi weights for values (as `phi_k`, with `DV`).
     pub phi_v: *const f32,
-    /// Floats at `phi_v`.
+    /// Floats at `phi_v`: must be `nsa_phi_weight_len(cfg, NSA_PHI_SIDE_V)`.
     pub phi_v_len: usize,
 }
 

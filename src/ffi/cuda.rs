@@ -25,7 +25,7 @@ pub struct nsa_cuda_backend {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     magic: u64,
     #[cfg(feature = "cuda")]
-    backend: crate::cuda::CudaBackend,
+    pub(super) backend: crate::cuda::CudaBackend,
 }
 
 #[cfg(feature = "cuda")]
@@ -114,7 +114,7 @@ unsafe impl Versioned for nsa_cuda_layer_io_t {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn unavailable<T>() -> FfiResult<T> {
+pub(super) fn unavailable<T>() -> FfiResult<T> {
     Err(NsaError::BackendUnavailable("this libnsa was built without CUDA support (cargo feature `cuda`)".into()).into())
 }
 

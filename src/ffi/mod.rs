@@ -7,9 +7,11 @@
 //! - `config`: `nsa_config_t`, presets, validation;
 //! - `cache`: `struct nsa_cache` in the caller's arena, sequence operations, the step plan;
 //! - `cpu`: `struct nsa_cpu_backend` in the caller's buffer, the per-layer run;
+//! - `cuda`: `struct nsa_cuda_backend`, the CUDA backend (or its `BACKEND_UNAVAILABLE` stubs);
+//! - `state`: one sequence's state saved to and restored from a caller buffer;
 //! - `api`: the versioned function table returned by `nsa_get_api`.
 //!
-//! Conventions (DESIGN.md "C ABI conventions"): every fallible call returns an
+//! Conventions (docs/ARCHITECTURE.md, "C ABI conventions"): every fallible call returns an
 //! `nsa_status` and writes its outputs only on success; every body runs inside
 //! `status::guard`, so a panic becomes `NSA_STATUS_PANIC` and never unwinds into C; every
 //! pointer, range and struct size is checked before the core is called, and the core
@@ -24,6 +26,7 @@ pub mod config;
 pub mod cache;
 pub mod cpu;
 pub mod cuda;
+pub mod state;
 pub mod api;
 mod args;
 
@@ -32,5 +35,6 @@ pub use cache::*;
 pub use config::*;
 pub use cpu::*;
 pub use cuda::*;
+pub use state::*;
 pub use status::*;
 pub use version::*;

@@ -35,7 +35,7 @@ pub extern "C" fn nsa_version() -> u32 {
     NSA_VERSION
 }
 
-/// The loaded library's version as a static NUL-terminated string such as `"0.1.0"`
+/// The loaded library's version as a static NUL-terminated string such as `"0.2.0"`
 /// (never NULL; do not free it). Thread-safe; never fails.
 #[no_mangle]
 pub extern "C" fn nsa_version_string() -> *const c_char {

@@ -485,7 +485,7 @@ fn score_gap<T: Elem>(cfg: &Config, lay: &Layout, pools: &[T], layer: u32, cmp_p
         let s: Vec<f64> = (0..nc)
             .map(|i| {
                 let at = lb + ((cmp_pages[i / p] as usize * hkv + kvh) * p + i % p) * dk;
-                (0..dk).map(|e| (qh[e].to_f32() * cfg.scale) as f64 * pools[at + e].to_f32() as f64).sum::<f64>()
+                (0..dk).map(|e| (qh[e].to_f32() * cfg.softmax_scale()) as f64 * pools[at + e].to_f32() as f64).sum::<f64>()
             })
             .collect();
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

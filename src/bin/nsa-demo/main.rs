@@ -8,6 +8,7 @@
 //!
 //! `cargo run --release -- --help` lists the options.
 
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use half::bf16;
@@ -175,7 +176,8 @@ fn run(a: &Args) -> nsa::Result<()> {
         pool_bytes as f64 / (1 << 20) as f64
     );
 
-    // --- prefill, in chunks, with a progress bar ---
+    // --- prefill, in chunks, with a progress bar on a terminal (a log gets no `\r` line) ---
+    let bar_on = std::io::stderr().is_terminal();
     let chunk = cfg.max_step_tokens as usize;
     let gates_prefill = vec![1.0f32 / 3.0; chunk * hq * 3];
     let mut out = vec![bf16::ZERO; chunk * hq * dv];
@@ -195,11 +197,14 @@ fn run(a: &Args) -> nsa::Result<()> {
         }
         engine.run(&cache, &q, &k, &v, &gates_prefill[..n * hq * 3], &mut out[..n * hq * dv], None)?;
         done += n;
-        let frac = done as f64 / t as f64;
-        let bar = (frac * 40.0) as usize;
-        eprint!("\r  prefill [{}{}] {:>6}/{t} tokens {:>5.1}s", "#".repeat(bar), " ".repeat(40 - bar), done, started.elapsed().as_secs_f64());
+        if bar_on {
+            let bar = (done as f64 / t as f64 * 40.0) as usize;
+            eprint!("\r  prefill [{}{}] {:>6}/{t} tokens {:>5.1}s", "#".repeat(bar), " ".repeat(40 - bar), done, started.elapsed().as_secs_f64());
+        }
     }
-    eprintln!();
+    if bar_on {
+        eprintln!();
+    }
     let prefill_s = started.elapsed().as_secs_f64();
     println!("  prefill: {t} tokens in {prefill_s:.2} s ({:.0} tokens/s, all three branches)", t as f64 / prefill_s);
 
@@ -211,7 +216,7 @@ fn run(a: &Args) -> nsa::Result<()> {
     // Selected branch only (gates 0,1,0): the branch whose job is exact retrieval.
     let gates = [0.0f32, 1.0, 0.0].repeat(hq);
     for _ in 0..a.decode_steps {
-        let q: Vec<bf16> = (0..hq).flat_map(|_| u.iter().map(|x| bf16::from_f32(x * 2.5 / (cfg.scale * 8.0)))).collect();
+        let q: Vec<bf16> = (0..hq).flat_map(|_| u.iter().map(|x| bf16::from_f32(x * 2.5 / (cfg.softmax_scale() * 8.0)))).collect();
         let pos = cache.len(0)? as usize;
         let k: Vec<bf16> = key(&mut rng, pos).into_iter().map(bf16::from_f32).collect();
         let v: Vec<bf16> = val(&mut rng, pos).into_iter().map(bf16::from_f32).collect();
