@@ -59,6 +59,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")] pub mod cuda;
 pub mod reference;
 mod sync;
+mod zero_pad;
 pub mod ffi;
 
 pub use cache::Cache;

@@ -54,14 +54,16 @@ fn new_pages(before: u32, after: u32, p: u32) -> u32 {
 
 impl Cache<'_> {
     /// Plans a step: every entry's sequence grows by `tokens`. On success the lengths,
-    /// page tables and pools already reflect the step, and every layer must then be run
-    /// (the K/V rows of the new positions are written by the layer runs). Any later
-    /// add/fork/truncate/remove ends the step.
+    /// page tables and pools already reflect the step, and the step is open: every layer
+    /// must then run exactly once, in any order (the layer runs write the K/V rows of the
+    /// new positions), or [`Cache::abort_step`] undo it. While it is open, add, fork,
+    /// truncate, remove and plan_step refuse with `StepOpen`.
     ///
-    /// Fails, changing nothing, on: no entries or more than `max_step_seqs`; an id out of
+    /// Fails, changing nothing, on: an open step (`StepOpen`); no entries or more than `max_step_seqs`; an id out of
     /// range, not live, or listed twice; `tokens == 0`; a length past `max_seq_len`; more
     /// than `max_step_tokens` tokens in all; not enough free raw or compressed pages.
     pub fn plan_step(&mut self, entries: &[StepSeq]) -> Result<()> {
+        self.refuse_open_step()?;
         let cfg = *self.config();
         let p = cfg.page_size;
         if entries.is_empty() || entries.len() > cfg.max_step_seqs as usize {
@@ -173,11 +175,12 @@ impl Cache<'_> {
         *sp.step_seqs = entries.len() as u32;
         *sp.step_tokens = row;
         *sp.step_copies = ncopies as u32;
-        *sp.step_valid = 1;
+        self.open_step();
         Ok(())
     }
 
-    /// The planned step, or `NoStep` when none is planned or a later operation ended it.
+    /// The planned step (open or complete), or `NoStep` when none is planned or a later
+    /// operation ended it.
     pub fn step(&self) -> Result<Step<'_>> {
         let v = self.view();
         if v.hdr.step_valid == 0 {

@@ -13,7 +13,7 @@ fn check(threads: usize, dispatches: usize, preemptions: Option<usize>) {
     let mut model = loom::model::Builder::new();
     model.preemption_bound = preemptions;
     model.check(move || {
-        let runner = Runner::new(threads);
+        let mut runner = Runner::new(threads);
         for round in 0..dispatches {
             let hits: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
             runner.run(&|i| {

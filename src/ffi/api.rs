@@ -110,6 +110,8 @@ pub struct nsa_api_v1 {
         io: *const nsa_cuda_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
+    /// `nsa_cache_abort_step` (added in 0.1.x: check `struct_size` before use).
+    pub cache_abort_step: unsafe extern "C" fn(cache: *mut nsa_cache) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -145,6 +147,7 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cuda_backend_destroy: nsa_cuda_backend_destroy,
     cuda_upload_step: nsa_cuda_upload_step,
     cuda_run_layer: nsa_cuda_run_layer,
+    cache_abort_step: nsa_cache_abort_step,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

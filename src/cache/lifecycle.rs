@@ -1,0 +1,213 @@
+//! The step lifecycle, enforced by the cache for every backend.
+//!
+//! `plan_step` opens a step. Each layer run claims its layer once ([`Cache::claim_layer`],
+//! the first thing a backend's layer run does after checking its arguments); the step is
+//! complete when every layer has run, in any order. While a step is open (planned, not
+//! complete), every other mutating call (add, fork, truncate, remove, plan_step) refuses
+//! with [`NsaError::StepOpen`], naming the step and the layers not yet run: positions the
+//! plan counted are never left unwritten behind a caller's back. [`Cache::abort_step`]
+//! undoes an open (or complete) step exactly: lengths, page tables, refcounts and free
+//! stacks are byte for byte what they were before `plan_step`.
+//!
+//! The claims live in the arena's `step_layers` words and are updated atomically through
+//! `&Cache`, so layers of one cache may run concurrently on different backends/threads.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Cache;
+use crate::error::{NsaError, Result};
+use crate::layout::{POOL_CMP, POOL_RAW};
+use crate::plan::Step;
+
+/// Source of cache identities: unique within the process, never 0.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(super) fn fresh_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The cache a backend serves. A backend's pools hold the K/V of one cache's pages: it is
+/// bound to the first cache whose layer it runs and refuses any other afterwards (two
+/// caches on one backend would write their pages into the same pool memory).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheBinding(u64);
+
+impl CacheBinding {
+    /// Fails unless the backend is unbound or bound to `cache`.
+    pub fn check(&self, cache: &Cache) -> Result<()> {
+        if self.0 != 0 && self.0 != cache.id() {
+            return Err(NsaError::arg(
+                "cache",
+                format!("cache #{}", cache.id()),
+                format!(
+                    "this backend serves cache #{} (bound at its first layer run) and its pools hold that cache's pages; \
+                     create another backend for this cache",
+                    self.0
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Cache<'_> {
+    /// This cache's identity (unique within the process), which backends bind to.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Layers of the planned step that have run (0 when no step is planned).
+    pub fn layers_run(&self) -> u32 {
+        if self.view().hdr.step_valid == 0 {
+            return 0;
+        }
+        self.arena.step_layers()[0].load(Ordering::Acquire)
+    }
+
+    /// Whether `layer` has run in the planned step.
+    pub fn layer_ran(&self, layer: u32) -> bool {
+        let w = &self.arena.step_layers()[1..];
+        self.view().hdr.step_valid != 0
+            && layer < self.cfg.num_layers
+            && w[(layer / 32) as usize].load(Ordering::Acquire) & (1 << (layer % 32)) != 0
+    }
+
+    /// Whether a step is planned and some layer has not run yet.
+    pub fn step_open(&self) -> bool {
+        self.view().hdr.step_valid != 0 && self.layers_run() < self.cfg.num_layers
+    }
+
+    /// `StepOpen` while a step is open: what every mutating call checks first.
+    pub(crate) fn refuse_open_step(&self) -> Result<()> {
+        if !self.step_open() {
+            return Ok(());
+        }
+        let v = self.view();
+        let missing: Vec<u32> = (0..self.cfg.num_layers).filter(|&l| !self.layer_ran(l)).collect();
+        let mut m = String::new();
+        let _ = write!(m, "layer{} ", if missing.len() == 1 { "" } else { "s" });
+        for (i, l) in missing.iter().take(8).enumerate() {
+            let _ = write!(m, "{}{l}", if i > 0 { ", " } else { "" });
+        }
+        if missing.len() > 8 {
+            let _ = write!(m, ", ... ({} in all)", missing.len());
+        }
+        let _ = write!(m, " of 0..{} have not run, so positions ", self.cfg.num_layers);
+        let seqs = &v.plan_seqs[..v.hdr.step_seqs as usize];
+        for (i, s) in seqs.iter().take(4).enumerate() {
+            let _ = write!(m, "{}{}..{} of sequence {}", if i > 0 { ", " } else { "" }, s.old_len, s.new_len, s.seq);
+        }
+        if seqs.len() > 4 {
+            let _ = write!(m, ", ... ({} sequences)", seqs.len());
+        }
+        m.push_str(" are counted but not written");
+        Err(NsaError::StepOpen { step: v.hdr.step_id, missing: m })
+    }
+
+    /// Clears the claims: called when a step is planned or dropped.
+    fn reset_claims(&self) {
+        for w in self.arena.step_layers() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    /// Opens the step just planned (numbering it) with no layer run.
+    pub(crate) fn open_step(&mut self) {
+        self.reset_claims();
+        let p = self.split();
+        *p.step_id = p.step_id.wrapping_add(1);
+        *p.step_valid = 1;
+    }
+
+    /// Drops the plan (an add/fork/truncate/remove after a complete step).
+    pub(crate) fn end_step(&mut self) {
+        self.reset_claims();
+        *self.split().step_valid = 0;
+    }
+
+    /// Claims `layer` of the planned step for one layer run, binding `backend` to this
+    /// cache: the one call a backend's layer run makes into the cache, after checking its
+    /// own arguments and before writing anything. Returns the step to run.
+    ///
+    /// Fails, changing nothing, when the backend serves another cache, no step is planned,
+    /// `layer` is out of range, or `layer` already ran in this step.
+    pub fn claim_layer(&self, backend: &mut CacheBinding, layer: u32) -> Result<Step<'_>> {
+        backend.check(self)?;
+        let step = self.step()?;
+        if layer >= self.cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", self.cfg.num_layers)));
+        }
+        let words = self.arena.step_layers();
+        let bit = 1u32 << (layer % 32);
+        if words[1 + (layer / 32) as usize].fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return Err(NsaError::LayerAlreadyRun { layer, step: self.view().hdr.step_id });
+        }
+        words[0].fetch_add(1, Ordering::AcqRel);
+        backend.0 = self.id;
+        Ok(step)
+    }
+
+    /// Undoes the planned step, whether or not its layers ran: every sequence of the step
+    /// gets back its length, page tables and compressed tokens, pages the plan took return
+    /// to the free stacks in reverse order, and copy-on-write pages go back to being
+    /// shared, so the arena's bookkeeping is byte for byte what it was before `plan_step`.
+    /// No step is planned afterwards. K/V rows the layers wrote past the old lengths are
+    /// simply no longer part of any sequence.
+    ///
+    /// Fails with `NoStep`, changing nothing, when no step is planned (none was, or a
+    /// later add/fork/truncate/remove ended a complete one).
+    pub fn abort_step(&mut self) -> Result<()> {
+        self.step()?;
+        let cfg = self.cfg;
+        let p = cfg.page_size;
+        let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+        let mut sp = self.split();
+        let mut ncopies = *sp.step_copies as usize;
+        // Exactly the reverse of plan_step's commit loop, so that every page pushed back
+        // lands where it was popped from.
+        for i in (0..*sp.step_seqs as usize).rev() {
+            let ps = sp.plan_seqs[i];
+            let s = ps.seq as usize;
+            let (old, new) = (ps.old_len, ps.new_len);
+            let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
+            for (pool_id, before, after, pool, tables, per) in [
+                (POOL_CMP, cold, cnew, &mut sp.cmp, &mut *sp.cmp_tables, cpps),
+                (POOL_RAW, old, new, &mut sp.raw, &mut *sp.raw_tables, pps),
+            ] {
+                if after == before {
+                    continue;
+                }
+                let table = &mut tables[s * per..][..per];
+                for slot in table[before.div_ceil(p) as usize..after.div_ceil(p) as usize].iter_mut().rev() {
+                    pool.release(*slot as u32);
+                    *slot = -1;
+                }
+                if before % p != 0 && ncopies > 0 {
+                    let c = sp.plan_copies[ncopies - 1];
+                    let idx = (before / p) as usize;
+                    if c.pool == pool_id && table[idx] == c.dst as i32 {
+                        // The plan took `dst` and dropped one holder of the shared `src`
+                        // (which kept at least one other): give the holder back.
+                        pool.refcount[c.src as usize] += 1;
+                        pool.release(c.dst);
+                        table[idx] = c.src as i32;
+                        ncopies -= 1;
+                    }
+                }
+            }
+            sp.seqs[s].len = old;
+        }
+        debug_assert_eq!(ncopies, 0, "abort_step: copy-on-write copies left unmatched");
+        self.end_step();
+        Ok(())
+    }
+
+    /// The invariants, then the lifecycle: `Corrupt` when the bookkeeping is inconsistent,
+    /// `StepOpen` when a planned step has positions counted that some layer has not
+    /// written yet.
+    pub fn check(&self) -> Result<()> {
+        self.check_invariants().map_err(NsaError::Corrupt)?;
+        self.refuse_open_step()
+    }
+}
