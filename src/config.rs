@@ -256,16 +256,15 @@ impl Config {
         let (hkv, l, d, hid) = (self.num_kv_heads as usize, self.cmp_block as usize, d as usize, self.phi_hidden as usize);
         let m = |xs: &[usize]| xs.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
         let pe = if self.phi_pe { m(&[hkv, l, d])? } else { 0 };
-        let len = match self.phi {
-            Phi::Mean => 0,
-            Phi::Weighted => m(&[hkv, l])?,
-            Phi::Linear => m(&[hkv, l, d, d])?,
+        match self.phi {
+            Phi::Mean => Some(0),
+            Phi::Weighted => m(&[hkv, l]),
+            Phi::Linear => m(&[hkv, l, d, d])?.checked_add(pe),
             Phi::Mlp => {
                 let per_head = m(&[l, d, hid])?.checked_add(hid)?.checked_add(m(&[hid, d])?)?.checked_add(d)?;
-                m(&[hkv, per_head])?
+                m(&[hkv, per_head])?.checked_add(pe)
             }
-        };
-        len.checked_add(pe)
+        }
     }
 
     /// Checks every field and every relation between fields. The error names the first

@@ -93,7 +93,7 @@ impl Cache<'_> {
         if missing.len() > 8 {
             let _ = write!(m, ", ... ({} in all)", missing.len());
         }
-        let _ = write!(m, " of 0..{} have not run, so positions ", self.cfg.num_layers);
+        let _ = write!(m, " of 0..{} {} not run, so positions ", self.cfg.num_layers, if missing.len() == 1 { "has" } else { "have" });
         let seqs = &v.plan_seqs[..v.hdr.step_seqs as usize];
         for (i, s) in seqs.iter().take(4).enumerate() {
             let _ = write!(m, "{}{}..{} of sequence {}", if i > 0 { ", " } else { "" }, s.old_len, s.new_len, s.seq);
