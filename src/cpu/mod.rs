@@ -225,11 +225,11 @@ impl<'p> CpuBackend<'p> {
         if T::DTYPE != cfg.dtype {
             return Err(NsaError::arg("T", T::DTYPE.name(), format!("the config's dtype is {}", cfg.dtype.name())));
         }
+        self.binding.check(cache)?;
+        let step = cache.step()?;
         if layer >= cfg.num_layers {
             return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
         }
-        self.binding.check(cache)?;
-        let step = cache.step()?;
         let n = step.tokens as usize;
         let (hq, hkv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize);
         let (dk, dv) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
