@@ -16,6 +16,7 @@ use common::*;
 use nsa::{Cache, CacheBinding, Config, NsaError, Preset, StepSeq};
 use shadow::{Kind, Op, Shadow};
 
+
 fn tiny(preset: Preset, rng: &mut Rng) -> Config {
     let mut c = Config::preset(preset).with_shape(2, 1, 8, 8);
     c.max_seqs = 6;
@@ -44,55 +45,6 @@ fn kind(e: &NsaError) -> Kind {
     }
 }
 
-/// A random operation: mostly one the model says is valid, sometimes a bad one.
-pub fn random_op(sh: &Shadow, rng: &mut Rng, max_seqs: u32) -> Op {
-    let live = sh.live();
-    let free = sh.free_slots();
-    let any = |rng: &mut Rng| rng.below(max_seqs as u64 + 2) as u32; // sometimes out of range
-    let some_live = |rng: &mut Rng| if live.is_empty() || rng.below(10) == 0 { any(rng) } else { rng.pick(&live) };
-    if sh.open() && rng.below(5) != 0 {
-        let pending = sh.pending_layers();
-        return match rng.below(10) {
-            0 => Op::Abort,
-            1 => Op::Run(rng.below(sh.layers() as u64 + 1) as u32), // may repeat or be out of range
-            _ => Op::Run(rng.pick(&pending)),
-        };
-    }
-    match rng.below(20) {
-        0..=1 => Op::Add(if free.is_empty() || rng.below(6) == 0 { any(rng) } else { rng.pick(&free) }),
-        2..=3 => Op::Fork(some_live(rng), if free.is_empty() || rng.below(6) == 0 { any(rng) } else { rng.pick(&free) }),
-        4..=5 => {
-            let s = some_live(rng);
-            let len = sh.len(s).unwrap_or(10);
-            let past = if rng.below(6) == 0 { 3 } else { 1 };
-            Op::Truncate(s, rng.below(len as u64 + past) as u32)
-        }
-        6 => Op::Remove(some_live(rng)),
-        7 => Op::Abort,
-        8 => Op::Run(rng.below(sh.layers() as u64 + 1) as u32),
-        _ => {
-            let mut entries: Vec<(u32, u32)> = vec![];
-            for &s in &live {
-                if rng.below(2) == 0 && entries.len() < 4 {
-                    entries.push((s, rng.pick(&[1, 1, 1, 2, 7, 16, 33, 64, 150])));
-                }
-            }
-            if entries.is_empty() && !live.is_empty() {
-                entries.push((rng.pick(&live), 1));
-            }
-            match rng.below(16) {
-                0 if !entries.is_empty() => entries.push(entries[0]), // listed twice
-                1 if !entries.is_empty() => entries[0].1 = 0,         // no token
-                2 => entries.push((max_seqs + 3, 1)),                 // out of range
-                3 if !entries.is_empty() => entries[0].1 = 599,       // too long / too many
-                4 => entries.clear(),
-                _ => {}
-            }
-            Op::Plan(entries)
-        }
-    }
-}
-
 #[test]
 fn random_operation_sequences_match_the_shadow_model() {
     let mut rng = Rng::new(21);
@@ -106,7 +58,7 @@ fn random_operation_sequences_match_the_shadow_model() {
         let mut sh = Shadow::new(&cfg);
         let mut before_plan = vec![];
         for _ in 0..400 {
-            let op = random_op(&sh, &mut rng, cfg.max_seqs);
+            let op = sh.random_op(&mut |n| rng.below(n));
             let before = cache.state_bytes().to_vec();
             let want = sh.apply(&op);
             let got = match &op {

@@ -335,3 +335,64 @@ impl Shadow {
         Ok(())
     }
 }
+
+impl Shadow {
+    /// A random operation: mostly one this model says is valid (so that at least half of
+    /// a run's operations change the state), sometimes a bad one of every kind. `below(n)`
+    /// draws uniformly from `0..n`.
+    pub fn random_op(&self, below: &mut dyn FnMut(u64) -> u64) -> Op {
+        let live = self.live();
+        let free = self.free_slots();
+        let max = self.max_seqs;
+        let pick = |xs: &[u32], below: &mut dyn FnMut(u64) -> u64| xs[below(xs.len() as u64) as usize];
+        let any = |below: &mut dyn FnMut(u64) -> u64| below(max as u64 + 2) as u32; // sometimes out of range
+        let some_live = |below: &mut dyn FnMut(u64) -> u64| if live.is_empty() || below(10) == 0 { any(below) } else { pick(&live, below) };
+        let some_free = |below: &mut dyn FnMut(u64) -> u64| if free.is_empty() || below(6) == 0 { below(max as u64 + 2) as u32 } else { free[below(free.len() as u64) as usize] };
+        if self.open() && below(5) != 0 {
+            let pending = self.pending_layers();
+            return match below(10) {
+                0 => Op::Abort,
+                1 => Op::Run(below(self.layers as u64 + 1) as u32), // may repeat or be out of range
+                _ => Op::Run(pending[below(pending.len() as u64) as usize]),
+            };
+        }
+        match below(20) {
+            0..=1 => Op::Add(some_free(below)),
+            2..=3 => {
+                let src = some_live(below);
+                Op::Fork(src, some_free(below))
+            }
+            4..=5 => {
+                let s = some_live(below);
+                let len = self.len(s).unwrap_or(10);
+                let past = if below(6) == 0 { 3 } else { 1 };
+                Op::Truncate(s, below(len as u64 + past) as u32)
+            }
+            6 => Op::Remove(some_live(below)),
+            7 => Op::Abort,
+            8 => Op::Run(below(self.layers as u64 + 1) as u32),
+            _ => {
+                let mut entries: Vec<(u32, u32)> = vec![];
+                for &s in &live {
+                    if below(2) == 0 && entries.len() < self.max_step_seqs as usize {
+                        let t = [1, 1, 1, 2, 7, 16, 33, 64, 150][below(9) as usize];
+                        entries.push((s, t));
+                    }
+                }
+                if entries.is_empty() && !live.is_empty() {
+                    entries.push((live[below(live.len() as u64) as usize], 1));
+                }
+                match below(16) {
+                    0 if !entries.is_empty() => entries.push(entries[0]), // listed twice
+                    1 if !entries.is_empty() => entries[0].1 = 0,         // no token
+                    2 => entries.push((max + 3, 1)),                      // out of range
+                    3 if !entries.is_empty() => entries[0].1 = self.max_seq_len, // too long / too many
+                    4 => entries.clear(),
+                    _ => {}
+                }
+                Op::Plan(entries)
+            }
+        }
+    }
+}
+
