@@ -100,29 +100,17 @@ impl Cache<'_> {
             raw_need += new_pages(old, new, p);
             let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
             cmp_need += new_pages(cold, cnew, p);
-            // Copy-on-write: the m-th step sequence (in order) appending into a page with
-            // refcount rc copies it iff rc - m > 1 (each earlier one dropped a holder).
-            let cow = |rows: u32, tables: &[i32], per: usize, rc: &[u32], last_of: &dyn Fn(&StepSeq) -> Option<i32>| {
-                if rows % p == 0 {
-                    return false;
-                }
-                let pg = tables[e.seq as usize * per + (rows / p) as usize];
-                let m = entries[..i].iter().filter(|o| last_of(o) == Some(pg)).count() as u32;
-                rc[pg as usize] > m + 1
+            // Copy-on-write: a sequence appending into a partial page that is shared when
+            // the step is planned copies it, even when every other holder copies too. So a
+            // step never writes a page that was shared, and abort_step can give every
+            // holder back the page as it was.
+            let cow = |rows: u32, tables: &[i32], per: usize, rc: &[u32]| {
+                rows % p != 0 && rc[tables[e.seq as usize * per + (rows / p) as usize] as usize] > 1
             };
-            let raw_last = |o: &StepSeq| {
-                let l = v.seqs[o.seq as usize].len;
-                (l % p != 0).then(|| v.raw_tables[o.seq as usize * pps + (l / p) as usize])
-            };
-            let cmp_last = |o: &StepSeq| {
-                let l = v.seqs[o.seq as usize].len;
-                let (c0, c1) = (cfg.num_cmp_tokens(l), cfg.num_cmp_tokens(l + o.tokens));
-                (c1 > c0 && c0 % p != 0).then(|| v.cmp_tables[o.seq as usize * cpps + (c0 / p) as usize])
-            };
-            if cow(old, v.raw_tables, pps, v.raw_refcount, &raw_last) {
+            if cow(old, v.raw_tables, pps, v.raw_refcount) {
                 raw_need += 1;
             }
-            if cnew > cold && cow(cold, v.cmp_tables, cpps, v.cmp_refcount, &cmp_last) {
+            if cnew > cold && cow(cold, v.cmp_tables, cpps, v.cmp_refcount) {
                 cmp_need += 1;
             }
         }
@@ -156,9 +144,10 @@ impl Cache<'_> {
                 if before % p != 0 {
                     let idx = (before / p) as usize;
                     let src = table[idx] as u32;
+                    // Refcounts of pages shared at plan time are unchanged until the loop
+                    // ends (the holders are dropped below), so this is the plan-time count.
                     if pool.refcount[src as usize] > 1 {
                         let dst = pool.take();
-                        pool.release(src);
                         table[idx] = dst as i32;
                         sp.plan_copies[ncopies] = PageCopy { pool: pool_id, src, dst, rows: before % p };
                         ncopies += 1;
@@ -171,6 +160,12 @@ impl Cache<'_> {
             sp.seqs[s].len = new;
             sp.plan_seqs[i] = PlanSeq { seq: e.seq, old_len: old, new_len: new, row };
             row += e.tokens;
+        }
+        // The copies' sources lose a holder only now: a source every holder copied away
+        // from goes back to the pool after every page this step took, so the step never
+        // writes it (abort_step hands it back intact).
+        for c in &sp.plan_copies[..ncopies] {
+            if c.pool == POOL_RAW { &mut sp.raw } else { &mut sp.cmp }.release(c.src);
         }
         *sp.step_seqs = entries.len() as u32;
         *sp.step_tokens = row;

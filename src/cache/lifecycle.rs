@@ -150,8 +150,9 @@ impl Cache<'_> {
 
     /// Undoes the planned step, whether or not its layers ran: every sequence of the step
     /// gets back its length, page tables and compressed tokens, pages the plan took return
-    /// to the free stacks in reverse order, and copy-on-write pages go back to being
-    /// shared, so the arena's bookkeeping is byte for byte what it was before `plan_step`.
+    /// to the free stacks in reverse order, and copy-on-write sources go back to being
+    /// shared (the step never wrote them), so [`Cache::bookkeeping`] is what it was before
+    /// `plan_step`.
     /// No step is planned afterwards. K/V rows the layers wrote past the old lengths are
     /// simply no longer part of any sequence.
     ///
@@ -164,8 +165,13 @@ impl Cache<'_> {
         let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
         let mut sp = self.split();
         let mut ncopies = *sp.step_copies as usize;
-        // Exactly the reverse of plan_step's commit loop, so that every page pushed back
-        // lands where it was popped from.
+        // Exactly the reverse of plan_step's commit, so that every page pushed back lands
+        // where it was popped from. Last in the plan: each copy's source lost a holder
+        // (and went to the free stack when it was the last).
+        for c in sp.plan_copies[..ncopies].iter().rev() {
+            let pool = if c.pool == POOL_RAW { &mut sp.raw } else { &mut sp.cmp };
+            pool.unrelease(c.src);
+        }
         for i in (0..*sp.step_seqs as usize).rev() {
             let ps = sp.plan_seqs[i];
             let s = ps.seq as usize;
@@ -187,9 +193,7 @@ impl Cache<'_> {
                     let c = sp.plan_copies[ncopies - 1];
                     let idx = (before / p) as usize;
                     if c.pool == pool_id && table[idx] == c.dst as i32 {
-                        // The plan took `dst` and dropped one holder of the shared `src`
-                        // (which kept at least one other): give the holder back.
-                        pool.refcount[c.src as usize] += 1;
+                        // The plan took `dst` for this sequence's copy of `src`.
                         pool.release(c.dst);
                         table[idx] = c.src as i32;
                         ncopies -= 1;

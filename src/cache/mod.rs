@@ -112,6 +112,24 @@ impl<'a> Cache<'a> {
         self.arena.bytes()
     }
 
+    /// The sequences' bookkeeping, as bytes: pool counts, refcounts, the live part of the
+    /// free stacks, slots and page tables (not the step plan, nor the stale slots above
+    /// the free stacks' tops). What `abort_step` restores; for tests.
+    pub fn bookkeeping(&self) -> Vec<u8> {
+        let v = self.view();
+        let words = |x: &[u32]| x.iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>();
+        let mut b = words(&[v.hdr.raw_free, v.hdr.cmp_free, v.hdr.live_seqs]);
+        b.extend(words(v.raw_refcount));
+        b.extend(words(&v.raw_free[..v.hdr.raw_free as usize]));
+        b.extend(words(v.cmp_refcount));
+        b.extend(words(&v.cmp_free[..v.hdr.cmp_free as usize]));
+        for s in v.seqs {
+            b.extend(words(&[s.active, s.len]));
+        }
+        b.extend(v.raw_tables.iter().chain(v.cmp_tables).flat_map(|w| w.to_ne_bytes()));
+        b
+    }
+
     pub fn stats(&self) -> PoolStats {
         let v = self.view();
         PoolStats {

@@ -179,9 +179,10 @@ impl Shadow {
         }
     }
 
-    /// Grows one pool's table from `before` to `after` rows: copies a shared partial page
-    /// first, then takes new pages. Returns the pages taken.
-    fn grow(&mut self, s: u32, raw: bool, before: u32, after: u32) -> u32 {
+    /// Grows one pool's table from `before` to `after` rows: copies a partial page shared
+    /// when the step was planned first (its holder is dropped in `dropped`, after the whole
+    /// plan), then takes new pages. Returns the pages taken.
+    fn grow(&mut self, s: u32, raw: bool, before: u32, after: u32, dropped: &mut Vec<(u64, bool)>) -> u32 {
         if after == before {
             return 0;
         }
@@ -193,7 +194,7 @@ impl Shadow {
             let id = if raw { q.raw[idx] } else { q.cmp[idx] };
             if self.st.holders[&id] > 1 {
                 let new = self.new_page(raw);
-                self.drop_page(id, raw);
+                dropped.push((id, raw));
                 let q = self.st.seqs[s as usize].as_mut().unwrap();
                 if raw {
                     q.raw[idx] = new;
@@ -297,11 +298,15 @@ impl Shadow {
                 let before = self.st.clone();
                 let next_id = self.next_id;
                 let (mut raw_need, mut cmp_need) = (0, 0);
+                let mut dropped = vec![];
                 for &(s, t) in entries {
                     let old = self.len(s).unwrap();
-                    raw_need += self.grow(s, true, old, old + t);
-                    cmp_need += self.grow(s, false, self.ncmp(old), self.ncmp(old + t));
+                    raw_need += self.grow(s, true, old, old + t, &mut dropped);
+                    cmp_need += self.grow(s, false, self.ncmp(old), self.ncmp(old + t), &mut dropped);
                     self.st.seqs[s as usize].as_mut().unwrap().len = old + t;
+                }
+                for (id, raw) in dropped {
+                    self.drop_page(id, raw);
                 }
                 let out = if raw_need > self.raw_pages - before.raw_used {
                     Some(Kind::OutOfPages)
@@ -356,6 +361,9 @@ impl Shadow {
                 _ => Op::Run(pending[below(pending.len() as u64) as usize]),
             };
         }
+        if live.is_empty() && below(4) != 0 {
+            return Op::Add(some_free(below));
+        }
         match below(20) {
             0..=1 => Op::Add(some_free(below)),
             2..=3 => {
@@ -375,7 +383,7 @@ impl Shadow {
                 let mut entries: Vec<(u32, u32)> = vec![];
                 for &s in &live {
                     if below(2) == 0 && entries.len() < self.max_step_seqs as usize {
-                        let t = [1, 1, 1, 2, 7, 16, 33, 64, 150][below(9) as usize];
+                        let t = [1, 1, 1, 1, 2, 7, 16, 33, 64, 150][below(10) as usize];
                         entries.push((s, t));
                     }
                 }
