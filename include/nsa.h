@@ -91,7 +91,10 @@
  *
  * Backends: a backend's pools hold the K/V of one cache's pages, so a backend serves one
  * cache only, the first whose layer it runs; any other cache is refused
- * (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend.
+ * (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend. (A cache may be
+ * mirrored on a second backend, e.g. to compare CPU and GPU: each backend runs each layer
+ * once per step, and the cache counts a layer when the first one ran it.) A host that
+ * replays a captured layer run (CUDA graph) counts it with `nsa_cache_mark_layer_run`.
  *
  * Thread safety: not internally synchronized. Calls that take `nsa_cache*` must not run
  * concurrently with any other call on the same cache; calls that take `const nsa_cache*`
@@ -655,6 +658,10 @@ typedef struct nsa_api_v1 {
      * `nsa_cache_abort_step` (added in 0.1.x: check `struct_size` before use).
      */
     nsa_status (*cache_abort_step)(struct nsa_cache *cache);
+    /**
+     * `nsa_cache_mark_layer_run` (added in 0.1.x: check `struct_size` before use).
+     */
+    nsa_status (*cache_mark_layer_run)(const struct nsa_cache *cache, uint32_t layer);
 } nsa_api_v1;
 
 /**
@@ -1055,6 +1062,20 @@ nsa_status nsa_cache_plan_step(struct nsa_cache *cache,
  * complete one).
  */
 nsa_status nsa_cache_abort_step(struct nsa_cache *cache);
+
+/**
+ * Counts `layer` as run in the planned step, for a host that replays a captured layer
+ * run (a CUDA graph of `nsa_cuda_run_layer`) instead of calling the run function, which
+ * is what counts layers otherwise. Call it once per replayed layer and step, after
+ * queueing the replay; a layer that already counts as run stays counted. Do not use it
+ * to skip a layer: a sequence would then count positions that layer never wrote.
+ *
+ * Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_NO_STEP`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range).
+ *
+ * Thread safety: as a layer run; may run concurrently with other `const nsa_cache*` calls.
+ */
+nsa_status nsa_cache_mark_layer_run(const struct nsa_cache *cache, uint32_t layer);
 
 /**
  * Writes to `*out` the bytes of host memory the CPU backend needs (handle, every layer's

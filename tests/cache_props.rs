@@ -54,7 +54,7 @@ fn random_operation_sequences_match_the_shadow_model() {
         let cfg = tiny(if round % 2 == 0 { Preset::Paper } else { Preset::Fla }, &mut rng);
         let mut buf = Buf::new(Cache::arena_bytes(&cfg).unwrap());
         let mut cache = Cache::new(&cfg, buf.bytes()).unwrap();
-        let mut backend = CacheBinding::default();
+        let mut backend = CacheBinding::new(&cfg);
         let mut sh = Shadow::new(&cfg);
         let mut before_plan = vec![];
         for _ in 0..400 {

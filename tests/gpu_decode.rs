@@ -165,8 +165,9 @@ fn decode_step_replays_from_a_cuda_graph() {
     let replays = sz(40, 12);
     for _ in 0..replays {
         // Only the plan is uploaded; the layer is the graph's replay.
-        h.step_with(&entries, &mut |_, _, _, _, s| unsafe {
+        h.step_with(&entries, &mut |_, cache, layer, _, s| unsafe {
             assert_eq!(sys::cuGraphLaunch(exec, s), sys::CUresult::CUDA_SUCCESS);
+            cache.mark_layer_run(layer).unwrap(); // the replay did not go through run_layer
         });
     }
     let st = h.finish();

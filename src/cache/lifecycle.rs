@@ -27,27 +27,61 @@ pub(super) fn fresh_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The cache a backend serves. A backend's pools hold the K/V of one cache's pages: it is
-/// bound to the first cache whose layer it runs and refuses any other afterwards (two
-/// caches on one backend would write their pages into the same pool memory).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CacheBinding(u64);
+/// What a backend knows of its part in the step lifecycle: the cache it serves and the
+/// layers it has run in that cache's current step.
+///
+/// A backend's pools hold the K/V of one cache's pages: it is bound to the first cache
+/// whose layer it runs and refuses any other afterwards (two caches on one backend would
+/// write their pages into the same pool memory). It runs each layer once per step; the
+/// cache counts a layer as run when any backend serving it ran it (a host may mirror a
+/// cache on a second backend, as the GPU tests do with the CPU backend; each backend
+/// must then run every layer).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheBinding {
+    /// `Cache::id` of the cache served, 0 before the first layer run.
+    cache: u64,
+    /// The cache's step the bits below belong to.
+    step: u32,
+    /// One bit per layer run in that step (allocated once, at the backend's creation).
+    ran: Vec<u64>,
+}
 
 impl CacheBinding {
+    /// For a backend of `cfg` (one bit per layer).
+    pub fn new(cfg: &crate::config::Config) -> CacheBinding {
+        CacheBinding { cache: 0, step: 0, ran: vec![0; cfg.num_layers.div_ceil(64) as usize] }
+    }
+
     /// Fails unless the backend is unbound or bound to `cache`.
     pub fn check(&self, cache: &Cache) -> Result<()> {
-        if self.0 != 0 && self.0 != cache.id() {
+        if self.cache != 0 && self.cache != cache.id() {
             return Err(NsaError::arg(
                 "cache",
                 format!("cache #{}", cache.id()),
                 format!(
                     "this backend serves cache #{} (bound at its first layer run) and its pools hold that cache's pages; \
                      create another backend for this cache",
-                    self.0
+                    self.cache
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// Whether this backend ran `layer` in step `step` of the cache it serves.
+    fn ran(&self, step: u32, layer: u32) -> bool {
+        self.step == step && self.ran.get((layer / 64) as usize).is_some_and(|w| w & (1 << (layer % 64)) != 0)
+    }
+
+    /// Records a run of `layer` in step `step` of cache `cache`.
+    fn record(&mut self, cache: u64, step: u32, layer: u32) {
+        if (self.cache, self.step) != (cache, step) {
+            self.ran.fill(0);
+        }
+        (self.cache, self.step) = (cache, step);
+        if let Some(w) = self.ran.get_mut((layer / 64) as usize) {
+            *w |= 1 << (layer % 64);
+        }
     }
 }
 
@@ -126,26 +160,48 @@ impl Cache<'_> {
         *self.split().step_valid = 0;
     }
 
-    /// Claims `layer` of the planned step for one layer run, binding `backend` to this
-    /// cache: the one call a backend's layer run makes into the cache, after checking its
-    /// own arguments and before writing anything. Returns the step to run.
+    /// Claims `layer` of the planned step for one layer run by `backend`, binding it to
+    /// this cache: the one call a backend's layer run makes into the cache, after checking
+    /// its own arguments and before writing anything. Returns the step to run.
     ///
     /// Fails, changing nothing, when the backend serves another cache, no step is planned,
-    /// `layer` is out of range, or `layer` already ran in this step.
+    /// `layer` is out of range, or this backend already ran `layer` in this step.
     pub fn claim_layer(&self, backend: &mut CacheBinding, layer: u32) -> Result<Step<'_>> {
         backend.check(self)?;
         let step = self.step()?;
         if layer >= self.cfg.num_layers {
             return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", self.cfg.num_layers)));
         }
+        let id = self.view().hdr.step_id;
+        if backend.cache == self.id && backend.ran(id, layer) {
+            return Err(NsaError::LayerAlreadyRun { layer, step: id });
+        }
+        self.count_layer(layer);
+        backend.record(self.id, id, layer);
+        Ok(step)
+    }
+
+    /// Counts `layer` as run in the planned step without a backend's layer run: for a host
+    /// that replays a captured layer (a CUDA graph of `run_layer`), which does not call
+    /// into the cache. Nothing changes when the layer already counts as run (another
+    /// backend mirroring the cache ran it). Fails, changing nothing, when no step is
+    /// planned or `layer` is out of range.
+    pub fn mark_layer_run(&self, layer: u32) -> Result<()> {
+        self.step()?;
+        if layer >= self.cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", self.cfg.num_layers)));
+        }
+        self.count_layer(layer);
+        Ok(())
+    }
+
+    /// Sets `layer`'s bit; counts it when no run set it before.
+    fn count_layer(&self, layer: u32) {
         let words = self.arena.step_layers();
         let bit = 1u32 << (layer % 32);
-        if words[1 + (layer / 32) as usize].fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-            return Err(NsaError::LayerAlreadyRun { layer, step: self.view().hdr.step_id });
+        if words[1 + (layer / 32) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+            words[0].fetch_add(1, Ordering::AcqRel);
         }
-        words[0].fetch_add(1, Ordering::AcqRel);
-        backend.0 = self.id;
-        Ok(step)
     }
 
     /// Undoes the planned step, whether or not its layers ran: every sequence of the step

@@ -166,7 +166,7 @@ impl<'p> CpuBackend<'p> {
             buf,
             ws_floats: workspace::floats_per_thread(cfg),
             runner: Runner::new(cfg.cpu_threads as usize),
-            binding: CacheBinding::default(),
+            binding: CacheBinding::new(cfg),
         })
     }
 

@@ -508,7 +508,7 @@ impl CudaBackend {
             uploaded_tokens: 0,
             uploaded_valid: false,
             owned: None,
-            binding: Default::default(),
+            binding: crate::cache::CacheBinding::new(&cfg),
         })
     }
 

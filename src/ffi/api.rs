@@ -112,6 +112,8 @@ pub struct nsa_api_v1 {
     ) -> nsa_status,
     /// `nsa_cache_abort_step` (added in 0.1.x: check `struct_size` before use).
     pub cache_abort_step: unsafe extern "C" fn(cache: *mut nsa_cache) -> nsa_status,
+    /// `nsa_cache_mark_layer_run` (added in 0.1.x: check `struct_size` before use).
+    pub cache_mark_layer_run: unsafe extern "C" fn(cache: *const nsa_cache, layer: u32) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -148,6 +150,7 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cuda_upload_step: nsa_cuda_upload_step,
     cuda_run_layer: nsa_cuda_run_layer,
     cache_abort_step: nsa_cache_abort_step,
+    cache_mark_layer_run: nsa_cache_mark_layer_run,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

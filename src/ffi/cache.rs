@@ -27,7 +27,10 @@ use crate::plan::StepSeq;
 ///
 /// Backends: a backend's pools hold the K/V of one cache's pages, so a backend serves one
 /// cache only, the first whose layer it runs; any other cache is refused
-/// (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend.
+/// (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend. (A cache may be
+/// mirrored on a second backend, e.g. to compare CPU and GPU: each backend runs each layer
+/// once per step, and the cache counts a layer when the first one ran it.) A host that
+/// replays a captured layer run (CUDA graph) counts it with `nsa_cache_mark_layer_run`.
 ///
 /// Thread safety: not internally synchronized. Calls that take `nsa_cache*` must not run
 /// concurrently with any other call on the same cache; calls that take `const nsa_cache*`
@@ -332,4 +335,19 @@ pub unsafe extern "C" fn nsa_cache_plan_step(cache: *mut nsa_cache, entries: *co
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cache_abort_step(cache: *mut nsa_cache) -> nsa_status {
     guard("nsa_cache_abort_step", || Ok(handle_mut(cache, "cache")?.cache.abort_step()?))
+}
+
+/// Counts `layer` as run in the planned step, for a host that replays a captured layer
+/// run (a CUDA graph of `nsa_cuda_run_layer`) instead of calling the run function, which
+/// is what counts layers otherwise. Call it once per replayed layer and step, after
+/// queueing the replay; a layer that already counts as run stays counted. Do not use it
+/// to skip a layer: a sequence would then count positions that layer never wrote.
+///
+/// Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_NO_STEP`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range).
+///
+/// Thread safety: as a layer run; may run concurrently with other `const nsa_cache*` calls.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_mark_layer_run(cache: *const nsa_cache, layer: u32) -> nsa_status {
+    guard("nsa_cache_mark_layer_run", || Ok(handle(cache, "cache")?.cache.mark_layer_run(layer)?))
 }
