@@ -117,6 +117,7 @@ fn phi_case<T: nsa::elem::Elem>(phi: Phi, dtype: Dtype, seed: u64) {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn decode_phi_weighted_linear_mlp() {
     phi_case::<f32>(Phi::Weighted, Dtype::F32, 21);
     phi_case::<bf16>(Phi::Linear, Dtype::Bf16, 22);

@@ -1,33 +1,16 @@
-//! The non-finite policy (issue 13, item 5): a NaN or infinity in q, k, v or the gates
-//! reaches exactly the outputs the brute-force reference says it reaches, as NaN or
-//! infinity, never as zeros; every other output still matches the reference.
+//! The non-finite policy on the CPU (issue 13, item 5): a NaN or infinity in q, k, v or
+//! the gates reaches exactly the outputs the brute-force reference says it reaches, as
+//! NaN or infinity, never as zeros; every other output still matches the reference.
+//! Cases and check: `common/non_finite.rs` (shared with the GPU test).
 
 mod common;
+use common::non_finite::{cfg, check, data, schedules, Spot, CASES};
 use common::*;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::elem::Elem;
-use nsa::reference::{prefill, RefInputs};
-use nsa::{Cache, Config, Dtype, Preset, StepSeq};
+use nsa::{Cache, Config, Dtype, StepSeq};
 
-fn cfg(dtype: Dtype) -> Config {
-    let mut c = Config::preset(Preset::Paper).with_shape(4, 2, 16, 8).with_capacity(1, 256);
-    c.dtype = dtype;
-    c.window = 24;
-    c.sel_count = 4;
-    c.cpu_threads = 2;
-    c
-}
-
-/// Which input gets the bad value.
-#[derive(Debug, Clone, Copy)]
-enum Spot {
-    Q,
-    K,
-    V,
-    Gate,
-}
-
-/// Runs the whole sequence through the engine in `chunks`, returns its outputs (f32).
+/// Runs the whole sequence through the CPU engine in `chunks`; its outputs as f32.
 fn engine<T: Elem>(c: &Config, d: &SeqData, chunks: &[usize]) -> Vec<f32> {
     let (hq, hkv, dk, dv) = dims(c);
     let mut eng = Engine::new(c);
@@ -49,70 +32,27 @@ fn engine<T: Elem>(c: &Config, d: &SeqData, chunks: &[usize]) -> Vec<f32> {
     out_all
 }
 
-fn check<T: Elem>(dtype: Dtype, spot: Spot, pos: usize, bad: f32) -> (usize, usize) {
+fn case<T: Elem>(dtype: Dtype, spot: Spot, pos: usize, bad: f32) {
     let c = cfg(dtype);
-    let (hq, hkv, dk, dv) = dims(&c);
-    let len = 120;
-    let mut d = SeqData::random::<T>(&c, len, &mut Rng::new(5 + pos as u64));
-    match spot {
-        Spot::Q => d.q[(pos * hq + 1) * dk + 3] = bad,
-        Spot::K => d.k[(pos * hkv + 1) * dk + 2] = bad,
-        Spot::V => d.v[(pos * hkv) * dv + 5] = bad,
-        Spot::Gate => d.gates[(pos * hq + 2) * 3 + 1] = bad,
-    }
-    let inp = RefInputs { cfg: &c, q: &d.q, k: &d.k, v: &d.v, gates: &d.gates, phi_k: &[], phi_v: &[], selection: None };
-    let want = prefill(&inp).out;
-    let what = format!("{} {spot:?} = {bad} at {pos}", dtype.name());
+    let d = data::<T>(&c, spot, pos, bad);
     let tol = if dtype == Dtype::F32 { 2e-4 } else { 3e-2 };
-    let (mut nonfinite, mut finite) = (0, 0);
-    for chunks in [vec![len], vec![37, 1, 1, 50, 31], vec![1; len]] {
+    for chunks in schedules() {
         let got = engine::<T>(&c, &d, &chunks);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let (t, h, e) = (i / (hq * dv), i / dv % hq, i % dv);
-            let at = format!("{what}, chunks {}: token {t} head {h} elem {e}: engine {g}, reference {w}", chunks.len());
-            assert_eq!(g.is_nan(), w.is_nan(), "{at}");
-            assert_eq!(g.is_finite(), w.is_finite(), "{at}");
-            if w.is_finite() {
-                assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{at}");
-                finite += 1;
-            } else {
-                if w.is_infinite() {
-                    assert_eq!(g, w, "{at}");
-                }
-                nonfinite += 1;
-            }
-        }
+        check(&c, &d, &got, tol, &format!("cpu {} {spot:?} = {bad} at {pos}, {} chunks", dtype.name(), chunks.len()));
     }
-    assert!(nonfinite > 0, "{what}: the bad value reached no output (the test checks nothing)");
-    (nonfinite, finite)
 }
 
-/// The issue's cases: a NaN or infinite query before the first compressed token (was an
-/// output of exactly 0), and after it; one NaN key (zeroed later tokens' window output).
 #[test]
 fn nan_and_inf_reach_exactly_the_outputs_the_reference_says() {
-    for (spot, pos, bad) in [
-        (Spot::Q, 5, f32::NAN),
-        (Spot::Q, 5, f32::INFINITY),
-        (Spot::Q, 80, f32::NAN),
-        (Spot::Q, 80, f32::NEG_INFINITY),
-        (Spot::K, 10, f32::NAN),
-        (Spot::K, 70, f32::NAN),
-        (Spot::K, 70, f32::INFINITY),
-        (Spot::V, 3, f32::NAN),
-        (Spot::V, 90, f32::INFINITY),
-        (Spot::Gate, 40, f32::NAN),
-        (Spot::Gate, 2, f32::INFINITY),
-    ] {
-        let (bad_outs, good_outs) = check::<f32>(Dtype::F32, spot, pos, bad);
-        assert!(good_outs > 0, "{spot:?} at {pos}: every output non-finite ({bad_outs})");
+    for (spot, pos, bad) in CASES {
+        case::<f32>(Dtype::F32, spot, pos, bad);
     }
 }
 
 #[test]
 fn half_precision_storage_propagates_the_same_way() {
-    check::<half::bf16>(Dtype::Bf16, Spot::Q, 5, f32::NAN);
-    check::<half::bf16>(Dtype::Bf16, Spot::K, 70, f32::NAN);
-    check::<half::f16>(Dtype::F16, Spot::V, 30, f32::NAN);
-    check::<half::f16>(Dtype::F16, Spot::Q, 100, f32::INFINITY);
+    case::<half::bf16>(Dtype::Bf16, Spot::Q, 5, f32::NAN);
+    case::<half::bf16>(Dtype::Bf16, Spot::K, 70, f32::NAN);
+    case::<half::f16>(Dtype::F16, Spot::V, 30, f32::NAN);
+    case::<half::f16>(Dtype::F16, Spot::Q, 100, f32::INFINITY);
 }

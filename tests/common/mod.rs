@@ -11,6 +11,7 @@ pub type Buf = HostBuf;
 
 mod rng;
 pub use rng::Rng;
+pub mod non_finite;
 
 /// One sequence's full inputs, f32 values already rounded through the storage dtype.
 #[derive(Clone)]
