@@ -105,10 +105,28 @@ fn full_step(cpu: &mut CpuBackend, cache: &mut Cache, h: &mut Hist, step: &[Step
     cache.check().unwrap();
 }
 
-fn poisoned_engine(c: &Config) -> Engine {
-    let mut eng = Engine::new(c);
-    eng.pool.bytes().fill(0x5A);
-    eng
+/// A cache, a CPU backend over pools filled with 0x5A bytes, and the histories.
+macro_rules! engine {
+    ($c:expr => $eng:ident, $cache:ident, $cpu:ident, $h:ident) => {
+        let mut $eng = Engine::new(&$c);
+        $eng.pool.bytes().fill(0x5A);
+        #[allow(unused_mut)]
+        let mut $cache = Cache::new(&$c, $eng.arena.bytes()).unwrap();
+        let mut $cpu = CpuBackend::new(&$c, $eng.pool.bytes()).unwrap();
+        let mut $h = Hist::new(&$c);
+    };
+}
+
+/// Forks `src` into `dst` in the cache and the histories.
+fn fork(cache: &mut Cache, h: &mut Hist, src: u32, dst: u32) {
+    cache.fork(src, dst).unwrap();
+    h.fork(src, dst);
+}
+
+/// Random rows for `step` (drawn as `Hist::grow` would, the histories left as they are).
+fn rows_for(h: &Hist, step: &[StepSeq]) -> SeqData {
+    let mut scratch = Hist { cfg: h.cfg, seqs: h.seqs.clone(), rng: Rng::new(h.seqs.len() as u64 + 99) };
+    scratch.grow(step)
 }
 
 fn s(seq: u32, tokens: u32) -> StepSeq {
@@ -130,15 +148,11 @@ fn step_open(e: NsaError, needles: &[&str]) {
 #[test]
 fn abandoned_step_after_fork_is_refused_and_abort_restores_the_shared_prefix() {
     let c = cfg(1);
-    let mut eng = poisoned_engine(&c);
-    let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
-    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
-    let mut h = Hist::new(&c);
+    engine!(c => eng, cache, cpu, h);
     cache.add_sequence(0).unwrap();
     h.add(0);
     full_step(&mut cpu, &mut cache, &mut h, &[s(0, 40)], "prefill");
-    cache.fork(0, 1).unwrap();
-    h.fork(0, 1);
+    fork(&mut cache, &mut h, 0, 1);
     let before = cache.bookkeeping();
     let stats = cache.stats();
     cache.plan_step(&[s(1, 1)]).unwrap();
@@ -168,26 +182,19 @@ fn abandoned_step_after_fork_is_refused_and_abort_restores_the_shared_prefix() {
 #[test]
 fn abort_restores_the_bookkeeping_exactly_whatever_ran() {
     let c = cfg(3);
-    let mut eng = poisoned_engine(&c);
-    let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
-    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
-    let mut h = Hist::new(&c);
+    engine!(c => eng, cache, cpu, h);
     cache.add_sequence(0).unwrap();
     h.add(0);
     full_step(&mut cpu, &mut cache, &mut h, &[s(0, 70)], "prefill");
-    cache.fork(0, 1).unwrap();
-    h.fork(0, 1);
-    cache.fork(0, 2).unwrap();
-    h.fork(0, 2);
+    fork(&mut cache, &mut h, 0, 1);
+    fork(&mut cache, &mut h, 0, 2);
     for ran in [0u32, 1, 3] {
         let before = cache.bookkeeping();
         // Seq 1 and 2 copy the shared raw page and (70 -> 130 crosses compressed tokens)
         // the shared compressed page; seq 2 takes a new raw page too.
         let step = [s(1, 3), s(2, 60), s(0, 1)];
         cache.plan_step(&step).unwrap();
-        let mut scratch = Hist::new(&c);
-        scratch.seqs = h.seqs.clone();
-        let rows = scratch.grow(&step);
+        let rows = rows_for(&h, &step);
         for layer in (0..ran).rev() {
             run(&mut cpu, &cache, layer, &rows).unwrap();
         }
@@ -209,24 +216,18 @@ fn abort_restores_the_bookkeeping_exactly_whatever_ran() {
 #[test]
 fn abort_after_every_holder_appended_to_a_shared_page() {
     let c = cfg(1);
-    let mut eng = poisoned_engine(&c);
-    let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
-    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
-    let mut h = Hist::new(&c);
+    engine!(c => eng, cache, cpu, h);
     cache.add_sequence(1).unwrap();
     h.add(1);
     full_step(&mut cpu, &mut cache, &mut h, &[s(1, 24)], "prefill");
-    cache.fork(1, 2).unwrap();
-    h.fork(1, 2);
+    fork(&mut cache, &mut h, 1, 2);
     cache.truncate(2, 12).unwrap();
     h.truncate(2, 12);
     let before = cache.bookkeeping();
     let step = [s(1, 33), s(2, 7)];
     cache.plan_step(&step).unwrap();
     assert_eq!(cache.step().unwrap().copies.len(), 2, "both holders of the shared page copy it");
-    let mut scratch = Hist::new(&c);
-    scratch.seqs = h.seqs.clone();
-    let rows = scratch.grow(&step);
+    let rows = rows_for(&h, &step);
     run(&mut cpu, &cache, 0, &rows).unwrap();
     cache.abort_step().unwrap();
     assert_eq!(cache.bookkeeping(), before);
@@ -239,10 +240,7 @@ fn abort_after_every_holder_appended_to_a_shared_page() {
 #[test]
 fn skipped_and_repeated_layers_are_refused() {
     let c = cfg(2);
-    let mut eng = poisoned_engine(&c);
-    let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
-    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
-    let mut h = Hist::new(&c);
+    engine!(c => eng, cache, cpu, h);
     cache.add_sequence(0).unwrap();
     h.add(0);
     full_step(&mut cpu, &mut cache, &mut h, &[s(0, 4)], "prefill");
@@ -270,12 +268,9 @@ fn skipped_and_repeated_layers_are_refused() {
 #[test]
 fn a_backend_refuses_a_second_cache() {
     let c = cfg(1);
-    let mut eng = poisoned_engine(&c);
+    engine!(c => eng, cache, cpu, h);
     let mut arena2 = Buf::new(Cache::arena_bytes(&c).unwrap());
-    let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
     let mut cache2 = Cache::new(&c, arena2.bytes()).unwrap();
-    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
-    let mut h = Hist::new(&c);
     for ca in [&mut cache, &mut cache2] {
         ca.add_sequence(0).unwrap();
     }
