@@ -99,7 +99,12 @@ impl Cache<'_> {
         self.arena.step_layers()[0].load(Ordering::Acquire)
     }
 
-    /// Whether `layer` has run in the planned step.
+    /// Whether `backend` ran `layer` in the planned step (so its pools hold the rows).
+    pub fn ran_on(&self, backend: &CacheBinding, layer: u32) -> bool {
+        self.view().hdr.step_valid != 0 && backend.cache == self.id && backend.ran(self.view().hdr.step_id, layer)
+    }
+
+    /// Whether `layer` has run in the planned step (on any backend).
     pub fn layer_ran(&self, layer: u32) -> bool {
         let w = &self.arena.step_layers()[1..];
         self.view().hdr.step_valid != 0

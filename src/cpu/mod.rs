@@ -262,8 +262,8 @@ impl<'p> CpuBackend<'p> {
         // before anything is written.
         let step = if appends {
             cache.claim_layer(&mut self.binding, layer)?
-        } else if !cache.layer_ran(layer) {
-            return Err(NsaError::arg("layer", layer, "has not run in the planned step: run it before attend_full"));
+        } else if !cache.ran_on(&self.binding, layer) {
+            return Err(NsaError::arg("layer", layer, "has not run on this backend in the planned step: run it before attend_full"));
         } else {
             step
         };
