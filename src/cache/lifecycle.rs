@@ -91,6 +91,13 @@ impl Cache<'_> {
         self.id
     }
 
+    /// Number of the latest planned step (1 for the first; never reused while the cache
+    /// lives, up to wrap-around after 2^32 plans): what a backend that copies the plan
+    /// elsewhere (CUDA's `upload_step`) compares to know its copy is current.
+    pub fn step_id(&self) -> u32 {
+        self.view().hdr.step_id
+    }
+
     /// Layers of the planned step that have run (0 when no step is planned).
     pub fn layers_run(&self) -> u32 {
         if self.view().hdr.step_valid == 0 {
