@@ -921,7 +921,9 @@ nsa_status nsa_cache_arena_size(const struct nsa_config_t *cfg, size_t *out);
  * Ownership: the caller keeps owning the arena. It must stay allocated and must not be
  * read or written by the caller while the handle is in use; to end the cache, call
  * `nsa_cache_deinit` (optional: the cache holds no other resource), then free the
- * arena. Initializing over a live cache discards it.
+ * arena. Initializing over a live cache discards it; the new cache is a different one for
+ * the backends (a backend serves the cache it first ran a layer of, for its lifetime):
+ * create new backends for it.
  *
  * Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `arena`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
  * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`arena`),
