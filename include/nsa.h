@@ -85,6 +85,23 @@
  * step plan. Opaque; it lives at the start of the arena given to `nsa_cache_init` and owns
  * nothing outside it.
  *
+ * Step lifecycle (the same for every backend): `nsa_cache_plan_step` opens a step; each
+ * layer `0..num_layers` then runs exactly once, in any order (`nsa_cpu_run_layer`,
+ * `nsa_cuda_run_layer`); when the last one has run the step is complete. While a step
+ * is open, `nsa_cache_add`, `_fork`, `_truncate`, `_remove` and `_plan_step` refuse with
+ * `NSA_STATUS_STEP_OPEN` (the message names the step, the layers not yet run and the
+ * positions they have not written), a second run of a layer returns
+ * `NSA_STATUS_LAYER_ALREADY_RUN`, and `nsa_cache_abort_step` undoes the step exactly
+ * (lengths, page tables, shared pages, free pages: as before the plan). So a sequence
+ * never counts a position that some layer has not written.
+ *
+ * Backends: a backend's pools hold the K/V of one cache's pages, so a backend serves one
+ * cache only, the first whose layer it runs; any other cache is refused
+ * (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend. (A cache may be
+ * mirrored on a second backend, e.g. to compare CPU and GPU: each backend runs each layer
+ * once per step, and the cache counts a layer when the first one ran it.) A host that
+ * replays a captured layer run (CUDA graph) counts it with `nsa_cache_mark_layer_run`.
+ *
  * Thread safety: not internally synchronized. Calls that take `nsa_cache*` must not run
  * concurrently with any other call on the same cache; calls that take `const nsa_cache*`
  * (`nsa_cache_len`, `nsa_cache_stats`, `nsa_cache_config`, `nsa_cpu_run_layer`) may run
@@ -98,9 +115,10 @@ typedef struct nsa_cache nsa_cache;
  * `nsa_cpu_backend_create_hosted`). Opaque; it lives at the start of that buffer.
  *
  * Thread safety: one call at a time per backend, except the `nth` calls of one
- * `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads. Different
- * backends are independent and may run concurrently (each with its own cache: a cache's
- * layers all run on one backend).
+ * `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads; an
+ * overlapping `nsa_cpu_run_layer` on the same backend is refused with `NSA_STATUS_BUSY`
+ * (it does nothing). Different backends are independent and may run concurrently. A
+ * backend serves one cache (see `nsa_cache`).
  */
 typedef struct nsa_cpu_backend nsa_cpu_backend;
 
@@ -721,6 +739,14 @@ typedef struct nsa_api_v1 {
                                     const void *buf,
                                     size_t bytes,
                                     void *stream);
+    /**
+     * `nsa_cache_abort_step`.
+     */
+    nsa_status (*cache_abort_step)(struct nsa_cache *cache);
+    /**
+     * `nsa_cache_mark_layer_run`.
+     */
+    nsa_status (*cache_mark_layer_run)(const struct nsa_cache *cache, uint32_t layer);
 } nsa_api_v1;
 
 /**
@@ -786,7 +812,8 @@ typedef struct nsa_api_v1 {
 #define NSA_STATUS_SEQUENCE_TOO_LONG 11
 
 /**
- * A layer was run with no step planned, or after a cache operation ended the step.
+ * A layer was run (or a step aborted) with no step planned, or after a cache operation
+ * ended the step.
  */
 #define NSA_STATUS_NO_STEP 12
 
@@ -814,6 +841,25 @@ typedef struct nsa_api_v1 {
  * cache as unusable.
  */
 #define NSA_STATUS_CORRUPT 16
+
+/**
+ * A step is open (planned, and some layer has not run yet): the call would act on
+ * positions that layer has not written. The message names the step, the layers not yet
+ * run and the positions. Run the missing layers, or `nsa_cache_abort_step`. Also what
+ * `nsa_cache_check` returns for an open step.
+ */
+#define NSA_STATUS_STEP_OPEN 17
+
+/**
+ * The layer already ran in the planned step: each layer runs exactly once per step.
+ */
+#define NSA_STATUS_LAYER_ALREADY_RUN 18
+
+/**
+ * Another call is using the backend right now (calls on one backend must not overlap);
+ * the call did nothing.
+ */
+#define NSA_STATUS_BUSY 19
 
 /**
  * IEEE 754 binary32 (`float`).
@@ -986,7 +1032,9 @@ nsa_status nsa_cache_arena_size(const struct nsa_config_t *cfg, size_t *out);
  * Ownership: the caller keeps owning the arena. It must stay allocated and must not be
  * read or written by the caller while the handle is in use; to end the cache, call
  * `nsa_cache_deinit` (optional: the cache holds no other resource), then free the
- * arena. Initializing over a live cache discards it.
+ * arena. Initializing over a live cache discards it; the new cache is a different one for
+ * the backends (a backend serves the cache it first ran a layer of, for its lifetime):
+ * create new backends for it.
  *
  * Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `arena`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
  * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`arena`),
@@ -1006,9 +1054,10 @@ nsa_status nsa_cache_init(const struct nsa_config_t *cfg,
 void nsa_cache_deinit(struct nsa_cache *cache);
 
 /**
- * Starts an empty sequence in slot `seq` (`0 <= seq < max_seqs`). Ends the planned step.
+ * Starts an empty sequence in slot `seq` (`0 <= seq < max_seqs`). Ends a complete step
+ * (its plan is dropped).
  *
- * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
  * `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_SEQUENCE_EXISTS`.
  */
 nsa_status nsa_cache_add(struct nsa_cache *cache, uint32_t seq);
@@ -1017,9 +1066,9 @@ nsa_status nsa_cache_add(struct nsa_cache *cache, uint32_t seq);
  * Makes `dst` a copy of the live sequence `src`: same length and contents, sharing its
  * pages by reference count (the first append to a shared, partly filled page copies
  * it). Needs no free page. Serves prefix sharing (prefill a prompt once, fork it per
- * request) and speculative decoding (fork, draft, keep or drop). Ends the planned step.
+ * request) and speculative decoding (fork, draft, keep or drop). Ends a complete step.
  *
- * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
  * `NSA_STATUS_INVALID_ARGUMENT` (an id out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`
  * (`src`), `NSA_STATUS_SEQUENCE_EXISTS` (`dst`).
  */
@@ -1029,9 +1078,10 @@ nsa_status nsa_cache_fork(struct nsa_cache *cache, uint32_t src, uint32_t dst);
  * Shortens the live sequence `seq` to `new_len` tokens (`new_len <= its length`): pages
  * past the new end return to the pool unless another sequence shares them, and
  * compressed tokens that are no longer complete are dropped. Used to reject draft
- * tokens in speculative decoding. Ends the planned step.
+ * tokens in speculative decoding (to drop a step whose layers have not all run, use
+ * `nsa_cache_abort_step`). Ends a complete step.
  *
- * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
  * `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range, `new_len` too large),
  * `NSA_STATUS_UNKNOWN_SEQUENCE`.
  */
@@ -1039,9 +1089,9 @@ nsa_status nsa_cache_truncate(struct nsa_cache *cache, uint32_t seq, uint32_t ne
 
 /**
  * Ends the live sequence `seq` and frees its pages (those no other sequence shares);
- * the slot can be added again. Ends the planned step.
+ * the slot can be added again. Ends a complete step.
  *
- * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
  * `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`.
  */
 nsa_status nsa_cache_remove(struct nsa_cache *cache, uint32_t seq);
@@ -1067,11 +1117,15 @@ nsa_status nsa_cache_stats(const struct nsa_cache *cache, struct nsa_cache_stats
  * Verifies the cache's internal bookkeeping: every page's refcount equals the number of
  * page-table entries naming it, free pages are on the free list exactly once, free plus
  * used pages make the whole pool, and every live sequence holds exactly the pages its
- * length needs. O(pages + table entries): meant for debug builds, tests and fuzzers, not
- * for every step.
+ * length needs, and a planned step's sequences have the lengths it gave them. Then the
+ * lifecycle: while a step is open, positions are counted that some layer has not
+ * written, and the check says so. O(pages + table entries): meant for debug builds,
+ * tests and fuzzers, not for every step.
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_CORRUPT`
- * (the message names the first violation).
+ * (the message names the first violation), `NSA_STATUS_STEP_OPEN` (the bookkeeping is
+ * consistent but a step is open; the message names its sequences, positions and the
+ * layers not yet run).
  *
  * Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
  */
@@ -1089,11 +1143,13 @@ nsa_status nsa_cache_config(const struct nsa_cache *cache, struct nsa_config_t *
 /**
  * Plans one step, once per step before running its layers: every entry's sequence grows
  * by its `tokens` (this is how tokens are appended). On success the lengths, page tables
- * and pools already include the step; then run every layer exactly once
- * (`nsa_cpu_run_layer`), which writes the new positions' K/V and attention output. Any
- * later add/fork/truncate/remove ends the step. `entries` is read during the call only.
+ * and pools already include the step and the step is open (see `nsa_cache`): run every
+ * layer exactly once, in any order (`nsa_cpu_run_layer`, `nsa_cuda_run_layer`), which
+ * writes the new positions' K/V and attention output, or undo the step with
+ * `nsa_cache_abort_step`. `entries` is read during the call only.
  *
  * Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_STEP_OPEN` (the previous step has layers not yet run),
  * `NSA_STATUS_INVALID_ARGUMENT` (`n` is 0 or above `max_step_seqs`; an id out of range or
  * listed twice; `tokens` 0; over `max_step_tokens` in all), `NSA_STATUS_UNKNOWN_SEQUENCE`,
  * `NSA_STATUS_SEQUENCE_TOO_LONG`, `NSA_STATUS_OUT_OF_PAGES`.
@@ -1120,6 +1176,38 @@ nsa_status nsa_cache_sequences(const struct nsa_cache *cache,
                                uint32_t *count);
 
 /**
+ * Undoes the planned step, whether or not its layers ran (all, some or none): every
+ * sequence of the step gets back its length, page tables and compressed tokens, pages the
+ * plan took return to the pool, and pages the plan had copied for copy-on-write are
+ * shared again, so the cache's bookkeeping is byte for byte what it was before
+ * `nsa_cache_plan_step`. No step is planned afterwards. K/V rows the layers already wrote
+ * for the step are dropped with it. Use it to give up a step (an error in the host's
+ * forward pass, a cancelled request) before any other cache call.
+ *
+ * On the CUDA backend the host bookkeeping changes at once: issue the next work on the
+ * stream the step's layers ran on (or synchronize), as after `nsa_cache_truncate`.
+ *
+ * Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_NO_STEP` (no step is planned, or a later add/fork/truncate/remove ended a
+ * complete one).
+ */
+nsa_status nsa_cache_abort_step(struct nsa_cache *cache);
+
+/**
+ * Counts `layer` as run in the planned step, for a host that replays a captured layer
+ * run (a CUDA graph of `nsa_cuda_run_layer`) instead of calling the run function, which
+ * is what counts layers otherwise. Call it once per replayed layer and step, after
+ * queueing the replay; a layer that already counts as run stays counted. Do not use it
+ * to skip a layer: a sequence would then count positions that layer never wrote.
+ *
+ * Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+ * `NSA_STATUS_NO_STEP`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range).
+ *
+ * Thread safety: as a layer run; may run concurrently with other `const nsa_cache*` calls.
+ */
+nsa_status nsa_cache_mark_layer_run(const struct nsa_cache *cache, uint32_t layer);
+
+/**
  * Writes to `*out` the bytes of host memory the CPU backend needs (handle, every layer's
  * K/V pools, and scratch for `cpu_threads` threads). Allocate at least that much, aligned
  * to 16 bytes, and pass it to `nsa_cpu_backend_create`.
@@ -1137,12 +1225,14 @@ nsa_status nsa_cpu_buffer_size(const struct nsa_config_t *cfg, size_t *out);
  * will run on.
  *
  * Ownership: the caller keeps owning `buf`; it must stay allocated and untouched until
- * `nsa_cpu_backend_destroy`, which must be called (it joins the worker threads).
+ * `nsa_cpu_backend_destroy`, which must be called (it joins the worker threads). A
+ * buffer that overlaps a live backend's is refused: destroy that backend first.
  *
  * Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `buf`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
  * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`buf`),
- * `NSA_STATUS_BUFFER_TOO_SMALL` (`bytes`). On failure no thread was started and `buf` is
- * untouched.
+ * `NSA_STATUS_BUFFER_TOO_SMALL` (`bytes`), `NSA_STATUS_INVALID_ARGUMENT` (`buf` overlaps a
+ * live backend's buffer). On failure no thread was started and `buf` is untouched.
+ * Thread-safe.
  */
 nsa_status nsa_cpu_backend_create(const struct nsa_config_t *cfg,
                                   void *buf,
@@ -1165,7 +1255,8 @@ nsa_status nsa_cpu_backend_create_hosted(const struct nsa_config_t *cfg,
 /**
  * Stops and joins the backend's worker threads and invalidates the handle; afterwards
  * its buffer may be freed. NULL or an already destroyed handle is ignored. Must not run
- * concurrently with another call on the same backend.
+ * concurrently with another call on the same backend: if one is running, nothing is
+ * destroyed (the handle stays valid) and `nsa_last_error` says so.
  */
 void nsa_cpu_backend_destroy(struct nsa_cpu_backend *backend);
 
@@ -1179,14 +1270,23 @@ void nsa_cpu_backend_destroy(struct nsa_cpu_backend *backend);
  * each after `nsa_cache_plan_step`. Uses the backend's worker threads (the calling
  * thread is one of them) and allocates nothing.
  *
- * The cache is only read; it must have the backend's config, and the same backend must
- * run all of its layers.
+ * The cache's sequences are only read; the run counts `layer` as run in the step (see
+ * the lifecycle at `nsa_cache`). The cache must have the backend's config and be the
+ * cache this backend serves (the first it ran a layer of).
  *
- * Errors (nothing is written, the pools are unchanged): `NSA_STATUS_NULL_POINTER`,
- * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP`,
- * `NSA_STATUS_MISALIGNED`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range, `dtype`
- * not the config's, `tokens` not the step's, `flags` not 0, wrong phi weight count,
- * overlapping arrays, a cache with another config).
+ * Non-finite inputs: a NaN or infinity in `q`, `k`, `v` or `gates` propagates to exactly
+ * the outputs whose attention branches read it (as the reference computes them), never
+ * to zeros: e.g. a NaN query row makes that token's outputs NaN, a NaN key makes NaN the
+ * outputs of every later token whose window, selected blocks or compressed tokens cover
+ * it.
+ *
+ * Errors (nothing is written, the pools are unchanged, the layer is not counted):
+ * `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_NO_STEP`, `NSA_STATUS_LAYER_ALREADY_RUN`, `NSA_STATUS_BUSY` (another call
+ * on this backend is running), `NSA_STATUS_MISALIGNED`, `NSA_STATUS_INVALID_ARGUMENT`
+ * (`layer` out of range, `dtype` not the config's, `tokens` not the step's, `flags` not
+ * 0, wrong phi weight count, overlapping arrays, a cache with another config, a cache
+ * other than the one this backend serves).
  */
 nsa_status nsa_cpu_run_layer(struct nsa_cpu_backend *backend,
                              const struct nsa_cache *cache,
@@ -1285,8 +1385,8 @@ void nsa_cuda_backend_destroy(struct nsa_cuda_backend *backend);
  * the layer runs can be captured.
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_NO_STEP`,
- * `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config),
- * `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+ * `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config, or other than the one this
+ * backend serves), `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
  */
 nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
                                 const struct nsa_cache *cache,
@@ -1299,12 +1399,18 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
  * compressed, no attention (to fill a cache from K/V the host already has).
  * Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
- * captured in a CUDA graph. Run every layer once per step.
+ * captured in a CUDA graph. Run every layer once per step: the run counts the layer in
+ * the cache's step (see `nsa_cache`); a replayed graph does not, so count each replayed
+ * layer with `nsa_cache_mark_layer_run`. The backend serves one cache (the first it ran a
+ * layer of).
  *
- * Errors (nothing is enqueued): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
- * `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step planned or not uploaded),
- * `NSA_STATUS_INVALID_ARGUMENT` (`layer`, `dtype`, `tokens`, `flags`, a required pointer
- * 0, a phi weight count), `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+ * Errors (nothing is enqueued, the layer is not counted): `NSA_STATUS_NULL_POINTER`,
+ * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step
+ * planned or not uploaded), `NSA_STATUS_LAYER_ALREADY_RUN`, `NSA_STATUS_INVALID_ARGUMENT`
+ * (`layer`, `dtype`, `tokens`, `flags`, a required pointer 0, a phi weight count, a cache
+ * other than the one this backend serves), `NSA_STATUS_BACKEND_UNAVAILABLE`,
+ * `NSA_STATUS_CUDA_ERROR` (the launch failed after the layer was counted: abort the step
+ * with `nsa_cache_abort_step`).
  */
 nsa_status nsa_cuda_run_layer(struct nsa_cuda_backend *backend,
                               const struct nsa_cache *cache,

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 cargo test --workspace --release
 # The CUDA feature's tests: without a GPU they are reported as ignored (the GPU machine
 # runs them with --include-ignored, see docs/GPU_TESTS.md); the ones needing no device run.
-cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state
+cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state --test gpu_lifecycle
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg),
 # under CARGO_TARGET_DIR when set.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner

@@ -217,6 +217,16 @@ impl Config {
         self.num_cmp_pages = self.max_seqs.saturating_mul(self.cmp_pages_per_seq());
     }
 
+    /// Zeroes this value's padding bytes in place (it is part of the C handles written
+    /// into caller memory).
+    pub(crate) fn zero_padding(&mut self) {
+        crate::zero_pad::zero_gaps!(self, Config {
+            num_q_heads, num_kv_heads, head_dim_qk, head_dim_v, dtype, cmp_block, cmp_stride, sel_block, sel_count,
+            sel_init, sel_local, window, scale, phi, phi_hidden, phi_pe, page_size, num_layers, max_seqs, max_seq_len,
+            num_pages, num_cmp_pages, max_step_seqs, max_step_tokens, cpu_threads,
+        });
+    }
+
     /// Heads per GQA group `G`.
     pub fn group_size(&self) -> u32 {
         self.num_q_heads / self.num_kv_heads
@@ -250,14 +260,24 @@ impl Config {
     /// Length in f32 elements of one layer's phi weights for K (`d = DK`) or V (`d = DV`),
     /// laid out as `docs/SPEC.md` ("Weight layouts") says, parts in the order listed
     /// there (`W` or `W1, b1, W2, b2`, then `pe` when `phi_pe`).
+    /// `usize::MAX` when the length overflows (a config `validate` rejects).
     pub fn phi_weight_len(&self, d: u32) -> usize {
+        self.checked_phi_weight_len(d).unwrap_or(usize::MAX)
+    }
+
+    /// `phi_weight_len` with checked arithmetic: `None` on overflow.
+    fn checked_phi_weight_len(&self, d: u32) -> Option<usize> {
         let (hkv, l, d, hid) = (self.num_kv_heads as usize, self.cmp_block as usize, d as usize, self.phi_hidden as usize);
-        let pe = if self.phi_pe { hkv * l * d } else { 0 };
+        let m = |xs: &[usize]| xs.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+        let pe = if self.phi_pe { m(&[hkv, l, d])? } else { 0 };
         match self.phi {
-            Phi::Mean => 0,
-            Phi::Weighted => hkv * l,
-            Phi::Linear => hkv * l * d * d + pe,
-            Phi::Mlp => hkv * (l * d * hid + hid + hid * d + d) + pe,
+            Phi::Mean => Some(0),
+            Phi::Weighted => m(&[hkv, l]),
+            Phi::Linear => m(&[hkv, l, d, d])?.checked_add(pe),
+            Phi::Mlp => {
+                let per_head = m(&[l, d, hid])?.checked_add(hid)?.checked_add(m(&[hid, d])?)?.checked_add(d)?;
+                m(&[hkv, per_head])?.checked_add(pe)
+            }
         }
     }
 
@@ -299,7 +319,8 @@ impl Config {
         if c.sel_count > MAX_SEL_COUNT {
             return Err(NsaError::config("sel_count", c.sel_count, format!("must be at most {MAX_SEL_COUNT}")));
         }
-        if c.sel_count < c.sel_init + c.sel_local {
+        // In u64: sel_init + sel_local may not fit in u32.
+        if (c.sel_count as u64) < c.sel_init as u64 + c.sel_local as u64 {
             return Err(NsaError::config(
                 "sel_count",
                 c.sel_count,
@@ -314,6 +335,11 @@ impl Config {
             nz("phi_hidden", c.phi_hidden)?;
             if c.phi_hidden > 65536 {
                 return Err(NsaError::config("phi_hidden", c.phi_hidden, "must be at most 65536"));
+            }
+        }
+        for (f, dim) in [("head_dim_qk", c.head_dim_qk), ("head_dim_v", c.head_dim_v)] {
+            if !matches!(c.checked_phi_weight_len(dim), Some(n) if n <= isize::MAX as usize / 4) {
+                return Err(NsaError::config(f, dim, format!("phi = {} weights for it overflow the address space", c.phi.name())));
             }
         }
         nz("page_size", c.page_size)?;
@@ -413,6 +439,9 @@ mod tests {
             ("max_step_seqs", Box::new(|c| c.max_step_seqs = 99)),
             ("max_step_tokens", Box::new(|c| c.max_step_tokens = 1)),
             ("cpu_threads", Box::new(|c| c.cpu_threads = 0)),
+            // sel_init + sel_local wraps in u32 (issue 13, item 4).
+            ("sel_count", Box::new(|c| { c.sel_init = u32::MAX; c.sel_local = 2 })),
+            ("sel_count", Box::new(|c| { c.sel_init = 2; c.sel_local = u32::MAX })),
         ];
         for (want, f) in cases {
             let mut c = base;

@@ -43,6 +43,19 @@ pub enum NsaError {
     #[error("no step is planned: call plan_step before running layers")]
     NoStep,
 
+    /// A step is planned and not every layer has run: the call would act on positions
+    /// some layers have not written. Run the missing layers, or abort the step.
+    #[error("step {step} is still open: {missing}; run them, or call abort_step to undo the step")]
+    StepOpen { step: u32, missing: String },
+
+    /// The layer already ran in the planned step (each layer runs exactly once per step).
+    #[error("layer {layer} already ran in step {step}: each layer runs exactly once per step")]
+    LayerAlreadyRun { layer: u32, step: u32 },
+
+    /// Another call is using the object right now (concurrent calls on one backend).
+    #[error("busy: {0}")]
+    Busy(String),
+
     /// The backend requested is not usable on this machine (for example CUDA without a driver).
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

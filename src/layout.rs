@@ -75,9 +75,9 @@ pub struct ArenaHeader {
     pub step_seqs: u32,
     pub step_tokens: u32,
     pub step_copies: u32,
-    /// Bumped by every successful mutation; a plan remembers it, so layers run against a
-    /// stale plan are refused.
-    pub epoch: u32,
+    /// Number of the latest planned step (1 for the first): messages name the open step
+    /// by it.
+    pub step_id: u32,
 }
 
 pub const ARENA_MAGIC: u64 = 0x4e53_4143_4143_4845; // "NSACACHE"
@@ -96,6 +96,10 @@ pub struct Layout {
     pub cmp_tables: Region,
     pub plan_seqs: Region,
     pub plan_copies: Region,
+    /// Which layers of the planned step have run: word 0 counts them, then one bit per
+    /// layer. Last in the arena and only ever accessed atomically (layers of one cache may
+    /// run concurrently on different threads through `&Cache`).
+    pub step_layers: Region,
     /// Total bytes of the metadata arena.
     pub arena_bytes: usize,
 
@@ -158,6 +162,7 @@ impl Layout {
         let cmp_tables = b.region("cmp_tables", mul("cmp_tables", &[c.max_seqs as u64, cpps])?, 4)?;
         let plan_seqs = b.region("plan_seqs", c.max_step_seqs as u64, size_of::<PlanSeq>() as u64)?;
         let plan_copies = b.region("plan_copies", 2 * c.max_step_seqs as u64, size_of::<PageCopy>() as u64)?;
+        let step_layers = b.region("step_layers", 1 + (c.num_layers as u64).div_ceil(32), 4)?;
         let arena_bytes = b.at.div_ceil(REGION_ALIGN) * REGION_ALIGN;
 
         let (hkv, p, dk, dv) = (c.num_kv_heads as u64, c.page_size as u64, c.head_dim_qk as u64, c.head_dim_v as u64);
@@ -183,6 +188,7 @@ impl Layout {
             cmp_tables,
             plan_seqs,
             plan_copies,
+            step_layers,
             arena_bytes: arena_bytes as usize,
             raw_page_k: raw_page_k as usize,
             raw_page_v: raw_page_v as usize,
@@ -196,7 +202,7 @@ impl Layout {
     }
 
     /// Every arena region, in address order (for the disjointness invariant).
-    pub fn arena_regions(&self) -> [Region; 10] {
+    pub fn arena_regions(&self) -> [Region; 11] {
         [
             self.header,
             self.raw_refcount,
@@ -208,6 +214,7 @@ impl Layout {
             self.cmp_tables,
             self.plan_seqs,
             self.plan_copies,
+            self.step_layers,
         ]
     }
 }

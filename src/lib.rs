@@ -63,9 +63,10 @@ pub mod reference;
 #[cfg(test)]
 mod rng;
 mod sync;
+mod zero_pad;
 pub mod ffi;
 
-pub use cache::Cache;
+pub use cache::{Cache, CacheBinding};
 pub use config::{Config, Dtype, Phi, Preset};
 pub use error::{NsaError, Result};
 pub use host_buf::HostBuf;

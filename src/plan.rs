@@ -54,14 +54,16 @@ fn new_pages(before: u32, after: u32, p: u32) -> u32 {
 
 impl Cache<'_> {
     /// Plans a step: every entry's sequence grows by `tokens`. On success the lengths,
-    /// page tables and pools already reflect the step, and every layer must then be run
-    /// (the K/V rows of the new positions are written by the layer runs). Any later
-    /// add/fork/truncate/remove ends the step.
+    /// page tables and pools already reflect the step, and the step is open: every layer
+    /// must then run exactly once, in any order (the layer runs write the K/V rows of the
+    /// new positions), or [`Cache::abort_step`] undo it. While it is open, add, fork,
+    /// truncate, remove and plan_step refuse with `StepOpen`.
     ///
-    /// Fails, changing nothing, on: no entries or more than `max_step_seqs`; an id out of
+    /// Fails, changing nothing, on: an open step (`StepOpen`); no entries or more than `max_step_seqs`; an id out of
     /// range, not live, or listed twice; `tokens == 0`; a length past `max_seq_len`; more
     /// than `max_step_tokens` tokens in all; not enough free raw or compressed pages.
     pub fn plan_step(&mut self, entries: &[StepSeq]) -> Result<()> {
+        self.refuse_open_step()?;
         let cfg = *self.config();
         let p = cfg.page_size;
         if entries.is_empty() || entries.len() > cfg.max_step_seqs as usize {
@@ -98,29 +100,17 @@ impl Cache<'_> {
             raw_need += new_pages(old, new, p);
             let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
             cmp_need += new_pages(cold, cnew, p);
-            // Copy-on-write: the m-th step sequence (in order) appending into a page with
-            // refcount rc copies it iff rc - m > 1 (each earlier one dropped a holder).
-            let cow = |rows: u32, tables: &[i32], per: usize, rc: &[u32], last_of: &dyn Fn(&StepSeq) -> Option<i32>| {
-                if rows % p == 0 {
-                    return false;
-                }
-                let pg = tables[e.seq as usize * per + (rows / p) as usize];
-                let m = entries[..i].iter().filter(|o| last_of(o) == Some(pg)).count() as u32;
-                rc[pg as usize] > m + 1
+            // Copy-on-write: a sequence appending into a partial page that is shared when
+            // the step is planned copies it, even when every other holder copies too. So a
+            // step never writes a page that was shared, and abort_step can give every
+            // holder back the page as it was.
+            let cow = |rows: u32, tables: &[i32], per: usize, rc: &[u32]| {
+                rows % p != 0 && rc[tables[e.seq as usize * per + (rows / p) as usize] as usize] > 1
             };
-            let raw_last = |o: &StepSeq| {
-                let l = v.seqs[o.seq as usize].len;
-                (l % p != 0).then(|| v.raw_tables[o.seq as usize * pps + (l / p) as usize])
-            };
-            let cmp_last = |o: &StepSeq| {
-                let l = v.seqs[o.seq as usize].len;
-                let (c0, c1) = (cfg.num_cmp_tokens(l), cfg.num_cmp_tokens(l + o.tokens));
-                (c1 > c0 && c0 % p != 0).then(|| v.cmp_tables[o.seq as usize * cpps + (c0 / p) as usize])
-            };
-            if cow(old, v.raw_tables, pps, v.raw_refcount, &raw_last) {
+            if cow(old, v.raw_tables, pps, v.raw_refcount) {
                 raw_need += 1;
             }
-            if cnew > cold && cow(cold, v.cmp_tables, cpps, v.cmp_refcount, &cmp_last) {
+            if cnew > cold && cow(cold, v.cmp_tables, cpps, v.cmp_refcount) {
                 cmp_need += 1;
             }
         }
@@ -154,9 +144,10 @@ impl Cache<'_> {
                 if before % p != 0 {
                     let idx = (before / p) as usize;
                     let src = table[idx] as u32;
+                    // Refcounts of pages shared at plan time are unchanged until the loop
+                    // ends (the holders are dropped below), so this is the plan-time count.
                     if pool.refcount[src as usize] > 1 {
                         let dst = pool.take();
-                        pool.release(src);
                         table[idx] = dst as i32;
                         sp.plan_copies[ncopies] = PageCopy { pool: pool_id, src, dst, rows: before % p };
                         ncopies += 1;
@@ -170,14 +161,21 @@ impl Cache<'_> {
             sp.plan_seqs[i] = PlanSeq { seq: e.seq, old_len: old, new_len: new, row };
             row += e.tokens;
         }
+        // The copies' sources lose a holder only now: a source every holder copied away
+        // from goes back to the pool after every page this step took, so the step never
+        // writes it (abort_step hands it back intact).
+        for c in &sp.plan_copies[..ncopies] {
+            if c.pool == POOL_RAW { &mut sp.raw } else { &mut sp.cmp }.release(c.src);
+        }
         *sp.step_seqs = entries.len() as u32;
         *sp.step_tokens = row;
         *sp.step_copies = ncopies as u32;
-        *sp.step_valid = 1;
+        self.open_step();
         Ok(())
     }
 
-    /// The planned step, or `NoStep` when none is planned or a later operation ended it.
+    /// The planned step (open or complete), or `NoStep` when none is planned or a later
+    /// operation ended it.
     pub fn step(&self) -> Result<Step<'_>> {
         let v = self.view();
         if v.hdr.step_valid == 0 {

@@ -49,8 +49,11 @@ fn sequence_operations_reject_bad_arguments_and_change_nothing() {
     let c = cfg();
     let mut eng = Engine::new(&c);
     let mut cache = Cache::new(&c, eng.arena.bytes()).unwrap();
+    let mut cpu = CpuBackend::new(&c, eng.pool.bytes()).unwrap();
     cache.add_sequence(0).unwrap();
     cache.plan_step(&[StepSeq { seq: 0, tokens: 70 }]).unwrap();
+    let (kz, vz) = (vec![0f32; 70 * 2 * 16], vec![0f32; 70 * 2 * 8]);
+    cpu.append_layer(&cache, 0, &kz, &vz, PhiWeights::default()).unwrap();
     let snap = cache.state_bytes().to_vec();
     let same = |cache: &Cache| assert!(cache.state_bytes() == &snap[..], "state changed");
 

@@ -72,7 +72,9 @@ fn bad_arguments_fail_before_any_launch() {
     assert!(matches!(gpu.run_layer(&cache, 1, &io, s), Err(NsaError::InvalidArgument { arg: "layer", .. })));
     let e = gpu.run_layer(&cache, 0, &DeviceLayerIo { q: 0, ..io }, s).unwrap_err();
     assert!(e.to_string().contains("io.q"), "{e}");
-    // A new plan invalidates the upload.
+    // No layer ran: the step is open until aborted. A new plan invalidates the upload.
+    assert!(matches!(cache.plan_step(&[StepSeq { seq: 0, tokens: 1 }]), Err(NsaError::StepOpen { .. })));
+    cache.abort_step().unwrap();
     cache.plan_step(&[StepSeq { seq: 0, tokens: 1 }]).unwrap();
     assert!(gpu.run_layer(&cache, 0, &io, s).unwrap_err().to_string().contains("upload_step"));
     gpu.upload_step(&cache, s).unwrap();
@@ -86,6 +88,22 @@ fn bad_arguments_fail_before_any_launch() {
     cache2.add_sequence(0).unwrap();
     cache2.plan_step(&[StepSeq { seq: 0, tokens: 1 }]).unwrap();
     assert!(matches!(gpu.upload_step(&cache2, s), Err(NsaError::InvalidArgument { arg: "cache", .. })));
+    // Another cache of the same config too: the backend serves `cache` (issue 13, item 3).
+    let mut arena3 = Buf::new(Cache::arena_bytes(&c).unwrap());
+    let mut cache3 = Cache::new(&c, arena3.bytes()).unwrap();
+    cache3.add_sequence(0).unwrap();
+    cache3.plan_step(&[StepSeq { seq: 0, tokens: 1 }]).unwrap();
+    let e = gpu.upload_step(&cache3, s).unwrap_err();
+    assert!(e.to_string().contains(&format!("serves cache #{}", cache.id())), "{e}");
+    let e = gpu.run_layer(&cache3, 0, &io, s).unwrap_err();
+    assert!(e.to_string().contains(&format!("serves cache #{}", cache.id())), "{e}");
+    assert_eq!(cache3.layers_run(), 0);
+    // A second run of layer 0 in the step is refused; after the next plan it runs again.
+    assert!(matches!(gpu.run_layer(&cache, 0, &io, s), Err(NsaError::LayerAlreadyRun { layer: 0, .. })));
+    cache.plan_step(&[StepSeq { seq: 0, tokens: 1 }]).unwrap();
+    gpu.upload_step(&cache, s).unwrap();
+    gpu.run_layer(&cache, 0, &io, s).unwrap();
+    gpu.synchronize(s).unwrap();
 }
 
 #[test]

@@ -82,13 +82,21 @@ fn per_step_calls_allocate_nothing() {
             vec![StepSeq { seq: 2, tokens: 40 }, StepSeq { seq: 0, tokens: 1 }],
         ];
 
+        // After each round's steps, seq 3 is forked from seq 0 and both append a token: a
+        // step with two copy-on-write copies of the shared partial page (checked below).
+        let cow_step = vec![StepSeq { seq: 0, tokens: 1 }, StepSeq { seq: 3, tokens: 1 }];
+        let mut copies = 0;
         let (_, n) = count(|| {
             for s in 0..3 {
                 cache.add_sequence(s).unwrap();
             }
             for round in 0..4 {
-                for st in &steps {
+                for (i, st) in steps.iter().chain([&cow_step]).enumerate() {
+                    if i == steps.len() {
+                        cache.fork(0, 3).unwrap();
+                    }
                     cache.plan_step(st).unwrap();
+                    copies += cache.step().unwrap().copies.len();
                     let t: usize = st.iter().map(|e| e.tokens as usize).sum();
                     let wts = PhiWeights { k: &w.0, v: &w.1 };
                     if dtype == Dtype::F32 {
@@ -121,14 +129,14 @@ fn per_step_calls_allocate_nothing() {
                         (0..2).for_each(|ith| parts.run(ith, 2));
                     }
                 }
-                // Sequence operations between steps: fork (copy-on-write next step), truncate.
-                cache.fork(0, 3).unwrap();
+                // Sequence operations between steps.
                 cache.truncate(3, 100 + round).unwrap();
                 cache.remove(3).unwrap();
                 cache.truncate(1, 200).unwrap();
             }
         });
-        println!("{phi:?}/{dtype:?}: {n} heap allocations in 12 planned steps, 24 layer runs, 4 fork/truncate/remove rounds");
+        println!("{phi:?}/{dtype:?}: {n} heap allocations in 16 planned steps, 32 layer runs (layer 1 in host-thread parts), {copies} copy-on-write copies, 4 fork/truncate/remove rounds");
+        assert!(copies >= 8, "{phi:?}/{dtype:?}: the fork rounds must copy pages ({copies} copies)");
         assert_eq!(n, 0, "{phi:?}/{dtype:?}: per-step calls allocated {n} times");
     }
 }

@@ -9,49 +9,8 @@
 mod common;
 use common::*;
 use half::bf16;
-use nsa::reference::{full_attention, prefill, RefInputs};
+use nsa::reference::full_attention;
 use nsa::{Config, Dtype, Phi, Preset};
-
-struct Checked {
-    max_err: f64,
-    near_ties: usize,
-}
-
-/// Compares one sequence's engine outputs with the reference; returns the largest error.
-fn check_seq(cfg: &Config, d: &SeqData, w: &(Vec<f32>, Vec<f32>), out: &[f32], sel: &[i32], tol: f64, what: &str) -> Checked {
-    let inp = RefInputs { cfg, q: &d.q, k: &d.k, v: &d.v, gates: &d.gates, phi_k: &w.0, phi_v: &w.1, selection: None };
-    let r = prefill(&inp);
-    let (_, hkv, _, _) = dims(cfg);
-    let n = cfg.sel_count as usize;
-    let mut near_ties = 0;
-    for t in 0..d.len {
-        for h in 0..hkv {
-            let row = (t * hkv + h) * n;
-            let (mine, theirs) = (&sel[row..row + n], &r.selected[row..row + n]);
-            if mine == theirs {
-                continue;
-            }
-            // Different sets: both must be valid and score the same within tolerance.
-            let scores = &r.scores[(t * hkv + h) * r.nb..][..r.nb];
-            let sum = |s: &[i32]| -> f64 { s.iter().filter(|&&j| j >= 0).map(|&j| scores[j as usize]).filter(|x| x.is_finite()).sum() };
-            let count = |s: &[i32]| s.iter().filter(|&&j| j >= 0).count();
-            assert_eq!(count(mine), count(theirs), "{what}: t={t} h={h}: selection sizes {mine:?} vs {theirs:?}");
-            let forced = |s: &[i32]| s.iter().filter(|&&j| j >= 0 && scores[j as usize].is_infinite()).count();
-            assert_eq!(forced(mine), forced(theirs), "{what}: t={t} h={h}: forced blocks missing in {mine:?}");
-            let (a, b) = (sum(mine), sum(theirs));
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: t={t} h={h}: engine picked {mine:?} (score {a}), best is {theirs:?} ({b})");
-            near_ties += 1;
-        }
-    }
-    let out_ref = if near_ties > 0 {
-        prefill(&RefInputs { selection: Some(sel), ..inp }).out
-    } else {
-        r.out
-    };
-    let err = max_rel_err(out, &out_ref);
-    assert!(err <= tol, "{what}: max error {err:e} > {tol:e}");
-    Checked { max_err: err, near_ties }
-}
 
 fn cfg_for(preset: Preset, hkv: u32, g: u32, dk: u32, dv: u32, phi: Phi, rng: &mut Rng) -> Config {
     let mut c = Config::preset(preset).with_shape(hkv * g, hkv, dk, dv);

@@ -1,26 +1,32 @@
 //! A seeded fuzzer over random operation sequences, driven through the C ABI table.
 //!
 //! Each round draws a random config (preset, group size, head dims, phi, window, n,
-//! overcommitted page pools, 1-2 layers), makes a cache and a CPU backend through
-//! `nsa_get_api`, and runs random operations: add, fork, truncate, remove, and steps
-//! (plan + every layer) over random subsets of the live sequences, mixed with
-//! deliberately bad calls (NULL pointers, unknown or out-of-range sequences, duplicate
-//! entries, zero tokens, wrong token counts, wrong struct_size, layer out of range, a
-//! layer run after the step ended). After every operation it checks:
-//! - `nsa_cache_check`: no page leaked or double-freed, refcounts equal references;
-//! - lengths and live sequences match a shadow model;
-//! - a failing call returned an error status with a message, and left the arena, the
-//!   backend buffer and the outputs byte for byte as they were;
-//! - every output of every step equals the brute-force reference (`nsa::reference`) over
-//!   the sequence's whole history, given the engine's selected blocks, and every
-//!   selection scores within tolerance of the reference's best;
-//! - both layers of a step (fed the same inputs) give the same outputs.
+//! f32/f16/bf16 storage, overcommitted page pools, 1-3 layers) and makes TWO caches, each
+//! with its own CPU backend, through `nsa_get_api`. Operations on a random one of them:
+//! add, fork, truncate, remove, plan_step, one layer run (any layer, in any order: skipped
+//! and repeated layers included), abort_step, drawn mostly valid by the shared shadow
+//! model (`tests/common/shadow.rs`) and sometimes bad; plus bad calls (NULL handles and
+//! arrays, a wrong struct_size or token count) and a backend run on the other cache (refused:
+//! a backend serves one cache). The shadow model predicts every outcome: the exact status
+//! of each call, lengths, free pages and the open step. After every operation:
+//! - the status is the predicted one, and a failure has a message;
+//! - a failing call left the arena, the backend buffer and the outputs byte for byte as
+//!   they were;
+//! - `nsa_cache_check` is OK, or `NSA_STATUS_STEP_OPEN` exactly while a step is open;
+//!   lengths, live sequences and free pages equal the model's;
+//! - the first layer run of a step equals the brute-force reference (`nsa::reference`)
+//!   over each sequence's whole history, given the engine's selected blocks, and every
+//!   selection scores within tolerance of the reference's best; every later layer of the
+//!   step (same inputs) gives the same bytes.
 //!
 //! Any violation panics with the seed and operation number, which reproduce it.
 
 use std::time::{Duration, Instant};
 
-use crate::{api, last_error, AlignedBuf, Rng};
+use half::{bf16, f16};
+
+use crate::shadow::{Kind, Op, Shadow};
+use crate::{api, last_error, CEngine, Rng};
 use nsa::ffi::*;
 use nsa::reference::{prefill_last, RefInputs};
 use nsa::{Config, Dtype, Phi, Preset};
@@ -29,15 +35,24 @@ use nsa::{Config, Dtype, Phi, Preset};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub ops: u64,
+    /// Calls that succeeded and changed a cache (a layer run counts).
+    pub changes: u64,
     pub rejected: u64,
-    pub steps: u64,
+    /// Per operation: add, fork, truncate, remove, plan, layer run, abort, bad call, run on
+    /// the other cache.
+    pub mix: [u64; 9],
+    pub steps_completed: u64,
+    pub aborts: u64,
     pub tokens_checked: u64,
     pub near_ties: u64,
     pub rounds: u64,
     pub max_err: f64,
 }
 
-/// One live sequence's inputs so far (f32 rows) and the engine's selections.
+pub const MIX_NAMES: [&str; 9] = ["add", "fork", "truncate", "remove", "plan", "run_layer", "abort", "bad call", "other cache"];
+
+/// One live sequence's inputs so far (f32 rows, rounded through the storage type) and
+/// the engine's selections.
 #[derive(Clone, Default)]
 struct History {
     q: Vec<f32>,
@@ -68,13 +83,13 @@ fn random_config(rng: &mut Rng) -> Config {
     let hkv = rng.pick(&[1u32, 2]);
     let (dk, dv) = rng.pick(&[(8u32, 8u32), (16, 8), (8, 16), (32, 32)]);
     let mut c = Config::preset(preset).with_shape(g * hkv, hkv, dk, dv).with_capacity(rng.pick(&[1, 3, 6]), 320);
-    c.dtype = Dtype::F32;
+    c.dtype = rng.pick(&[Dtype::F32, Dtype::F32, Dtype::F16, Dtype::Bf16]);
     c.phi = if preset == Preset::Fla { Phi::Mean } else { rng.pick(&[Phi::Mean, Phi::Weighted, Phi::Linear, Phi::Mlp]) };
     c.phi_hidden = 8;
     c.phi_pe = rng.below(2) == 0;
     c.sel_count = rng.pick(&[3, 4, 6]);
     c.window = rng.pick(&[8, 33, 100]);
-    c.num_layers = rng.pick(&[1, 2]);
+    c.num_layers = rng.pick(&[1, 2, 3]);
     c.max_step_tokens = rng.pick(&[64, 200]);
     c.cpu_threads = rng.pick(&[1, 2, 3]);
     // Overcommit the pools so that steps run out of pages.
@@ -83,50 +98,121 @@ fn random_config(rng: &mut Rng) -> Config {
     c
 }
 
-/// The engine under test, made through the table.
-struct Engine {
-    cfg: Config,
-    ccfg: nsa_config_t,
-    arena: AlignedBuf,
-    buf: AlignedBuf,
-    cache: *mut nsa_cache,
-    cpu: *mut nsa_cpu_backend,
+/// Rounds through the storage type, as the engine stores values.
+fn stored(dtype: Dtype, x: &[f32]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => x.to_vec(),
+        Dtype::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        Dtype::Bf16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+/// An activation array in the storage type, as bytes (16-byte aligned storage).
+struct Typed {
+    words: Vec<u128>,
+    dtype: Dtype,
+    n: usize,
+}
+
+impl Typed {
+    fn new(dtype: Dtype, x: &[f32]) -> Typed {
+        let mut t = Typed { words: vec![0; (x.len() * dtype.size()).div_ceil(16)], dtype, n: x.len() };
+        let p = t.words.as_mut_ptr().cast::<u8>();
+        for (i, &v) in x.iter().enumerate() {
+            // SAFETY: `i * size < words.len() * 16`; unaligned writes of plain bytes.
+            unsafe {
+                match dtype {
+                    Dtype::F32 => p.add(i * 4).cast::<[u8; 4]>().write_unaligned(v.to_ne_bytes()),
+                    Dtype::F16 => p.add(i * 2).cast::<[u8; 2]>().write_unaligned(f16::from_f32(v).to_ne_bytes()),
+                    Dtype::Bf16 => p.add(i * 2).cast::<[u8; 2]>().write_unaligned(bf16::from_f32(v).to_ne_bytes()),
+                }
+            }
+        }
+        t
+    }
+    fn filled(dtype: Dtype, n: usize) -> Typed {
+        Typed::new(dtype, &vec![f32::NAN; n])
+    }
+    fn ptr(&self) -> *const std::ffi::c_void {
+        self.words.as_ptr().cast()
+    }
+    fn ptr_mut(&mut self) -> *mut std::ffi::c_void {
+        self.words.as_mut_ptr().cast()
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `n * size` bytes of the storage.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.n * self.dtype.size()) }
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        self.bytes()
+            .chunks(self.dtype.size())
+            .map(|b| match self.dtype {
+                Dtype::F32 => f32::from_ne_bytes(b.try_into().unwrap()),
+                Dtype::F16 => f16::from_ne_bytes(b.try_into().unwrap()).to_f32(),
+                Dtype::Bf16 => bf16::from_ne_bytes(b.try_into().unwrap()).to_f32(),
+            })
+            .collect()
+    }
+}
+
+/// The planned step's inputs (the same for every layer) and what its first layer gave.
+struct StepData {
+    entries: Vec<(u32, u32)>,
+    q: Typed,
+    k: Typed,
+    v: Typed,
+    gates: Vec<f32>,
+    first: Option<(Vec<u8>, Vec<i32>)>,
+    /// The histories before the plan (restored by an abort).
+    before: Vec<Option<History>>,
+}
+
+/// One cache with its own backend, its shadow model and its sequences' histories.
+struct Side {
+    e: CEngine,
+    sh: Shadow,
+    hist: Vec<Option<History>>,
+    step: Option<StepData>,
+    /// The backend has run a layer (it is bound to this cache).
+    bound: bool,
     w: (Vec<f32>, Vec<f32>),
 }
 
-impl Engine {
-    fn new(cfg: Config, rng: &mut Rng) -> Engine {
-        let a = api();
-        let ccfg = nsa_config_t::from(&cfg);
-        let (mut ab, mut bb) = (0usize, 0usize);
-        unsafe {
-            crate::ok((a.cache_arena_size)(&ccfg, &mut ab));
-            crate::ok((a.cpu_buffer_size)(&ccfg, &mut bb));
-        }
-        let mut e = Engine {
-            cfg,
-            ccfg,
-            arena: AlignedBuf::filled(ab, 0xC3),
-            buf: AlignedBuf::filled(bb, 0x3C),
-            cache: std::ptr::null_mut(),
-            cpu: std::ptr::null_mut(),
+impl Side {
+    fn new(cfg: &Config, rng: &mut Rng) -> Side {
+        Side {
+            e: CEngine::new(&nsa_config_t::from(cfg)),
+            sh: Shadow::new(cfg),
+            hist: vec![None; cfg.max_seqs as usize],
+            step: None,
+            bound: false,
             w: (rng.vec(cfg.phi_weight_len(cfg.head_dim_qk), 0.2), rng.vec(cfg.phi_weight_len(cfg.head_dim_v), 0.2)),
-        };
-        unsafe {
-            crate::ok((a.cache_init)(&e.ccfg, e.arena.ptr().cast(), ab, &mut e.cache));
-            crate::ok((a.cpu_backend_create)(&e.ccfg, e.buf.ptr().cast(), bb, &mut e.cpu));
         }
-        e
     }
 
     fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
-        (self.arena.bytes().to_vec(), self.buf.bytes().to_vec())
+        (self.e.arena.bytes().to_vec(), self.e.buf.bytes().to_vec())
     }
-}
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        unsafe { (api().cpu_backend_destroy)(self.cpu) };
+    /// The io of the planned step (or of an empty step when none is planned).
+    fn io(&mut self, out: &mut Typed, sel: &mut [i32]) -> nsa_layer_io_t {
+        let mut io = empty_io();
+        let (dtype, cfg) = (self.e.cfg.dtype, &self.e.cfg);
+        io.dtype = dtype;
+        if let Some(s) = &self.step {
+            io.tokens = s.gates.len() as u32 / (cfg.num_q_heads * 3);
+            io.q = s.q.ptr();
+            io.k = s.k.ptr();
+            io.v = s.v.ptr();
+            io.gates = s.gates.as_ptr();
+            io.out = out.ptr_mut();
+            io.selected = sel.as_mut_ptr();
+        }
+        io.phi_k = if self.w.0.is_empty() { std::ptr::null() } else { self.w.0.as_ptr() };
+        io.phi_k_len = self.w.0.len();
+        io.phi_v = if self.w.1.is_empty() { std::ptr::null() } else { self.w.1.as_ptr() };
+        io.phi_v_len = self.w.1.len();
+        io
     }
 }
 
@@ -144,140 +230,237 @@ pub fn run(seed: u64, max_ops: u64, budget: Duration) -> Stats {
     st
 }
 
+fn status_kind(s: nsa_status) -> Option<Kind> {
+    Some(match s {
+        NSA_STATUS_INVALID_ARGUMENT => Kind::InvalidArgument,
+        NSA_STATUS_UNKNOWN_SEQUENCE => Kind::UnknownSequence,
+        NSA_STATUS_SEQUENCE_EXISTS => Kind::SequenceExists,
+        NSA_STATUS_OUT_OF_PAGES => Kind::OutOfPages,
+        NSA_STATUS_SEQUENCE_TOO_LONG => Kind::SequenceTooLong,
+        NSA_STATUS_NO_STEP => Kind::NoStep,
+        NSA_STATUS_STEP_OPEN => Kind::StepOpen,
+        NSA_STATUS_LAYER_ALREADY_RUN => Kind::LayerAlreadyRun,
+        _ => return None,
+    })
+}
+
 fn round(rng: &mut Rng, st: &mut Stats, seed: u64, ops: u64) {
-    let a = api();
     let cfg = random_config(rng);
-    let mut e = Engine::new(cfg, rng);
-    let hq = cfg.num_q_heads as usize;
-    let slots = cfg.max_seqs;
-    let mut shadow: Vec<Option<History>> = vec![None; slots as usize];
+    let mut sides = [Side::new(&cfg, rng), Side::new(&cfg, rng)];
     for _ in 0..ops {
         st.ops += 1;
         let where_ = format!("seed {seed}, op {} ({cfg:?})", st.ops);
-        let before = e.snapshot();
-        let live: Vec<u32> = (0..slots).filter(|&s| shadow[s as usize].is_some()).collect();
-        let any_slot = rng.below(slots as u64 + 2) as u32; // sometimes out of range
-        let pick = |rng: &mut Rng| if live.is_empty() || rng.below(6) == 0 { any_slot } else { rng.pick(&live) };
-        let is_live = |s: u32| s < slots && shadow[s as usize].is_some();
-        // (status, whether the call was valid)
-        let (status, valid) = match rng.below(20) {
-            0..=2 => {
-                let s = any_slot;
-                let r = unsafe { (a.cache_add)(e.cache, s) };
-                let v = s < slots && !is_live(s);
-                if r == NSA_STATUS_OK {
-                    shadow[s as usize] = Some(History::default());
-                }
-                (r, v)
-            }
-            3 => {
-                let (src, dst) = (pick(rng), any_slot);
-                let v = is_live(src) && dst < slots && !is_live(dst);
-                let r = unsafe { (a.cache_fork)(e.cache, src, dst) };
-                if r == NSA_STATUS_OK {
-                    shadow[dst as usize] = shadow[src as usize].clone();
-                }
-                (r, v)
-            }
-            4 => {
-                let s = pick(rng);
-                let cur = if is_live(s) { shadow[s as usize].as_ref().unwrap().gates.len() / (hq * 3) } else { 5 };
-                let to = rng.below(cur as u64 + 3) as usize;
-                let v = is_live(s) && to <= cur;
-                let r = unsafe { (a.cache_truncate)(e.cache, s, to as u32) };
-                if r == NSA_STATUS_OK {
-                    shadow[s as usize].as_mut().unwrap().truncate(to, &cfg);
-                }
-                (r, v)
-            }
-            5 => {
-                let s = pick(rng);
-                let v = is_live(s);
-                let r = unsafe { (a.cache_remove)(e.cache, s) };
-                if r == NSA_STATUS_OK {
-                    shadow[s as usize] = None;
-                }
-                (r, v)
-            }
-            6 => {
-                // Bad calls that must fail: NULL handle, NULL entries, layer run with a
-                // NULL io or after the step ended, layer out of range.
-                let r = match rng.below(4) {
-                    0 => unsafe { (a.cache_add)(std::ptr::null_mut(), 0) },
-                    1 => unsafe { (a.cache_plan_step)(e.cache, std::ptr::null(), 1) },
-                    2 => unsafe { (a.cpu_run_layer)(e.cpu, e.cache, 0, std::ptr::null()) },
-                    _ => {
-                        let io = empty_io();
-                        unsafe { (a.cpu_run_layer)(e.cpu, e.cache, cfg.num_layers + rng.below(3) as u32, &io) }
-                    }
-                };
-                (r, false)
-            }
+        let which = rng.below(2) as usize;
+        match rng.below(40) {
+            0 => bad_call(&mut sides[which], rng, st, &where_),
+            1 => other_cache(&mut sides, which, rng, st, &where_),
             _ => {
-                // A step over a random subset of live sequences, sometimes with a bad entry.
-                let mut entries: Vec<nsa_step_seq_t> = vec![];
-                for &s in &live {
-                    if rng.below(3) != 0 {
-                        entries.push(nsa_step_seq_t { seq: s, tokens: rng.pick(&[1, 1, 1, 2, 9, 31, 64]) });
-                    }
-                }
-                let mut sabotage = false;
-                match rng.below(14) {
-                    0 if !entries.is_empty() => {
-                        entries.push(entries[0]);
-                        sabotage = true;
-                    }
-                    1 if !entries.is_empty() => {
-                        entries[0].tokens = 0;
-                        sabotage = true;
-                    }
-                    2 => {
-                        entries.push(nsa_step_seq_t { seq: slots + rng.below(3) as u32, tokens: 1 });
-                        sabotage = true;
-                    }
-                    _ => {}
-                }
-                let r = unsafe { (a.cache_plan_step)(e.cache, entries.as_ptr(), entries.len() as u32) };
-                let v = !entries.is_empty() && !sabotage;
-                if r != NSA_STATUS_OK {
-                    if v {
-                        // A valid step may still need more pages or tokens than there are.
-                        assert!(
-                            [NSA_STATUS_OUT_OF_PAGES, NSA_STATUS_SEQUENCE_TOO_LONG, NSA_STATUS_INVALID_ARGUMENT].contains(&r),
-                            "{where_}: valid step failed: {}",
-                            last_error()
-                        );
-                        st.rejected += 1;
-                        check_unchanged(&e, &before, &where_);
-                        invariants(&e, &shadow, &where_);
-                        continue;
-                    }
-                    (r, v)
-                } else {
-                    assert!(v, "{where_}: an invalid step was accepted");
-                    run_step(&mut e, rng, &entries, &mut shadow, st, &where_);
-                    (r, v)
-                }
+                let op = sides[which].sh.random_op(&mut |n| rng.below(n));
+                apply(&mut sides[which], &op, rng, st, &where_);
             }
-        };
-        if valid {
-            assert_eq!(status, NSA_STATUS_OK, "{where_}: valid call failed: {}", last_error());
-        } else {
-            assert_ne!(status, NSA_STATUS_OK, "{where_}: invalid call succeeded");
+        }
+        for (i, s) in sides.iter().enumerate() {
+            invariants(s, &format!("{where_}, cache {i}"));
+        }
+    }
+    // Ending the step and removing everything returns every page.
+    for s in &mut sides {
+        let a = api();
+        if s.sh.planned() {
+            crate::ok(unsafe { (a.cache_abort_step)(s.e.cache) });
+        }
+        for q in s.sh.live() {
+            crate::ok(unsafe { (a.cache_remove)(s.e.cache, q) });
+        }
+        let stats = stats(s);
+        assert_eq!((stats.raw_free, stats.cmp_free, stats.live_seqs), (cfg.num_pages, cfg.num_cmp_pages, 0), "seed {seed}: pages leaked");
+    }
+}
+
+/// One operation on one side: the shadow predicts, the C ABI answers, both must agree.
+fn apply(s: &mut Side, op: &Op, rng: &mut Rng, st: &mut Stats, where_: &str) {
+    let a = api();
+    let cfg = nsa::Config::try_from(&s.e.cfg).unwrap();
+    let want = s.sh.apply(op);
+    let before = want.is_err().then(|| s.snapshot());
+    let (hq, hkv, dk, dv, n) = dims(&cfg);
+    let where_ = format!("{where_}: {op:?}");
+    let c = s.e.cache;
+    let (status, mix) = match op {
+        Op::Add(q) => (unsafe { (a.cache_add)(c, *q) }, 0),
+        Op::Fork(x, y) => (unsafe { (a.cache_fork)(c, *x, *y) }, 1),
+        Op::Truncate(q, l) => (unsafe { (a.cache_truncate)(c, *q, *l) }, 2),
+        Op::Remove(q) => (unsafe { (a.cache_remove)(c, *q) }, 3),
+        Op::Plan(e) => {
+            let entries: Vec<nsa_step_seq_t> = e.iter().map(|&(seq, tokens)| nsa_step_seq_t { seq, tokens }).collect();
+            (unsafe { (a.cache_plan_step)(c, entries.as_ptr(), entries.len() as u32) }, 4)
+        }
+        Op::Abort => (unsafe { (a.cache_abort_step)(c) }, 6),
+        Op::Run(layer) => {
+            let t = s.step.as_ref().map_or(0, |d| d.gates.len() / (hq * 3));
+            let mut out = Typed::filled(cfg.dtype, t * hq * dv);
+            let mut sel = vec![i32::MIN; t * hkv * n];
+            let mut io = s.io(&mut out, &mut sel);
+            if want.is_ok() && rng.below(8) == 0 {
+                // A bad variant first: wrong token count or struct_size; nothing may change.
+                let snap = s.snapshot();
+                let mut bad = io;
+                if rng.below(2) == 0 {
+                    bad.tokens += 1;
+                } else {
+                    bad.struct_size -= 4;
+                }
+                let r = unsafe { (a.cpu_run_layer)(s.e.cpu, c, *layer, &bad) };
+                assert!([NSA_STATUS_INVALID_ARGUMENT, NSA_STATUS_BAD_STRUCT_SIZE].contains(&r), "{where_}: bad layer io: {}", last_error());
+                check_unchanged(s, &snap, &where_);
+                assert!(out.to_f32().iter().all(|x| x.is_nan()), "{where_}: outputs written on failure");
+                st.rejected += 1;
+                io = s.io(&mut out, &mut sel);
+            }
+            let r = unsafe { (a.cpu_run_layer)(s.e.cpu, c, *layer, &io) };
+            if r == NSA_STATUS_OK {
+                s.bound = true;
+                layer_ran(s, &cfg, out, sel, st, &where_);
+            } else {
+                assert!(out.to_f32().iter().all(|x| x.is_nan()) && sel.iter().all(|&x| x == i32::MIN), "{where_}: outputs written on failure");
+            }
+            (r, 5)
+        }
+    };
+    st.mix[mix] += 1;
+    match (want, status) {
+        (Ok(()), NSA_STATUS_OK) => st.changes += 1,
+        (Err(k), r) if status_kind(r) == Some(k) => {
             assert!(!last_error().is_empty(), "{where_}: failure without a message");
+            check_unchanged(s, before.as_ref().unwrap(), &where_);
             st.rejected += 1;
-            check_unchanged(&e, &before, &where_);
+            return;
         }
-        invariants(&e, &shadow, &where_);
+        (want, r) => panic!("{where_}: the model predicts {want:?}, the library returned {}: {}", crate::status_name(r), last_error()),
     }
-    // Removing everything returns every page.
-    for s in 0..slots {
-        if shadow[s as usize].is_some() {
-            crate::ok(unsafe { (a.cache_remove)(e.cache, s) });
+    // Success: follow the histories.
+    match op {
+        Op::Add(q) => s.hist[*q as usize] = Some(History::default()),
+        Op::Fork(x, y) => s.hist[*y as usize] = s.hist[*x as usize].clone(),
+        Op::Truncate(q, l) => s.hist[*q as usize].as_mut().unwrap().truncate(*l as usize, &cfg),
+        Op::Remove(q) => s.hist[*q as usize] = None,
+        Op::Abort => {
+            st.aborts += 1;
+            s.hist = s.step.take().unwrap().before;
+        }
+        Op::Plan(e) => {
+            let t: usize = e.iter().map(|x| x.1 as usize).sum();
+            let (q, k, v) = (stored(cfg.dtype, &rng.vec(t * hq * dk, 2.0)), stored(cfg.dtype, &rng.vec(t * hkv * dk, 1.0)), stored(cfg.dtype, &rng.vec(t * hkv * dv, 1.0)));
+            let gates: Vec<f32> = (0..t * hq * 3).map(|_| 0.5 + 0.45 * rng.unit()).collect();
+            let before = s.hist.clone();
+            let mut row = 0;
+            for &(seq, tk) in e {
+                let (tk, h) = (tk as usize, s.hist[seq as usize].as_mut().unwrap());
+                h.q.extend_from_slice(&q[row * hq * dk..(row + tk) * hq * dk]);
+                h.k.extend_from_slice(&k[row * hkv * dk..(row + tk) * hkv * dk]);
+                h.v.extend_from_slice(&v[row * hkv * dv..(row + tk) * hkv * dv]);
+                h.gates.extend_from_slice(&gates[row * hq * 3..(row + tk) * hq * 3]);
+                h.sel.extend(std::iter::repeat(-1).take(tk * hkv * n));
+                row += tk;
+            }
+            let typed = |x: &[f32]| Typed::new(cfg.dtype, x);
+            s.step = Some(StepData { entries: e.clone(), q: typed(&q), k: typed(&k), v: typed(&v), gates, first: None, before });
+        }
+        Op::Run(_) => {
+            if !s.sh.open() {
+                st.steps_completed += 1;
+            }
         }
     }
-    let stats = stats(&e);
-    assert_eq!((stats.raw_free, stats.cmp_free, stats.live_seqs), (cfg.num_pages, cfg.num_cmp_pages, 0), "seed {seed}: pages leaked");
+    if !matches!(op, Op::Run(_) | Op::Plan(_) | Op::Abort) {
+        s.step = None; // a mutation after a complete step drops its plan
+    }
+}
+
+/// A successful layer run: the first of the step is checked against the reference, the
+/// others against the first.
+fn layer_ran(s: &mut Side, cfg: &Config, out: Typed, sel: Vec<i32>, st: &mut Stats, where_: &str) {
+    let (hq, hkv, _, dv, n) = dims(cfg);
+    let step = s.step.as_mut().expect("a layer ran, so a step is planned");
+    if let Some((o, sl)) = &step.first {
+        assert!(o[..] == out.bytes()[..] && sl[..] == sel[..], "{where_}: this layer differs from the step's first on the same inputs");
+        return;
+    }
+    let got = out.to_f32();
+    let (tol, sel_tol) = match cfg.dtype {
+        Dtype::F32 => (1e-4, 1e-4),
+        Dtype::F16 => (4e-3, 2e-3),
+        Dtype::Bf16 => (2e-2, 1e-2),
+    };
+    let mut row = 0usize;
+    for &(seq, tk) in &step.entries {
+        let tk = tk as usize;
+        let h = s.hist[seq as usize].as_mut().unwrap();
+        let len = h.gates.len() / (hq * 3);
+        h.sel[(len - tk) * hkv * n..].copy_from_slice(&sel[row * hkv * n..(row + tk) * hkv * n]);
+        let inp = RefInputs { cfg, q: &h.q, k: &h.k, v: &h.v, gates: &h.gates, phi_k: &s.w.0, phi_v: &s.w.1, selection: None };
+        let own = prefill_last(&inp, tk);
+        // Selections: equal, or scoring within tolerance of the reference's best.
+        for r in 0..tk * hkv {
+            let mine = &sel[row * hkv * n + r * n..][..n];
+            let theirs = &own.selected[r * n..][..n];
+            if mine != theirs {
+                let sc = &own.scores[r * own.nb..][..own.nb];
+                let sum = |s: &[i32]| -> f64 { s.iter().filter(|&&j| j >= 0).map(|&j| sc[j as usize]).filter(|x| x.is_finite()).sum() };
+                let valid = mine.iter().filter(|&&j| j >= 0).count() == theirs.iter().filter(|&&j| j >= 0).count();
+                assert!(valid && (sum(mine) - sum(theirs)).abs() <= sel_tol, "{where_}: selection {mine:?} vs reference {theirs:?}");
+                st.near_ties += 1;
+            }
+        }
+        let forced = prefill_last(&RefInputs { selection: Some(&h.sel), ..inp }, tk);
+        let got = &got[row * hq * dv..(row + tk) * hq * dv];
+        let err = got.iter().zip(&forced.out).map(|(x, y)| ((x - y).abs() / (1.0 + y.abs())) as f64).fold(0.0, f64::max);
+        assert!(err <= tol && got.iter().all(|x| x.is_finite()), "{where_}: seq {seq} (len {len}) error {err:e} vs reference");
+        st.max_err = st.max_err.max(err);
+        st.tokens_checked += tk as u64;
+        row += tk;
+    }
+    step.first = Some((out.bytes().to_vec(), sel));
+}
+
+/// Calls that must fail before looking at the cache: NULL handles or arrays.
+fn bad_call(s: &mut Side, rng: &mut Rng, st: &mut Stats, where_: &str) {
+    let a = api();
+    let before = s.snapshot();
+    let r = match rng.below(4) {
+        0 => unsafe { (a.cache_add)(std::ptr::null_mut(), 0) },
+        1 => unsafe { (a.cache_plan_step)(s.e.cache, std::ptr::null(), 1) },
+        2 => unsafe { (a.cpu_run_layer)(s.e.cpu, s.e.cache, 0, std::ptr::null()) },
+        _ => unsafe { (a.cache_abort_step)(std::ptr::null_mut()) },
+    };
+    assert_eq!(r, NSA_STATUS_NULL_POINTER, "{where_}: {}", last_error());
+    check_unchanged(s, &before, where_);
+    st.mix[7] += 1;
+    st.rejected += 1;
+}
+
+/// A backend run on the other cache (same config): refused once the backend is bound.
+fn other_cache(sides: &mut [Side; 2], which: usize, rng: &mut Rng, st: &mut Stats, where_: &str) {
+    let (a, b) = if which == 0 { let (x, y) = sides.split_at_mut(1); (&mut x[0], &mut y[0]) } else { let (x, y) = sides.split_at_mut(1); (&mut y[0], &mut x[0]) };
+    if !a.bound || !b.sh.planned() {
+        return;
+    }
+    let cfg = nsa::Config::try_from(&b.e.cfg).unwrap();
+    let (hq, hkv, _, dv, n) = dims(&cfg);
+    let t = b.step.as_ref().unwrap().gates.len() / (hq * 3);
+    let mut out = Typed::filled(cfg.dtype, t * hq * dv);
+    let mut sel = vec![i32::MIN; t * hkv * n];
+    let io = b.io(&mut out, &mut sel);
+    let (sa, sb) = (a.snapshot(), b.snapshot());
+    let layer = rng.below(cfg.num_layers as u64) as u32;
+    let r = unsafe { (api().cpu_run_layer)(a.e.cpu, b.e.cache, layer, &io) };
+    assert_eq!(r, NSA_STATUS_INVALID_ARGUMENT, "{where_}: backend run on another cache: {}", last_error());
+    assert!(last_error().contains("this backend serves cache #"), "{where_}: {}", last_error());
+    check_unchanged(a, &sa, where_);
+    check_unchanged(b, &sb, where_);
+    assert!(out.to_f32().iter().all(|x| x.is_nan()), "{where_}: outputs written on failure");
+    st.mix[8] += 1;
+    st.rejected += 1;
 }
 
 fn empty_io() -> nsa_layer_io_t {
@@ -287,115 +470,32 @@ fn empty_io() -> nsa_layer_io_t {
     io
 }
 
-fn stats(e: &Engine) -> nsa_cache_stats_t {
-    let mut s = nsa_cache_stats_t { struct_size: std::mem::size_of::<nsa_cache_stats_t>() as u32, ..Default::default() };
-    crate::ok(unsafe { (api().cache_stats)(e.cache, &mut s) });
-    s
+fn stats(s: &Side) -> nsa_cache_stats_t {
+    let mut st = nsa_cache_stats_t { struct_size: std::mem::size_of::<nsa_cache_stats_t>() as u32, ..Default::default() };
+    crate::ok(unsafe { (api().cache_stats)(s.e.cache, &mut st) });
+    st
 }
 
-fn check_unchanged(e: &Engine, before: &(Vec<u8>, Vec<u8>), where_: &str) {
-    assert!(e.arena.bytes() == &before.0[..], "{where_}: a failing call changed the cache arena");
-    assert!(e.buf.bytes() == &before.1[..], "{where_}: a failing call changed the backend buffer");
+fn check_unchanged(s: &Side, before: &(Vec<u8>, Vec<u8>), where_: &str) {
+    assert!(s.e.arena.bytes() == &before.0[..], "{where_}: a failing call changed the cache arena");
+    assert!(s.e.buf.bytes() == &before.1[..], "{where_}: a failing call changed the backend buffer");
 }
 
-fn invariants(e: &Engine, shadow: &[Option<History>], where_: &str) {
+fn invariants(s: &Side, where_: &str) {
     let a = api();
-    let r = unsafe { (a.cache_check)(e.cache) };
-    assert_eq!(r, NSA_STATUS_OK, "{where_}: {}", last_error());
-    let hq = e.cfg.num_q_heads as usize;
-    for (s, h) in shadow.iter().enumerate() {
+    let r = unsafe { (a.cache_check)(s.e.cache) };
+    let want = if s.sh.open() { NSA_STATUS_STEP_OPEN } else { NSA_STATUS_OK };
+    assert_eq!(r, want, "{where_}: nsa_cache_check: {}", last_error());
+    for q in 0..s.hist.len() as u32 {
         let mut len = 0u32;
-        let r = unsafe { (a.cache_len)(e.cache, s as u32, &mut len) };
-        match h {
-            Some(h) => {
-                assert_eq!(r, NSA_STATUS_OK, "{where_}: slot {s}");
-                assert_eq!(len as usize, h.gates.len() / (hq * 3), "{where_}: slot {s} length");
-            }
-            None => assert_eq!(r, NSA_STATUS_UNKNOWN_SEQUENCE, "{where_}: slot {s} should be empty"),
+        let r = unsafe { (a.cache_len)(s.e.cache, q, &mut len) };
+        match s.sh.len(q) {
+            Some(l) => assert_eq!((r, len), (NSA_STATUS_OK, l), "{where_}: slot {q}"),
+            None => assert_eq!(r, NSA_STATUS_UNKNOWN_SEQUENCE, "{where_}: slot {q} should be empty"),
         }
+        let hq = s.e.cfg.num_q_heads as usize;
+        assert_eq!(s.hist[q as usize].as_ref().map(|h| (h.gates.len() / (hq * 3)) as u32), s.sh.len(q), "{where_}: history of slot {q}");
     }
-    assert_eq!(stats(e).live_seqs as usize, shadow.iter().filter(|h| h.is_some()).count(), "{where_}");
-}
-
-/// Runs every layer of a planned step (with a bad layer call first, sometimes), records
-/// the inputs, and checks the outputs against the reference.
-fn run_step(e: &mut Engine, rng: &mut Rng, entries: &[nsa_step_seq_t], shadow: &mut [Option<History>], st: &mut Stats, where_: &str) {
-    let a = api();
-    let cfg = e.cfg;
-    let (hq, hkv, dk, dv, n) = dims(&cfg);
-    let t: usize = entries.iter().map(|x| x.tokens as usize).sum();
-    let (q, k, v) = (rng.vec(t * hq * dk, 2.0), rng.vec(t * hkv * dk, 1.0), rng.vec(t * hkv * dv, 1.0));
-    let gates: Vec<f32> = (0..t * hq * 3).map(|_| 0.5 + 0.45 * rng.unit()).collect();
-    let mut outs = vec![vec![f32::NAN; t * hq * dv]; cfg.num_layers as usize];
-    let mut sels = vec![vec![i32::MIN; t * hkv * n]; cfg.num_layers as usize];
-    for layer in 0..cfg.num_layers as usize {
-        let mut io = empty_io();
-        io.dtype = NSA_DTYPE_F32;
-        io.tokens = t as u32;
-        io.q = q.as_ptr().cast();
-        io.k = k.as_ptr().cast();
-        io.v = v.as_ptr().cast();
-        io.gates = gates.as_ptr();
-        io.out = outs[layer].as_mut_ptr().cast();
-        io.selected = sels[layer].as_mut_ptr();
-        io.phi_k = if e.w.0.is_empty() { std::ptr::null() } else { e.w.0.as_ptr() };
-        io.phi_k_len = e.w.0.len();
-        io.phi_v = if e.w.1.is_empty() { std::ptr::null() } else { e.w.1.as_ptr() };
-        io.phi_v_len = e.w.1.len();
-        if rng.below(4) == 0 {
-            // A bad variant first: wrong token count or struct_size; nothing may change.
-            let before = e.snapshot();
-            let out_before = outs[layer].clone();
-            let mut bad = io;
-            if rng.below(2) == 0 {
-                bad.tokens += 1;
-            } else {
-                bad.struct_size -= 4;
-            }
-            let r = unsafe { (a.cpu_run_layer)(e.cpu, e.cache, layer as u32, &bad) };
-            assert_ne!(r, NSA_STATUS_OK, "{where_}: bad layer io accepted");
-            check_unchanged(e, &before, where_);
-            assert!(outs[layer].iter().zip(&out_before).all(|(x, y)| x.to_bits() == y.to_bits()), "{where_}: outputs written on failure");
-            st.rejected += 1;
-        }
-        let r = unsafe { (a.cpu_run_layer)(e.cpu, e.cache, layer as u32, &io) };
-        assert_eq!(r, NSA_STATUS_OK, "{where_}: layer {layer}: {}", last_error());
-    }
-    for l in 1..outs.len() {
-        assert!(outs[l] == outs[0] && sels[l] == sels[0], "{where_}: layer {l} differs from layer 0 on the same inputs");
-    }
-    st.steps += 1;
-    // Record and check each sequence of the step.
-    let mut row = 0usize;
-    for en in entries {
-        let tk = en.tokens as usize;
-        let h = shadow[en.seq as usize].as_mut().unwrap();
-        h.q.extend_from_slice(&q[row * hq * dk..(row + tk) * hq * dk]);
-        h.k.extend_from_slice(&k[row * hkv * dk..(row + tk) * hkv * dk]);
-        h.v.extend_from_slice(&v[row * hkv * dv..(row + tk) * hkv * dv]);
-        h.gates.extend_from_slice(&gates[row * hq * 3..(row + tk) * hq * 3]);
-        h.sel.extend_from_slice(&sels[0][row * hkv * n..(row + tk) * hkv * n]);
-        let inp = RefInputs { cfg: &cfg, q: &h.q, k: &h.k, v: &h.v, gates: &h.gates, phi_k: &e.w.0, phi_v: &e.w.1, selection: None };
-        let own = prefill_last(&inp, tk);
-        // Selections: equal, or scoring within tolerance of the reference's best.
-        let len = h.gates.len() / (hq * 3);
-        for r in 0..tk * hkv {
-            let mine = &sels[0][row * hkv * n + r * n..][..n];
-            let theirs = &own.selected[r * n..][..n];
-            if mine != theirs {
-                let sc = &own.scores[r * own.nb..][..own.nb];
-                let sum = |s: &[i32]| -> f64 { s.iter().filter(|&&j| j >= 0).map(|&j| sc[j as usize]).filter(|x| x.is_finite()).sum() };
-                let valid = mine.iter().filter(|&&j| j >= 0).count() == theirs.iter().filter(|&&j| j >= 0).count();
-                assert!(valid && (sum(mine) - sum(theirs)).abs() <= 1e-4, "{where_}: selection {mine:?} vs reference {theirs:?}");
-                st.near_ties += 1;
-            }
-        }
-        let forced = prefill_last(&RefInputs { selection: Some(&h.sel), ..inp }, tk);
-        let got = &outs[0][row * hq * dv..(row + tk) * hq * dv];
-        let err = got.iter().zip(&forced.out).map(|(x, y)| ((x - y).abs() / (1.0 + y.abs())) as f64).fold(0.0, f64::max);
-        assert!(err <= 1e-4 && got.iter().all(|x| x.is_finite()), "{where_}: seq {} (len {len}) error {err:e} vs reference", en.seq);
-        st.max_err = st.max_err.max(err);
-        st.tokens_checked += tk as u64;
-        row += tk;
-    }
+    let st = stats(s);
+    assert_eq!((st.raw_free, st.cmp_free, st.live_seqs), (s.sh.raw_free(), s.sh.cmp_free(), s.sh.live().len() as u32), "{where_}: pools");
 }

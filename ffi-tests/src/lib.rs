@@ -20,6 +20,9 @@ pub mod fuzz;
 mod rng;
 pub use rng::Rng;
 
+#[path = "../../tests/common/shadow.rs"]
+pub mod shadow;
+
 /// The loaded library and its ABI v1 table.
 pub struct Lib {
     /// `nsa_get_api`, the one symbol looked up.

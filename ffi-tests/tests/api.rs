@@ -41,11 +41,14 @@ fn status_strings_name_every_code() {
         "NSA_STATUS_CUDA_ERROR",
         "NSA_STATUS_PANIC",
         "NSA_STATUS_CORRUPT",
+        "NSA_STATUS_STEP_OPEN",
+        "NSA_STATUS_LAYER_ALREADY_RUN",
+        "NSA_STATUS_BUSY",
     ];
     for (code, name) in names.iter().enumerate() {
         assert_eq!(status_name(code as nsa_status), *name);
     }
-    assert_eq!(NSA_STATUS_CORRUPT as usize, names.len() - 1);
+    assert_eq!(NSA_STATUS_BUSY as usize, names.len() - 1);
     for bad in [-1, names.len() as nsa_status, i32::MIN] {
         assert_eq!(status_name(bad), "NSA_STATUS_UNKNOWN");
     }

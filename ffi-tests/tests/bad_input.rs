@@ -96,6 +96,14 @@ impl Fx {
         }
     }
 
+    /// Runs the layers of the planned step that have not run yet.
+    fn finish(&mut self, from: u32) {
+        for layer in from..self.cfg.num_layers {
+            let io = self.io();
+            ok(unsafe { (api().cpu_run_layer)(self.e.cpu, self.e.cache, layer, &io) });
+        }
+    }
+
     /// Valid arrays for the planned step.
     fn io(&mut self) -> nsa_layer_io_t {
         nsa_layer_io_t {
@@ -405,6 +413,19 @@ fn sequence_operations_refuse_bad_ids_and_change_nothing() {
     let mut fx = Fx::new();
     let mut len = 0u32;
     unsafe {
+        // The planned step is open: every mutating call refuses, naming it.
+        let open = ["step 3 is still open", "layers 0, 1 of 0..2 have not run", "positions 41..42 of sequence 0, 22..24 of sequence 1"];
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_add", &open, |fx| (a.cache_add)(fx.e.cache, 2));
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_fork", &open, |fx| (a.cache_fork)(fx.e.cache, 0, 2));
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_truncate", &open, |fx| (a.cache_truncate)(fx.e.cache, 0, 41));
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_remove", &open, |fx| (a.cache_remove)(fx.e.cache, 1));
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_check", &open, |fx| (a.cache_check)(fx.e.cache));
+        let io = fx.io();
+        ok((a.cpu_run_layer)(fx.e.cpu, fx.e.cache, 1, &io));
+        let open = ["step 3 is still open", "layer 0 of 0..2 has not run"];
+        fx.fails(NSA_STATUS_STEP_OPEN, "nsa_cache_add", &open, |fx| (a.cache_add)(fx.e.cache, 2));
+        ok(fx.run_with(|_| ()));
+        ok((a.cache_check)(fx.e.cache));
         fx.fails(NSA_STATUS_SEQUENCE_EXISTS, "nsa_cache_add", &["sequence 1 already exists"], |fx| (a.cache_add)(fx.e.cache, 1));
         fx.fails(NSA_STATUS_INVALID_ARGUMENT, "nsa_cache_add", &["seq = 4: sequence ids are 0..4"], |fx| (a.cache_add)(fx.e.cache, 4));
         fx.fails(NSA_STATUS_UNKNOWN_SEQUENCE, "nsa_cache_fork", &["3 is not an active sequence"], |fx| (a.cache_fork)(fx.e.cache, 3, 2));
@@ -432,9 +453,9 @@ fn sequence_operations_refuse_bad_ids_and_change_nothing() {
         fx.fails(NSA_STATUS_BAD_STRUCT_SIZE, "nsa_cache_config", &["out->struct_size = 3"], |fx| (a.cache_config)(fx.e.cache, &mut c));
         fx.fails(NSA_STATUS_NULL_POINTER, "nsa_cache_config", &["out is NULL"], |fx| (a.cache_config)(fx.e.cache, null_mut()));
 
-        // None of the failures above ended the planned step: its layers still run.
-        let io = fx.io();
-        ok((a.cpu_run_layer)(fx.e.cpu, fx.e.cache, 0, &io));
+        // None of the failures above ended the complete step: its layers are still
+        // counted as run.
+        fx.fails(NSA_STATUS_LAYER_ALREADY_RUN, "nsa_cpu_run_layer", &["layer 0 already ran in step 3"], |fx| fx.run_with(|_| ()));
         ok((a.cache_len)(fx.e.cache, 0, &mut len));
         assert_eq!(len, 42);
         c.struct_size = CFG_SIZE;
@@ -452,6 +473,8 @@ fn plans_are_checked_and_all_or_nothing() {
         unsafe { (a.cache_plan_step)(fx.e.cache, e.as_ptr(), e.len() as u32) }
     };
     let f = "nsa_cache_plan_step";
+    fx.fails(NSA_STATUS_STEP_OPEN, f, &["step 3 is still open", "layers 0, 1 of 0..2 have not run"], |fx| plan(fx, &[(0, 1)]));
+    fx.finish(0);
     fx.fails(NSA_STATUS_NULL_POINTER, f, &["entries is NULL"], |fx| unsafe { (a.cache_plan_step)(fx.e.cache, null(), 1) });
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["entries.len = 0", "1..=4 sequences"], |fx| plan(fx, &[]));
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["entries.len = 5"], |fx| plan(fx, &[(0, 1); 5]));
@@ -461,9 +484,9 @@ fn plans_are_checked_and_all_or_nothing() {
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["entries[].tokens = 0"], |fx| plan(fx, &[(0, 0)]));
     fx.fails(NSA_STATUS_SEQUENCE_TOO_LONG, f, &["sequence 1 would reach length 257, past max_seq_len = 256"], |fx| plan(fx, &[(0, 1), (1, 233)]));
     fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["entries[].tokens = 301", "max_step_tokens = 300"], |fx| plan(fx, &[(0, 150), (1, 151)]));
-    // A failed plan keeps the current step: its layers still run.
-    let io = fx.io();
-    ok(unsafe { (a.cpu_run_layer)(fx.e.cpu, fx.e.cache, 1, &io) });
+    // A failed plan keeps the current (complete) step; a valid plan then opens step 4.
+    fx.fails(NSA_STATUS_LAYER_ALREADY_RUN, "nsa_cpu_run_layer", &["layer 0 already ran in step 3"], |fx| fx.run_with(|_| ()));
+    fx.step(&[(0, 1), (1, 1)]);
 }
 
 #[test]
@@ -473,6 +496,7 @@ fn out_of_pages_changes_nothing() {
     let mut cfg = small_config();
     cfg.num_pages = 3;
     let mut fx = Fx::with(cfg);
+    fx.finish(0);
     let plan = |fx: &mut Fx, e: &[(u32, u32)]| {
         let e: Vec<nsa_step_seq_t> = e.iter().map(|&(seq, tokens)| nsa_step_seq_t { seq, tokens }).collect();
         unsafe { (a.cache_plan_step)(fx.e.cache, e.as_ptr(), e.len() as u32) }
@@ -488,6 +512,7 @@ fn out_of_pages_changes_nothing() {
     cfg.fit_pages();
     cfg.num_cmp_pages = 1;
     let mut fx = Fx::with(cfg);
+    fx.finish(0);
     fx.fails(NSA_STATUS_OUT_OF_PAGES, "nsa_cache_plan_step", &["out of compressed pages: the call needs 1 free pages, 0 are free"], |fx| {
         plan(fx, &[(0, 1000), (1, 1000)])
     });
@@ -570,11 +595,25 @@ fn run_layer_checks_every_array_and_argument() {
         let io = fx.io();
         unsafe { (a.cpu_run_layer)(fx.e.cpu, other.cache, 0, &io) }
     });
+    // Another cache of the same config: this backend serves fx's cache (its pools hold
+    // that cache's pages), so it refuses the other one.
+    let same = CEngine::new(&nsa_config_t::from(&small_config()));
+    unsafe {
+        ok((a.cache_add)(same.cache, 0));
+        ok((a.cache_plan_step)(same.cache, [nsa_step_seq_t { seq: 0, tokens: 3 }].as_ptr(), 1));
+    }
+    fx.fails(NSA_STATUS_INVALID_ARGUMENT, f, &["cache = cache #", "this backend serves cache #", "create another backend"], |fx| {
+        let io = fx.io();
+        unsafe { (a.cpu_run_layer)(fx.e.cpu, same.cache, 0, &io) }
+    });
     // With every failure behind it, the layer runs; `selected` is optional.
     ok(fx.run_with(|io| io.selected = null_mut()));
     assert!(fx.out.iter().all(|x| x.is_finite()));
     assert!(fx.sel.iter().all(|&s| s == -7), "selected written although NULL was passed");
-    // A cache operation ends the step.
+    // Each layer runs once per step.
+    fx.fails(NSA_STATUS_LAYER_ALREADY_RUN, f, &["layer 0 already ran in step 3", "exactly once"], |fx| run(fx, 0));
+    ok(run(&mut fx, 1));
+    // A cache operation ends the complete step.
     ok(unsafe { (a.cache_add)(fx.e.cache, 2) });
     fx.fails(NSA_STATUS_NO_STEP, f, &["no step is planned"], |fx| run(fx, 1));
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use nsa_ffi_tests::{api, fuzz, last_error, AlignedBuf, NSA_STATUS_CORRUPT, NSA_STATUS_OK};
+use nsa_ffi_tests::{api, fuzz, last_error, AlignedBuf, NSA_STATUS_CORRUPT, NSA_STATUS_OK, NSA_STATUS_STEP_OPEN};
 
 #[test]
 fn random_operations_through_the_c_abi() {
@@ -12,7 +12,11 @@ fn random_operations_through_the_c_abi() {
     for seed in 1..=4 {
         let st = fuzz::run(seed, 15_000, Duration::from_secs(40));
         println!("seed {seed}: {st:?}");
-        assert!(st.steps > 100 && st.rejected > 100 && st.tokens_checked > 1000, "seed {seed}: too little exercised: {st:?}");
+        assert!(
+            st.steps_completed > 100 && st.aborts > 50 && st.rejected > 100 && st.tokens_checked > 1000 && st.mix.iter().all(|&m| m > 10),
+            "seed {seed}: too little exercised: {st:?}"
+        );
+        assert!(st.changes * 2 >= st.ops, "seed {seed}: fewer than half the operations changed a cache: {st:?}");
         total += st.ops;
     }
     println!("{total} operations");
@@ -32,7 +36,12 @@ fn cache_check_reports_a_corrupted_arena() {
     nsa_ffi_tests::ok(unsafe { (a.cache_add)(cache, 0) });
     let step = nsa_ffi_tests::nsa_step_seq_t { seq: 0, tokens: 100 };
     nsa_ffi_tests::ok(unsafe { (a.cache_plan_step)(cache, &step, 1) });
+    // Consistent, but the step's positions are counted and not written yet.
+    assert_eq!(unsafe { (a.cache_check)(cache) }, NSA_STATUS_STEP_OPEN, "{}", last_error());
+    assert!(last_error().contains("positions 0..100 of sequence 0 are counted but not written"), "{}", last_error());
+    nsa_ffi_tests::ok(unsafe { (a.cache_abort_step)(cache) });
     assert_eq!(unsafe { (a.cache_check)(cache) }, NSA_STATUS_OK);
+    nsa_ffi_tests::ok(unsafe { (a.cache_plan_step)(cache, &step, 1) });
     // Scribble over the tail of the arena (page tables and pools' bookkeeping).
     let n = arena.len();
     for b in &mut arena.bytes_mut()[n / 2..] {

@@ -3,6 +3,7 @@
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
 
 use crate::error::{NsaError, Result};
 use crate::layout::{ArenaHeader, Layout, PageCopy, PlanSeq, Region, SeqSlot, ARENA_ALIGN};
@@ -58,6 +59,9 @@ pub(crate) struct Arena<'a> {
     _mem: PhantomData<&'a mut [u8]>,
 }
 
+// No padding: a pointer and `usize`s (it is part of the C cache handle, in caller memory).
+const _: () = assert!(std::mem::size_of::<Arena>() == std::mem::size_of::<usize>() + std::mem::size_of::<Layout>());
+
 // SAFETY: the arena is exclusively borrowed memory of plain integers; moving the borrow
 // between threads is as safe as moving a `&mut [u8]`.
 unsafe impl Send for Arena<'_> {}
@@ -79,10 +83,22 @@ impl<'a> Arena<'a> {
         &self.lay
     }
 
-    /// Raw bytes of the whole arena (for state snapshots in tests and the fuzzer).
+    /// Raw bytes of the arena's bookkeeping: every region but `step_layers` (the last,
+    /// written atomically through `&self`, so never borrowed as plain bytes). For state
+    /// snapshots in tests and the fuzzer.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `new` checked the buffer holds `arena_bytes` bytes borrowed for 'a.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.lay.arena_bytes) }
+        // SAFETY: `new` checked the buffer holds `arena_bytes` bytes borrowed for 'a; the
+        // range ends where `step_layers` starts (it is the last region).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.lay.step_layers.offset) }
+    }
+
+    /// The `step_layers` words, shared: the only access to that region.
+    pub fn step_layers(&self) -> &[AtomicU32] {
+        let r = self.lay.step_layers;
+        // SAFETY: the region lies inside the arena, 64-byte aligned (so 4-byte aligned for
+        // AtomicU32, which has u32's size and alignment), and no `&`/`&mut` of plain
+        // integers ever covers it (`parts`, `view` and `bytes` stop before it).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(r.offset).cast::<AtomicU32>(), r.len) }
     }
 
     /// # Safety

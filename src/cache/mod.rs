@@ -7,11 +7,18 @@
 //!   `ceil(ncmp(len)/P)` compressed pages; every other table entry is -1;
 //! - a page's refcount is the number of table entries naming it; free pages are exactly
 //!   those with refcount 0, each on the free stack once;
-//! - a failing call changes nothing (all checks happen before the first write).
+//! - a failing call changes nothing (all checks happen before the first write);
+//! - a planned step's sequences have the lengths the plan gave them.
+//!
+//! The step lifecycle (claims of layers, refusal while a step is open, abort) is in
+//! `lifecycle`.
 
 mod arena;
+mod lifecycle;
 mod pool;
 mod state;
+
+pub use lifecycle::CacheBinding;
 
 pub(crate) use arena::View;
 use arena::{Arena, Parts};
@@ -27,6 +34,8 @@ use crate::layout::{ArenaHeader, Layout, ARENA_MAGIC};
 pub struct Cache<'a> {
     cfg: Config,
     arena: Arena<'a>,
+    /// Identity that backends bind to (`lifecycle::fresh_id`).
+    id: u64,
 }
 
 impl std::fmt::Debug for Cache<'_> {
@@ -65,7 +74,8 @@ impl<'a> Cache<'a> {
             sp.raw.reset();
             sp.cmp.reset();
         }
-        let mut c = Cache { cfg: *cfg, arena };
+        let mut c = Cache { cfg: *cfg, arena, id: lifecycle::fresh_id() };
+        c.end_step();
         let p = c.split();
         p.seqs.fill(Default::default());
         p.raw_tables.fill(-1);
@@ -73,6 +83,13 @@ impl<'a> Cache<'a> {
         p.plan_seqs.fill(Default::default());
         p.plan_copies.fill(Default::default());
         Ok(c)
+    }
+
+    /// Zeroes this value's padding bytes in place (the C handle that holds it lives in
+    /// caller memory). The arena view and its layout are all pointers and `usize`s.
+    pub(crate) fn zero_padding(&mut self) {
+        crate::zero_pad::zero_gaps!(self, Cache { cfg, arena, id });
+        self.cfg.zero_padding();
     }
 
     pub fn config(&self) -> &Config {
@@ -91,9 +108,28 @@ impl<'a> Cache<'a> {
         split(self.arena.parts())
     }
 
-    /// The arena's bytes: equal bytes mean equal cache state (tests compare snapshots).
+    /// The arena's bookkeeping bytes (all but which layers of the step ran): equal bytes
+    /// mean equal sequences, pages and plan (tests compare snapshots).
     pub fn state_bytes(&self) -> &[u8] {
         self.arena.bytes()
+    }
+
+    /// The sequences' bookkeeping, as bytes: pool counts, refcounts, the live part of the
+    /// free stacks, slots and page tables (not the step plan, nor the stale slots above
+    /// the free stacks' tops). What `abort_step` restores; for tests.
+    pub fn bookkeeping(&self) -> Vec<u8> {
+        let v = self.view();
+        let words = |x: &[u32]| x.iter().flat_map(|w| w.to_ne_bytes()).collect::<Vec<u8>>();
+        let mut b = words(&[v.hdr.raw_free, v.hdr.cmp_free, v.hdr.live_seqs]);
+        b.extend(words(v.raw_refcount));
+        b.extend(words(&v.raw_free[..v.hdr.raw_free as usize]));
+        b.extend(words(v.cmp_refcount));
+        b.extend(words(&v.cmp_free[..v.hdr.cmp_free as usize]));
+        for s in v.seqs {
+            b.extend(words(&[s.active, s.len]));
+        }
+        b.extend(v.raw_tables.iter().chain(v.cmp_tables).flat_map(|w| w.to_ne_bytes()));
+        b
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -164,6 +200,7 @@ impl<'a> Cache<'a> {
 
     /// Starts an empty sequence in slot `seq`.
     pub fn add_sequence(&mut self, seq: u32) -> Result<()> {
+        self.refuse_open_step()?;
         self.check_id("seq", seq)?;
         if self.contains(seq) {
             return Err(NsaError::SequenceExists { seq });
@@ -171,13 +208,14 @@ impl<'a> Cache<'a> {
         let p = self.split();
         p.seqs[seq as usize] = crate::layout::SeqSlot { active: 1, len: 0 };
         *p.live_seqs += 1;
-        *p.step_valid = 0;
+        self.end_step();
         Ok(())
     }
 
     /// Makes `dst` a copy of `src`: same length, same pages (shared by refcount; the first
     /// append to a shared partial page copies it). Needs no free page.
     pub fn fork(&mut self, src: u32, dst: u32) -> Result<()> {
+        self.refuse_open_step()?;
         self.check_live("src", src)?;
         self.check_id("dst", dst)?;
         if self.contains(dst) {
@@ -200,7 +238,7 @@ impl<'a> Cache<'a> {
         }
         p.seqs[dst as usize] = crate::layout::SeqSlot { active: 1, len };
         *p.live_seqs += 1;
-        *p.step_valid = 0;
+        self.end_step();
         Ok(())
     }
 
@@ -208,6 +246,7 @@ impl<'a> Cache<'a> {
     /// pool (when no other sequence holds them) and compressed tokens that are no longer
     /// complete (`i*d + l - 1 >= new_len`) are dropped.
     pub fn truncate(&mut self, seq: u32, new_len: u32) -> Result<()> {
+        self.refuse_open_step()?;
         let len = self.len(seq)?;
         if new_len > len {
             return Err(NsaError::arg("new_len", new_len, format!("must be <= the sequence's length {len}")));
@@ -218,6 +257,7 @@ impl<'a> Cache<'a> {
 
     /// Ends a sequence and frees its pages (those no other sequence holds).
     pub fn remove(&mut self, seq: u32) -> Result<()> {
+        self.refuse_open_step()?;
         self.check_live("seq", seq)?;
         self.shrink(seq, 0);
         let p = self.split();
@@ -235,9 +275,9 @@ impl<'a> Cache<'a> {
         let (raw_keep, raw_had) = (new_len.div_ceil(cfg.page_size) as usize, len.div_ceil(cfg.page_size) as usize);
         let cmp_keep = cfg.num_cmp_tokens(new_len).div_ceil(cfg.page_size) as usize;
         let cmp_had = cfg.num_cmp_tokens(len).div_ceil(cfg.page_size) as usize;
+        self.end_step();
         let mut sp = self.split();
         sp.seqs[s].len = new_len;
-        *sp.step_valid = 0;
         // Release the last page first so the free stack's order is deterministic.
         for e in sp.raw_tables[s * pps..][raw_keep..raw_had].iter_mut().rev() {
             sp.raw.release(*e as u32);
@@ -289,6 +329,17 @@ impl<'a> Cache<'a> {
         if live != v.hdr.live_seqs {
             return Err(format!("live_seqs = {} but {live} slots are active", v.hdr.live_seqs));
         }
+        if v.hdr.step_valid != 0 {
+            if v.hdr.step_seqs as usize > v.plan_seqs.len() || v.hdr.step_copies as usize > v.plan_copies.len() {
+                return Err(format!("step plan of {} sequences, {} copies is out of range", v.hdr.step_seqs, v.hdr.step_copies));
+            }
+            for ps in &v.plan_seqs[..v.hdr.step_seqs as usize] {
+                let ok = v.seqs.get(ps.seq as usize).is_some_and(|s| s.active != 0 && s.len == ps.new_len && ps.old_len < ps.new_len);
+                if !ok {
+                    return Err(format!("the planned step's sequence {} ({}..{}) does not match its slot", ps.seq, ps.old_len, ps.new_len));
+                }
+            }
+        }
         for (name, rc, stored, stack, free) in [
             ("raw", &raw_rc, v.raw_refcount, v.raw_free, v.hdr.raw_free),
             ("cmp", &cmp_rc, v.cmp_refcount, v.cmp_free, v.hdr.cmp_free),
@@ -332,10 +383,11 @@ pub(crate) struct Split<'p> {
     pub step_seqs: &'p mut u32,
     pub step_tokens: &'p mut u32,
     pub step_copies: &'p mut u32,
+    pub step_id: &'p mut u32,
 }
 
 pub(crate) fn split(p: Parts<'_>) -> Split<'_> {
-    let ArenaHeader { raw_free, cmp_free, live_seqs, step_valid, step_seqs, step_tokens, step_copies, .. } = p.hdr;
+    let ArenaHeader { raw_free, cmp_free, live_seqs, step_valid, step_seqs, step_tokens, step_copies, step_id, .. } = p.hdr;
     Split {
         raw: PoolMut { refcount: p.raw_refcount, stack: p.raw_free, free: raw_free },
         cmp: PoolMut { refcount: p.cmp_refcount, stack: p.cmp_free, free: cmp_free },
@@ -349,5 +401,6 @@ pub(crate) fn split(p: Parts<'_>) -> Split<'_> {
         step_seqs,
         step_tokens,
         step_copies,
+        step_id,
     }
 }

@@ -35,6 +35,16 @@ impl PoolMut<'_> {
         self.refcount[page as usize] += 1;
     }
 
+    /// Undoes the last `release` of `page` (abort_step): when that release freed it, it is
+    /// the top of the free stack.
+    pub fn unrelease(&mut self, page: u32) {
+        if self.refcount[page as usize] == 0 {
+            assert!(*self.free > 0 && self.stack[*self.free as usize - 1] == page, "page pool: unrelease of {page}, not the last freed");
+            *self.free -= 1;
+        }
+        self.refcount[page as usize] += 1;
+    }
+
     /// Drops one holder; the page returns to the free stack when none is left.
     pub fn release(&mut self, page: u32) {
         let rc = &mut self.refcount[page as usize];

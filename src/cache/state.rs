@@ -142,11 +142,12 @@ impl Cache<'_> {
     /// Writes the live sequence `seq`'s state (length, K/V rows and compressed tokens of
     /// every layer, read from `pools`) to the start of `out`; returns the bytes written,
     /// [`Cache::sequence_state_bytes`]. Reads only: the cache and pools are unchanged.
-    /// Run it when no planned step is half done (the rows of a planned step are in the
-    /// pools once every layer of it has run).
+    /// Refused with `StepOpen` while a planned step has layers not yet run (their rows are
+    /// counted but not written).
     ///
     /// Backends wrap this (`CpuBackend::export_sequence`, CUDA's likewise).
     pub fn export_sequence(&self, seq: u32, pools: &dyn PoolBytes, out: &mut [u8]) -> Result<usize> {
+        self.refuse_open_step()?;
         let need = self.sequence_state_bytes(seq)?;
         if out.len() < need {
             return Err(NsaError::BufferTooSmall { what: "state buffer", got: out.len(), need });
@@ -181,7 +182,8 @@ impl Cache<'_> {
     /// Restores a state written by [`Cache::export_sequence`] (by this or another cache
     /// with the same [`FINGERPRINT`] fields, on any backend) into the free slot `seq`:
     /// takes fresh pages, writes the rows into `pools`, then makes `seq` live with the
-    /// exported length. Ends the planned step, like [`Cache::add_sequence`].
+    /// exported length. Ends a completed step's plan, like [`Cache::add_sequence`]; refused
+    /// with `StepOpen` while a planned step has layers not yet run.
     ///
     /// Fails, changing nothing, on: a buffer that is not a version-1 state (magic, version,
     /// header size, lengths, payload size, each named); a fingerprint field that differs
@@ -189,6 +191,7 @@ impl Cache<'_> {
     /// `seq` out of range or live; too few free pages; a failing pool write (the pages
     /// written were free and stay free).
     pub fn import_sequence(&mut self, seq: u32, pools: &mut dyn PoolBytes, buf: &[u8]) -> Result<()> {
+        self.refuse_open_step()?;
         let cfg = *self.config();
         let lay = *self.layout();
         let len = check_header(&cfg, &lay, buf)?;
@@ -232,7 +235,7 @@ impl Cache<'_> {
         fill(&mut cmpp, &mut sp.cmp_tables[s * cpps..][..cpps], &cmp);
         sp.seqs[s] = SeqSlot { active: 1, len };
         *sp.live_seqs += 1;
-        *sp.step_valid = 0;
+        self.end_step();
         Ok(())
     }
 }

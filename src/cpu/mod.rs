@@ -30,7 +30,7 @@ mod workspace;
 pub use parts::LayerParts;
 pub use runner::Runner;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheBinding};
 use crate::config::Config;
 use crate::elem::Elem;
 use crate::error::{NsaError, Result};
@@ -139,6 +139,8 @@ pub struct CpuBackend<'p> {
     _buf: std::marker::PhantomData<&'p mut [u8]>,
     ws_floats: usize,
     runner: Runner,
+    /// The cache this backend serves (bound at its first layer run).
+    binding: CacheBinding,
 }
 
 // SAFETY: the backend owns its buffer exclusively (the `&'p mut` it was made from) and
@@ -159,15 +161,18 @@ impl<'p> CpuBackend<'p> {
     pub fn buffer_bytes(cfg: &Config) -> Result<usize> {
         cfg.validate()?;
         let lay = Layout::new(cfg)?;
-        Ok(Self::parts(cfg, &lay).3)
+        Ok(Self::parts(cfg, &lay)?.3)
     }
 
-    /// (pool bytes, f32 scratch offset, i32 scratch offset, total).
-    fn parts(cfg: &Config, lay: &Layout) -> (usize, usize, usize, usize) {
+    /// (pool bytes, f32 scratch offset, i32 scratch offset, total), in checked arithmetic.
+    fn parts(cfg: &Config, lay: &Layout) -> Result<(usize, usize, usize, usize)> {
         let th = cfg.cpu_threads as usize;
-        let ws_off = lay.pool_bytes.div_ceil(64) * 64;
-        let sel_off = ws_off + th * workspace::floats_per_thread(cfg) * 4;
-        (lay.pool_bytes, ws_off, sel_off, sel_off + th * cfg.sel_count as usize * 4)
+        let too_big = || NsaError::config("cpu_threads", th, "the CPU buffer it needs overflows the address space");
+        let ws_off = lay.pool_bytes.div_ceil(64).checked_mul(64).ok_or_else(too_big)?;
+        let ws = th.checked_mul(workspace::floats_per_thread(cfg)).and_then(|x| x.checked_mul(4)).ok_or_else(too_big)?;
+        let sel_off = ws_off.checked_add(ws).ok_or_else(too_big)?;
+        let total = sel_off.checked_add(th * cfg.sel_count as usize * 4).filter(|&t| t <= isize::MAX as usize).ok_or_else(too_big)?;
+        Ok((lay.pool_bytes, ws_off, sel_off, total))
     }
 
     /// Creates the backend over `buf` (at least `buffer_bytes(cfg)` bytes, 16-byte
@@ -208,7 +213,15 @@ impl<'p> CpuBackend<'p> {
             _buf: std::marker::PhantomData,
             ws_floats: workspace::floats_per_thread(cfg),
             runner: Runner::new(threads),
+            binding: CacheBinding::new(cfg),
         })
+    }
+
+    /// Zeroes this value's padding bytes in place (the C handle that holds it lives in
+    /// caller memory). Layout, slices, the runner and the binding have none.
+    pub(crate) fn zero_padding(&mut self) {
+        crate::zero_pad::zero_gaps!(self, CpuBackend { cfg, lay, buf, buf_len, _buf, ws_floats, runner, binding });
+        self.cfg.zero_padding();
     }
 
     pub fn config(&self) -> &Config {
@@ -217,10 +230,17 @@ impl<'p> CpuBackend<'p> {
 
     /// Runs one layer of the planned step: copies shared pages it appends to, appends the
     /// step's K/V rows, emits finished compressed tokens, and writes NSA attention for
-    /// every new token to `io.out`. Run each layer exactly once per step.
+    /// every new token to `io.out`. Each layer runs exactly once per step, in any order
+    /// (the cache counts them: see [`Cache::claim_layer`]). The backend serves one cache:
+    /// the first whose layer it runs.
     ///
-    /// Fails, changing nothing, when no step is planned, `layer` is out of range, `T` is
-    /// not the config's dtype, or any array has the wrong length.
+    /// Fails, changing nothing, when the cache is not the one this backend serves, no step
+    /// is planned, `layer` is out of range or already ran in this step, `T` is not the
+    /// config's dtype, or any array has the wrong length.
+    ///
+    /// Non-finite inputs propagate as the reference's arithmetic says: a NaN or infinity
+    /// in q, k, v or the gates makes NaN/infinite exactly the outputs whose branches
+    /// read it (never zeros).
     pub fn run_layer<T: Elem>(&mut self, cache: &Cache, layer: u32, io: LayerIo<'_, T>, w: PhiWeights<'_>) -> Result<()> {
         self.run(cache, layer, io, w, Mode::Nsa)
     }
@@ -228,7 +248,8 @@ impl<'p> CpuBackend<'p> {
     /// Appends the step's K/V rows of one layer and emits finished compressed tokens,
     /// without computing attention: for filling a cache from K/V the host already has
     /// (a restored session, a prompt cache). `k` is `[tokens, HKV, DK]`, `v`
-    /// `[tokens, HKV, DV]`. Same rules and errors as `run_layer`.
+    /// `[tokens, HKV, DV]`. Same rules and errors as `run_layer` (it counts as the
+    /// layer's run in this step).
     pub fn append_layer<T: Elem>(&mut self, cache: &Cache, layer: u32, k: &[T], v: &[T], w: PhiWeights<'_>) -> Result<()> {
         let io = LayerIo { q: &[], k, v, gates: &[], out: &mut [], selected: None };
         self.run(cache, layer, io, w, Mode::AppendOnly)
@@ -237,7 +258,7 @@ impl<'p> CpuBackend<'p> {
     /// The in-repo full-attention baseline over the same paged cache: plain causal
     /// attention of every query of the step over all of its sequence's keys, written to
     /// `out` (`[tokens, HQ, DV]`). Appends nothing: run `run_layer` for this layer and step
-    /// first, so the step's K/V rows are in the pools.
+    /// first, so the step's K/V rows are in the pools (refused otherwise).
     pub fn attend_full<T: Elem>(&mut self, cache: &Cache, layer: u32, q: &[T], out: &mut [T]) -> Result<()> {
         let io = LayerIo { q, k: &[], v: &[], gates: &[], out, selected: None };
         self.run(cache, layer, io, PhiWeights::default(), Mode::FullAttend)
@@ -247,7 +268,7 @@ impl<'p> CpuBackend<'p> {
         let (out, selected) = (SharedSlice::new(io.out), io.selected.map(SharedSlice::new));
         // SAFETY: `out` and `selected` are exclusive borrows held for the whole run, and
         // `&mut self` excludes every other run on this backend.
-        let run = unsafe { self.layer_run(cache, layer, (io.q, io.k, io.v, io.gates), out, selected, w, mode)? };
+        let run = unsafe { self.layer_run(cache, layer, (io.q, io.k, io.v, io.gates), out, selected, w, mode, true)? };
         let (appends, attends) = (mode != Mode::FullAttend, mode != Mode::AppendOnly);
         let (step, hkv) = (run.step, self.cfg.num_kv_heads as usize);
         if appends {
@@ -272,7 +293,9 @@ impl<'p> CpuBackend<'p> {
     }
 
     /// Checks a layer run's arguments and builds the view its tasks share: the step, the
-    /// layer's pools, the arrays and every scratch slot. Nothing is written here.
+    /// layer's pools, the arrays and every scratch slot. Nothing is written here but the
+    /// step lifecycle's claim: an appending run with `claim` claims the layer in the cache
+    /// (once per layer run: the host-thread parts pass it for one part only).
     ///
     /// # Safety
     /// `out` and `selected` are valid for the run and written by nothing else meanwhile;
@@ -288,6 +311,7 @@ impl<'p> CpuBackend<'p> {
         selected: Option<SharedSlice<i32>>,
         w: PhiWeights<'a>,
         mode: Mode,
+        claim: bool,
     ) -> Result<LayerRun<'a, T>> {
         let cfg = &self.cfg;
         if cache.config() != cfg {
@@ -296,10 +320,11 @@ impl<'p> CpuBackend<'p> {
         if T::DTYPE != cfg.dtype {
             return Err(NsaError::arg("T", T::DTYPE.name(), format!("the config's dtype is {}", cfg.dtype.name())));
         }
+        self.binding.check(cache)?;
+        let step = cache.step()?;
         if layer >= cfg.num_layers {
             return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
         }
-        let step = cache.step()?;
         let n = step.tokens as usize;
         let (hq, hkv) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize);
         let (dk, dv) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
@@ -328,7 +353,19 @@ impl<'p> CpuBackend<'p> {
             }
         }
 
-        let (pool_bytes, ws_off, sel_off, total) = Self::parts(cfg, &self.lay);
+        // The one call into the cache's step lifecycle, after every argument check and
+        // before anything is written.
+        let step = if !appends {
+            if !cache.ran_on(&self.binding, layer) {
+                return Err(NsaError::arg("layer", layer, "has not run on this backend in the planned step: run it before attend_full"));
+            }
+            step
+        } else if claim {
+            cache.claim_layer(&self.binding, layer)?
+        } else {
+            step
+        };
+        let (pool_bytes, ws_off, sel_off, total) = Self::parts(cfg, &self.lay)?;
         assert!(total <= self.buf_len, "checked by the constructor");
         let slots = cfg.cpu_threads as usize;
         // SAFETY: the constructor checked the buffer's size and 16-byte alignment; ws_off
@@ -343,7 +380,9 @@ impl<'p> CpuBackend<'p> {
         };
         Ok(LayerRun { cfg, step, store, q, k, v, gates, weights: w, out, selected, ws, ws_sel, ws_floats: self.ws_floats, slots, mode })
     }
+}
 
+impl CpuBackend<'_> {
     /// Runs `task(thread, i)` for `i in 0..tasks` over the worker threads, dynamically
     /// balanced (sequences differ in length).
     fn parallel(&self, tasks: usize, task: &(dyn Fn(usize, usize) + Sync)) {

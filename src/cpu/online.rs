@@ -57,9 +57,11 @@ impl<'w> Online<'w> {
     }
 
     /// Normalised output of head `h` (zeros if no key was seen), scaled by `gate`, added to `out`.
+    /// A NaN sum (a NaN or infinite score or value was seen) propagates: only an empty
+    /// key set (`l == 0`) contributes nothing.
     pub fn emit(&self, h: usize, gate: f32, out: &mut [f32]) {
         let l = self.l[h];
-        if l > 0.0 {
+        if l != 0.0 {
             let f = gate / l;
             self.isa.axpy(out, f, &self.acc[h * self.dv..][..self.dv]);
         }

@@ -33,7 +33,7 @@ impl<'p> CpuBackend<'p> {
         let (out, selected) = (SharedSlice::new(io.out), io.selected.map(SharedSlice::new));
         // SAFETY: out and selected are exclusive borrows for 'a; `&'a mut self` excludes
         // other runs on this backend while the parts live.
-        let run = unsafe { self.layer_run(cache, layer, (io.q, io.k, io.v, io.gates), out, selected, w, Mode::Nsa)? };
+        let run = unsafe { self.layer_run(cache, layer, (io.q, io.k, io.v, io.gates), out, selected, w, Mode::Nsa, true)? };
         Ok(LayerParts { run })
     }
 
@@ -41,13 +41,15 @@ impl<'p> CpuBackend<'p> {
     /// threads.
     pub fn append_parts<'a, T: Elem>(&'a mut self, cache: &'a Cache, layer: u32, k: &'a [T], v: &'a [T], w: PhiWeights<'a>) -> Result<LayerParts<'a, T>> {
         // SAFETY: nothing is written to out (empty) in an append-only run; as above.
-        let run = unsafe { self.layer_run(cache, layer, (&[], k, v, &[]), SharedSlice::new(&mut []), None, w, Mode::AppendOnly)? };
+        let run = unsafe { self.layer_run(cache, layer, (&[], k, v, &[]), SharedSlice::new(&mut []), None, w, Mode::AppendOnly, true)? };
         Ok(LayerParts { run })
     }
 
     /// The C ABI's form of `layer_parts` / `append_parts`: every host thread builds its
     /// own view of the same run from the same raw arrays (an empty `q` and `out` make it
-    /// append-only).
+    /// append-only). Part 0 claims the layer in the cache's step lifecycle (so the layer
+    /// counts as run once, and a repeated run is refused there); the other parts check the
+    /// same arguments and the binding, and do not claim.
     ///
     /// # Safety
     /// The arrays are valid for the call; `out` and `selected` are written by nothing
@@ -68,7 +70,7 @@ impl<'p> CpuBackend<'p> {
         let mode = if inputs.0.is_empty() && out.1 == 0 { Mode::AppendOnly } else { Mode::Nsa };
         let out = SharedSlice::from_raw(out.0, out.1);
         let selected = selected.map(|(p, n)| SharedSlice::from_raw(p, n));
-        let run = self.layer_run(cache, layer, inputs, out, selected, w, mode)?;
+        let run = self.layer_run(cache, layer, inputs, out, selected, w, mode, ith == 0)?;
         run.run_part(ith, nth);
         Ok(())
     }

@@ -3,7 +3,19 @@
 //! allocates nothing (the job is passed by reference), so a layer run stays allocation
 //! free. Model-checked with loom (`tests/loom_runner.rs`).
 
-use crate::sync::{thread, Arc, AtomicBool, Condvar, Mutex, Ordering};
+use crate::sync::{thread, Arc, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
+
+/// Locks the state. A panic never happens while the lock is held (jobs run outside it and
+/// every update under it is a plain assignment), so a poisoned lock still holds a
+/// consistent state: take it rather than failing every later run.
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits on `cv`, tolerating poison as `lock` does.
+fn wait<'a>(cv: &Condvar, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    cv.wait(g).unwrap_or_else(|e| e.into_inner())
+}
 
 /// A job: called once on each worker with its index `0..threads`.
 type Job<'a> = dyn Fn(usize) + Sync + 'a;
@@ -59,6 +71,9 @@ impl Runner {
 
     /// Runs `job(i)` for every worker `i`, the caller being worker 0, and returns when all
     /// have finished. A panic in any worker is re-raised here after all have stopped.
+    /// One run at a time: overlapping runs would share the workers' generation count. The
+    /// backend's whole-layer runs hold `&mut CpuBackend`, and the C ABI refuses an
+    /// overlapping call with `NSA_STATUS_BUSY` before it gets here.
     pub fn run(&self, job: &Job<'_>) {
         if self.handles.is_empty() {
             job(0);
@@ -69,16 +84,16 @@ impl Runner {
         // and `job` is cleared, so no worker uses the reference after it dies.
         let erased = JobRef(unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job as *const Job<'_>) });
         {
-            let mut st = self.shared.state.lock().unwrap();
+            let mut st = lock(&self.shared.state);
             st.job = Some(erased);
             st.running = self.handles.len();
             st.generation = st.generation.wrapping_add(1);
         }
         self.shared.start.notify_all();
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(0)));
-        let mut st = self.shared.state.lock().unwrap();
+        let mut st = lock(&self.shared.state);
         while st.running > 0 {
-            st = self.shared.done.wait(st).unwrap();
+            st = wait(&self.shared.done, st);
         }
         st.job = None;
         drop(st);
@@ -95,9 +110,9 @@ fn worker(shared: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
         let job = {
-            let mut st = shared.state.lock().unwrap();
+            let mut st = lock(&shared.state);
             while st.generation == seen && !st.shutdown {
-                st = shared.start.wait(st).unwrap();
+                st = wait(&shared.start, st);
             }
             if st.shutdown {
                 return;
@@ -110,7 +125,7 @@ fn worker(shared: &Shared, index: usize) {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index))).is_err() {
             shared.panicked.store(true, Ordering::Release);
         }
-        let mut st = shared.state.lock().unwrap();
+        let mut st = lock(&shared.state);
         st.running -= 1;
         if st.running == 0 {
             shared.done.notify_all();
@@ -120,7 +135,7 @@ fn worker(shared: &Shared, index: usize) {
 
 impl Drop for Runner {
     fn drop(&mut self) {
-        self.shared.state.lock().unwrap().shutdown = true;
+        lock(&self.shared.state).shutdown = true;
         self.shared.start.notify_all();
         for h in self.handles.drain(..) {
             let _ = h.join();

@@ -234,6 +234,8 @@ pub struct CudaBackend {
     uploaded_tokens: u32,
     uploaded_valid: bool,
     owned: Option<DeviceBuf>,
+    /// The cache this backend serves (bound at its first layer run).
+    binding: crate::cache::CacheBinding,
 }
 
 // SAFETY: the handles are driver objects usable from any thread; `&mut self` methods
@@ -507,6 +509,7 @@ impl CudaBackend {
             uploaded_tokens: 0,
             uploaded_valid: false,
             owned: None,
+            binding: crate::cache::CacheBinding::new(&cfg),
         })
     }
 
@@ -555,6 +558,7 @@ impl CudaBackend {
         if cache.config() != &self.cfg {
             return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
         }
+        self.binding.check(cache)?;
         let step = cache.step()?;
         let cfg = &self.cfg;
         let dl = self.dl;
@@ -672,6 +676,9 @@ impl CudaBackend {
                 }
             }
         }
+        // The step lifecycle: this layer runs once in this step, on the cache this
+        // backend serves. A launch error below leaves the layer counted: abort the step.
+        cache.claim_layer(&mut self.binding, layer)?;
         let p = self.params(layer, io);
         let tokens = step.tokens;
         let nseqs = step.seqs.len() as u32;

@@ -165,6 +165,10 @@ pub struct nsa_api_v1 {
         bytes: usize,
         stream: *mut c_void,
     ) -> nsa_status,
+    /// `nsa_cache_abort_step`.
+    pub cache_abort_step: unsafe extern "C" fn(cache: *mut nsa_cache) -> nsa_status,
+    /// `nsa_cache_mark_layer_run`.
+    pub cache_mark_layer_run: unsafe extern "C" fn(cache: *const nsa_cache, layer: u32) -> nsa_status,
 }
 
 static API_V1: nsa_api_v1 = nsa_api_v1 {
@@ -209,6 +213,8 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
     cpu_state_import: nsa_cpu_state_import,
     cuda_state_export: nsa_cuda_state_export,
     cuda_state_import: nsa_cuda_state_import,
+    cache_abort_step: nsa_cache_abort_step,
+    cache_mark_layer_run: nsa_cache_mark_layer_run,
 };
 
 /// The function table of ABI version `abi_version` (pass `NSA_ABI_VERSION`), or NULL

@@ -15,6 +15,23 @@ use crate::plan::StepSeq;
 /// step plan. Opaque; it lives at the start of the arena given to `nsa_cache_init` and owns
 /// nothing outside it.
 ///
+/// Step lifecycle (the same for every backend): `nsa_cache_plan_step` opens a step; each
+/// layer `0..num_layers` then runs exactly once, in any order (`nsa_cpu_run_layer`,
+/// `nsa_cuda_run_layer`); when the last one has run the step is complete. While a step
+/// is open, `nsa_cache_add`, `_fork`, `_truncate`, `_remove` and `_plan_step` refuse with
+/// `NSA_STATUS_STEP_OPEN` (the message names the step, the layers not yet run and the
+/// positions they have not written), a second run of a layer returns
+/// `NSA_STATUS_LAYER_ALREADY_RUN`, and `nsa_cache_abort_step` undoes the step exactly
+/// (lengths, page tables, shared pages, free pages: as before the plan). So a sequence
+/// never counts a position that some layer has not written.
+///
+/// Backends: a backend's pools hold the K/V of one cache's pages, so a backend serves one
+/// cache only, the first whose layer it runs; any other cache is refused
+/// (`NSA_STATUS_INVALID_ARGUMENT`). Give each cache its own backend. (A cache may be
+/// mirrored on a second backend, e.g. to compare CPU and GPU: each backend runs each layer
+/// once per step, and the cache counts a layer when the first one ran it.) A host that
+/// replays a captured layer run (CUDA graph) counts it with `nsa_cache_mark_layer_run`.
+///
 /// Thread safety: not internally synchronized. Calls that take `nsa_cache*` must not run
 /// concurrently with any other call on the same cache; calls that take `const nsa_cache*`
 /// (`nsa_cache_len`, `nsa_cache_stats`, `nsa_cache_config`, `nsa_cpu_run_layer`) may run
@@ -43,6 +60,12 @@ impl nsa_cache {
     }
     pub(crate) fn cache_mut(&mut self) -> &mut Cache<'static> {
         &mut self.cache
+    }
+    /// Zeroes the handle's padding bytes in place: no byte of the caller's arena is left
+    /// uninitialised.
+    fn zero_padding(&mut self) {
+        crate::zero_pad::zero_gaps!(self, nsa_cache { magic, cache, base, bytes });
+        self.cache.zero_padding();
     }
     pub(crate) fn span(&self) -> args::Span {
         args::Span { arg: "cache arena", start: self.base, len: self.bytes, written: false }
@@ -116,7 +139,9 @@ pub unsafe extern "C" fn nsa_cache_arena_size(cfg: *const nsa_config_t, out: *mu
 /// Ownership: the caller keeps owning the arena. It must stay allocated and must not be
 /// read or written by the caller while the handle is in use; to end the cache, call
 /// `nsa_cache_deinit` (optional: the cache holds no other resource), then free the
-/// arena. Initializing over a live cache discards it.
+/// arena. Initializing over a live cache discards it; the new cache is a different one for
+/// the backends (a backend serves the cache it first ran a layer of, for its lifetime):
+/// create new backends for it.
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `arena`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
 /// `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`arena`),
@@ -136,6 +161,7 @@ pub unsafe extern "C" fn nsa_cache_init(
         let cache = Cache::new(&cfg, meta)?;
         let h = arena.cast::<nsa_cache>();
         h.write(nsa_cache { magic: CACHE_MAGIC, cache, base: arena as usize, bytes });
+        (*h).zero_padding();
         out.write(h);
         Ok(())
     })
@@ -154,9 +180,10 @@ pub unsafe extern "C" fn nsa_cache_deinit(cache: *mut nsa_cache) {
     })
 }
 
-/// Starts an empty sequence in slot `seq` (`0 <= seq < max_seqs`). Ends the planned step.
+/// Starts an empty sequence in slot `seq` (`0 <= seq < max_seqs`). Ends a complete step
+/// (its plan is dropped).
 ///
-/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
 /// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_SEQUENCE_EXISTS`.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cache_add(cache: *mut nsa_cache, seq: u32) -> nsa_status {
@@ -166,9 +193,9 @@ pub unsafe extern "C" fn nsa_cache_add(cache: *mut nsa_cache, seq: u32) -> nsa_s
 /// Makes `dst` a copy of the live sequence `src`: same length and contents, sharing its
 /// pages by reference count (the first append to a shared, partly filled page copies
 /// it). Needs no free page. Serves prefix sharing (prefill a prompt once, fork it per
-/// request) and speculative decoding (fork, draft, keep or drop). Ends the planned step.
+/// request) and speculative decoding (fork, draft, keep or drop). Ends a complete step.
 ///
-/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
 /// `NSA_STATUS_INVALID_ARGUMENT` (an id out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`
 /// (`src`), `NSA_STATUS_SEQUENCE_EXISTS` (`dst`).
 #[no_mangle]
@@ -179,9 +206,10 @@ pub unsafe extern "C" fn nsa_cache_fork(cache: *mut nsa_cache, src: u32, dst: u3
 /// Shortens the live sequence `seq` to `new_len` tokens (`new_len <= its length`): pages
 /// past the new end return to the pool unless another sequence shares them, and
 /// compressed tokens that are no longer complete are dropped. Used to reject draft
-/// tokens in speculative decoding. Ends the planned step.
+/// tokens in speculative decoding (to drop a step whose layers have not all run, use
+/// `nsa_cache_abort_step`). Ends a complete step.
 ///
-/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
 /// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range, `new_len` too large),
 /// `NSA_STATUS_UNKNOWN_SEQUENCE`.
 #[no_mangle]
@@ -190,9 +218,9 @@ pub unsafe extern "C" fn nsa_cache_truncate(cache: *mut nsa_cache, seq: u32, new
 }
 
 /// Ends the live sequence `seq` and frees its pages (those no other sequence shares);
-/// the slot can be added again. Ends the planned step.
+/// the slot can be added again. Ends a complete step.
 ///
-/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_STEP_OPEN`,
 /// `NSA_STATUS_INVALID_ARGUMENT` (`seq` out of range), `NSA_STATUS_UNKNOWN_SEQUENCE`.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cache_remove(cache: *mut nsa_cache, seq: u32) -> nsa_status {
@@ -238,17 +266,21 @@ pub unsafe extern "C" fn nsa_cache_stats(cache: *const nsa_cache, out: *mut nsa_
 /// Verifies the cache's internal bookkeeping: every page's refcount equals the number of
 /// page-table entries naming it, free pages are on the free list exactly once, free plus
 /// used pages make the whole pool, and every live sequence holds exactly the pages its
-/// length needs. O(pages + table entries): meant for debug builds, tests and fuzzers, not
-/// for every step.
+/// length needs, and a planned step's sequences have the lengths it gave them. Then the
+/// lifecycle: while a step is open, positions are counted that some layer has not
+/// written, and the check says so. O(pages + table entries): meant for debug builds,
+/// tests and fuzzers, not for every step.
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_CORRUPT`
-/// (the message names the first violation).
+/// (the message names the first violation), `NSA_STATUS_STEP_OPEN` (the bookkeeping is
+/// consistent but a step is open; the message names its sequences, positions and the
+/// layers not yet run).
 ///
 /// Thread safety: reads only; may run concurrently with other `const nsa_cache*` calls.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cache_check(cache: *const nsa_cache) -> nsa_status {
     guard("nsa_cache_check", || {
-        handle(cache, "cache")?.cache.check_invariants().map_err(|e| crate::error::NsaError::Corrupt(e).into())
+        Ok(handle(cache, "cache")?.cache.check()?)
     })
 }
 
@@ -269,11 +301,13 @@ pub unsafe extern "C" fn nsa_cache_config(cache: *const nsa_cache, out: *mut nsa
 
 /// Plans one step, once per step before running its layers: every entry's sequence grows
 /// by its `tokens` (this is how tokens are appended). On success the lengths, page tables
-/// and pools already include the step; then run every layer exactly once
-/// (`nsa_cpu_run_layer`), which writes the new positions' K/V and attention output. Any
-/// later add/fork/truncate/remove ends the step. `entries` is read during the call only.
+/// and pools already include the step and the step is open (see `nsa_cache`): run every
+/// layer exactly once, in any order (`nsa_cpu_run_layer`, `nsa_cuda_run_layer`), which
+/// writes the new positions' K/V and attention output, or undo the step with
+/// `nsa_cache_abort_step`. `entries` is read during the call only.
 ///
 /// Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_STEP_OPEN` (the previous step has layers not yet run),
 /// `NSA_STATUS_INVALID_ARGUMENT` (`n` is 0 or above `max_step_seqs`; an id out of range or
 /// listed twice; `tokens` 0; over `max_step_tokens` in all), `NSA_STATUS_UNKNOWN_SEQUENCE`,
 /// `NSA_STATUS_SEQUENCE_TOO_LONG`, `NSA_STATUS_OUT_OF_PAGES`.
@@ -322,4 +356,38 @@ pub unsafe extern "C" fn nsa_cache_sequences(cache: *const nsa_cache, ids: *mut 
         count.write(n);
         Ok(())
     })
+}
+
+/// Undoes the planned step, whether or not its layers ran (all, some or none): every
+/// sequence of the step gets back its length, page tables and compressed tokens, pages the
+/// plan took return to the pool, and pages the plan had copied for copy-on-write are
+/// shared again, so the cache's bookkeeping is byte for byte what it was before
+/// `nsa_cache_plan_step`. No step is planned afterwards. K/V rows the layers already wrote
+/// for the step are dropped with it. Use it to give up a step (an error in the host's
+/// forward pass, a cancelled request) before any other cache call.
+///
+/// On the CUDA backend the host bookkeeping changes at once: issue the next work on the
+/// stream the step's layers ran on (or synchronize), as after `nsa_cache_truncate`.
+///
+/// Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_NO_STEP` (no step is planned, or a later add/fork/truncate/remove ended a
+/// complete one).
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_abort_step(cache: *mut nsa_cache) -> nsa_status {
+    guard("nsa_cache_abort_step", || Ok(handle_mut(cache, "cache")?.cache.abort_step()?))
+}
+
+/// Counts `layer` as run in the planned step, for a host that replays a captured layer
+/// run (a CUDA graph of `nsa_cuda_run_layer`) instead of calling the run function, which
+/// is what counts layers otherwise. Call it once per replayed layer and step, after
+/// queueing the replay; a layer that already counts as run stays counted. Do not use it
+/// to skip a layer: a sequence would then count positions that layer never wrote.
+///
+/// Errors (nothing changes): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
+/// `NSA_STATUS_NO_STEP`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range).
+///
+/// Thread safety: as a layer run; may run concurrently with other `const nsa_cache*` calls.
+#[no_mangle]
+pub unsafe extern "C" fn nsa_cache_mark_layer_run(cache: *const nsa_cache, layer: u32) -> nsa_status {
+    guard("nsa_cache_mark_layer_run", || Ok(handle(cache, "cache")?.cache.mark_layer_run(layer)?))
 }

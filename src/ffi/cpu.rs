@@ -2,13 +2,15 @@
 //! handle included) and the per-layer run.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use half::{bf16, f16};
 
-use super::args::{carve, check_layer_header, disjoint, handle, handle_bytes, handle_mut, out_ptr, read_struct, span, Handle, Span, Versioned};
+use super::args::{carve, check_layer_header, disjoint, handle, handle_bytes, out_ptr, read_struct, span, Handle, Span, Versioned};
 use super::cache::nsa_cache;
 use super::config::{nsa_config_t, nsa_dtype, read_config};
-use super::status::{guard, guard_infallible, nsa_status, FfiResult};
+use super::status::{guard, nsa_status, FfiResult};
 use crate::config::Dtype;
 use crate::cpu::{CpuBackend, LayerIo, PhiWeights};
 use crate::elem::Elem;
@@ -20,14 +22,63 @@ use crate::layout::ARENA_ALIGN;
 /// `nsa_cpu_backend_create_hosted`). Opaque; it lives at the start of that buffer.
 ///
 /// Thread safety: one call at a time per backend, except the `nth` calls of one
-/// `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads. Different
-/// backends are independent and may run concurrently (each with its own cache: a cache's
-/// layers all run on one backend).
+/// `nsa_cpu_run_layer_part` layer run, made concurrently by the host's threads; an
+/// overlapping `nsa_cpu_run_layer` on the same backend is refused with `NSA_STATUS_BUSY`
+/// (it does nothing). Different backends are independent and may run concurrently. A
+/// backend serves one cache (see `nsa_cache`).
 pub struct nsa_cpu_backend {
     magic: u64,
     pub(super) backend: CpuBackend<'static>,
     pub(super) base: usize,
     pub(super) bytes: usize,
+    /// 1 while a call uses `backend`; accessed only atomically, through raw pointers, so
+    /// that a concurrent caller never forms a reference to `backend`.
+    busy: AtomicU64,
+}
+
+impl nsa_cpu_backend {
+    /// Zeroes the handle's padding bytes in place: no byte of the caller's buffer is left
+    /// uninitialised.
+    fn zero_padding(&mut self) {
+        crate::zero_pad::zero_gaps!(self, nsa_cpu_backend { magic, backend, base, bytes, busy });
+        self.backend.zero_padding();
+    }
+}
+
+/// Buffers of live CPU backends (`[start, end)`): creating a backend over memory a live
+/// one uses is refused (its worker threads would otherwise never be joined).
+static LIVE: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
+    // The list stays consistent if a holder panicked: every update is one push or remove.
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Holds a backend for one call; frees it when dropped (also on a panic).
+struct Busy<'a>(&'a AtomicU64);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// Checks the handle and takes it for one call: `NSA_STATUS_BUSY` while another call holds
+/// it. Returns the engine's backend, the span of the caller's buffer, and the hold.
+///
+/// # Safety
+/// A non-NULL `p` points to readable memory of the handle's size.
+unsafe fn enter<'a>(p: *mut nsa_cpu_backend) -> FfiResult<(&'a mut CpuBackend<'static>, Span, Busy<'a>)> {
+    handle(p.cast_const(), "backend")?;
+    // SAFETY: a live handle. Only fields are borrowed, never the whole handle: `busy` is
+    // shared (atomic) with concurrent callers, `backend` is exclusive once `busy` is held.
+    let busy = &*std::ptr::addr_of!((*p).busy);
+    if busy.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return Err(NsaError::Busy(format!("backend {p:p} is running another call (calls on one backend must not overlap)")).into());
+    }
+    let (base, bytes) = (std::ptr::addr_of!((*p).base).read(), std::ptr::addr_of!((*p).bytes).read());
+    let span = Span { arg: "backend buffer", start: base, len: bytes, written: true };
+    Ok((&mut *std::ptr::addr_of_mut!((*p).backend), span, Busy(busy)))
 }
 
 const CPU_MAGIC: u64 = 0x4e53_415f_4350_5542; // "NSA_CPUB"
@@ -115,12 +166,14 @@ pub unsafe extern "C" fn nsa_cpu_buffer_size(cfg: *const nsa_config_t, out: *mut
 /// will run on.
 ///
 /// Ownership: the caller keeps owning `buf`; it must stay allocated and untouched until
-/// `nsa_cpu_backend_destroy`, which must be called (it joins the worker threads).
+/// `nsa_cpu_backend_destroy`, which must be called (it joins the worker threads). A
+/// buffer that overlaps a live backend's is refused: destroy that backend first.
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER` (`cfg`, `buf`, `out`), `NSA_STATUS_BAD_STRUCT_SIZE`,
 /// `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_MISALIGNED` (`buf`),
-/// `NSA_STATUS_BUFFER_TOO_SMALL` (`bytes`). On failure no thread was started and `buf` is
-/// untouched.
+/// `NSA_STATUS_BUFFER_TOO_SMALL` (`bytes`), `NSA_STATUS_INVALID_ARGUMENT` (`buf` overlaps a
+/// live backend's buffer). On failure no thread was started and `buf` is untouched.
+/// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cpu_backend_create(
     cfg: *const nsa_config_t,
@@ -158,24 +211,43 @@ unsafe fn create(
     let cfg = read_config(cfg, "cfg")?;
     let need = CpuBackend::buffer_bytes(&cfg)?;
     let pools = carve::<nsa_cpu_backend>(buf.cast(), bytes, need, ARENA_ALIGN, "buf")?;
+    let (start, end) = (buf as usize, buf as usize + bytes);
+    let mut live = live();
+    if let Some(&(a, b)) = live.iter().find(|&&(a, b)| a < end && start < b) {
+        return Err(NsaError::arg(
+            "buf",
+            format!("{start:#x}..{end:#x}"),
+            format!("overlaps the buffer {a:#x}..{b:#x} of a live nsa_cpu_backend; destroy that backend first"),
+        )
+        .into());
+    }
     let backend = make(&cfg, pools)?;
     let h = buf.cast::<nsa_cpu_backend>();
-    h.write(nsa_cpu_backend { magic: CPU_MAGIC, backend, base: buf as usize, bytes });
+    h.write(nsa_cpu_backend { magic: CPU_MAGIC, backend, base: start, bytes, busy: AtomicU64::new(0) });
+    (*h).zero_padding();
+    live.push((start, end));
     out.write(h);
     Ok(())
 }
 
 /// Stops and joins the backend's worker threads and invalidates the handle; afterwards
 /// its buffer may be freed. NULL or an already destroyed handle is ignored. Must not run
-/// concurrently with another call on the same backend.
+/// concurrently with another call on the same backend: if one is running, nothing is
+/// destroyed (the handle stays valid) and `nsa_last_error` says so.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cpu_backend_destroy(backend: *mut nsa_cpu_backend) {
-    guard_infallible("nsa_cpu_backend_destroy", (), || {
-        if let Ok(b) = handle_mut(backend, "backend") {
-            b.magic = 0;
-            std::ptr::drop_in_place(&mut b.backend);
+    let _ = guard("nsa_cpu_backend_destroy", || {
+        if backend.is_null() || handle(backend.cast_const(), "backend").is_err() {
+            return Ok(());
         }
-    })
+        let (b, _, hold) = enter(backend)?;
+        std::ptr::drop_in_place(b);
+        std::mem::forget(hold); // `busy` stays set: the handle is dead
+        std::ptr::addr_of_mut!((*backend).magic).write(0);
+        let start = backend as usize;
+        live().retain(|&(a, _)| a != start);
+        Ok(())
+    });
 }
 
 /// Runs layer `layer` of the planned step on the CPU: copies shared pages the step
@@ -187,14 +259,23 @@ pub unsafe extern "C" fn nsa_cpu_backend_destroy(backend: *mut nsa_cpu_backend) 
 /// each after `nsa_cache_plan_step`. Uses the backend's worker threads (the calling
 /// thread is one of them) and allocates nothing.
 ///
-/// The cache is only read; it must have the backend's config, and the same backend must
-/// run all of its layers.
+/// The cache's sequences are only read; the run counts `layer` as run in the step (see
+/// the lifecycle at `nsa_cache`). The cache must have the backend's config and be the
+/// cache this backend serves (the first it ran a layer of).
 ///
-/// Errors (nothing is written, the pools are unchanged): `NSA_STATUS_NULL_POINTER`,
-/// `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP`,
-/// `NSA_STATUS_MISALIGNED`, `NSA_STATUS_INVALID_ARGUMENT` (`layer` out of range, `dtype`
-/// not the config's, `tokens` not the step's, `flags` not 0, wrong phi weight count,
-/// overlapping arrays, a cache with another config).
+/// Non-finite inputs: a NaN or infinity in `q`, `k`, `v` or `gates` propagates to exactly
+/// the outputs whose attention branches read it (as the reference computes them), never
+/// to zeros: e.g. a NaN query row makes that token's outputs NaN, a NaN key makes NaN the
+/// outputs of every later token whose window, selected blocks or compressed tokens cover
+/// it.
+///
+/// Errors (nothing is written, the pools are unchanged, the layer is not counted):
+/// `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+/// `NSA_STATUS_NO_STEP`, `NSA_STATUS_LAYER_ALREADY_RUN`, `NSA_STATUS_BUSY` (another call
+/// on this backend is running), `NSA_STATUS_MISALIGNED`, `NSA_STATUS_INVALID_ARGUMENT`
+/// (`layer` out of range, `dtype` not the config's, `tokens` not the step's, `flags` not
+/// 0, wrong phi weight count, overlapping arrays, a cache with another config, a cache
+/// other than the one this backend serves).
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cpu_run_layer(
     backend: *mut nsa_cpu_backend,
@@ -203,12 +284,11 @@ pub unsafe extern "C" fn nsa_cpu_run_layer(
     io: *const nsa_layer_io_t,
 ) -> nsa_status {
     guard("nsa_cpu_run_layer", || {
-        let b = handle_mut(backend, "backend")?;
+        let (b, span, _hold) = enter(backend)?;
         let c = handle(cache, "cache")?;
         let io = read_struct(io, "io")?;
-        let span = Span { arg: "backend buffer", start: b.base, len: b.bytes, written: true };
-        let dtype = checked_dtype(&b.backend, c, &io)?;
-        let b = Target::Whole(&mut b.backend);
+        let dtype = checked_dtype(b, c, &io)?;
+        let b = Target::Whole(b);
         match dtype {
             Dtype::F32 => run::<f32>(b, span, c, layer, &io),
             Dtype::F16 => run::<f16>(b, span, c, layer, &io),

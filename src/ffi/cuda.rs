@@ -246,8 +246,8 @@ pub unsafe extern "C" fn nsa_cuda_backend_destroy(backend: *mut nsa_cuda_backend
 /// the layer runs can be captured.
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_NO_STEP`,
-/// `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config),
-/// `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+/// `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config, or other than the one this
+/// backend serves), `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cuda_upload_step(backend: *mut nsa_cuda_backend, cache: *const nsa_cache, stream: *mut c_void) -> nsa_status {
     guard("nsa_cuda_upload_step", || {
@@ -271,12 +271,18 @@ pub unsafe extern "C" fn nsa_cuda_upload_step(backend: *mut nsa_cuda_backend, ca
 /// With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
 /// compressed, no attention (to fill a cache from K/V the host already has).
 /// Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
-/// captured in a CUDA graph. Run every layer once per step.
+/// captured in a CUDA graph. Run every layer once per step: the run counts the layer in
+/// the cache's step (see `nsa_cache`); a replayed graph does not, so count each replayed
+/// layer with `nsa_cache_mark_layer_run`. The backend serves one cache (the first it ran a
+/// layer of).
 ///
-/// Errors (nothing is enqueued): `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`,
-/// `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step planned or not uploaded),
-/// `NSA_STATUS_INVALID_ARGUMENT` (`layer`, `dtype`, `tokens`, `flags`, a required pointer
-/// 0, a phi weight count), `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR`.
+/// Errors (nothing is enqueued, the layer is not counted): `NSA_STATUS_NULL_POINTER`,
+/// `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step
+/// planned or not uploaded), `NSA_STATUS_LAYER_ALREADY_RUN`, `NSA_STATUS_INVALID_ARGUMENT`
+/// (`layer`, `dtype`, `tokens`, `flags`, a required pointer 0, a phi weight count, a cache
+/// other than the one this backend serves), `NSA_STATUS_BACKEND_UNAVAILABLE`,
+/// `NSA_STATUS_CUDA_ERROR` (the launch failed after the layer was counted: abort the step
+/// with `nsa_cache_abort_step`).
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cuda_run_layer(
     backend: *mut nsa_cuda_backend,

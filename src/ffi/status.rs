@@ -41,7 +41,8 @@ pub const NSA_STATUS_SEQUENCE_EXISTS: nsa_status = 9;
 pub const NSA_STATUS_OUT_OF_PAGES: nsa_status = 10;
 /// A sequence would grow past the config's `max_seq_len`.
 pub const NSA_STATUS_SEQUENCE_TOO_LONG: nsa_status = 11;
-/// A layer was run with no step planned, or after a cache operation ended the step.
+/// A layer was run (or a step aborted) with no step planned, or after a cache operation
+/// ended the step.
 pub const NSA_STATUS_NO_STEP: nsa_status = 12;
 /// The requested backend cannot run on this machine.
 pub const NSA_STATUS_BACKEND_UNAVAILABLE: nsa_status = 13;
@@ -56,9 +57,19 @@ pub const NSA_STATUS_PANIC: nsa_status = 15;
 /// someone else, or an engine bug): the message names the first violation. Treat the
 /// cache as unusable.
 pub const NSA_STATUS_CORRUPT: nsa_status = 16;
+/// A step is open (planned, and some layer has not run yet): the call would act on
+/// positions that layer has not written. The message names the step, the layers not yet
+/// run and the positions. Run the missing layers, or `nsa_cache_abort_step`. Also what
+/// `nsa_cache_check` returns for an open step.
+pub const NSA_STATUS_STEP_OPEN: nsa_status = 17;
+/// The layer already ran in the planned step: each layer runs exactly once per step.
+pub const NSA_STATUS_LAYER_ALREADY_RUN: nsa_status = 18;
+/// Another call is using the backend right now (calls on one backend must not overlap);
+/// the call did nothing.
+pub const NSA_STATUS_BUSY: nsa_status = 19;
 
 /// Every status code's name, indexed by code (the one list `nsa_status_string` reads).
-const NAMES: [&str; 17] = [
+const NAMES: [&str; 20] = [
     "NSA_STATUS_OK\0",
     "NSA_STATUS_INVALID_ARGUMENT\0",
     "NSA_STATUS_NULL_POINTER\0",
@@ -76,6 +87,9 @@ const NAMES: [&str; 17] = [
     "NSA_STATUS_CUDA_ERROR\0",
     "NSA_STATUS_PANIC\0",
     "NSA_STATUS_CORRUPT\0",
+    "NSA_STATUS_STEP_OPEN\0",
+    "NSA_STATUS_LAYER_ALREADY_RUN\0",
+    "NSA_STATUS_BUSY\0",
 ];
 
 /// A failed call: the status to return and the message for `nsa_last_error`.
@@ -108,6 +122,9 @@ impl From<NsaError> for Failure {
             NsaError::OutOfPages { .. } => NSA_STATUS_OUT_OF_PAGES,
             NsaError::SequenceTooLong { .. } => NSA_STATUS_SEQUENCE_TOO_LONG,
             NsaError::NoStep => NSA_STATUS_NO_STEP,
+            NsaError::StepOpen { .. } => NSA_STATUS_STEP_OPEN,
+            NsaError::LayerAlreadyRun { .. } => NSA_STATUS_LAYER_ALREADY_RUN,
+            NsaError::Busy(_) => NSA_STATUS_BUSY,
             NsaError::BackendUnavailable(_) => NSA_STATUS_BACKEND_UNAVAILABLE,
             NsaError::Cuda(_) => NSA_STATUS_CUDA_ERROR,
             NsaError::Panic(_) => NSA_STATUS_PANIC,
@@ -232,12 +249,15 @@ mod tests {
             (NSA_STATUS_CUDA_ERROR, "NSA_STATUS_CUDA_ERROR"),
             (NSA_STATUS_PANIC, "NSA_STATUS_PANIC"),
             (NSA_STATUS_CORRUPT, "NSA_STATUS_CORRUPT"),
+            (NSA_STATUS_STEP_OPEN, "NSA_STATUS_STEP_OPEN"),
+            (NSA_STATUS_LAYER_ALREADY_RUN, "NSA_STATUS_LAYER_ALREADY_RUN"),
+            (NSA_STATUS_BUSY, "NSA_STATUS_BUSY"),
         ];
         assert_eq!(codes.len(), NAMES.len());
         for (code, name) in codes {
             assert_eq!(unsafe { CStr::from_ptr(nsa_status_string(code)) }.to_str().unwrap(), name);
         }
-        for bad in [-1, 17, i32::MAX, i32::MIN] {
+        for bad in [-1, 20, i32::MAX, i32::MIN] {
             assert_eq!(unsafe { CStr::from_ptr(nsa_status_string(bad)) }.to_str().unwrap(), "NSA_STATUS_UNKNOWN");
         }
     }

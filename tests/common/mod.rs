@@ -4,6 +4,7 @@
 
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::elem::Elem;
+use nsa::reference::{prefill, RefInputs};
 use nsa::{Cache, Config, HostBuf, Phi, StepSeq};
 
 /// The tests' caller-owned buffers.
@@ -12,6 +13,7 @@ pub type Buf = HostBuf;
 #[path = "../../src/rng.rs"]
 mod rng;
 pub use rng::Rng;
+pub mod non_finite;
 
 /// One sequence's full inputs, f32 values already rounded through the storage dtype.
 #[derive(Clone)]
@@ -199,4 +201,47 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
             }
         })
         .fold(0.0, f64::max)
+}
+
+pub struct Checked {
+    pub max_err: f64,
+    pub near_ties: usize,
+}
+
+/// Compares one sequence's engine outputs and selections with the reference: equal
+/// selections, or (a near-tie under another float order) sets that score the same within
+/// tolerance; outputs then given the engine's indices. Returns the largest error.
+pub fn check_seq(cfg: &Config, d: &SeqData, w: &(Vec<f32>, Vec<f32>), out: &[f32], sel: &[i32], tol: f64, what: &str) -> Checked {
+    let inp = RefInputs { cfg, q: &d.q, k: &d.k, v: &d.v, gates: &d.gates, phi_k: &w.0, phi_v: &w.1, selection: None };
+    let r = prefill(&inp);
+    let (_, hkv, _, _) = dims(cfg);
+    let n = cfg.sel_count as usize;
+    let mut near_ties = 0;
+    for t in 0..d.len {
+        for h in 0..hkv {
+            let row = (t * hkv + h) * n;
+            let (mine, theirs) = (&sel[row..row + n], &r.selected[row..row + n]);
+            if mine == theirs {
+                continue;
+            }
+            // Different sets: both must be valid and score the same within tolerance.
+            let scores = &r.scores[(t * hkv + h) * r.nb..][..r.nb];
+            let sum = |s: &[i32]| -> f64 { s.iter().filter(|&&j| j >= 0).map(|&j| scores[j as usize]).filter(|x| x.is_finite()).sum() };
+            let count = |s: &[i32]| s.iter().filter(|&&j| j >= 0).count();
+            assert_eq!(count(mine), count(theirs), "{what}: t={t} h={h}: selection sizes {mine:?} vs {theirs:?}");
+            let forced = |s: &[i32]| s.iter().filter(|&&j| j >= 0 && scores[j as usize].is_infinite()).count();
+            assert_eq!(forced(mine), forced(theirs), "{what}: t={t} h={h}: forced blocks missing in {mine:?}");
+            let (a, b) = (sum(mine), sum(theirs));
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: t={t} h={h}: engine picked {mine:?} (score {a}), best is {theirs:?} ({b})");
+            near_ties += 1;
+        }
+    }
+    let out_ref = if near_ties > 0 {
+        prefill(&RefInputs { selection: Some(sel), ..inp }).out
+    } else {
+        r.out
+    };
+    let err = max_rel_err(out, &out_ref);
+    assert!(err <= tol, "{what}: max error {err:e} > {tol:e}");
+    Checked { max_err: err, near_ties }
 }

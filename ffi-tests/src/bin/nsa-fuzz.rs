@@ -10,14 +10,21 @@ fn main() {
     let (ops, seed, secs) = (arg(0, 1_000_000), arg(1, 1), arg(2, u64::MAX / 2));
     let t = Instant::now();
     let st = nsa_ffi_tests::fuzz::run(seed, ops, Duration::from_secs(secs));
+    let secs = t.elapsed().as_secs_f64();
+    let mix: Vec<String> = nsa_ffi_tests::fuzz::MIX_NAMES.iter().zip(st.mix).map(|(n, m)| format!("{n} {m}")).collect();
     println!(
-        "nsa-fuzz seed {seed}: {} operations in {:.1} s over {} configs: {} steps, {} calls rejected (state unchanged each time), \
-         {} tokens checked against the reference (largest error {:.2e}), {} near-tie selections",
+        "nsa-fuzz seed {seed}: {} operations in {secs:.1} s ({:.0} ops/s) over {} configs (two caches each)\n  \
+         mix: {}\n  {} successful state changes ({:.1}%), {} calls rejected as predicted (state unchanged each time), \
+         {} steps completed, {} aborted\n  {} tokens checked against the reference (largest error {:.2e}), {} near-tie selections",
         st.ops,
-        t.elapsed().as_secs_f64(),
+        st.ops as f64 / secs,
         st.rounds,
-        st.steps,
+        mix.join(", "),
+        st.changes,
+        100.0 * st.changes as f64 / st.ops.max(1) as f64,
         st.rejected,
+        st.steps_completed,
+        st.aborts,
         st.tokens_checked,
         st.max_err,
         st.near_ties
