@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
-use super::tensor_map::{MAPS_PER_LAYER, TMAP_BYTES};
+use super::consts::{MAPS_PER_LAYER, SEL_CHUNK, TMAP_BYTES, WINDOW_ALIGN};
 use crate::layout::{Layout, PageCopy, PlanSeq};
 
 /// Keys per split of the compressed branch at the longest context, at least (a split is
@@ -13,9 +13,6 @@ use crate::layout::{Layout, PageCopy, PlanSeq};
 /// lengths (device-side) among them, so grid shapes never depend on lengths.
 const CMP_SPLIT_MIN: u32 = 64;
 const CMP_SPLITS_MAX: u32 = 64;
-/// Selection blocks per chunk of the selection kernel (`SEL_MIN_CHUNK` in the kernels:
-/// with `ceil(max blocks / SEL_CHUNK)` chunks every chunk has exactly this many or fewer).
-pub(crate) const SEL_CHUNK: u32 = 64;
 /// Query rows per wave of the attention kernels (bounds the logits workspace).
 const WAVE_ROWS_MIN: u32 = 64;
 /// Region alignment inside the device buffer.
@@ -168,8 +165,9 @@ impl DevLayout {
         let split_c = maxc.div_ceil(nsplit_c);
         let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
         let units_s = cfg.sel_count;
-        // (+15: with tensor maps the window's range starts 16-aligned, up to 15 keys early.)
-        let units_w = (cfg.window + 15).div_ceil(cfg.sel_block);
+        // With tensor maps the window's range starts WINDOW_ALIGN-aligned, up to
+        // WINDOW_ALIGN - 1 keys early.
+        let units_w = (cfg.window + WINDOW_ALIGN - 1).div_ceil(cfg.sel_block);
         let units = u(nsplit_c + units_s + units_w);
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(maxc), 4])?;
@@ -233,7 +231,7 @@ mod tests {
                 assert_eq!(dl.cand.bytes, pairs * (dl.sel_chunks * c.sel_count) as usize * 8);
                 assert_eq!(dl.count.bytes, pairs * 4);
                 // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
-                assert!(dl.units_w * c.sel_block >= c.window + 15);
+                assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
                 let regs = [dl.pools, dl.meta, dl.tokmap, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc];

@@ -1,0 +1,150 @@
+// Types, storage types and small helpers every kernel file uses.
+#ifndef NSA_COMMON_CUH
+#define NSA_COMMON_CUH
+
+
+// Offsets into pools and activations are computed in 64-bit (usize).
+
+typedef unsigned long long u64;
+typedef unsigned short u16;
+typedef unsigned long long usize;
+
+struct Params {
+    u64 raw_k, raw_v, cmp_k, cmp_v;
+    u64 q, k, v, gates, out, selected, phi_k, phi_v;
+    u64 hdr, plan, copies, tokmap, jobs, raw_tab, cmp_tab;
+    u64 logits, sel, part_ml, part_acc, cand, count;
+    u64 tmaps;  // this layer's tensor maps (raw K, raw V, cmp K, cmp V; 128 bytes each), mode & 2
+    int hq, hkv, g, dk, dv, page, pps, cpps;
+    int cl, cd, lsel, nsel, n_init, n_local, window, phi;
+    int phi_hidden, phi_pe, maxc, nb, nsplit_c, split_c, units_s, units_w;
+    int wave_rows, row0, hc, mode;
+    float scale;
+    int spb, sel_chunks, nstage, comb_heads;
+};
+
+// Constants shared with the host, defined once in src/cuda/consts.rs and passed as -D options.
+#ifndef NSA_TK
+#error "NSA_TK is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_NT_ATT
+#error "NSA_NT_ATT is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_NT_WIDE
+#error "NSA_NT_WIDE is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_WARPS
+#error "NSA_MMA_WARPS is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_KEYS
+#error "NSA_MMA_KEYS is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_MAX_STAGES
+#error "NSA_MMA_MAX_STAGES is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_TMAP_BYTES
+#error "NSA_TMAP_BYTES is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_SEL_CHUNK
+#error "NSA_SEL_CHUNK is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_WINDOW_ALIGN
+#error "NSA_WINDOW_ALIGN is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_SPLIT_MIN_KEYS
+#error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"
+#endif
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define POS_INF (__int_as_float(0x7f800000))
+#define MAX_DK_REG 16  // DK <= 512 = 32 lanes * 16 registers
+
+// ---------------------------------------------------------------- storage types
+
+struct EF32 {
+    typedef float T;
+    static const int MMA = 0;
+    static __device__ __forceinline__ float ld(const T* p, usize i) { return p[i]; }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) { p[i] = x; }
+};
+struct EBF16 {
+    typedef u16 T;
+    static const int MMA = 1;  // mma.sync .bf16
+    static __device__ __forceinline__ float ld(const T* p, usize i) {
+        return __uint_as_float(((unsigned)p[i]) << 16);
+    }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) {
+        u16 r;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        p[i] = r;
+    }
+};
+struct EF16 {
+    typedef u16 T;
+    static const int MMA = 2;  // mma.sync .f16
+    static __device__ __forceinline__ float ld(const T* p, usize i) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+        return f;
+    }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) {
+        u16 r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        p[i] = r;
+    }
+};
+
+// ---------------------------------------------------------------- small helpers
+
+struct PlanSeq { int seq, old_len, new_len, row; };
+struct PageCopy { int pool, src, dst, rows; };
+
+__device__ __forceinline__ int num_cmp(const Params& p, int len) {
+    return len < p.cl ? 0 : (len - p.cl) / p.cd + 1;
+}
+
+// Element offset of row `off` of head `kvh` in page `page` (dim `d`).
+__device__ __forceinline__ usize row_at(const Params& p, int page, int kvh, int off, int d) {
+    return (((usize)page * (usize)p.hkv + (usize)kvh) * (usize)p.page + (usize)off) * (usize)d;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Partial softmax state index of (wave row, query head, unit).
+__device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) {
+    int units = p.nsplit_c + p.units_s + p.units_w;
+    return ((usize)wr * (usize)p.hq + (usize)h) * (usize)units + (usize)u;
+}
+
+
+// Fast exp on the SFU (ex2.approx, flush-to-zero): exp(-inf) = 0. Used where the
+// result feeds a softmax or a ranking, whose error budget (1e-2 relative in 16-bit
+// outputs, near-tie tolerance in selection) dwarfs its ~2 ulp.
+__device__ __forceinline__ float fexp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
+
+// ---------------------------------------------------------------- decode/prefill stages
+
+// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to 16 keys,
+// at least 64 (lengths are device-side: a fixed grid divides the actual length; splits past
+// the end get empty ranges and store empty partials).
+__device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
+    int ch = max(((n + nsplit - 1) / nsplit + NSA_MMA_KEYS - 1) & ~(NSA_MMA_KEYS - 1), NSA_SPLIT_MIN_KEYS);
+    lo = min(split * ch, n);
+    hi = min(lo + ch, n);
+}
+
+#endif  // NSA_COMMON_CUH
