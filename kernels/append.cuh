@@ -12,12 +12,12 @@
 template <class E>
 __device__ void copy_rows(const Params& p, int c, int kvh) {
     typedef typename E::T T;
-    PageCopy pc = ((const PageCopy*)p.copies)[c];
-    T* kpool = (T*)(pc.pool == 0 ? p.raw_k : p.cmp_k);
-    T* vpool = (T*)(pc.pool == 0 ? p.raw_v : p.cmp_v);
-    usize nk = (usize)pc.rows * p.dk, nv = (usize)pc.rows * p.dv;
-    usize sk = row_at(p, pc.src, kvh, 0, p.dk), dk_ = row_at(p, pc.dst, kvh, 0, p.dk);
-    usize sv = row_at(p, pc.src, kvh, 0, p.dv), dv_ = row_at(p, pc.dst, kvh, 0, p.dv);
+    PageCopy pc = ((const PageCopy*)p.step.copies)[c];
+    T* kpool = (T*)(pc.pool == 0 ? p.paging.raw_k : p.paging.cmp_k);
+    T* vpool = (T*)(pc.pool == 0 ? p.paging.raw_v : p.paging.cmp_v);
+    usize nk = (usize)pc.rows * p.shape.head_dim_qk, nv = (usize)pc.rows * p.shape.head_dim_v;
+    usize sk = row_at(p, pc.src, kvh, 0, p.shape.head_dim_qk), dk_ = row_at(p, pc.dst, kvh, 0, p.shape.head_dim_qk);
+    usize sv = row_at(p, pc.src, kvh, 0, p.shape.head_dim_v), dv_ = row_at(p, pc.dst, kvh, 0, p.shape.head_dim_v);
     for (usize i = threadIdx.x; i < nk; i += blockDim.x) kpool[dk_ + i] = kpool[sk + i];
     for (usize i = threadIdx.x; i < nv; i += blockDim.x) vpool[dv_ + i] = vpool[sv + i];
 }
@@ -25,15 +25,15 @@ __device__ void copy_rows(const Params& p, int c, int kvh) {
 template <class E>
 __device__ void append_row(const Params& p, int r, int kvh) {
     typedef typename E::T T;
-    int2 tm = ((const int2*)p.tokmap)[r];
-    int page = ((const int*)p.raw_tab)[(usize)tm.x * p.pps + tm.y / p.page];
-    int off = tm.y % p.page;
-    const T* k = (const T*)p.k + ((usize)r * p.hkv + kvh) * p.dk;
-    const T* v = (const T*)p.v + ((usize)r * p.hkv + kvh) * p.dv;
-    T* kd = (T*)p.raw_k + row_at(p, page, kvh, off, p.dk);
-    T* vd = (T*)p.raw_v + row_at(p, page, kvh, off, p.dv);
-    for (int i = threadIdx.x; i < p.dk; i += blockDim.x) kd[i] = k[i];
-    for (int i = threadIdx.x; i < p.dv; i += blockDim.x) vd[i] = v[i];
+    int2 tm = ((const int2*)p.step.rows)[r];
+    int page = ((const int*)p.paging.raw_tab)[(usize)tm.x * p.paging.pages_per_seq + tm.y / p.paging.page_size];
+    int off = tm.y % p.paging.page_size;
+    const T* k = (const T*)p.io.k + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_qk;
+    const T* v = (const T*)p.io.v + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_v;
+    T* kd = (T*)p.paging.raw_k + row_at(p, page, kvh, off, p.shape.head_dim_qk);
+    T* vd = (T*)p.paging.raw_v + row_at(p, page, kvh, off, p.shape.head_dim_v);
+    for (int i = threadIdx.x; i < p.shape.head_dim_qk; i += blockDim.x) kd[i] = k[i];
+    for (int i = threadIdx.x; i < p.shape.head_dim_v; i += blockDim.x) vd[i] = v[i];
 }
 
 // ---------------------------------------------------------------- compress (phi)
@@ -51,82 +51,82 @@ __device__ void append_row(const Params& p, int r, int kvh) {
 template <class E>
 __device__ const typename E::T* src_row(const Params& p, int si, int h, int pos, int side) {
     typedef typename E::T T;
-    const PlanSeq ps = ((const PlanSeq*)p.plan)[si];
-    const int D = side == 0 ? p.dk : p.dv;
+    const PlanSeq ps = ((const PlanSeq*)p.step.seqs)[si];
+    const int D = side == 0 ? p.shape.head_dim_qk : p.shape.head_dim_v;
     if (pos >= ps.old_len)
-        return (const T*)(side == 0 ? p.k : p.v) + ((usize)(ps.row + pos - ps.old_len) * p.hkv + h) * D;
-    int page = ((const int*)p.raw_tab)[(usize)si * p.pps + pos / p.page];
-    const int n_copies = ((const int*)p.hdr)[2];
-    const PageCopy* cps = (const PageCopy*)p.copies;
+        return (const T*)(side == 0 ? p.io.k : p.io.v) + ((usize)(ps.row + pos - ps.old_len) * p.shape.num_kv_heads + h) * D;
+    int page = ((const int*)p.paging.raw_tab)[(usize)si * p.paging.pages_per_seq + pos / p.paging.page_size];
+    const int n_copies = ((const StepHeader*)p.step.header)->copies;
+    const PageCopy* cps = (const PageCopy*)p.step.copies;
     for (int c = 0; c < n_copies; c++)
         if (cps[c].pool == 0 && cps[c].dst == page) {
             page = cps[c].src;
             break;
         }
-    return (const T*)(side == 0 ? p.raw_k : p.raw_v) + row_at(p, page, h, pos % p.page, D);
+    return (const T*)(side == 0 ? p.paging.raw_k : p.paging.raw_v) + row_at(p, page, h, pos % p.paging.page_size, D);
 }
 
 template <class E>
 __device__ void compress(const Params& p, int job, int h, int side) {
     typedef typename E::T T;
     extern __shared__ float smem[];
-    int2 jb = ((const int2*)p.jobs)[job];
+    int2 jb = ((const int2*)p.step.jobs)[job];
     int si = jb.x, ci = jb.y;
-    int D = side == 0 ? p.dk : p.dv;
-    T* cmp = (T*)(side == 0 ? p.cmp_k : p.cmp_v);
-    const float* all = (const float*)(side == 0 ? p.phi_k : p.phi_v);
-    const int* ctab = (const int*)p.cmp_tab + (usize)si * p.cpps;
-    usize hkv = p.hkv, l = p.cl, d = D, hid = p.phi_hidden;
+    int D = side == 0 ? p.shape.head_dim_qk : p.shape.head_dim_v;
+    T* cmp = (T*)(side == 0 ? p.paging.cmp_k : p.paging.cmp_v);
+    const float* all = (const float*)(side == 0 ? p.io.phi_k : p.io.phi_v);
+    const int* ctab = (const int*)p.paging.cmp_tab + (usize)si * p.paging.cmp_pages_per_seq;
+    usize hkv = p.shape.num_kv_heads, l = p.shape.cmp_block, d = D, hid = p.shape.phi_hidden;
     float* row = smem;
     float* acc = smem + D;
     float* hidden = smem + 2 * D;
     const float* pe = 0;
     const float *w = 0, *w1 = 0, *b1 = 0, *w2 = 0, *b2 = 0;
-    if (p.phi == 1) {
+    if (p.shape.phi == 1) {
         w = all + h * l;
-    } else if (p.phi == 2) {
+    } else if (p.shape.phi == 2) {
         w = all + h * l * d * d;
-        if (p.phi_pe) pe = all + hkv * l * d * d + h * l * d;
-    } else if (p.phi == 3) {
+        if (p.shape.phi_pe) pe = all + hkv * l * d * d + h * l * d;
+    } else if (p.shape.phi == 3) {
         usize w1n = l * d * hid, w2n = hid * d;
         usize b1_at = hkv * w1n, w2_at = b1_at + hkv * hid, b2_at = w2_at + hkv * w2n;
         w1 = all + h * w1n;
         b1 = all + b1_at + h * hid;
         w2 = all + w2_at + h * w2n;
         b2 = all + b2_at + h * d;
-        if (p.phi_pe) pe = all + b2_at + hkv * d + h * l * d;
+        if (p.shape.phi_pe) pe = all + b2_at + hkv * d + h * l * d;
     }
-    if (p.phi <= 1) {
+    if (p.shape.phi <= 1) {
         // Mean / weighted: a thread per column, rows in order (the CPU's order); the row
         // addresses first, so the row loads are independent.
         const T** rows = (const T**)hidden;  // l pointers (the host sizes this region for them)
-        for (int j = threadIdx.x; j < p.cl; j += blockDim.x) rows[j] = src_row<E>(p, si, h, ci * p.cd + j, side);
+        for (int j = threadIdx.x; j < p.shape.cmp_block; j += blockDim.x) rows[j] = src_row<E>(p, si, h, ci * p.shape.cmp_stride + j, side);
         __syncthreads();
-        T* dst = cmp + row_at(p, ctab[ci / p.page], h, ci % p.page, D);
+        T* dst = cmp + row_at(p, ctab[ci / p.paging.page_size], h, ci % p.paging.page_size, D);
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
             float a = 0.f;
             int j = 0;
             // 16 loads in flight per round (a compressed token is 2 rounds at l = 32).
-            for (; j + 16 <= p.cl; j += 16) {
+            for (; j + 16 <= p.shape.cmp_block; j += 16) {
                 float x[16];
 #pragma unroll
                 for (int k = 0; k < 16; k++) x[k] = E::ld(rows[j + k], c);
 #pragma unroll
-                for (int k = 0; k < 16; k++) a = p.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
+                for (int k = 0; k < 16; k++) a = p.shape.phi == 0 ? a + x[k] : a + w[j + k] * x[k];
             }
-            for (; j < p.cl; j++) {
+            for (; j < p.shape.cmp_block; j++) {
                 float x = E::ld(rows[j], c);
-                a = p.phi == 0 ? a + x : a + w[j] * x;
+                a = p.shape.phi == 0 ? a + x : a + w[j] * x;
             }
-            E::st(dst, c, p.phi == 0 ? a * (1.0f / (float)p.cl) : a);
+            E::st(dst, c, p.shape.phi == 0 ? a * (1.0f / (float)p.shape.cmp_block) : a);
         }
         return;
     }
     for (int c = threadIdx.x; c < D; c += blockDim.x) acc[c] = 0.f;
-    if (p.phi == 3)
-        for (int u = threadIdx.x; u < p.phi_hidden; u += blockDim.x) hidden[u] = b1[u];
-    for (int j = 0; j < p.cl; j++) {
-        const T* src = src_row<E>(p, si, h, ci * p.cd + j, side);
+    if (p.shape.phi == 3)
+        for (int u = threadIdx.x; u < p.shape.phi_hidden; u += blockDim.x) hidden[u] = b1[u];
+    for (int j = 0; j < p.shape.cmp_block; j++) {
+        const T* src = src_row<E>(p, si, h, ci * p.shape.cmp_stride + j, side);
         __syncthreads();  // previous row fully consumed
         for (int e = threadIdx.x; e < D; e += blockDim.x) {
             float x = E::ld(src, e);
@@ -134,12 +134,12 @@ __device__ void compress(const Params& p, int job, int h, int side) {
             row[e] = x;
         }
         __syncthreads();
-        if (p.phi == 0) {
+        if (p.shape.phi == 0) {
             for (int c = threadIdx.x; c < D; c += blockDim.x) acc[c] = acc[c] + row[c];
-        } else if (p.phi == 1) {
+        } else if (p.shape.phi == 1) {
             float wj = w[j];
             for (int c = threadIdx.x; c < D; c += blockDim.x) acc[c] = acc[c] + wj * row[c];
-        } else if (p.phi == 2) {
+        } else if (p.shape.phi == 2) {
             for (int c = threadIdx.x; c < D; c += blockDim.x) {
                 float a = acc[c];
                 const float* wr = w + ((usize)j * d) * d + c;
@@ -147,7 +147,7 @@ __device__ void compress(const Params& p, int job, int h, int side) {
                 acc[c] = a;
             }
         } else {
-            for (int u = threadIdx.x; u < p.phi_hidden; u += blockDim.x) {
+            for (int u = threadIdx.x; u < p.shape.phi_hidden; u += blockDim.x) {
                 float a = hidden[u];
                 const float* wr = w1 + ((usize)j * d) * hid + u;
                 for (int e = 0; e < D; e++) a = a + row[e] * wr[(usize)e * hid];
@@ -156,14 +156,14 @@ __device__ void compress(const Params& p, int job, int h, int side) {
         }
     }
     __syncthreads();
-    T* dst = cmp + row_at(p, ctab[ci / p.page], h, ci % p.page, D);
-    if (p.phi == 0) {
-        float inv = 1.0f / (float)p.cl;
+    T* dst = cmp + row_at(p, ctab[ci / p.paging.page_size], h, ci % p.paging.page_size, D);
+    if (p.shape.phi == 0) {
+        float inv = 1.0f / (float)p.shape.cmp_block;
         for (int c = threadIdx.x; c < D; c += blockDim.x) E::st(dst, c, acc[c] * inv);
-    } else if (p.phi == 3) {
+    } else if (p.shape.phi == 3) {
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
             float a = b2[c];
-            for (int u = 0; u < p.phi_hidden; u++) {
+            for (int u = 0; u < p.shape.phi_hidden; u++) {
                 float hu = hidden[u];
                 if (hu > 0.f) a = a + hu * w2[(usize)u * d + c];
             }
@@ -184,14 +184,14 @@ __device__ void compress(const Params& p, int job, int h, int side) {
 // writes compressed rows past the live ones, which cmp copies do not touch.
 template <class E>
 __device__ void append(const Params& p) {
-    const int* hdr = (const int*)p.hdr;
+    const StepHeader& hdr = *(const StepHeader*)p.step.header;
     const int x = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
-    const int tokens = hdr[1], copies_end = tokens + 2 * hdr[0];
+    const int tokens = hdr.tokens, copies_end = tokens + 2 * hdr.seqs;
     if (x < tokens) {
         if (z == 0) append_row<E>(p, x, h);
     } else if (x < copies_end) {
-        if (z == 0 && x - tokens < hdr[2]) copy_rows<E>(p, x - tokens, h);
-    } else if (x - copies_end < hdr[3]) {
+        if (z == 0 && x - tokens < hdr.copies) copy_rows<E>(p, x - tokens, h);
+    } else if (x - copies_end < hdr.jobs) {
         compress<E>(p, x - copies_end, h, z);
     }
 }

@@ -9,16 +9,16 @@
 // bf16/f16 with DK, DV multiples of 16 (the host checks; other shapes use `attend`).
 // A block of NSA_MMA_WARPS warps owns (row, KV head, unit) and up to 16 heads of the group at a time
 // (the rows of an m16n8k16 tile; a smaller group pads rows with zero queries). Each warp
-// streams its own tiles of NSA_MMA_KEYS = 16 keys (tiles warp, warp + NSA_MMA_WARPS, ...) through `p.nstage`
+// streams its own tiles of NSA_MMA_KEYS = 16 keys (tiles warp, warp + NSA_MMA_WARPS, ...) through `p.launch.nstage`
 // (2..NSA_MMA_MAX_STAGES, picked by the host from the occupancy) shared-memory stages with
 // cp.async (16-byte copies, zero-filled for masked keys),
 // computes S = Q K^T (ldmatrix + mma), an online softmax in registers, O += P V (P
 // packed to 16 bits as the A operand, V through ldmatrix.trans), then the warps' states
 // are merged in shared memory and stored as the unit's partial (m, l, acc).
-// With `p.mode & 1` (sm_90) a tile is loaded by 1-D bulk copies instead, one K or V row
+// With `p.launch.mode & 1` (sm_90) a tile is loaded by 1-D bulk copies instead, one K or V row
 // per lane, completing on the stage's mbarrier; masked keys of a partly valid tile copy a
 // valid row of the tile (their scores are masked), fully masked tiles load nothing.
-// With `p.mode & 2` (sm_90, DK and DV multiples of 64, 16-aligned pages and blocks) a tile
+// With `p.launch.mode & 2` (sm_90, DK and DV multiples of 64, 16-aligned pages and blocks) a tile
 // is DK/64 + DV/64 boxes of a tensor map instead (16 rows x 128 bytes each, the copy
 // engine's 128-byte swizzle, which the ldmatrix addresses undo): a few large requests
 // instead of 32 row copies. The copy engine issues requests slowly, so this is what keeps
@@ -28,8 +28,8 @@
 // 1024-byte boundary with tensor maps); after the loop the stages are reused for the
 // merge: acc[NSA_MMA_WARPS][16][DV] | m[NSA_MMA_WARPS][16] | l | f.
 
-// The keys of one unit: a contiguous range [lo, lo + n), or `n / lsel` selected blocks
-// (`blocks`, -1 = none) of lsel keys each, masked past position t.
+// The keys of one unit: a contiguous range [lo, lo + n), or `n / sel_block` selected blocks
+// (`blocks`, -1 = none) of sel_block keys each, masked past position t.
 struct Keys {
     const int* blocks;
     int lo, n, t;
@@ -38,9 +38,9 @@ struct Keys {
 __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
     if (j >= ks.n) return -1;
     if (!ks.blocks) return ks.lo + j >= ks.first ? ks.lo + j : -1;
-    int b = ks.blocks[j / p.lsel];
+    int b = ks.blocks[j / p.shape.sel_block];
     if (b < 0) return -1;
-    int pos = b * p.lsel + j % p.lsel;
+    int pos = b * p.shape.sel_block + j % p.shape.sel_block;
     return pos <= ks.t ? pos : -1;
 }
 
@@ -49,10 +49,10 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
                            float* logit_out) {
     extern __shared__ float smem[];
-    const int DK = p.dk, DV = p.dv;
+    const int DK = p.shape.head_dim_qk, DV = p.shape.head_dim_v;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const bool bulk = (p.mode & 1) != 0, tma = (p.mode & 2) != 0;
+    const bool bulk = (p.launch.mode & 1) != 0, tma = (p.launch.mode & 2) != 0;
     // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
     const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
     const int stage_elems = NSA_MMA_KEYS * (KS + VS);
@@ -60,7 +60,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     unsigned long long* bars = (unsigned long long*)(q_s + 16 * QS);
     u16* stg = q_s + 16 * QS + 64;  // 128 bytes of mbarriers
     if (tma) stg = (u16*)smem + ((smem_u32(stg) + 1023u & ~1023u) - smem_u32(smem)) / 2;  // box alignment
-    const int S = p.nstage;
+    const int S = p.launch.nstage;
     u16* my = stg + warp * S * stage_elems;
     const unsigned bar0 = smem_u32(bars + warp * NSA_MMA_MAX_STAGES);
     if (bulk && lane == 0) {
@@ -96,13 +96,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         int pos0 = -1;
         if (j0 < ks.n) {
             if (ks.blocks) {
-                int b = ks.blocks[j0 / p.lsel];
-                pos0 = b >= 0 && b * p.lsel + j0 % p.lsel <= ks.t ? b * p.lsel + j0 % p.lsel : -1;
+                int b = ks.blocks[j0 / p.shape.sel_block];
+                pos0 = b >= 0 && b * p.shape.sel_block + j0 % p.shape.sel_block <= ks.t ? b * p.shape.sel_block + j0 % p.shape.sel_block : -1;
             } else {
                 pos0 = ks.lo + min(j0 + NSA_MMA_KEYS, ks.n) - 1 >= ks.first ? ks.lo + j0 : -1;
             }
         }
-        int z = pos0 >= 0 ? table[pos0 / p.page] * p.hkv + kvh : 0;
+        int z = pos0 >= 0 ? table[pos0 / p.paging.page_size] * p.shape.num_kv_heads + kvh : 0;
         if (g) {
             tpos[1] = pos0;
             tz[1] = z;
@@ -138,7 +138,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             }
             if (lane == 0) mbar_expect(bar, (unsigned)(NSA_MMA_KEYS * (DK + DV) * 2));
             __syncwarp();
-            int y = pos0 % p.page;
+            int y = pos0 % p.paging.page_size;
             int nbk = DK / 64, nbv = DV / 64;
             if (lane < nbk)
                 tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
@@ -160,8 +160,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             int src = pos >= 0 ? pos : first;
             if (lane == 0) mbar_expect(bar, (unsigned)(NSA_MMA_KEYS * (DK + DV) * 2));
             __syncwarp();
-            int page = table[src / p.page];
-            int off = src % p.page;
+            int page = table[src / p.paging.page_size];
+            int off = src % p.paging.page_size;
             if (lane < NSA_MMA_KEYS)
                 bulk_g2s(smem_u32(kd + j * QS), kpool + row_at(p, page, kvh, off, DK), (unsigned)(DK * 2), bar);
             else
@@ -171,8 +171,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         int pos = lane < NSA_MMA_KEYS ? key_pos(p, ks, ti * NSA_MMA_KEYS + lane) : -1;
         usize rk = 0, rv = 0;
         if (pos >= 0) {
-            int page = table[pos / p.page];
-            int off = pos % p.page;
+            int page = table[pos / p.paging.page_size];
+            int off = pos % p.paging.page_size;
             rk = row_at(p, page, kvh, off, DK);
             rv = row_at(p, page, kvh, off, DV);
         }
@@ -254,12 +254,12 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             for (int e = 0; e < 2; e++) {
                 const int jj = nt * 8 + q4 * 2 + e;
                 pos[e] = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
-                s[nt][e] *= p.scale;
-                s[nt][2 + e] *= p.scale;
+                s[nt][e] *= p.shape.scale;
+                s[nt][2 + e] *= p.shape.scale;
             }
             if (logit_out) {
-                float* la = logit_out + (usize)g * p.maxc;
-                float* lb = logit_out + (usize)(g + 8) * p.maxc;
+                float* la = logit_out + (usize)g * p.ws.max_cmp;
+                float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp;
                 if (pos[0] >= 0 && pos[1] == pos[0] + 1 && (pos[0] & 1) == 0) {
                     if (g < hcn) *(float2*)(la + pos[0]) = make_float2(s[nt][0], s[nt][1]);
                     if (g + 8 < hcn) *(float2*)(lb + pos[0]) = make_float2(s[nt][2], s[nt][3]);
@@ -352,8 +352,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         lw[warp * 16 + g + 8] = lB;
     }
     __syncthreads();
-    float* ml = (float*)p.part_ml;
-    float* pacc = (float*)p.part_acc;
+    float* ml = (float*)p.ws.part_ml;
+    float* pacc = (float*)p.ws.part_acc;
     if (tid < 16) {
         float m = NEG_INF;
         for (int w = 0; w < NSA_MMA_WARPS; w++) m = fmaxf(m, mw[w * 16 + tid]);

@@ -31,7 +31,7 @@ __device__ __forceinline__ float2 merge_ml(const float* mu, const float* lu, int
     return make_float2(m, warp_sum(l));
 }
 
-// Gated combine of `p.comb_heads` consecutive query heads of one row per block (the host
+// Gated combine of `p.launch.comb_heads` consecutive query heads of one row per block (the host
 // picks more heads per block when rows are many, so blocks stay few and long, and one
 // head per block at batch 1, so the work spreads over SMs). Per head: each branch's
 // (max, sum) over its units (a warp per (head, branch)), the per-unit merge factors
@@ -42,17 +42,17 @@ __device__ __forceinline__ float2 merge_ml(const float* mu, const float* lu, int
 template <class E>
 __device__ void combine(const Params& p) {
     extern __shared__ float smem[];
-    const int wr = blockIdx.x, r = p.row0 + wr, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int H = p.comb_heads, hg0 = blockIdx.y * H;
-    const int s0 = p.nsplit_c, s1 = s0 + p.units_s, U = s1 + p.units_w;
-    const int DV = p.dv, P = H == 1 ? max(1, (int)blockDim.x / DV) : 1;
+    const int wr = blockIdx.x, r = p.launch.row0 + wr, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int H = p.launch.comb_heads, hg0 = blockIdx.y * H;
+    const int s0 = p.launch.nsplit_c, s1 = s0 + p.launch.units_s, U = s1 + p.launch.units_w;
+    const int DV = p.shape.head_dim_v, P = H == 1 ? max(1, (int)blockDim.x / DV) : 1;
     float* mu = smem;
     float* fu = mu + H * U;
     float* gm = fu + H * U;
     float* gl = gm + 3 * H;
     float* red = gl + 3 * H;
-    const float* ml = (const float*)p.part_ml;
-    const float* pa = (const float*)p.part_acc;
+    const float* ml = (const float*)p.ws.part_ml;
+    const float* pa = (const float*)p.ws.part_acc;
     for (int x = tid; x < H * U; x += blockDim.x) {
         int hh = x / U, u = x - hh * U;
         float2 v = ((const float2*)ml)[part_at(p, wr, hg0 + hh, u)];
@@ -77,7 +77,7 @@ __device__ void combine(const Params& p) {
         fu[x] = (fu[x] > 0.f && gm[grp] != NEG_INF) ? expf(mu[x] - gm[grp]) : 0.f;
     }
     __syncthreads();
-    typename E::T* out = (typename E::T*)p.out;
+    typename E::T* out = (typename E::T*)p.io.out;
     const int bounds[4] = {0, s0, s1, U};
     if (P > 1) {
         // One head (H = 1): P parts per column, then their sums are added.
@@ -107,14 +107,14 @@ __device__ void combine(const Params& p) {
                 x = unit_sum(pa + base + c, DV, fu + hh * U, bounds[br], bounds[br + 1]);
             a[br] = x;
         }
-        const float* gt = (const float*)p.gates + ((usize)r * p.hq + hg) * 3;
+        const float* gt = (const float*)p.io.gates + ((usize)r * p.shape.num_q_heads + hg) * 3;
         const float* g3 = gl + hh * 3;
         float o = 0.f;
         float ocmp = g3[0] > 0.f ? a[0] * (1.0f / g3[0]) : 0.f;
         o = o + gt[0] * ocmp;
         if (g3[1] > 0.f) o = o + (gt[1] / g3[1]) * a[1];
         if (g3[2] > 0.f) o = o + (gt[2] / g3[2]) * a[2];
-        E::st(out, ((usize)r * p.hq + hg) * DV + c, o);
+        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * DV + c, o);
     }
 }
 

@@ -9,19 +9,73 @@ typedef unsigned long long u64;
 typedef unsigned short u16;
 typedef unsigned long long usize;
 
-struct Params {
-    u64 raw_k, raw_v, cmp_k, cmp_v;
+// The kernels' one argument, by value; its Rust twin is `Params` in src/cuda/params.rs
+// (same groups, fields and order). Groups by what they describe; names as in the config.
+
+// One layer's activations for the step (device addresses; 0 = absent): the C ABI's
+// nsa_layer_io_t, as `DeviceLayerIo` in Rust. Shapes in docs/ARCHITECTURE.md.
+struct LayerIo {
     u64 q, k, v, gates, out, selected, phi_k, phi_v;
-    u64 hdr, plan, copies, tokmap, jobs, raw_tab, cmp_tab;
-    u64 logits, sel, part_ml, part_acc, cand, count;
-    u64 tmaps;  // this layer's tensor maps (raw K, raw V, cmp K, cmp V; 128 bytes each), mode & 2
-    int hq, hkv, g, dk, dv, page, pps, cpps;
-    int cl, cd, lsel, nsel, n_init, n_local, window, phi;
-    int phi_hidden, phi_pe, maxc, nb, nsplit_c, split_c, units_s, units_w;
-    int wave_rows, row0, hc, mode;
-    float scale;
-    int spb, sel_chunks, nstage, comb_heads;
 };
+
+// Where the K/V live: this layer's four pools `[page][kv_head][token][dim]`, the page
+// tables of the step's sequences (`pages_per_seq` / `cmp_pages_per_seq` ints each), and
+// this layer's tensor maps (raw K, raw V, cmp K, cmp V; NSA_TMAP_BYTES each; launch.mode & 2).
+struct Paging {
+    u64 raw_k, raw_v, cmp_k, cmp_v;
+    u64 raw_tab, cmp_tab;
+    u64 tmaps;
+    int page_size, pages_per_seq, cmp_pages_per_seq;
+};
+
+// The config's shapes and NSA parameters (`phi`: 0 mean, 1 weighted, 2 MLP).
+struct Shapes {
+    int num_q_heads, num_kv_heads, group_size, head_dim_qk, head_dim_v;
+    int cmp_block, cmp_stride, sel_block, sel_count, sel_init, sel_local, window;
+    int phi, phi_hidden, phi_pe;
+    float scale;
+};
+
+// The uploaded step (src/cuda/upload.rs): its header, sequences, copy-on-write copies,
+// one (step sequence, position) per token row, one (step sequence, compressed token) per
+// compressed token the step completes.
+struct StepHeader {
+    int seqs, tokens, copies, jobs;
+};
+struct StepPlan {
+    u64 header;  // StepHeader
+    u64 seqs;    // PlanSeq[header.seqs]
+    u64 copies;  // PageCopy[header.copies]
+    u64 rows;    // int2[header.tokens]
+    u64 jobs;    // int2[header.jobs]
+};
+
+// The stages' hand-over buffers: compressed logits (`max_cmp` per row and head), the
+// selected blocks, the selection's per-chunk candidates and counters, split partials.
+struct Workspace {
+    u64 logits, sel, cand, count, part_ml, part_acc;
+    int max_cmp;
+};
+
+// Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
+// scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
+// copies, bit 1: tensor maps) through `nstage` pipeline stages.
+struct Launch {
+    int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
+    int head_chunk, mode, nstage;
+};
+
+struct Params {
+    LayerIo io;
+    Paging paging;
+    Shapes shape;
+    StepPlan step;
+    Workspace ws;
+    Launch launch;
+};
+// The Rust twins' sizes, passed by the host: a field added on one side only stops the compile.
+static_assert(sizeof(Params) == NSA_PARAMS_BYTES, "Params differs from src/cuda/params.rs");
+static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs from src/cuda/params.rs");
 
 // Constants shared with the host, defined once in src/cuda/consts.rs and passed as -D options.
 #ifndef NSA_TK
@@ -100,12 +154,12 @@ struct PlanSeq { int seq, old_len, new_len, row; };
 struct PageCopy { int pool, src, dst, rows; };
 
 __device__ __forceinline__ int num_cmp(const Params& p, int len) {
-    return len < p.cl ? 0 : (len - p.cl) / p.cd + 1;
+    return len < p.shape.cmp_block ? 0 : (len - p.shape.cmp_block) / p.shape.cmp_stride + 1;
 }
 
 // Element offset of row `off` of head `kvh` in page `page` (dim `d`).
 __device__ __forceinline__ usize row_at(const Params& p, int page, int kvh, int off, int d) {
-    return (((usize)page * (usize)p.hkv + (usize)kvh) * (usize)p.page + (usize)off) * (usize)d;
+    return (((usize)page * (usize)p.shape.num_kv_heads + (usize)kvh) * (usize)p.paging.page_size + (usize)off) * (usize)d;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -121,8 +175,8 @@ __device__ __forceinline__ float warp_max(float x) {
 
 // Partial softmax state index of (wave row, query head, unit).
 __device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) {
-    int units = p.nsplit_c + p.units_s + p.units_w;
-    return ((usize)wr * (usize)p.hq + (usize)h) * (usize)units + (usize)u;
+    int units = p.launch.nsplit_c + p.launch.units_s + p.launch.units_w;
+    return ((usize)wr * (usize)p.shape.num_q_heads + (usize)h) * (usize)units + (usize)u;
 }
 
 

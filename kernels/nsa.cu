@@ -20,7 +20,7 @@
 //   combine      merge every partial, gated sum, store (rows x HQ)
 // (an append-only run stops after append). cmp_mma / sw_mma replace cmp_partial /
 // sw_partial on tensor cores (bf16/f16, DK and DV multiples of 16); a unit of sw_mma holds
-// `spb` selected blocks or lsel * spb window keys. nsplit_c, units_s, units_w and spb are
+// `spb` selected blocks or sel_block * spb window keys. nsplit_c, units_s, units_w and spb are
 // per launch (the host picks them from the row count). The full-attention baseline is
 // full_partial | full_mma (rows x HKV x nsplit) then full_combine (rows x HQ).
 // Lengths and positions are read from the uploaded plan (device side); grid shapes depend

@@ -38,29 +38,29 @@ template <class E>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
     __shared__ int last;
-    const int wr = blockIdx.x, r = p.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z;
+    const int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-    const int t = ((const int2*)p.tokmap)[r].y;
+    const int t = ((const int2*)p.step.rows)[r].y;
     const int nc = num_cmp(p, t + 1);
-    const int A = p.cl / p.cd, B = p.lsel / p.cd, n = p.nsel;
-    const int nblk = t / p.lsel + 1, b = nblk - 1;
-    const int cb = max(NSA_SEL_CHUNK, (nblk + p.sel_chunks - 1) / p.sel_chunks);
+    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride, n = p.shape.sel_count;
+    const int nblk = t / p.shape.sel_block + 1, b = nblk - 1;
+    const int cb = max(NSA_SEL_CHUNK, (nblk + p.launch.sel_chunks - 1) / p.launch.sel_chunks);
     const int nlists = (nblk + cb - 1) / cb;
-    const usize pair = (usize)wr * p.hkv + kvh;
-    int2* lists = (int2*)p.cand + pair * p.sel_chunks * n;
+    const usize pair = (usize)wr * p.shape.num_kv_heads + kvh;
+    int2* lists = (int2*)p.ws.cand + pair * p.launch.sel_chunks * n;
     const int j0 = min(ch * cb, nblk), j1 = min(j0 + cb, nblk);
     if (j0 < j1) {
         float* mh = smem;
-        float* inv = mh + p.g;
-        float* blk = inv + p.g;
+        float* inv = mh + p.shape.group_size;
+        float* blk = inv + p.shape.group_size;
         float* ps = blk + cb;
-        const float* ml = (const float*)p.part_ml;
+        const float* ml = (const float*)p.ws.part_ml;
         // Softmax (m, l) of every head over all compressed splits: a warp per head, one
         // pass (each lane merges its splits online, then the lanes' states merge).
-        for (int h = warp; h < p.g; h += nwarps) {
-            int hg = kvh * p.g + h;
+        for (int h = warp; h < p.shape.group_size; h += nwarps) {
+            int hg = kvh * p.shape.group_size + h;
             float m = NEG_INF, l = 0.f;
-            for (int u = lane; u < p.nsplit_c; u += 32) {
+            for (int u = lane; u < p.launch.nsplit_c; u += 32) {
                 float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
                 if (x.y > 0.f) {
                     float mn = fmaxf(m, x.x);
@@ -83,20 +83,20 @@ __device__ void select_blocks(const Params& p) {
         __syncthreads();
         // Group-summed probabilities of compressed tokens i0 .. i0 + span (0 outside [0, nc)).
         const int i0 = B * j0 - (A - 1), span = B * (j1 - j0) + A - 1;
-        const float* lg = (const float*)p.logits + ((usize)wr * p.hq + (usize)kvh * p.g) * p.maxc;
+        const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * p.shape.group_size) * p.ws.max_cmp;
         for (int x = tid; x < span; x += blockDim.x) {
             int i = i0 + x;
             float a = 0.f;
             if (i >= 0 && i < nc) {
                 // 16 heads' loads in flight at once (one latency round for a group of 16).
-                const float* li = lg + i;  // head h's logit of token i: li[h * maxc]
-                for (int h0 = 0; h0 < p.g; h0 += 16) {
+                const float* li = lg + i;  // head h's logit of token i: li[h * max_cmp]
+                for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
                     float v[16];
 #pragma unroll
-                    for (int k = 0; k < 16; k++) v[k] = h0 + k < p.g ? li[(h0 + k) * p.maxc] : 0.f;
+                    for (int k = 0; k < 16; k++) v[k] = h0 + k < p.shape.group_size ? li[(h0 + k) * p.ws.max_cmp] : 0.f;
 #pragma unroll
                     for (int k = 0; k < 16; k++)
-                        if (h0 + k < p.g) a += fexp(v[k] - mh[h0 + k]) * inv[h0 + k];
+                        if (h0 + k < p.shape.group_size) a += fexp(v[k] - mh[h0 + k]) * inv[h0 + k];
                 }
             }
             ps[x] = a;
@@ -107,7 +107,7 @@ __device__ void select_blocks(const Params& p) {
             const float* pj = ps + B * (j - j0);
             float acc = 0.f;
             for (int k = 0; k < A + B - 1; k++) acc += overlap_count(k, A, B) * pj[k];
-            if (j < p.n_init || j > b - p.n_local) acc = POS_INF;
+            if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
             blk[j - j0] = acc;
         }
         __syncthreads();
@@ -132,9 +132,9 @@ __device__ void select_blocks(const Params& p) {
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-        int done = atomicAdd((int*)p.count + pair, 1);
-        last = done == p.sel_chunks - 1;
-        if (last) atomicExch((int*)p.count + pair, 0);
+        int done = atomicAdd((int*)p.ws.count + pair, 1);
+        last = done == p.launch.sel_chunks - 1;
+        if (last) atomicExch((int*)p.ws.count + pair, 0);
     }
     __syncthreads();
     if (!last) return;
@@ -200,8 +200,8 @@ __device__ void select_blocks(const Params& p) {
         }
     }
     __syncthreads();
-    int* wsel = (int*)p.sel + pair * n;
-    int* usel = p.selected ? (int*)p.selected + ((usize)r * p.hkv + kvh) * n : (int*)0;
+    int* wsel = (int*)p.ws.sel + pair * n;
+    int* usel = p.io.selected ? (int*)p.io.selected + ((usize)r * p.shape.num_kv_heads + kvh) * n : (int*)0;
     for (int k = tid; k < n; k += blockDim.x) {
         if (k < count) {
             int me = pick[k], pos = 0;

@@ -46,9 +46,14 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
 ];
 
-/// The `-D` options that define the constants in the kernels.
+/// The `-D` options that define the constants in the kernels, and the sizes of the
+/// structs both sides share (the kernels `static_assert` their own against them).
 pub(crate) fn nvrtc_defines() -> Vec<String> {
-    DEFINES.iter().map(|(n, v)| format!("-D{n}={v}")).collect()
+    let sizes = [
+        ("NSA_PARAMS_BYTES", std::mem::size_of::<super::params::Params>() as u64),
+        ("NSA_STEP_HEADER_BYTES", std::mem::size_of::<super::params::StepHeader>() as u64),
+    ];
+    DEFINES.iter().chain(sizes.iter()).map(|(n, v)| format!("-D{n}={v}")).collect()
 }
 
 #[cfg(test)]
