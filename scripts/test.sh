@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 cargo test --workspace --release
 # The CUDA feature's tests: without a GPU they are reported as ignored (the GPU machine
 # runs them with --include-ignored, see docs/GPU_TESTS.md); the ones needing no device run.
-cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench
+cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_multi
 # The kernels compiled with the engine's own options for sm_90a and sm_80, failing on
 # register spills: NVRTC needs no GPU. NSA_NVRTC_DIR (default .nvrtc, which .ci/run fills)
 # is a `pip install --target` of nvidia-cuda-nvrtc; without one the test is reported ignored.

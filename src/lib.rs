@@ -56,7 +56,7 @@ mod host_buf;
 pub mod layout;
 pub mod plan;
 pub mod cpu;
-#[cfg(feature = "cuda")] pub mod cuda;
+pub mod cuda;
 pub mod reference;
 mod sync;
 pub mod ffi;

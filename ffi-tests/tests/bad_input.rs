@@ -148,7 +148,7 @@ fn unsupported_abi_versions_get_no_table() {
         assert!((l.get_api)(v).is_null(), "nsa_get_api({v})");
         message("nsa_get_api", &[&format!("abi_version = {v}"), "ABI version 1 only"]);
     }
-    assert_eq!((l.get_api)(NSA_ABI_VERSION), l.api as *const nsa_api_v1);
+    assert_eq!((l.get_api)(NSA_ABI_VERSION), l.api as *const nsa_api_v2);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use cudarc::driver::sys;
 
 use super::compile;
 use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_WIDE, SEL_CHUNK, TK};
-use super::device::DeviceInfo;
+use super::DeviceInfo;
 use super::driver::{self, check};
 use super::kernel::{Kernel, Kernels, SharedMem};
 use super::tensor_map;

@@ -5,27 +5,8 @@ use cudarc::driver::sys;
 
 use super::compile;
 use super::driver::{self, check};
+use super::DeviceInfo;
 use crate::error::{NsaError, Result};
-
-/// What [`probe`] found: the device a backend with this ordinal would use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub ordinal: i32,
-    pub name: String,
-    /// Compute capability (major, minor); the backend needs 8.0 or newer.
-    pub compute_capability: (i32, i32),
-    /// NVRTC target the kernels are compiled for, e.g. `sm_90a` (see [`nvrtc_arch`]).
-    pub arch: String,
-    pub multiprocessors: i32,
-    pub total_memory: usize,
-    /// `cuDriverGetVersion`, e.g. 13000.
-    pub driver_version: i32,
-    pub nvrtc_version: (i32, i32),
-    /// Opt-in shared memory per block, bytes.
-    pub max_shared_per_block: i32,
-    /// Devices the driver sees (valid ordinals are `0..device_count`).
-    pub device_count: i32,
-}
 
 /// The NVRTC target for compute capability (major, minor): `sm_XY`, with the
 /// architecture-specific `a` on 9.0 (wgmma and setmaxnreg exist only in `sm_90a`).

@@ -4,7 +4,8 @@
 
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{DeviceLayerIo, Launch, Params};
+use super::params::{Launch, Params};
+use super::DeviceLayerIo;
 use super::CudaBackend;
 use crate::cache::Cache;
 use crate::config::Phi;

@@ -5,17 +5,20 @@
 //! backends on several devices in one process are independent).
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): without a driver, every entry
-//! point returns [`NsaError::BackendUnavailable`] and nothing panics. [`probe`] says
-//! whether a usable device is there.
+//! point returns `NsaError::BackendUnavailable` and nothing panics. [`probe`] says
+//! whether a usable device is there. Built without the `cuda` feature, this module is the
+//! same API over a stub (`stub.rs`) that answers every call with `BackendUnavailable`
+//! ("built without CUDA"), so the C ABI needs no `cfg` of its own.
 //!
-//! Per step: [`Cache::plan_step`], then [`CudaBackend::upload_step`] once (`upload.rs`:
+//! Per step: `Cache::plan_step`, then [`CudaBackend::upload_step`] once (`upload.rs`:
 //! the plan and the step's page tables into the workspace), then
 //! [`CudaBackend::run_layer`] for every layer (`launch.rs`). Neither allocates on host or
 //! device. The device pools use the CPU backend's layout
-//! (`[layer][pool][page][kv_head][token][dim]`, offsets from [`Layout`]), so a download of
+//! (`[layer][pool][page][kv_head][token][dim]`, offsets from `Layout`), so a download of
 //! the pools equals the CPU pools.
 //!
-//! Files: `device.rs` (probe, architecture), `build.rs` (creation steps), `kernel.rs`
+//! Files: `backend.rs` (the backend's state and public methods), `device.rs` (probe,
+//! architecture), `build.rs` (creation steps), `kernel.rs`
 //! (the kernels by name, the module, the launch), `params.rs` (the kernels' argument),
 //! `workspace.rs` (the device buffer's layout), `upload.rs`, `launch.rs`, `consts.rs`
 //! (constants shared with the kernels), `compile.rs` (NVRTC and the kernel cache),
@@ -35,49 +38,60 @@
 //! (upload_step stays outside: it writes host staging buffers and issues copies from
 //! them). [`CudaBackend::attend_full`] is the full-attention baseline over the same cache.
 
-// `CUstream` is an opaque driver handle passed through to the driver, never dereferenced here.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
-
+#[cfg(feature = "cuda")]
+mod backend;
+#[cfg(feature = "cuda")]
 mod build;
+#[cfg(feature = "cuda")]
 mod compile;
+#[cfg(feature = "cuda")]
 mod consts;
+#[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
 mod driver;
+#[cfg(feature = "cuda")]
 mod kernel;
+#[cfg(feature = "cuda")]
 mod launch;
+#[cfg(feature = "cuda")]
 mod params;
+#[cfg(feature = "cuda")]
 mod staging;
+#[cfg(feature = "cuda")]
 mod tensor_map;
+#[cfg(feature = "cuda")]
 mod upload;
+#[cfg(feature = "cuda")]
 mod workspace;
+#[cfg(not(feature = "cuda"))]
+mod stub;
 
 use std::path::PathBuf;
 
-use cudarc::driver::sys;
-
-use crate::cache::Cache;
-use crate::config::Config;
-use crate::error::{NsaError, Result};
-use crate::layout::{Layout, PlanSeq};
+use crate::error::Result;
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
+#[cfg(feature = "cuda")]
 pub use compile::{cache_key, KERNEL_FILES};
-pub use device::{nvrtc_arch, DeviceInfo};
-use driver::CtxGuard;
+#[cfg(feature = "cuda")]
+pub use device::nvrtc_arch;
+#[cfg(feature = "cuda")]
+use device::probe as probe_ordinal;
+#[cfg(feature = "cuda")]
 pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf, Stream};
-use kernel::Kernels;
-pub use params::DeviceLayerIo;
-use params::{LaunchSetup, Params};
-use staging::Staging;
-use workspace::DevLayout;
+#[cfg(not(feature = "cuda"))]
+pub use stub::{probe as probe_ordinal, CUstream, CudaBackend};
 
 /// Whether CUDA device 0 is usable (see [`probe_device`]).
 pub fn probe() -> Result<DeviceInfo> {
-    device::probe(0)
+    probe_ordinal(0)
 }
 
 /// Whether CUDA device `ordinal` is usable: the driver and NVRTC load, the device exists
 /// and has compute capability 8.0 or newer. Never panics; the error says why not.
 pub fn probe_device(ordinal: i32) -> Result<DeviceInfo> {
-    device::probe(ordinal)
+    probe_ordinal(ordinal)
 }
 
 /// Options of [`CudaBackend::new_with`].
@@ -91,252 +105,49 @@ pub struct CudaOptions {
     pub device_ordinal: i32,
 }
 
-/// The CUDA backend over one caller-owned device buffer.
-pub struct CudaBackend {
-    cfg: Config,
-    lay: Layout,
-    dl: DevLayout,
-    base: u64,
-    dev: sys::CUdevice,
-    ctx: sys::CUcontext,
-    /// `None` only while dropping.
-    kernels: Option<Kernels>,
-    info: DeviceInfo,
-    /// The kernels' argument with every field fixed at creation filled in.
-    params: Params,
-    /// Whether the tensor-core attention kernels are used (bf16/f16, DK and DV multiples
-    /// of 16, DV <= 256, shared memory fits; `NSA_CUDA_SCALAR=1` turns them off).
-    mma: bool,
-    /// Blocks of a tensor-core kernel per multiprocessor (occupancy at the picked stages).
-    mma_per_sm: u32,
-    /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`).
-    tma: bool,
-    /// Page-locked host mirrors of the uploaded regions (`None` only while dropping).
-    staging: Option<Staging>,
-    /// The plan last uploaded (capacity `max_step_seqs`, never grows).
-    uploaded: Vec<PlanSeq>,
-    uploaded_tokens: u32,
-    uploaded_valid: bool,
-    owned: Option<DeviceBuf>,
+
+/// What [`probe_device`] found: the device a backend with this ordinal would use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: i32,
+    pub name: String,
+    /// Compute capability (major, minor); the backend needs 8.0 or newer.
+    pub compute_capability: (i32, i32),
+    /// NVRTC target the kernels are compiled for, e.g. `sm_90a` (`nvrtc_arch`).
+    pub arch: String,
+    pub multiprocessors: i32,
+    pub total_memory: usize,
+    /// `cuDriverGetVersion`, e.g. 13000.
+    pub driver_version: i32,
+    pub nvrtc_version: (i32, i32),
+    /// Opt-in shared memory per block, bytes.
+    pub max_shared_per_block: i32,
+    /// Devices the driver sees (valid ordinals are `0..device_count`).
+    pub device_count: i32,
 }
 
-// SAFETY: the handles are driver objects usable from any thread; `&mut self` methods
-// serialize use of the staging buffer.
-unsafe impl Send for CudaBackend {}
-
-impl CudaBackend {
-    /// Whether CUDA device 0 is usable (see [`probe`]).
-    pub fn probe() -> Result<DeviceInfo> {
-        probe()
-    }
-
-    /// Bytes of device memory the backend needs for `cfg`: every layer's K/V pools
-    /// (`Layout::pool_bytes`, first, at offset 0) plus the workspace (uploaded plan and
-    /// page tables, compressed logits, selection indices, split-KV partials).
-    pub fn device_bytes(cfg: &Config) -> Result<usize> {
-        cfg.validate()?;
-        let lay = Layout::new(cfg)?;
-        Ok(DevLayout::new(cfg, &lay)?.total)
-    }
-
-    /// Creates the backend on device 0 over the caller's device buffer
-    /// `device_ptr..+bytes` (at least `device_bytes(cfg)`, 256-byte aligned, allocated in
-    /// the device's primary context): compiles the kernels (once per architecture and
-    /// process), loads them into the primary context, allocates the page-locked upload
-    /// staging (`staging.rs`) and initialises the workspace (selection counters, tensor
-    /// maps). The pools' contents are left as they are.
-    pub fn new(cfg: &Config, device_ptr: u64, bytes: usize) -> Result<Self> {
-        Self::new_with(cfg, device_ptr, bytes, &CudaOptions::default())
-    }
-
-    /// [`CudaBackend::new`] with options (the device, the kernel cache directory).
-    pub fn new_with(cfg: &Config, device_ptr: u64, bytes: usize, opts: &CudaOptions) -> Result<Self> {
-        let need = Self::device_bytes(cfg)?;
-        let info = device::probe(opts.device_ordinal)?;
-        if device_ptr == 0 {
-            return Err(NsaError::arg("device_ptr", 0, "must be a device allocation"));
-        }
-        if device_ptr % 256 != 0 {
-            return Err(NsaError::Misaligned { what: "device buffer", addr: device_ptr as usize, align: 256 });
-        }
-        if bytes < need {
-            return Err(NsaError::BufferTooSmall { what: "device buffer", got: bytes, need });
-        }
-        let (dev, ctx) = driver::primary_context(opts.device_ordinal)?;
-        let made = (|| {
-            let _g = CtxGuard::push(ctx)?;
-            Self::build(cfg, device_ptr, bytes, opts, info, dev, ctx)
-        })();
-        if made.is_err() {
-            driver::release_primary(dev);
-        }
-        made
-    }
-
-    /// Allocates `device_bytes(cfg)` once with `cuMemAlloc` on device 0 and creates the
-    /// backend over it (freed when the backend drops).
-    pub fn with_allocation(cfg: &Config) -> Result<Self> {
-        Self::with_allocation_on(cfg, &CudaOptions::default())
-    }
-
-    /// [`CudaBackend::with_allocation`] on the device `opts` names.
-    pub fn with_allocation_on(cfg: &Config, opts: &CudaOptions) -> Result<Self> {
-        let need = Self::device_bytes(cfg)?;
-        device::probe(opts.device_ordinal)?;
-        let buf = DeviceBuf::on_device(opts.device_ordinal, need)?;
-        let mut b = Self::new_with(cfg, buf.ptr(), need, opts)?;
-        b.owned = Some(buf);
-        Ok(b)
-    }
-
-    /// The creation steps (`build.rs`), in the device's context (pushed by the caller).
-    fn build(cfg: &Config, base: u64, bytes: usize, opts: &CudaOptions, info: DeviceInfo, dev: sys::CUdevice, ctx: sys::CUcontext) -> Result<Self> {
-        let lay = Layout::new(cfg)?;
-        let dl = DevLayout::new(cfg, &lay)?;
-        build::check_buffer(base, bytes, info.ordinal)?;
-        let plan = build::plan(cfg, &dl, &info)?;
-        // Dropped (module unloaded) on any later error, with the context current.
-        let mut kernels = build::load(cfg, &info, &plan, opts)?;
-        let (nstage, mma_per_sm) = build::pick_stages(cfg, &plan, &mut kernels)?;
-        build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
-        let staging = Staging::new(dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off)?;
-        let setup = LaunchSetup { head_chunk: plan.head_chunk, bulk: plan.bulk, tma: plan.tma, nstage };
-        Ok(CudaBackend {
-            cfg: *cfg,
-            lay,
-            dl,
-            base,
-            dev,
-            ctx,
-            kernels: Some(kernels),
-            params: Params::fixed(cfg, &dl, base, setup),
-            info,
-            mma: plan.mma,
-            mma_per_sm,
-            tma: plan.tma,
-            staging: Some(staging),
-            uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
-            uploaded_tokens: 0,
-            uploaded_valid: false,
-            owned: None,
-        })
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    pub fn device_info(&self) -> &DeviceInfo {
-        &self.info
-    }
-
-    /// Device address of the K/V pools (all layers, the CPU backend's layout).
-    pub fn pools_ptr(&self) -> u64 {
-        self.base + self.dl.pools.off as u64
-    }
-
-    /// Bytes of the K/V pools (`Layout::pool_bytes`).
-    pub fn pools_bytes(&self) -> usize {
-        self.lay.pool_bytes
-    }
-
-    /// Heads per attention block pass (the group is split into chunks of this size when
-    /// shared memory is short).
-    pub fn head_chunk(&self) -> u32 {
-        self.params.launch.head_chunk as u32
-    }
-
-    /// Whether the attention kernels run on tensor cores (bf16/f16 with DK and DV
-    /// multiples of 16 and DV <= 256; `NSA_CUDA_SCALAR=1` at creation turns them off).
-    pub fn uses_tensor_cores(&self) -> bool {
-        self.mma
-    }
-
-    /// Copies the planned step (its sequences, copy-on-write copies, per-token positions,
-    /// finished compressed tokens and the page tables of its sequences) into the device
-    /// workspace, on `stream`, from a page-locked staging buffer (two alternate; one is
-    /// reused only after its previous copies ran, even when a copy failed to enqueue).
-    /// Call once per step, after `plan_step`, before `run_layer`; issue `run_layer` on the
-    /// same stream (or order the streams). Allocates nothing.
-    pub fn upload_step(&mut self, cache: &Cache, stream: CUstream) -> Result<()> {
-        self.upload(cache, stream)
-    }
-
-    /// Runs one layer of the uploaded step on `stream`: copy-on-write copies, appends the
-    /// step's K/V rows, emits finished compressed tokens, writes NSA attention of every
-    /// new token to `io.out` (and the selected blocks to `io.selected` when given).
-    /// Launches only; nothing is allocated. Run each layer once per step.
-    ///
-    /// With `io.q == 0 && io.out == 0` the run is **append-only**: copies, append and
-    /// compress, no attention (`io.gates` and `io.selected` are ignored); see
-    /// [`DeviceLayerIo`]. It leaves the cache exactly as a full run would.
-    ///
-    /// Fails, launching nothing, when no step is planned or the planned step is not the
-    /// one uploaded, `layer` is out of range, or a required pointer is 0.
-    pub fn run_layer(&mut self, cache: &Cache, layer: u32, io: &DeviceLayerIo, stream: CUstream) -> Result<()> {
-        self.launch_layer(cache, layer, io, stream)
-    }
-
-    /// The full-attention baseline over the same paged cache, on the device: plain causal
-    /// attention of every query of the uploaded step over all keys of its sequence
-    /// (`0..=position`), written to `out` (`[tokens, HQ, DV]`, the config's dtype) from
-    /// `q` (`[tokens, HQ, DK]`). Split across thread blocks (split-KV, then a combine),
-    /// every K/V load shared by the group's heads. Appends nothing: run `run_layer` (or an
-    /// append-only run) for this layer and step first, so the step's rows are in the
-    /// pools. Same checks as `run_layer`; compare with
-    /// [`crate::cpu::CpuBackend::attend_full`].
-    pub fn attend_full(&mut self, cache: &Cache, layer: u32, q: u64, out: u64, stream: CUstream) -> Result<()> {
-        self.launch_full(cache, layer, q, out, stream)
-    }
-
-    /// Copies every layer's K/V pools (`pools_bytes()` bytes, the CPU backend's layout)
-    /// into `dst` after the work queued on `stream`, and waits for it.
-    pub fn download_pools(&self, dst: &mut [u8], stream: CUstream) -> Result<()> {
-        let n = self.lay.pool_bytes;
-        if dst.len() < n {
-            return Err(NsaError::BufferTooSmall { what: "dst", got: dst.len(), need: n });
-        }
-        let _g = CtxGuard::push(self.ctx)?;
-        // SAFETY: the pools lie inside the caller's buffer; dst has n bytes.
-        unsafe { driver::dtoh_sync(dst.as_mut_ptr().cast(), self.pools_ptr(), n, stream) }
-    }
-
-    /// Waits for `stream` and reports any asynchronous kernel error as `NsaError::Cuda`.
-    pub fn synchronize(&self, stream: CUstream) -> Result<()> {
-        let _g = CtxGuard::push(self.ctx)?;
-        stream_sync(stream)
-    }
-
-    fn kernels(&self) -> &Kernels {
-        self.kernels.as_ref().expect("kernels live until drop")
-    }
+/// One layer's device arrays for the planned step (device addresses; 0 = none). Shapes
+/// and meaning as [`crate::cpu::LayerIo`]: `q [tokens, HQ, DK]`, `k [tokens, HKV, DK]`,
+/// `v [tokens, HKV, DV]` in the config's dtype; `gates [tokens, HQ, 3]` f32;
+/// `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` i32, written when not 0;
+/// `phi_k`, `phi_v`: the layer's f32 phi weights (`Config::phi_weight_len`), 0 for mean.
+/// The kernels read it as `LayerIo`, unchanged.
+///
+/// **Append-only runs:** with `q == 0` and `out == 0`, [`CudaBackend::run_layer`]
+/// only makes the step's copy-on-write copies, appends `k`/`v` and emits finished
+/// compressed tokens (no attention; `gates` and `selected` are ignored), like
+/// [`crate::cpu::CpuBackend::append_layer`]: for filling a cache from K/V the host already
+/// has, without paying for prefill attention.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLayerIo {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub gates: u64,
+    pub out: u64,
+    pub selected: u64,
+    pub phi_k: u64,
+    pub phi_v: u64,
 }
 
-impl Drop for CudaBackend {
-    fn drop(&mut self) {
-        if let Ok(_g) = CtxGuard::push(self.ctx) {
-            // The page-locked buffers, events and the module go while the context is current.
-            self.staging = None;
-            self.kernels = None;
-        }
-        driver::release_primary(self.dev);
-        // `owned` (if any) frees its allocation after this, in its own Drop.
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Preset;
-
-    #[test]
-    fn device_bytes_covers_pools_and_workspace() {
-        for p in [Preset::Paper, Preset::Fla] {
-            let c = Config::preset(p);
-            let lay = Layout::new(&c).unwrap();
-            let n = CudaBackend::device_bytes(&c).unwrap();
-            assert!(n > lay.pool_bytes);
-            assert_eq!(n % 256, 0);
-        }
-    }
-}

@@ -1,6 +1,6 @@
 //! The kernels' one argument, `Params`, passed by value to every launch: the twin of
 //! `struct Params` in `kernels/common.cuh` (same groups, fields and order; the tests pin
-//! the size). Grouped by what the fields describe: the layer's activations ([`DeviceLayerIo`],
+//! the size). Grouped by what the fields describe: the layer's activations (`DeviceLayerIo`,
 //! the same struct the Rust API takes), paging, the config's shapes, the uploaded step,
 //! the workspace, and the launch. Everything but the layer's pools, its tensor maps, its
 //! activations and the launch fields is fixed when the backend is created
@@ -8,33 +8,9 @@
 
 use super::consts::{MAPS_PER_LAYER, TMAP_BYTES};
 use super::workspace::DevLayout;
+use super::DeviceLayerIo;
 use crate::config::Config;
 use crate::layout::Layout;
-
-/// One layer's device arrays for the planned step (device addresses; 0 = none). Shapes
-/// and meaning as [`crate::cpu::LayerIo`]: `q [tokens, HQ, DK]`, `k [tokens, HKV, DK]`,
-/// `v [tokens, HKV, DV]` in the config's dtype; `gates [tokens, HQ, 3]` f32;
-/// `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` i32, written when not 0;
-/// `phi_k`, `phi_v`: the layer's f32 phi weights (`Config::phi_weight_len`), 0 for mean.
-/// The kernels read it as `LayerIo`, unchanged.
-///
-/// **Append-only runs:** with `q == 0` and `out == 0`, [`super::CudaBackend::run_layer`]
-/// only makes the step's copy-on-write copies, appends `k`/`v` and emits finished
-/// compressed tokens (no attention; `gates` and `selected` are ignored), like
-/// [`crate::cpu::CpuBackend::append_layer`]: for filling a cache from K/V the host already
-/// has, without paying for prefill attention.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeviceLayerIo {
-    pub q: u64,
-    pub k: u64,
-    pub v: u64,
-    pub gates: u64,
-    pub out: u64,
-    pub selected: u64,
-    pub phi_k: u64,
-    pub phi_v: u64,
-}
 
 /// Where the K/V live (`Paging` in the kernels).
 #[repr(C)]
