@@ -150,8 +150,12 @@ struct EF16 {
 
 // ---------------------------------------------------------------- small helpers
 
+// The uploaded plan's entries: twins of PlanSeq and PageCopy in src/layout.rs.
 struct PlanSeq { int seq, old_len, new_len, row; };
 struct PageCopy { int pool, src, dst, rows; };
+
+// Compressed tokens of a sequence of `len` positions (Config::num_cmp_tokens): token i
+// covers positions [i * cmp_stride, i * cmp_stride + cmp_block).
 
 __device__ __forceinline__ int num_cmp(const Params& p, int len) {
     return len < p.shape.cmp_block ? 0 : (len - p.shape.cmp_block) / p.shape.cmp_stride + 1;
@@ -179,7 +183,6 @@ __device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) 
     return ((usize)wr * (usize)p.shape.num_q_heads + (usize)h) * (usize)units + (usize)u;
 }
 
-
 // Fast exp on the SFU (ex2.approx, flush-to-zero): exp(-inf) = 0. Used where the
 // result feeds a softmax or a ranking, whose error budget (1e-2 relative in 16-bit
 // outputs, near-tie tolerance in selection) dwarfs its ~2 ulp.
@@ -189,11 +192,10 @@ __device__ __forceinline__ float fexp(float x) {
     return y;
 }
 
+// ---------------------------------------------------------------- key-range splits
 
-// ---------------------------------------------------------------- decode/prefill stages
-
-// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to 16 keys,
-// at least 64 (lengths are device-side: a fixed grid divides the actual length; splits past
+// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to
+// NSA_MMA_KEYS keys, at least NSA_SPLIT_MIN_KEYS (lengths are device-side: a fixed grid divides the actual length; splits past
 // the end get empty ranges and store empty partials).
 __device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
     int ch = max(((n + nsplit - 1) / nsplit + NSA_MMA_KEYS - 1) & ~(NSA_MMA_KEYS - 1), NSA_SPLIT_MIN_KEYS);

@@ -1,31 +1,49 @@
-// NSA kernels for the CUDA backend (NSA_SPEC.md is the function computed).
+// NSA kernels for the CUDA backend: the entry points. The function computed is defined in
+// docs/SPEC.md; docs/ARCHITECTURE.md follows a decode step from the C ABI to every launch.
 //
-// Framework-free CUDA C on raw pointers: no headers, no runtime API. Compiled once per
-// device with NVRTC by src/cuda/compile.rs; every kernel takes one `Params` struct by
-// value (its Rust twin is `src/cuda/params.rs`; keep the two in the same field order).
+// Framework-free CUDA C on raw pointers: no CUDA headers, no runtime API. NVRTC compiles
+// this file once per device architecture (src/cuda/compile.rs), with every .cuh below
+// passed as a header under its own name, and the constants shared with the host
+// (src/cuda/consts.rs) as -D options. Every kernel takes one `Params` by value
+// (kernels/common.cuh; its Rust twin is src/cuda/params.rs, size-checked at compile time).
+//
+// Files, one per stage:
+//   common.cuh      types (Params and its groups, StepHeader, PlanSeq, PageCopy), storage
+//                   types EF32 / EBF16 / EF16, small helpers (row_at, part_at, warp_sum,
+//                   warp_max, fexp, split_range)
+//   ptx.cuh         PTX helpers: mma16816, ldsm4 / ldsm4t, pack2, cp_async16 / cp_commit /
+//                   cp_wait, mbar_*, bulk_g2s, tma_load3, smem_u32
+//   append.cuh      the step's writes: copy-on-write copies, appends, compressed tokens
+//   attend.cuh      scalar attention core; attend_mma.cuh: tensor-core attention core
+//   compressed.cuh  compressed attention (cmp_partial, cmp_mma)
+//   selection.cuh   block scores and the top-n (select_blocks)
+//   selected.cuh    selected blocks + window (sw_partial, sw_mma)
+//   combine.cuh     gated combine of the partials
+//   full.cuh        full causal attention, the in-repo baseline
 //
 // Pool layout (same as the CPU backend): per layer `[pool][page][kv_head][token][dim]`;
-// the host passes this layer's four pool base pointers. Storage types: f32, f16, bf16
-// (16-bit types as raw `unsigned short`); every accumulation is f32.
+// the host passes this layer's four pool base pointers (Params.paging). Storage types:
+// f32, f16, bf16 (16-bit types as raw `unsigned short`); every accumulation is f32.
 //
-// A layer run is a fixed sequence of launches on the caller's stream:
-//   append       new K/V rows into their pages, the step's copy-on-write copies and its
-//                finished compressed tokens, every phi, in one launch: none depends on
-//                another (grid: (2*tokens + 2*seqs) x HKV x 2, roles by block index)
-//   then, per wave of up to `wave_rows` query rows:
-//   cmp_partial  compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
-//   select       combine split max/sum, Eq. 9 block scores summed over the group, top-n
-//                per chunk of blocks (rows x HKV x sel_chunks), merged by the last chunk
-//   sw_partial   selected blocks and window chunks, one block per unit (rows x HKV x units)
-//   combine      merge every partial, gated sum, store (rows x HQ)
+// A layer run is a fixed sequence of launches on the caller's stream (src/cuda/launch.rs):
+//   append        new K/V rows into their pages, the step's copy-on-write copies and its
+//                 finished compressed tokens, every phi, in one launch: none depends on
+//                 another (grid: (2*tokens + 2*seqs) x HKV x 2, roles by block index)
+//   then, per wave of query rows (the workspace holds one wave's hand-over buffers):
+//   cmp_partial   compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
+//   select_blocks combine split max/sum, Eq. 9 block scores summed over the group, top-n
+//                 per chunk of blocks (rows x HKV x sel_chunks), merged by the last chunk
+//   sw_partial    selected blocks and window chunks, one block per unit (rows x HKV x units)
+//   combine       merge every partial, gated sum, store (rows x HQ / comb_heads)
 // (an append-only run stops after append). cmp_mma / sw_mma replace cmp_partial /
 // sw_partial on tensor cores (bf16/f16, DK and DV multiples of 16); a unit of sw_mma holds
-// `spb` selected blocks or sel_block * spb window keys. nsplit_c, units_s, units_w and spb are
-// per launch (the host picks them from the row count). The full-attention baseline is
-// full_partial | full_mma (rows x HKV x nsplit) then full_combine (rows x HQ).
-// Lengths and positions are read from the uploaded plan (device side); grid shapes depend
-// only on the step's token and sequence counts, so a decode step is graph-capturable.
-// All heads of a GQA group share each K/V load (a block owns one KV head).
+// `spb` selected blocks or sel_block * spb window keys. Params.launch (nsplit_c, units_s,
+// units_w, spb, ...) is per launch (the host picks it from the row count). The
+// full-attention baseline is full_partial | full_mma (rows x HKV x nsplit) then
+// full_combine (rows x HQ). Lengths and positions are read from the uploaded step (device
+// side); grid shapes depend only on the step's token and sequence counts, so a decode
+// step is graph-capturable. All heads of a GQA group share each K/V load (a block owns one
+// KV head). Offsets into pools and activations are computed in 64-bit (usize).
 
 #include "common.cuh"
 #include "ptx.cuh"

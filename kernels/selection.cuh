@@ -42,6 +42,7 @@ __device__ void select_blocks(const Params& p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int t = ((const int2*)p.step.rows)[r].y;
     const int nc = num_cmp(p, t + 1);
+    // Eq. 9's alpha and beta: strides per compressed block and per selection block.
     const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride, n = p.shape.sel_count;
     const int nblk = t / p.shape.sel_block + 1, b = nblk - 1;
     const int cb = max(NSA_SEL_CHUNK, (nblk + p.launch.sel_chunks - 1) / p.launch.sel_chunks);

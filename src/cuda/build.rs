@@ -89,10 +89,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // Compress: a row and an accumulator, then the MLP's hidden units or l row pointers.
     let hidden = if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 };
     let compress = 4 * (2 * dk.max(dv) + hidden.max(2 * cfg.cmp_block as usize));
-    // Selection: the chunk phase's floats, or the merge phase's candidate lists.
-    let (a_cmp, b_sel) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    // Selection: the chunk phase's floats, or the merge phase's candidate lists. Strides per
+    // compressed block and per selection block (Eq. 9's alpha and beta, `A` and `B` there).
+    let (cmp_block_strides, sel_block_strides) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
     let n = cfg.sel_count as usize;
-    let selection = (4 * (2 * g + SEL_CHUNK as usize * (b_sel + 1) + a_cmp)).max(dl.sel_chunks as usize * (n * 8 + 4) + 4 * n);
+    let selection = (4 * (2 * g + SEL_CHUNK as usize * (sel_block_strides + 1) + cmp_block_strides)).max(dl.sel_chunks as usize * (n * 8 + 4) + 4 * n);
     // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
     // parts' sums (only with one head per block, parts * DV <= its threads).
     let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;

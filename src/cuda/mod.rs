@@ -38,32 +38,11 @@
 //! (upload_step stays outside: it writes host staging buffers and issues copies from
 //! them). [`CudaBackend::attend_full`] is the full-attention baseline over the same cache.
 
-#[cfg(feature = "cuda")]
-mod backend;
-#[cfg(feature = "cuda")]
-mod build;
-#[cfg(feature = "cuda")]
-mod compile;
-#[cfg(feature = "cuda")]
-mod consts;
-#[cfg(feature = "cuda")]
-mod device;
-#[cfg(feature = "cuda")]
-mod driver;
-#[cfg(feature = "cuda")]
-mod kernel;
-#[cfg(feature = "cuda")]
-mod launch;
-#[cfg(feature = "cuda")]
-mod params;
-#[cfg(feature = "cuda")]
-mod staging;
-#[cfg(feature = "cuda")]
-mod tensor_map;
-#[cfg(feature = "cuda")]
-mod upload;
-#[cfg(feature = "cuda")]
-mod workspace;
+/// The backend's files, compiled only with the `cuda` feature.
+macro_rules! cuda_modules {
+    ($($m:ident),*) => { $( #[cfg(feature = "cuda")] mod $m; )* };
+}
+cuda_modules!(backend, build, compile, consts, device, driver, kernel, launch, params, staging, tensor_map, upload, workspace);
 #[cfg(not(feature = "cuda"))]
 mod stub;
 

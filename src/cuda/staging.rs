@@ -6,7 +6,10 @@
 //! Asynchronous copies read the host buffer when the stream gets to them, so a buffer may
 //! be rewritten only after its last copies ran: two buffers alternate, each with an event
 //! recorded after its copies, waited on before the buffer is written again (normally long
-//! done: it was two steps ago). Allocated once at backend creation; nothing per step.
+//! done: it was two steps ago). [`issue_copies`] records that event after the copies that
+//! were enqueued even when a later one fails to enqueue (and, if the event cannot be
+//! recorded, waits for the stream or makes the next reuse wait for the context).
+//! Allocated once at backend creation; nothing per step.
 
 use cudarc::driver::sys;
 
