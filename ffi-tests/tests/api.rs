@@ -113,6 +113,14 @@ fn cuda_entry_points_answer_without_cuda() {
     let st = unsafe { (a.cuda_backend_create)(&cfg, std::ptr::null(), 256, 1 << 30, &mut out) };
     assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
     assert!(out.is_null(), "handle written on failure");
+    // Options are read before the backend is made: a bad struct_size is reported as such.
+    let mut opts = nsa_cuda_options_t { struct_size: 0, device_ordinal: 1, cache_dir: std::ptr::null() };
+    let st = unsafe { (a.cuda_backend_create)(&cfg, &opts, 256, 1 << 30, &mut out) };
+    assert_eq!(st, NSA_STATUS_BAD_STRUCT_SIZE, "{}", last_error());
+    opts.struct_size = std::mem::size_of::<nsa_cuda_options_t>() as u32;
+    let st = unsafe { (a.cuda_backend_create)(&cfg, &opts, 256, 1 << 30, &mut out) };
+    assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
+    assert!(out.is_null(), "handle written on failure");
     unsafe { (a.cuda_backend_destroy)(std::ptr::null_mut()) }; // NULL is ignored
     println!("no CUDA: {why}");
 }
