@@ -58,7 +58,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int stage_elems = NSA_MMA_KEYS * (KS + VS);
     u16* q_s = (u16*)smem;
     unsigned long long* bars = (unsigned long long*)(q_s + 16 * QS);
-    u16* stg = q_s + 16 * QS + 64;  // 128 bytes of mbarriers
+    u16* stg = q_s + 16 * QS + NSA_MMA_WARPS * NSA_MMA_MAX_STAGES * 4;  // the mbarriers, 8 bytes each (MBAR_BYTES)
     if (tma) stg = (u16*)smem + ((smem_u32(stg) + 1023u & ~1023u) - smem_u32(smem)) / 2;  // box alignment
     const int S = p.launch.nstage;
     u16* my = stg + warp * S * stage_elems;

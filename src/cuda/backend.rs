@@ -2,9 +2,6 @@
 //! per-step upload (`upload.rs`) and the launches (`launch.rs`) are methods of
 //! [`CudaBackend`] defined in those files; this file holds its state and public methods.
 
-// `CUstream` is an opaque driver handle passed through to the driver, never dereferenced here.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
-
 use cudarc::driver::sys;
 
 use super::build;

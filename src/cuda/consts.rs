@@ -32,6 +32,13 @@ pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
 /// Keys per split of the compressed and full branches, at least.
 pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
 
+// What the kernels assume of these, checked at compile time: masks of power-of-two
+// alignments, the tensor-core block within the launch bound, a warp per 32 threads.
+const _: () = {
+    assert!(WINDOW_ALIGN.is_power_of_two() && MMA_KEYS.is_power_of_two());
+    assert!(MMA_WARPS * 32 <= NT_WIDE && NT_ATT % 32 == 0);
+};
+
 /// Every constant above the kernels read, with its name there.
 const DEFINES: &[(&str, u64)] = &[
     ("NSA_TK", TK as u64),
@@ -66,13 +73,5 @@ mod tests {
         for (name, _) in DEFINES {
             assert!(common.contains(&format!("#ifndef {name}\n")), "kernels/common.cuh does not check {name}");
         }
-    }
-
-    #[test]
-    fn shapes_agree() {
-        assert_eq!(MBAR_BYTES, 128);
-        assert!(WINDOW_ALIGN.is_power_of_two() && MMA_KEYS.is_power_of_two());
-        assert_eq!(NT_ATT, 4 * 32);
-        assert!(MMA_WARPS * 32 <= NT_WIDE);
     }
 }

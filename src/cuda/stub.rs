@@ -3,9 +3,6 @@
 //! the methods of a backend can never be reached; they exist so that callers (the C ABI)
 //! compile the same way in both builds.
 
-// `CUstream` is an opaque driver handle, never dereferenced.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
-
 use super::{CudaOptions, DeviceInfo, DeviceLayerIo};
 use crate::cache::Cache;
 use crate::config::Config;

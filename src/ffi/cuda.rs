@@ -255,7 +255,7 @@ pub unsafe extern "C" fn nsa_cuda_run_layer(
             ("io->phi_k_len", io.phi_k, io.phi_k_len, cfg.phi_weight_len(cfg.head_dim_qk)),
             ("io->phi_v_len", io.phi_v, io.phi_v_len, cfg.phi_weight_len(cfg.head_dim_v)),
         ] {
-            if len != want as usize || (want > 0 && p.is_null()) {
+            if len != want || (want > 0 && p.is_null()) {
                 return Err(NsaError::arg(arg, len, format!("phi {} needs {want} f32 weights at a non-zero device pointer", cfg.phi.name())).into());
             }
         }
