@@ -54,6 +54,7 @@ struct StepPlan {
 // selected blocks, the selection's per-chunk candidates and counters, split partials.
 struct Workspace {
     u64 logits, sel, cand, count, part_ml, part_acc;
+    u64 pf_sel;  // prefill: selected blocks per step row [rows][HKV][sel_count] (io.selected absent)
     int max_cmp;
 };
 
@@ -104,6 +105,9 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #endif
 #ifndef NSA_WINDOW_ALIGN
 #error "NSA_WINDOW_ALIGN is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_PF_KEYS
+#error "NSA_PF_KEYS is passed by the host (src/cuda/consts.rs)"
 #endif
 #ifndef NSA_SPLIT_MIN_KEYS
 #error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"

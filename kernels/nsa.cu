@@ -20,6 +20,9 @@
 //   selected.cuh    selected blocks + window (sw_partial, sw_mma)
 //   combine.cuh     gated combine of the partials
 //   full.cuh        full causal attention, the in-repo baseline
+//   wgmma.cuh       warpgroup MMA (sm_90a): matrix descriptors, swizzled tiles
+//   prefill.cuh     the prefill path: pf_cmp (compressed branch + selection) and pf_sw
+//                   (selected + window + gated combine) over tiles of positions x heads
 //
 // Pool layout (same as the CPU backend): per layer `[pool][page][kv_head][token][dim]`;
 // the host passes this layer's four pool base pointers (Params.paging). Storage types:
@@ -55,6 +58,8 @@
 #include "selected.cuh"
 #include "combine.cuh"
 #include "full.cuh"
+#include "wgmma.cuh"
+#include "prefill.cuh"
 
 // ---------------------------------------------------------------- entry points
 
@@ -89,3 +94,24 @@ NSA_ALL(EBF16, bf16)
 
 NSA_MMA_ALL(EF16, f16)
 NSA_MMA_ALL(EBF16, bf16)
+
+// Prefill path (src/cuda/prefill.rs picks it for steps with prefill chunks):
+// nsa_pf_{cmp,sw}_{mma,wg}_{bf16,f16}_{DK}_{DV}. `mma` (MmaSync, any sm_80+) or `wg`
+// (Wgmma, sm_90a: elsewhere its body compiles to nothing and the host never picks it);
+// two copy stages of 64-key tiles (three measured no faster, docs/PREFILL_NOTES.md).
+#define PF_ENTRY(E, suffix, DK, DV, M, mname)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_cmp_##mname##_##suffix##_##DK##_##DV(const Params p) { \
+        pf_cmp<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                 \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sw_##mname##_##suffix##_##DK##_##DV(const Params p) {  \
+        pf_sw<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                  \
+    }
+#define PF_SHAPES(E, suffix, M, mname)      \
+    PF_ENTRY(E, suffix, 64, 64, M, mname)   \
+    PF_ENTRY(E, suffix, 128, 128, M, mname) \
+    PF_ENTRY(E, suffix, 192, 128, M, mname)
+
+PF_SHAPES(EBF16, bf16, MmaSync, mma)
+PF_SHAPES(EBF16, bf16, Wgmma, wg)
+PF_SHAPES(EF16, f16, MmaSync, mma)
+PF_SHAPES(EF16, f16, Wgmma, wg)

@@ -8,6 +8,7 @@ use super::build;
 use super::device::probe;
 use super::driver::{self, stream_sync, CtxGuard, CUstream, DeviceBuf};
 use super::kernel::Kernels;
+use super::prefill::PrefillPlan;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
 use super::workspace::DevLayout;
@@ -37,6 +38,8 @@ pub struct CudaBackend {
     pub(super) mma_per_sm: u32,
     /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`).
     pub(super) tma: bool,
+    /// The prefill kernels' shape, when prefill steps go through them (`prefill.rs`).
+    pub(super) prefill: Option<PrefillPlan>,
     /// Page-locked host mirrors of the uploaded regions (`None` only while dropping).
     pub(super) staging: Option<Staging>,
     /// The plan last uploaded (capacity `max_step_seqs`, never grows).
@@ -140,6 +143,7 @@ impl CudaBackend {
             mma: plan.mma,
             mma_per_sm,
             tma: plan.tma,
+            prefill: plan.prefill,
             staging: Some(staging),
             uploaded: Vec::with_capacity(cfg.max_step_seqs as usize),
             uploaded_tokens: 0,
@@ -176,6 +180,16 @@ impl CudaBackend {
     /// multiples of 16 and DV <= 256; `NSA_CUDA_SCALAR=1` at creation turns them off).
     pub fn uses_tensor_cores(&self) -> bool {
         self.mma
+    }
+
+    /// Whether steps with prefill chunks (a sequence appending at least 64 tokens) go
+    /// through the tensor-core prefill kernels: bf16/f16, (DK, DV) of (64, 64), (128, 128)
+    /// or (192, 128), a power-of-two group of at most 16 heads, page_size and sel_block
+    /// multiples of 64, sel_count <= 32, and the block scores of a longest sequence fit in
+    /// shared memory (`NSA_CUDA_NO_PREFILL=1` at creation turns them off). Otherwise every
+    /// step runs on the decode kernels.
+    pub fn uses_prefill_kernels(&self) -> bool {
+        self.prefill.is_some()
     }
 
     /// Copies the planned step (its sequences, copy-on-write copies, per-token positions,

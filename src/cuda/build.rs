@@ -12,6 +12,7 @@ use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_WIDE, SE
 use super::DeviceInfo;
 use super::driver::{self, check};
 use super::kernel::{Kernel, Kernels, SharedMem};
+use super::prefill::{self, PrefillPlan};
 use super::tensor_map;
 use super::workspace::DevLayout;
 use super::CudaOptions;
@@ -62,6 +63,8 @@ pub(crate) struct Plan {
     pub tma: bool,
     /// The most pipeline stages whose shared memory fits.
     pub stages_fit: usize,
+    /// The prefill kernels' shape, when the config and device can use them (`prefill.rs`).
+    pub prefill: Option<PrefillPlan>,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -123,21 +126,24 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // The tensor-core kernels may use up to MMA_MAX_STAGES stages (the attribute is set
     // for the most that fits); the count is picked by occupancy once loaded.
     let stages_fit = (2..=MMA_MAX_STAGES as usize).filter(|&s| smem_tensor_core(cfg, tma, s) <= optin).max().unwrap_or(2);
+    let prefill = prefill::plan(cfg, info.compute_capability, optin);
     let smem = SharedMem {
         compress: compress as u32,
         attention: att(hc) as u32,
         selection: selection as u32,
         combine: combine as u32,
         tensor_core: if mma { smem_tensor_core(cfg, tma, stages_fit) as u32 } else { 0 },
+        pf_cmp: prefill.map_or(0, |p| p.smem_cmp),
+        pf_sw: prefill.map_or(0, |p| p.smem_sw),
     };
-    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit })
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill })
 }
 
 /// The CUBIN for the device (compiled or from the caches) loaded into the current context.
 pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOptions) -> Result<Kernels> {
     let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
     let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
-    Kernels::load(&bin, cfg.dtype, cfg.head_dim_v, plan.mma, &plan.smem)
+    Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.prefill.as_ref(), &plan.smem)
 }
 
 /// Pipeline depth of the tensor-core kernels: the most stages that keep as many blocks

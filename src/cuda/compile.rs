@@ -29,6 +29,8 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("selected.cuh", include_str!("../../kernels/selected.cuh")),
     ("combine.cuh", include_str!("../../kernels/combine.cuh")),
     ("full.cuh", include_str!("../../kernels/full.cuh")),
+    ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
+    ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
 ];
 
 /// The text of kernel file `name` (one of [`KERNEL_FILES`]).

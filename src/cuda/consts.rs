@@ -31,6 +31,9 @@ pub(crate) const SEL_CHUNK: u32 = 64;
 pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
 /// Keys per split of the compressed and full branches, at least.
 pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
+/// Keys per tile of the prefill kernels: one contiguous run of one page (page_size and
+/// sel_block must be multiples of it for the prefill path).
+pub(crate) const PF_KEYS: u32 = 64;
 
 // What the kernels assume of these, checked at compile time: masks of power-of-two
 // alignments, the tensor-core block within the launch bound, a warp per 32 threads.
@@ -51,6 +54,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_SEL_CHUNK", SEL_CHUNK as u64),
     ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
+    ("NSA_PF_KEYS", PF_KEYS as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

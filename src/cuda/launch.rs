@@ -70,6 +70,14 @@ impl CudaBackend {
             if append_only {
                 return Ok(());
             }
+            // Steps with prefill chunks: two launches over tiles of positions x heads (q
+            // read in 16-byte granules, so it must be 16-byte aligned).
+            if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
+                let tiles = pf.tiles(&cfg, step.seqs);
+                k.launch(Kernel::PfCmp, (tiles, hkv, 1), &p, stream)?;
+                k.launch(Kernel::PfSw, (tiles, hkv, 1), &p, stream)?;
+                return Ok(());
+            }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
             let mut row0 = 0u32;
             while row0 < tokens {

@@ -96,6 +96,9 @@ pub(crate) struct Workspace {
     /// Split partials: (m, l) and the accumulators per (wave row, query head, unit).
     pub part_ml: u64,
     pub part_acc: u64,
+    /// Prefill path: selected blocks per step row and KV head, `sel_count` each, where the
+    /// caller passes no `selected` (0 when the config cannot use the path).
+    pub pf_sel: u64,
     pub max_cmp: i32,
 }
 
@@ -192,6 +195,7 @@ impl Params {
                 count: at(dl.count.off),
                 part_ml: at(dl.part_ml.off),
                 part_acc: at(dl.part_acc.off),
+                pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
                 max_cmp: dl.max_cmp as i32,
             },
             launch: Launch {
@@ -232,15 +236,15 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float; 5 pointers; 6 pointers + an int (+ 4); 10 ints.
+        // float; 5 pointers; 7 pointers + an int (+ 4); 10 ints.
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 16 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
-        assert_eq!(size_of::<Workspace>(), 6 * 8 + 8);
+        assert_eq!(size_of::<Workspace>(), 7 * 8 + 8);
         assert_eq!(size_of::<Launch>(), 10 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 56 + 40);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 64 + 40);
         assert_eq!(align_of::<Params>(), 8);
     }
 }

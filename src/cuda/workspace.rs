@@ -44,6 +44,8 @@ pub(crate) struct DevLayout {
     pub tmaps: Reg,
     pub part_ml: Reg,
     pub part_acc: Reg,
+    /// Prefill path: the selection of every step row (empty when the config cannot use it).
+    pub pf_sel: Reg,
     pub total: usize,
     pub wave_rows: u32,
     pub max_cmp: u32,
@@ -102,6 +104,8 @@ impl DevLayout {
         let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
         let part_ml = b.take(&[w, hq, units, 8])?;
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
+        let pf_rows = if super::prefill::supported(cfg) { u(cfg.max_step_tokens) } else { 0 };
+        let pf_sel = b.take(&[pf_rows, hkv, u(cfg.sel_count), 4])?;
         let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
         if total > isize::MAX as usize {
             return Err(too_big());
@@ -122,6 +126,7 @@ impl DevLayout {
             tmaps,
             part_ml,
             part_acc,
+            pf_sel,
             total,
             wave_rows,
             max_cmp,
@@ -157,11 +162,13 @@ mod tests {
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.meta, dl.rows, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc];
+                let regs = [dl.pools, dl.meta, dl.rows, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
-                assert!(dl.part_acc.off + dl.part_acc.bytes <= dl.total);
+                assert!(dl.pf_sel.off + dl.pf_sel.bytes <= dl.total);
+                // The prefill path's selection holds every row of a step.
+                assert_eq!(dl.pf_sel.bytes, (c.max_step_tokens * c.num_kv_heads * c.sel_count) as usize * 4);
             }
         }
     }

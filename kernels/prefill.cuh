@@ -1,5 +1,5 @@
-// Prefill kernels: NSA over tiles of consecutive query positions of one sequence, on
-// tensor cores (mma.sync m16n8k16, bf16/f16 storage, f32 accumulation).
+// Prefill attention: NSA over tiles of consecutive query positions of one sequence, on
+// tensor cores (bf16/f16 storage, f32 accumulation).
 //
 // Why a path of its own: a decode row shares no K/V load with its neighbours, but in a
 // prefill chunk consecutive positions read almost the same keys (the same compressed
@@ -8,7 +8,9 @@
 // matrix M dimension (16 rows per warp, PW = 16 / G positions per warp) and every K/V tile
 // it loads into shared memory serves all of them.
 //
-// Two launches per layer, grid (tiles, HKV), after the step's append launch:
+// Two launches per layer, grid (tiles, HKV), after the step's append launch (a tile is
+// up to `warps * 16 / G` consecutive positions of one sequence of the step; the host counts
+// the tiles per sequence, the kernels find theirs in the uploaded plan):
 //   pf_cmp   compressed branch in two passes over the visible compressed tokens: pass 1
 //            keeps each row's running max and sum (log-sum-exp); pass 2 recomputes the
 //            logits, turns them into normalised probabilities p, accumulates P.V (so the
@@ -23,9 +25,10 @@
 //            a banded causal attention over the tile's key range. The gated combine is
 //            fused: out = out (compressed part) + g_slc * o_slc + g_win * o_win.
 //
-// Key tiles are PF_KT = 64 keys, one contiguous run of rows of one page (the host requires
-// page_size % 64 == 0 and sel_block % 64 == 0). Rows of a tile past the last visible key
-// are zero-filled by the copy, so stale pool rows never meet a zero probability (0 * NaN).
+// Key tiles are NSA_PF_KEYS = 64 keys, one contiguous run of rows of one page (the host
+// requires page_size and sel_block to be multiples of it). Rows of a tile past the last
+// visible key are zero-filled by the copy, so stale pool rows never meet a zero
+// probability (0 * NaN).
 //
 // The matrix products come from an MMA policy: `MmaSync` (mma.sync m16n8k16, any sm_80+;
 // each warp of 16 rows keeps Q in registers and reads K/V fragments with ldmatrix from
@@ -35,25 +38,50 @@
 // warp (warp w owns rows 16w..16w+15 of the block), so everything else is shared. The
 // unit of rows that multiply together (16 or 64) is what may skip a tile.
 
-#define PF_KT 64
+#ifndef NSA_PREFILL_CUH
+#define NSA_PREFILL_CUH
 
+#define PF_KT NSA_PF_KEYS
+
+// A block's tile: up to `tp` consecutive positions of one step sequence.
 struct PrefillTile {
     int seq;   // index of the sequence in the step (its page tables)
     int row0;  // first row of the tile in the step's q/out arrays
     int pos0;  // position of that row
-    int npos;  // positions in the tile (<= positions per block)
+    int npos;  // positions in the tile (0: past the step's last tile)
 };
 
-struct PrefillParams {
-    u64 q, gates, out, sel;              // [rows,HQ,DK], [rows,HQ,3] f32, [rows,HQ,DV], [rows,HKV,n] i32
-    u64 raw_k, raw_v, cmp_k, cmp_v;      // this layer's pools
-    u64 raw_tab, cmp_tab, tiles;         // [seqs,pps], [seqs,cpps] i32; [tiles] PrefillTile
-    int hq, hkv, g, page, pps, cpps;
-    int cmp_block, cmp_stride, sel_block, n_sel, n_init, n_local;
-    int window, nblk;                    // nblk: score slots per position in shared memory
-    float scale;
-    int v_lbo, v_sbo;                    // Wgmma: byte offsets of the V (MN-major) descriptor
-};
+// Tile `x` of the step: sequences in plan order, each cut into ceil(tokens / tp) tiles
+// (the host sizes the grid with the same count, `CudaBackend::prefill_tiles`).
+__device__ __forceinline__ PrefillTile pf_tile(const Params& p, int x, int tp) {
+    const PlanSeq* seqs = (const PlanSeq*)p.step.seqs;
+    const int n = ((const StepHeader*)p.step.header)->seqs;
+    PrefillTile t = {0, 0, 0, 0};
+    for (int i = 0; i < n; i++) {
+        PlanSeq s = seqs[i];
+        int tok = s.new_len - s.old_len, nt = (tok + tp - 1) / tp;
+        if (x < nt) {
+            t.seq = i;
+            t.row0 = s.row + x * tp;
+            t.pos0 = s.old_len + x * tp;
+            t.npos = min(tp, tok - x * tp);
+            return t;
+        }
+        x -= nt;
+    }
+    return t;
+}
+
+// Score slots per position in shared memory: every selection block of a longest sequence.
+__device__ __forceinline__ int pf_nblk(const Params& p) {
+    return p.paging.pages_per_seq * p.paging.page_size / p.shape.sel_block;
+}
+
+// Where the selection goes: the caller's `selected` when given, else the workspace's
+// per-row buffer ([rows, HKV, sel_count] i32 either way).
+__device__ __forceinline__ int* pf_sel(const Params& p) {
+    return (int*)(p.io.selected ? p.io.selected : p.ws.pf_sel);
+}
 
 // 2^x on the SFU (ex2.approx, flush-to-zero; 2^-inf = 0). The kernels keep softmax state
 // in the log2 domain (logit * scale * log2(e)) so that each probability is one FFMA and one
@@ -64,24 +92,15 @@ __device__ __forceinline__ float ex2f(float x) {
     return y;
 }
 
-__device__ __forceinline__ int pf_num_cmp(const PrefillParams& p, int len) {
-    return len < p.cmp_block ? 0 : (len - p.cmp_block) / p.cmp_stride + 1;
-}
-
-// Element offset of row `off` of head `kvh` in page `page` of a pool with head dim `d`.
-__device__ __forceinline__ usize pf_row(const PrefillParams& p, int page, int kvh, int off, int d) {
-    return (((usize)page * (usize)p.hkv + (usize)kvh) * (usize)p.page + (usize)off) * (usize)d;
-}
-
 // Copies keys [k0, k0 + 64) of a paged pool (rows of D 16-bit elements; `page` holds them,
 // looked up ahead of time: a dependent page-table load here would stall every copy) with
 // cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8
 // elements. Rows at or past `kend` are zero-filled. All threads of the block call it.
 template <int D, bool SW>
-__device__ __forceinline__ void pf_load_tile(const PrefillParams& p, unsigned dst, const u16* pool, int page,
+__device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, const u16* pool, int page,
                                              int kvh, int k0, int kend) {
     constexpr int CPR = D / 8;
-    const u16* src = pool + pf_row(p, page, kvh, k0 % p.page, D);
+    const u16* src = pool + row_at(p, page, kvh, k0 % p.paging.page_size, D);
     const bool full = k0 + PF_KT <= kend;
     auto one = [&](int r, int c) {
         bool ok = full || k0 + r < kend;
@@ -99,11 +118,12 @@ __device__ __forceinline__ void pf_load_tile(const PrefillParams& p, unsigned ds
 
 // Row r of the block is position r / G of the tile, head r % G of the group: the 16-byte
 // granule c of that row of q, or zeros past the tile.
-__device__ __forceinline__ uint4 pf_q_granule(const PrefillParams& p, const PrefillTile& tl, int kvh, int r, int c,
+__device__ __forceinline__ uint4 pf_q_granule(const Params& p, const PrefillTile& tl, int kvh, int r, int c,
                                               int dk) {
-    int po = r / p.g, h = r - po * p.g;
+    const int G = p.shape.group_size;
+    int po = r / G, h = r - po * G;
     if (po >= tl.npos) return make_uint4(0, 0, 0, 0);
-    return *(const uint4*)((const u16*)p.q + ((usize)(tl.row0 + po) * p.hq + kvh * p.g + h) * dk + c * 8);
+    return *(const uint4*)((const u16*)p.io.q + ((usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * G + h) * dk + c * 8);
 }
 
 // mma.sync m16n8k16 (sm_80+): Q in registers, K/V fragments by ldmatrix from padded tiles.
@@ -117,7 +137,7 @@ struct MmaSync {
     unsigned qf[DK / 16][4];
 
     // `q_at`: the block's Q region (unused), `stage`: the K/V stages (free at this point).
-    __device__ void load_q(const PrefillParams& p, const PrefillTile& tl, int kvh, unsigned, unsigned char* stage) {
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned, unsigned char* stage) {
         constexpr int CPR = DK / 8, S = DK + 8;
         const int rows = blockDim.x / 2;
         u16* st = (u16*)stage;
@@ -154,7 +174,7 @@ struct MmaSync {
     }
 
     // O += P V for one 64-key tile at shared address `vt`; P in the S accumulator layout.
-    __device__ void pv(const PrefillParams&, const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
+    __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
         constexpr int S = DV + 8;
         const int lane = threadIdx.x & 31;
         const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
@@ -189,7 +209,7 @@ struct Wgmma {
     unsigned qaddr;
     int rows;
 
-    __device__ void load_q(const PrefillParams& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr) {
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr) {
         constexpr int CPR = DK / 8;
         rows = blockDim.x / 2;
         qaddr = q_at;
@@ -197,7 +217,7 @@ struct Wgmma {
             int r = e / CPR, c = e - r * CPR;
             *(uint4*)(q_ptr + sw128_off(r, c, rows)) = pf_q_granule(p, tl, kvh, r, c, DK);
         }
-        fence_proxy_async();
+        fence_async_smem();
         __syncthreads();
     }
 
@@ -217,7 +237,7 @@ struct Wgmma {
         wg_wait<0>();
     }
 
-    __device__ void pv(const PrefillParams& p, const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
+    __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
         unsigned a[4][4];
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
@@ -229,7 +249,8 @@ struct Wgmma {
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
-            u64 db = wg_desc(vt + ks * 16 * 128, p.v_lbo, p.v_sbo);
+            // V is MN-major: 8-key groups 1024 bytes apart, 64-column chunks a tile apart.
+            u64 db = wg_desc(vt + ks * 16 * 128, PF_KT * 128, 1024);
             if constexpr (DV == 128)
                 wg_rs_m64n128k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);
             else
@@ -430,37 +451,38 @@ __device__ void pf_top_n_reg(const float* sc, int b, int n, int* dst) {
 // stages [NS] | V stages [NS] | psum [warps*PW][64] f32 | scores [warps*PW][nblk] f32 |
 // page of each compressed key tile [nblk] i32.
 template <class E, int DK, int DV, int NS, class M>
-__device__ void pf_cmp(const PrefillParams& p) {
+__device__ void pf_cmp(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const PrefillTile tl = ((const PrefillTile*)p.tiles)[blockIdx.x];
-    const int kvh = blockIdx.y, G = p.g, PW = 16 / G;
+    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
+    const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
+    if (tl.npos == 0) return;
     unsigned char* base = pf_base(pf_smem);
     const unsigned qs = smem_u32(base);
     const unsigned ks = qs + M::q_bytes(nw * 16);
     const unsigned vs = ks + NS * M::KTILE;
     float* ps = (float*)(base + (vs - qs) + NS * M::VTILE);
     float* sc = ps + nw * PW * PF_KT;
-    int* pg = (int*)(sc + nw * PW * p.nblk);  // page of each compressed key tile
+    int* pg = (int*)(sc + nw * PW * nblk);  // page of each compressed key tile
 
     M m;
     m.load_q(p, tl, kvh, qs, M::q_bytes(nw * 16) ? base : base + (ks - qs));
 
     // The lane's two rows: positions, visible compressed counts.
     const int poA = (warp * 16 + g) / G, poB = (warp * 16 + g + 8) / G;
-    const int ncA = poA < tl.npos ? pf_num_cmp(p, tl.pos0 + poA + 1) : 0;
-    const int ncB = poB < tl.npos ? pf_num_cmp(p, tl.pos0 + poB + 1) : 0;
-    const int nc_max = pf_num_cmp(p, tl.pos0 + tl.npos);
+    const int ncA = poA < tl.npos ? num_cmp(p, tl.pos0 + poA + 1) : 0;
+    const int ncB = poB < tl.npos ? num_cmp(p, tl.pos0 + poB + 1) : 0;
+    const int nc_max = num_cmp(p, tl.pos0 + tl.npos);
     const int ntl = (nc_max + PF_KT - 1) / PF_KT;
-    const int* ctab = (const int*)p.cmp_tab + (usize)tl.seq * p.cpps;
-    const u16* ck = (const u16*)p.cmp_k;
-    const u16* cv = (const u16*)p.cmp_v;
-    for (int i = threadIdx.x; i < ntl; i += blockDim.x) pg[i] = ctab[i * PF_KT / p.page];
+    const int* ctab = (const int*)p.paging.cmp_tab + (usize)tl.seq * p.paging.cmp_pages_per_seq;
+    const u16* ck = (const u16*)p.paging.cmp_k;
+    const u16* cv = (const u16*)p.paging.cmp_v;
+    for (int i = threadIdx.x; i < ntl; i += blockDim.x) pg[i] = ctab[i * PF_KT / p.paging.page_size];
     __syncthreads();
 
     // Pass 1: running max (raw logits) and sum of every row's probabilities.
-    const float sl2 = p.scale * 1.4426950408889634f;
+    const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     for (int st = 0; st < NS - 1; st++) {
         if (st < ntl) pf_load_tile<DK, M::SW>(p, ks + st * M::KTILE, ck, pg[st], kvh, st * PF_KT, nc_max);
@@ -471,7 +493,7 @@ __device__ void pf_cmp(const PrefillParams& p) {
         if (nx < ntl) pf_load_tile<DK, M::SW>(p, ks + (nx % NS) * M::KTILE, ck, pg[nx], kvh, nx * PF_KT, nc_max);
         cp_commit();
         cp_wait<NS - 1>();
-        fence_proxy_async();
+        fence_async_smem();
         __syncthreads();
         float s[8][4];
         m.qk(ks + (kt % NS) * M::KTILE, s);
@@ -519,13 +541,13 @@ __device__ void pf_cmp(const PrefillParams& p) {
     const float lseB = lB > 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
 
     // Pass 2: normalised probabilities -> P.V and the block scores.
-    const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.sel_block + 1;
+    const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
     for (int e = threadIdx.x; e < nw * PW * nblk_tile; e += blockDim.x) {
         int po = e / nblk_tile, j = e - po * nblk_tile;
-        sc[po * p.nblk + j] = 0.f;
+        sc[po * nblk + j] = 0.f;
     }
     __syncthreads();
-    const int A = p.cmp_block / p.cmp_stride, B = p.sel_block / p.cmp_stride;
+    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
     float o[DV / 8][4];
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -545,7 +567,7 @@ __device__ void pf_cmp(const PrefillParams& p) {
         }
         cp_commit();
         cp_wait<NS - 1>();
-        fence_proxy_async();
+        fence_async_smem();
         __syncthreads();
         float s[8][4];
         m.qk(ks + (kt % NS) * M::KTILE, s);
@@ -566,7 +588,7 @@ __device__ void pf_cmp(const PrefillParams& p) {
                     if (i >= ncB) s[n][2 + e] = 0.f;
                 }
         }
-        m.pv(p, s, vs + (kt % NS) * M::VTILE, o);
+        m.pv(s, vs + (kt % NS) * M::VTILE, o);
         // Sum p over each position's heads: rows of one position differ in the low
         // log2(G) bits of the row (lane bits 2.. for g; rows g and g + 8 when G = 16).
         if (G == 16) {
@@ -628,18 +650,18 @@ __device__ void pf_cmp(const PrefillParams& p) {
                 int i = first + k;
                 if (i >= i0 && i < i0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - i0];
             }
-            sc[po * p.nblk + j] += acc;
+            sc[po * nblk + j] += acc;
         }
         __syncwarp();
         __syncthreads();
     }
     // Gated compressed output.
     {
-        const float* gates = (const float*)p.gates;
-        typename E::T* out = (typename E::T*)p.out;
+        const float* gates = (const float*)p.io.gates;
+        typename E::T* out = (typename E::T*)p.io.out;
         const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
         if (poA < tl.npos) {
-            usize r = (usize)(tl.row0 + poA) * p.hq + kvh * G + hA;
+            usize r = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
             float gt = gates[r * 3];
 #pragma unroll
             for (int d = 0; d < DV / 8; d++) {
@@ -649,7 +671,7 @@ __device__ void pf_cmp(const PrefillParams& p) {
             }
         }
         if (poB < tl.npos) {
-            usize r = (usize)(tl.row0 + poB) * p.hq + kvh * G + hB;
+            usize r = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
             float gt = gates[r * 3];
 #pragma unroll
             for (int d = 0; d < DV / 8; d++) {
@@ -665,16 +687,16 @@ __device__ void pf_cmp(const PrefillParams& p) {
     for (int pw = 0; pw < PW; pw++) {
         int po = warp * PW + pw;
         if (po >= tl.npos) break;
-        int t = tl.pos0 + po, b = t / p.sel_block;
-        float* my = sc + po * p.nblk;
+        int t = tl.pos0 + po, b = t / p.shape.sel_block;
+        float* my = sc + po * nblk;
         for (int j = lane; j <= b; j += 32)
-            if (j < p.n_init || j > b - p.n_local) my[j] = POS_INF;
+            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
         __syncwarp();
-        int* dst = (int*)p.sel + ((usize)(tl.row0 + po) * p.hkv + kvh) * p.n_sel;
+        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
         if (b < 32 * PF_TOPN_REG)
-            pf_top_n_reg<PF_TOPN_REG>(my, b, p.n_sel, dst);
+            pf_top_n_reg<PF_TOPN_REG>(my, b, p.shape.sel_count, dst);
         else
-            pf_top_n(my, b, p.n_sel, dst);
+            pf_top_n(my, b, p.shape.sel_count, dst);
         __syncwarp();
     }
 }
@@ -684,20 +706,21 @@ __device__ void pf_cmp(const PrefillParams& p) {
 // (unless M::ACC_REGS) | block masks [nblk] u32 | union list [nblk] i32 |
 // page of each visited key tile [nblk * sel_block / 64 + window / 64 + 4] i32.
 template <class E, int DK, int DV, int NS, class M>
-__device__ void pf_sw(const PrefillParams& p) {
+__device__ void pf_sw(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const PrefillTile tl = ((const PrefillTile*)p.tiles)[blockIdx.x];
-    const int kvh = blockIdx.y, G = p.g;
+    const int kvh = blockIdx.y, G = p.shape.group_size, nblk = pf_nblk(p);
+    const PrefillTile tl = pf_tile(p, blockIdx.x, nw * 16 / G);
+    if (tl.npos == 0) return;
     unsigned char* base = pf_base(pf_smem);
     const unsigned qs = smem_u32(base);
     const unsigned ks = qs + M::q_bytes(nw * 16);
     const unsigned vs = ks + NS * M::KTILE;
     float* acc = (float*)(base + (vs - qs) + NS * M::VTILE);
     unsigned* bmask = (unsigned*)(acc + (M::ACC_REGS ? 0 : nw * (DV / 8) * 4 * 32));
-    int* ulist = (int*)(bmask + p.nblk);
-    int* tpage = ulist + p.nblk;  // page of every key tile the block visits, in order
+    int* ulist = (int*)(bmask + nblk);
+    int* tpage = ulist + nblk;  // page of every key tile the block visits, in order
     __shared__ int ucount;
 
     M m;
@@ -707,22 +730,22 @@ __device__ void pf_sw(const PrefillParams& p) {
     const bool okA = poA < tl.npos, okB = poB < tl.npos;
     const int tA = tl.pos0 + poA, tB = tl.pos0 + poB;
     const int last = tl.pos0 + tl.npos - 1;
-    const float sl2 = p.scale * 1.4426950408889634f;
+    const float sl2 = p.shape.scale * 1.4426950408889634f;
     // The unit of rows that multiply together (a warp or a warpgroup) and its positions.
     const int PU = M::UNIT / G, unit = warp / (M::UNIT / 16);
     const unsigned ubits = (PU >= 32 ? 0xffffffffu : ((1u << PU) - 1u)) << (unit * PU);
-    const int* rtab = (const int*)p.raw_tab + (usize)tl.seq * p.pps;
-    const u16* rk = (const u16*)p.raw_k;
-    const u16* rv = (const u16*)p.raw_v;
-    const int tpb = p.sel_block / PF_KT;  // key tiles per selection block
+    const int* rtab = (const int*)p.paging.raw_tab + (usize)tl.seq * p.paging.pages_per_seq;
+    const u16* rk = (const u16*)p.paging.raw_k;
+    const u16* rv = (const u16*)p.paging.raw_v;
+    const int tpb = p.shape.sel_block / PF_KT;  // key tiles per selection block
 
     // The union of the tile's selections, ascending, with a bit per position.
-    const int nblk_tile = last / p.sel_block + 1;
+    const int nblk_tile = last / p.shape.sel_block + 1;
     for (int j = threadIdx.x; j < nblk_tile; j += blockDim.x) bmask[j] = 0u;
     __syncthreads();
-    for (int e = threadIdx.x; e < tl.npos * p.n_sel; e += blockDim.x) {
-        int po = e / p.n_sel;
-        int j = ((const int*)p.sel)[((usize)(tl.row0 + po) * p.hkv + kvh) * p.n_sel + (e - po * p.n_sel)];
+    for (int e = threadIdx.x; e < tl.npos * p.shape.sel_count; e += blockDim.x) {
+        int po = e / p.shape.sel_count;
+        int j = (pf_sel(p))[((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count + (e - po * p.shape.sel_count)];
         if (j >= 0) atomicOr(&bmask[j], 1u << po);
     }
     __syncthreads();
@@ -746,14 +769,14 @@ __device__ void pf_sw(const PrefillParams& p) {
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
 
     // Window key tiles: [wlo, last], 64-aligned.
-    const int wlo = max(0, tl.pos0 - p.window + 1);
+    const int wlo = max(0, tl.pos0 - p.shape.window + 1);
     const int wt0 = wlo / PF_KT, wt1 = last / PF_KT;
     const int nwin = wt1 - wt0 + 1;
     const int total = nsel_tiles + nwin;
     auto tile_k0 = [&](int it) {
-        return it < nsel_tiles ? ulist[it / tpb] * p.sel_block + (it % tpb) * PF_KT : (wt0 + it - nsel_tiles) * PF_KT;
+        return it < nsel_tiles ? ulist[it / tpb] * p.shape.sel_block + (it % tpb) * PF_KT : (wt0 + it - nsel_tiles) * PF_KT;
     };
-    for (int it = threadIdx.x; it < total; it += blockDim.x) tpage[it] = rtab[tile_k0(it) / p.page];
+    for (int it = threadIdx.x; it < total; it += blockDim.x) tpage[it] = rtab[tile_k0(it) / p.paging.page_size];
     __syncthreads();
     auto load = [&](int it, int st) {
         int k0 = tile_k0(it);
@@ -761,10 +784,10 @@ __device__ void pf_sw(const PrefillParams& p) {
         pf_load_tile<DV, M::SW>(p, vs + st * M::VTILE, rv, tpage[it], kvh, k0, last + 1);
     };
     PfPartial<DV, M::ACC_REGS> part(acc + warp * (DV / 8) * 4 * 32 + lane);
-    const float* gates = (const float*)p.gates;
+    const float* gates = (const float*)p.io.gates;
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
-    const usize rA = (usize)(tl.row0 + poA) * p.hq + kvh * G + hA;
-    const usize rB = (usize)(tl.row0 + poB) * p.hq + kvh * G + hB;
+    const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
+    const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
 
     for (int st = 0; st < NS - 1; st++) {
         if (st < total) load(st, st);
@@ -779,7 +802,7 @@ __device__ void pf_sw(const PrefillParams& p) {
             lA += __shfl_xor_sync(0xffffffffu, lA, 2);
             lB += __shfl_xor_sync(0xffffffffu, lB, 1);
             lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-            const typename E::T* out = (const typename E::T*)p.out;
+            const typename E::T* out = (const typename E::T*)p.io.out;
             float fA = 0.f, fB = 0.f;
             if (okA && lA > 0.f) fA = gates[rA * 3 + 1] / lA;
             if (okB && lB > 0.f) fB = gates[rB * 3 + 1] / lB;
@@ -796,25 +819,25 @@ __device__ void pf_sw(const PrefillParams& p) {
             lA = lB = 0.f;
         }
         cp_wait<NS - 1>();
-        fence_proxy_async();
+        fence_async_smem();
         __syncthreads();
         const int k0 = tile_k0(it);
         bool work;
         unsigned bm = 0u;
         if (it < nsel_tiles) {
-            bm = bmask[k0 / p.sel_block];
+            bm = bmask[k0 / p.shape.sel_block];
             work = (bm & ubits) != 0u;
         } else {
             // Rows of this unit see keys [t - w + 1, t]: skip tiles outside every row's band.
             int tmin = tl.pos0 + unit * PU, tmax = min(tl.pos0 + unit * PU + PU - 1, last);
-            work = unit * PU < tl.npos && k0 <= tmax && k0 + PF_KT - 1 >= tmin - p.window + 1;
+            work = unit * PU < tl.npos && k0 <= tmax && k0 + PF_KT - 1 >= tmin - p.shape.window + 1;
         }
         if (work) {
             float s[8][4];
             m.qk(ks + (it % NS) * M::KTILE, s);
             const bool selA = it < nsel_tiles ? okA && ((bm >> poA) & 1u) : okA;
             const bool selB = it < nsel_tiles ? okB && ((bm >> poB) & 1u) : okB;
-            const int loA = it < nsel_tiles ? 0 : tA - p.window + 1, loB = it < nsel_tiles ? 0 : tB - p.window + 1;
+            const int loA = it < nsel_tiles ? 0 : tA - p.shape.window + 1, loB = it < nsel_tiles ? 0 : tB - p.shape.window + 1;
             const bool fullA = selA && k0 >= loA && k0 + PF_KT - 1 <= tA;
             const bool fullB = selB && k0 >= loB && k0 + PF_KT - 1 <= tB;
             if (!(fullA && fullB)) {  // masks only on tiles a row sees in part
@@ -828,7 +851,7 @@ __device__ void pf_sw(const PrefillParams& p) {
                     }
             }
             pf_online<DV>(s, sl2, mA, mB, lA, lB, o);
-            m.pv(p, s, vs + (it % NS) * M::VTILE, o);
+            m.pv(s, vs + (it % NS) * M::VTILE, o);
         }
         __syncthreads();
     }
@@ -839,7 +862,7 @@ __device__ void pf_sw(const PrefillParams& p) {
     lA += __shfl_xor_sync(0xffffffffu, lA, 2);
     lB += __shfl_xor_sync(0xffffffffu, lB, 1);
     lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    typename E::T* out = (typename E::T*)p.out;
+    typename E::T* out = (typename E::T*)p.io.out;
     float fA = 0.f, fB = 0.f;
     if (okA && lA > 0.f) fA = gates[rA * 3 + 2] / lA;
     if (okB && lB > 0.f) fB = gates[rB * 3 + 2] / lB;
@@ -857,26 +880,4 @@ __device__ void pf_sw(const PrefillParams& p) {
     }
 }
 
-// Entry points nsa_pf_{cmp,sw}_{mma,wg}_{bf16,f16}_{DK}_{DV}_s{NS}: the MMA policy (MmaSync
-// on any sm_80+, Wgmma on sm_90a only: elsewhere its body compiles to nothing and the host
-// never picks it), NS copy stages of 64-key tiles.
-#define PF_ENTRY(E, suffix, DK, DV, NS, M, mname)                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                 \
-        nsa_pf_cmp_##mname##_##suffix##_##DK##_##DV##_s##NS(const PrefillParams p) {                    \
-        pf_cmp<E, DK, DV, NS, M<E, DK, DV>>(p);                                                          \
-    }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                 \
-        nsa_pf_sw_##mname##_##suffix##_##DK##_##DV##_s##NS(const PrefillParams p) {                     \
-        pf_sw<E, DK, DV, NS, M<E, DK, DV>>(p);                                                           \
-    }
-#define PF_SHAPES(E, suffix, NS, M, mname)      \
-    PF_ENTRY(E, suffix, 64, 64, NS, M, mname)   \
-    PF_ENTRY(E, suffix, 128, 128, NS, M, mname) \
-    PF_ENTRY(E, suffix, 192, 128, NS, M, mname)
-#define PF_ALL(E, suffix)                \
-    PF_SHAPES(E, suffix, 2, MmaSync, mma) \
-    PF_SHAPES(E, suffix, 2, Wgmma, wg)    \
-    PF_SHAPES(E, suffix, 3, Wgmma, wg)
-
-PF_ALL(EBF16, bf16)
-PF_ALL(EF16, f16)
+#endif  // NSA_PREFILL_CUH
