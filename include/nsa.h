@@ -41,7 +41,7 @@
  *   directory, so a linked program runs without LD_LIBRARY_PATH. A plugin host
  *   dlopens "libnsa.so.0" (found through the host's rpath, LD_LIBRARY_PATH or ldconfig)
  *   or the full path `$(pkg-config --variable=libdir nsa)/libnsa.so.0`, looks up the one
- *   symbol nsa_get_api, and gets a table of every other function (nsa_api_v1) for a
+ *   symbol nsa_get_api, and gets a table of every other function (nsa_api_v2) for a
  *   given NSA_ABI_VERSION; see nsa_get_api.
  */
 
@@ -57,7 +57,7 @@
  * additions (new functions appended to the table, new trailing struct fields, new status
  * codes) keep it. Pass it to `nsa_get_api`.
  */
-#define NSA_ABI_VERSION 1
+#define NSA_ABI_VERSION 2
 
 /**
  * Library major version (the crate's semver major).
@@ -333,9 +333,12 @@ typedef struct nsa_step_seq_t {
 } nsa_step_seq_t;
 
 /**
- * One layer's arrays for the planned step. Rows are the step's tokens in plan order
- * (see `nsa_step_seq_t`); `tokens` is their count. All arrays are dense, row-major, and
- * read or written during the call only; the engine keeps no pointer.
+ * One layer's arrays for the planned step, for both backends. Rows are the step's tokens
+ * in plan order (see `nsa_step_seq_t`); `tokens` is their count. All arrays are dense and
+ * row-major. For `nsa_cpu_run_layer` they are host memory, read or written during the
+ * call only (the engine keeps no pointer). For `nsa_cuda_run_layer` they are device
+ * addresses (`CUdeviceptr` values as pointers) in the backend's device's primary context,
+ * read or written by the work the call enqueues, so they must stay valid until it ran.
  *
  * Activations (`q`, `k`, `v`, `out`) have the config's element type `dtype` and must be
  * aligned to its size; the float and int arrays to 4 bytes. Arrays the engine writes
@@ -407,7 +410,7 @@ typedef struct nsa_layer_io_t {
 } nsa_layer_io_t;
 
 /**
- * What `nsa_cuda_probe` found: the device the CUDA backend uses (ordinal 0).
+ * What `nsa_cuda_probe` found: the device of the ordinal asked for.
  */
 typedef struct nsa_cuda_device_info_t {
     /**
@@ -415,7 +418,7 @@ typedef struct nsa_cuda_device_info_t {
      */
     uint32_t struct_size;
     /**
-     * Device ordinal (0).
+     * Device ordinal (the one asked for).
      */
     int32_t ordinal;
     /**
@@ -445,91 +448,45 @@ typedef struct nsa_cuda_device_info_t {
 } nsa_cuda_device_info_t;
 
 /**
- * One layer's device arrays for the planned step: device pointers (`CUdeviceptr`, 0 for
- * an optional array that is absent). Shapes as `nsa_layer_io_t`: `q [tokens, HQ, DK]`,
- * `k [tokens, HKV, DK]`, `v [tokens, HKV, DV]` in the config's `dtype`; `gates
- * [tokens, HQ, 3]` f32; `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` int32
- * written when not 0; `phi_k`/`phi_v` the layer's f32 phi weights (`phi_k_len` and
- * `phi_v_len` elements, 0 for phi = mean). All must be device memory of the primary
- * context, read or written only by the work the call enqueues. Set
- * `struct_size = sizeof(nsa_cuda_layer_io_t)`.
+ * Options of `nsa_cuda_backend_create`; NULL there means all defaults. Set
+ * `struct_size = sizeof(nsa_cuda_options_t)` and zero what you do not set.
  */
-typedef struct nsa_cuda_layer_io_t {
+typedef struct nsa_cuda_options_t {
     /**
-     * `sizeof(nsa_cuda_layer_io_t)` as the caller compiled it.
+     * `sizeof(nsa_cuda_options_t)` as the caller compiled it.
      */
     uint32_t struct_size;
     /**
-     * Element type of q, k, v and out: must be the config's dtype.
+     * The CUDA device (ordinal) whose primary context holds the device buffer and runs
+     * the kernels (default 0). Backends on different devices are independent: one
+     * process may run one per GPU (e.g. each with its share of the KV heads).
      */
-    nsa_dtype dtype;
+    int32_t device_ordinal;
     /**
-     * Rows: must equal the planned step's token count.
+     * Directory of the on-disk cache of compiled kernels, a NUL-terminated path read
+     * during the call; NULL: the environment variable `NSA_CUDA_CACHE_DIR` if set, else
+     * no disk cache.
      */
-    uint32_t tokens;
-    /**
-     * Must be 0 (no flag is defined in this version).
-     */
-    uint32_t flags;
-    /**
-     * `[tokens, HQ, DK]` queries (required, unless `q` and `out` are both 0: append only).
-     */
-    uint64_t q;
-    /**
-     * `[tokens, HKV, DK]` new keys (required).
-     */
-    uint64_t k;
-    /**
-     * `[tokens, HKV, DV]` new values (required).
-     */
-    uint64_t v;
-    /**
-     * `[tokens, HQ, 3]` f32 gates (compressed, selected, window) (required).
-     */
-    uint64_t gates;
-    /**
-     * `[tokens, HQ, DV]` output, written (required).
-     */
-    uint64_t out;
-    /**
-     * `[tokens, HKV, n]` int32 selected blocks, written; 0 to skip.
-     */
-    uint64_t selected;
-    /**
-     * The layer's f32 phi weights for K; 0 for phi = mean.
-     */
-    uint64_t phi_k;
-    /**
-     * The layer's f32 phi weights for V; 0 for phi = mean.
-     */
-    uint64_t phi_v;
-    /**
-     * Elements at `phi_k`: `Config::phi_weight_len(DK)` (0 for mean).
-     */
-    uint64_t phi_k_len;
-    /**
-     * Elements at `phi_v`: `Config::phi_weight_len(DV)` (0 for mean).
-     */
-    uint64_t phi_v_len;
-} nsa_cuda_layer_io_t;
+    const char *cache_dir;
+} nsa_cuda_options_t;
 
 /**
- * Every function of ABI version 1, for hosts that load the library with `dlopen` and
+ * Every function of ABI version 2, for hosts that load the library with `dlopen` and
  * look up only `nsa_get_api`. Each field points to the function of the same name
  * without the `nsa_` prefix; see that function's documentation.
  *
- * Versioning: fields are only ever appended within ABI version 1. Before using a field
+ * Versioning: fields are only ever appended within ABI version 2. Before using a field
  * added after the version your code needs, check
- * `api->struct_size >= offsetof(nsa_api_v1, field) + sizeof api->field`.
+ * `api->struct_size >= offsetof(nsa_api_v2, field) + sizeof api->field`.
  * The table is static and immutable: it may be shared by all threads.
  */
-typedef struct nsa_api_v1 {
+typedef struct nsa_api_v2 {
     /**
-     * `sizeof(nsa_api_v1)` in the loaded library.
+     * `sizeof(nsa_api_v2)` in the loaded library.
      */
     uint32_t struct_size;
     /**
-     * `NSA_ABI_VERSION` of the loaded library (1).
+     * `NSA_ABI_VERSION` of the loaded library (2).
      */
     uint32_t abi_version;
     /**
@@ -642,7 +599,7 @@ typedef struct nsa_api_v1 {
     /**
      * `nsa_cuda_probe`.
      */
-    nsa_status (*cuda_probe)(struct nsa_cuda_device_info_t *out);
+    nsa_status (*cuda_probe)(int32_t device_ordinal, struct nsa_cuda_device_info_t *out);
     /**
      * `nsa_cuda_device_size`.
      */
@@ -651,6 +608,7 @@ typedef struct nsa_api_v1 {
      * `nsa_cuda_backend_create`.
      */
     nsa_status (*cuda_backend_create)(const struct nsa_config_t *cfg,
+                                      const struct nsa_cuda_options_t *opts,
                                       uint64_t device_ptr,
                                       size_t bytes,
                                       struct nsa_cuda_backend **out);
@@ -670,7 +628,7 @@ typedef struct nsa_api_v1 {
     nsa_status (*cuda_run_layer)(struct nsa_cuda_backend *backend,
                                  const struct nsa_cache *cache,
                                  uint32_t layer,
-                                 const struct nsa_cuda_layer_io_t *io,
+                                 const struct nsa_layer_io_t *io,
                                  void *stream);
     /**
      * `nsa_cpu_backend_create_hosted` (library 0.2).
@@ -747,7 +705,7 @@ typedef struct nsa_api_v1 {
      * `nsa_cache_mark_layer_run`.
      */
     nsa_status (*cache_mark_layer_run)(const struct nsa_cache *cache, uint32_t layer);
-} nsa_api_v1;
+} nsa_api_v2;
 
 /**
  * Success.
@@ -1324,15 +1282,17 @@ nsa_status nsa_cpu_run_layer_part(const struct nsa_cpu_backend *backend,
                                   uint32_t nth);
 
 /**
- * Whether a CUDA device is usable, and which. Loads the CUDA driver and NVRTC at run time
- * (nothing CUDA is linked): on success writes `*out` (set `out->struct_size` first).
+ * Whether CUDA device `device_ordinal` (0 for the first) is usable, and what it is. Loads
+ * the CUDA driver and NVRTC at run time (nothing CUDA is linked): on success writes
+ * `*out` (set `out->struct_size` first).
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+ * `NSA_STATUS_INVALID_ARGUMENT` (`device_ordinal` not a device the driver sees),
  * `NSA_STATUS_BACKEND_UNAVAILABLE` (built without CUDA, no driver, no device, a device
  * older than compute capability 8.0, or no NVRTC: the message says which).
  * Thread-safe.
  */
-nsa_status nsa_cuda_probe(struct nsa_cuda_device_info_t *out);
+nsa_status nsa_cuda_probe(int32_t device_ordinal, struct nsa_cuda_device_info_t *out);
 
 /**
  * Writes to `*out` the bytes of device memory the CUDA backend needs for `cfg`: every
@@ -1345,9 +1305,11 @@ nsa_status nsa_cuda_probe(struct nsa_cuda_device_info_t *out);
 nsa_status nsa_cuda_device_size(const struct nsa_config_t *cfg, size_t *out);
 
 /**
- * Creates a CUDA backend over the caller's device buffer `device_ptr` (`bytes` bytes, at
- * least `nsa_cuda_device_size`, 256-byte aligned, allocated in device 0's primary context,
- * e.g. by `cudaMalloc`) and writes its handle to `*out`. Compiles the kernels with NVRTC
+ * Creates a CUDA backend on device `opts->device_ordinal` (NULL `opts`: device 0, no
+ * kernel cache directory but `NSA_CUDA_CACHE_DIR`) over the caller's device buffer
+ * `device_ptr` (`bytes` bytes, at least `nsa_cuda_device_size`, 256-byte aligned,
+ * allocated in that device's primary context, e.g. by `cudaMalloc` after
+ * `cudaSetDevice`) and writes its handle to `*out`. Compiles the kernels with NVRTC
  * for the device (once per process and architecture; set `NSA_CUDA_CACHE_DIR` to keep
  * compiled code on disk). Pass the same config to `nsa_cache_init`.
  *
@@ -1359,11 +1321,13 @@ nsa_status nsa_cuda_device_size(const struct nsa_config_t *cfg, size_t *out);
  * zeroed, the pools' tensor maps written); the pools are left as they are.
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
- * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0),
+ * `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0 or not
+ * memory of the device, `opts->device_ordinal` not a device, `opts->cache_dir` not UTF-8),
  * `NSA_STATUS_MISALIGNED`, `NSA_STATUS_BUFFER_TOO_SMALL`,
  * `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR` (compilation or loading).
  */
 nsa_status nsa_cuda_backend_create(const struct nsa_config_t *cfg,
+                                   const struct nsa_cuda_options_t *opts,
                                    uint64_t device_ptr,
                                    size_t bytes,
                                    struct nsa_cuda_backend **out);
@@ -1396,6 +1360,7 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * Enqueues layer `layer` of the planned (and uploaded) step on `stream`: copy-on-write
  * copies, append of the step's K/V rows, compression of finished blocks, NSA attention
  * for every new token into `io->out` (and the selected blocks into `io->selected`).
+ * `io`'s arrays are device addresses of the backend's device (see `nsa_layer_io_t`).
  * With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
  * compressed, no attention (to fill a cache from K/V the host already has).
  * Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
@@ -1415,7 +1380,7 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
 nsa_status nsa_cuda_run_layer(struct nsa_cuda_backend *backend,
                               const struct nsa_cache *cache,
                               uint32_t layer,
-                              const struct nsa_cuda_layer_io_t *io,
+                              const struct nsa_layer_io_t *io,
                               void *stream);
 
 /**
@@ -1514,9 +1479,9 @@ nsa_status nsa_cuda_state_import(struct nsa_cuda_backend *backend,
  *
  * ```c
  * void *lib = dlopen("libnsa.so.0", RTLD_NOW | RTLD_LOCAL);
- * const nsa_api_v1 *(*get)(uint32_t) =
- *     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
- * const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
+ * const nsa_api_v2 *(*get)(uint32_t) =
+ *     lib ? (const nsa_api_v2 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
+ * const nsa_api_v2 *api = get ? get(NSA_ABI_VERSION) : NULL;
  * if (get && !api) {
  *     // Why: nsa_last_error is exported by every version, so it needs no table.
  *     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
@@ -1531,7 +1496,7 @@ nsa_status nsa_cuda_state_import(struct nsa_cuda_backend *backend,
  * The table is static (never free it) and valid while the library stays loaded.
  * Thread-safe.
  */
-const struct nsa_api_v1 *nsa_get_api(uint32_t abi_version);
+const struct nsa_api_v2 *nsa_get_api(uint32_t abi_version);
 
 #ifdef __cplusplus
 }  // extern "C"

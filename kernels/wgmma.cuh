@@ -1,3 +1,5 @@
+#ifndef NSA_WGMMA_CUH
+#define NSA_WGMMA_CUH
 // Warpgroup matrix multiply-accumulate (wgmma, sm_90a only): the prefill kernels' tensor
 // core path on Hopper. Operands in shared memory are described by 64-bit matrix
 // descriptors over tiles stored in the 128-byte swizzled layout: a tile of R rows x C
@@ -27,13 +29,6 @@ template <int N>
 __device__ __forceinline__ void wg_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-#endif
-}
-// Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before
-// later async-proxy reads (wgmma operands); call before the barrier that publishes them.
-__device__ __forceinline__ void fence_proxy_async() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 // Shared-memory offset of 16-byte granule c of row r in a swizzled tile of R rows.
@@ -90,3 +85,4 @@ __device__ __forceinline__ void wg_rs_m64n128k16_tb(float* d, unsigned a0, unsig
                      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(1));
 #endif
 }
+#endif  // NSA_WGMMA_CUH

@@ -4,7 +4,7 @@
 #   bash .gpu/profile.sh [BATCHxCONTEXT ...]     (default: 1x65536 16x65536 64x65536)
 # The layer is tests/gpu_bench.rs's (paper preset, 64q/4kv 192/128, bf16); the kernels
 # are compiled with -lineinfo, so `ncu --set full --import-source yes` attributes stalls
-# to lines of kernels/nsa.cu.
+# to lines of the kernel files (kernels/*.cuh).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-/tmp/nsa-kernel-cache}"

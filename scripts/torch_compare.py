@@ -46,9 +46,11 @@ class StepSeq(C.Structure):
     _fields_ = [("seq", C.c_uint32), ("tokens", C.c_uint32)]
 
 
-class CudaLayerIo(C.Structure):
+class LayerIo(C.Structure):
+    """nsa_layer_io_t (both backends; for CUDA the pointers are device addresses)."""
     _fields_ = [("struct_size", C.c_uint32), ("dtype", C.c_uint32), ("tokens", C.c_uint32), ("flags", C.c_uint32)] + [
-        (n, C.c_uint64) for n in "q k v gates out selected phi_k phi_v phi_k_len phi_v_len".split()]
+        (n, C.c_void_p if n in ("q", "k", "v", "gates", "out", "selected", "phi_k", "phi_v") else C.c_size_t)
+        for n in "q k v gates out selected phi_k phi_k_len phi_v phi_v_len".split()]
 
 
 class Lib:
@@ -61,9 +63,9 @@ class Lib:
                   "nsa_cache_plan_step nsa_cache_remove nsa_cuda_device_size nsa_cuda_backend_create nsa_cuda_upload_step "
                   "nsa_cuda_run_layer").split():
             getattr(l, f).restype = C.c_int32
-        l.nsa_cuda_backend_create.argtypes = [C.POINTER(Config), C.c_uint64, C.c_size_t, C.POINTER(C.c_void_p)]
+        l.nsa_cuda_backend_create.argtypes = [C.POINTER(Config), C.c_void_p, C.c_uint64, C.c_size_t, C.POINTER(C.c_void_p)]
         l.nsa_cuda_upload_step.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
-        l.nsa_cuda_run_layer.argtypes = [C.c_void_p, C.c_void_p, C.c_uint32, C.POINTER(CudaLayerIo), C.c_void_p]
+        l.nsa_cuda_run_layer.argtypes = [C.c_void_p, C.c_void_p, C.c_uint32, C.POINTER(LayerIo), C.c_void_p]
         l.nsa_cache_plan_step.argtypes = [C.c_void_p, C.POINTER(StepSeq), C.c_uint32]
         l.nsa_cache_init.argtypes = [C.POINTER(Config), C.c_void_p, C.c_size_t, C.POINTER(C.c_void_p)]
         l.nsa_cache_add.argtypes = [C.c_void_p, C.c_uint32]
@@ -99,7 +101,7 @@ class Engine:
         lib.ok(l.nsa_cuda_device_size(C.byref(c), C.byref(n)), "device size")
         self.dev = torch.empty(n.value, dtype=torch.uint8, device="cuda")
         self.backend = C.c_void_p()
-        lib.ok(l.nsa_cuda_backend_create(C.byref(c), self.dev.data_ptr(), n.value, C.byref(self.backend)), "backend")
+        lib.ok(l.nsa_cuda_backend_create(C.byref(c), None, self.dev.data_ptr(), n.value, C.byref(self.backend)), "backend")
         for s in range(batch):
             lib.ok(l.nsa_cache_add(self.cache, s), "add")
         self.batch = batch
@@ -117,10 +119,10 @@ class Engine:
         lib.ok(l.nsa_cache_plan_step(self.cache, entries, self.batch), "plan")
         stream = C.c_void_p(torch.cuda.current_stream().cuda_stream)
         lib.ok(l.nsa_cuda_upload_step(self.backend, self.cache, stream), "upload")
-        io = CudaLayerIo(struct_size=C.sizeof(CudaLayerIo), dtype=NSA_DTYPE_BF16, tokens=tokens_per_seq * self.batch, flags=0,
+        io = LayerIo(struct_size=C.sizeof(LayerIo), dtype=NSA_DTYPE_BF16, tokens=tokens_per_seq * self.batch, flags=0,
                          q=q.data_ptr() if q is not None else 0, k=k.data_ptr(), v=v.data_ptr(),
                          gates=gates.data_ptr() if gates is not None else 0, out=out.data_ptr() if out is not None else 0,
-                         selected=selected.data_ptr() if selected is not None else 0, phi_k=0, phi_v=0, phi_k_len=0, phi_v_len=0)
+                         selected=selected.data_ptr() if selected is not None else 0, phi_k=None, phi_v=None, phi_k_len=0, phi_v_len=0)
         lib.ok(l.nsa_cuda_run_layer(self.backend, self.cache, 0, C.byref(io), stream), "run_layer")
 
 

@@ -57,7 +57,7 @@ mod host_buf;
 pub mod layout;
 pub mod plan;
 pub mod cpu;
-#[cfg(feature = "cuda")] pub mod cuda;
+pub mod cuda;
 #[cfg(feature = "reference")]
 pub mod reference;
 #[cfg(test)]

@@ -33,7 +33,50 @@ pub struct Step<'c> {
     pub(crate) cmp_tables: &'c [i32],
 }
 
+/// One new token of the step: row `row` of the step's q/k/v/out arrays is position
+/// `pos` of the step's `seq_index`-th sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRow {
+    pub row: u32,
+    pub seq_index: u32,
+    pub pos: u32,
+}
+
+/// One compressed token the step completes: compressed token `cmp_token` of the step's
+/// `seq_index`-th sequence (it covers positions `cmp_token * cmp_stride ..+ cmp_block`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressJob {
+    pub seq_index: u32,
+    pub cmp_token: u32,
+}
+
+/// The compressed tokens a sequence growing from `old_len` to `new_len` completes: those
+/// whose last position is now present (the completion rule, `Config::num_cmp_tokens`).
+pub fn completed_cmp_tokens(cfg: &Config, old_len: u32, new_len: u32) -> std::ops::Range<u32> {
+    cfg.num_cmp_tokens(old_len)..cfg.num_cmp_tokens(new_len)
+}
+
 impl<'c> Step<'c> {
+    /// The compressed tokens step sequence `ps` completes.
+    pub fn completed(&self, ps: &PlanSeq) -> std::ops::Range<u32> {
+        completed_cmp_tokens(self.cfg, ps.old_len, ps.new_len)
+    }
+
+    /// Every new token, in row order (sequences in plan order, positions ascending).
+    pub fn token_rows(&self) -> impl Iterator<Item = TokenRow> + 'c {
+        self.seqs.iter().enumerate().flat_map(|(si, ps)| {
+            (ps.old_len..ps.new_len).map(move |pos| TokenRow { row: ps.row + pos - ps.old_len, seq_index: si as u32, pos })
+        })
+    }
+
+    /// Every compressed token the step completes (sequences in plan order, tokens ascending).
+    pub fn compress_jobs(&self) -> impl Iterator<Item = CompressJob> + 'c {
+        let cfg = self.cfg;
+        self.seqs.iter().enumerate().flat_map(move |(si, ps)| {
+            completed_cmp_tokens(cfg, ps.old_len, ps.new_len).map(move |cmp_token| CompressJob { seq_index: si as u32, cmp_token })
+        })
+    }
+
     /// Raw page table of a step sequence (covers `new_len`).
     pub fn raw_table(&self, seq: u32) -> &'c [i32] {
         let pps = self.cfg.pages_per_seq() as usize;
@@ -98,7 +141,8 @@ impl Cache<'_> {
             total += e.tokens as u64;
             let new = new as u32;
             raw_need += new_pages(old, new, p);
-            let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
+            let cmp = completed_cmp_tokens(&cfg, old, new);
+            let (cold, cnew) = (cmp.start, cmp.end);
             cmp_need += new_pages(cold, cnew, p);
             // Copy-on-write: a sequence appending into a partial page that is shared when
             // the step is planned copies it, even when every other holder copies too. So a
@@ -132,7 +176,8 @@ impl Cache<'_> {
             let s = e.seq as usize;
             let old = sp.seqs[s].len;
             let new = old + e.tokens;
-            let (cold, cnew) = (cfg.num_cmp_tokens(old), cfg.num_cmp_tokens(new));
+            let cmp = completed_cmp_tokens(&cfg, old, new);
+            let (cold, cnew) = (cmp.start, cmp.end);
             for (pool_id, before, after, pool, tables, per) in [
                 (POOL_RAW, old, new, &mut sp.raw, &mut *sp.raw_tables, pps),
                 (POOL_CMP, cold, cnew, &mut sp.cmp, &mut *sp.cmp_tables, cpps),

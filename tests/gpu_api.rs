@@ -112,7 +112,7 @@ fn kernel_cache_on_disk_is_reused() {
     let Some(info) = device_or_skip("kernel_cache_on_disk_is_reused") else { return };
     let dir = std::env::temp_dir().join(format!("nsa-kcache-{}", std::process::id()));
     let c = cfg_for(Preset::Fla, 4, 2, 32, 32, Dtype::F16, 2, 512, 64);
-    let opts = nsa::cuda::CudaOptions { cache_dir: Some(dir.clone()) };
+    let opts = nsa::cuda::CudaOptions { cache_dir: Some(dir.clone()), ..Default::default() };
     let need = CudaBackend::device_bytes(&c).unwrap();
     let buf = DeviceBuf::new(need).unwrap();
     let _b = CudaBackend::new_with(&c, buf.ptr(), need, &opts).unwrap();

@@ -55,3 +55,40 @@ fn prefill_tiny_contexts_paper_bf16() {
     let pl = Plan { seqs: 4, prompt_min: 1, prompt_max: 3, chunk_max: 3, decode_steps: 40, forks: true };
     scenario::<bf16>("prefill_tiny_contexts_paper_bf16", &cfg, 34, &pl);
 }
+
+// The prefill kernels' main shapes (src/cuda/prefill.rs): G = 16 with DK = DV = 128
+// (4-warp blocks on sm_90), DK = 192 (8-warp blocks), G = 4 with the fla preset.
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_chunks_with_decodes_paper_g16_bf16() {
+    if device_or_skip("prefill_chunks_with_decodes_paper_g16_bf16").is_none() {
+        return;
+    }
+    let cfg = cfg_for(Preset::Paper, 32, 2, 128, 128, Dtype::Bf16, 6, 4096, 4096);
+    let pl = Plan { seqs: 5, prompt_min: 64, prompt_max: sz(3000, 300), chunk_max: sz(900, 130), decode_steps: sz(6, 2), forks: true };
+    scenario::<bf16>("prefill_chunks_with_decodes_paper_g16_bf16", &cfg, 35, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_one_long_step_paper_g16_dk192_f16() {
+    if device_or_skip("prefill_one_long_step_paper_g16_dk192_f16").is_none() {
+        return;
+    }
+    let len = sz(8192, 1024);
+    let cfg = cfg_for(Preset::Paper, 16, 1, 192, 128, Dtype::F16, 1, len + 16, len);
+    let pl = Plan { seqs: 1, prompt_min: len, prompt_max: len, chunk_max: len, decode_steps: 4, forks: false };
+    scenario::<f16>("prefill_one_long_step_paper_g16_dk192_f16", &cfg, 36, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_chunks_with_decodes_fla_g4_bf16() {
+    if device_or_skip("prefill_chunks_with_decodes_fla_g4_bf16").is_none() {
+        return;
+    }
+    let cfg = cfg_for(Preset::Fla, 8, 2, 128, 128, Dtype::Bf16, 6, 4096, 4096);
+    let pl = Plan { seqs: 4, prompt_min: 64, prompt_max: sz(3500, 300), chunk_max: sz(1000, 150), decode_steps: sz(6, 2), forks: true };
+    scenario::<bf16>("prefill_chunks_with_decodes_fla_g4_bf16", &cfg, 37, &pl);
+}

@@ -80,9 +80,9 @@ fn compile(compiler: &str, std: &str, ext: &str, extra: &[&str]) {
     std::fs::write(
         &src,
         "#include \"nsa.h\"\n#include \"nsa.h\"\n\
-         #if NSA_ABI_VERSION != 1 || !defined(NSA_VERSION_MAJOR) || !defined(NSA_VERSION_MINOR) || !defined(NSA_VERSION_PATCH)\n\
+         #if NSA_ABI_VERSION != 2 || !defined(NSA_VERSION_MAJOR) || !defined(NSA_VERSION_MINOR) || !defined(NSA_VERSION_PATCH)\n\
          #error version macros\n#endif\n\
-         int main(void) { const nsa_api_v1 *api = nsa_get_api(NSA_ABI_VERSION); nsa_config_t c; c.struct_size = sizeof c;\n\
+         int main(void) { const nsa_api_v2 *api = nsa_get_api(NSA_ABI_VERSION); nsa_config_t c; c.struct_size = sizeof c;\n\
          return api != 0 && api->config_preset(NSA_PRESET_PAPER, &c) == NSA_STATUS_OK ? 0 : 1; }\n",
     )
     .unwrap();

@@ -111,7 +111,7 @@ static void naive(const nsa_config_t *c, int layer, int seq, int t, int h, const
 }
 
 int main(void) {
-    const nsa_api_v1 *api = nsa_get_api(NSA_ABI_VERSION);
+    const nsa_api_v2 *api = nsa_get_api(NSA_ABI_VERSION);
     nsa_config_t cfg;
     nsa_cache *cache = NULL;
     nsa_cpu_backend *cpu = NULL;

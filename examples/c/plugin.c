@@ -17,9 +17,9 @@
 
 #include "nsa.h"
 
-typedef const nsa_api_v1 *(*get_api_fn)(uint32_t);
+typedef const nsa_api_v2 *(*get_api_fn)(uint32_t);
 
-static const nsa_api_v1 *api;
+static const nsa_api_v2 *api;
 
 static int failed(nsa_status st) { /* reports through the table's own last-error function */
     if (st != NSA_STATUS_OK) fprintf(stderr, "plugin: %s: %s\n", api->status_string(st), api->last_error());

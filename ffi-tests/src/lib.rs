@@ -26,9 +26,9 @@ pub mod shadow;
 /// The loaded library and its ABI v1 table.
 pub struct Lib {
     /// `nsa_get_api`, the one symbol looked up.
-    pub get_api: extern "C" fn(u32) -> *const nsa_api_v1,
+    pub get_api: extern "C" fn(u32) -> *const nsa_api_v2,
     /// `nsa_get_api(NSA_ABI_VERSION)`.
-    pub api: &'static nsa_api_v1,
+    pub api: &'static nsa_api_v2,
     pub path: PathBuf,
     _lib: libloading::Library,
 }
@@ -67,7 +67,7 @@ pub fn lib() -> &'static Lib {
         // SAFETY: loading our own library runs no initializers with preconditions.
         let lib = unsafe { libloading::Library::new(&path) }.unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
         // SAFETY: nsa_get_api has this signature (nsa.h).
-        let get_api = *unsafe { lib.get::<extern "C" fn(u32) -> *const nsa_api_v1>(b"nsa_get_api\0") }.expect("nsa_get_api symbol");
+        let get_api = *unsafe { lib.get::<extern "C" fn(u32) -> *const nsa_api_v2>(b"nsa_get_api\0") }.expect("nsa_get_api symbol");
         let api = get_api(NSA_ABI_VERSION);
         assert!(!api.is_null(), "nsa_get_api({NSA_ABI_VERSION}) returned NULL");
         // SAFETY: a non-NULL table is static in the library, which stays loaded.
@@ -93,7 +93,7 @@ impl Lib {
 }
 
 /// The table of the loaded library.
-pub fn api() -> &'static nsa_api_v1 {
+pub fn api() -> &'static nsa_api_v2 {
     lib().api
 }
 

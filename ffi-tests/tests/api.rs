@@ -7,7 +7,7 @@ use nsa_ffi_tests::*;
 fn the_table_describes_the_loaded_library() {
     let l = lib();
     let a = l.api;
-    assert_eq!(a.struct_size as usize, std::mem::size_of::<nsa_api_v1>());
+    assert_eq!(a.struct_size as usize, std::mem::size_of::<nsa_api_v2>());
     assert_eq!(a.abi_version, NSA_ABI_VERSION);
     assert_eq!((a.abi_version_fn)(), NSA_ABI_VERSION);
     assert_eq!((a.version)(), NSA_VERSION);
@@ -15,9 +15,9 @@ fn the_table_describes_the_loaded_library() {
     let s = unsafe { std::ffi::CStr::from_ptr((a.version_string)()) }.to_str().unwrap();
     assert_eq!(s, format!("{NSA_VERSION_MAJOR}.{NSA_VERSION_MINOR}.{NSA_VERSION_PATCH}"));
     // Repeated calls return the same static table.
-    assert_eq!((l.get_api)(NSA_ABI_VERSION), a as *const nsa_api_v1);
+    assert_eq!((l.get_api)(NSA_ABI_VERSION), a as *const nsa_api_v2);
     // Every entry is a function of the loaded library, not of this test binary's copy.
-    let this_binary = nsa_get_api as extern "C" fn(u32) -> *const nsa_api_v1 as usize;
+    let this_binary = nsa_get_api as extern "C" fn(u32) -> *const nsa_api_v2 as usize;
     assert_ne!((l.get_api) as usize, this_binary, "the table must come from {}", l.path.display());
 }
 
@@ -89,8 +89,8 @@ fn header_functions_are_exported_and_in_the_table() {
     for f in &functions {
         assert!(lib().exports(f), "{f} is declared in nsa.h but not exported by {}", lib().path.display());
     }
-    let table_entries = (std::mem::size_of::<nsa_api_v1>() - 8) / std::mem::size_of::<usize>();
-    assert_eq!(table_entries + 1, functions.len(), "nsa_api_v1 must hold every function but nsa_get_api: {functions:?}");
+    let table_entries = (std::mem::size_of::<nsa_api_v2>() - 8) / std::mem::size_of::<usize>();
+    assert_eq!(table_entries + 1, functions.len(), "nsa_api_v2 must hold every function but nsa_get_api: {functions:?}");
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn cuda_entry_points_answer_without_cuda() {
     let a = api();
     let mut info: nsa_cuda_device_info_t = unsafe { std::mem::zeroed() };
     info.struct_size = std::mem::size_of::<nsa_cuda_device_info_t>() as u32;
-    let st = unsafe { (a.cuda_probe)(&mut info) };
+    let st = unsafe { (a.cuda_probe)(0, &mut info) };
     if st == NSA_STATUS_OK {
         assert!(info.cc_major >= 8 && info.multiprocessors > 0, "{info:?}");
         println!("CUDA device present: cc {}.{}", info.cc_major, info.cc_minor);
@@ -113,7 +113,15 @@ fn cuda_entry_points_answer_without_cuda() {
     assert_eq!(info.cc_major, 0, "output written on failure");
     let cfg = preset(NSA_PRESET_PAPER);
     let mut out: *mut nsa_cuda_backend = std::ptr::null_mut();
-    let st = unsafe { (a.cuda_backend_create)(&cfg, 256, 1 << 30, &mut out) };
+    let st = unsafe { (a.cuda_backend_create)(&cfg, std::ptr::null(), 256, 1 << 30, &mut out) };
+    assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
+    assert!(out.is_null(), "handle written on failure");
+    // Options are read before the backend is made: a bad struct_size is reported as such.
+    let mut opts = nsa_cuda_options_t { struct_size: 0, device_ordinal: 1, cache_dir: std::ptr::null() };
+    let st = unsafe { (a.cuda_backend_create)(&cfg, &opts, 256, 1 << 30, &mut out) };
+    assert_eq!(st, NSA_STATUS_BAD_STRUCT_SIZE, "{}", last_error());
+    opts.struct_size = std::mem::size_of::<nsa_cuda_options_t>() as u32;
+    let st = unsafe { (a.cuda_backend_create)(&cfg, &opts, 256, 1 << 30, &mut out) };
     assert_eq!(st, NSA_STATUS_BACKEND_UNAVAILABLE, "{}", last_error());
     assert!(out.is_null(), "handle written on failure");
     unsafe { (a.cuda_backend_destroy)(std::ptr::null_mut()) }; // NULL is ignored

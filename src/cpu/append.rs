@@ -27,8 +27,8 @@ impl<T: Elem> LayerRun<'_, T> {
                 self.store.rows_mut(Pool::RawV, page, kvh, off, 1).copy_from_slice(&self.v[(r * hkv + kvh) * dv..][..dv]);
             }
         }
-        let (c0, c1) = (cfg.num_cmp_tokens(ps.old_len), cfg.num_cmp_tokens(ps.new_len));
-        if c1 == c0 {
+        let completed = self.step.completed(&ps);
+        if completed.is_empty() {
             return;
         }
         // SAFETY: thread index th is this thread's alone.
@@ -38,7 +38,7 @@ impl<T: Elem> LayerRun<'_, T> {
         let (l, d) = (cfg.cmp_block as usize, cfg.cmp_stride);
         for (raw, cmp, dim, weights) in [(Pool::RawK, Pool::CmpK, dk, self.weights.k), (Pool::RawV, Pool::CmpV, dv, self.weights.v)] {
             let phi = PhiHead::cut(cfg, weights, kvh, dim);
-            for i in c0..c1 {
+            for i in completed.clone() {
                 let rows = &mut ws.rows[..l * dim];
                 for j in 0..l {
                     let pos = i * d + j as u32;

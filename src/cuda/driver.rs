@@ -78,7 +78,7 @@ pub(crate) unsafe fn dtoh_sync(dst: *mut c_void, src: CUdeviceptr, bytes: usize,
     check(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")
 }
 
-/// A device allocation in the primary context of device 0, freed on drop. For callers
+/// A device allocation in the primary context of one device, freed on drop. For callers
 /// that want the engine to allocate (`CudaBackend::with_allocation`) and for tests.
 pub struct DeviceBuf {
     ptr: CUdeviceptr,
@@ -95,7 +95,12 @@ impl DeviceBuf {
     /// Allocates `bytes` (at least 1) of device memory with `cuMemAlloc` in device 0's
     /// primary context.
     pub fn new(bytes: usize) -> Result<DeviceBuf> {
-        let (dev, ctx) = primary_context()?;
+        Self::on_device(0, bytes)
+    }
+
+    /// [`DeviceBuf::new`] on device `ordinal`.
+    pub fn on_device(ordinal: i32, bytes: usize) -> Result<DeviceBuf> {
+        let (dev, ctx) = primary_context(ordinal)?;
         let _g = CtxGuard::push(ctx)?;
         let mut ptr = 0;
         // SAFETY: plain allocation in the current context.
@@ -168,15 +173,15 @@ impl Drop for DeviceBuf {
     }
 }
 
-/// Initializes the driver and retains device 0's primary context (the one the CUDA
-/// runtime uses). Pair with `release_primary`.
-pub(crate) fn primary_context() -> Result<(sys::CUdevice, sys::CUcontext)> {
+/// Initializes the driver and retains device `ordinal`'s primary context (the one the
+/// CUDA runtime uses). Pair with `release_primary`.
+pub(crate) fn primary_context(ordinal: i32) -> Result<(sys::CUdevice, sys::CUcontext)> {
     libraries_present().map_err(NsaError::BackendUnavailable)?;
     // SAFETY: the driver library is present; these are plain driver calls.
     unsafe {
         check(sys::cuInit(0), "cuInit")?;
         let mut dev = 0;
-        check(sys::cuDeviceGet(&mut dev, 0), "cuDeviceGet")?;
+        check(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
         let mut ctx = std::ptr::null_mut();
         check(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
         Ok((dev, ctx))
@@ -187,6 +192,54 @@ pub(crate) fn release_primary(dev: sys::CUdevice) {
     // SAFETY: balances a successful cuDevicePrimaryCtxRetain.
     unsafe {
         sys::cuDevicePrimaryCtxRelease_v2(dev);
+    }
+}
+
+/// A stream of device `ordinal`'s primary context, destroyed on drop (for tests and
+/// callers without a runtime of their own; hosts normally pass their own streams).
+pub struct Stream {
+    stream: CUstream,
+    ctx: sys::CUcontext,
+    dev: sys::CUdevice,
+}
+
+// SAFETY: a driver stream handle and a retained context; the driver API is thread safe.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// Creates a non-blocking stream on device `ordinal`.
+    pub fn new(ordinal: i32) -> Result<Stream> {
+        let (dev, ctx) = primary_context(ordinal)?;
+        let make = || -> Result<CUstream> {
+            let _g = CtxGuard::push(ctx)?;
+            let mut stream = std::ptr::null_mut();
+            // SAFETY: plain stream creation in the current context; destroyed in Drop.
+            check(unsafe { sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) }, "cuStreamCreate")?;
+            Ok(stream)
+        };
+        match make() {
+            Ok(stream) => Ok(Stream { stream, ctx, dev }),
+            Err(e) => {
+                release_primary(dev);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn raw(&self) -> CUstream {
+        self.stream
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::push(self.ctx) {
+            // SAFETY: created in `new`, destroyed once.
+            unsafe {
+                sys::cuStreamDestroy_v2(self.stream);
+            }
+        }
+        release_primary(self.dev);
     }
 }
 

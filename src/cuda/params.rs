@@ -1,247 +1,250 @@
-//! The kernels' argument struct (twin of `struct Params` in kernels/nsa.cu: same fields,
-//! same order) and the device buffer's layout: pools first (exactly the CPU backend's
-//! layout), then the per-step workspace. Pure arithmetic, checked for overflow.
+//! The kernels' one argument, `Params`, passed by value to every launch: the twin of
+//! `struct Params` in `kernels/common.cuh` (same groups, fields and order; the tests pin
+//! the size). Grouped by what the fields describe: the layer's activations (`DeviceLayerIo`,
+//! the same struct the Rust API takes), paging, the config's shapes, the uploaded step,
+//! the workspace, and the launch. Everything but the layer's pools, its tensor maps, its
+//! activations and the launch fields is fixed when the backend is created
+//! ([`Params::fixed`]); [`Params::for_layer`] fills in the per-layer part.
 
+use super::consts::{MAPS_PER_LAYER, TMAP_BYTES};
+use super::workspace::DevLayout;
+use super::DeviceLayerIo;
 use crate::config::Config;
-use crate::error::{NsaError, Result};
-use super::tensor_map::{MAPS_PER_LAYER, TMAP_BYTES};
-use crate::layout::{Layout, PageCopy, PlanSeq};
+use crate::layout::Layout;
 
-/// Keys per split of the compressed branch at the longest context, at least (a split is
-/// one thread block). The most splits the workspace holds; each launch picks its count
-/// from the step's rows (`CudaBackend::run_layer`), and the kernels divide the actual
-/// lengths (device-side) among them, so grid shapes never depend on lengths.
-const CMP_SPLIT_MIN: u32 = 64;
-const CMP_SPLITS_MAX: u32 = 64;
-/// Selection blocks per chunk of the selection kernel (`SEL_MIN_CHUNK` in the kernels:
-/// with `ceil(max blocks / SEL_CHUNK)` chunks every chunk has exactly this many or fewer).
-pub(crate) const SEL_CHUNK: u32 = 64;
-/// Query rows per wave of the attention kernels (bounds the logits workspace).
-const WAVE_ROWS_MIN: u32 = 64;
-/// Region alignment inside the device buffer.
-const ALIGN: usize = 256;
-
+/// Where the K/V live (`Paging` in the kernels).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Params {
+pub(crate) struct Paging {
+    /// This layer's pools `[page][kv_head][token][dim]`.
     pub raw_k: u64,
     pub raw_v: u64,
     pub cmp_k: u64,
     pub cmp_v: u64,
-    pub q: u64,
-    pub k: u64,
-    pub v: u64,
-    pub gates: u64,
-    pub out: u64,
-    pub selected: u64,
-    pub phi_k: u64,
-    pub phi_v: u64,
-    pub hdr: u64,
-    pub plan: u64,
-    pub copies: u64,
-    pub tokmap: u64,
-    pub jobs: u64,
+    /// Page tables of the step's sequences, in plan order.
     pub raw_tab: u64,
     pub cmp_tab: u64,
+    /// This layer's tensor maps (raw K, raw V, cmp K, cmp V), used when `launch.mode & 2`.
+    pub tmaps: u64,
+    pub page_size: i32,
+    pub pages_per_seq: i32,
+    pub cmp_pages_per_seq: i32,
+}
+
+/// The config's shapes and NSA parameters, named as in [`Config`] (`Shapes`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Shapes {
+    pub num_q_heads: i32,
+    pub num_kv_heads: i32,
+    pub group_size: i32,
+    pub head_dim_qk: i32,
+    pub head_dim_v: i32,
+    pub cmp_block: i32,
+    pub cmp_stride: i32,
+    pub sel_block: i32,
+    pub sel_count: i32,
+    pub sel_init: i32,
+    pub sel_local: i32,
+    pub window: i32,
+    /// `Phi as i32`: 0 mean, 1 weighted, 2 MLP.
+    pub phi: i32,
+    pub phi_hidden: i32,
+    pub phi_pe: i32,
+    pub scale: f32,
+}
+
+/// The uploaded step's header, the first bytes of the step region (`StepHeader`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StepHeader {
+    pub seqs: i32,
+    pub tokens: i32,
+    pub copies: i32,
+    /// Compressed tokens the step completes (one compress job each).
+    pub jobs: i32,
+}
+
+/// Device addresses of the uploaded step (`StepPlan`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StepPlan {
+    /// `StepHeader`.
+    pub header: u64,
+    /// `PlanSeq[header.seqs]`.
+    pub seqs: u64,
+    /// `PageCopy[header.copies]`.
+    pub copies: u64,
+    /// Per token row `(step sequence, position)`, `[i32; 2]`.
+    pub rows: u64,
+    /// Per compress job `(step sequence, compressed token)`, `[i32; 2]`.
+    pub jobs: u64,
+}
+
+/// The stages' hand-over buffers (`Workspace`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Workspace {
+    /// Compressed branch's raw logits, `max_cmp` per (wave row, query head).
     pub logits: u64,
+    /// Selected blocks per (wave row, KV head), `sel_count` each.
     pub sel: u64,
-    pub part_ml: u64,
-    pub part_acc: u64,
     /// Selection: per (wave row, KV head, chunk) the chunk's best n as (score bits, block).
     pub cand: u64,
     /// Selection: per (wave row, KV head) the count of finished chunk blocks (0 between launches).
     pub count: u64,
-    /// This layer's 4 tensor maps (`tensor_map.rs`), when `mode & 2`.
-    pub tmaps: u64,
-    pub hq: i32,
-    pub hkv: i32,
-    pub g: i32,
-    pub dk: i32,
-    pub dv: i32,
-    pub page: i32,
-    pub pps: i32,
-    pub cpps: i32,
-    pub cl: i32,
-    pub cd: i32,
-    pub lsel: i32,
-    pub nsel: i32,
-    pub n_init: i32,
-    pub n_local: i32,
-    pub window: i32,
-    pub phi: i32,
-    pub phi_hidden: i32,
-    pub phi_pe: i32,
-    pub maxc: i32,
-    pub nb: i32,
+    /// Split partials: (m, l) and the accumulators per (wave row, query head, unit).
+    pub part_ml: u64,
+    pub part_acc: u64,
+    /// Prefill path: selected blocks per step row and KV head, `sel_count` each, where the
+    /// caller passes no `selected` (0 when the config cannot use the path).
+    pub pf_sel: u64,
+    pub max_cmp: i32,
+}
+
+/// Per launch (`Launch`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Launch {
+    /// First query row of the wave.
+    pub row0: i32,
+    /// Compressed (or full-attention) splits of this launch.
     pub nsplit_c: i32,
-    pub split_c: i32,
+    /// Units of the selected branch and of the window.
     pub units_s: i32,
     pub units_w: i32,
-    pub wave_rows: i32,
-    pub row0: i32,
-    pub hc: i32,
-    /// Tile loads of the tensor-core kernels: bit 0 1-D bulk copies (sm_90), bit 1 tensor maps.
-    pub mode: i32,
-    pub scale: f32,
     /// Selected blocks per unit of the tensor-core selected branch (window units span
     /// `sel_block * spb` keys); 1 on the scalar path.
     pub spb: i32,
     /// Chunks of selection blocks per (row, KV head) of the selection launch.
     pub sel_chunks: i32,
-    /// Copy pipeline stages of the tensor-core attention kernels.
-    pub nstage: i32,
     /// Query heads per block of the gated combine (a divisor of the group size).
     pub comb_heads: i32,
+    /// Heads per pass of the scalar attention kernels (shared memory bound).
+    pub head_chunk: i32,
+    /// Tile loads of the tensor-core kernels: bit 0 1-D bulk copies (sm_90), bit 1 tensor maps.
+    pub mode: i32,
+    /// Copy pipeline stages of the tensor-core kernels.
+    pub nstage: i32,
 }
 
-/// One region of the device buffer: byte offset and length.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Reg {
-    pub off: usize,
-    pub bytes: usize,
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Params {
+    pub io: DeviceLayerIo,
+    pub paging: Paging,
+    pub shape: Shapes,
+    pub step: StepPlan,
+    pub ws: Workspace,
+    pub launch: Launch,
 }
 
-/// Where everything lives in the device buffer, and the fixed launch shapes.
+/// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct DevLayout {
-    pub pools: Reg,
-    /// Uploaded per step: header (4 ints) + plan + copies (one region, uploaded whole).
-    pub meta: Reg,
-    pub plan_off: usize,
-    pub copies_off: usize,
-    pub tokmap: Reg,
-    pub jobs: Reg,
-    pub raw_tab: Reg,
-    pub cmp_tab: Reg,
-    pub logits: Reg,
-    pub sel: Reg,
-    pub cand: Reg,
-    pub count: Reg,
-    pub tmaps: Reg,
-    pub part_ml: Reg,
-    pub part_acc: Reg,
-    pub total: usize,
-    pub wave_rows: u32,
-    pub maxc: u32,
-    pub nsplit_c: u32,
-    pub split_c: u32,
-    pub units_s: u32,
-    pub units_w: u32,
-    /// Most chunks of selection blocks per (row, KV head) (`cand` is sized for them).
-    pub sel_chunks: u32,
+pub(crate) struct LaunchSetup {
+    pub head_chunk: u32,
+    pub bulk: bool,
+    pub tma: bool,
+    pub nstage: u32,
 }
 
-fn too_big() -> NsaError {
-    NsaError::config("capacity", "cuda workspace", "the device buffer it needs overflows the address space; lower the capacity")
-}
-
-struct B {
-    at: usize,
-}
-
-impl B {
-    fn take(&mut self, parts: &[usize]) -> Result<Reg> {
-        let bytes = parts.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(too_big)?;
-        let off = self.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
-        self.at = off.checked_add(bytes).ok_or_else(too_big)?;
-        Ok(Reg { off, bytes })
-    }
-}
-
-impl DevLayout {
-    pub fn new(cfg: &Config, lay: &Layout) -> Result<DevLayout> {
-        let u = |x: u32| x as usize;
-        let mut b = B { at: 0 };
-        let pools = b.take(&[lay.pool_bytes])?;
-        let seqs = u(cfg.max_step_seqs);
-        let hdr = 16usize;
-        let plan_off = hdr;
-        let copies_off = plan_off + seqs * std::mem::size_of::<PlanSeq>();
-        let meta = b.take(&[copies_off + 2 * seqs * std::mem::size_of::<PageCopy>()])?;
-        let tokmap = b.take(&[u(cfg.max_step_tokens), 8])?;
-        let jobs = b.take(&[u(cfg.max_step_tokens), 8])?;
-        let raw_tab = b.take(&[seqs, u(cfg.pages_per_seq()), 4])?;
-        let cmp_tab = b.take(&[seqs, u(cfg.cmp_pages_per_seq()).max(1), 4])?;
-        // Compressed tokens per logits row, rounded up to even (8-byte logit stores).
-        let maxc = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(2);
-        let nsplit_c = maxc.div_ceil(CMP_SPLIT_MIN).clamp(1, CMP_SPLITS_MAX);
-        let split_c = maxc.div_ceil(nsplit_c);
-        let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
-        let units_s = cfg.sel_count;
-        // (+15: with tensor maps the window's range starts 16-aligned, up to 15 keys early.)
-        let units_w = (cfg.window + 15).div_ceil(cfg.sel_block);
-        let units = u(nsplit_c + units_s + units_w);
-        let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
-        let logits = b.take(&[w, hq, u(maxc), 4])?;
-        let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
-        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK).max(1);
-        let cand = b.take(&[w, hkv, u(sel_chunks), u(cfg.sel_count), 8])?;
-        let count = b.take(&[w, hkv, 4])?;
-        let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
-        let part_ml = b.take(&[w, hq, units, 8])?;
-        let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
-        let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
-        if total > isize::MAX as usize {
-            return Err(too_big());
+impl Params {
+    /// Every field that stays the same for the backend's life: shapes, the step and
+    /// workspace addresses in the buffer at `base`, paging sizes, the launch setup.
+    pub fn fixed(cfg: &Config, dl: &DevLayout, base: u64, setup: LaunchSetup) -> Params {
+        let at = |off: usize| base + off as u64;
+        Params {
+            io: DeviceLayerIo::default(),
+            paging: Paging {
+                raw_tab: at(dl.raw_tab.off),
+                cmp_tab: at(dl.cmp_tab.off),
+                page_size: cfg.page_size as i32,
+                pages_per_seq: cfg.pages_per_seq() as i32,
+                cmp_pages_per_seq: cfg.cmp_pages_per_seq() as i32,
+                ..Default::default()
+            },
+            shape: Shapes {
+                num_q_heads: cfg.num_q_heads as i32,
+                num_kv_heads: cfg.num_kv_heads as i32,
+                group_size: cfg.group_size() as i32,
+                head_dim_qk: cfg.head_dim_qk as i32,
+                head_dim_v: cfg.head_dim_v as i32,
+                cmp_block: cfg.cmp_block as i32,
+                cmp_stride: cfg.cmp_stride as i32,
+                sel_block: cfg.sel_block as i32,
+                sel_count: cfg.sel_count as i32,
+                sel_init: cfg.sel_init as i32,
+                sel_local: cfg.sel_local as i32,
+                window: cfg.window as i32,
+                phi: cfg.phi as i32,
+                phi_hidden: cfg.phi_hidden as i32,
+                phi_pe: cfg.phi_pe as i32,
+                scale: cfg.softmax_scale(),
+            },
+            step: StepPlan {
+                header: at(dl.meta.off),
+                seqs: at(dl.meta.off + dl.plan_off),
+                copies: at(dl.meta.off + dl.copies_off),
+                rows: at(dl.rows.off),
+                jobs: at(dl.jobs.off),
+            },
+            ws: Workspace {
+                logits: at(dl.logits.off),
+                sel: at(dl.sel.off),
+                cand: at(dl.cand.off),
+                count: at(dl.count.off),
+                part_ml: at(dl.part_ml.off),
+                part_acc: at(dl.part_acc.off),
+                pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
+                max_cmp: dl.max_cmp as i32,
+            },
+            launch: Launch {
+                row0: 0,
+                nsplit_c: dl.nsplit_c as i32,
+                units_s: dl.units_s as i32,
+                units_w: dl.units_w as i32,
+                spb: 1,
+                sel_chunks: 1,
+                comb_heads: 1,
+                head_chunk: setup.head_chunk as i32,
+                mode: setup.bulk as i32 | (setup.tma as i32) << 1,
+                nstage: setup.nstage as i32,
+            },
         }
-        Ok(DevLayout {
-            pools,
-            meta,
-            plan_off,
-            copies_off,
-            tokmap,
-            jobs,
-            raw_tab,
-            cmp_tab,
-            logits,
-            sel,
-            cand,
-            count,
-            tmaps,
-            part_ml,
-            part_acc,
-            total,
-            wave_rows,
-            maxc,
-            nsplit_c,
-            split_c,
-            units_s,
-            units_w,
-            sel_chunks,
-        })
+    }
+
+    /// These fixed fields with layer `layer`'s pools and tensor maps and its activations `io`.
+    pub fn for_layer(&self, cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, layer: u32, io: &DeviceLayerIo) -> Params {
+        let es = cfg.dtype.size() as u64;
+        let lb = base + dl.pools.off as u64 + layer as u64 * lay.layer_elems as u64 * es;
+        let mut p = *self;
+        p.io = *io;
+        p.paging.raw_k = lb + lay.raw_k as u64 * es;
+        p.paging.raw_v = lb + lay.raw_v as u64 * es;
+        p.paging.cmp_k = lb + lay.cmp_k as u64 * es;
+        p.paging.cmp_v = lb + lay.cmp_v as u64 * es;
+        p.paging.tmaps = base + (dl.tmaps.off + layer as usize * MAPS_PER_LAYER * TMAP_BYTES) as u64;
+        p
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Preset;
+    use std::mem::{align_of, size_of};
 
     #[test]
-    fn workspace_shapes_fit_the_kernels() {
-        for preset in [Preset::Paper, Preset::Fla] {
-            for len in [1000u32, 65536, 131072] {
-                let c = Config::preset(preset).with_shape(64, 4, 192, 128).with_capacity(4, len);
-                let lay = Layout::new(&c).unwrap();
-                let dl = DevLayout::new(&c, &lay).unwrap();
-                // Logits rows are even (8-byte stores) and hold every compressed token.
-                assert_eq!(dl.maxc % 2, 0);
-                assert!(dl.maxc >= c.num_cmp_tokens(c.max_seq_len));
-                // Selection chunks of SEL_CHUNK blocks cover every block, each with a list of n.
-                assert!(dl.sel_chunks * SEL_CHUNK >= c.max_sel_blocks());
-                let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
-                assert_eq!(dl.cand.bytes, pairs * (dl.sel_chunks * c.sel_count) as usize * 8);
-                assert_eq!(dl.count.bytes, pairs * 4);
-                // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
-                assert!(dl.units_w * c.sel_block >= c.window + 15);
-                assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
-                // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.meta, dl.tokmap, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc];
-                for w in regs.windows(2) {
-                    assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
-                }
-                assert!(dl.part_acc.off + dl.part_acc.bytes <= dl.total);
-            }
-        }
+    fn params_match_the_kernel_struct() {
+        // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
+        // float; 5 pointers; 7 pointers + an int (+ 4); 10 ints.
+        assert_eq!(size_of::<DeviceLayerIo>(), 64);
+        assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
+        assert_eq!(size_of::<Shapes>(), 16 * 4);
+        assert_eq!(size_of::<StepPlan>(), 5 * 8);
+        assert_eq!(size_of::<Workspace>(), 7 * 8 + 8);
+        assert_eq!(size_of::<Launch>(), 10 * 4);
+        assert_eq!(size_of::<StepHeader>(), 16);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 64 + 40);
+        assert_eq!(align_of::<Params>(), 8);
     }
 }

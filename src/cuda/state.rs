@@ -49,7 +49,7 @@ impl CudaBackend {
     /// backend's: either backend imports it. See [`Cache::export_sequence`].
     pub fn export_sequence(&self, cache: &Cache, seq: u32, out: &mut [u8], stream: CUstream) -> Result<usize> {
         let pools = self.device_pools(cache, stream)?;
-        let _g = CtxGuard::push(self.context())?;
+        let _g = CtxGuard::push(self.ctx)?;
         cache.export_sequence(seq, &pools, out)
     }
 
@@ -58,7 +58,7 @@ impl CudaBackend {
     /// [`Cache::import_sequence`] says; a failed copy only touched free pages.
     pub fn import_sequence(&mut self, cache: &mut Cache, seq: u32, state: &[u8], stream: CUstream) -> Result<()> {
         let mut pools = self.device_pools(cache, stream)?;
-        let _g = CtxGuard::push(self.context())?;
+        let _g = CtxGuard::push(self.ctx)?;
         cache.import_sequence(seq, &mut pools, state)
     }
 }

@@ -15,13 +15,10 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::layout::Layout;
 
-/// Bytes of one encoded map (`TMAP_BYTES` in the kernels).
-pub(crate) const TMAP_BYTES: usize = 128;
-/// Maps per layer.
-pub(crate) const MAPS_PER_LAYER: usize = 4;
+pub(crate) use super::consts::{MAPS_PER_LAYER, TMAP_BYTES};
 /// Box: 64 columns (128 bytes, the swizzle span) x 16 rows (one key tile).
 const BOX_COLS: u32 = 64;
-const BOX_ROWS: u32 = 16;
+const BOX_ROWS: u32 = super::consts::MMA_KEYS;
 
 /// Whether the tensor-map tiles fit `cfg`: 16-bit storage, head dims multiples of 64 (whole
 /// boxes), pages and selection blocks multiples of 16 rows (a tile never crosses a page).

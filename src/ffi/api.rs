@@ -11,19 +11,19 @@ use super::status::*;
 use super::state::*;
 use super::version::*;
 
-/// Every function of ABI version 1, for hosts that load the library with `dlopen` and
+/// Every function of ABI version 2, for hosts that load the library with `dlopen` and
 /// look up only `nsa_get_api`. Each field points to the function of the same name
 /// without the `nsa_` prefix; see that function's documentation.
 ///
-/// Versioning: fields are only ever appended within ABI version 1. Before using a field
+/// Versioning: fields are only ever appended within ABI version 2. Before using a field
 /// added after the version your code needs, check
-/// `api->struct_size >= offsetof(nsa_api_v1, field) + sizeof api->field`.
+/// `api->struct_size >= offsetof(nsa_api_v2, field) + sizeof api->field`.
 /// The table is static and immutable: it may be shared by all threads.
 #[repr(C)]
-pub struct nsa_api_v1 {
-    /// `sizeof(nsa_api_v1)` in the loaded library.
+pub struct nsa_api_v2 {
+    /// `sizeof(nsa_api_v2)` in the loaded library.
     pub struct_size: u32,
-    /// `NSA_ABI_VERSION` of the loaded library (1).
+    /// `NSA_ABI_VERSION` of the loaded library (2).
     pub abi_version: u32,
     /// `nsa_abi_version`.
     pub abi_version_fn: extern "C" fn() -> u32,
@@ -89,12 +89,13 @@ pub struct nsa_api_v1 {
         io: *const nsa_layer_io_t,
     ) -> nsa_status,
     /// `nsa_cuda_probe`.
-    pub cuda_probe: unsafe extern "C" fn(out: *mut nsa_cuda_device_info_t) -> nsa_status,
+    pub cuda_probe: unsafe extern "C" fn(device_ordinal: i32, out: *mut nsa_cuda_device_info_t) -> nsa_status,
     /// `nsa_cuda_device_size`.
     pub cuda_device_size: unsafe extern "C" fn(cfg: *const nsa_config_t, out: *mut usize) -> nsa_status,
     /// `nsa_cuda_backend_create`.
     pub cuda_backend_create: unsafe extern "C" fn(
         cfg: *const nsa_config_t,
+        opts: *const nsa_cuda_options_t,
         device_ptr: u64,
         bytes: usize,
         out: *mut *mut nsa_cuda_backend,
@@ -108,7 +109,7 @@ pub struct nsa_api_v1 {
         backend: *mut nsa_cuda_backend,
         cache: *const nsa_cache,
         layer: u32,
-        io: *const nsa_cuda_layer_io_t,
+        io: *const nsa_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
     // --- added in library version 0.2 (check struct_size before use) ---
@@ -171,8 +172,8 @@ pub struct nsa_api_v1 {
     pub cache_mark_layer_run: unsafe extern "C" fn(cache: *const nsa_cache, layer: u32) -> nsa_status,
 }
 
-static API_V1: nsa_api_v1 = nsa_api_v1 {
-    struct_size: std::mem::size_of::<nsa_api_v1>() as u32,
+static API_V2: nsa_api_v2 = nsa_api_v2 {
+    struct_size: std::mem::size_of::<nsa_api_v2>() as u32,
     abi_version: NSA_ABI_VERSION,
     abi_version_fn: nsa_abi_version,
     version: nsa_version,
@@ -225,9 +226,9 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
 ///
 /// ```c
 /// void *lib = dlopen("libnsa.so.0", RTLD_NOW | RTLD_LOCAL);
-/// const nsa_api_v1 *(*get)(uint32_t) =
-///     lib ? (const nsa_api_v1 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
-/// const nsa_api_v1 *api = get ? get(NSA_ABI_VERSION) : NULL;
+/// const nsa_api_v2 *(*get)(uint32_t) =
+///     lib ? (const nsa_api_v2 *(*)(uint32_t))dlsym(lib, "nsa_get_api") : NULL;
+/// const nsa_api_v2 *api = get ? get(NSA_ABI_VERSION) : NULL;
 /// if (get && !api) {
 ///     // Why: nsa_last_error is exported by every version, so it needs no table.
 ///     const char *(*why)(void) = (const char *(*)(void))dlsym(lib, "nsa_last_error");
@@ -242,10 +243,10 @@ static API_V1: nsa_api_v1 = nsa_api_v1 {
 /// The table is static (never free it) and valid while the library stays loaded.
 /// Thread-safe.
 #[no_mangle]
-pub extern "C" fn nsa_get_api(abi_version: u32) -> *const nsa_api_v1 {
+pub extern "C" fn nsa_get_api(abi_version: u32) -> *const nsa_api_v2 {
     guard_infallible("nsa_get_api", std::ptr::null(), || {
         if abi_version == NSA_ABI_VERSION {
-            return &API_V1 as *const nsa_api_v1;
+            return &API_V2 as *const nsa_api_v2;
         }
         // Recorded as the thread's last error; the status itself is not returned.
         let _ = guard("nsa_get_api", || {

@@ -243,18 +243,3 @@ pub(crate) fn disjoint(spans: &[Span]) -> FfiResult {
     Ok(())
 }
 
-/// The scalar fields of a layer run's io struct (`dtype`, `flags`, `tokens`), checked
-/// against the backend's config and the cache's planned step (CPU and CUDA alike).
-pub(crate) fn check_layer_header(cfg: &crate::config::Config, cache: &crate::cache::Cache, dtype: u32, flags: u32, tokens: u32) -> FfiResult {
-    if dtype != cfg.dtype as u32 {
-        return Err(NsaError::arg("io->dtype", dtype, format!("the config's dtype is {} ({})", cfg.dtype.name(), cfg.dtype as u32)).into());
-    }
-    if flags != 0 {
-        return Err(NsaError::arg("io->flags", format!("{flags:#x}"), "no flag is defined in this version: must be 0").into());
-    }
-    let step_tokens = cache.step()?.tokens;
-    if tokens != step_tokens {
-        return Err(NsaError::arg("io->tokens", tokens, format!("the planned step has {step_tokens} tokens")).into());
-    }
-    Ok(())
-}

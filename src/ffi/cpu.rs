@@ -7,7 +7,7 @@ use std::sync::{Mutex, PoisonError};
 
 use half::{bf16, f16};
 
-use super::args::{carve, check_layer_header, disjoint, handle, handle_bytes, out_ptr, read_struct, span, Handle, Span, Versioned};
+use super::args::{carve, disjoint, handle, handle_bytes, out_ptr, read_struct, span, Handle, Span, Versioned};
 use super::cache::nsa_cache;
 use super::config::{nsa_config_t, nsa_dtype, read_config};
 use super::status::{guard, nsa_status, FfiResult};
@@ -91,9 +91,12 @@ impl Handle for nsa_cpu_backend {
     }
 }
 
-/// One layer's arrays for the planned step. Rows are the step's tokens in plan order
-/// (see `nsa_step_seq_t`); `tokens` is their count. All arrays are dense, row-major, and
-/// read or written during the call only; the engine keeps no pointer.
+/// One layer's arrays for the planned step, for both backends. Rows are the step's tokens
+/// in plan order (see `nsa_step_seq_t`); `tokens` is their count. All arrays are dense and
+/// row-major. For `nsa_cpu_run_layer` they are host memory, read or written during the
+/// call only (the engine keeps no pointer). For `nsa_cuda_run_layer` they are device
+/// addresses (`CUdeviceptr` values as pointers) in the backend's device's primary context,
+/// read or written by the work the call enqueues, so they must stay valid until it ran.
 ///
 /// Activations (`q`, `k`, `v`, `out`) have the config's element type `dtype` and must be
 /// aligned to its size; the float and int arrays to 4 bytes. Arrays the engine writes
@@ -141,6 +144,24 @@ pub struct nsa_layer_io_t {
 // on 32- or 64-bit targets); raw pointers and integers accept any bit pattern.
 unsafe impl Versioned for nsa_layer_io_t {
     const NAME: &'static str = "nsa_layer_io_t";
+}
+
+impl nsa_layer_io_t {
+    /// The checks both backends make before looking at the arrays: `dtype` is the
+    /// config's, `flags` is 0, `tokens` is the planned step's.
+    pub(crate) fn check_step_fields(&self, cfg: &crate::Config, cache: &crate::Cache) -> FfiResult {
+        if self.dtype != cfg.dtype as u32 {
+            return Err(NsaError::arg("io->dtype", self.dtype, format!("the config's dtype is {} ({})", cfg.dtype.name(), cfg.dtype as u32)).into());
+        }
+        if self.flags != 0 {
+            return Err(NsaError::arg("io->flags", format!("{:#x}", self.flags), "no flag is defined in this version: must be 0").into());
+        }
+        let step_tokens = cache.step()?.tokens;
+        if self.tokens != step_tokens {
+            return Err(NsaError::arg("io->tokens", self.tokens, format!("the planned step has {step_tokens} tokens")).into());
+        }
+        Ok(())
+    }
 }
 
 /// Writes to `*out` the bytes of host memory the CPU backend needs (handle, every layer's
@@ -346,7 +367,7 @@ pub unsafe extern "C" fn nsa_cpu_run_layer_part(
 
 /// The checks of `io`'s scalar fields; returns the config's dtype.
 fn checked_dtype(b: &CpuBackend<'static>, c: &nsa_cache, io: &nsa_layer_io_t) -> FfiResult<Dtype> {
-    check_layer_header(b.config(), c.cache(), io.dtype, io.flags, io.tokens)?;
+    io.check_step_fields(b.config(), c.cache())?;
     Ok(b.config().dtype)
 }
 

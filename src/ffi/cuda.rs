@@ -3,16 +3,15 @@
 //! feature, or running where no CUDA driver or device is usable, answers
 //! `NSA_STATUS_BACKEND_UNAVAILABLE` with the reason, and never crashes.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_void, CStr};
+use std::path::PathBuf;
 
-use super::args::{out_ptr, out_struct, read_struct, Versioned};
+use super::args::{handle, handle_mut, out_ptr, out_struct, read_struct, Handle, Versioned};
 use super::cache::nsa_cache;
-use super::config::{nsa_config_t, nsa_dtype, read_config};
-use super::status::{guard, guard_infallible, nsa_status};
-#[cfg(not(feature = "cuda"))]
-use super::status::FfiResult;
-#[cfg(feature = "cuda")]
-use super::args::{handle, handle_mut, Handle};
+use super::config::{nsa_config_t, read_config};
+use super::cpu::nsa_layer_io_t;
+use super::status::{guard, guard_infallible, nsa_status, FfiResult};
+use crate::cuda::{CudaBackend, CudaOptions, DeviceLayerIo};
 use crate::error::NsaError;
 
 /// The CUDA backend: kernels compiled for the device, and the host side of the step
@@ -22,16 +21,13 @@ use crate::error::NsaError;
 /// Thread safety: one call at a time per backend (calls enqueue work on the stream the
 /// caller passes). Different backends are independent.
 pub struct nsa_cuda_backend {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     magic: u64,
-    #[cfg(feature = "cuda")]
-    pub(super) backend: crate::cuda::CudaBackend,
+    /// Without the `cuda` feature, the stub's `CudaBackend` (no value: never created).
+    pub(super) backend: CudaBackend,
 }
 
-#[cfg(feature = "cuda")]
 const CUDA_MAGIC: u64 = 0x4e53_415f_4355_4441; // "NSA_CUDA"
 
-#[cfg(feature = "cuda")]
 impl Handle for nsa_cuda_backend {
     const MAGIC: u64 = CUDA_MAGIC;
     const NAME: &'static str = "nsa_cuda_backend";
@@ -40,13 +36,13 @@ impl Handle for nsa_cuda_backend {
     }
 }
 
-/// What `nsa_cuda_probe` found: the device the CUDA backend uses (ordinal 0).
+/// What `nsa_cuda_probe` found: the device of the ordinal asked for.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct nsa_cuda_device_info_t {
     /// `sizeof(nsa_cuda_device_info_t)` as the caller compiled it.
     pub struct_size: u32,
-    /// Device ordinal (0).
+    /// Device ordinal (the one asked for).
     pub ordinal: i32,
     /// Compute capability, major (9 for an H100).
     pub cc_major: i32,
@@ -67,71 +63,59 @@ unsafe impl Versioned for nsa_cuda_device_info_t {
     const NAME: &'static str = "nsa_cuda_device_info_t";
 }
 
-/// One layer's device arrays for the planned step: device pointers (`CUdeviceptr`, 0 for
-/// an optional array that is absent). Shapes as `nsa_layer_io_t`: `q [tokens, HQ, DK]`,
-/// `k [tokens, HKV, DK]`, `v [tokens, HKV, DV]` in the config's `dtype`; `gates
-/// [tokens, HQ, 3]` f32; `out [tokens, HQ, DV]` written; `selected [tokens, HKV, n]` int32
-/// written when not 0; `phi_k`/`phi_v` the layer's f32 phi weights (`phi_k_len` and
-/// `phi_v_len` elements, 0 for phi = mean). All must be device memory of the primary
-/// context, read or written only by the work the call enqueues. Set
-/// `struct_size = sizeof(nsa_cuda_layer_io_t)`.
+/// Options of `nsa_cuda_backend_create`; NULL there means all defaults. Set
+/// `struct_size = sizeof(nsa_cuda_options_t)` and zero what you do not set.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct nsa_cuda_layer_io_t {
-    /// `sizeof(nsa_cuda_layer_io_t)` as the caller compiled it.
+pub struct nsa_cuda_options_t {
+    /// `sizeof(nsa_cuda_options_t)` as the caller compiled it.
     pub struct_size: u32,
-    /// Element type of q, k, v and out: must be the config's dtype.
-    pub dtype: nsa_dtype,
-    /// Rows: must equal the planned step's token count.
-    pub tokens: u32,
-    /// Must be 0 (no flag is defined in this version).
-    pub flags: u32,
-    /// `[tokens, HQ, DK]` queries (required, unless `q` and `out` are both 0: append only).
-    pub q: u64,
-    /// `[tokens, HKV, DK]` new keys (required).
-    pub k: u64,
-    /// `[tokens, HKV, DV]` new values (required).
-    pub v: u64,
-    /// `[tokens, HQ, 3]` f32 gates (compressed, selected, window) (required).
-    pub gates: u64,
-    /// `[tokens, HQ, DV]` output, written (required).
-    pub out: u64,
-    /// `[tokens, HKV, n]` int32 selected blocks, written; 0 to skip.
-    pub selected: u64,
-    /// The layer's f32 phi weights for K; 0 for phi = mean.
-    pub phi_k: u64,
-    /// The layer's f32 phi weights for V; 0 for phi = mean.
-    pub phi_v: u64,
-    /// Elements at `phi_k`: `Config::phi_weight_len(DK)` (0 for mean).
-    pub phi_k_len: u64,
-    /// Elements at `phi_v`: `Config::phi_weight_len(DV)` (0 for mean).
-    pub phi_v_len: u64,
+    /// The CUDA device (ordinal) whose primary context holds the device buffer and runs
+    /// the kernels (default 0). Backends on different devices are independent: one
+    /// process may run one per GPU (e.g. each with its share of the KV heads).
+    pub device_ordinal: i32,
+    /// Directory of the on-disk cache of compiled kernels, a NUL-terminated path read
+    /// during the call; NULL: the environment variable `NSA_CUDA_CACHE_DIR` if set, else
+    /// no disk cache.
+    pub cache_dir: *const c_char,
 }
 
-// SAFETY: repr(C), struct_size first, integers only, no padding (4*4 + 8*10).
-unsafe impl Versioned for nsa_cuda_layer_io_t {
-    const NAME: &'static str = "nsa_cuda_layer_io_t";
+// SAFETY: repr(C), struct_size first, then an i32 and a pointer (no padding on 64-bit
+// targets; on 32-bit the pointer follows at offset 8 too); any bit pattern is valid.
+unsafe impl Versioned for nsa_cuda_options_t {
+    const NAME: &'static str = "nsa_cuda_options_t";
 }
 
-#[cfg(not(feature = "cuda"))]
-pub(super) fn unavailable<T>() -> FfiResult<T> {
-    Err(NsaError::BackendUnavailable("this libnsa was built without CUDA support (cargo feature `cuda`)".into()).into())
+/// The Rust options from the C ones (NULL: defaults).
+unsafe fn read_options(opts: *const nsa_cuda_options_t) -> FfiResult<CudaOptions> {
+    if opts.is_null() {
+        return Ok(CudaOptions::default());
+    }
+    let o = read_struct(opts, "opts")?;
+    let cache_dir = if o.cache_dir.is_null() {
+        None
+    } else {
+        let dir = CStr::from_ptr(o.cache_dir).to_str().map_err(|_| NsaError::arg("opts->cache_dir", "(not UTF-8)", "must be a UTF-8 path"))?;
+        Some(PathBuf::from(dir))
+    };
+    Ok(CudaOptions { cache_dir, device_ordinal: o.device_ordinal })
 }
 
-/// Whether a CUDA device is usable, and which. Loads the CUDA driver and NVRTC at run time
-/// (nothing CUDA is linked): on success writes `*out` (set `out->struct_size` first).
+/// Whether CUDA device `device_ordinal` (0 for the first) is usable, and what it is. Loads
+/// the CUDA driver and NVRTC at run time (nothing CUDA is linked): on success writes
+/// `*out` (set `out->struct_size` first).
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
+/// `NSA_STATUS_INVALID_ARGUMENT` (`device_ordinal` not a device the driver sees),
 /// `NSA_STATUS_BACKEND_UNAVAILABLE` (built without CUDA, no driver, no device, a device
 /// older than compute capability 8.0, or no NVRTC: the message says which).
 /// Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn nsa_cuda_probe(out: *mut nsa_cuda_device_info_t) -> nsa_status {
+pub unsafe extern "C" fn nsa_cuda_probe(device_ordinal: i32, out: *mut nsa_cuda_device_info_t) -> nsa_status {
     guard("nsa_cuda_probe", || {
         let out = out_struct(out, "out")?;
-        #[cfg(feature = "cuda")]
         {
-            let d = crate::cuda::CudaBackend::probe()?;
+            let d = crate::cuda::probe_device(device_ordinal)?;
             let mut name = [0 as c_char; 128];
             for (dst, b) in name.iter_mut().zip(d.name.bytes().take(127)) {
                 *dst = b as c_char;
@@ -148,11 +132,6 @@ pub unsafe extern "C" fn nsa_cuda_probe(out: *mut nsa_cuda_device_info_t) -> nsa
             });
             Ok(())
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = out;
-            unavailable()
-        }
     })
 }
 
@@ -167,22 +146,16 @@ pub unsafe extern "C" fn nsa_cuda_device_size(cfg: *const nsa_config_t, out: *mu
     guard("nsa_cuda_device_size", || {
         let out = out_ptr(out, "out")?;
         let cfg = read_config(cfg, "cfg")?;
-        #[cfg(feature = "cuda")]
-        {
-            out.write(crate::cuda::CudaBackend::device_bytes(&cfg)?);
-            Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (out, cfg);
-            unavailable()
-        }
+        out.write(CudaBackend::device_bytes(&cfg)?);
+        Ok(())
     })
 }
 
-/// Creates a CUDA backend over the caller's device buffer `device_ptr` (`bytes` bytes, at
-/// least `nsa_cuda_device_size`, 256-byte aligned, allocated in device 0's primary context,
-/// e.g. by `cudaMalloc`) and writes its handle to `*out`. Compiles the kernels with NVRTC
+/// Creates a CUDA backend on device `opts->device_ordinal` (NULL `opts`: device 0, no
+/// kernel cache directory but `NSA_CUDA_CACHE_DIR`) over the caller's device buffer
+/// `device_ptr` (`bytes` bytes, at least `nsa_cuda_device_size`, 256-byte aligned,
+/// allocated in that device's primary context, e.g. by `cudaMalloc` after
+/// `cudaSetDevice`) and writes its handle to `*out`. Compiles the kernels with NVRTC
 /// for the device (once per process and architecture; set `NSA_CUDA_CACHE_DIR` to keep
 /// compiled code on disk). Pass the same config to `nsa_cache_init`.
 ///
@@ -194,12 +167,14 @@ pub unsafe extern "C" fn nsa_cuda_device_size(cfg: *const nsa_config_t, out: *mu
 /// zeroed, the pools' tensor maps written); the pools are left as they are.
 ///
 /// Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_BAD_STRUCT_SIZE`,
-/// `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0),
+/// `NSA_STATUS_INVALID_CONFIG`, `NSA_STATUS_INVALID_ARGUMENT` (`device_ptr` 0 or not
+/// memory of the device, `opts->device_ordinal` not a device, `opts->cache_dir` not UTF-8),
 /// `NSA_STATUS_MISALIGNED`, `NSA_STATUS_BUFFER_TOO_SMALL`,
 /// `NSA_STATUS_BACKEND_UNAVAILABLE`, `NSA_STATUS_CUDA_ERROR` (compilation or loading).
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cuda_backend_create(
     cfg: *const nsa_config_t,
+    opts: *const nsa_cuda_options_t,
     device_ptr: u64,
     bytes: usize,
     out: *mut *mut nsa_cuda_backend,
@@ -207,17 +182,10 @@ pub unsafe extern "C" fn nsa_cuda_backend_create(
     guard("nsa_cuda_backend_create", || {
         let out = out_ptr(out, "out")?;
         let cfg = read_config(cfg, "cfg")?;
-        #[cfg(feature = "cuda")]
-        {
-            let backend = crate::cuda::CudaBackend::new(&cfg, device_ptr, bytes)?;
-            out.write(Box::into_raw(Box::new(nsa_cuda_backend { magic: CUDA_MAGIC, backend })));
-            Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (out, cfg, device_ptr, bytes);
-            unavailable()
-        }
+        let opts = read_options(opts)?;
+        let backend = CudaBackend::new_with(&cfg, device_ptr, bytes, &opts)?;
+        out.write(Box::into_raw(Box::new(nsa_cuda_backend { magic: CUDA_MAGIC, backend })));
+        Ok(())
     })
 }
 
@@ -227,13 +195,10 @@ pub unsafe extern "C" fn nsa_cuda_backend_create(
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cuda_backend_destroy(backend: *mut nsa_cuda_backend) {
     guard_infallible("nsa_cuda_backend_destroy", (), || {
-        #[cfg(feature = "cuda")]
         if let Ok(b) = handle_mut(backend, "backend") {
             b.magic = 0;
             drop(Box::from_raw(backend));
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = backend;
     })
 }
 
@@ -251,23 +216,16 @@ pub unsafe extern "C" fn nsa_cuda_backend_destroy(backend: *mut nsa_cuda_backend
 #[no_mangle]
 pub unsafe extern "C" fn nsa_cuda_upload_step(backend: *mut nsa_cuda_backend, cache: *const nsa_cache, stream: *mut c_void) -> nsa_status {
     guard("nsa_cuda_upload_step", || {
-        #[cfg(feature = "cuda")]
-        {
-            let b = handle_mut(backend, "backend")?;
-            let c = handle(cache, "cache")?;
-            Ok(b.backend.upload_step(c.cache(), stream.cast())?)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (backend, cache, stream);
-            unavailable()
-        }
+        let b = handle_mut(backend, "backend")?;
+        let c = handle(cache, "cache")?;
+        Ok(b.backend.upload_step(c.cache(), stream.cast())?)
     })
 }
 
 /// Enqueues layer `layer` of the planned (and uploaded) step on `stream`: copy-on-write
 /// copies, append of the step's K/V rows, compression of finished blocks, NSA attention
 /// for every new token into `io->out` (and the selected blocks into `io->selected`).
+/// `io`'s arrays are device addresses of the backend's device (see `nsa_layer_io_t`).
 /// With `io->q` and `io->out` both 0 the run is append-only: K/V appended and
 /// compressed, no attention (to fill a cache from K/V the host already has).
 /// Allocates nothing; reads lengths on the device, so a decode step's layer runs can be
@@ -288,43 +246,36 @@ pub unsafe extern "C" fn nsa_cuda_run_layer(
     backend: *mut nsa_cuda_backend,
     cache: *const nsa_cache,
     layer: u32,
-    io: *const nsa_cuda_layer_io_t,
+    io: *const nsa_layer_io_t,
     stream: *mut c_void,
 ) -> nsa_status {
     guard("nsa_cuda_run_layer", || {
         let io = read_struct(io, "io")?;
-        #[cfg(feature = "cuda")]
-        {
-            let b = handle_mut(backend, "backend")?;
-            let c = handle(cache, "cache")?;
-            let cfg = *b.backend.config();
-            super::args::check_layer_header(&cfg, c.cache(), io.dtype, io.flags, io.tokens)?;
-            // Required pointers (and the q = out = 0 append-only rule) are checked by the
-            // backend; here only what it cannot know: the phi weights' element counts.
-            for (arg, p, len, want) in [
-                ("io->phi_k_len", io.phi_k, io.phi_k_len, cfg.phi_weight_len(cfg.head_dim_qk)),
-                ("io->phi_v_len", io.phi_v, io.phi_v_len, cfg.phi_weight_len(cfg.head_dim_v)),
-            ] {
-                if len != want as u64 || (want > 0 && p == 0) {
-                    return Err(NsaError::arg(arg, len, format!("phi {} needs {want} f32 weights at a non-zero device pointer", cfg.phi.name())).into());
-                }
+        let b = handle_mut(backend, "backend")?;
+        let c = handle(cache, "cache")?;
+        let cfg = *b.backend.config();
+        io.check_step_fields(&cfg, c.cache())?;
+        // Required pointers (and the q = out = 0 append-only rule) are checked by the
+        // backend; here only what it cannot know: the phi weights' element counts.
+        for (arg, p, len, want) in [
+            ("io->phi_k_len", io.phi_k, io.phi_k_len, cfg.phi_weight_len(cfg.head_dim_qk)),
+            ("io->phi_v_len", io.phi_v, io.phi_v_len, cfg.phi_weight_len(cfg.head_dim_v)),
+        ] {
+            if len != want || (want > 0 && p.is_null()) {
+                return Err(NsaError::arg(arg, len, format!("phi {} needs {want} f32 weights at a non-zero device pointer", cfg.phi.name())).into());
             }
-            let dio = crate::cuda::DeviceLayerIo {
-                q: io.q,
-                k: io.k,
-                v: io.v,
-                gates: io.gates,
-                out: io.out,
-                selected: io.selected,
-                phi_k: io.phi_k,
-                phi_v: io.phi_v,
-            };
-            Ok(b.backend.run_layer(c.cache(), layer, &dio, stream.cast())?)
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (backend, cache, layer, io, stream);
-            unavailable()
-        }
+        let addr = |p: *const c_void| p as usize as u64;
+        let dio = DeviceLayerIo {
+            q: addr(io.q),
+            k: addr(io.k),
+            v: addr(io.v),
+            gates: addr(io.gates.cast()),
+            out: addr(io.out.cast_const()),
+            selected: addr(io.selected.cast_const().cast()),
+            phi_k: addr(io.phi_k.cast()),
+            phi_v: addr(io.phi_v.cast()),
+        };
+        Ok(b.backend.run_layer(c.cache(), layer, &dio, stream.cast())?)
     })
 }

@@ -134,21 +134,13 @@ pub unsafe extern "C" fn nsa_cuda_state_export(
 ) -> nsa_status {
     guard("nsa_cuda_state_export", || {
         let written = out_ptr(written, "written")?;
-        #[cfg(feature = "cuda")]
-        {
-            let b = handle_mut(backend, "backend")?;
-            let c = handle(cache, "cache")?;
-            let out = state_span(buf, bytes, true, &[c.span()])?;
-            // SAFETY: as in `nsa_cpu_state_export`.
-            let n = b.backend.export_sequence(c.cache(), seq, out.slice_mut::<u8>(), stream.cast())?;
-            written.write(n);
-            Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (backend, cache, seq, buf, bytes, written, stream);
-            super::cuda::unavailable()
-        }
+        let b = handle_mut(backend, "backend")?;
+        let c = handle(cache, "cache")?;
+        let out = state_span(buf, bytes, true, &[c.span()])?;
+        // SAFETY: as in `nsa_cpu_state_export`.
+        let n = b.backend.export_sequence(c.cache(), seq, out.slice_mut::<u8>(), stream.cast())?;
+        written.write(n);
+        Ok(())
     })
 }
 
@@ -169,19 +161,11 @@ pub unsafe extern "C" fn nsa_cuda_state_import(
     stream: *mut c_void,
 ) -> nsa_status {
     guard("nsa_cuda_state_import", || {
-        #[cfg(feature = "cuda")]
-        {
-            let b = handle_mut(backend, "backend")?;
-            let c = handle_mut(cache, "cache")?;
-            let arena = Span { written: true, ..c.span() };
-            let src = state_span(buf, bytes, false, &[arena])?;
-            // SAFETY: as in `nsa_cpu_state_import`.
-            Ok(b.backend.import_sequence(c.cache_mut(), seq, src.slice::<u8>(), stream.cast())?)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (backend, cache, seq, buf, bytes, stream);
-            super::cuda::unavailable()
-        }
+        let b = handle_mut(backend, "backend")?;
+        let c = handle_mut(cache, "cache")?;
+        let arena = Span { written: true, ..c.span() };
+        let src = state_span(buf, bytes, false, &[arena])?;
+        // SAFETY: as in `nsa_cpu_state_import`.
+        Ok(b.backend.import_sequence(c.cache_mut(), seq, src.slice::<u8>(), stream.cast())?)
     })
 }

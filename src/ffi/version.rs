@@ -8,7 +8,7 @@ use super::status::guard_infallible;
 /// signature of every function. It changes only on an incompatible change; compatible
 /// additions (new functions appended to the table, new trailing struct fields, new status
 /// codes) keep it. Pass it to `nsa_get_api`.
-pub const NSA_ABI_VERSION: u32 = 1;
+pub const NSA_ABI_VERSION: u32 = 2;
 /// Library major version (the crate's semver major).
 pub const NSA_VERSION_MAJOR: u32 = 0;
 /// Library minor version.

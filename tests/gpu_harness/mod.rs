@@ -423,6 +423,7 @@ impl<T: Elem> Harness<T> {
             self.gpu.download_pools(&mut gp, std::ptr::null_mut()).unwrap();
         }
         let name = self.name.clone();
+        let prefill_kernels = self.gpu.uses_prefill_kernels();
         let (ptr, len) = self.cpu_pool;
         drop(self);
         // SAFETY: leaked test memory; the CPU backend that borrowed it is dropped.
@@ -464,11 +465,12 @@ impl<T: Elem> Harness<T> {
             }
         }
         println!(
-            "RESULT {name}: dtype={} G={} DK={} DV={} steps={} rows={} groups={} near_ties={} max_rel_err={:.2e} max_score_gap={:.1e} pool_rows={} max_pool_err={:.1e} cpu={:.2}s gpu={:.2}s",
+            "RESULT {name}: dtype={} G={} DK={} DV={} prefill_kernels={} steps={} rows={} groups={} near_ties={} max_rel_err={:.2e} max_score_gap={:.1e} pool_rows={} max_pool_err={:.1e} cpu={:.2}s gpu={:.2}s",
             cfg.dtype.name(),
             cfg.group_size(),
             dk,
             dv,
+            prefill_kernels,
             stats.steps,
             stats.rows,
             stats.groups,

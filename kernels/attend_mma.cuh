@@ -1,0 +1,382 @@
+// Tensor-core attention core (mma.sync), shared by the compressed, selected + window and full kernels.
+#ifndef NSA_ATTEND_MMA_CUH
+#define NSA_ATTEND_MMA_CUH
+
+#include "common.cuh"
+#include "ptx.cuh"
+
+// ---------------------------------------------------------------- tensor-core attention
+// bf16/f16 with DK, DV multiples of 16 (the host checks; other shapes use `attend`).
+// A block of NSA_MMA_WARPS warps owns (row, KV head, unit) and up to 16 heads of the group at a time
+// (the rows of an m16n8k16 tile; a smaller group pads rows with zero queries). Each warp
+// streams its own tiles of NSA_MMA_KEYS = 16 keys (tiles warp, warp + NSA_MMA_WARPS, ...) through `p.launch.nstage`
+// (2..NSA_MMA_MAX_STAGES, picked by the host from the occupancy) shared-memory stages with
+// cp.async (16-byte copies, zero-filled for masked keys),
+// computes S = Q K^T (ldmatrix + mma), an online softmax in registers, O += P V (P
+// packed to 16 bits as the A operand, V through ldmatrix.trans), then the warps' states
+// are merged in shared memory and stored as the unit's partial (m, l, acc).
+// With `p.launch.mode & 1` (sm_90) a tile is loaded by 1-D bulk copies instead, one K or V row
+// per lane, completing on the stage's mbarrier; masked keys of a partly valid tile copy a
+// valid row of the tile (their scores are masked), fully masked tiles load nothing.
+// With `p.launch.mode & 2` (sm_90, DK and DV multiples of 64, 16-aligned pages and blocks) a tile
+// is DK/64 + DV/64 boxes of a tensor map instead (16 rows x 128 bytes each, the copy
+// engine's 128-byte swizzle, which the ldmatrix addresses undo): a few large requests
+// instead of 32 row copies. The copy engine issues requests slowly, so this is what keeps
+// enough bytes in flight. Masked keys' V rows are zeroed after arrival.
+// Shared: q_s[16][DK+8] | mbarriers[NSA_MMA_WARPS][NSA_MMA_MAX_STAGES] (128 bytes) | per warp, per stage:
+// K[16][DK+8] V[16][DV+8] (16-bit; unpadded K[DK/64][16][64] V[DV/64][16][64] boxes from a
+// 1024-byte boundary with tensor maps); after the loop the stages are reused for the
+// merge: acc[NSA_MMA_WARPS][16][DV] | m[NSA_MMA_WARPS][16] | l | f.
+
+// The keys of one unit: a contiguous range [lo, lo + n), or `n / sel_block` selected blocks
+// (`blocks`, -1 = none) of sel_block keys each, masked past position t.
+struct Keys {
+    const int* blocks;
+    int lo, n, t;
+    int first;  // contiguous ranges: positions below it are masked (a 16-aligned window start)
+};
+__device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
+    if (j >= ks.n) return -1;
+    if (!ks.blocks) return ks.lo + j >= ks.first ? ks.lo + j : -1;
+    int b = ks.blocks[j / p.shape.sel_block];
+    if (b < 0) return -1;
+    int pos = b * p.shape.sel_block + j % p.shape.sel_block;
+    return pos <= ks.t ? pos : -1;
+}
+
+template <class E, int NVT>
+__device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
+                           int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
+                           float* logit_out) {
+    extern __shared__ float smem[];
+    const int DK = p.shape.head_dim_qk, DV = p.shape.head_dim_v;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q4 = lane & 3;
+    const bool bulk = (p.launch.mode & 1) != 0, tma = (p.launch.mode & 2) != 0;
+    // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
+    const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
+    const int stage_elems = NSA_MMA_KEYS * (KS + VS);
+    u16* q_s = (u16*)smem;
+    unsigned long long* bars = (unsigned long long*)(q_s + 16 * QS);
+    u16* stg = q_s + 16 * QS + NSA_MMA_WARPS * NSA_MMA_MAX_STAGES * 4;  // the mbarriers, 8 bytes each (MBAR_BYTES)
+    if (tma) stg = (u16*)smem + ((smem_u32(stg) + 1023u & ~1023u) - smem_u32(smem)) / 2;  // box alignment
+    const int S = p.launch.nstage;
+    u16* my = stg + warp * S * stage_elems;
+    const unsigned bar0 = smem_u32(bars + warp * NSA_MMA_MAX_STAGES);
+    if (bulk && lane == 0) {
+        for (int st = 0; st < S; st++) mbar_init(bar0 + 8 * st, 1);
+        fence_mbar_init();
+    }
+    if (((usize)qsrc & 15) == 0) {
+        // 16-byte loads, all independent (DK is a multiple of 16, so rows stay aligned).
+        const int cpr = DK / 8;
+        for (int e = tid; e < 16 * cpr; e += blockDim.x) {
+            int h = e / cpr, c = (e - h * cpr) * 8;
+            uint4 x = h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
+            *(uint4*)(q_s + h * QS + c) = x;
+        }
+    } else {
+        for (int e = tid; e < 16 * DK; e += blockDim.x) {
+            int h = e / DK, c = e - h * DK;
+            q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
+        }
+    }
+    __syncthreads();
+    const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
+    const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
+    const int ck = DK / 8, cv = DV / 8;
+    // Tensor maps: lane l holds the first key position and the box row (z = page * HKV +
+    // kvh) of the warp's tiles 32g + l, looked up together once per 32 tiles (one round of
+    // selection-index and page-table loads, instead of two dependent loads before each
+    // tile's copy). Two groups (g even / odd) live at once: the copies run S - 1 tiles
+    // ahead of the math, which still reads the previous group.
+    int tpos[2] = {-1, -1}, tz[2] = {0, 0};
+    auto tile_src = [&](int li) {  // warp-local tile li = (ti - warp) / NSA_MMA_WARPS, lane's entry
+        const int g = (li >> 5) & 1, j0 = (warp + li * NSA_MMA_WARPS) * NSA_MMA_KEYS;
+        int pos0 = -1;
+        if (j0 < ks.n) {
+            if (ks.blocks) {
+                int b = ks.blocks[j0 / p.shape.sel_block];
+                pos0 = b >= 0 && b * p.shape.sel_block + j0 % p.shape.sel_block <= ks.t ? b * p.shape.sel_block + j0 % p.shape.sel_block : -1;
+            } else {
+                pos0 = ks.lo + min(j0 + NSA_MMA_KEYS, ks.n) - 1 >= ks.first ? ks.lo + j0 : -1;
+            }
+        }
+        int z = pos0 >= 0 ? table[pos0 / p.paging.page_size] * p.shape.num_kv_heads + kvh : 0;
+        if (g) {
+            tpos[1] = pos0;
+            tz[1] = z;
+        } else {
+            tpos[0] = pos0;
+            tz[0] = z;
+        }
+    };
+    // First key position of warp-local tile li (a shuffle: call it warp-uniformly).
+    auto tile_pos0 = [&](int li) { return __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tpos[1] : tpos[0], li & 31); };
+    // Position of key jj (0..15) of warp-local tile li, given its first position, or -1.
+    auto tile_key = [&](int li, int pos0, int jj) {
+        if (pos0 < 0) return -1;
+        int pos = pos0 + jj;
+        if (ks.blocks) return pos <= ks.t ? pos : -1;
+        return (warp + li * NSA_MMA_WARPS) * NSA_MMA_KEYS + jj < ks.n && pos >= ks.first ? pos : -1;
+    };
+    auto load = [&](int ti, int st) {
+        u16* kd = my + st * stage_elems;
+        u16* vd = kd + NSA_MMA_KEYS * KS;
+        if (tma) {
+            // The tile's keys are 16 consecutive rows of one page (the host guarantees
+            // 16-aligned ranges, blocks and pages): DK/64 + DV/64 box loads.
+            const int li = (ti - warp) / NSA_MMA_WARPS;
+            if ((li & 31) == 0) tile_src(li + lane);
+            int pos0 = tile_pos0(li);
+            int z = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tz[1] : tz[0], li & 31);
+            unsigned bar = bar0 + 8 * st;
+            fence_async_smem();
+            if (pos0 < 0) {
+                if (lane == 0) mbar_expect(bar, 0u);
+                return;
+            }
+            if (lane == 0) mbar_expect(bar, (unsigned)(NSA_MMA_KEYS * (DK + DV) * 2));
+            __syncwarp();
+            int y = pos0 % p.paging.page_size;
+            int nbk = DK / 64, nbv = DV / 64;
+            if (lane < nbk)
+                tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
+            else if (lane < nbk + nbv)
+                tma_load3(smem_u32(vd) + (lane - nbk) * 2048, vmap, (lane - nbk) * 64, y, z, bar);
+            return;
+        }
+        if (bulk) {
+            int j = lane & (NSA_MMA_KEYS - 1);
+            int pos = key_pos(p, ks, ti * NSA_MMA_KEYS + j);
+            unsigned valid = __ballot_sync(0xffffffffu, pos >= 0) & 0xffffu;
+            unsigned bar = bar0 + 8 * st;
+            fence_async_smem();  // earlier generic accesses of the stage before the copy engine's writes
+            if (valid == 0u) {
+                if (lane == 0) mbar_expect(bar, 0u);
+                return;
+            }
+            int first = __shfl_sync(0xffffffffu, pos, __ffs(valid) - 1);
+            int src = pos >= 0 ? pos : first;
+            if (lane == 0) mbar_expect(bar, (unsigned)(NSA_MMA_KEYS * (DK + DV) * 2));
+            __syncwarp();
+            int page = table[src / p.paging.page_size];
+            int off = src % p.paging.page_size;
+            if (lane < NSA_MMA_KEYS)
+                bulk_g2s(smem_u32(kd + j * QS), kpool + row_at(p, page, kvh, off, DK), (unsigned)(DK * 2), bar);
+            else
+                bulk_g2s(smem_u32(vd + j * VS), vpool + row_at(p, page, kvh, off, DV), (unsigned)(DV * 2), bar);
+            return;
+        }
+        int pos = lane < NSA_MMA_KEYS ? key_pos(p, ks, ti * NSA_MMA_KEYS + lane) : -1;
+        usize rk = 0, rv = 0;
+        if (pos >= 0) {
+            int page = table[pos / p.paging.page_size];
+            int off = pos % p.paging.page_size;
+            rk = row_at(p, page, kvh, off, DK);
+            rv = row_at(p, page, kvh, off, DV);
+        }
+        for (int j = 0; j < NSA_MMA_KEYS; j++) {
+            int pj = __shfl_sync(0xffffffffu, pos, j);
+            usize k0 = __shfl_sync(0xffffffffu, rk, j);
+            usize v0 = __shfl_sync(0xffffffffu, rv, j);
+            int bytes = pj >= 0 ? 16 : 0;
+            for (int c = lane; c < ck; c += 32) cp_async16(smem_u32(kd + j * QS + c * 8), kpool + k0 + c * 8, bytes);
+            for (int c = lane; c < cv; c += 32) cp_async16(smem_u32(vd + j * VS + c * 8), vpool + v0 + c * 8, bytes);
+        }
+    };
+    float o[NVT][4];
+#pragma unroll
+    for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    for (int st = 0; st < S - 1; st++) {
+        if (st < cnt) load(warp + st * NSA_MMA_WARPS, st);
+        cp_commit();
+    }
+    const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
+    for (int i = 0; i < cnt; i++) {
+        int nx = i + S - 1;
+        if (nx < cnt) load(warp + nx * NSA_MMA_WARPS, nx % S);
+        if (bulk) {
+            mbar_wait(bar0 + 8 * (i % S), (unsigned)((i / S) & 1));
+        } else {
+            cp_commit();
+            if (S == 2)
+                cp_wait<1>();
+            else if (S == 3)
+                cp_wait<2>();
+            else
+                cp_wait<3>();
+        }
+        __syncwarp();
+        const int j0 = (warp + i * NSA_MMA_WARPS) * NSA_MMA_KEYS;
+        // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
+        // holds no copied rows in bulk mode.
+        const int tp0 = tma ? tile_pos0(i) : -1;
+        unsigned vis =
+            __ballot_sync(0xffffffffu, (tma ? tile_key(i, tp0, lane & (NSA_MMA_KEYS - 1)) : key_pos(p, ks, j0 + (lane & (NSA_MMA_KEYS - 1)))) >= 0) &
+            0xffffu;
+        if (vis == 0u) continue;
+        u16* kt = my + (i % S) * stage_elems;
+        u16* vt = kt + NSA_MMA_KEYS * KS;
+        if (tma && vis != 0xffffu) {
+            // Box rows of masked keys hold whatever the page holds there (maybe NaN):
+            // zero their V rows, as P = 0 times NaN is NaN. (The next copy into this stage
+            // is ordered after these writes by the proxy fence in `load`.)
+            for (int x = lane; x < NSA_MMA_KEYS * (DV / 8); x += 32) {
+                int r = x & (NSA_MMA_KEYS - 1), c = x >> 4;  // row, 16-byte chunk (any order: whole rows)
+                if (!((vis >> r) & 1u)) *(uint4*)(vt + (c >> 3) * 1024 + r * 64 + (c & 7) * 8) = make_uint4(0, 0, 0, 0);
+            }
+            __syncwarp();
+        }
+        float s[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
+        // ldmatrix row addresses; swizzled boxes: 16-byte chunk c of row r of a box sits
+        // at chunk c ^ (r & 7) of the row (the copy engine's 128-byte swizzle).
+        const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+        const unsigned ka = tma ? smem_u32(kt) + krow * 128 : smem_u32(kt + krow * KS + kc * 8);
+        for (int kk = 0; kk < DK; kk += 16) {
+            unsigned a0, a1, a2, a3, b0, b1, b2, b3;
+            ldsm4(qa + kk * 2, a0, a1, a2, a3);
+            ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2,
+                  b3);
+            mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
+        }
+        // Scale, mask, keep the raw logits (compressed branch), online softmax. A lane's
+        // two keys of an n8 tile are adjacent positions (ranges are contiguous there):
+        // one 8-byte store per head when both are visible (the host keeps maxc even).
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            int pos[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int jj = nt * 8 + q4 * 2 + e;
+                pos[e] = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
+                s[nt][e] *= p.shape.scale;
+                s[nt][2 + e] *= p.shape.scale;
+            }
+            if (logit_out) {
+                float* la = logit_out + (usize)g * p.ws.max_cmp;
+                float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp;
+                if (pos[0] >= 0 && pos[1] == pos[0] + 1 && (pos[0] & 1) == 0) {
+                    if (g < hcn) *(float2*)(la + pos[0]) = make_float2(s[nt][0], s[nt][1]);
+                    if (g + 8 < hcn) *(float2*)(lb + pos[0]) = make_float2(s[nt][2], s[nt][3]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                        if (pos[e] >= 0) {
+                            if (g < hcn) la[pos[e]] = s[nt][e];
+                            if (g + 8 < hcn) lb[pos[e]] = s[nt][2 + e];
+                        }
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (pos[e] < 0) s[nt][e] = s[nt][2 + e] = NEG_INF;
+            }
+        }
+        float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+        float uA = nA == NEG_INF ? 0.f : nA, uB = nB == NEG_INF ? 0.f : nB;
+        float cA = fexp(mA - uA), cB = fexp(mB - uB);
+        float pr[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            pr[nt][0] = fexp(s[nt][0] - uA);
+            pr[nt][1] = fexp(s[nt][1] - uA);
+            pr[nt][2] = fexp(s[nt][2] - uB);
+            pr[nt][3] = fexp(s[nt][3] - uB);
+        }
+        lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+        lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+        mA = nA;
+        mB = nB;
+#pragma unroll
+        for (int d = 0; d < NVT; d++) {
+            o[d][0] *= cA;
+            o[d][1] *= cA;
+            o[d][2] *= cB;
+            o[d][3] *= cB;
+        }
+        unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
+        unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
+        const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+        const unsigned va = tma ? smem_u32(vt) + vrow * 128 : smem_u32(vt + vrow * VS + vc * 8);
+#pragma unroll
+        for (int dp = 0; dp < NVT / 2; dp++) {
+            if (dp * 16 < DV) {
+                unsigned b0, b1, b2, b3;
+                ldsm4t(tma ? va + ((dp >> 2) << 11) + (((((dp * 2) & 7) + vc) ^ (vrow & 7)) << 4) : va + dp * 32, b0, b1,
+                       b2, b3);
+                mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+                mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+            }
+        }
+        __syncwarp();
+    }
+    cp_wait<0>();
+    __syncwarp();
+    if (bulk && lane == 0)
+        for (int st = 0; st < S; st++) mbar_inval(bar0 + 8 * st);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    __syncthreads();  // every warp is done with the stages
+    float* area = (float*)stg;
+    float* mw = area + NSA_MMA_WARPS * 16 * DV;
+    float* lw = mw + NSA_MMA_WARPS * 16;
+    float* fw = lw + NSA_MMA_WARPS * 16;
+    float* mine = area + warp * 16 * DV;
+#pragma unroll
+    for (int d = 0; d < NVT; d++) {
+        if (d * 8 < DV) {
+            int c = d * 8 + q4 * 2;
+            mine[g * DV + c] = o[d][0];
+            mine[g * DV + c + 1] = o[d][1];
+            mine[(g + 8) * DV + c] = o[d][2];
+            mine[(g + 8) * DV + c + 1] = o[d][3];
+        }
+    }
+    if (q4 == 0) {
+        mw[warp * 16 + g] = mA;
+        mw[warp * 16 + g + 8] = mB;
+        lw[warp * 16 + g] = lA;
+        lw[warp * 16 + g + 8] = lB;
+    }
+    __syncthreads();
+    float* ml = (float*)p.ws.part_ml;
+    float* pacc = (float*)p.ws.part_acc;
+    if (tid < 16) {
+        float m = NEG_INF;
+        for (int w = 0; w < NSA_MMA_WARPS; w++) m = fmaxf(m, mw[w * 16 + tid]);
+        float l = 0.f;
+        for (int w = 0; w < NSA_MMA_WARPS; w++) {
+            float f = (m == NEG_INF || mw[w * 16 + tid] == NEG_INF) ? 0.f : fexp(mw[w * 16 + tid] - m);
+            fw[w * 16 + tid] = f;
+            l += f * lw[w * 16 + tid];
+        }
+        if (tid < hcn) {
+            usize at = part_at(p, wr, hglob0 + tid, u);
+            ml[2 * at] = l > 0.f ? m : NEG_INF;
+            ml[2 * at + 1] = l;
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < hcn * DV; e += blockDim.x) {
+        int h = e / DV, c = e - h * DV;
+        float a = 0.f;
+        for (int w = 0; w < NSA_MMA_WARPS; w++) a += fw[w * 16 + h] * area[(w * 16 + h) * DV + c];
+        pacc[part_at(p, wr, hglob0 + h, u) * DV + c] = a;
+    }
+    __syncthreads();  // the shared memory is reused by the next head chunk
+}
+
+#endif  // NSA_ATTEND_MMA_CUH

@@ -1,0 +1,210 @@
+// Types, storage types and small helpers every kernel file uses.
+#ifndef NSA_COMMON_CUH
+#define NSA_COMMON_CUH
+
+
+// Offsets into pools and activations are computed in 64-bit (usize).
+
+typedef unsigned long long u64;
+typedef unsigned short u16;
+typedef unsigned long long usize;
+
+// The kernels' one argument, by value; its Rust twin is `Params` in src/cuda/params.rs
+// (same groups, fields and order). Groups by what they describe; names as in the config.
+
+// One layer's activations for the step (device addresses; 0 = absent): the C ABI's
+// nsa_layer_io_t, as `DeviceLayerIo` in Rust. Shapes in docs/ARCHITECTURE.md.
+struct LayerIo {
+    u64 q, k, v, gates, out, selected, phi_k, phi_v;
+};
+
+// Where the K/V live: this layer's four pools `[page][kv_head][token][dim]`, the page
+// tables of the step's sequences (`pages_per_seq` / `cmp_pages_per_seq` ints each), and
+// this layer's tensor maps (raw K, raw V, cmp K, cmp V; NSA_TMAP_BYTES each; launch.mode & 2).
+struct Paging {
+    u64 raw_k, raw_v, cmp_k, cmp_v;
+    u64 raw_tab, cmp_tab;
+    u64 tmaps;
+    int page_size, pages_per_seq, cmp_pages_per_seq;
+};
+
+// The config's shapes and NSA parameters (`phi`: 0 mean, 1 weighted, 2 MLP).
+struct Shapes {
+    int num_q_heads, num_kv_heads, group_size, head_dim_qk, head_dim_v;
+    int cmp_block, cmp_stride, sel_block, sel_count, sel_init, sel_local, window;
+    int phi, phi_hidden, phi_pe;
+    float scale;
+};
+
+// The uploaded step (src/cuda/upload.rs): its header, sequences, copy-on-write copies,
+// one (step sequence, position) per token row, one (step sequence, compressed token) per
+// compressed token the step completes.
+struct StepHeader {
+    int seqs, tokens, copies, jobs;
+};
+struct StepPlan {
+    u64 header;  // StepHeader
+    u64 seqs;    // PlanSeq[header.seqs]
+    u64 copies;  // PageCopy[header.copies]
+    u64 rows;    // int2[header.tokens]
+    u64 jobs;    // int2[header.jobs]
+};
+
+// The stages' hand-over buffers: compressed logits (`max_cmp` per row and head), the
+// selected blocks, the selection's per-chunk candidates and counters, split partials.
+struct Workspace {
+    u64 logits, sel, cand, count, part_ml, part_acc;
+    u64 pf_sel;  // prefill: selected blocks per step row [rows][HKV][sel_count] (io.selected absent)
+    int max_cmp;
+};
+
+// Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
+// scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
+// copies, bit 1: tensor maps) through `nstage` pipeline stages.
+struct Launch {
+    int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
+    int head_chunk, mode, nstage;
+};
+
+struct Params {
+    LayerIo io;
+    Paging paging;
+    Shapes shape;
+    StepPlan step;
+    Workspace ws;
+    Launch launch;
+};
+// The Rust twins' sizes, passed by the host: a field added on one side only stops the compile.
+static_assert(sizeof(Params) == NSA_PARAMS_BYTES, "Params differs from src/cuda/params.rs");
+static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs from src/cuda/params.rs");
+
+// Constants shared with the host, defined once in src/cuda/consts.rs and passed as -D options.
+#ifndef NSA_TK
+#error "NSA_TK is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_NT_ATT
+#error "NSA_NT_ATT is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_NT_WIDE
+#error "NSA_NT_WIDE is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_WARPS
+#error "NSA_MMA_WARPS is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_KEYS
+#error "NSA_MMA_KEYS is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_MMA_MAX_STAGES
+#error "NSA_MMA_MAX_STAGES is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_TMAP_BYTES
+#error "NSA_TMAP_BYTES is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_SEL_CHUNK
+#error "NSA_SEL_CHUNK is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_WINDOW_ALIGN
+#error "NSA_WINDOW_ALIGN is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_PF_KEYS
+#error "NSA_PF_KEYS is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_SPLIT_MIN_KEYS
+#error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"
+#endif
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define POS_INF (__int_as_float(0x7f800000))
+#define MAX_DK_REG 16  // DK <= 512 = 32 lanes * 16 registers
+
+// ---------------------------------------------------------------- storage types
+
+struct EF32 {
+    typedef float T;
+    static const int MMA = 0;
+    static __device__ __forceinline__ float ld(const T* p, usize i) { return p[i]; }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) { p[i] = x; }
+};
+struct EBF16 {
+    typedef u16 T;
+    static const int MMA = 1;  // mma.sync .bf16
+    static __device__ __forceinline__ float ld(const T* p, usize i) {
+        return __uint_as_float(((unsigned)p[i]) << 16);
+    }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) {
+        u16 r;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        p[i] = r;
+    }
+};
+struct EF16 {
+    typedef u16 T;
+    static const int MMA = 2;  // mma.sync .f16
+    static __device__ __forceinline__ float ld(const T* p, usize i) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+        return f;
+    }
+    static __device__ __forceinline__ void st(T* p, usize i, float x) {
+        u16 r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        p[i] = r;
+    }
+};
+
+// ---------------------------------------------------------------- small helpers
+
+// The uploaded plan's entries: twins of PlanSeq and PageCopy in src/layout.rs.
+struct PlanSeq { int seq, old_len, new_len, row; };
+struct PageCopy { int pool, src, dst, rows; };
+
+// Compressed tokens of a sequence of `len` positions (Config::num_cmp_tokens): token i
+// covers positions [i * cmp_stride, i * cmp_stride + cmp_block).
+
+__device__ __forceinline__ int num_cmp(const Params& p, int len) {
+    return len < p.shape.cmp_block ? 0 : (len - p.shape.cmp_block) / p.shape.cmp_stride + 1;
+}
+
+// Element offset of row `off` of head `kvh` in page `page` (dim `d`).
+__device__ __forceinline__ usize row_at(const Params& p, int page, int kvh, int off, int d) {
+    return (((usize)page * (usize)p.shape.num_kv_heads + (usize)kvh) * (usize)p.paging.page_size + (usize)off) * (usize)d;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Partial softmax state index of (wave row, query head, unit).
+__device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) {
+    int units = p.launch.nsplit_c + p.launch.units_s + p.launch.units_w;
+    return ((usize)wr * (usize)p.shape.num_q_heads + (usize)h) * (usize)units + (usize)u;
+}
+
+// Fast exp on the SFU (ex2.approx, flush-to-zero): exp(-inf) = 0. Used where the
+// result feeds a softmax or a ranking, whose error budget (1e-2 relative in 16-bit
+// outputs, near-tie tolerance in selection) dwarfs its ~2 ulp.
+__device__ __forceinline__ float fexp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
+// ---------------------------------------------------------------- key-range splits
+
+// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to
+// NSA_MMA_KEYS keys, at least NSA_SPLIT_MIN_KEYS (lengths are device-side: a fixed grid divides the actual length; splits past
+// the end get empty ranges and store empty partials).
+__device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
+    int ch = max(((n + nsplit - 1) / nsplit + NSA_MMA_KEYS - 1) & ~(NSA_MMA_KEYS - 1), NSA_SPLIT_MIN_KEYS);
+    lo = min(split * ch, n);
+    hi = min(lo + ch, n);
+}
+
+#endif  // NSA_COMMON_CUH

@@ -1,0 +1,187 @@
+//! Creating a backend, in small steps: check the caller's buffer, size each kernel's
+//! shared memory for the config and device, load the module, pick the tensor-core
+//! kernels' pipeline depth by occupancy, write the tensor maps and zero the selection
+//! counters. `CudaBackend::new_with` runs them in this order.
+
+use std::path::{Path, PathBuf};
+
+use cudarc::driver::sys;
+
+use super::compile;
+use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_WIDE, SEL_CHUNK, TK};
+use super::DeviceInfo;
+use super::driver::{self, check};
+use super::kernel::{Kernel, Kernels, SharedMem};
+use super::prefill::{self, PrefillPlan};
+use super::tensor_map;
+use super::workspace::DevLayout;
+use super::CudaOptions;
+use crate::config::{Config, Dtype, Phi};
+use crate::error::{NsaError, Result};
+use crate::layout::Layout;
+
+/// Dynamic shared memory a kernel may use without raising its limit.
+pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
+
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// The device buffer `device_ptr..+bytes` must be device memory of the current context
+/// covering the whole range.
+pub(crate) fn check_buffer(device_ptr: u64, bytes: usize, ordinal: i32) -> Result<()> {
+    let (mut abase, mut asize) = (0u64, 0usize);
+    // SAFETY: plain query on a caller-supplied address.
+    let r = unsafe { sys::cuMemGetAddressRange_v2(&mut abase, &mut asize, device_ptr) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(NsaError::arg(
+            "device_ptr",
+            format!("{device_ptr:#x}"),
+            format!("is not device memory of device {ordinal}'s primary context ({r:?})"),
+        ));
+    }
+    if device_ptr + bytes as u64 > abase + asize as u64 {
+        return Err(NsaError::arg(
+            "bytes",
+            bytes,
+            format!("runs past the end of the allocation holding device_ptr ({asize} bytes at {abase:#x})"),
+        ));
+    }
+    Ok(())
+}
+
+/// What the kernels' shared memory and the device allow, decided once per backend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    /// Shared memory per kernel family (the tensor-core size at `stages_fit` stages).
+    pub smem: SharedMem,
+    /// Heads per pass of the scalar attention kernels.
+    pub head_chunk: u32,
+    /// Tensor-core kernels used; with 1-D bulk copies; with tensor maps.
+    pub mma: bool,
+    pub bulk: bool,
+    pub tma: bool,
+    /// The most pipeline stages whose shared memory fits.
+    pub stages_fit: usize,
+    /// The prefill kernels' shape, when the config and device can use them (`prefill.rs`).
+    pub prefill: Option<PrefillPlan>,
+}
+
+/// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
+/// mbarriers | per warp and stage K and V tiles (padded rows, or unpadded boxes from a
+/// 1024-byte boundary with tensor maps).
+pub(crate) fn smem_tensor_core(cfg: &Config, tma: bool, stages: usize) -> usize {
+    let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, MMA_KEYS as usize);
+    let tile = if tma { 2 * keys * (dk + dv) } else { 2 * keys * (dk + dv + 16) };
+    2 * 16 * (dk + 8) + MBAR_BYTES as usize + if tma { 1024 } else { 0 } + MMA_WARPS as usize * stages * tile
+}
+
+/// Sizes every kernel's shared memory for `cfg` on `info`'s device and decides which
+/// attention kernels run (`NSA_CUDA_SCALAR=1`, `NSA_CUDA_NO_BULK=1`, `NSA_CUDA_NO_TMA=1`
+/// turn paths off). Fails when a kernel cannot fit, naming the config fields to lower.
+pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Plan> {
+    let (g, dk, dv) = (cfg.group_size() as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
+    let optin = info.max_shared_per_block.max(DEFAULT_SMEM as i32) as usize;
+    // Scalar attention: the group's heads in chunks of `head_chunk` so any group size fits.
+    let tk = TK as usize;
+    let att = |hc: usize| 4 * (hc * dk + hc * tk + tk * dv + hc * dv + 3 * hc);
+    let mut hc = g;
+    while hc > 1 && att(hc) > DEFAULT_SMEM {
+        hc -= 1;
+    }
+    // Compress: a row and an accumulator, then the MLP's hidden units or l row pointers.
+    let hidden = if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 };
+    let compress = 4 * (2 * dk.max(dv) + hidden.max(2 * cfg.cmp_block as usize));
+    // Selection: the chunk phase's floats, or the merge phase's candidate lists. Strides per
+    // compressed block and per selection block (Eq. 9's alpha and beta, `A` and `B` there).
+    let (cmp_block_strides, sel_block_strides) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    let n = cfg.sel_count as usize;
+    let selection = (4 * (2 * g + SEL_CHUNK as usize * (sel_block_strides + 1) + cmp_block_strides)).max(dl.sel_chunks as usize * (n * 8 + 4) + 4 * n);
+    // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
+    // parts' sums (only with one head per block, parts * DV <= its threads).
+    let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;
+    let combine = 4 * (g * (2 * units_max + 6) + 3 * (NT_WIDE as usize).max(dv));
+    let bulk = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_BULK");
+    let tma = bulk && tensor_map::supported(cfg) && !env_on("NSA_CUDA_NO_TMA");
+    let mma = cfg.dtype != Dtype::F32
+        && dk % 16 == 0
+        && dv % 16 == 0
+        && dv <= 256
+        && smem_tensor_core(cfg, tma, 2) <= optin
+        && !env_on("NSA_CUDA_SCALAR");
+    for (what, n) in [
+        ("attention (head_dim_qk, head_dim_v)", att(hc)),
+        ("compress (phi_hidden)", compress),
+        ("selection (max_seq_len / sel_block)", selection),
+        ("combine (sel_count + window / sel_block)", combine),
+    ] {
+        if n > optin {
+            return Err(NsaError::config(
+                "cuda",
+                what,
+                format!("the {what} kernel needs {n} bytes of shared memory, the device allows {optin}"),
+            ));
+        }
+    }
+    // The tensor-core kernels may use up to MMA_MAX_STAGES stages (the attribute is set
+    // for the most that fits); the count is picked by occupancy once loaded.
+    let stages_fit = (2..=MMA_MAX_STAGES as usize).filter(|&s| smem_tensor_core(cfg, tma, s) <= optin).max().unwrap_or(2);
+    let prefill = prefill::plan(cfg, info.compute_capability, optin);
+    let smem = SharedMem {
+        compress: compress as u32,
+        attention: att(hc) as u32,
+        selection: selection as u32,
+        combine: combine as u32,
+        tensor_core: if mma { smem_tensor_core(cfg, tma, stages_fit) as u32 } else { 0 },
+        pf_cmp: prefill.map_or(0, |p| p.smem_cmp),
+        pf_sw: prefill.map_or(0, |p| p.smem_sw),
+    };
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill })
+}
+
+/// The CUBIN for the device (compiled or from the caches) loaded into the current context.
+pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOptions) -> Result<Kernels> {
+    let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
+    let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
+    Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.prefill.as_ref(), &plan.smem)
+}
+
+/// Pipeline depth of the tensor-core kernels: the most stages that keep as many blocks
+/// resident (by registers and shared memory) as two stages do (`NSA_CUDA_STAGES`
+/// overrides). Measured on the H100: resident warps matter more than depth (a warp's tile
+/// chain is serial), so depth never costs a block. Sets the kernels' shared memory for it;
+/// returns (stages, blocks per multiprocessor).
+pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> Result<(u32, u32)> {
+    if !plan.mma {
+        return Ok((2, 1));
+    }
+    let smem = |s: usize| smem_tensor_core(cfg, plan.tma, s);
+    let occupancy = |k: &Kernels, s: usize| k.occupancy(Kernel::CmpMma, smem(s));
+    let mut pick = (2, occupancy(kernels, 2)?);
+    for s in 3..=plan.stages_fit {
+        if occupancy(kernels, s)? == pick.1 {
+            pick.0 = s;
+        }
+    }
+    if let Some(s) = std::env::var("NSA_CUDA_STAGES").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let s = s.clamp(2, plan.stages_fit);
+        pick = (s, occupancy(kernels, s)?);
+    }
+    for k in [Kernel::CmpMma, Kernel::SwMma, Kernel::FullMma] {
+        kernels.set_smem(k, smem(pick.0) as u32)?;
+    }
+    Ok((pick.0 as u32, pick.1))
+}
+
+/// Initialises the workspace of the buffer at `base`: every layer's tensor maps (when
+/// used) and the selection's counters (0; each launch leaves them so), then waits.
+pub(crate) fn init_workspace(cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, tma: bool) -> Result<()> {
+    if tma {
+        let maps = tensor_map::encode_all(cfg, lay, base + dl.pools.off as u64)?;
+        // SAFETY: the region holds num_layers * 4 maps and lies inside the buffer.
+        unsafe { driver::htod(base + dl.tmaps.off as u64, maps.as_ptr().cast(), maps.len(), std::ptr::null_mut())? };
+    }
+    // SAFETY: the region lies inside the caller's buffer (checked by `check_buffer`).
+    check(unsafe { sys::cuMemsetD8_v2(base + dl.count.off as u64, 0, dl.count.bytes) }, "cuMemsetD8")?;
+    check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+}

@@ -1,0 +1,81 @@
+//! The constants both languages need, defined once: the host sizes shared memory, grids
+//! and the workspace with them, and [`nvrtc_defines`] hands them to the kernels as `-D`
+//! options at compile time (`kernels/common.cuh` stops the compile if one is missing).
+//! Kernel-only tuning (`SEL_RANK_ALL`, `MAX_DK_REG`) stays in the kernels.
+
+/// Keys per tile of the scalar attention kernels (one per lane in the softmax step).
+pub(crate) const TK: u32 = 32;
+/// Threads of the scalar attention kernels (4 warps).
+pub(crate) const NT_ATT: u32 = 128;
+/// Threads of the selection, combine and append launches (their `__launch_bounds__`).
+pub(crate) const NT_WIDE: u32 = 256;
+/// Warps per block of the tensor-core attention kernels.
+pub(crate) const MMA_WARPS: u32 = 4;
+/// Keys per warp tile of the tensor-core kernels: the rows of an m16n8k16 tile and of a
+/// tensor-map box.
+pub(crate) const MMA_KEYS: u32 = 16;
+/// The most copy pipeline stages of the tensor-core kernels (their shared memory holds
+/// `MMA_WARPS * MMA_MAX_STAGES` mbarriers, `MBAR_BYTES`).
+pub(crate) const MMA_MAX_STAGES: u32 = 4;
+/// Bytes of the tensor-core kernels' mbarrier area.
+pub(crate) const MBAR_BYTES: u32 = 8 * MMA_WARPS * MMA_MAX_STAGES;
+/// Bytes of one encoded tensor map.
+pub(crate) const TMAP_BYTES: usize = 128;
+/// Tensor maps per layer: raw K, raw V, compressed K, compressed V.
+pub(crate) const MAPS_PER_LAYER: usize = 4;
+/// Selection blocks per chunk of the selection kernel (at least; with
+/// `ceil(max blocks / SEL_CHUNK)` chunks every chunk has exactly this many or fewer).
+pub(crate) const SEL_CHUNK: u32 = 64;
+/// With tensor maps the window's range starts at a multiple of this many keys (whole
+/// boxes), up to `WINDOW_ALIGN - 1` keys before its first position (those are masked).
+pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
+/// Keys per split of the compressed and full branches, at least.
+pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
+/// Keys per tile of the prefill kernels: one contiguous run of one page (page_size and
+/// sel_block must be multiples of it for the prefill path).
+pub(crate) const PF_KEYS: u32 = 64;
+
+// What the kernels assume of these, checked at compile time: masks of power-of-two
+// alignments, the tensor-core block within the launch bound, a warp per 32 threads.
+const _: () = {
+    assert!(WINDOW_ALIGN.is_power_of_two() && MMA_KEYS.is_power_of_two());
+    assert!(MMA_WARPS * 32 <= NT_WIDE && NT_ATT % 32 == 0);
+};
+
+/// Every constant above the kernels read, with its name there.
+const DEFINES: &[(&str, u64)] = &[
+    ("NSA_TK", TK as u64),
+    ("NSA_NT_ATT", NT_ATT as u64),
+    ("NSA_NT_WIDE", NT_WIDE as u64),
+    ("NSA_MMA_WARPS", MMA_WARPS as u64),
+    ("NSA_MMA_KEYS", MMA_KEYS as u64),
+    ("NSA_MMA_MAX_STAGES", MMA_MAX_STAGES as u64),
+    ("NSA_TMAP_BYTES", TMAP_BYTES as u64),
+    ("NSA_SEL_CHUNK", SEL_CHUNK as u64),
+    ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
+    ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
+    ("NSA_PF_KEYS", PF_KEYS as u64),
+];
+
+/// The `-D` options that define the constants in the kernels, and the sizes of the
+/// structs both sides share (the kernels `static_assert` their own against them).
+pub(crate) fn nvrtc_defines() -> Vec<String> {
+    let sizes = [
+        ("NSA_PARAMS_BYTES", std::mem::size_of::<super::params::Params>() as u64),
+        ("NSA_STEP_HEADER_BYTES", std::mem::size_of::<super::params::StepHeader>() as u64),
+    ];
+    DEFINES.iter().chain(sizes.iter()).map(|(n, v)| format!("-D{n}={v}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_define_is_checked_by_the_kernels() {
+        let common = super::super::compile::source("common.cuh");
+        for (name, _) in DEFINES {
+            assert!(common.contains(&format!("#ifndef {name}\n")), "kernels/common.cuh does not check {name}");
+        }
+    }
+}

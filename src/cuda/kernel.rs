@@ -1,0 +1,334 @@
+//! The kernels the backend launches, named by one enum: each carries its entry point in
+//! `kernels/nsa.cu` (`nsa_<stage>_<dtype>`, tensor-core ones `nsa_<stage>_<dtype>_<nvt>`,
+//! prefill ones `nsa_<stage>_<policy>_<dtype>_<dk>_<dv>`), its block size and which
+//! shared-memory size it takes. [`Kernels`] is the loaded module: one function handle, one
+//! block size and one dynamic shared-memory size per kernel, and the launch.
+
+use std::ffi::{c_void, CString};
+
+use cudarc::driver::sys;
+
+use super::consts::{MMA_WARPS, NT_ATT, NT_WIDE};
+use super::driver::{check, CUstream};
+use super::params::Params;
+use super::prefill::PrefillPlan;
+use crate::config::Dtype;
+use crate::error::{NsaError, Result};
+
+/// Every kernel of a layer run and of the full-attention baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// The step's writes: copy-on-write copies, appends, compressed tokens (one launch).
+    Append,
+    /// Compressed attention, split over blocks (scalar).
+    CmpPartial,
+    /// Block scores and the top-n, split over chunks of selection blocks.
+    SelectBlocks,
+    /// Selected blocks + window, one block per unit (scalar).
+    SwPartial,
+    /// Gated combine of every partial.
+    Combine,
+    /// Full causal attention, split over blocks (scalar; the baseline).
+    FullPartial,
+    /// Merge of the full-attention splits.
+    FullCombine,
+    /// Tensor-core variants of `CmpPartial`, `SwPartial`, `FullPartial`.
+    CmpMma,
+    SwMma,
+    FullMma,
+    /// Prefill path (`prefill.rs`): compressed branch + selection over tiles of positions.
+    PfCmp,
+    /// Prefill path: selected blocks + window + gated combine.
+    PfSw,
+}
+
+/// Which of the config-dependent shared-memory sizes ([`SharedMem`]) a kernel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Smem {
+    Compress,
+    Attention,
+    Selection,
+    Combine,
+    TensorCore,
+    PfCmp,
+    PfSw,
+}
+
+/// Dynamic shared memory per kernel family, bytes, for one config and device
+/// (`build::shared_mem`). `tensor_core` is 0 when the tensor-core kernels are not used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SharedMem {
+    pub compress: u32,
+    pub attention: u32,
+    pub selection: u32,
+    pub combine: u32,
+    pub tensor_core: u32,
+    /// The prefill kernels' (0 when the prefill path is not used).
+    pub pf_cmp: u32,
+    pub pf_sw: u32,
+}
+
+impl SharedMem {
+    pub fn of(&self, s: Smem) -> u32 {
+        match s {
+            Smem::Compress => self.compress,
+            Smem::Attention => self.attention,
+            Smem::Selection => self.selection,
+            Smem::Combine => self.combine,
+            Smem::TensorCore => self.tensor_core,
+            Smem::PfCmp => self.pf_cmp,
+            Smem::PfSw => self.pf_sw,
+        }
+    }
+}
+
+impl Kernel {
+    pub const COUNT: usize = 12;
+    pub const ALL: [Kernel; Kernel::COUNT] = [
+        Kernel::Append,
+        Kernel::CmpPartial,
+        Kernel::SelectBlocks,
+        Kernel::SwPartial,
+        Kernel::Combine,
+        Kernel::FullPartial,
+        Kernel::FullCombine,
+        Kernel::CmpMma,
+        Kernel::SwMma,
+        Kernel::FullMma,
+        Kernel::PfCmp,
+        Kernel::PfSw,
+    ];
+
+    /// The stage's name in its entry points.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Kernel::Append => "append",
+            Kernel::CmpPartial => "cmp_partial",
+            Kernel::SelectBlocks => "select_blocks",
+            Kernel::SwPartial => "sw_partial",
+            Kernel::Combine => "combine",
+            Kernel::FullPartial => "full_partial",
+            Kernel::FullCombine => "full_combine",
+            Kernel::CmpMma => "cmp_mma",
+            Kernel::SwMma => "sw_mma",
+            Kernel::FullMma => "full_mma",
+            Kernel::PfCmp => "pf_cmp",
+            Kernel::PfSw => "pf_sw",
+        }
+    }
+
+    /// The prefill path's kernels: loaded only with a [`PrefillPlan`], block size from it.
+    pub fn prefill(self) -> bool {
+        matches!(self, Kernel::PfCmp | Kernel::PfSw)
+    }
+
+    /// Tensor-core kernels: bf16/f16 only, one entry per V tile width (`nvt`).
+    pub fn tensor_core(self) -> bool {
+        matches!(self, Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma)
+    }
+
+    /// Threads per block (the kernels' `__launch_bounds__` allow it); the prefill
+    /// kernels' come from the backend's [`PrefillPlan`].
+    pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
+        match self {
+            Kernel::Append | Kernel::SelectBlocks | Kernel::Combine => NT_WIDE,
+            Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
+            Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
+            Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.warps * 32),
+        }
+    }
+
+    /// Which shared-memory size it takes.
+    pub fn smem(self) -> Smem {
+        match self {
+            Kernel::Append => Smem::Compress,
+            Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
+            Kernel::SelectBlocks => Smem::Selection,
+            Kernel::Combine | Kernel::FullCombine => Smem::Combine,
+            Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => Smem::TensorCore,
+            Kernel::PfCmp => Smem::PfCmp,
+            Kernel::PfSw => Smem::PfSw,
+        }
+    }
+
+    /// Entry point of a prefill kernel for `policy`, `dtype` and the head dims.
+    pub fn prefill_entry(self, policy: super::prefill::Policy, dtype: Dtype, dk: u32, dv: u32) -> String {
+        let suffix = if dtype == Dtype::F16 { "f16" } else { "bf16" };
+        format!("nsa_{}_{}_{suffix}_{dk}_{dv}", self.stage(), policy.name())
+    }
+
+    /// Entry point for storage type `dtype` and V head dim `dv`.
+    pub fn entry(self, dtype: Dtype, dv: u32) -> String {
+        let suffix = match dtype {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        };
+        if self.tensor_core() {
+            // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
+            let nvt = if dv <= 128 { 16 } else { 32 };
+            format!("nsa_{}_{suffix}_{nvt}", self.stage())
+        } else {
+            format!("nsa_{}_{suffix}", self.stage())
+        }
+    }
+
+    /// Every entry point compiled for this kernel (all storage types and tile widths).
+    #[cfg(test)]
+    pub fn entries(self) -> Vec<String> {
+        use super::prefill::{Policy, SHAPES};
+        if self.prefill() {
+            let mut v = Vec::new();
+            for policy in [Policy::MmaSync, Policy::Wgmma] {
+                for d in [Dtype::F16, Dtype::Bf16] {
+                    v.extend(SHAPES.iter().map(|&(dk, dv)| self.prefill_entry(policy, d, dk, dv)));
+                }
+            }
+            return v;
+        }
+        if self.tensor_core() {
+            [Dtype::F16, Dtype::Bf16].iter().flat_map(|&d| [self.entry(d, 128), self.entry(d, 256)]).collect()
+        } else {
+            [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, 0)).collect()
+        }
+    }
+}
+
+/// The loaded module: a function handle and the dynamic shared memory of each kernel
+/// (null / 0 for the tensor-core kernels when they are not used).
+pub(crate) struct Kernels {
+    module: sys::CUmodule,
+    funcs: [sys::CUfunction; Kernel::COUNT],
+    block: [u32; Kernel::COUNT],
+    smem: [u32; Kernel::COUNT],
+}
+
+impl Kernels {
+    /// Loads `cubin` into the current context and looks up every kernel for `dtype` and
+    /// the head dims `dk`, `dv` (the tensor-core ones only with `tensor_cores`, the prefill
+    /// ones only with `prefill`), raising each one's shared-memory limit where it needs more
+    /// than the default 48 KiB.
+    pub fn load(
+        cubin: &[u8],
+        dtype: Dtype,
+        (dk, dv): (u32, u32),
+        tensor_cores: bool,
+        prefill: Option<&PrefillPlan>,
+        smem: &SharedMem,
+    ) -> Result<Kernels> {
+        let mut module = std::ptr::null_mut();
+        // SAFETY: a CUBIN from NVRTC for this device's architecture.
+        check(unsafe { sys::cuModuleLoadData(&mut module, cubin.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+        let mut k = Kernels {
+            module,
+            funcs: [std::ptr::null_mut(); Kernel::COUNT],
+            block: [0; Kernel::COUNT],
+            smem: [0; Kernel::COUNT],
+        };
+        for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
+            if kernel.tensor_core() && !tensor_cores || kernel.prefill() && prefill.is_none() {
+                continue;
+            }
+            let entry = match prefill {
+                Some(p) if kernel.prefill() => kernel.prefill_entry(p.policy, dtype, dk, dv),
+                _ => kernel.entry(dtype, dv),
+            };
+            k.block[i] = kernel.block(prefill);
+            let name = CString::new(entry).expect("no NUL");
+            // SAFETY: module loaded above; name is a kernel of it. On error `k` drops and unloads.
+            check(unsafe { sys::cuModuleGetFunction(&mut k.funcs[i], module, name.as_ptr()) }, "cuModuleGetFunction")?;
+            k.set_smem(kernel, smem.of(kernel.smem()))?;
+        }
+        Ok(k)
+    }
+
+    /// Sets `kernel`'s dynamic shared memory (raising its limit above the default 48 KiB).
+    pub fn set_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
+        self.smem[kernel as usize] = bytes;
+        if bytes as usize > super::build::DEFAULT_SMEM {
+            // SAFETY: plain attribute on a function of our module.
+            check(
+                unsafe {
+                    sys::cuFuncSetAttribute(
+                        self.funcs[kernel as usize],
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                },
+                "cuFuncSetAttribute",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Blocks of `kernel` resident per multiprocessor with `smem` bytes of shared memory.
+    pub fn occupancy(&self, kernel: Kernel, smem: usize) -> Result<u32> {
+        let mut blocks = 0i32;
+        // SAFETY: a loaded function; plain occupancy query.
+        check(
+            unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, self.funcs[kernel as usize], self.block[kernel as usize] as i32, smem) },
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        )?;
+        Ok(blocks.max(1) as u32)
+    }
+
+    /// Launches `kernel` on `grid` with its block size and shared memory; an empty grid
+    /// launches nothing. The argument array is fixed (one pointer to `p`): no allocation.
+    ///
+    /// # Safety
+    /// `p` describes valid device memory for `kernel`, which was loaded.
+    pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut args = [p as *const Params as *mut c_void];
+        let r = sys::cuLaunchKernel(
+            self.funcs[kernel as usize],
+            grid.0,
+            grid.1,
+            grid.2,
+            self.block[kernel as usize],
+            1,
+            1,
+            self.smem[kernel as usize],
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NsaError::Cuda(format!("cuLaunchKernel(nsa_{}) failed: {r:?}", kernel.stage())));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Kernels {
+    /// The owner's context must be current (the backend pushes it).
+    fn drop(&mut self) {
+        // SAFETY: loaded in `load`, unloaded once.
+        unsafe {
+            sys::cuModuleUnload(self.module);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_the_kernel_file_names() {
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, 128), "nsa_sw_mma_bf16_16");
+        assert_eq!(Kernel::SwMma.entry(Dtype::F16, 192), "nsa_sw_mma_f16_32");
+        assert_eq!(Kernel::Append.entry(Dtype::F32, 64), "nsa_append_f32");
+        assert_eq!(
+            Kernel::PfSw.prefill_entry(super::super::prefill::Policy::Wgmma, Dtype::Bf16, 128, 128),
+            "nsa_pf_sw_wg_bf16_128_128"
+        );
+        let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
+        assert_eq!(all, 7 * 3 + 3 * 4 + 2 * 12);
+        for (i, k) in Kernel::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+    }
+}

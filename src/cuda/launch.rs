@@ -1,0 +1,184 @@
+//! A layer's launches: checks of the call, then per wave of query rows the split choices
+//! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
+//! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
+
+use super::driver::{CtxGuard, CUstream};
+use super::kernel::Kernel;
+use super::params::{Launch, Params};
+use super::DeviceLayerIo;
+use super::CudaBackend;
+use crate::cache::Cache;
+use crate::config::Phi;
+use crate::error::{NsaError, Result};
+use crate::plan::Step;
+
+/// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
+const BLOCKS_PER_SM: u32 = 2;
+
+impl CudaBackend {
+    /// The planned step, after checking what every layer call needs: the cache has this
+    /// backend's config, `layer` is in range, and the step is the one last uploaded.
+    fn uploaded_step<'c>(&self, cache: &'c Cache, layer: u32, call: &str) -> Result<Step<'c>> {
+        let cfg = &self.cfg;
+        if cache.config() != cfg {
+            return Err(NsaError::arg("cache", "config", "the cache was made with a different config than the backend"));
+        }
+        if layer >= cfg.num_layers {
+            return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
+        }
+        let step = cache.step()?;
+        if self.uploaded != Some((cache.id(), cache.step_id())) {
+            return Err(NsaError::arg("step", "not uploaded", format!("call upload_step for the planned step before {call}")));
+        }
+        Ok(step)
+    }
+
+    /// See [`CudaBackend::run_layer`].
+    pub(super) fn launch_layer(&mut self, cache: &Cache, layer: u32, io: &DeviceLayerIo, stream: CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        let step = self.uploaded_step(cache, layer, "run_layer")?;
+        let append_only = io.q == 0 && io.out == 0;
+        let required: &[(&str, u64)] = if append_only {
+            &[("io.k", io.k), ("io.v", io.v)]
+        } else {
+            &[("io.q", io.q), ("io.k", io.k), ("io.v", io.v), ("io.gates", io.gates), ("io.out", io.out)]
+        };
+        for &(name, p) in required {
+            if p == 0 {
+                return Err(NsaError::arg(name, 0, "must be a device pointer"));
+            }
+        }
+        if cfg.phi != Phi::Mean {
+            for (name, p) in [("io.phi_k", io.phi_k), ("io.phi_v", io.phi_v)] {
+                if p == 0 {
+                    return Err(NsaError::arg(name, 0, format!("phi = {} needs weights", cfg.phi.name())));
+                }
+            }
+        }
+        // The step lifecycle: this layer runs once in this step, on the cache this backend
+        // serves. A launch error below leaves the layer counted: abort the step.
+        cache.claim_layer(&self.binding, layer)?;
+        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, layer, io);
+        let tokens = step.tokens;
+        let nseqs = step.seqs.len() as u32;
+        let hkv = cfg.num_kv_heads;
+        let k = self.kernels();
+        let _g = CtxGuard::push(self.ctx)?;
+        // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
+        // grids and shared memory match the kernels' expectations.
+        unsafe {
+            // Appends, copies and compressed tokens (K and V sides: z), one launch.
+            let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
+            k.launch(Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides), &p, stream)?;
+            if append_only {
+                return Ok(());
+            }
+            // Steps with prefill chunks: two launches over tiles of positions x heads (q
+            // read in 16-byte granules, so it must be 16-byte aligned).
+            if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
+                let tiles = pf.tiles(&cfg, step.seqs);
+                k.launch(Kernel::PfCmp, (tiles, hkv, 1), &p, stream)?;
+                k.launch(Kernel::PfSw, (tiles, hkv, 1), &p, stream)?;
+                return Ok(());
+            }
+            let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
+            let mut row0 = 0u32;
+            while row0 < tokens {
+                let rows = (tokens - row0).min(self.dl.wave_rows);
+                let mut pw = p;
+                pw.launch = self.wave_splits(&p.launch, row0, rows);
+                let l = &pw.launch;
+                let units = (l.units_s + l.units_w) as u32;
+                k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream)?;
+                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream)?;
+                k.launch(sw, (rows, hkv, units), &pw, stream)?;
+                k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream)?;
+                row0 += rows;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks of one attention launch that run at once (one wave).
+    fn target_blocks(&self) -> u32 {
+        let per_sm = if self.mma { self.mma_per_sm } else { BLOCKS_PER_SM };
+        (self.info.multiprocessors.max(1) as u32) * per_sm
+    }
+
+    /// Launch fields of one wave of `rows` query rows from `row0`: as many compressed
+    /// splits as fit in one wave of blocks (the kernels give each split at least
+    /// `SPLIT_MIN_KEYS` keys of the actual length); on tensor cores, selected blocks per
+    /// unit (`spb`) by a wave model: waves x (keys per unit + 64 keys' worth of per-block
+    /// overhead), the larger on ties.
+    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32) -> Launch {
+        let cfg = &self.cfg;
+        let mut l = *fixed;
+        l.row0 = row0 as i32;
+        let pairs = rows * cfg.num_kv_heads;
+        let slots = self.target_blocks();
+        l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.dl.nsplit_c) as i32;
+        let mut spb = 1u32;
+        if self.mma {
+            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
+            let cost = |spb: u32| (pairs * units(spb)).div_ceil(slots) * (spb * cfg.sel_block + 64);
+            let mut c = 2 * spb;
+            while c <= cfg.sel_count.next_power_of_two() {
+                if cost(c) <= cost(spb) {
+                    spb = c;
+                }
+                c *= 2;
+            }
+        }
+        l.spb = spb as i32;
+        // Combine: the most heads per block (a divisor of G) that still leaves two blocks
+        // per multiprocessor.
+        let heads = rows * cfg.num_q_heads;
+        let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
+        l.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
+        // Selection: chunks of SEL_CHUNK blocks (chunks past the length exit). Small chunks
+        // keep the per-chunk ranking (quadratic in the chunk) and the probability sums short;
+        // the final merge reads one list per lane up to 32 chunks.
+        l.sel_chunks = self.dl.sel_chunks as i32;
+        l.units_s = cfg.sel_count.div_ceil(spb) as i32;
+        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
+        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
+        l.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
+        l
+    }
+
+    /// See [`CudaBackend::attend_full`].
+    pub(super) fn launch_full(&mut self, cache: &Cache, layer: u32, q: u64, out: u64, stream: CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        let step = self.uploaded_step(cache, layer, "attend_full")?;
+        for (name, ptr) in [("q", q), ("out", out)] {
+            if ptr == 0 {
+                return Err(NsaError::arg(name, 0, "must be a device pointer"));
+            }
+        }
+        let io = DeviceLayerIo { q, out, ..Default::default() };
+        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, layer, &io);
+        let tokens = step.tokens;
+        let hkv = cfg.num_kv_heads;
+        let max_units = self.dl.nsplit_c + self.dl.units_s + self.dl.units_w;
+        let full = if self.mma { Kernel::FullMma } else { Kernel::FullPartial };
+        let _g = CtxGuard::push(self.ctx)?;
+        let mut row0 = 0u32;
+        while row0 < tokens {
+            let rows = (tokens - row0).min(self.dl.wave_rows);
+            let mut pw: Params = p;
+            pw.launch.row0 = row0 as i32;
+            let nsplit = self.target_blocks().div_ceil(rows * hkv).clamp(1, max_units);
+            pw.launch.nsplit_c = nsplit as i32;
+            pw.launch.units_s = 0;
+            pw.launch.units_w = 0;
+            // SAFETY: as in run_layer; `nsplit` partials per (row, head) fit the workspace
+            // (at most the NSA units it was sized for).
+            unsafe {
+                self.kernels().launch(full, (rows, hkv, nsplit), &pw, stream)?;
+                self.kernels().launch(Kernel::FullCombine, (rows, cfg.num_q_heads, 1), &pw, stream)?;
+            }
+            row0 += rows;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The prefill path: which configs and steps go through the tensor-core prefill kernels
+//! (`kernels/prefill.cuh`: `pf_cmp`, then `pf_sw`), their block shape and shared memory,
+//! and how many tiles a step has. The launches are in `launch.rs`; the design and the
+//! measurements behind the choices here are in docs/PREFILL_NOTES.md.
+//!
+//! A tile is up to `warps * 16 / G` consecutive positions of one sequence of the step (the
+//! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
+//! order; the kernels find their tile in the uploaded plan, so the host only counts them.
+
+use super::consts::PF_KEYS;
+use crate::config::{Config, Dtype};
+use crate::layout::PlanSeq;
+
+/// (DK, DV) pairs the prefill kernels are compiled for (`PF_SHAPES` in kernels/nsa.cu).
+pub(crate) const SHAPES: [(u32, u32); 3] = [(64, 64), (128, 128), (192, 128)];
+
+/// A step goes through the prefill kernels when one of its sequences appends at least this
+/// many tokens (its rows then share K/V tiles); the other sequences of such a step ride
+/// along as tiles of their own. Steps of single tokens keep the decode kernels, which split
+/// each row's keys over many blocks.
+pub(crate) const MIN_TOKENS: u32 = 64;
+
+/// Shared memory the kernels may use to align their swizzled tiles to 1024 bytes.
+const ALIGN_SLACK: usize = 1024;
+
+/// Positions a block's score arrays and selection bit masks hold at most (`u32` masks).
+const MAX_POSITIONS: u32 = 32;
+
+/// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    MmaSync,
+    Wgmma,
+}
+
+impl Policy {
+    /// Its name in the kernels' entry points.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::MmaSync => "mma",
+            Policy::Wgmma => "wg",
+        }
+    }
+}
+
+/// The prefill kernels' shape for one backend: policy, warps per block, shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PrefillPlan {
+    pub policy: Policy,
+    pub warps: u32,
+    pub smem_cmp: u32,
+    pub smem_sw: u32,
+}
+
+impl PrefillPlan {
+    /// Positions per tile.
+    pub fn positions(&self, cfg: &Config) -> u32 {
+        self.warps * 16 / cfg.group_size()
+    }
+
+    /// Tiles of a step's sequences: the prefill launches' grid width.
+    pub fn tiles(&self, cfg: &Config, seqs: &[PlanSeq]) -> u32 {
+        let tp = self.positions(cfg);
+        seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(tp)).sum()
+    }
+}
+
+/// Whether the config can use the prefill kernels at all (the device decides the rest):
+/// 16-bit storage, a compiled (DK, DV), a power-of-two group of at most 16 heads (one
+/// warp's 16 rows hold whole positions), 64-key tiles inside pages and selection blocks,
+/// at most 32 selected blocks (one warp's lanes rank them).
+pub(crate) fn supported(cfg: &Config) -> bool {
+    let g = cfg.group_size();
+    cfg.dtype != Dtype::F32
+        && SHAPES.contains(&(cfg.head_dim_qk, cfg.head_dim_v))
+        && g.is_power_of_two()
+        && g <= 16
+        && cfg.page_size % PF_KEYS == 0
+        && cfg.sel_block % PF_KEYS == 0
+        && cfg.sel_count <= 32
+}
+
+/// Whether a step with these sequences goes through the prefill kernels.
+pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
+    seqs.iter().any(|s| s.new_len - s.old_len >= MIN_TOKENS)
+}
+
+/// Shared memory of `pf_cmp` and `pf_sw` (the kernels' layouts, from a 1024-byte aligned
+/// base): Q (Wgmma) | two K and V stages | pf_cmp: per-position head sums of a tile, block
+/// scores, the page of each compressed tile | pf_sw: the selected partial output (MmaSync
+/// only), block masks, the union list, the page of each visited tile.
+pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, usize) {
+    let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
+    let (stage, q, acc) = match policy {
+        Policy::Wgmma => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
+        Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
+    };
+    let positions = (warps * 16 / cfg.group_size()) as usize;
+    let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
+    let base = ALIGN_SLACK + q + 2 * stage;
+    let cmp = base + positions * keys * 4 + positions * nblk * 4 + nblk * 4;
+    let tiles = nblk * (cfg.sel_block / PF_KEYS) as usize + (cfg.window / PF_KEYS) as usize + 4;
+    let sw = base + acc + nblk * 8 + tiles * 4;
+    (cmp, sw)
+}
+
+/// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
+/// `optin` bytes of shared memory per block, or `None` when the config or the device
+/// cannot use them (`NSA_CUDA_NO_PREFILL=1` also turns them off) and prefill steps run on
+/// the decode kernels. Measured on the H200 (docs/PREFILL_NOTES.md): 4-warp blocks, two per
+/// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128; 8-warp blocks elsewhere.
+pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize) -> Option<PrefillPlan> {
+    if !supported(cfg) || std::env::var("NSA_CUDA_NO_PREFILL").is_ok_and(|v| v == "1") {
+        return None;
+    }
+    let policy = if cc == (9, 0) { Policy::Wgmma } else { Policy::MmaSync };
+    let g = cfg.group_size();
+    let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
+    order.into_iter().find_map(|warps| {
+        let (cmp, sw) = shared_mem(cfg, policy, warps);
+        (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
+            .then_some(PrefillPlan { policy, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    fn cfg(hq: u32, hkv: u32, dk: u32, dv: u32, len: u32) -> Config {
+        let mut c = Config::preset(Preset::Paper).with_shape(hq, hkv, dk, dv).with_capacity(4, len);
+        c.dtype = Dtype::Bf16;
+        c
+    }
+
+    #[test]
+    fn paper_shapes_fit_on_hopper() {
+        let optin = 227 * 1024;
+        let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin).unwrap();
+        assert_eq!((p.policy, p.warps), (Policy::Wgmma, 4));
+        // Two blocks of each kernel per multiprocessor (228 KiB of shared memory there).
+        assert!(2 * p.smem_cmp as usize <= 228 * 1024 && 2 * p.smem_sw as usize <= 228 * 1024);
+        let p = plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin).unwrap();
+        assert_eq!(p.warps, 8);
+        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin).unwrap();
+        assert_eq!(p.positions(&cfg(64, 16, 128, 128, 65536)), 16);
+        let p = plan(&cfg(64, 4, 128, 128, 65536), (8, 0), optin).unwrap();
+        assert_eq!(p.policy, Policy::MmaSync);
+    }
+
+    #[test]
+    fn unsupported_configs_keep_the_decode_kernels() {
+        let optin = 227 * 1024;
+        let mut f32 = cfg(64, 4, 128, 128, 4096);
+        f32.dtype = Dtype::F32;
+        assert!(plan(&f32, (9, 0), optin).is_none());
+        assert!(plan(&cfg(64, 4, 96, 96, 4096), (9, 0), optin).is_none());
+        assert!(plan(&cfg(96, 4, 128, 128, 4096), (9, 0), optin).is_none()); // G = 24
+        // Scores of a 2M-token sequence do not fit in shared memory.
+        assert!(plan(&cfg(64, 4, 128, 128, 1 << 21), (9, 0), optin).is_none());
+    }
+
+    #[test]
+    fn tiles_cut_each_sequence() {
+        let c = cfg(64, 4, 128, 128, 4096);
+        let p = PrefillPlan { policy: Policy::Wgmma, warps: 4, smem_cmp: 0, smem_sw: 0 };
+        let seqs = [
+            PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
+            PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
+            PlanSeq { seq: 1, old_len: 4, new_len: 4 + 64, row: 10 },
+        ];
+        assert_eq!(p.positions(&c), 4);
+        assert_eq!(p.tiles(&c, &seqs), 3 + 1 + 16);
+        assert!(wanted(&seqs));
+        assert!(!wanted(&seqs[..2]));
+    }
+}

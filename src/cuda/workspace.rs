@@ -1,0 +1,175 @@
+//! The device buffer's layout: pools first (exactly the CPU backend's layout), then the
+//! per-step workspace (the uploaded step, the stages' hand-over buffers, the tensor
+//! maps). Pure arithmetic, checked for overflow.
+
+use crate::config::Config;
+use crate::error::{NsaError, Result};
+use super::consts::{MAPS_PER_LAYER, SEL_CHUNK, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
+use crate::layout::{Layout, PageCopy, PlanSeq};
+
+/// The most splits of the compressed branch the workspace holds: one per
+/// `SPLIT_MIN_KEYS` keys at the longest context, at most this many (a split is one thread
+/// block). Each launch picks its count from the step's rows (`launch.rs`), and the
+/// kernels divide the actual lengths (device-side) among them, so grid shapes never
+/// depend on lengths.
+const CMP_SPLITS_MAX: u32 = 64;
+/// Query rows per wave of the attention kernels (bounds the logits workspace).
+const WAVE_ROWS_MIN: u32 = 64;
+/// Region alignment inside the device buffer.
+const ALIGN: usize = 256;
+
+/// One region of the device buffer: byte offset and length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reg {
+    pub off: usize,
+    pub bytes: usize,
+}
+
+/// Where everything lives in the device buffer, and the fixed launch shapes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DevLayout {
+    pub pools: Reg,
+    /// Uploaded per step: `StepHeader` + plan + copies (one region, uploaded whole).
+    pub meta: Reg,
+    pub plan_off: usize,
+    pub copies_off: usize,
+    pub rows: Reg,
+    pub jobs: Reg,
+    pub raw_tab: Reg,
+    pub cmp_tab: Reg,
+    pub logits: Reg,
+    pub sel: Reg,
+    pub cand: Reg,
+    pub count: Reg,
+    pub tmaps: Reg,
+    pub part_ml: Reg,
+    pub part_acc: Reg,
+    /// Prefill path: the selection of every step row (empty when the config cannot use it).
+    pub pf_sel: Reg,
+    pub total: usize,
+    pub wave_rows: u32,
+    pub max_cmp: u32,
+    pub nsplit_c: u32,
+    pub units_s: u32,
+    pub units_w: u32,
+    /// Most chunks of selection blocks per (row, KV head) (`cand` is sized for them).
+    pub sel_chunks: u32,
+}
+
+fn too_big() -> NsaError {
+    NsaError::config("capacity", "cuda workspace", "the device buffer it needs overflows the address space; lower the capacity")
+}
+
+struct B {
+    at: usize,
+}
+
+impl B {
+    fn take(&mut self, parts: &[usize]) -> Result<Reg> {
+        let bytes = parts.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(too_big)?;
+        let off = self.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
+        self.at = off.checked_add(bytes).ok_or_else(too_big)?;
+        Ok(Reg { off, bytes })
+    }
+}
+
+impl DevLayout {
+    pub fn new(cfg: &Config, lay: &Layout) -> Result<DevLayout> {
+        let u = |x: u32| x as usize;
+        let mut b = B { at: 0 };
+        let pools = b.take(&[lay.pool_bytes])?;
+        let seqs = u(cfg.max_step_seqs);
+        let plan_off = std::mem::size_of::<super::params::StepHeader>();
+        let copies_off = plan_off + seqs * std::mem::size_of::<PlanSeq>();
+        let meta = b.take(&[copies_off + 2 * seqs * std::mem::size_of::<PageCopy>()])?;
+        let rows = b.take(&[u(cfg.max_step_tokens), 8])?;
+        let jobs = b.take(&[u(cfg.max_step_tokens), 8])?;
+        let raw_tab = b.take(&[seqs, u(cfg.pages_per_seq()), 4])?;
+        let cmp_tab = b.take(&[seqs, u(cfg.cmp_pages_per_seq()).max(1), 4])?;
+        // Compressed tokens per logits row, rounded up to even (8-byte logit stores).
+        let max_cmp = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(2);
+        let nsplit_c = max_cmp.div_ceil(SPLIT_MIN_KEYS).clamp(1, CMP_SPLITS_MAX);
+        let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
+        let units_s = cfg.sel_count;
+        // With tensor maps the window's range starts WINDOW_ALIGN-aligned, up to
+        // WINDOW_ALIGN - 1 keys early.
+        let units_w = (cfg.window + WINDOW_ALIGN - 1).div_ceil(cfg.sel_block);
+        let units = u(nsplit_c + units_s + units_w);
+        let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
+        let logits = b.take(&[w, hq, u(max_cmp), 4])?;
+        let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
+        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK).max(1);
+        let cand = b.take(&[w, hkv, u(sel_chunks), u(cfg.sel_count), 8])?;
+        let count = b.take(&[w, hkv, 4])?;
+        let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
+        let part_ml = b.take(&[w, hq, units, 8])?;
+        let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
+        let pf_rows = if super::prefill::supported(cfg) { u(cfg.max_step_tokens) } else { 0 };
+        let pf_sel = b.take(&[pf_rows, hkv, u(cfg.sel_count), 4])?;
+        let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
+        if total > isize::MAX as usize {
+            return Err(too_big());
+        }
+        Ok(DevLayout {
+            pools,
+            meta,
+            plan_off,
+            copies_off,
+            rows,
+            jobs,
+            raw_tab,
+            cmp_tab,
+            logits,
+            sel,
+            cand,
+            count,
+            tmaps,
+            part_ml,
+            part_acc,
+            pf_sel,
+            total,
+            wave_rows,
+            max_cmp,
+            nsplit_c,
+            units_s,
+            units_w,
+            sel_chunks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    #[test]
+    fn workspace_shapes_fit_the_kernels() {
+        for preset in [Preset::Paper, Preset::Fla] {
+            for len in [1000u32, 65536, 131072] {
+                let c = Config::preset(preset).with_shape(64, 4, 192, 128).with_capacity(4, len);
+                let lay = Layout::new(&c).unwrap();
+                let dl = DevLayout::new(&c, &lay).unwrap();
+                // Logits rows are even (8-byte stores) and hold every compressed token.
+                assert_eq!(dl.max_cmp % 2, 0);
+                assert!(dl.max_cmp >= c.num_cmp_tokens(c.max_seq_len));
+                // Selection chunks of SEL_CHUNK blocks cover every block, each with a list of n.
+                assert!(dl.sel_chunks * SEL_CHUNK >= c.max_sel_blocks());
+                let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
+                assert_eq!(dl.cand.bytes, pairs * (dl.sel_chunks * c.sel_count) as usize * 8);
+                assert_eq!(dl.count.bytes, pairs * 4);
+                // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
+                assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
+                assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
+                // Regions do not overlap and stay in order.
+                let regs = [dl.pools, dl.meta, dl.rows, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
+                for w in regs.windows(2) {
+                    assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
+                }
+                assert!(dl.pf_sel.off + dl.pf_sel.bytes <= dl.total);
+                // The prefill path's selection holds every row of a step.
+                assert_eq!(dl.pf_sel.bytes, (c.max_step_tokens * c.num_kv_heads * c.sel_count) as usize * 4);
+            }
+        }
+    }
+}
