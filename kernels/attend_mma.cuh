@@ -365,7 +365,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
         if (tid < hcn) {
             usize at = part_at(p, wr, hglob0 + tid, u);
-            ml[2 * at] = l > 0.f ? m : NEG_INF;
+            ml[2 * at] = l != 0.f ? m : NEG_INF;
             ml[2 * at + 1] = l;
         }
     }

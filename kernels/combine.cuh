@@ -19,15 +19,16 @@ __device__ __forceinline__ float unit_sum(const float* col, int stride, const fl
 }
 
 // (max, sum) of the partial softmax states u0..u1 (m[u], l[u]; l = 0: empty) by one warp.
+// Any other l, NaN included, is merged: a NaN score or value propagates, never to zeros
+// (fmaxf skips NaN, so a state whose scores were all NaN has m = -inf and l = NaN).
 __device__ __forceinline__ float2 merge_ml(const float* mu, const float* lu, int u0, int u1, int lane) {
     float m = NEG_INF;
     for (int u = u0 + lane; u < u1; u += 32)
-        if (lu[u] > 0.f) m = fmaxf(m, mu[u]);
+        if (lu[u] != 0.f) m = fmaxf(m, mu[u]);
     m = warp_max(m);
     float l = 0.f;
-    if (m != NEG_INF)
-        for (int u = u0 + lane; u < u1; u += 32)
-            if (lu[u] > 0.f) l += lu[u] * expf(mu[u] - m);
+    for (int u = u0 + lane; u < u1; u += 32)
+        if (lu[u] != 0.f) l += m != NEG_INF ? lu[u] * expf(mu[u] - m) : lu[u];
     return make_float2(m, warp_sum(l));
 }
 
@@ -74,7 +75,7 @@ __device__ void combine(const Params& p) {
     for (int x = tid; x < H * U; x += blockDim.x) {
         int hh = x / U, u = x - hh * U;
         int grp = hh * 3 + (u < s0 ? 0 : (u < s1 ? 1 : 2));
-        fu[x] = (fu[x] > 0.f && gm[grp] != NEG_INF) ? expf(mu[x] - gm[grp]) : 0.f;
+        fu[x] = (fu[x] != 0.f && gm[grp] != NEG_INF) ? expf(mu[x] - gm[grp]) : 0.f;
     }
     __syncthreads();
     typename E::T* out = (typename E::T*)p.io.out;
@@ -110,10 +111,10 @@ __device__ void combine(const Params& p) {
         const float* gt = (const float*)p.io.gates + ((usize)r * p.shape.num_q_heads + hg) * 3;
         const float* g3 = gl + hh * 3;
         float o = 0.f;
-        float ocmp = g3[0] > 0.f ? a[0] * (1.0f / g3[0]) : 0.f;
+        float ocmp = g3[0] != 0.f ? a[0] * (1.0f / g3[0]) : 0.f;
         o = o + gt[0] * ocmp;
-        if (g3[1] > 0.f) o = o + (gt[1] / g3[1]) * a[1];
-        if (g3[2] > 0.f) o = o + (gt[2] / g3[2]) * a[2];
+        if (g3[1] != 0.f) o = o + (gt[1] / g3[1]) * a[1];
+        if (g3[2] != 0.f) o = o + (gt[2] / g3[2]) * a[2];
         E::st(out, ((usize)r * p.shape.num_q_heads + hg) * DV + c, o);
     }
 }

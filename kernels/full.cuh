@@ -42,9 +42,9 @@ __device__ void full_combine(const Params& p) {
         }
     }
     __syncthreads();
-    for (int u = tid; u < U; u += blockDim.x) fu[u] = (fu[u] > 0.f && gm[0] != NEG_INF) ? expf(mu[u] - gm[0]) : 0.f;
+    for (int u = tid; u < U; u += blockDim.x) fu[u] = (fu[u] != 0.f && gm[0] != NEG_INF) ? expf(mu[u] - gm[0]) : 0.f;
     __syncthreads();
-    float inv = gm[1] > 0.f ? 1.0f / gm[1] : 0.f;
+    float inv = gm[1] != 0.f ? 1.0f / gm[1] : 0.f;
     typename E::T* out = (typename E::T*)p.io.out;
     usize base = part_at(p, wr, hg, 0) * p.shape.head_dim_v;
     for (int c = tid; c < p.shape.head_dim_v; c += blockDim.x) {

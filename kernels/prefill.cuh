@@ -537,8 +537,8 @@ __device__ void pf_cmp(const Params& p) {
     lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     // log2-sum-exp2 of the scaled logits; +inf for a row with no visible key makes every
     // p exactly 0.
-    const float lseA = lA > 0.f ? mA * sl2 + __log2f(lA) : POS_INF;
-    const float lseB = lB > 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
+    const float lseA = lA != 0.f ? mA * sl2 + __log2f(lA) : POS_INF;
+    const float lseB = lB != 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
 
     // Pass 2: normalised probabilities -> P.V and the block scores.
     const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
@@ -804,8 +804,8 @@ __device__ void pf_sw(const Params& p) {
             lB += __shfl_xor_sync(0xffffffffu, lB, 2);
             const typename E::T* out = (const typename E::T*)p.io.out;
             float fA = 0.f, fB = 0.f;
-            if (okA && lA > 0.f) fA = gates[rA * 3 + 1] / lA;
-            if (okB && lB > 0.f) fB = gates[rB * 3 + 1] / lB;
+            if (okA && lA != 0.f) fA = gates[rA * 3 + 1] / lA;
+            if (okB && lB != 0.f) fB = gates[rB * 3 + 1] / lB;
 #pragma unroll
             for (int d = 0; d < DV / 8; d++) {
                 int c = d * 8 + q4 * 2;
@@ -864,8 +864,8 @@ __device__ void pf_sw(const Params& p) {
     lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     typename E::T* out = (typename E::T*)p.io.out;
     float fA = 0.f, fB = 0.f;
-    if (okA && lA > 0.f) fA = gates[rA * 3 + 2] / lA;
-    if (okB && lB > 0.f) fB = gates[rB * 3 + 2] / lB;
+    if (okA && lA != 0.f) fA = gates[rA * 3 + 2] / lA;
+    if (okB && lB != 0.f) fB = gates[rB * 3 + 2] / lB;
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) {
         int c = d * 8 + q4 * 2;

@@ -63,7 +63,7 @@ __device__ void select_blocks(const Params& p) {
             float m = NEG_INF, l = 0.f;
             for (int u = lane; u < p.launch.nsplit_c; u += 32) {
                 float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
-                if (x.y > 0.f) {
+                if (x.y != 0.f) {
                     float mn = fmaxf(m, x.x);
                     l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
                     m = mn;
@@ -73,12 +73,12 @@ __device__ void select_blocks(const Params& p) {
             for (int o = 16; o > 0; o >>= 1) {
                 float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
                 float mn = fmaxf(m, mo);
-                l = (l > 0.f ? l * fexp(m - mn) : 0.f) + (lo > 0.f ? lo * fexp(mo - mn) : 0.f);
+                l = (l != 0.f ? l * fexp(m - mn) : 0.f) + (lo != 0.f ? lo * fexp(mo - mn) : 0.f);
                 m = mn;
             }
             if (lane == 0) {
                 mh[h] = m;
-                inv[h] = l > 0.f ? 1.0f / l : 0.f;
+                inv[h] = l != 0.f ? 1.0f / l : 0.f;
             }
         }
         __syncthreads();

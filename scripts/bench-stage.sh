@@ -13,6 +13,8 @@ out="$root/.gpu-bench"
 rm -rf "$out" && mkdir -p "$out"
 cp "$target/release/nsa-bench" "$target/release/nsa-demo" "$target/release/libnsa.so" scripts/torch_compare.py "$out/"
 strip --strip-debug "$out/nsa-bench" "$out/nsa-demo" "$out/libnsa.so"
+# What the binaries were built from (the GPU machine's copy of the tree may lack git).
+git describe --always --dirty --abbrev=12 > "$out/commit.txt" 2>/dev/null || echo unknown > "$out/commit.txt"
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the CUDA benchmark set; NSA_BENCH_ARGS / NSA_TORCH_ARGS override the sizes (decode

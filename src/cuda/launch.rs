@@ -26,6 +26,7 @@ impl CudaBackend {
         if layer >= cfg.num_layers {
             return Err(NsaError::arg("layer", layer, format!("layers are 0..{}", cfg.num_layers)));
         }
+        self.binding.check(cache)?;
         let step = cache.step()?;
         if self.uploaded != Some((cache.id(), cache.step_id())) {
             return Err(NsaError::arg("step", "not uploaded", format!("call upload_step for the planned step before {call}")));

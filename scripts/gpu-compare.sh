@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Before/after benchmark in one GPU call: the same nsa-bench points with a baseline build
+# and this build (and this build with the prefill kernels off, which isolates the rest of
+# a change), then PyTorch SDPA through scripts/torch_compare.py for the cuDNN ratios.
+#
+# Here:   scripts/bench-stage.sh                      (this build into .gpu-bench/)
+#         and a baseline nsa-bench + libnsa.so in .gpu-base/ (any older build, staged by hand)
+# There:  bash scripts/gpu-compare.sh                 (carry .gpu-bench and .gpu-base)
+# Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points.
+# Logs and JSON go to $OUT (or .gpu-bench/compare); the tables print last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+o="${OUT:-.gpu-bench/compare}"
+mkdir -p "$o"
+export NSA_CUDA_CACHE_DIR=/tmp/nsa-kernel-cache PYTHONUNBUFFERED=1
+args=(${NSA_COMPARE_ARGS:---contexts 65536,131072 --batches 1,16 --reps 15 --prefill 8192,16384,32768,65536})
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$o/gpu.txt"
+echo "built from: $(cat .gpu-bench/commit.txt 2>/dev/null || echo unknown) (baseline: $(cat .gpu-base/commit.txt 2>/dev/null || echo unknown))" | tee -a "$o/gpu.txt"
+run() { # name dir env...
+  local name="$1" dir="$2"; shift 2
+  echo "== $name"
+  env "$@" "$dir/nsa-bench" --gpu "${args[@]}" --json "$o/$name.json" 2>"$o/$name.err" | tee "$o/$name.md"
+  tail -n 3 "$o/$name.err"
+}
+[ -x .gpu-base/nsa-bench ] && run base .gpu-base
+run new .gpu-bench
+run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
+python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
+  --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
+tail -n 3 "$o/torch.err"
+for n in base new new-no-prefill-kernels; do
+  [ -f "$o/$n.md" ] && { echo "== $n"; grep -E '^\|' "$o/$n.md"; }
+done
+echo "== torch"; grep -E '^\|' "$o/torch.md"
