@@ -22,7 +22,8 @@
 //   full.cuh        full causal attention, the in-repo baseline
 //   wgmma.cuh       warpgroup MMA (sm_90a): matrix descriptors, swizzled tiles
 //   prefill.cuh     the prefill path: pf_cmp (compressed branch + selection) and pf_sw
-//                   (selected + window + gated combine) over tiles of positions x heads
+//                   (selected + window + gated combine) over tiles of positions x heads;
+//                   prefill_parts.cuh: its tiles, copies, MMA policies, softmax, top-n
 //
 // Pool layout (same as the CPU backend): per layer `[pool][page][kv_head][token][dim]`;
 // the host passes this layer's four pool base pointers (Params.paging). Storage types:
@@ -59,6 +60,7 @@
 #include "combine.cuh"
 #include "full.cuh"
 #include "wgmma.cuh"
+#include "prefill_parts.cuh"
 #include "prefill.cuh"
 
 // ---------------------------------------------------------------- entry points

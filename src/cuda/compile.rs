@@ -30,6 +30,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("combine.cuh", include_str!("../../kernels/combine.cuh")),
     ("full.cuh", include_str!("../../kernels/full.cuh")),
     ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
+    ("prefill_parts.cuh", include_str!("../../kernels/prefill_parts.cuh")),
     ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
 ];
 

@@ -1,0 +1,415 @@
+// The prefill kernels' building blocks (kernels/prefill.cuh has the kernels and the
+// design): a block's tile, the tile copies, the MMA policies (MmaSync: mma.sync on any
+// sm_80+; Wgmma: warpgroup MMA on sm_90a), the online softmax in the log2 domain, the
+// group-head sums and the warp-parallel top-n.
+
+#ifndef NSA_PREFILL_PARTS_CUH
+#define NSA_PREFILL_PARTS_CUH
+
+#define PF_KT NSA_PF_KEYS
+
+// A block's tile: up to `tp` consecutive positions of one step sequence.
+struct PrefillTile {
+    int seq;   // index of the sequence in the step (its page tables)
+    int row0;  // first row of the tile in the step's q/out arrays
+    int pos0;  // position of that row
+    int npos;  // positions in the tile (0: past the step's last tile)
+};
+
+// Tile `x` of the step: sequences in plan order, each cut into ceil(tokens / tp) tiles
+// (the host sizes the grid with the same count, `CudaBackend::prefill_tiles`).
+__device__ __forceinline__ PrefillTile pf_tile(const Params& p, int x, int tp) {
+    const PlanSeq* seqs = (const PlanSeq*)p.step.seqs;
+    const int n = ((const StepHeader*)p.step.header)->seqs;
+    PrefillTile t = {0, 0, 0, 0};
+    for (int i = 0; i < n; i++) {
+        PlanSeq s = seqs[i];
+        int tok = s.new_len - s.old_len, nt = (tok + tp - 1) / tp;
+        if (x < nt) {
+            t.seq = i;
+            t.row0 = s.row + x * tp;
+            t.pos0 = s.old_len + x * tp;
+            t.npos = min(tp, tok - x * tp);
+            return t;
+        }
+        x -= nt;
+    }
+    return t;
+}
+
+// Score slots per position in shared memory: every selection block of a longest sequence.
+__device__ __forceinline__ int pf_nblk(const Params& p) {
+    return p.paging.pages_per_seq * p.paging.page_size / p.shape.sel_block;
+}
+
+// Where the selection goes: the caller's `selected` when given, else the workspace's
+// per-row buffer ([rows, HKV, sel_count] i32 either way).
+__device__ __forceinline__ int* pf_sel(const Params& p) {
+    return (int*)(p.io.selected ? p.io.selected : p.ws.pf_sel);
+}
+
+// 2^x on the SFU (ex2.approx, flush-to-zero; 2^-inf = 0). The kernels keep softmax state
+// in the log2 domain (logit * scale * log2(e)) so that each probability is one FFMA and one
+// EX2.
+__device__ __forceinline__ float ex2f(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Copies keys [k0, k0 + 64) of a paged pool (rows of D 16-bit elements; `page` holds them,
+// looked up ahead of time: a dependent page-table load here would stall every copy) with
+// cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8
+// elements. Rows at or past `kend` are zero-filled. All threads of the block call it.
+template <int D, bool SW>
+__device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, const u16* pool, int page,
+                                             int kvh, int k0, int kend) {
+    constexpr int CPR = D / 8;
+    const u16* src = pool + row_at(p, page, kvh, k0 % p.paging.page_size, D);
+    const bool full = k0 + PF_KT <= kend;
+    auto one = [&](int r, int c) {
+        bool ok = full || k0 + r < kend;
+        unsigned off = SW ? sw128_off(r, c, PF_KT) : (unsigned)(r * (D + 8) + c * 8) * 2u;
+        cp_async16(dst + off, ok ? src + r * D + c * 8 : src, ok ? 16 : 0);
+    };
+    if (blockDim.x % CPR == 0) {
+        // Each thread keeps one column of granules: no division per granule.
+        const int c = threadIdx.x % CPR, step = blockDim.x / CPR;
+        for (int r = threadIdx.x / CPR; r < PF_KT; r += step) one(r, c);
+    } else {
+        for (int e = threadIdx.x; e < PF_KT * CPR; e += blockDim.x) one(e / CPR, e % CPR);
+    }
+}
+
+// Row r of the block is position r / G of the tile, head r % G of the group: the 16-byte
+// granule c of that row of q, or zeros past the tile.
+__device__ __forceinline__ uint4 pf_q_granule(const Params& p, const PrefillTile& tl, int kvh, int r, int c,
+                                              int dk) {
+    const int G = p.shape.group_size;
+    int po = r / G, h = r - po * G;
+    if (po >= tl.npos) return make_uint4(0, 0, 0, 0);
+    return *(const uint4*)((const u16*)p.io.q + ((usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * G + h) * dk + c * 8);
+}
+
+// mma.sync m16n8k16 (sm_80+): Q in registers, K/V fragments by ldmatrix from padded tiles.
+template <class E, int DK, int DV>
+struct MmaSync {
+    static constexpr int UNIT = 16;
+    static constexpr bool SW = false;
+    static constexpr bool ACC_REGS = false;  // no registers to spare: the partial output in shared memory
+    static constexpr unsigned KTILE = PF_KT * (DK + 8) * 2, VTILE = PF_KT * (DV + 8) * 2;
+    static __host__ __device__ constexpr unsigned q_bytes(int) { return 0; }  // Q staged through the K/V stages
+    unsigned qf[DK / 16][4];
+
+    // `q_at`: the block's Q region (unused), `stage`: the K/V stages (free at this point).
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned, unsigned char* stage) {
+        constexpr int CPR = DK / 8, S = DK + 8;
+        const int rows = blockDim.x / 2;
+        u16* st = (u16*)stage;
+        for (int e = threadIdx.x; e < rows * CPR; e += blockDim.x) {
+            int r = e / CPR, c = e - r * CPR;
+            *(uint4*)(st + r * S + c * 8) = pf_q_granule(p, tl, kvh, r, c, DK);
+        }
+        __syncthreads();
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const unsigned qa = smem_u32(st + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8);
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) ldsm4(qa + kk * 32, qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+        __syncthreads();
+    }
+
+    // S = Q K^T for one 64-key tile at shared address `kt` (8 n-tiles of 8 keys), unscaled.
+    __device__ void qk(unsigned kt, float (&s)[8][4]) {
+        constexpr int S = DK + 8;
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+        const unsigned ka = kt + (krow * S + kc * 8) * 2;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                unsigned b0, b1, b2, b3;
+                ldsm4(ka + (np * 16 * S + kk * 16) * 2, b0, b1, b2, b3);
+                mma16816<E::MMA>(s[2 * np], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b0, b1);
+                mma16816<E::MMA>(s[2 * np + 1], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b2, b3);
+            }
+        }
+    }
+
+    // O += P V for one 64-key tile at shared address `vt`; P in the S accumulator layout.
+    __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
+        constexpr int S = DV + 8;
+        const int lane = threadIdx.x & 31;
+        const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+        const unsigned va = vt + (vrow * S + vc * 8) * 2;
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            unsigned a0 = pack2<E::MMA>(pr[2 * ks][0], pr[2 * ks][1]);
+            unsigned a1 = pack2<E::MMA>(pr[2 * ks][2], pr[2 * ks][3]);
+            unsigned a2 = pack2<E::MMA>(pr[2 * ks + 1][0], pr[2 * ks + 1][1]);
+            unsigned a3 = pack2<E::MMA>(pr[2 * ks + 1][2], pr[2 * ks + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < DV / 16; dp++) {
+                unsigned b0, b1, b2, b3;
+                ldsm4t(va + (ks * 16 * S + dp * 16) * 2, b0, b1, b2, b3);
+                mma16816<E::MMA>(o[2 * dp], a0, a1, a2, a3, b0, b1);
+                mma16816<E::MMA>(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+    }
+};
+
+// wgmma (sm_90a): a warpgroup of 64 rows multiplies Q (shared, swizzled, resident for the
+// whole block) by K tiles, and P (registers) by V tiles, both read by the tensor cores
+// straight from swizzled shared memory.
+template <class E, int DK, int DV>
+struct Wgmma {
+    static constexpr int UNIT = 64;
+    static constexpr bool SW = true;
+    static constexpr bool ACC_REGS = true;
+    static constexpr unsigned KTILE = PF_KT * DK * 2, VTILE = PF_KT * DV * 2;
+    static __host__ __device__ constexpr unsigned q_bytes(int rows) { return (unsigned)rows * DK * 2; }
+    unsigned qaddr;
+    int rows;
+
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr) {
+        constexpr int CPR = DK / 8;
+        rows = blockDim.x / 2;
+        qaddr = q_at;
+        for (int e = threadIdx.x; e < rows * CPR; e += blockDim.x) {
+            int r = e / CPR, c = e - r * CPR;
+            *(uint4*)(q_ptr + sw128_off(r, c, rows)) = pf_q_granule(p, tl, kvh, r, c, DK);
+        }
+        fence_async_smem();
+        __syncthreads();
+    }
+
+    __device__ void qk(unsigned kt, float (&s)[8][4]) {
+        const int wg = threadIdx.x >> 7;
+        const unsigned qa = qaddr + wg * 64 * 128;
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+            u64 da = wg_desc(qa + (kk >> 2) * rows * 128 + (kk & 3) * 32, 16, 1024);
+            u64 db = wg_desc(kt + (kk >> 2) * PF_KT * 128 + (kk & 3) * 32, 16, 1024);
+            wg_ss_m64n64k16<E::MMA>(&s[0][0], da, db, kk > 0);
+        }
+        wg_commit();
+        wg_wait<0>();
+    }
+
+    __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
+        unsigned a[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            a[ks][0] = pack2<E::MMA>(pr[2 * ks][0], pr[2 * ks][1]);
+            a[ks][1] = pack2<E::MMA>(pr[2 * ks][2], pr[2 * ks][3]);
+            a[ks][2] = pack2<E::MMA>(pr[2 * ks + 1][0], pr[2 * ks + 1][1]);
+            a[ks][3] = pack2<E::MMA>(pr[2 * ks + 1][2], pr[2 * ks + 1][3]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            // V is MN-major: 8-key groups 1024 bytes apart, 64-column chunks a tile apart.
+            u64 db = wg_desc(vt + ks * 16 * 128, PF_KT * 128, 1024);
+            if constexpr (DV == 128)
+                wg_rs_m64n128k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);
+            else
+                wg_rs_m64n64k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);
+        }
+        wg_commit();
+        wg_wait<0>();
+    }
+};
+
+// The selected branch's gated partial output of a lane's fragments, kept across the window
+// loop: in registers, or in shared memory (lane-private slots, so no barrier) where the
+// registers are taken.
+template <int DV, bool REGS>
+struct PfPartial {
+    float v[DV / 8][4];
+    __device__ PfPartial(float*) {}
+    __device__ __forceinline__ float& at(int d, int e) { return v[d][e]; }
+};
+template <int DV>
+struct PfPartial<DV, false> {
+    float* p;
+    __device__ PfPartial(float* mine) : p(mine) {}
+    __device__ __forceinline__ float& at(int d, int e) { return p[(d * 4 + e) * 32]; }
+};
+
+// Shared memory of a block: [Q (Wgmma)] [K stages] [V stages] [extras], from a 1024-byte
+// aligned base (the swizzled tiles need it; the host adds 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* pf_base(unsigned char* raw) {
+    unsigned a = smem_u32(raw);
+    return raw + (((a + 1023u) & ~1023u) - a);
+}
+
+// Online-softmax update of one tile for the lane's two rows (A = row g, B = row g + 8):
+// s holds raw logits, masked ones -inf; the maxima mA, mB are raw too, sl2 = scale *
+// log2(e). Turns s into probabilities relative to the new max and rescales o.
+template <int DV>
+__device__ __forceinline__ void pf_online(float (&s)[8][4], float sl2, float& mA, float& mB, float& lA, float& lB,
+                                          float (&o)[DV / 8][4]) {
+    float xA = NEG_INF, xB = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
+        xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
+    }
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+    float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+    float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
+    float cA = ex2f(fmaf(mA, sl2, -uA)), cB = ex2f(fmaf(mB, sl2, -uB));
+    float sA = 0.f, sB = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        s[n][0] = ex2f(fmaf(s[n][0], sl2, -uA));
+        s[n][1] = ex2f(fmaf(s[n][1], sl2, -uA));
+        s[n][2] = ex2f(fmaf(s[n][2], sl2, -uB));
+        s[n][3] = ex2f(fmaf(s[n][3], sl2, -uB));
+        sA += s[n][0] + s[n][1];
+        sB += s[n][2] + s[n][3];
+    }
+    lA = lA * cA + sA;
+    lB = lB * cB + sB;
+    mA = nA;
+    mB = nB;
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        o[d][0] *= cA;
+        o[d][1] *= cA;
+        o[d][2] *= cB;
+        o[d][3] *= cB;
+    }
+}
+
+// One level of a transpose-reduce across lanes `mask` apart: the lane keeps the lower
+// (hi = 0) or upper half of v[0..2*HALF), adds the partner's copy of that half, and leaves
+// the sums in v[0..HALF).
+template <int HALF>
+__device__ __forceinline__ void pf_fold(float* v, bool hi, int mask) {
+#pragma unroll
+    for (int i = 0; i < HALF; i++) {
+        float send = hi ? v[i] : v[i + HALF], keep = hi ? v[i + HALF] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+    }
+}
+
+__device__ __forceinline__ bool pf_better(float s1, int j1, float s2, int j2) {
+    if (j1 < 0) return false;
+    if (j2 < 0) return true;
+    return s1 > s2 || (s1 == s2 && j1 < j2);
+}
+
+// Writes a warp's chosen blocks (lane r holds the r-th pick, -1 for none; `count` picks at
+// most) ascending, -1 padded, to dst[0..n).
+__device__ __forceinline__ void pf_store_sorted(int mine, int count, int n, int* dst) {
+    const int lane = threadIdx.x & 31;
+    int rank = 0;
+    for (int r = 0; r < count; r++) {
+        int o = __shfl_sync(0xffffffffu, mine, r);
+        rank += (o >= 0 && mine >= 0 && o < mine) ? 1 : 0;
+    }
+    if (lane < n && lane < count && mine >= 0) dst[rank] = mine;
+    int valid = __popc(__ballot_sync(0xffffffffu, lane < count && mine >= 0));
+    if (lane < n && lane >= valid) dst[lane] = -1;
+}
+
+// One round of a warp arg-max over the lanes' (score, block) bests: ties to the lower block.
+__device__ __forceinline__ int pf_warp_argmax(float v, int j) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oj = __shfl_xor_sync(0xffffffffu, j, o);
+        if (pf_better(ov, oj, v, j)) {
+            v = ov;
+            j = oj;
+        }
+    }
+    return j;
+}
+
+// Top-n of one position's block scores `sc[0..=b]` (forced blocks already +inf, every
+// other score >= 0; a NaN score is never picked), by one warp: n rounds of a warp arg-max
+// (ties to the lower block), each lane keeping the best of its strided share. The chosen
+// blocks go to dst[0..n) ascending, -1 padded. This version keeps the shares in shared
+// memory (any b); it destroys `sc`.
+__device__ void pf_top_n(float* sc, int b, int n, int* dst) {
+    const int lane = threadIdx.x & 31;
+    const int nb = b + 1, count = min(n, nb);
+    auto rescan = [&](float& bv, int& bj) {
+        bv = NEG_INF;
+        bj = -1;
+        for (int j = lane; j < nb; j += 32) {
+            float v = sc[j];
+            if (v >= 0.f && pf_better(v, j, bv, bj)) {
+                bv = v;
+                bj = j;
+            }
+        }
+    };
+    float bv;
+    int bj;
+    rescan(bv, bj);
+    int mine = -1;
+    for (int r = 0; r < count; r++) {
+        int j = pf_warp_argmax(bv, bj);
+        if (lane == r) mine = j;
+        if (j < 0) break;  // nothing left (non-finite scores)
+        if ((j & 31) == lane) {
+            sc[j] = -1.f;
+            rescan(bv, bj);
+        }
+        __syncwarp();
+    }
+    pf_store_sorted(mine, count, n, dst);
+}
+
+// The same with each lane's share (at most R scores: b < 32 * R) held in registers, so the
+// n rescans cost no shared-memory round trips.
+template <int R>
+__device__ void pf_top_n_reg(const float* sc, int b, int n, int* dst) {
+    const int lane = threadIdx.x & 31;
+    const int nb = b + 1, count = min(n, nb);
+    float v[R];
+#pragma unroll
+    for (int k = 0; k < R; k++) v[k] = lane + 32 * k < nb ? sc[lane + 32 * k] : -1.f;
+    auto rescan = [&](float& bv, int& bj) {
+        bv = NEG_INF;
+        bj = -1;
+#pragma unroll
+        for (int k = 0; k < R; k++)
+            if (v[k] >= 0.f && (bj < 0 || v[k] > bv)) {
+                bv = v[k];
+                bj = lane + 32 * k;
+            }
+    };
+    float bv;
+    int bj;
+    rescan(bv, bj);
+    int mine = -1;
+    for (int r = 0; r < count; r++) {
+        int j = pf_warp_argmax(bv, bj);
+        if (lane == r) mine = j;
+        if (j < 0) break;
+        if ((j & 31) == lane) {
+#pragma unroll
+            for (int k = 0; k < R; k++)
+                if (lane + 32 * k == j) v[k] = -1.f;
+            rescan(bv, bj);
+        }
+    }
+    pf_store_sorted(mine, count, n, dst);
+}
+
+#define PF_TOPN_REG 64  // register shares up to 64 x 32 = 2048 blocks
+
+#endif  // NSA_PREFILL_PARTS_CUH
