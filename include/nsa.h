@@ -631,14 +631,14 @@ typedef struct nsa_api_v2 {
                                  const struct nsa_layer_io_t *io,
                                  void *stream);
     /**
-     * `nsa_cpu_backend_create_hosted` (library 0.2).
+     * `nsa_cpu_backend_create_hosted`.
      */
     nsa_status (*cpu_backend_create_hosted)(const struct nsa_config_t *cfg,
                                             void *buf,
                                             size_t bytes,
                                             struct nsa_cpu_backend **out);
     /**
-     * `nsa_cpu_run_layer_part` (library 0.2).
+     * `nsa_cpu_run_layer_part`.
      */
     nsa_status (*cpu_run_layer_part)(const struct nsa_cpu_backend *backend,
                                      const struct nsa_cache *cache,

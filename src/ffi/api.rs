@@ -112,15 +112,14 @@ pub struct nsa_api_v2 {
         io: *const nsa_layer_io_t,
         stream: *mut c_void,
     ) -> nsa_status,
-    // --- added in library version 0.2 (check struct_size before use) ---
-    /// `nsa_cpu_backend_create_hosted` (library 0.2).
+    /// `nsa_cpu_backend_create_hosted`.
     pub cpu_backend_create_hosted: unsafe extern "C" fn(
         cfg: *const nsa_config_t,
         buf: *mut c_void,
         bytes: usize,
         out: *mut *mut nsa_cpu_backend,
     ) -> nsa_status,
-    /// `nsa_cpu_run_layer_part` (library 0.2).
+    /// `nsa_cpu_run_layer_part`.
     pub cpu_run_layer_part: unsafe extern "C" fn(
         backend: *const nsa_cpu_backend,
         cache: *const nsa_cache,
