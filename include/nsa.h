@@ -1270,11 +1270,11 @@ nsa_status nsa_cpu_run_layer(struct nsa_cpu_backend *backend,
  * returned. Works on backends from either create function (use
  * `nsa_cpu_backend_create_hosted` to have no engine thread at all).
  *
- * Step lifecycle: the call with `ith == 0` claims the layer in the cache (it counts as
- * run once, as after `nsa_cpu_run_layer`); the other threads check the same arguments
- * and the backend's binding but do not claim. So run every layer's parts exactly once
- * per step: a repeated run of a layer is refused with `NSA_STATUS_LAYER_ALREADY_RUN` by
- * its part 0 only, while its other parts still write their share.
+ * Step lifecycle: the first of the `nth` calls to arrive claims the layer in the cache (it
+ * counts as run once, as after `nsa_cpu_run_layer`) while the others wait for that claim.
+ * Every call of a repeated run of the layer in the same step (after `nth` calls of the
+ * first run, or after the layer ran as a whole) returns `NSA_STATUS_LAYER_ALREADY_RUN`
+ * and writes nothing.
  *
  * Errors: as `nsa_cpu_run_layer` (every thread checks the same arguments, so all fail
  * alike and nothing is written), and `NSA_STATUS_INVALID_ARGUMENT` for `nth == 0` or

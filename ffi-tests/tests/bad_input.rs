@@ -522,6 +522,32 @@ fn out_of_pages_changes_nothing() {
 }
 
 #[test]
+fn a_layer_runs_once_per_step_through_the_host_thread_parts_too() {
+    let a = api();
+    let mut fx = Fx::new();
+    let fp = "nsa_cpu_run_layer_part";
+    let part = |fx: &mut Fx, layer: u32, ith: u32, nth: u32| {
+        let io = fx.io();
+        unsafe { (a.cpu_run_layer_part)(fx.e.cpu, fx.e.cache, layer, &io, ith, nth) }
+    };
+    // Layer 0 through two parts; every part of a repeated run is refused, writing nothing.
+    for ith in 0..2 {
+        assert_eq!(part(&mut fx, 0, ith, 2), NSA_STATUS_OK);
+    }
+    for ith in 0..2 {
+        fx.fails(NSA_STATUS_LAYER_ALREADY_RUN, fp, &["layer 0"], |fx| part(fx, 0, ith, 2));
+    }
+    // Layer 1 as a whole run; parts of it afterwards are refused too.
+    let io = fx.io();
+    assert_eq!(unsafe { (a.cpu_run_layer)(fx.e.cpu, fx.e.cache, 1, &io) }, NSA_STATUS_OK);
+    for ith in 0..3 {
+        fx.fails(NSA_STATUS_LAYER_ALREADY_RUN, fp, &["layer 1"], |fx| part(fx, 1, ith, 3));
+    }
+    // Each layer counted once: the step is complete and the cache takes the next call.
+    ok(unsafe { (a.cache_add)(fx.e.cache, 2) });
+}
+
+#[test]
 fn run_layer_checks_every_array_and_argument() {
     let a = api();
     let mut fx = Fx::new();

@@ -141,6 +141,8 @@ pub struct CpuBackend<'p> {
     runner: Runner,
     /// The cache this backend serves (bound at its first layer run).
     binding: CacheBinding,
+    /// Counts the host-thread parts of the C ABI's layer runs (`parts.rs`).
+    gate: parts::PartsGate,
 }
 
 // SAFETY: the backend owns its buffer exclusively (the `&'p mut` it was made from) and
@@ -214,13 +216,14 @@ impl<'p> CpuBackend<'p> {
             ws_floats: workspace::floats_per_thread(cfg),
             runner: Runner::new(threads),
             binding: CacheBinding::new(cfg),
+            gate: parts::PartsGate::new(cfg.num_layers),
         })
     }
 
     /// Zeroes this value's padding bytes in place (the C handle that holds it lives in
     /// caller memory). Layout, slices, the runner and the binding have none.
     pub(crate) fn zero_padding(&mut self) {
-        crate::zero_pad::zero_gaps!(self, CpuBackend { cfg, lay, buf, buf_len, _buf, ws_floats, runner, binding });
+        crate::zero_pad::zero_gaps!(self, CpuBackend { cfg, lay, buf, buf_len, _buf, ws_floats, runner, binding, gate });
         self.cfg.zero_padding();
     }
 

@@ -9,10 +9,73 @@
 //! Results are the same bits as the engine's own runner: every query is computed by the
 //! same code from the same rows, whatever thread or order runs it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{CpuBackend, LayerIo, LayerRun, Mode, PhiWeights, SharedSlice, QUERY_CHUNK};
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheBinding};
 use crate::elem::Elem;
-use crate::error::Result;
+use crate::error::{NsaError, Result};
+
+/// The step lifecycle for the C ABI's host-thread parts, where the `nth` calls of one layer
+/// run arrive concurrently with nothing tying them together: per layer one word, `(step id
+/// << 32) | state`, counts the parts of the current step's run. The first part to arrive
+/// claims the layer in the cache while the others wait for the outcome, so the layer
+/// counts once; a part arriving after `nth` parts (a repeated run), or after a refused
+/// claim (the layer already ran, e.g. as a whole run), is refused, so such a run writes
+/// nothing at all. (The Rust `LayerParts` claims once when it is made and needs none of
+/// this.) One word per layer, allocated when the backend is made.
+pub(super) struct PartsGate {
+    words: Vec<AtomicU64>,
+}
+
+/// State bits of a gate word: the first part is claiming; the claim was refused.
+const CLAIMING: u64 = 1 << 31;
+const REFUSED: u64 = 1 << 30;
+const COUNT: u64 = REFUSED - 1;
+
+impl PartsGate {
+    pub(super) fn new(layers: u32) -> PartsGate {
+        PartsGate { words: (0..layers).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Admits one of the `nth` parts of `layer`'s run in the cache's planned step, or
+    /// refuses it (`LayerAlreadyRun`) when the layer already ran in this step.
+    fn enter(&self, cache: &Cache, binding: &CacheBinding, layer: u32, nth: usize) -> Result<()> {
+        let step = cache.step_id();
+        let w = &self.words[layer as usize];
+        let refused = || NsaError::LayerAlreadyRun { layer, step };
+        loop {
+            let v = w.load(Ordering::Acquire);
+            let st = if (v >> 32) as u32 == step { v & 0xffff_ffff } else { 0 };
+            let word = |s: u64| ((step as u64) << 32) | s;
+            if st & REFUSED != 0 || (st & COUNT) as usize >= nth {
+                return Err(refused());
+            }
+            if st & CLAIMING != 0 {
+                std::hint::spin_loop(); // the first part's claim is a few atomic operations
+                continue;
+            }
+            if st == 0 {
+                if w.compare_exchange(v, word(CLAIMING | 1), Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    continue;
+                }
+                return match cache.claim_layer(binding, layer) {
+                    Ok(_) => {
+                        w.store(word(1), Ordering::Release);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        w.store(word(REFUSED), Ordering::Release);
+                        Err(e)
+                    }
+                };
+            }
+            if w.compare_exchange(v, word(st + 1), Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// One layer of the planned step, checked and ready for the host's threads. Made by
 /// [`CpuBackend::layer_parts`] or [`CpuBackend::append_parts`]; the layer is done when
@@ -47,9 +110,9 @@ impl<'p> CpuBackend<'p> {
 
     /// The C ABI's form of `layer_parts` / `append_parts`: every host thread builds its
     /// own view of the same run from the same raw arrays (an empty `q` and `out` make it
-    /// append-only). Part 0 claims the layer in the cache's step lifecycle (so the layer
-    /// counts as run once, and a repeated run is refused there); the other parts check the
-    /// same arguments and the binding, and do not claim.
+    /// append-only). The parts check the same arguments, then pass the backend's
+    /// [`PartsGate`]: the first to arrive claims the layer in the cache's step lifecycle,
+    /// and every part of a repeated run is refused.
     ///
     /// # Safety
     /// The arrays are valid for the call; `out` and `selected` are written by nothing
@@ -70,7 +133,8 @@ impl<'p> CpuBackend<'p> {
         let mode = if inputs.0.is_empty() && out.1 == 0 { Mode::AppendOnly } else { Mode::Nsa };
         let out = SharedSlice::from_raw(out.0, out.1);
         let selected = selected.map(|(p, n)| SharedSlice::from_raw(p, n));
-        let run = self.layer_run(cache, layer, inputs, out, selected, w, mode, ith == 0)?;
+        let run = self.layer_run(cache, layer, inputs, out, selected, w, mode, false)?;
+        self.gate.enter(cache, &self.binding, layer, nth)?;
         run.run_part(ith, nth);
         Ok(())
     }
