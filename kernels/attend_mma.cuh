@@ -82,6 +82,9 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
     }
     __syncthreads();
+    // Everything above overlaps the previous kernel (programmatic dependent launch): the
+    // K/V pages, the selection and the workspace are read or written only from here.
+    pdl_wait();
     const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
     const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
     const int ck = DK / 8, cv = DV / 8;

@@ -65,8 +65,15 @@
 
 // ---------------------------------------------------------------- entry points
 
-#define NSA_ENTRY(name, E, suffix) \
-    extern "C" __global__ void __launch_bounds__(NSA_NT_WIDE) nsa_##name##_##suffix(const Params p) { name<E>(p); }
+// Every entry lets the next launch start early (pdl_trigger) and waits for its predecessors
+// (pdl_wait) before its body; the tensor-core attention kernels wait inside `attend_mma`,
+// after their prologue (queries, barriers), so it overlaps the previous kernel's tail.
+#define NSA_ENTRY(name, E, suffix)                                                              \
+    extern "C" __global__ void __launch_bounds__(NSA_NT_WIDE) nsa_##name##_##suffix(const Params p) { \
+        pdl_trigger();                                                                          \
+        pdl_wait();                                                                             \
+        name<E>(p);                                                                             \
+    }
 
 #define NSA_ALL(E, suffix)              \
     NSA_ENTRY(append, E, suffix)        \
@@ -84,6 +91,7 @@ NSA_ALL(EBF16, bf16)
 // Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} (DV <= 128 or <= 256).
 #define NSA_MMA_ENTRY(name, E, suffix, NVT)                                                        \
     extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##NVT(const Params p) { \
+        pdl_trigger();                                                                             \
         name<E, NVT>(p);                                                                           \
     }
 #define NSA_MMA_ALL(E, suffix)             \
@@ -103,9 +111,13 @@ NSA_MMA_ALL(EBF16, bf16)
 // two copy stages of 64-key tiles (three measured no faster, docs/PREFILL_NOTES.md).
 #define PF_ENTRY(E, suffix, DK, DV, M, mname)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_cmp_##mname##_##suffix##_##DK##_##DV(const Params p) { \
+        pdl_trigger();                                                                                         \
+        pdl_wait();                                                                                            \
         pf_cmp<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                 \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sw_##mname##_##suffix##_##DK##_##DV(const Params p) {  \
+        pdl_trigger();                                                                                         \
+        pdl_wait();                                                                                            \
         pf_sw<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                  \
     }
 #define PF_SHAPES(E, suffix, M, mname)      \

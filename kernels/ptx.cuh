@@ -5,6 +5,25 @@
 #include "common.cuh"
 
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask
+// for it). A kernel launched as a dependent may start while its predecessor on the stream
+// still runs: `pdl_wait` blocks until every predecessor grid has finished and its writes
+// are visible, so it must come before any read of a predecessor's output and before any
+// global write (the next wave reuses the workspace). `pdl_trigger` lets the stream's next
+// kernel start launching once every block of this one has called it or exited. Every
+// dependent block calls `pdl_wait` before it exits, so a grid's completion implies its
+// predecessors' (a kernel two launches later may read what the first one wrote).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
     unsigned r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(ptr));

@@ -201,6 +201,9 @@ pub(crate) struct Kernels {
     funcs: [sys::CUfunction; Kernel::COUNT],
     block: [u32; Kernel::COUNT],
     smem: [u32; Kernel::COUNT],
+    /// Dependent launches use programmatic dependent launch (sm_90+, unless
+    /// `NSA_CUDA_NO_PDL=1` at creation).
+    pub pdl: bool,
 }
 
 impl Kernels {
@@ -224,6 +227,7 @@ impl Kernels {
             funcs: [std::ptr::null_mut(); Kernel::COUNT],
             block: [0; Kernel::COUNT],
             smem: [0; Kernel::COUNT],
+            pdl: false,
         };
         for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
             if kernel.tensor_core() && !tensor_cores || kernel.prefill() && prefill.is_none() {
@@ -274,27 +278,40 @@ impl Kernels {
 
     /// Launches `kernel` on `grid` with its block size and shared memory; an empty grid
     /// launches nothing. The argument array is fixed (one pointer to `p`): no allocation.
+    /// A `dependent` launch may start while the stream's previous kernel still runs
+    /// (programmatic dependent launch, when [`Kernels::pdl`] is on): the kernels wait for
+    /// their predecessors before touching what those write (`pdl_wait`, kernels/ptx.cuh).
+    /// A layer's first launch is never dependent: what ran before it on the caller's
+    /// stream knows nothing of this protocol.
     ///
     /// # Safety
     /// `p` describes valid device memory for `kernel`, which was loaded.
-    pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream) -> Result<()> {
+    pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let i = kernel as usize;
         let mut args = [p as *const Params as *mut c_void];
-        let r = sys::cuLaunchKernel(
-            self.funcs[kernel as usize],
-            grid.0,
-            grid.1,
-            grid.2,
-            self.block[kernel as usize],
-            1,
-            1,
-            self.smem[kernel as usize],
-            stream,
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        );
+        let r = if dependent && self.pdl {
+            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: self.block[i],
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: self.smem[i],
+                hStream: stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            sys::cuLaunchKernelEx(&cfg, self.funcs[i], args.as_mut_ptr(), std::ptr::null_mut())
+        } else {
+            sys::cuLaunchKernel(self.funcs[i], grid.0, grid.1, grid.2, self.block[i], 1, 1, self.smem[i], stream, args.as_mut_ptr(), std::ptr::null_mut())
+        };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(NsaError::Cuda(format!("cuLaunchKernel(nsa_{}) failed: {r:?}", kernel.stage())));
         }

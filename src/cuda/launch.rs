@@ -70,7 +70,7 @@ impl CudaBackend {
         unsafe {
             // Appends, copies and compressed tokens (K and V sides: z), one launch.
             let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
-            k.launch(Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides), &p, stream)?;
+            k.launch(Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides), &p, stream, false)?;
             if append_only {
                 return Ok(());
             }
@@ -78,8 +78,8 @@ impl CudaBackend {
             // read in 16-byte granules, so it must be 16-byte aligned).
             if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
                 let tiles = pf.tiles(&cfg, step.seqs);
-                k.launch(Kernel::PfCmp, (tiles, hkv, 1), &p, stream)?;
-                k.launch(Kernel::PfSw, (tiles, hkv, 1), &p, stream)?;
+                k.launch(Kernel::PfCmp, (tiles, hkv, 1), &p, stream, true)?;
+                k.launch(Kernel::PfSw, (tiles, hkv, 1), &p, stream, true)?;
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
@@ -90,10 +90,10 @@ impl CudaBackend {
                 pw.launch = self.wave_splits(&p.launch, row0, rows);
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
-                k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream)?;
-                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream)?;
-                k.launch(sw, (rows, hkv, units), &pw, stream)?;
-                k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream)?;
+                k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream, true)?;
+                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
+                k.launch(sw, (rows, hkv, units), &pw, stream, true)?;
+                k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
             }
         }
@@ -175,8 +175,8 @@ impl CudaBackend {
             // SAFETY: as in run_layer; `nsplit` partials per (row, head) fit the workspace
             // (at most the NSA units it was sized for).
             unsafe {
-                self.kernels().launch(full, (rows, hkv, nsplit), &pw, stream)?;
-                self.kernels().launch(Kernel::FullCombine, (rows, cfg.num_q_heads, 1), &pw, stream)?;
+                self.kernels().launch(full, (rows, hkv, nsplit), &pw, stream, row0 > 0)?;
+                self.kernels().launch(Kernel::FullCombine, (rows, cfg.num_q_heads, 1), &pw, stream, true)?;
             }
             row0 += rows;
         }
