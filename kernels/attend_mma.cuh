@@ -26,7 +26,7 @@
 // Shared: q_s[16][DK+8] | mbarriers[NSA_MMA_WARPS][NSA_MMA_MAX_STAGES] (128 bytes) | per warp, per stage:
 // K[16][DK+8] V[16][DV+8] (16-bit; unpadded K[DK/64][16][64] V[DV/64][16][64] boxes from a
 // 1024-byte boundary with tensor maps); after the loop the stages are reused for the
-// merge: acc[NSA_MMA_WARPS][16][DV] | m[NSA_MMA_WARPS][16] | l | f.
+// merge: acc[NSA_MMA_WARPS][16][DV + 8] | m[NSA_MMA_WARPS][16] | l.
 
 // The keys of one unit: a contiguous range [lo, lo + n), or `n / sel_block` selected blocks
 // (`blocks`, -1 = none) of sel_block keys each, masked past position t.
@@ -333,21 +333,15 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     lB += __shfl_xor_sync(0xffffffffu, lB, 1);
     lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     __syncthreads();  // every warp is done with the stages
+    // Merge of the warps' states. Every thread learns the block's max of its two heads from
+    // the warps' maxima and scales its own accumulators by its warp's factor before they go
+    // to shared memory (rows padded to DV + 8 floats: the float2 stores of a half warp hit
+    // distinct banks); the warps' scaled accumulators are then summed 4 columns at a time.
+    // At batch 1 a block holds one tile per warp, so this epilogue is most of its work.
+    const int DVP = DV + 8;
     float* area = (float*)stg;
-    float* mw = area + NSA_MMA_WARPS * 16 * DV;
+    float* mw = area + NSA_MMA_WARPS * 16 * DVP;
     float* lw = mw + NSA_MMA_WARPS * 16;
-    float* fw = lw + NSA_MMA_WARPS * 16;
-    float* mine = area + warp * 16 * DV;
-#pragma unroll
-    for (int d = 0; d < NVT; d++) {
-        if (d * 8 < DV) {
-            int c = d * 8 + q4 * 2;
-            mine[g * DV + c] = o[d][0];
-            mine[g * DV + c + 1] = o[d][1];
-            mine[(g + 8) * DV + c] = o[d][2];
-            mine[(g + 8) * DV + c + 1] = o[d][3];
-        }
-    }
     if (q4 == 0) {
         mw[warp * 16 + g] = mA;
         mw[warp * 16 + g + 8] = mB;
@@ -355,29 +349,54 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         lw[warp * 16 + g + 8] = lB;
     }
     __syncthreads();
-    float* ml = (float*)p.ws.part_ml;
-    float* pacc = (float*)p.ws.part_acc;
-    if (tid < 16) {
-        float m = NEG_INF;
-        for (int w = 0; w < NSA_MMA_WARPS; w++) m = fmaxf(m, mw[w * 16 + tid]);
-        float l = 0.f;
-        for (int w = 0; w < NSA_MMA_WARPS; w++) {
-            float f = (m == NEG_INF || mw[w * 16 + tid] == NEG_INF) ? 0.f : fexp(mw[w * 16 + tid] - m);
-            fw[w * 16 + tid] = f;
-            l += f * lw[w * 16 + tid];
-        }
-        if (tid < hcn) {
-            usize at = part_at(p, wr, hglob0 + tid, u);
-            ml[2 * at] = l != 0.f ? m : NEG_INF;
-            ml[2 * at + 1] = l;
+    float MA = NEG_INF, MB = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NSA_MMA_WARPS; w++) {
+        MA = fmaxf(MA, mw[w * 16 + g]);
+        MB = fmaxf(MB, mw[w * 16 + g + 8]);
+    }
+    const float fA = (MA == NEG_INF || mA == NEG_INF) ? 0.f : fexp(mA - MA);
+    const float fB = (MB == NEG_INF || mB == NEG_INF) ? 0.f : fexp(mB - MB);
+    float* mine = area + warp * 16 * DVP;
+#pragma unroll
+    for (int d = 0; d < NVT; d++) {
+        if (d * 8 < DV) {
+            int c = d * 8 + q4 * 2;
+            *(float2*)(mine + g * DVP + c) = make_float2(o[d][0] * fA, o[d][1] * fA);
+            *(float2*)(mine + (g + 8) * DVP + c) = make_float2(o[d][2] * fB, o[d][3] * fB);
         }
     }
+    // Unit u's partials of heads hglob0.. : (m, l) pairs and rows of DV floats, `hs` apart.
+    const usize at0 = part_at(p, wr, hglob0, u), hs = part_at(p, wr, hglob0 + 1, u) - at0;
+    if (tid < hcn) {
+        float m = NEG_INF, l = 0.f;
+        for (int w = 0; w < NSA_MMA_WARPS; w++) m = fmaxf(m, mw[w * 16 + tid]);
+        for (int w = 0; w < NSA_MMA_WARPS; w++) {
+            float mwv = mw[w * 16 + tid];
+            l += (m == NEG_INF || mwv == NEG_INF) ? 0.f : fexp(mwv - m) * lw[w * 16 + tid];
+        }
+        float* ml = (float*)p.ws.part_ml + 2 * (at0 + tid * hs);
+        ml[0] = l != 0.f ? m : NEG_INF;
+        ml[1] = l;
+    }
     __syncthreads();
-    for (int e = tid; e < hcn * DV; e += blockDim.x) {
-        int h = e / DV, c = e - h * DV;
-        float a = 0.f;
-        for (int w = 0; w < NSA_MMA_WARPS; w++) a += fw[w * 16 + h] * area[(w * 16 + h) * DV + c];
-        pacc[part_at(p, wr, hglob0 + h, u) * DV + c] = a;
+    // DV is a multiple of 16 here: rows of DV / 4 float4 groups, `per` rows per pass.
+    const int gpr = DV / 4, per = blockDim.x / gpr;
+    float* pacc = (float*)p.ws.part_acc + at0 * DV;
+    if (tid < per * gpr) {
+        const int c = (tid % gpr) * 4;
+        for (int h = tid / gpr; h < hcn; h += per) {
+            float4 a = *(const float4*)(area + h * DVP + c);
+#pragma unroll
+            for (int w = 1; w < NSA_MMA_WARPS; w++) {
+                float4 b = *(const float4*)(area + (w * 16 + h) * DVP + c);
+                a.x += b.x;
+                a.y += b.y;
+                a.z += b.z;
+                a.w += b.w;
+            }
+            *(float4*)(pacc + h * hs * DV + c) = a;
+        }
     }
     __syncthreads();  // the shared memory is reused by the next head chunk
 }

@@ -47,9 +47,11 @@ __device__ void full_combine(const Params& p) {
     float inv = gm[1] != 0.f ? 1.0f / gm[1] : 0.f;
     typename E::T* out = (typename E::T*)p.io.out;
     usize base = part_at(p, wr, hg, 0) * p.shape.head_dim_v;
+    const int4 one_branch = make_int4(0, U, U, U);
     for (int c = tid; c < p.shape.head_dim_v; c += blockDim.x) {
-        float a = unit_sum(pa + base + c, p.shape.head_dim_v, fu, 0, U);
-        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c, a * inv);
+        float a[3][1];
+        unit_sums<1>(pa + base + c, p.shape.head_dim_v, fu, one_branch, 0, 1, a);
+        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c, a[0][0] * inv);
     }
 }
 

@@ -85,22 +85,32 @@ __device__ void select_blocks(const Params& p) {
         // Group-summed probabilities of compressed tokens i0 .. i0 + span (0 outside [0, nc)).
         const int i0 = B * j0 - (A - 1), span = B * (j1 - j0) + A - 1;
         const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * p.shape.group_size) * p.ws.max_cmp;
-        for (int x = tid; x < span; x += blockDim.x) {
-            int i = i0 + x;
-            float a = 0.f;
-            if (i >= 0 && i < nc) {
-                // 16 heads' loads in flight at once (one latency round for a group of 16).
-                const float* li = lg + i;  // head h's logit of token i: li[h * max_cmp]
-                for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
-                    float v[16];
+        // Two tokens per thread and pass (span is 4 * 64 + 1 for the paper's shape: one pass,
+        // not a second round for one thread), 8 heads' loads of each in flight at once (16
+        // make ptxas spill on sm_80).
+        for (int x0 = tid; x0 < span; x0 += 2 * blockDim.x) {
+            const int x1 = x0 + blockDim.x;
+            const bool ok0 = i0 + x0 >= 0 && i0 + x0 < nc, ok1 = x1 < span && i0 + x1 >= 0 && i0 + x1 < nc;
+            const float* l0 = lg + (i0 + x0);  // head h's logit of token i: lg[h * max_cmp + i]
+            const float* l1 = lg + (i0 + x1);
+            float a0 = 0.f, a1 = 0.f;
+            for (int h0 = 0; h0 < p.shape.group_size; h0 += 8) {
+                float v0[8], v1[8];
 #pragma unroll
-                    for (int k = 0; k < 16; k++) v[k] = h0 + k < p.shape.group_size ? li[(h0 + k) * p.ws.max_cmp] : 0.f;
-#pragma unroll
-                    for (int k = 0; k < 16; k++)
-                        if (h0 + k < p.shape.group_size) a += fexp(v[k] - mh[h0 + k]) * inv[h0 + k];
+                for (int k = 0; k < 8; k++) {
+                    const bool h = h0 + k < p.shape.group_size;
+                    v0[k] = h && ok0 ? l0[(h0 + k) * p.ws.max_cmp] : 0.f;
+                    v1[k] = h && ok1 ? l1[(h0 + k) * p.ws.max_cmp] : 0.f;
                 }
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (h0 + k < p.shape.group_size) {
+                        a0 += ok0 ? fexp(v0[k] - mh[h0 + k]) * inv[h0 + k] : 0.f;
+                        a1 += ok1 ? fexp(v1[k] - mh[h0 + k]) * inv[h0 + k] : 0.f;
+                    }
             }
-            ps[x] = a;
+            ps[x0] = a0;
+            if (x1 < span) ps[x1] = a1;
         }
         __syncthreads();
         // Block scores (Eq. 9: overlap counts of the A x B pairs), forced blocks +inf.
@@ -152,18 +162,27 @@ __device__ void select_blocks(const Params& p) {
     const int count = min(n, nblk);
     __syncthreads();
     if (nlists * n <= SEL_RANK_ALL) {
-        // Few candidates: each thread ranks its own against all of them (every thread reads
-        // the same candidate at each step: shared-memory broadcasts, no serial rounds).
+        // Few candidates: each thread ranks its own by counting the better ones in every
+        // list, a binary search per list (the lists are sorted best first, so the better
+        // ones are a prefix): nlists * log2(n) steps instead of nlists * n. The batch-1
+        // tail of the step is this block alone, so its work is on the critical path.
         for (int x = tid; x < nlists * n; x += blockDim.x) {
             int2 me = cs[x];
             if (me.y == 0x7fffffff) continue;
-            float s = __int_as_float(me.x);
+            const float s = __int_as_float(me.x);
             int rank = 0;
-#pragma unroll 8
-            for (int y = 0; y < nlists * n; y++) {
-                int2 o = cs[y];
-                float os = __int_as_float(o.x);
-                rank += (os > s) | ((os == s) & (o.y < me.y));
+            for (int l = 0; l < nlists; l++) {
+                const int2* ls = cs + l * n;
+                int lo = 0, hi = n;
+                while (lo < hi) {
+                    const int mid = (lo + hi) >> 1;
+                    const int2 o = ls[mid];
+                    if (better(__int_as_float(o.x), o.y, s, me.y))
+                        lo = mid + 1;
+                    else
+                        hi = mid;
+                }
+                rank += lo;
             }
             if (rank < count) pick[rank] = me.y;
         }

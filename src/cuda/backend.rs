@@ -11,6 +11,7 @@ use super::kernel::Kernels;
 use super::prefill::PrefillPlan;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
+use super::step_layout::StepLayout;
 use super::workspace::DevLayout;
 use super::{CudaOptions, DeviceInfo, DeviceLayerIo};
 use crate::cache::{Cache, CacheBinding};
@@ -49,6 +50,8 @@ pub struct CudaBackend {
     /// entries, says whether the copy is current: after an abort or a remove, a new plan
     /// with the same entries can have other page tables.
     pub(super) uploaded: Option<(u64, u32)>,
+    /// How the uploaded step is packed in the step region (the launches' step addresses).
+    pub(super) step_layout: StepLayout,
     pub(super) owned: Option<DeviceBuf>,
 }
 
@@ -131,7 +134,7 @@ impl CudaBackend {
         let mut kernels = build::load(cfg, &info, &plan, opts)?;
         let (nstage, mma_per_sm) = build::pick_stages(cfg, &plan, &mut kernels)?;
         build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
-        let staging = Staging::new(dl.cmp_tab.off + dl.cmp_tab.bytes - dl.meta.off)?;
+        let staging = Staging::new(dl.step.bytes)?;
         let setup = LaunchSetup { head_chunk: plan.head_chunk, bulk: plan.bulk, tma: plan.tma, nstage };
         Ok(CudaBackend {
             cfg: *cfg,
@@ -150,6 +153,7 @@ impl CudaBackend {
             binding: CacheBinding::new(cfg),
             staging: Some(staging),
             uploaded: None,
+            step_layout: StepLayout::default(),
             owned: None,
         })
     }

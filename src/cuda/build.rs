@@ -100,7 +100,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
     // parts' sums (only with one head per block, parts * DV <= its threads).
     let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;
-    let combine = 4 * (g * (2 * units_max + 6) + 3 * (NT_WIDE as usize).max(dv));
+    // (the parts' sums: at most 3 branches x 4 columns per thread).
+    let combine = 4 * (g * (2 * units_max + 6) + 3 * 4 * NT_WIDE as usize);
     let bulk = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_BULK");
     let tma = bulk && tensor_map::supported(cfg) && !env_on("NSA_CUDA_NO_TMA");
     let mma = cfg.dtype != Dtype::F32

@@ -213,10 +213,10 @@ mod tests {
         assert_eq!(names.len(), KERNEL_FILES.len());
     }
 
-    /// Spills present before the kernels were split by stage (2026-11-30), to be removed by
-    /// kernel work: (architecture, entry-name prefix, spill store bytes, spill load bytes).
-    /// The test fails on any other spill and when one of these changes or disappears.
-    const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[("sm_90a", "nsa_select_blocks_", 4, 16)];
+    /// Tolerated spills: (architecture, entry-name prefix, spill store bytes, spill load
+    /// bytes). None since 2026-11-30 (select_blocks' went with its two-token pass). The test
+    /// fails on any other spill and when one of these changes or disappears.
+    const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC
     /// needs no GPU) and fails on any spill

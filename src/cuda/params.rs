@@ -7,6 +7,7 @@
 //! ([`Params::fixed`]); [`Params::for_layer`] fills in the per-layer part.
 
 use super::consts::{MAPS_PER_LAYER, TMAP_BYTES};
+use super::step_layout::StepLayout;
 use super::workspace::DevLayout;
 use super::DeviceLayerIo;
 use crate::config::Config;
@@ -149,15 +150,13 @@ pub(crate) struct LaunchSetup {
 }
 
 impl Params {
-    /// Every field that stays the same for the backend's life: shapes, the step and
+    /// Every field that stays the same for the backend's life: shapes, the
     /// workspace addresses in the buffer at `base`, paging sizes, the launch setup.
     pub fn fixed(cfg: &Config, dl: &DevLayout, base: u64, setup: LaunchSetup) -> Params {
         let at = |off: usize| base + off as u64;
         Params {
             io: DeviceLayerIo::default(),
             paging: Paging {
-                raw_tab: at(dl.raw_tab.off),
-                cmp_tab: at(dl.cmp_tab.off),
                 page_size: cfg.page_size as i32,
                 pages_per_seq: cfg.pages_per_seq() as i32,
                 cmp_pages_per_seq: cfg.cmp_pages_per_seq() as i32,
@@ -181,13 +180,7 @@ impl Params {
                 phi_pe: cfg.phi_pe as i32,
                 scale: cfg.softmax_scale(),
             },
-            step: StepPlan {
-                header: at(dl.meta.off),
-                seqs: at(dl.meta.off + dl.plan_off),
-                copies: at(dl.meta.off + dl.copies_off),
-                rows: at(dl.rows.off),
-                jobs: at(dl.jobs.off),
-            },
+            step: StepPlan::default(),
             ws: Workspace {
                 logits: at(dl.logits.off),
                 sel: at(dl.sel.off),
@@ -213,8 +206,10 @@ impl Params {
         }
     }
 
-    /// These fixed fields with layer `layer`'s pools and tensor maps and its activations `io`.
-    pub fn for_layer(&self, cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, layer: u32, io: &DeviceLayerIo) -> Params {
+    /// These fixed fields with the uploaded step's addresses (`sl`: its packing in the step
+    /// region), layer `layer`'s pools and tensor maps and its activations `io`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_layer(&self, cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, sl: &StepLayout, layer: u32, io: &DeviceLayerIo) -> Params {
         let es = cfg.dtype.size() as u64;
         let lb = base + dl.pools.off as u64 + layer as u64 * lay.layer_elems as u64 * es;
         let mut p = *self;
@@ -224,6 +219,10 @@ impl Params {
         p.paging.cmp_k = lb + lay.cmp_k as u64 * es;
         p.paging.cmp_v = lb + lay.cmp_v as u64 * es;
         p.paging.tmaps = base + (dl.tmaps.off + layer as usize * MAPS_PER_LAYER * TMAP_BYTES) as u64;
+        let st = |off: usize| base + (dl.step.off + off) as u64;
+        p.step = StepPlan { header: st(0), seqs: st(sl.seqs), copies: st(sl.copies), rows: st(sl.rows), jobs: st(sl.jobs) };
+        p.paging.raw_tab = st(sl.raw_tab);
+        p.paging.cmp_tab = st(sl.cmp_tab);
         p
     }
 }

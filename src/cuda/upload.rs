@@ -7,6 +7,7 @@
 use super::driver::{self, CtxGuard, CUstream};
 use super::params::StepHeader;
 use super::staging::issue_copies;
+use super::step_layout::StepLayout;
 use super::CudaBackend;
 use crate::cache::Cache;
 use crate::error::{NsaError, Result};
@@ -37,55 +38,52 @@ impl CudaBackend {
         self.binding.check(cache)?;
         let step = cache.step()?;
         let cfg = &self.cfg;
-        let dl = self.dl;
-        // Offsets below are relative to the start of the uploaded range (`meta`).
-        let m0 = dl.meta.off;
         let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+        let nseqs = step.seqs.len();
+        // Packed by the step's shape (`step_layout.rs`); offsets from the step region.
+        let sl = StepLayout::new(cfg, nseqs, step.tokens as usize, step.copies.len());
         let _g = CtxGuard::push(self.ctx)?;
         let staging = self.staging.as_mut().expect("staging lives until drop");
         let st = staging.next()?;
-        put(st, dl.meta.off + dl.plan_off - m0, step.seqs);
-        put(st, dl.meta.off + dl.copies_off - m0, step.copies);
+        put(st, sl.seqs, step.seqs);
+        put(st, sl.copies, step.copies);
         let mut rows = 0usize;
         for t in step.token_rows() {
-            put(st, dl.rows.off - m0 + t.row as usize * 8, &[[t.seq_index as i32, t.pos as i32]]);
+            put(st, sl.rows + t.row as usize * 8, &[[t.seq_index as i32, t.pos as i32]]);
             rows += 1;
         }
         let mut jobs = 0usize;
         for (i, j) in step.compress_jobs().enumerate() {
-            put(st, dl.jobs.off - m0 + i * 8, &[[j.seq_index as i32, j.cmp_token as i32]]);
+            put(st, sl.jobs + i * 8, &[[j.seq_index as i32, j.cmp_token as i32]]);
             jobs += 1;
         }
         for (si, ps) in step.seqs.iter().enumerate() {
-            put(st, dl.raw_tab.off - m0 + si * pps * 4, step.raw_table(ps.seq));
-            put(st, dl.cmp_tab.off - m0 + si * cpps * 4, step.cmp_table(ps.seq));
+            put(st, sl.raw_tab + si * pps * 4, step.raw_table(ps.seq));
+            put(st, sl.cmp_tab + si * cpps * 4, step.cmp_table(ps.seq));
         }
-        let header = StepHeader { seqs: step.seqs.len() as i32, tokens: step.tokens as i32, copies: step.copies.len() as i32, jobs: jobs as i32 };
+        let header = StepHeader { seqs: nseqs as i32, tokens: step.tokens as i32, copies: step.copies.len() as i32, jobs: jobs as i32 };
         put(st, 0, &[header]);
         debug_assert_eq!(rows, step.tokens as usize);
-        let nseqs = step.seqs.len();
-        let regions = [
-            (dl.meta.off, dl.meta.bytes),
-            (dl.rows.off, rows * 8),
-            (dl.jobs.off, jobs * 8),
-            (dl.raw_tab.off, nseqs * pps * 4),
-            (dl.cmp_tab.off, nseqs * cpps * 4),
-        ];
+        debug_assert!(sl.end <= self.dl.step.bytes);
+        // One copy for a decode step (two when a long chunk leaves many job slots unused).
+        let (ranges, n) = sl.copy_ranges(jobs);
         self.uploaded = None;
-        let (base, src) = (self.base, staging.current());
+        let (dst, src) = (self.base + self.dl.step.off as u64, staging.current());
         // Even when a copy fails to enqueue, the buffer is reused only after the copies
         // already enqueued ran (`issue_copies`).
         issue_copies(
             staging,
             stream,
-            regions.len(),
+            n,
             |i| {
-                let (off, n) = regions[i];
-                // SAFETY: every region lies inside the caller's buffer (checked at creation)
-                // and inside the staging mirror, which stays untouched until these copies ran.
-                unsafe { driver::htod(base + off as u64, src.add(off - m0).cast(), n, stream) }
+                let (off, bytes) = ranges[i];
+                // SAFETY: the range lies inside the step region of the caller's buffer
+                // (checked at creation; `sl` is within `StepLayout::max`) and inside the
+                // staging mirror, which stays untouched until these copies ran.
+                unsafe { driver::htod(dst + off as u64, src.add(off).cast(), bytes, stream) }
             },
         )?;
+        self.step_layout = sl;
         self.uploaded = Some((cache.id(), cache.step_id()));
         Ok(())
     }

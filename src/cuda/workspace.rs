@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::error::{NsaError, Result};
 use super::consts::{MAPS_PER_LAYER, SEL_CHUNK, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
-use crate::layout::{Layout, PageCopy, PlanSeq};
+use crate::layout::Layout;
 
 /// The most splits of the compressed branch the workspace holds: one per
 /// `SPLIT_MIN_KEYS` keys at the longest context, at most this many (a split is one thread
@@ -29,14 +29,9 @@ pub(crate) struct Reg {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DevLayout {
     pub pools: Reg,
-    /// Uploaded per step: `StepHeader` + plan + copies (one region, uploaded whole).
-    pub meta: Reg,
-    pub plan_off: usize,
-    pub copies_off: usize,
-    pub rows: Reg,
-    pub jobs: Reg,
-    pub raw_tab: Reg,
-    pub cmp_tab: Reg,
+    /// Uploaded per step, packed by the step's shape (`step_layout.rs`): header, plan,
+    /// token rows, jobs, page tables, copies; sized for the largest step.
+    pub step: Reg,
     pub logits: Reg,
     pub sel: Reg,
     pub cand: Reg,
@@ -78,14 +73,7 @@ impl DevLayout {
         let u = |x: u32| x as usize;
         let mut b = B { at: 0 };
         let pools = b.take(&[lay.pool_bytes])?;
-        let seqs = u(cfg.max_step_seqs);
-        let plan_off = std::mem::size_of::<super::params::StepHeader>();
-        let copies_off = plan_off + seqs * std::mem::size_of::<PlanSeq>();
-        let meta = b.take(&[copies_off + 2 * seqs * std::mem::size_of::<PageCopy>()])?;
-        let rows = b.take(&[u(cfg.max_step_tokens), 8])?;
-        let jobs = b.take(&[u(cfg.max_step_tokens), 8])?;
-        let raw_tab = b.take(&[seqs, u(cfg.pages_per_seq()), 4])?;
-        let cmp_tab = b.take(&[seqs, u(cfg.cmp_pages_per_seq()).max(1), 4])?;
+        let step = b.take(&[super::step_layout::StepLayout::max(cfg).end])?;
         // Compressed tokens per logits row, rounded up to even (8-byte logit stores).
         let max_cmp = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(2);
         let nsplit_c = max_cmp.div_ceil(SPLIT_MIN_KEYS).clamp(1, CMP_SPLITS_MAX);
@@ -112,13 +100,7 @@ impl DevLayout {
         }
         Ok(DevLayout {
             pools,
-            meta,
-            plan_off,
-            copies_off,
-            rows,
-            jobs,
-            raw_tab,
-            cmp_tab,
+            step,
             logits,
             sel,
             cand,
@@ -162,7 +144,7 @@ mod tests {
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.meta, dl.rows, dl.jobs, dl.raw_tab, dl.cmp_tab, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
+                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
