@@ -22,7 +22,9 @@ import argparse
 import ctypes as C
 import json
 import math
+import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -346,7 +348,17 @@ def main():
                   f"{r['cudnn_ms'] / r['nsa_ms']:.2f}x | {r['rel_err']:.2e} | {r['sel_score_gap']:.1e} |")
     bad = [r for r in rows + prows if not (r["rel_err"] < 2e-2 and r["sel_score_gap"] < 1e-2)]
     if a.json:
-        json.dump({"decode": rows, "prefill": prows}, open(a.json, "w"), indent=1)
+        # The record names its GPU as the driver reports it, the UTC time and the build
+        # (NSA_BENCH_COMMIT, else commit.txt beside the library, as nsa-bench does).
+        commit = os.environ.get("NSA_BENCH_COMMIT", "").strip()
+        if not commit:
+            try:
+                commit = open(os.path.join(os.path.dirname(os.path.abspath(a.lib)), "commit.txt")).read().strip()
+            except OSError:
+                commit = "unknown"
+        run = {"machine": f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})",
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit or "unknown"}
+        json.dump({"run": run, "decode": rows, "prefill": prows}, open(a.json, "w"), indent=1)
     if bad:
         print(f"FAILED: {bad}")
         sys.exit(1)

@@ -16,7 +16,7 @@ use nsa::{Cache, HostBuf, Preset};
 
 use crate::common::{bf16s, config, each_seq, fill, Shape};
 use crate::flush::L2Flush;
-use crate::report::{median, Medians, Results, Row};
+use crate::report::{median, Medians, Results, Row, RunInfo};
 use crate::rng::Rng;
 use crate::Opts;
 
@@ -146,7 +146,10 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
     }
     eprintln!("GPU: {} (sm_{}{}), {} SMs", info.name, info.compute_capability.0, info.compute_capability.1, info.multiprocessors);
     let stream: sys::CUstream = std::ptr::null_mut();
-    let mut res = Results::default();
+    let mut res = Results {
+        run: RunInfo::now(format!("{} (driver {}, {})", info.name, info.driver_version, info.arch)),
+        ..Default::default()
+    };
     let mut rng = Rng::new(3);
     let flush = L2Flush::new(&info.arch, info.multiprocessors)?;
     let timer = Timer::new()?;

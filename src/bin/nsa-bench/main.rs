@@ -54,6 +54,15 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// The CPU's model name (Linux `/proc/cpuinfo`), and its thread count.
+fn cpu_model() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{name} ({} threads)", std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 #[cfg(feature = "cuda")]
 fn run_gpu(o: &Opts) -> nsa::Result<Results> {
     gpu::run(o)
@@ -122,7 +131,7 @@ fn main() {
         None if o.gpu => PREFILL_DEFAULT.to_vec(),
         None => vec![],
     };
-    let result = if o.gpu { run_gpu(&o) } else { cpu::run(&o).map(|decode| Results { decode, ..Default::default() }) };
+    let result = if o.gpu { run_gpu(&o) } else { cpu::run(&o).map(|decode| Results { run: report::RunInfo::now(cpu_model()), decode, ..Default::default() }) };
     let res = match result {
         Ok(r) => r,
         Err(e) => {

@@ -136,11 +136,71 @@ impl PrefillRow {
     }
 }
 
-/// Everything one run measured.
+/// Everything one run measured, and where and when: the JSON names the machine (the
+/// GPU as the driver reports it, or the CPU), the UTC time and the build.
 #[derive(Default)]
 pub struct Results {
+    pub run: RunInfo,
     pub decode: Vec<Row>,
     pub prefill: Vec<PrefillRow>,
+}
+
+/// What a run's record says about itself.
+#[derive(Default)]
+pub struct RunInfo {
+    /// The device: `NVIDIA H200 (driver 13000, sm_90a)`, or the CPU's model name.
+    pub machine: String,
+    /// UTC, `YYYY-MM-DDTHH:MM:SSZ`, when the run started.
+    pub date: String,
+    /// The build: `NSA_BENCH_COMMIT`, else `commit.txt` beside the executable (the staging
+    /// scripts write it), else `unknown`.
+    pub commit: String,
+}
+
+impl RunInfo {
+    pub fn now(machine: String) -> RunInfo {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let commit = std::env::var("NSA_BENCH_COMMIT")
+            .ok()
+            .or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                std::fs::read_to_string(exe.parent()?.join("commit.txt")).ok()
+            })
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        RunInfo { machine, date: utc(secs), commit }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (civil-from-days, proleptic Gregorian).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// A JSON string literal of `s`.
+fn quoted(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
 }
 
 pub fn print(res: &Results) {
@@ -245,12 +305,31 @@ pub fn json(res: &Results) -> String {
         })
         .collect();
     let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n  {}\n ]", v.join(",\n  ")) };
-    format!("{{\n \"decode\": {},\n \"prefill\": {}\n}}\n", list(&decode), list(&prefill))
+    let run = &res.run;
+    format!(
+        "{{\n \"run\": {{\"machine\":{},\"date\":{},\"commit\":{}}},\n \"decode\": {},\n \"prefill\": {}\n}}\n",
+        quoted(&run.machine),
+        quoted(&run.date),
+        quoted(&run.commit),
+        list(&decode),
+        list(&prefill)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_record_dates_and_quotes() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_042_096), "2026-11-30T12:34:56Z");
+        assert_eq!(quoted("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        let res = Results { run: RunInfo { machine: "GPU \"x\"".into(), date: utc(0), commit: "abc".into() }, ..Default::default() };
+        let j = json(&res);
+        assert!(j.contains("\"run\": {\"machine\":\"GPU \\\"x\\\"\",\"date\":\"1970-01-01T00:00:00Z\",\"commit\":\"abc\"}"), "{j}");
+    }
 
     /// The floor the issue states for the paper preset (64 query / 4 KV heads, 128/128,
     /// bf16): (L - 32) / 16 + 1 compressed + 16 x 64 selected + 512 window keys, read once
