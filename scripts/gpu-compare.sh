@@ -6,8 +6,10 @@
 # Here:   scripts/bench-stage.sh                      (this build into .gpu-bench/)
 #         and a baseline nsa-bench + libnsa.so in .gpu-base/ (any older build, staged by hand)
 # There:  bash scripts/gpu-compare.sh                 (carry .gpu-bench and .gpu-base)
-# Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points.
-# Logs and JSON go to $OUT (or .gpu-bench/compare); the tables print last.
+# Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points;
+#         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off.
+# The JSON records go to $OUT (or .gpu-bench/compare), the text logs into one logs.tgz
+# there (the device tool returns at most 8 files); the tables print last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 o="${OUT:-.gpu-bench/compare}"
@@ -24,7 +26,7 @@ run() { # name dir env...
 }
 [ -x .gpu-base/nsa-bench ] && run base .gpu-base
 run new .gpu-bench
-run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
+[ "${NSA_COMPARE_NO_PREFILL_RUN:-0}" = 1 ] || run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
 python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
   --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
 tail -n 3 "$o/torch.err"
@@ -32,3 +34,5 @@ for n in base new new-no-prefill-kernels; do
   [ -f "$o/$n.md" ] && { echo "== $n"; grep -E '^\|' "$o/$n.md"; }
 done
 echo "== torch"; grep -E '^\|' "$o/torch.md"
+# Text logs in one archive beside the JSON records.
+(cd "$o" && tar czf logs.tgz --remove-files gpu.txt ./*.md ./*.err 2>/dev/null)
