@@ -26,5 +26,6 @@ done
 ls .gpu/bin/gpu_* >/dev/null 2>&1 || { echo "no gpu_* test binary was built" >&2; exit 1; }
 cp scripts/gpu-run.sh .gpu/run.sh
 cp scripts/gpu-profile.sh .gpu/profile.sh
+cp scripts/ncu_table.py .gpu/ncu_table.py
 chmod +x .gpu/run.sh .gpu/bin/*
 du -sh .gpu

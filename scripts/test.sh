@@ -21,6 +21,8 @@ if [ -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
 else
   echo "test cuda::compile::tests::kernels_compile_without_spills ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
 fi
+# The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device).
+python3 scripts/ncu_table.py --self-test
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg),
 # under CARGO_TARGET_DIR when set.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner
