@@ -1374,6 +1374,12 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * the cache's step (see `nsa_cache`); a replayed graph does not, so count each replayed
  * layer with `nsa_cache_mark_layer_run`. The backend serves one cache (the first it ran a
  * layer of).
+ * Stream order: the layer's first kernel starts after everything enqueued before it on
+ * `stream`, and work enqueued after the call (without programmatic dependent launch of
+ * its own) starts after all of the layer's kernels finished;
+ * between themselves the layer's kernels use programmatic dependent launch on sm_90+
+ * (each may start while the previous one finishes and waits for it before reading its
+ * output; `NSA_CUDA_NO_PDL=1` at backend creation turns this off).
  *
  * Errors (nothing is enqueued, the layer is not counted): `NSA_STATUS_NULL_POINTER`,
  * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step
