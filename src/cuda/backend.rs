@@ -11,7 +11,6 @@ use super::kernel::Kernels;
 use super::prefill::PrefillPlan;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
-use super::step_layout::StepLayout;
 use super::workspace::DevLayout;
 use super::{CudaOptions, DeviceInfo, DeviceLayerIo};
 use crate::cache::{Cache, CacheBinding};
@@ -50,8 +49,6 @@ pub struct CudaBackend {
     /// entries, says whether the copy is current: after an abort or a remove, a new plan
     /// with the same entries can have other page tables.
     pub(super) uploaded: Option<(u64, u32)>,
-    /// How the uploaded step is packed in the step region (the launches' step addresses).
-    pub(super) step_layout: StepLayout,
     pub(super) owned: Option<DeviceBuf>,
 }
 
@@ -153,7 +150,6 @@ impl CudaBackend {
             binding: CacheBinding::new(cfg),
             staging: Some(staging),
             uploaded: None,
-            step_layout: StepLayout::default(),
             owned: None,
         })
     }

@@ -292,28 +292,25 @@ impl Kernels {
         }
         let i = kernel as usize;
         let mut args = [p as *const Params as *mut c_void];
-        let r = if dependent && self.pdl {
-            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            let cfg = sys::CUlaunchConfig {
-                gridDimX: grid.0,
-                gridDimY: grid.1,
-                gridDimZ: grid.2,
-                blockDimX: self.block[i],
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: self.smem[i],
-                hStream: stream,
-                attrs: &mut attr,
-                numAttrs: 1,
-            };
-            sys::cuLaunchKernelEx(&cfg, self.funcs[i], args.as_mut_ptr(), std::ptr::null_mut())
-        } else {
-            sys::cuLaunchKernel(self.funcs[i], grid.0, grid.1, grid.2, self.block[i], 1, 1, self.smem[i], stream, args.as_mut_ptr(), std::ptr::null_mut())
+        // One launch call for both kinds: the attribute is passed only to dependent ones.
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: self.block[i],
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: self.smem[i],
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: (dependent && self.pdl) as u32,
         };
+        let r = sys::cuLaunchKernelEx(&cfg, self.funcs[i], args.as_mut_ptr(), std::ptr::null_mut());
         if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(NsaError::Cuda(format!("cuLaunchKernel(nsa_{}) failed: {r:?}", kernel.stage())));
+            return Err(NsaError::Cuda(format!("cuLaunchKernelEx(nsa_{}) failed: {r:?}", kernel.stage())));
         }
         Ok(())
     }

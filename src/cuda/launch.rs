@@ -5,6 +5,7 @@
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
 use super::params::{Launch, Params};
+use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
 use crate::cache::Cache;
@@ -59,7 +60,7 @@ impl CudaBackend {
         // The step lifecycle: this layer runs once in this step, on the cache this backend
         // serves. A launch error below leaves the layer counted: abort the step.
         cache.claim_layer(&self.binding, layer)?;
-        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, &self.step_layout, layer, io);
+        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, &StepLayout::of(&cfg, &step), layer, io);
         let tokens = step.tokens;
         let nseqs = step.seqs.len() as u32;
         let hkv = cfg.num_kv_heads;
@@ -157,7 +158,7 @@ impl CudaBackend {
             }
         }
         let io = DeviceLayerIo { q, out, ..Default::default() };
-        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, &self.step_layout, layer, &io);
+        let p = self.params.for_layer(&cfg, &self.lay, &self.dl, self.base, &StepLayout::of(&cfg, &step), layer, &io);
         let tokens = step.tokens;
         let hkv = cfg.num_kv_heads;
         let max_units = self.dl.nsplit_c + self.dl.units_s + self.dl.units_w;

@@ -12,6 +12,7 @@
 use super::params::StepHeader;
 use crate::config::Config;
 use crate::layout::{PageCopy, PlanSeq};
+use crate::plan::Step;
 
 /// Every region starts at a multiple of this many bytes (the largest entry is 16 bytes).
 const ALIGN: usize = 16;
@@ -42,6 +43,11 @@ impl StepLayout {
         let cmp_tab = up(raw_tab + seqs * pps * 4);
         let copies_at = up(cmp_tab + seqs * cpps * 4);
         StepLayout { seqs: seqs_at, rows, jobs, raw_tab, cmp_tab, copies: copies_at, end: copies_at + copies * std::mem::size_of::<PageCopy>() }
+    }
+
+    /// The layout of `step` (what `upload::pack` writes and the launches read).
+    pub fn of(cfg: &Config, step: &Step) -> StepLayout {
+        StepLayout::new(cfg, step.seqs.len(), step.tokens as usize, step.copies.len())
     }
 
     /// The largest step the config allows (the step region's size): every sequence and

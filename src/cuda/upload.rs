@@ -37,7 +37,7 @@ fn put<T: Pod>(st: &mut [u8], off: usize, xs: &[T]) {
 pub(super) fn pack(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
     let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
     let nseqs = step.seqs.len();
-    let sl = StepLayout::new(cfg, nseqs, step.tokens as usize, step.copies.len());
+    let sl = StepLayout::of(cfg, step);
     put(st, sl.seqs, step.seqs);
     put(st, sl.copies, step.copies);
     let mut rows = 0usize;
@@ -92,7 +92,6 @@ impl CudaBackend {
                 unsafe { driver::htod(dst + off as u64, src.add(off).cast(), bytes, stream) }
             },
         )?;
-        self.step_layout = sl;
         self.uploaded = Some((cache.id(), cache.step_id()));
         Ok(())
     }
