@@ -36,6 +36,9 @@ pub struct CudaBackend {
     pub(super) mma: bool,
     /// Blocks of a tensor-core kernel per multiprocessor (occupancy at the picked stages).
     pub(super) mma_per_sm: u32,
+    /// The most compressed splits a launch may use (`NSA_CUDA_CMP_SPLITS=N` at creation
+    /// lowers it from the workspace's count; a tuning knob for measurements).
+    pub(super) cmp_splits: u32,
     /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`).
     pub(super) tma: bool,
     /// The prefill kernels' shape, when prefill steps go through them (`prefill.rs`).
@@ -145,6 +148,7 @@ impl CudaBackend {
             info,
             mma: plan.mma,
             mma_per_sm,
+            cmp_splits: std::env::var("NSA_CUDA_CMP_SPLITS").ok().and_then(|v| v.parse::<u32>().ok()).map_or(dl.nsplit_c, |n| n.clamp(1, dl.nsplit_c)),
             tma: plan.tma,
             prefill: plan.prefill,
             binding: CacheBinding::new(cfg),

@@ -118,7 +118,7 @@ impl CudaBackend {
         l.row0 = row0 as i32;
         let pairs = rows * cfg.num_kv_heads;
         let slots = self.target_blocks();
-        l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.dl.nsplit_c) as i32;
+        l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
         let mut spb = 1u32;
         if self.mma {
             let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
