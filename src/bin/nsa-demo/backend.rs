@@ -5,14 +5,27 @@
 use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::{Cache, Config, HostBuf};
+use std::time::Instant;
 
 /// One layer run of the planned step, and the full-attention baseline, on host arrays.
+/// Both return the seconds of the engine's own work, timed the same way for the two: on
+/// the CPU the whole call; on CUDA from inputs already on the device to the stream's
+/// completion (host-launched), without the demo's host-device copies of activations,
+/// which a runtime keeps on the device.
 pub trait Backend {
     fn name(&self) -> String;
-    /// NSA for the step's tokens (append + all branches); `selected` if given.
-    fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<()>;
+    /// NSA for the step's tokens (append + all branches, and on CUDA the step's upload);
+    /// `selected` if given.
+    fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<f64>;
     /// Full causal attention of the step's queries over the same cache (after `run`).
-    fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<()>;
+    fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<f64>;
+}
+
+/// Seconds `f` takes, with its result.
+fn timed<T>(f: impl FnOnce() -> nsa::Result<T>) -> nsa::Result<(T, f64)> {
+    let t0 = Instant::now();
+    let r = f()?;
+    Ok((r, t0.elapsed().as_secs_f64()))
 }
 
 pub struct Cpu<'p> {
@@ -30,11 +43,11 @@ impl Backend for Cpu<'_> {
     fn name(&self) -> String {
         format!("the CPU ({} threads)", self.threads)
     }
-    fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<()> {
-        self.cpu.run_layer(cache, 0, LayerIo { q, k, v, gates, out, selected }, PhiWeights::default())
+    fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<f64> {
+        Ok(timed(|| self.cpu.run_layer(cache, 0, LayerIo { q, k, v, gates, out, selected }, PhiWeights::default()))?.1)
     }
-    fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<()> {
-        self.cpu.attend_full(cache, 0, q, out)
+    fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<f64> {
+        Ok(timed(|| self.cpu.attend_full(cache, 0, q, out))?.1)
     }
 }
 
@@ -80,13 +93,12 @@ mod gpu {
         fn name(&self) -> String {
             self.name.clone()
         }
-        fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<()> {
+        fn run(&mut self, cache: &Cache, q: &[bf16], k: &[bf16], v: &[bf16], gates: &[f32], out: &mut [bf16], selected: Option<&mut [i32]>) -> nsa::Result<f64> {
             let s = std::ptr::null_mut();
             self.q.upload(q)?;
             self.k.upload(k)?;
             self.v.upload(v)?;
             self.gates.upload(gates)?;
-            self.gpu.upload_step(cache, s)?;
             let io = DeviceLayerIo {
                 q: self.q.ptr(),
                 k: self.k.ptr(),
@@ -96,20 +108,29 @@ mod gpu {
                 selected: if selected.is_some() { self.sel.ptr() } else { 0 },
                 ..Default::default()
             };
-            self.gpu.run_layer(cache, 0, &io, s)?;
-            self.gpu.synchronize(s)?;
+            let gpu = &mut self.gpu;
+            let ((), secs) = timed(|| {
+                gpu.upload_step(cache, s)?;
+                gpu.run_layer(cache, 0, &io, s)?;
+                gpu.synchronize(s)
+            })?;
             self.out.download(out)?;
             if let Some(sel) = selected {
                 self.sel.download(sel)?;
             }
-            Ok(())
+            Ok(secs)
         }
-        fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<()> {
+        fn full(&mut self, cache: &Cache, q: &[bf16], out: &mut [bf16]) -> nsa::Result<f64> {
             let s = std::ptr::null_mut();
             self.q.upload(q)?;
-            self.gpu.attend_full(cache, 0, self.q.ptr(), self.out.ptr(), s)?;
-            self.gpu.synchronize(s)?;
-            self.out.download(out)
+            let gpu = &mut self.gpu;
+            let (q, o) = (self.q.ptr(), self.out.ptr());
+            let ((), secs) = timed(|| {
+                gpu.attend_full(cache, 0, q, o, s)?;
+                gpu.synchronize(s)
+            })?;
+            self.out.download(out)?;
+            Ok(secs)
         }
     }
 }
