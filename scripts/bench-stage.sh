@@ -4,12 +4,15 @@
 # scripts/torch_compare.py, and run.sh, which runs them all and prints the tables last.
 # On the GPU machine, from the repository root with .gpu-bench/ carried over:
 #   bash .gpu-bench/run.sh        (logs and JSON under $OUT, or .gpu-bench/out)
+# An argument names another folder (relative to this checkout's root, or absolute): a
+# branch's build staged from its worktree beside main's for scripts/gpu-compare.sh, e.g.
+#   git worktree add /tmp/wt exp/x && /tmp/wt/scripts/bench-stage.sh "$PWD/.gpu-bench-x"
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
 cargo build --release --features cuda --lib --bin nsa-bench --bin nsa-demo
-out="$root/.gpu-bench"
+case "${1:-.gpu-bench}" in /*) out="${1}" ;; *) out="$root/${1:-.gpu-bench}" ;; esac
 rm -rf "$out" && mkdir -p "$out"
 cp "$target/release/nsa-bench" "$target/release/nsa-demo" "$target/release/libnsa.so" scripts/torch_compare.py "$out/"
 strip --strip-debug "$out/nsa-bench" "$out/nsa-demo" "$out/libnsa.so"

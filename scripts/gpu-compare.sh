@@ -7,7 +7,10 @@
 #         and a baseline nsa-bench + libnsa.so in .gpu-base/ (any older build, staged by hand)
 # There:  bash scripts/gpu-compare.sh                 (carry .gpu-bench and .gpu-base)
 # Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points;
-#         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off.
+#         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off;
+#         NSA_COMPARE_MORE=".gpu-bench-x .gpu-bench-y" adds candidate builds (staged with
+#         `scripts/bench-stage.sh .gpu-bench-x`, e.g. from a branch's worktree), each run
+#         with the same points after this build.
 # The JSON records go to $OUT (or .gpu-bench/compare), the text logs into one logs.tgz
 # there (the device tool returns at most 8 files); the tables print last.
 set -uo pipefail
@@ -26,11 +29,17 @@ run() { # name dir env...
 }
 [ -x .gpu-base/nsa-bench ] && run base .gpu-base
 run new .gpu-bench
+more=(${NSA_COMPARE_MORE:-})
+for d in ${more[@]+"${more[@]}"}; do
+  [ -x "$d/nsa-bench" ] && run "$(basename "$d" | sed 's/^\.gpu-bench-//')" "$d"
+done
 [ "${NSA_COMPARE_NO_PREFILL_RUN:-0}" = 1 ] || run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
 python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
   --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
 tail -n 3 "$o/torch.err"
-for n in base new new-no-prefill-kernels; do
+names=(base new new-no-prefill-kernels)
+for d in ${more[@]+"${more[@]}"}; do names+=("$(basename "$d" | sed 's/^\.gpu-bench-//')"); done
+for n in "${names[@]}"; do
   [ -f "$o/$n.md" ] && { echo "== $n"; grep -E '^\|' "$o/$n.md"; }
 done
 echo "== torch"; grep -E '^\|' "$o/torch.md"
