@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --release
+# README's first command, small (the default build: the CPU backend): the demo finds its
+# needle (it exits 3 otherwise) and prints both timings.
+demo_out="$(cargo run --release -q -- --tokens 8192 --decode 4)"
+echo "$demo_out"
+grep -q "result: PASS" <<<"$demo_out"
 # The CUDA feature's tests: without a GPU they are reported as ignored (the GPU machine
 # runs them with --include-ignored, see docs/GPU_TESTS.md); the ones needing no device run.
 cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state --test gpu_lifecycle --test gpu_multi

@@ -99,7 +99,7 @@ fn main() {
     if !["auto", "cpu", "cuda"].contains(&args.backend.as_str()) {
         usage();
     }
-    if let Err(e) = run(&args) {
+    if let Err(e) = use_cuda(&args.backend).and_then(|cuda| run(&args, cuda)) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -135,8 +135,9 @@ fn make_backend<'p>(cuda: bool, cfg: &Config, pool: &'p mut HostBuf) -> nsa::Res
     Ok(Box::new(backend::Cpu::new(cfg, pool)?))
 }
 
-fn run(a: &Args) -> nsa::Result<()> {
-    let cuda = use_cuda(&a.backend)?;
+/// The demo on CUDA or on the CPU. With `--backend auto`, a CUDA backend that cannot be
+/// created (no memory, no NVRTC to compile its kernels) falls back to the CPU.
+fn run(a: &Args, cuda: bool) -> nsa::Result<()> {
     // A laptop-sized layer on the CPU (runs in seconds), a model's layer on CUDA.
     let (hq, hkv, dk, dv) = if cuda { (64usize, 4usize, 128usize, 128usize) } else { (4, 1, 64, 64) };
     let tokens = a.tokens.unwrap_or(if cuda { 131072 } else { 32768 });
@@ -182,7 +183,14 @@ fn run(a: &Args) -> nsa::Result<()> {
     let mut arena = HostBuf::new(arena_bytes);
     let mut pool = HostBuf::new(if cuda { 0 } else { pool_bytes });
     let mut cache = Cache::new(&cfg, arena.bytes())?;
-    let mut engine = make_backend(cuda, &cfg, &mut pool)?;
+    let mut engine = match make_backend(cuda, &cfg, &mut pool) {
+        Ok(engine) => engine,
+        Err(e) if cuda && a.backend == "auto" => {
+            eprintln!("  (CUDA not used: {e}; running on the CPU)");
+            return run(a, false);
+        }
+        Err(e) => return Err(e),
+    };
     cache.add_sequence(0)?;
 
     println!("nsa-demo: needle in a haystack, Native Sparse Attention on {}", engine.name());
