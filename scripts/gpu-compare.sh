@@ -29,16 +29,16 @@ run() { # name dir env...
 }
 [ -x .gpu-base/nsa-bench ] && run base .gpu-base
 run new .gpu-bench
-more=(${NSA_COMPARE_MORE:-})
-for d in ${more[@]+"${more[@]}"}; do
-  [ -x "$d/nsa-bench" ] && run "$(basename "$d" | sed 's/^\.gpu-bench-//')" "$d"
+# Candidate builds by name: .gpu-bench-x runs as "x".
+names=(base new new-no-prefill-kernels)
+for d in ${NSA_COMPARE_MORE:-}; do
+  n="$(basename "$d")" && n="${n#.gpu-bench-}" && names+=("$n")
+  [ -x "$d/nsa-bench" ] && run "$n" "$d"
 done
 [ "${NSA_COMPARE_NO_PREFILL_RUN:-0}" = 1 ] || run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
 python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
   --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
 tail -n 3 "$o/torch.err"
-names=(base new new-no-prefill-kernels)
-for d in ${more[@]+"${more[@]}"}; do names+=("$(basename "$d" | sed 's/^\.gpu-bench-//')"); done
 for n in "${names[@]}"; do
   [ -f "$o/$n.md" ] && { echo "== $n"; grep -E '^\|' "$o/$n.md"; }
 done

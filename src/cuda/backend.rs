@@ -36,8 +36,7 @@ pub struct CudaBackend {
     pub(super) mma: bool,
     /// Blocks of a tensor-core kernel per multiprocessor (occupancy at the picked stages).
     pub(super) mma_per_sm: u32,
-    /// The most compressed splits a launch may use (`NSA_CUDA_CMP_SPLITS=N` at creation
-    /// lowers it from the workspace's count; a tuning knob for measurements).
+    /// The most compressed splits a launch may use (`build::Plan::cmp_splits`).
     pub(super) cmp_splits: u32,
     /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`).
     pub(super) tma: bool,
@@ -148,7 +147,7 @@ impl CudaBackend {
             info,
             mma: plan.mma,
             mma_per_sm,
-            cmp_splits: std::env::var("NSA_CUDA_CMP_SPLITS").ok().and_then(|v| v.parse::<u32>().ok()).map_or(dl.nsplit_c, |n| n.clamp(1, dl.nsplit_c)),
+            cmp_splits: plan.cmp_splits,
             tma: plan.tma,
             prefill: plan.prefill,
             binding: CacheBinding::new(cfg),

@@ -23,8 +23,14 @@ use crate::layout::Layout;
 /// Dynamic shared memory a kernel may use without raising its limit.
 pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
 
-fn env_on(name: &str) -> bool {
+/// A diagnosis knob read at backend creation: set to `1`.
+pub(crate) fn env_on(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// A numeric knob read at backend creation, when set to a number.
+fn env_num(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// The device buffer `device_ptr..+bytes` must be device memory of the current context
@@ -65,6 +71,9 @@ pub(crate) struct Plan {
     pub stages_fit: usize,
     /// The prefill kernels' shape, when the config and device can use them (`prefill.rs`).
     pub prefill: Option<PrefillPlan>,
+    /// The most compressed splits a launch may use: the workspace's count, or fewer with
+    /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
+    pub cmp_splits: u32,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -137,7 +146,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_cmp: prefill.map_or(0, |p| p.smem_cmp),
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
     };
-    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill })
+    let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits })
 }
 
 /// The CUBIN for the device (compiled or from the caches) loaded into the current context.
@@ -166,7 +176,7 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
             pick.0 = s;
         }
     }
-    if let Some(s) = std::env::var("NSA_CUDA_STAGES").ok().and_then(|s| s.parse::<usize>().ok()) {
+    if let Some(s) = env_num("NSA_CUDA_STAGES") {
         let s = s.clamp(2, plan.stages_fit);
         pick = (s, occupancy(kernels, s)?);
     }

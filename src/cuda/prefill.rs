@@ -110,7 +110,7 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, us
 /// the decode kernels. Measured on the H200 (docs/PREFILL_NOTES.md): 4-warp blocks, two per
 /// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128; 8-warp blocks elsewhere.
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize) -> Option<PrefillPlan> {
-    if !supported(cfg) || std::env::var("NSA_CUDA_NO_PREFILL").is_ok_and(|v| v == "1") {
+    if !supported(cfg) || super::build::env_on("NSA_CUDA_NO_PREFILL") {
         return None;
     }
     let policy = if cc == (9, 0) { Policy::Wgmma } else { Policy::MmaSync };
