@@ -51,9 +51,9 @@ struct StepPlan {
 };
 
 // The stages' hand-over buffers: compressed logits (`max_cmp` per row and head), the
-// selected blocks, the selection's per-chunk candidates and counters, split partials.
+// selected blocks, split partials.
 struct Workspace {
-    u64 logits, sel, cand, count, part_ml, part_acc;
+    u64 logits, sel, part_ml, part_acc;
     u64 pf_sel;  // prefill: selected blocks per step row [rows][HKV][sel_count] (io.selected absent)
     int max_cmp;
 };
@@ -62,7 +62,7 @@ struct Workspace {
 // scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
 // copies, bit 1: tensor maps) through `nstage` pipeline stages.
 struct Launch {
-    int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
+    int row0, nsplit_c, units_s, units_w, spb, comb_heads;
     int head_chunk, mode, nstage;
 };
 
@@ -100,8 +100,8 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #ifndef NSA_TMAP_BYTES
 #error "NSA_TMAP_BYTES is passed by the host (src/cuda/consts.rs)"
 #endif
-#ifndef NSA_SEL_CHUNK
-#error "NSA_SEL_CHUNK is passed by the host (src/cuda/consts.rs)"
+#ifndef NSA_NT_SEL
+#error "NSA_NT_SEL is passed by the host (src/cuda/consts.rs)"
 #endif
 #ifndef NSA_WINDOW_ALIGN
 #error "NSA_WINDOW_ALIGN is passed by the host (src/cuda/consts.rs)"
@@ -193,6 +193,15 @@ __device__ __forceinline__ usize part_at(const Params& p, int wr, int h, int u) 
 __device__ __forceinline__ float fexp(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
+// 2^x on the SFU (ex2.approx, flush-to-zero; 2^-inf = 0). The kernels keep softmax state
+// in the log2 domain (logit * scale * log2(e)) so that each probability is one FFMA and one
+// EX2.
+__device__ __forceinline__ float ex2f(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 

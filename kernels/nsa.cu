@@ -36,7 +36,7 @@
 //   then, per wave of query rows (the workspace holds one wave's hand-over buffers):
 //   cmp_partial   compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
 //   select_blocks combine split max/sum, Eq. 9 block scores summed over the group, top-n
-//                 per chunk of blocks (rows x HKV x sel_chunks), merged by the last chunk
+//                 by a radix select (rows x HKV, NSA_NT_SEL threads: a thread per block)
 //   sw_partial    selected blocks and window chunks, one block per unit (rows x HKV x units)
 //   combine       merge every partial, gated sum, store (rows x HQ / comb_heads)
 // (an append-only run stops after append). cmp_mma / sw_mma replace cmp_partial /
@@ -68,17 +68,18 @@
 // Every entry lets the next launch start early (pdl_trigger) and waits for its predecessors
 // (pdl_wait) before its body; the tensor-core attention kernels wait inside `attend_mma`,
 // after their prologue (queries, barriers), so it overlaps the previous kernel's tail.
-#define NSA_ENTRY(name, E, suffix)                                                              \
-    extern "C" __global__ void __launch_bounds__(NSA_NT_WIDE) nsa_##name##_##suffix(const Params p) { \
-        pdl_trigger();                                                                          \
-        pdl_wait();                                                                             \
-        name<E>(p);                                                                             \
+#define NSA_ENTRY_NT(name, E, suffix, NT)                                                \
+    extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
+        pdl_trigger();                                                                   \
+        pdl_wait();                                                                      \
+        name<E>(p);                                                                      \
     }
+#define NSA_ENTRY(name, E, suffix) NSA_ENTRY_NT(name, E, suffix, NSA_NT_WIDE)
 
 #define NSA_ALL(E, suffix)              \
     NSA_ENTRY(append, E, suffix)        \
     NSA_ENTRY(cmp_partial, E, suffix)   \
-    NSA_ENTRY(select_blocks, E, suffix) \
+    NSA_ENTRY_NT(select_blocks, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \
     NSA_ENTRY(combine, E, suffix)       \
     NSA_ENTRY(full_partial, E, suffix)  \

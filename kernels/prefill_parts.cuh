@@ -48,15 +48,6 @@ __device__ __forceinline__ int* pf_sel(const Params& p) {
     return (int*)(p.io.selected ? p.io.selected : p.ws.pf_sel);
 }
 
-// 2^x on the SFU (ex2.approx, flush-to-zero; 2^-inf = 0). The kernels keep softmax state
-// in the log2 domain (logit * scale * log2(e)) so that each probability is one FFMA and one
-// EX2.
-__device__ __forceinline__ float ex2f(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // Copies keys [k0, k0 + 64) of a paged pool (rows of D 16-bit elements; `page` holds them,
 // looked up ahead of time: a dependent page-table load here would stall every copy) with
 // cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8

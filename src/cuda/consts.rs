@@ -1,13 +1,13 @@
 //! The constants both languages need, defined once: the host sizes shared memory, grids
 //! and the workspace with them, and [`nvrtc_defines`] hands them to the kernels as `-D`
 //! options at compile time (`kernels/common.cuh` stops the compile if one is missing).
-//! Kernel-only tuning (`SEL_RANK_ALL`, `MAX_DK_REG`) stays in the kernels.
+//! Kernel-only tuning (`MAX_DK_REG`) stays in the kernels.
 
 /// Keys per tile of the scalar attention kernels (one per lane in the softmax step).
 pub(crate) const TK: u32 = 32;
 /// Threads of the scalar attention kernels (4 warps).
 pub(crate) const NT_ATT: u32 = 128;
-/// Threads of the selection, combine and append launches (their `__launch_bounds__`).
+/// Threads of the combine and append launches (their `__launch_bounds__`).
 pub(crate) const NT_WIDE: u32 = 256;
 /// Warps per block of the tensor-core attention kernels.
 pub(crate) const MMA_WARPS: u32 = 4;
@@ -23,9 +23,9 @@ pub(crate) const MBAR_BYTES: u32 = 8 * MMA_WARPS * MMA_MAX_STAGES;
 pub(crate) const TMAP_BYTES: usize = 128;
 /// Tensor maps per layer: raw K, raw V, compressed K, compressed V.
 pub(crate) const MAPS_PER_LAYER: usize = 4;
-/// Selection blocks per chunk of the selection kernel (at least; with
-/// `ceil(max blocks / SEL_CHUNK)` chunks every chunk has exactly this many or fewer).
-pub(crate) const SEL_CHUNK: u32 = 64;
+/// Threads of the selection launch: one block per (row, KV head), a thread per selection
+/// block (and more blocks each past this many).
+pub(crate) const NT_SEL: u32 = 1024;
 /// With tensor maps the window's range starts at a multiple of this many keys (whole
 /// boxes), up to `WINDOW_ALIGN - 1` keys before its first position (those are masked).
 pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
@@ -39,7 +39,7 @@ pub(crate) const PF_KEYS: u32 = 64;
 // alignments, the tensor-core block within the launch bound, a warp per 32 threads.
 const _: () = {
     assert!(WINDOW_ALIGN.is_power_of_two() && MMA_KEYS.is_power_of_two());
-    assert!(MMA_WARPS * 32 <= NT_WIDE && NT_ATT % 32 == 0);
+    assert!(MMA_WARPS * 32 <= NT_WIDE && NT_ATT % 32 == 0 && NT_SEL % 32 == 0 && NT_SEL <= 1024);
 };
 
 /// Every constant above the kernels read, with its name there.
@@ -51,7 +51,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_MMA_KEYS", MMA_KEYS as u64),
     ("NSA_MMA_MAX_STAGES", MMA_MAX_STAGES as u64),
     ("NSA_TMAP_BYTES", TMAP_BYTES as u64),
-    ("NSA_SEL_CHUNK", SEL_CHUNK as u64),
+    ("NSA_NT_SEL", NT_SEL as u64),
     ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),

@@ -8,7 +8,7 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::sys;
 
-use super::consts::{MMA_WARPS, NT_ATT, NT_WIDE};
+use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE};
 use super::driver::{check, CUstream};
 use super::params::Params;
 use super::prefill::PrefillPlan;
@@ -22,7 +22,7 @@ pub(crate) enum Kernel {
     Append,
     /// Compressed attention, split over blocks (scalar).
     CmpPartial,
-    /// Block scores and the top-n, split over chunks of selection blocks.
+    /// Block scores and the top-n, one block per (row, KV head).
     SelectBlocks,
     /// Selected blocks + window, one block per unit (scalar).
     SwPartial,
@@ -131,7 +131,8 @@ impl Kernel {
     /// kernels' come from the backend's [`PrefillPlan`].
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
-            Kernel::Append | Kernel::SelectBlocks | Kernel::Combine => NT_WIDE,
+            Kernel::Append | Kernel::Combine => NT_WIDE,
+            Kernel::SelectBlocks => NT_SEL,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
             Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.warps * 32),

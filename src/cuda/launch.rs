@@ -92,7 +92,7 @@ impl CudaBackend {
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream, true)?;
-                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
+                k.launch(Kernel::SelectBlocks, (rows, hkv, 1), &pw, stream, true)?;
                 k.launch(sw, (rows, hkv, units), &pw, stream, true)?;
                 k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
@@ -137,10 +137,6 @@ impl CudaBackend {
         let heads = rows * cfg.num_q_heads;
         let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
         l.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
-        // Selection: chunks of SEL_CHUNK blocks (chunks past the length exit). Small chunks
-        // keep the per-chunk ranking (quadratic in the chunk) and the probability sums short;
-        // the final merge reads one list per lane up to 32 chunks.
-        l.sel_chunks = self.dl.sel_chunks as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
         let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };

@@ -90,10 +90,6 @@ pub(crate) struct Workspace {
     pub logits: u64,
     /// Selected blocks per (wave row, KV head), `sel_count` each.
     pub sel: u64,
-    /// Selection: per (wave row, KV head, chunk) the chunk's best n as (score bits, block).
-    pub cand: u64,
-    /// Selection: per (wave row, KV head) the count of finished chunk blocks (0 between launches).
-    pub count: u64,
     /// Split partials: (m, l) and the accumulators per (wave row, query head, unit).
     pub part_ml: u64,
     pub part_acc: u64,
@@ -117,8 +113,6 @@ pub(crate) struct Launch {
     /// Selected blocks per unit of the tensor-core selected branch (window units span
     /// `sel_block * spb` keys); 1 on the scalar path.
     pub spb: i32,
-    /// Chunks of selection blocks per (row, KV head) of the selection launch.
-    pub sel_chunks: i32,
     /// Query heads per block of the gated combine (a divisor of the group size).
     pub comb_heads: i32,
     /// Heads per pass of the scalar attention kernels (shared memory bound).
@@ -184,8 +178,6 @@ impl Params {
             ws: Workspace {
                 logits: at(dl.logits.off),
                 sel: at(dl.sel.off),
-                cand: at(dl.cand.off),
-                count: at(dl.count.off),
                 part_ml: at(dl.part_ml.off),
                 part_acc: at(dl.part_acc.off),
                 pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
@@ -197,7 +189,6 @@ impl Params {
                 units_s: dl.units_s as i32,
                 units_w: dl.units_w as i32,
                 spb: 1,
-                sel_chunks: 1,
                 comb_heads: 1,
                 head_chunk: setup.head_chunk as i32,
                 mode: setup.bulk as i32 | (setup.tma as i32) << 1,

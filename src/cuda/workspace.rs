@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
-use super::consts::{MAPS_PER_LAYER, SEL_CHUNK, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
+use super::consts::{MAPS_PER_LAYER, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
 use crate::layout::Layout;
 
 /// The most splits of the compressed branch the workspace holds: one per
@@ -34,8 +34,6 @@ pub(crate) struct DevLayout {
     pub step: Reg,
     pub logits: Reg,
     pub sel: Reg,
-    pub cand: Reg,
-    pub count: Reg,
     pub tmaps: Reg,
     pub part_ml: Reg,
     pub part_acc: Reg,
@@ -47,8 +45,6 @@ pub(crate) struct DevLayout {
     pub nsplit_c: u32,
     pub units_s: u32,
     pub units_w: u32,
-    /// Most chunks of selection blocks per (row, KV head) (`cand` is sized for them).
-    pub sel_chunks: u32,
 }
 
 fn too_big() -> NsaError {
@@ -86,9 +82,6 @@ impl DevLayout {
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(max_cmp), 4])?;
         let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
-        let sel_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK).max(1);
-        let cand = b.take(&[w, hkv, u(sel_chunks), u(cfg.sel_count), 8])?;
-        let count = b.take(&[w, hkv, 4])?;
         let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
         let part_ml = b.take(&[w, hq, units, 8])?;
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
@@ -103,8 +96,6 @@ impl DevLayout {
             step,
             logits,
             sel,
-            cand,
-            count,
             tmaps,
             part_ml,
             part_acc,
@@ -115,7 +106,6 @@ impl DevLayout {
             nsplit_c,
             units_s,
             units_w,
-            sel_chunks,
         })
     }
 }
@@ -135,16 +125,11 @@ mod tests {
                 // Logits rows are even (8-byte stores) and hold every compressed token.
                 assert_eq!(dl.max_cmp % 2, 0);
                 assert!(dl.max_cmp >= c.num_cmp_tokens(c.max_seq_len));
-                // Selection chunks of SEL_CHUNK blocks cover every block, each with a list of n.
-                assert!(dl.sel_chunks * SEL_CHUNK >= c.max_sel_blocks());
-                let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
-                assert_eq!(dl.cand.bytes, pairs * (dl.sel_chunks * c.sel_count) as usize * 8);
-                assert_eq!(dl.count.bytes, pairs * 4);
                 // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.cand, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
+                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
