@@ -72,6 +72,83 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
     }
 }
 
+// K/V tile copies of the prefill kernels into NS shared-memory stages. With tensor maps
+// (`launch.mode & 2`, sm_90, the swizzled tiles of `Wgmma`) lanes of warp 0 copy a tile as
+// 16-row boxes of the decode kernels' maps (4 per 64 columns of K and of V), completing
+// on the stage's mbarrier, so the other threads issue nothing and compute no address;
+// otherwise every thread copies 16-byte granules with cp.async (`pf_load_tile`). A tile's
+// rows past `kend` are zeros with cp.async but whatever the page holds with tensor maps:
+// `wait` zeroes those rows of V (their scores are masked, but P = 0 times NaN is NaN).
+// The caller's loop keeps its order: load ahead, commit, wait, fence_async_smem and
+// __syncthreads, compute, __syncthreads.
+template <int NS, bool SW>
+struct PfCopy {
+    bool tma;
+    unsigned bar0, phase;  // stage st's mbarrier at bar0 + 8 st; bit st: the parity it waits for
+
+    // Every thread calls it; the caller's next __syncthreads publishes the barriers.
+    __device__ void init(const Params& p) {
+        __shared__ __align__(8) unsigned long long bars[NS];
+        tma = SW && (p.launch.mode & 2) != 0;
+        bar0 = smem_u32(bars);
+        phase = 0u;
+        if (tma && threadIdx.x == 0) {
+            for (int st = 0; st < NS; st++) mbar_init(bar0 + 8 * st, 1);
+            fence_mbar_init();
+        }
+    }
+
+    // The tile of keys [k0, k0 + PF_KT) of `page` (map indices: 0 raw K, 1 raw V, 2 cmp K,
+    // 3 cmp V) into stage `st`: K to `kd`, and V to `vd` unless DV is 0.
+    template <int DK, int DV>
+    __device__ void load(const Params& p, int st, unsigned kd, const u16* kpool, int kmap, unsigned vd, const u16* vpool,
+                         int vmap, int page, int kvh, int k0, int kend) {
+        if (tma) {
+            if (threadIdx.x >= 32) return;
+            constexpr int KB = 4 * (DK / 64), NB = KB + 4 * (DV / 64);  // 16-row boxes
+            static_assert(NB <= 32, "a lane per box");
+            const unsigned bar = bar0 + 8 * st;
+            fence_async_smem();  // this stage's earlier generic accesses before the copy engine's writes
+            if (threadIdx.x == 0) mbar_expect(bar, (unsigned)(PF_KT * (DK + DV) * 2));
+            __syncwarp();
+            const int b = threadIdx.x;
+            if (b < NB) {
+                const bool isk = b < KB;
+                const int bb = isk ? b : b - KB, cb = bb >> 2, r0 = (bb & 3) * 16;
+                tma_load3((isk ? kd : vd) + cb * PF_KT * 128 + r0 * 128, p.paging.tmaps + (isk ? kmap : vmap) * NSA_TMAP_BYTES,
+                          cb * 64, k0 % p.paging.page_size + r0, page * p.shape.num_kv_heads + kvh, bar);
+            }
+            return;
+        }
+        pf_load_tile<DK, SW>(p, kd, kpool, page, kvh, k0, kend);
+        if (DV > 0) pf_load_tile<DV, SW>(p, vd, vpool, page, kvh, k0, kend);
+    }
+
+    __device__ void commit() {
+        if (!tma) cp_commit();
+    }
+
+    // Stage st holds its tile (this thread's view): `vg` is the stage's V (generic
+    // address; unused when DV is 0), the tile's keys [k0, k0 + PF_KT) of which `kend` on
+    // are not visible.
+    template <int DV>
+    __device__ void wait(int st, unsigned char* vg, int k0, int kend) {
+        if (!tma) {
+            cp_wait<NS - 1>();
+            return;
+        }
+        mbar_wait(bar0 + 8 * st, (phase >> st) & 1u);
+        phase ^= 1u << st;
+        if (DV > 0 && k0 + PF_KT > kend) {
+            const int r0 = max(kend - k0, 0);
+            for (int e = threadIdx.x; e < (PF_KT - r0) * (DV / 8); e += blockDim.x) {
+                const int r = r0 + e / (DV / 8), c = e % (DV / 8);
+                *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+};
+
 // Row r of the block is position r / G of the tile, head r % G of the group: the 16-byte
 // granule c of that row of q, or zeros past the tile.
 __device__ __forceinline__ uint4 pf_q_granule(const Params& p, const PrefillTile& tl, int kvh, int r, int c,
