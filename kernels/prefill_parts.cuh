@@ -89,7 +89,9 @@ struct PfCopy {
     // Every thread calls it; the caller's next __syncthreads publishes the barriers.
     __device__ void init(const Params& p) {
         __shared__ __align__(8) unsigned long long bars[NS];
-        tma = SW && (p.launch.mode & 2) != 0;
+        // One warpgroup only: with 8-warp blocks the copy engine measured no faster or
+        // slower (G = 8 +7%, DK = 192 flat; docs/PREFILL_NOTES.md, variant 7).
+        tma = SW && (p.launch.mode & 2) != 0 && blockDim.x == 128;
         bar0 = smem_u32(bars);
         phase = 0u;
         if (tma && threadIdx.x == 0) {
