@@ -51,18 +51,19 @@ struct StepPlan {
 };
 
 // The stages' hand-over buffers: compressed logits (`max_cmp` per row and head), the
-// selected blocks, split partials.
+// selected blocks, the selection chunks' block scores (`max_blocks` per row and KV head)
+// and counters, split partials.
 struct Workspace {
-    u64 logits, sel, part_ml, part_acc;
+    u64 logits, sel, scores, count, part_ml, part_acc;
     u64 pf_sel;  // prefill: selected blocks per step row [rows][HKV][sel_count] (io.selected absent)
-    int max_cmp;
+    int max_cmp, max_blocks;
 };
 
 // Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
 // scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
 // copies, bit 1: tensor maps) through `nstage` pipeline stages.
 struct Launch {
-    int row0, nsplit_c, units_s, units_w, spb, comb_heads;
+    int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
 };
 

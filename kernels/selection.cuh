@@ -30,42 +30,46 @@ __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsign
     return before + __popc(bal & ((1u << lane) - 1u));
 }
 
-// Selection of one (row, KV head) per block of NSA_NT_SEL threads: grid rows x HKV.
+// Selection: grid rows x HKV x sel_chunks, NSA_NT_SEL threads. The chunk blocks of a
+// (row, KV head) score a share of its selection blocks each; the last to finish (a counter
+// in the workspace, reset by that block) picks the top n over all scores. With one chunk
+// (large batches) the block does both and nothing goes through memory.
 //
-// Why one block and not chunks merged by a last block: at batch 1 the step's time is the
-// length of its longest dependent chain of instructions, not bandwidth (docs/DECODE_NOTES.md),
-// and a chunked ranking followed by a serial merge is two chains; here a thread owns a
-// block (or a few, past NSA_NT_SEL blocks), so every phase is a short program run by many
-// warps at once.
+// Why this shape (docs/DECODE_NOTES.md, variant 9): at batch 1 the step's time is the
+// length of its longest dependent chain of instructions, so every phase is a short program
+// run by many warps: a thread per compressed token, then a thread per block, then a radix
+// select instead of sorted lists merged by one block.
 //
 // 1. The group's heads' softmax (m, 1 / l) over all compressed splits (a warp per head).
-// 2. Each thread scores its blocks: Eq. 9 overlap weights times the normalised
-//    probabilities of the block's compressed tokens, summed over the group (Eq. 8); the
-//    forced blocks (initial, local) score +inf. Scores are non-negative, so their float
-//    bits order as unsigned integers.
+// 2. Per run of at most NSA_NT_SEL blocks of the chunk: a thread per compressed token sums
+//    the group's normalised probabilities (Eq. 8; coalesced loads, one exp per token and
+//    head), then a thread per block applies the Eq. 9 overlap weights; the forced blocks
+//    (initial, local) score +inf. Scores are non-negative, so their float bits order as
+//    unsigned integers.
 // 3. The n-th best score by a radix select over those bits (four 8-bit passes over a
 //    256-bin histogram), then every block better than it plus the lowest-index blocks
 //    equal to it (ties to the lower index, as the CPU engine) are written ascending by a
 //    block-wide prefix count, -1 padded.
-// Shared: m[g] | inv[g] | score bits [blocks].
+// Shared: m[g] | inv[g] | token sums [NSA_NT_SEL * B + A - 1] | score bits [blocks].
 template <class E>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
     __shared__ unsigned hist[256], wt[32];
     __shared__ unsigned s_digit, s_need, s_eq;
-    const int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y;
+    __shared__ int s_last;
+    const int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z, nch = p.launch.sel_chunks;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int g = p.shape.group_size, n = p.shape.sel_count;
     const int t = ((const int2*)p.step.rows)[r].y;
     const int nc = num_cmp(p, t + 1);
     // Eq. 9's alpha and beta: strides per compressed block and per selection block.
     const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
-    const int span = A + B - 1;
     const int nblk = t / p.shape.sel_block + 1, b = nblk - 1;
     const int count = min(n, nblk);
     float* mh = smem;
     float* inv = mh + g;
-    unsigned* key = (unsigned*)(inv + g);
+    float* ps = inv + g;
+    unsigned* key = (unsigned*)(ps + NSA_NT_SEL * B + A - 1);
     const usize pair = (usize)wr * p.shape.num_kv_heads + kvh;
     int* wsel = (int*)p.ws.sel + pair * n;
     int* usel = p.io.selected ? (int*)p.io.selected + ((usize)r * p.shape.num_kv_heads + kvh) * n : (int*)0;
@@ -73,78 +77,93 @@ __device__ void select_blocks(const Params& p) {
         wsel[k] = j;
         if (usel) usel[k] = j;
     };
-    if (nblk <= n) {  // every block is selected
-        for (int k = tid; k < n; k += blockDim.x) put(k, k < nblk ? k : -1);
+    if (nblk <= n) {  // every block is selected (the row's chunks agree: no counter)
+        if (ch == 0)
+            for (int k = tid; k < n; k += blockDim.x) put(k, k < nblk ? k : -1);
         return;
     }
+    const int cb = (nblk + nch - 1) / nch, j0 = min(ch * cb, nblk), j1 = min(j0 + cb, nblk);
 
-    // 1. Softmax (m, l) of every head over all compressed splits: a warp per head, one
-    // pass (each lane merges its splits online, then the lanes' states merge).
-    const float* ml = (const float*)p.ws.part_ml;
-    for (int h = warp; h < g; h += nwarps) {
-        const int hg = kvh * g + h;
-        float m = NEG_INF, l = 0.f;
-        for (int u = lane; u < p.launch.nsplit_c; u += 32) {
-            float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
-            if (x.y != 0.f) {
-                float mn = fmaxf(m, x.x);
-                l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
-                m = mn;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
-            float mn = fmaxf(m, mo);
-            l = (l != 0.f ? l * fexp(m - mn) : 0.f) + (lo != 0.f ? lo * fexp(mo - mn) : 0.f);
-            m = mn;
-        }
-        if (lane == 0) {
-            // log2 units: p = 2^(s log2e - m log2e) / l. A head with no visible token
-            // (l = 0) contributes 0 (a finite m keeps 2^(-inf - m) from being NaN).
-            mh[h] = l != 0.f ? m * 1.4426950408889634f : 0.f;
-            inv[h] = l != 0.f ? 1.0f / l : 0.f;
-        }
-    }
-    __syncthreads();
-
-    // 2. Block scores. Block j gathers compressed tokens B*j - (A-1) + k, k < span, with
-    // weight overlap_count(k); a head's logits are lg[h * max_cmp + i]. Heads two at a
-    // time so that up to 2 * 8 loads are in flight per thread (more spill at 64 registers,
-    // the bound of NSA_NT_SEL = 1024 threads, on sm_80).
-    const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * g) * p.ws.max_cmp;
-    for (int j = tid; j < nblk; j += blockDim.x) {
-        float acc = 0.f;
-        const int first = B * j - (A - 1);
-        for (int k0 = 0; k0 < span; k0 += 8) {
-            float w[8];
-            int ok = 0;  // bit k: token first + k0 + k is visible
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int i = first + k0 + k;
-                w[k] = overlap_count(k0 + k, A, B);
-                ok |= (k0 + k < span && i >= 0 && i < nc) << k;
-            }
-            for (int h0 = 0; h0 < g; h0 += 2) {
-                float v[2][8];
-#pragma unroll
-                for (int hh = 0; hh < 2; hh++)
-#pragma unroll
-                    for (int k = 0; k < 8; k++)
-                        v[hh][k] = h0 + hh < g && ((ok >> k) & 1) ? lg[(usize)(h0 + hh) * p.ws.max_cmp + first + k0 + k] : NEG_INF;
-#pragma unroll
-                for (int hh = 0; hh < 2; hh++) {
-                    if (h0 + hh >= g) break;
-                    const float m2 = mh[h0 + hh];
-                    float s = 0.f;
-#pragma unroll
-                    for (int k = 0; k < 8; k++) s += w[k] * ex2f(fmaf(v[hh][k], 1.4426950408889634f, -m2));
-                    acc += s * inv[h0 + hh];
+    if (j0 < j1) {
+        // 1. Softmax (m, l) of every head over all compressed splits: a warp per head, one
+        // pass (each lane merges its splits online, then the lanes' states merge).
+        const float* ml = (const float*)p.ws.part_ml;
+        for (int h = warp; h < g; h += nwarps) {
+            const int hg = kvh * g + h;
+            float m = NEG_INF, l = 0.f;
+            for (int u = lane; u < p.launch.nsplit_c; u += 32) {
+                float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
+                if (x.y != 0.f) {
+                    float mn = fmaxf(m, x.x);
+                    l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
+                    m = mn;
                 }
             }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
+                float mn = fmaxf(m, mo);
+                l = (l != 0.f ? l * fexp(m - mn) : 0.f) + (lo != 0.f ? lo * fexp(mo - mn) : 0.f);
+                m = mn;
+            }
+            if (lane == 0) {
+                // log2 units: p = 2^(s log2e - m log2e) / l. A head with no visible token
+                // (l = 0) contributes 0 (a finite m keeps 2^(-inf - m) from being NaN).
+                mh[h] = l != 0.f ? m * 1.4426950408889634f : 0.f;
+                inv[h] = l != 0.f ? 1.0f / l : 0.f;
+            }
         }
-        if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
-        key[j] = __float_as_uint(acc);
+        __syncthreads();
+
+        // 2. Scores of blocks [s0, s1), runs of at most NSA_NT_SEL: block j gathers tokens
+        // B*j - (A-1) + k, k < A + B - 1, with weight overlap_count(k).
+        const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * g) * p.ws.max_cmp;
+        for (int s0 = j0; s0 < j1; s0 += NSA_NT_SEL) {
+            const int s1 = min(s0 + NSA_NT_SEL, j1);
+            const int i0 = B * s0 - (A - 1), span = B * (s1 - s0) + A - 1;
+            for (int x = tid; x < span; x += blockDim.x) {
+                const int i = i0 + x;
+                float acc = 0.f;
+                if (i >= 0 && i < nc) {
+                    // Eight heads' loads in flight (lanes read consecutive tokens).
+                    for (int h0 = 0; h0 < g; h0 += 8) {
+                        float v[8];
+#pragma unroll
+                        for (int k = 0; k < 8; k++) v[k] = h0 + k < g ? lg[(usize)(h0 + k) * p.ws.max_cmp + i] : 0.f;
+#pragma unroll
+                        for (int k = 0; k < 8; k++)
+                            if (h0 + k < g) acc += ex2f(fmaf(v[k], 1.4426950408889634f, -mh[h0 + k])) * inv[h0 + k];
+                    }
+                }
+                ps[x] = acc;
+            }
+            __syncthreads();
+            for (int j = s0 + tid; j < s1; j += blockDim.x) {
+                const float* pj = ps + B * (j - s0);
+                float acc = 0.f;
+                for (int k = 0; k < A + B - 1; k++) acc += overlap_count(k, A, B) * pj[k];
+                if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
+                key[j] = __float_as_uint(acc);
+            }
+            __syncthreads();  // ps is rewritten by the next run
+        }
+    }
+    if (nch > 1) {
+        // Hand the chunk's scores to the last chunk block of the (row, KV head).
+        unsigned* gkey = (unsigned*)p.ws.scores + pair * p.ws.max_blocks;
+        for (int j = j0 + tid; j < j1; j += blockDim.x) gkey[j] = key[j];
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            const int done = atomicAdd((int*)p.ws.count + pair, 1);
+            s_last = done == nch - 1;
+            if (s_last) atomicExch((int*)p.ws.count + pair, 0);
+        }
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        // Written by other blocks of this launch: read through L2 (volatile), not L1.
+        for (int j = tid; j < nblk; j += blockDim.x) key[j] = ((const volatile unsigned*)gkey)[j];
     }
 
     // 3. The count-th largest key T, digit by digit from the top; `need` is how many keys

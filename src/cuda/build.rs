@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cudarc::driver::sys;
 
 use super::compile;
-use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_WIDE, TK};
+use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_SEL, NT_WIDE, TK};
 use super::DeviceInfo;
 use super::driver::{self, check};
 use super::kernel::{Kernel, Kernels, SharedMem};
@@ -101,8 +101,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // Compress: a row and an accumulator, then the MLP's hidden units or l row pointers.
     let hidden = if cfg.phi == Phi::Mlp { cfg.phi_hidden as usize } else { 0 };
     let compress = 4 * (2 * dk.max(dv) + hidden.max(2 * cfg.cmp_block as usize));
-    // Selection: each head's (m, 1 / l), then a score per selection block of the longest sequence.
-    let selection = 4 * (2 * g + cfg.max_sel_blocks() as usize);
+    // Selection: each head's (m, 1 / l), the token sums of a run of NT_SEL blocks, a score
+    // per selection block of the longest sequence. `A` and `B`: Eq. 9's strides per
+    // compressed block and per selection block.
+    let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    let selection = 4 * (2 * g + NT_SEL as usize * b + a + cfg.max_sel_blocks() as usize);
     // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
     // parts' sums (only with one head per block, parts * DV <= its threads).
     let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;
@@ -184,12 +187,14 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
 }
 
 /// Initialises the workspace of the buffer at `base`: every layer's tensor maps (when
-/// used), then waits.
+/// used) and the selection's counters (0; each launch leaves them so), then waits.
 pub(crate) fn init_workspace(cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, tma: bool) -> Result<()> {
     if tma {
         let maps = tensor_map::encode_all(cfg, lay, base + dl.pools.off as u64)?;
         // SAFETY: the region holds num_layers * 4 maps and lies inside the buffer.
         unsafe { driver::htod(base + dl.tmaps.off as u64, maps.as_ptr().cast(), maps.len(), std::ptr::null_mut())? };
     }
+    // SAFETY: the region lies inside the caller's buffer (checked by `check_buffer`).
+    check(unsafe { sys::cuMemsetD8_v2(base + dl.count.off as u64, 0, dl.count.bytes) }, "cuMemsetD8")?;
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
 }

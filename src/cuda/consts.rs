@@ -23,9 +23,12 @@ pub(crate) const MBAR_BYTES: u32 = 8 * MMA_WARPS * MMA_MAX_STAGES;
 pub(crate) const TMAP_BYTES: usize = 128;
 /// Tensor maps per layer: raw K, raw V, compressed K, compressed V.
 pub(crate) const MAPS_PER_LAYER: usize = 4;
-/// Threads of the selection launch: one block per (row, KV head), a thread per selection
-/// block (and more blocks each past this many).
+/// Threads of the selection launch: a thread per compressed token, then per selection
+/// block, of a run of this many blocks.
 pub(crate) const NT_SEL: u32 = 1024;
+/// Selection blocks per chunk block of the selection launch, at least (batch 1 spreads a
+/// (row, KV head) over `max_sel_blocks / SEL_CHUNK_MIN` blocks at most).
+pub(crate) const SEL_CHUNK_MIN: u32 = 128;
 /// With tensor maps the window's range starts at a multiple of this many keys (whole
 /// boxes), up to `WINDOW_ALIGN - 1` keys before its first position (those are masked).
 pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;

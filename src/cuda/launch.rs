@@ -2,6 +2,7 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
+use super::consts::SEL_CHUNK_MIN;
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
 use super::params::{Launch, Params};
@@ -92,7 +93,7 @@ impl CudaBackend {
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream, true)?;
-                k.launch(Kernel::SelectBlocks, (rows, hkv, 1), &pw, stream, true)?;
+                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
                 k.launch(sw, (rows, hkv, units), &pw, stream, true)?;
                 k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
@@ -137,6 +138,11 @@ impl CudaBackend {
         let heads = rows * cfg.num_q_heads;
         let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
         l.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
+        // Selection: chunk blocks (NT_SEL threads, two per multiprocessor) to fill a wave,
+        // each scoring at least SEL_CHUNK_MIN blocks of the longest sequence; one chunk at
+        // large batch, where the last-block hand-over would only add a round trip.
+        let sel_slots = 2 * self.info.multiprocessors.max(1) as u32;
+        l.sel_chunks = (sel_slots / pairs.max(1)).clamp(1, cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1)) as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
         let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };

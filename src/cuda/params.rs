@@ -90,6 +90,11 @@ pub(crate) struct Workspace {
     pub logits: u64,
     /// Selected blocks per (wave row, KV head), `sel_count` each.
     pub sel: u64,
+    /// Selection: block scores (f32 bits) per (wave row, KV head), `max_blocks` each, from
+    /// the chunk blocks to the last one.
+    pub scores: u64,
+    /// Selection: per (wave row, KV head) the count of finished chunk blocks (0 between launches).
+    pub count: u64,
     /// Split partials: (m, l) and the accumulators per (wave row, query head, unit).
     pub part_ml: u64,
     pub part_acc: u64,
@@ -97,6 +102,8 @@ pub(crate) struct Workspace {
     /// caller passes no `selected` (0 when the config cannot use the path).
     pub pf_sel: u64,
     pub max_cmp: i32,
+    /// Selection blocks of the longest sequence (`Config::max_sel_blocks`).
+    pub max_blocks: i32,
 }
 
 /// Per launch (`Launch`).
@@ -113,6 +120,8 @@ pub(crate) struct Launch {
     /// Selected blocks per unit of the tensor-core selected branch (window units span
     /// `sel_block * spb` keys); 1 on the scalar path.
     pub spb: i32,
+    /// Chunk blocks per (row, KV head) of the selection launch.
+    pub sel_chunks: i32,
     /// Query heads per block of the gated combine (a divisor of the group size).
     pub comb_heads: i32,
     /// Heads per pass of the scalar attention kernels (shared memory bound).
@@ -178,10 +187,13 @@ impl Params {
             ws: Workspace {
                 logits: at(dl.logits.off),
                 sel: at(dl.sel.off),
+                scores: at(dl.scores.off),
+                count: at(dl.count.off),
                 part_ml: at(dl.part_ml.off),
                 part_acc: at(dl.part_acc.off),
                 pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
                 max_cmp: dl.max_cmp as i32,
+                max_blocks: cfg.max_sel_blocks() as i32,
             },
             launch: Launch {
                 row0: 0,
@@ -189,6 +201,7 @@ impl Params {
                 units_s: dl.units_s as i32,
                 units_w: dl.units_w as i32,
                 spb: 1,
+                sel_chunks: 1,
                 comb_heads: 1,
                 head_chunk: setup.head_chunk as i32,
                 mode: setup.bulk as i32 | (setup.tma as i32) << 1,
@@ -226,7 +239,7 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float; 5 pointers; 7 pointers + an int (+ 4); 10 ints.
+        // float; 5 pointers; 7 pointers + 2 ints; 10 ints.
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 16 * 4);

@@ -34,6 +34,9 @@ pub(crate) struct DevLayout {
     pub step: Reg,
     pub logits: Reg,
     pub sel: Reg,
+    /// Selection: the chunk blocks' scores and counters (`select_blocks`).
+    pub scores: Reg,
+    pub count: Reg,
     pub tmaps: Reg,
     pub part_ml: Reg,
     pub part_acc: Reg,
@@ -82,6 +85,8 @@ impl DevLayout {
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(max_cmp), 4])?;
         let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
+        let scores = b.take(&[w, hkv, u(cfg.max_sel_blocks()), 4])?;
+        let count = b.take(&[w, hkv, 4])?;
         let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
         let part_ml = b.take(&[w, hq, units, 8])?;
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
@@ -96,6 +101,8 @@ impl DevLayout {
             step,
             logits,
             sel,
+            scores,
+            count,
             tmaps,
             part_ml,
             part_acc,
@@ -125,11 +132,15 @@ mod tests {
                 // Logits rows are even (8-byte stores) and hold every compressed token.
                 assert_eq!(dl.max_cmp % 2, 0);
                 assert!(dl.max_cmp >= c.num_cmp_tokens(c.max_seq_len));
+                // Selection: a score per block of the longest sequence and a counter per pair.
+                let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
+                assert_eq!(dl.scores.bytes, pairs * c.max_sel_blocks() as usize * 4);
+                assert_eq!(dl.count.bytes, pairs * 4);
                 // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
+                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.scores, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
