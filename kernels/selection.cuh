@@ -54,7 +54,7 @@ __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsign
 template <class E>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
-    __shared__ unsigned hist[256], wt[32];
+    __shared__ unsigned hist[4][256], wt[32];
     __shared__ unsigned s_digit, s_need, s_eq;
     __shared__ int s_last;
     const int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z, nch = p.launch.sel_chunks;
@@ -125,13 +125,13 @@ __device__ void select_blocks(const Params& p) {
                 const int i = i0 + x;
                 float acc = 0.f;
                 if (i >= 0 && i < nc) {
-                    // Eight heads' loads in flight (lanes read consecutive tokens).
-                    for (int h0 = 0; h0 < g; h0 += 8) {
-                        float v[8];
+                    // Sixteen heads' loads in flight (lanes read consecutive tokens).
+                    for (int h0 = 0; h0 < g; h0 += 16) {
+                        float v[16];
 #pragma unroll
-                        for (int k = 0; k < 8; k++) v[k] = h0 + k < g ? lg[(usize)(h0 + k) * p.ws.max_cmp + i] : 0.f;
+                        for (int k = 0; k < 16; k++) v[k] = h0 + k < g ? lg[(usize)(h0 + k) * p.ws.max_cmp + i] : 0.f;
 #pragma unroll
-                        for (int k = 0; k < 8; k++)
+                        for (int k = 0; k < 16; k++)
                             if (h0 + k < g) acc += ex2f(fmaf(v[k], 1.4426950408889634f, -mh[h0 + k])) * inv[h0 + k];
                     }
                 }
@@ -167,12 +167,16 @@ __device__ void select_blocks(const Params& p) {
     }
 
     // 3. The count-th largest key T, digit by digit from the top; `need` is how many keys
-    // equal to the bits chosen so far still belong to the top count.
+    // equal to the bits chosen so far still belong to the top count. A histogram per pass
+    // (cleared once), and the bins scanned by 8 warps (a bin per thread, largest first)
+    // rather than one: the pass is a few dependent steps, not one warp's serial walk.
+    for (int i = tid; i < 4 * 256; i += blockDim.x) hist[i >> 8][i & 255] = 0u;
+    __syncthreads();
     unsigned prefix = 0u, need = (unsigned)count;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0u;
-        __syncthreads();
-        const unsigned hi = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
+    for (int pass = 0; pass < 4; pass++) {
+        const int shift = 24 - 8 * pass;
+        unsigned* hp = hist[pass];
+        const unsigned hi = pass == 0 ? 0u : 0xffffffffu << (shift + 8);
         for (int j0 = 0; j0 < nblk; j0 += blockDim.x) {
             const int j = j0 + tid;
             const unsigned k = j < nblk ? key[j] : 0u;
@@ -181,35 +185,28 @@ __device__ void select_blocks(const Params& p) {
             // One atomic per distinct bin per warp: scores of similar size share their
             // top bits, and same-address shared atomics serialise.
             const unsigned same = __match_any_sync(0xffffffffu, in ? bin : 0x100u);
-            if (in && (same & ((1u << lane) - 1u)) == 0u) atomicAdd(&hist[bin], (unsigned)__popc(same));
+            if (in && (same & ((1u << lane) - 1u)) == 0u) atomicAdd(&hp[bin], (unsigned)__popc(same));
         }
         __syncthreads();
-        if (warp == 0) {
-            // Lane l holds bins 255 - 8l - i, i < 8 (the largest first).
-            unsigned c[8], sum = 0u;
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                c[i] = hist[255 - 8 * lane - i];
-                sum += c[i];
-            }
-            unsigned inc = sum;
+        unsigned c = 0u, inc = 0u;
+        if (tid < 256) {
+            c = hp[255 - tid];
+            inc = c;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
                 const unsigned x = __shfl_up_sync(0xffffffffu, inc, o);
                 if (lane >= o) inc += x;
             }
-            unsigned acc = inc - sum;
-            if (acc < need && need <= inc) {
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    if (acc + c[i] >= need) {
-                        s_digit = 255u - 8u * lane - i;
-                        s_need = need - acc;
-                        s_eq = c[i];  // keys matching the prefix with this digit
-                        break;
-                    }
-                    acc += c[i];
-                }
+            if (lane == 31) wt[warp] = inc;
+        }
+        __syncthreads();
+        if (tid < 256) {
+            for (int w = 0; w < warp; w++) inc += wt[w];
+            const unsigned exc = inc - c;
+            if (exc < need && need <= inc) {
+                s_digit = 255u - tid;
+                s_need = need - exc;
+                s_eq = c;  // keys matching the prefix with this digit
             }
         }
         __syncthreads();
