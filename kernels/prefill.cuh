@@ -435,17 +435,25 @@ __device__ void pf_sw(const Params& p) {
             const int loA = it < nsel_tiles ? 0 : tA - p.shape.window + 1, loB = it < nsel_tiles ? 0 : tB - p.shape.window + 1;
             const bool fullA = selA && k0 >= loA && k0 + PF_KT - 1 <= tA;
             const bool fullB = selB && k0 >= loB && k0 + PF_KT - 1 <= tB;
-            if (!(fullA && fullB)) {  // masks only on tiles a row sees in part
+            if (!__any_sync(0xffffffffu, selA || selB)) {
+                // No row of this warp chose the block (a unit of 64 rows multiplies it for
+                // another warp's positions): P = 0 leaves m, l and o as they are, without
+                // the masks and the softmax.
 #pragma unroll
-                for (int n = 0; n < 8; n++)
+                for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            } else {
+                if (!(fullA && fullB)) {  // masks only on tiles a row sees in part
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        int k = k0 + n * 8 + q4 * 2 + e;
-                        if (!(selA && k <= tA && k >= loA)) s[n][e] = NEG_INF;
-                        if (!(selB && k <= tB && k >= loB)) s[n][2 + e] = NEG_INF;
-                    }
+                    for (int n = 0; n < 8; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            int k = k0 + n * 8 + q4 * 2 + e;
+                            if (!(selA && k <= tA && k >= loA)) s[n][e] = NEG_INF;
+                            if (!(selB && k <= tB && k >= loB)) s[n][2 + e] = NEG_INF;
+                        }
+                }
+                pf_online<DV>(s, sl2, mA, mB, lA, lB, o);
             }
-            pf_online<DV>(s, sl2, mA, mB, lA, lB, o);
             m.pv(s, vs + (it % NS) * M::VTILE, o);
         }
         __syncthreads();
