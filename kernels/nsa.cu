@@ -107,8 +107,9 @@ NSA_MMA_ALL(EF16, f16)
 NSA_MMA_ALL(EBF16, bf16)
 
 // Prefill path (src/cuda/prefill.rs picks it for steps with prefill chunks):
-// nsa_pf_{cmp,sw}_{mma,wg}_{bf16,f16}_{DK}_{DV}. `mma` (MmaSync, any sm_80+) or `wg`
-// (Wgmma, sm_90a: elsewhere its body compiles to nothing and the host never picks it);
+// nsa_pf_{cmp,sw}_{mma,wg,wgt}_{bf16,f16}_{DK}_{DV}. `mma` (MmaSync, any sm_80+), `wg`
+// (Wgmma, sm_90a: elsewhere its body compiles to nothing and the host never picks it) or
+// `wgt` (WgmmaTma: Wgmma whose tiles the copy engine loads);
 // two copy stages of 64-key tiles (three measured no faster, docs/PREFILL_NOTES.md).
 #define PF_ENTRY(E, suffix, DK, DV, M, mname)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_cmp_##mname##_##suffix##_##DK##_##DV(const Params p) { \
@@ -130,3 +131,8 @@ PF_SHAPES(EBF16, bf16, MmaSync, mma)
 PF_SHAPES(EBF16, bf16, Wgmma, wg)
 PF_SHAPES(EF16, f16, MmaSync, mma)
 PF_SHAPES(EF16, f16, Wgmma, wg)
+// `wgt`: Wgmma with tile copies by tensor maps, for one-warpgroup blocks (G = 16, DK <= 128).
+PF_ENTRY(EBF16, bf16, 64, 64, WgmmaTma, wgt)
+PF_ENTRY(EBF16, bf16, 128, 128, WgmmaTma, wgt)
+PF_ENTRY(EF16, f16, 64, 64, WgmmaTma, wgt)
+PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)

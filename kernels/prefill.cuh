@@ -62,7 +62,7 @@ __device__ void pf_cmp(const Params& p) {
     float* sc = ps + nw * PW * PF_KT;
     int* pg = (int*)(sc + nw * PW * nblk);  // page of each compressed key tile
 
-    PfCopy<NS, M::SW> cp;
+    PfCopy<NS, M::SW, M::TMA> cp;
     cp.init(p);
     M m;
     m.load_q(p, tl, kvh, qs, M::q_bytes(nw * 16) ? base : base + (ks - qs));
@@ -317,7 +317,7 @@ __device__ void pf_sw(const Params& p) {
     int* tpage = ulist + nblk;  // page of every key tile the block visits, in order
     __shared__ int ucount;
 
-    PfCopy<NS, M::SW> cp;
+    PfCopy<NS, M::SW, M::TMA> cp;
     cp.init(p);
     M m;
     m.load_q(p, tl, kvh, qs, M::q_bytes(nw * 16) ? base : base + (ks - qs));

@@ -72,8 +72,9 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
     }
 }
 
-// K/V tile copies of the prefill kernels into NS shared-memory stages. With tensor maps
-// (`launch.mode & 2`, sm_90, the swizzled tiles of `Wgmma`) lanes of warp 0 copy a tile as
+// K/V tile copies of the prefill kernels into NS shared-memory stages. With TMA (the
+// `WgmmaTma` policy's kernels, which the host picks for one-warpgroup blocks) and tensor
+// maps (`launch.mode & 2`) lanes of warp 0 copy a tile as
 // 16-row boxes of the decode kernels' maps (4 per 64 columns of K and of V), completing
 // on the stage's mbarrier, so the other threads issue nothing and compute no address;
 // otherwise every thread copies 16-byte granules with cp.async (`pf_load_tile`). A tile's
@@ -81,7 +82,10 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
 // `wait` zeroes those rows of V (their scores are masked, but P = 0 times NaN is NaN).
 // The caller's loop keeps its order: load ahead, commit, wait, fence_async_smem and
 // __syncthreads, compute, __syncthreads.
-template <int NS, bool SW>
+// TMA is a template argument so that the other kernels carry none of it: as a run-time
+// choice it made the 8-warp blocks, which gain nothing from it, 4-5% slower (registers
+// and branches in the tile loop; docs/PREFILL_NOTES.md, variant 7).
+template <int NS, bool SW, bool TMA>
 struct PfCopy {
     bool tma;
     unsigned bar0, phase;  // stage st's mbarrier at bar0 + 8 st; bit st: the parity it waits for
@@ -89,9 +93,8 @@ struct PfCopy {
     // Every thread calls it; the caller's next __syncthreads publishes the barriers.
     __device__ void init(const Params& p) {
         __shared__ __align__(8) unsigned long long bars[NS];
-        // One warpgroup only: with 8-warp blocks the copy engine measured no faster or
-        // slower (G = 8 +7%, DK = 192 flat; docs/PREFILL_NOTES.md, variant 7).
-        tma = SW && (p.launch.mode & 2) != 0 && blockDim.x == 128;
+        static_assert(!TMA || SW, "tensor-map boxes land as 128-byte swizzled tiles");
+        tma = TMA && (p.launch.mode & 2) != 0;
         bar0 = smem_u32(bars);
         phase = 0u;
         if (tma && threadIdx.x == 0) {
@@ -165,6 +168,7 @@ __device__ __forceinline__ uint4 pf_q_granule(const Params& p, const PrefillTile
 template <class E, int DK, int DV>
 struct MmaSync {
     static constexpr int UNIT = 16;
+    static constexpr bool TMA = false;
     static constexpr bool SW = false;
     static constexpr bool ACC_REGS = false;  // no registers to spare: the partial output in shared memory
     static constexpr unsigned KTILE = PF_KT * (DK + 8) * 2, VTILE = PF_KT * (DV + 8) * 2;
@@ -237,6 +241,7 @@ struct MmaSync {
 template <class E, int DK, int DV>
 struct Wgmma {
     static constexpr int UNIT = 64;
+    static constexpr bool TMA = false;
     static constexpr bool SW = true;
     static constexpr bool ACC_REGS = true;
     static constexpr unsigned KTILE = PF_KT * DK * 2, VTILE = PF_KT * DV * 2;
@@ -294,6 +299,13 @@ struct Wgmma {
         wg_commit();
         wg_wait<0>();
     }
+};
+
+// Wgmma with K/V tiles copied by the copy engine (`PfCopy`): the 4-warp blocks' policy
+// when tensor maps are in use (measured faster only there).
+template <class E, int DK, int DV>
+struct WgmmaTma : Wgmma<E, DK, DV> {
+    static constexpr bool TMA = true;
 };
 
 // The selected branch's gated partial output of a lane's fragments, kept across the window

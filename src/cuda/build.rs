@@ -136,7 +136,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // The tensor-core kernels may use up to MMA_MAX_STAGES stages (the attribute is set
     // for the most that fits); the count is picked by occupancy once loaded.
     let stages_fit = (2..=MMA_MAX_STAGES as usize).filter(|&s| smem_tensor_core(cfg, tma, s) <= optin).max().unwrap_or(2);
-    let prefill = prefill::plan(cfg, info.compute_capability, optin);
+    let prefill = prefill::plan(cfg, info.compute_capability, optin, tma && mma);
     let smem = SharedMem {
         compress: compress as u32,
         attention: att(hc) as u32,

@@ -177,12 +177,12 @@ impl Kernel {
     /// Every entry point compiled for this kernel (all storage types and tile widths).
     #[cfg(test)]
     pub fn entries(self) -> Vec<String> {
-        use super::prefill::{Policy, SHAPES};
+        use super::prefill::Policy;
         if self.prefill() {
             let mut v = Vec::new();
-            for policy in [Policy::MmaSync, Policy::Wgmma] {
+            for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma] {
                 for d in [Dtype::F16, Dtype::Bf16] {
-                    v.extend(SHAPES.iter().map(|&(dk, dv)| self.prefill_entry(policy, d, dk, dv)));
+                    v.extend(policy.shapes().iter().map(|&(dk, dv)| self.prefill_entry(policy, d, dk, dv)));
                 }
             }
             return v;
@@ -341,7 +341,7 @@ mod tests {
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 4 + 2 * 12);
+        assert_eq!(all, 7 * 3 + 3 * 4 + 2 * 16);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -26,11 +26,13 @@ const ALIGN_SLACK: usize = 1024;
 /// Positions a block's score arrays and selection bit masks hold at most (`u32` masks).
 const MAX_POSITIONS: u32 = 32;
 
-/// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a).
+/// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a),
+/// the latter with K/V tiles copied by tensor maps (`WgmmaTma`) for 4-warp blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Policy {
     MmaSync,
     Wgmma,
+    WgmmaTma,
 }
 
 impl Policy {
@@ -39,6 +41,15 @@ impl Policy {
         match self {
             Policy::MmaSync => "mma",
             Policy::Wgmma => "wg",
+            Policy::WgmmaTma => "wgt",
+        }
+    }
+
+    /// The (DK, DV) pairs it is compiled for (`PF_SHAPES` / the `wgt` entries in kernels/nsa.cu).
+    pub fn shapes(self) -> &'static [(u32, u32)] {
+        match self {
+            Policy::WgmmaTma => &SHAPES[..2],
+            _ => &SHAPES,
         }
     }
 }
@@ -92,7 +103,7 @@ pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
 pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
-        Policy::Wgmma => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
+        Policy::Wgmma | Policy::WgmmaTma => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
         Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
@@ -108,8 +119,9 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, us
 /// `optin` bytes of shared memory per block, or `None` when the config or the device
 /// cannot use them (`NSA_CUDA_NO_PREFILL=1` also turns them off) and prefill steps run on
 /// the decode kernels. Measured on the H200 (docs/PREFILL_NOTES.md): 4-warp blocks, two per
-/// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128; 8-warp blocks elsewhere.
-pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize) -> Option<PrefillPlan> {
+/// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128, and with their tiles
+/// copied by tensor maps when the backend writes them (`tma`); 8-warp blocks elsewhere.
+pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     if !supported(cfg) || super::build::env_on("NSA_CUDA_NO_PREFILL") {
         return None;
     }
@@ -118,6 +130,8 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize) -> Option<Prefill
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
         let (cmp, sw) = shared_mem(cfg, policy, warps);
+        let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
+        let policy = if policy == Policy::Wgmma && tma_fits { Policy::WgmmaTma } else { policy };
         (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
             .then_some(PrefillPlan { policy, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
     })
@@ -137,15 +151,17 @@ mod tests {
     #[test]
     fn paper_shapes_fit_on_hopper() {
         let optin = 227 * 1024;
-        let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin).unwrap();
+        let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.warps), (Policy::WgmmaTma, 4));
+        let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin, false).unwrap();
         assert_eq!((p.policy, p.warps), (Policy::Wgmma, 4));
         // Two blocks of each kernel per multiprocessor (228 KiB of shared memory there).
         assert!(2 * p.smem_cmp as usize <= 228 * 1024 && 2 * p.smem_sw as usize <= 228 * 1024);
-        let p = plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin).unwrap();
-        assert_eq!(p.warps, 8);
-        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin).unwrap();
+        let p = plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.warps), (Policy::Wgmma, 8));
+        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap();
         assert_eq!(p.positions(&cfg(64, 16, 128, 128, 65536)), 16);
-        let p = plan(&cfg(64, 4, 128, 128, 65536), (8, 0), optin).unwrap();
+        let p = plan(&cfg(64, 4, 128, 128, 65536), (8, 0), optin, true).unwrap();
         assert_eq!(p.policy, Policy::MmaSync);
     }
 
@@ -154,11 +170,11 @@ mod tests {
         let optin = 227 * 1024;
         let mut f32 = cfg(64, 4, 128, 128, 4096);
         f32.dtype = Dtype::F32;
-        assert!(plan(&f32, (9, 0), optin).is_none());
-        assert!(plan(&cfg(64, 4, 96, 96, 4096), (9, 0), optin).is_none());
-        assert!(plan(&cfg(96, 4, 128, 128, 4096), (9, 0), optin).is_none()); // G = 24
+        assert!(plan(&f32, (9, 0), optin, true).is_none());
+        assert!(plan(&cfg(64, 4, 96, 96, 4096), (9, 0), optin, true).is_none());
+        assert!(plan(&cfg(96, 4, 128, 128, 4096), (9, 0), optin, true).is_none()); // G = 24
         // Scores of a 2M-token sequence do not fit in shared memory.
-        assert!(plan(&cfg(64, 4, 128, 128, 1 << 21), (9, 0), optin).is_none());
+        assert!(plan(&cfg(64, 4, 128, 128, 1 << 21), (9, 0), optin, true).is_none());
     }
 
     #[test]
