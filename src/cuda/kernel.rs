@@ -235,7 +235,7 @@ impl Kernels {
                 continue;
             }
             let entry = match prefill {
-                Some(p) if kernel.prefill() => kernel.prefill_entry(p.policy, dtype, dk, dv),
+                Some(p) if kernel.prefill() => kernel.prefill_entry(p.policy_of(kernel), dtype, dk, dv),
                 _ => kernel.entry(dtype, dv),
             };
             k.block[i] = kernel.block(prefill);

@@ -54,16 +54,28 @@ impl Policy {
     }
 }
 
-/// The prefill kernels' shape for one backend: policy, warps per block, shared memory.
+/// The prefill kernels' shape for one backend: each kernel's policy, warps per block (the
+/// same for both: they share the tiles), shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrefillPlan {
     pub policy: Policy,
+    /// `pf_sw`'s policy: `policy` unless a knob asks for mma.sync there (see [`plan`]).
+    pub policy_sw: Policy,
     pub warps: u32,
     pub smem_cmp: u32,
     pub smem_sw: u32,
 }
 
 impl PrefillPlan {
+    /// The policy `kernel` (PfCmp or PfSw) runs with.
+    pub fn policy_of(&self, kernel: super::kernel::Kernel) -> Policy {
+        if kernel == super::kernel::Kernel::PfSw {
+            self.policy_sw
+        } else {
+            self.policy
+        }
+    }
+
     /// Positions per tile.
     pub fn positions(&self, cfg: &Config) -> u32 {
         self.warps * 16 / cfg.group_size()
@@ -121,19 +133,29 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, us
 /// the decode kernels. Measured on the H200 (docs/PREFILL_NOTES.md): 4-warp blocks, two per
 /// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128, and with their tiles
 /// copied by tensor maps when the backend writes them (`tma`); 8-warp blocks elsewhere.
+/// Diagnosis knobs: `NSA_CUDA_PF_MMA=1` runs both kernels with mma.sync (the sm_80 path,
+/// so a Hopper GPU can test it), `NSA_CUDA_PF_SW_MMA=1` only `pf_sw` (a warp of mma.sync
+/// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
-    if !supported(cfg) || super::build::env_on("NSA_CUDA_NO_PREFILL") {
+    use super::build::env_on;
+    plan_with(cfg, cc, optin, tma, env_on("NSA_CUDA_NO_PREFILL"), env_on("NSA_CUDA_PF_MMA"), env_on("NSA_CUDA_PF_SW_MMA"))
+}
+
+/// [`plan`] with its knobs as arguments.
+fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, off: bool, mma_all: bool, mma_sw: bool) -> Option<PrefillPlan> {
+    if !supported(cfg) || off {
         return None;
     }
-    let policy = if cc == (9, 0) { Policy::Wgmma } else { Policy::MmaSync };
+    let policy = if cc == (9, 0) && !mma_all { Policy::Wgmma } else { Policy::MmaSync };
     let g = cfg.group_size();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
-        let (cmp, sw) = shared_mem(cfg, policy, warps);
         let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
         let policy = if policy == Policy::Wgmma && tma_fits { Policy::WgmmaTma } else { policy };
+        let policy_sw = if mma_sw { Policy::MmaSync } else { policy };
+        let (cmp, sw) = (shared_mem(cfg, policy, warps).0, shared_mem(cfg, policy_sw, warps).1);
         (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
-            .then_some(PrefillPlan { policy, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
+            .then_some(PrefillPlan { policy, policy_sw, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
     })
 }
 
@@ -166,6 +188,21 @@ mod tests {
     }
 
     #[test]
+    fn knobs_pick_mma_sync_on_hopper() {
+        let optin = 227 * 1024;
+        let c = cfg(64, 4, 128, 128, 65536);
+        let p = plan_with(&c, (9, 0), optin, true, false, false, true).unwrap();
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaTma, Policy::MmaSync, 4));
+        assert_eq!(p.policy_of(super::super::kernel::Kernel::PfCmp), Policy::WgmmaTma);
+        assert_eq!(p.policy_of(super::super::kernel::Kernel::PfSw), Policy::MmaSync);
+        // pf_sw's shared memory is the mma.sync layout's (its partial output, no Q tile).
+        assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::MmaSync, 4).1);
+        let p = plan_with(&c, (9, 0), optin, true, false, true, false).unwrap();
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::MmaSync, Policy::MmaSync, 8));
+        assert!(plan_with(&c, (9, 0), optin, true, true, false, false).is_none());
+    }
+
+    #[test]
     fn unsupported_configs_keep_the_decode_kernels() {
         let optin = 227 * 1024;
         let mut f32 = cfg(64, 4, 128, 128, 4096);
@@ -180,7 +217,7 @@ mod tests {
     #[test]
     fn tiles_cut_each_sequence() {
         let c = cfg(64, 4, 128, 128, 4096);
-        let p = PrefillPlan { policy: Policy::Wgmma, warps: 4, smem_cmp: 0, smem_sw: 0 };
+        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, warps: 4, smem_cmp: 0, smem_sw: 0 };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
             PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
