@@ -10,7 +10,9 @@
 #         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off;
 #         NSA_COMPARE_MORE=".gpu-bench-x .gpu-bench-y" adds candidate builds (staged with
 #         `scripts/bench-stage.sh .gpu-bench-x`, e.g. from a branch's worktree), each run
-#         with the same points after this build.
+#         with the same points after this build;
+#         NSA_COMPARE_KNOBS="name:VAR=1[,VAR2=x] ..." adds runs of this build with knobs set
+#         (e.g. "pfswmma:NSA_CUDA_PF_SW_MMA=1"), each named by its prefix.
 # The JSON records go to $OUT (or .gpu-bench/compare), the text logs into one logs.tgz
 # there (the device tool returns at most 8 files); the tables print last.
 set -uo pipefail
@@ -34,6 +36,11 @@ names=(base new new-no-prefill-kernels)
 for d in ${NSA_COMPARE_MORE:-}; do
   n="$(basename "$d")" && n="${n#.gpu-bench-}" && names+=("$n")
   [ -x "$d/nsa-bench" ] && run "$n" "$d"
+done
+for k in ${NSA_COMPARE_KNOBS:-}; do
+  n="${k%%:*}" && names+=("$n")
+  IFS=, read -r -a kv <<< "${k#*:}"
+  run "$n" .gpu-bench "${kv[@]}"
 done
 [ "${NSA_COMPARE_NO_PREFILL_RUN:-0}" = 1 ] || run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
 python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
