@@ -83,14 +83,14 @@ __device__ void pf_cmp(const Params& p) {
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     for (int st = 0; st < NS - 1; st++) {
-        if (st < ntl) cp.load<DK, 0>(p, st, ks + st * M::KTILE, ck, 2, 0u, cv, 3, pg[st], kvh, st * PF_KT, nc_max);
+        if (st < ntl) cp.template load<DK, 0>(p, st, ks + st * M::KTILE, ck, 2, 0u, cv, 3, pg[st], kvh, st * PF_KT, nc_max);
         cp.commit();
     }
     for (int kt = 0; kt < ntl; kt++) {
         const int nx = kt + NS - 1;
-        if (nx < ntl) cp.load<DK, 0>(p, nx % NS, ks + (nx % NS) * M::KTILE, ck, 2, 0u, cv, 3, pg[nx], kvh, nx * PF_KT, nc_max);
+        if (nx < ntl) cp.template load<DK, 0>(p, nx % NS, ks + (nx % NS) * M::KTILE, ck, 2, 0u, cv, 3, pg[nx], kvh, nx * PF_KT, nc_max);
         cp.commit();
-        cp.wait<0>(kt % NS, base, kt * PF_KT, nc_max);
+        cp.template wait<0>(kt % NS, base, kt * PF_KT, nc_max);
         fence_async_smem();
         __syncthreads();
         float s[8][4];
@@ -150,17 +150,17 @@ __device__ void pf_cmp(const Params& p) {
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     for (int st = 0; st < NS - 1; st++) {
-        if (st < ntl) cp.load<DK, DV>(p, st, ks + st * M::KTILE, ck, 2, vs + st * M::VTILE, cv, 3, pg[st], kvh, st * PF_KT, nc_max);
+        if (st < ntl) cp.template load<DK, DV>(p, st, ks + st * M::KTILE, ck, 2, vs + st * M::VTILE, cv, 3, pg[st], kvh, st * PF_KT, nc_max);
         cp.commit();
     }
     float* myps = ps + warp * PW * PF_KT;
     for (int kt = 0; kt < ntl; kt++) {
         const int nx = kt + NS - 1;
         if (nx < ntl)
-            cp.load<DK, DV>(p, nx % NS, ks + (nx % NS) * M::KTILE, ck, 2, vs + (nx % NS) * M::VTILE, cv, 3, pg[nx], kvh, nx * PF_KT,
+            cp.template load<DK, DV>(p, nx % NS, ks + (nx % NS) * M::KTILE, ck, 2, vs + (nx % NS) * M::VTILE, cv, 3, pg[nx], kvh, nx * PF_KT,
                             nc_max);
         cp.commit();
-        cp.wait<DV>(kt % NS, base + (vs - qs) + (kt % NS) * M::VTILE, kt * PF_KT, nc_max);
+        cp.template wait<DV>(kt % NS, base + (vs - qs) + (kt % NS) * M::VTILE, kt * PF_KT, nc_max);
         fence_async_smem();
         __syncthreads();
         float s[8][4];
@@ -376,7 +376,7 @@ __device__ void pf_sw(const Params& p) {
     __syncthreads();
     auto load = [&](int it, int st) {
         int k0 = tile_k0(it);
-        cp.load<DK, DV>(p, st, ks + st * M::KTILE, rk, 0, vs + st * M::VTILE, rv, 1, tpage[it], kvh, k0, last + 1);
+        cp.template load<DK, DV>(p, st, ks + st * M::KTILE, rk, 0, vs + st * M::VTILE, rv, 1, tpage[it], kvh, k0, last + 1);
     };
     PfPartial<DV, M::ACC_REGS> part(acc + warp * (DV / 8) * 4 * 32 + lane);
     const float* gates = (const float*)p.io.gates;
@@ -413,7 +413,7 @@ __device__ void pf_sw(const Params& p) {
             mA = mB = NEG_INF;
             lA = lB = 0.f;
         }
-        cp.wait<DV>(it % NS, base + (vs - qs) + (it % NS) * M::VTILE, tile_k0(it), last + 1);
+        cp.template wait<DV>(it % NS, base + (vs - qs) + (it % NS) * M::VTILE, tile_k0(it), last + 1);
         fence_async_smem();
         __syncthreads();
         const int k0 = tile_k0(it);
