@@ -1,4 +1,4 @@
-// Selection: block scores (Eq. 8-9) and the top-n of one (row, KV head) per thread block.
+// Selection: block scores (Eq. 8-9) and the top-n of each (row, KV head).
 #ifndef NSA_SELECTION_CUH
 #define NSA_SELECTION_CUH
 
@@ -46,8 +46,8 @@ __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsign
 //    head), then a thread per block applies the Eq. 9 overlap weights; the forced blocks
 //    (initial, local) score +inf. Scores are non-negative, so their float bits order as
 //    unsigned integers.
-// 3. The n-th best score by a radix select over those bits (four 8-bit passes over a
-//    256-bin histogram), then every block better than it plus the lowest-index blocks
+// 3. The n-th best score by a radix select over those bits (four 8-bit passes, a 256-bin
+//    histogram each, its bins scanned by 8 warps), then every block better than it plus the lowest-index blocks
 //    equal to it (ties to the lower index, as the CPU engine) are written ascending by a
 //    block-wide prefix count, -1 padded.
 // Shared: m[g] | inv[g] | token sums [NSA_NT_SEL * B + A - 1] | score bits [blocks].
