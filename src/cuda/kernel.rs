@@ -22,7 +22,7 @@ pub(crate) enum Kernel {
     Append,
     /// Compressed attention, split over blocks (scalar).
     CmpPartial,
-    /// Block scores and the top-n, one block per (row, KV head).
+    /// Block scores and the top-n of each (row, KV head); chunk blocks at small batch.
     SelectBlocks,
     /// Selected blocks + window, one block per unit (scalar).
     SwPartial,
