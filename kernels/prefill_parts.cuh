@@ -74,9 +74,9 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
 
 // K/V tile copies of the prefill kernels into NS shared-memory stages. With TMA (the
 // `WgmmaTma` policy's kernels, which the host picks for one-warpgroup blocks) and tensor
-// maps (`launch.mode & 2`) lanes of warp 0 copy a tile as
-// 16-row boxes of the decode kernels' maps (4 per 64 columns of K and of V), completing
-// on the stage's mbarrier, so the other threads issue nothing and compute no address;
+// maps (`launch.mode & 2`) lanes of warp 0 copy a tile as 16-row boxes of the decode
+// kernels' maps (4 per 64 columns of K and of V), completing on the stage's mbarrier, so
+// the other threads issue nothing and compute no address;
 // otherwise every thread copies 16-byte granules with cp.async (`pf_load_tile`). A tile's
 // rows past `kend` are zeros with cp.async but whatever the page holds with tensor maps:
 // `wait` zeroes those rows of V (their scores are masked, but P = 0 times NaN is NaN).
@@ -126,7 +126,7 @@ struct PfCopy {
             return;
         }
         pf_load_tile<DK, SW>(p, kd, kpool, page, kvh, k0, kend);
-        if (DV > 0) pf_load_tile<DV, SW>(p, vd, vpool, page, kvh, k0, kend);
+        if constexpr (DV > 0) pf_load_tile<DV, SW>(p, vd, vpool, page, kvh, k0, kend);
     }
 
     __device__ void commit() {
@@ -144,11 +144,13 @@ struct PfCopy {
         }
         mbar_wait(bar0 + 8 * st, (phase >> st) & 1u);
         phase ^= 1u << st;
-        if (DV > 0 && k0 + PF_KT > kend) {
-            const int r0 = max(kend - k0, 0);
-            for (int e = threadIdx.x; e < (PF_KT - r0) * (DV / 8); e += blockDim.x) {
-                const int r = r0 + e / (DV / 8), c = e % (DV / 8);
-                *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (DV > 0) {
+            if (k0 + PF_KT > kend) {
+                const int r0 = max(kend - k0, 0);
+                for (int e = threadIdx.x; e < (PF_KT - r0) * (DV / 8); e += blockDim.x) {
+                    const int r = r0 + e / (DV / 8), c = e % (DV / 8);
+                    *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
+                }
             }
         }
     }
