@@ -295,6 +295,142 @@ __device__ void pf_cmp(const Params& p) {
     }
 }
 
+// Bytes of a warp's two copy stages in `pf_sel_warp`: 16 keys of K and of V each.
+template <int DK, int DV>
+__host__ __device__ constexpr unsigned pf_warp_stages() { return 2u * 16u * (DK + DV) * 2u; }
+
+// The selected branch of one warp's rows (`launch.mode & 4`): the warp walks the blocks
+// its own positions chose (in the block's union list, ascending) as 16-key sub-tiles,
+// each copied by the warp's lanes into the warp's own two stages (cp.async, rows
+// swizzled: 16-byte granule c of row r at c ^ (r & 7) within its 128 bytes, so ldmatrix
+// is conflict-free) and multiplied with mma.sync; no block barrier, and no row multiplies
+// a block its position did not choose. With one position per warp (G = 16) that is
+// exactly its n blocks, where the block-wide path multiplies the union of four. Leaves
+// the online-softmax state (m raw, l per lane) and o of the lane's two rows.
+template <class E, int DK, int DV, class M>
+__device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int* ulist, int ucount, const unsigned* bmask,
+                            const int* tpage, int kvh, unsigned wbits, bool selA_ok, bool selB_ok, int poA, int poB, int tA,
+                            int tB, int last, float sl2, float& mA, float& mB, float& lA, float& lB, float (&o)[DV / 8][4]) {
+    const int lane = threadIdx.x & 31, q4 = lane & 3;
+    const int nsub = p.shape.sel_block / 16;  // 16-key sub-tiles per selected block
+    const int tpb = p.shape.sel_block / PF_KT;
+    const u16* rk = (const u16*)p.paging.raw_k;
+    const u16* rv = (const u16*)p.paging.raw_v;
+    constexpr unsigned KB = 16 * DK * 2;  // a stage: K rows then V rows
+    auto swz = [](int c, int r) { return (unsigned)((c & ~7) | ((c ^ r) & 7)) * 16u; };
+    // The next union entry after u that one of the warp's positions chose (ucount: none).
+    auto next_u = [&](int u) {
+        for (int b = u + 1; b < ucount; b += 32) {
+            const int x = b + lane;
+            const unsigned bal = __ballot_sync(0xffffffffu, x < ucount && (bmask[ulist[x]] & wbits) != 0u);
+            if (bal) return b + __ffs(bal) - 1;
+        }
+        return ucount;
+    };
+    // Sub-tile q of union entry u into stage st: 16 rows of K and of V (rows past the
+    // tile's last position zero-filled).
+    auto issue = [&](int u, int q, int st) {
+        const int k0 = ulist[u] * p.shape.sel_block + q * 16;
+        const int page = tpage[u * tpb + q / (PF_KT / 16)];
+        const int off = k0 % p.paging.page_size;
+        const unsigned kd = wst + st * (KB + 16 * DV * 2), vd = kd + KB;
+        constexpr int CK = DK / 8, CV = DV / 8;
+        for (int e = lane; e < 16 * CK; e += 32) {
+            const int r = e / CK, c = e - r * CK;
+            cp_async16(kd + r * DK * 2 + swz(c, r), rk + row_at(p, page, kvh, off + r, DK) + c * 8, k0 + r <= last ? 16 : 0);
+        }
+        for (int e = lane; e < 16 * CV; e += 32) {
+            const int r = e / CV, c = e - r * CV;
+            cp_async16(vd + r * DV * 2 + swz(c, r), rv + row_at(p, page, kvh, off + r, DV) + c * 8, k0 + r <= last ? 16 : 0);
+        }
+    };
+    int cu = next_u(-1), cq = 0, st = 0;
+    if (cu < ucount) issue(cu, cq, 0);
+    cp_commit();
+    const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+    while (cu < ucount) {
+        int nq = cq + 1, nu = cu;
+        if (nq == nsub) {
+            nq = 0;
+            nu = next_u(cu);
+        }
+        if (nu < ucount) issue(nu, nq, st ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncwarp();
+        const int j = ulist[cu];
+        const unsigned bm = bmask[j];
+        const bool sA = selA_ok && ((bm >> poA) & 1u), sB = selB_ok && ((bm >> poB) & 1u);
+        const int k0 = j * p.shape.sel_block + cq * 16;
+        const unsigned kt = wst + st * (KB + 16 * DV * 2), vt = kt + KB;
+        float s[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+            unsigned a0, a1, a2, a3, b0, b1, b2, b3;
+            m.q_frag(kk, a0, a1, a2, a3);
+            ldsm4(kt + krow * DK * 2 + swz(kk * 2 + kc, krow), b0, b1, b2, b3);
+            mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
+        }
+        // Rows of positions that did not choose the block, and keys past a row's
+        // position, see nothing of it.
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int pos = k0 + nt * 8 + q4 * 2 + e;
+                if (!(sA && pos <= tA)) s[nt][e] = NEG_INF;
+                if (!(sB && pos <= tB)) s[nt][2 + e] = NEG_INF;
+            }
+        float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+        const float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
+        const float cA = ex2f(fmaf(mA, sl2, -uA)), cB = ex2f(fmaf(mB, sl2, -uB));
+        float pr[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            pr[nt][0] = ex2f(fmaf(s[nt][0], sl2, -uA));
+            pr[nt][1] = ex2f(fmaf(s[nt][1], sl2, -uA));
+            pr[nt][2] = ex2f(fmaf(s[nt][2], sl2, -uB));
+            pr[nt][3] = ex2f(fmaf(s[nt][3], sl2, -uB));
+        }
+        lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+        lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+        mA = nA;
+        mB = nB;
+#pragma unroll
+        for (int d = 0; d < DV / 8; d++) {
+            o[d][0] *= cA;
+            o[d][1] *= cA;
+            o[d][2] *= cB;
+            o[d][3] *= cB;
+        }
+        const unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
+        const unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
+#pragma unroll
+        for (int dp = 0; dp < DV / 16; dp++) {
+            unsigned b0, b1, b2, b3;
+            ldsm4t(vt + vrow * DV * 2 + swz(dp * 2 + vc, vrow), b0, b1, b2, b3);
+            mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+            mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+        }
+        __syncwarp();  // the stage is refilled by the copy issued in the step after next
+        cu = nu;
+        cq = nq;
+        st ^= 1;
+    }
+    cp_wait<0>();
+    __syncwarp();
+}
+
 // Selected blocks + sliding window + gated combine. Shared memory (from the aligned base):
 // Q (Wgmma) | K stages [NS] | V stages [NS] | partial outputs [warps][DV/8][4][32] f32
 // (unless M::ACC_REGS) | block masks [nblk] u32 | union list [nblk] i32 |
@@ -311,7 +447,11 @@ __device__ void pf_sw(const Params& p) {
     const unsigned qs = smem_u32(base);
     const unsigned ks = qs + M::q_bytes(nw * 16);
     const unsigned vs = ks + NS * M::KTILE;
-    float* acc = (float*)(base + (vs - qs) + NS * M::VTILE);
+    // With the selected branch per warp (launch.mode & 4) the stages area also holds every
+    // warp's two sub-tile stages (the host sizes it the same way).
+    const bool per_warp = (p.launch.mode & 4) != 0;
+    const unsigned stages = max(NS * (M::KTILE + M::VTILE), per_warp ? nw * pf_warp_stages<DK, DV>() : 0u);
+    float* acc = (float*)(base + (ks - qs) + stages);
     unsigned* bmask = (unsigned*)(acc + (M::ACC_REGS ? 0 : nw * (DV / 8) * 4 * 32));
     int* ulist = (int*)(bmask + nblk);
     int* tpage = ulist + nblk;  // page of every key tile the block visits, in order
@@ -384,36 +524,47 @@ __device__ void pf_sw(const Params& p) {
     const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
     const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
 
+    // Selected branch done: acc = compressed part (already in out) + g_slc * o_slc.
+    auto fold_selected = [&]() {
+        lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+        lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+        lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+        lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+        const typename E::T* out = (const typename E::T*)p.io.out;
+        float fA = 0.f, fB = 0.f;
+        if (okA && lA != 0.f) fA = gates[rA * 3 + 1] / lA;
+        if (okB && lB != 0.f) fB = gates[rB * 3 + 1] / lB;
+#pragma unroll
+        for (int d = 0; d < DV / 8; d++) {
+            int c = d * 8 + q4 * 2;
+            part.at(d, 0) = (okA ? E::ld(out, rA * DV + c) : 0.f) + fA * o[d][0];
+            part.at(d, 1) = (okA ? E::ld(out, rA * DV + c + 1) : 0.f) + fA * o[d][1];
+            part.at(d, 2) = (okB ? E::ld(out, rB * DV + c) : 0.f) + fB * o[d][2];
+            part.at(d, 3) = (okB ? E::ld(out, rB * DV + c + 1) : 0.f) + fB * o[d][3];
+            o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+        }
+        mA = mB = NEG_INF;
+        lA = lB = 0.f;
+    };
+    // Per warp, the selected blocks first; the block's pipeline then runs the window only.
+    if (per_warp) {
+        const int PW = 16 / G;
+        const unsigned wbits = (PW >= 32 ? 0xffffffffu : ((1u << PW) - 1u)) << (warp * PW);
+        pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA, okB,
+                               poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
+        fold_selected();
+        __syncthreads();  // every warp is done with its stages: the window's tiles go there
+    }
+    const int it0 = per_warp ? nsel_tiles : 0;
     for (int st = 0; st < NS - 1; st++) {
-        if (st < total) load(st, st);
+        if (it0 + st < total) load(it0 + st, st);
         cp.commit();
     }
-    for (int it = 0; it < total; it++) {
-        if (it + NS - 1 < total) load(it + NS - 1, (it + NS - 1) % NS);
+    for (int it = it0; it < total; it++) {
+        if (it + NS - 1 < total) load(it + NS - 1, (it - it0 + NS - 1) % NS);
         cp.commit();
-        if (it == nsel_tiles) {
-            // Selected branch done: acc = compressed part (already in out) + g_slc * o_slc.
-            lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-            lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-            lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-            lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-            const typename E::T* out = (const typename E::T*)p.io.out;
-            float fA = 0.f, fB = 0.f;
-            if (okA && lA != 0.f) fA = gates[rA * 3 + 1] / lA;
-            if (okB && lB != 0.f) fB = gates[rB * 3 + 1] / lB;
-#pragma unroll
-            for (int d = 0; d < DV / 8; d++) {
-                int c = d * 8 + q4 * 2;
-                part.at(d, 0) = (okA ? E::ld(out, rA * DV + c) : 0.f) + fA * o[d][0];
-                part.at(d, 1) = (okA ? E::ld(out, rA * DV + c + 1) : 0.f) + fA * o[d][1];
-                part.at(d, 2) = (okB ? E::ld(out, rB * DV + c) : 0.f) + fB * o[d][2];
-                part.at(d, 3) = (okB ? E::ld(out, rB * DV + c + 1) : 0.f) + fB * o[d][3];
-                o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-            }
-            mA = mB = NEG_INF;
-            lA = lB = 0.f;
-        }
-        cp.template wait<DV>(it % NS, base + (vs - qs) + (it % NS) * M::VTILE, tile_k0(it), last + 1);
+        if (it == nsel_tiles && !per_warp) fold_selected();
+        cp.template wait<DV>((it - it0) % NS, base + (vs - qs) + ((it - it0) % NS) * M::VTILE, tile_k0(it), last + 1);
         fence_async_smem();
         __syncthreads();
         const int k0 = tile_k0(it);
@@ -429,7 +580,7 @@ __device__ void pf_sw(const Params& p) {
         }
         if (work) {
             float s[8][4];
-            m.qk(ks + (it % NS) * M::KTILE, s);
+            m.qk(ks + ((it - it0) % NS) * M::KTILE, s);
             const bool selA = it < nsel_tiles ? okA && ((bm >> poA) & 1u) : okA;
             const bool selB = it < nsel_tiles ? okB && ((bm >> poB) & 1u) : okB;
             const int loA = it < nsel_tiles ? 0 : tA - p.shape.window + 1, loB = it < nsel_tiles ? 0 : tB - p.shape.window + 1;
@@ -454,7 +605,7 @@ __device__ void pf_sw(const Params& p) {
                 }
                 pf_online<DV>(s, sl2, mA, mB, lA, lB, o);
             }
-            m.pv(s, vs + (it % NS) * M::VTILE, o);
+            m.pv(s, vs + ((it - it0) % NS) * M::VTILE, o);
         }
         __syncthreads();
     }

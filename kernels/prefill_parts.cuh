@@ -194,6 +194,14 @@ struct MmaSync {
         __syncthreads();
     }
 
+    // The warp's Q as the A fragment of k16 step kk (m16n8k16 layout).
+    __device__ __forceinline__ void q_frag(int kk, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) const {
+        a0 = qf[kk][0];
+        a1 = qf[kk][1];
+        a2 = qf[kk][2];
+        a3 = qf[kk][3];
+    }
+
     // S = Q K^T for one 64-key tile at shared address `kt` (8 n-tiles of 8 keys), unscaled.
     __device__ void qk(unsigned kt, float (&s)[8][4]) {
         constexpr int S = DK + 8;
@@ -261,6 +269,13 @@ struct Wgmma {
         }
         fence_async_smem();
         __syncthreads();
+    }
+
+    // The warp's Q as the A fragment of k16 step kk (m16n8k16 layout), by ldmatrix from
+    // the swizzled Q tile.
+    __device__ __forceinline__ void q_frag(int kk, unsigned& a0, unsigned& a1, unsigned& a2, unsigned& a3) const {
+        const int lane = threadIdx.x & 31, r = (threadIdx.x >> 5) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldsm4(qaddr + sw128_off(r, kk * 2 + (lane >> 4), rows), a0, a1, a2, a3);
     }
 
     __device__ void qk(unsigned kt, float (&s)[8][4]) {

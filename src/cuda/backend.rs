@@ -134,7 +134,13 @@ impl CudaBackend {
         let (nstage, mma_per_sm) = build::pick_stages(cfg, &plan, &mut kernels)?;
         build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
         let staging = Staging::new(dl.step.bytes)?;
-        let setup = LaunchSetup { head_chunk: plan.head_chunk, bulk: plan.bulk, tma: plan.tma, nstage };
+        let setup = LaunchSetup {
+            head_chunk: plan.head_chunk,
+            bulk: plan.bulk,
+            tma: plan.tma,
+            nstage,
+            pf_sel_warp: plan.prefill.is_some_and(|p| p.sel_warp),
+        };
         Ok(CudaBackend {
             cfg: *cfg,
             lay,

@@ -150,6 +150,8 @@ pub(crate) struct LaunchSetup {
     pub bulk: bool,
     pub tma: bool,
     pub nstage: u32,
+    /// The prefill path's selected branch per warp (`PrefillPlan::sel_warp`).
+    pub pf_sel_warp: bool,
 }
 
 impl Params {
@@ -204,7 +206,7 @@ impl Params {
                 sel_chunks: 1,
                 comb_heads: 1,
                 head_chunk: setup.head_chunk as i32,
-                mode: setup.bulk as i32 | (setup.tma as i32) << 1,
+                mode: setup.bulk as i32 | (setup.tma as i32) << 1 | (setup.pf_sel_warp as i32) << 2,
                 nstage: setup.nstage as i32,
             },
         }

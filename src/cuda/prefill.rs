@@ -61,6 +61,9 @@ pub(crate) struct PrefillPlan {
     pub policy: Policy,
     /// `pf_sw`'s policy: `policy` unless a knob asks for mma.sync there (see [`plan`]).
     pub policy_sw: Policy,
+    /// `pf_sw`'s selected branch per warp (`launch.mode & 4`, `pf_sel_warp`): each warp
+    /// multiplies only the blocks its positions chose; else the block multiplies the union.
+    pub sel_warp: bool,
     pub warps: u32,
     pub smem_cmp: u32,
     pub smem_sw: u32,
@@ -109,10 +112,11 @@ pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
 }
 
 /// Shared memory of `pf_cmp` and `pf_sw` (the kernels' layouts, from a 1024-byte aligned
-/// base): Q (Wgmma) | two K and V stages | pf_cmp: per-position head sums of a tile, block
-/// scores, the page of each compressed tile | pf_sw: the selected partial output (MmaSync
-/// only), block masks, the union list, the page of each visited tile.
-pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, usize) {
+/// base): Q (Wgmma) | two K and V stages (for `pf_sw` with `sel_warp`, at least every
+/// warp's two 16-key stages) | pf_cmp: per-position head sums of a tile, block scores, the
+/// page of each compressed tile | pf_sw: the selected partial output (MmaSync only), block
+/// masks, the union list, the page of each visited tile.
+pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: bool) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
         Policy::Wgmma | Policy::WgmmaTma => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
@@ -123,7 +127,9 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, us
     let base = ALIGN_SLACK + q + 2 * stage;
     let cmp = base + positions * keys * 4 + positions * nblk * 4 + nblk * 4;
     let tiles = nblk * (cfg.sel_block / PF_KEYS) as usize + (cfg.window / PF_KEYS) as usize + 4;
-    let sw = base + acc + nblk * 8 + tiles * 4;
+    // `pf_warp_stages` in kernels/prefill.cuh: two stages of 16 keys of K and V per warp.
+    let warp_stages = if sel_warp { warps as usize * 2 * 16 * (dk + dv) * 2 } else { 0 };
+    let sw = ALIGN_SLACK + q + (2 * stage).max(warp_stages) + acc + nblk * 8 + tiles * 4;
     (cmp, sw)
 }
 
@@ -138,11 +144,28 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32) -> (usize, us
 /// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::env_on;
-    plan_with(cfg, cc, optin, tma, env_on("NSA_CUDA_NO_PREFILL"), env_on("NSA_CUDA_PF_MMA"), env_on("NSA_CUDA_PF_SW_MMA"))
+    let knobs = Knobs {
+        off: env_on("NSA_CUDA_NO_PREFILL"),
+        mma_all: env_on("NSA_CUDA_PF_MMA"),
+        mma_sw: env_on("NSA_CUDA_PF_SW_MMA"),
+        union: env_on("NSA_CUDA_PF_UNION"),
+    };
+    plan_with(cfg, cc, optin, tma, knobs)
+}
+
+/// The diagnosis knobs [`plan`] reads (each `=1`): no prefill path, mma.sync for both
+/// kernels or for `pf_sw`, the selected branch over the block's union (not per warp).
+#[derive(Debug, Clone, Copy, Default)]
+struct Knobs {
+    off: bool,
+    mma_all: bool,
+    mma_sw: bool,
+    union: bool,
 }
 
 /// [`plan`] with its knobs as arguments.
-fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, off: bool, mma_all: bool, mma_sw: bool) -> Option<PrefillPlan> {
+fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
+    let Knobs { off, mma_all, mma_sw, union } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -153,9 +176,13 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, off: bool, m
         let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
         let policy = if policy == Policy::Wgmma && tma_fits { Policy::WgmmaTma } else { policy };
         let policy_sw = if mma_sw { Policy::MmaSync } else { policy };
-        let (cmp, sw) = (shared_mem(cfg, policy, warps).0, shared_mem(cfg, policy_sw, warps).1);
+        let cmp = shared_mem(cfg, policy, warps, false).0;
+        // The selected branch per warp where its stages fit, else over the union.
+        let sw_warp = shared_mem(cfg, policy_sw, warps, true).1;
+        let sel_warp = !union && sw_warp <= optin;
+        let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
         (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
-            .then_some(PrefillPlan { policy, policy_sw, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
+            .then_some(PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
     })
 }
 
@@ -191,15 +218,22 @@ mod tests {
     fn knobs_pick_mma_sync_on_hopper() {
         let optin = 227 * 1024;
         let c = cfg(64, 4, 128, 128, 65536);
-        let p = plan_with(&c, (9, 0), optin, true, false, false, true).unwrap();
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { mma_sw: true, ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaTma, Policy::MmaSync, 4));
         assert_eq!(p.policy_of(super::super::kernel::Kernel::PfCmp), Policy::WgmmaTma);
         assert_eq!(p.policy_of(super::super::kernel::Kernel::PfSw), Policy::MmaSync);
         // pf_sw's shared memory is the mma.sync layout's (its partial output, no Q tile).
-        assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::MmaSync, 4).1);
-        let p = plan_with(&c, (9, 0), optin, true, false, true, false).unwrap();
+        assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::MmaSync, 4, true).1);
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { mma_all: true, ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::MmaSync, Policy::MmaSync, 8));
-        assert!(plan_with(&c, (9, 0), optin, true, true, false, false).is_none());
+        assert!(plan_with(&c, (9, 0), optin, true, Knobs { off: true, ..Knobs::default() }).is_none());
+        // The selected branch per warp by default (its stages fit), over the union on request.
+        let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
+        assert!(p.sel_warp);
+        assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::WgmmaTma, 4, true).1);
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { union: true, ..Knobs::default() }).unwrap();
+        assert!(!p.sel_warp);
+        assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::WgmmaTma, 4, false).1);
     }
 
     #[test]
@@ -217,7 +251,7 @@ mod tests {
     #[test]
     fn tiles_cut_each_sequence() {
         let c = cfg(64, 4, 128, 128, 4096);
-        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, warps: 4, smem_cmp: 0, smem_sw: 0 };
+        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, sel_warp: true, warps: 4, smem_cmp: 0, smem_sw: 0 };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
             PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
