@@ -275,7 +275,11 @@ __device__ void pf_cmp(const Params& p) {
             }
         }
     }
-    // Forced blocks, then each of the warp's positions' top-n.
+    // Forced blocks, then each of the warp's positions' top-n. Its histogram takes 1 KB
+    // of the K stages per warp: every warp passed the loop's last barrier, so no copy or
+    // product touches them any more.
+    static_assert(NS * M::KTILE >= 8 * 256 * sizeof(unsigned), "a histogram per warp in the K stages");
+    unsigned* hist = (unsigned*)(base + (ks - qs)) + warp * 256;
     cp_wait<0>();
     __syncwarp();
     for (int pw = 0; pw < PW; pw++) {
@@ -287,10 +291,7 @@ __device__ void pf_cmp(const Params& p) {
             if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
         __syncwarp();
         int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
-        if (b < 32 * PF_TOPN_REG)
-            pf_top_n_reg<PF_TOPN_REG>(my, b, p.shape.sel_count, dst);
-        else
-            pf_top_n(my, b, p.shape.sel_count, dst);
+        pf_top_n(my, b, p.shape.sel_count, dst, hist);
         __syncwarp();
     }
 }
@@ -298,6 +299,32 @@ __device__ void pf_cmp(const Params& p) {
 // Bytes of a warp's two copy stages in `pf_sel_warp`: 16 keys of K and of V each.
 template <int DK, int DV>
 __host__ __device__ constexpr unsigned pf_warp_stages() { return 2u * 16u * (DK + DV) * 2u; }
+
+// Byte offset of 16-byte granule c of row r in a warp stage's rows: granules XOR-swizzled
+// by r within each 128 bytes, so ldmatrix reads are conflict-free.
+__device__ __forceinline__ unsigned pf_swz(int c, int r) { return (unsigned)((c & ~7) | ((c ^ r) & 7)) * 16u; }
+
+// 16 consecutive pool rows of D elements from `src` into a warp stage at `dst` by the
+// warp's lanes (cp.async, swizzled); rows past `rmax` zero-filled. The row base is
+// computed once: per granule only an add (a 64-bit row_at per granule was ~25% of
+// pf_sw's instructions, docs/PREFILL_NOTES.md, variant 11).
+template <int D>
+__device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int rmax) {
+    constexpr int C = D / 8;  // granules per row
+    static_assert(C >= 2 && D % 8 == 0, "rows of at least 16 elements");
+    const int lane = threadIdx.x & 31;
+    if constexpr (32 % C == 0) {  // a lane keeps one granule column
+        constexpr int RS = 32 / C;
+        const int c = lane % C;
+#pragma unroll
+        for (int r = lane / C; r < 16; r += RS) cp_async16(dst + r * D * 2 + pf_swz(c, r), src + r * D + c * 8, r <= rmax ? 16 : 0);
+    } else {
+        for (int e = lane; e < 16 * C; e += 32) {
+            const int r = e / C, c = e - r * C;
+            cp_async16(dst + r * D * 2 + pf_swz(c, r), src + r * D + c * 8, r <= rmax ? 16 : 0);
+        }
+    }
+}
 
 // The selected branch of one warp's rows (`launch.mode & 4`): the warp walks the blocks
 // its own positions chose (in the block's union list, ascending) as 16-key sub-tiles,
@@ -317,7 +344,6 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     const u16* rk = (const u16*)p.paging.raw_k;
     const u16* rv = (const u16*)p.paging.raw_v;
     constexpr unsigned KB = 16 * DK * 2;  // a stage: K rows then V rows
-    auto swz = [](int c, int r) { return (unsigned)((c & ~7) | ((c ^ r) & 7)) * 16u; };
     // The next union entry after u that one of the warp's positions chose (ucount: none).
     auto next_u = [&](int u) {
         for (int b = u + 1; b < ucount; b += 32) {
@@ -332,17 +358,10 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     auto issue = [&](int u, int q, int st) {
         const int k0 = ulist[u] * p.shape.sel_block + q * 16;
         const int page = tpage[u * tpb + q / (PF_KT / 16)];
-        const int off = k0 % p.paging.page_size;
+        const int off = k0 % p.paging.page_size;  // the 16 rows lie in one page
         const unsigned kd = wst + st * (KB + 16 * DV * 2), vd = kd + KB;
-        constexpr int CK = DK / 8, CV = DV / 8;
-        for (int e = lane; e < 16 * CK; e += 32) {
-            const int r = e / CK, c = e - r * CK;
-            cp_async16(kd + r * DK * 2 + swz(c, r), rk + row_at(p, page, kvh, off + r, DK) + c * 8, k0 + r <= last ? 16 : 0);
-        }
-        for (int e = lane; e < 16 * CV; e += 32) {
-            const int r = e / CV, c = e - r * CV;
-            cp_async16(vd + r * DV * 2 + swz(c, r), rv + row_at(p, page, kvh, off + r, DV) + c * 8, k0 + r <= last ? 16 : 0);
-        }
+        pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), last - k0);
+        pf_warp_rows<DV>(vd, rv + row_at(p, page, kvh, off, DV), last - k0);
     };
     int cu = next_u(-1), cq = 0, st = 0;
     if (cu < ucount) issue(cu, cq, 0);
@@ -371,7 +390,7 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         for (int kk = 0; kk < DK / 16; kk++) {
             unsigned a0, a1, a2, a3, b0, b1, b2, b3;
             m.q_frag(kk, a0, a1, a2, a3);
-            ldsm4(kt + krow * DK * 2 + swz(kk * 2 + kc, krow), b0, b1, b2, b3);
+            ldsm4(kt + krow * DK * 2 + pf_swz(kk * 2 + kc, krow), b0, b1, b2, b3);
             mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
             mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
         }
@@ -418,7 +437,7 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
 #pragma unroll
         for (int dp = 0; dp < DV / 16; dp++) {
             unsigned b0, b1, b2, b3;
-            ldsm4t(vt + vrow * DV * 2 + swz(dp * 2 + vc, vrow), b0, b1, b2, b3);
+            ldsm4t(vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow), b0, b1, b2, b3);
             mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
             mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
         }

@@ -402,113 +402,97 @@ __device__ __forceinline__ void pf_fold(float* v, bool hi, int mask) {
     }
 }
 
-__device__ __forceinline__ bool pf_better(float s1, int j1, float s2, int j2) {
-    if (j1 < 0) return false;
-    if (j2 < 0) return true;
-    return s1 > s2 || (s1 == s2 && j1 < j2);
-}
-
-// Writes a warp's chosen blocks (lane r holds the r-th pick, -1 for none; `count` picks at
-// most) ascending, -1 padded, to dst[0..n).
-__device__ __forceinline__ void pf_store_sorted(int mine, int count, int n, int* dst) {
-    const int lane = threadIdx.x & 31;
-    int rank = 0;
-    for (int r = 0; r < count; r++) {
-        int o = __shfl_sync(0xffffffffu, mine, r);
-        rank += (o >= 0 && mine >= 0 && o < mine) ? 1 : 0;
-    }
-    if (lane < n && lane < count && mine >= 0) dst[rank] = mine;
-    int valid = __popc(__ballot_sync(0xffffffffu, lane < count && mine >= 0));
-    if (lane < n && lane >= valid) dst[lane] = -1;
-}
-
-// One round of a warp arg-max over the lanes' (score, block) bests: ties to the lower block.
-__device__ __forceinline__ int pf_warp_argmax(float v, int j) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        int oj = __shfl_xor_sync(0xffffffffu, j, o);
-        if (pf_better(ov, oj, v, j)) {
-            v = ov;
-            j = oj;
-        }
-    }
-    return j;
-}
-
 // Top-n of one position's block scores `sc[0..=b]` (forced blocks already +inf, every
-// other score >= 0; a NaN score is never picked), by one warp: n rounds of a warp arg-max
-// (ties to the lower block), each lane keeping the best of its strided share. The chosen
-// blocks go to dst[0..n) ascending, -1 padded. This version keeps the shares in shared
-// memory (any b); it destroys `sc`.
-__device__ void pf_top_n(float* sc, int b, int n, int* dst) {
+// other score >= 0; a negative or NaN score is never picked) by one warp, written to
+// dst[0..n) ascending, -1 padded; ties go to the lower block, as the CPU engine's.
+// A radix select over the score bits (the decode kernel's method, kernels/selection.cuh,
+// at warp scale): non-negative floats order as their bits, so four 8-bit passes over a
+// 256-bin histogram (`hist`, the warp's own 256 words of shared memory) find the n-th best
+// key T; then the blocks above T and the lowest-index ones equal to T are written in one
+// ordered sweep. About 4 x (b / 32) + 100 instructions per lane, where n rounds of a warp
+// arg-max cost n x (b / 32) (docs/PREFILL_NOTES.md, variant 11). `sc` becomes the keys.
+__device__ void pf_top_n(float* sc, int b, int n, int* dst, unsigned* hist) {
     const int lane = threadIdx.x & 31;
-    const int nb = b + 1, count = min(n, nb);
-    auto rescan = [&](float& bv, int& bj) {
-        bv = NEG_INF;
-        bj = -1;
-        for (int j = lane; j < nb; j += 32) {
-            float v = sc[j];
-            if (v >= 0.f && pf_better(v, j, bv, bj)) {
-                bv = v;
-                bj = j;
-            }
-        }
-    };
-    float bv;
-    int bj;
-    rescan(bv, bj);
-    int mine = -1;
-    for (int r = 0; r < count; r++) {
-        int j = pf_warp_argmax(bv, bj);
-        if (lane == r) mine = j;
-        if (j < 0) break;  // nothing left (non-finite scores)
-        if ((j & 31) == lane) {
-            sc[j] = -1.f;
-            rescan(bv, bj);
-        }
-        __syncwarp();
+    const unsigned below = (1u << lane) - 1u;
+    const int nb = b + 1;
+    unsigned* key = (unsigned*)sc;
+    // Keys: 0 for a score never picked, else its bits + 1 (both zeros as +0).
+    unsigned nvalid = 0u;
+    for (int j = lane; j < nb; j += 32) {
+        const float v = sc[j];
+        const unsigned k = v > 0.f ? __float_as_uint(v) + 1u : (v == 0.f ? 1u : 0u);
+        key[j] = k;
+        nvalid += k != 0u;
     }
-    pf_store_sorted(mine, count, n, dst);
-}
-
-// The same with each lane's share (at most R scores: b < 32 * R) held in registers, so the
-// n rescans cost no shared-memory round trips.
-template <int R>
-__device__ void pf_top_n_reg(const float* sc, int b, int n, int* dst) {
-    const int lane = threadIdx.x & 31;
-    const int nb = b + 1, count = min(n, nb);
-    float v[R];
+    nvalid = __reduce_add_sync(0xffffffffu, nvalid);
+    const unsigned count = min((unsigned)n, nvalid);
+    // T: the count-th largest key (0 when every valid key is in); need: how many keys
+    // equal to T belong to the top count.
+    unsigned T = 0u, need = 0u;
+    if (count < nvalid) {
+        need = count;
+        for (int pass = 0; pass < 4; pass++) {
+            const int shift = 24 - 8 * pass;
+            const unsigned hi = pass == 0 ? 0u : 0xffffffffu << (shift + 8);
 #pragma unroll
-    for (int k = 0; k < R; k++) v[k] = lane + 32 * k < nb ? sc[lane + 32 * k] : -1.f;
-    auto rescan = [&](float& bv, int& bj) {
-        bv = NEG_INF;
-        bj = -1;
-#pragma unroll
-        for (int k = 0; k < R; k++)
-            if (v[k] >= 0.f && (bj < 0 || v[k] > bv)) {
-                bv = v[k];
-                bj = lane + 32 * k;
+            for (int i = 0; i < 8; i++) hist[lane + 32 * i] = 0u;
+            __syncwarp();
+            for (int j0 = 0; j0 < nb; j0 += 32) {
+                const int j = j0 + lane;
+                const unsigned k = j < nb ? key[j] : 0u;
+                const bool in = k != 0u && (k & hi) == T;
+                const unsigned bin = (k >> shift) & 255u;
+                // One atomic per distinct bin: similar scores share their top bits.
+                const unsigned same = __match_any_sync(0xffffffffu, in ? bin : 0x100u);
+                if (in && (same & below) == 0u) atomicAdd(&hist[bin], (unsigned)__popc(same));
             }
-    };
-    float bv;
-    int bj;
-    rescan(bv, bj);
-    int mine = -1;
-    for (int r = 0; r < count; r++) {
-        int j = pf_warp_argmax(bv, bj);
-        if (lane == r) mine = j;
-        if (j < 0) break;
-        if ((j & 31) == lane) {
+            __syncwarp();
+            // Lane L holds bins 255 - 8L - i (largest first); a scan over the lanes finds
+            // the bin where the running count reaches `need`.
+            unsigned c[8], sum = 0u;
 #pragma unroll
-            for (int k = 0; k < R; k++)
-                if (lane + 32 * k == j) v[k] = -1.f;
-            rescan(bv, bj);
+            for (int i = 0; i < 8; i++) {
+                c[i] = hist[255 - 8 * lane - i];
+                sum += c[i];
+            }
+            unsigned inc = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned x = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += x;
+            }
+            const unsigned exc = inc - sum;
+            const int L = __ffs(__ballot_sync(0xffffffffu, exc < need && need <= inc)) - 1;
+            unsigned digit = 0u, left = 0u, e = exc;
+            bool found = false;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (!found && e + c[i] >= need) {
+                    digit = 255u - 8u * lane - i;
+                    left = need - e;
+                    found = true;
+                }
+                e += c[i];
+            }
+            __syncwarp();  // every lane has read hist before the next pass clears it
+            T |= __shfl_sync(0xffffffffu, digit, L) << shift;
+            need = __shfl_sync(0xffffffffu, left, L);
         }
     }
-    pf_store_sorted(mine, count, n, dst);
+    // Keys above T are in, and the `need` lowest-index keys equal to T.
+    unsigned base = 0u, eq_seen = 0u;
+    for (int j0 = 0; j0 < nb && base < count; j0 += 32) {
+        const int j = j0 + lane;
+        const unsigned k = j < nb ? key[j] : 0u;
+        const bool eq = j < nb && T != 0u && k == T;
+        const unsigned eb = __ballot_sync(0xffffffffu, eq);
+        const bool in = k > T || (eq && eq_seen + __popc(eb & below) < need);
+        eq_seen += __popc(eb);
+        const unsigned ib = __ballot_sync(0xffffffffu, in);
+        if (in) dst[base + __popc(ib & below)] = j;
+        base += __popc(ib);
+    }
+    for (int k = count + lane; k < n; k += 32) dst[k] = -1;
 }
-
-#define PF_TOPN_REG 64  // register shares up to 64 x 32 = 2048 blocks
 
 #endif  // NSA_PREFILL_PARTS_CUH
