@@ -355,10 +355,14 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     };
     // Sub-tile q of union entry u into stage st: 16 rows of K and of V (rows past the
     // tile's last position zero-filled).
+    // Sub-tiles are issued in order, a 64-key tile's four in a row, so the offset in the
+    // page (a division) is computed once per tile.
+    int toff = 0;
     auto issue = [&](int u, int q, int st) {
         const int k0 = ulist[u] * p.shape.sel_block + q * 16;
         const int page = tpage[u * tpb + q / (PF_KT / 16)];
-        const int off = k0 % p.paging.page_size;  // the 16 rows lie in one page
+        if (q % (PF_KT / 16) == 0) toff = k0 % p.paging.page_size;
+        const int off = toff + (q % (PF_KT / 16)) * 16;  // the tile's rows lie in one page
         const unsigned kd = wst + st * (KB + 16 * DV * 2), vd = kd + KB;
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), last - k0);
         pf_warp_rows<DV>(vd, rv + row_at(p, page, kvh, off, DV), last - k0);

@@ -258,11 +258,13 @@ struct Wgmma {
     static __host__ __device__ constexpr unsigned q_bytes(int rows) { return (unsigned)rows * DK * 2; }
     unsigned qaddr;
     int rows;
+    u64 qdesc;  // this warpgroup's 64 rows of the Q tile
 
     __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr) {
         constexpr int CPR = DK / 8;
         rows = blockDim.x / 2;
         qaddr = q_at;
+        qdesc = wg_desc(q_at + (threadIdx.x >> 7) * 64 * 128, 16, 1024);
         for (int e = threadIdx.x; e < rows * CPR; e += blockDim.x) {
             int r = e / CPR, c = e - r * CPR;
             *(uint4*)(q_ptr + sw128_off(r, c, rows)) = pf_q_granule(p, tl, kvh, r, c, DK);
@@ -279,15 +281,15 @@ struct Wgmma {
     }
 
     __device__ void qk(unsigned kt, float (&s)[8][4]) {
-        const int wg = threadIdx.x >> 7;
-        const unsigned qa = qaddr + wg * 64 * 128;
 #pragma unroll
         for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        const u64 kdesc = wg_desc(kt, 16, 1024);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk++) {
-            u64 da = wg_desc(qa + (kk >> 2) * rows * 128 + (kk & 3) * 32, 16, 1024);
-            u64 db = wg_desc(kt + (kk >> 2) * PF_KT * 128 + (kk & 3) * 32, 16, 1024);
+            // k16 step kk: 32 bytes into its 64-column chunk; chunks are a tile apart.
+            const u64 da = wg_desc_at(qdesc, (kk >> 2) * rows * 128 + (kk & 3) * 32);
+            const u64 db = wg_desc_at(kdesc, (kk >> 2) * PF_KT * 128 + (kk & 3) * 32);
             wg_ss_m64n64k16<E::MMA>(&s[0][0], da, db, kk > 0);
         }
         wg_commit();
@@ -303,11 +305,12 @@ struct Wgmma {
             a[ks][2] = pack2<E::MMA>(pr[2 * ks + 1][0], pr[2 * ks + 1][1]);
             a[ks][3] = pack2<E::MMA>(pr[2 * ks + 1][2], pr[2 * ks + 1][3]);
         }
+        // V is MN-major: 8-key groups 1024 bytes apart, 64-column chunks a tile apart.
+        const u64 vdesc = wg_desc(vt, PF_KT * 128, 1024);
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
-            // V is MN-major: 8-key groups 1024 bytes apart, 64-column chunks a tile apart.
-            u64 db = wg_desc(vt + ks * 16 * 128, PF_KT * 128, 1024);
+            const u64 db = wg_desc_at(vdesc, ks * 16 * 128);
             if constexpr (DV == 128)
                 wg_rs_m64n128k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);
             else

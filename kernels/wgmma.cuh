@@ -15,6 +15,11 @@ __device__ __forceinline__ u64 wg_desc(unsigned saddr, unsigned lbo, unsigned sb
     return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32) |
            ((u64)1 << 62);
 }
+// The descriptor of the same tile `bytes` further on: the start address field is the low
+// 14 bits, address >> 4, and shared addresses stay below 2^18, so the sum cannot carry into
+// the offsets. A loop over k steps builds one descriptor and adds constants (building each
+// took ~8% of pf_cmp's instructions, docs/PREFILL_NOTES.md, variant 11).
+__device__ __forceinline__ u64 wg_desc_at(u64 desc, unsigned bytes) { return desc + (u64)(bytes >> 4); }
 __device__ __forceinline__ void wg_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
