@@ -399,45 +399,20 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
             mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
         }
         // Rows of positions that did not choose the block, and keys past a row's
-        // position, see nothing of it.
+        // position, see nothing of it (masks only where some row of the warp needs them).
+        if (!__all_sync(0xffffffffu, sA && sB && k0 + 15 <= min(tA, tB))) {
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++)
+            for (int nt = 0; nt < 2; nt++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int pos = k0 + nt * 8 + q4 * 2 + e;
-                if (!(sA && pos <= tA)) s[nt][e] = NEG_INF;
-                if (!(sB && pos <= tB)) s[nt][2 + e] = NEG_INF;
-            }
-        float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-        float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
-        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
-        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
-        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
-        const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
-        const float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
-        const float cA = ex2f(fmaf(mA, sl2, -uA)), cB = ex2f(fmaf(mB, sl2, -uB));
-        float pr[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            pr[nt][0] = ex2f(fmaf(s[nt][0], sl2, -uA));
-            pr[nt][1] = ex2f(fmaf(s[nt][1], sl2, -uA));
-            pr[nt][2] = ex2f(fmaf(s[nt][2], sl2, -uB));
-            pr[nt][3] = ex2f(fmaf(s[nt][3], sl2, -uB));
+                for (int e = 0; e < 2; e++) {
+                    const int pos = k0 + nt * 8 + q4 * 2 + e;
+                    if (!(sA && pos <= tA)) s[nt][e] = NEG_INF;
+                    if (!(sB && pos <= tB)) s[nt][2 + e] = NEG_INF;
+                }
         }
-        lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
-        lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
-        mA = nA;
-        mB = nB;
-#pragma unroll
-        for (int d = 0; d < DV / 8; d++) {
-            o[d][0] *= cA;
-            o[d][1] *= cA;
-            o[d][2] *= cB;
-            o[d][3] *= cB;
-        }
-        const unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
-        const unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
+        pf_online<2, DV>(s, sl2, mA, mB, lA, lB, o);
+        const unsigned pa0 = pack2<E::MMA>(s[0][0], s[0][1]), pa1 = pack2<E::MMA>(s[0][2], s[0][3]);
+        const unsigned pa2 = pack2<E::MMA>(s[1][0], s[1][1]), pa3 = pack2<E::MMA>(s[1][2], s[1][3]);
 #pragma unroll
         for (int dp = 0; dp < DV / 16; dp++) {
             unsigned b0, b1, b2, b3;
@@ -626,7 +601,7 @@ __device__ void pf_sw(const Params& p) {
                             if (!(selB && k <= tB && k >= loB)) s[n][2 + e] = NEG_INF;
                         }
                 }
-                pf_online<DV>(s, sl2, mA, mB, lA, lB, o);
+                pf_online<8, DV>(s, sl2, mA, mB, lA, lB, o);
             }
             m.pv(s, vs + ((it - it0) % NS) * M::VTILE, o);
         }

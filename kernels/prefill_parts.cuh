@@ -351,15 +351,21 @@ __device__ __forceinline__ unsigned char* pf_base(unsigned char* raw) {
     return raw + (((a + 1023u) & ~1023u) - a);
 }
 
-// Online-softmax update of one tile for the lane's two rows (A = row g, B = row g + 8):
-// s holds raw logits, masked ones -inf; the maxima mA, mB are raw too, sl2 = scale *
-// log2(e). Turns s into probabilities relative to the new max and rescales o.
-template <int DV>
-__device__ __forceinline__ void pf_online(float (&s)[8][4], float sl2, float& mA, float& mB, float& lA, float& lB,
+// Online-softmax update of one tile of NT x 8 keys for the lane's two rows (A = row g,
+// B = row g + 8): s holds raw logits, masked ones -inf; the maxima mA, mB are raw too,
+// sl2 = scale * log2(e). Turns s into probabilities relative to the (new) max and rescales
+// o and l where it moved.
+// Lazy rescale: while no row of the warp gains more than 8 in log2 units over its kept
+// max, the kept maxima stay, so the probabilities are at most 2^8 (exact enough in f32,
+// and within bf16's range for P.V) and o and l need no multiply (DV / 2 per lane, 64 at
+// DV = 128); the decision is warp-uniform. The final o / l is the same either way
+// (docs/PREFILL_NOTES.md, variant 11c).
+template <int NT, int DV>
+__device__ __forceinline__ void pf_online(float (&s)[NT][4], float sl2, float& mA, float& mB, float& lA, float& lB,
                                           float (&o)[DV / 8][4]) {
     float xA = NEG_INF, xB = NEG_INF;
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
+    for (int n = 0; n < NT; n++) {
         xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
         xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
     }
@@ -367,12 +373,14 @@ __device__ __forceinline__ void pf_online(float (&s)[8][4], float sl2, float& mA
     xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
     xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
     xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
-    float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
-    float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
-    float cA = ex2f(fmaf(mA, sl2, -uA)), cB = ex2f(fmaf(mB, sl2, -uB));
+    // A row with nothing in this tile (x = -inf) keeps its max whatever it is; a first
+    // finite max (x - m = +inf) rescales.
+    const bool keep = __all_sync(0xffffffffu, (xA == NEG_INF || (xA - mA) * sl2 <= 8.f) && (xB == NEG_INF || (xB - mB) * sl2 <= 8.f));
+    const float nA = keep ? mA : fmaxf(mA, xA), nB = keep ? mB : fmaxf(mB, xB);
+    const float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
     float sA = 0.f, sB = 0.f;
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
+    for (int n = 0; n < NT; n++) {
         s[n][0] = ex2f(fmaf(s[n][0], sl2, -uA));
         s[n][1] = ex2f(fmaf(s[n][1], sl2, -uA));
         s[n][2] = ex2f(fmaf(s[n][2], sl2, -uB));
@@ -380,6 +388,12 @@ __device__ __forceinline__ void pf_online(float (&s)[8][4], float sl2, float& mA
         sA += s[n][0] + s[n][1];
         sB += s[n][2] + s[n][3];
     }
+    if (keep) {
+        lA += sA;
+        lB += sB;
+        return;
+    }
+    const float cA = ex2f(fmaf(mA, sl2, -uA)), cB = ex2f(fmaf(mB, sl2, -uB));
     lA = lA * cA + sA;
     lB = lB * cB + sB;
     mA = nA;
