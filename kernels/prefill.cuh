@@ -200,30 +200,35 @@ __device__ void pf_cmp(const Params& p) {
             pf_fold<2>(v, (g >> 2) & 1, 16);
             const int n = (g & 1) * 4 + ((g >> 1) & 1) * 2 + ((g >> 2) & 1);
             *(float2*)(myps + n * 8 + q4 * 2) = make_float2(v[0], v[1]);
-        } else {
+        } else if (G > 1) {
+            // G = 2, 4, 8: a position's heads are rows in lanes that differ in the low
+            // log2(G) bits of g. The same transpose-reduce over both rows' 32 values: the
+            // first level splits rows A and B, each next one halves the columns a lane
+            // keeps (16 + 8 + 4 shuffles at G = 8, where summing each value took 96); the
+            // sums are those of the pairwise tree, bit for bit.
+            float v[32];
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+            for (int n = 0; n < 8; n++) {
+                v[2 * n] = s[n][0];
+                v[2 * n + 1] = s[n][1];
+                v[16 + 2 * n] = s[n][2];
+                v[16 + 2 * n + 1] = s[n][3];
+            }
+            pf_fold<16>(v, g & 1, 4);
+            if (G >= 4) pf_fold<8>(v, (g >> 1) & 1, 8);
+            if (G >= 8) pf_fold<4>(v, (g >> 2) & 1, 16);
+            // The lane keeps row A (g even) or B of its head group, columns n0.. of 32 / G.
+            float* dst = myps + ((g + 8 * (g & 1)) / G) * PF_KT + q4 * 2;
+            const int n0 = (G >= 4 ? 4 * ((g >> 1) & 1) : 0) + (G >= 8 ? 2 * ((g >> 2) & 1) : 0);
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int col = n * 8 + q4 * 2 + e;
-                    float a = s[n][e], b = s[n][2 + e];
-                    if (G >= 2) {
-                        a += __shfl_xor_sync(0xffffffffu, a, 4);
-                        b += __shfl_xor_sync(0xffffffffu, b, 4);
-                    }
-                    if (G >= 4) {
-                        a += __shfl_xor_sync(0xffffffffu, a, 8);
-                        b += __shfl_xor_sync(0xffffffffu, b, 8);
-                    }
-                    if (G >= 8) {
-                        a += __shfl_xor_sync(0xffffffffu, a, 16);
-                        b += __shfl_xor_sync(0xffffffffu, b, 16);
-                    }
-                    if ((g & (G - 1)) == 0) {
-                        myps[(g / G) * PF_KT + col] = a;
-                        myps[((g + 8) / G) * PF_KT + col] = b;
-                    }
-                }
+            for (int i = 0; i < 16; i += 2)
+                if (i < 32 / G) *(float2*)(dst + (n0 + i / 2) * 8) = make_float2(v[i], v[i + 1]);
+        } else {  // G = 1: a position per row
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                *(float2*)(myps + g * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][0], s[n][1]);
+                *(float2*)(myps + (g + 8) * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][2], s[n][3]);
+            }
         }
         __syncwarp();
         // Block scores (Eq. 9): block j gathers p_i for i = B*j - (A-1) + k, k < A+B-1,
