@@ -8,6 +8,7 @@
 # There:  bash scripts/gpu-compare.sh                 (carry .gpu-bench and .gpu-base)
 # Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points;
 #         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off;
+#         NSA_COMPARE_NO_TORCH=1 skips torch_compare.py;
 #         NSA_COMPARE_MORE=".gpu-bench-x .gpu-bench-y" adds candidate builds (staged with
 #         `scripts/bench-stage.sh .gpu-bench-x`, e.g. from a branch's worktree), each run
 #         with the same points after this build;
@@ -43,12 +44,14 @@ for k in ${NSA_COMPARE_KNOBS:-}; do
   run "$n" .gpu-bench "${kv[@]}"
 done
 [ "${NSA_COMPARE_NO_PREFILL_RUN:-0}" = 1 ] || run new-no-prefill-kernels .gpu-bench NSA_CUDA_NO_PREFILL=1
-python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
-  --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
-tail -n 3 "$o/torch.err"
+if [ "${NSA_COMPARE_NO_TORCH:-0}" != 1 ]; then
+  python3 .gpu-bench/torch_compare.py --lib .gpu-bench/libnsa.so ${NSA_TORCH_ARGS:---contexts 65536 --batches 1,16 --prefill 8192,65536} \
+    --json "$o/torch.json" 2>"$o/torch.err" | tee "$o/torch.md"
+  tail -n 3 "$o/torch.err"
+fi
 for n in "${names[@]}"; do
   [ -f "$o/$n.md" ] && { echo "== $n"; grep -E '^\|' "$o/$n.md"; }
 done
-echo "== torch"; grep -E '^\|' "$o/torch.md"
+[ -f "$o/torch.md" ] && { echo "== torch"; grep -E '^\|' "$o/torch.md"; }
 # Text logs in one archive beside the JSON records.
 (cd "$o" && tar czf logs.tgz --remove-files gpu.txt ./*.md ./*.err 2>/dev/null)
