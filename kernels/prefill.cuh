@@ -434,6 +434,18 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     __syncwarp();
 }
 
+// The factors gate / l that turn the lane's two rows' o into their gated branch output
+// (branch 1 selected, 2 window); each row's l is first summed over its four lanes.
+__device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, bool okB, const float* gates, usize rA,
+                                               usize rB, int branch, float& fA, float& fB) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    fA = okA && lA != 0.f ? gates[rA * 3 + branch] / lA : 0.f;
+    fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
+}
+
 // Selected blocks + sliding window + gated combine. Shared memory (from the aligned base):
 // Q (Wgmma) | K stages [NS] | V stages [NS] | partial outputs [warps][DV/8][4][32] f32
 // (unless M::ACC_REGS) | block masks [nblk] u32 | union list [nblk] i32 |
@@ -529,14 +541,9 @@ __device__ void pf_sw(const Params& p) {
 
     // Selected branch done: acc = compressed part (already in out) + g_slc * o_slc.
     auto fold_selected = [&]() {
-        lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-        lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-        lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-        lB += __shfl_xor_sync(0xffffffffu, lB, 2);
         const typename E::T* out = (const typename E::T*)p.io.out;
-        float fA = 0.f, fB = 0.f;
-        if (okA && lA != 0.f) fA = gates[rA * 3 + 1] / lA;
-        if (okB && lB != 0.f) fB = gates[rB * 3 + 1] / lB;
+        float fA, fB;
+        pf_gate_over_l(lA, lB, okA, okB, gates, rA, rB, 1, fA, fB);
 #pragma unroll
         for (int d = 0; d < DV / 8; d++) {
             int c = d * 8 + q4 * 2;
@@ -615,14 +622,9 @@ __device__ void pf_sw(const Params& p) {
     cp_wait<0>();
     // The window always holds the position itself (nwin >= 1): the selected part was
     // folded into acc at it == nsel_tiles.
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     typename E::T* out = (typename E::T*)p.io.out;
-    float fA = 0.f, fB = 0.f;
-    if (okA && lA != 0.f) fA = gates[rA * 3 + 2] / lA;
-    if (okB && lB != 0.f) fB = gates[rB * 3 + 2] / lB;
+    float fA, fB;
+    pf_gate_over_l(lA, lB, okA, okB, gates, rA, rB, 2, fA, fB);
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) {
         int c = d * 8 + q4 * 2;
