@@ -16,14 +16,16 @@
 //            logits, turns them into normalised probabilities p, accumulates P.V (so the
 //            output needs no rescaling) and sums p over each position's group heads into
 //            that position's selection-block scores (Eq. 9 mapping) in shared memory. No
-//            logit is written to memory. Then a warp-parallel top-n per position, with the
-//            forced blocks, writes the selection (ascending, -1 padded) and the gated
+//            logit is written to memory. Then a top-n per position (a warp radix select), with
+//            the forced blocks, writes the selection (ascending, -1 padded) and the gated
 //            compressed output g_cmp * o_cmp to `out`.
-//   pf_sw    selected blocks and sliding window: the union of the tile's positions'
-//            selected blocks is loaded once, block by block; a warp computes on a block only
-//            where one of its positions chose it (others' rows masked). Then the window as
-//            a banded causal attention over the tile's key range. The gated combine is
-//            fused: out = out (compressed part) + g_slc * o_slc + g_win * o_win.
+//   pf_sw    selected blocks and sliding window. By default each warp walks only the
+//            blocks its own positions chose (`pf_sel_warp`: per-warp copy stages,
+//            mma.sync); with `launch.mode & 4` clear the union of the tile's positions'
+//            blocks is loaded block-wide, a warp computing on a block only where one of its
+//            positions chose it. Then the window as a banded causal attention over the
+//            tile's key range. The gated combine is fused: out = out (compressed part) +
+//            g_slc * o_slc + g_win * o_win.
 //
 // Key tiles are NSA_PF_KEYS = 64 keys, one contiguous run of rows of one page (the host
 // requires page_size and sel_block to be multiples of it). Rows of a tile past the last
