@@ -457,11 +457,7 @@ __device__ void pf_top_n(float* sc, int b, int n, int* dst, unsigned* hist) {
             for (int j0 = 0; j0 < nb; j0 += 32) {
                 const int j = j0 + lane;
                 const unsigned k = j < nb ? key[j] : 0u;
-                const bool in = k != 0u && (k & hi) == T;
-                const unsigned bin = (k >> shift) & 255u;
-                // One atomic per distinct bin: similar scores share their top bits.
-                const unsigned same = __match_any_sync(0xffffffffu, in ? bin : 0x100u);
-                if (in && (same & below) == 0u) atomicAdd(&hist[bin], (unsigned)__popc(same));
+                radix_count(hist, k, k != 0u && (k & hi) == T, shift);
             }
             __syncwarp();
             // Lane L holds bins 255 - 8L - i (largest first); a scan over the lanes finds

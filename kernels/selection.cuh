@@ -12,6 +12,15 @@ __device__ __forceinline__ float overlap_count(int k, int A, int B) {
     return hi >= lo ? (float)(hi - lo + 1) : 0.f;
 }
 
+// A radix-select pass's count: key k (when `in`) into the 256-bin histogram of its digit
+// at `shift`, with one shared atomic per distinct bin per warp (scores of similar size share
+// their top bits, and same-address shared atomics serialise). Every lane of the warp calls it.
+__device__ __forceinline__ void radix_count(unsigned* hist, unsigned k, bool in, int shift) {
+    const unsigned bin = (k >> shift) & 255u;
+    const unsigned same = __match_any_sync(0xffffffffu, in ? bin : 0x100u);
+    if (in && (same & ((1u << (threadIdx.x & 31)) - 1u)) == 0u) atomicAdd(&hist[bin], (unsigned)__popc(same));
+}
+
 // Exclusive prefix count of `flag` over the block's threads in thread order, and the
 // block's total in `total`. Every thread calls it (two barriers); `wt` holds a count per warp.
 __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsigned& total) {
@@ -180,12 +189,7 @@ __device__ void select_blocks(const Params& p) {
         for (int j0 = 0; j0 < nblk; j0 += blockDim.x) {
             const int j = j0 + tid;
             const unsigned k = j < nblk ? key[j] : 0u;
-            const bool in = j < nblk && (k & hi) == prefix;
-            const unsigned bin = (k >> shift) & 255u;
-            // One atomic per distinct bin per warp: scores of similar size share their
-            // top bits, and same-address shared atomics serialise.
-            const unsigned same = __match_any_sync(0xffffffffu, in ? bin : 0x100u);
-            if (in && (same & ((1u << lane) - 1u)) == 0u) atomicAdd(&hp[bin], (unsigned)__popc(same));
+            radix_count(hp, k, j < nblk && (k & hi) == prefix, shift);
         }
         __syncthreads();
         unsigned c = 0u, inc = 0u;

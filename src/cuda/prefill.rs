@@ -124,12 +124,12 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
     let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
-    let base = ALIGN_SLACK + q + 2 * stage;
-    let cmp = base + positions * keys * 4 + positions * nblk * 4 + nblk * 4;
+    let head = ALIGN_SLACK + q;
+    let cmp = head + 2 * stage + positions * keys * 4 + positions * nblk * 4 + nblk * 4;
     let tiles = nblk * (cfg.sel_block / PF_KEYS) as usize + (cfg.window / PF_KEYS) as usize + 4;
     // `pf_warp_stages` in kernels/prefill.cuh: two stages of 16 keys of K and V per warp.
     let warp_stages = if sel_warp { warps as usize * 2 * 16 * (dk + dv) * 2 } else { 0 };
-    let sw = ALIGN_SLACK + q + (2 * stage).max(warp_stages) + acc + nblk * 8 + tiles * 4;
+    let sw = head + (2 * stage).max(warp_stages) + acc + nblk * 8 + tiles * 4;
     (cmp, sw)
 }
 
