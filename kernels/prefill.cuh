@@ -45,6 +45,236 @@
 
 #include "prefill_parts.cuh"
 
+// ---------------------------------------------------------------- pf_cmp's parts
+// Shared by `pf_cmp` (block-wide stages) and `pf_cmp_ws` (a producer warp and mbarriers):
+// what a consumer warp does with one 64-key tile in each pass, and the epilogue.
+
+// The lane's two rows (A = row g, B = row g + 8 of its warp's 16): their positions in the
+// tile and how many compressed tokens each sees.
+struct PfCmpRows {
+    int poA, poB, ncA, ncB;
+};
+__device__ __forceinline__ PfCmpRows pf_cmp_rows(const Params& p, const PrefillTile& tl, int warp, int g) {
+    const int G = p.shape.group_size;
+    PfCmpRows r;
+    r.poA = (warp * 16 + g) / G;
+    r.poB = (warp * 16 + g + 8) / G;
+    r.ncA = r.poA < tl.npos ? num_cmp(p, tl.pos0 + r.poA + 1) : 0;
+    r.ncB = r.poB < tl.npos ? num_cmp(p, tl.pos0 + r.poB + 1) : 0;
+    return r;
+}
+
+// Pass 1, one tile of raw logits s for keys k0..k0 + 63: keys past a row's count masked,
+// then the running max (raw) and sum of the row's probabilities.
+__device__ __forceinline__ void pf_lse_tile(float (&s)[8][4], int k0, const PfCmpRows& r, float sl2, float& mA,
+                                            float& mB, float& lA, float& lB) {
+    const int q4 = threadIdx.x & 3;
+    if (k0 + PF_KT > min(r.ncA, r.ncB)) {  // masks only where a row's keys end
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int i = k0 + n * 8 + q4 * 2 + e;
+                if (i >= r.ncA) s[n][e] = NEG_INF;
+                if (i >= r.ncB) s[n][2 + e] = NEG_INF;
+            }
+    }
+    float xA = NEG_INF, xB = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
+        xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
+    }
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+    float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+    float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
+    float sA = 0.f, sB = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        sA += ex2f(fmaf(s[n][0], sl2, -uA)) + ex2f(fmaf(s[n][1], sl2, -uA));
+        sB += ex2f(fmaf(s[n][2], sl2, -uB)) + ex2f(fmaf(s[n][3], sl2, -uB));
+    }
+    lA = lA * ex2f(fmaf(mA, sl2, -uA)) + sA;
+    lB = lB * ex2f(fmaf(mB, sl2, -uB)) + sB;
+    mA = nA;
+    mB = nB;
+}
+
+// After pass 1: each row's log2-sum-exp2 of the scaled logits (the sums first added over
+// the row's four lanes); +inf for a row with no visible key makes every p exactly 0.
+__device__ __forceinline__ void pf_lse_final(float mA, float mB, float lA, float lB, float sl2, float& lseA,
+                                             float& lseB) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    lseA = lA != 0.f ? mA * sl2 + __log2f(lA) : POS_INF;
+    lseB = lB != 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
+}
+
+// Pass 2, one tile: the normalised probabilities of the logits s (masked keys 0).
+__device__ __forceinline__ void pf_prob_tile(float (&s)[8][4], int k0, const PfCmpRows& r, float sl2, float lseA,
+                                             float lseB) {
+    const int q4 = threadIdx.x & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        s[n][0] = ex2f(fmaf(s[n][0], sl2, -lseA));
+        s[n][1] = ex2f(fmaf(s[n][1], sl2, -lseA));
+        s[n][2] = ex2f(fmaf(s[n][2], sl2, -lseB));
+        s[n][3] = ex2f(fmaf(s[n][3], sl2, -lseB));
+    }
+    if (k0 + PF_KT > min(r.ncA, r.ncB)) {
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int i = k0 + n * 8 + q4 * 2 + e;
+                if (i >= r.ncA) s[n][e] = 0.f;
+                if (i >= r.ncB) s[n][2 + e] = 0.f;
+            }
+    }
+}
+
+// Zeroes the block scores of positions po0.. po0 + npo - 1 (the tile's blocks), thread
+// `t` of `nt`.
+__device__ __forceinline__ void pf_zero_scores(float* sc, int nblk, int nblk_tile, int po0, int npo, int t, int nt) {
+    for (int e = t; e < npo * nblk_tile; e += nt) {
+        int po = e / nblk_tile, j = e - po * nblk_tile;
+        sc[(po0 + po) * nblk + j] = 0.f;
+    }
+}
+
+// Pass 2, one tile of probabilities s (keys k0..): summed over each position's group
+// heads into the warp's `myps` [PW][64], then added to the warp's positions' block scores
+// (Eq. 9). Only the warp's own positions are touched (no block barrier needed).
+__device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* sc,
+                                                int nblk, int nblk_tile, const PrefillTile& tl, int warp, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
+    const int G = p.shape.group_size, PW = 16 / G;
+    // Sum p over each position's heads: rows of one position differ in the low
+    // log2(G) bits of the row (lane bits 2.. for g; rows g and g + 8 when G = 16).
+    if (G == 16) {
+        // One position per warp: add rows g and g + 8, then a transpose-reduce over
+        // the 8 lanes of a column group (each level halves the values a lane keeps,
+        // 14 shuffles instead of 48); lane (g, q4) ends with two adjacent columns.
+        float v[16];
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            v[2 * n] = s[n][0] + s[n][2];
+            v[2 * n + 1] = s[n][1] + s[n][3];
+        }
+        pf_fold<8>(v, g & 1, 4);
+        pf_fold<4>(v, (g >> 1) & 1, 8);
+        pf_fold<2>(v, (g >> 2) & 1, 16);
+        const int n = (g & 1) * 4 + ((g >> 1) & 1) * 2 + ((g >> 2) & 1);
+        *(float2*)(myps + n * 8 + q4 * 2) = make_float2(v[0], v[1]);
+    } else if (G > 1) {
+        // G = 2, 4, 8: a position's heads are rows in lanes that differ in the low
+        // log2(G) bits of g. The same transpose-reduce over both rows' 32 values: the
+        // first level splits rows A and B, each next one halves the columns a lane
+        // keeps (16 + 8 + 4 shuffles at G = 8, where summing each value took 96); the
+        // sums are those of the pairwise tree, bit for bit.
+        float v[32];
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            v[2 * n] = s[n][0];
+            v[2 * n + 1] = s[n][1];
+            v[16 + 2 * n] = s[n][2];
+            v[16 + 2 * n + 1] = s[n][3];
+        }
+        pf_fold<16>(v, g & 1, 4);
+        if (G >= 4) pf_fold<8>(v, (g >> 1) & 1, 8);
+        if (G >= 8) pf_fold<4>(v, (g >> 2) & 1, 16);
+        // The lane keeps row A (g even) or B of its head group, columns n0.. of 32 / G.
+        float* dst = myps + ((g + 8 * (g & 1)) / G) * PF_KT + q4 * 2;
+        const int n0 = (G >= 4 ? 4 * ((g >> 1) & 1) : 0) + (G >= 8 ? 2 * ((g >> 2) & 1) : 0);
+#pragma unroll
+        for (int i = 0; i < 16; i += 2)
+            if (i < 32 / G) *(float2*)(dst + (n0 + i / 2) * 8) = make_float2(v[i], v[i + 1]);
+    } else {  // G = 1: a position per row
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            *(float2*)(myps + g * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][0], s[n][1]);
+            *(float2*)(myps + (g + 8) * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][2], s[n][3]);
+        }
+    }
+    __syncwarp();
+    // Block scores (Eq. 9): block j gathers p_i for i = B*j - (A-1) + k, k < A+B-1,
+    // weighted by the number of (a, b) pairs with a + b = k. Blocks whose window meets
+    // this tile: one lane per (position, block); tiles come in order, so each score
+    // is summed in a fixed order.
+    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
+    const int jlo = k0 / B;  // first block whose last offset B*j + B - 1 reaches k0
+    const int jhi = (k0 + PF_KT - 1 + A - 1) / B;
+    const int nj = jhi - jlo + 1;
+    for (int it = lane; it < PW * nj; it += 32) {
+        int pw = it / nj, j = jlo + it - pw * nj;
+        int po = warp * PW + pw;
+        if (po >= tl.npos || j >= nblk_tile) continue;
+        float acc = 0.f;
+        int first = B * j - (A - 1);
+        for (int k = 0; k < A + B - 1; k++) {
+            int i = first + k;
+            if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
+        }
+        sc[po * nblk + j] += acc;
+    }
+    __syncwarp();
+}
+
+// The gated compressed output g_cmp * o_cmp of the lane's two rows into `out` (pf_sw
+// adds the other branches to it).
+template <class E, int DV>
+__device__ __forceinline__ void pf_cmp_store(const Params& p, const PrefillTile& tl, const PfCmpRows& r, int kvh,
+                                             int warp, const float (&o)[DV / 8][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, G = p.shape.group_size;
+    const float* gates = (const float*)p.io.gates;
+    typename E::T* out = (typename E::T*)p.io.out;
+    const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
+    if (r.poA < tl.npos) {
+        usize row = (usize)(tl.row0 + r.poA) * p.shape.num_q_heads + kvh * G + hA;
+        float gt = gates[row * 3];
+#pragma unroll
+        for (int d = 0; d < DV / 8; d++) {
+            int c = d * 8 + q4 * 2;
+            E::st(out, row * DV + c, gt * o[d][0]);
+            E::st(out, row * DV + c + 1, gt * o[d][1]);
+        }
+    }
+    if (r.poB < tl.npos) {
+        usize row = (usize)(tl.row0 + r.poB) * p.shape.num_q_heads + kvh * G + hB;
+        float gt = gates[row * 3];
+#pragma unroll
+        for (int d = 0; d < DV / 8; d++) {
+            int c = d * 8 + q4 * 2;
+            E::st(out, row * DV + c, gt * o[d][2]);
+            E::st(out, row * DV + c + 1, gt * o[d][3]);
+        }
+    }
+}
+
+// Forced blocks, then the top-n of each of the warp's positions (its scores `sc`, its
+// 256-word histogram `hist`) into the selection.
+__device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile& tl, int kvh, int warp, float* sc,
+                                              int nblk, unsigned* hist) {
+    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size;
+    for (int pw = 0; pw < PW; pw++) {
+        int po = warp * PW + pw;
+        if (po >= tl.npos) break;
+        int t = tl.pos0 + po, b = t / p.shape.sel_block;
+        float* my = sc + po * nblk;
+        for (int j = lane; j <= b; j += 32)
+            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
+        __syncwarp();
+        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
+        pf_top_n(my, b, p.shape.sel_count, dst, hist);
+        __syncwarp();
+    }
+}
+
 // Compressed branch + selection. Shared memory (from the aligned base): Q (Wgmma) | K
 // stages [NS] | V stages [NS] | psum [warps*PW][64] f32 | scores [warps*PW][nblk] f32 |
 // page of each compressed key tile [nblk] i32.
@@ -52,7 +282,7 @@ template <class E, int DK, int DV, int NS, class M>
 __device__ void pf_cmp(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int g = lane >> 2, q4 = lane & 3;
+    const int g = lane >> 2;
     const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;
@@ -69,10 +299,7 @@ __device__ void pf_cmp(const Params& p) {
     M m;
     m.load_q(p, tl, kvh, qs, M::q_bytes(nw * 16) ? base : base + (ks - qs));
 
-    // The lane's two rows: positions, visible compressed counts.
-    const int poA = (warp * 16 + g) / G, poB = (warp * 16 + g + 8) / G;
-    const int ncA = poA < tl.npos ? num_cmp(p, tl.pos0 + poA + 1) : 0;
-    const int ncB = poB < tl.npos ? num_cmp(p, tl.pos0 + poB + 1) : 0;
+    const PfCmpRows rw = pf_cmp_rows(p, tl, warp, g);
     const int nc_max = num_cmp(p, tl.pos0 + tl.npos);
     const int ntl = (nc_max + PF_KT - 1) / PF_KT;
     const int* ctab = (const int*)p.paging.cmp_tab + (usize)tl.seq * p.paging.cmp_pages_per_seq;
@@ -97,57 +324,16 @@ __device__ void pf_cmp(const Params& p) {
         __syncthreads();
         float s[8][4];
         m.qk(ks + (kt % NS) * M::KTILE, s);
-        if ((kt + 1) * PF_KT > min(ncA, ncB)) {  // masks only where a row's keys end
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int i = kt * PF_KT + n * 8 + q4 * 2 + e;
-                    if (i >= ncA) s[n][e] = NEG_INF;
-                    if (i >= ncB) s[n][2 + e] = NEG_INF;
-                }
-        }
-        float xA = NEG_INF, xB = NEG_INF;
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
-            xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
-        }
-        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
-        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
-        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
-        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
-        float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
-        float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
-        float sA = 0.f, sB = 0.f;
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            sA += ex2f(fmaf(s[n][0], sl2, -uA)) + ex2f(fmaf(s[n][1], sl2, -uA));
-            sB += ex2f(fmaf(s[n][2], sl2, -uB)) + ex2f(fmaf(s[n][3], sl2, -uB));
-        }
-        lA = lA * ex2f(fmaf(mA, sl2, -uA)) + sA;
-        lB = lB * ex2f(fmaf(mB, sl2, -uB)) + sB;
-        mA = nA;
-        mB = nB;
+        pf_lse_tile(s, kt * PF_KT, rw, sl2, mA, mB, lA, lB);
         __syncthreads();
     }
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    // log2-sum-exp2 of the scaled logits; +inf for a row with no visible key makes every
-    // p exactly 0.
-    const float lseA = lA != 0.f ? mA * sl2 + __log2f(lA) : POS_INF;
-    const float lseB = lB != 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
+    float lseA, lseB;
+    pf_lse_final(mA, mB, lA, lB, sl2, lseA, lseB);
 
     // Pass 2: normalised probabilities -> P.V and the block scores.
     const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
-    for (int e = threadIdx.x; e < nw * PW * nblk_tile; e += blockDim.x) {
-        int po = e / nblk_tile, j = e - po * nblk_tile;
-        sc[po * nblk + j] = 0.f;
-    }
+    pf_zero_scores(sc, nblk, nblk_tile, 0, nw * PW, threadIdx.x, blockDim.x);
     __syncthreads();
-    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
     float o[DV / 8][4];
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -167,140 +353,135 @@ __device__ void pf_cmp(const Params& p) {
         __syncthreads();
         float s[8][4];
         m.qk(ks + (kt % NS) * M::KTILE, s);
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            s[n][0] = ex2f(fmaf(s[n][0], sl2, -lseA));
-            s[n][1] = ex2f(fmaf(s[n][1], sl2, -lseA));
-            s[n][2] = ex2f(fmaf(s[n][2], sl2, -lseB));
-            s[n][3] = ex2f(fmaf(s[n][3], sl2, -lseB));
-        }
-        if ((kt + 1) * PF_KT > min(ncA, ncB)) {
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int i = kt * PF_KT + n * 8 + q4 * 2 + e;
-                    if (i >= ncA) s[n][e] = 0.f;
-                    if (i >= ncB) s[n][2 + e] = 0.f;
-                }
-        }
+        pf_prob_tile(s, kt * PF_KT, rw, sl2, lseA, lseB);
         m.pv(s, vs + (kt % NS) * M::VTILE, o);
-        // Sum p over each position's heads: rows of one position differ in the low
-        // log2(G) bits of the row (lane bits 2.. for g; rows g and g + 8 when G = 16).
-        if (G == 16) {
-            // One position per warp: add rows g and g + 8, then a transpose-reduce over
-            // the 8 lanes of a column group (each level halves the values a lane keeps,
-            // 14 shuffles instead of 48); lane (g, q4) ends with two adjacent columns.
-            float v[16];
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                v[2 * n] = s[n][0] + s[n][2];
-                v[2 * n + 1] = s[n][1] + s[n][3];
-            }
-            pf_fold<8>(v, g & 1, 4);
-            pf_fold<4>(v, (g >> 1) & 1, 8);
-            pf_fold<2>(v, (g >> 2) & 1, 16);
-            const int n = (g & 1) * 4 + ((g >> 1) & 1) * 2 + ((g >> 2) & 1);
-            *(float2*)(myps + n * 8 + q4 * 2) = make_float2(v[0], v[1]);
-        } else if (G > 1) {
-            // G = 2, 4, 8: a position's heads are rows in lanes that differ in the low
-            // log2(G) bits of g. The same transpose-reduce over both rows' 32 values: the
-            // first level splits rows A and B, each next one halves the columns a lane
-            // keeps (16 + 8 + 4 shuffles at G = 8, where summing each value took 96); the
-            // sums are those of the pairwise tree, bit for bit.
-            float v[32];
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                v[2 * n] = s[n][0];
-                v[2 * n + 1] = s[n][1];
-                v[16 + 2 * n] = s[n][2];
-                v[16 + 2 * n + 1] = s[n][3];
-            }
-            pf_fold<16>(v, g & 1, 4);
-            if (G >= 4) pf_fold<8>(v, (g >> 1) & 1, 8);
-            if (G >= 8) pf_fold<4>(v, (g >> 2) & 1, 16);
-            // The lane keeps row A (g even) or B of its head group, columns n0.. of 32 / G.
-            float* dst = myps + ((g + 8 * (g & 1)) / G) * PF_KT + q4 * 2;
-            const int n0 = (G >= 4 ? 4 * ((g >> 1) & 1) : 0) + (G >= 8 ? 2 * ((g >> 2) & 1) : 0);
-#pragma unroll
-            for (int i = 0; i < 16; i += 2)
-                if (i < 32 / G) *(float2*)(dst + (n0 + i / 2) * 8) = make_float2(v[i], v[i + 1]);
-        } else {  // G = 1: a position per row
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                *(float2*)(myps + g * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][0], s[n][1]);
-                *(float2*)(myps + (g + 8) * PF_KT + n * 8 + q4 * 2) = make_float2(s[n][2], s[n][3]);
-            }
-        }
-        __syncwarp();
-        // Block scores (Eq. 9): block j gathers p_i for i = B*j - (A-1) + k, k < A+B-1,
-        // weighted by the number of (a, b) pairs with a + b = k. Blocks whose window meets
-        // this tile: one lane per (position, block); tiles come in order, so each score
-        // is summed in a fixed order.
-        const int i0 = kt * PF_KT;
-        const int jlo = i0 / B;  // first block whose last offset B*j + B - 1 reaches i0
-        const int jhi = (i0 + PF_KT - 1 + A - 1) / B;
-        const int nj = jhi - jlo + 1;
-        for (int it = lane; it < PW * nj; it += 32) {
-            int pw = it / nj, j = jlo + it - pw * nj;
-            int po = warp * PW + pw;
-            if (po >= tl.npos || j >= nblk_tile) continue;
-            float acc = 0.f;
-            int first = B * j - (A - 1);
-            for (int k = 0; k < A + B - 1; k++) {
-                int i = first + k;
-                if (i >= i0 && i < i0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - i0];
-            }
-            sc[po * nblk + j] += acc;
-        }
-        __syncwarp();
+        pf_block_scores(p, s, myps, sc, nblk, nblk_tile, tl, warp, kt * PF_KT);
         __syncthreads();
     }
-    // Gated compressed output.
-    {
-        const float* gates = (const float*)p.io.gates;
-        typename E::T* out = (typename E::T*)p.io.out;
-        const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
-        if (poA < tl.npos) {
-            usize r = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
-            float gt = gates[r * 3];
-#pragma unroll
-            for (int d = 0; d < DV / 8; d++) {
-                int c = d * 8 + q4 * 2;
-                E::st(out, r * DV + c, gt * o[d][0]);
-                E::st(out, r * DV + c + 1, gt * o[d][1]);
-            }
-        }
-        if (poB < tl.npos) {
-            usize r = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
-            float gt = gates[r * 3];
-#pragma unroll
-            for (int d = 0; d < DV / 8; d++) {
-                int c = d * 8 + q4 * 2;
-                E::st(out, r * DV + c, gt * o[d][2]);
-                E::st(out, r * DV + c + 1, gt * o[d][3]);
-            }
-        }
-    }
-    // Forced blocks, then each of the warp's positions' top-n. Its histogram takes 1 KB
-    // of the K stages per warp: every warp passed the loop's last barrier, so no copy or
-    // product touches them any more.
+    pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
+    // Each warp's top-n histogram takes 1 KB of the K stages: every warp passed the loop's
+    // last barrier, so no copy or product touches them any more.
     static_assert(NS * M::KTILE >= 8 * 256 * sizeof(unsigned), "a histogram per warp in the K stages");
-    unsigned* hist = (unsigned*)(base + (ks - qs)) + warp * 256;
     cp_wait<0>();
     __syncwarp();
-    for (int pw = 0; pw < PW; pw++) {
-        int po = warp * PW + pw;
-        if (po >= tl.npos) break;
-        int t = tl.pos0 + po, b = t / p.shape.sel_block;
-        float* my = sc + po * nblk;
-        for (int j = lane; j <= b; j += 32)
-            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
-        __syncwarp();
-        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
-        pf_top_n(my, b, p.shape.sel_count, dst, hist);
-        __syncwarp();
+    pf_cmp_select(p, tl, kvh, warp, sc, nblk, (unsigned*)(base + (ks - qs)) + warp * 256);
+}
+
+// Compressed branch + selection, warp-specialised (sm_90a, tiles by tensor maps): `nw`
+// consumer warps (blockDim / 32 - 1; two warpgroups at G = 16, eight positions, so each
+// K/V tile serves twice the rows of a 4-warp block and the block reads half the L2 bytes
+// per row) and one producer warp that copies the tiles of both passes into stages ahead of
+// them. Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with
+// the copy engine's bytes (or, for a tail tile whose V rows past the last visible key must
+// be zeros, with the producer's arrive after it zeroed them), empty[s] with one arrive per
+// consumer warp after its last read of the stage. So one warpgroup's softmax and block
+// scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
+// variant 14). Shared memory: Q | K stages [ns] | V stages [ns] | psum [nw*PW][64] f32 |
+// scores [nw*PW][nblk] f32 | pages [nblk] i32 | histograms [nw][256] u32; the stage count
+// ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
+// (src/cuda/prefill.rs sizes it with the same layout).
+template <class E, int DK, int DV>
+__device__ void pf_cmp_ws(const Params& p) {
+    using M = Wgmma<E, DK, DV>;
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - 1;
+    const int g = lane >> 2;
+    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
+    const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
+    if (tl.npos == 0) return;
+    const unsigned fixed = 1024u + M::q_bytes(nw * 16) + (unsigned)(nw * PW * (PF_KT + nblk) + nblk + nw * 256) * 4u;
+    const int NS = min((int)((dyn_smem_bytes() - fixed) / (M::KTILE + M::VTILE)), NSA_PF_WS_STAGES);
+    unsigned char* base = pf_base(pf_smem);
+    const unsigned qs = smem_u32(base);
+    const unsigned ks = qs + M::q_bytes(nw * 16);
+    const unsigned vs = ks + NS * M::KTILE;
+    float* ps = (float*)(base + (vs - qs) + NS * M::VTILE);
+    float* sc = ps + nw * PW * PF_KT;
+    int* pg = (int*)(sc + nw * PW * nblk);
+    unsigned* hist = (unsigned*)(pg + nblk);
+    const unsigned full0 = smem_u32(bars), empty0 = full0 + 8 * NSA_PF_WS_STAGES, tailb = full0 + 16 * NSA_PF_WS_STAGES;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < NS; s++) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, nw);
+        }
+        mbar_init(tailb, 1);
+        fence_mbar_init();
     }
+    M m;
+    m.load_q(p, tl, kvh, qs, base, nw * 16);  // ends with a block barrier: publishes the mbarriers
+
+    const int nc_max = num_cmp(p, tl.pos0 + tl.npos);
+    const int ntl = (nc_max + PF_KT - 1) / PF_KT;
+    const int* ctab = (const int*)p.paging.cmp_tab + (usize)tl.seq * p.paging.cmp_pages_per_seq;
+    for (int i = threadIdx.x; i < ntl; i += blockDim.x) pg[i] = ctab[i * PF_KT / p.paging.page_size];
+    __syncthreads();
+
+    if (warp == nw) {
+        // Producer: pass 1's K tiles, then pass 2's K and V tiles, through the ring.
+        for (int it = 0; it < 2 * ntl; it++) {
+            const int s = it % NS, kt = it < ntl ? it : it - ntl, k0 = kt * PF_KT;
+            if (it >= NS) mbar_wait(empty0 + 8 * s, (it / NS - 1) & 1);
+            const bool v = it >= ntl, tail = v && k0 + PF_KT > nc_max;
+            const unsigned kd = ks + s * M::KTILE, vd = vs + s * M::VTILE;
+            if (v)
+                pf_tma_tile<DK, DV>(p, lane, tail ? tailb : full0 + 8 * s, kd, 2, vd, 3, pg[kt], kvh, k0);
+            else
+                pf_tma_tile<DK, 0>(p, lane, full0 + 8 * s, kd, 2, vd, 3, pg[kt], kvh, k0);
+            if (tail) {
+                // V rows past the last visible key: zeros (their p is 0, but 0 * NaN is
+                // NaN); then the stage is full.
+                mbar_wait(tailb, 0);
+                unsigned char* vg = base + (vd - qs);
+                const int r0 = nc_max - k0;
+                for (int e = lane; e < (PF_KT - r0) * (DV / 8); e += 32) {
+                    const int r = r0 + e / (DV / 8), c = e % (DV / 8);
+                    *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
+                }
+                fence_async_smem();
+                __syncwarp();
+                if (lane == 0) mbar_arrive(full0 + 8 * s);
+            }
+        }
+        return;
+    }
+
+    const PfCmpRows rw = pf_cmp_rows(p, tl, warp, g);
+    const float sl2 = p.shape.scale * 1.4426950408889634f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    for (int kt = 0; kt < ntl; kt++) {
+        const int s = kt % NS;
+        mbar_wait(full0 + 8 * s, (kt / NS) & 1);
+        float sv[8][4];
+        m.qk(ks + s * M::KTILE, sv);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
+        pf_lse_tile(sv, kt * PF_KT, rw, sl2, mA, mB, lA, lB);
+    }
+    float lseA, lseB;
+    pf_lse_final(mA, mB, lA, lB, sl2, lseA, lseB);
+
+    const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
+    pf_zero_scores(sc, nblk, nblk_tile, warp * PW, PW, lane, 32);
+    __syncwarp();
+    float o[DV / 8][4];
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float* myps = ps + warp * PW * PF_KT;
+    for (int kt = 0; kt < ntl; kt++) {
+        const int it = ntl + kt, s = it % NS;
+        mbar_wait(full0 + 8 * s, (it / NS) & 1);
+        float sv[8][4];
+        m.qk(ks + s * M::KTILE, sv);
+        pf_prob_tile(sv, kt * PF_KT, rw, sl2, lseA, lseB);
+        m.pv(sv, vs + s * M::VTILE, o);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
+        pf_block_scores(p, sv, myps, sc, nblk, nblk_tile, tl, warp, kt * PF_KT);
+    }
+    pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
+    pf_cmp_select(p, tl, kvh, warp, sc, nblk, hist + warp * 256);
 }
 
 // Bytes of a warp's two copy stages in `pf_sel_warp`: 16 keys of K and of V each.

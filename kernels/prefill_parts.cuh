@@ -72,6 +72,27 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
     }
 }
 
+// Keys [k0, k0 + 64) of `page` by the copy engine, issued by the 32 lanes of one warp
+// (`lane`): 16-row boxes of the decode kernels' tensor maps (map indices: 0 raw K, 1 raw
+// V, 2 cmp K, 3 cmp V), 4 per 64 columns, K to `kd` and V to `vd` (none when DV is 0), as
+// 128-byte swizzled tiles, completing on the mbarrier `bar` (this call arms it with the
+// tile's bytes).
+template <int DK, int DV>
+__device__ __forceinline__ void pf_tma_tile(const Params& p, int lane, unsigned bar, unsigned kd, int kmap, unsigned vd,
+                                            int vmap, int page, int kvh, int k0) {
+    constexpr int KB = 4 * (DK / 64), NB = KB + 4 * (DV / 64);  // 16-row boxes
+    static_assert(NB <= 32, "a lane per box");
+    fence_async_smem();  // this stage's earlier generic accesses before the copy engine's writes
+    if (lane == 0) mbar_expect(bar, (unsigned)(PF_KT * (DK + DV) * 2));
+    __syncwarp();
+    if (lane < NB) {
+        const bool isk = lane < KB;
+        const int bb = isk ? lane : lane - KB, cb = bb >> 2, r0 = (bb & 3) * 16;
+        tma_load3((isk ? kd : vd) + cb * PF_KT * 128 + r0 * 128, p.paging.tmaps + (isk ? kmap : vmap) * NSA_TMAP_BYTES,
+                  cb * 64, k0 % p.paging.page_size + r0, page * p.shape.num_kv_heads + kvh, bar);
+    }
+}
+
 // K/V tile copies of the prefill kernels into NS shared-memory stages. With TMA (the
 // `WgmmaTma` policy's kernels, which the host picks for one-warpgroup blocks) and tensor
 // maps (`launch.mode & 2`) lanes of warp 0 copy a tile as 16-row boxes of the decode
@@ -109,20 +130,7 @@ struct PfCopy {
     __device__ void load(const Params& p, int st, unsigned kd, const u16* kpool, int kmap, unsigned vd, const u16* vpool,
                          int vmap, int page, int kvh, int k0, int kend) {
         if (tma) {
-            if (threadIdx.x >= 32) return;
-            constexpr int KB = 4 * (DK / 64), NB = KB + 4 * (DV / 64);  // 16-row boxes
-            static_assert(NB <= 32, "a lane per box");
-            const unsigned bar = bar0 + 8 * st;
-            fence_async_smem();  // this stage's earlier generic accesses before the copy engine's writes
-            if (threadIdx.x == 0) mbar_expect(bar, (unsigned)(PF_KT * (DK + DV) * 2));
-            __syncwarp();
-            const int b = threadIdx.x;
-            if (b < NB) {
-                const bool isk = b < KB;
-                const int bb = isk ? b : b - KB, cb = bb >> 2, r0 = (bb & 3) * 16;
-                tma_load3((isk ? kd : vd) + cb * PF_KT * 128 + r0 * 128, p.paging.tmaps + (isk ? kmap : vmap) * NSA_TMAP_BYTES,
-                          cb * 64, k0 % p.paging.page_size + r0, page * p.shape.num_kv_heads + kvh, bar);
-            }
+            if (threadIdx.x < 32) pf_tma_tile<DK, DV>(p, threadIdx.x, bar0 + 8 * st, kd, kmap, vd, vmap, page, kvh, k0);
             return;
         }
         pf_load_tile<DK, SW>(p, kd, kpool, page, kvh, k0, kend);
@@ -260,9 +268,12 @@ struct Wgmma {
     int rows;
     u64 qdesc;  // this warpgroup's 64 rows of the Q tile
 
-    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr) {
+    // The block's Q rows (`nrows`: 16 per warp unless given) into the Q region; every
+    // thread of the block calls it (it ends with a block barrier).
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr,
+                           int nrows = 0) {
         constexpr int CPR = DK / 8;
-        rows = blockDim.x / 2;
+        rows = nrows ? nrows : blockDim.x / 2;
         qaddr = q_at;
         qdesc = wg_desc(q_at + (threadIdx.x >> 7) * 64 * 128, 16, 1024);
         for (int e = threadIdx.x; e < rows * CPR; e += blockDim.x) {

@@ -24,6 +24,12 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Bytes of dynamic shared memory this launch was given.
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
     unsigned r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(ptr));
@@ -80,6 +86,12 @@ __device__ __forceinline__ void mbar_inval(unsigned bar) {
 __device__ __forceinline__ void mbar_expect(unsigned bar, unsigned bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// A plain arrive (release, CTA scope): for barriers that count threads, not bytes.
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 #endif
 }
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {

@@ -37,6 +37,14 @@ pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
 /// Keys per tile of the prefill kernels: one contiguous run of one page (page_size and
 /// sel_block must be multiples of it for the prefill path).
 pub(crate) const PF_KEYS: u32 = 64;
+/// Consumer warps of the warp-specialised `pf_cmp` (two warpgroups); its block adds one
+/// producer warp.
+pub(crate) const PF_WS_WARPS: u32 = 8;
+/// Threads of the warp-specialised `pf_cmp` (its `__launch_bounds__`).
+pub(crate) const PF_WS_THREADS: u32 = (PF_WS_WARPS + 1) * 32;
+/// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
+/// mbarriers; the stages it uses are what its dynamic shared memory holds).
+pub(crate) const PF_WS_STAGES: u32 = 4;
 
 // What the kernels assume of these, checked at compile time: masks of power-of-two
 // alignments, the tensor-core block within the launch bound, a warp per 32 threads.
@@ -58,6 +66,8 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
+    ("NSA_PF_WS_THREADS", PF_WS_THREADS as u64),
+    ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

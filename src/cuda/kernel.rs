@@ -135,7 +135,7 @@ impl Kernel {
             Kernel::SelectBlocks => NT_SEL,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
-            Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.warps * 32),
+            Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.threads(self)),
         }
     }
 
@@ -180,7 +180,10 @@ impl Kernel {
         use super::prefill::Policy;
         if self.prefill() {
             let mut v = Vec::new();
-            for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma] {
+            for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma, Policy::WgmmaWs] {
+                if policy == Policy::WgmmaWs && self != Kernel::PfCmp {
+                    continue; // pf_cmp only
+                }
                 for d in [Dtype::F16, Dtype::Bf16] {
                     v.extend(policy.shapes().iter().map(|&(dk, dv)| self.prefill_entry(policy, d, dk, dv)));
                 }
@@ -341,7 +344,7 @@ mod tests {
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 4 + 2 * 16);
+        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 4)); // pf_cmp also warp-specialised
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

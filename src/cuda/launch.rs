@@ -79,9 +79,9 @@ impl CudaBackend {
             // Steps with prefill chunks: two launches over tiles of positions x heads (q
             // read in 16-byte granules, so it must be 16-byte aligned).
             if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
-                let tiles = pf.tiles(&cfg, step.seqs);
-                k.launch(Kernel::PfCmp, (tiles, hkv, 1), &p, stream, true)?;
-                k.launch(Kernel::PfSw, (tiles, hkv, 1), &p, stream, true)?;
+                for kernel in [Kernel::PfCmp, Kernel::PfSw] {
+                    k.launch(kernel, (pf.tiles(kernel, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
+                }
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };

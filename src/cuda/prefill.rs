@@ -7,7 +7,8 @@
 //! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
 //! order; the kernels find their tile in the uploaded plan, so the host only counts them.
 
-use super::consts::PF_KEYS;
+use super::consts::{PF_KEYS, PF_WS_STAGES, PF_WS_WARPS};
+use super::kernel::Kernel;
 use crate::config::{Config, Dtype};
 use crate::layout::PlanSeq;
 
@@ -27,12 +28,15 @@ const ALIGN_SLACK: usize = 1024;
 const MAX_POSITIONS: u32 = 32;
 
 /// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a),
-/// the latter with K/V tiles copied by tensor maps (`WgmmaTma`) for 4-warp blocks.
+/// the latter with K/V tiles copied by tensor maps (`WgmmaTma`) for 4-warp blocks, or, for
+/// `pf_cmp` only, warp-specialised (`WgmmaWs`: a producer warp copies by tensor maps into
+/// an mbarrier ring for `PF_WS_WARPS` consumer warps, `pf_cmp_ws`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Policy {
     MmaSync,
     Wgmma,
     WgmmaTma,
+    WgmmaWs,
 }
 
 impl Policy {
@@ -42,28 +46,32 @@ impl Policy {
             Policy::MmaSync => "mma",
             Policy::Wgmma => "wg",
             Policy::WgmmaTma => "wgt",
+            Policy::WgmmaWs => "wgs",
         }
     }
 
     /// The (DK, DV) pairs it is compiled for (`PF_SHAPES` / the `wgt` entries in kernels/nsa.cu).
     pub fn shapes(self) -> &'static [(u32, u32)] {
         match self {
-            Policy::WgmmaTma => &SHAPES[..2],
+            Policy::WgmmaTma | Policy::WgmmaWs => &SHAPES[..2],
             _ => &SHAPES,
         }
     }
 }
 
-/// The prefill kernels' shape for one backend: each kernel's policy, warps per block (the
-/// same for both: they share the tiles), shared memory.
+/// The prefill kernels' shape for one backend: each kernel's policy, warps per block,
+/// shared memory. Each kernel cuts the step into tiles of its own block's positions (they
+/// hand over through per-row buffers, not per tile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrefillPlan {
+    /// `pf_cmp`'s policy.
     pub policy: Policy,
     /// `pf_sw`'s policy: `policy` unless a knob asks for mma.sync there (see [`plan`]).
     pub policy_sw: Policy,
     /// `pf_sw`'s selected branch per warp (`launch.mode & 4`, `pf_sel_warp`): each warp
     /// multiplies only the blocks its positions chose; else the block multiplies the union.
     pub sel_warp: bool,
+    /// `pf_sw`'s warps per block, and `pf_cmp`'s unless it is warp-specialised.
     pub warps: u32,
     pub smem_cmp: u32,
     pub smem_sw: u32,
@@ -72,21 +80,36 @@ pub(crate) struct PrefillPlan {
 impl PrefillPlan {
     /// The policy `kernel` (PfCmp or PfSw) runs with.
     pub fn policy_of(&self, kernel: super::kernel::Kernel) -> Policy {
-        if kernel == super::kernel::Kernel::PfSw {
+        if kernel == Kernel::PfSw {
             self.policy_sw
         } else {
             self.policy
         }
     }
 
-    /// Positions per tile.
-    pub fn positions(&self, cfg: &Config) -> u32 {
-        self.warps * 16 / cfg.group_size()
+    /// Warps of `kernel`'s blocks that hold rows (`pf_cmp_ws`'s producer warp not counted).
+    fn row_warps(&self, kernel: Kernel) -> u32 {
+        if kernel == Kernel::PfCmp && self.policy == Policy::WgmmaWs {
+            PF_WS_WARPS
+        } else {
+            self.warps
+        }
     }
 
-    /// Tiles of a step's sequences: the prefill launches' grid width.
-    pub fn tiles(&self, cfg: &Config, seqs: &[PlanSeq]) -> u32 {
-        let tp = self.positions(cfg);
+    /// Threads per block of `kernel` (PfCmp or PfSw).
+    pub fn threads(&self, kernel: Kernel) -> u32 {
+        let producer = kernel == Kernel::PfCmp && self.policy == Policy::WgmmaWs;
+        (self.row_warps(kernel) + producer as u32) * 32
+    }
+
+    /// Positions per tile of `kernel`.
+    pub fn positions(&self, kernel: Kernel, cfg: &Config) -> u32 {
+        self.row_warps(kernel) * 16 / cfg.group_size()
+    }
+
+    /// Tiles of a step's sequences: `kernel`'s grid width.
+    pub fn tiles(&self, kernel: Kernel, cfg: &Config, seqs: &[PlanSeq]) -> u32 {
+        let tp = self.positions(kernel, cfg);
         seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(tp)).sum()
     }
 }
@@ -119,7 +142,7 @@ pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
 pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: bool) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
-        Policy::Wgmma | Policy::WgmmaTma => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
+        Policy::Wgmma | Policy::WgmmaTma | Policy::WgmmaWs => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
         Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
@@ -133,15 +156,31 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     (cmp, sw)
 }
 
+/// Shared memory of the warp-specialised `pf_cmp` (`pf_cmp_ws` in kernels/prefill.cuh, which
+/// derives its stage count from it): Q | K and V stages | per-position head sums and block
+/// scores | the page of each compressed tile | a 256-word top-n histogram per consumer
+/// warp; as many stages (2 to `PF_WS_STAGES`) as fit in `optin`, or `None`.
+pub(crate) fn ws_shared_mem(cfg: &Config, optin: usize) -> Option<usize> {
+    let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, PF_WS_WARPS as usize);
+    let positions = warps * 16 / cfg.group_size() as usize;
+    let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
+    let fixed = ALIGN_SLACK + warps * 16 * dk * 2 + (positions * (keys + nblk) + nblk + warps * 256) * 4;
+    let stage = keys * (dk + dv) * 2;
+    (2..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
+}
+
 /// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
 /// `optin` bytes of shared memory per block, or `None` when the config or the device
 /// cannot use them (`NSA_CUDA_NO_PREFILL=1` also turns them off) and prefill steps run on
 /// the decode kernels. Measured on the H200 (docs/PREFILL_NOTES.md): 4-warp blocks, two per
 /// multiprocessor, are fastest with wgmma at G = 16 and DK <= 128, and with their tiles
 /// copied by tensor maps when the backend writes them (`tma`); 8-warp blocks elsewhere.
+/// With tensor maps `pf_cmp` is warp-specialised where its shape has maps and its layout
+/// fits (`WgmmaWs`; docs/PREFILL_NOTES.md, variant 14).
 /// Diagnosis knobs: `NSA_CUDA_PF_MMA=1` runs both kernels with mma.sync (the sm_80 path,
 /// so a Hopper GPU can test it), `NSA_CUDA_PF_SW_MMA=1` only `pf_sw` (a warp of mma.sync
-/// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot).
+/// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot),
+/// `NSA_CUDA_PF_NO_WS=1` keeps `pf_cmp` in its block-wide form.
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::env_on;
     let knobs = Knobs {
@@ -149,23 +188,26 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
         mma_all: env_on("NSA_CUDA_PF_MMA"),
         mma_sw: env_on("NSA_CUDA_PF_SW_MMA"),
         union: env_on("NSA_CUDA_PF_UNION"),
+        no_ws: env_on("NSA_CUDA_PF_NO_WS"),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
 
 /// The diagnosis knobs [`plan`] reads (each `=1`): no prefill path, mma.sync for both
-/// kernels or for `pf_sw`, the selected branch over the block's union (not per warp).
+/// kernels or for `pf_sw`, the selected branch over the block's union (not per warp),
+/// `pf_cmp` without warp specialisation.
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
     mma_all: bool,
     mma_sw: bool,
     union: bool,
+    no_ws: bool,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -184,6 +226,16 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
             .then_some(PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
     })
+    .map(|p| {
+        // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits.
+        let ws = (p.policy != Policy::MmaSync && tma && !no_ws && Policy::WgmmaWs.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v)))
+            .then(|| ws_shared_mem(cfg, optin))
+            .flatten();
+        match ws {
+            Some(b) => PrefillPlan { policy: Policy::WgmmaWs, smem_cmp: b as u32, ..p },
+            None => p,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -200,7 +252,8 @@ mod tests {
     #[test]
     fn paper_shapes_fit_on_hopper() {
         let optin = 227 * 1024;
-        let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin, true).unwrap();
+        let c = cfg(64, 4, 128, 128, 65536);
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.warps), (Policy::WgmmaTma, 4));
         let p = plan(&cfg(64, 4, 128, 128, 65536), (9, 0), optin, false).unwrap();
         assert_eq!((p.policy, p.warps), (Policy::Wgmma, 4));
@@ -208,8 +261,8 @@ mod tests {
         assert!(2 * p.smem_cmp as usize <= 228 * 1024 && 2 * p.smem_sw as usize <= 228 * 1024);
         let p = plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.warps), (Policy::Wgmma, 8));
-        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap();
-        assert_eq!(p.positions(&cfg(64, 16, 128, 128, 65536)), 16);
+        let p = plan_with(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() });
+        assert_eq!(p.unwrap().positions(Kernel::PfCmp, &cfg(64, 16, 128, 128, 65536)), 16);
         let p = plan(&cfg(64, 4, 128, 128, 65536), (8, 0), optin, true).unwrap();
         assert_eq!(p.policy, Policy::MmaSync);
     }
@@ -218,22 +271,61 @@ mod tests {
     fn knobs_pick_mma_sync_on_hopper() {
         let optin = 227 * 1024;
         let c = cfg(64, 4, 128, 128, 65536);
-        let p = plan_with(&c, (9, 0), optin, true, Knobs { mma_sw: true, ..Knobs::default() }).unwrap();
+        let no_ws = Knobs { no_ws: true, ..Knobs::default() };
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { mma_sw: true, ..no_ws }).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaTma, Policy::MmaSync, 4));
-        assert_eq!(p.policy_of(super::super::kernel::Kernel::PfCmp), Policy::WgmmaTma);
-        assert_eq!(p.policy_of(super::super::kernel::Kernel::PfSw), Policy::MmaSync);
+        assert_eq!(p.policy_of(Kernel::PfCmp), Policy::WgmmaTma);
+        assert_eq!(p.policy_of(Kernel::PfSw), Policy::MmaSync);
         // pf_sw's shared memory is the mma.sync layout's (its partial output, no Q tile).
         assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::MmaSync, 4, true).1);
         let p = plan_with(&c, (9, 0), optin, true, Knobs { mma_all: true, ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::MmaSync, Policy::MmaSync, 8));
         assert!(plan_with(&c, (9, 0), optin, true, Knobs { off: true, ..Knobs::default() }).is_none());
         // The selected branch per warp by default (its stages fit), over the union on request.
-        let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
+        let p = plan_with(&c, (9, 0), optin, true, no_ws).unwrap();
         assert!(p.sel_warp);
         assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::WgmmaTma, 4, true).1);
-        let p = plan_with(&c, (9, 0), optin, true, Knobs { union: true, ..Knobs::default() }).unwrap();
+        let p = plan_with(&c, (9, 0), optin, true, Knobs { union: true, ..no_ws }).unwrap();
         assert!(!p.sel_warp);
         assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::WgmmaTma, 4, false).1);
+    }
+
+    #[test]
+    fn pf_cmp_is_warp_specialised_where_tensor_maps_serve_it() {
+        use super::super::consts::PF_WS_THREADS;
+        let optin = 227 * 1024;
+        let stage = |c: &Config| (PF_KEYS * (c.head_dim_qk + c.head_dim_v) * 2) as usize;
+        // Paper G = 16 at 64k: eight positions per pf_cmp block with four stages, pf_sw
+        // unchanged (4-warp blocks, tensor maps).
+        let c = cfg(64, 4, 128, 128, 65536);
+        let p = plan(&c, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs, Policy::WgmmaTma, 4));
+        assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (PF_WS_THREADS, 128));
+        assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (8, 4));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, optin));
+        assert_eq!(ws_shared_mem(&c, optin), ws_shared_mem(&c, p.smem_cmp as usize));
+        assert!(ws_shared_mem(&c, p.smem_cmp as usize - 1).unwrap() + stage(&c) == p.smem_cmp as usize);
+        // Each kernel cuts the step into its own tiles.
+        let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
+        assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (13, 25));
+        // G = 8 at 64k: sixteen positions' scores leave room for three stages; G = 4's
+        // thirty-two positions need 16k or less.
+        let c8 = cfg(64, 8, 128, 128, 65536);
+        let p = plan(&c8, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs, 8, 16));
+        assert!(p.smem_cmp as usize <= optin && p.smem_cmp as usize + stage(&c8) > optin);
+        let c4 = cfg(64, 16, 128, 128, 16384);
+        let p = plan(&c4, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs, 32));
+        assert_eq!(plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::WgmmaTma);
+        // Not without tensor maps, not for DK = 192 (no maps of that shape), not on sm_80,
+        // and not when even two stages do not fit.
+        assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
+        assert_eq!(plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::Wgmma);
+        assert_eq!(plan(&c, (8, 0), optin, true).unwrap().policy, Policy::MmaSync);
+        let big = cfg(64, 16, 128, 128, 1 << 18);
+        assert!(ws_shared_mem(&big, optin).is_none());
+        assert_ne!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs));
     }
 
     #[test]
@@ -257,8 +349,8 @@ mod tests {
             PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
             PlanSeq { seq: 1, old_len: 4, new_len: 4 + 64, row: 10 },
         ];
-        assert_eq!(p.positions(&c), 4);
-        assert_eq!(p.tiles(&c, &seqs), 3 + 1 + 16);
+        assert_eq!(p.positions(Kernel::PfSw, &c), 4);
+        assert_eq!(p.tiles(Kernel::PfSw, &c, &seqs), 3 + 1 + 16);
         assert!(wanted(&seqs));
         assert!(!wanted(&seqs[..2]));
     }
