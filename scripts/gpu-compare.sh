@@ -6,7 +6,9 @@
 # Here:   scripts/bench-stage.sh                      (this build into .gpu-bench/)
 #         and a baseline nsa-bench + libnsa.so in .gpu-base/ (any older build, staged by hand)
 # There:  bash scripts/gpu-compare.sh                 (carry .gpu-bench and .gpu-base)
-# Env:    NSA_COMPARE_ARGS overrides the nsa-bench points; NSA_TORCH_ARGS the torch points;
+# Env:    NSA_COMPARE_ARGS overrides the nsa-bench points (for prefill-only comparisons of
+#         builds, e.g. "--contexts none --prefill 16384,65536 --no-prefill-full" takes about
+#         half the device time of the default); NSA_TORCH_ARGS the torch points;
 #         NSA_COMPARE_NO_PREFILL_RUN=1 skips the run with the prefill kernels off;
 #         NSA_COMPARE_NO_TORCH=1 skips torch_compare.py;
 #         NSA_COMPARE_MORE=".gpu-bench-x .gpu-bench-y" adds candidate builds (staged with

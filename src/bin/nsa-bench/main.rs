@@ -32,6 +32,10 @@ pub struct Opts {
     pub prefill: Vec<u32>,
     /// Dense matrix rate of the prefill floor, FLOP/s.
     pub matrix_rate: f64,
+    /// Time the in-repo full attention beside each prefill point (`--no-prefill-full`
+    /// skips it: at 64k it takes longer than NSA's own points, and comparing builds
+    /// does not need it).
+    pub prefill_full: bool,
 }
 
 /// Prefill lengths of a `--gpu` run without `--prefill`.
@@ -42,12 +46,13 @@ fn usage() -> ! {
         "nsa-bench: NSA vs full attention over the same paged cache\n\n\
          options:\n  --cpu                 CPU decode benchmark (the default)\n  \
          --gpu                 CUDA decode (plain and CUDA-graph replay) and prefill benchmark\n                        (needs --features cuda and a device)\n  \
-         --contexts A,B,...    context lengths (default 8192,16384,32768)\n  \
+         --contexts A,B,...    decode context lengths (default 8192,16384,32768; `none`: no decode\n                        points)\n  \
          --batches A,B,...     sequences per decode step (default 1,4)\n  \
          --threads N           CPU threads (default: all cores)\n  \
          --reps N              timed decode steps per point (default 9; the median is reported)\n  \
          --prefill A,B,...     --gpu: prefill lengths, each one fresh sequence in one step, median of\n                        min(reps, 3) after 1 warm-up (default 8192,16384,32768,65536;\n                        `none` or an empty list: no prefill)\n  \
          --matrix-tflops X     dense bf16 matrix rate of the prefill floor, TFLOP/s (default 767,\n                        measured on the H100)\n  \
+         --no-prefill-full     --gpu: skip the in-repo full-attention baseline of the prefill points\n                        (its columns read `-`; it is most of a 64k run's time)\n  \
          --quick               small sizes, for a smoke test\n  \
          --json FILE           also write the results as JSON"
     );
@@ -97,6 +102,7 @@ fn main() {
         gpu: false,
         prefill: vec![],
         matrix_rate: 767e12,
+        prefill_full: true,
     };
     let mut prefill = None;
     let mut it = std::env::args().skip(1);
@@ -105,7 +111,7 @@ fn main() {
         match f.as_str() {
             "--cpu" => o.gpu = false,
             "--gpu" => o.gpu = true,
-            "--contexts" => o.contexts = list(&val()),
+            "--contexts" => o.contexts = maybe_list(&val()),
             "--batches" => o.batches = list(&val()),
             "--threads" => o.threads = val().parse().unwrap_or_else(|_| usage()),
             "--reps" => o.reps = val().parse().unwrap_or_else(|_| usage()),
@@ -113,6 +119,7 @@ fn main() {
             "--prefill" => prefill = Some(maybe_list(&val())),
             "--matrix-tflops" => o.matrix_rate = val().parse::<f64>().ok().filter(|&x| x > 0.0).unwrap_or_else(|| usage()) * 1e12,
             "--quick" => o.quick = true,
+            "--no-prefill-full" => o.prefill_full = false,
             _ => usage(),
         }
     }

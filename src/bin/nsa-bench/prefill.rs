@@ -73,7 +73,7 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                     eprintln!("  {what}: {} {ms:.2} ms", if rep == 0 { "warm-up" } else { "rep" });
                     // The full-attention baseline over the step just appended (the same
                     // work for both presets: measured with the first).
-                    let fms = if preset == Preset::Paper {
+                    let fms = if preset == Preset::Paper && o.prefill_full {
                         let f = timer.time(stream, || gpu.attend_full(&cache, 0, io.q, io.out, stream))?;
                         eprintln!("  {what}: full attention {f:.2} ms");
                         f
@@ -85,7 +85,9 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                         full.push(fms);
                     }
                 }
-                let full_s = if preset == Preset::Paper {
+                let full_s = if !o.prefill_full {
+                    f64::NAN
+                } else if preset == Preset::Paper {
                     median(full) * 1e-3
                 } else {
                     // The paper row of the same shape and length, measured just before.

@@ -209,8 +209,10 @@ pub fn print(res: &Results) {
     let graph = rows.iter().any(|r| r.graph_us.is_some());
     let (gh, gs) = if graph { (" NSA graph us | upload us |", "---|---|") } else { ("", "") };
     let (fh, fs) = if graph { (" graph/floor |", "---|") } else { ("", "") };
-    println!("| backend | preset | shape | dtype | batch | context | NSA us |{gh} full us | full/NSA | NSA MB read | floor us | NSA/floor |{fh}");
-    println!("|---|---|---|---|---|---|---|{gs}---|---|---|---|---|{fs}");
+    if !rows.is_empty() {
+        println!("| backend | preset | shape | dtype | batch | context | NSA us |{gh} full us | full/NSA | NSA MB read | floor us | NSA/floor |{fh}");
+        println!("|---|---|---|---|---|---|---|{gs}---|---|---|---|---|{fs}");
+    }
     for r in rows {
         let (gt, gr) = match (graph, r.graph_us) {
             (false, _) => (String::new(), String::new()),
@@ -246,15 +248,21 @@ pub fn print(res: &Results) {
         println!("\n| preset | shape | dtype | tokens | NSA prefill ms | full (in-repo) ms | full/NSA | TFLOP | NSA TFLOP/s | floor ms | NSA/floor |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &res.prefill {
+            // Without the baseline (`--no-prefill-full`) its columns read `-`.
+            let (full, ratio) = if r.full_ms.is_finite() {
+                (format!("{:.2}", r.full_ms), format!("{:.1}x", r.full_ms / r.nsa_ms))
+            } else {
+                ("-".to_string(), "-".to_string())
+            };
             println!(
-                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.1}x | {:.2} | {:.1} | {:.2} | {:.1}x |",
+                "| {} | {} | {} | {} | {:.2} | {} | {} | {:.2} | {:.1} | {:.2} | {:.1}x |",
                 r.preset,
                 r.shape,
                 r.dtype,
                 r.tokens,
                 r.nsa_ms,
-                r.full_ms,
-                r.full_ms / r.nsa_ms,
+                full,
+                ratio,
                 r.flops / 1e12,
                 r.flops / r.nsa_ms * 1e-9,
                 r.floor_ms,
@@ -298,9 +306,11 @@ pub fn json(res: &Results) -> String {
         .prefill
         .iter()
         .map(|r| {
+            // JSON has no NaN: a skipped baseline is null.
+            let full = if r.full_ms.is_finite() { format!("{:.4}", r.full_ms) } else { "null".into() };
             format!(
-                "{{\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"tokens\":{},\"nsa_ms\":{:.4},\"full_ms\":{:.4},\"flops\":{:.0},\"floor_ms\":{:.4},\"matrix_rate\":{:.0}}}",
-                r.preset, r.shape, r.dtype, r.tokens, r.nsa_ms, r.full_ms, r.flops, r.floor_ms, r.matrix_rate
+                "{{\"preset\":\"{}\",\"shape\":\"{}\",\"dtype\":\"{}\",\"tokens\":{},\"nsa_ms\":{:.4},\"full_ms\":{},\"flops\":{:.0},\"floor_ms\":{:.4},\"matrix_rate\":{:.0}}}",
+                r.preset, r.shape, r.dtype, r.tokens, r.nsa_ms, full, r.flops, r.floor_ms, r.matrix_rate
             )
         })
         .collect();
@@ -349,6 +359,20 @@ mod tests {
         assert!((floor_us - 61.5).abs() < 0.1, "{floor_us}");
         // Short contexts read every key once per branch at most.
         assert_eq!(nsa_keys(&c, 100), (100 - 32) / 16 + 1 + 100 + 100);
+    }
+
+    /// A prefill point without its full-attention baseline (`--no-prefill-full`) writes
+    /// `null` in the JSON (which has no NaN), and a measured one its value.
+    #[test]
+    fn skipped_prefill_baseline_is_null_in_json() {
+        let c = Config::preset(Preset::Paper).with_shape(8, 2, 64, 64).with_capacity(1, 4096);
+        let mut res = Results::default();
+        res.prefill.push(PrefillRow::new(&c, Preset::Paper, 1024, 0.002, f64::NAN, 767e12));
+        res.prefill.push(PrefillRow::new(&c, Preset::Paper, 2048, 0.003, 0.0125, 767e12));
+        let j = json(&res);
+        assert!(j.contains("\"tokens\":1024,\"nsa_ms\":2.0000,\"full_ms\":null,"), "{j}");
+        assert!(j.contains("\"tokens\":2048,\"nsa_ms\":3.0000,\"full_ms\":12.5000,"), "{j}");
+        assert!(!j.contains("NaN"), "{j}");
     }
 
     /// Prefill FLOPs are the per-row decode keys summed: 2 FLOPs per multiply-add of QK
