@@ -79,16 +79,8 @@ __device__ __forceinline__ void pf_lse_tile(float (&s)[8][4], int k0, const PfCm
                 if (i >= r.ncB) s[n][2 + e] = NEG_INF;
             }
     }
-    float xA = NEG_INF, xB = NEG_INF;
-#pragma unroll
-    for (int n = 0; n < 8; n++) {
-        xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
-        xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
-    }
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+    float xA, xB;
+    pf_tile_max<8>(s, xA, xB);
     float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
     float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
     float sA = 0.f, sB = 0.f;
@@ -225,35 +217,35 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
     __syncwarp();
 }
 
-// The gated compressed output g_cmp * o_cmp of the lane's two rows into `out` (pf_sw
-// adds the other branches to it).
+// The gated compressed output g_cmp * o_cmp of one of the lane's rows (its position `po`
+// in the tile, head `h` of the group; fragment columns E0 and E0 + 1: 0 for row A, 2 for
+// row B) into `out` (pf_sw adds the other branches to it).
+template <class E, int DV, int E0>
+__device__ __forceinline__ void pf_cmp_store_row(const Params& p, const PrefillTile& tl, int po, int h, int kvh,
+                                                 const float (&o)[DV / 8][4]) {
+    const int q4 = threadIdx.x & 3, G = p.shape.group_size;
+    const float* gates = (const float*)p.io.gates;
+    typename E::T* out = (typename E::T*)p.io.out;
+    if (po < tl.npos) {
+        usize row = (usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * G + h;
+        float gt = gates[row * 3];
+#pragma unroll
+        for (int d = 0; d < DV / 8; d++) {
+            int c = d * 8 + q4 * 2;
+            E::st(out, row * DV + c, gt * o[d][E0]);
+            E::st(out, row * DV + c + 1, gt * o[d][E0 + 1]);
+        }
+    }
+}
+
+// Both of the lane's rows.
 template <class E, int DV>
 __device__ __forceinline__ void pf_cmp_store(const Params& p, const PrefillTile& tl, const PfCmpRows& r, int kvh,
                                              int warp, const float (&o)[DV / 8][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, G = p.shape.group_size;
-    const float* gates = (const float*)p.io.gates;
-    typename E::T* out = (typename E::T*)p.io.out;
+    const int g = (threadIdx.x & 31) >> 2, G = p.shape.group_size;
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
-    if (r.poA < tl.npos) {
-        usize row = (usize)(tl.row0 + r.poA) * p.shape.num_q_heads + kvh * G + hA;
-        float gt = gates[row * 3];
-#pragma unroll
-        for (int d = 0; d < DV / 8; d++) {
-            int c = d * 8 + q4 * 2;
-            E::st(out, row * DV + c, gt * o[d][0]);
-            E::st(out, row * DV + c + 1, gt * o[d][1]);
-        }
-    }
-    if (r.poB < tl.npos) {
-        usize row = (usize)(tl.row0 + r.poB) * p.shape.num_q_heads + kvh * G + hB;
-        float gt = gates[row * 3];
-#pragma unroll
-        for (int d = 0; d < DV / 8; d++) {
-            int c = d * 8 + q4 * 2;
-            E::st(out, row * DV + c, gt * o[d][2]);
-            E::st(out, row * DV + c + 1, gt * o[d][3]);
-        }
-    }
+    pf_cmp_store_row<E, DV, 0>(p, tl, r.poA, hA, kvh, o);
+    pf_cmp_store_row<E, DV, 2>(p, tl, r.poB, hB, kvh, o);
 }
 
 // Forced blocks, then the top-n of each of the warp's positions (its scores `sc`, its

@@ -362,6 +362,23 @@ __device__ __forceinline__ unsigned char* pf_base(unsigned char* raw) {
     return raw + (((a + 1023u) & ~1023u) - a);
 }
 
+// The maxima of the lane's two rows (A: s[n][0..1], B: s[n][2..3]) over a tile of NT x 8
+// keys, across the row's four lanes.
+template <int NT>
+__device__ __forceinline__ void pf_tile_max(const float (&s)[NT][4], float& xA, float& xB) {
+    xA = NEG_INF;
+    xB = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
+        xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
+    }
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+}
+
 // Online-softmax update of one tile of NT x 8 keys for the lane's two rows (A = row g,
 // B = row g + 8): s holds raw logits, masked ones -inf; the maxima mA, mB are raw too,
 // sl2 = scale * log2(e). Turns s into probabilities relative to the (new) max and rescales
@@ -374,16 +391,8 @@ __device__ __forceinline__ unsigned char* pf_base(unsigned char* raw) {
 template <int NT, int DV>
 __device__ __forceinline__ void pf_online(float (&s)[NT][4], float sl2, float& mA, float& mB, float& lA, float& lB,
                                           float (&o)[DV / 8][4]) {
-    float xA = NEG_INF, xB = NEG_INF;
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-        xA = fmaxf(xA, fmaxf(s[n][0], s[n][1]));
-        xB = fmaxf(xB, fmaxf(s[n][2], s[n][3]));
-    }
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+    float xA, xB;
+    pf_tile_max<NT>(s, xA, xB);
     // A row with nothing in this tile (x = -inf) keeps its max whatever it is; a first
     // finite max (x - m = +inf) rescales.
     const bool keep = __all_sync(0xffffffffu, (xA == NEG_INF || (xA - mA) * sl2 <= 8.f) && (xB == NEG_INF || (xB - mB) * sl2 <= 8.f));
