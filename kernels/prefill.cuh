@@ -267,9 +267,28 @@ __device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile
     }
 }
 
-// Compressed branch + selection. Shared memory (from the aligned base): Q (Wgmma) | K
-// stages [NS] | V stages [NS] | psum [warps*PW][64] f32 | scores [warps*PW][nblk] f32 |
-// page of each compressed key tile [nblk] i32.
+// pf_cmp's and pf_cmp_ws's shared memory from the 1024-byte aligned base: Q (Wgmma) | K
+// stages [ns] | V stages [ns] | per-position head sums [nw*PW][64] f32 | block scores
+// [nw*PW][nblk] f32 | the page of each compressed key tile [nblk] i32 (pf_cmp_ws adds its
+// histograms after them).
+template <class M>
+struct PfCmpSmem {
+    unsigned char* base;
+    unsigned qs, ks, vs;  // shared addresses of Q, the K stages, the V stages
+    float *ps, *sc;
+    int* pg;
+    __device__ __forceinline__ PfCmpSmem(unsigned char* raw, int ns, int nw, int PW, int nblk) {
+        base = pf_base(raw);
+        qs = smem_u32(base);
+        ks = qs + M::q_bytes(nw * 16);
+        vs = ks + ns * M::KTILE;
+        ps = (float*)(base + (vs - qs) + ns * M::VTILE);
+        sc = ps + nw * PW * PF_KT;
+        pg = (int*)(sc + nw * PW * nblk);
+    }
+};
+
+// Compressed branch + selection. Shared memory: `PfCmpSmem` with NS stages.
 template <class E, int DK, int DV, int NS, class M>
 __device__ void pf_cmp(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
@@ -278,13 +297,11 @@ __device__ void pf_cmp(const Params& p) {
     const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;
-    unsigned char* base = pf_base(pf_smem);
-    const unsigned qs = smem_u32(base);
-    const unsigned ks = qs + M::q_bytes(nw * 16);
-    const unsigned vs = ks + NS * M::KTILE;
-    float* ps = (float*)(base + (vs - qs) + NS * M::VTILE);
-    float* sc = ps + nw * PW * PF_KT;
-    int* pg = (int*)(sc + nw * PW * nblk);  // page of each compressed key tile
+    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, nblk);
+    unsigned char* base = sm.base;
+    const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
+    float *ps = sm.ps, *sc = sm.sc;
+    int* pg = sm.pg;
 
     PfCopy<NS, M::SW, M::TMA> cp;
     cp.init(p);
@@ -368,8 +385,7 @@ __device__ void pf_cmp(const Params& p) {
 // be zeros, with the producer's arrive after it zeroed them), empty[s] with one arrive per
 // consumer warp after its last read of the stage. So one warpgroup's softmax and block
 // scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
-// variant 14). Shared memory: Q | K stages [ns] | V stages [ns] | psum [nw*PW][64] f32 |
-// scores [nw*PW][nblk] f32 | pages [nblk] i32 | histograms [nw][256] u32; the stage count
+// variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
 // (src/cuda/prefill.rs sizes it with the same layout).
 template <class E, int DK, int DV>
@@ -384,13 +400,11 @@ __device__ void pf_cmp_ws(const Params& p) {
     if (tl.npos == 0) return;
     const unsigned fixed = 1024u + M::q_bytes(nw * 16) + (unsigned)(nw * PW * (PF_KT + nblk) + nblk + nw * 256) * 4u;
     const int NS = min((int)((dyn_smem_bytes() - fixed) / (M::KTILE + M::VTILE)), NSA_PF_WS_STAGES);
-    unsigned char* base = pf_base(pf_smem);
-    const unsigned qs = smem_u32(base);
-    const unsigned ks = qs + M::q_bytes(nw * 16);
-    const unsigned vs = ks + NS * M::KTILE;
-    float* ps = (float*)(base + (vs - qs) + NS * M::VTILE);
-    float* sc = ps + nw * PW * PF_KT;
-    int* pg = (int*)(sc + nw * PW * nblk);
+    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, nblk);
+    unsigned char* base = sm.base;
+    const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
+    float *ps = sm.ps, *sc = sm.sc;
+    int* pg = sm.pg;
     unsigned* hist = (unsigned*)(pg + nblk);
     const unsigned full0 = smem_u32(bars), empty0 = full0 + 8 * NSA_PF_WS_STAGES, tailb = full0 + 16 * NSA_PF_WS_STAGES;
     if (threadIdx.x == 0) {
