@@ -136,15 +136,20 @@ PF_ENTRY(EBF16, bf16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EBF16, bf16, 128, 128, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
-// `wgs`: pf_cmp warp-specialised (a producer warp and up to eight consumer warps over an
-// mbarrier ring of tensor-map copies; `pf_cmp_ws`), the tensor-map shapes only.
-#define PF_WS_ENTRY(E, suffix, DK, DV)                                                                        \
-    extern "C" __global__ void __launch_bounds__(NSA_PF_WS_THREADS, 1) nsa_pf_cmp_wgs_##suffix##_##DK##_##DV(const Params p) { \
-        pdl_trigger();                                                                                         \
-        pdl_wait();                                                                                            \
-        pf_cmp_ws<E, DK, DV>(p);                                                                               \
+// `wgs8`, `wgs12`: pf_cmp warp-specialised (a producer warp and 8 or 12 consumer warps
+// over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), the tensor-map shapes only.
+// Each its own entry: the launch bound sets the register budget (ptxas gives the 13-warp
+// block 128 registers a thread, the 9-warp one 168).
+#define PF_WS_ENTRY(E, suffix, DK, DV, W)                                                                       \
+    extern "C" __global__ void __launch_bounds__((W + 1) * 32, 1) nsa_pf_cmp_wgs##W##_##suffix##_##DK##_##DV(const Params p) { \
+        pdl_trigger();                                                                                           \
+        pdl_wait();                                                                                              \
+        pf_cmp_ws<E, DK, DV>(p);                                                                                 \
     }
-PF_WS_ENTRY(EBF16, bf16, 64, 64)
-PF_WS_ENTRY(EBF16, bf16, 128, 128)
-PF_WS_ENTRY(EF16, f16, 64, 64)
-PF_WS_ENTRY(EF16, f16, 128, 128)
+#define PF_WS_ALL(W)                     \
+    PF_WS_ENTRY(EBF16, bf16, 64, 64, W)   \
+    PF_WS_ENTRY(EBF16, bf16, 128, 128, W) \
+    PF_WS_ENTRY(EF16, f16, 64, 64, W)     \
+    PF_WS_ENTRY(EF16, f16, 128, 128, W)
+PF_WS_ALL(8)
+PF_WS_ALL(12)

@@ -37,11 +37,10 @@ pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
 /// Keys per tile of the prefill kernels: one contiguous run of one page (page_size and
 /// sel_block must be multiples of it for the prefill path).
 pub(crate) const PF_KEYS: u32 = 64;
-/// Consumer warps of the warp-specialised `pf_cmp` (two warpgroups); its block adds one
-/// producer warp.
-pub(crate) const PF_WS_WARPS: u32 = 8;
-/// Threads of the warp-specialised `pf_cmp` (its `__launch_bounds__`).
-pub(crate) const PF_WS_THREADS: u32 = (PF_WS_WARPS + 1) * 32;
+/// Consumer warps of the warp-specialised `pf_cmp` (two or three warpgroups; its block
+/// adds one producer warp), in the host's order of preference: an entry point is
+/// compiled for each (`PF_WS_ENTRY` in kernels/nsa.cu).
+pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
 /// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
 /// mbarriers; the stages it uses are what its dynamic shared memory holds).
 pub(crate) const PF_WS_STAGES: u32 = 4;
@@ -66,7 +65,6 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
-    ("NSA_PF_WS_THREADS", PF_WS_THREADS as u64),
     ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
 ];
 

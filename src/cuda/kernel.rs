@@ -180,8 +180,9 @@ impl Kernel {
         use super::prefill::Policy;
         if self.prefill() {
             let mut v = Vec::new();
-            for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma, Policy::WgmmaWs] {
-                if policy == Policy::WgmmaWs && self != Kernel::PfCmp {
+            let ws = super::consts::PF_WS_WARPS.map(Policy::WgmmaWs);
+            for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma].into_iter().chain(ws) {
+                if matches!(policy, Policy::WgmmaWs(_)) && self != Kernel::PfCmp {
                     continue; // pf_cmp only
                 }
                 for d in [Dtype::F16, Dtype::Bf16] {
@@ -344,7 +345,7 @@ mod tests {
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 4)); // pf_cmp also warp-specialised
+        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 2 * 4)); // pf_cmp also warp-specialised (8 and 12 warps)
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

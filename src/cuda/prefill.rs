@@ -29,31 +29,31 @@ const MAX_POSITIONS: u32 = 32;
 
 /// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a),
 /// the latter with K/V tiles copied by tensor maps (`WgmmaTma`) for 4-warp blocks, or, for
-/// `pf_cmp` only, warp-specialised (`WgmmaWs`: a producer warp copies by tensor maps into
-/// an mbarrier ring for `PF_WS_WARPS` consumer warps, `pf_cmp_ws`).
+/// `pf_cmp` only, warp-specialised (`WgmmaWs(w)`: a producer warp copies by tensor maps
+/// into an mbarrier ring for `w` consumer warps, one of `PF_WS_WARPS`; `pf_cmp_ws`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Policy {
     MmaSync,
     Wgmma,
     WgmmaTma,
-    WgmmaWs,
+    WgmmaWs(u32),
 }
 
 impl Policy {
     /// Its name in the kernels' entry points.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Policy::MmaSync => "mma",
-            Policy::Wgmma => "wg",
-            Policy::WgmmaTma => "wgt",
-            Policy::WgmmaWs => "wgs",
+            Policy::MmaSync => "mma".into(),
+            Policy::Wgmma => "wg".into(),
+            Policy::WgmmaTma => "wgt".into(),
+            Policy::WgmmaWs(w) => format!("wgs{w}"),
         }
     }
 
     /// The (DK, DV) pairs it is compiled for (`PF_SHAPES` / the `wgt` entries in kernels/nsa.cu).
     pub fn shapes(self) -> &'static [(u32, u32)] {
         match self {
-            Policy::WgmmaTma | Policy::WgmmaWs => &SHAPES[..2],
+            Policy::WgmmaTma | Policy::WgmmaWs(_) => &SHAPES[..2],
             _ => &SHAPES,
         }
     }
@@ -89,16 +89,15 @@ impl PrefillPlan {
 
     /// Warps of `kernel`'s blocks that hold rows (`pf_cmp_ws`'s producer warp not counted).
     fn row_warps(&self, kernel: Kernel) -> u32 {
-        if kernel == Kernel::PfCmp && self.policy == Policy::WgmmaWs {
-            PF_WS_WARPS
-        } else {
-            self.warps
+        match self.policy {
+            Policy::WgmmaWs(w) if kernel == Kernel::PfCmp => w,
+            _ => self.warps,
         }
     }
 
     /// Threads per block of `kernel` (PfCmp or PfSw).
     pub fn threads(&self, kernel: Kernel) -> u32 {
-        let producer = kernel == Kernel::PfCmp && self.policy == Policy::WgmmaWs;
+        let producer = kernel == Kernel::PfCmp && matches!(self.policy, Policy::WgmmaWs(_));
         (self.row_warps(kernel) + producer as u32) * 32
     }
 
@@ -142,7 +141,7 @@ pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
 pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: bool) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
-        Policy::Wgmma | Policy::WgmmaTma | Policy::WgmmaWs => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
+        Policy::Wgmma | Policy::WgmmaTma | Policy::WgmmaWs(_) => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
         Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
@@ -156,17 +155,26 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     (cmp, sw)
 }
 
-/// Shared memory of the warp-specialised `pf_cmp` (`pf_cmp_ws` in kernels/prefill.cuh, which
-/// derives its stage count from it): Q | K and V stages | per-position head sums and block
-/// scores | the page of each compressed tile | a 256-word top-n histogram per consumer
-/// warp; as many stages (2 to `PF_WS_STAGES`) as fit in `optin`, or `None`.
-pub(crate) fn ws_shared_mem(cfg: &Config, optin: usize) -> Option<usize> {
-    let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, PF_WS_WARPS as usize);
+/// Shared memory of the warp-specialised `pf_cmp` with `warps` consumer warps (`pf_cmp_ws`
+/// in kernels/prefill.cuh, which derives its stage count from it): Q | K and V stages |
+/// per-position head sums and block scores | the page of each compressed tile | a 256-word
+/// top-n histogram per consumer warp; as many stages (`min_stages` to `PF_WS_STAGES`) as
+/// fit in `optin`, or `None`.
+pub(crate) fn ws_shared_mem(cfg: &Config, warps: u32, min_stages: u32, optin: usize) -> Option<usize> {
+    let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, warps as usize);
     let positions = warps * 16 / cfg.group_size() as usize;
     let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
     let fixed = ALIGN_SLACK + warps * 16 * dk * 2 + (positions * (keys + nblk) + nblk + warps * 256) * 4;
     let stage = keys * (dk + dv) * 2;
-    (2..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
+    (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
+}
+
+/// The warp-specialised `pf_cmp`'s consumer warps and shared memory for `cfg`: twelve
+/// warps where three stages fit, else eight where two do (measured on the H200,
+/// docs/PREFILL_NOTES.md, variant 14c: at G = 16 and 64k twelve warps with three stages
+/// beat eight with four by 10%; twelve warps were not measured with two stages).
+fn ws_choice(cfg: &Config, optin: usize) -> Option<(u32, usize)> {
+    PF_WS_WARPS.iter().find_map(|&w| ws_shared_mem(cfg, w, if w > 8 { 3 } else { 2 }, optin).map(|b| (w, b)))
 }
 
 /// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
@@ -228,11 +236,10 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     })
     .map(|p| {
         // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits.
-        let ws = (p.policy != Policy::MmaSync && tma && !no_ws && Policy::WgmmaWs.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v)))
-            .then(|| ws_shared_mem(cfg, optin))
-            .flatten();
+        let shape_ok = Policy::WgmmaWs(8).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
+        let ws = (p.policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin)).flatten();
         match ws {
-            Some(b) => PrefillPlan { policy: Policy::WgmmaWs, smem_cmp: b as u32, ..p },
+            Some((w, b)) => PrefillPlan { policy: Policy::WgmmaWs(w), smem_cmp: b as u32, ..p },
             None => p,
         }
     })
@@ -292,40 +299,44 @@ mod tests {
 
     #[test]
     fn pf_cmp_is_warp_specialised_where_tensor_maps_serve_it() {
-        use super::super::consts::PF_WS_THREADS;
         let optin = 227 * 1024;
         let stage = |c: &Config| (PF_KEYS * (c.head_dim_qk + c.head_dim_v) * 2) as usize;
-        // Paper G = 16 at 64k: eight positions per pf_cmp block with four stages, pf_sw
-        // unchanged (4-warp blocks, tensor maps).
+        // Paper G = 16 at 64k: twelve consumer warps (twelve positions per pf_cmp block)
+        // with three stages; pf_sw unchanged (4-warp blocks, tensor maps).
         let c = cfg(64, 4, 128, 128, 65536);
         let p = plan(&c, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs, Policy::WgmmaTma, 4));
-        assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (PF_WS_THREADS, 128));
-        assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (8, 4));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, optin));
-        assert_eq!(ws_shared_mem(&c, optin), ws_shared_mem(&c, p.smem_cmp as usize));
-        assert!(ws_shared_mem(&c, p.smem_cmp as usize - 1).unwrap() + stage(&c) == p.smem_cmp as usize);
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12), Policy::WgmmaTma, 4));
+        assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (13 * 32, 128));
+        assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (12, 4));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, 12, 3, optin));
+        assert!(ws_shared_mem(&c, 12, 4, optin).is_none());
+        assert_eq!(ws_shared_mem(&c, 12, 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
-        assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (13, 25));
-        // G = 8 at 64k: sixteen positions' scores leave room for three stages; G = 4's
-        // thirty-two positions need 16k or less.
+        assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
+        // G = 8 at 64k: twelve warps' 24 positions' scores leave too little room, eight
+        // warps get three stages; G = 4's 32 positions need 16k or less.
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs, 8, 16));
-        assert!(p.smem_cmp as usize <= optin && p.smem_cmp as usize + stage(&c8) > optin);
+        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8), 8, 16));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, 8, 3, optin));
+        assert!(ws_shared_mem(&c8, 8, 4, optin).is_none());
         let c4 = cfg(64, 16, 128, 128, 16384);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs, 32));
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12), 48));
         assert_eq!(plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::WgmmaTma);
+        // Entry points name the consumer warps.
+        assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
         // Not without tensor maps, not for DK = 192 (no maps of that shape), not on sm_80,
-        // and not when even two stages do not fit.
+        // not on request, and not when even two stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
         assert_eq!(plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::Wgmma);
         assert_eq!(plan(&c, (8, 0), optin, true).unwrap().policy, Policy::MmaSync);
+        let no_ws = plan_with(&c, (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() }).unwrap();
+        assert_eq!(no_ws.policy, Policy::WgmmaTma);
         let big = cfg(64, 16, 128, 128, 1 << 18);
-        assert!(ws_shared_mem(&big, optin).is_none());
-        assert_ne!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs));
+        assert!(ws_choice(&big, optin).is_none());
+        assert!(!matches!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(_))));
     }
 
     #[test]
