@@ -137,7 +137,7 @@ PF_ENTRY(EBF16, bf16, 128, 128, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 // `wgs8`, `wgs12`: pf_cmp warp-specialised (a producer warp and 8 or 12 consumer warps
-// over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), the tensor-map shapes only.
+// over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), every prefill shape.
 // Each its own entry: the launch bound sets the register budget (ptxas gives the 13-warp
 // block 128 registers a thread, the 9-warp one 168).
 #define PF_WS_ENTRY(E, suffix, DK, DV, W)                                                                       \
@@ -149,7 +149,9 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 #define PF_WS_ALL(W)                     \
     PF_WS_ENTRY(EBF16, bf16, 64, 64, W)   \
     PF_WS_ENTRY(EBF16, bf16, 128, 128, W) \
+    PF_WS_ENTRY(EBF16, bf16, 192, 128, W) \
     PF_WS_ENTRY(EF16, f16, 64, 64, W)     \
-    PF_WS_ENTRY(EF16, f16, 128, 128, W)
+    PF_WS_ENTRY(EF16, f16, 128, 128, W)   \
+    PF_WS_ENTRY(EF16, f16, 192, 128, W)
 PF_WS_ALL(8)
 PF_WS_ALL(12)

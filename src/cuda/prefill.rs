@@ -50,10 +50,11 @@ impl Policy {
         }
     }
 
-    /// The (DK, DV) pairs it is compiled for (`PF_SHAPES` / the `wgt` entries in kernels/nsa.cu).
+    /// The (DK, DV) pairs it is compiled for (`PF_SHAPES`, the `wgt` and `wgs` entries in
+    /// kernels/nsa.cu).
     pub fn shapes(self) -> &'static [(u32, u32)] {
         match self {
-            Policy::WgmmaTma | Policy::WgmmaWs(_) => &SHAPES[..2],
+            Policy::WgmmaTma => &SHAPES[..2],
             _ => &SHAPES,
         }
     }
@@ -266,8 +267,8 @@ mod tests {
         assert_eq!((p.policy, p.warps), (Policy::Wgmma, 4));
         // Two blocks of each kernel per multiprocessor (228 KiB of shared memory there).
         assert!(2 * p.smem_cmp as usize <= 228 * 1024 && 2 * p.smem_sw as usize <= 228 * 1024);
-        let p = plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.warps), (Policy::Wgmma, 8));
+        let p = plan_with(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() });
+        assert_eq!(p.map(|p| (p.policy, p.warps)), Some((Policy::Wgmma, 8)));
         let p = plan_with(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() });
         assert_eq!(p.unwrap().positions(Kernel::PfCmp, &cfg(64, 16, 128, 128, 65536)), 16);
         let p = plan(&cfg(64, 4, 128, 128, 65536), (8, 0), optin, true).unwrap();
@@ -327,10 +328,15 @@ mod tests {
         assert_eq!(plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::WgmmaTma);
         // Entry points name the consumer warps.
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
-        // Not without tensor maps, not for DK = 192 (no maps of that shape), not on sm_80,
-        // not on request, and not when even two stages of eight warps do not fit.
+        // DK = 192 at 64k: twelve warps' Q and three stages do not fit, eight warps' do; pf_sw
+        // keeps its 8-warp blocks.
+        let c192 = cfg(64, 4, 192, 128, 65536);
+        let p = plan(&c192, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8), Policy::Wgmma, 8));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, 8, 3, optin));
+        // Not without tensor maps, not on sm_80, not on request, and not when even two
+        // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
-        assert_eq!(plan(&cfg(64, 4, 192, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::Wgmma);
         assert_eq!(plan(&c, (8, 0), optin, true).unwrap().policy, Policy::MmaSync);
         let no_ws = plan_with(&c, (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() }).unwrap();
         assert_eq!(no_ws.policy, Policy::WgmmaTma);
