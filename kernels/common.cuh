@@ -114,6 +114,9 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #ifndef NSA_PF_WS_STAGES
 #error "NSA_PF_WS_STAGES is passed by the host (src/cuda/consts.rs)"
 #endif
+#ifndef NSA_PF_SC_WIN
+#error "NSA_PF_SC_WIN is passed by the host (src/cuda/consts.rs)"
+#endif
 #ifndef NSA_SPLIT_MIN_KEYS
 #error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"
 #endif

@@ -144,7 +144,7 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
     extern "C" __global__ void __launch_bounds__((W + 1) * 32, 1) nsa_pf_cmp_wgs##W##_##suffix##_##DK##_##DV(const Params p) { \
         pdl_trigger();                                                                                           \
         pdl_wait();                                                                                              \
-        pf_cmp_ws<E, DK, DV>(p);                                                                                 \
+        pf_cmp_ws<E, DK, DV, (W <= 8)>(p);                                                                       \
     }
 #define PF_WS_ALL(W)                     \
     PF_WS_ENTRY(EBF16, bf16, 64, 64, W)   \

@@ -130,20 +130,50 @@ __device__ __forceinline__ void pf_prob_tile(float (&s)[8][4], int k0, const PfC
     }
 }
 
-// Zeroes the block scores of positions po0.. po0 + npo - 1 (the tile's blocks), thread
-// `t` of `nt`.
-__device__ __forceinline__ void pf_zero_scores(float* sc, int nblk, int nblk_tile, int po0, int npo, int t, int nt) {
-    for (int e = t; e < npo * nblk_tile; e += nt) {
-        int po = e / nblk_tile, j = e - po * nblk_tile;
-        sc[(po0 + po) * nblk + j] = 0.f;
+// One position's selection state in shared memory, `L = n + W` floats: the top-n kept so
+// far (scores in slots [0, n), -1 where empty; their blocks in `ix`, ascending) and a
+// window of the block scores of blocks [cb, cb + W) being summed (Eq. 9). Once the tiles
+// have passed a block its score is final; when the window is full the final ones are
+// ranked with the kept n and the window moves on (`pf_sc_flush`), so a position needs
+// n + W slots, not one per block of the longest sequence (variant 15,
+// docs/PREFILL_NOTES.md). W = every block (`pf_nblk`) for the block-wide `pf_cmp`.
+struct PfScores {
+    float* sc;  // [positions][L]
+    int* ix;    // [positions][n]
+    int n, W, L;
+};
+
+// Where block j's score of position po is summed while the window starts at block cb:
+// pf_win(S, cb)[po * S.L + j].
+__device__ __forceinline__ float* pf_win(const PfScores& S, int cb) { return S.sc + S.n - cb; }
+
+// Window slots of `pf_cmp_ws<..., WIN = true>`: at most PF_SC_WIN blocks (the host checks a
+// tile's blocks fit in it, `src/cuda/prefill.rs`). Without WIN (the 12-warp form, whose
+// 128 registers a thread cannot hold a ranking inside its tile loop without spilling in
+// the loop) every block, as in the block-wide `pf_cmp`.
+__device__ __forceinline__ int pf_sc_win(const Params& p) { return min(pf_nblk(p), NSA_PF_SC_WIN); }
+
+// Compressed-key tiles of a longest sequence (the page of each is looked up once).
+__device__ __forceinline__ int pf_ntl_max(const Params& p) {
+    return (num_cmp(p, p.paging.pages_per_seq * p.paging.page_size) + PF_KT - 1) / PF_KT;
+}
+
+// Empties the kept top-n and zeroes the first `nwin` window slots of positions
+// po0.. po0 + npo - 1, thread `t` of `nt`.
+__device__ __forceinline__ void pf_zero_scores(const PfScores& S, int nwin, int po0, int npo, int t, int nt) {
+    const int per = S.n + nwin;
+    for (int e = t; e < npo * per; e += nt) {
+        int po = e / per, j = e - po * per;
+        S.sc[(po0 + po) * S.L + j] = j < S.n ? -1.f : 0.f;
     }
 }
 
 // Pass 2, one tile of probabilities s (keys k0..): summed over each position's group
 // heads into the warp's `myps` [PW][64], then added to the warp's positions' block scores
-// (Eq. 9). Only the warp's own positions are touched (no block barrier needed).
-__device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* sc,
-                                                int nblk, int nblk_tile, const PrefillTile& tl, int warp, int k0) {
+// (Eq. 9): block j of position po at win[po * L + j] (`pf_win`). Only the warp's own
+// positions are touched (no block barrier needed).
+__device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* win, int L,
+                                                int nblk_tile, const PrefillTile& tl, int warp, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
     const int G = p.shape.group_size, PW = 16 / G;
     // Sum p over each position's heads: rows of one position differ in the low
@@ -212,7 +242,7 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
             int i = first + k;
             if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
         }
-        sc[po * nblk + j] += acc;
+        win[po * L + j] += acc;
     }
     __syncwarp();
 }
@@ -248,43 +278,95 @@ __device__ __forceinline__ void pf_cmp_store(const Params& p, const PrefillTile&
     pf_cmp_store_row<E, DV, 2>(p, tl, r.poB, hB, kvh, o);
 }
 
-// Forced blocks, then the top-n of each of the warp's positions (its scores `sc`, its
-// 256-word histogram `hist`) into the selection.
-__device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile& tl, int kvh, int warp, float* sc,
-                                              int nblk, unsigned* hist) {
-    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size;
+// Ranks the final window blocks [cb, f) of each of the warp's positions (capped at its
+// own block b; forced blocks +inf) with its kept top-n into the new kept top-n; with
+// `shift`, the window then starts at block f (the sums of blocks f.. move down, the
+// freed slots are zeroed). `hist`: the warp's 256 words. OUTLINE: the ranking as a call
+// (`pf_top_n_call`), for the flush after the loops.
+template <bool OUTLINE>
+__device__ __forceinline__ void pf_sc_flush(const Params& p, const PfScores& S, const PrefillTile& tl, int warp, int cb,
+                                            int f, bool shift, unsigned* hist) {
+    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size, n = S.n;
     for (int pw = 0; pw < PW; pw++) {
-        int po = warp * PW + pw;
+        const int po = warp * PW + pw;
         if (po >= tl.npos) break;
-        int t = tl.pos0 + po, b = t / p.shape.sel_block;
-        float* my = sc + po * nblk;
-        for (int j = lane; j <= b; j += 32)
-            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
-        __syncwarp();
-        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
-        pf_top_n(my, b, p.shape.sel_count, dst, hist);
+        const int b = (tl.pos0 + po) / p.shape.sel_block;
+        float* my = S.sc + po * S.L;
+        int* ix = S.ix + po * n;
+        const int nf = min(min(f, b + 1) - cb, S.W);
+        if (nf > 0) {
+            for (int s = lane; s < nf; s += 32) {
+                const int j = cb + s;
+                if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[n + s] = POS_INF;
+            }
+            __syncwarp();
+            auto idx = [&](int s) { return s < n ? ix[s] : cb + s - n; };
+            auto emit = [&](int r, int blk, unsigned k) {
+                ix[r] = blk;
+                my[r] = __uint_as_float(k - 1u);
+            };
+            const unsigned c = OUTLINE ? pf_top_n_call(my, n + nf, n, hist, idx, emit) : pf_top_n(my, n + nf, n, hist, idx, emit);
+            for (int r = (int)c + lane; r < n; r += 32) my[r] = -1.f;
+        }
+        if (shift) {
+            const int d = f - cb;
+            for (int s0 = 0; s0 < S.W; s0 += 32) {
+                const int s = s0 + lane;
+                const float v = s + d < S.W ? my[n + s + d] : 0.f;
+                __syncwarp();
+                if (s < S.W) my[n + s] = v;
+            }
+        }
         __syncwarp();
     }
 }
 
+// The last rankings of the warp's positions (every block up to each one's own: blocks
+// past the window, which no tile reached, score 0), then their kept top-n, ascending and
+// -1 padded, into the selection.
+template <bool OUTLINE>
+__device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile& tl, int kvh, int warp, const PfScores& S,
+                                              int cb, unsigned* hist) {
+    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size;
+    if (warp * PW >= tl.npos) return;
+    const int bmax = (tl.pos0 + min(tl.npos, (warp + 1) * PW) - 1) / p.shape.sel_block;
+    for (;;) {
+        const bool more = bmax >= cb + S.W;
+        pf_sc_flush<OUTLINE>(p, S, tl, warp, cb, cb + S.W, more, hist);
+        if (!more) break;
+        cb += S.W;
+    }
+    for (int pw = 0; pw < PW; pw++) {
+        const int po = warp * PW + pw;
+        if (po >= tl.npos) break;
+        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
+        for (int r = lane; r < S.n; r += 32) dst[r] = S.sc[po * S.L + r] >= 0.f ? S.ix[po * S.n + r] : -1;
+    }
+}
+
 // pf_cmp's and pf_cmp_ws's shared memory from the 1024-byte aligned base: Q (Wgmma) | K
-// stages [ns] | V stages [ns] | per-position head sums [nw*PW][64] f32 | block scores
-// [nw*PW][nblk] f32 | the page of each compressed key tile [nblk] i32 (pf_cmp_ws adds its
-// histograms after them).
+// stages [ns] | V stages [ns] | per-position head sums [nw*PW][64] f32 | selection states
+// (`PfScores`: [nw*PW][n + W] f32, then [nw*PW][n] i32) | the page of each compressed key
+// tile [pf_ntl_max] i32 (pf_cmp_ws adds its histograms after them).
 template <class M>
 struct PfCmpSmem {
     unsigned char* base;
     unsigned qs, ks, vs;  // shared addresses of Q, the K stages, the V stages
-    float *ps, *sc;
+    float* ps;
+    PfScores S;
     int* pg;
-    __device__ __forceinline__ PfCmpSmem(unsigned char* raw, int ns, int nw, int PW, int nblk) {
+    __device__ __forceinline__ PfCmpSmem(unsigned char* raw, int ns, int nw, int PW, int n, int W) {
         base = pf_base(raw);
         qs = smem_u32(base);
         ks = qs + M::q_bytes(nw * 16);
         vs = ks + ns * M::KTILE;
         ps = (float*)(base + (vs - qs) + ns * M::VTILE);
-        sc = ps + nw * PW * PF_KT;
-        pg = (int*)(sc + nw * PW * nblk);
+        S.n = n;
+        S.W = W;
+        S.L = n + W;
+        S.sc = ps + nw * PW * PF_KT;
+        S.ix = (int*)(S.sc + nw * PW * S.L);
+        pg = S.ix + nw * PW * n;
     }
 };
 
@@ -294,13 +376,13 @@ __device__ void pf_cmp(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int g = lane >> 2;
-    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
+    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G;
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;
-    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, nblk);
+    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, p.shape.sel_count, pf_nblk(p));
     unsigned char* base = sm.base;
     const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
-    float *ps = sm.ps, *sc = sm.sc;
+    float* ps = sm.ps;
     int* pg = sm.pg;
 
     PfCopy<NS, M::SW, M::TMA> cp;
@@ -341,7 +423,7 @@ __device__ void pf_cmp(const Params& p) {
 
     // Pass 2: normalised probabilities -> P.V and the block scores.
     const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
-    pf_zero_scores(sc, nblk, nblk_tile, 0, nw * PW, threadIdx.x, blockDim.x);
+    pf_zero_scores(sm.S, nblk_tile, 0, nw * PW, threadIdx.x, blockDim.x);
     __syncthreads();
     float o[DV / 8][4];
 #pragma unroll
@@ -364,7 +446,7 @@ __device__ void pf_cmp(const Params& p) {
         m.qk(ks + (kt % NS) * M::KTILE, s);
         pf_prob_tile(s, kt * PF_KT, rw, sl2, lseA, lseB);
         m.pv(s, vs + (kt % NS) * M::VTILE, o);
-        pf_block_scores(p, s, myps, sc, nblk, nblk_tile, tl, warp, kt * PF_KT);
+        pf_block_scores(p, s, myps, pf_win(sm.S, 0), sm.S.L, nblk_tile, tl, warp, kt * PF_KT);
         __syncthreads();
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
@@ -373,7 +455,7 @@ __device__ void pf_cmp(const Params& p) {
     static_assert(NS * M::KTILE >= 8 * 256 * sizeof(unsigned), "a histogram per warp in the K stages");
     cp_wait<0>();
     __syncwarp();
-    pf_cmp_select(p, tl, kvh, warp, sc, nblk, (unsigned*)(base + (ks - qs)) + warp * 256);
+    pf_cmp_select<true>(p, tl, kvh, warp, sm.S, 0, (unsigned*)(base + (ks - qs)) + warp * 256);
 }
 
 // Compressed branch + selection, warp-specialised (sm_90a, tiles by tensor maps): `nw`
@@ -388,24 +470,26 @@ __device__ void pf_cmp(const Params& p) {
 // variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
 // (src/cuda/prefill.rs sizes it with the same layout).
-template <class E, int DK, int DV>
+template <class E, int DK, int DV, bool WIN>
 __device__ void pf_cmp_ws(const Params& p) {
     using M = Wgmma<E, DK, DV>;
     extern __shared__ __align__(16) unsigned char pf_smem[];
     __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - 1;
     const int g = lane >> 2;
-    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, nblk = pf_nblk(p);
+    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, n = p.shape.sel_count;
+    const int W = WIN ? pf_sc_win(p) : pf_nblk(p);
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;
-    const unsigned fixed = 1024u + M::q_bytes(nw * 16) + (unsigned)(nw * PW * (PF_KT + nblk) + nblk + nw * 256) * 4u;
+    const int ntlm = pf_ntl_max(p);
+    const unsigned fixed = 1024u + M::q_bytes(nw * 16) + (unsigned)(nw * PW * (PF_KT + 2 * n + W) + ntlm + nw * 256) * 4u;
     const int NS = min((int)((dyn_smem_bytes() - fixed) / (M::KTILE + M::VTILE)), NSA_PF_WS_STAGES);
-    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, nblk);
+    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, n, W);
     unsigned char* base = sm.base;
     const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
-    float *ps = sm.ps, *sc = sm.sc;
+    float* ps = sm.ps;
     int* pg = sm.pg;
-    unsigned* hist = (unsigned*)(pg + nblk);
+    unsigned* hist = (unsigned*)(pg + ntlm);
     const unsigned full0 = smem_u32(bars), empty0 = full0 + 8 * NSA_PF_WS_STAGES, tailb = full0 + 16 * NSA_PF_WS_STAGES;
     if (threadIdx.x == 0) {
         for (int s = 0; s < NS; s++) {
@@ -469,8 +553,13 @@ __device__ void pf_cmp_ws(const Params& p) {
     pf_lse_final(mA, mB, lA, lB, sl2, lseA, lseB);
 
     const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
-    pf_zero_scores(sc, nblk, nblk_tile, warp * PW, PW, lane, 32);
+    pf_zero_scores(sm.S, min(W, nblk_tile), warp * PW, PW, lane, 32);
     __syncwarp();
+    // The window's first block, and the last block a tile reaches (Eq. 9: block j sums
+    // compressed keys B*j - (A-1) .. B*j + B - 1).
+    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
+    int cb = 0;
+    float* win = pf_win(sm.S, cb);
     float o[DV / 8][4];
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -484,10 +573,17 @@ __device__ void pf_cmp_ws(const Params& p) {
         m.pv(sv, vs + s * M::VTILE, o);
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        pf_block_scores(p, sv, myps, sc, nblk, nblk_tile, tl, warp, kt * PF_KT);
+        const int k0 = kt * PF_KT;
+        if (WIN && min((k0 + PF_KT + A - 2) / B, nblk_tile - 1) - cb >= W) {
+            // The tile reaches past the window: blocks before k0 / B are final.
+            pf_sc_flush<false>(p, sm.S, tl, warp, cb, k0 / B, true, hist + warp * 256);
+            cb = k0 / B;
+            win = pf_win(sm.S, cb);
+        }
+        pf_block_scores(p, sv, myps, win, sm.S.L, nblk_tile, tl, warp, k0);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
-    pf_cmp_select(p, tl, kvh, warp, sc, nblk, hist + warp * 256);
+    pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
 }
 
 // Bytes of a warp's two copy stages in `pf_sel_warp`: 16 keys of K and of V each.

@@ -439,19 +439,24 @@ __device__ __forceinline__ void pf_fold(float* v, bool hi, int mask) {
     }
 }
 
-// Top-n of one position's block scores `sc[0..=b]` (forced blocks already +inf, every
-// other score >= 0; a negative or NaN score is never picked) by one warp, written to
-// dst[0..n) ascending, -1 padded; ties go to the lower block, as the CPU engine's.
+// Top-n of one position's candidate scores `sc[0..nb)` (forced blocks already +inf, every
+// other score >= 0; a negative or NaN score is never picked) by one warp; ties go to the
+// lower slot, and slots are in ascending block order (`idx(slot)`, read for every slot
+// before any `emit`), so to the lower block, as the CPU engine's. `emit(r, block, key)` is
+// called for the r-th chosen slot in slot order (r <= slot, so it may overwrite sc[r]:
+// every lane has read its slot before the sweep's first write); returns how many were
+// chosen (min(n, valid scores)).
 // A radix select over the score bits (the decode kernel's method, kernels/selection.cuh,
 // at warp scale): non-negative floats order as their bits, so four 8-bit passes over a
 // 256-bin histogram (`hist`, the warp's own 256 words of shared memory) find the n-th best
-// key T; then the blocks above T and the lowest-index ones equal to T are written in one
-// ordered sweep. About 4 x (b / 32) + 100 instructions per lane, where n rounds of a warp
-// arg-max cost n x (b / 32) (docs/PREFILL_NOTES.md, variant 11). `sc` becomes the keys.
-__device__ void pf_top_n(float* sc, int b, int n, int* dst, unsigned* hist) {
+// key T; then the slots above T and the lowest ones equal to T are emitted in one
+// ordered sweep. About 4 x (nb / 32) + 100 instructions per lane, where n rounds of a warp
+// arg-max cost n x (nb / 32) (docs/PREFILL_NOTES.md, variant 11). `sc` becomes the keys
+// (a key k > 0 is the score with bits k - 1).
+template <class Idx, class Emit>
+__device__ __forceinline__ unsigned pf_top_n(float* sc, int nb, int n, unsigned* hist, Idx idx, Emit emit) {
     const int lane = threadIdx.x & 31;
     const unsigned below = (1u << lane) - 1u;
-    const int nb = b + 1;
     unsigned* key = (unsigned*)sc;
     // Keys: 0 for a score never picked, else its bits + 1 (both zeros as +0).
     unsigned nvalid = 0u;
@@ -512,20 +517,29 @@ __device__ void pf_top_n(float* sc, int b, int n, int* dst, unsigned* hist) {
             need = __shfl_sync(0xffffffffu, left, L);
         }
     }
-    // Keys above T are in, and the `need` lowest-index keys equal to T.
+    // Keys above T are in, and the `need` lowest-slot keys equal to T.
     unsigned base = 0u, eq_seen = 0u;
     for (int j0 = 0; j0 < nb && base < count; j0 += 32) {
         const int j = j0 + lane;
         const unsigned k = j < nb ? key[j] : 0u;
+        const int blk = j < nb ? idx(j) : 0;
         const bool eq = j < nb && T != 0u && k == T;
         const unsigned eb = __ballot_sync(0xffffffffu, eq);
         const bool in = k > T || (eq && eq_seen + __popc(eb & below) < need);
         eq_seen += __popc(eb);
         const unsigned ib = __ballot_sync(0xffffffffu, in);
-        if (in) dst[base + __popc(ib & below)] = j;
+        if (in) emit((int)(base + __popc(ib & below)), blk, k);
         base += __popc(ib);
     }
-    for (int k = count + lane; k < n; k += 32) dst[k] = -1;
+    __syncwarp();
+    return count;
+}
+
+// `pf_top_n` as a call: where it runs once after the tile loops, its registers then do not
+// count against the loops' (the 12-warp pf_cmp_ws has 128 a thread).
+template <class Idx, class Emit>
+__device__ __noinline__ unsigned pf_top_n_call(float* sc, int nb, int n, unsigned* hist, Idx idx, Emit emit) {
+    return pf_top_n(sc, nb, n, hist, idx, emit);
 }
 
 #endif  // NSA_PREFILL_PARTS_CUH

@@ -7,7 +7,7 @@
 //! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
 //! order; the kernels find their tile in the uploaded plan, so the host only counts them.
 
-use super::consts::{PF_KEYS, PF_WS_STAGES, PF_WS_WARPS};
+use super::consts::{PF_KEYS, PF_SC_WIN, PF_WS_STAGES, PF_WS_WARPS};
 use super::kernel::Kernel;
 use crate::config::{Config, Dtype};
 use crate::layout::PlanSeq;
@@ -134,11 +134,29 @@ pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
     seqs.iter().any(|s| s.new_len - s.old_len >= MIN_TOKENS)
 }
 
+/// Selection blocks of a longest sequence (`pf_nblk` in kernels/prefill_parts.cuh).
+fn nblk(cfg: &Config) -> usize {
+    (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize
+}
+
+/// Compressed-key tiles of a longest sequence (`pf_ntl_max` in kernels/prefill.cuh).
+fn cmp_tiles(cfg: &Config) -> usize {
+    cfg.num_cmp_tokens(cfg.pages_per_seq() * cfg.page_size).div_ceil(PF_KEYS) as usize
+}
+
+/// Bytes per position of `pf_cmp`'s selection state with a window of `win` blocks
+/// (`PfScores` in kernels/prefill.cuh: the kept top-n's scores and blocks, the window) and
+/// its tile's head sums.
+fn position_bytes(cfg: &Config, win: usize) -> usize {
+    (PF_KEYS as usize + 2 * cfg.sel_count as usize + win) * 4
+}
+
 /// Shared memory of `pf_cmp` and `pf_sw` (the kernels' layouts, from a 1024-byte aligned
 /// base): Q (Wgmma) | two K and V stages (for `pf_sw` with `sel_warp`, at least every
-/// warp's two 16-key stages) | pf_cmp: per-position head sums of a tile, block scores, the
-/// page of each compressed tile | pf_sw: the selected partial output (MmaSync only), block
-/// masks, the union list, the page of each visited tile.
+/// warp's two 16-key stages) | pf_cmp: per-position head sums of a tile and selection
+/// states (a window of every block), the page of each compressed tile | pf_sw: the
+/// selected partial output (MmaSync only), block masks, the union list, the page of each
+/// visited tile.
 pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: bool) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
@@ -146,9 +164,9 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
         Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
-    let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
+    let nblk = nblk(cfg);
     let head = ALIGN_SLACK + q;
-    let cmp = head + 2 * stage + positions * keys * 4 + positions * nblk * 4 + nblk * 4;
+    let cmp = head + 2 * stage + positions * position_bytes(cfg, nblk) + cmp_tiles(cfg) * 4;
     let tiles = nblk * (cfg.sel_block / PF_KEYS) as usize + (cfg.window / PF_KEYS) as usize + 4;
     // `pf_warp_stages` in kernels/prefill.cuh: two stages of 16 keys of K and V per warp.
     let warp_stages = if sel_warp { warps as usize * 2 * 16 * (dk + dv) * 2 } else { 0 };
@@ -156,16 +174,31 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     (cmp, sw)
 }
 
+/// The window of block scores of the warp-specialised `pf_cmp` with `warps` consumer warps,
+/// or `None` when a tile's blocks would not fit in it. With at most 8 warps it moves
+/// (`pf_sc_win`: at most `PF_SC_WIN` blocks; a 64-key tile reaches blocks up to
+/// (B + 61 + A) / B past its start after a move, Eq. 9: A = l / d, B = l' / d); the 12-warp
+/// form keeps every block (its 128 registers a thread cannot hold the ranking inside its
+/// tile loop without spilling there).
+fn ws_window(cfg: &Config, warps: usize) -> Option<usize> {
+    if warps > 8 {
+        return Some(nblk(cfg));
+    }
+    let win = nblk(cfg).min(PF_SC_WIN as usize);
+    let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    (win == nblk(cfg) || (b + 61 + a) / b < win).then_some(win)
+}
+
 /// Shared memory of the warp-specialised `pf_cmp` with `warps` consumer warps (`pf_cmp_ws`
 /// in kernels/prefill.cuh, which derives its stage count from it): Q | K and V stages |
-/// per-position head sums and block scores | the page of each compressed tile | a 256-word
-/// top-n histogram per consumer warp; as many stages (`min_stages` to `PF_WS_STAGES`) as
-/// fit in `optin`, or `None`.
+/// per-position head sums and selection states (a window of `ws_window` blocks) | the page
+/// of each compressed tile | a 256-word top-n histogram per consumer warp; as many stages
+/// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`.
 pub(crate) fn ws_shared_mem(cfg: &Config, warps: u32, min_stages: u32, optin: usize) -> Option<usize> {
     let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, warps as usize);
     let positions = warps * 16 / cfg.group_size() as usize;
-    let nblk = (cfg.pages_per_seq() * cfg.page_size / cfg.sel_block) as usize;
-    let fixed = ALIGN_SLACK + warps * 16 * dk * 2 + (positions * (keys + nblk) + nblk + warps * 256) * 4;
+    let win = ws_window(cfg, warps)?;
+    let fixed = ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, win) + (cmp_tiles(cfg) + warps * 256) * 4;
     let stage = keys * (dk + dv) * 2;
     (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
 }
@@ -222,6 +255,10 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     }
     let policy = if cc == (9, 0) && !mma_all { Policy::Wgmma } else { Policy::MmaSync };
     let g = cfg.group_size();
+    // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits
+    // (its window of block scores lets it fit where the block-wide form's scores do not).
+    let shape_ok = Policy::WgmmaWs(8).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
+    let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin)).flatten();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
         let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
@@ -232,17 +269,12 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         let sw_warp = shared_mem(cfg, policy_sw, warps, true).1;
         let sel_warp = !union && sw_warp <= optin;
         let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
-        (warps * 16 / g <= MAX_POSITIONS && cmp <= optin && sw <= optin)
-            .then_some(PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 })
-    })
-    .map(|p| {
-        // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits.
-        let shape_ok = Policy::WgmmaWs(8).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
-        let ws = (p.policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin)).flatten();
-        match ws {
+        let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 };
+        let p = match ws {
             Some((w, b)) => PrefillPlan { policy: Policy::WgmmaWs(w), smem_cmp: b as u32, ..p },
             None => p,
-        }
+        };
+        (warps * 16 / g <= MAX_POSITIONS && p.smem_cmp as usize <= optin && sw <= optin).then_some(p)
     })
 }
 
@@ -315,17 +347,35 @@ mod tests {
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
         assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
-        // G = 8 at 64k: twelve warps' 24 positions' scores leave too little room, eight
-        // warps get three stages; G = 4's 32 positions need 16k or less.
+        // G = 8 at 64k: twelve warps' 24 positions' scores (every block) leave too little
+        // room; eight warps keep a window of 256 blocks a position and get four stages.
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8), 8, 16));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, 8, 3, optin));
-        assert!(ws_shared_mem(&c8, 8, 4, optin).is_none());
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, 8, 4, optin));
+        assert_eq!(ws_window(&c8, 8), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&c8, 12), Some(1024));
+        assert!(ws_shared_mem(&c8, 12, 3, optin).is_none());
+        // G = 4: twelve warps (48 positions) at 16k, eight with the window at 64k (the
+        // block-wide form fits only 4 warps there).
         let c4 = cfg(64, 16, 128, 128, 16384);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12), 48));
-        assert_eq!(plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap().policy, Policy::WgmmaTma);
+        let c4 = cfg(64, 16, 128, 128, 65536);
+        let p = plan(&c4, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8), 32));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, 8, 4, optin));
+        assert!(shared_mem(&c4, Policy::Wgmma, 8, false).0 > optin);
+        // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 40960-token
+        // sequence, 20480 under the sanitizers): eight warps, a window shorter than the
+        // sequence's blocks, so it moves.
+        for len in [40960 + 16, 20480 + 16] {
+            let mut g4 = Config::preset(Preset::Paper).with_shape(4, 1, 128, 128);
+            (g4.dtype, g4.max_seqs, g4.max_step_seqs, g4.max_seq_len, g4.max_step_tokens) = (Dtype::Bf16, 1, 1, len, len);
+            g4.fit_pages();
+            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8)), "{len}");
+            assert!(ws_window(&g4, 8).unwrap() < nblk(&g4));
+        }
         // Entry points name the consumer warps.
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
         // DK = 192 at 64k: twelve warps' Q and three stages do not fit, eight warps' do; pf_sw
@@ -334,15 +384,27 @@ mod tests {
         let p = plan(&c192, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8), Policy::Wgmma, 8));
         assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, 8, 3, optin));
+        assert!(ws_shared_mem(&c192, 8, 4, optin).is_none());
         // Not without tensor maps, not on sm_80, not on request, and not when even two
         // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
         assert_eq!(plan(&c, (8, 0), optin, true).unwrap().policy, Policy::MmaSync);
         let no_ws = plan_with(&c, (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() }).unwrap();
         assert_eq!(no_ws.policy, Policy::WgmmaTma);
+        // 256k tokens at G = 4: the block-wide form's scores (16 KB a position) do not fit
+        // at all, the windowed one's do (and pf_sw's block masks).
         let big = cfg(64, 16, 128, 128, 1 << 18);
-        assert!(ws_choice(&big, optin).is_none());
-        assert!(!matches!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(_))));
+        assert!(shared_mem(&big, Policy::Wgmma, 4, false).0 > optin);
+        assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8)));
+        assert!(plan(&big, (9, 0), optin, false).is_none());
+        // A window that a tile's blocks would overrun is refused: l' = d (B = 1) with
+        // l = 256 (A = 4) reaches (1 + 61 + 4) / 1 = 66 blocks, fine; l = 16384 (A = 256)
+        // reaches 318, more than the window's 256.
+        let mut odd = cfg(64, 16, 128, 128, 1 << 18);
+        (odd.cmp_block, odd.cmp_stride, odd.sel_block) = (256, 64, 64);
+        assert_eq!(ws_window(&odd, 8), Some(PF_SC_WIN as usize));
+        odd.cmp_block = 16384;
+        assert_eq!(ws_window(&odd, 8), None);
     }
 
     #[test]
@@ -353,7 +415,8 @@ mod tests {
         assert!(plan(&f32, (9, 0), optin, true).is_none());
         assert!(plan(&cfg(64, 4, 96, 96, 4096), (9, 0), optin, true).is_none());
         assert!(plan(&cfg(96, 4, 128, 128, 4096), (9, 0), optin, true).is_none()); // G = 24
-        // Scores of a 2M-token sequence do not fit in shared memory.
+        // pf_sw's block masks and union list of a 2M-token sequence do not fit in shared
+        // memory.
         assert!(plan(&cfg(64, 4, 128, 128, 1 << 21), (9, 0), optin, true).is_none());
     }
 
