@@ -136,7 +136,8 @@ __device__ __forceinline__ void pf_prob_tile(float (&s)[8][4], int k0, const PfC
 // have passed a block its score is final; when the window is full the final ones are
 // ranked with the kept n and the window moves on (`pf_sc_flush`), so a position needs
 // n + W slots, not one per block of the longest sequence (variant 15,
-// docs/PREFILL_NOTES.md). W = every block (`pf_nblk`) for the block-wide `pf_cmp`.
+// docs/PREFILL_NOTES.md). Without a moving window (the block-wide `pf_cmp`, and
+// `pf_cmp_ws` where every block fits) n = 0 and W = every block (`pf_nblk`).
 struct PfScores {
     float* sc;  // [positions][L]
     int* ix;    // [positions][n]
@@ -148,9 +149,8 @@ struct PfScores {
 __device__ __forceinline__ float* pf_win(const PfScores& S, int cb) { return S.sc + S.n - cb; }
 
 // Window slots of `pf_cmp_ws<..., WIN = true>`: at most PF_SC_WIN blocks (the host checks a
-// tile's blocks fit in it, `src/cuda/prefill.rs`). Without WIN (the 12-warp form, whose
-// 128 registers a thread cannot hold a ranking inside its tile loop without spilling in
-// the loop) every block, as in the block-wide `pf_cmp`.
+// tile's blocks fit in it, `src/cuda/prefill.rs`). Without WIN every block, as in the
+// block-wide `pf_cmp` (where they fit that is faster: no rankings inside the tile loop).
 __device__ __forceinline__ int pf_sc_win(const Params& p) { return min(pf_nblk(p), NSA_PF_SC_WIN); }
 
 // Compressed-key tiles of a longest sequence (the page of each is looked up once).
@@ -300,8 +300,9 @@ __device__ __forceinline__ void pf_sc_flush(const Params& p, const PfScores& S, 
                 if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[n + s] = POS_INF;
             }
             __syncwarp();
-            auto idx = [&](int s) { return s < n ? ix[s] : cb + s - n; };
-            auto emit = [&](int r, int blk, unsigned k) {
+            // Captures by value: a by-reference capture would put the locals in local memory.
+            auto idx = [=](int s) { return s < n ? ix[s] : cb + s - n; };
+            auto emit = [=](int r, int blk, unsigned k) {
                 ix[r] = blk;
                 my[r] = __uint_as_float(k - 1u);
             };
@@ -321,26 +322,42 @@ __device__ __forceinline__ void pf_sc_flush(const Params& p, const PfScores& S, 
     }
 }
 
-// The last rankings of the warp's positions (every block up to each one's own: blocks
-// past the window, which no tile reached, score 0), then their kept top-n, ascending and
-// -1 padded, into the selection.
+// The selection of the warp's positions into `pf_sel`, ascending and -1 padded. With a
+// kept top-n (S.n > 0): the last rankings (every block up to each one's own: blocks past
+// the window, which no tile reached, score 0), then the kept blocks. Without (the window
+// holds every block from block 0): the forced blocks, then the top-n of blocks 0..b.
 template <bool OUTLINE>
 __device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile& tl, int kvh, int warp, const PfScores& S,
                                               int cb, unsigned* hist) {
-    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size;
+    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size, n = p.shape.sel_count;
     if (warp * PW >= tl.npos) return;
-    const int bmax = (tl.pos0 + min(tl.npos, (warp + 1) * PW) - 1) / p.shape.sel_block;
-    for (;;) {
-        const bool more = bmax >= cb + S.W;
-        pf_sc_flush<OUTLINE>(p, S, tl, warp, cb, cb + S.W, more, hist);
-        if (!more) break;
-        cb += S.W;
+    if (S.n > 0) {
+        const int bmax = (tl.pos0 + min(tl.npos, (warp + 1) * PW) - 1) / p.shape.sel_block;
+        for (;;) {
+            const bool more = bmax >= cb + S.W;
+            pf_sc_flush<OUTLINE>(p, S, tl, warp, cb, cb + S.W, more, hist);
+            if (!more) break;
+            cb += S.W;
+        }
     }
     for (int pw = 0; pw < PW; pw++) {
         const int po = warp * PW + pw;
         if (po >= tl.npos) break;
-        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count;
-        for (int r = lane; r < S.n; r += 32) dst[r] = S.sc[po * S.L + r] >= 0.f ? S.ix[po * S.n + r] : -1;
+        int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * n;
+        float* my = S.sc + po * S.L;
+        if (S.n > 0) {
+            for (int r = lane; r < n; r += 32) dst[r] = my[r] >= 0.f ? S.ix[po * n + r] : -1;
+            continue;
+        }
+        const int b = (tl.pos0 + po) / p.shape.sel_block;
+        for (int j = lane; j <= b; j += 32)
+            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
+        __syncwarp();
+        auto idx = [](int s) { return s; };
+        auto emit = [=](int r, int blk, unsigned) { dst[r] = blk; };
+        const unsigned c = OUTLINE ? pf_top_n_call(my, b + 1, n, hist, idx, emit) : pf_top_n(my, b + 1, n, hist, idx, emit);
+        for (int r = (int)c + lane; r < n; r += 32) dst[r] = -1;
+        __syncwarp();
     }
 }
 
@@ -379,7 +396,7 @@ __device__ void pf_cmp(const Params& p) {
     const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G;
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;
-    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, p.shape.sel_count, pf_nblk(p));
+    const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, 0, pf_nblk(p));
     unsigned char* base = sm.base;
     const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
     float* ps = sm.ps;
@@ -477,7 +494,7 @@ __device__ void pf_cmp_ws(const Params& p) {
     __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - 1;
     const int g = lane >> 2;
-    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, n = p.shape.sel_count;
+    const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, n = WIN ? p.shape.sel_count : 0;
     const int W = WIN ? pf_sc_win(p) : pf_nblk(p);
     const PrefillTile tl = pf_tile(p, blockIdx.x, nw * PW);
     if (tl.npos == 0) return;

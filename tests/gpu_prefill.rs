@@ -93,17 +93,19 @@ fn prefill_chunks_with_decodes_fla_g4_bf16() {
     scenario::<bf16>("prefill_chunks_with_decodes_fla_g4_bf16", &cfg, 37, &pl);
 }
 
-// Past 16k tokens (256 selection blocks of the paper preset) the 8-warp pf_cmp_ws keeps
-// each position's block scores in a window that moves along the tiles, the blocks it
-// leaves ranked with the top-n kept so far (src/cuda/prefill.rs `ws_window`; its unit
-// test checks this shape gets that form). G = 4 with four positions a warp.
+// Where every block's score does not fit in shared memory (here G = 4 past ~58k tokens),
+// the 8-warp pf_cmp_ws keeps each position's block scores in a window of 256 blocks that
+// moves along the tiles, the blocks it leaves ranked with the top-n kept so far
+// (src/cuda/prefill.rs `ws_window`; its unit test checks this shape gets that form). G = 4
+// with four positions a warp. The same size under the sanitizers (a smaller one would not
+// take this form).
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn prefill_one_long_step_moving_window_paper_g4_bf16() {
     if device_or_skip("prefill_one_long_step_moving_window_paper_g4_bf16").is_none() {
         return;
     }
-    let len = sz(40960, 20480);
+    let len = 61440;
     let cfg = cfg_for(Preset::Paper, 4, 1, 128, 128, Dtype::Bf16, 1, len + 16, len);
     let pl = Plan { seqs: 1, prompt_min: len, prompt_max: len, chunk_max: len, decode_steps: 4, forks: false };
     scenario::<bf16>("prefill_one_long_step_moving_window_paper_g4_bf16", &cfg, 38, &pl);

@@ -180,9 +180,9 @@ impl Kernel {
         use super::prefill::Policy;
         if self.prefill() {
             let mut v = Vec::new();
-            let ws = super::consts::PF_WS_WARPS.map(Policy::WgmmaWs);
+            let ws = super::prefill::WS_FORMS.map(|(w, win)| Policy::WgmmaWs(w, win));
             for policy in [Policy::MmaSync, Policy::Wgmma, Policy::WgmmaTma].into_iter().chain(ws) {
-                if matches!(policy, Policy::WgmmaWs(_)) && self != Kernel::PfCmp {
+                if matches!(policy, Policy::WgmmaWs(..)) && self != Kernel::PfCmp {
                     continue; // pf_cmp only
                 }
                 for d in [Dtype::F16, Dtype::Bf16] {

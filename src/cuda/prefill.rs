@@ -29,15 +29,25 @@ const MAX_POSITIONS: u32 = 32;
 
 /// How the prefill kernels multiply: `mma.sync` (any sm_80+) or warpgroup MMA (sm_90a),
 /// the latter with K/V tiles copied by tensor maps (`WgmmaTma`) for 4-warp blocks, or, for
-/// `pf_cmp` only, warp-specialised (`WgmmaWs(w)`: a producer warp copies by tensor maps
-/// into an mbarrier ring for `w` consumer warps, one of `PF_WS_WARPS`; `pf_cmp_ws`).
+/// `pf_cmp` only, warp-specialised (`WgmmaWs(w, win)`: a producer warp copies by tensor
+/// maps into an mbarrier ring for `w` consumer warps, with a moving window of block scores
+/// when `win`; one of `WS_FORMS`; `pf_cmp_ws`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Policy {
     MmaSync,
     Wgmma,
     WgmmaTma,
-    WgmmaWs(u32),
+    WgmmaWs(u32, bool),
 }
+
+/// The forms of the warp-specialised `pf_cmp` (consumer warps, moving window), in the
+/// host's order of preference: an entry point is compiled for each (`PF_WS_ALL` in
+/// kernels/nsa.cu). Twelve warps where three stages fit, else eight where two do, with
+/// every block's score (measured on the H200, docs/PREFILL_NOTES.md, variant 14c: at G = 16
+/// and 64k twelve warps with three stages beat eight with four by 10%), else eight with
+/// the window (variant 15: where every block's score does not fit; where it does, the
+/// window's rankings in the loop cost 5-8%).
+pub(crate) const WS_FORMS: [(u32, bool); 3] = [(PF_WS_WARPS[0], false), (PF_WS_WARPS[1], false), (PF_WS_WARPS[1], true)];
 
 impl Policy {
     /// Its name in the kernels' entry points.
@@ -46,7 +56,7 @@ impl Policy {
             Policy::MmaSync => "mma".into(),
             Policy::Wgmma => "wg".into(),
             Policy::WgmmaTma => "wgt".into(),
-            Policy::WgmmaWs(w) => format!("wgs{w}"),
+            Policy::WgmmaWs(w, win) => format!("wgs{w}{}", if win { "w" } else { "" }),
         }
     }
 
@@ -91,14 +101,14 @@ impl PrefillPlan {
     /// Warps of `kernel`'s blocks that hold rows (`pf_cmp_ws`'s producer warp not counted).
     fn row_warps(&self, kernel: Kernel) -> u32 {
         match self.policy {
-            Policy::WgmmaWs(w) if kernel == Kernel::PfCmp => w,
+            Policy::WgmmaWs(w, _) if kernel == Kernel::PfCmp => w,
             _ => self.warps,
         }
     }
 
     /// Threads per block of `kernel` (PfCmp or PfSw).
     pub fn threads(&self, kernel: Kernel) -> u32 {
-        let producer = kernel == Kernel::PfCmp && matches!(self.policy, Policy::WgmmaWs(_));
+        let producer = kernel == Kernel::PfCmp && matches!(self.policy, Policy::WgmmaWs(..));
         (self.row_warps(kernel) + producer as u32) * 32
     }
 
@@ -144,11 +154,11 @@ fn cmp_tiles(cfg: &Config) -> usize {
     cfg.num_cmp_tokens(cfg.pages_per_seq() * cfg.page_size).div_ceil(PF_KEYS) as usize
 }
 
-/// Bytes per position of `pf_cmp`'s selection state with a window of `win` blocks
-/// (`PfScores` in kernels/prefill.cuh: the kept top-n's scores and blocks, the window) and
-/// its tile's head sums.
-fn position_bytes(cfg: &Config, win: usize) -> usize {
-    (PF_KEYS as usize + 2 * cfg.sel_count as usize + win) * 4
+/// Bytes per position of `pf_cmp`'s selection state (`PfScores` in kernels/prefill.cuh: a
+/// window of `win` block scores, and with a moving window the kept top-n's scores and
+/// blocks) and its tile's head sums.
+fn position_bytes(cfg: &Config, win: usize, moving: bool) -> usize {
+    (PF_KEYS as usize + if moving { 2 * cfg.sel_count as usize } else { 0 } + win) * 4
 }
 
 /// Shared memory of `pf_cmp` and `pf_sw` (the kernels' layouts, from a 1024-byte aligned
@@ -160,13 +170,13 @@ fn position_bytes(cfg: &Config, win: usize) -> usize {
 pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: bool) -> (usize, usize) {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
     let (stage, q, acc) = match policy {
-        Policy::Wgmma | Policy::WgmmaTma | Policy::WgmmaWs(_) => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
+        Policy::Wgmma | Policy::WgmmaTma | Policy::WgmmaWs(..) => (keys * (dk + dv) * 2, warps as usize * 16 * dk * 2, 0),
         Policy::MmaSync => (keys * (dk + 8 + dv + 8) * 2, 0, warps as usize * dv * 16 * 4),
     };
     let positions = (warps * 16 / cfg.group_size()) as usize;
     let nblk = nblk(cfg);
     let head = ALIGN_SLACK + q;
-    let cmp = head + 2 * stage + positions * position_bytes(cfg, nblk) + cmp_tiles(cfg) * 4;
+    let cmp = head + 2 * stage + positions * position_bytes(cfg, nblk, false) + cmp_tiles(cfg) * 4;
     let tiles = nblk * (cfg.sel_block / PF_KEYS) as usize + (cfg.window / PF_KEYS) as usize + 4;
     // `pf_warp_stages` in kernels/prefill.cuh: two stages of 16 keys of K and V per warp.
     let warp_stages = if sel_warp { warps as usize * 2 * 16 * (dk + dv) * 2 } else { 0 };
@@ -174,14 +184,12 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     (cmp, sw)
 }
 
-/// The window of block scores of the warp-specialised `pf_cmp` with `warps` consumer warps,
-/// or `None` when a tile's blocks would not fit in it. With at most 8 warps it moves
-/// (`pf_sc_win`: at most `PF_SC_WIN` blocks; a 64-key tile reaches blocks up to
-/// (B + 61 + A) / B past its start after a move, Eq. 9: A = l / d, B = l' / d); the 12-warp
-/// form keeps every block (its 128 registers a thread cannot hold the ranking inside its
-/// tile loop without spilling there).
-fn ws_window(cfg: &Config, warps: usize) -> Option<usize> {
-    if warps > 8 {
+/// The window of block scores of the warp-specialised `pf_cmp`: every block, or with a
+/// moving window (`moving`) at most `PF_SC_WIN` (`pf_sc_win`), or `None` when a tile's
+/// blocks would not fit in that: a 64-key tile reaches blocks up to (B + 61 + A) / B past
+/// the window's start after a move (Eq. 9: A = l / d, B = l' / d).
+fn ws_window(cfg: &Config, moving: bool) -> Option<usize> {
+    if !moving {
         return Some(nblk(cfg));
     }
     let win = nblk(cfg).min(PF_SC_WIN as usize);
@@ -189,26 +197,25 @@ fn ws_window(cfg: &Config, warps: usize) -> Option<usize> {
     (win == nblk(cfg) || (b + 61 + a) / b < win).then_some(win)
 }
 
-/// Shared memory of the warp-specialised `pf_cmp` with `warps` consumer warps (`pf_cmp_ws`
-/// in kernels/prefill.cuh, which derives its stage count from it): Q | K and V stages |
-/// per-position head sums and selection states (a window of `ws_window` blocks) | the page
-/// of each compressed tile | a 256-word top-n histogram per consumer warp; as many stages
+/// Shared memory of the warp-specialised `pf_cmp` in form (`warps` consumer warps, moving
+/// window) (`pf_cmp_ws` in kernels/prefill.cuh, which derives its stage count from it): Q |
+/// K and V stages | per-position head sums and selection states | the page of each
+/// compressed tile | a 256-word top-n histogram per consumer warp; as many stages
 /// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`.
-pub(crate) fn ws_shared_mem(cfg: &Config, warps: u32, min_stages: u32, optin: usize) -> Option<usize> {
-    let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, warps as usize);
+pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), min_stages: u32, optin: usize) -> Option<usize> {
+    let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, form.0 as usize);
     let positions = warps * 16 / cfg.group_size() as usize;
-    let win = ws_window(cfg, warps)?;
-    let fixed = ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, win) + (cmp_tiles(cfg) + warps * 256) * 4;
+    let win = ws_window(cfg, form.1)?;
+    let fixed =
+        ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, win, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
     let stage = keys * (dk + dv) * 2;
     (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
 }
 
-/// The warp-specialised `pf_cmp`'s consumer warps and shared memory for `cfg`: twelve
-/// warps where three stages fit, else eight where two do (measured on the H200,
-/// docs/PREFILL_NOTES.md, variant 14c: at G = 16 and 64k twelve warps with three stages
-/// beat eight with four by 10%; twelve warps were not measured with two stages).
-fn ws_choice(cfg: &Config, optin: usize) -> Option<(u32, usize)> {
-    PF_WS_WARPS.iter().find_map(|&w| ws_shared_mem(cfg, w, if w > 8 { 3 } else { 2 }, optin).map(|b| (w, b)))
+/// The warp-specialised `pf_cmp`'s form and shared memory for `cfg`: the first of
+/// `WS_FORMS` that fits (twelve warps with three stages, eight with two).
+fn ws_choice(cfg: &Config, optin: usize) -> Option<((u32, bool), usize)> {
+    WS_FORMS.iter().find_map(|&f| ws_shared_mem(cfg, f, if f.0 > 8 { 3 } else { 2 }, optin).map(|b| (f, b)))
 }
 
 /// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
@@ -257,7 +264,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     let g = cfg.group_size();
     // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits
     // (its window of block scores lets it fit where the block-wide form's scores do not).
-    let shape_ok = Policy::WgmmaWs(8).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
+    let shape_ok = Policy::WgmmaWs(8, false).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
     let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin)).flatten();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
@@ -271,7 +278,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
         let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 };
         let p = match ws {
-            Some((w, b)) => PrefillPlan { policy: Policy::WgmmaWs(w), smem_cmp: b as u32, ..p },
+            Some((form, b)) => PrefillPlan { policy: Policy::WgmmaWs(form.0, form.1), smem_cmp: b as u32, ..p },
             None => p,
         };
         (warps * 16 / g <= MAX_POSITIONS && p.smem_cmp as usize <= optin && sw <= optin).then_some(p)
@@ -338,53 +345,56 @@ mod tests {
         // with three stages; pf_sw unchanged (4-warp blocks, tensor maps).
         let c = cfg(64, 4, 128, 128, 65536);
         let p = plan(&c, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12), Policy::WgmmaTma, 4));
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, false), Policy::WgmmaTma, 4));
         assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (13 * 32, 128));
         assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (12, 4));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, 12, 3, optin));
-        assert!(ws_shared_mem(&c, 12, 4, optin).is_none());
-        assert_eq!(ws_shared_mem(&c, 12, 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, false), 3, optin));
+        assert!(ws_shared_mem(&c, (12, false), 4, optin).is_none());
+        assert_eq!(ws_shared_mem(&c, (12, false), 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
         assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
-        // G = 8 at 64k: twelve warps' 24 positions' scores (every block) leave too little
-        // room; eight warps keep a window of 256 blocks a position and get four stages.
+        // G = 8 at 64k: twelve warps' 24 positions' scores leave too little room, eight
+        // warps get three stages (a moving window would give four, but its rankings in the
+        // loop cost more than the stage gains: docs/PREFILL_NOTES.md, variant 15).
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8), 8, 16));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, 8, 4, optin));
-        assert_eq!(ws_window(&c8, 8), Some(PF_SC_WIN as usize));
-        assert_eq!(ws_window(&c8, 12), Some(1024));
-        assert!(ws_shared_mem(&c8, 12, 3, optin).is_none());
-        // G = 4: twelve warps (48 positions) at 16k, eight with the window at 64k (the
-        // block-wide form fits only 4 warps there).
+        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8, false), 8, 16));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (8, false), 3, optin));
+        assert!(ws_shared_mem(&c8, (8, false), 4, optin).is_none());
+        assert!(ws_shared_mem(&c8, (12, false), 3, optin).is_none());
+        assert_eq!(ws_window(&c8, true), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&c8, false), Some(1024));
+        // G = 4: twelve warps (48 positions) at 16k; at 64k no form with every block's
+        // score fits (nor the block-wide form beyond 4 warps), eight warps with the window do.
         let c4 = cfg(64, 16, 128, 128, 16384);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12), 48));
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12, false), 48));
         let c4 = cfg(64, 16, 128, 128, 65536);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8), 32));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, 8, 4, optin));
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8, true), 32));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (8, true), 4, optin));
+        assert!(ws_shared_mem(&c4, (8, false), 2, optin).is_none());
         assert!(shared_mem(&c4, Policy::Wgmma, 8, false).0 > optin);
-        // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 40960-token
-        // sequence, 20480 under the sanitizers): eight warps, a window shorter than the
-        // sequence's blocks, so it moves.
-        for len in [40960 + 16, 20480 + 16] {
+        // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 61440-token
+        // sequence): eight warps, a window shorter than the sequence's blocks, so it moves.
+        for len in [61440 + 16] {
             let mut g4 = Config::preset(Preset::Paper).with_shape(4, 1, 128, 128);
             (g4.dtype, g4.max_seqs, g4.max_step_seqs, g4.max_seq_len, g4.max_step_tokens) = (Dtype::Bf16, 1, 1, len, len);
             g4.fit_pages();
-            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8)), "{len}");
-            assert!(ws_window(&g4, 8).unwrap() < nblk(&g4));
+            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)), "{len}");
+            assert!(ws_window(&g4, true).unwrap() < nblk(&g4));
         }
         // Entry points name the consumer warps.
-        assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
+        assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12, false), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
+        assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(8, true), Dtype::F16, 64, 64), "nsa_pf_cmp_wgs8w_f16_64_64");
         // DK = 192 at 64k: twelve warps' Q and three stages do not fit, eight warps' do; pf_sw
         // keeps its 8-warp blocks.
         let c192 = cfg(64, 4, 192, 128, 65536);
         let p = plan(&c192, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8), Policy::Wgmma, 8));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, 8, 3, optin));
-        assert!(ws_shared_mem(&c192, 8, 4, optin).is_none());
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8, false), Policy::Wgmma, 8));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (8, false), 3, optin));
+        assert!(ws_shared_mem(&c192, (8, false), 4, optin).is_none());
         // Not without tensor maps, not on sm_80, not on request, and not when even two
         // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
@@ -395,16 +405,16 @@ mod tests {
         // at all, the windowed one's do (and pf_sw's block masks).
         let big = cfg(64, 16, 128, 128, 1 << 18);
         assert!(shared_mem(&big, Policy::Wgmma, 4, false).0 > optin);
-        assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8)));
+        assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)));
         assert!(plan(&big, (9, 0), optin, false).is_none());
         // A window that a tile's blocks would overrun is refused: l' = d (B = 1) with
         // l = 256 (A = 4) reaches (1 + 61 + 4) / 1 = 66 blocks, fine; l = 16384 (A = 256)
         // reaches 318, more than the window's 256.
         let mut odd = cfg(64, 16, 128, 128, 1 << 18);
         (odd.cmp_block, odd.cmp_stride, odd.sel_block) = (256, 64, 64);
-        assert_eq!(ws_window(&odd, 8), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&odd, true), Some(PF_SC_WIN as usize));
         odd.cmp_block = 16384;
-        assert_eq!(ws_window(&odd, 8), None);
+        assert_eq!(ws_window(&odd, true), None);
     }
 
     #[test]
