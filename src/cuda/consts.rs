@@ -38,8 +38,8 @@ pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
 /// sel_block must be multiples of it for the prefill path).
 pub(crate) const PF_KEYS: u32 = 64;
 /// Consumer warps of the warp-specialised `pf_cmp` (two or three warpgroups; its block
-/// adds one producer warp), in the host's order of preference: an entry point is
-/// compiled for each (`PF_WS_ENTRY` in kernels/nsa.cu).
+/// adds one producer warp), in the host's order of preference (its forms, with and
+/// without a moving window: `prefill::WS_FORMS`, `PF_WS_ALL` in kernels/nsa.cu).
 pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
 /// Window of block scores per position of the warp-specialised `pf_cmp`, in selection
 /// blocks: the blocks being summed, ranked with the top-n kept so far whenever the tiles
