@@ -139,13 +139,14 @@ __device__ __forceinline__ void pf_prob_tile(float (&s)[8][4], int k0, const PfC
 // docs/PREFILL_NOTES.md). Without a moving window (the block-wide `pf_cmp`, and
 // `pf_cmp_ws` where every block fits) n = 0 and W = every block (`pf_nblk`).
 struct PfScores {
-    float* sc;  // [positions][L]
+    float* sc;  // [positions][L()]
     int* ix;    // [positions][n]
-    int n, W, L;
+    int n, W;
+    __device__ __forceinline__ int L() const { return n + W; }
 };
 
 // Where block j's score of position po is summed while the window starts at block cb:
-// pf_win(S, cb)[po * S.L + j].
+// pf_win(S, cb)[po * S.L() + j].
 __device__ __forceinline__ float* pf_win(const PfScores& S, int cb) { return S.sc + S.n - cb; }
 
 // Window slots of `pf_cmp_ws<..., WIN = true>`: at most PF_SC_WIN blocks (the host checks a
@@ -158,13 +159,33 @@ __device__ __forceinline__ int pf_ntl_max(const Params& p) {
     return (num_cmp(p, p.paging.pages_per_seq * p.paging.page_size) + PF_KT - 1) / PF_KT;
 }
 
+// The last selection block whose Eq. 9 sum takes a compressed key of the 64-key tile at k0
+// (block j sums keys B*j - (A-1) .. B*j + B - 1; A = l / d, B = l' / d).
+__device__ __forceinline__ int pf_tile_last_block(int k0, int A, int B) { return (k0 + PF_KT - 1 + A - 1) / B; }
+
+// Scores +inf for the forced blocks (the first sel_init, the last sel_local up to the
+// position's own block b) among blocks cb.. cb + nb - 1, whose scores are at slot[0..nb).
+__device__ __forceinline__ void pf_force_blocks(const Params& p, float* slot, int cb, int nb, int b) {
+    for (int s = threadIdx.x & 31; s < nb; s += 32) {
+        const int j = cb + s;
+        if (j < p.shape.sel_init || j > b - p.shape.sel_local) slot[s] = POS_INF;
+    }
+    __syncwarp();
+}
+
+// `pf_top_n` inlined, or as a call (OUTLINE: after the tile loops).
+template <bool OUTLINE, class Idx, class Emit>
+__device__ __forceinline__ unsigned pf_rank(float* sc, int nb, int n, unsigned* hist, Idx idx, Emit emit) {
+    return OUTLINE ? pf_top_n_call(sc, nb, n, hist, idx, emit) : pf_top_n(sc, nb, n, hist, idx, emit);
+}
+
 // Empties the kept top-n and zeroes the first `nwin` window slots of positions
 // po0.. po0 + npo - 1, thread `t` of `nt`.
 __device__ __forceinline__ void pf_zero_scores(const PfScores& S, int nwin, int po0, int npo, int t, int nt) {
     const int per = S.n + nwin;
     for (int e = t; e < npo * per; e += nt) {
         int po = e / per, j = e - po * per;
-        S.sc[(po0 + po) * S.L + j] = j < S.n ? -1.f : 0.f;
+        S.sc[(po0 + po) * S.L() + j] = j < S.n ? -1.f : 0.f;
     }
 }
 
@@ -230,7 +251,7 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
     // is summed in a fixed order.
     const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
     const int jlo = k0 / B;  // first block whose last offset B*j + B - 1 reaches k0
-    const int jhi = (k0 + PF_KT - 1 + A - 1) / B;
+    const int jhi = pf_tile_last_block(k0, A, B);
     const int nj = jhi - jlo + 1;
     for (int it = lane; it < PW * nj; it += 32) {
         int pw = it / nj, j = jlo + it - pw * nj;
@@ -291,22 +312,18 @@ __device__ __forceinline__ void pf_sc_flush(const Params& p, const PfScores& S, 
         const int po = warp * PW + pw;
         if (po >= tl.npos) break;
         const int b = (tl.pos0 + po) / p.shape.sel_block;
-        float* my = S.sc + po * S.L;
+        float* my = S.sc + po * S.L();
         int* ix = S.ix + po * n;
         const int nf = min(min(f, b + 1) - cb, S.W);
         if (nf > 0) {
-            for (int s = lane; s < nf; s += 32) {
-                const int j = cb + s;
-                if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[n + s] = POS_INF;
-            }
-            __syncwarp();
+            pf_force_blocks(p, my + n, cb, nf, b);
             // Captures by value: a by-reference capture would put the locals in local memory.
             auto idx = [=](int s) { return s < n ? ix[s] : cb + s - n; };
             auto emit = [=](int r, int blk, unsigned k) {
                 ix[r] = blk;
                 my[r] = __uint_as_float(k - 1u);
             };
-            const unsigned c = OUTLINE ? pf_top_n_call(my, n + nf, n, hist, idx, emit) : pf_top_n(my, n + nf, n, hist, idx, emit);
+            const unsigned c = pf_rank<OUTLINE>(my, n + nf, n, hist, idx, emit);
             for (int r = (int)c + lane; r < n; r += 32) my[r] = -1.f;
         }
         if (shift) {
@@ -344,18 +361,16 @@ __device__ __forceinline__ void pf_cmp_select(const Params& p, const PrefillTile
         const int po = warp * PW + pw;
         if (po >= tl.npos) break;
         int* dst = pf_sel(p) + ((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * n;
-        float* my = S.sc + po * S.L;
+        float* my = S.sc + po * S.L();
         if (S.n > 0) {
             for (int r = lane; r < n; r += 32) dst[r] = my[r] >= 0.f ? S.ix[po * n + r] : -1;
             continue;
         }
         const int b = (tl.pos0 + po) / p.shape.sel_block;
-        for (int j = lane; j <= b; j += 32)
-            if (j < p.shape.sel_init || j > b - p.shape.sel_local) my[j] = POS_INF;
-        __syncwarp();
+        pf_force_blocks(p, my, 0, b + 1, b);
         auto idx = [](int s) { return s; };
         auto emit = [=](int r, int blk, unsigned) { dst[r] = blk; };
-        const unsigned c = OUTLINE ? pf_top_n_call(my, b + 1, n, hist, idx, emit) : pf_top_n(my, b + 1, n, hist, idx, emit);
+        const unsigned c = pf_rank<OUTLINE>(my, b + 1, n, hist, idx, emit);
         for (int r = (int)c + lane; r < n; r += 32) dst[r] = -1;
         __syncwarp();
     }
@@ -380,9 +395,8 @@ struct PfCmpSmem {
         ps = (float*)(base + (vs - qs) + ns * M::VTILE);
         S.n = n;
         S.W = W;
-        S.L = n + W;
         S.sc = ps + nw * PW * PF_KT;
-        S.ix = (int*)(S.sc + nw * PW * S.L);
+        S.ix = (int*)(S.sc + nw * PW * S.L());
         pg = S.ix + nw * PW * n;
     }
 };
@@ -463,7 +477,7 @@ __device__ void pf_cmp(const Params& p) {
         m.qk(ks + (kt % NS) * M::KTILE, s);
         pf_prob_tile(s, kt * PF_KT, rw, sl2, lseA, lseB);
         m.pv(s, vs + (kt % NS) * M::VTILE, o);
-        pf_block_scores(p, s, myps, pf_win(sm.S, 0), sm.S.L, nblk_tile, tl, warp, kt * PF_KT);
+        pf_block_scores(p, s, myps, pf_win(sm.S, 0), sm.S.L(), nblk_tile, tl, warp, kt * PF_KT);
         __syncthreads();
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
@@ -572,8 +586,7 @@ __device__ void pf_cmp_ws(const Params& p) {
     const int nblk_tile = (tl.pos0 + tl.npos - 1) / p.shape.sel_block + 1;
     pf_zero_scores(sm.S, min(W, nblk_tile), warp * PW, PW, lane, 32);
     __syncwarp();
-    // The window's first block, and the last block a tile reaches (Eq. 9: block j sums
-    // compressed keys B*j - (A-1) .. B*j + B - 1).
+    // The window's first block (blocks before k0 / B are final once the tiles reach k0).
     const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
     int cb = 0;
     float* win = pf_win(sm.S, cb);
@@ -591,13 +604,13 @@ __device__ void pf_cmp_ws(const Params& p) {
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
         const int k0 = kt * PF_KT;
-        if (WIN && min((k0 + PF_KT + A - 2) / B, nblk_tile - 1) - cb >= W) {
+        if (WIN && min(pf_tile_last_block(k0, A, B), nblk_tile - 1) - cb >= W) {
             // The tile reaches past the window: blocks before k0 / B are final.
             pf_sc_flush<false>(p, sm.S, tl, warp, cb, k0 / B, true, hist + warp * 256);
             cb = k0 / B;
             win = pf_win(sm.S, cb);
         }
-        pf_block_scores(p, sv, myps, win, sm.S.L, nblk_tile, tl, warp, k0);
+        pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
