@@ -66,6 +66,7 @@ struct Workspace {
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
+    int pf_win;  // blocks in pf_cmp_ws's moving window of block scores (0: none)
 };
 
 struct Params {
@@ -113,9 +114,6 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #endif
 #ifndef NSA_PF_WS_STAGES
 #error "NSA_PF_WS_STAGES is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_PF_SC_WIN
-#error "NSA_PF_SC_WIN is passed by the host (src/cuda/consts.rs)"
 #endif
 #ifndef NSA_SPLIT_MIN_KEYS
 #error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"

@@ -4,8 +4,9 @@
 #   2. compute-sanitizer memcheck and racecheck on gpu_decode, gpu_prefill and gpu_full with
 #      NSA_GPU_TEST_SMALL=1 (reduced sizes), and initcheck on one small test of each.
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
-# Env: NSA_GPU_PHASES="tests memcheck initcheck racecheck synccheck" (default: all but
-# synccheck), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
+# Env: NSA_GPU_PHASES="tests window memcheck initcheck racecheck synccheck" (default: all
+# but window and synccheck; `window` forces pf_cmp's moving window short, NSA_GPU_SC_WIN
+# blocks, default 17), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
 # the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run),
 # NSA_GPU_RACE_SKIP (tests racecheck skips; default the 128k decode test and the 61k
 # moving-window prefill test, see below).
@@ -47,6 +48,19 @@ if [[ " $phases " == *" tests "* ]]; then
       run "$n" "$LOGS/$n.log" "$b" ${NSA_GPU_FILTER:-} --include-ignored --test-threads=1 --nocapture
     fi
   done
+fi
+# Phase `window`: gpu_prefill with pf_cmp's moving window of block scores forced on and
+# short (src/cuda/prefill.rs `plan`; 17 blocks, the shortest a paper-preset tile allows),
+# so the paper-preset prefills past ~1,100 tokens move it; then the two paper-preset chunk
+# tests (full size: the small ones are too short to move it) under racecheck, which the
+# 61k-token case that takes the window by default is too slow for.
+if [[ " $phases " == *" window "* && -x "$here/bin/gpu_prefill" ]]; then
+  win=(env NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SC_WIN="${NSA_GPU_SC_WIN:-17}")
+  run "gpu_prefill (window ${NSA_GPU_SC_WIN:-17})" "$LOGS/window.log" "${win[@]}" "$here/bin/gpu_prefill" \
+    --skip moving_window --include-ignored --test-threads=1 --nocapture
+  run "racecheck gpu_prefill (window, chunks)" "$LOGS/racecheck_window.log" timeout "${NSA_GPU_SAN_TIMEOUT:-400}" "${win[@]}" \
+    compute-sanitizer --tool racecheck --error-exitcode 99 "$here/bin/gpu_prefill" prefill_chunks_with_decodes_paper \
+    --include-ignored --test-threads=1 --nocapture
 fi
 for tool in memcheck initcheck racecheck synccheck; do
   [[ " $phases " == *" $tool "* ]] || continue

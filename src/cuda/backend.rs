@@ -140,6 +140,7 @@ impl CudaBackend {
             tma: plan.tma,
             nstage,
             pf_sel_warp: plan.prefill.is_some_and(|p| p.sel_warp),
+            pf_win: plan.prefill.map_or(0, |p| p.sc_win),
         };
         Ok(CudaBackend {
             cfg: *cfg,

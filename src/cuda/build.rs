@@ -29,7 +29,7 @@ pub(crate) fn env_on(name: &str) -> bool {
 }
 
 /// A numeric knob read at backend creation, when set to a number.
-fn env_num(name: &str) -> Option<usize> {
+pub(crate) fn env_num(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 

@@ -42,8 +42,10 @@ pub(crate) const PF_KEYS: u32 = 64;
 /// without a moving window: `prefill::WS_FORMS`, `PF_WS_ALL` in kernels/nsa.cu).
 pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
 /// Window of block scores per position of the warp-specialised `pf_cmp`, in selection
-/// blocks: the blocks being summed, ranked with the top-n kept so far whenever the tiles
-/// pass the window's end, so its shared memory does not grow with the longest sequence.
+/// blocks (at most; `NSA_CUDA_PF_SC_WIN` sets another, `prefill::plan`): the blocks being
+/// summed, ranked with the top-n kept so far whenever the tiles pass the window's end, so
+/// its shared memory does not grow with the longest sequence. The kernel reads the plan's
+/// window from `Launch::pf_win`.
 pub(crate) const PF_SC_WIN: u32 = 256;
 /// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
 /// mbarriers; the stages it uses are what its dynamic shared memory holds).
@@ -70,7 +72,6 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
     ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
-    ("NSA_PF_SC_WIN", PF_SC_WIN as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

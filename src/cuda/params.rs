@@ -130,6 +130,9 @@ pub(crate) struct Launch {
     pub mode: i32,
     /// Copy pipeline stages of the tensor-core kernels.
     pub nstage: i32,
+    /// Blocks in the moving window of block scores of the warp-specialised `pf_cmp`
+    /// (`PrefillPlan::sc_win`; 0 when its plan has no window).
+    pub pf_win: i32,
 }
 
 #[repr(C)]
@@ -152,6 +155,8 @@ pub(crate) struct LaunchSetup {
     pub nstage: u32,
     /// The prefill path's selected branch per warp (`PrefillPlan::sel_warp`).
     pub pf_sel_warp: bool,
+    /// `PrefillPlan::sc_win`.
+    pub pf_win: u32,
 }
 
 impl Params {
@@ -208,6 +213,7 @@ impl Params {
                 head_chunk: setup.head_chunk as i32,
                 mode: setup.bulk as i32 | (setup.tma as i32) << 1 | (setup.pf_sel_warp as i32) << 2,
                 nstage: setup.nstage as i32,
+                pf_win: setup.pf_win as i32,
             },
         }
     }
@@ -241,15 +247,15 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float; 5 pointers; 7 pointers + 2 ints; 10 ints.
+        // float; 5 pointers; 7 pointers + 2 ints; 11 ints (+ 4 padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 16 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
         assert_eq!(size_of::<Workspace>(), 7 * 8 + 8);
-        assert_eq!(size_of::<Launch>(), 10 * 4);
+        assert_eq!(size_of::<Launch>(), 11 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 64 + 40);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 64 + 44 + 4);
         assert_eq!(align_of::<Params>(), 8);
     }
 }

@@ -86,6 +86,8 @@ pub(crate) struct PrefillPlan {
     pub warps: u32,
     pub smem_cmp: u32,
     pub smem_sw: u32,
+    /// Blocks in `pf_cmp`'s moving window of block scores (`Launch::pf_win`), 0 without one.
+    pub sc_win: u32,
 }
 
 impl PrefillPlan {
@@ -185,14 +187,14 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
 }
 
 /// The window of block scores of the warp-specialised `pf_cmp`: every block, or with a
-/// moving window (`moving`) at most `PF_SC_WIN` (`pf_sc_win`), or `None` when a tile's
-/// blocks would not fit in that: a 64-key tile reaches blocks up to (B + 61 + A) / B past
-/// the window's start after a move (Eq. 9: A = l / d, B = l' / d).
-fn ws_window(cfg: &Config, moving: bool) -> Option<usize> {
+/// moving window (`moving`) at most `cap` blocks (`PF_SC_WIN` unless a knob says), or
+/// `None` when a tile's blocks would not fit in that: a 64-key tile reaches blocks up to
+/// (B + 61 + A) / B past the window's start after a move (Eq. 9: A = l / d, B = l' / d).
+fn ws_window(cfg: &Config, moving: bool, cap: usize) -> Option<usize> {
     if !moving {
         return Some(nblk(cfg));
     }
-    let win = nblk(cfg).min(PF_SC_WIN as usize);
+    let win = nblk(cfg).min(cap);
     let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
     (win == nblk(cfg) || (b + 61 + a) / b < win).then_some(win)
 }
@@ -201,11 +203,11 @@ fn ws_window(cfg: &Config, moving: bool) -> Option<usize> {
 /// window) (`pf_cmp_ws` in kernels/prefill.cuh, which derives its stage count from it): Q |
 /// K and V stages | per-position head sums and selection states | the page of each
 /// compressed tile | a 256-word top-n histogram per consumer warp; as many stages
-/// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`.
-pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), min_stages: u32, optin: usize) -> Option<usize> {
+/// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`. `cap`: see [`ws_window`].
+pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_stages: u32, optin: usize) -> Option<usize> {
     let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, form.0 as usize);
     let positions = warps * 16 / cfg.group_size() as usize;
-    let win = ws_window(cfg, form.1)?;
+    let win = ws_window(cfg, form.1, cap)?;
     let fixed =
         ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, win, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
     let stage = keys * (dk + dv) * 2;
@@ -213,9 +215,13 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), min_stages: u32, op
 }
 
 /// The warp-specialised `pf_cmp`'s form and shared memory for `cfg`: the first of
-/// `WS_FORMS` that fits (twelve warps with three stages, eight with two).
-fn ws_choice(cfg: &Config, optin: usize) -> Option<((u32, bool), usize)> {
-    WS_FORMS.iter().find_map(|&f| ws_shared_mem(cfg, f, if f.0 > 8 { 3 } else { 2 }, optin).map(|b| (f, b)))
+/// `WS_FORMS` that fits (twelve warps with three stages, eight with two), or with
+/// `window_only` the first with a moving window of at most `cap` blocks.
+fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool) -> Option<((u32, bool), usize)> {
+    WS_FORMS
+        .iter()
+        .filter(|f| f.1 || !window_only)
+        .find_map(|&f| ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin).map(|b| (f, b)))
 }
 
 /// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
@@ -229,22 +235,28 @@ fn ws_choice(cfg: &Config, optin: usize) -> Option<((u32, bool), usize)> {
 /// Diagnosis knobs: `NSA_CUDA_PF_MMA=1` runs both kernels with mma.sync (the sm_80 path,
 /// so a Hopper GPU can test it), `NSA_CUDA_PF_SW_MMA=1` only `pf_sw` (a warp of mma.sync
 /// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot),
-/// `NSA_CUDA_PF_NO_WS=1` keeps `pf_cmp` in its block-wide form.
+/// `NSA_CUDA_PF_NO_WS=1` keeps `pf_cmp` in its block-wide form, `NSA_CUDA_PF_WS_WIN=1`
+/// gives it the moving window wherever it is warp-specialised, and `NSA_CUDA_PF_SC_WIN=N`
+/// makes that window N blocks at most (so small prefills move it: for tests and the
+/// sanitizers; a window too short for a tile's blocks leaves the form out).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
-    use super::build::env_on;
+    use super::build::{env_num, env_on};
     let knobs = Knobs {
         off: env_on("NSA_CUDA_NO_PREFILL"),
         mma_all: env_on("NSA_CUDA_PF_MMA"),
         mma_sw: env_on("NSA_CUDA_PF_SW_MMA"),
         union: env_on("NSA_CUDA_PF_UNION"),
         no_ws: env_on("NSA_CUDA_PF_NO_WS"),
+        ws_win: env_on("NSA_CUDA_PF_WS_WIN"),
+        sc_win: env_num("NSA_CUDA_PF_SC_WIN"),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
 
-/// The diagnosis knobs [`plan`] reads (each `=1`): no prefill path, mma.sync for both
-/// kernels or for `pf_sw`, the selected branch over the block's union (not per warp),
-/// `pf_cmp` without warp specialisation.
+/// The diagnosis knobs [`plan`] reads (`=1` each but the last): no prefill path, mma.sync
+/// for both kernels or for `pf_sw`, the selected branch over the block's union (not per
+/// warp), `pf_cmp` without warp specialisation, or always with the moving window, and that
+/// window's length in blocks.
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
@@ -252,11 +264,13 @@ struct Knobs {
     mma_sw: bool,
     union: bool,
     no_ws: bool,
+    ws_win: bool,
+    sc_win: Option<usize>,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union, no_ws } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -265,7 +279,8 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits
     // (its window of block scores lets it fit where the block-wide form's scores do not).
     let shape_ok = Policy::WgmmaWs(8, false).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
-    let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin)).flatten();
+    let cap = sc_win.unwrap_or(PF_SC_WIN as usize);
+    let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin, cap, ws_win)).flatten();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
         let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
@@ -276,9 +291,12 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         let sw_warp = shared_mem(cfg, policy_sw, warps, true).1;
         let sel_warp = !union && sw_warp <= optin;
         let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
-        let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32 };
+        let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32, sc_win: 0 };
         let p = match ws {
-            Some((form, b)) => PrefillPlan { policy: Policy::WgmmaWs(form.0, form.1), smem_cmp: b as u32, ..p },
+            Some(((w, moving), b)) => {
+                let sc_win = if moving { ws_window(cfg, true, cap).unwrap_or(0) as u32 } else { 0 };
+                PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, ..p }
+            }
             None => p,
         };
         (warps * 16 / g <= MAX_POSITIONS && p.smem_cmp as usize <= optin && sw <= optin).then_some(p)
@@ -289,6 +307,9 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
 mod tests {
     use super::*;
     use crate::config::Preset;
+
+    /// The default window cap.
+    const WIN: usize = PF_SC_WIN as usize;
 
     fn cfg(hq: u32, hkv: u32, dk: u32, dv: u32, len: u32) -> Config {
         let mut c = Config::preset(Preset::Paper).with_shape(hq, hkv, dk, dv).with_capacity(4, len);
@@ -348,9 +369,9 @@ mod tests {
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, false), Policy::WgmmaTma, 4));
         assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (13 * 32, 128));
         assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (12, 4));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, false), 3, optin));
-        assert!(ws_shared_mem(&c, (12, false), 4, optin).is_none());
-        assert_eq!(ws_shared_mem(&c, (12, false), 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, false), WIN, 3, optin));
+        assert!(ws_shared_mem(&c, (12, false), WIN, 4, optin).is_none());
+        assert_eq!(ws_shared_mem(&c, (12, false), WIN, 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
         assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
@@ -360,11 +381,11 @@ mod tests {
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8, false), 8, 16));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (8, false), 3, optin));
-        assert!(ws_shared_mem(&c8, (8, false), 4, optin).is_none());
-        assert!(ws_shared_mem(&c8, (12, false), 3, optin).is_none());
-        assert_eq!(ws_window(&c8, true), Some(PF_SC_WIN as usize));
-        assert_eq!(ws_window(&c8, false), Some(1024));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (8, false), WIN, 3, optin));
+        assert!(ws_shared_mem(&c8, (8, false), WIN, 4, optin).is_none());
+        assert!(ws_shared_mem(&c8, (12, false), WIN, 3, optin).is_none());
+        assert_eq!(ws_window(&c8, true, WIN), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&c8, false, WIN), Some(1024));
         // G = 4: twelve warps (48 positions) at 16k; at 64k no form with every block's
         // score fits (nor the block-wide form beyond 4 warps), eight warps with the window do.
         let c4 = cfg(64, 16, 128, 128, 16384);
@@ -373,8 +394,8 @@ mod tests {
         let c4 = cfg(64, 16, 128, 128, 65536);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8, true), 32));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (8, true), 4, optin));
-        assert!(ws_shared_mem(&c4, (8, false), 2, optin).is_none());
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (8, true), WIN, 4, optin));
+        assert!(ws_shared_mem(&c4, (8, false), WIN, 2, optin).is_none());
         assert!(shared_mem(&c4, Policy::Wgmma, 8, false).0 > optin);
         // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 61440-token
         // sequence): eight warps, a window shorter than the sequence's blocks, so it moves.
@@ -383,7 +404,7 @@ mod tests {
             (g4.dtype, g4.max_seqs, g4.max_step_seqs, g4.max_seq_len, g4.max_step_tokens) = (Dtype::Bf16, 1, 1, len, len);
             g4.fit_pages();
             assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)), "{len}");
-            assert!(ws_window(&g4, true).unwrap() < nblk(&g4));
+            assert!(ws_window(&g4, true, WIN).unwrap() < nblk(&g4));
         }
         // Entry points name the consumer warps.
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12, false), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
@@ -393,8 +414,8 @@ mod tests {
         let c192 = cfg(64, 4, 192, 128, 65536);
         let p = plan(&c192, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8, false), Policy::Wgmma, 8));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (8, false), 3, optin));
-        assert!(ws_shared_mem(&c192, (8, false), 4, optin).is_none());
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (8, false), WIN, 3, optin));
+        assert!(ws_shared_mem(&c192, (8, false), WIN, 4, optin).is_none());
         // Not without tensor maps, not on sm_80, not on request, and not when even two
         // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
@@ -412,9 +433,29 @@ mod tests {
         // reaches 318, more than the window's 256.
         let mut odd = cfg(64, 16, 128, 128, 1 << 18);
         (odd.cmp_block, odd.cmp_stride, odd.sel_block) = (256, 64, 64);
-        assert_eq!(ws_window(&odd, true), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&odd, true, WIN), Some(PF_SC_WIN as usize));
         odd.cmp_block = 16384;
-        assert_eq!(ws_window(&odd, true), None);
+        assert_eq!(ws_window(&odd, true, WIN), None);
+    }
+
+    #[test]
+    fn knobs_force_a_short_moving_window() {
+        let optin = 227 * 1024;
+        let c = cfg(64, 4, 128, 128, 4096); // 64 blocks: no form needs the window
+        let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, false), 0));
+        let forced = |sc_win| plan_with(&c, (9, 0), optin, true, Knobs { ws_win: true, sc_win, ..Knobs::default() }).unwrap();
+        assert_eq!((forced(None).policy, forced(None).sc_win), (Policy::WgmmaWs(8, true), 64));
+        let p = forced(Some(24));
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(8, true), 24));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (8, true), 24, 2, optin));
+        // A 64-key tile of the paper preset reaches (4 + 61 + 2) / 4 = 16 blocks past the
+        // window's start: 17 blocks is the shortest window, a shorter one leaves the form out.
+        assert_eq!(forced(Some(17)).sc_win, 17);
+        assert_eq!(forced(Some(16)).policy, Policy::WgmmaTma);
+        // Without the knob the window is PF_SC_WIN blocks where the plan needs it.
+        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(8, true), PF_SC_WIN));
     }
 
     #[test]
@@ -433,7 +474,7 @@ mod tests {
     #[test]
     fn tiles_cut_each_sequence() {
         let c = cfg(64, 4, 128, 128, 4096);
-        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, sel_warp: true, warps: 4, smem_cmp: 0, smem_sw: 0 };
+        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, sel_warp: true, warps: 4, smem_cmp: 0, smem_sw: 0, sc_win: 0 };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
             PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
