@@ -214,14 +214,15 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_sta
     (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
 }
 
-/// The warp-specialised `pf_cmp`'s form and shared memory for `cfg`: the first of
-/// `WS_FORMS` that fits (twelve warps with three stages, eight with two), or with
-/// `window_only` the first with a moving window of at most `cap` blocks.
-fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool) -> Option<((u32, bool), usize)> {
-    WS_FORMS
-        .iter()
-        .filter(|f| f.1 || !window_only)
-        .find_map(|&f| ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin).map(|b| (f, b)))
+/// The warp-specialised `pf_cmp`'s form, shared memory and moving window (0: none) for
+/// `cfg`: the first of `WS_FORMS` that fits (twelve warps with three stages, eight with
+/// two), or with `window_only` the first with a moving window of at most `cap` blocks.
+fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool) -> Option<((u32, bool), usize, u32)> {
+    WS_FORMS.iter().filter(|f| f.1 || !window_only).find_map(|&f| {
+        let bytes = ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin)?;
+        let win = if f.1 { ws_window(cfg, true, cap)? as u32 } else { 0 };
+        Some((f, bytes, win))
+    })
 }
 
 /// The prefill kernels' plan for `cfg` on a device of compute capability `cc` allowing
@@ -293,10 +294,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
         let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32, sc_win: 0 };
         let p = match ws {
-            Some(((w, moving), b)) => {
-                let sc_win = if moving { ws_window(cfg, true, cap).unwrap_or(0) as u32 } else { 0 };
-                PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, ..p }
-            }
+            Some(((w, moving), b, sc_win)) => PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, ..p },
             None => p,
         };
         (warps * 16 / g <= MAX_POSITIONS && p.smem_cmp as usize <= optin && sw <= optin).then_some(p)
