@@ -137,10 +137,10 @@ PF_ENTRY(EBF16, bf16, 128, 128, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 // `wgs8`, `wgs12`: pf_cmp warp-specialised (a producer warp and 8 or 12 consumer warps
-// over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), every prefill shape; `wgs8w`
-// the 8-warp form with a moving window of block scores (WIN, for sequences whose blocks'
-// scores do not fit). Each its own entry: the launch bound sets the register budget
-// (ptxas gives the 13-warp block 128 registers a thread, the 9-warp one 168).
+// over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), every prefill shape; `wgs12w`,
+// `wgs8w` with a moving window of block scores (WIN, for sequences whose blocks' scores do
+// not fit). Each its own entry: the launch bound sets the register budget (ptxas gives
+// the 13-warp block 128 registers a thread, the 9-warp one 168).
 #define PF_WS_ENTRY(E, suffix, DK, DV, W, WIN, TAG)                                                            \
     extern "C" __global__ void __launch_bounds__((W + 1) * 32, 1) nsa_pf_cmp_wgs##TAG##_##suffix##_##DK##_##DV(const Params p) { \
         pdl_trigger();                                                                                           \
@@ -157,3 +157,4 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 PF_WS_ALL(8, false, 8)
 PF_WS_ALL(8, true, 8w)
 PF_WS_ALL(12, false, 12)
+PF_WS_ALL(12, true, 12w)

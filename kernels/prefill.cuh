@@ -501,7 +501,9 @@ __device__ void pf_cmp(const Params& p) {
 // scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
 // variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
-// (src/cuda/prefill.rs sizes it with the same layout).
+// (src/cuda/prefill.rs sizes it with the same layout). With WIN the rankings are inline:
+// any call in the kernel makes ptxas spill far more in the 12-warp form (128 registers a
+// thread) than the few words the inline ranking costs it.
 template <class E, int DK, int DV, bool WIN>
 __device__ void pf_cmp_ws(const Params& p) {
     using M = Wgmma<E, DK, DV>;
@@ -596,21 +598,22 @@ __device__ void pf_cmp_ws(const Params& p) {
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float* myps = ps + warp * PW * PF_KT;
     for (int kt = 0; kt < ntl; kt++) {
-        const int it = ntl + kt, s = it % NS;
-        mbar_wait(full0 + 8 * s, (it / NS) & 1);
-        float sv[8][4];
-        m.qk(ks + s * M::KTILE, sv);
-        pf_prob_tile(sv, kt * PF_KT, rw, sl2, lseA, lseB);
-        m.pv(sv, vs + s * M::VTILE, o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        const int k0 = kt * PF_KT;
+        const int it = ntl + kt, s = it % NS, k0 = kt * PF_KT;
         if (WIN && min(pf_tile_last_block(k0, A, B), nblk_tile - 1) - cb >= W) {
-            // The tile reaches past the window: blocks before k0 / B are final.
+            // The tile will reach past the window: blocks before k0 / B are final (their
+            // last key is below k0). Ranked before this tile's products, while only the
+            // accumulators are live.
             pf_sc_flush<false>(p, sm.S, tl, warp, cb, k0 / B, true, hist + warp * 256);
             cb = k0 / B;
             win = pf_win(sm.S, cb);
         }
+        mbar_wait(full0 + 8 * s, (it / NS) & 1);
+        float sv[8][4];
+        m.qk(ks + s * M::KTILE, sv);
+        pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);
+        m.pv(sv, vs + s * M::VTILE, o);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
         pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);

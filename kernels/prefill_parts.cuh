@@ -528,6 +528,10 @@ __device__ __forceinline__ unsigned pf_top_n(float* sc, int nb, int n, unsigned*
         const bool in = k > T || (eq && eq_seen + __popc(eb & below) < need);
         eq_seen += __popc(eb);
         const unsigned ib = __ballot_sync(0xffffffffu, in);
+        // A vote orders no memory: every lane's reads of this sweep's slots (key, idx)
+        // happen before any lane's emit may overwrite them (the window flush emits into
+        // the kept slots it reads, kernels/prefill.cuh `pf_sc_flush`).
+        __syncwarp();
         if (in) emit((int)(base + __popc(ib & below)), blk, k);
         base += __popc(ib);
     }

@@ -6,7 +6,8 @@
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
 # Env: NSA_GPU_PHASES="tests window memcheck initcheck racecheck synccheck" (default: all
 # but window and synccheck; `window` forces pf_cmp's moving window short, NSA_GPU_SC_WIN
-# blocks, default 17), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
+# blocks, default 17, in its forms of NSA_GPU_WS_WARPS consumer warps if set, and runs
+# racecheck on the tests NSA_GPU_WINDOW_RACE names), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
 # the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run),
 # NSA_GPU_RACE_SKIP (tests racecheck skips; default the 128k decode test and the 61k
 # moving-window prefill test, see below).
@@ -35,7 +36,7 @@ run() { # name logfile cmd...
   local fail=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
   table+=("$(printf '%-44s rc=%-3s pass=%-3s fail=%-3s %6ss' "$name" "$rc" "$pass" "$fail" "$dt")")
   echo "== $name rc=$rc ($dt s)" | tee -a "$summary"
-  grep -oE '(RESULT|BENCH|SKIP:) .*|^test .* FAILED|^---- .*|^thread .* panicked.*|^========= (ERROR|RACECHECK SUMMARY|ERROR SUMMARY|Invalid|Race|Uninitialized).*' "$log" | head -60 | tee -a "$summary"
+  grep -oE '(RESULT|BENCH|SKIP:) .*|^test .* FAILED|^---- .*|^thread .* panicked.*|^========= (ERROR|Error|Warning|RACECHECK SUMMARY|ERROR SUMMARY|Invalid|Race|Uninitialized|    (at|Write|Read) ).*' "$log" | head -60 | tee -a "$summary"
   grep -E 'panicked at|assertion' -A3 "$log" | head -30 >> "$summary"
   (cd "$LOGS" && tar czf "$OUT/logs.tgz" .)
 }
@@ -55,11 +56,12 @@ fi
 # tests (full size: the small ones are too short to move it) under racecheck, which the
 # 61k-token case that takes the window by default is too slow for.
 if [[ " $phases " == *" window "* && -x "$here/bin/gpu_prefill" ]]; then
-  win=(env NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SC_WIN="${NSA_GPU_SC_WIN:-17}")
-  run "gpu_prefill (window ${NSA_GPU_SC_WIN:-17})" "$LOGS/window.log" "${win[@]}" "$here/bin/gpu_prefill" \
+  win=(env NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SC_WIN="${NSA_GPU_SC_WIN:-17}" ${NSA_GPU_WS_WARPS:+NSA_CUDA_PF_WS_WARPS=$NSA_GPU_WS_WARPS})
+  wn="window ${NSA_GPU_SC_WIN:-17}${NSA_GPU_WS_WARPS:+, $NSA_GPU_WS_WARPS warps}"
+  run "gpu_prefill ($wn)" "$LOGS/window${NSA_GPU_WS_WARPS:-}.log" "${win[@]}" "$here/bin/gpu_prefill" \
     --skip moving_window --include-ignored --test-threads=1 --nocapture
-  run "racecheck gpu_prefill (window, chunks)" "$LOGS/racecheck_window.log" timeout "${NSA_GPU_SAN_TIMEOUT:-400}" "${win[@]}" \
-    compute-sanitizer --tool racecheck --error-exitcode 99 "$here/bin/gpu_prefill" prefill_chunks_with_decodes_paper \
+  run "racecheck gpu_prefill ($wn, chunks)" "$LOGS/racecheck_window${NSA_GPU_WS_WARPS:-}.log" timeout "${NSA_GPU_SAN_TIMEOUT:-400}" "${win[@]}" \
+    compute-sanitizer --tool racecheck --error-exitcode 99 "$here/bin/gpu_prefill" "${NSA_GPU_WINDOW_RACE:-prefill_chunks_with_decodes_paper}" \
     --include-ignored --test-threads=1 --nocapture
 fi
 for tool in memcheck initcheck racecheck synccheck; do

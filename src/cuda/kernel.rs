@@ -345,7 +345,7 @@ mod tests {
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 3 * 6)); // pf_cmp also warp-specialised (prefill::WS_FORMS)
+        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 4 * 6)); // pf_cmp also warp-specialised (prefill::WS_FORMS)
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -44,10 +44,11 @@ pub(crate) enum Policy {
 /// host's order of preference: an entry point is compiled for each (`PF_WS_ALL` in
 /// kernels/nsa.cu). Twelve warps where three stages fit, else eight where two do, with
 /// every block's score (measured on the H200, docs/PREFILL_NOTES.md, variant 14c: at G = 16
-/// and 64k twelve warps with three stages beat eight with four by 10%), else eight with
-/// the window (variant 15: where every block's score does not fit; where it does, the
-/// window's rankings in the loop cost 5-8%).
-pub(crate) const WS_FORMS: [(u32, bool); 3] = [(PF_WS_WARPS[0], false), (PF_WS_WARPS[1], false), (PF_WS_WARPS[1], true)];
+/// and 64k twelve warps with three stages beat eight with four by 10%), else twelve, else
+/// eight with the window (variants 15 and 16: where every block's score does not fit;
+/// where it does, the window's rankings in the loop cost 5-8%).
+pub(crate) const WS_FORMS: [(u32, bool); 4] =
+    [(PF_WS_WARPS[0], false), (PF_WS_WARPS[1], false), (PF_WS_WARPS[0], true), (PF_WS_WARPS[1], true)];
 
 impl Policy {
     /// Its name in the kernels' entry points.
@@ -216,9 +217,11 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_sta
 
 /// The warp-specialised `pf_cmp`'s form, shared memory and moving window (0: none) for
 /// `cfg`: the first of `WS_FORMS` that fits (twelve warps with three stages, eight with
-/// two), or with `window_only` the first with a moving window of at most `cap` blocks.
-fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool) -> Option<((u32, bool), usize, u32)> {
-    WS_FORMS.iter().filter(|f| f.1 || !window_only).find_map(|&f| {
+/// two), or with `window_only` the first with a moving window of at most `cap` blocks, or
+/// with `warps` the first of that many consumer warps.
+fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool, warps: Option<usize>) -> Option<((u32, bool), usize, u32)> {
+    let wanted = |f: &&(u32, bool)| (f.1 || !window_only) && warps.map_or(true, |w| w == f.0 as usize);
+    WS_FORMS.iter().filter(wanted).find_map(|&f| {
         let bytes = ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin)?;
         let win = if f.1 { ws_window(cfg, true, cap)? as u32 } else { 0 };
         Some((f, bytes, win))
@@ -237,9 +240,10 @@ fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool) -> Optio
 /// so a Hopper GPU can test it), `NSA_CUDA_PF_SW_MMA=1` only `pf_sw` (a warp of mma.sync
 /// skips the selected tiles its positions did not choose, a wgmma unit of 64 rows cannot),
 /// `NSA_CUDA_PF_NO_WS=1` keeps `pf_cmp` in its block-wide form, `NSA_CUDA_PF_WS_WIN=1`
-/// gives it the moving window wherever it is warp-specialised, and `NSA_CUDA_PF_SC_WIN=N`
+/// gives it the moving window wherever it is warp-specialised, `NSA_CUDA_PF_SC_WIN=N`
 /// makes that window N blocks at most (so small prefills move it: for tests and the
-/// sanitizers; a window too short for a tile's blocks leaves the form out).
+/// sanitizers; a window too short for a tile's blocks leaves the form out), and
+/// `NSA_CUDA_PF_WS_WARPS=N` takes only its forms of N consumer warps (8 or 12).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::{env_num, env_on};
     let knobs = Knobs {
@@ -250,14 +254,15 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
         no_ws: env_on("NSA_CUDA_PF_NO_WS"),
         ws_win: env_on("NSA_CUDA_PF_WS_WIN"),
         sc_win: env_num("NSA_CUDA_PF_SC_WIN"),
+        ws_warps: env_num("NSA_CUDA_PF_WS_WARPS"),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
 
 /// The diagnosis knobs [`plan`] reads (`=1` each but the last): no prefill path, mma.sync
 /// for both kernels or for `pf_sw`, the selected branch over the block's union (not per
-/// warp), `pf_cmp` without warp specialisation, or always with the moving window, and that
-/// window's length in blocks.
+/// warp), `pf_cmp` without warp specialisation, or always with the moving window, that
+/// window's length in blocks, and the warp-specialised forms' consumer warps.
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
@@ -267,11 +272,12 @@ struct Knobs {
     no_ws: bool,
     ws_win: bool,
     sc_win: Option<usize>,
+    ws_warps: Option<usize>,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -281,7 +287,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     // (its window of block scores lets it fit where the block-wide form's scores do not).
     let shape_ok = Policy::WgmmaWs(8, false).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
     let cap = sc_win.unwrap_or(PF_SC_WIN as usize);
-    let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin, cap, ws_win)).flatten();
+    let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin, cap, ws_win, ws_warps)).flatten();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
         let tma_fits = tma && warps == 4 && Policy::WgmmaTma.shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
@@ -391,17 +397,22 @@ mod tests {
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12, false), 48));
         let c4 = cfg(64, 16, 128, 128, 65536);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12, true), 48));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (12, true), WIN, 3, optin));
+        assert!(ws_shared_mem(&c4, (8, false), WIN, 2, optin).is_none());
+        // Eight warps with the window on request (`NSA_CUDA_PF_WS_WARPS=8`).
+        let p = plan_with(&c4, (9, 0), optin, true, Knobs { ws_warps: Some(8), ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8, true), 32));
         assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (8, true), WIN, 4, optin));
-        assert!(ws_shared_mem(&c4, (8, false), WIN, 2, optin).is_none());
         assert!(shared_mem(&c4, Policy::Wgmma, 8, false).0 > optin);
         // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 61440-token
-        // sequence): eight warps, a window shorter than the sequence's blocks, so it moves.
+        // sequence): twelve warps, a window shorter than the sequence's blocks, so it moves
+        // (the runner's `window` phase tests eight, scripts/gpu-run.sh).
         for len in [61440 + 16] {
             let mut g4 = Config::preset(Preset::Paper).with_shape(4, 1, 128, 128);
             (g4.dtype, g4.max_seqs, g4.max_step_seqs, g4.max_seq_len, g4.max_step_tokens) = (Dtype::Bf16, 1, 1, len, len);
             g4.fit_pages();
-            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)), "{len}");
+            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(12, true)), "{len}");
             assert!(ws_window(&g4, true, WIN).unwrap() < nblk(&g4));
         }
         // Entry points name the consumer warps.
@@ -421,10 +432,14 @@ mod tests {
         let no_ws = plan_with(&c, (9, 0), optin, true, Knobs { no_ws: true, ..Knobs::default() }).unwrap();
         assert_eq!(no_ws.policy, Policy::WgmmaTma);
         // 256k tokens at G = 4: the block-wide form's scores (16 KB a position) do not fit
-        // at all, the windowed one's do (and pf_sw's block masks).
+        // at all, the windowed one's do (and pf_sw's block masks); with DK = 192 only eight
+        // warps' do.
         let big = cfg(64, 16, 128, 128, 1 << 18);
         assert!(shared_mem(&big, Policy::Wgmma, 4, false).0 > optin);
-        assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)));
+        assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(12, true)));
+        let big192 = cfg(64, 16, 192, 128, 1 << 18);
+        assert!(ws_shared_mem(&big192, (12, true), WIN, 3, optin).is_none());
+        assert_eq!(plan(&big192, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)));
         assert!(plan(&big, (9, 0), optin, false).is_none());
         // A window that a tile's blocks would overrun is refused: l' = d (B = 1) with
         // l = 256 (A = 4) reaches (1 + 61 + 4) / 1 = 66 blocks, fine; l = 16384 (A = 256)
@@ -443,8 +458,12 @@ mod tests {
         let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
         assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, false), 0));
         let forced = |sc_win| plan_with(&c, (9, 0), optin, true, Knobs { ws_win: true, sc_win, ..Knobs::default() }).unwrap();
-        assert_eq!((forced(None).policy, forced(None).sc_win), (Policy::WgmmaWs(8, true), 64));
+        assert_eq!((forced(None).policy, forced(None).sc_win), (Policy::WgmmaWs(12, true), 64));
         let p = forced(Some(24));
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), 24));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, true), 24, 3, optin));
+        let k8 = Knobs { ws_win: true, sc_win: Some(24), ws_warps: Some(8), ..Knobs::default() };
+        let p = plan_with(&c, (9, 0), optin, true, k8).unwrap();
         assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(8, true), 24));
         assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (8, true), 24, 2, optin));
         // A 64-key tile of the paper preset reaches (4 + 61 + 2) / 4 = 16 blocks past the
@@ -453,7 +472,7 @@ mod tests {
         assert_eq!(forced(Some(16)).policy, Policy::WgmmaTma);
         // Without the knob the window is PF_SC_WIN blocks where the plan needs it.
         let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(8, true), PF_SC_WIN));
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), PF_SC_WIN));
     }
 
     #[test]
