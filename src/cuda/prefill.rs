@@ -42,13 +42,14 @@ pub(crate) enum Policy {
 
 /// The forms of the warp-specialised `pf_cmp` (consumer warps, moving window), in the
 /// host's order of preference: an entry point is compiled for each (`PF_WS_ALL` in
-/// kernels/nsa.cu). Twelve warps where three stages fit, else eight where two do, with
-/// every block's score (measured on the H200, docs/PREFILL_NOTES.md, variant 14c: at G = 16
-/// and 64k twelve warps with three stages beat eight with four by 10%), else twelve, else
-/// eight with the window (variants 15 and 16: where every block's score does not fit;
-/// where it does, the window's rankings in the loop cost 5-8%).
+/// kernels/nsa.cu). Twelve warps where three stages fit: with every block's score, else
+/// with the moving window; else eight where two stages fit, likewise (measured on the
+/// H200, docs/PREFILL_NOTES.md: variant 14c, at G = 16 and 64k twelve warps with three
+/// stages beat eight with four by 10%; variant 16, twelve warps with the window beat eight
+/// without it by 4% at G = 8 and at 192/128, and where every block's score fits the
+/// window's rankings in the loop cost 6%).
 pub(crate) const WS_FORMS: [(u32, bool); 4] =
-    [(PF_WS_WARPS[0], false), (PF_WS_WARPS[1], false), (PF_WS_WARPS[0], true), (PF_WS_WARPS[1], true)];
+    [(PF_WS_WARPS[0], false), (PF_WS_WARPS[0], true), (PF_WS_WARPS[1], false), (PF_WS_WARPS[1], true)];
 
 impl Policy {
     /// Its name in the kernels' entry points.
@@ -379,15 +380,15 @@ mod tests {
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
         assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
-        // G = 8 at 64k: twelve warps' 24 positions' scores leave too little room, eight
-        // warps get three stages (a moving window would give four, but its rankings in the
-        // loop cost more than the stage gains: docs/PREFILL_NOTES.md, variant 15).
+        // G = 8 at 64k: twelve warps' 24 positions' scores leave too little room for three
+        // stages, twelve warps with the moving window get them (faster than eight warps with
+        // every block's score in three stages: docs/PREFILL_NOTES.md, variant 16).
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(8, false), 8, 16));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (8, false), WIN, 3, optin));
-        assert!(ws_shared_mem(&c8, (8, false), WIN, 4, optin).is_none());
+        assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(12, true), 8, 24));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (12, true), WIN, 3, optin));
         assert!(ws_shared_mem(&c8, (12, false), WIN, 3, optin).is_none());
+        assert!(ws_shared_mem(&c8, (8, false), WIN, 3, optin).is_some());
         assert_eq!(ws_window(&c8, true, WIN), Some(PF_SC_WIN as usize));
         assert_eq!(ws_window(&c8, false, WIN), Some(1024));
         // G = 4: twelve warps (48 positions) at 16k; at 64k no form with every block's
@@ -418,13 +419,13 @@ mod tests {
         // Entry points name the consumer warps.
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12, false), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(8, true), Dtype::F16, 64, 64), "nsa_pf_cmp_wgs8w_f16_64_64");
-        // DK = 192 at 64k: twelve warps' Q and three stages do not fit, eight warps' do; pf_sw
-        // keeps its 8-warp blocks.
+        // DK = 192 at 64k: twelve warps' Q, every block's score and three stages do not fit,
+        // with the moving window they do; pf_sw keeps its 8-warp blocks.
         let c192 = cfg(64, 4, 192, 128, 65536);
         let p = plan(&c192, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(8, false), Policy::Wgmma, 8));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (8, false), WIN, 3, optin));
-        assert!(ws_shared_mem(&c192, (8, false), WIN, 4, optin).is_none());
+        assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, true), Policy::Wgmma, 8));
+        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (12, true), WIN, 3, optin));
+        assert!(ws_shared_mem(&c192, (12, false), WIN, 3, optin).is_none());
         // Not without tensor maps, not on sm_80, not on request, and not when even two
         // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
