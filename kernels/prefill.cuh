@@ -149,8 +149,9 @@ struct PfScores {
 // pf_win(S, cb)[po * S.L() + j].
 __device__ __forceinline__ float* pf_win(const PfScores& S, int cb) { return S.sc + S.n - cb; }
 
-// Window slots of `pf_cmp_ws<..., WIN = true>`: the plan's (`PrefillPlan::sc_win`: at most
-// PF_SC_WIN blocks, and the host checks a tile's blocks fit in it, `src/cuda/prefill.rs`).
+// Window slots of `pf_cmp_ws<..., WIN = true>`: the plan's (`PrefillPlan::sc_win`: as many
+// as the block's shared memory holds, and the host checks a tile's blocks fit in it,
+// `src/cuda/prefill.rs`).
 // Without WIN every block, as in the block-wide `pf_cmp` (where they fit that is faster: no
 // rankings inside the tile loop).
 __device__ __forceinline__ int pf_sc_win(const Params& p) { return p.launch.pf_win; }

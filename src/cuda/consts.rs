@@ -41,12 +41,6 @@ pub(crate) const PF_KEYS: u32 = 64;
 /// adds one producer warp), in the host's order of preference (its forms, with and
 /// without a moving window: `prefill::WS_FORMS`, `PF_WS_ALL` in kernels/nsa.cu).
 pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
-/// Window of block scores per position of the warp-specialised `pf_cmp`, in selection
-/// blocks (at most; `NSA_CUDA_PF_SC_WIN` sets another, `prefill::plan`): the blocks being
-/// summed, ranked with the top-n kept so far whenever the tiles pass the window's end, so
-/// its shared memory does not grow with the longest sequence. The kernel reads the plan's
-/// window from `Launch::pf_win`.
-pub(crate) const PF_SC_WIN: u32 = 256;
 /// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
 /// mbarriers; the stages it uses are what its dynamic shared memory holds).
 pub(crate) const PF_WS_STAGES: u32 = 4;

@@ -7,7 +7,7 @@
 //! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
 //! order; the kernels find their tile in the uploaded plan, so the host only counts them.
 
-use super::consts::{PF_KEYS, PF_SC_WIN, PF_WS_STAGES, PF_WS_WARPS};
+use super::consts::{PF_KEYS, PF_WS_STAGES, PF_WS_WARPS};
 use super::kernel::Kernel;
 use crate::config::{Config, Dtype};
 use crate::layout::PlanSeq;
@@ -189,9 +189,9 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
 }
 
 /// The window of block scores of the warp-specialised `pf_cmp`: every block, or with a
-/// moving window (`moving`) at most `cap` blocks (`PF_SC_WIN` unless a knob says), or
-/// `None` when a tile's blocks would not fit in that: a 64-key tile reaches blocks up to
-/// (B + 61 + A) / B past the window's start after a move (Eq. 9: A = l / d, B = l' / d).
+/// moving window (`moving`) at most `cap` blocks, or `None` when a tile's blocks would not
+/// fit in that: a 64-key tile reaches blocks up to (B + 61 + A) / B past the window's start
+/// after a move (Eq. 9: A = l / d, B = l' / d).
 fn ws_window(cfg: &Config, moving: bool, cap: usize) -> Option<usize> {
     if !moving {
         return Some(nblk(cfg));
@@ -201,19 +201,26 @@ fn ws_window(cfg: &Config, moving: bool, cap: usize) -> Option<usize> {
     (win == nblk(cfg) || (b + 61 + a) / b < win).then_some(win)
 }
 
-/// Shared memory of the warp-specialised `pf_cmp` in form (`warps` consumer warps, moving
-/// window) (`pf_cmp_ws` in kernels/prefill.cuh, which derives its stage count from it): Q |
-/// K and V stages | per-position head sums and selection states | the page of each
-/// compressed tile | a 256-word top-n histogram per consumer warp; as many stages
-/// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`. `cap`: see [`ws_window`].
-pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_stages: u32, optin: usize) -> Option<usize> {
+/// Shared memory and window of the warp-specialised `pf_cmp` in form (`warps` consumer
+/// warps, moving window) (`pf_cmp_ws` in kernels/prefill.cuh, which derives its stage count
+/// from it): Q | K and V stages | per-position head sums and selection states | the page of
+/// each compressed tile | a 256-word top-n histogram per consumer warp; as many stages
+/// (`min_stages` to `PF_WS_STAGES`) as fit in `optin`, or `None`. The moving window is as
+/// long as the layout holds with `min_stages` stages, at most `cap` blocks (a knob's, else
+/// none) and every block: its rankings cost more than stages gain (measured on the H200,
+/// docs/PREFILL_NOTES.md, the window's length: every shorter window was slower). See
+/// [`ws_window`] for when it is too short.
+pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_stages: u32, optin: usize) -> Option<(usize, usize)> {
     let (dk, dv, keys, warps) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize, form.0 as usize);
     let positions = warps * 16 / cfg.group_size() as usize;
-    let win = ws_window(cfg, form.1, cap)?;
-    let fixed =
-        ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, win, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
     let stage = keys * (dk + dv) * 2;
-    (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)
+    let base =
+        ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, 0, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
+    let room = optin.checked_sub(base + min_stages as usize * stage)? / (positions * 4);
+    let win = ws_window(cfg, form.1, if form.1 { cap.min(room) } else { cap })?;
+    let fixed = base + positions * win * 4;
+    let bytes = (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)?;
+    Some((bytes, win))
 }
 
 /// The warp-specialised `pf_cmp`'s form, shared memory and moving window (0: none) for
@@ -223,9 +230,8 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_sta
 fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool, warps: Option<usize>) -> Option<((u32, bool), usize, u32)> {
     let wanted = |f: &&(u32, bool)| (f.1 || !window_only) && warps.map_or(true, |w| w == f.0 as usize);
     WS_FORMS.iter().filter(wanted).find_map(|&f| {
-        let bytes = ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin)?;
-        let win = if f.1 { ws_window(cfg, true, cap)? as u32 } else { 0 };
-        Some((f, bytes, win))
+        let (bytes, win) = ws_shared_mem(cfg, f, cap, if f.0 > 8 { 3 } else { 2 }, optin)?;
+        Some((f, bytes, if f.1 { win as u32 } else { 0 }))
     })
 }
 
@@ -287,7 +293,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
     // pf_cmp warp-specialised wherever tensor maps serve its shape and its layout fits
     // (its window of block scores lets it fit where the block-wide form's scores do not).
     let shape_ok = Policy::WgmmaWs(8, false).shapes().contains(&(cfg.head_dim_qk, cfg.head_dim_v));
-    let cap = sc_win.unwrap_or(PF_SC_WIN as usize);
+    let cap = sc_win.unwrap_or(usize::MAX);
     let ws = (policy != Policy::MmaSync && tma && !no_ws && shape_ok).then(|| ws_choice(cfg, optin, cap, ws_win, ws_warps)).flatten();
     let order = if policy == Policy::Wgmma && g == 16 && cfg.head_dim_qk <= 128 { [4, 8] } else { [8, 4] };
     order.into_iter().find_map(|warps| {
@@ -313,8 +319,13 @@ mod tests {
     use super::*;
     use crate::config::Preset;
 
-    /// The default window cap.
-    const WIN: usize = PF_SC_WIN as usize;
+    /// The default window cap: none.
+    const WIN: usize = usize::MAX;
+
+    /// [`ws_shared_mem`]'s bytes.
+    fn ws_bytes(cfg: &Config, form: (u32, bool), cap: usize, min_stages: u32, optin: usize) -> Option<usize> {
+        ws_shared_mem(cfg, form, cap, min_stages, optin).map(|l| l.0)
+    }
 
     fn cfg(hq: u32, hkv: u32, dk: u32, dv: u32, len: u32) -> Config {
         let mut c = Config::preset(Preset::Paper).with_shape(hq, hkv, dk, dv).with_capacity(4, len);
@@ -374,9 +385,9 @@ mod tests {
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, false), Policy::WgmmaTma, 4));
         assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (13 * 32, 128));
         assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (12, 4));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, false), WIN, 3, optin));
-        assert!(ws_shared_mem(&c, (12, false), WIN, 4, optin).is_none());
-        assert_eq!(ws_shared_mem(&c, (12, false), WIN, 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c, (12, false), WIN, 3, optin));
+        assert!(ws_bytes(&c, (12, false), WIN, 4, optin).is_none());
+        assert_eq!(ws_bytes(&c, (12, false), WIN, 2, p.smem_cmp as usize - 1), Some(p.smem_cmp as usize - stage(&c)));
         // Each kernel cuts the step into its own tiles.
         let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 100, row: 0 }];
         assert_eq!((p.tiles(Kernel::PfCmp, &c, &seqs), p.tiles(Kernel::PfSw, &c, &seqs)), (9, 25));
@@ -386,10 +397,13 @@ mod tests {
         let c8 = cfg(64, 8, 128, 128, 65536);
         let p = plan(&c8, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.warps, p.positions(Kernel::PfCmp, &c8)), (Policy::WgmmaWs(12, true), 8, 24));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c8, (12, true), WIN, 3, optin));
-        assert!(ws_shared_mem(&c8, (12, false), WIN, 3, optin).is_none());
-        assert!(ws_shared_mem(&c8, (8, false), WIN, 3, optin).is_some());
-        assert_eq!(ws_window(&c8, true, WIN), Some(PF_SC_WIN as usize));
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c8, (12, true), WIN, 3, optin));
+        assert!(ws_bytes(&c8, (12, false), WIN, 3, optin).is_none());
+        assert!(ws_bytes(&c8, (8, false), WIN, 3, optin).is_some());
+        // Its window is as long as the layout holds (640 blocks: one more word a position
+        // would not fit), not every block's.
+        assert_eq!(p.sc_win as usize, ws_shared_mem(&c8, (12, true), WIN, 3, optin).unwrap().1);
+        assert!(p.smem_cmp as usize + 24 * 4 > optin && (256..1024).contains(&p.sc_win));
         assert_eq!(ws_window(&c8, false, WIN), Some(1024));
         // G = 4: twelve warps (48 positions) at 16k; at 64k no form with every block's
         // score fits (nor the block-wide form beyond 4 warps), eight warps with the window do.
@@ -399,12 +413,12 @@ mod tests {
         let c4 = cfg(64, 16, 128, 128, 65536);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(12, true), 48));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (12, true), WIN, 3, optin));
-        assert!(ws_shared_mem(&c4, (8, false), WIN, 2, optin).is_none());
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c4, (12, true), WIN, 3, optin));
+        assert!(ws_bytes(&c4, (8, false), WIN, 2, optin).is_none());
         // Eight warps with the window on request (`NSA_CUDA_PF_WS_WARPS=8`).
         let p = plan_with(&c4, (9, 0), optin, true, Knobs { ws_warps: Some(8), ..Knobs::default() }).unwrap();
         assert_eq!((p.policy, p.positions(Kernel::PfCmp, &c4)), (Policy::WgmmaWs(8, true), 32));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c4, (8, true), WIN, 4, optin));
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c4, (8, true), WIN, 2, optin));
         assert!(shared_mem(&c4, Policy::Wgmma, 8, false).0 > optin);
         // tests/gpu_prefill.rs's moving-window case (G = 4, 128/128, one 61440-token
         // sequence): twelve warps, a window shorter than the sequence's blocks, so it moves
@@ -413,8 +427,9 @@ mod tests {
             let mut g4 = Config::preset(Preset::Paper).with_shape(4, 1, 128, 128);
             (g4.dtype, g4.max_seqs, g4.max_step_seqs, g4.max_seq_len, g4.max_step_tokens) = (Dtype::Bf16, 1, 1, len, len);
             g4.fit_pages();
-            assert_eq!(plan(&g4, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(12, true)), "{len}");
-            assert!(ws_window(&g4, true, WIN).unwrap() < nblk(&g4));
+            let p = plan(&g4, (9, 0), optin, true).unwrap();
+            assert_eq!(p.policy, Policy::WgmmaWs(12, true), "{len}");
+            assert!((p.sc_win as usize) < nblk(&g4));
         }
         // Entry points name the consumer warps.
         assert_eq!(Kernel::PfCmp.prefill_entry(Policy::WgmmaWs(12, false), Dtype::Bf16, 128, 128), "nsa_pf_cmp_wgs12_bf16_128_128");
@@ -424,8 +439,8 @@ mod tests {
         let c192 = cfg(64, 4, 192, 128, 65536);
         let p = plan(&c192, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, true), Policy::Wgmma, 8));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c192, (12, true), WIN, 3, optin));
-        assert!(ws_shared_mem(&c192, (12, false), WIN, 3, optin).is_none());
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c192, (12, true), WIN, 3, optin));
+        assert!(ws_bytes(&c192, (12, false), WIN, 3, optin).is_none());
         // Not without tensor maps, not on sm_80, not on request, and not when even two
         // stages of eight warps do not fit.
         assert_eq!(plan(&c, (9, 0), optin, false).unwrap().policy, Policy::Wgmma);
@@ -439,17 +454,17 @@ mod tests {
         assert!(shared_mem(&big, Policy::Wgmma, 4, false).0 > optin);
         assert_eq!(plan(&big, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(12, true)));
         let big192 = cfg(64, 16, 192, 128, 1 << 18);
-        assert!(ws_shared_mem(&big192, (12, true), WIN, 3, optin).is_none());
+        assert!(ws_bytes(&big192, (12, true), WIN, 3, optin).is_none());
         assert_eq!(plan(&big192, (9, 0), optin, true).map(|p| p.policy), Some(Policy::WgmmaWs(8, true)));
         assert!(plan(&big, (9, 0), optin, false).is_none());
         // A window that a tile's blocks would overrun is refused: l' = d (B = 1) with
         // l = 256 (A = 4) reaches (1 + 61 + 4) / 1 = 66 blocks, fine; l = 16384 (A = 256)
-        // reaches 318, more than the window's 256.
+        // reaches 318, more than a window of 256.
         let mut odd = cfg(64, 16, 128, 128, 1 << 18);
         (odd.cmp_block, odd.cmp_stride, odd.sel_block) = (256, 64, 64);
-        assert_eq!(ws_window(&odd, true, WIN), Some(PF_SC_WIN as usize));
+        assert_eq!(ws_window(&odd, true, 256), Some(256));
         odd.cmp_block = 16384;
-        assert_eq!(ws_window(&odd, true, WIN), None);
+        assert_eq!(ws_window(&odd, true, 256), None);
     }
 
     #[test]
@@ -462,18 +477,21 @@ mod tests {
         assert_eq!((forced(None).policy, forced(None).sc_win), (Policy::WgmmaWs(12, true), 64));
         let p = forced(Some(24));
         assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), 24));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (12, true), 24, 3, optin));
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c, (12, true), 24, 3, optin));
         let k8 = Knobs { ws_win: true, sc_win: Some(24), ws_warps: Some(8), ..Knobs::default() };
         let p = plan_with(&c, (9, 0), optin, true, k8).unwrap();
         assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(8, true), 24));
-        assert_eq!(Some(p.smem_cmp as usize), ws_shared_mem(&c, (8, true), 24, 2, optin));
+        assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c, (8, true), 24, 2, optin));
         // A 64-key tile of the paper preset reaches (4 + 61 + 2) / 4 = 16 blocks past the
         // window's start: 17 blocks is the shortest window, a shorter one leaves the form out.
         assert_eq!(forced(Some(17)).sc_win, 17);
         assert_eq!(forced(Some(16)).policy, Policy::WgmmaTma);
-        // Without the knob the window is PF_SC_WIN blocks where the plan needs it.
-        let p = plan(&cfg(64, 16, 128, 128, 65536), (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), PF_SC_WIN));
+        // Without the knob the window is as long as the layout holds where the plan needs
+        // it (G = 4 at 64k: 1,024 blocks, twelve warps with three stages hold 276).
+        let c4 = cfg(64, 16, 128, 128, 65536);
+        let p = plan(&c4, (9, 0), optin, true).unwrap();
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), 276));
+        assert_eq!(ws_shared_mem(&c4, (12, true), WIN, 3, optin), Some((p.smem_cmp as usize, 276)));
     }
 
     #[test]
