@@ -24,6 +24,11 @@ pub(crate) const MIN_TOKENS: u32 = 64;
 /// Shared memory the kernels may use to align their swizzled tiles to 1024 bytes.
 const ALIGN_SLACK: usize = 1024;
 
+/// Static shared memory of `pf_cmp_ws` (its mbarriers: 80 bytes by ptxas), with room: the
+/// dynamic shared memory a launch may ask for is the opt-in limit less this (a window
+/// sized to the last byte of the limit failed `cuFuncSetAttribute` on the H200).
+const WS_STATIC_SMEM: usize = 256;
+
 /// Positions a block's score arrays and selection bit masks hold at most (`u32` masks).
 const MAX_POSITIONS: u32 = 32;
 
@@ -216,6 +221,7 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_sta
     let stage = keys * (dk + dv) * 2;
     let base =
         ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, 0, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
+    let optin = optin.checked_sub(WS_STATIC_SMEM)?;
     let room = optin.checked_sub(base + min_stages as usize * stage)? / (positions * 4);
     let win = ws_window(cfg, form.1, if form.1 { cap.min(room) } else { cap })?;
     let fixed = base + positions * win * 4;
@@ -403,7 +409,7 @@ mod tests {
         // Its window is as long as the layout holds (640 blocks: one more word a position
         // would not fit), not every block's.
         assert_eq!(p.sc_win as usize, ws_shared_mem(&c8, (12, true), WIN, 3, optin).unwrap().1);
-        assert!(p.smem_cmp as usize + 24 * 4 > optin && (256..1024).contains(&p.sc_win));
+        assert!(p.smem_cmp as usize + 24 * 4 > optin - WS_STATIC_SMEM && (256..1024).contains(&p.sc_win));
         assert_eq!(ws_window(&c8, false, WIN), Some(1024));
         // G = 4: twelve warps (48 positions) at 16k; at 64k no form with every block's
         // score fits (nor the block-wide form beyond 4 warps), eight warps with the window do.
@@ -487,11 +493,13 @@ mod tests {
         assert_eq!(forced(Some(17)).sc_win, 17);
         assert_eq!(forced(Some(16)).policy, Policy::WgmmaTma);
         // Without the knob the window is as long as the layout holds where the plan needs
-        // it (G = 4 at 64k: 1,024 blocks, twelve warps with three stages hold 276).
+        // it (G = 4 at 64k: 1,024 blocks, twelve warps with three stages hold 274), within
+        // the limit less the kernel's static shared memory.
         let c4 = cfg(64, 16, 128, 128, 65536);
         let p = plan(&c4, (9, 0), optin, true).unwrap();
-        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), 276));
-        assert_eq!(ws_shared_mem(&c4, (12, true), WIN, 3, optin), Some((p.smem_cmp as usize, 276)));
+        assert_eq!((p.policy, p.sc_win), (Policy::WgmmaWs(12, true), 274));
+        assert!(p.smem_cmp as usize + WS_STATIC_SMEM <= optin);
+        assert_eq!(ws_shared_mem(&c4, (12, true), WIN, 3, optin), Some((p.smem_cmp as usize, 274)));
     }
 
     #[test]
