@@ -222,8 +222,12 @@ pub(crate) fn ws_shared_mem(cfg: &Config, form: (u32, bool), cap: usize, min_sta
     let base =
         ALIGN_SLACK + warps * 16 * dk * 2 + positions * position_bytes(cfg, 0, form.1) + (cmp_tiles(cfg) + warps * 256) * 4;
     let optin = optin.checked_sub(WS_STATIC_SMEM)?;
-    let room = optin.checked_sub(base + min_stages as usize * stage)? / (positions * 4);
-    let win = ws_window(cfg, form.1, if form.1 { cap.min(room) } else { cap })?;
+    let win = if form.1 {
+        let room = optin.checked_sub(base + min_stages as usize * stage)? / (positions * 4);
+        ws_window(cfg, true, cap.min(room))?
+    } else {
+        nblk(cfg)
+    };
     let fixed = base + positions * win * 4;
     let bytes = (min_stages as usize..=PF_WS_STAGES as usize).rev().map(|ns| fixed + ns * stage).find(|&b| b <= optin)?;
     Some((bytes, win))
