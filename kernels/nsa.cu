@@ -36,7 +36,7 @@
 //   then, per wave of query rows (the workspace holds one wave's hand-over buffers):
 //   cmp_partial   compressed attention split across blocks, raw logits kept (rows x HKV x nsplit_c)
 //   select_blocks combine split max/sum, Eq. 9 block scores summed over the group, top-n
-//                 by a radix select (rows x HKV, NSA_NT_SEL threads: a thread per block)
+//                 by sorting networks or a radix select (rows x HKV, NSA_NT_SEL threads: a thread per block)
 //   sw_partial    selected blocks and window chunks, one block per unit (rows x HKV x units)
 //   combine       merge every partial, gated sum, store (rows x HQ / comb_heads)
 // (an append-only run stops after append). cmp_mma / sw_mma replace cmp_partial /

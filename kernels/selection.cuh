@@ -39,6 +39,93 @@ __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsign
     return before + __popc(bal & ((1u << lane) - 1u));
 }
 
+// Candidate order of the top n: the higher score first, then the lower block (the CPU
+// engine's tie rule). Padding entries are (0, SEL_PAD): after every real block.
+#define SEL_PAD 0x7fffffff
+__device__ __forceinline__ bool sel_before(unsigned ka, int ia, unsigned kb, int ib) {
+    return ka > kb || (ka == kb && ia < ib);
+}
+// One compare-exchange step of a bitonic network over the warp's 32 (key, block) pairs:
+// the partner is lane ^ j; within runs of `size` lanes alternate direction (best-first
+// where lane & size is 0).
+__device__ __forceinline__ void sel_cas(unsigned& k, int& i, int j, int size) {
+    const int lane = threadIdx.x & 31;
+    const unsigned pk = __shfl_xor_sync(0xffffffffu, k, j);
+    const int pi = __shfl_xor_sync(0xffffffffu, i, j);
+    const bool lower = (lane & j) == 0, best_first = (lane & size) == 0;
+    if (sel_before(pk, pi, k, i) == (lower == best_first)) {
+        k = pk;
+        i = pi;
+    }
+}
+// Sorts the warp's 32 pairs best-first (lane 0 best).
+__device__ __forceinline__ void sel_sort32(unsigned& k, int& i) {
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+        for (int j = size >> 1; j > 0; j >>= 1) sel_cas(k, i, j, size);
+}
+// Of two best-first lists (this lane's entry of A, entry 31 - lane of B: `b`), the 32 best,
+// sorted best-first.
+__device__ __forceinline__ void sel_merge32(unsigned& k, int& i, unsigned bk, int bi) {
+    if (sel_before(bk, bi, k, i)) {
+        k = bk;
+        i = bi;
+    }
+#pragma unroll
+    for (int j = 16; j > 0; j >>= 1) sel_cas(k, i, j, 64);  // a bitonic sequence: one merge pass
+}
+
+// The top `count` (<= n <= 32) of blocks [0, nblk) by their score bits `key` (shared), by
+// sorting networks instead of the radix select: each warp sorts lists of 32 blocks, then
+// the lists merge pairwise in a tree (lists of block numbers in `lists`, shared, at
+// least ceil(nblk / 32) * 32 ints), each merge keeping the 32 best; warp 0 then orders the
+// winners by block and writes them (`put`), -1 padded to n. About 15 + 6 log2(lists)
+// exchange steps on the longest path against the radix select's four histogram passes
+// and two block-wide prefix counts (docs/DECODE_NOTES.md, variant 13).
+template <class Put>
+__device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int count, int n, Put put) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int L = (nblk + 31) >> 5;
+    auto load = [&](int list, unsigned& k, int& i) {
+        i = lists[list * 32 + lane];
+        k = i == SEL_PAD ? 0u : key[i];
+    };
+    for (int l = warp; l < L; l += nw) {
+        const int j = l * 32 + lane;
+        unsigned k = j < nblk ? key[j] : 0u;
+        int i = j < nblk ? j : SEL_PAD;
+        sel_sort32(k, i);
+        lists[j] = i;
+    }
+    // Level s: lists at multiples of 2^s; list m * 2^(s+1) absorbs m * 2^(s+1) + 2^s.
+    for (int step = 1; step < L; step <<= 1) {
+        __syncthreads();
+        for (int a = warp * 2 * step; a < L; a += nw * 2 * step) {
+            const int b = a + step;
+            if (b >= L) continue;
+            unsigned k, bk;
+            int i, bi;
+            load(a, k, i);
+            bi = lists[b * 32 + 31 - lane];
+            bk = bi == SEL_PAD ? 0u : key[bi];
+            sel_merge32(k, i, bk, bi);
+            lists[a * 32 + lane] = i;
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+        unsigned k;
+        int i;
+        load(0, k, i);
+        // The winners in block order: sort (0, block) pairs, the losers padded last.
+        k = 0u;
+        if (lane >= count) i = SEL_PAD;
+        sel_sort32(k, i);
+        for (int x = lane; x < n; x += 32) put(x, x < count ? i : -1);
+    }
+}
+
 // Selection: grid rows x HKV x sel_chunks, NSA_NT_SEL threads. The chunk blocks of a
 // (row, KV head) score a share of its selection blocks each; the last to finish (a counter
 // in the workspace, reset by that block) picks the top n over all scores. With one chunk
@@ -55,7 +142,8 @@ __device__ __forceinline__ unsigned block_prefix(bool flag, unsigned* wt, unsign
 //    head), then a thread per block applies the Eq. 9 overlap weights; the forced blocks
 //    (initial, local) score +inf. Scores are non-negative, so their float bits order as
 //    unsigned integers.
-// 3. The n-th best score by a radix select over those bits (four 8-bit passes, a 256-bin
+// 3. With n <= 32 (and block lists that fit in shared memory), the top n by sorting
+//    networks (sel_top_sorted). Otherwise the n-th best score by a radix select over those bits (four 8-bit passes, a 256-bin
 //    histogram each, its bins scanned by 8 warps), then every block better than it plus the lowest-index blocks
 //    equal to it (ties to the lower index, as the CPU engine) are written ascending by a
 //    block-wide prefix count, -1 padded.
@@ -175,6 +263,12 @@ __device__ void select_blocks(const Params& p) {
         for (int j = tid; j < nblk; j += blockDim.x) key[j] = ((const volatile unsigned*)gkey)[j];
     }
 
+    // 3a. Small n, and block lists that fit where the token sums were: sorting networks.
+    if (n <= 32 && ((nblk + 31) & ~31) <= NSA_NT_SEL * B + A - 1) {
+        __syncthreads();  // ps is free (its last readers were the block-score pass)
+        sel_top_sorted(key, (int*)ps, nblk, count, n, put);
+        return;
+    }
     // 3. The count-th largest key T, digit by digit from the top; `need` is how many keys
     // equal to the bits chosen so far still belong to the top count. A histogram per pass
     // (cleared once), and the bins scanned by 8 warps (a bin per thread, largest first)
