@@ -38,6 +38,8 @@ pub struct CudaBackend {
     pub(super) mma_per_sm: u32,
     /// The most compressed splits a launch may use (`build::Plan::cmp_splits`).
     pub(super) cmp_splits: u32,
+    /// Measurement knobs of the decode launches (`build::Plan::knobs`).
+    pub(super) knobs: build::DecodeKnobs,
     /// Tensor-core kernels load tiles as tensor-map boxes (`tensor_map.rs`).
     pub(super) tma: bool,
     /// The prefill kernels' shape, when prefill steps go through them (`prefill.rs`).
@@ -155,6 +157,7 @@ impl CudaBackend {
             mma: plan.mma,
             mma_per_sm,
             cmp_splits: plan.cmp_splits,
+            knobs: plan.knobs,
             tma: plan.tma,
             prefill: plan.prefill,
             binding: CacheBinding::new(cfg),

@@ -74,6 +74,17 @@ pub(crate) struct Plan {
     /// The most compressed splits a launch may use: the workspace's count, or fewer with
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
+    /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
+    /// `NSA_CUDA_COMB_HEADS=N`): the selection's chunk blocks per (row, KV head) and the
+    /// combine's heads per block instead of the launch's own choice.
+    pub knobs: DecodeKnobs,
+}
+
+/// See [`Plan::knobs`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DecodeKnobs {
+    pub sel_chunks: Option<u32>,
+    pub comb_heads: Option<u32>,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -147,7 +158,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
-    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits })
+    let knobs = DecodeKnobs { sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32), comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32) };
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
 
 /// The CUBIN for the device (compiled or from the caches) loaded into the current context.

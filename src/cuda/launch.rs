@@ -120,8 +120,15 @@ impl CudaBackend {
         let pairs = rows * cfg.num_kv_heads;
         let slots = self.target_blocks();
         l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
+        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
+        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
         let mut spb = 1u32;
         if self.mma {
+            // The model counts the window's units without the alignment's extra keys (one
+            // unit fewer than launched at some spb). Counting them as launched moved batch
+            // 16 to spb = 8 and batch 64 to spb = 4 and measured slower (H200, paper
+            // 128/128 at 64k: 118.5 vs 115.2 us, 321.6 vs 310.9; docs/DECODE_NOTES.md
+            // variant 12), so the model stays as measured.
             let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
             let cost = |spb: u32| (pairs * units(spb)).div_ceil(slots) * (spb * cfg.sel_block + 64);
             let mut c = 2 * spb;
@@ -138,15 +145,17 @@ impl CudaBackend {
         let heads = rows * cfg.num_q_heads;
         let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
         l.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
+        if let Some(h) = self.knobs.comb_heads.filter(|&h| h >= 1 && cfg.group_size() % h == 0) {
+            l.comb_heads = h as i32;
+        }
         // Selection: chunk blocks (NT_SEL threads) over up to half the multiprocessors, each
         // scoring at least SEL_CHUNK_MIN blocks of the longest sequence; one chunk once the
         // (row, KV head) pairs cover half of them (H200, batch 16: one chunk 16.7 us, four
         // 19.4 us; batch 1: nine chunks 14.5 us, one 16.9 us).
         let half = self.info.multiprocessors.max(2) as u32 / 2;
-        l.sel_chunks = (half / pairs.max(1)).clamp(1, cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1)) as i32;
+        let max_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1);
+        l.sel_chunks = self.knobs.sel_chunks.unwrap_or(half / pairs.max(1)).clamp(1, max_chunks) as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
-        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
-        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
         l.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
         l
     }
