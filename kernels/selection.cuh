@@ -87,8 +87,8 @@ template <class Put>
 __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int count, int n, Put put) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int L = (nblk + 31) >> 5;
-    auto load = [&](int list, unsigned& k, int& i) {
-        i = lists[list * 32 + lane];
+    auto load = [&](int slot, unsigned& k, int& i) {  // a list entry and its score
+        i = lists[slot];
         k = i == SEL_PAD ? 0u : key[i];
     };
     for (int l = warp; l < L; l += nw) {
@@ -106,9 +106,8 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
             if (b >= L) continue;
             unsigned k, bk;
             int i, bi;
-            load(a, k, i);
-            bi = lists[b * 32 + 31 - lane];
-            bk = bi == SEL_PAD ? 0u : key[bi];
+            load(a * 32 + lane, k, i);
+            load(b * 32 + 31 - lane, bk, bi);
             sel_merge32(k, i, bk, bi);
             lists[a * 32 + lane] = i;
         }
@@ -117,7 +116,7 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
     if (warp == 0) {
         unsigned k;
         int i;
-        load(0, k, i);
+        load(lane, k, i);
         // The winners in block order: sort (0, block) pairs, the losers padded last.
         k = 0u;
         if (lane >= count) i = SEL_PAD;

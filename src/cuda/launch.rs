@@ -120,8 +120,6 @@ impl CudaBackend {
         let pairs = rows * cfg.num_kv_heads;
         let slots = self.target_blocks();
         l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
-        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
-        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
         let mut spb = 1u32;
         if self.mma {
             // The model counts the window's units without the alignment's extra keys (one
@@ -156,6 +154,8 @@ impl CudaBackend {
         let max_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1);
         l.sel_chunks = self.knobs.sel_chunks.unwrap_or(half / pairs.max(1)).clamp(1, max_chunks) as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
+        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
+        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
         l.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
         l
     }
