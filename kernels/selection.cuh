@@ -146,7 +146,8 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
 //    histogram each, its bins scanned by 8 warps), then every block better than it plus the lowest-index blocks
 //    equal to it (ties to the lower index, as the CPU engine) are written ascending by a
 //    block-wide prefix count, -1 padded.
-// Shared: m[g] | inv[g] | token sums [NSA_NT_SEL * B + A - 1] | score bits [blocks].
+// Shared: m[g] | inv[g] | token sums [NSA_NT_SEL * B + A - 1], at least the blocks rounded
+// up to 32 (step 3's block lists reuse it) | score bits [blocks].
 template <class E>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
@@ -165,7 +166,8 @@ __device__ void select_blocks(const Params& p) {
     float* mh = smem;
     float* inv = mh + g;
     float* ps = inv + g;
-    unsigned* key = (unsigned*)(ps + NSA_NT_SEL * B + A - 1);
+    const int ps_len = max(NSA_NT_SEL * B + A - 1, (p.ws.max_blocks + 31) & ~31);  // src/cuda/build.rs sizes it so
+    unsigned* key = (unsigned*)(ps + ps_len);
     const usize pair = (usize)wr * p.shape.num_kv_heads + kvh;
     int* wsel = (int*)p.ws.sel + pair * n;
     int* usel = p.io.selected ? (int*)p.io.selected + ((usize)r * p.shape.num_kv_heads + kvh) * n : (int*)0;
@@ -262,8 +264,8 @@ __device__ void select_blocks(const Params& p) {
         for (int j = tid; j < nblk; j += blockDim.x) key[j] = ((const volatile unsigned*)gkey)[j];
     }
 
-    // 3a. Small n, and block lists that fit where the token sums were: sorting networks.
-    if (n <= 32 && ((nblk + 31) & ~31) <= NSA_NT_SEL * B + A - 1) {
+    // 3a. Small n: sorting networks (the block lists where the token sums were).
+    if (n <= 32 && ((nblk + 31) & ~31) <= ps_len) {
         __syncthreads();  // ps is free (its last readers were the block-score pass)
         sel_top_sorted(key, (int*)ps, nblk, count, n, put);
         return;

@@ -116,7 +116,9 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // per selection block of the longest sequence. `A` and `B`: Eq. 9's strides per
     // compressed block and per selection block.
     let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
-    let selection = 4 * (2 * g + NT_SEL as usize * b + a + cfg.max_sel_blocks() as usize);
+    // The token sums' area also holds the top-n's block lists (32 per list).
+    let mb = cfg.max_sel_blocks() as usize;
+    let selection = 4 * (2 * g + (NT_SEL as usize * b + a - 1).max(mb.next_multiple_of(32)) + 1 + mb);
     // Combine: per head of the block m, f over the units and (m, l) per branch, plus the
     // parts' sums (only with one head per block, parts * DV <= its threads).
     let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;

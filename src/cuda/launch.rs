@@ -146,13 +146,14 @@ impl CudaBackend {
         if let Some(h) = self.knobs.comb_heads.filter(|&h| h >= 1 && cfg.group_size() % h == 0) {
             l.comb_heads = h as i32;
         }
-        // Selection: chunk blocks (NT_SEL threads) over up to half the multiprocessors, each
-        // scoring at least SEL_CHUNK_MIN blocks of the longest sequence; one chunk once the
-        // (row, KV head) pairs cover half of them (H200, batch 16: one chunk 16.7 us, four
-        // 19.4 us; batch 1: nine chunks 14.5 us, one 16.9 us).
-        let half = self.info.multiprocessors.max(2) as u32 / 2;
+        // Selection: chunk blocks (NT_SEL threads) over the multiprocessors, each scoring at
+        // least SEL_CHUNK_MIN blocks of the longest sequence; one chunk once the (row, KV
+        // head) pairs cover them. (H200: batch 1 nine chunks 14.5 us, one 16.9; batch 16
+        // with one chunk per pair left half the GPU idle, two measured -6% on paper
+        // 128/128, docs/DECODE_NOTES.md variant 12a.)
+        let sms = self.info.multiprocessors.max(1) as u32;
         let max_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1);
-        l.sel_chunks = self.knobs.sel_chunks.unwrap_or(half / pairs.max(1)).clamp(1, max_chunks) as i32;
+        l.sel_chunks = self.knobs.sel_chunks.unwrap_or(sms / pairs.max(1)).clamp(1, max_chunks) as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
         let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
