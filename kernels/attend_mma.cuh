@@ -28,6 +28,10 @@
 // 1024-byte boundary with tensor maps); after the loop the stages are reused for the
 // merge: acc[NSA_MMA_WARPS][16][DV + 8] | m[NSA_MMA_WARPS][16] | l.
 
+// How far a tile's max may exceed a row's softmax reference before the reference (and with
+// it the accumulators) moves: P = exp(s - m) stays below e^8 (see the main loop).
+constexpr float RESCALE_SLACK = 8.f;
+
 // The keys of one unit: a contiguous range [lo, lo + n), or `n / sel_block` selected blocks
 // (`blocks`, -1 = none) of sel_block keys each, masked past position t.
 struct Keys {
@@ -44,12 +48,14 @@ __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
     return pos <= ks.t ? pos : -1;
 }
 
-template <class E, int NVT>
+// DKT, DVT: the head dims when compiled for one shape (the unrolled steps then use constant
+// shared-memory offsets and need no branches), 0 to read them from `p.shape`.
+template <class E, int NVT, int DKT, int DVT>
 __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
                            float* logit_out) {
     extern __shared__ float smem[];
-    const int DK = p.shape.head_dim_qk, DV = p.shape.head_dim_v;
+    const int DK = DKT ? DKT : p.shape.head_dim_qk, DV = DVT ? DVT : p.shape.head_dim_v;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
     const bool bulk = (p.launch.mode & 1) != 0, tma = (p.launch.mode & 2) != 0;
@@ -232,52 +238,58 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             }
             __syncwarp();
         }
-        float s[2][4];
+        // S = Q K^T in two pairs of accumulator chains (even and odd 16-column steps) so
+        // consecutive mma do not wait on each other.
+        float s[2][4], s2[2][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = s2[0][e] = s2[1][e] = 0.f;
         // ldmatrix row addresses; swizzled boxes: 16-byte chunk c of row r of a box sits
         // at chunk c ^ (r & 7) of the row (the copy engine's 128-byte swizzle).
         const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
         const unsigned ka = tma ? smem_u32(kt) + krow * 128 : smem_u32(kt + krow * KS + kc * 8);
-        for (int kk = 0; kk < DK; kk += 16) {
+        auto qk_step = [&](int kk, float (&acc)[2][4]) {
             unsigned a0, a1, a2, a3, b0, b1, b2, b3;
             ldsm4(qa + kk * 2, a0, a1, a2, a3);
-            ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2,
-                  b3);
-            mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
-            mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
+            ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2, b3);
+            mma16816<E::MMA>(acc[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(acc[1], a0, a1, a2, a3, b2, b3);
+        };
+#pragma unroll
+        for (int kk = 0; kk < DK; kk += 32) {
+            qk_step(kk, s);
+            if (kk + 16 < DK) qk_step(kk + 16, s2);
         }
-        // Scale, mask, keep the raw logits (compressed branch), online softmax. A lane's
-        // two keys of an n8 tile are adjacent positions (ranges are contiguous there):
-        // one 8-byte store per head when both are visible (the host keeps maxc even).
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[0][e] = (s[0][e] + s2[0][e]) * p.shape.scale;
+            s[1][e] = (s[1][e] + s2[1][e]) * p.shape.scale;
+        }
+        // Keep the raw logits (compressed branch: keys are the contiguous range from
+        // ks.lo, so key jj of the tile is position ks.lo + j0 + jj), then mask the keys the
+        // tile's visibility bits exclude. A lane's two keys of an n8 tile are adjacent
+        // positions: one 8-byte store per head when both are visible and the pair is
+        // 8-byte aligned (the host keeps max_cmp even).
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-            int pos[2];
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int jj = nt * 8 + q4 * 2 + e;
-                pos[e] = (vis >> jj) & 1u ? (tma ? tile_key(i, tp0, jj) : key_pos(p, ks, j0 + jj)) : -1;
-                s[nt][e] *= p.shape.scale;
-                s[nt][2 + e] *= p.shape.scale;
-            }
+            const int jj = nt * 8 + q4 * 2;
+            const bool v0 = (vis >> jj) & 1u, v1 = (vis >> (jj + 1)) & 1u;
             if (logit_out) {
-                float* la = logit_out + (usize)g * p.ws.max_cmp;
-                float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp;
-                if (pos[0] >= 0 && pos[1] == pos[0] + 1 && (pos[0] & 1) == 0) {
-                    if (g < hcn) *(float2*)(la + pos[0]) = make_float2(s[nt][0], s[nt][1]);
-                    if (g + 8 < hcn) *(float2*)(lb + pos[0]) = make_float2(s[nt][2], s[nt][3]);
+                const int pos = ks.lo + j0 + jj;
+                float* la = logit_out + (usize)g * p.ws.max_cmp + pos;
+                float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
+                if (v0 && v1 && (pos & 1) == 0) {
+                    if (g < hcn) *(float2*)la = make_float2(s[nt][0], s[nt][1]);
+                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2], s[nt][3]);
                 } else {
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-                        if (pos[e] >= 0) {
-                            if (g < hcn) la[pos[e]] = s[nt][e];
-                            if (g + 8 < hcn) lb[pos[e]] = s[nt][2 + e];
-                        }
+                    if (v0 && g < hcn) la[0] = s[nt][0];
+                    if (v1 && g < hcn) la[1] = s[nt][1];
+                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2];
+                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3];
                 }
             }
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                if (pos[e] < 0) s[nt][e] = s[nt][2 + e] = NEG_INF;
+            if (vis != 0xffffu) {
+                if (!v0) s[nt][0] = s[nt][2] = NEG_INF;
+                if (!v1) s[nt][1] = s[nt][3] = NEG_INF;
             }
         }
         float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
@@ -286,28 +298,39 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
         xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
         xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
-        float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
-        float uA = nA == NEG_INF ? 0.f : nA, uB = nB == NEG_INF ? 0.f : nB;
-        float cA = fexp(mA - uA), cB = fexp(mB - uB);
+        // Lazy rescale: a row's reference max moves only when the tile's max exceeds it by
+        // more than RESCALE_SLACK (or it is still -inf), and then every row of the warp
+        // moves to its true max. Between moves P = exp(s - m) stays below e^SLACK, well
+        // inside f32 and the 16-bit P; l and the accumulators always share the reference,
+        // so the partial (m, l, acc) is the same softmax state with fewer rescales (the
+        // 64 multiplies of the accumulators are skipped on most tiles).
+        if (__any_sync(0xffffffffu, xA > mA + RESCALE_SLACK || xB > mB + RESCALE_SLACK)) {
+            const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+            const float cA = mA == NEG_INF ? 0.f : fexp(mA - nA), cB = mB == NEG_INF ? 0.f : fexp(mB - nB);
+            lA *= cA;
+            lB *= cB;
+#pragma unroll
+            for (int d = 0; d < NVT; d++) {
+                o[d][0] *= cA;
+                o[d][1] *= cA;
+                o[d][2] *= cB;
+                o[d][3] *= cB;
+            }
+            mA = nA;
+            mB = nB;
+        }
+        // Every row's reference is finite here (a tile with a visible key gives each row a
+        // finite max, and the first such tile moved the reference).
         float pr[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-            pr[nt][0] = fexp(s[nt][0] - uA);
-            pr[nt][1] = fexp(s[nt][1] - uA);
-            pr[nt][2] = fexp(s[nt][2] - uB);
-            pr[nt][3] = fexp(s[nt][3] - uB);
+            pr[nt][0] = fexp(s[nt][0] - mA);
+            pr[nt][1] = fexp(s[nt][1] - mA);
+            pr[nt][2] = fexp(s[nt][2] - mB);
+            pr[nt][3] = fexp(s[nt][3] - mB);
         }
-        lA = lA * cA + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
-        lB = lB * cB + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
-        mA = nA;
-        mB = nB;
-#pragma unroll
-        for (int d = 0; d < NVT; d++) {
-            o[d][0] *= cA;
-            o[d][1] *= cA;
-            o[d][2] *= cB;
-            o[d][3] *= cB;
-        }
+        lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
+        lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
         unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
         unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
         const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;

@@ -89,19 +89,24 @@ NSA_ALL(EF32, f32)
 NSA_ALL(EF16, f16)
 NSA_ALL(EBF16, bf16)
 
-// Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} (DV <= 128 or <= 256).
-#define NSA_MMA_ENTRY(name, E, suffix, NVT)                                                        \
-    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##NVT(const Params p) { \
-        pdl_trigger();                                                                             \
-        name<E, NVT>(p);                                                                           \
+// Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} for any head dims (DV <= 128
+// or <= 256), and nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV} compiled for one shape (the
+// prefill shapes; src/cuda/kernel.rs picks these when the config has one).
+#define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag)                                                           \
+    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag(const Params p) { \
+        pdl_trigger();                                                                                             \
+        name<E, NVT, DK, DV>(p);                                                                                   \
     }
-#define NSA_MMA_ALL(E, suffix)             \
-    NSA_MMA_ENTRY(cmp_mma, E, suffix, 16)  \
-    NSA_MMA_ENTRY(sw_mma, E, suffix, 16)   \
-    NSA_MMA_ENTRY(full_mma, E, suffix, 16) \
-    NSA_MMA_ENTRY(cmp_mma, E, suffix, 32)  \
-    NSA_MMA_ENTRY(sw_mma, E, suffix, 32)   \
-    NSA_MMA_ENTRY(full_mma, E, suffix, 32)
+#define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
+    NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
+    NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \
+    NSA_MMA_ENTRY(full_mma, E, suffix, NVT, DK, DV, tag)
+#define NSA_MMA_ALL(E, suffix)                      \
+    NSA_MMA_KINDS(E, suffix, 16, 0, 0, 16)           \
+    NSA_MMA_KINDS(E, suffix, 32, 0, 0, 32)           \
+    NSA_MMA_KINDS(E, suffix, 16, 64, 64, 64_64)      \
+    NSA_MMA_KINDS(E, suffix, 16, 128, 128, 128_128)  \
+    NSA_MMA_KINDS(E, suffix, 16, 192, 128, 192_128)
 
 NSA_MMA_ALL(EF16, f16)
 NSA_MMA_ALL(EBF16, bf16)

@@ -31,7 +31,7 @@ __device__ void sw_partial(const Params& p) {
 
 // Selected blocks (units 0..units_s, `spb` blocks each) and window chunks of sel_block * spb
 // keys (units units_s..), tensor cores.
-template <class E, int NVT>
+template <class E, int NVT, int DKT, int DVT>
 __device__ void sw_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
@@ -60,7 +60,7 @@ __device__ void sw_mma(const Params& p) {
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
         const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
-        attend_mma<E, NVT>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table, kvh,
+        attend_mma<E, NVT, DKT, DVT>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table, kvh,
                            ks, hcn, q, wr, hg0, p.launch.nsplit_c + u, (float*)0);
     }
 }

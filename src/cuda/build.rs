@@ -75,8 +75,9 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
     /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
-    /// `NSA_CUDA_COMB_HEADS=N`): the selection's chunk blocks per (row, KV head) and the
-    /// combine's heads per block instead of the launch's own choice.
+    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`): the selection's chunk blocks per
+    /// (row, KV head) and the combine's heads per block instead of the launch's own choice,
+    /// and the tensor-core kernels' any-shape entries.
     pub knobs: DecodeKnobs,
 }
 
@@ -85,6 +86,9 @@ pub(crate) struct Plan {
 pub(crate) struct DecodeKnobs {
     pub sel_chunks: Option<u32>,
     pub comb_heads: Option<u32>,
+    /// `NSA_CUDA_MMA_GENERIC=1`: the tensor-core kernels' any-shape entries even where
+    /// one is compiled for the config's head dims (for comparisons).
+    pub generic_mma: bool,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -160,7 +164,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
-    let knobs = DecodeKnobs { sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32), comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32) };
+    let knobs = DecodeKnobs {
+        sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32),
+        comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
+        generic_mma: env_on("NSA_CUDA_MMA_GENERIC"),
+    };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
 
@@ -168,7 +176,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
 pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOptions) -> Result<Kernels> {
     let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
     let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
-    let mut k = Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.prefill.as_ref(), &plan.smem)?;
+    let mut k = Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.knobs.generic_mma, plan.prefill.as_ref(), &plan.smem)?;
     k.pdl = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_PDL");
     Ok(k)
 }

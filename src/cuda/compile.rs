@@ -242,9 +242,11 @@ mod tests {
         for arch in ["sm_90a", "sm_80"] {
             let (bin, log) = compile_with(arch, &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
             assert!(bin.len() > 1000);
-            // For reading the SASS (nvdisasm) without a GPU: NSA_SPILL_CUBIN_DIR=dir keeps each CUBIN.
+            // For reading the SASS (nvdisasm) and register counts without a GPU:
+            // NSA_SPILL_CUBIN_DIR=dir keeps each CUBIN and its ptxas report.
             if let Some(dir) = std::env::var_os("NSA_SPILL_CUBIN_DIR") {
                 std::fs::write(Path::new(&dir).join(format!("nsa-{arch}.cubin")), &bin).expect("writing the CUBIN");
+                std::fs::write(Path::new(&dir).join(format!("nsa-{arch}.ptxas.txt")), &log).expect("writing the ptxas report");
             }
             let report = spills(&log);
             for k in super::super::kernel::Kernel::ALL {

@@ -12,6 +12,10 @@ use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE};
 use super::driver::{check, CUstream};
 use super::params::Params;
 use super::prefill::PrefillPlan;
+
+/// (DK, DV) pairs the decode tensor-core kernels are also compiled for (`NSA_MMA_ALL` in
+/// kernels/nsa.cu): the prefill shapes.
+const MMA_SHAPES: [(u32, u32); 3] = super::prefill::SHAPES;
 use crate::config::Dtype;
 use crate::error::{NsaError, Result};
 
@@ -158,14 +162,18 @@ impl Kernel {
         format!("nsa_{}_{}_{suffix}_{dk}_{dv}", self.stage(), policy.name())
     }
 
-    /// Entry point for storage type `dtype` and V head dim `dv`.
-    pub fn entry(self, dtype: Dtype, dv: u32) -> String {
+    /// Entry point for storage type `dtype` and head dims `dk`, `dv`. The tensor-core
+    /// kernels have entries compiled for the shapes in [`MMA_SHAPES`] (unless `generic`)
+    /// and entries for any head dims by V tile width.
+    pub fn entry(self, dtype: Dtype, (dk, dv): (u32, u32), generic: bool) -> String {
         let suffix = match dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
         };
-        if self.tensor_core() {
+        if self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
+            format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
+        } else if self.tensor_core() {
             // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
             let nvt = if dv <= 128 { 16 } else { 32 };
             format!("nsa_{}_{suffix}_{nvt}", self.stage())
@@ -192,9 +200,10 @@ impl Kernel {
             return v;
         }
         if self.tensor_core() {
-            [Dtype::F16, Dtype::Bf16].iter().flat_map(|&d| [self.entry(d, 128), self.entry(d, 256)]).collect()
+            let dims = MMA_SHAPES.iter().map(|&s| (s, false)).chain([((128, 128), true), ((256, 256), true)]);
+            dims.flat_map(|(s, generic)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic))).collect()
         } else {
-            [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, 0)).collect()
+            [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, (0, 0), false)).collect()
         }
     }
 }
@@ -213,14 +222,15 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     /// Loads `cubin` into the current context and looks up every kernel for `dtype` and
-    /// the head dims `dk`, `dv` (the tensor-core ones only with `tensor_cores`, the prefill
-    /// ones only with `prefill`), raising each one's shared-memory limit where it needs more
+    /// the head dims `dk`, `dv` (the tensor-core ones only with `tensor_cores`, and their
+    /// any-shape entries with `generic_mma`; the prefill ones only with `prefill`), raising each one's shared-memory limit where it needs more
     /// than the default 48 KiB.
     pub fn load(
         cubin: &[u8],
         dtype: Dtype,
         (dk, dv): (u32, u32),
         tensor_cores: bool,
+        generic_mma: bool,
         prefill: Option<&PrefillPlan>,
         smem: &SharedMem,
     ) -> Result<Kernels> {
@@ -240,7 +250,7 @@ impl Kernels {
             }
             let entry = match prefill {
                 Some(p) if kernel.prefill() => kernel.prefill_entry(p.policy_of(kernel), dtype, dk, dv),
-                _ => kernel.entry(dtype, dv),
+                _ => kernel.entry(dtype, (dk, dv), generic_mma),
             };
             k.block[i] = kernel.block(prefill);
             let name = CString::new(entry).expect("no NUL");
@@ -337,15 +347,18 @@ mod tests {
 
     #[test]
     fn entries_are_the_kernel_file_names() {
-        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, 128), "nsa_sw_mma_bf16_16");
-        assert_eq!(Kernel::SwMma.entry(Dtype::F16, 192), "nsa_sw_mma_f16_32");
-        assert_eq!(Kernel::Append.entry(Dtype::F32, 64), "nsa_append_f32");
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true), "nsa_sw_mma_bf16_16");
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false), "nsa_sw_mma_bf16_128_128");
+        assert_eq!(Kernel::CmpMma.entry(Dtype::F16, (192, 128), false), "nsa_cmp_mma_f16_192_128");
+        assert_eq!(Kernel::SwMma.entry(Dtype::F16, (192, 192), false), "nsa_sw_mma_f16_32");
+        assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false), "nsa_full_mma_bf16_16");
+        assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false), "nsa_append_f32");
         assert_eq!(
             Kernel::PfSw.prefill_entry(super::super::prefill::Policy::Wgmma, Dtype::Bf16, 128, 128),
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 4 + 16 + (16 + 4 * 6)); // pf_cmp also warp-specialised (prefill::WS_FORMS)
+        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6)); // pf_cmp also warp-specialised (prefill::WS_FORMS)
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }
