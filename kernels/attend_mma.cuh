@@ -94,12 +94,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
     const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
     const int ck = DK / 8, cv = DV / 8;
-    // Tensor maps: lane l holds the first key position and the box row (z = page * HKV +
-    // kvh) of the warp's tiles 32g + l, looked up together once per 32 tiles (one round of
-    // selection-index and page-table loads, instead of two dependent loads before each
-    // tile's copy). Two groups (g even / odd) live at once: the copies run S - 1 tiles
-    // ahead of the math, which still reads the previous group.
-    int tpos[2] = {-1, -1}, tz[2] = {0, 0};
+    // Tensor maps: lane l holds the first key position, its row in the page (y) and the box
+    // row (z = page * HKV + kvh) of the warp's tiles 32g + l, looked up together once per 32
+    // tiles (one round of selection-index and page-table loads and one division, instead
+    // of two dependent loads and a division before each tile's copy). Two groups (g even /
+    // odd) live at once: the copies run S - 1 tiles ahead of the math, which still reads
+    // the previous group.
+    int tpos[2] = {-1, -1}, tz[2] = {0, 0}, ty[2] = {0, 0};
     auto tile_src = [&](int li) {  // warp-local tile li = (ti - warp) / NSA_MMA_WARPS, lane's entry
         const int g = (li >> 5) & 1, j0 = (warp + li * NSA_MMA_WARPS) * NSA_MMA_KEYS;
         int pos0 = -1;
@@ -111,13 +112,16 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 pos0 = ks.lo + min(j0 + NSA_MMA_KEYS, ks.n) - 1 >= ks.first ? ks.lo + j0 : -1;
             }
         }
-        int z = pos0 >= 0 ? table[pos0 / p.paging.page_size] * p.shape.num_kv_heads + kvh : 0;
+        const int pg = pos0 >= 0 ? pos0 / p.paging.page_size : 0;
+        const int z = pos0 >= 0 ? table[pg] * p.shape.num_kv_heads + kvh : 0, y = pos0 - pg * p.paging.page_size;
         if (g) {
             tpos[1] = pos0;
             tz[1] = z;
+            ty[1] = y;
         } else {
             tpos[0] = pos0;
             tz[0] = z;
+            ty[0] = y;
         }
     };
     // First key position of warp-local tile li (a shuffle: call it warp-uniformly).
@@ -129,13 +133,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         if (ks.blocks) return pos <= ks.t ? pos : -1;
         return (warp + li * NSA_MMA_WARPS) * NSA_MMA_KEYS + jj < ks.n && pos >= ks.first ? pos : -1;
     };
-    auto load = [&](int ti, int st) {
+    auto load = [&](int li, int st) {  // the warp's tile li (block tile warp + li * NSA_MMA_WARPS) into stage st
+        const int ti = warp + li * NSA_MMA_WARPS;
         u16* kd = my + st * stage_elems;
         u16* vd = kd + NSA_MMA_KEYS * KS;
         if (tma) {
             // The tile's keys are 16 consecutive rows of one page (the host guarantees
             // 16-aligned ranges, blocks and pages): DK/64 + DV/64 box loads.
-            const int li = (ti - warp) / NSA_MMA_WARPS;
             if ((li & 31) == 0) tile_src(li + lane);
             int pos0 = tile_pos0(li);
             int z = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tz[1] : tz[0], li & 31);
@@ -147,7 +151,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             }
             if (lane == 0) mbar_expect(bar, (unsigned)(NSA_MMA_KEYS * (DK + DV) * 2));
             __syncwarp();
-            int y = pos0 % p.paging.page_size;
+            int y = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? ty[1] : ty[0], li & 31);
             int nbk = DK / 64, nbv = DV / 64;
             if (lane < nbk)
                 tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
@@ -199,16 +203,23 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     for (int st = 0; st < S - 1; st++) {
-        if (st < cnt) load(warp + st * NSA_MMA_WARPS, st);
+        if (st < cnt) load(st, st);
         cp_commit();
     }
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
+    // Stages as running counters (no division by the runtime S per tile): tile i is read
+    // from stage `cs` (phase `cph` of its mbarrier), tile i + S - 1 is copied into `ls`.
+    int cs = 0, cph = 0, ls = S - 1;
     for (int i = 0; i < cnt; i++) {
-        int nx = i + S - 1;
-        if (nx < cnt) load(warp + nx * NSA_MMA_WARPS, nx % S);
-        if (bulk) {
-            mbar_wait(bar0 + 8 * (i % S), (unsigned)((i / S) & 1));
-        } else {
+        if (i + S - 1 < cnt) load(i + S - 1, ls);
+        ls = ls + 1 == S ? 0 : ls + 1;
+        const int st = cs;
+        if (bulk) mbar_wait(bar0 + 8 * st, (unsigned)cph);
+        if (++cs == S) {
+            cs = 0;
+            cph ^= 1;
+        }
+        if (!bulk) {
             cp_commit();
             if (S == 2)
                 cp_wait<1>();
@@ -226,7 +237,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             __ballot_sync(0xffffffffu, (tma ? tile_key(i, tp0, lane & (NSA_MMA_KEYS - 1)) : key_pos(p, ks, j0 + (lane & (NSA_MMA_KEYS - 1)))) >= 0) &
             0xffffu;
         if (vis == 0u) continue;
-        u16* kt = my + (i % S) * stage_elems;
+        u16* kt = my + st * stage_elems;
         u16* vt = kt + NSA_MMA_KEYS * KS;
         if (tma && vis != 0xffffu) {
             // Box rows of masked keys hold whatever the page holds there (maybe NaN):
