@@ -36,6 +36,8 @@ pub struct CudaBackend {
     pub(super) mma: bool,
     /// Blocks of a tensor-core kernel per multiprocessor (occupancy at the picked stages).
     pub(super) mma_per_sm: u32,
+    /// The tensor-core kernels' form for small waves (`build::SmallWave`).
+    pub(super) small_wave: Option<build::SmallWave>,
     /// The most compressed splits a launch may use (`build::Plan::cmp_splits`).
     pub(super) cmp_splits: u32,
     /// Measurement knobs of the decode launches (`build::Plan::knobs`).
@@ -133,14 +135,14 @@ impl CudaBackend {
         let plan = build::plan(cfg, &dl, &info)?;
         // Dropped (module unloaded) on any later error, with the context current.
         let mut kernels = build::load(cfg, &info, &plan, opts)?;
-        let (nstage, mma_per_sm) = build::pick_stages(cfg, &plan, &mut kernels)?;
+        let stages = build::pick_stages(cfg, &plan, &mut kernels)?;
         build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
         let staging = Staging::new(dl.step.bytes)?;
         let setup = LaunchSetup {
             head_chunk: plan.head_chunk,
             bulk: plan.bulk,
             tma: plan.tma,
-            nstage,
+            nstage: stages.nstage,
             pf_sel_warp: plan.prefill.is_some_and(|p| p.sel_warp),
             pf_win: plan.prefill.map_or(0, |p| p.sc_win),
         };
@@ -155,7 +157,8 @@ impl CudaBackend {
             params: Params::fixed(cfg, &dl, base, setup),
             info,
             mma: plan.mma,
-            mma_per_sm,
+            mma_per_sm: stages.per_sm,
+            small_wave: stages.small,
             cmp_splits: plan.cmp_splits,
             knobs: plan.knobs,
             tma: plan.tma,

@@ -22,6 +22,8 @@ use crate::layout::Layout;
 
 /// Dynamic shared memory a kernel may use without raising its limit.
 pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
+/// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 and 2 with four KV heads.
+const SMALL_WAVE_PAIRS: u32 = 8;
 
 /// A diagnosis knob read at backend creation: set to `1`.
 pub(crate) fn env_on(name: &str) -> bool {
@@ -75,9 +77,10 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
     /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
-    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`): the selection's chunk blocks per
-    /// (row, KV head) and the combine's heads per block instead of the launch's own choice,
-    /// and the tensor-core kernels' any-shape entries.
+    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`): the
+    /// selection's chunk blocks per (row, KV head) and the combine's heads per block instead
+    /// of the launch's own choice, the tensor-core kernels' any-shape entries, and the
+    /// largest wave of the small-wave form.
     pub knobs: DecodeKnobs,
 }
 
@@ -89,6 +92,9 @@ pub(crate) struct DecodeKnobs {
     /// `NSA_CUDA_MMA_GENERIC=1`: the tensor-core kernels' any-shape entries even where
     /// one is compiled for the config's head dims (for comparisons).
     pub generic_mma: bool,
+    /// Waves of at most this many (row, KV head) pairs take the small-wave form
+    /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 8.
+    pub small_wave_pairs: u32,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -168,6 +174,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32),
         comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
         generic_mma: env_on("NSA_CUDA_MMA_GENERIC"),
+        small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
@@ -184,11 +191,11 @@ pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOpti
 /// Pipeline depth of the tensor-core kernels: the most stages that keep as many blocks
 /// resident (by registers and shared memory) as two stages do (`NSA_CUDA_STAGES`
 /// overrides). Measured on the H100: resident warps matter more than depth (a warp's tile
-/// chain is serial), so depth never costs a block. Sets the kernels' shared memory for it;
-/// returns (stages, blocks per multiprocessor).
-pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> Result<(u32, u32)> {
+/// chain is serial), so depth never costs a block. Sets the kernels' shared memory for it
+/// and raises their limit for the small-wave form ([`SmallWave`]).
+pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> Result<StagePick> {
     if !plan.mma {
-        return Ok((2, 1));
+        return Ok(StagePick { nstage: 2, per_sm: 1, small: None });
     }
     let smem = |s: usize| smem_tensor_core(cfg, plan.tma, s);
     let occupancy = |k: &Kernels, s: usize| k.occupancy(Kernel::CmpMma, smem(s));
@@ -202,10 +209,49 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
         let s = s.clamp(2, plan.stages_fit);
         pick = (s, occupancy(kernels, s)?);
     }
+    // Small waves: the fewest stages at which one block fills a multiprocessor's share
+    // (none when even the deepest pipeline leaves room for two).
+    let mut small = None;
+    if pick.1 > 1 {
+        for s in pick.0 + 1..=plan.stages_fit {
+            if occupancy(kernels, s)? == 1 {
+                small = Some(SmallWave { nstage: s as u32, smem: smem(s) as u32, max_pairs: plan.knobs.small_wave_pairs });
+                break;
+            }
+        }
+    }
     for k in [Kernel::CmpMma, Kernel::SwMma, Kernel::FullMma] {
         kernels.set_smem(k, smem(pick.0) as u32)?;
+        if let Some(w) = small {
+            kernels.allow_smem(k, w.smem)?;
+        }
     }
-    Ok((pick.0 as u32, pick.1))
+    Ok(StagePick { nstage: pick.0 as u32, per_sm: pick.1, small })
+}
+
+/// The tensor-core kernels' pipeline depth and residency ([`pick_stages`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StagePick {
+    /// Stages at the most blocks per multiprocessor, and those blocks.
+    pub nstage: u32,
+    pub per_sm: u32,
+    /// The form of small waves, if any.
+    pub small: Option<SmallWave>,
+}
+
+/// Waves of at most `max_pairs` (row, KV head) pairs launch the tensor-core kernels at
+/// `nstage` stages with `smem` bytes: one block per multiprocessor. At batch 1 the step
+/// is a chain of five short kernels, and a multiprocessor that one attention block does
+/// not fill keeps room for the next kernel's blocks, which programmatic dependent launch
+/// then makes resident before the attention ends (H200, 64k, graph replay: paper 192/128
+/// 46 -> 36 us, 128/128 44 -> 40 us; docs/DECODE_NOTES.md variant 17). At batch 16
+/// the blocks' bandwidth matters more (192/128 at one block per multiprocessor: 105 ->
+/// 120 us).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SmallWave {
+    pub nstage: u32,
+    pub smem: u32,
+    pub max_pairs: u32,
 }
 
 /// Initialises the workspace of the buffer at `base`: every layer's tensor maps (when

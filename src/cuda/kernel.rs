@@ -280,6 +280,20 @@ impl Kernels {
         Ok(())
     }
 
+    /// Raises `kernel`'s shared-memory limit to `bytes` (for launches sized by
+    /// [`Kernels::launch_sized`]) without changing its default size.
+    pub fn allow_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
+        let default = self.smem[kernel as usize];
+        self.set_smem(kernel, bytes.max(default))?;
+        self.smem[kernel as usize] = default;
+        Ok(())
+    }
+
+    /// `kernel`'s default dynamic shared memory.
+    pub fn smem(&self, kernel: Kernel) -> u32 {
+        self.smem[kernel as usize]
+    }
+
     /// Blocks of `kernel` resident per multiprocessor with `smem` bytes of shared memory.
     pub fn occupancy(&self, kernel: Kernel, smem: usize) -> Result<u32> {
         let mut blocks = 0i32;
@@ -302,6 +316,15 @@ impl Kernels {
     /// # Safety
     /// `p` describes valid device memory for `kernel`, which was loaded.
     pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
+        self.launch_sized(kernel, grid, self.smem[kernel as usize], p, stream, dependent)
+    }
+
+    /// [`Kernels::launch`] with `smem` bytes of dynamic shared memory instead of the
+    /// kernel's default (at most the limit [`Kernels::allow_smem`] set).
+    ///
+    /// # Safety
+    /// As [`Kernels::launch`]; `smem` is what `p`'s launch fields need, within the limit.
+    pub unsafe fn launch_sized(&self, kernel: Kernel, grid: (u32, u32, u32), smem: u32, p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -318,7 +341,7 @@ impl Kernels {
             blockDimX: self.block[i],
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: self.smem[i],
+            sharedMemBytes: smem,
             hStream: stream,
             attrs: &mut attr,
             numAttrs: (dependent && self.pdl) as u32,

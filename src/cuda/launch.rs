@@ -88,13 +88,20 @@ impl CudaBackend {
             let mut row0 = 0u32;
             while row0 < tokens {
                 let rows = (tokens - row0).min(self.dl.wave_rows);
+                let small = self.small_wave.filter(|w| self.mma && rows * hkv <= w.max_pairs);
                 let mut pw = p;
-                pw.launch = self.wave_splits(&p.launch, row0, rows);
+                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
+                // The small-wave form: deeper stages whose shared memory keeps one attention
+                // block per multiprocessor (build::SmallWave says why).
+                let smem = small.map(|w| {
+                    pw.launch.nstage = w.nstage as i32;
+                    w.smem
+                });
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
-                k.launch(cmp, (rows, hkv, l.nsplit_c as u32), &pw, stream, true)?;
+                k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), smem.unwrap_or(k.smem(cmp)), &pw, stream, true)?;
                 k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
-                k.launch(sw, (rows, hkv, units), &pw, stream, true)?;
+                k.launch_sized(sw, (rows, hkv, units), smem.unwrap_or(k.smem(sw)), &pw, stream, true)?;
                 k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
             }
@@ -102,9 +109,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Blocks of one attention launch that run at once (one wave).
-    fn target_blocks(&self) -> u32 {
-        let per_sm = if self.mma { self.mma_per_sm } else { BLOCKS_PER_SM };
+    /// Blocks of one attention launch that run at once (one wave), at `mma_per_sm` blocks
+    /// per multiprocessor on tensor cores.
+    fn target_blocks(&self, mma_per_sm: u32) -> u32 {
+        let per_sm = if self.mma { mma_per_sm } else { BLOCKS_PER_SM };
         (self.info.multiprocessors.max(1) as u32) * per_sm
     }
 
@@ -112,13 +120,14 @@ impl CudaBackend {
     /// splits as fit in one wave of blocks (the kernels give each split at least
     /// `SPLIT_MIN_KEYS` keys of the actual length); on tensor cores, selected blocks per
     /// unit (`spb`) by a wave model: waves x (keys per unit + 64 keys' worth of per-block
-    /// overhead), the larger on ties.
-    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32) -> Launch {
+    /// overhead), the larger on ties. `mma_per_sm`: the tensor-core blocks per
+    /// multiprocessor of this wave's launches.
+    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32, mma_per_sm: u32) -> Launch {
         let cfg = &self.cfg;
         let mut l = *fixed;
         l.row0 = row0 as i32;
         let pairs = rows * cfg.num_kv_heads;
-        let slots = self.target_blocks();
+        let slots = self.target_blocks(mma_per_sm);
         l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
         let mut spb = 1u32;
         if self.mma {
@@ -182,7 +191,7 @@ impl CudaBackend {
             let rows = (tokens - row0).min(self.dl.wave_rows);
             let mut pw: Params = p;
             pw.launch.row0 = row0 as i32;
-            let nsplit = self.target_blocks().div_ceil(rows * hkv).clamp(1, max_units);
+            let nsplit = self.target_blocks(self.mma_per_sm).div_ceil(rows * hkv).clamp(1, max_units);
             pw.launch.nsplit_c = nsplit as i32;
             pw.launch.units_s = 0;
             pw.launch.units_w = 0;
