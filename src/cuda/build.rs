@@ -22,8 +22,9 @@ use crate::layout::Layout;
 
 /// Dynamic shared memory a kernel may use without raising its limit.
 pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
-/// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 and 2 with four KV heads.
-const SMALL_WAVE_PAIRS: u32 = 8;
+/// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 with four KV heads. (H200, 64k:
+/// batch 2 and 4 measured slower in the small-wave form, docs/DECODE_NOTES.md variant 17.)
+const SMALL_WAVE_PAIRS: u32 = 4;
 
 /// A diagnosis knob read at backend creation: set to `1`.
 pub(crate) fn env_on(name: &str) -> bool {
@@ -93,7 +94,7 @@ pub(crate) struct DecodeKnobs {
     /// one is compiled for the config's head dims (for comparisons).
     pub generic_mma: bool,
     /// Waves of at most this many (row, KV head) pairs take the small-wave form
-    /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 8.
+    /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 4.
     pub small_wave_pairs: u32,
 }
 
@@ -243,10 +244,11 @@ pub(crate) struct StagePick {
 /// `nstage` stages with `smem` bytes: one block per multiprocessor. At batch 1 the step
 /// is a chain of five short kernels, and a multiprocessor that one attention block does
 /// not fill keeps room for the next kernel's blocks, which programmatic dependent launch
-/// then makes resident before the attention ends (H200, 64k, graph replay: paper 192/128
-/// 46 -> 36 us, 128/128 44 -> 40 us; docs/DECODE_NOTES.md variant 17). At batch 16
-/// the blocks' bandwidth matters more (192/128 at one block per multiprocessor: 105 ->
-/// 120 us).
+/// then makes resident before the attention ends (H200, batch 1 at 64k, graph replay:
+/// paper 128/128 43.9 -> 41.4 us, 192/128 44.8 -> 38.5, fla 41.3 -> 36.1 and 41.9 ->
+/// 35.8; docs/DECODE_NOTES.md variant 17). From batch 2 the blocks' bandwidth matters
+/// more: batch 2 and 4 measured slower in this form, and batch 16 at one block per
+/// multiprocessor far slower (192/128: 105 -> 120 us).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SmallWave {
     pub nstage: u32,
