@@ -199,28 +199,9 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
         return Ok(StagePick { nstage: 2, per_sm: 1, small: None });
     }
     let smem = |s: usize| smem_tensor_core(cfg, plan.tma, s);
-    let occupancy = |k: &Kernels, s: usize| k.occupancy(Kernel::CmpMma, smem(s));
-    let mut pick = (2, occupancy(kernels, 2)?);
-    for s in 3..=plan.stages_fit {
-        if occupancy(kernels, s)? == pick.1 {
-            pick.0 = s;
-        }
-    }
-    if let Some(s) = env_num("NSA_CUDA_STAGES") {
-        let s = s.clamp(2, plan.stages_fit);
-        pick = (s, occupancy(kernels, s)?);
-    }
-    // Small waves: the fewest stages at which one block fills a multiprocessor's share
-    // (none when even the deepest pipeline leaves room for two).
-    let mut small = None;
-    if pick.1 > 1 {
-        for s in pick.0 + 1..=plan.stages_fit {
-            if occupancy(kernels, s)? == 1 {
-                small = Some(SmallWave { nstage: s as u32, smem: smem(s) as u32, max_pairs: plan.knobs.small_wave_pairs });
-                break;
-            }
-        }
-    }
+    let (pick, small_stages) =
+        choose_stages(plan.stages_fit, env_num("NSA_CUDA_STAGES"), |s| kernels.occupancy(Kernel::CmpMma, smem(s)))?;
+    let small = small_stages.map(|s| SmallWave { nstage: s as u32, smem: smem(s) as u32, max_pairs: plan.knobs.small_wave_pairs });
     for k in [Kernel::CmpMma, Kernel::SwMma, Kernel::FullMma] {
         kernels.set_smem(k, smem(pick.0) as u32)?;
         if let Some(w) = small {
@@ -228,6 +209,34 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
         }
     }
     Ok(StagePick { nstage: pick.0 as u32, per_sm: pick.1, small })
+}
+
+/// [`pick_stages`]'s choice from the blocks per multiprocessor at each depth
+/// (`occupancy`, 2..=`stages_fit` stages), `forced` by `NSA_CUDA_STAGES`: (stages, blocks)
+/// and the small-wave form's stages, the fewest beyond the pick at which one block fills
+/// a multiprocessor's share (none when the pick already has one block, or when even the
+/// deepest pipeline leaves room for two).
+fn choose_stages(stages_fit: usize, forced: Option<usize>, mut occupancy: impl FnMut(usize) -> Result<u32>) -> Result<((usize, u32), Option<usize>)> {
+    let mut pick = (2, occupancy(2)?);
+    for s in 3..=stages_fit {
+        if occupancy(s)? == pick.1 {
+            pick.0 = s;
+        }
+    }
+    if let Some(s) = forced {
+        let s = s.clamp(2, stages_fit);
+        pick = (s, occupancy(s)?);
+    }
+    let mut small = None;
+    if pick.1 > 1 {
+        for s in pick.0 + 1..=stages_fit {
+            if occupancy(s)? == 1 {
+                small = Some(s);
+                break;
+            }
+        }
+    }
+    Ok((pick, small))
 }
 
 /// The tensor-core kernels' pipeline depth and residency ([`pick_stages`]).
@@ -268,4 +277,31 @@ pub(crate) fn init_workspace(cfg: &Config, lay: &Layout, dl: &DevLayout, base: u
     // SAFETY: the region lies inside the caller's buffer (checked by `check_buffer`).
     check(unsafe { sys::cuMemsetD8_v2(base + dl.count.off as u64, 0, dl.count.bytes) }, "cuMemsetD8")?;
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_stages;
+
+    /// Blocks per multiprocessor at 2, 3, 4 stages.
+    fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
+        move |s| Ok(t[s - 2])
+    }
+
+    #[test]
+    fn stages_keep_the_blocks_of_two_and_small_waves_take_one_block() {
+        // 128/128 on the H200: 3, 2, 1 blocks at 2, 3, 4 stages.
+        assert_eq!(choose_stages(4, None, table([3, 2, 1])).unwrap(), ((2, 3), Some(4)));
+        // 192/128: 2, 1, 1.
+        assert_eq!(choose_stages(4, None, table([2, 1, 1])).unwrap(), ((2, 2), Some(3)));
+        // Depth that costs no block is taken; no depth reaches one block: no small form.
+        assert_eq!(choose_stages(4, None, table([4, 4, 3])).unwrap(), ((3, 4), None));
+        // Already one block per multiprocessor: nothing smaller to switch to.
+        assert_eq!(choose_stages(4, None, table([1, 1, 1])).unwrap(), ((4, 1), None));
+        // Fewer stages fit: the search stops there.
+        assert_eq!(choose_stages(3, None, table([3, 2, 1])).unwrap(), ((2, 3), None));
+        // NSA_CUDA_STAGES: the forced depth (clamped), the small form beyond it.
+        assert_eq!(choose_stages(4, Some(3), table([3, 2, 1])).unwrap(), ((3, 2), Some(4)));
+        assert_eq!(choose_stages(4, Some(9), table([3, 2, 1])).unwrap(), ((4, 1), None));
+    }
 }
