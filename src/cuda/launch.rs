@@ -92,7 +92,7 @@ impl CudaBackend {
                 let mut pw = p;
                 pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
                 // The small-wave form: deeper stages whose shared memory keeps one attention
-                // block per multiprocessor (build::SmallWave says why).
+                // block per multiprocessor (build::SmallWave has the measurements).
                 let smem = small.map(|w| {
                     pw.launch.nstage = w.nstage as i32;
                     w.smem
@@ -158,8 +158,8 @@ impl CudaBackend {
         // Selection: chunk blocks (NT_SEL threads) over the multiprocessors, each scoring at
         // least SEL_CHUNK_MIN blocks of the longest sequence; one chunk once the (row, KV
         // head) pairs cover them. (H200: batch 1 nine chunks 14.5 us, one 16.9; batch 16
-        // with one chunk per pair left half the GPU idle, two measured -6% on paper
-        // 128/128, docs/DECODE_NOTES.md variant 12a.)
+        // with one chunk per pair left half the GPU idle; two per pair measured 110.1 ->
+        // 104.8 us on paper 128/128 at 64k, docs/DECODE_NOTES.md variant 14.)
         let sms = self.info.multiprocessors.max(1) as u32;
         let max_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1);
         l.sel_chunks = self.knobs.sel_chunks.unwrap_or(sms / pairs.max(1)).clamp(1, max_chunks) as i32;
