@@ -201,7 +201,7 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
     let smem = |s: usize| smem_tensor_core(cfg, plan.tma, s);
     let (pick, small_stages) =
         choose_stages(plan.stages_fit, env_num("NSA_CUDA_STAGES"), |s| kernels.occupancy(Kernel::CmpMma, smem(s)))?;
-    let small = small_stages.map(|s| SmallWave { nstage: s as u32, smem: smem(s) as u32, max_pairs: plan.knobs.small_wave_pairs });
+    let small = small_stages.map(|s| SmallWave { nstage: s as u32, smem: smem(s) as u32 });
     for k in [Kernel::CmpMma, Kernel::SwMma, Kernel::FullMma] {
         kernels.set_smem(k, smem(pick.0) as u32)?;
         if let Some(w) = small {
@@ -249,7 +249,7 @@ pub(crate) struct StagePick {
     pub small: Option<SmallWave>,
 }
 
-/// Waves of at most `max_pairs` (row, KV head) pairs launch the tensor-core kernels at
+/// Waves of at most [`DecodeKnobs::small_wave_pairs`] (row, KV head) pairs launch the tensor-core kernels at
 /// `nstage` stages with `smem` bytes: one block per multiprocessor. At batch 1 the step
 /// is a chain of five short kernels; with one attention block per multiprocessor the
 /// kernels' own times stay the same (ncu) but the chain runs faster (why is not settled:
@@ -262,7 +262,6 @@ pub(crate) struct StagePick {
 pub(crate) struct SmallWave {
     pub nstage: u32,
     pub smem: u32,
-    pub max_pairs: u32,
 }
 
 /// Initialises the workspace of the buffer at `base`: every layer's tensor maps (when

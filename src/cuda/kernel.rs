@@ -12,12 +12,12 @@ use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE};
 use super::driver::{check, CUstream};
 use super::params::Params;
 use super::prefill::PrefillPlan;
+use crate::config::Dtype;
+use crate::error::{NsaError, Result};
 
 /// (DK, DV) pairs the decode tensor-core kernels are also compiled for (`NSA_MMA_ALL` in
 /// kernels/nsa.cu): the prefill shapes.
 const MMA_SHAPES: [(u32, u32); 3] = super::prefill::SHAPES;
-use crate::config::Dtype;
-use crate::error::{NsaError, Result};
 
 /// Every kernel of a layer run and of the full-attention baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,20 +88,20 @@ impl CudaBackend {
             let mut row0 = 0u32;
             while row0 < tokens {
                 let rows = (tokens - row0).min(self.dl.wave_rows);
-                let small = self.small_wave.filter(|w| self.mma && rows * hkv <= w.max_pairs);
-                let mut pw = p;
-                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
                 // The small-wave form: deeper stages whose shared memory keeps one attention
                 // block per multiprocessor (build::SmallWave has the measurements).
-                let smem = small.map(|w| {
+                let small = self.small_wave.filter(|_| rows * hkv <= self.knobs.small_wave_pairs);
+                let mut pw = p;
+                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
+                if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
-                    w.smem
-                });
+                }
+                let att_smem = |kernel| small.map_or(k.smem(kernel), |w| w.smem);
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
-                k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), smem.unwrap_or(k.smem(cmp)), &pw, stream, true)?;
+                k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), att_smem(cmp), &pw, stream, true)?;
                 k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
-                k.launch_sized(sw, (rows, hkv, units), smem.unwrap_or(k.smem(sw)), &pw, stream, true)?;
+                k.launch_sized(sw, (rows, hkv, units), att_smem(sw), &pw, stream, true)?;
                 k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
             }
