@@ -186,14 +186,19 @@ pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOpti
     let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
     let mut k = Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.knobs.generic_mma, plan.prefill.as_ref(), &plan.smem)?;
     k.pdl = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_PDL");
+    if let Some(p) = env_num("NSA_CUDA_CARVEOUT") {
+        k.set_carveout(p as u32)?;
+    }
     Ok(k)
 }
 
-/// Pipeline depth of the tensor-core kernels: the most stages that keep as many blocks
-/// resident (by registers and shared memory) as two stages do (`NSA_CUDA_STAGES`
-/// overrides). Measured on the H100: resident warps matter more than depth (a warp's tile
-/// chain is serial), so depth never costs a block. Sets the kernels' shared memory for it
-/// and raises their limit for the small-wave form ([`SmallWave`]).
+/// Pipeline depth of the tensor-core kernels: the depth with the most tiles in flight per
+/// multiprocessor (blocks x (stages - 1), each warp's tile chain being serial) among the
+/// depths that keep at least two blocks resident (`NSA_CUDA_STAGES` overrides). One
+/// block per multiprocessor loses at batch 16 (H200, 192/128: 105 -> 120 us), while
+/// 128/128 at three stages and two blocks beats two stages at three blocks (97.9 -> 94.2
+/// us; docs/DECODE_NOTES.md variant 18). Sets the kernels' shared memory for it and raises
+/// their limit for the small-wave form ([`SmallWave`]).
 pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> Result<StagePick> {
     if !plan.mma {
         return Ok(StagePick { nstage: 2, per_sm: 1, small: None });
@@ -215,12 +220,15 @@ pub(crate) fn pick_stages(cfg: &Config, plan: &Plan, kernels: &mut Kernels) -> R
 /// (`occupancy`, 2..=`stages_fit` stages), `forced` by `NSA_CUDA_STAGES`: (stages, blocks)
 /// and the small-wave form's stages, the fewest beyond the pick at which one block fills
 /// a multiprocessor's share (none when the pick already has one block, or when even the
-/// deepest pipeline leaves room for two).
+/// deepest pipeline leaves room for two). The pick: the most tiles in flight,
+/// blocks x (stages - 1), among depths with at least two blocks (the fewer stages on a
+/// tie: more warps); two stages when no depth keeps two blocks.
 fn choose_stages(stages_fit: usize, forced: Option<usize>, mut occupancy: impl FnMut(usize) -> Result<u32>) -> Result<((usize, u32), Option<usize>)> {
     let mut pick = (2, occupancy(2)?);
     for s in 3..=stages_fit {
-        if occupancy(s)? == pick.1 {
-            pick.0 = s;
+        let blocks = occupancy(s)?;
+        if blocks >= 2 && blocks as usize * (s - 1) > pick.1 as usize * (pick.0 - 1) {
+            pick = (s, blocks);
         }
     }
     if let Some(s) = forced {
@@ -287,19 +295,22 @@ mod tests {
     }
 
     #[test]
-    fn stages_keep_the_blocks_of_two_and_small_waves_take_one_block() {
-        // 128/128 on the H200: 3, 2, 1 blocks at 2, 3, 4 stages.
-        assert_eq!(choose_stages(4, None, table([3, 2, 1])).unwrap(), ((2, 3), Some(4)));
-        // 192/128: 2, 1, 1.
+    fn stages_hold_the_most_tiles_in_flight_and_small_waves_take_one_block() {
+        // 128/128 on the H200: 3, 2, 1 blocks at 2, 3, 4 stages: 3, 4, (3) tiles in flight.
+        assert_eq!(choose_stages(4, None, table([3, 2, 1])).unwrap(), ((3, 2), Some(4)));
+        // 192/128: 2, 1, 1: one block per multiprocessor is never the pick.
         assert_eq!(choose_stages(4, None, table([2, 1, 1])).unwrap(), ((2, 2), Some(3)));
-        // Depth that costs no block is taken; no depth reaches one block: no small form.
-        assert_eq!(choose_stages(4, None, table([4, 4, 3])).unwrap(), ((3, 4), None));
-        // Already one block per multiprocessor: nothing smaller to switch to.
-        assert_eq!(choose_stages(4, None, table([1, 1, 1])).unwrap(), ((4, 1), None));
+        // Depth that costs no block is taken, the deepest wins; no one-block depth: no small form.
+        assert_eq!(choose_stages(4, None, table([4, 4, 3])).unwrap(), ((4, 3), None));
+        // A tie (6 blocks x 1 tile at two stages, 3 x 2 at three): the fewer stages.
+        assert_eq!(choose_stages(3, None, table([6, 3, 1])).unwrap(), ((2, 6), None));
+        // One block per multiprocessor at every depth: two stages, nothing smaller to switch to.
+        assert_eq!(choose_stages(4, None, table([1, 1, 1])).unwrap(), ((2, 1), None));
         // Fewer stages fit: the search stops there.
-        assert_eq!(choose_stages(3, None, table([3, 2, 1])).unwrap(), ((2, 3), None));
+        assert_eq!(choose_stages(2, None, table([3, 2, 1])).unwrap(), ((2, 3), None));
+        assert_eq!(choose_stages(3, None, table([3, 2, 1])).unwrap(), ((3, 2), None));
         // NSA_CUDA_STAGES: the forced depth (clamped), the small form beyond it.
-        assert_eq!(choose_stages(4, Some(3), table([3, 2, 1])).unwrap(), ((3, 2), Some(4)));
+        assert_eq!(choose_stages(4, Some(2), table([3, 2, 1])).unwrap(), ((2, 3), Some(4)));
         assert_eq!(choose_stages(4, Some(9), table([3, 2, 1])).unwrap(), ((4, 1), None));
     }
 }

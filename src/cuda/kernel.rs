@@ -280,6 +280,26 @@ impl Kernels {
         Ok(())
     }
 
+    /// Sets every loaded kernel's preferred shared-memory carve-out to `percent` of the
+    /// multiprocessor's unified L1 / shared memory (`NSA_CUDA_CARVEOUT=P`, a measurement
+    /// knob: whether kernels that prefer different splits slow the chain of a step).
+    pub fn set_carveout(&mut self, percent: u32) -> Result<()> {
+        for &f in self.funcs.iter().filter(|f| !f.is_null()) {
+            // SAFETY: plain attribute on a function of our module.
+            check(
+                unsafe {
+                    sys::cuFuncSetAttribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        percent.min(100) as i32,
+                    )
+                },
+                "cuFuncSetAttribute",
+            )?;
+        }
+        Ok(())
+    }
+
     /// Raises `kernel`'s shared-memory limit to `bytes` (for launches sized by
     /// [`Kernels::launch_sized`]) without changing its default size.
     pub fn allow_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
