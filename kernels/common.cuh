@@ -62,13 +62,11 @@ struct Workspace {
 // Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
 // scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
 // copies, bit 1: tensor maps) through `nstage` pipeline stages; bit 2: the prefill path's
-// selected branch per warp (`pf_sel_warp`). `unit0`: the first unit of a selected +
-// window launch (unit = unit0 + blockIdx.z: the window's units launched on their own).
+// selected branch per warp (`pf_sel_warp`).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
     int pf_win;  // blocks in pf_cmp_ws's moving window of block scores (0: none)
-    int unit0;
 };
 
 struct Params {

@@ -8,7 +8,7 @@
 // Selected blocks (units 0..sel_count) and window chunks of sel_block keys (units sel_count..).
 template <class E>
 __device__ void sw_partial(const Params& p) {
-    int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = p.launch.unit0 + blockIdx.z;
+    int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = blockIdx.z;
     int t = ((const int2*)p.step.rows)[r].y;
     int lo, hi;
     if (u < p.launch.units_s) {
@@ -30,11 +30,10 @@ __device__ void sw_partial(const Params& p) {
 }
 
 // Selected blocks (units 0..units_s, `spb` blocks each) and window chunks of sel_block * spb
-// keys (units units_s..), tensor cores. Unit unit0 + blockIdx.z: a launch may hold all
-// units, the selected ones only, or the window's only (src/cuda/launch.rs).
+// keys (units units_s..), tensor cores.
 template <class E, int NVT, int DKT, int DVT>
 __device__ void sw_mma(const Params& p) {
-    int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = p.launch.unit0 + blockIdx.z;
+    int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
     int t = tm.y;
     Keys ks;

@@ -9,7 +9,6 @@ use super::device::probe;
 use super::driver::{self, stream_sync, CtxGuard, CUstream, DeviceBuf};
 use super::kernel::Kernels;
 use super::prefill::PrefillPlan;
-use super::side::SideStream;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
 use super::workspace::DevLayout;
@@ -52,9 +51,6 @@ pub struct CudaBackend {
     pub(super) binding: CacheBinding,
     /// Page-locked host mirrors of the uploaded regions (`None` only while dropping).
     pub(super) staging: Option<Staging>,
-    /// The stream the window's attention runs on beside the caller's (`side.rs`); `None`
-    /// with `NSA_CUDA_WINDOW_SIDE=0` (and while dropping).
-    pub(super) side: Option<SideStream>,
     /// The step last uploaded: (`Cache::id`, `Cache::step_id`). The step's number, not its
     /// entries, says whether the copy is current: after an abort or a remove, a new plan
     /// with the same entries can have other page tables.
@@ -142,7 +138,6 @@ impl CudaBackend {
         let stages = build::pick_stages(cfg, &plan, &mut kernels)?;
         build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
         let staging = Staging::new(dl.step.bytes)?;
-        let side = if plan.knobs.window_side != 0 { Some(SideStream::new()?) } else { None };
         let setup = LaunchSetup {
             head_chunk: plan.head_chunk,
             bulk: plan.bulk,
@@ -170,7 +165,6 @@ impl CudaBackend {
             prefill: plan.prefill,
             binding: CacheBinding::new(cfg),
             staging: Some(staging),
-            side,
             uploaded: None,
             owned: None,
         })
@@ -279,10 +273,8 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Ok(_g) = CtxGuard::push(self.ctx) {
-            // The page-locked buffers, events, the side stream and the module go while the
-            // context is current.
+            // The page-locked buffers, events and the module go while the context is current.
             self.staging = None;
-            self.side = None;
             self.kernels = None;
         }
         driver::release_primary(self.dev);

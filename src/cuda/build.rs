@@ -78,11 +78,10 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
     /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
-    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
-    /// `NSA_CUDA_WINDOW_SIDE=N`): the selection's chunk blocks per (row, KV head) and the
-    /// combine's heads per block instead of the launch's own choice, the tensor-core
-    /// kernels' any-shape entries, the largest wave of the small-wave form, and the waves
-    /// whose window runs on the side stream.
+    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`): the
+    /// selection's chunk blocks per (row, KV head) and the combine's heads per block instead
+    /// of the launch's own choice, the tensor-core kernels' any-shape entries, and the
+    /// largest wave of the small-wave form.
     pub knobs: DecodeKnobs,
 }
 
@@ -97,10 +96,6 @@ pub(crate) struct DecodeKnobs {
     /// Waves of at most this many (row, KV head) pairs take the small-wave form
     /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 4.
     pub small_wave_pairs: u32,
-    /// Which waves launch the window's units on the side stream (`side.rs`), beside the
-    /// compressed branch and the selection: `NSA_CUDA_WINDOW_SIDE=0` none, `1` (default)
-    /// waves not in the small-wave form, `2` every wave.
-    pub window_side: u32,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -181,7 +176,6 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
         generic_mma: env_on("NSA_CUDA_MMA_GENERIC"),
         small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
-        window_side: env_num("NSA_CUDA_WINDOW_SIDE").map_or(1, |n| n as u32),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }

@@ -91,38 +91,17 @@ impl CudaBackend {
                 // The small-wave form: deeper stages whose shared memory keeps one attention
                 // block per multiprocessor (build::SmallWave has the measurements).
                 let small = self.small_wave.filter(|_| rows * hkv <= self.knobs.small_wave_pairs);
-                // The window's units on the side stream (side.rs), beside the compressed
-                // branch and the selection, which it does not depend on.
-                let side = self.side.as_ref().filter(|_| match self.knobs.window_side {
-                    0 => false,
-                    1 => small.is_none(),
-                    _ => true,
-                });
                 let mut pw = p;
-                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1), side.is_some());
+                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
                 let att_smem = |kernel| small.map_or(k.smem(kernel), |w| w.smem);
-                let l = pw.launch;
-                let (units_s, units_w) = (l.units_s as u32, l.units_w as u32);
-                if let Some(s) = side {
-                    // After the append (and the previous wave's combine, which reads the
-                    // partials these units overwrite).
-                    let mut pwin = pw;
-                    pwin.launch.unit0 = l.units_s;
-                    k.launch_sized(sw, (rows, hkv, units_w), att_smem(sw), &pwin, s.fork(stream)?, false)?;
-                }
-                let main = (|| {
-                    k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), att_smem(cmp), &pw, stream, true)?;
-                    k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
-                    let units = if side.is_some() { units_s } else { units_s + units_w };
-                    k.launch_sized(sw, (rows, hkv, units), att_smem(sw), &pw, stream, true)
-                })();
-                // Joined even when a launch failed, so a capture is left without a loose branch.
-                let joined = side.map_or(Ok(()), |s| s.join(stream));
-                main?;
-                joined?;
+                let l = &pw.launch;
+                let units = (l.units_s + l.units_w) as u32;
+                k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), att_smem(cmp), &pw, stream, true)?;
+                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
+                k.launch_sized(sw, (rows, hkv, units), att_smem(sw), &pw, stream, true)?;
                 k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
                 row0 += rows;
             }
@@ -142,10 +121,8 @@ impl CudaBackend {
     /// `SPLIT_MIN_KEYS` keys of the actual length); on tensor cores, selected blocks per
     /// unit (`spb`) by a wave model: waves x (keys per unit + 64 keys' worth of per-block
     /// overhead), the larger on ties. `mma_per_sm`: the tensor-core blocks per
-    /// multiprocessor of this wave's launches. `window_apart`: the window's units run in
-    /// a launch of their own (on the side stream), so the model counts the selected
-    /// units only.
-    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32, mma_per_sm: u32, window_apart: bool) -> Launch {
+    /// multiprocessor of this wave's launches.
+    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32, mma_per_sm: u32) -> Launch {
         let cfg = &self.cfg;
         let mut l = *fixed;
         l.row0 = row0 as i32;
@@ -159,8 +136,7 @@ impl CudaBackend {
             // 16 to spb = 8 and batch 64 to spb = 4 and measured slower (H200, paper
             // 128/128 at 64k: 118.5 vs 115.2 us, 321.6 vs 310.9; docs/DECODE_NOTES.md
             // variant 12), so the model stays as measured.
-            let window = if window_apart { 0 } else { cfg.window };
-            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + window.div_ceil(cfg.sel_block * spb);
+            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
             let cost = |spb: u32| (pairs * units(spb)).div_ceil(slots) * (spb * cfg.sel_block + 64);
             let mut c = 2 * spb;
             while c <= cfg.sel_count.next_power_of_two() {

@@ -133,9 +133,6 @@ pub(crate) struct Launch {
     /// Blocks in the moving window of block scores of the warp-specialised `pf_cmp`
     /// (`PrefillPlan::sc_win`; 0 when its plan has no window).
     pub pf_win: i32,
-    /// First unit of a selected + window launch (the kernel's unit is `unit0 +
-    /// blockIdx.z`): 0, or `units_s` for the window's units launched on their own.
-    pub unit0: i32,
 }
 
 #[repr(C)]
@@ -217,7 +214,6 @@ impl Params {
                 mode: setup.bulk as i32 | (setup.tma as i32) << 1 | (setup.pf_sel_warp as i32) << 2,
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
-                unit0: 0,
             },
         }
     }
