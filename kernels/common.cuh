@@ -34,6 +34,8 @@ struct Shapes {
     int cmp_block, cmp_stride, sel_block, sel_count, sel_init, sel_local, window;
     int phi, phi_hidden, phi_pe;
     float scale;
+    int eq9_a, eq9_b;      // cmp_block / cmp_stride, sel_block / cmp_stride (Eq. 9's strides)
+    unsigned eq9_b_magic;  // fdiv's multiplier for eq9_b (src/cuda/params.rs div_magic)
 };
 
 // The uploaded step (src/cuda/upload.rs): its header, sequences, copy-on-write copies,
@@ -163,6 +165,11 @@ struct EF16 {
 // The uploaded plan's entries: twins of PlanSeq and PageCopy in src/layout.rs.
 struct PlanSeq { int seq, old_len, new_len, row; };
 struct PageCopy { int pool, src, dst, rows; };
+
+// n / d for 0 <= n < 2^32 / d by a multiply-high with the host's `div_magic(d)` (`m`,
+// 0 for d = 1; src/cuda/params.rs): no division sequence (~20 dependent instructions)
+// where d is not a compile-time constant.
+__device__ __forceinline__ int fdiv(int n, unsigned m) { return m ? (int)__umulhi((unsigned)n, m) : n; }
 
 // Compressed tokens of a sequence of `len` positions (Config::num_cmp_tokens): token i
 // covers positions [i * cmp_stride, i * cmp_stride + cmp_block).

@@ -163,7 +163,9 @@ __device__ __forceinline__ int pf_ntl_max(const Params& p) {
 
 // The last selection block whose Eq. 9 sum takes a compressed key of the 64-key tile at k0
 // (block j sums keys B*j - (A-1) .. B*j + B - 1; A = l / d, B = l' / d).
-__device__ __forceinline__ int pf_tile_last_block(int k0, int A, int B) { return (k0 + PF_KT - 1 + A - 1) / B; }
+__device__ __forceinline__ int pf_tile_last_block(const Params& p, int k0) {
+    return fdiv(k0 + PF_KT - 1 + p.shape.eq9_a - 1, p.shape.eq9_b_magic);
+}
 
 // Scores +inf for the forced blocks (the first sel_init, the last sel_local up to the
 // position's own block b) among blocks cb.. cb + nb - 1, whose scores are at slot[0..nb).
@@ -251,9 +253,9 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
     // weighted by the number of (a, b) pairs with a + b = k. Blocks whose window meets
     // this tile: one lane per (position, block); tiles come in order, so each score
     // is summed in a fixed order.
-    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
-    const int jlo = k0 / B;  // first block whose last offset B*j + B - 1 reaches k0
-    const int jhi = pf_tile_last_block(k0, A, B);
+    const int A = p.shape.eq9_a, B = p.shape.eq9_b;
+    const int jlo = fdiv(k0, p.shape.eq9_b_magic);  // first block whose last offset B*j + B - 1 reaches k0
+    const int jhi = pf_tile_last_block(p, k0);
     const int nj = jhi - jlo + 1;
     for (int it = lane; it < PW * nj; it += 32) {
         int pw = it / nj, j = jlo + it - pw * nj;
@@ -519,6 +521,9 @@ __device__ void pf_cmp_ws(const Params& p) {
     const int ntlm = pf_ntl_max(p);
     const unsigned fixed = 1024u + M::q_bytes(nw * 16) + (unsigned)(nw * PW * (PF_KT + 2 * n + W) + ntlm + nw * 256) * 4u;
     const int NS = min((int)((dyn_smem_bytes() - fixed) / (M::KTILE + M::VTILE)), NSA_PF_WS_STAGES);
+    // Tile counter i's ring round i / NS by divisions by constants (NS is 2, 3 or 4).
+    static_assert(NSA_PF_WS_STAGES <= 4, "round_of covers 2 to 4 stages");
+    auto round_of = [NS](int i) { return NS == 4 ? i >> 2 : NS == 2 ? i >> 1 : (int)((unsigned)i / 3u); };
     const PfCmpSmem<M> sm(pf_smem, NS, nw, PW, n, W);
     unsigned char* base = sm.base;
     const unsigned qs = sm.qs, ks = sm.ks, vs = sm.vs;
@@ -546,8 +551,8 @@ __device__ void pf_cmp_ws(const Params& p) {
     if (warp == nw) {
         // Producer: pass 1's K tiles, then pass 2's K and V tiles, through the ring.
         for (int it = 0; it < 2 * ntl; it++) {
-            const int s = it % NS, kt = it < ntl ? it : it - ntl, k0 = kt * PF_KT;
-            if (it >= NS) mbar_wait(empty0 + 8 * s, (it / NS - 1) & 1);
+            const int q = round_of(it), s = it - q * NS, kt = it < ntl ? it : it - ntl, k0 = kt * PF_KT;
+            if (it >= NS) mbar_wait(empty0 + 8 * s, (q - 1) & 1);
             const bool v = it >= ntl, tail = v && k0 + PF_KT > nc_max;
             const unsigned kd = ks + s * M::KTILE, vd = vs + s * M::VTILE;
             if (v)
@@ -576,8 +581,8 @@ __device__ void pf_cmp_ws(const Params& p) {
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     for (int kt = 0; kt < ntl; kt++) {
-        const int s = kt % NS;
-        mbar_wait(full0 + 8 * s, (kt / NS) & 1);
+        const int q = round_of(kt), s = kt - q * NS;
+        mbar_wait(full0 + 8 * s, q & 1);
         float sv[8][4];
         m.qk(ks + s * M::KTILE, sv);
         __syncwarp();
@@ -591,7 +596,6 @@ __device__ void pf_cmp_ws(const Params& p) {
     pf_zero_scores(sm.S, min(W, nblk_tile), warp * PW, PW, lane, 32);
     __syncwarp();
     // The window's first block (blocks before k0 / B are final once the tiles reach k0).
-    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
     int cb = 0;
     float* win = pf_win(sm.S, cb);
     float o[DV / 8][4];
@@ -599,16 +603,17 @@ __device__ void pf_cmp_ws(const Params& p) {
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float* myps = ps + warp * PW * PF_KT;
     for (int kt = 0; kt < ntl; kt++) {
-        const int it = ntl + kt, s = it % NS, k0 = kt * PF_KT;
-        if (WIN && min(pf_tile_last_block(k0, A, B), nblk_tile - 1) - cb >= W) {
+        const int it = ntl + kt, q = round_of(it), s = it - q * NS, k0 = kt * PF_KT;
+        if (WIN && min(pf_tile_last_block(p, k0), nblk_tile - 1) - cb >= W) {
             // The tile will reach past the window: blocks before k0 / B are final (their
             // last key is below k0). Ranked before this tile's products, while only the
             // accumulators are live.
-            pf_sc_flush<false>(p, sm.S, tl, warp, cb, k0 / B, true, hist + warp * 256);
-            cb = k0 / B;
+            const int kb = fdiv(k0, p.shape.eq9_b_magic);
+            pf_sc_flush<false>(p, sm.S, tl, warp, cb, kb, true, hist + warp * 256);
+            cb = kb;
             win = pf_win(sm.S, cb);
         }
-        mbar_wait(full0 + 8 * s, (it / NS) & 1);
+        mbar_wait(full0 + 8 * s, q & 1);
         float sv[8][4];
         m.qk(ks + s * M::KTILE, sv);
         pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);

@@ -53,6 +53,25 @@ pub(crate) struct Shapes {
     pub phi_hidden: i32,
     pub phi_pe: i32,
     pub scale: f32,
+    /// Eq. 9's strides in compressed tokens per compressed block (`cmp_block /
+    /// cmp_stride`) and per selection block (`sel_block / cmp_stride`), and the latter's
+    /// [`div_magic`]: the prefill kernels divide by it without a division sequence.
+    pub eq9_a: i32,
+    pub eq9_b: i32,
+    pub eq9_b_magic: u32,
+}
+
+/// The multiplier that divides by `d` without a division instruction: for
+/// `0 <= n < 2^32 / d`, `n / d == umulhi(n, div_magic(d))` (`fdiv` in kernels/common.cuh),
+/// and 0 for `d <= 1` (`fdiv` returns n). Exact because `ceil(2^32 / d) = (2^32 + r) / d`
+/// with `r < d`, so the product's error `n r / (d 2^32)` stays below `1 / d` when
+/// `n < 2^32 / d`.
+pub(crate) fn div_magic(d: u32) -> u32 {
+    if d <= 1 {
+        0
+    } else {
+        (1u64 << 32).div_ceil(d as u64) as u32
+    }
 }
 
 /// The uploaded step's header, the first bytes of the step region (`StepHeader`).
@@ -189,6 +208,9 @@ impl Params {
                 phi_hidden: cfg.phi_hidden as i32,
                 phi_pe: cfg.phi_pe as i32,
                 scale: cfg.softmax_scale(),
+                eq9_a: (cfg.cmp_block / cfg.cmp_stride) as i32,
+                eq9_b: (cfg.sel_block / cfg.cmp_stride) as i32,
+                eq9_b_magic: div_magic(cfg.sel_block / cfg.cmp_stride),
             },
             step: StepPlan::default(),
             ws: Workspace {
@@ -247,15 +269,30 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float; 5 pointers; 7 pointers + 2 ints; 11 ints (+ 4 padding at the end).
+        // float + 3 ints (+ 4 padding); 5 pointers; 7 pointers + 2 ints; 11 ints (+ 4
+        // padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
-        assert_eq!(size_of::<Shapes>(), 16 * 4);
+        assert_eq!(size_of::<Shapes>(), 19 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
         assert_eq!(size_of::<Workspace>(), 7 * 8 + 8);
         assert_eq!(size_of::<Launch>(), 11 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 64 + 40 + 64 + 44 + 4);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 64 + 44 + 4);
         assert_eq!(align_of::<Params>(), 8);
+    }
+
+    /// `div_magic` against the division for every divisor up to 256 (Eq. 9's B is
+    /// small) over the range it is used for (compressed tokens of sequences far longer
+    /// than any config allows) and at the limit of its contract.
+    #[test]
+    fn div_magic_divides_exactly() {
+        let fdiv = |n: u32, m: u32| if m == 0 { n } else { ((n as u64 * m as u64) >> 32) as u32 };
+        for d in 1..=256u32 {
+            let m = div_magic(d);
+            for n in (0..1u32 << 20).chain([(1u32 << 31) / d - 1, u32::MAX / d - 1]) {
+                assert_eq!(fdiv(n, m), n / d, "n = {n}, d = {d}");
+            }
+        }
     }
 }
