@@ -161,6 +161,12 @@ __device__ __forceinline__ int pf_ntl_max(const Params& p) {
     return (num_cmp(p, p.paging.pages_per_seq * p.paging.page_size) + PF_KT - 1) / PF_KT;
 }
 
+// log2 of the group size, a power of two on this path (src/cuda/prefill.rs `supported`):
+// the per-tile divisions by G as shifts (a runtime division is ~20 dependent instructions,
+// and ptxas recomputes such loop invariants inside the tile loops rather than keep them
+// in registers).
+__device__ __forceinline__ int pf_lg(const Params& p) { return __ffs(p.shape.group_size) - 1; }
+
 // The last selection block whose Eq. 9 sum takes a compressed key of the 64-key tile at k0
 // (block j sums keys B*j - (A-1) .. B*j + B - 1; A = l / d, B = l' / d).
 __device__ __forceinline__ int pf_tile_last_block(const Params& p, int k0) {
@@ -200,7 +206,7 @@ __device__ __forceinline__ void pf_zero_scores(const PfScores& S, int nwin, int 
 __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* win, int L,
                                                 int nblk_tile, const PrefillTile& tl, int warp, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
-    const int G = p.shape.group_size, PW = 16 / G;
+    const int G = p.shape.group_size, lg = pf_lg(p), PW = 16 >> lg;
     // Sum p over each position's heads: rows of one position differ in the low
     // log2(G) bits of the row (lane bits 2.. for g; rows g and g + 8 when G = 16).
     if (G == 16) {
@@ -236,11 +242,11 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
         if (G >= 4) pf_fold<8>(v, (g >> 1) & 1, 8);
         if (G >= 8) pf_fold<4>(v, (g >> 2) & 1, 16);
         // The lane keeps row A (g even) or B of its head group, columns n0.. of 32 / G.
-        float* dst = myps + ((g + 8 * (g & 1)) / G) * PF_KT + q4 * 2;
+        float* dst = myps + ((g + 8 * (g & 1)) >> lg) * PF_KT + q4 * 2;
         const int n0 = (G >= 4 ? 4 * ((g >> 1) & 1) : 0) + (G >= 8 ? 2 * ((g >> 2) & 1) : 0);
 #pragma unroll
         for (int i = 0; i < 16; i += 2)
-            if (i < 32 / G) *(float2*)(dst + (n0 + i / 2) * 8) = make_float2(v[i], v[i + 1]);
+            if (i < (32 >> lg)) *(float2*)(dst + (n0 + i / 2) * 8) = make_float2(v[i], v[i + 1]);
     } else {  // G = 1: a position per row
 #pragma unroll
         for (int n = 0; n < 8; n++) {
@@ -257,17 +263,29 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
     const int jlo = fdiv(k0, p.shape.eq9_b_magic);  // first block whose last offset B*j + B - 1 reaches k0
     const int jhi = pf_tile_last_block(p, k0);
     const int nj = jhi - jlo + 1;
-    for (int it = lane; it < PW * nj; it += 32) {
-        int pw = it / nj, j = jlo + it - pw * nj;
-        int po = warp * PW + pw;
-        if (po >= tl.npos || j >= nblk_tile) continue;
-        float acc = 0.f;
-        int first = B * j - (A - 1);
-        for (int k = 0; k < A + B - 1; k++) {
-            int i = first + k;
-            if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
+    // The lane's (position, block) pairs pw * nj + jj = lane, lane + 32, ..., stepped
+    // without a division (nj is the tile's own).
+    int pw = 0, jj = lane;
+    while (jj >= nj) {
+        jj -= nj;
+        pw++;
+    }
+    while (pw < PW) {
+        const int po = warp * PW + pw, j = jlo + jj;
+        if (po < tl.npos && j < nblk_tile) {
+            float acc = 0.f;
+            int first = B * j - (A - 1);
+            for (int k = 0; k < A + B - 1; k++) {
+                int i = first + k;
+                if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
+            }
+            win[po * L + j] += acc;
         }
-        win[po * L + j] += acc;
+        jj += 32;
+        while (jj >= nj) {
+            jj -= nj;
+            pw++;
+        }
     }
     __syncwarp();
 }
@@ -311,7 +329,7 @@ __device__ __forceinline__ void pf_cmp_store(const Params& p, const PrefillTile&
 template <bool OUTLINE>
 __device__ __forceinline__ void pf_sc_flush(const Params& p, const PfScores& S, const PrefillTile& tl, int warp, int cb,
                                             int f, bool shift, unsigned* hist) {
-    const int lane = threadIdx.x & 31, PW = 16 / p.shape.group_size, n = S.n;
+    const int lane = threadIdx.x & 31, PW = 16 >> pf_lg(p), n = S.n;
     for (int pw = 0; pw < PW; pw++) {
         const int po = warp * PW + pw;
         if (po >= tl.npos) break;
