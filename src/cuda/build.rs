@@ -261,7 +261,8 @@ pub(crate) struct StagePick {
 /// `nstage` stages with `smem` bytes: one block per multiprocessor. At batch 1 the step
 /// is a chain of five short kernels; with one attention block per multiprocessor the
 /// kernels' own times stay the same (ncu) but the chain runs faster (why is not settled:
-/// docs/DECODE_NOTES.md, "Next" item 2) (H200, batch 1 at 64k, graph replay:
+/// docs/DECODE_NOTES.md, "Next" item 3; with every kernel's carve-out at 100% the gain
+/// is gone, variant 18b) (H200, batch 1 at 64k, graph replay:
 /// paper 128/128 43.9 -> 41.4 us, 192/128 44.8 -> 38.5, fla 41.3 -> 36.1 and 41.9 ->
 /// 35.8; docs/DECODE_NOTES.md variant 17). From batch 2 the blocks' bandwidth matters
 /// more: batch 2 and 4 measured slower in this form, and batch 16 at one block per
