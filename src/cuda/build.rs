@@ -25,6 +25,10 @@ pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
 /// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 with four KV heads. (H200, 64k:
 /// batch 2 and 4 measured slower in the small-wave form, docs/DECODE_NOTES.md variant 17.)
 const SMALL_WAVE_PAIRS: u32 = 4;
+/// Default of [`DecodeKnobs::l1_wave_pairs`]: batch 1 with four KV heads. (H200, graph
+/// replay: batch 1 faster in every shape, paper 128/128 42.0 -> 34.2 us at 64k; batch 2
+/// slower, 39.9 -> 44.9; docs/DECODE_NOTES.md variant 20.)
+const L1_WAVE_PAIRS: u32 = 4;
 
 /// A diagnosis knob read at backend creation: set to `1`.
 pub(crate) fn env_on(name: &str) -> bool {
@@ -78,10 +82,11 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
     /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
-    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`): the
-    /// selection's chunk blocks per (row, KV head) and the combine's heads per block instead
-    /// of the launch's own choice, the tensor-core kernels' any-shape entries, and the
-    /// largest wave of the small-wave form.
+    /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
+    /// `NSA_CUDA_L1_WAVE_PAIRS=N`): the selection's chunk blocks per (row, KV head) and the
+    /// combine's heads per block instead of the launch's own choice, the tensor-core
+    /// kernels' any-shape entries, the largest wave of the small-wave form, and the largest
+    /// wave launched at the smallest carve-out.
     pub knobs: DecodeKnobs,
 }
 
@@ -96,6 +101,10 @@ pub(crate) struct DecodeKnobs {
     /// Waves of at most this many (row, KV head) pairs take the small-wave form
     /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 4.
     pub small_wave_pairs: u32,
+    /// Waves of at most this many pairs (and steps of at most this many token x KV head
+    /// pairs, for the append) launch every kernel at the smallest shared-memory
+    /// carve-out; `NSA_CUDA_L1_WAVE_PAIRS=N` (0: never), else [`L1_WAVE_PAIRS`].
+    pub l1_wave_pairs: u32,
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -176,6 +185,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
         generic_mma: env_on("NSA_CUDA_MMA_GENERIC"),
         small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
+        // The per-launch carve-out is a launch attribute of drivers from CUDA 12.5 on.
+        l1_wave_pairs: if info.driver_version >= 12050 { env_num("NSA_CUDA_L1_WAVE_PAIRS").map_or(L1_WAVE_PAIRS, |n| n as u32) } else { 0 },
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }

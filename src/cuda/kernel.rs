@@ -345,15 +345,46 @@ impl Kernels {
     /// # Safety
     /// As [`Kernels::launch`]; `smem` is what `p`'s launch fields need, within the limit.
     pub unsafe fn launch_sized(&self, kernel: Kernel, grid: (u32, u32, u32), smem: u32, p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
+        self.launch_with(kernel, grid, smem, p, stream, dependent, None)
+    }
+
+    /// [`Kernels::launch_sized`] with this launch's preferred shared-memory carve-out
+    /// (`carveout`: percent of the unified L1 / shared memory; 0 asks for the most L1 the
+    /// launch's shared memory leaves, which may also mean fewer resident blocks), or the
+    /// function's when `None`.
+    ///
+    /// # Safety
+    /// As [`Kernels::launch_sized`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_with(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        smem: u32,
+        p: &Params,
+        stream: CUstream,
+        dependent: bool,
+        carveout: Option<u32>,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
         let i = kernel as usize;
         let mut args = [p as *const Params as *mut c_void];
-        // One launch call for both kinds: the attribute is passed only to dependent ones.
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        // One launch call for every kind: programmatic serialization only for dependent
+        // launches, the carve-out only when asked for.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut n = 0;
+        if dependent && self.pdl {
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if let Some(c) = carveout {
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+            attrs[n].value.sharedMemCarveout = c.min(100);
+            n += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -363,8 +394,8 @@ impl Kernels {
             blockDimZ: 1,
             sharedMemBytes: smem,
             hStream: stream,
-            attrs: &mut attr,
-            numAttrs: (dependent && self.pdl) as u32,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
         };
         let r = sys::cuLaunchKernelEx(&cfg, self.funcs[i], args.as_mut_ptr(), std::ptr::null_mut());
         if r != sys::CUresult::CUDA_SUCCESS {

@@ -67,12 +67,19 @@ impl CudaBackend {
         let hkv = cfg.num_kv_heads;
         let k = self.kernels();
         let _g = CtxGuard::push(self.ctx)?;
+        // Small waves run every kernel at the smallest shared-memory carve-out (the most
+        // L1): H200, graph replay, paper 128/128 batch 1 42.0 -> 34.2 us at 64k, 46.3 ->
+        // 38.6 at 128k; batch 2 measured slower (39.9 -> 44.9) and, with the function-wide
+        // knob, batch 16 far slower (one attention block per SM): docs/DECODE_NOTES.md
+        // variant 20.
+        let l1 = |rows: u32| (rows * hkv <= self.knobs.l1_wave_pairs).then_some(0u32);
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
         unsafe {
             // Appends, copies and compressed tokens (K and V sides: z), one launch.
             let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
-            k.launch(Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides), &p, stream, false)?;
+            let grid = (2 * tokens + 2 * nseqs, hkv, sides);
+            k.launch_with(Kernel::Append, grid, k.smem(Kernel::Append), &p, stream, false, l1(tokens))?;
             if append_only {
                 return Ok(());
             }
@@ -96,13 +103,17 @@ impl CudaBackend {
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
-                let att_smem = |kernel| small.map_or(k.smem(kernel), |w| w.smem);
+                let smem = |kernel| match kernel {
+                    Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),
+                    _ => k.smem(kernel),
+                };
+                let go = |kernel, grid| k.launch_with(kernel, grid, smem(kernel), &pw, stream, true, l1(rows));
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
-                k.launch_sized(cmp, (rows, hkv, l.nsplit_c as u32), att_smem(cmp), &pw, stream, true)?;
-                k.launch(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32), &pw, stream, true)?;
-                k.launch_sized(sw, (rows, hkv, units), att_smem(sw), &pw, stream, true)?;
-                k.launch(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1), &pw, stream, true)?;
+                go(cmp, (rows, hkv, l.nsplit_c as u32))?;
+                go(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32))?;
+                go(sw, (rows, hkv, units))?;
+                go(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1))?;
                 row0 += rows;
             }
         }
