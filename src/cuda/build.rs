@@ -105,6 +105,19 @@ pub(crate) struct DecodeKnobs {
     /// pairs, for the append) launch every kernel at the smallest shared-memory
     /// carve-out; `NSA_CUDA_L1_WAVE_PAIRS=N` (0: never), else [`L1_WAVE_PAIRS`].
     pub l1_wave_pairs: u32,
+    /// Which kernels of those waves get the carve-out: bit `Kernel as u32`. Every one,
+    /// unless `NSA_CUDA_L1_KERNELS` names some by stage (`append,cmp_mma,select_blocks,
+    /// sw_mma,combine`, comma-separated): a measurement knob for which kernel's L1 the
+    /// gain comes from (docs/DECODE_NOTES.md, "Next" item 3).
+    pub l1_kernels: u32,
+}
+
+/// `NSA_CUDA_L1_KERNELS`'s mask ([`DecodeKnobs::l1_kernels`]) from its stage names, or
+/// every kernel when unset; names that are no kernel's stage select nothing.
+fn l1_kernel_mask(names: Option<&str>) -> u32 {
+    let Some(names) = names else { return u32::MAX };
+    let named = |k: &&Kernel| names.split(',').any(|n| n.trim() == k.stage());
+    Kernel::ALL.iter().filter(named).fold(0, |m, &k| m | 1 << k as u32)
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -187,6 +200,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
         // The per-launch carve-out is a launch attribute of drivers from CUDA 12.5 on.
         l1_wave_pairs: if info.driver_version >= 12050 { env_num("NSA_CUDA_L1_WAVE_PAIRS").map_or(L1_WAVE_PAIRS, |n| n as u32) } else { 0 },
+        l1_kernels: l1_kernel_mask(std::env::var("NSA_CUDA_L1_KERNELS").ok().as_deref()),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
@@ -304,6 +318,15 @@ mod tests {
     /// Blocks per multiprocessor at 2, 3, 4 stages.
     fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
         move |s| Ok(t[s - 2])
+    }
+
+    #[test]
+    fn l1_kernels_knob_names_stages() {
+        use super::{l1_kernel_mask, Kernel};
+        assert_eq!(l1_kernel_mask(None), u32::MAX);
+        let m = l1_kernel_mask(Some("select_blocks, combine"));
+        assert_eq!(m, 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::Combine as u32);
+        assert_eq!(l1_kernel_mask(Some("cmp")), 0, "a name that is no stage selects nothing");
     }
 
     #[test]

@@ -72,14 +72,16 @@ impl CudaBackend {
         // 38.6 at 128k; batch 2 measured slower (39.9 -> 44.9) and, with the function-wide
         // knob, batch 16 far slower (one attention block per SM): docs/DECODE_NOTES.md
         // variant 20.
-        let l1 = |rows: u32| (rows * hkv <= self.knobs.l1_wave_pairs).then_some(0u32);
+        let l1 = |kernel: Kernel, rows: u32| {
+            (rows * hkv <= self.knobs.l1_wave_pairs && self.knobs.l1_kernels & 1 << kernel as u32 != 0).then_some(0u32)
+        };
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
         unsafe {
             // Appends, copies and compressed tokens (K and V sides: z), one launch.
             let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
             let grid = (2 * tokens + 2 * nseqs, hkv, sides);
-            k.launch_with(Kernel::Append, grid, k.smem(Kernel::Append), &p, stream, false, l1(tokens))?;
+            k.launch_with(Kernel::Append, grid, k.smem(Kernel::Append), &p, stream, false, l1(Kernel::Append, tokens))?;
             if append_only {
                 return Ok(());
             }
@@ -107,7 +109,7 @@ impl CudaBackend {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),
                     _ => k.smem(kernel),
                 };
-                let go = |kernel, grid| k.launch_with(kernel, grid, smem(kernel), &pw, stream, true, l1(rows));
+                let go = |kernel, grid| k.launch_with(kernel, grid, smem(kernel), &pw, stream, true, l1(kernel, rows));
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 go(cmp, (rows, hkv, l.nsplit_c as u32))?;
