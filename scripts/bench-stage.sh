@@ -26,7 +26,10 @@ cat >"$out/run.sh" <<'RUN'
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 o="${OUT:-$here/out}"; mkdir -p "$o"
-export NSA_CUDA_CACHE_DIR=/tmp/nsa-kernel-cache PYTHONUNBUFFERED=1
+# The kernel cache: .gpu-cache beside this folder when carried over
+# (scripts/kernel-cache-stage.sh), else /tmp.
+[ -d "$here/../.gpu-cache" ] && kcache="$(cd "$here/../.gpu-cache" && pwd)" || kcache=/tmp/nsa-kernel-cache
+export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-$kcache}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$o/gpu.txt"
 "$here/nsa-demo" --backend cuda 2>&1 | tee "$o/demo.txt"
 "$here/nsa-bench" --gpu ${NSA_BENCH_ARGS:---contexts 8192,16384,32768,65536,131072 --batches 1,16,64 --reps 15 --prefill 8192,16384,32768,65536} --json "$o/bench.json" 2>"$o/bench.err" | tee "$o/bench.md"

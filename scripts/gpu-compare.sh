@@ -22,7 +22,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 o="${OUT:-.gpu-bench/compare}"
 mkdir -p "$o"
-export NSA_CUDA_CACHE_DIR=/tmp/nsa-kernel-cache PYTHONUNBUFFERED=1
+# The kernel cache: .gpu-cache when carried over (scripts/kernel-cache-stage.sh), else /tmp.
+[ -d .gpu-cache ] && kcache="$PWD/.gpu-cache" || kcache=/tmp/nsa-kernel-cache
+export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-$kcache}" PYTHONUNBUFFERED=1
 args=(${NSA_COMPARE_ARGS:---contexts 65536,131072 --batches 1,16 --reps 15 --prefill 8192,16384,32768,65536})
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$o/gpu.txt"
 echo "built from: $(cat .gpu-bench/commit.txt 2>/dev/null || echo unknown) (baseline: $(cat .gpu-base/commit.txt 2>/dev/null || echo unknown))" | tee -a "$o/gpu.txt"

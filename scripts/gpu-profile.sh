@@ -8,7 +8,9 @@
 # to lines of the kernel files (kernels/*.cuh).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-/tmp/nsa-kernel-cache}"
+# The kernel cache: .gpu-cache when carried over (scripts/kernel-cache-stage.sh), else /tmp.
+[ -d "$here/../.gpu-cache" ] && kcache="$(cd "$here/../.gpu-cache" && pwd)" || kcache=/tmp/nsa-kernel-cache
+export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-$kcache}"
 for case in "${@:-1x65536 16x65536 64x65536}"; do
   for c in $case; do
     log="$(mktemp)"

@@ -24,7 +24,9 @@ summary="$OUT/summary.txt"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
   command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc: /'
 } | tee -a "$summary"
-export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-/tmp/nsa-kernel-cache}"
+# The kernel cache: .gpu-cache when carried over (scripts/kernel-cache-stage.sh), else /tmp.
+[ -d "$here/../.gpu-cache" ] && kcache="$(cd "$here/../.gpu-cache" && pwd)" || kcache=/tmp/nsa-kernel-cache
+export NSA_CUDA_CACHE_DIR="${NSA_CUDA_CACHE_DIR:-$kcache}"
 table=()
 run() { # name logfile cmd...
   local name="$1" log="$2"; shift 2

@@ -267,4 +267,21 @@ mod tests {
             println!("{arch}: {} functions, no spills but the known ones {KNOWN_SPILLS:?}", report.len());
         }
     }
+
+    /// `cuda::precompile` writes the CUBIN under its cache key, `cubin` then reads that
+    /// file for a backend, and a second call finds it. Needs libnvrtc like the test above
+    /// (scripts/test.sh runs both); forced to run without NVRTC, it fails.
+    #[test]
+    #[ignore = "needs libnvrtc: scripts/test.sh runs it when NSA_NVRTC_DIR is set"]
+    fn precompile_fills_the_kernel_cache() {
+        let dir = std::env::temp_dir().join(format!("nsa-precompile-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = crate::cuda::precompile("sm_80", &dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(path, dir.join(cache_key("sm_80").unwrap()));
+        let written = std::fs::read(&path).expect("the cache file");
+        assert!(written.len() > 1000 && written.starts_with(b"\x7fELF"), "a CUBIN is an ELF file");
+        assert_eq!(*cubin("sm_80", Some(&dir)).unwrap(), written);
+        assert_eq!(crate::cuda::precompile("sm_80", &dir).unwrap(), path);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -22,11 +22,18 @@ pub(crate) fn check(r: sys::CUresult, call: &str) -> Result<()> {
 
 /// Whether `libcuda` (the driver) and `libnvrtc` can be loaded; the reason when not.
 pub(crate) fn libraries_present() -> std::result::Result<(), String> {
-    // SAFETY: these only try to open the shared libraries (libloading), nothing else.
+    // SAFETY: this only tries to open the shared library (libloading), nothing else.
     let cuda = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
     if !cuda {
         return Err("the NVIDIA driver library (libcuda.so.1) was not found by the dynamic loader".into());
     }
+    nvrtc_present()
+}
+
+/// Whether `libnvrtc` can be loaded (all that compiling the kernels needs); the reason
+/// when not.
+pub(crate) fn nvrtc_present() -> std::result::Result<(), String> {
+    // SAFETY: this only tries to open the shared library (libloading), nothing else.
     let nvrtc = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false);
     if !nvrtc {
         return Err("the NVRTC library (libnvrtc.so.13 or .12) was not found by the dynamic loader".into());

@@ -76,6 +76,26 @@ pub fn probe_device(ordinal: i32) -> Result<DeviceInfo> {
     probe_ordinal(ordinal)
 }
 
+/// Compiles the kernels for `arch` (an NVRTC target such as `sm_90a` or `sm_80`,
+/// [`DeviceInfo::arch`]) into the on-disk kernel cache `dir` (created if missing) and
+/// returns the file written, or found there already. Needs NVRTC but no GPU or driver, so
+/// a deployment can fill the cache (`NSA_CUDA_CACHE_DIR`, [`CudaOptions::cache_dir`])
+/// when it builds an image instead of paying the compile (about a minute) at the first
+/// backend of every fresh machine. A cache file is used only by an NVRTC of the same
+/// version with the same kernel sources and options (its name is their hash).
+#[cfg(feature = "cuda")]
+pub fn precompile(arch: &str, dir: &std::path::Path) -> Result<PathBuf> {
+    driver::nvrtc_present().map_err(crate::error::NsaError::BackendUnavailable)?;
+    compile::cubin(arch, Some(dir))?;
+    let path = dir.join(compile::cache_key(arch)?);
+    if !path.is_file() {
+        return Err(crate::error::NsaError::arg("dir", dir.display(), "the compiled kernels could not be written there"));
+    }
+    Ok(path)
+}
+#[cfg(not(feature = "cuda"))]
+pub use stub::precompile;
+
 /// Options of [`CudaBackend::new_with`].
 #[derive(Debug, Clone, Default)]
 pub struct CudaOptions {

@@ -20,6 +20,11 @@ pub fn probe(_ordinal: i32) -> Result<DeviceInfo> {
     Err(unavailable())
 }
 
+/// Always `BackendUnavailable`.
+pub fn precompile(_arch: &str, _dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    Err(unavailable())
+}
+
 /// No value exists: `new` and `new_with` always fail.
 pub enum CudaBackend {}
 

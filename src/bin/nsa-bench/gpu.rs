@@ -147,7 +147,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
     eprintln!("GPU: {} (sm_{}{}), {} SMs", info.name, info.compute_capability.0, info.compute_capability.1, info.multiprocessors);
     let stream: sys::CUstream = std::ptr::null_mut();
     let mut res = Results {
-        run: RunInfo::now(format!("{} (CUDA driver API {}, {})", info.name, info.driver_version, info.arch)),
+        run: RunInfo::now(format!("{} (CUDA driver API {}, NVRTC {}.{}, {})", info.name, info.driver_version, info.nvrtc_version.0, info.nvrtc_version.1, info.arch)),
         ..Default::default()
     };
     let mut rng = Rng::new(3);

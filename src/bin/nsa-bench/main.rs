@@ -54,7 +54,9 @@ fn usage() -> ! {
          --matrix-tflops X     dense bf16 matrix rate of the prefill floor, TFLOP/s (default 767,\n                        measured on the H100)\n  \
          --no-prefill-full     --gpu: skip the in-repo full-attention baseline of the prefill points\n                        (its columns read `-`; it is most of a 64k run's time)\n  \
          --quick               small sizes, for a smoke test\n  \
-         --json FILE           also write the results as JSON"
+         --json FILE           also write the results as JSON\n  \
+         --precompile DIR      only compile the CUDA kernels into the kernel cache DIR (for\n                        NSA_CUDA_CACHE_DIR; needs NVRTC, no GPU) and exit\n  \
+         --arch A,B,...        --precompile: NVRTC targets (default sm_90a)"
     );
     std::process::exit(2)
 }
@@ -105,6 +107,7 @@ fn main() {
         prefill_full: true,
     };
     let mut prefill = None;
+    let (mut precompile, mut archs) = (None, vec!["sm_90a".to_string()]);
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
@@ -120,8 +123,22 @@ fn main() {
             "--matrix-tflops" => o.matrix_rate = val().parse::<f64>().ok().filter(|&x| x > 0.0).unwrap_or_else(|| usage()) * 1e12,
             "--quick" => o.quick = true,
             "--no-prefill-full" => o.prefill_full = false,
+            "--precompile" => precompile = Some(val()),
+            "--arch" => archs = val().split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect(),
             _ => usage(),
         }
+    }
+    if let Some(dir) = precompile {
+        for arch in &archs {
+            match nsa::cuda::precompile(arch, std::path::Path::new(&dir)) {
+                Ok(path) => println!("{arch}: {}", path.display()),
+                Err(e) => {
+                    eprintln!("error: compiling the kernels for {arch}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        return;
     }
     if o.quick {
         o.contexts = vec![2048];

@@ -148,7 +148,7 @@ pub struct Results {
 /// What a run's record says about itself.
 #[derive(Default)]
 pub struct RunInfo {
-    /// The device: `NVIDIA H200 (CUDA driver API 13000, sm_90a)`, or the CPU's model name.
+    /// The device: `NVIDIA H200 (CUDA driver API 13000, NVRTC 13.0, sm_90a)`, or the CPU's model name.
     pub machine: String,
     /// UTC, `YYYY-MM-DDTHH:MM:SSZ`, when the run started.
     pub date: String,
