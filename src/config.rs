@@ -252,6 +252,13 @@ impl Config {
         self.num_cmp_tokens(self.max_seq_len).div_ceil(self.page_size)
     }
 
+    /// Eq. 9's strides `(A, B)`: compressed tokens per compressed block (`l / d`) and per
+    /// selection block (`l' / d`); selection block j sums the compressed tokens
+    /// `B*j - (A-1) .. B*j + B - 1`.
+    pub fn eq9_strides(&self) -> (u32, u32) {
+        (self.cmp_block / self.cmp_stride, self.sel_block / self.cmp_stride)
+    }
+
     /// Selection blocks of the longest sequence.
     pub fn max_sel_blocks(&self) -> u32 {
         self.max_seq_len.div_ceil(self.sel_block)

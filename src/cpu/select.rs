@@ -20,8 +20,8 @@ fn overlap_count(k: usize, a: usize, b: usize) -> f32 {
 /// summed compressed probabilities over the `psum.len()` visible compressed tokens.
 /// Forced blocks get `+inf`.
 pub(crate) fn block_scores(cfg: &Config, psum: &[f32], b: usize, blk: &mut [f32]) {
-    let a = (cfg.cmp_block / cfg.cmp_stride) as usize;
-    let bb = (cfg.sel_block / cfg.cmp_stride) as usize;
+    let (a, bb) = cfg.eq9_strides();
+    let (a, bb) = (a as usize, bb as usize);
     let nc = psum.len() as isize;
     for (j, s) in blk[..=b].iter_mut().enumerate() {
         let first = (bb * j) as isize - (a as isize - 1);

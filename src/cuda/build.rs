@@ -148,7 +148,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // Selection: each head's (m, 1 / l), the token sums of a run of NT_SEL blocks, a score
     // per selection block of the longest sequence. `A` and `B`: Eq. 9's strides per
     // compressed block and per selection block.
-    let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    let (a, b) = cfg.eq9_strides();
+    let (a, b) = (a as usize, b as usize);
     // The token sums' area also holds the top-n's block lists (32 per list).
     let mb = cfg.max_sel_blocks() as usize;
     let selection = 4 * (2 * g + (NT_SEL as usize * b + a - 1).max(mb.next_multiple_of(32)) + 1 + mb);

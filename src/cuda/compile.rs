@@ -96,30 +96,32 @@ fn memory_cache() -> &'static Mutex<HashMap<String, std::sync::Arc<Vec<u8>>>> {
 }
 
 /// The CUBIN for `arch` (e.g. "sm_90"): from this process's cache, else from
-/// `disk_dir/<key>` when given and readable, else compiled now (and then written there,
-/// best effort: a failing write is ignored).
+/// `disk_dir/<key>` when given and readable, else compiled now. A `disk_dir` that does not
+/// hold it yet gets it written (best effort: a failing write is ignored), also when it
+/// came from this process's cache.
 pub fn cubin(arch: &str, disk_dir: Option<&Path>) -> Result<std::sync::Arc<Vec<u8>>> {
     let key = cache_key(arch)?;
-    if let Some(c) = memory_cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(c.clone());
-    }
     let path: Option<PathBuf> = disk_dir.map(|d| d.join(&key));
-    let bin = match path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.len() > 16) {
-        Some(b) => b,
+    let cached = memory_cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+    let (bin, on_disk) = match cached {
+        Some(c) => (c, path.as_ref().is_some_and(|p| p.is_file())),
         None => {
-            let b = compile(arch)?;
-            if let (Some(dir), Some(p)) = (disk_dir, path.as_ref()) {
-                let _ = std::fs::create_dir_all(dir);
-                let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-                if std::fs::write(&tmp, &b).is_ok() {
-                    let _ = std::fs::rename(&tmp, p);
-                }
-            }
-            b
+            let (b, on_disk) = match path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.len() > 16) {
+                Some(b) => (b, true),
+                None => (compile(arch)?, false),
+            };
+            let b = std::sync::Arc::new(b);
+            memory_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, b.clone());
+            (b, on_disk)
         }
     };
-    let bin = std::sync::Arc::new(bin);
-    memory_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, bin.clone());
+    if let (false, Some(dir), Some(p)) = (on_disk, disk_dir, path.as_ref()) {
+        let _ = std::fs::create_dir_all(dir);
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, bin.as_slice()).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
     Ok(bin)
 }
 

@@ -301,7 +301,7 @@ impl Kernels {
     }
 
     /// Raises `kernel`'s shared-memory limit to `bytes` (for launches sized by
-    /// [`Kernels::launch_sized`]) without changing its default size.
+    /// [`Kernels::launch_with`]) without changing its default size.
     pub fn allow_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
         let default = self.smem[kernel as usize];
         self.set_smem(kernel, bytes.max(default))?;
@@ -336,25 +336,17 @@ impl Kernels {
     /// # Safety
     /// `p` describes valid device memory for `kernel`, which was loaded.
     pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
-        self.launch_sized(kernel, grid, self.smem[kernel as usize], p, stream, dependent)
+        self.launch_with(kernel, grid, self.smem[kernel as usize], p, stream, dependent, None)
     }
 
     /// [`Kernels::launch`] with `smem` bytes of dynamic shared memory instead of the
-    /// kernel's default (at most the limit [`Kernels::allow_smem`] set).
+    /// kernel's default (at most the limit [`Kernels::allow_smem`] set) and this launch's
+    /// preferred shared-memory carve-out (`carveout`: percent of the unified L1 / shared
+    /// memory; 0 asks for the most L1 the launch's shared memory leaves, which may also
+    /// mean fewer resident blocks), or the function's when `None`.
     ///
     /// # Safety
     /// As [`Kernels::launch`]; `smem` is what `p`'s launch fields need, within the limit.
-    pub unsafe fn launch_sized(&self, kernel: Kernel, grid: (u32, u32, u32), smem: u32, p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
-        self.launch_with(kernel, grid, smem, p, stream, dependent, None)
-    }
-
-    /// [`Kernels::launch_sized`] with this launch's preferred shared-memory carve-out
-    /// (`carveout`: percent of the unified L1 / shared memory; 0 asks for the most L1 the
-    /// launch's shared memory leaves, which may also mean fewer resident blocks), or the
-    /// function's when `None`.
-    ///
-    /// # Safety
-    /// As [`Kernels::launch_sized`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn launch_with(
         &self,

@@ -208,9 +208,9 @@ impl Params {
                 phi_hidden: cfg.phi_hidden as i32,
                 phi_pe: cfg.phi_pe as i32,
                 scale: cfg.softmax_scale(),
-                eq9_a: (cfg.cmp_block / cfg.cmp_stride) as i32,
-                eq9_b: (cfg.sel_block / cfg.cmp_stride) as i32,
-                eq9_b_magic: div_magic(cfg.sel_block / cfg.cmp_stride),
+                eq9_a: cfg.eq9_strides().0 as i32,
+                eq9_b: cfg.eq9_strides().1 as i32,
+                eq9_b_magic: div_magic(cfg.eq9_strides().1),
             },
             step: StepPlan::default(),
             ws: Workspace {

@@ -202,7 +202,8 @@ fn ws_window(cfg: &Config, moving: bool, cap: usize) -> Option<usize> {
         return Some(nblk(cfg));
     }
     let win = nblk(cfg).min(cap);
-    let (a, b) = ((cfg.cmp_block / cfg.cmp_stride) as usize, (cfg.sel_block / cfg.cmp_stride) as usize);
+    let (a, b) = cfg.eq9_strides();
+    let (a, b) = (a as usize, b as usize);
     (win == nblk(cfg) || (b + 61 + a) / b < win).then_some(win)
 }
 
