@@ -59,6 +59,9 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
     const bool bulk = (p.launch.mode & 1) != 0, tma = (p.launch.mode & 2) != 0;
+    // Decode reads each K/V line once: with `mode & 8` its copies go first out of L2, and
+    // the logits and partials the kernels after this one read stay there (variant 22).
+    const u64 l2pol = (p.launch.mode & 8) ? l2_evict_first() : 0;
     // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
     const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
     const int stage_elems = NSA_MMA_KEYS * (KS + VS);
@@ -153,10 +156,14 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             __syncwarp();
             int y = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? ty[1] : ty[0], li & 31);
             int nbk = DK / 64, nbv = DV / 64;
-            if (lane < nbk)
-                tma_load3(smem_u32(kd) + lane * 2048, kmap, lane * 64, y, z, bar);
-            else if (lane < nbk + nbv)
-                tma_load3(smem_u32(vd) + (lane - nbk) * 2048, vmap, (lane - nbk) * 64, y, z, bar);
+            const bool isv = lane >= nbk;
+            const unsigned dst = smem_u32(isv ? vd : kd) + (isv ? lane - nbk : lane) * 2048;
+            if (lane < nbk + nbv) {
+                if (l2pol)
+                    tma_load3_hint(dst, isv ? vmap : kmap, (isv ? lane - nbk : lane) * 64, y, z, bar, l2pol);
+                else
+                    tma_load3(dst, isv ? vmap : kmap, (isv ? lane - nbk : lane) * 64, y, z, bar);
+            }
             return;
         }
         if (bulk) {

@@ -64,7 +64,8 @@ struct Workspace {
 // Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
 // scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
 // copies, bit 1: tensor maps) through `nstage` pipeline stages; bit 2: the prefill path's
-// selected branch per warp (`pf_sel_warp`).
+// selected branch per warp (`pf_sel_warp`); bit 3: the decode tensor-map copies evict
+// their K/V lines from L2 first (`l2_evict_first`).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;

@@ -135,6 +135,27 @@ __device__ __forceinline__ void tma_load3(unsigned dst, u64 map, int x, int y, i
 #endif
 }
 
+// An L2 policy that makes the lines a copy brings in the first to be evicted: for data
+// read once (decode's K/V streams), so that what the step writes beside them (logits,
+// partials) stays in L2 for the kernels that read it next.
+__device__ __forceinline__ u64 l2_evict_first() {
+    u64 pol = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+    return pol;
+}
+// `tma_load3` with an L2 cache policy (`l2_evict_first`).
+__device__ __forceinline__ void tma_load3_hint(unsigned dst, u64 map, int x, int y, int z, unsigned bar, u64 pol) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+        "%3, %4}], [%5], %6;" ::"r"(dst),
+        "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar), "l"(pol)
+        : "memory");
+#endif
+}
+
 template <int MMA>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;

@@ -110,6 +110,13 @@ pub(crate) struct DecodeKnobs {
     /// sw_mma,combine`, comma-separated): a measurement knob for which kernel's L1 the
     /// gain comes from (docs/DECODE_NOTES.md, "Next" item 3).
     pub l1_kernels: u32,
+    /// Waves whose compressed-branch logits (rows x query heads x compressed tokens of
+    /// the step's longest sequence x 4 bytes) fit in this many bytes copy their K/V tiles
+    /// with an evict-first L2 policy, so the logits and partials the next kernels read
+    /// stay in L2: 3/4 of the L2 with tensor maps (H200: batch 16 at 64k -4%, but batch
+    /// 64, whose logits do not fit, 3-5% slower; docs/DECODE_NOTES.md variant 22);
+    /// `NSA_CUDA_L2_HINTS=0` never, `=1` always.
+    pub l2_hint_logits: u64,
 }
 
 /// `NSA_CUDA_L1_KERNELS`'s mask ([`DecodeKnobs::l1_kernels`]) from its stage names, or
@@ -118,6 +125,17 @@ fn l1_kernel_mask(names: Option<&str>) -> u32 {
     let Some(names) = names else { return u32::MAX };
     let named = |k: &&Kernel| names.split(',').any(|n| n.trim() == k.stage());
     Kernel::ALL.iter().filter(named).fold(0, |m, &k| m | 1 << k as u32)
+}
+
+/// [`DecodeKnobs::l2_hint_logits`] from the tensor-map path, the knob
+/// `NSA_CUDA_L2_HINTS` (0: never, 1: always) and the device's L2 bytes.
+fn l2_hint_limit(tensor_maps: bool, knob: Option<usize>, l2_bytes: i32) -> u64 {
+    match knob {
+        _ if !tensor_maps => 0,
+        Some(0) => 0,
+        Some(1) => u64::MAX,
+        _ => l2_bytes.max(0) as u64 * 3 / 4,
+    }
 }
 
 /// Shared memory of the tensor-core kernels at `stages` pipeline stages: Q tile |
@@ -202,6 +220,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         // The per-launch carve-out is a launch attribute of drivers from CUDA 12.5 on.
         l1_wave_pairs: if info.driver_version >= 12050 { env_num("NSA_CUDA_L1_WAVE_PAIRS").map_or(L1_WAVE_PAIRS, |n| n as u32) } else { 0 },
         l1_kernels: l1_kernel_mask(std::env::var("NSA_CUDA_L1_KERNELS").ok().as_deref()),
+        l2_hint_logits: l2_hint_limit(tma && mma, env_num("NSA_CUDA_L2_HINTS"), info.l2_cache_bytes),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
@@ -319,6 +338,19 @@ mod tests {
     /// Blocks per multiprocessor at 2, 3, 4 stages.
     fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
         move |s| Ok(t[s - 2])
+    }
+
+    #[test]
+    fn l2_policy_limit_follows_the_knob() {
+        use super::l2_hint_limit;
+        let l2 = 50 << 20;
+        // Three quarters of the L2 by default; never without tensor maps, whatever the knob.
+        assert_eq!(l2_hint_limit(true, None, l2), 3 * (50 << 20) / 4);
+        assert_eq!(l2_hint_limit(true, Some(7), l2), 3 * (50 << 20) / 4);
+        assert_eq!(l2_hint_limit(true, Some(0), l2), 0);
+        assert_eq!(l2_hint_limit(true, Some(1), l2), u64::MAX);
+        assert_eq!(l2_hint_limit(false, Some(1), l2), 0);
+        assert_eq!(l2_hint_limit(false, None, l2), 0);
     }
 
     #[test]

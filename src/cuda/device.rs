@@ -51,6 +51,7 @@ fn probe_inner(ordinal: i32) -> Result<DeviceInfo> {
         let minor = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let sms = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let smem = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let l2 = driver::device_attr(dev, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
         let mut name = [0 as std::ffi::c_char; 256];
         check(sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev), "cuDeviceGetName")?;
         let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
@@ -74,6 +75,7 @@ fn probe_inner(ordinal: i32) -> Result<DeviceInfo> {
             driver_version: drv,
             nvrtc_version: nvrtc,
             max_shared_per_block: smem,
+            l2_cache_bytes: l2,
             device_count: n,
         })
     }

@@ -5,7 +5,7 @@
 use super::consts::SEL_CHUNK_MIN;
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{Launch, Params};
+use super::params::{Launch, Params, MODE_L2_EVICT_FIRST};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -94,6 +94,10 @@ impl CudaBackend {
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
+            // A row's compressed-branch logits: the query heads x the longest sequence's
+            // compressed tokens, f32 (the L2 policy's test, DecodeKnobs::l2_hint_logits).
+            let longest = step.seqs.iter().map(|s| s.new_len).max().unwrap_or(0);
+            let row_logits = 4 * cfg.num_q_heads as u64 * cfg.num_cmp_tokens(longest) as u64;
             let mut row0 = 0u32;
             while row0 < tokens {
                 let rows = (tokens - row0).min(self.dl.wave_rows);
@@ -104,6 +108,9 @@ impl CudaBackend {
                 pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
+                }
+                if rows as u64 * row_logits <= self.knobs.l2_hint_logits {
+                    pw.launch.mode |= MODE_L2_EVICT_FIRST;
                 }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),

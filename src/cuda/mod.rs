@@ -124,6 +124,8 @@ pub struct DeviceInfo {
     pub nvrtc_version: (i32, i32),
     /// Opt-in shared memory per block, bytes.
     pub max_shared_per_block: i32,
+    /// L2 cache, bytes.
+    pub l2_cache_bytes: i32,
     /// Devices the driver sees (valid ordinals are `0..device_count`).
     pub device_count: i32,
 }

@@ -165,6 +165,10 @@ pub(crate) struct Params {
     pub launch: Launch,
 }
 
+/// `Launch::mode` bit: the decode tensor-map copies take an evict-first L2 policy
+/// (`DecodeKnobs::l2_hint_logits` decides per wave).
+pub(crate) const MODE_L2_EVICT_FIRST: i32 = 8;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
