@@ -117,11 +117,18 @@ pub(crate) struct DecodeKnobs {
     /// 64, whose logits do not fit, 3-5% slower; docs/DECODE_NOTES.md variant 22);
     /// `NSA_CUDA_L2_HINTS=0` never, `=1` always.
     pub l2_hint_logits: u64,
+    /// Which of those waves' kernels take the policy (`NSA_CUDA_L2_KERNELS=cmp_mma,sw_mma`:
+    /// a measurement knob; default both).
+    pub l2_kernels: u32,
+    /// `NSA_CUDA_CMP_WAVES=N`: compressed splits for N waves of blocks instead of one (a
+    /// measurement knob; the workspace's split count still caps it).
+    pub cmp_waves: u32,
 }
 
-/// `NSA_CUDA_L1_KERNELS`'s mask ([`DecodeKnobs::l1_kernels`]) from its stage names, or
-/// every kernel when unset; names that are no kernel's stage select nothing.
-fn l1_kernel_mask(names: Option<&str>) -> u32 {
+/// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
+/// `NSA_CUDA_L2_KERNELS`), or every kernel when unset; names that are no kernel's stage
+/// select nothing.
+fn kernel_mask(names: Option<&str>) -> u32 {
     let Some(names) = names else { return u32::MAX };
     let named = |k: &&Kernel| names.split(',').any(|n| n.trim() == k.stage());
     Kernel::ALL.iter().filter(named).fold(0, |m, &k| m | 1 << k as u32)
@@ -219,8 +226,10 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
         // The per-launch carve-out is a launch attribute of drivers from CUDA 12.5 on.
         l1_wave_pairs: if info.driver_version >= 12050 { env_num("NSA_CUDA_L1_WAVE_PAIRS").map_or(L1_WAVE_PAIRS, |n| n as u32) } else { 0 },
-        l1_kernels: l1_kernel_mask(std::env::var("NSA_CUDA_L1_KERNELS").ok().as_deref()),
+        l1_kernels: kernel_mask(std::env::var("NSA_CUDA_L1_KERNELS").ok().as_deref()),
         l2_hint_logits: l2_hint_limit(tma && mma, env_num("NSA_CUDA_L2_HINTS"), info.l2_cache_bytes),
+        l2_kernels: kernel_mask(std::env::var("NSA_CUDA_L2_KERNELS").ok().as_deref()),
+        cmp_waves: env_num("NSA_CUDA_CMP_WAVES").map_or(1, |n| (n as u32).max(1)),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
@@ -355,11 +364,11 @@ mod tests {
 
     #[test]
     fn l1_kernels_knob_names_stages() {
-        use super::{l1_kernel_mask, Kernel};
-        assert_eq!(l1_kernel_mask(None), u32::MAX);
-        let m = l1_kernel_mask(Some("select_blocks, combine"));
+        use super::{kernel_mask, Kernel};
+        assert_eq!(kernel_mask(None), u32::MAX);
+        let m = kernel_mask(Some("select_blocks, combine"));
         assert_eq!(m, 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::Combine as u32);
-        assert_eq!(l1_kernel_mask(Some("cmp")), 0, "a name that is no stage selects nothing");
+        assert_eq!(kernel_mask(Some("cmp")), 0, "a name that is no stage selects nothing");
     }
 
     #[test]

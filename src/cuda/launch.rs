@@ -109,14 +109,18 @@ impl CudaBackend {
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
-                if rows as u64 * row_logits <= self.knobs.l2_hint_logits {
-                    pw.launch.mode |= MODE_L2_EVICT_FIRST;
-                }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),
                     _ => k.smem(kernel),
                 };
-                let go = |kernel, grid| k.launch_with(kernel, grid, smem(kernel), &pw, stream, true, l1(kernel, rows));
+                let hint = rows as u64 * row_logits <= self.knobs.l2_hint_logits;
+                let go = |kernel: Kernel, grid| {
+                    let mut pk = pw;
+                    if hint && self.knobs.l2_kernels & 1 << kernel as u32 != 0 {
+                        pk.launch.mode |= MODE_L2_EVICT_FIRST;
+                    }
+                    k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, l1(kernel, rows))
+                };
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 go(cmp, (rows, hkv, l.nsplit_c as u32))?;
@@ -148,7 +152,7 @@ impl CudaBackend {
         l.row0 = row0 as i32;
         let pairs = rows * cfg.num_kv_heads;
         let slots = self.target_blocks(mma_per_sm);
-        l.nsplit_c = (slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
+        l.nsplit_c = (self.knobs.cmp_waves * slots / pairs.max(1)).clamp(1, self.cmp_splits) as i32;
         let mut spb = 1u32;
         if self.mma {
             // The model counts the window's units without the alignment's extra keys (one
