@@ -62,6 +62,22 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // Decode reads each K/V line once: with `mode & 8` its copies go first out of L2, and
     // the logits and partials the kernels after this one read stay there (variant 22).
     const u64 l2pol = (p.launch.mode & 8) ? l2_evict_first() : 0;
+    // Compressed branch with `mode & 32`: instead of each head's raw logits, each group of
+    // B = eq9_b tokens (B = 2, 4 or 8, A = eq9_a <= B + 1) gets two numbers per head, the
+    // log2 of its tokens' Eq. 9-weighted probabilities for its own selection block (x) and
+    // for the next one (y), against this warp's softmax reference; the selection rescales
+    // them by the head's final (max, sum). Half the bytes of the logits at B = 4.
+    const bool groups = logit_out && (p.launch.mode & 32);
+    // A lane's weights (the same on every tile: splits start at multiples of 16): token i of
+    // group j is tap i + A - 1 of block j and tap i - B + A - 1 of block j + 1.
+    float o0 = 0.f, o1 = 0.f, n0 = 0.f, n1 = 0.f;
+    if (groups) {
+        const int A = p.shape.eq9_a, B = p.shape.eq9_b, i0 = (q4 * 2) & (B - 1);
+        o0 = overlap_count(i0 + A - 1, A, B);
+        o1 = overlap_count(i0 + A, A, B);
+        n0 = overlap_count(i0 - B + A - 1, A, B);
+        n1 = overlap_count(i0 - B + A, A, B);
+    }
     // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
     const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
     const int stage_elems = NSA_MMA_KEYS * (KS + VS);
@@ -291,7 +307,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int nt = 0; nt < 2; nt++) {
             const int jj = nt * 8 + q4 * 2;
             const bool v0 = (vis >> jj) & 1u, v1 = (vis >> (jj + 1)) & 1u;
-            if (logit_out) {
+            if (logit_out && !groups) {
                 const int pos = ks.lo + j0 + jj;
                 float* la = logit_out + (usize)g * p.ws.max_cmp + pos;
                 float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
@@ -349,6 +365,31 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
         lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
         lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
+        if (groups) {
+            // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
+            // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
+            const int B = p.shape.eq9_b;
+            const float rA = mA * 1.4426950408889634f, rB = mB * 1.4426950408889634f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const int pos = ks.lo + j0 + nt * 8 + q4 * 2;
+                float xa = o0 * pr[nt][0] + o1 * pr[nt][1], ya = n0 * pr[nt][0] + n1 * pr[nt][1];
+                float xb = o0 * pr[nt][2] + o1 * pr[nt][3], yb = n0 * pr[nt][2] + n1 * pr[nt][3];
+                for (int o = 1; o < B / 2; o <<= 1) {
+                    xa += __shfl_xor_sync(0xffffffffu, xa, o);
+                    ya += __shfl_xor_sync(0xffffffffu, ya, o);
+                    xb += __shfl_xor_sync(0xffffffffu, xb, o);
+                    yb += __shfl_xor_sync(0xffffffffu, yb, o);
+                }
+                // The group's first lane stores, for groups that start inside the split.
+                if ((q4 & (B / 2 - 1)) == 0 && pos < ks.lo + ks.n) {
+                    const int gi = pos >> (__ffs(B) - 1);
+                    if (g < hcn) *(float2*)(logit_out + (usize)g * p.ws.max_cmp + 2 * gi) = make_float2(__log2f(xa) + rA, __log2f(ya) + rA);
+                    if (g + 8 < hcn)
+                        *(float2*)(logit_out + (usize)(g + 8) * p.ws.max_cmp + 2 * gi) = make_float2(__log2f(xb) + rB, __log2f(yb) + rB);
+                }
+            }
+        }
         unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
         unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
         const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;

@@ -224,6 +224,15 @@ __device__ __forceinline__ float ex2f(float x) {
 // Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to
 // NSA_MMA_KEYS keys, at least NSA_SPLIT_MIN_KEYS (lengths are device-side: a fixed grid divides the actual length; splits past
 // the end get empty ranges and store empty partials).
+// Eq. 9 overlap count of offset k: pairs (a, b), a < A, b < B, a + b = k (0 outside
+// [0, A + B - 2]).
+__device__ __forceinline__ float overlap_count(int k, int A, int B) {
+    int lo = k - (B - 1);
+    if (lo < 0) lo = 0;
+    int hi = min(k, A - 1);
+    return hi >= lo ? (float)(hi - lo + 1) : 0.f;
+}
+
 __device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
     int ch = max(((n + nsplit - 1) / nsplit + NSA_MMA_KEYS - 1) & ~(NSA_MMA_KEYS - 1), NSA_SPLIT_MIN_KEYS);
     lo = min(split * ch, n);

@@ -4,14 +4,6 @@
 
 #include "common.cuh"
 
-// Eq. 9 overlap count of offset k: pairs (a, b), a < A, b < B, a + b = k.
-__device__ __forceinline__ float overlap_count(int k, int A, int B) {
-    int lo = k - (B - 1);
-    if (lo < 0) lo = 0;
-    int hi = min(k, A - 1);
-    return hi >= lo ? (float)(hi - lo + 1) : 0.f;
-}
-
 // A radix-select pass's count: key k (when `in`) into the 256-bin histogram of its digit
 // at `shift`, with one shared atomic per distinct bin per warp (scores of similar size share
 // their top bits, and same-address shared atomics serialise). Every lane of the warp calls it.
@@ -216,7 +208,30 @@ __device__ void select_blocks(const Params& p) {
         // 2. Scores of blocks [s0, s1), runs of at most NSA_NT_SEL: block j gathers tokens
         // B*j - (A-1) + k, k < A + B - 1, with weight overlap_count(k).
         const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * g) * p.ws.max_cmp;
-        for (int s0 = j0; s0 < j1; s0 += NSA_NT_SEL) {
+        // With group sums (`mode & 32`, kernels/attend_mma.cuh) block j is its group's own
+        // part (x of group j) plus the previous group's part (y of group j - 1), per head
+        // log2 against the head's max: a thread per block, no token pass.
+        const bool groups = (p.launch.mode & 32) != 0;
+        for (int j = j0 + tid; groups && j < j1; j += blockDim.x) {
+            const bool own = B * j < nc, prev = j >= 1 && B * (j - 1) < nc;
+            float acc = 0.f;
+            for (int h0 = 0; h0 < g; h0 += 8) {
+                float vx[8], vy[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float2* row = (const float2*)(lg + (usize)(h0 + k) * p.ws.max_cmp);
+                    vx[k] = own && h0 + k < g ? row[j].x : NEG_INF;
+                    vy[k] = prev && h0 + k < g ? row[j - 1].y : NEG_INF;
+                }
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (h0 + k < g) acc += (ex2f(vx[k] - mh[h0 + k]) + ex2f(vy[k] - mh[h0 + k])) * inv[h0 + k];
+            }
+            if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
+            key[j] = __float_as_uint(acc);
+        }
+        if (groups) __syncthreads();
+        for (int s0 = j0; !groups && s0 < j1; s0 += NSA_NT_SEL) {
             const int s1 = min(s0 + NSA_NT_SEL, j1);
             const int i0 = B * s0 - (A - 1), span = B * (s1 - s0) + A - 1;
             for (int x = tid; x < span; x += blockDim.x) {

@@ -123,6 +123,11 @@ pub(crate) struct DecodeKnobs {
     /// `NSA_CUDA_CMP_WAVES=N`: compressed splits for N waves of blocks instead of one (a
     /// measurement knob; the workspace's split count still caps it).
     pub cmp_waves: u32,
+    /// `cmp_mma` hands the selection two Eq. 9 sums per head and group of B = l' / d
+    /// compressed tokens instead of B logits (kernels/attend_mma.cuh): where B is 2, 4 or 8
+    /// and l / d <= B + 1 (the paper preset: half the bytes); `NSA_CUDA_NO_GROUP_SUMS=1`
+    /// keeps the logits.
+    pub group_sums: bool,
 }
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
@@ -132,6 +137,13 @@ fn kernel_mask(names: Option<&str>) -> u32 {
     let Some(names) = names else { return u32::MAX };
     let named = |k: &&Kernel| names.split(',').any(|n| n.trim() == k.stage());
     Kernel::ALL.iter().filter(named).fold(0, |m, &k| m | 1 << k as u32)
+}
+
+/// Whether Eq. 9's strides (A, B) suit `cmp_mma`'s group sums: a lane's two keys in one
+/// group, a group in one 8-key mma tile (B = 2, 4, 8), and a block's taps in its own group
+/// and the one before (A - 1 <= B).
+fn group_sums_fit((a, b): (u32, u32)) -> bool {
+    matches!(b, 2 | 4 | 8) && a >= 1 && a <= b + 1
 }
 
 /// [`DecodeKnobs::l2_hint_logits`] from the tensor-map path, the knob
@@ -230,6 +242,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         l2_hint_logits: l2_hint_limit(tma && mma, env_num("NSA_CUDA_L2_HINTS"), info.l2_cache_bytes),
         l2_kernels: kernel_mask(std::env::var("NSA_CUDA_L2_KERNELS").ok().as_deref()),
         cmp_waves: env_num("NSA_CUDA_CMP_WAVES").map_or(1, |n| (n as u32).max(1)),
+        group_sums: mma && group_sums_fit(cfg.eq9_strides()) && !env_on("NSA_CUDA_NO_GROUP_SUMS"),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }
@@ -347,6 +360,16 @@ mod tests {
     /// Blocks per multiprocessor at 2, 3, 4 stages.
     fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
         move |s| Ok(t[s - 2])
+    }
+
+    #[test]
+    fn group_sums_take_the_strides_they_can_hold() {
+        use super::group_sums_fit;
+        assert!(group_sums_fit((2, 4)), "the paper preset (l = 32, d = 16, l' = 64)");
+        assert!(group_sums_fit((1, 2)) && group_sums_fit((3, 2)) && group_sums_fit((9, 8)));
+        assert!(!group_sums_fit((1, 1)), "fla (l = d = l'): a group per token, no gain");
+        assert!(!group_sums_fit((4, 2)), "taps two groups back");
+        assert!(!group_sums_fit((2, 16)) && !group_sums_fit((2, 3)), "B = 16 spans two mma tiles; B a power of two");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::consts::SEL_CHUNK_MIN;
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{Launch, Params, MODE_L2_EVICT_FIRST};
+use super::params::{Launch, Params, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -108,6 +108,9 @@ impl CudaBackend {
                 pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
+                }
+                if self.knobs.group_sums {
+                    pw.launch.mode |= MODE_GROUP_SUMS;
                 }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),

@@ -169,6 +169,10 @@ pub(crate) struct Params {
 /// (`DecodeKnobs::l2_hint_logits` decides per wave).
 pub(crate) const MODE_L2_EVICT_FIRST: i32 = 8;
 
+/// `Launch::mode` bit: `cmp_mma` writes per-head Eq. 9 group sums instead of logits, and
+/// the selection reads them (`DecodeKnobs::group_sums`).
+pub(crate) const MODE_GROUP_SUMS: i32 = 32;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
