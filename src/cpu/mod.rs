@@ -22,7 +22,7 @@ mod kernels;
 mod online;
 mod parts;
 mod runner;
-mod select;
+pub(crate) mod select;
 mod state;
 mod store;
 mod workspace;

@@ -372,6 +372,63 @@ mod tests {
         assert!(!group_sums_fit((2, 16)) && !group_sums_fit((2, 3)), "B = 16 spans two mma tiles; B a power of two");
     }
 
+    /// The identity `cmp_mma`'s group sums rest on (kernels/attend_mma.cuh, variant 24):
+    /// with `A - 1 <= B`, Eq. 9's score of block j is x of group j plus y of group j - 1,
+    /// where group g holds tokens gB..gB+B and token i of it weighs overlap(i + A - 1) in x
+    /// and overlap(i - B + A - 1) in y (the kernel's formula, 0 outside 0..=A+B-2). Checked
+    /// against the CPU engine's Eq. 9 (`cpu::select::block_scores`) for every (A, B) that
+    /// `group_sums_fit` takes up to B = 8, and lengths that end inside a group.
+    #[test]
+    fn group_sums_reproduce_eq9() {
+        use super::group_sums_fit;
+        use crate::config::{Config, Preset};
+        let overlap = |k: i32, a: i32, b: i32| {
+            let (lo, hi) = ((k - (b - 1)).max(0), k.min(a - 1));
+            if hi >= lo { (hi - lo + 1) as f32 } else { 0.0 }
+        };
+        let mut seed = 0x2545f491u32;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let mut checked = 0;
+        for b in [2u32, 4, 8] {
+            for a in 1..=b + 1 {
+                assert!(group_sums_fit((a, b)));
+                let mut cfg = Config::preset(Preset::Paper);
+                cfg.cmp_stride = 16;
+                cfg.cmp_block = 16 * a;
+                cfg.sel_block = 16 * b;
+                (cfg.sel_init, cfg.sel_local) = (0, 0);
+                for nc in [1usize, 5, 16, 37, 64, 101] {
+                    let p: Vec<f32> = (0..nc).map(|_| rnd()).collect();
+                    let nblk = nc.div_ceil(b as usize) + 1;
+                    let mut reference = vec![0f32; nblk];
+                    crate::cpu::select::block_scores(&cfg, &p, nblk - 1, &mut reference);
+                    let (ai, bi) = (a as i32, b as i32);
+                    let group = |g: usize, next: bool| -> f32 {
+                        (0..bi)
+                            .map(|i| {
+                                let t = g * b as usize + i as usize;
+                                let w = if next { overlap(i - bi + ai - 1, ai, bi) } else { overlap(i + ai - 1, ai, bi) };
+                                if t < nc { w * p[t] } else { 0.0 }
+                            })
+                            .sum()
+                    };
+                    for (j, r) in reference.iter().enumerate() {
+                        let own = if b as usize * j < nc { group(j, false) } else { 0.0 };
+                        let prev = if j >= 1 && b as usize * (j - 1) < nc { group(j - 1, true) } else { 0.0 };
+                        assert!((own + prev - r).abs() <= 1e-5 * r.abs().max(1.0), "A {a} B {b} nc {nc} block {j}: {} vs {r}", own + prev);
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, (3 + 5 + 9) * 6);
+    }
+
     #[test]
     fn l2_policy_limit_follows_the_knob() {
         use super::l2_hint_limit;
