@@ -65,7 +65,8 @@ struct Workspace {
 // scalar attention pass; tile loads of the tensor-core kernels (`mode` bit 0: 1-D bulk
 // copies, bit 1: tensor maps) through `nstage` pipeline stages; bit 2: the prefill path's
 // selected branch per warp (`pf_sel_warp`); bit 3: the decode tensor-map copies evict
-// their K/V lines from L2 first (`l2_evict_first`).
+// their K/V lines from L2 first (`l2_evict_first`); bit 5: `cmp_mma` writes Eq. 9 group
+// sums instead of logits, and the selection reads them (kernels/attend_mma.cuh).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
@@ -219,11 +220,6 @@ __device__ __forceinline__ float ex2f(float x) {
     return y;
 }
 
-// ---------------------------------------------------------------- key-range splits
-
-// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to
-// NSA_MMA_KEYS keys, at least NSA_SPLIT_MIN_KEYS (lengths are device-side: a fixed grid divides the actual length; splits past
-// the end get empty ranges and store empty partials).
 // Eq. 9 overlap count of offset k: pairs (a, b), a < A, b < B, a + b = k (0 outside
 // [0, A + B - 2]).
 __device__ __forceinline__ float overlap_count(int k, int A, int B) {
@@ -233,6 +229,11 @@ __device__ __forceinline__ float overlap_count(int k, int A, int B) {
     return hi >= lo ? (float)(hi - lo + 1) : 0.f;
 }
 
+// ---------------------------------------------------------------- key-range splits
+
+// Split `split` of `nsplit` over [0, n): chunks of ceil(n / nsplit) rounded up to
+// NSA_MMA_KEYS keys, at least NSA_SPLIT_MIN_KEYS (lengths are device-side: a fixed grid divides the actual length; splits past
+// the end get empty ranges and store empty partials).
 __device__ __forceinline__ void split_range(int n, int nsplit, int split, int& lo, int& hi) {
     int ch = max(((n + nsplit - 1) / nsplit + NSA_MMA_KEYS - 1) & ~(NSA_MMA_KEYS - 1), NSA_SPLIT_MIN_KEYS);
     lo = min(split * ch, n);
