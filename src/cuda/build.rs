@@ -81,12 +81,11 @@ pub(crate) struct Plan {
     /// The most compressed splits a launch may use: the workspace's count, or fewer with
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
-    /// Measurement knobs of the decode launches (`NSA_CUDA_SEL_CHUNKS=N`,
+    /// The decode launches' tuned choices and their measurement knobs (`NSA_CUDA_SEL_CHUNKS=N`,
     /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
-    /// `NSA_CUDA_L1_WAVE_PAIRS=N`): the selection's chunk blocks per (row, KV head) and the
-    /// combine's heads per block instead of the launch's own choice, the tensor-core
-    /// kernels' any-shape entries, the largest wave of the small-wave form, and the largest
-    /// wave launched at the smallest carve-out.
+    /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
+    /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`): see
+    /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
