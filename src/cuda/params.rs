@@ -191,6 +191,7 @@ impl Params {
     /// workspace addresses in the buffer at `base`, paging sizes, the launch setup.
     pub fn fixed(cfg: &Config, dl: &DevLayout, base: u64, setup: LaunchSetup) -> Params {
         let at = |off: usize| base + off as u64;
+        let eq9 = cfg.eq9_strides();
         Params {
             io: DeviceLayerIo::default(),
             paging: Paging {
@@ -216,9 +217,9 @@ impl Params {
                 phi_hidden: cfg.phi_hidden as i32,
                 phi_pe: cfg.phi_pe as i32,
                 scale: cfg.softmax_scale(),
-                eq9_a: cfg.eq9_strides().0 as i32,
-                eq9_b: cfg.eq9_strides().1 as i32,
-                eq9_b_magic: div_magic(cfg.eq9_strides().1),
+                eq9_a: eq9.0 as i32,
+                eq9_b: eq9.1 as i32,
+                eq9_b_magic: div_magic(eq9.1),
             },
             step: StepPlan::default(),
             ws: Workspace {
