@@ -151,8 +151,8 @@ __device__ void select_blocks(const Params& p) {
     const int g = p.shape.group_size, n = p.shape.sel_count;
     const int t = ((const int2*)p.step.rows)[r].y;
     const int nc = num_cmp(p, t + 1);
-    // Eq. 9's alpha and beta: strides per compressed block and per selection block.
-    const int A = p.shape.cmp_block / p.shape.cmp_stride, B = p.shape.sel_block / p.shape.cmp_stride;
+    // Eq. 9's alpha and beta: strides per compressed block and per selection block (host-computed).
+    const int A = p.shape.eq9_a, B = p.shape.eq9_b;
     const int nblk = t / p.shape.sel_block + 1, b = nblk - 1;
     const int count = min(n, nblk);
     float* mh = smem;
