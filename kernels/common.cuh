@@ -66,7 +66,8 @@ struct Workspace {
 // copies, bit 1: tensor maps) through `nstage` pipeline stages; bit 2: the prefill path's
 // selected branch per warp (`pf_sel_warp`); bit 3: the decode tensor-map copies evict
 // their K/V lines from L2 first (`l2_evict_first`); bit 5: `cmp_mma` writes Eq. 9 group
-// sums instead of logits, and the selection reads them (kernels/attend_mma.cuh).
+// sums instead of logits, and the selection reads them (kernels/attend_mma.cuh); bit 7: the
+// combine reads 4 columns per load at every head count (kernels/combine.cuh).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;

@@ -115,7 +115,7 @@ fn decode_timing_paper_shape_bf16() {
         ok(sys::cuCtxSetCurrent(ctx), "set current");
         ok(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "stream");
     }
-    let cases = [(1u32, 8192u32), (1, 65536), (16, 8192), (16, 65536), (16, 131072), (64, 8192), (64, 65536)];
+    let cases = [(1u32, 8192u32), (1, 65536), (16, 8192), (16, 65536), (16, 131072), (64, 8192), (64, 65536), (64, 131072)];
     for (batch, ctx) in cases {
         if !wanted("NSA_BENCH_ONLY", &format!("{batch}x{ctx}")) {
             continue;

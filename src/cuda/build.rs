@@ -127,6 +127,10 @@ pub(crate) struct DecodeKnobs {
     /// and l / d <= B + 1 (the paper preset: half the bytes); `NSA_CUDA_NO_GROUP_SUMS=1`
     /// keeps the logits.
     pub group_sums: bool,
+    /// The combine reads 4 columns per load at every head count (where DV allows), with
+    /// fuller blocks (`launch::comb_heads`); `NSA_CUDA_COMB_VEC=0`: a column per thread
+    /// once a block's columns reach its threads, as before variant 25.
+    pub comb_vec: bool,
 }
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
@@ -242,6 +246,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         l2_kernels: kernel_mask(std::env::var("NSA_CUDA_L2_KERNELS").ok().as_deref()),
         cmp_waves: env_num("NSA_CUDA_CMP_WAVES").map_or(1, |n| (n as u32).max(1)),
         group_sums: mma && group_sums_fit(cfg.eq9_strides()) && !env_on("NSA_CUDA_NO_GROUP_SUMS"),
+        comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
 }

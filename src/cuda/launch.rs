@@ -2,10 +2,10 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
-use super::consts::SEL_CHUNK_MIN;
+use super::consts::{NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{Launch, Params, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
+use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -13,6 +13,21 @@ use crate::cache::Cache;
 use crate::config::Phi;
 use crate::error::{NsaError, Result};
 use crate::plan::Step;
+
+/// Query heads per combine block (`NT_WIDE` threads): the most (a divisor of the group
+/// size `g`) that still leaves two blocks per multiprocessor, or with 4 columns per load
+/// (`vec`, `MODE_COMB_VEC`; `dv` columns per head) the most whose 4-column groups the
+/// threads cover once, with at least 3 blocks per 2 multiprocessors: fewer, fuller blocks
+/// issue fewer instructions for the same loads (H200, graph, paper 128/128 at 64k: batch 8
+/// 65.2 -> 60.3 us, batch 64 278.3 -> 269.5 against a column per thread; with 16 heads
+/// instead of 8 batch 64 was no faster; docs/DECODE_NOTES.md variant 25).
+fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
+    let fits = |h: u32| match vec {
+        Some(dv) => h * dv / 4 <= NT_WIDE && heads / h >= 3 * sms / 2,
+        None => heads / h >= 2 * sms,
+    };
+    (1..=g).filter(|&h| g % h == 0 && fits(h)).max().unwrap_or(1)
+}
 
 /// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
 const BLOCKS_PER_SM: u32 = 2;
@@ -112,6 +127,9 @@ impl CudaBackend {
                 if self.knobs.group_sums {
                     pw.launch.mode |= MODE_GROUP_SUMS;
                 }
+                if self.knobs.comb_vec {
+                    pw.launch.mode |= MODE_COMB_VEC;
+                }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),
                     _ => k.smem(kernel),
@@ -174,11 +192,9 @@ impl CudaBackend {
             }
         }
         l.spb = spb as i32;
-        // Combine: the most heads per block (a divisor of G) that still leaves two blocks
-        // per multiprocessor.
-        let heads = rows * cfg.num_q_heads;
-        let two_waves = 2 * self.info.multiprocessors.max(1) as u32;
-        l.comb_heads = (1..=cfg.group_size()).filter(|h| cfg.group_size() % h == 0 && heads / h >= two_waves).max().unwrap_or(1) as i32;
+        // Combine: heads per block (see `comb_heads`).
+        let vec = Some(cfg.head_dim_v).filter(|dv| self.knobs.comb_vec && dv % 4 == 0);
+        l.comb_heads = comb_heads(cfg.group_size(), rows * cfg.num_q_heads, self.info.multiprocessors.max(1) as u32, vec) as i32;
         if let Some(h) = self.knobs.comb_heads.filter(|&h| h >= 1 && cfg.group_size() % h == 0) {
             l.comb_heads = h as i32;
         }
@@ -231,5 +247,25 @@ impl CudaBackend {
             row0 += rows;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comb_heads;
+
+    /// The H200's 132 multiprocessors, 64 query heads per row in groups of 16, DV = 128.
+    #[test]
+    fn comb_heads_fill_blocks_without_a_short_wave() {
+        let pick = |rows: u32, vec: bool| comb_heads(16, rows * 64, 132, vec.then_some(128));
+        // A column per thread: two blocks per multiprocessor.
+        assert_eq!([1, 4, 8, 16, 32, 64].map(|b| pick(b, false)), [1, 1, 1, 2, 4, 8]);
+        // 4 columns per load: at most 8 heads (256 threads x 4 columns / 128), 198 blocks.
+        assert_eq!([1, 4, 8, 16, 32, 64, 256].map(|b| pick(b, true)), [1, 1, 2, 4, 8, 8, 8]);
+        // Odd shapes: a group of 3 (only 1 and 3 divide it), DV = 512 (two heads' groups
+        // fill the block), a single row of 16 heads.
+        assert_eq!(comb_heads(3, 3 * 1000, 132, Some(128)), 3);
+        assert_eq!(comb_heads(16, 64 * 64, 132, Some(512)), 2);
+        assert_eq!(comb_heads(16, 16, 132, Some(128)), 1);
     }
 }

@@ -173,6 +173,10 @@ pub(crate) const MODE_L2_EVICT_FIRST: i32 = 8;
 /// the selection reads them (`DecodeKnobs::group_sums`).
 pub(crate) const MODE_GROUP_SUMS: i32 = 32;
 
+/// `Launch::mode` bit: the combine reads 4 columns per load at every head count
+/// (`DecodeKnobs::comb_vec`).
+pub(crate) const MODE_COMB_VEC: i32 = 128;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
