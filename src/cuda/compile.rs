@@ -234,6 +234,15 @@ mod tests {
         ("sm_90a", "nsa_pf_cmp_wgs12_f16_128_128", 24, 28),
         ("sm_90a", "nsa_pf_cmp_wgs12_bf16_192_128", 24, 28),
         ("sm_90a", "nsa_pf_cmp_wgs12_f16_192_128", 24, 28),
+        // Since the combine reads 4 columns per load at every head count (decode variant
+        // 25, measured with these spills): three words around the batch of eight float4
+        // loads.
+        ("sm_90a", "nsa_combine_bf16", 12, 28),
+        ("sm_90a", "nsa_combine_f16", 12, 28),
+        ("sm_90a", "nsa_combine_f32", 12, 28),
+        ("sm_80", "nsa_combine_bf16", 8, 12),
+        ("sm_80", "nsa_combine_f16", 8, 12),
+        ("sm_80", "nsa_combine_f32", 8, 12),
     ];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC
