@@ -58,7 +58,11 @@ struct StepPlan {
 struct Workspace {
     u64 logits, sel, scores, count, part_ml, part_acc;
     u64 pf_sel;  // prefill: selected blocks per step row [rows][HKV][sel_count] (io.selected absent)
+    // Prefill's block-major selected branch (kernels/prefill_blocks.cuh; 0 when unused): list
+    // counters, cursors and the item count | items | entries | partials | their log2 sums.
+    u64 pf_cnt, pf_items, pf_ent, pf_part, pf_lse;
     int max_cmp, max_blocks;
+    int pf_chunk;  // rows per chunk of the block-major selected branch
 };
 
 // Per launch: the wave's first row and the host's split choices; `head_chunk` heads per
@@ -67,11 +71,13 @@ struct Workspace {
 // selected branch per warp (`pf_sel_warp`); bit 3: the decode tensor-map copies evict
 // their K/V lines from L2 first (`l2_evict_first`); bit 5: `cmp_mma` writes Eq. 9 group
 // sums instead of logits, and the selection reads them (kernels/attend_mma.cuh); bit 7: the
-// combine reads 4 columns per load at every head count (kernels/combine.cuh).
+// combine reads 4 columns per load at every head count (kernels/combine.cuh); bit 4:
+// `pf_sw` runs the window only, the selected branch came block-major (prefill_blocks.cuh).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
     int pf_win;  // blocks in pf_cmp_ws's moving window of block scores (0: none)
+    int pf_c0, pf_rows;  // the block-major selected branch's chunk: first row (of the sequence's new rows), rows
 };
 
 struct Params {
@@ -113,6 +119,12 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #endif
 #ifndef NSA_WINDOW_ALIGN
 #error "NSA_WINDOW_ALIGN is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_PFB_ITEM
+#error "NSA_PFB_ITEM is passed by the host (src/cuda/consts.rs)"
+#endif
+#ifndef NSA_PFB_WARPS
+#error "NSA_PFB_WARPS is passed by the host (src/cuda/consts.rs)"
 #endif
 #ifndef NSA_PF_KEYS
 #error "NSA_PF_KEYS is passed by the host (src/cuda/consts.rs)"

@@ -24,6 +24,9 @@
 //   prefill.cuh     the prefill path: pf_cmp (compressed branch + selection) and pf_sw
 //                   (selected + window + gated combine) over tiles of positions x heads;
 //                   prefill_parts.cuh: its tiles, copies, MMA policies, softmax, top-n
+//   prefill_blocks.cuh  the prefill's selected branch block-major, for small groups
+//                   (pfb_count / pfb_scan / pfb_fill: the selection inverted into lists per
+//                   (KV head, block); pfb_attn: partials; pfb_merge: into the output)
 //
 // Pool layout (same as the CPU backend): per layer `[pool][page][kv_head][token][dim]`;
 // the host passes this layer's four pool base pointers (Params.paging). Storage types:
@@ -62,6 +65,7 @@
 #include "wgmma.cuh"
 #include "prefill_parts.cuh"
 #include "prefill.cuh"
+#include "prefill_blocks.cuh"
 
 // ---------------------------------------------------------------- entry points
 
@@ -163,3 +167,25 @@ PF_WS_ALL(8, false, 8)
 PF_WS_ALL(8, true, 8w)
 PF_WS_ALL(12, false, 12)
 PF_WS_ALL(12, true, 12w)
+
+// Block-major selected branch of the prefill (prefill_blocks.cuh): nsa_pfb_{count,scan,fill,
+// merge}_{bf16,f16} and nsa_pfb_attn_{bf16,f16}_{DK}_{DV} for the prefill shapes.
+#define PFB_ALL(E, suffix)                       \
+    NSA_ENTRY(pfb_count, E, suffix)              \
+    NSA_ENTRY_NT(pfb_scan, E, suffix, NSA_NT_SEL) \
+    NSA_ENTRY(pfb_fill, E, suffix)               \
+    NSA_ENTRY(pfb_merge, E, suffix)
+PFB_ALL(EBF16, bf16)
+PFB_ALL(EF16, f16)
+#define PFB_ATTN(E, suffix, DK, DV)                                                                           \
+    extern "C" __global__ void __launch_bounds__(NSA_PFB_WARPS * 32) nsa_pfb_attn_##suffix##_##DK##_##DV(const Params p) { \
+        pdl_trigger();                                                                                       \
+        pdl_wait();                                                                                          \
+        pfb_attn<E, DK, DV>(p);                                                                              \
+    }
+PFB_ATTN(EBF16, bf16, 64, 64)
+PFB_ATTN(EBF16, bf16, 128, 128)
+PFB_ATTN(EBF16, bf16, 192, 128)
+PFB_ATTN(EF16, f16, 64, 64)
+PFB_ATTN(EF16, f16, 128, 128)
+PFB_ATTN(EF16, f16, 192, 128)

@@ -833,11 +833,13 @@ __device__ void pf_sw(const Params& p) {
     const u16* rv = (const u16*)p.paging.raw_v;
     const int tpb = p.shape.sel_block / PF_KT;  // key tiles per selection block
 
-    // The union of the tile's selections, ascending, with a bit per position.
-    const int nblk_tile = last / p.shape.sel_block + 1;
+    // The union of the tile's selections, ascending, with a bit per position; none when
+    // the selected branch ran block-major (`mode & 16`: it is already in `out`).
+    const bool window_only = (p.launch.mode & 16) != 0;
+    const int nblk_tile = window_only ? 0 : last / p.shape.sel_block + 1;
     for (int j = threadIdx.x; j < nblk_tile; j += blockDim.x) bmask[j] = 0u;
     __syncthreads();
-    for (int e = threadIdx.x; e < tl.npos * p.shape.sel_count; e += blockDim.x) {
+    for (int e = threadIdx.x; !window_only && e < tl.npos * p.shape.sel_count; e += blockDim.x) {
         int po = e / p.shape.sel_count;
         int j = (pf_sel(p))[((usize)(tl.row0 + po) * p.shape.num_kv_heads + kvh) * p.shape.sel_count + (e - po * p.shape.sel_count)];
         if (j >= 0) atomicOr(&bmask[j], 1u << po);
@@ -903,8 +905,9 @@ __device__ void pf_sw(const Params& p) {
     if (per_warp) {
         const int PW = 16 / G;
         const unsigned wbits = (PW >= 32 ? 0xffffffffu : ((1u << PW) - 1u)) << (warp * PW);
-        pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA, okB,
-                               poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
+        if (!window_only)
+            pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA,
+                                   okB, poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
         fold_selected();
         __syncthreads();  // every warp is done with its stages: the window's tiles go there
     }

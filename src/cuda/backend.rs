@@ -7,7 +7,7 @@ use cudarc::driver::sys;
 use super::build;
 use super::device::probe;
 use super::driver::{self, stream_sync, CtxGuard, CUstream, DeviceBuf};
-use super::kernel::Kernels;
+use super::kernel::{Kernel, Kernels};
 use super::prefill::PrefillPlan;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
@@ -46,6 +46,9 @@ pub struct CudaBackend {
     pub(super) tma: bool,
     /// The prefill kernels' shape, when prefill steps go through them (`prefill.rs`).
     pub(super) prefill: Option<PrefillPlan>,
+    /// Blocks of `pfb_attn`'s persistent grid when single-sequence prefills take their
+    /// selected branch block-major (`build::Plan::blocks`); 0 when they do not.
+    pub(super) pfb_grid: u32,
     /// The cache this backend serves (bound at its first layer run) and the layers it ran
     /// in that cache's step: the backend's part in the step lifecycle.
     pub(super) binding: CacheBinding,
@@ -137,6 +140,11 @@ impl CudaBackend {
         let mut kernels = build::load(cfg, &info, &plan, opts)?;
         let stages = build::pick_stages(cfg, &plan, &mut kernels)?;
         build::init_workspace(cfg, &lay, &dl, base, plan.tma)?;
+        let pfb_grid = if plan.blocks {
+            kernels.occupancy(Kernel::PfbAttn, plan.smem.pfb_attn as usize)? * info.multiprocessors.max(1) as u32
+        } else {
+            0
+        };
         let staging = Staging::new(dl.step.bytes)?;
         let setup = LaunchSetup {
             head_chunk: plan.head_chunk,
@@ -163,6 +171,7 @@ impl CudaBackend {
             knobs: plan.knobs,
             tma: plan.tma,
             prefill: plan.prefill,
+            pfb_grid,
             binding: CacheBinding::new(cfg),
             staging: Some(staging),
             uploaded: None,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cudarc::driver::sys;
 
 use super::compile;
-use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_SEL, NT_WIDE, TK};
+use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_SEL, NT_WIDE, PFB_WARPS, PF_KEYS, TK};
 use super::DeviceInfo;
 use super::driver::{self, check};
 use super::kernel::{Kernel, Kernels, SharedMem};
@@ -78,6 +78,9 @@ pub(crate) struct Plan {
     pub stages_fit: usize,
     /// The prefill kernels' shape, when the config and device can use them (`prefill.rs`).
     pub prefill: Option<PrefillPlan>,
+    /// The prefill's selected branch runs block-major (kernels/prefill_blocks.cuh) on
+    /// single-sequence prefills (`prefill::blocks_supported`; `NSA_CUDA_PF_BLOCKS=0` off).
+    pub blocks: bool,
     /// The most compressed splits a launch may use: the workspace's count, or fewer with
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
@@ -169,6 +172,13 @@ pub(crate) fn smem_tensor_core(cfg: &Config, tma: bool, stages: usize) -> usize 
     2 * 16 * (dk + 8) + MBAR_BYTES as usize + if tma { 1024 } else { 0 } + MMA_WARPS as usize * stages * tile
 }
 
+/// Shared memory of `pfb_attn`: a selection block's K and V and two 16-row query buffers
+/// per warp, rows padded by 8 elements (kernels/prefill_blocks.cuh).
+fn smem_pfb_attn(cfg: &Config) -> usize {
+    let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
+    2 * (keys * (dk + 8) + keys * (dv + 8) + PFB_WARPS as usize * 2 * 16 * (dk + 8))
+}
+
 /// Sizes every kernel's shared memory for `cfg` on `info`'s device and decides which
 /// attention kernels run (`NSA_CUDA_SCALAR=1`, `NSA_CUDA_NO_BULK=1`, `NSA_CUDA_NO_TMA=1`
 /// turn paths off). Fails when a kernel cannot fit, naming the config fields to lower.
@@ -224,6 +234,10 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // for the most that fits); the count is picked by occupancy once loaded.
     let stages_fit = (2..=MMA_MAX_STAGES as usize).filter(|&s| smem_tensor_core(cfg, tma, s) <= optin).max().unwrap_or(2);
     let prefill = prefill::plan(cfg, info.compute_capability, optin, tma && mma);
+    // The prefill's selected branch block-major where the workspace has its regions and
+    // its block fits (`NSA_CUDA_PF_BLOCKS=0`: position-major as before).
+    let pfb_attn = smem_pfb_attn(cfg);
+    let blocks = prefill.is_some() && dl.pfb_chunk > 0 && pfb_attn <= optin && env_num("NSA_CUDA_PF_BLOCKS") != Some(0);
     let smem = SharedMem {
         compress: compress as u32,
         attention: att(hc) as u32,
@@ -232,6 +246,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         tensor_core: if mma { smem_tensor_core(cfg, tma, stages_fit) as u32 } else { 0 },
         pf_cmp: prefill.map_or(0, |p| p.smem_cmp),
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
+        pfb_attn: if blocks { pfb_attn as u32 } else { 0 },
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
     let knobs = DecodeKnobs {
@@ -248,14 +263,23 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         group_sums: mma && group_sums_fit(cfg.eq9_strides()) && !env_on("NSA_CUDA_NO_GROUP_SUMS"),
         comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
     };
-    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, cmp_splits, knobs })
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }
 
 /// The CUBIN for the device (compiled or from the caches) loaded into the current context.
 pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOptions) -> Result<Kernels> {
     let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
     let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
-    let mut k = Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan.mma, plan.knobs.generic_mma, plan.prefill.as_ref(), &plan.smem)?;
+    let mut k = Kernels::load(
+        &bin,
+        cfg.dtype,
+        (cfg.head_dim_qk, cfg.head_dim_v),
+        plan.mma,
+        plan.knobs.generic_mma,
+        plan.prefill.as_ref(),
+        plan.blocks,
+        &plan.smem,
+    )?;
     k.pdl = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_PDL");
     if let Some(p) = env_num("NSA_CUDA_CARVEOUT") {
         k.set_carveout(p as u32)?;

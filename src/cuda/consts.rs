@@ -44,6 +44,16 @@ pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
 /// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
 /// mbarriers; the stages it uses are what its dynamic shared memory holds).
 pub(crate) const PF_WS_STAGES: u32 = 4;
+/// Entries (a (position, slot) that chose the block) per item of the block-major selected
+/// branch of the prefill, at most: one item is a block of `PFB_WARPS` warps holding one
+/// selection block's K/V while they stream these positions' queries through it.
+pub(crate) const PFB_ITEM: u32 = 64;
+/// Warps per block of `pfb_attn` (16 query rows each).
+pub(crate) const PFB_WARPS: u32 = 4;
+/// Rows of a prefill the block-major selected branch takes per chunk, at most: its
+/// partials (rows x query heads x selected blocks x (DV 16-bit values + an f32)) are
+/// workspace, 545 MB at 64 query heads, 16 blocks, DV = 128.
+pub(crate) const PFB_CHUNK: u32 = 2048;
 
 // What the kernels assume of these, checked at compile time: masks of power-of-two
 // alignments, the tensor-core block within the launch bound, a warp per 32 threads.
@@ -66,6 +76,8 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
     ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
+    ("NSA_PFB_ITEM", PFB_ITEM as u64),
+    ("NSA_PFB_WARPS", PFB_WARPS as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

@@ -250,6 +250,16 @@ impl Drop for Stream {
     }
 }
 
+/// Zeroes `n` 32-bit words at device address `ptr`, in `stream`'s order (capturable in a
+/// CUDA graph).
+///
+/// # Safety
+/// `ptr..ptr + 4 n` is device memory of the current context that no other work in flight
+/// uses.
+pub(crate) unsafe fn zero_u32_async(ptr: u64, n: usize, stream: CUstream) -> Result<()> {
+    check(sys::cuMemsetD32Async(ptr, 0, n, stream), "cuMemsetD32Async")
+}
+
 /// Waits for all work on `stream`.
 pub fn stream_sync(stream: CUstream) -> Result<()> {
     // SAFETY: the caller's stream handle (or null, the legacy default stream).

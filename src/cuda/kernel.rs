@@ -8,7 +8,7 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::sys;
 
-use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE};
+use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE, PFB_WARPS};
 use super::driver::{check, CUstream};
 use super::params::Params;
 use super::prefill::PrefillPlan;
@@ -44,11 +44,22 @@ pub(crate) enum Kernel {
     PfCmp,
     /// Prefill path: selected blocks + window + gated combine.
     PfSw,
+    /// Prefill's selected branch block-major (`prefill::blocks_supported`): entries per
+    /// (KV head, block) list, the lists' offsets and items, the entries into their lists.
+    PfbCount,
+    PfbScan,
+    PfbFill,
+    /// Partials of every (row, query head, slot), a block per item.
+    PfbAttn,
+    /// The partials merged into the output.
+    PfbMerge,
 }
 
 /// Which of the config-dependent shared-memory sizes ([`SharedMem`]) a kernel takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Smem {
+    /// Static shared memory only.
+    None,
     Compress,
     Attention,
     Selection,
@@ -56,6 +67,7 @@ pub(crate) enum Smem {
     TensorCore,
     PfCmp,
     PfSw,
+    PfbAttn,
 }
 
 /// Dynamic shared memory per kernel family, bytes, for one config and device
@@ -70,11 +82,14 @@ pub(crate) struct SharedMem {
     /// The prefill kernels' (0 when the prefill path is not used).
     pub pf_cmp: u32,
     pub pf_sw: u32,
+    /// `pfb_attn`'s (0 when the block-major selected branch is not used).
+    pub pfb_attn: u32,
 }
 
 impl SharedMem {
     pub fn of(&self, s: Smem) -> u32 {
         match s {
+            Smem::None => 0,
             Smem::Compress => self.compress,
             Smem::Attention => self.attention,
             Smem::Selection => self.selection,
@@ -82,12 +97,13 @@ impl SharedMem {
             Smem::TensorCore => self.tensor_core,
             Smem::PfCmp => self.pf_cmp,
             Smem::PfSw => self.pf_sw,
+            Smem::PfbAttn => self.pfb_attn,
         }
     }
 }
 
 impl Kernel {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 17;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::CmpPartial,
@@ -101,6 +117,11 @@ impl Kernel {
         Kernel::FullMma,
         Kernel::PfCmp,
         Kernel::PfSw,
+        Kernel::PfbCount,
+        Kernel::PfbScan,
+        Kernel::PfbFill,
+        Kernel::PfbAttn,
+        Kernel::PfbMerge,
     ];
 
     /// The stage's name in its entry points.
@@ -118,12 +139,23 @@ impl Kernel {
             Kernel::FullMma => "full_mma",
             Kernel::PfCmp => "pf_cmp",
             Kernel::PfSw => "pf_sw",
+            Kernel::PfbCount => "pfb_count",
+            Kernel::PfbScan => "pfb_scan",
+            Kernel::PfbFill => "pfb_fill",
+            Kernel::PfbAttn => "pfb_attn",
+            Kernel::PfbMerge => "pfb_merge",
         }
     }
 
     /// The prefill path's kernels: loaded only with a [`PrefillPlan`], block size from it.
     pub fn prefill(self) -> bool {
         matches!(self, Kernel::PfCmp | Kernel::PfSw)
+    }
+
+    /// The block-major selected branch's kernels: loaded only where the workspace has its
+    /// regions (`DevLayout::pfb_chunk`), 16-bit storage only.
+    pub fn prefill_blocks(self) -> bool {
+        matches!(self, Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbAttn | Kernel::PfbMerge)
     }
 
     /// Tensor-core kernels: bf16/f16 only, one entry per V tile width (`nvt`).
@@ -135,8 +167,9 @@ impl Kernel {
     /// kernels' come from the backend's [`PrefillPlan`].
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
-            Kernel::Append | Kernel::Combine => NT_WIDE,
-            Kernel::SelectBlocks => NT_SEL,
+            Kernel::Append | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
+            Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
+            Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
             Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.threads(self)),
@@ -147,6 +180,8 @@ impl Kernel {
     pub fn smem(self) -> Smem {
         match self {
             Kernel::Append => Smem::Compress,
+            Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbMerge => Smem::None,
+            Kernel::PfbAttn => Smem::PfbAttn,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
             Kernel::SelectBlocks => Smem::Selection,
             Kernel::Combine | Kernel::FullCombine => Smem::Combine,
@@ -171,7 +206,9 @@ impl Kernel {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
         };
-        if self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
+        if self == Kernel::PfbAttn {
+            format!("nsa_pfb_attn_{suffix}_{dk}_{dv}")
+        } else if self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
             // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
@@ -198,6 +235,12 @@ impl Kernel {
                 }
             }
             return v;
+        }
+        if self == Kernel::PfbAttn {
+            return super::prefill::SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, false))).collect();
+        }
+        if self.prefill_blocks() {
+            return [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, (0, 0), false)).to_vec();
         }
         if self.tensor_core() {
             let dims = MMA_SHAPES.iter().map(|&s| (s, false)).chain([((128, 128), true), ((256, 256), true)]);
@@ -232,6 +275,7 @@ impl Kernels {
         tensor_cores: bool,
         generic_mma: bool,
         prefill: Option<&PrefillPlan>,
+        blocks: bool,
         smem: &SharedMem,
     ) -> Result<Kernels> {
         let mut module = std::ptr::null_mut();
@@ -245,7 +289,7 @@ impl Kernels {
             pdl: false,
         };
         for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
-            if kernel.tensor_core() && !tensor_cores || kernel.prefill() && prefill.is_none() {
+            if kernel.tensor_core() && !tensor_cores || kernel.prefill() && prefill.is_none() || kernel.prefill_blocks() && !blocks {
                 continue;
             }
             let entry = match prefill {
@@ -424,7 +468,11 @@ mod tests {
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6)); // pf_cmp also warp-specialised (prefill::WS_FORMS)
+        assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false), "nsa_pfb_attn_f16_192_128");
+        assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false), "nsa_pfb_scan_bf16");
+        // pf_cmp also warp-specialised (prefill::WS_FORMS); the block-major kernels: four
+        // for both 16-bit types, pfb_attn per prefill shape.
+        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 4 * 2 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

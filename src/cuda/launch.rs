@@ -3,9 +3,9 @@
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
 use super::consts::{NT_WIDE, SEL_CHUNK_MIN};
-use super::driver::{CtxGuard, CUstream};
+use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
+use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_PF_WINDOW_ONLY};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -103,9 +103,15 @@ impl CudaBackend {
             // Steps with prefill chunks: two launches over tiles of positions x heads (q
             // read in 16-byte granules, so it must be 16-byte aligned).
             if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
-                for kernel in [Kernel::PfCmp, Kernel::PfSw] {
-                    k.launch(kernel, (pf.tiles(kernel, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
+                k.launch(Kernel::PfCmp, (pf.tiles(Kernel::PfCmp, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
+                let mut ps = p;
+                // One sequence: its selected branch block-major, chunk by chunk, then the
+                // window alone.
+                if let (true, [seq]) = (self.pfb_grid > 0, step.seqs) {
+                    self.selected_block_major(&p, seq.new_len - seq.old_len, stream)?;
+                    ps.launch.mode |= MODE_PF_WINDOW_ONLY;
                 }
+                k.launch(Kernel::PfSw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &ps, stream, true)?;
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
@@ -211,6 +217,36 @@ impl CudaBackend {
         let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
         l.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
         l
+    }
+
+    /// The selected branch of a single-sequence prefill of `rows` new rows, block-major
+    /// (kernels/prefill_blocks.cuh), in chunks of the workspace's `pfb_chunk` rows: per
+    /// chunk the lists' counters zeroed, the selection inverted into lists (count, scan,
+    /// fill), the partials (`pfb_attn`, a persistent grid over the items) and their merge
+    /// into the output, which then holds the compressed and the selected branches.
+    ///
+    /// # Safety
+    /// `p` is this layer's launch argument, after `pf_cmp` on the same stream.
+    unsafe fn selected_block_major(&self, p: &Params, rows: u32, stream: CUstream) -> Result<()> {
+        let (cfg, k) = (&self.cfg, self.kernels());
+        let lists = (cfg.num_kv_heads * cfg.max_sel_blocks()) as usize;
+        let wide = NT_WIDE;
+        let mut pc = *p;
+        let mut c0 = 0;
+        while c0 < rows {
+            let n = (rows - c0).min(self.dl.pfb_chunk);
+            pc.launch.pf_c0 = c0 as i32;
+            pc.launch.pf_rows = n as i32;
+            let entries = n * cfg.num_kv_heads * cfg.sel_count;
+            zero_u32_async(p.ws.pf_cnt, lists, stream)?;
+            k.launch(Kernel::PfbCount, (entries.div_ceil(wide), 1, 1), &pc, stream, false)?;
+            k.launch(Kernel::PfbScan, (1, 1, 1), &pc, stream, true)?;
+            k.launch(Kernel::PfbFill, (entries.div_ceil(wide), 1, 1), &pc, stream, true)?;
+            k.launch(Kernel::PfbAttn, (self.pfb_grid, 1, 1), &pc, stream, true)?;
+            k.launch(Kernel::PfbMerge, ((n * cfg.num_q_heads * 32).div_ceil(wide), 1, 1), &pc, stream, true)?;
+            c0 += n;
+        }
+        Ok(())
     }
 
     /// See [`CudaBackend::attend_full`].

@@ -120,9 +120,19 @@ pub(crate) struct Workspace {
     /// Prefill path: selected blocks per step row and KV head, `sel_count` each, where the
     /// caller passes no `selected` (0 when the config cannot use the path).
     pub pf_sel: u64,
+    /// Prefill's block-major selected branch (kernels/prefill_blocks.cuh; 0 when the
+    /// config cannot use it): list counters, fill cursors and the item count; items;
+    /// entries; partials; their log2 sums.
+    pub pf_cnt: u64,
+    pub pf_items: u64,
+    pub pf_ent: u64,
+    pub pf_part: u64,
+    pub pf_lse: u64,
     pub max_cmp: i32,
     /// Selection blocks of the longest sequence (`Config::max_sel_blocks`).
     pub max_blocks: i32,
+    /// Rows per chunk of the block-major selected branch (`DevLayout::pfb_chunk`).
+    pub pf_chunk: i32,
 }
 
 /// Per launch (`Launch`).
@@ -152,6 +162,10 @@ pub(crate) struct Launch {
     /// Blocks in the moving window of block scores of the warp-specialised `pf_cmp`
     /// (`PrefillPlan::sc_win`; 0 when its plan has no window).
     pub pf_win: i32,
+    /// The block-major selected branch's chunk: its first row (counted from the prefill
+    /// sequence's first new row) and its rows.
+    pub pf_c0: i32,
+    pub pf_rows: i32,
 }
 
 #[repr(C)]
@@ -176,6 +190,10 @@ pub(crate) const MODE_GROUP_SUMS: i32 = 32;
 /// `Launch::mode` bit: the combine reads 4 columns per load at every head count
 /// (`DecodeKnobs::comb_vec`).
 pub(crate) const MODE_COMB_VEC: i32 = 128;
+
+/// `Launch::mode` bit: `pf_sw` runs the window only; the selected branch ran block-major
+/// (kernels/prefill_blocks.cuh) and is already in the output.
+pub(crate) const MODE_PF_WINDOW_ONLY: i32 = 16;
 
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
@@ -234,8 +252,14 @@ impl Params {
                 part_ml: at(dl.part_ml.off),
                 part_acc: at(dl.part_acc.off),
                 pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
+                pf_cnt: if dl.pfb_chunk > 0 { at(dl.pf_cnt.off) } else { 0 },
+                pf_items: if dl.pfb_chunk > 0 { at(dl.pf_items.off) } else { 0 },
+                pf_ent: if dl.pfb_chunk > 0 { at(dl.pf_ent.off) } else { 0 },
+                pf_part: if dl.pfb_chunk > 0 { at(dl.pf_part.off) } else { 0 },
+                pf_lse: if dl.pfb_chunk > 0 { at(dl.pf_lse.off) } else { 0 },
                 max_cmp: dl.max_cmp as i32,
                 max_blocks: cfg.max_sel_blocks() as i32,
+                pf_chunk: dl.pfb_chunk as i32,
             },
             launch: Launch {
                 row0: 0,
@@ -249,6 +273,8 @@ impl Params {
                 mode: setup.bulk as i32 | (setup.tma as i32) << 1 | (setup.pf_sel_warp as i32) << 2,
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
+                pf_c0: 0,
+                pf_rows: 0,
             },
         }
     }
@@ -282,16 +308,16 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float + 3 ints (+ 4 padding); 5 pointers; 7 pointers + 2 ints; 11 ints (+ 4
-        // padding at the end).
+        // float + 3 ints (+ 4 padding); 5 pointers; 12 pointers + 3 ints (+ 4 padding);
+        // 13 ints (+ 4 padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 19 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
-        assert_eq!(size_of::<Workspace>(), 7 * 8 + 8);
-        assert_eq!(size_of::<Launch>(), 11 * 4);
+        assert_eq!(size_of::<Workspace>(), 12 * 8 + 3 * 4 + 4);
+        assert_eq!(size_of::<Launch>(), 13 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 64 + 44 + 4);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 112 + 52 + 4);
         assert_eq!(align_of::<Params>(), 8);
     }
 

@@ -148,6 +148,16 @@ pub(crate) fn supported(cfg: &Config) -> bool {
         && cfg.sel_count <= 32
 }
 
+/// Whether the config takes the prefill's selected branch block-major
+/// (kernels/prefill_blocks.cuh): the prefill path, one 64-key tile per selection block, a
+/// slot in 5 bits, and a group of at most 4 heads. With larger groups the position-major
+/// branch shares each block load among G heads and is faster than the partials' round
+/// trip through memory (H200, 64k: G = 4 97.2 -> 87.2 ms, but G = 8 63.0 -> 72.7;
+/// docs/PREFILL_NOTES.md, variant 20).
+pub(crate) fn blocks_supported(cfg: &Config) -> bool {
+    supported(cfg) && cfg.sel_block == PF_KEYS && cfg.sel_count <= 32 && cfg.group_size() <= 4
+}
+
 /// Whether a step with these sequences goes through the prefill kernels.
 pub(crate) fn wanted(seqs: &[PlanSeq]) -> bool {
     seqs.iter().any(|s| s.new_len - s.old_len >= MIN_TOKENS)

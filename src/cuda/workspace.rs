@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
-use super::consts::{MAPS_PER_LAYER, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
+use super::consts::{MAPS_PER_LAYER, PFB_CHUNK, PFB_ITEM, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
 use crate::layout::Layout;
 
 /// The most splits of the compressed branch the workspace holds: one per
@@ -42,6 +42,16 @@ pub(crate) struct DevLayout {
     pub part_acc: Reg,
     /// Prefill path: the selection of every step row (empty when the config cannot use it).
     pub pf_sel: Reg,
+    /// Prefill's block-major selected branch (`prefill::blocks_supported`; empty
+    /// otherwise): list counters, cursors and the item count (2 x KV heads x blocks + 1
+    /// ints), items (`max_items` x 4 ints), entries, partials (16-bit), their log2 sums.
+    pub pf_cnt: Reg,
+    pub pf_items: Reg,
+    pub pf_ent: Reg,
+    pub pf_part: Reg,
+    pub pf_lse: Reg,
+    /// Rows per chunk of that branch (0: the config cannot use it).
+    pub pfb_chunk: u32,
     pub total: usize,
     pub wave_rows: u32,
     pub max_cmp: u32,
@@ -92,6 +102,14 @@ impl DevLayout {
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
         let pf_rows = if super::prefill::supported(cfg) { u(cfg.max_step_tokens) } else { 0 };
         let pf_sel = b.take(&[pf_rows, hkv, u(cfg.sel_count), 4])?;
+        let pfb_chunk = if super::prefill::blocks_supported(cfg) { cfg.max_step_tokens.min(PFB_CHUNK) } else { 0 };
+        let (c, n, lists) = (u(pfb_chunk), u(cfg.sel_count), hkv * u(cfg.max_sel_blocks()));
+        let on = (pfb_chunk > 0) as usize;
+        let pf_cnt = b.take(&[on, 2 * lists + 1, 4])?;
+        let pf_items = b.take(&[on, pfb_max_items(lists, c * hkv * n), 16])?;
+        let pf_ent = b.take(&[c, hkv, n, 4])?;
+        let pf_part = b.take(&[c, hq, n, u(cfg.head_dim_v), 2])?;
+        let pf_lse = b.take(&[c, hq, n, 4])?;
         let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
         if total > isize::MAX as usize {
             return Err(too_big());
@@ -107,6 +125,12 @@ impl DevLayout {
             part_ml,
             part_acc,
             pf_sel,
+            pf_cnt,
+            pf_items,
+            pf_ent,
+            pf_part,
+            pf_lse,
+            pfb_chunk,
             total,
             wave_rows,
             max_cmp,
@@ -115,6 +139,13 @@ impl DevLayout {
             units_w,
         })
     }
+}
+
+/// Items of a chunk of the block-major selected branch, at most: its `entries` cut into
+/// runs of at most `PFB_ITEM` per list (`pfb_scan` in kernels/prefill_blocks.cuh), every
+/// list's last run possibly short.
+pub(crate) fn pfb_max_items(lists: usize, entries: usize) -> usize {
+    lists + entries.div_ceil(PFB_ITEM as usize)
 }
 
 #[cfg(test)]
@@ -140,14 +171,46 @@ mod tests {
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
                 // Regions do not overlap and stay in order.
-                let regs = [dl.pools, dl.step, dl.logits, dl.sel, dl.scores, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel];
+                let regs = [
+                    dl.pools, dl.step, dl.logits, dl.sel, dl.scores, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel,
+                    dl.pf_cnt, dl.pf_items, dl.pf_ent, dl.pf_part, dl.pf_lse,
+                ];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
                 assert!(dl.pf_sel.off + dl.pf_sel.bytes <= dl.total);
                 // The prefill path's selection holds every row of a step.
                 assert_eq!(dl.pf_sel.bytes, (c.max_step_tokens * c.num_kv_heads * c.sel_count) as usize * 4);
+                // G = 16: no block-major selected branch, no room for it.
+                assert_eq!(dl.pfb_chunk, 0);
+                assert_eq!(dl.pf_cnt.bytes + dl.pf_items.bytes + dl.pf_ent.bytes + dl.pf_part.bytes + dl.pf_lse.bytes, 0);
             }
+        }
+    }
+
+    /// With G <= 4 the block-major selected branch's regions hold a chunk: a partial of DV
+    /// 16-bit values and a log2 sum per (row, query head, slot), an entry per (row, KV
+    /// head, slot), every list's runs of at most PFB_ITEM entries.
+    #[test]
+    fn block_major_regions_hold_a_chunk() {
+        for (hkv, len, step) in [(16u32, 65536u32, 65536u32), (32, 8192, 1000), (16, 131072, 4096)] {
+            let mut c = Config::preset(Preset::Paper).with_shape(64, hkv, 128, 128).with_capacity(2, len);
+            c.max_step_tokens = step;
+            let dl = DevLayout::new(&c, &Layout::new(&c).unwrap()).unwrap();
+            let rows = step.min(PFB_CHUNK) as usize;
+            assert_eq!(dl.pfb_chunk as usize, rows);
+            let (hq, n, lists) = (64usize, c.sel_count as usize, (hkv * c.max_sel_blocks()) as usize);
+            assert_eq!(dl.pf_cnt.bytes, (2 * lists + 1) * 4);
+            assert_eq!(dl.pf_ent.bytes, rows * hkv as usize * n * 4);
+            assert_eq!(dl.pf_part.bytes, rows * hq * n * 128 * 2);
+            assert_eq!(dl.pf_lse.bytes, rows * hq * n * 4);
+            // The most items: every entry of the chunk in one list plus a short run per list.
+            let entries = rows * hkv as usize * n;
+            assert!(dl.pf_items.bytes >= (entries.div_ceil(PFB_ITEM as usize) + lists) * 16);
+            for w in [dl.pf_sel, dl.pf_cnt, dl.pf_items, dl.pf_ent, dl.pf_part, dl.pf_lse].windows(2) {
+                assert!(w[0].off + w[0].bytes <= w[1].off);
+            }
+            assert!(dl.pf_lse.off + dl.pf_lse.bytes <= dl.total);
         }
     }
 }

@@ -1,0 +1,335 @@
+// Prefill's selected branch block-major (docs/PREFILL_NOTES.md, variant 20): for small
+// groups the position-major `pf_sw` reads each selected block's K/V once per (position,
+// KV head), i.e. G heads of work per 32 KB from L2, which bounds it (G = 4: 550 GB at 64k).
+// Here each (KV head, selection block) is visited once per list of the positions that chose
+// it: the block's K/V sit in shared memory while the block's warps stream 16-row chunks of
+// those positions' queries through it. Every (position, head, slot) gets a partial, its own
+// softmax over the block's keys (output normalised, stored in the storage type; log2 of
+// its sum of exponentials in f32), merged per (position, head) afterwards.
+//
+// A single-sequence prefill in chunks of at most `ws.pf_chunk` rows (`launch.pf_c0`,
+// `launch.pf_rows`: the chunk's first row and its rows, relative to the sequence's first
+// new row); per chunk, after `pf_cmp` wrote the selection (`pf_sel`):
+//   pfb_count    entries per (KV head, block): ws.pf_cnt[l], l = kvh * max_blocks + block
+//                (the host zeroes them first)
+//   pfb_scan     one block: each list's first entry (ws.pf_cnt's second half, the fill
+//                cursors) and its items (ws.pf_items: KV head, block, first entry, end
+//                entry; at most PFB_ITEM entries each), their count after the cursors
+//   pfb_fill     every entry (row << 5 | slot) into its list (ws.pf_ent), in no order
+//   pfb_attn     the partials (ws.pf_part, ws.pf_lse: [row][query head][slot]), a
+//                persistent grid over the items
+//   pfb_merge    out += g_slc * o_slc per (row, query head): a warp each
+// then `pf_sw` with `launch.mode & 16` runs the window only (kernels/prefill.cuh).
+#ifndef NSA_PREFILL_BLOCKS_CUH
+#define NSA_PREFILL_BLOCKS_CUH
+
+#include "common.cuh"
+#include "ptx.cuh"
+
+#define PFB_WARPS NSA_PFB_WARPS  // warps of pfb_attn's blocks
+#define PFB_ITEM NSA_PFB_ITEM    // entries per item at most
+#define PFB_KEYS 64              // keys per selection block (the host requires sel_block == 64)
+
+// The chunk's entries: (row of the chunk, KV head, slot) triples in pf_sel order.
+struct PfbChunk {
+    int row0;   // the chunk's first row in the step (q, out, gates, pf_sel)
+    int pos0;   // its position
+    int seq;    // the sequence's index in the step
+    int rows;
+};
+__device__ __forceinline__ PfbChunk pfb_chunk(const Params& p) {
+    const PlanSeq s = ((const PlanSeq*)p.step.seqs)[0];
+    PfbChunk c;
+    c.row0 = s.row + p.launch.pf_c0;
+    c.pos0 = s.old_len + p.launch.pf_c0;
+    c.seq = 0;
+    c.rows = p.launch.pf_rows;
+    return c;
+}
+
+// Entry e of the chunk (e < rows * HKV * n): its list, or -1 for an empty slot.
+__device__ __forceinline__ int pfb_list(const Params& p, const PfbChunk& c, int e, int& row, int& slot) {
+    const int n = p.shape.sel_count, hkv = p.shape.num_kv_heads;
+    row = e / (hkv * n);
+    const int rest = e - row * hkv * n, kvh = rest / n;
+    slot = rest - kvh * n;
+    const int j = pf_sel(p)[(usize)(c.row0 + row) * hkv * n + rest];
+    return j < 0 ? -1 : kvh * p.ws.max_blocks + j;
+}
+
+// A warp's lanes with the same list add to its counter once (block 0 and the local blocks
+// are every position's: their counters would otherwise take one atomic per entry). Returns
+// the lane's index among the counter's previous value's successors.
+__device__ __forceinline__ int pfb_add(int* ctr, int l) {
+    const unsigned same = __match_any_sync(0xffffffffu, l);
+    const int lane = threadIdx.x & 31, leader = __ffs(same) - 1;
+    int base = 0;
+    if (l >= 0 && lane == leader) base = atomicAdd(ctr + l, __popc(same));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    return base + __popc(same & ((1u << lane) - 1u));
+}
+
+template <class E>
+__device__ void pfb_count(const Params& p) {
+    const PfbChunk c = pfb_chunk(p);
+    const int total = c.rows * p.shape.num_kv_heads * p.shape.sel_count;
+    for (int e0 = blockIdx.x * blockDim.x; e0 < total; e0 += gridDim.x * blockDim.x) {
+        const int e = e0 + threadIdx.x;
+        int row, slot;
+        const int l = e < total ? pfb_list(p, c, e, row, slot) : -1;
+        pfb_add((int*)p.ws.pf_cnt, l);
+    }
+}
+
+// One block: exclusive scans of the lists' entries and pieces, a contiguous run of lists
+// per thread (its sums, then a block-wide scan of the threads' sums).
+template <class E>
+__device__ void pfb_scan(const Params& p) {
+    __shared__ int s_ent[1024], s_it[1024];
+    const int L = p.shape.num_kv_heads * p.ws.max_blocks, nt = blockDim.x, tid = threadIdx.x;
+    int* cnt = (int*)p.ws.pf_cnt;
+    int* cur = cnt + L;
+    int4* items = (int4*)p.ws.pf_items;
+    const int per = (L + nt - 1) / nt, l0 = min(L, tid * per), l1 = min(L, l0 + per);
+    int ne = 0, ni = 0;
+    for (int l = l0; l < l1; l++) {
+        const int k = cnt[l];
+        ne += k;
+        ni += (k + PFB_ITEM - 1) / PFB_ITEM;
+    }
+    s_ent[tid] = ne;
+    s_it[tid] = ni;
+    __syncthreads();
+    // Hillis-Steele inclusive scan of the threads' sums (blockDim <= 1024).
+    for (int o = 1; o < nt; o <<= 1) {
+        const int a = tid >= o ? s_ent[tid - o] : 0, b = tid >= o ? s_it[tid - o] : 0;
+        __syncthreads();
+        s_ent[tid] += a;
+        s_it[tid] += b;
+        __syncthreads();
+    }
+    int e = s_ent[tid] - ne, it = s_it[tid] - ni;
+    for (int l = l0; l < l1; l++) {
+        const int k = cnt[l];
+        cur[l] = e;
+        for (int x = 0; x < k; x += PFB_ITEM) items[it++] = make_int4(l / p.ws.max_blocks, l % p.ws.max_blocks, e + x, e + min(k, x + PFB_ITEM));
+        e += k;
+    }
+    if (tid == nt - 1) cur[L] = s_it[tid];  // the item count
+}
+
+template <class E>
+__device__ void pfb_fill(const Params& p) {
+    const PfbChunk c = pfb_chunk(p);
+    const int total = c.rows * p.shape.num_kv_heads * p.shape.sel_count;
+    int* cur = (int*)p.ws.pf_cnt + p.shape.num_kv_heads * p.ws.max_blocks;
+    int* ent = (int*)p.ws.pf_ent;
+    for (int e0 = blockIdx.x * blockDim.x; e0 < total; e0 += gridDim.x * blockDim.x) {
+        const int e = e0 + threadIdx.x;
+        int row = 0, slot = 0;
+        const int l = e < total ? pfb_list(p, c, e, row, slot) : -1;
+        const int at = pfb_add(cur, l);
+        if (l >= 0) ent[at] = row << 5 | slot;
+    }
+}
+
+// The 16 query rows of a warp chunk (row r: entry e + r / G, head r % G) into its shared
+// rows (LD elements apart); rows past the item's end zero-filled.
+template <int DK, int LD>
+__device__ __forceinline__ void pfb_load_q(const Params& p, const PfbChunk& c, unsigned qs, const int* ent, int e, int e1,
+                                           int hq0, int lg, int lane) {
+    const int r = lane >> 1, ei = e + (r >> lg);
+    const bool ok = ei < e1;
+    const int row = ok ? ent[ei] >> 5 : 0;
+    const u16* src = (const u16*)p.io.q + ((usize)(c.row0 + row) * p.shape.num_q_heads + hq0 + (r & ((1 << lg) - 1))) * DK;
+#pragma unroll
+    for (int x = lane & 1; x < DK / 8; x += 2) cp_async16(qs + (r * LD + x * 8) * 2, src + x * 8, ok ? 16 : 0);
+}
+
+// Shared: K [64][DK + 8] | V [64][DV + 8] | per warp two query buffers [16][DK + 8] (bf16/f16).
+template <class E, int DK, int DV>
+__device__ void pfb_attn(const Params& p) {
+    extern __shared__ __align__(16) unsigned char pfb_smem[];
+    constexpr int LK = DK + 8, LV = DV + 8;  // padded rows: ldmatrix without bank conflicts
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const int G = p.shape.group_size, lg = __ffs(G) - 1, pw = 16 >> lg;  // positions per warp chunk
+    const int hq_n = p.shape.num_q_heads, n = p.shape.sel_count;
+    const PfbChunk c = pfb_chunk(p);
+    const unsigned ks = smem_u32(pfb_smem), vs = ks + PFB_KEYS * LK * 2;
+    const unsigned qw = vs + PFB_KEYS * LV * 2 + warp * 2 * 16 * LK * 2;
+    u16* qw_ptr = (u16*)(pfb_smem + (qw - ks));
+    const int* ent = (const int*)p.ws.pf_ent;
+    const int L = p.shape.num_kv_heads * p.ws.max_blocks;
+    const int n_items = ((const int*)p.ws.pf_cnt)[2 * L];
+    const int4* items = (const int4*)p.ws.pf_items;
+    const int* rtab = (const int*)p.paging.raw_tab + (usize)c.seq * p.paging.pages_per_seq;
+    const float sl2 = p.shape.scale * 1.4426950408889634f;
+    typename E::T* part = (typename E::T*)p.ws.pf_part;
+    float* lse = (float*)p.ws.pf_lse;
+
+    for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+        const int4 item = items[it];
+        const int kvh = item.x, blk = item.y, e0 = item.z, e1 = item.w;
+        const int hq0 = kvh * G, k0 = blk * PFB_KEYS;
+        __syncthreads();  // the previous item's K/V are no longer read
+        {
+            const int page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
+            const u16* kb = (const u16*)p.paging.raw_k + row_at(p, page, kvh, off, DK);
+            const u16* vb = (const u16*)p.paging.raw_v + row_at(p, page, kvh, off, DV);
+            for (int x = tid; x < PFB_KEYS * DK / 8; x += PFB_WARPS * 32) {
+                const int r = x / (DK / 8), cc = x % (DK / 8);
+                cp_async16(ks + (r * LK + cc * 8) * 2, kb + (usize)r * DK + cc * 8, 16);
+            }
+            for (int x = tid; x < PFB_KEYS * DV / 8; x += PFB_WARPS * 32) {
+                const int r = x / (DV / 8), cc = x % (DV / 8);
+                cp_async16(vs + (r * LV + cc * 8) * 2, vb + (usize)r * DV + cc * 8, 16);
+            }
+        }
+        int e = e0 + warp * pw, buf = 0;
+        if (e < e1) pfb_load_q<DK, LK>(p, c, qw, ent, e, e1, hq0, lg, lane);
+        cp_commit();
+        cp_wait<0>();
+        __syncthreads();
+
+        for (; e < e1; e += PFB_WARPS * pw) {
+            const unsigned qs = qw + buf * 16 * LK * 2;
+            const int en = e + PFB_WARPS * pw;
+            if (en < e1) pfb_load_q<DK, LK>(p, c, qw + (buf ^ 1) * 16 * LK * 2, ent, en, e1, hq0, lg, lane);
+            cp_commit();
+
+            // S = Q K^T: 16 rows x 64 keys.
+            float s[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < DK / 32; kk++) {
+                unsigned a[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    ldsm4(qs + ((lane & 15) * LK + kk * 32 + h * 16 + (lane >> 4) * 8) * 2, a[h][0], a[h][1], a[h][2], a[h][3]);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm4(ks + ((j * 8 + (lane & 7)) * LK + kk * 32 + (lane >> 3) * 8) * 2, b0, b1, b2, b3);
+                    mma16816<E::MMA>(s[j], a[0][0], a[0][1], a[0][2], a[0][3], b0, b1);
+                    mma16816<E::MMA>(s[j], a[1][0], a[1][1], a[1][2], a[1][3], b2, b3);
+                }
+            }
+            // Causal mask (only the position's own block reaches past it) and each row's
+            // softmax over the block, log2 domain.
+            const int eA = e + (g >> lg), eB = e + ((g + 8) >> lg);
+            const int rA = eA < e1 ? ent[eA] : -1, rB = eB < e1 ? ent[eB] : -1;
+            const int tA = rA >= 0 ? c.pos0 + (rA >> 5) : 0x7fffffff, tB = rB >= 0 ? c.pos0 + (rB >> 5) : 0x7fffffff;
+            float mA = NEG_INF, mB = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int key = k0 + j * 8 + tq * 2;
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    s[j][x] = key + x <= tA ? s[j][x] * sl2 : NEG_INF;
+                    s[j][2 + x] = key + x <= tB ? s[j][2 + x] * sl2 : NEG_INF;
+                    mA = fmaxf(mA, s[j][x]);
+                    mB = fmaxf(mB, s[j][2 + x]);
+                }
+            }
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) {
+                mA = fmaxf(mA, __shfl_xor_sync(0xffffffffu, mA, o));
+                mB = fmaxf(mB, __shfl_xor_sync(0xffffffffu, mB, o));
+            }
+            float lA = 0.f, lB = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    s[j][x] = ex2f(s[j][x] - mA);
+                    s[j][2 + x] = ex2f(s[j][2 + x] - mB);
+                    lA += s[j][x];
+                    lB += s[j][2 + x];
+                }
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) {
+                lA += __shfl_xor_sync(0xffffffffu, lA, o);
+                lB += __shfl_xor_sync(0xffffffffu, lB, o);
+            }
+            // O = P V: 16 rows x DV.
+            float acc[DV / 8][4];
+#pragma unroll
+            for (int j = 0; j < DV / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const unsigned a0 = pack2<E::MMA>(s[2 * kk][0], s[2 * kk][1]), a1 = pack2<E::MMA>(s[2 * kk][2], s[2 * kk][3]);
+                const unsigned a2 = pack2<E::MMA>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                const unsigned a3 = pack2<E::MMA>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int j = 0; j < DV / 16; j++) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm4t(vs + ((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LV + j * 16 + (lane >> 4) * 8) * 2, b0, b1, b2, b3);
+                    mma16816<E::MMA>(acc[2 * j], a0, a1, a2, a3, b0, b1);
+                    mma16816<E::MMA>(acc[2 * j + 1], a0, a1, a2, a3, b2, b3);
+                }
+            }
+            // The normalised partial through the chunk's (now free) query rows, then
+            // 16-byte stores; the log2-sum-exp2 by one lane per row.
+            const float iA = 1.f / lA, iB = 1.f / lB;
+            u16* qp = qw_ptr + buf * 16 * LK;
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < DV / 8; j++) {
+                *(unsigned*)(qp + g * LK + j * 8 + tq * 2) = pack2<E::MMA>(acc[j][0] * iA, acc[j][1] * iA);
+                *(unsigned*)(qp + (g + 8) * LK + j * 8 + tq * 2) = pack2<E::MMA>(acc[j][2] * iB, acc[j][3] * iB);
+            }
+            const int hA = g & (G - 1), hB = (g + 8) & (G - 1);
+            if (tq == 0 && rA >= 0) lse[((usize)(rA >> 5) * hq_n + hq0 + hA) * n + (rA & 31)] = mA + __log2f(lA);
+            if (tq == 0 && rB >= 0) lse[((usize)(rB >> 5) * hq_n + hq0 + hB) * n + (rB & 31)] = mB + __log2f(lB);
+            __syncwarp();
+            {
+                const int r = lane >> 1, ei = e + (r >> lg);
+                if (ei < e1) {
+                    const int x = ent[ei];
+                    typename E::T* dst = part + (((usize)(x >> 5) * hq_n + hq0 + (r & (G - 1))) * n + (x & 31)) * DV;
+#pragma unroll
+                    for (int cc = lane & 1; cc < DV / 8; cc += 2) *(uint4*)(dst + cc * 8) = *(const uint4*)(qp + r * LK + cc * 8);
+                }
+            }
+            cp_wait<0>();
+            __syncwarp();
+            buf ^= 1;
+        }
+    }
+}
+
+// out += g_slc * o_slc, o_slc = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the
+// row's selected slots (pf_sel >= 0). A warp per (row, query head), DV / 32 columns a lane.
+template <class E>
+__device__ void pfb_merge(const Params& p) {
+    const PfbChunk c = pfb_chunk(p);
+    const int hq_n = p.shape.num_q_heads, n = p.shape.sel_count, DV = p.shape.head_dim_v;
+    const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (w >= c.rows * hq_n) return;
+    const int row = w / hq_n, hq = w - row * hq_n, kvh = hq / p.shape.group_size;
+    const int* sel = pf_sel(p) + ((usize)(c.row0 + row) * p.shape.num_kv_heads + kvh) * n;
+    const bool on = lane < n && sel[lane] >= 0;
+    const float x = on ? ((const float*)p.ws.pf_lse)[(usize)w * n + lane] : NEG_INF;
+    const float m = warp_max(x);
+    const float wt = on ? ex2f(x - m) : 0.f;
+    const float W = warp_sum(wt);
+    const unsigned live = __ballot_sync(0xffffffffu, on);
+    const typename E::T* pp = (const typename E::T*)p.ws.pf_part + (usize)w * n * DV;
+    const float gate = ((const float*)p.io.gates)[((usize)(c.row0 + row) * hq_n + hq) * 3 + 1];
+    typename E::T* out = (typename E::T*)p.io.out + ((usize)(c.row0 + row) * hq_n + hq) * DV;
+    for (int c0 = 0; c0 < DV; c0 += 32) {
+        const int col = c0 + lane;
+        float a = 0.f;
+        for (unsigned b = live; b; b &= b - 1) {
+            const int s = __ffs(b) - 1;
+            const float ws = __shfl_sync(0xffffffffu, wt, s);
+            if (col < DV) a += ws * E::ld(pp, (usize)s * DV + col);
+        }
+        // As the CPU engine: the selected branch adds only where it saw a key (W > 0).
+        if (col < DV && W != 0.f) E::st(out, col, E::ld(out, col) + gate * (a / W));
+    }
+}
+
+#endif  // NSA_PREFILL_BLOCKS_CUH
