@@ -71,8 +71,7 @@ struct Workspace {
 // selected branch per warp (`pf_sel_warp`); bit 3: the decode tensor-map copies evict
 // their K/V lines from L2 first (`l2_evict_first`); bit 5: `cmp_mma` writes Eq. 9 group
 // sums instead of logits, and the selection reads them (kernels/attend_mma.cuh); bit 7: the
-// combine reads 4 columns per load at every head count (kernels/combine.cuh); bit 4:
-// `pf_sw` runs the window only, the selected branch came block-major (prefill_blocks.cuh).
+// combine reads 4 columns per load at every head count (kernels/combine.cuh).
 struct Launch {
     int row0, nsplit_c, units_s, units_w, spb, sel_chunks, comb_heads;
     int head_chunk, mode, nstage;
@@ -151,9 +150,8 @@ struct EF32 {
 struct EBF16 {
     typedef u16 T;
     static const int MMA = 1;  // mma.sync .bf16
-    static __device__ __forceinline__ float ld(const T* p, usize i) {
-        return __uint_as_float(((unsigned)p[i]) << 16);
-    }
+    static __device__ __forceinline__ float cvt(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
+    static __device__ __forceinline__ float ld(const T* p, usize i) { return cvt(p[i]); }
     static __device__ __forceinline__ void st(T* p, usize i, float x) {
         u16 r;
         asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
@@ -163,11 +161,12 @@ struct EBF16 {
 struct EF16 {
     typedef u16 T;
     static const int MMA = 2;  // mma.sync .f16
-    static __device__ __forceinline__ float ld(const T* p, usize i) {
+    static __device__ __forceinline__ float cvt(u16 v) {
         float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
         return f;
     }
+    static __device__ __forceinline__ float ld(const T* p, usize i) { return cvt(p[i]); }
     static __device__ __forceinline__ void st(T* p, usize i, float x) {
         u16 r;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));

@@ -116,7 +116,8 @@ NSA_MMA_ALL(EF16, f16)
 NSA_MMA_ALL(EBF16, bf16)
 
 // Prefill path (src/cuda/prefill.rs picks it for steps with prefill chunks):
-// nsa_pf_{cmp,sw}_{mma,wg,wgt}_{bf16,f16}_{DK}_{DV}. `mma` (MmaSync, any sm_80+), `wg`
+// nsa_pf_{cmp,sw,sww}_{mma,wg,wgt}_{bf16,f16}_{DK}_{DV} (`sww`: pf_sw with the window only,
+// after the block-major selected branch). `mma` (MmaSync, any sm_80+), `wg`
 // (Wgmma, sm_90a: elsewhere its body compiles to nothing and the host never picks it) or
 // `wgt` (WgmmaTma: Wgmma whose tiles the copy engine loads);
 // two copy stages of 64-key tiles (three measured no faster, docs/PREFILL_NOTES.md).
@@ -129,7 +130,12 @@ NSA_MMA_ALL(EBF16, bf16)
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sw_##mname##_##suffix##_##DK##_##DV(const Params p) {  \
         pdl_trigger();                                                                                         \
         pdl_wait();                                                                                            \
-        pf_sw<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                  \
+        pf_sw<E, DK, DV, 2, M<E, DK, DV>, false>(p);                                                           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sww_##mname##_##suffix##_##DK##_##DV(const Params p) { \
+        pdl_trigger();                                                                                         \
+        pdl_wait();                                                                                            \
+        pf_sw<E, DK, DV, 2, M<E, DK, DV>, true>(p);                                                            \
     }
 #define PF_SHAPES(E, suffix, M, mname)      \
     PF_ENTRY(E, suffix, 64, 64, M, mname)   \

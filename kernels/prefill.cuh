@@ -789,11 +789,12 @@ __device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, b
     fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
 }
 
-// Selected blocks + sliding window + gated combine. Shared memory (from the aligned base):
+// Selected blocks + sliding window + gated combine (or, WINDOW_ONLY, the window and the
+// combine onto an output that holds the other two branches). Shared memory (from the aligned base):
 // Q (Wgmma) | K stages [NS] | V stages [NS] | partial outputs [warps][DV/8][4][32] f32
 // (unless M::ACC_REGS) | block masks [nblk] u32 | union list [nblk] i32 |
 // page of each visited key tile [nblk * sel_block / 64 + window / 64 + 4] i32.
-template <class E, int DK, int DV, int NS, class M>
+template <class E, int DK, int DV, int NS, class M, bool WINDOW_ONLY>
 __device__ void pf_sw(const Params& p) {
     extern __shared__ __align__(16) unsigned char pf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -834,8 +835,9 @@ __device__ void pf_sw(const Params& p) {
     const int tpb = p.shape.sel_block / PF_KT;  // key tiles per selection block
 
     // The union of the tile's selections, ascending, with a bit per position; none when
-    // the selected branch ran block-major (`mode & 16`: it is already in `out`).
-    const bool window_only = (p.launch.mode & 16) != 0;
+    // the selected branch ran block-major (WINDOW_ONLY, `nsa_pf_sww_*`: it is already in
+    // `out`; a template parameter, since a runtime test cost the other form 3%).
+    const bool window_only = WINDOW_ONLY;
     const int nblk_tile = window_only ? 0 : last / p.shape.sel_block + 1;
     for (int j = threadIdx.x; j < nblk_tile; j += blockDim.x) bmask[j] = 0u;
     __syncthreads();

@@ -134,6 +134,9 @@ pub(crate) struct DecodeKnobs {
     /// fuller blocks (`launch::comb_heads`); `NSA_CUDA_COMB_VEC=0`: a column per thread
     /// once a block's columns reach its threads, as before variant 25.
     pub comb_vec: bool,
+    /// `NSA_CUDA_PFB_ROWS=N`: the block-major prefill selected branch in chunks of at most
+    /// N rows (at most the workspace's; a measurement knob).
+    pub pfb_rows: Option<u32>,
 }
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
@@ -262,6 +265,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         cmp_waves: env_num("NSA_CUDA_CMP_WAVES").map_or(1, |n| (n as u32).max(1)),
         group_sums: mma && group_sums_fit(cfg.eq9_strides()) && !env_on("NSA_CUDA_NO_GROUP_SUMS"),
         comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
+        pfb_rows: env_num("NSA_CUDA_PFB_ROWS").map(|n| n as u32),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

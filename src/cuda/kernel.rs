@@ -44,6 +44,8 @@ pub(crate) enum Kernel {
     PfCmp,
     /// Prefill path: selected blocks + window + gated combine.
     PfSw,
+    /// Prefill path after the block-major selected branch: the window + gated combine.
+    PfSwWindow,
     /// Prefill's selected branch block-major (`prefill::blocks_supported`): entries per
     /// (KV head, block) list, the lists' offsets and items, the entries into their lists.
     PfbCount,
@@ -103,7 +105,7 @@ impl SharedMem {
 }
 
 impl Kernel {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::CmpPartial,
@@ -117,6 +119,7 @@ impl Kernel {
         Kernel::FullMma,
         Kernel::PfCmp,
         Kernel::PfSw,
+        Kernel::PfSwWindow,
         Kernel::PfbCount,
         Kernel::PfbScan,
         Kernel::PfbFill,
@@ -139,6 +142,7 @@ impl Kernel {
             Kernel::FullMma => "full_mma",
             Kernel::PfCmp => "pf_cmp",
             Kernel::PfSw => "pf_sw",
+            Kernel::PfSwWindow => "pf_sww",
             Kernel::PfbCount => "pfb_count",
             Kernel::PfbScan => "pfb_scan",
             Kernel::PfbFill => "pfb_fill",
@@ -149,13 +153,13 @@ impl Kernel {
 
     /// The prefill path's kernels: loaded only with a [`PrefillPlan`], block size from it.
     pub fn prefill(self) -> bool {
-        matches!(self, Kernel::PfCmp | Kernel::PfSw)
+        matches!(self, Kernel::PfCmp | Kernel::PfSw | Kernel::PfSwWindow)
     }
 
     /// The block-major selected branch's kernels: loaded only where the workspace has its
     /// regions (`DevLayout::pfb_chunk`), 16-bit storage only.
     pub fn prefill_blocks(self) -> bool {
-        matches!(self, Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbAttn | Kernel::PfbMerge)
+        matches!(self, Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbAttn | Kernel::PfbMerge | Kernel::PfSwWindow)
     }
 
     /// Tensor-core kernels: bf16/f16 only, one entry per V tile width (`nvt`).
@@ -173,6 +177,7 @@ impl Kernel {
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
             Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.threads(self)),
+            Kernel::PfSwWindow => prefill.map_or(0, |p| p.threads(Kernel::PfSw)),
         }
     }
 
@@ -187,7 +192,7 @@ impl Kernel {
             Kernel::Combine | Kernel::FullCombine => Smem::Combine,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => Smem::TensorCore,
             Kernel::PfCmp => Smem::PfCmp,
-            Kernel::PfSw => Smem::PfSw,
+            Kernel::PfSw | Kernel::PfSwWindow => Smem::PfSw,
         }
     }
 
@@ -470,9 +475,9 @@ mod tests {
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
         assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false), "nsa_pfb_attn_f16_192_128");
         assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false), "nsa_pfb_scan_bf16");
-        // pf_cmp also warp-specialised (prefill::WS_FORMS); the block-major kernels: four
-        // for both 16-bit types, pfb_attn per prefill shape.
-        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 4 * 2 + 2 * 3);
+        // pf_cmp also warp-specialised (prefill::WS_FORMS), pf_sww as pf_sw; the block-major
+        // kernels: four for both 16-bit types, pfb_attn per prefill shape.
+        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

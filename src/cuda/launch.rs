@@ -5,7 +5,7 @@
 use super::consts::{NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::kernel::Kernel;
-use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_PF_WINDOW_ONLY};
+use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -104,14 +104,14 @@ impl CudaBackend {
             // read in 16-byte granules, so it must be 16-byte aligned).
             if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
                 k.launch(Kernel::PfCmp, (pf.tiles(Kernel::PfCmp, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
-                let mut ps = p;
+                let mut sw = Kernel::PfSw;
                 // One sequence: its selected branch block-major, chunk by chunk, then the
                 // window alone.
                 if let (true, [seq]) = (self.pfb_grid > 0, step.seqs) {
                     self.selected_block_major(&p, seq.new_len - seq.old_len, stream)?;
-                    ps.launch.mode |= MODE_PF_WINDOW_ONLY;
+                    sw = Kernel::PfSwWindow;
                 }
-                k.launch(Kernel::PfSw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &ps, stream, true)?;
+                k.launch(sw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };
@@ -233,8 +233,10 @@ impl CudaBackend {
         let wide = NT_WIDE;
         let mut pc = *p;
         let mut c0 = 0;
+        // `NSA_CUDA_PFB_ROWS=N`: shorter chunks than the workspace holds (a measurement knob).
+        let chunk = self.knobs.pfb_rows.map_or(self.dl.pfb_chunk, |r| r.clamp(1, self.dl.pfb_chunk));
         while c0 < rows {
-            let n = (rows - c0).min(self.dl.pfb_chunk);
+            let n = (rows - c0).min(chunk);
             pc.launch.pf_c0 = c0 as i32;
             pc.launch.pf_rows = n as i32;
             let entries = n * cfg.num_kv_heads * cfg.sel_count;

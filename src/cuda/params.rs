@@ -191,10 +191,6 @@ pub(crate) const MODE_GROUP_SUMS: i32 = 32;
 /// (`DecodeKnobs::comb_vec`).
 pub(crate) const MODE_COMB_VEC: i32 = 128;
 
-/// `Launch::mode` bit: `pf_sw` runs the window only; the selected branch ran block-major
-/// (kernels/prefill_blocks.cuh) and is already in the output.
-pub(crate) const MODE_PF_WINDOW_ONLY: i32 = 16;
-
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {

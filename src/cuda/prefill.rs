@@ -98,9 +98,9 @@ pub(crate) struct PrefillPlan {
 }
 
 impl PrefillPlan {
-    /// The policy `kernel` (PfCmp or PfSw) runs with.
+    /// The policy `kernel` (PfCmp, PfSw or PfSwWindow) runs with.
     pub fn policy_of(&self, kernel: super::kernel::Kernel) -> Policy {
-        if kernel == Kernel::PfSw {
+        if matches!(kernel, Kernel::PfSw | Kernel::PfSwWindow) {
             self.policy_sw
         } else {
             self.policy
