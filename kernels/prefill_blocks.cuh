@@ -133,20 +133,27 @@ __device__ void pfb_fill(const Params& p) {
     }
 }
 
-// The 16 query rows of a warp chunk (row r: entry e + r / G, head r % G) into its shared
-// rows (LD elements apart); rows past the item's end zero-filled.
+// The 16 query rows of a warp chunk (row r: the item's entry e + r / G, head r % G) into
+// its shared rows (LD elements apart), entries from the item's copy in shared memory (`es`,
+// `ne` of them); rows past the item's end zero-filled. Consecutive lanes take consecutive
+// 16-byte pieces of the chunk's rows, so a copy instruction writes whole rows (no bank
+// conflicts between neighbouring rows) and reads them coalesced.
 template <int DK, int LD>
-__device__ __forceinline__ void pfb_load_q(const Params& p, const PfbChunk& c, unsigned qs, const int* ent, int e, int e1,
+__device__ __forceinline__ void pfb_load_q(const Params& p, const PfbChunk& c, unsigned qs, const int* es, int e, int ne,
                                            int hq0, int lg, int lane) {
-    const int r = lane >> 1, ei = e + (r >> lg);
-    const bool ok = ei < e1;
-    const int row = ok ? ent[ei] >> 5 : 0;
-    const u16* src = (const u16*)p.io.q + ((usize)(c.row0 + row) * p.shape.num_q_heads + hq0 + (r & ((1 << lg) - 1))) * DK;
+    constexpr int CPR = DK / 8;  // 16-byte pieces per row
 #pragma unroll
-    for (int x = lane & 1; x < DK / 8; x += 2) cp_async16(qs + (r * LD + x * 8) * 2, src + x * 8, ok ? 16 : 0);
+    for (int x = lane; x < 16 * CPR; x += 32) {
+        const int r = x / CPR, cc = x - r * CPR, ei = e + (r >> lg);
+        const bool ok = ei < ne;
+        const int row = ok ? es[ei] >> 5 : 0;
+        const u16* src = (const u16*)p.io.q + ((usize)(c.row0 + row) * p.shape.num_q_heads + hq0 + (r & ((1 << lg) - 1))) * DK;
+        cp_async16(qs + (r * LD + cc * 8) * 2, src + cc * 8, ok ? 16 : 0);
+    }
 }
 
-// Shared: K [64][DK + 8] | V [64][DV + 8] | per warp two query buffers [16][DK + 8] (bf16/f16).
+// Shared: K [64][DK + 8] | V [64][DV + 8] | per warp two query buffers [16][DK + 8] (bf16/f16)
+// | the item's entries [PFB_ITEM] (read by every warp: no scattered global loads per row).
 template <class E, int DK, int DV>
 __device__ void pfb_attn(const Params& p) {
     extern __shared__ __align__(16) unsigned char pfb_smem[];
@@ -159,6 +166,7 @@ __device__ void pfb_attn(const Params& p) {
     const unsigned ks = smem_u32(pfb_smem), vs = ks + PFB_KEYS * LK * 2;
     const unsigned qw = vs + PFB_KEYS * LV * 2 + warp * 2 * 16 * LK * 2;
     u16* qw_ptr = (u16*)(pfb_smem + (qw - ks));
+    int* es = (int*)(pfb_smem + (PFB_KEYS * LK + PFB_KEYS * LV + PFB_WARPS * 2 * 16 * LK) * 2);
     const int* ent = (const int*)p.ws.pf_ent;
     const int L = p.shape.num_kv_heads * p.ws.max_blocks;
     const int n_items = ((const int*)p.ws.pf_cnt)[2 * L];
@@ -171,8 +179,8 @@ __device__ void pfb_attn(const Params& p) {
     for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
         const int4 item = items[it];
         const int kvh = item.x, blk = item.y, e0 = item.z, e1 = item.w;
-        const int hq0 = kvh * G, k0 = blk * PFB_KEYS;
-        __syncthreads();  // the previous item's K/V are no longer read
+        const int hq0 = kvh * G, k0 = blk * PFB_KEYS, ne = e1 - e0;
+        __syncthreads();  // the previous item's K/V and entries are no longer read
         {
             const int page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
             const u16* kb = (const u16*)p.paging.raw_k + row_at(p, page, kvh, off, DK);
@@ -186,16 +194,20 @@ __device__ void pfb_attn(const Params& p) {
                 cp_async16(vs + (r * LV + cc * 8) * 2, vb + (usize)r * DV + cc * 8, 16);
             }
         }
-        int e = e0 + warp * pw, buf = 0;
-        if (e < e1) pfb_load_q<DK, LK>(p, c, qw, ent, e, e1, hq0, lg, lane);
+        // The item's entries, while the K/V copies fly; from here on entries are the
+        // item's (0 .. ne).
+        for (int x = tid; x < ne; x += PFB_WARPS * 32) es[x] = ent[e0 + x];
+        __syncthreads();
+        int e = warp * pw, buf = 0;
+        if (e < ne) pfb_load_q<DK, LK>(p, c, qw, es, e, ne, hq0, lg, lane);
         cp_commit();
         cp_wait<0>();
         __syncthreads();
 
-        for (; e < e1; e += PFB_WARPS * pw) {
+        for (; e < ne; e += PFB_WARPS * pw) {
             const unsigned qs = qw + buf * 16 * LK * 2;
             const int en = e + PFB_WARPS * pw;
-            if (en < e1) pfb_load_q<DK, LK>(p, c, qw + (buf ^ 1) * 16 * LK * 2, ent, en, e1, hq0, lg, lane);
+            if (en < ne) pfb_load_q<DK, LK>(p, c, qw + (buf ^ 1) * 16 * LK * 2, es, en, ne, hq0, lg, lane);
             cp_commit();
 
             // S = Q K^T: 16 rows x 64 keys.
@@ -219,7 +231,7 @@ __device__ void pfb_attn(const Params& p) {
             // Causal mask (only the position's own block reaches past it) and each row's
             // softmax over the block, log2 domain.
             const int eA = e + (g >> lg), eB = e + ((g + 8) >> lg);
-            const int rA = eA < e1 ? ent[eA] : -1, rB = eB < e1 ? ent[eB] : -1;
+            const int rA = eA < ne ? es[eA] : -1, rB = eB < ne ? es[eB] : -1;
             const int tA = rA >= 0 ? c.pos0 + (rA >> 5) : 0x7fffffff, tB = rB >= 0 ? c.pos0 + (rB >> 5) : 0x7fffffff;
             float mA = NEG_INF, mB = NEG_INF;
 #pragma unroll
@@ -284,13 +296,15 @@ __device__ void pfb_attn(const Params& p) {
             if (tq == 0 && rA >= 0) lse[((usize)(rA >> 5) * hq_n + hq0 + hA) * n + (rA & 31)] = mA + __log2f(lA);
             if (tq == 0 && rB >= 0) lse[((usize)(rB >> 5) * hq_n + hq0 + hB) * n + (rB & 31)] = mB + __log2f(lB);
             __syncwarp();
-            {
-                const int r = lane >> 1, ei = e + (r >> lg);
-                if (ei < e1) {
-                    const int x = ent[ei];
-                    typename E::T* dst = part + (((usize)(x >> 5) * hq_n + hq0 + (r & (G - 1))) * n + (x & 31)) * DV;
+            // Consecutive lanes store consecutive 16-byte pieces of the rows (as pfb_load_q).
+            constexpr int CPV = DV / 8;
 #pragma unroll
-                    for (int cc = lane & 1; cc < DV / 8; cc += 2) *(uint4*)(dst + cc * 8) = *(const uint4*)(qp + r * LK + cc * 8);
+            for (int x = lane; x < 16 * CPV; x += 32) {
+                const int r = x / CPV, cc = x - r * CPV, ei = e + (r >> lg);
+                if (ei < ne) {
+                    const int y = es[ei];
+                    typename E::T* dst = part + (((usize)(y >> 5) * hq_n + hq0 + (r & (G - 1))) * n + (y & 31)) * DV;
+                    *(uint4*)(dst + cc * 8) = *(const uint4*)(qp + r * LK + cc * 8);
                 }
             }
             cp_wait<0>();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cudarc::driver::sys;
 
 use super::compile;
-use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_SEL, NT_WIDE, PFB_WARPS, PF_KEYS, TK};
+use super::consts::{MBAR_BYTES, MMA_KEYS, MMA_MAX_STAGES, MMA_WARPS, NT_SEL, NT_WIDE, PFB_ITEM, PFB_WARPS, PF_KEYS, TK};
 use super::DeviceInfo;
 use super::driver::{self, check};
 use super::kernel::{Kernel, Kernels, SharedMem};
@@ -176,10 +176,10 @@ pub(crate) fn smem_tensor_core(cfg: &Config, tma: bool, stages: usize) -> usize 
 }
 
 /// Shared memory of `pfb_attn`: a selection block's K and V and two 16-row query buffers
-/// per warp, rows padded by 8 elements (kernels/prefill_blocks.cuh).
+/// per warp, rows padded by 8 elements, and an item's entries (kernels/prefill_blocks.cuh).
 fn smem_pfb_attn(cfg: &Config) -> usize {
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, PF_KEYS as usize);
-    2 * (keys * (dk + 8) + keys * (dv + 8) + PFB_WARPS as usize * 2 * 16 * (dk + 8))
+    2 * (keys * (dk + 8) + keys * (dv + 8) + PFB_WARPS as usize * 2 * 16 * (dk + 8)) + 4 * PFB_ITEM as usize
 }
 
 /// Sizes every kernel's shared memory for `cfg` on `info`'s device and decides which

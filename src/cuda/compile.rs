@@ -244,9 +244,6 @@ mod tests {
         ("sm_80", "nsa_combine_bf16", 8, 12),
         ("sm_80", "nsa_combine_f16", 8, 12),
         ("sm_80", "nsa_combine_f32", 8, 12),
-        // The block-major prefill selected branch at 64/64 (not the shapes it is measured on).
-        ("sm_90a", "nsa_pfb_attn_bf16_64_64", 20, 16),
-        ("sm_90a", "nsa_pfb_attn_f16_64_64", 20, 16),
     ];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC
