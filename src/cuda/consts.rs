@@ -53,8 +53,8 @@ pub(crate) const PFB_WARPS: u32 = 4;
 /// Rows of a prefill the block-major selected branch takes per chunk, at most: its
 /// partials (rows x query heads x selected blocks x (DV 16-bit values + an f32)) are
 /// workspace, 2.2 GB at 64 query heads, 16 blocks, DV = 128. Longer chunks make longer
-/// lists, each block's K/V loaded once per chunk (H200, G = 4 at 64k: 86.1 ms with 2048
-/// rows, 83.4 with 8192).
+/// lists, each block's K/V loaded once per chunk (H200, G = 4 at 64k: 74.1 ms with 2048
+/// rows, 72.3 with 4096, 71.3 with 8192; docs/PREFILL_NOTES.md, variant 20b).
 pub(crate) const PFB_CHUNK: u32 = 8192;
 
 // What the kernels assume of these, checked at compile time: masks of power-of-two
