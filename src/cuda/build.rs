@@ -87,7 +87,8 @@ pub(crate) struct Plan {
     /// The decode launches' tuned choices and their measurement knobs (`NSA_CUDA_SEL_CHUNKS=N`,
     /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
-    /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`): see
+    /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
+    /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
