@@ -275,16 +275,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
 pub(crate) fn load(cfg: &Config, info: &DeviceInfo, plan: &Plan, opts: &CudaOptions) -> Result<Kernels> {
     let dir: Option<PathBuf> = opts.cache_dir.clone().or_else(|| std::env::var_os("NSA_CUDA_CACHE_DIR").map(PathBuf::from));
     let bin = compile::cubin(&info.arch, dir.as_deref().map(Path::new))?;
-    let mut k = Kernels::load(
-        &bin,
-        cfg.dtype,
-        (cfg.head_dim_qk, cfg.head_dim_v),
-        plan.mma,
-        plan.knobs.generic_mma,
-        plan.prefill.as_ref(),
-        plan.blocks,
-        &plan.smem,
-    )?;
+    let mut k = Kernels::load(&bin, cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), plan)?;
     k.pdl = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_PDL");
     if let Some(p) = env_num("NSA_CUDA_CARVEOUT") {
         k.set_carveout(p as u32)?;

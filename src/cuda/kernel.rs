@@ -270,19 +270,12 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     /// Loads `cubin` into the current context and looks up every kernel for `dtype` and
-    /// the head dims `dk`, `dv` (the tensor-core ones only with `tensor_cores`, and their
-    /// any-shape entries with `generic_mma`; the prefill ones only with `prefill`), raising each one's shared-memory limit where it needs more
-    /// than the default 48 KiB.
-    pub fn load(
-        cubin: &[u8],
-        dtype: Dtype,
-        (dk, dv): (u32, u32),
-        tensor_cores: bool,
-        generic_mma: bool,
-        prefill: Option<&PrefillPlan>,
-        blocks: bool,
-        smem: &SharedMem,
-    ) -> Result<Kernels> {
+    /// the head dims `dk`, `dv` that `plan` uses (the tensor-core ones only with
+    /// `plan.mma`, and their any-shape entries with `plan.knobs.generic_mma`; the prefill
+    /// ones only with `plan.prefill`, the block-major ones only with `plan.blocks`),
+    /// raising each one's shared-memory limit where it needs more than the default 48 KiB.
+    pub fn load(cubin: &[u8], dtype: Dtype, (dk, dv): (u32, u32), plan: &super::build::Plan) -> Result<Kernels> {
+        let (tensor_cores, generic_mma, prefill, blocks, smem) = (plan.mma, plan.knobs.generic_mma, plan.prefill.as_ref(), plan.blocks, &plan.smem);
         let mut module = std::ptr::null_mut();
         // SAFETY: a CUBIN from NVRTC for this device's architecture.
         check(unsafe { sys::cuModuleLoadData(&mut module, cubin.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
