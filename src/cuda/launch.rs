@@ -230,7 +230,6 @@ impl CudaBackend {
     unsafe fn selected_block_major(&self, p: &Params, rows: u32, stream: CUstream) -> Result<()> {
         let (cfg, k) = (&self.cfg, self.kernels());
         let lists = (cfg.num_kv_heads * cfg.max_sel_blocks()) as usize;
-        let wide = NT_WIDE;
         let mut pc = *p;
         let mut c0 = 0;
         // `NSA_CUDA_PFB_ROWS=N`: shorter chunks than the workspace holds (a measurement knob).
@@ -241,11 +240,11 @@ impl CudaBackend {
             pc.launch.pf_rows = n as i32;
             let entries = n * cfg.num_kv_heads * cfg.sel_count;
             zero_u32_async(p.ws.pf_cnt, lists, stream)?;
-            k.launch(Kernel::PfbCount, (entries.div_ceil(wide), 1, 1), &pc, stream, false)?;
+            k.launch(Kernel::PfbCount, (entries.div_ceil(NT_WIDE), 1, 1), &pc, stream, false)?;
             k.launch(Kernel::PfbScan, (1, 1, 1), &pc, stream, true)?;
-            k.launch(Kernel::PfbFill, (entries.div_ceil(wide), 1, 1), &pc, stream, true)?;
+            k.launch(Kernel::PfbFill, (entries.div_ceil(NT_WIDE), 1, 1), &pc, stream, true)?;
             k.launch(Kernel::PfbAttn, (self.pfb_grid, 1, 1), &pc, stream, true)?;
-            k.launch(Kernel::PfbMerge, ((n * cfg.num_q_heads * 32).div_ceil(wide), 1, 1), &pc, stream, true)?;
+            k.launch(Kernel::PfbMerge, ((n * cfg.num_q_heads * 32).div_ceil(NT_WIDE), 1, 1), &pc, stream, true)?;
             c0 += n;
         }
         Ok(())

@@ -209,6 +209,8 @@ impl Params {
     /// workspace addresses in the buffer at `base`, paging sizes, the launch setup.
     pub fn fixed(cfg: &Config, dl: &DevLayout, base: u64, setup: LaunchSetup) -> Params {
         let at = |off: usize| base + off as u64;
+        // The block-major prefill's regions: 0 where the config cannot use it.
+        let pfb = |r: super::workspace::Reg| if dl.pfb_chunk > 0 { at(r.off) } else { 0 };
         let eq9 = cfg.eq9_strides();
         Params {
             io: DeviceLayerIo::default(),
@@ -248,11 +250,11 @@ impl Params {
                 part_ml: at(dl.part_ml.off),
                 part_acc: at(dl.part_acc.off),
                 pf_sel: if dl.pf_sel.bytes > 0 { at(dl.pf_sel.off) } else { 0 },
-                pf_cnt: if dl.pfb_chunk > 0 { at(dl.pf_cnt.off) } else { 0 },
-                pf_items: if dl.pfb_chunk > 0 { at(dl.pf_items.off) } else { 0 },
-                pf_ent: if dl.pfb_chunk > 0 { at(dl.pf_ent.off) } else { 0 },
-                pf_part: if dl.pfb_chunk > 0 { at(dl.pf_part.off) } else { 0 },
-                pf_lse: if dl.pfb_chunk > 0 { at(dl.pf_lse.off) } else { 0 },
+                pf_cnt: pfb(dl.pf_cnt),
+                pf_items: pfb(dl.pf_items),
+                pf_ent: pfb(dl.pf_ent),
+                pf_part: pfb(dl.pf_part),
+                pf_lse: pfb(dl.pf_lse),
                 max_cmp: dl.max_cmp as i32,
                 max_blocks: cfg.max_sel_blocks() as i32,
                 pf_chunk: dl.pfb_chunk as i32,

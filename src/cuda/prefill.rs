@@ -149,14 +149,14 @@ pub(crate) fn supported(cfg: &Config) -> bool {
 }
 
 /// Whether the config takes the prefill's selected branch block-major
-/// (kernels/prefill_blocks.cuh): the prefill path, one 64-key tile per selection block, a
-/// slot in 5 bits, and a group of at most 4 heads. With larger groups the position-major
+/// (kernels/prefill_blocks.cuh): the prefill path (which also keeps a slot in 5 bits),
+/// one 64-key tile per selection block, and a group of at most 4 heads. With larger groups the position-major
 /// branch shares each block load among G heads: G = 8 measured slower block-major in the
 /// first build (H200, 64k: 63.0 -> 72.7 ms, G = 4 97.2 -> 87.2), before the merge's fix
 /// that took G = 4 to 71.3 and 20d's to 69.1 (docs/PREFILL_NOTES.md, variant 20; G = 8
 /// with the later builds is not measured yet).
 pub(crate) fn blocks_supported(cfg: &Config) -> bool {
-    supported(cfg) && cfg.sel_block == PF_KEYS && cfg.sel_count <= 32 && cfg.group_size() <= 4
+    supported(cfg) && cfg.sel_block == PF_KEYS && cfg.group_size() <= 4
 }
 
 /// Whether a step with these sequences goes through the prefill kernels.
