@@ -36,6 +36,7 @@ struct PfbChunk {
     int pos0;   // its position
     int seq;    // the sequence's index in the step
     int rows;
+    int len;    // the sequence's length after the step: pool rows at or past it are stale
 };
 __device__ __forceinline__ PfbChunk pfb_chunk(const Params& p) {
     const PlanSeq s = ((const PlanSeq*)p.step.seqs)[0];
@@ -44,6 +45,7 @@ __device__ __forceinline__ PfbChunk pfb_chunk(const Params& p) {
     c.pos0 = s.old_len + p.launch.pf_c0;
     c.seq = 0;
     c.rows = p.launch.pf_rows;
+    c.len = s.new_len;
     return c;
 }
 
@@ -185,13 +187,15 @@ __device__ void pfb_attn(const Params& p) {
             const int page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
             const u16* kb = (const u16*)p.paging.raw_k + row_at(p, page, kvh, off, DK);
             const u16* vb = (const u16*)p.paging.raw_v + row_at(p, page, kvh, off, DV);
+            // Rows past the sequence's end (the last block's) are zero-filled: a stale pool
+            // row may hold a NaN, and its zero probability would not cancel it (0 * NaN).
             for (int x = tid; x < PFB_KEYS * DK / 8; x += PFB_WARPS * 32) {
                 const int r = x / (DK / 8), cc = x % (DK / 8);
-                cp_async16(ks + (r * LK + cc * 8) * 2, kb + (usize)r * DK + cc * 8, 16);
+                cp_async16(ks + (r * LK + cc * 8) * 2, kb + (usize)r * DK + cc * 8, k0 + r < c.len ? 16 : 0);
             }
             for (int x = tid; x < PFB_KEYS * DV / 8; x += PFB_WARPS * 32) {
                 const int r = x / (DV / 8), cc = x % (DV / 8);
-                cp_async16(vs + (r * LV + cc * 8) * 2, vb + (usize)r * DV + cc * 8, 16);
+                cp_async16(vs + (r * LV + cc * 8) * 2, vb + (usize)r * DV + cc * 8, k0 + r < c.len ? 16 : 0);
             }
         }
         // The item's entries, while the K/V copies fly; from here on entries are the

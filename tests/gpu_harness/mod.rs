@@ -93,6 +93,8 @@ pub struct Harness<T: Elem> {
     /// The CPU pools (leaked test memory), read after `cpu` is dropped.
     cpu_pool: (*const u8, usize),
     pub gpu: CudaBackend,
+    /// The device buffer under `gpu` when the test poisons the pools (dropped after it).
+    _poisoned: Option<DeviceBuf>,
     pub rng: Rng,
     pub stats: Stats,
     pub name: String,
@@ -125,7 +127,18 @@ impl<T: Elem> Harness<T> {
         let cpu_pool = (pool.as_ptr(), pool.len());
         let cpu = CpuBackend::new(cfg, pool).unwrap();
         let t0 = Instant::now();
-        let gpu = CudaBackend::with_allocation(cfg).unwrap_or_else(|e| panic!("{name}: CudaBackend: {e}"));
+        // `NSA_GPU_POISON_POOLS=1`: every pool byte 0xFF (a NaN in f16 and bf16) until
+        // written, so a kernel that lets a stale row past a sequence's end meet a zero
+        // probability (0 * NaN) fails the comparison instead of passing by luck.
+        let (gpu, _poisoned) = if std::env::var("NSA_GPU_POISON_POOLS").is_ok_and(|v| v == "1") {
+            let need = CudaBackend::device_bytes(cfg).unwrap();
+            let buf = DeviceBuf::new(need).unwrap();
+            buf.fill(0xFF).unwrap();
+            (CudaBackend::new(cfg, buf.ptr(), need), Some(buf))
+        } else {
+            (CudaBackend::with_allocation(cfg), None)
+        };
+        let gpu = gpu.unwrap_or_else(|e| panic!("{name}: CudaBackend: {e}"));
         eprintln!("{name}: backend ready in {:.2}s (head chunk {})", t0.elapsed().as_secs_f64(), gpu.head_chunk());
         let (n, hq, hkv, dk, dv) = (cfg.max_step_tokens as usize, cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim_qk as usize, cfg.head_dim_v as usize);
         let es = cfg.dtype.size();
@@ -143,7 +156,7 @@ impl<T: Elem> Harness<T> {
         ]
         .map(|b| DeviceBuf::new(b).unwrap());
         let w: Vec<_> = (0..cfg.num_layers).map(|_| random_weights(cfg, &mut rng)).collect();
-        Harness { cfg: *cfg, lay, cache, cpu, cpu_pool, gpu, rng, stats: Stats::default(), name: name.into(), stream: std::ptr::null_mut(), w, d, record: None, _t: Default::default() }
+        Harness { cfg: *cfg, lay, cache, cpu, cpu_pool, gpu, _poisoned, rng, stats: Stats::default(), name: name.into(), stream: std::ptr::null_mut(), w, d, record: None, _t: Default::default() }
     }
 
     pub fn add(&mut self, seq: u32) {
