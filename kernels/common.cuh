@@ -62,7 +62,6 @@ struct Workspace {
     // counters, cursors and the item count | items | entries | partials | their log2 sums.
     u64 pf_cnt, pf_items, pf_ent, pf_part, pf_lse;
     int max_cmp, max_blocks;
-    int pf_chunk;  // rows per chunk of the block-major selected branch
 };
 
 // Per launch: the wave's first row and the host's split choices; `head_chunk` heads per

@@ -7,7 +7,7 @@
 // softmax over the block's keys (output normalised, stored in the storage type; log2 of
 // its sum of exponentials in f32), merged per (position, head) afterwards.
 //
-// A single-sequence prefill in chunks of at most `ws.pf_chunk` rows (`launch.pf_c0`,
+// A single-sequence prefill in chunks of the host's rows (`launch.pf_c0`,
 // `launch.pf_rows`: the chunk's first row and its rows, relative to the sequence's first
 // new row); per chunk, after `pf_cmp` wrote the selection (`pf_sel`):
 //   pfb_count    entries per (KV head, block): ws.pf_cnt[l], l = kvh * max_blocks + block
@@ -31,10 +31,10 @@
 #define PFB_KEYS 64              // keys per selection block (the host requires sel_block == 64)
 
 // The chunk's entries: (row of the chunk, KV head, slot) triples in pf_sel order.
+// The step's only sequence (index 0: its page table is the step's first).
 struct PfbChunk {
     int row0;   // the chunk's first row in the step (q, out, gates, pf_sel)
     int pos0;   // its position
-    int seq;    // the sequence's index in the step
     int rows;
     int len;    // the sequence's length after the step: pool rows at or past it are stale
 };
@@ -43,7 +43,6 @@ __device__ __forceinline__ PfbChunk pfb_chunk(const Params& p) {
     PfbChunk c;
     c.row0 = s.row + p.launch.pf_c0;
     c.pos0 = s.old_len + p.launch.pf_c0;
-    c.seq = 0;
     c.rows = p.launch.pf_rows;
     c.len = s.new_len;
     return c;
@@ -71,16 +70,24 @@ __device__ __forceinline__ int pfb_add(int* ctr, int l) {
     return base + __popc(same & ((1u << lane) - 1u));
 }
 
-template <class E>
-__device__ void pfb_count(const Params& p) {
+// Every entry of the chunk counted into its list's counter (`ctr`), and with `ent` written
+// there as row << 5 | slot at the counter's old value plus its rank: pfb_count (counts,
+// the host zeroed them) and pfb_fill (the scan's cursors) are the same walk.
+__device__ __forceinline__ void pfb_tally(const Params& p, int* ctr, int* ent) {
     const PfbChunk c = pfb_chunk(p);
     const int total = c.rows * p.shape.num_kv_heads * p.shape.sel_count;
     for (int e0 = blockIdx.x * blockDim.x; e0 < total; e0 += gridDim.x * blockDim.x) {
         const int e = e0 + threadIdx.x;
-        int row, slot;
+        int row = 0, slot = 0;
         const int l = e < total ? pfb_list(p, c, e, row, slot) : -1;
-        pfb_add((int*)p.ws.pf_cnt, l);
+        const int at = pfb_add(ctr, l);
+        if (ent && l >= 0) ent[at] = row << 5 | slot;
     }
+}
+
+template <class E>
+__device__ void pfb_count(const Params& p) {
+    pfb_tally(p, (int*)p.ws.pf_cnt, (int*)0);
 }
 
 // One block: exclusive scans of the lists' entries and pieces, a contiguous run of lists
@@ -122,17 +129,7 @@ __device__ void pfb_scan(const Params& p) {
 
 template <class E>
 __device__ void pfb_fill(const Params& p) {
-    const PfbChunk c = pfb_chunk(p);
-    const int total = c.rows * p.shape.num_kv_heads * p.shape.sel_count;
-    int* cur = (int*)p.ws.pf_cnt + p.shape.num_kv_heads * p.ws.max_blocks;
-    int* ent = (int*)p.ws.pf_ent;
-    for (int e0 = blockIdx.x * blockDim.x; e0 < total; e0 += gridDim.x * blockDim.x) {
-        const int e = e0 + threadIdx.x;
-        int row = 0, slot = 0;
-        const int l = e < total ? pfb_list(p, c, e, row, slot) : -1;
-        const int at = pfb_add(cur, l);
-        if (l >= 0) ent[at] = row << 5 | slot;
-    }
+    pfb_tally(p, (int*)p.ws.pf_cnt + p.shape.num_kv_heads * p.ws.max_blocks, (int*)p.ws.pf_ent);
 }
 
 // The 16 query rows of a warp chunk (row r: the item's entry e + r / G, head r % G) into
@@ -173,7 +170,7 @@ __device__ void pfb_attn(const Params& p) {
     const int L = p.shape.num_kv_heads * p.ws.max_blocks;
     const int n_items = ((const int*)p.ws.pf_cnt)[2 * L];
     const int4* items = (const int4*)p.ws.pf_items;
-    const int* rtab = (const int*)p.paging.raw_tab + (usize)c.seq * p.paging.pages_per_seq;
+    const int* rtab = (const int*)p.paging.raw_tab;  // the only sequence's page table
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     typename E::T* part = (typename E::T*)p.ws.pf_part;
     float* lse = (float*)p.ws.pf_lse;

@@ -131,8 +131,6 @@ pub(crate) struct Workspace {
     pub max_cmp: i32,
     /// Selection blocks of the longest sequence (`Config::max_sel_blocks`).
     pub max_blocks: i32,
-    /// Rows per chunk of the block-major selected branch (`DevLayout::pfb_chunk`).
-    pub pf_chunk: i32,
 }
 
 /// Per launch (`Launch`).
@@ -257,7 +255,6 @@ impl Params {
                 pf_lse: pfb(dl.pf_lse),
                 max_cmp: dl.max_cmp as i32,
                 max_blocks: cfg.max_sel_blocks() as i32,
-                pf_chunk: dl.pfb_chunk as i32,
             },
             launch: Launch {
                 row0: 0,
@@ -306,16 +303,16 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float + 3 ints (+ 4 padding); 5 pointers; 12 pointers + 3 ints (+ 4 padding);
-        // 13 ints (+ 4 padding at the end).
+        // float + 3 ints (+ 4 padding); 5 pointers; 12 pointers + 2 ints; 13 ints (+ 4
+        // padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 19 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
-        assert_eq!(size_of::<Workspace>(), 12 * 8 + 3 * 4 + 4);
+        assert_eq!(size_of::<Workspace>(), 12 * 8 + 2 * 4);
         assert_eq!(size_of::<Launch>(), 13 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 112 + 52 + 4);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 104 + 52 + 4);
         assert_eq!(align_of::<Params>(), 8);
     }
 
