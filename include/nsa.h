@@ -1303,7 +1303,7 @@ nsa_status nsa_cuda_probe(int32_t device_ordinal, struct nsa_cuda_device_info_t 
 /**
  * Writes to `*out` the bytes of device memory the CUDA backend needs for `cfg`: every
  * layer's K/V pools plus the per-step workspace. Pure arithmetic (no CUDA call). The
- * workspace grows with `max_step_tokens`; with at most 4 query heads per KV head it also
+ * workspace grows with `max_step_tokens`; with at most 8 query heads per KV head it also
  * holds the prefill's block-major partials for up to 8192 rows: rows x `num_q_heads` x
  * `sel_count` x (2 `head_dim_v` + 4) bytes (2.2 GB at 64 heads, 16 blocks, DV = 128).
  *

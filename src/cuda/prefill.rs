@@ -150,13 +150,12 @@ pub(crate) fn supported(cfg: &Config) -> bool {
 
 /// Whether the config takes the prefill's selected branch block-major
 /// (kernels/prefill_blocks.cuh): the prefill path (which also keeps a slot in 5 bits),
-/// one 64-key tile per selection block, and a group of at most 4 heads. With larger groups the position-major
-/// branch shares each block load among G heads: G = 8 measured slower block-major in the
-/// first build (H200, 64k: 63.0 -> 72.7 ms, G = 4 97.2 -> 87.2), before the merge's fix
-/// that took G = 4 to 71.3 and 20d's to 69.1 (docs/PREFILL_NOTES.md, variant 20; G = 8
-/// with the later builds is not measured yet).
+/// one 64-key tile per selection block, and a group of at most 8 heads. At G = 16 the
+/// position-major branch shares each block load among 16 heads and stays. G = 8 lost
+/// block-major in the first build (H200, 64k: 63.0 -> 72.7 ms) and won after the merge's
+/// and pfb_attn's fixes (61.4 -> 55.0 ms, session 14; docs/PREFILL_NOTES.md, variant 20).
 pub(crate) fn blocks_supported(cfg: &Config) -> bool {
-    supported(cfg) && cfg.sel_block == PF_KEYS && cfg.group_size() <= 4
+    supported(cfg) && cfg.sel_block == PF_KEYS && cfg.group_size() <= 8
 }
 
 /// Whether a step with these sequences goes through the prefill kernels.

@@ -188,12 +188,12 @@ mod tests {
         }
     }
 
-    /// With G <= 4 the block-major selected branch's regions hold a chunk: a partial of DV
+    /// With G <= 8 the block-major selected branch's regions hold a chunk: a partial of DV
     /// 16-bit values and a log2 sum per (row, query head, slot), an entry per (row, KV
     /// head, slot), every list's runs of at most PFB_ITEM entries.
     #[test]
     fn block_major_regions_hold_a_chunk() {
-        for (hkv, len, step) in [(16u32, 65536u32, 65536u32), (32, 8192, 1000), (16, 131072, 4096)] {
+        for (hkv, len, step) in [(8u32, 65536u32, 65536u32), (32, 8192, 1000), (16, 131072, 4096)] {
             let mut c = Config::preset(Preset::Paper).with_shape(64, hkv, 128, 128).with_capacity(2, len);
             c.max_step_tokens = step;
             let dl = DevLayout::new(&c, &Layout::new(&c).unwrap()).unwrap();
