@@ -735,16 +735,25 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         const bool sA = selA_ok && ((bm >> poA) & 1u), sB = selB_ok && ((bm >> poB) & 1u);
         const int k0 = j * p.shape.sel_block + cq * 16;
         const unsigned kt = wst + st * (KB + 16 * DV * 2), vt = kt + KB;
-        float s[2][4];
+        // Q K^T as four independent chains (even and odd k steps apart, summed after): the
+        // per-warp loop is bound by dependent latency (ncu: "wait" stalls lead), and two
+        // chains of DK / 16 dependent products were its longest run.
+        float s[2][4], t[2][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = 0.f;
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = t[0][e] = t[1][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk++) {
             unsigned a0, a1, a2, a3, b0, b1, b2, b3;
             m.q_frag(kk, a0, a1, a2, a3);
             ldsm4(kt + krow * DK * 2 + pf_swz(kk * 2 + kc, krow), b0, b1, b2, b3);
-            mma16816<E::MMA>(s[0], a0, a1, a2, a3, b0, b1);
-            mma16816<E::MMA>(s[1], a0, a1, a2, a3, b2, b3);
+            float(&acc)[2][4] = kk % 2 ? t : s;
+            mma16816<E::MMA>(acc[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(acc[1], a0, a1, a2, a3, b2, b3);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[0][e] += t[0][e];
+            s[1][e] += t[1][e];
         }
         // Rows of positions that did not choose the block, and keys past a row's
         // position, see nothing of it (masks only where some row of the warp needs them).
