@@ -652,26 +652,30 @@ __host__ __device__ constexpr unsigned pf_warp_stages() { return 2u * 16u * (DK 
 // by r within each 128 bytes, so ldmatrix reads are conflict-free.
 __device__ __forceinline__ unsigned pf_swz(int c, int r) { return (unsigned)((c & ~7) | ((c ^ r) & 7)) * 16u; }
 
+// The lane's granules e = lane + 32 J (J < C / 2) of 16 rows of C granules: the rows are
+// consecutive in the pool, so granule e's source is one address plus 16 e bytes, an
+// immediate of the copy (a 64-bit address per copy was ~100 instructions per 16-key
+// sub-tile in the per-warp loop, docs/PREFILL_NOTES.md, variant 22b); its row r = e / C
+// gives the swizzled destination and the zero fill.
+template <int C, int J>
+__device__ __forceinline__ void pf_warp_rows_at(unsigned dst, const u16* s0, int lane, int rmax) {
+    if constexpr (J < C / 2) {
+        const int e = lane + 32 * J, r = e / C, c = e - r * C;
+        cp_async16_at<J * 512>(dst + r * C * 16 + pf_swz(c, r), s0, r <= rmax ? 16 : 0);
+        pf_warp_rows_at<C, J + 1>(dst, s0, lane, rmax);
+    }
+}
+
 // 16 consecutive pool rows of D elements from `src` into a warp stage at `dst` by the
-// warp's lanes (cp.async, swizzled); rows past `rmax` zero-filled. The row base is
-// computed once: per granule only an add (a 64-bit row_at per granule was ~25% of
-// pf_sw's instructions, docs/PREFILL_NOTES.md, variant 11).
+// warp's lanes (cp.async, swizzled); rows past `rmax` zero-filled. The sources are one
+// address per lane (before variant 11 a 64-bit row_at per granule was ~25% of pf_sw's
+// instructions; until 22b an address per granule).
 template <int D>
 __device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int rmax) {
     constexpr int C = D / 8;  // granules per row
-    static_assert(C >= 2 && D % 8 == 0, "rows of at least 16 elements");
+    static_assert(C >= 2 && C % 2 == 0 && D % 8 == 0, "rows of an even number of 16-byte granules");
     const int lane = threadIdx.x & 31;
-    if constexpr (32 % C == 0) {  // a lane keeps one granule column
-        constexpr int RS = 32 / C;
-        const int c = lane % C;
-#pragma unroll
-        for (int r = lane / C; r < 16; r += RS) cp_async16(dst + r * D * 2 + pf_swz(c, r), src + r * D + c * 8, r <= rmax ? 16 : 0);
-    } else {
-        for (int e = lane; e < 16 * C; e += 32) {
-            const int r = e / C, c = e - r * C;
-            cp_async16(dst + r * D * 2 + pf_swz(c, r), src + r * D + c * 8, r <= rmax ? 16 : 0);
-        }
-    }
+    pf_warp_rows_at<C, 0>(dst, src + lane * 8, lane, rmax);
 }
 
 // The selected branch of one warp's rows (`launch.mode & 4`): the warp walks the blocks
@@ -718,6 +722,17 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     int cu = next_u(-1), cq = 0, st = 0;
     if (cu < ucount) issue(cu, cq, 0);
     cp_commit();
+    // At DK > 128 the warp's Q fragments stay in registers across its sub-tiles (12 of the
+    // loop's 24 ldmatrix per sub-tile at DK = 192): measured on the H200, paper 192/128 64k
+    // 51.4 -> 50.2 ms; at DK = 128 the same change cost 2% (ptxas then spent 18% more
+    // instructions on the loop), so there Q is read from shared memory per k step
+    // (docs/PREFILL_NOTES.md, variant 22c).
+    constexpr bool QREG = DK > 128;
+    unsigned qa[QREG ? DK / 16 : 1][4];
+    if constexpr (QREG) {
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) m.q_frag(kk, qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3]);
+    }
     const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
     const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
     while (cu < ucount) {
@@ -744,7 +759,11 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk++) {
             unsigned a0, a1, a2, a3, b0, b1, b2, b3;
-            m.q_frag(kk, a0, a1, a2, a3);
+            if constexpr (QREG) {
+                a0 = qa[kk][0], a1 = qa[kk][1], a2 = qa[kk][2], a3 = qa[kk][3];
+            } else {
+                m.q_frag(kk, a0, a1, a2, a3);
+            }
             ldsm4(kt + krow * DK * 2 + pf_swz(kk * 2 + kc, krow), b0, b1, b2, b3);
             float(&acc)[2][4] = kk % 2 ? t : s;
             mma16816<E::MMA>(acc[0], a0, a1, a2, a3, b0, b1);

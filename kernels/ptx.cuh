@@ -38,6 +38,12 @@ __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
+// cp_async16 from src + OFF bytes, the offset an immediate of the instruction: unrolled copies
+// of rows at fixed strides then share one 64-bit address register (prefill variant 22b).
+template <int OFF>
+__device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1+%3], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes), "n"(OFF) : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
