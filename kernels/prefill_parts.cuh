@@ -48,15 +48,10 @@ __device__ __forceinline__ int* pf_sel(const Params& p) {
     return (int*)(p.io.selected ? p.io.selected : p.ws.pf_sel);
 }
 
-// Copies keys [k0, k0 + 64) of a paged pool (rows of D 16-bit elements; `page` holds them,
-// looked up ahead of time: a dependent page-table load here would stall every copy) with
-// cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8
-// elements. Rows at or past `kend` are zero-filled. All threads of the block call it.
+// pf_load_tile (below) for any block size: an address per granule.
 template <int D, bool SW>
-__device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, const u16* pool, int page,
-                                             int kvh, int k0, int kend) {
+__device__ __forceinline__ void pf_load_tile_generic(unsigned dst, const u16* src, int k0, int kend) {
     constexpr int CPR = D / 8;
-    const u16* src = pool + row_at(p, page, kvh, k0 % p.paging.page_size, D);
     const bool full = k0 + PF_KT <= kend;
     auto one = [&](int r, int c) {
         bool ok = full || k0 + r < kend;
@@ -70,6 +65,42 @@ __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, cons
     } else {
         for (int e = threadIdx.x; e < PF_KT * CPR; e += blockDim.x) one(e / CPR, e % CPR);
     }
+}
+
+// Granules e = t + NT J of a tile (NT threads, t the thread): the tile's 64 rows are
+// consecutive in its page, so granule e's source is the tile's address plus 16 e bytes, an
+// immediate of the copy (prefill variant 22d; 22b did the same for the per-warp sub-tiles);
+// its row r = e / CPR gives the destination and the zero fill (rows at or past `vis`).
+template <int D, bool SW, int NT, int J>
+__device__ __forceinline__ void pf_load_tile_at(unsigned dst, const u16* s0, int t, int vis) {
+    constexpr int CPR = D / 8;
+    static_assert(PF_KT * CPR % NT == 0, "whole rounds of granules");
+    if constexpr (J * NT < PF_KT * CPR) {
+        const int e = t + J * NT, r = e / CPR, c = e - r * CPR;
+        const unsigned off = SW ? sw128_off(r, c, PF_KT) : (unsigned)(r * (D + 8) + c * 8) * 2u;
+        cp_async16_at<J * NT * 16>(dst + off, s0, r < vis ? 16 : 0);
+        pf_load_tile_at<D, SW, NT, J + 1>(dst, s0, t, vis);
+    }
+}
+
+// Copies keys [k0, k0 + 64) of a paged pool (rows of D 16-bit elements; `page` holds them,
+// looked up ahead of time: a dependent page-table load here would stall every copy) with
+// cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8
+// elements. Rows at or past `kend` are zero-filled. All threads of the block call it; with
+// IMM, blocks of 128 or 256 threads take one source address per thread.
+template <int D, bool SW, bool IMM = true>
+__device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, const u16* pool, int page,
+                                             int kvh, int k0, int kend) {
+    const u16* src = pool + row_at(p, page, kvh, k0 % p.paging.page_size, D);
+    const int t = threadIdx.x;
+    if (!IMM)
+        pf_load_tile_generic<D, SW>(dst, src, k0, kend);
+    else if (blockDim.x == 128)
+        pf_load_tile_at<D, SW, 128, 0>(dst, src + t * 8, t, kend - k0);
+    else if (blockDim.x == 256)
+        pf_load_tile_at<D, SW, 256, 0>(dst, src + t * 8, t, kend - k0);
+    else
+        pf_load_tile_generic<D, SW>(dst, src, k0, kend);
 }
 
 // Keys [k0, k0 + 64) of `page` by the copy engine, issued by the 32 lanes of one warp
@@ -133,8 +164,13 @@ struct PfCopy {
             if (threadIdx.x < 32) pf_tma_tile<DK, DV>(p, threadIdx.x, bar0 + 8 * st, kd, kmap, vd, vmap, page, kvh, k0);
             return;
         }
-        pf_load_tile<DK, SW>(p, kd, kpool, page, kvh, k0, kend);
-        if constexpr (DV > 0) pf_load_tile<DV, SW>(p, vd, vpool, page, kvh, k0, kend);
+        // One address per thread where the copies are the tile path (swizzled tiles without
+        // tensor maps: the wgmma kernels at DK = 192); the tensor-map kernels' fallback and
+        // the mma.sync path keep an address per granule (the unrolled offsets made ptxas
+        // spill there).
+        constexpr bool IMM = SW && !TMA;
+        pf_load_tile<DK, SW, IMM>(p, kd, kpool, page, kvh, k0, kend);
+        if constexpr (DV > 0) pf_load_tile<DV, SW, IMM>(p, vd, vpool, page, kvh, k0, kend);
     }
 
     __device__ void commit() {

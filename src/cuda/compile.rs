@@ -235,6 +235,11 @@ mod tests {
         ("sm_90a", "nsa_pf_cmp_wgs12_f16_128_128", 24, 28),
         ("sm_90a", "nsa_pf_cmp_wgs12_bf16_192_128", 24, 28),
         ("sm_90a", "nsa_pf_cmp_wgs12_f16_192_128", 24, 28),
+        // Since the window tiles' copies take one address per thread (prefill variant 22d):
+        // one 64-bit value of the window-only 192/128 form, stored once and reloaded three
+        // times outside its loops.
+        ("sm_90a", "nsa_pf_sww_wg_bf16_192_128", 8, 24),
+        ("sm_90a", "nsa_pf_sww_wg_f16_192_128", 8, 24),
         // Since the combine reads 4 columns per load at every head count (decode variant
         // 25, measured with these spills): three words around the batch of eight float4
         // loads.
