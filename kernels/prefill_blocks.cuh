@@ -24,11 +24,12 @@
 #define NSA_PREFILL_BLOCKS_CUH
 
 #include "common.cuh"
+#include "prefill_parts.cuh"  // pf_sel, PF_KT
 #include "ptx.cuh"
 
 #define PFB_WARPS NSA_PFB_WARPS  // warps of pfb_attn's blocks
 #define PFB_ITEM NSA_PFB_ITEM    // entries per item at most
-#define PFB_KEYS 64              // keys per selection block (the host requires sel_block == 64)
+#define PFB_KEYS PF_KT           // keys per selection block (the host requires sel_block == PF_KEYS)
 
 // The chunk's entries: (row of the chunk, KV head, slot) triples in pf_sel order.
 // The step's only sequence (index 0: its page table is the step's first).

@@ -88,7 +88,7 @@ __device__ __forceinline__ void pf_load_tile_at(unsigned dst, const u16* s0, int
 // cp.async into a tile at shared address `dst`: swizzled (SW) or with rows padded to D + 8
 // elements. Rows at or past `kend` are zero-filled. All threads of the block call it; with
 // IMM, blocks of 128 or 256 threads take one source address per thread.
-template <int D, bool SW, bool IMM = true>
+template <int D, bool SW, bool IMM>
 __device__ __forceinline__ void pf_load_tile(const Params& p, unsigned dst, const u16* pool, int page,
                                              int kvh, int k0, int kend) {
     const u16* src = pool + row_at(p, page, kvh, k0 % p.paging.page_size, D);

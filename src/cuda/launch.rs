@@ -229,7 +229,7 @@ impl CudaBackend {
     /// `p` is this layer's launch argument, after `pf_cmp` on the same stream.
     unsafe fn selected_block_major(&self, p: &Params, rows: u32, stream: CUstream) -> Result<()> {
         let (cfg, k) = (&self.cfg, self.kernels());
-        let lists = (cfg.num_kv_heads * cfg.max_sel_blocks()) as usize;
+        let lists = super::workspace::pfb_lists(cfg);
         let mut pc = *p;
         let mut c0 = 0;
         // `NSA_CUDA_PFB_ROWS=N`: shorter chunks than the workspace holds (a measurement knob).

@@ -103,7 +103,7 @@ impl DevLayout {
         let pf_rows = if super::prefill::supported(cfg) { u(cfg.max_step_tokens) } else { 0 };
         let pf_sel = b.take(&[pf_rows, hkv, u(cfg.sel_count), 4])?;
         let pfb_chunk = if super::prefill::blocks_supported(cfg) { cfg.max_step_tokens.min(PFB_CHUNK) } else { 0 };
-        let (c, n, lists) = (u(pfb_chunk), u(cfg.sel_count), hkv * u(cfg.max_sel_blocks()));
+        let (c, n, lists) = (u(pfb_chunk), u(cfg.sel_count), pfb_lists(cfg));
         let on = (pfb_chunk > 0) as usize;
         let pf_cnt = b.take(&[on, 2 * lists + 1, 4])?;
         let pf_items = b.take(&[on, pfb_max_items(lists, c * hkv * n), 16])?;
@@ -139,6 +139,12 @@ impl DevLayout {
             units_w,
         })
     }
+}
+
+/// Lists of the block-major selected branch: one per (KV head, selection block of the
+/// longest sequence), the kernels' `num_kv_heads * max_blocks`.
+pub(crate) fn pfb_lists(cfg: &Config) -> usize {
+    (cfg.num_kv_heads * cfg.max_sel_blocks()) as usize
 }
 
 /// Items of a chunk of the block-major selected branch, at most: its `entries` cut into
