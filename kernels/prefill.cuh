@@ -199,10 +199,25 @@ __device__ __forceinline__ void pf_zero_scores(const PfScores& S, int nwin, int 
     }
 }
 
+// Eq. 9's block score from a tile's head sums `ps` [PF_KT] for compile-time strides: the
+// terms i = f + k (k < A + B - 1, f the block's first offset in the tile) that fall in the
+// tile, weighted by overlap_count, summed in k order.
+template <int A, int B>
+__device__ __forceinline__ float pf_eq9_sum(const float* ps, int f) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < A + B - 1; k++) {
+        const int lo = k - (B - 1) > 0 ? k - (B - 1) : 0, hi = k < A - 1 ? k : A - 1;
+        if (f + k >= 0 && f + k < PF_KT) acc += (float)(hi - lo + 1) * ps[f + k];
+    }
+    return acc;
+}
+
 // Pass 2, one tile of probabilities s (keys k0..): summed over each position's group
 // heads into the warp's `myps` [PW][64], then added to the warp's positions' block scores
 // (Eq. 9): block j of position po at win[po * L + j] (`pf_win`). Only the warp's own
 // positions are touched (no block barrier needed).
+template <bool UNROLL = true>
 __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* win, int L,
                                                 int nblk_tile, const PrefillTile& tl, int warp, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
@@ -274,11 +289,20 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
         const int po = warp * PW + pw, j = jlo + jj;
         if (po < tl.npos && j < nblk_tile) {
             float acc = 0.f;
-            int first = B * j - (A - 1);
-            for (int k = 0; k < A + B - 1; k++) {
-                int i = first + k;
-                if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
-            }
+            const int first = B * j - (A - 1);
+            // With UNROLL the presets' strides with constant weights (paper: A = 2, B = 4;
+            // fla: A = B = 1): the runtime-length loop cost divergent branches and their
+            // reconvergence per term (SASS samples of pf_cmp, docs/PREFILL_NOTES.md,
+            // variant 25). Same terms, same order, same weights.
+            if (UNROLL && A == 2 && B == 4)
+                acc = pf_eq9_sum<2, 4>(myps + pw * PF_KT, first - k0);
+            else if (UNROLL && A == 1 && B == 1)
+                acc = pf_eq9_sum<1, 1>(myps + pw * PF_KT, first - k0);
+            else
+                for (int k = 0; k < A + B - 1; k++) {
+                    int i = first + k;
+                    if (i >= k0 && i < k0 + PF_KT) acc += overlap_count(k, A, B) * myps[pw * PF_KT + i - k0];
+                }
             win[po * L + j] += acc;
         }
         jj += 32;
@@ -638,7 +662,9 @@ __device__ void pf_cmp_ws(const Params& p) {
         m.pv(sv, vs + s * M::VTILE, o);
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
+        // Without the moving window only: with it, the unrolled sums made ptxas spill
+        // twice the words in the 12-warp form (at 128 registers).
+        pf_block_scores<!WIN>(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
