@@ -154,13 +154,16 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 // `wgs8`, `wgs12`: pf_cmp warp-specialised (a producer warp and 8 or 12 consumer warps
 // over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), every prefill shape; `wgs12w`,
 // `wgs8w` with a moving window of block scores (WIN, for sequences whose blocks' scores do
-// not fit). Each its own entry: the launch bound sets the register budget (ptxas gives
-// the 13-warp block 128 registers a thread, the 9-warp one 168).
+// not fit). Each its own entry: the launch bound sets the register budget. Producer
+// warps (`PF_WS_PRODUCERS`, the host's `ws_producer_warps`): a whole warpgroup beside 12
+// consumer warps, which gives its registers to them (`setmaxnreg`: 160 a consumer thread
+// where the 16-warp block starts at 128); one warp beside 8 (168 registers a thread).
+#define PF_WS_PRODUCERS(W) ((W) == 12 ? 4 : 1)
 #define PF_WS_ENTRY(E, suffix, DK, DV, W, WIN, TAG)                                                            \
-    extern "C" __global__ void __launch_bounds__((W + 1) * 32, 1) nsa_pf_cmp_wgs##TAG##_##suffix##_##DK##_##DV(const Params p) { \
+    extern "C" __global__ void __launch_bounds__((W + PF_WS_PRODUCERS(W)) * 32, 1) nsa_pf_cmp_wgs##TAG##_##suffix##_##DK##_##DV(const Params p) { \
         pdl_trigger();                                                                                           \
         pdl_wait();                                                                                              \
-        pf_cmp_ws<E, DK, DV, WIN>(p);                                                                            \
+        pf_cmp_ws<E, DK, DV, WIN, PF_WS_PRODUCERS(W)>(p);                                                        \
     }
 #define PF_WS_ALL(W, WIN, TAG)                     \
     PF_WS_ENTRY(EBF16, bf16, 64, 64, W, WIN, TAG)   \

@@ -536,25 +536,24 @@ __device__ void pf_cmp(const Params& p) {
 }
 
 // Compressed branch + selection, warp-specialised (sm_90a, tiles by tensor maps): `nw`
-// consumer warps (blockDim / 32 - 1; two warpgroups at G = 16, eight positions, so each
-// K/V tile serves twice the rows of a 4-warp block and the block reads half the L2 bytes
-// per row) and one producer warp that copies the tiles of both passes into stages ahead of
-// them. Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with
+// consumer warps (blockDim / 32 - PWARPS; two or three warpgroups: at G = 16 eight or
+// twelve positions, so each K/V tile serves two or three times the rows of a 4-warp block)
+// and a producer warp that copies the tiles of both passes into stages ahead of them (in a
+// warpgroup of its own beside 12 consumer warps, PWARPS = 4, whose registers go to them). Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with
 // the copy engine's bytes (or, for a tail tile whose V rows past the last visible key must
 // be zeros, with the producer's arrive after it zeroed them), empty[s] with one arrive per
 // consumer warp after its last read of the stage. So one warpgroup's softmax and block
 // scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
 // variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
-// (src/cuda/prefill.rs sizes it with the same layout). With WIN the rankings are inline:
-// any call in the kernel makes ptxas spill far more in the 12-warp form (128 registers a
-// thread) than the few words the inline ranking costs it.
-template <class E, int DK, int DV, bool WIN>
+// (src/cuda/prefill.rs sizes it with the same layout). With WIN the rankings are inline
+// (a call made ptxas spill in the 12-warp form when it had 128 registers a thread).
+template <class E, int DK, int DV, bool WIN, int PWARPS>
 __device__ void pf_cmp_ws(const Params& p) {
     using M = Wgmma<E, DK, DV>;
     extern __shared__ __align__(16) unsigned char pf_smem[];
     __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - PWARPS;
     const int g = lane >> 2;
     const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, n = WIN ? p.shape.sel_count : 0;
     const int W = WIN ? pf_sc_win(p) : pf_nblk(p);
@@ -590,7 +589,13 @@ __device__ void pf_cmp_ws(const Params& p) {
     for (int i = threadIdx.x; i < ntl; i += blockDim.x) pg[i] = ctab[i * PF_KT / p.paging.page_size];
     __syncthreads();
 
-    if (warp == nw) {
+    if (warp >= nw) {
+        // With a producer warpgroup (PWARPS = 4) its registers go to the consumers: 32 a
+        // thread here, 160 there (4 x 32 + 12 x 160 = the 16 warps' 16 x 128), so the
+        // consumers' loops fit without spilling (docs/PREFILL_NOTES.md, variant 26). Only
+        // its first warp copies.
+        if (PWARPS == 4) setmaxnreg_dec<32>();
+        if (warp != nw) return;
         // Producer: pass 1's K tiles, then pass 2's K and V tiles, through the ring.
         for (int it = 0; it < 2 * ntl; it++) {
             const int q = round_of(it), s = it - q * NS, kt = it < ntl ? it : it - ntl, k0 = kt * PF_KT;
@@ -619,6 +624,7 @@ __device__ void pf_cmp_ws(const Params& p) {
         return;
     }
 
+    if (PWARPS == 4) setmaxnreg_inc<160>();
     const PfCmpRows rw = pf_cmp_rows(p, tl, warp, g);
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;

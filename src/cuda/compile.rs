@@ -217,24 +217,11 @@ mod tests {
     }
 
     /// Tolerated spills: (architecture, entry-name prefix, spill store bytes, spill load
-    /// bytes). The 12-warp warp-specialised pf_cmp with the moving window (128 registers a
-    /// thread under its 416-thread launch bound, its rankings inline) keeps 6-8 words in
-    /// local memory: a few local loads and one store per 64-key tile (SASS read
-    /// 2026-12-01), against ~600 instructions; made a call, the ranking spilled 96-548
-    /// bytes instead. The 12-warp form without the window keeps six words, loading one
-    /// per tile of its second pass. The test fails on any spill not listed and when a listed one changes or
-    /// disappears.
+    /// bytes). (The 12-warp warp-specialised pf_cmp kept 6-8 words in local memory at 128
+    /// registers a thread until its producer warpgroup handed registers to the consumers,
+    /// prefill variant 26.) The test fails on any spill not listed and when a listed one
+    /// changes or disappears.
     const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[
-        ("sm_90a", "nsa_pf_cmp_wgs12w_bf16_128_128", 24, 32),
-        ("sm_90a", "nsa_pf_cmp_wgs12w_f16_128_128", 24, 32),
-        ("sm_90a", "nsa_pf_cmp_wgs12w_bf16_192_128", 24, 32),
-        ("sm_90a", "nsa_pf_cmp_wgs12w_f16_192_128", 24, 32),
-        // Words stored before the tile loops: one local load per tile of pass 2, the rest
-        // outside the loops.
-        ("sm_90a", "nsa_pf_cmp_wgs12_bf16_128_128", 24, 28),
-        ("sm_90a", "nsa_pf_cmp_wgs12_f16_128_128", 24, 28),
-        ("sm_90a", "nsa_pf_cmp_wgs12_bf16_192_128", 24, 28),
-        ("sm_90a", "nsa_pf_cmp_wgs12_f16_192_128", 24, 28),
         // Since the window tiles' copies take one address per thread (prefill variant 22d):
         // one 64-bit value of the window-only 192/128 form, stored once and reloaded three
         // times outside its loops.

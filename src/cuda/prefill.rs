@@ -97,6 +97,17 @@ pub(crate) struct PrefillPlan {
     pub sc_win: u32,
 }
 
+/// Producer warps of `pf_cmp_ws` beside `w` consumer warps (the kernels'
+/// `PF_WS_PRODUCERS`): at 12 a whole warpgroup, whose registers `setmaxnreg` hands to the
+/// consumers (only its first warp copies); at 8 one warp.
+fn ws_producer_warps(w: u32) -> u32 {
+    if w == 12 {
+        4
+    } else {
+        1
+    }
+}
+
 impl PrefillPlan {
     /// The policy `kernel` (PfCmp, PfSw or PfSwWindow) runs with.
     pub fn policy_of(&self, kernel: super::kernel::Kernel) -> Policy {
@@ -117,8 +128,11 @@ impl PrefillPlan {
 
     /// Threads per block of `kernel` (PfCmp or PfSw).
     pub fn threads(&self, kernel: Kernel) -> u32 {
-        let producer = kernel == Kernel::PfCmp && matches!(self.policy, Policy::WgmmaWs(..));
-        (self.row_warps(kernel) + producer as u32) * 32
+        let producers = match self.policy {
+            Policy::WgmmaWs(w, _) if kernel == Kernel::PfCmp => ws_producer_warps(w),
+            _ => 0,
+        };
+        (self.row_warps(kernel) + producers) * 32
     }
 
     /// Positions per tile of `kernel`.
@@ -404,7 +418,7 @@ mod tests {
         let c = cfg(64, 4, 128, 128, 65536);
         let p = plan(&c, (9, 0), optin, true).unwrap();
         assert_eq!((p.policy, p.policy_sw, p.warps), (Policy::WgmmaWs(12, false), Policy::WgmmaTma, 4));
-        assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (13 * 32, 128));
+        assert_eq!((p.threads(Kernel::PfCmp), p.threads(Kernel::PfSw)), (16 * 32, 128));
         assert_eq!((p.positions(Kernel::PfCmp, &c), p.positions(Kernel::PfSw, &c)), (12, 4));
         assert_eq!(Some(p.smem_cmp as usize), ws_bytes(&c, (12, false), WIN, 3, optin));
         assert!(ws_bytes(&c, (12, false), WIN, 4, optin).is_none());
