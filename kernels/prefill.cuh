@@ -64,47 +64,66 @@ __device__ __forceinline__ PfCmpRows pf_cmp_rows(const Params& p, const PrefillT
     return r;
 }
 
-// Pass 1, one tile of raw logits s for keys k0..k0 + 63: keys past a row's count masked,
-// then the running max (raw) and sum of the row's probabilities.
-__device__ __forceinline__ void pf_lse_tile(float (&s)[8][4], int k0, const PfCmpRows& r, float sl2, float& mA,
-                                            float& mB, float& lA, float& lB) {
+// Pass 1, one tile of raw logits s for keys k0..k0 + 63 (keys past a row's count
+// masked): the running max (raw) and sum of the row's probabilities over the lane's own
+// columns, with no shuffle per tile (the four lanes of a row meet once, in
+// `pf_lse_final`). `s` is only read: the next tile's products may be in flight into the
+// other accumulator set, and a write to an accumulator register (even this one's) makes
+// ptxas serialise every product of the kernel.
+template <bool MASK>
+__device__ __forceinline__ void pf_lse_tile_body(const float (&s)[8][4], int k0, const PfCmpRows& r, float sl2,
+                                                 float& mA, float& mB, float& lA, float& lB) {
     const int q4 = threadIdx.x & 3;
-    if (k0 + PF_KT > min(r.ncA, r.ncB)) {  // masks only where a row's keys end
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int i = k0 + n * 8 + q4 * 2 + e;
-                if (i >= r.ncA) s[n][e] = NEG_INF;
-                if (i >= r.ncB) s[n][2 + e] = NEG_INF;
-            }
-    }
-    float xA, xB;
-    pf_tile_max<8>(s, xA, xB);
-    float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
-    float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
-    float sA = 0.f, sB = 0.f;
+    auto at = [&](int n, int e) {  // e < 2: row A, else row B
+        const int i = k0 + n * 8 + q4 * 2 + (e & 1);
+        return MASK && i >= (e < 2 ? r.ncA : r.ncB) ? NEG_INF : s[n][e];
+    };
+    float xA = NEG_INF, xB = NEG_INF;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
-        sA += ex2f(fmaf(s[n][0], sl2, -uA)) + ex2f(fmaf(s[n][1], sl2, -uA));
-        sB += ex2f(fmaf(s[n][2], sl2, -uB)) + ex2f(fmaf(s[n][3], sl2, -uB));
+        xA = fmaxf(xA, fmaxf(at(n, 0), at(n, 1)));
+        xB = fmaxf(xB, fmaxf(at(n, 2), at(n, 3)));
     }
-    lA = lA * ex2f(fmaf(mA, sl2, -uA)) + sA;
-    lB = lB * ex2f(fmaf(mB, sl2, -uB)) + sB;
+    const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+    const float uA = nA == NEG_INF ? 0.f : nA * sl2, uB = nB == NEG_INF ? 0.f : nB * sl2;
+    // Two chains per row (even and odd columns) for the adds' latency.
+    float sA0 = 0.f, sA1 = 0.f, sB0 = 0.f, sB1 = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        sA0 += ex2f(fmaf(at(n, 0), sl2, -uA));
+        sA1 += ex2f(fmaf(at(n, 1), sl2, -uA));
+        sB0 += ex2f(fmaf(at(n, 2), sl2, -uB));
+        sB1 += ex2f(fmaf(at(n, 3), sl2, -uB));
+    }
+    lA = lA * ex2f(fmaf(mA, sl2, -uA)) + (sA0 + sA1);
+    lB = lB * ex2f(fmaf(mB, sl2, -uB)) + (sB0 + sB1);
     mA = nA;
     mB = nB;
 }
+__device__ __forceinline__ void pf_lse_tile(const float (&s)[8][4], int k0, const PfCmpRows& r, float sl2, float& mA,
+                                            float& mB, float& lA, float& lB) {
+    if (k0 + PF_KT > min(r.ncA, r.ncB))  // masks only where a row's keys end
+        pf_lse_tile_body<true>(s, k0, r, sl2, mA, mB, lA, lB);
+    else
+        pf_lse_tile_body<false>(s, k0, r, sl2, mA, mB, lA, lB);
+}
 
-// After pass 1: each row's log2-sum-exp2 of the scaled logits (the sums first added over
-// the row's four lanes); +inf for a row with no visible key makes every p exactly 0.
+// After pass 1: the four lanes of each row merge their (max, sum) into the row's
+// log2-sum-exp2 of the scaled logits; +inf for a row with no visible key makes every p
+// exactly 0.
+__device__ __forceinline__ void pf_lse_merge(float m, float l, float sl2, float& lse) {
+    float x = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    // A lane with no visible key has (m, l) = (-inf, 0): its term is 0.
+    l = x == NEG_INF ? 0.f : l * ex2f((m - x) * sl2);
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    lse = l != 0.f ? x * sl2 + __log2f(l) : POS_INF;
+}
 __device__ __forceinline__ void pf_lse_final(float mA, float mB, float lA, float lB, float sl2, float& lseA,
                                              float& lseB) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    lseA = lA != 0.f ? mA * sl2 + __log2f(lA) : POS_INF;
-    lseB = lB != 0.f ? mB * sl2 + __log2f(lB) : POS_INF;
+    pf_lse_merge(mA, lA, sl2, lseA);
+    pf_lse_merge(mB, lB, sl2, lseB);
 }
 
 // Pass 2, one tile: the normalised probabilities of the logits s (masked keys 0).
@@ -628,14 +647,43 @@ __device__ void pf_cmp_ws(const Params& p) {
     const PfCmpRows rw = pf_cmp_rows(p, tl, warp, g);
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
-    for (int kt = 0; kt < ntl; kt++) {
-        const int q = round_of(kt), s = kt - q * NS;
-        mbar_wait(full0 + 8 * s, q & 1);
-        float sv[8][4];
-        m.qk(ks + s * M::KTILE, sv);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        pf_lse_tile(sv, kt * PF_KT, rw, sl2, mA, mB, lA, lB);
+    if (ntl > 0) {
+        // Pass 1 one tile ahead: tile kt + 1's Q K^T is in flight while the lanes sum tile
+        // kt (two accumulator sets, swapped by unrolling the loop by two). Straight-line
+        // waits in the loop: with the issue or the wait under a condition ptxas could not
+        // tell which set a wait completes and serialised every product of the kernel.
+        float sa[8][4], sb[8][4];
+        auto issue = [&](int kt, float(&sv)[8][4]) {
+            const int q = round_of(kt), s = kt - q * NS;
+            mbar_wait(full0 + 8 * s, q & 1);
+            m.template qk<false>(ks + s * M::KTILE, sv);
+        };
+        auto sum = [&](int kt, float(&sv)[8][4]) {
+            wg_pin(sv);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty0 + 8 * (kt - round_of(kt) * NS));
+            pf_lse_tile(sv, kt * PF_KT, rw, sl2, mA, mB, lA, lB);
+        };
+        issue(0, sa);
+        int kt = 0;
+        for (; kt + 2 < ntl; kt += 2) {
+            issue(kt + 1, sb);
+            wg_wait<1>();
+            sum(kt, sa);
+            issue(kt + 2, sa);
+            wg_wait<1>();
+            sum(kt + 1, sb);
+        }
+        if (kt + 1 < ntl) {
+            issue(kt + 1, sb);
+            wg_wait<1>();
+            sum(kt, sa);
+            wg_wait<0>();
+            sum(kt + 1, sb);
+        } else {
+            wg_wait<0>();
+            sum(kt, sa);
+        }
     }
     float lseA, lseB;
     pf_lse_final(mA, mB, lA, lB, sl2, lseA, lseB);
@@ -665,12 +713,18 @@ __device__ void pf_cmp_ws(const Params& p) {
         float sv[8][4];
         m.qk(ks + s * M::KTILE, sv);
         pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);
-        m.pv(sv, vs + s * M::VTILE, o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty0 + 8 * s);
+        // P.V stays in flight while the probabilities are summed into block scores (it
+        // reads V from the stage: the stage is released after the wait).
+        // P.V stays in flight while the probabilities are summed into block scores (it
+        // reads V from the stage: the stage is released after the wait).
+        m.template pv<false>(sv, vs + s * M::VTILE, o);
         // Without the moving window only: with it, the unrolled sums made ptxas spill
         // twice the words in the 12-warp form (at 128 registers).
         pf_block_scores<!WIN>(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
+        wg_wait<0>();
+        wg_pin(o);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);

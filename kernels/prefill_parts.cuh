@@ -327,9 +327,10 @@ struct Wgmma {
         ldsm4(qaddr + sw128_off(r, kk * 2 + (lane >> 4), rows), a0, a1, a2, a3);
     }
 
+    // WAIT = false leaves the products in flight (one commit group): the caller waits with
+    // wg_wait<N> before it touches `s`, or the tile's stage, again.
+    template <bool WAIT = true>
     __device__ void qk(unsigned kt, float (&s)[8][4]) {
-#pragma unroll
-        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
         const u64 kdesc = wg_desc(kt, 16, 1024);
         wg_fence();
 #pragma unroll
@@ -337,12 +338,16 @@ struct Wgmma {
             // k16 step kk: 32 bytes into its 64-column chunk; chunks are a tile apart.
             const u64 da = wg_desc_at(qdesc, (kk >> 2) * rows * 128 + (kk & 3) * 32);
             const u64 db = wg_desc_at(kdesc, (kk >> 2) * PF_KT * 128 + (kk & 3) * 32);
-            wg_ss_m64n64k16<E::MMA>(&s[0][0], da, db, kk > 0);
+            if (kk == 0)
+                wg_ss_m64n64k16_first<E::MMA>(&s[0][0], da, db);
+            else
+                wg_ss_m64n64k16<E::MMA>(&s[0][0], da, db, 1);
         }
         wg_commit();
-        wg_wait<0>();
+        if (WAIT) wg_wait<0>();
     }
 
+    template <bool WAIT = true>
     __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
         unsigned a[4][4];
 #pragma unroll
@@ -364,7 +369,7 @@ struct Wgmma {
                 wg_rs_m64n64k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);
         }
         wg_commit();
-        wg_wait<0>();
+        if (WAIT) wg_wait<0>();
     }
 };
 
