@@ -492,23 +492,80 @@ __device__ __forceinline__ void pf_fold(float* v, bool hi, int mask) {
 // 256-bin histogram (`hist`, the warp's own 256 words of shared memory) find the n-th best
 // key T; then the slots above T and the lowest ones equal to T are emitted in one
 // ordered sweep. About 4 x (nb / 32) + 100 instructions per lane, where n rounds of a warp
-// arg-max cost n x (nb / 32) (docs/PREFILL_NOTES.md, variant 11). `sc` becomes the keys
-// (a key k > 0 is the score with bits k - 1).
+// arg-max cost n x (nb / 32) (docs/PREFILL_NOTES.md, variant 11); `pf_top_few` first, which
+// settles it in two sweeps where few keys can be in. `sc` becomes the keys (a key k > 0 is
+// the score with bits k - 1).
+// The top `count` (<= 32) of the keys `key[0..nb)` when few keys reach the count-th largest
+// of the 32 lanes' maxima, T0 (at least `count` keys do: each of those lanes' maxima):
+// the keys >= T0 are gathered in slot order into `buf` (keys, then their blocks; at most
+// 64), each ranks itself against the others by (key, lower block first: blocks ascend
+// with slots) and the top `count` are emitted in slot order. Returns false, having emitted
+// nothing, where more than 64 keys reach T0 (ties, adversarial scores): the caller's
+// radix select then runs. With random scores ~1-4% of the keys reach T0 (prefill variant
+// 27), so this costs about two sweeps over the keys where the radix select makes five.
+template <class Idx, class Emit>
+__device__ __forceinline__ bool pf_top_few(const unsigned* key, int nb, unsigned count, unsigned mx, unsigned* buf,
+                                           Idx idx, Emit emit) {
+    const int lane = threadIdx.x & 31;
+    const unsigned below = (1u << lane) - 1u;
+    // The lane's rank among the 32 maxima (lane order breaks ties): ranks are 0..31.
+    unsigned r = 0u;
+    for (int l = 0; l < 32; l++) {
+        const unsigned o = __shfl_sync(0xffffffffu, mx, l);
+        r += o > mx || (o == mx && l < lane);
+    }
+    const unsigned T0 = max(__shfl_sync(0xffffffffu, mx, __ffs(__ballot_sync(0xffffffffu, r == count - 1u)) - 1), 1u);
+    unsigned c = 0u;
+    for (int j0 = 0; j0 < nb; j0 += 32) {
+        const int j = j0 + lane;
+        const unsigned k = j < nb ? key[j] : 0u;
+        const bool in = k >= T0;
+        const unsigned b = __ballot_sync(0xffffffffu, in);
+        if (c + __popc(b) > 64u) return false;  // warp-uniform
+        if (in) {
+            const unsigned at = c + __popc(b & below);
+            buf[at] = k;
+            buf[64 + at] = (unsigned)idx(j);
+        }
+        c += __popc(b);
+    }
+    __syncwarp();
+    const bool v0 = lane < (int)c, v1 = lane + 32 < (int)c;
+    const unsigned k0 = v0 ? buf[lane] : 0u, b0 = v0 ? buf[64 + lane] : 0u;
+    const unsigned k1 = v1 ? buf[32 + lane] : 0u, b1 = v1 ? buf[96 + lane] : 0u;
+    unsigned r0 = 0u, r1 = 0u;
+    for (unsigned m = 0; m < c; m++) {
+        const unsigned km = buf[m], bm = buf[64 + m];
+        r0 += km > k0 || (km == k0 && bm < b0);
+        r1 += km > k1 || (km == k1 && bm < b1);
+    }
+    const bool in0 = v0 && r0 < count, in1 = v1 && r1 < count;
+    const unsigned m0 = __ballot_sync(0xffffffffu, in0), m1 = __ballot_sync(0xffffffffu, in1);
+    __syncwarp();  // every lane has read `buf` and the slots before an emit may write them
+    if (in0) emit(__popc(m0 & below), (int)b0, k0);
+    if (in1) emit(__popc(m0) + __popc(m1 & below), (int)b1, k1);
+    __syncwarp();
+    return true;
+}
+
 template <class Idx, class Emit>
 __device__ __forceinline__ unsigned pf_top_n(float* sc, int nb, int n, unsigned* hist, Idx idx, Emit emit) {
     const int lane = threadIdx.x & 31;
     const unsigned below = (1u << lane) - 1u;
     unsigned* key = (unsigned*)sc;
     // Keys: 0 for a score never picked, else its bits + 1 (both zeros as +0).
-    unsigned nvalid = 0u;
+    unsigned nvalid = 0u, mx = 0u;
     for (int j = lane; j < nb; j += 32) {
         const float v = sc[j];
         const unsigned k = v > 0.f ? __float_as_uint(v) + 1u : (v == 0.f ? 1u : 0u);
         key[j] = k;
         nvalid += k != 0u;
+        mx = max(mx, k);
     }
     nvalid = __reduce_add_sync(0xffffffffu, nvalid);
     const unsigned count = min((unsigned)n, nvalid);
+    __syncwarp();  // the keys are written before other lanes gather them
+    if (count < nvalid && count > 0u && count <= 32u && pf_top_few(key, nb, count, mx, hist, idx, emit)) return count;
     // T: the count-th largest key (0 when every valid key is in); need: how many keys
     // equal to T belong to the top count.
     unsigned T = 0u, need = 0u;
