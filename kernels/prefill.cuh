@@ -236,7 +236,6 @@ __device__ __forceinline__ float pf_eq9_sum(const float* ps, int f) {
 // heads into the warp's `myps` [PW][64], then added to the warp's positions' block scores
 // (Eq. 9): block j of position po at win[po * L + j] (`pf_win`). Only the warp's own
 // positions are touched (no block barrier needed).
-template <bool UNROLL = true>
 __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s)[8][4], float* myps, float* win, int L,
                                                 int nblk_tile, const PrefillTile& tl, int warp, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
@@ -309,13 +308,13 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
         if (po < tl.npos && j < nblk_tile) {
             float acc = 0.f;
             const int first = B * j - (A - 1);
-            // With UNROLL the presets' strides with constant weights (paper: A = 2, B = 4;
-            // fla: A = B = 1): the runtime-length loop cost divergent branches and their
-            // reconvergence per term (SASS samples of pf_cmp, docs/PREFILL_NOTES.md,
-            // variant 25). Same terms, same order, same weights.
-            if (UNROLL && A == 2 && B == 4)
+            // The presets' strides with constant weights (paper: A = 2, B = 4; fla: A = B =
+            // 1): the runtime-length loop cost divergent branches and their reconvergence
+            // per term (SASS samples of pf_cmp, docs/PREFILL_NOTES.md, variants 25, 28).
+            // Same terms, same order, same weights.
+            if (A == 2 && B == 4)
                 acc = pf_eq9_sum<2, 4>(myps + pw * PF_KT, first - k0);
-            else if (UNROLL && A == 1 && B == 1)
+            else if (A == 1 && B == 1)
                 acc = pf_eq9_sum<1, 1>(myps + pw * PF_KT, first - k0);
             else
                 for (int k = 0; k < A + B - 1; k++) {
@@ -718,9 +717,7 @@ __device__ void pf_cmp_ws(const Params& p) {
         // P.V stays in flight while the probabilities are summed into block scores (it
         // reads V from the stage: the stage is released after the wait).
         m.template pv<false>(sv, vs + s * M::VTILE, o);
-        // Without the moving window only: with it, the unrolled sums made ptxas spill
-        // twice the words in the 12-warp form (at 128 registers).
-        pf_block_scores<!WIN>(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
+        pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
         wg_wait<0>();
         wg_pin(o);
         __syncwarp();
