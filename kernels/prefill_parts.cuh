@@ -305,17 +305,24 @@ struct Wgmma {
     u64 qdesc;  // this warpgroup's 64 rows of the Q tile
 
     // The block's Q rows (`nrows`: 16 per warp unless given) into the Q region; every
-    // thread of the block calls it (it ends with a block barrier).
-    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char* q_ptr,
-                           int nrows = 0) {
+    // thread of the block calls it (it ends with a block barrier). By cp.async, so a
+    // thread's granules are all in flight at once (a load and a store each took a global
+    // round trip per granule: ~2% of pf_cmp's samples, prefill variant 29); rows past the
+    // tile's positions are zero-filled.
+    __device__ void load_q(const Params& p, const PrefillTile& tl, int kvh, unsigned q_at, unsigned char*, int nrows = 0) {
         constexpr int CPR = DK / 8;
         rows = nrows ? nrows : blockDim.x / 2;
         qaddr = q_at;
         qdesc = wg_desc(q_at + (threadIdx.x >> 7) * 64 * 128, 16, 1024);
+        const int G = p.shape.group_size;
         for (int e = threadIdx.x; e < rows * CPR; e += blockDim.x) {
-            int r = e / CPR, c = e - r * CPR;
-            *(uint4*)(q_ptr + sw128_off(r, c, rows)) = pf_q_granule(p, tl, kvh, r, c, DK);
+            const int r = e / CPR, c = e - r * CPR, po = r / G, h = r - po * G;
+            const bool in = po < tl.npos;
+            const u16* src = (const u16*)p.io.q + ((usize)(tl.row0 + (in ? po : 0)) * p.shape.num_q_heads + kvh * G + h) * DK + c * 8;
+            cp_async16(q_at + sw128_off(r, c, rows), src, in ? 16 : 0);
         }
+        cp_commit();
+        cp_wait<0>();
         fence_async_smem();
         __syncthreads();
     }

@@ -219,14 +219,10 @@ mod tests {
     /// Tolerated spills: (architecture, entry-name prefix, spill store bytes, spill load
     /// bytes). (The 12-warp warp-specialised pf_cmp kept 6-8 words in local memory at 128
     /// registers a thread until its producer warpgroup handed registers to the consumers,
-    /// prefill variant 26.) The test fails on any spill not listed and when a listed one
+    /// prefill variant 26; the window-only 192/128 `pf_sww_wg` one 64-bit value until Q was
+    /// loaded by cp.async, variant 29.) The test fails on any spill not listed and when a listed one
     /// changes or disappears.
     const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[
-        // Since the window tiles' copies take one address per thread (prefill variant 22d):
-        // one 64-bit value of the window-only 192/128 form, stored once and reloaded three
-        // times outside its loops.
-        ("sm_90a", "nsa_pf_sww_wg_bf16_192_128", 8, 24),
-        ("sm_90a", "nsa_pf_sww_wg_f16_192_128", 8, 24),
         // Since the combine reads 4 columns per load at every head count (decode variant
         // 25, measured with these spills): three words around the batch of eight float4
         // loads.
