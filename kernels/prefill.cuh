@@ -255,7 +255,38 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
         pf_fold<8>(v, g & 1, 4);
         pf_fold<4>(v, (g >> 1) & 1, 8);
         pf_fold<2>(v, (g >> 2) & 1, 16);
-        const int n = (g & 1) * 4 + ((g >> 1) & 1) * 2 + ((g >> 2) & 1);
+        const int n = (g & 1) * 4 + ((g >> 1) & 1) * 2 + ((g >> 2) & 1);  // g's bits reversed
+        const int A = p.shape.eq9_a, B = p.shape.eq9_b;
+        if ((A == 2 && B == 4) || (A == 1 && B == 1)) {
+            // The presets' Eq. 9 straight from the registers (prefill variant 30): the lane
+            // holds the head sums of columns c, c + 1; with A = 2, B = 4 the lane at c = 4m
+            // scores block (k0 + c) / 4 from its pair, the next lane's pair (c + 2, c + 3)
+            // and column c - 1 (weights 1, 2, 2, 2, 1: the terms in this tile; column k0 - 1
+            // was the previous tile's), and the lane at c = 62 gives the first term of the
+            // block starting at k0 + 63. With A = B = 1 a block is a column.
+            const int c = n * 8 + q4 * 2, po = warp;
+            float* w = win + po * L;
+            const bool pos_in = po < tl.npos;
+            if (A == 1) {
+                if (pos_in && k0 + c < nblk_tile) w[k0 + c] += v[0];
+                if (pos_in && k0 + c + 1 < nblk_tile) w[k0 + c + 1] += v[1];
+            } else {
+                const float an = __shfl_xor_sync(0xffffffffu, v[0], 1), bn = __shfl_xor_sync(0xffffffffu, v[1], 1);
+                const int cp = (c - 2) & (PF_KT - 1), np = cp >> 3;  // the lane holding column c - 1
+                const int src = ((((np & 1) << 2) | (np & 2) | (np >> 2)) << 2) | ((cp >> 1) & 3);
+                const float bp = __shfl_sync(0xffffffffu, v[1], src);
+                if ((q4 & 1) == 0) {
+                    const int j = (k0 + c) >> 2;
+                    const float acc = 2.f * (v[0] + v[1] + an) + bn + (c > 0 ? bp : 0.f);
+                    if (pos_in && j < nblk_tile) w[j] += acc;
+                } else if (c == PF_KT - 2) {
+                    const int j = (k0 + PF_KT) >> 2;
+                    if (pos_in && j < nblk_tile) w[j] += v[1];
+                }
+            }
+            __syncwarp();
+            return;
+        }
         *(float2*)(myps + n * 8 + q4 * 2) = make_float2(v[0], v[1]);
     } else if (G > 1) {
         // G = 2, 4, 8: a position's heads are rows in lanes that differ in the low

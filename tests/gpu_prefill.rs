@@ -137,3 +137,17 @@ fn prefill_equal_scores_paper_g16_bf16() {
     }
     h.finish();
 }
+
+// The fla preset at G = 16 (its Eq. 9 with A = B = 1: a block per compressed token) in one
+// long step, then decodes.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_one_long_step_fla_g16_bf16() {
+    if device_or_skip("prefill_one_long_step_fla_g16_bf16").is_none() {
+        return;
+    }
+    let len = sz(16384, 2048);
+    let cfg = cfg_for(Preset::Fla, 16, 1, 128, 128, Dtype::Bf16, 1, len + 16, len);
+    let pl = Plan { seqs: 1, prompt_min: len, prompt_max: len, chunk_max: len, decode_steps: 4, forks: false };
+    scenario::<bf16>("prefill_one_long_step_fla_g16_bf16", &cfg, 40, &pl);
+}
