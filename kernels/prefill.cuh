@@ -745,8 +745,6 @@ __device__ void pf_cmp_ws(const Params& p) {
         pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);
         // P.V stays in flight while the probabilities are summed into block scores (it
         // reads V from the stage: the stage is released after the wait).
-        // P.V stays in flight while the probabilities are summed into block scores (it
-        // reads V from the stage: the stage is released after the wait).
         m.template pv<false>(sv, vs + s * M::VTILE, o);
         pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
         wg_wait<0>();
