@@ -127,6 +127,9 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #ifndef NSA_PF_KEYS
 #error "NSA_PF_KEYS is passed by the host (src/cuda/consts.rs)"
 #endif
+#ifndef NSA_PF_WS_PRODUCER_WG
+#error "NSA_PF_WS_PRODUCER_WG is passed by the host (src/cuda/consts.rs)"
+#endif
 #ifndef NSA_PF_WS_STAGES
 #error "NSA_PF_WS_STAGES is passed by the host (src/cuda/consts.rs)"
 #endif

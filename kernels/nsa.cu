@@ -158,7 +158,7 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 // warps (`PF_WS_PRODUCERS`, the host's `ws_producer_warps`): a whole warpgroup beside 12
 // consumer warps, which gives its registers to them (`setmaxnreg`: 160 a consumer thread
 // where the 16-warp block starts at 128); one warp beside 8 (168 registers a thread).
-#define PF_WS_PRODUCERS(W) ((W) == 12 ? 4 : 1)
+#define PF_WS_PRODUCERS(W) ((W) == NSA_PF_WS_PRODUCER_WG ? 4 : 1)
 #define PF_WS_ENTRY(E, suffix, DK, DV, W, WIN, TAG)                                                            \
     extern "C" __global__ void __launch_bounds__((W + PF_WS_PRODUCERS(W)) * 32, 1) nsa_pf_cmp_wgs##TAG##_##suffix##_##DK##_##DV(const Params p) { \
         pdl_trigger();                                                                                           \

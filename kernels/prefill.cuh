@@ -588,8 +588,9 @@ __device__ void pf_cmp(const Params& p) {
 // consumer warps (blockDim / 32 - PWARPS; two or three warpgroups: at G = 16 eight or
 // twelve positions, so each K/V tile serves two or three times the rows of a 4-warp block)
 // and a producer warp that copies the tiles of both passes into stages ahead of them (in a
-// warpgroup of its own beside 12 consumer warps, PWARPS = 4, whose registers go to them). Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with
-// the copy engine's bytes (or, for a tail tile whose V rows past the last visible key must
+// warpgroup of its own beside 12 consumer warps, PWARPS = 4, whose registers go to them).
+// Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with the
+// copy engine's bytes (or, for a tail tile whose V rows past the last visible key must
 // be zeros, with the producer's arrive after it zeroed them), empty[s] with one arrive per
 // consumer warp after its last read of the stage. So one warpgroup's softmax and block
 // scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,

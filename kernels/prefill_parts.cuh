@@ -487,21 +487,6 @@ __device__ __forceinline__ void pf_fold(float* v, bool hi, int mask) {
     }
 }
 
-// Top-n of one position's candidate scores `sc[0..nb)` (forced blocks already +inf, every
-// other score >= 0; a negative or NaN score is never picked) by one warp; ties go to the
-// lower slot, and slots are in ascending block order (`idx(slot)`, read for every slot
-// before any `emit`), so to the lower block, as the CPU engine's. `emit(r, block, key)` is
-// called for the r-th chosen slot in slot order (r <= slot, so it may overwrite sc[r]:
-// every lane has read its slot before the sweep's first write); returns how many were
-// chosen (min(n, valid scores)).
-// A radix select over the score bits (the decode kernel's method, kernels/selection.cuh,
-// at warp scale): non-negative floats order as their bits, so four 8-bit passes over a
-// 256-bin histogram (`hist`, the warp's own 256 words of shared memory) find the n-th best
-// key T; then the slots above T and the lowest ones equal to T are emitted in one
-// ordered sweep. About 4 x (nb / 32) + 100 instructions per lane, where n rounds of a warp
-// arg-max cost n x (nb / 32) (docs/PREFILL_NOTES.md, variant 11); `pf_top_few` first, which
-// settles it in two sweeps where few keys can be in. `sc` becomes the keys (a key k > 0 is
-// the score with bits k - 1).
 // The top `count` (<= 32) of the keys `key[0..nb)` when few keys reach the count-th largest
 // of the 32 lanes' maxima, T0 (at least `count` keys do: each of those lanes' maxima):
 // the keys >= T0 are gathered in slot order into `buf` (keys, then their blocks; at most
@@ -555,6 +540,21 @@ __device__ __forceinline__ bool pf_top_few(const unsigned* key, int nb, unsigned
     return true;
 }
 
+// Top-n of one position's candidate scores `sc[0..nb)` (forced blocks already +inf, every
+// other score >= 0; a negative or NaN score is never picked) by one warp; ties go to the
+// lower slot, and slots are in ascending block order (`idx(slot)`, read for every slot
+// before any `emit`), so to the lower block, as the CPU engine's. `emit(r, block, key)` is
+// called for the r-th chosen slot in slot order (r <= slot, so it may overwrite sc[r]:
+// every lane has read its slot before the sweep's first write); returns how many were
+// chosen (min(n, valid scores)).
+// A radix select over the score bits (the decode kernel's method, kernels/selection.cuh,
+// at warp scale): non-negative floats order as their bits, so four 8-bit passes over a
+// 256-bin histogram (`hist`, the warp's own 256 words of shared memory) find the n-th best
+// key T; then the slots above T and the lowest ones equal to T are emitted in one
+// ordered sweep. About 4 x (nb / 32) + 100 instructions per lane, where n rounds of a warp
+// arg-max cost n x (nb / 32) (docs/PREFILL_NOTES.md, variant 11); `pf_top_few` first, which
+// settles it in two sweeps where few keys can be in. `sc` becomes the keys (a key k > 0 is
+// the score with bits k - 1).
 template <class Idx, class Emit>
 __device__ __forceinline__ unsigned pf_top_n(float* sc, int nb, int n, unsigned* hist, Idx idx, Emit emit) {
     const int lane = threadIdx.x & 31;

@@ -41,6 +41,10 @@ pub(crate) const PF_KEYS: u32 = 64;
 /// adds one producer warp), in the host's order of preference (its forms, with and
 /// without a moving window: `prefill::WS_FORMS`, `PF_WS_ALL` in kernels/nsa.cu).
 pub(crate) const PF_WS_WARPS: [u32; 2] = [12, 8];
+/// Consumer warps of the warp-specialised `pf_cmp` beside which its producer is a whole
+/// warpgroup that hands its registers to them (`setmaxnreg`); beside fewer, one warp
+/// (`prefill::ws_producer_warps`, `PF_WS_PRODUCERS` in kernels/nsa.cu).
+pub(crate) const PF_WS_PRODUCER_WG: u32 = 12;
 /// The most copy stages of the warp-specialised `pf_cmp` (it holds this many pairs of
 /// mbarriers; the stages it uses are what its dynamic shared memory holds).
 pub(crate) const PF_WS_STAGES: u32 = 4;
@@ -78,6 +82,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
     ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
+    ("NSA_PF_WS_PRODUCER_WG", PF_WS_PRODUCER_WG as u64),
     ("NSA_PFB_ITEM", PFB_ITEM as u64),
     ("NSA_PFB_WARPS", PFB_WARPS as u64),
 ];

@@ -7,7 +7,7 @@
 //! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
 //! order; the kernels find their tile in the uploaded plan, so the host only counts them.
 
-use super::consts::{PF_KEYS, PF_WS_STAGES, PF_WS_WARPS};
+use super::consts::{PF_KEYS, PF_WS_PRODUCER_WG, PF_WS_STAGES, PF_WS_WARPS};
 use super::kernel::Kernel;
 use crate::config::{Config, Dtype};
 use crate::layout::PlanSeq;
@@ -98,10 +98,10 @@ pub(crate) struct PrefillPlan {
 }
 
 /// Producer warps of `pf_cmp_ws` beside `w` consumer warps (the kernels'
-/// `PF_WS_PRODUCERS`): at 12 a whole warpgroup, whose registers `setmaxnreg` hands to the
-/// consumers (only its first warp copies); at 8 one warp.
+/// `PF_WS_PRODUCERS`): at `PF_WS_PRODUCER_WG` a whole warpgroup, whose registers
+/// `setmaxnreg` hands to the consumers (only its first warp copies); else one warp.
 fn ws_producer_warps(w: u32) -> u32 {
-    if w == 12 {
+    if w == PF_WS_PRODUCER_WG {
         4
     } else {
         1
