@@ -22,6 +22,7 @@ __device__ void copy_rows(const Params& p, int c, int kvh) {
     for (usize i = threadIdx.x; i < nv; i += blockDim.x) vpool[dv_ + i] = vpool[sv + i];
 }
 
+// Row r of the step, both sides, a thread per element (`append`: a block per row).
 template <class E>
 __device__ void append_row(const Params& p, int r, int kvh) {
     typedef typename E::T T;
@@ -34,6 +35,48 @@ __device__ void append_row(const Params& p, int r, int kvh) {
     T* vd = (T*)p.paging.raw_v + row_at(p, page, kvh, off, p.shape.head_dim_v);
     for (int i = threadIdx.x; i < p.shape.head_dim_qk; i += blockDim.x) kd[i] = k[i];
     for (int i = threadIdx.x; i < p.shape.head_dim_v; i += blockDim.x) vd[i] = v[i];
+}
+
+// One row of `bytes` bytes from `src` to `dst` by the 16 lanes of a half-warp: 16-byte
+// granules when both are aligned (every lane's loads issued before its stores: one round
+// trip for rows up to 512 bytes), else elements.
+template <class T>
+__device__ __forceinline__ void append_copy_row(T* dst, const T* src, int n, int hl) {
+    const int bytes = n * (int)sizeof(T);
+    if (((bytes | (int)((usize)dst & 15) | (int)((usize)src & 15)) & 15) == 0) {
+        const uint4* s = (const uint4*)src;
+        uint4* d = (uint4*)dst;
+        const int g = bytes >> 4;
+        uint4 a0 = make_uint4(0u, 0u, 0u, 0u), a1 = a0;
+        if (hl < g) a0 = s[hl];
+        if (hl + 16 < g) a1 = s[hl + 16];
+        if (hl < g) d[hl] = a0;
+        if (hl + 16 < g) d[hl + 16] = a1;
+        for (int i = hl + 32; i < g; i += 16) d[i] = s[i];
+    } else {
+        for (int e = hl; e < n; e += 16) dst[e] = src[e];
+    }
+}
+
+// New rows r0 .. r0 + n - 1 of the step, side K (0) or V (1), or both when `both`: a
+// half-warp per row (16 rows at once in a 256-thread block, so a decode step's few rows
+// take one round of dependent loads, as with a block per row).
+template <class E>
+__device__ void append_rows(const Params& p, int r0, int n, int kvh, int side, bool both) {
+    typedef typename E::T T;
+    const int hl = threadIdx.x & 15, nh = blockDim.x >> 4;
+    for (int i = threadIdx.x >> 4; i < n; i += nh) {
+        const int r = r0 + i;
+        const int2 tm = ((const int2*)p.step.rows)[r];
+        const int page = ((const int*)p.paging.raw_tab)[(usize)tm.x * p.paging.pages_per_seq + tm.y / p.paging.page_size];
+        const int off = tm.y % p.paging.page_size;
+        if (both || side == 0)
+            append_copy_row<T>((T*)p.paging.raw_k + row_at(p, page, kvh, off, p.shape.head_dim_qk),
+                               (const T*)p.io.k + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_qk, p.shape.head_dim_qk, hl);
+        if (both || side == 1)
+            append_copy_row<T>((T*)p.paging.raw_v + row_at(p, page, kvh, off, p.shape.head_dim_v),
+                               (const T*)p.io.v + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_v, p.shape.head_dim_v, hl);
+    }
 }
 
 // ---------------------------------------------------------------- compress (phi)
@@ -191,6 +234,28 @@ __device__ void append(const Params& p) {
         if (z == 0) append_row<E>(p, x, h);
     } else if (x < copies_end) {
         if (z == 0 && x - tokens < hdr.copies) copy_rows<E>(p, x - tokens, h);
+    } else if (x - copies_end < hdr.jobs) {
+        compress<E>(p, x - copies_end, h, z);
+    }
+}
+
+// The same writes for steps of at least APPEND_MIN_TOKENS new tokens (prefill chunks; the host
+// picks the entry),
+// grid (A + 2*seqs + J) x HKV x sides: A = ceil(tokens / NSA_APPEND_ROWS) blocks append
+// the new rows (side z, both sides with one z), then the copies as above, then one block
+// per compressed token the step can finish (the host's J = tokens / cmp_stride + seqs: a
+// sequence's n new tokens finish at most n / stride + 1), exiting past n_jobs. `append`'s
+// grid of a block per row took 1.5 ms at a 64k-token prefill, ~1M blocks for 134 MB
+// (docs/PREFILL_NOTES.md, variant 32); small steps keep it (its own entry, unchanged).
+template <class E>
+__device__ void append_by_rows(const Params& p) {
+    const StepHeader& hdr = *(const StepHeader*)p.step.header;
+    const int x = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const int tokens = hdr.tokens, nab = (tokens + NSA_APPEND_ROWS - 1) / NSA_APPEND_ROWS, copies_end = nab + 2 * hdr.seqs;
+    if (x < nab) {
+        append_rows<E>(p, x * NSA_APPEND_ROWS, min(NSA_APPEND_ROWS, tokens - x * NSA_APPEND_ROWS), h, z, gridDim.z == 1);
+    } else if (x < copies_end) {
+        if (z == 0 && x - nab < hdr.copies) copy_rows<E>(p, x - nab, h);
     } else if (x - copies_end < hdr.jobs) {
         compress<E>(p, x - copies_end, h, z);
     }

@@ -82,6 +82,7 @@
 
 #define NSA_ALL(E, suffix)              \
     NSA_ENTRY(append, E, suffix)        \
+    NSA_ENTRY(append_by_rows, E, suffix) \
     NSA_ENTRY(cmp_partial, E, suffix)   \
     NSA_ENTRY_NT(select_blocks, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \

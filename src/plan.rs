@@ -56,6 +56,18 @@ pub fn completed_cmp_tokens(cfg: &Config, old_len: u32, new_len: u32) -> std::op
     cfg.num_cmp_tokens(old_len)..cfg.num_cmp_tokens(new_len)
 }
 
+/// The most compressed tokens a step of `tokens` new tokens over `seqs` sequences can
+/// complete, from the shape alone (a captured CUDA graph replays one launch grid for any
+/// lengths): a sequence's n new tokens complete at most n / stride + 1, one each time the
+/// length passes l + k * stride.
+pub fn max_compress_jobs(cfg: &Config, tokens: u32, seqs: u32) -> u32 {
+    if cfg.num_cmp_tokens(cfg.max_seq_len) == 0 {
+        0
+    } else {
+        tokens / cfg.cmp_stride + seqs
+    }
+}
+
 impl<'c> Step<'c> {
     /// The compressed tokens step sequence `ps` completes.
     pub fn completed(&self, ps: &PlanSeq) -> std::ops::Range<u32> {
@@ -234,5 +246,32 @@ impl Cache<'_> {
             raw_tables: v.raw_tables,
             cmp_tables: v.cmp_tables,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    /// The bound the append launch's grid is sized by holds for every old length and
+    /// step length: checked exhaustively for both presets and a stride that does not
+    /// divide the block.
+    #[test]
+    fn max_compress_jobs_bounds_every_step() {
+        for preset in [Preset::Paper, Preset::Fla] {
+            for stride in [None, Some(24)] {
+                let mut cfg = Config::preset(preset);
+                if let Some(d) = stride {
+                    cfg.cmp_stride = d;
+                }
+                for old in 0..300u32 {
+                    for n in 0..200u32 {
+                        let done = completed_cmp_tokens(&cfg, old, old + n).len() as u32;
+                        assert!(done <= max_compress_jobs(&cfg, n, 1), "{preset:?} stride {} old {old} n {n}: {done}", cfg.cmp_stride);
+                    }
+                }
+            }
+        }
     }
 }

@@ -9,6 +9,15 @@ pub(crate) const TK: u32 = 32;
 pub(crate) const NT_ATT: u32 = 128;
 /// Threads of the combine and append launches (their `__launch_bounds__`).
 pub(crate) const NT_WIDE: u32 = 256;
+/// New K/V rows a block of the append launch copies (a half-warp per row; its blocks
+/// once copied one row each, and at a 64k-token prefill their ~1M launches took 1.5 ms for
+/// 134 MB: docs/PREFILL_NOTES.md, variant 32).
+pub(crate) const APPEND_ROWS: u32 = 16;
+/// Steps of at least this many new tokens take the append launch by rows
+/// (the `append_by_rows` entry); smaller ones keep a block per row (`append`): with the rows form
+/// in the same entry, decode batches 1 and 16 took 1.6-4 us longer a step in graph replay
+/// (H200, variant 32).
+pub(crate) const APPEND_MIN_TOKENS: u32 = 1024;
 /// Warps per block of the tensor-core attention kernels.
 pub(crate) const MMA_WARPS: u32 = 4;
 /// Keys per warp tile of the tensor-core kernels: the rows of an m16n8k16 tile and of a
@@ -66,6 +75,8 @@ pub(crate) const PFB_CHUNK: u32 = 8192;
 const _: () = {
     assert!(WINDOW_ALIGN.is_power_of_two() && MMA_KEYS.is_power_of_two());
     assert!(MMA_WARPS * 32 <= NT_WIDE && NT_ATT % 32 == 0 && NT_SEL % 32 == 0 && NT_SEL <= 1024);
+    // The append launch copies its rows in one round: a half-warp each.
+    assert!(APPEND_ROWS * 16 <= NT_WIDE);
 };
 
 /// Every constant above the kernels read, with its name there.
@@ -73,6 +84,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_TK", TK as u64),
     ("NSA_NT_ATT", NT_ATT as u64),
     ("NSA_NT_WIDE", NT_WIDE as u64),
+    ("NSA_APPEND_ROWS", APPEND_ROWS as u64),
     ("NSA_MMA_WARPS", MMA_WARPS as u64),
     ("NSA_MMA_KEYS", MMA_KEYS as u64),
     ("NSA_MMA_MAX_STAGES", MMA_MAX_STAGES as u64),

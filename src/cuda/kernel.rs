@@ -24,6 +24,9 @@ const MMA_SHAPES: [(u32, u32); 3] = super::prefill::SHAPES;
 pub(crate) enum Kernel {
     /// The step's writes: copy-on-write copies, appends, compressed tokens (one launch).
     Append,
+    /// The same for steps of at least `APPEND_MIN_TOKENS` new tokens: rows by blocks of
+    /// `APPEND_ROWS`, compress blocks bounded by the shape.
+    AppendByRows,
     /// Compressed attention, split over blocks (scalar).
     CmpPartial,
     /// Block scores and the top-n of each (row, KV head); chunk blocks at small batch.
@@ -105,9 +108,10 @@ impl SharedMem {
 }
 
 impl Kernel {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
+        Kernel::AppendByRows,
         Kernel::CmpPartial,
         Kernel::SelectBlocks,
         Kernel::SwPartial,
@@ -131,6 +135,7 @@ impl Kernel {
     pub fn stage(self) -> &'static str {
         match self {
             Kernel::Append => "append",
+            Kernel::AppendByRows => "append_by_rows",
             Kernel::CmpPartial => "cmp_partial",
             Kernel::SelectBlocks => "select_blocks",
             Kernel::SwPartial => "sw_partial",
@@ -171,7 +176,7 @@ impl Kernel {
     /// kernels' come from the backend's [`PrefillPlan`].
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
-            Kernel::Append | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
+            Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
             Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
@@ -184,7 +189,7 @@ impl Kernel {
     /// Which shared-memory size it takes.
     pub fn smem(self) -> Smem {
         match self {
-            Kernel::Append => Smem::Compress,
+            Kernel::Append | Kernel::AppendByRows => Smem::Compress,
             Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbMerge => Smem::None,
             Kernel::PfbAttn => Smem::PfbAttn,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
@@ -470,7 +475,7 @@ mod tests {
         assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false), "nsa_pfb_scan_bf16");
         // pf_cmp also warp-specialised (prefill::WS_FORMS), pf_sww as pf_sw; the block-major
         // kernels: four for both 16-bit types, pfb_attn per prefill shape.
-        assert_eq!(all, 7 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3);
+        assert_eq!(all, 8 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -2,7 +2,7 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
-use super::consts::{NT_WIDE, SEL_CHUNK_MIN};
+use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::kernel::Kernel;
 use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
@@ -93,10 +93,20 @@ impl CudaBackend {
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
         unsafe {
-            // Appends, copies and compressed tokens (K and V sides: z), one launch.
+            // Appends, copies and compressed tokens (K and V sides: z), one launch: a block
+            // per new row, 2 per sequence for copies, one per possible compressed token;
+            // steps of APPEND_MIN_TOKENS or more by blocks of APPEND_ROWS rows and with the
+            // compress blocks the shape bounds (a sequence's n new tokens finish at most
+            // n / stride + 1; kernels/append.cuh). Shape-only, so a captured graph replays.
             let sides = if cfg.num_cmp_tokens(cfg.max_seq_len) > 0 { 2 } else { 1 };
-            let grid = (2 * tokens + 2 * nseqs, hkv, sides);
-            k.launch_with(Kernel::Append, grid, k.smem(Kernel::Append), &p, stream, false, l1(Kernel::Append, tokens))?;
+            let (kernel, grid) = if tokens >= APPEND_MIN_TOKENS {
+                let jobs_max = crate::plan::max_compress_jobs(&cfg, tokens, nseqs);
+                debug_assert!(step.compress_jobs().count() as u32 <= jobs_max);
+                (Kernel::AppendByRows, (tokens.div_ceil(APPEND_ROWS) + 2 * nseqs + jobs_max, hkv, sides))
+            } else {
+                (Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides))
+            };
+            k.launch_with(kernel, grid, k.smem(kernel), &p, stream, false, l1(kernel, tokens))?;
             if append_only {
                 return Ok(());
             }
