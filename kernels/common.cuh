@@ -124,6 +124,9 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #ifndef NSA_APPEND_ROWS
 #error "NSA_APPEND_ROWS is passed by the host (src/cuda/consts.rs)"
 #endif
+#ifndef NSA_PF_SEL_WARPS
+#error "NSA_PF_SEL_WARPS is passed by the host (src/cuda/consts.rs)"
+#endif
 #ifndef NSA_PFB_WARPS
 #error "NSA_PFB_WARPS is passed by the host (src/cuda/consts.rs)"
 #endif

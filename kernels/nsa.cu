@@ -152,6 +152,22 @@ PF_ENTRY(EBF16, bf16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EBF16, bf16, 128, 128, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 64, 64, WgmmaTma, wgt)
 PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
+// `pf_sel`: the selected branch alone at G = 16, a warp per position, after `pf_cmp_ws` did
+// the window (`PrefillPlan::sel_split`): nsa_pf_sel_{bf16,f16}_{DK}_{DV}, blocks of
+// NSA_PF_SEL_WARPS warps, as many per multiprocessor as their copy stages allow (MINB: the
+// register budget).
+#define PF_SEL_ENTRY(E, suffix, DK, DV, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(NSA_PF_SEL_WARPS * 32, MINB) nsa_pf_sel_##suffix##_##DK##_##DV(const Params p) { \
+        pdl_trigger();                                                                                               \
+        pdl_wait();                                                                                                  \
+        pf_sel_alone<E, DK, DV>(p);                                                                                  \
+    }
+PF_SEL_ENTRY(EBF16, bf16, 64, 64, 4)
+PF_SEL_ENTRY(EBF16, bf16, 128, 128, 3)
+PF_SEL_ENTRY(EBF16, bf16, 192, 128, 2)
+PF_SEL_ENTRY(EF16, f16, 64, 64, 4)
+PF_SEL_ENTRY(EF16, f16, 128, 128, 3)
+PF_SEL_ENTRY(EF16, f16, 192, 128, 2)
 // `wgs8`, `wgs12`: pf_cmp warp-specialised (a producer warp and 8 or 12 consumer warps
 // over an mbarrier ring of tensor-map copies; `pf_cmp_ws`), every prefill shape; `wgs12w`,
 // `wgs8w` with a moving window of block scores (WIN, for sequences whose blocks' scores do

@@ -363,6 +363,18 @@ __device__ __forceinline__ void pf_block_scores(const Params& p, const float (&s
     __syncwarp();
 }
 
+// The factors gate / l that turn the lane's two rows' o into their gated branch output
+// (branch 1 selected, 2 window); each row's l is first summed over its four lanes.
+__device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, bool okB, const float* gates, usize rA,
+                                               usize rB, int branch, float& fA, float& fB) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    fA = okA && lA != 0.f ? gates[rA * 3 + branch] / lA : 0.f;
+    fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
+}
+
 // The gated compressed output g_cmp * o_cmp of one of the lane's rows (its position `po`
 // in the tile, head `h` of the group; fragment columns E0 and E0 + 1: 0 for row A, 2 for
 // row B) into `out` (pf_sw adds the other branches to it).
@@ -392,6 +404,89 @@ __device__ __forceinline__ void pf_cmp_store(const Params& p, const PrefillTile&
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
     pf_cmp_store_row<E, DV, 0>(p, tl, r.poA, hA, kvh, o);
     pf_cmp_store_row<E, DV, 2>(p, tl, r.poB, hB, kvh, o);
+}
+
+// The 64-key tiles of the window's band of a tile's positions: [t0, t0 + n), from the first
+// position's lowest key to the last position (computed where used: kept live across the
+// passes, they cost the 12-warp forms a spilled word).
+struct PfWinTiles {
+    int t0, n;
+};
+__device__ __forceinline__ PfWinTiles pf_win_tiles(const Params& p, const PrefillTile& tl) {
+    const int t0 = max(0, tl.pos0 - p.shape.window + 1) / PF_KT;
+    return {t0, (tl.pos0 + tl.npos - 1) / PF_KT - t0 + 1};
+}
+
+// `pf_cmp_ws`'s sliding window (`launch.mode & 16`, `PrefillPlan::cmp_window`): after
+// pass 2 the producer streams the band's raw 64-key tiles [wt0, wt0 + nwt) through the same
+// ring (ring counters from `it0`), and each warpgroup multiplies those of its positions'
+// band (a banded causal attention, online softmax, as `pf_sw`'s window phase), then adds
+// g_win * o_win / l to `out`, which holds the gated compressed part this thread has just
+// stored. So the window's tiles serve the warp-specialised block's 192 rows and `pf_sw`
+// keeps the selected branch alone. Every consumer warp waits for and releases every tile
+// (a warp's release may count only towards the tile's current round).
+template <class E, int DK, int DV, class M, class Round>
+__device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile& tl, M& m, int kvh,
+                                              int warp, unsigned ks, unsigned vs, unsigned full0, unsigned empty0, int it0,
+                                              Round round_of, int NS, float sl2) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, G = p.shape.group_size, w = p.shape.window;
+    const int last = tl.pos0 + tl.npos - 1;
+    const PfWinTiles wn = pf_win_tiles(p, tl);
+    // The lane's rows' positions (recomputed: `PfCmpRows` kept live to here costs a spill).
+    const int poA = (warp * 16 + g) >> pf_lg(p), poB = (warp * 16 + g + 8) >> pf_lg(p);
+    const bool okA = poA < tl.npos, okB = poB < tl.npos;
+    const int tA = tl.pos0 + poA, tB = tl.pos0 + poB;
+    // The warpgroup's positions: tiles outside all of their bands are not multiplied.
+    const int PU = M::UNIT / G, unit = warp / (M::UNIT / 16);
+    const int umin = tl.pos0 + unit * PU, umax = min(umin + PU - 1, last);
+    const bool uok = unit * PU < tl.npos;
+    float o[DV / 8][4];
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    for (int i = 0; i < wn.n; i++) {
+        const int it = it0 + i, q = round_of(it), s = it - q * NS, k0 = (wn.t0 + i) * PF_KT;
+        mbar_wait(full0 + 8 * s, q & 1);
+        if (uok && k0 <= umax && k0 + PF_KT - 1 >= umin - w + 1) {
+            float sv[8][4];
+            m.qk(ks + s * M::KTILE, sv);
+            const bool fullA = okA && k0 >= tA - w + 1 && k0 + PF_KT - 1 <= tA;
+            const bool fullB = okB && k0 >= tB - w + 1 && k0 + PF_KT - 1 <= tB;
+            if (!__all_sync(0xffffffffu, fullA && fullB)) {  // masks only on tiles a row sees in part
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int k = k0 + n * 8 + q4 * 2 + e;
+                        if (!(okA && k <= tA && k > tA - w)) sv[n][e] = NEG_INF;
+                        if (!(okB && k <= tB && k > tB - w)) sv[n][2 + e] = NEG_INF;
+                    }
+            }
+            pf_online<8, DV>(sv, sl2, mA, mB, lA, lB, o);
+            m.pv(sv, vs + s * M::VTILE, o);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
+    }
+    const float* gates = (const float*)p.io.gates;
+    typename E::T* out = (typename E::T*)p.io.out;
+    const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
+    const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
+    const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
+    float fA, fB;
+    pf_gate_over_l(lA, lB, okA, okB, gates, rA, rB, 2, fA, fB);
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        const int c = d * 8 + q4 * 2;
+        if (okA) {
+            E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
+            E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
+        }
+        if (okB) {
+            E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
+            E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
+        }
+    }
 }
 
 // Ranks the final window blocks [cb, f) of each of the warp's positions (capped at its
@@ -600,6 +695,10 @@ __device__ void pf_cmp(const Params& p) {
 // (a call made ptxas spill in the 12-warp form when it had 128 registers a thread).
 template <class E, int DK, int DV, bool WIN, int PWARPS>
 __device__ void pf_cmp_ws(const Params& p) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    return;  // warpgroup MMA and setmaxnreg: the host takes it on sm_90a only (sm_80's empty body
+             // also keeps ptxas from spilling a 128-register allocation of dead code)
+#endif
     using M = Wgmma<E, DK, DV>;
     extern __shared__ __align__(16) unsigned char pf_smem[];
     __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
@@ -646,22 +745,34 @@ __device__ void pf_cmp_ws(const Params& p) {
         // its first warp copies.
         if (PWARPS == 4) setmaxnreg_dec<32>();
         if (warp != nw) return;
-        // Producer: pass 1's K tiles, then pass 2's K and V tiles, through the ring.
-        for (int it = 0; it < 2 * ntl; it++) {
-            const int q = round_of(it), s = it - q * NS, kt = it < ntl ? it : it - ntl, k0 = kt * PF_KT;
+        // Producer: pass 1's K tiles, then pass 2's K and V tiles, then the window's raw
+        // K and V tiles, through the ring.
+        const int* rtab = (const int*)p.paging.raw_tab + (usize)tl.seq * p.paging.pages_per_seq;
+        const PfWinTiles wn = pf_win_tiles(p, tl);
+        const int last = tl.pos0 + tl.npos - 1, wt0 = wn.t0, nwt = (p.launch.mode & 16) ? wn.n : 0;
+        unsigned tails = 0u;  // tail tiles so far: tailb's phase
+        for (int it = 0; it < 2 * ntl + nwt; it++) {
+            const int q = round_of(it), s = it - q * NS;
             if (it >= NS) mbar_wait(empty0 + 8 * s, (q - 1) & 1);
-            const bool v = it >= ntl, tail = v && k0 + PF_KT > nc_max;
+            const bool raw = it >= 2 * ntl, v = it >= ntl;
+            const int kt = raw ? wt0 + it - 2 * ntl : it < ntl ? it : it - ntl, k0 = kt * PF_KT;
+            const int kend = raw ? last + 1 : nc_max;
+            const bool tail = v && k0 + PF_KT > kend;
             const unsigned kd = ks + s * M::KTILE, vd = vs + s * M::VTILE;
-            if (v)
-                pf_tma_tile<DK, DV>(p, lane, tail ? tailb : full0 + 8 * s, kd, 2, vd, 3, pg[kt], kvh, k0);
+            const unsigned bar = tail ? tailb : full0 + 8 * s;
+            if (raw)
+                pf_tma_tile<DK, DV>(p, lane, bar, kd, 0, vd, 1, rtab[k0 / p.paging.page_size], kvh, k0);
+            else if (v)
+                pf_tma_tile<DK, DV>(p, lane, bar, kd, 2, vd, 3, pg[kt], kvh, k0);
             else
                 pf_tma_tile<DK, 0>(p, lane, full0 + 8 * s, kd, 2, vd, 3, pg[kt], kvh, k0);
             if (tail) {
                 // V rows past the last visible key: zeros (their p is 0, but 0 * NaN is
                 // NaN); then the stage is full.
-                mbar_wait(tailb, 0);
+                mbar_wait(tailb, tails & 1u);
+                tails++;
                 unsigned char* vg = base + (vd - qs);
-                const int r0 = nc_max - k0;
+                const int r0 = kend - k0;
                 for (int e = lane; e < (PF_KT - r0) * (DV / 8); e += 32) {
                     const int r = r0 + e / (DV / 8), c = e % (DV / 8);
                     *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
@@ -754,6 +865,7 @@ __device__ void pf_cmp_ws(const Params& p) {
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
+    if (p.launch.mode & 16) pf_cmp_window<E, DK, DV>(p, tl, m, kvh, warp, ks, vs, full0, empty0, 2 * ntl, round_of, NS, sl2);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
 }
 
@@ -789,6 +901,24 @@ __device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int r
     static_assert(C >= 2 && C % 2 == 0 && D % 8 == 0, "rows of an even number of 16-byte granules");
     const int lane = threadIdx.x & 31;
     pf_warp_rows_at<C, 0>(dst, src + lane * 8, lane, rmax);
+}
+
+// The second half of a 16-key sub-tile step of the per-warp selected loops (`pf_sel_warp`,
+// `pf_sel_alone`): the online softmax of the masked scores s, then P times the sub-tile's V
+// rows into o; `vaddr(dp)` is the ldmatrix address of V's columns 16 dp .. 16 dp + 15.
+template <class E, int DV, class VAddr>
+__device__ __forceinline__ void pf_sub_pv(float (&s)[2][4], float sl2, float& mA, float& mB, float& lA, float& lB,
+                                          float (&o)[DV / 8][4], VAddr vaddr) {
+    pf_online<2, DV>(s, sl2, mA, mB, lA, lB, o);
+    const unsigned pa0 = pack2<E::MMA>(s[0][0], s[0][1]), pa1 = pack2<E::MMA>(s[0][2], s[0][3]);
+    const unsigned pa2 = pack2<E::MMA>(s[1][0], s[1][1]), pa3 = pack2<E::MMA>(s[1][2], s[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < DV / 16; dp++) {
+        unsigned b0, b1, b2, b3;
+        ldsm4t(vaddr(dp), b0, b1, b2, b3);
+        mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+        mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+    }
 }
 
 // The selected branch of one warp's rows (`launch.mode & 4`): the warp walks the blocks
@@ -899,16 +1029,7 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
                     if (!(sB && pos <= tB)) s[nt][2 + e] = NEG_INF;
                 }
         }
-        pf_online<2, DV>(s, sl2, mA, mB, lA, lB, o);
-        const unsigned pa0 = pack2<E::MMA>(s[0][0], s[0][1]), pa1 = pack2<E::MMA>(s[0][2], s[0][3]);
-        const unsigned pa2 = pack2<E::MMA>(s[1][0], s[1][1]), pa3 = pack2<E::MMA>(s[1][2], s[1][3]);
-#pragma unroll
-        for (int dp = 0; dp < DV / 16; dp++) {
-            unsigned b0, b1, b2, b3;
-            ldsm4t(vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow), b0, b1, b2, b3);
-            mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
-            mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
-        }
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow); });
         __syncwarp();  // the stage is refilled by the copy issued in the step after next
         cu = nu;
         cq = nq;
@@ -918,16 +1039,226 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     __syncwarp();
 }
 
-// The factors gate / l that turn the lane's two rows' o into their gated branch output
-// (branch 1 selected, 2 window); each row's l is first summed over its four lanes.
-__device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, bool okB, const float* gates, usize rA,
-                                               usize rB, int branch, float& fA, float& fB) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-    fA = okA && lA != 0.f ? gates[rA * 3 + branch] / lA : 0.f;
-    fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
+// The selected branch alone, a warp per position (G = 16: the warp's 16 rows are the
+// position's heads; `PrefillPlan::sel_split`, prefill variants 23 and 33b): the warp reads
+// its position's selected blocks and queries straight from global memory (Q fragments stay
+// in registers), walks the blocks as 16-key sub-tiles through its own two copy stages, and
+// adds the gated, normalised result to `out`, which holds the compressed branch and the
+// window (`pf_cmp_ws` with `launch.mode & 16`). No Q tile and no window pipeline: a block
+// is its warps' stages (16 KB a warp at 128/128), so three blocks fit a multiprocessor
+// where `pf_sw`, with the window's registers and tiles, runs two.
+template <class E, int DK, int DV>
+__device__ void pf_sel_alone(const Params& p) {
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    static_assert(NSA_PF_SEL_WARPS * 16 == PF_KT, "a shared 64-key tile is a 16-key sub-tile per warp");
+    // 33c: each position's selection; the blocks two or more positions chose (at most
+    // 16 * 4 / 2) with a bit per position that chose it; each warp's count of those.
+    __shared__ int lists[NSA_PF_SEL_WARPS][32];
+    __shared__ int common[32];
+    __shared__ unsigned cmask[32];
+    __shared__ int ccount[NSA_PF_SEL_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int g = lane >> 2, q4 = lane & 3;
+    const int kvh = blockIdx.y, n = p.shape.sel_count, B = p.shape.sel_block;
+    const PrefillTile tl = pf_tile(p, blockIdx.x, nw);
+    if (tl.npos == 0) return;
+    // A warp past the tile's positions only helps copy the common blocks (below).
+    const bool live = warp < tl.npos;
+    const int last = tl.pos0 + tl.npos - 1, t = live ? tl.pos0 + warp : last;
+    const usize row = (usize)tl.row0 + warp;
+    const int hq = p.shape.num_q_heads, hkv = p.shape.num_kv_heads;
+    // Rows g and g + 8: heads kvh * 16 + g and + 8; the m16n8k16 A fragments of each k step.
+    unsigned qa[DK / 16][4];
+    if (live) {
+        const u16* q = (const u16*)p.io.q + (row * hq + kvh * 16) * DK;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+            const int c = kk * 16 + q4 * 2;
+            qa[kk][0] = *(const unsigned*)(q + g * DK + c);
+            qa[kk][1] = *(const unsigned*)(q + (g + 8) * DK + c);
+            qa[kk][2] = *(const unsigned*)(q + g * DK + c + 8);
+            qa[kk][3] = *(const unsigned*)(q + (g + 8) * DK + c + 8);
+        }
+    }
+    // Lane i holds the position's i-th selected block (-1: none) and, with one 64-key tile
+    // per block, its page: the copies then wait on no dependent load.
+    const int* rtab = (const int*)p.paging.raw_tab + (usize)tl.seq * p.paging.pages_per_seq;
+    int myblk = live && lane < n ? pf_sel(p)[(row * hkv + kvh) * n + lane] : -1;
+    const bool one_tile = B == PF_KT;
+    const int nsub = B / 16;
+    const u16* rk = (const u16*)p.paging.raw_k;
+    const u16* rv = (const u16*)p.paging.raw_v;
+    constexpr unsigned KB = 16 * DK * 2, SB = KB + 16 * DV * 2;  // a stage: K rows then V rows
+    const unsigned st0 = smem_u32(pf_base(pf_smem)), wst = st0 + warp * pf_warp_stages<DK, DV>();
+    // The 16 keys at row `off` of `page` into the warp's stage st; rows past `rmax`
+    // zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
+    auto copy = [&](int page, int off, int st, int rmax) {
+        const unsigned kd = wst + st * SB;
+        pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), rmax);
+        pf_warp_rows<DV>(kd + KB, rv + row_at(p, page, kvh, off, DV), rmax);
+    };
+    float o[DV / 8][4];
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    const float sl2 = p.shape.scale * 1.4426950408889634f;
+    const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+    // The position's 16 heads against the 16 keys k0.. of a stage at kt (K, then V).
+    // Its ldmatrix addresses: a row's swizzled granule 2 kk + kc is (the row's base, with
+    // granule (kc ^ row) & 7 of its first 128 bytes, + 128 per 8 granules) XOR ((2 kk) & 7)
+    // * 16, as the stages are 128-byte aligned: one logic op per load, no address kept per
+    // k step (with one kept per step and stage ptxas spilled in the common phase below).
+    const unsigned kx = krow * DK * 2 + (((kc ^ krow) & 7) << 4), vx = vrow * DV * 2 + (((vc ^ vrow) & 7) << 4);
+    auto attend = [&](unsigned kt, int k0) {
+        const unsigned vt = kt + KB;
+        // Q K^T as four independent chains (variant 22a).
+        float s[2][4], u[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = u[0][e] = u[1][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++) {
+            unsigned b0, b1, b2, b3;
+            ldsm4((kt + kx + (kk >> 2) * 128) ^ (((2 * kk) & 7) << 4), b0, b1, b2, b3);
+            float(&acc)[2][4] = kk % 2 ? u : s;
+            mma16816<E::MMA>(acc[0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+            mma16816<E::MMA>(acc[1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[0][e] += u[0][e];
+            s[1][e] += u[1][e];
+        }
+        if (k0 + 15 > t) {  // the position's own block: keys past it see nothing
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                    if (k0 + nt * 8 + q4 * 2 + e > t) s[nt][e] = s[nt][2 + e] = NEG_INF;
+        }
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); });
+    };
+
+    // The blocks two or more positions of the tile chose (the initial and local blocks, shared
+    // by neighbours whatever the scores, and with short sequences many more: 4 random
+    // choices of 13 among 64 blocks at 4k share ~36%) leave the warps' own lists: after
+    // those each 64-key tile of them is copied once for the block, a 16-key sub-tile per
+    // warp, and the positions that chose it read all four (`launch.mode & 64`, prefill
+    // variant 33c). In warp order, so the sums' order is fixed. (That phase runs last:
+    // before the warps' own loops, with their lists live across it, it made ptxas spill
+    // in those loops.)
+    const bool share = (p.launch.mode & 64) && one_tile && tl.npos > 1;  // block-uniform
+    // Common blocks: the sum of the warps' counts (read again after the warps' own loops).
+    auto ncommon = [&]() {
+        int c = 0;
+        for (int w = 0; w < NSA_PF_SEL_WARPS; w++) c += ccount[w];
+        return c;
+    };
+    if (share) {
+        lists[warp][lane] = myblk;
+        __syncthreads();
+        // Which positions chose this lane's block; the lowest of them lists it.
+        unsigned who = myblk >= 0 ? 1u << warp : 0u;
+        bool first = true;
+        for (int w = 0; w < tl.npos; w++) {
+            if (w == warp || myblk < 0) continue;
+            bool found = false;
+            for (int j = 0; j < n; j++) found |= lists[w][j] == myblk;
+            if (found) {
+                who |= 1u << w;
+                first &= w > warp;
+            }
+        }
+        const bool multi = __popc(who) >= 2;
+        const unsigned mine = __ballot_sync(0xffffffffu, multi && first);
+        if (lane == 0) ccount[warp] = __popc(mine);
+        __syncthreads();
+        int base = 0;
+        for (int w = 0; w < warp; w++) base += ccount[w];
+        if (multi && first) {
+            const int slot = base + __popc(mine & ((1u << lane) - 1u));
+            common[slot] = myblk;
+            cmask[slot] = who;
+        }
+        if (multi) myblk = -1;  // done in the common phase
+        __syncthreads();
+    }
+    {
+        // With one 64-key tile per block, lane i also holds its block's page and first row
+        // there (a division per lane here, none per sub-tile in the loop).
+        const int mypage = myblk >= 0 && one_tile ? rtab[myblk * B / p.paging.page_size] : 0;
+        const int myoff = myblk >= 0 && one_tile ? myblk * B % p.paging.page_size : 0;
+        unsigned todo = __ballot_sync(0xffffffffu, myblk >= 0);
+        // Sub-tile qq of the block in lane `i`.
+        auto issue = [&](int i, int qq, int st) {
+            const int blk = __shfl_sync(0xffffffffu, myblk, i);
+            const int k0 = blk * B + qq * 16;
+            if (one_tile)
+                copy(__shfl_sync(0xffffffffu, mypage, i), __shfl_sync(0xffffffffu, myoff, i) + qq * 16, st, t - k0);
+            else
+                copy(rtab[k0 / p.paging.page_size], k0 % p.paging.page_size, st, t - k0);
+        };
+        int ci = todo ? __ffs(todo) - 1 : 32, cq = 0, st = 0;
+        if (ci < 32) issue(ci, 0, 0);
+        cp_commit();
+        while (ci < 32) {
+            int nq = cq + 1, ni = ci;
+            if (nq == nsub) {
+                nq = 0;
+                todo &= ~(1u << ci);
+                ni = todo ? __ffs(todo) - 1 : 32;
+            }
+            if (ni < 32) issue(ni, nq, st ^ 1);
+            cp_commit();
+            cp_wait<1>();
+            __syncwarp();
+            attend(wst + st * SB, __shfl_sync(0xffffffffu, myblk, ci) * B + cq * 16);
+            __syncwarp();  // the stage is refilled by the copy issued in the step after next
+            ci = ni;
+            cq = nq;
+            st ^= 1;
+        }
+        cp_wait<0>();
+    }
+    if (share) {
+        // Every warp (also one past the tile's positions) copies its sub-tile of each
+        // common block; the warps' own stages are free again once all have passed here.
+        __syncthreads();
+        const int nc = ncommon();
+        auto common_copy = [&](int c, int st) {
+            const int k0 = common[c] * B + warp * 16;
+            copy(rtab[k0 / p.paging.page_size], k0 % p.paging.page_size, st, last - k0);
+        };
+        if (nc > 0) common_copy(0, 0);
+        cp_commit();
+        for (int c = 0; c < nc; c++) {
+            if (c + 1 < nc) common_copy(c + 1, (c + 1) & 1);
+            cp_commit();
+            cp_wait<1>();
+            __syncthreads();  // every warp's sub-tile of block c is in its stage c & 1
+            if (live && ((cmask[c] >> warp) & 1u)) {
+                const int k0 = common[c] * B;
+                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(st0 + w * pf_warp_stages<DK, DV>() + (c & 1) * SB, k0 + w * 16);
+            }
+            __syncthreads();  // stage c & 1 is refilled by the copy issued in step c + 1
+        }
+        cp_wait<0>();
+    }
+    if (!live) return;
+    // out += gate_slc / l * o, rows g and g + 8.
+    const float* gates = (const float*)p.io.gates;
+    const usize rA = row * hq + kvh * 16 + g, rB = rA + 8;
+    float fA, fB;
+    pf_gate_over_l(lA, lB, true, true, gates, rA, rB, 1, fA, fB);
+    typename E::T* out = (typename E::T*)p.io.out;
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        const int c = d * 8 + q4 * 2;
+        E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
+        E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
+        E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
+        E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
+    }
 }
 
 // Selected blocks + sliding window + gated combine (or, WINDOW_ONLY, the window and the
@@ -1007,10 +1338,11 @@ __device__ void pf_sw(const Params& p) {
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
 
-    // Window key tiles: [wlo, last], 64-aligned.
+    // Window key tiles: [wlo, last], 64-aligned; none where `pf_cmp_ws` did the window
+    // (`launch.mode & 16`: `out` holds it with the compressed part).
     const int wlo = max(0, tl.pos0 - p.shape.window + 1);
     const int wt0 = wlo / PF_KT, wt1 = last / PF_KT;
-    const int nwin = wt1 - wt0 + 1;
+    const int nwin = (p.launch.mode & 16) ? 0 : wt1 - wt0 + 1;
     const int total = nsel_tiles + nwin;
     auto tile_k0 = [&](int it) {
         return it < nsel_tiles ? ulist[it / tpb] * p.shape.sel_block + (it % tpb) * PF_KT : (wt0 + it - nsel_tiles) * PF_KT;
@@ -1109,8 +1441,9 @@ __device__ void pf_sw(const Params& p) {
         __syncthreads();
     }
     cp_wait<0>();
-    // The window always holds the position itself (nwin >= 1): the selected part was
-    // folded into acc at it == nsel_tiles.
+    // The window holds the position itself (nwin >= 1), so the selected part was folded
+    // into acc at it == nsel_tiles; or it was done before (nwin = 0), which the host asks
+    // only with the selected branch per warp (folded after `pf_sel_warp`).
     typename E::T* out = (typename E::T*)p.io.out;
     float fA, fB;
     pf_gate_over_l(lA, lB, okA, okB, gates, rA, rB, 2, fA, fB);

@@ -153,6 +153,8 @@ impl CudaBackend {
             nstage: stages.nstage,
             pf_sel_warp: plan.prefill.is_some_and(|p| p.sel_warp),
             pf_win: plan.prefill.map_or(0, |p| p.sc_win),
+            pf_cmp_window: plan.prefill.is_some_and(|p| p.cmp_window),
+            pf_sel_share: plan.prefill.is_some_and(|p| p.sel_share),
         };
         Ok(CudaBackend {
             cfg: *cfg,

@@ -251,6 +251,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_cmp: prefill.map_or(0, |p| p.smem_cmp),
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
         pfb_attn: if blocks { pfb_attn as u32 } else { 0 },
+        pf_sel: prefill.filter(|p| p.sel_split).map_or(0, |p| p.smem_sel),
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
     let knobs = DecodeKnobs {

@@ -63,6 +63,9 @@ pub(crate) const PF_WS_STAGES: u32 = 4;
 pub(crate) const PFB_ITEM: u32 = 64;
 /// Warps per block of `pfb_attn` (16 query rows each).
 pub(crate) const PFB_WARPS: u32 = 4;
+/// Warps per block of `pf_sel`, the prefill's selected branch alone at G = 16 (a warp per
+/// position; `PrefillPlan::sel_split`).
+pub(crate) const PF_SEL_WARPS: u32 = 4;
 /// Rows of a prefill the block-major selected branch takes per chunk, at most: its
 /// partials (rows x query heads x selected blocks x (DV 16-bit values + an f32)) are
 /// workspace, 2.2 GB at 64 query heads, 16 blocks, DV = 128. Longer chunks make longer
@@ -97,6 +100,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_PF_WS_PRODUCER_WG", PF_WS_PRODUCER_WG as u64),
     ("NSA_PFB_ITEM", PFB_ITEM as u64),
     ("NSA_PFB_WARPS", PFB_WARPS as u64),
+    ("NSA_PF_SEL_WARPS", PF_SEL_WARPS as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

@@ -58,6 +58,9 @@ pub(crate) enum Kernel {
     PfbAttn,
     /// The partials merged into the output.
     PfbMerge,
+    /// Prefill's selected branch alone at G = 16, a warp per position, after `PfCmp` did
+    /// the window (`PrefillPlan::sel_split`).
+    PfSel,
 }
 
 /// Which of the config-dependent shared-memory sizes ([`SharedMem`]) a kernel takes.
@@ -73,6 +76,7 @@ pub(crate) enum Smem {
     PfCmp,
     PfSw,
     PfbAttn,
+    PfSel,
 }
 
 /// Dynamic shared memory per kernel family, bytes, for one config and device
@@ -89,6 +93,8 @@ pub(crate) struct SharedMem {
     pub pf_sw: u32,
     /// `pfb_attn`'s (0 when the block-major selected branch is not used).
     pub pfb_attn: u32,
+    /// `pf_sel`'s (0 unless `PrefillPlan::sel_split`).
+    pub pf_sel: u32,
 }
 
 impl SharedMem {
@@ -103,12 +109,13 @@ impl SharedMem {
             Smem::PfCmp => self.pf_cmp,
             Smem::PfSw => self.pf_sw,
             Smem::PfbAttn => self.pfb_attn,
+            Smem::PfSel => self.pf_sel,
         }
     }
 }
 
 impl Kernel {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::AppendByRows,
@@ -129,6 +136,7 @@ impl Kernel {
         Kernel::PfbFill,
         Kernel::PfbAttn,
         Kernel::PfbMerge,
+        Kernel::PfSel,
     ];
 
     /// The stage's name in its entry points.
@@ -153,6 +161,7 @@ impl Kernel {
             Kernel::PfbFill => "pfb_fill",
             Kernel::PfbAttn => "pfb_attn",
             Kernel::PfbMerge => "pfb_merge",
+            Kernel::PfSel => "pf_sel",
         }
     }
 
@@ -179,6 +188,7 @@ impl Kernel {
             Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
             Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
+            Kernel::PfSel => super::consts::PF_SEL_WARPS * 32,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
             Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.threads(self)),
@@ -192,6 +202,7 @@ impl Kernel {
             Kernel::Append | Kernel::AppendByRows => Smem::Compress,
             Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbMerge => Smem::None,
             Kernel::PfbAttn => Smem::PfbAttn,
+            Kernel::PfSel => Smem::PfSel,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
             Kernel::SelectBlocks => Smem::Selection,
             Kernel::Combine | Kernel::FullCombine => Smem::Combine,
@@ -216,8 +227,8 @@ impl Kernel {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
         };
-        if self == Kernel::PfbAttn {
-            format!("nsa_pfb_attn_{suffix}_{dk}_{dv}")
+        if matches!(self, Kernel::PfbAttn | Kernel::PfSel) {
+            format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
@@ -246,7 +257,7 @@ impl Kernel {
             }
             return v;
         }
-        if self == Kernel::PfbAttn {
+        if matches!(self, Kernel::PfbAttn | Kernel::PfSel) {
             return super::prefill::SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, false))).collect();
         }
         if self.prefill_blocks() {
@@ -292,7 +303,12 @@ impl Kernels {
             pdl: false,
         };
         for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
-            if kernel.tensor_core() && !tensor_cores || kernel.prefill() && prefill.is_none() || kernel.prefill_blocks() && !blocks {
+            let sel_split = prefill.is_some_and(|p| p.sel_split);
+            if kernel.tensor_core() && !tensor_cores
+                || kernel.prefill() && prefill.is_none()
+                || kernel.prefill_blocks() && !blocks
+                || kernel == Kernel::PfSel && !sel_split
+            {
                 continue;
             }
             let entry = match prefill {
@@ -473,9 +489,11 @@ mod tests {
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
         assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false), "nsa_pfb_attn_f16_192_128");
         assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false), "nsa_pfb_scan_bf16");
+        assert_eq!(Kernel::PfSel.entry(Dtype::Bf16, (128, 128), false), "nsa_pf_sel_bf16_128_128");
         // pf_cmp also warp-specialised (prefill::WS_FORMS), pf_sww as pf_sw; the block-major
-        // kernels: four for both 16-bit types, pfb_attn per prefill shape.
-        assert_eq!(all, 8 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3);
+        // kernels: four for both 16-bit types, pfb_attn per prefill shape; pf_sel per
+        // prefill shape.
+        assert_eq!(all, 8 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

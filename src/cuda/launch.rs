@@ -116,10 +116,17 @@ impl CudaBackend {
                 k.launch(Kernel::PfCmp, (pf.tiles(Kernel::PfCmp, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
                 let mut sw = Kernel::PfSw;
                 // One sequence: its selected branch block-major, chunk by chunk, then the
-                // window alone.
+                // window alone (unless `pf_cmp` did it: `PrefillPlan::cmp_window`).
                 if let (true, [seq]) = (self.pfb_grid > 0, step.seqs) {
                     self.selected_block_major(&p, seq.new_len - seq.old_len, stream)?;
+                    if pf.cmp_window {
+                        return Ok(());
+                    }
                     sw = Kernel::PfSwWindow;
+                } else if pf.sel_split {
+                    // G = 16 with the window in pf_cmp: the selected branch a warp per position.
+                    k.launch(Kernel::PfSel, (pf.sel_tiles(step.seqs), hkv, 1), &p, stream, true)?;
+                    return Ok(());
                 }
                 k.launch(sw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
                 return Ok(());

@@ -181,6 +181,15 @@ pub(crate) struct Params {
 /// (`DecodeKnobs::l2_hint_logits` decides per wave).
 pub(crate) const MODE_L2_EVICT_FIRST: i32 = 8;
 
+/// `Launch::mode` bit: the prefill's sliding window runs in the warp-specialised `pf_cmp`
+/// after its two passes (`pf_cmp_window` in kernels/prefill.cuh), which adds it to `out`;
+/// `pf_sw` then does the selected branch alone (`PrefillPlan::cmp_window`).
+pub(crate) const MODE_PF_CMP_WINDOW: i32 = 16;
+
+/// `Launch::mode` bit: `pf_sel` copies each 64-key block that every position of its tile
+/// chose once, a 16-key sub-tile per warp, for all of them (`PrefillPlan::sel_share`).
+pub(crate) const MODE_PF_SEL_SHARE: i32 = 64;
+
 /// `Launch::mode` bit: `cmp_mma` writes per-head Eq. 9 group sums instead of logits, and
 /// the selection reads them (`DecodeKnobs::group_sums`).
 pub(crate) const MODE_GROUP_SUMS: i32 = 32;
@@ -200,6 +209,11 @@ pub(crate) struct LaunchSetup {
     pub pf_sel_warp: bool,
     /// `PrefillPlan::sc_win`.
     pub pf_win: u32,
+    /// The prefill's window inside `pf_cmp_ws` (`PrefillPlan::cmp_window`,
+    /// [`MODE_PF_CMP_WINDOW`]).
+    pub pf_cmp_window: bool,
+    /// `pf_sel` loads the blocks all of a tile's positions chose once ([`MODE_PF_SEL_SHARE`]).
+    pub pf_sel_share: bool,
 }
 
 impl Params {
@@ -265,7 +279,11 @@ impl Params {
                 sel_chunks: 1,
                 comb_heads: 1,
                 head_chunk: setup.head_chunk as i32,
-                mode: setup.bulk as i32 | (setup.tma as i32) << 1 | (setup.pf_sel_warp as i32) << 2,
+                mode: setup.bulk as i32
+                    | (setup.tma as i32) << 1
+                    | (setup.pf_sel_warp as i32) << 2
+                    | if setup.pf_cmp_window { MODE_PF_CMP_WINDOW } else { 0 }
+                    | if setup.pf_sel_share { MODE_PF_SEL_SHARE } else { 0 },
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
                 pf_c0: 0,

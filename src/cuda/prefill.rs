@@ -7,7 +7,7 @@
 //! block's rows are positions x the group's heads). Sequences are cut into tiles in plan
 //! order; the kernels find their tile in the uploaded plan, so the host only counts them.
 
-use super::consts::{PF_KEYS, PF_WS_PRODUCER_WG, PF_WS_STAGES, PF_WS_WARPS};
+use super::consts::{PF_KEYS, PF_SEL_WARPS, PF_WS_PRODUCER_WG, PF_WS_STAGES, PF_WS_WARPS};
 use super::kernel::Kernel;
 use crate::config::{Config, Dtype};
 use crate::layout::PlanSeq;
@@ -95,6 +95,23 @@ pub(crate) struct PrefillPlan {
     pub smem_sw: u32,
     /// Blocks in `pf_cmp`'s moving window of block scores (`Launch::pf_win`), 0 without one.
     pub sc_win: u32,
+    /// The sliding window inside the warp-specialised `pf_cmp`, after its passes
+    /// (`MODE_PF_CMP_WINDOW`): its K/V tiles then serve the producer-fed block's rows, and
+    /// `pf_sw` (or the block-major branch) does the selected branch alone, with no
+    /// window-only launch. Only with `sel_warp` (the union form folds its selected part
+    /// when the window begins).
+    pub cmp_window: bool,
+    /// With `cmp_window` at G = 16: the selected branch in `pf_sel` (a warp per position,
+    /// Q in registers, its two 16-key stages and nothing else in shared memory: three
+    /// 4-warp blocks per multiprocessor at 128/128 where `pf_sw` runs two) instead of
+    /// `pf_sw`; `NSA_CUDA_PF_SEL=0` keeps `pf_sw` (docs/PREFILL_NOTES.md, variants 23, 33).
+    pub sel_split: bool,
+    /// `pf_sel`'s shared memory ([`sel_shared_mem`]).
+    pub smem_sel: u32,
+    /// With `sel_split`: the blocks every position of a `pf_sel` tile chose (at least the
+    /// forced ones) copied once for the tile's four warps, not once each
+    /// (`MODE_PF_SEL_SHARE`; knob `NSA_CUDA_PF_SEL_SHARE=0`; docs/PREFILL_NOTES.md, 33c).
+    pub sel_share: bool,
 }
 
 /// Producer warps of `pf_cmp_ws` beside `w` consumer warps (the kernels'
@@ -138,6 +155,11 @@ impl PrefillPlan {
     /// Positions per tile of `kernel`.
     pub fn positions(&self, kernel: Kernel, cfg: &Config) -> u32 {
         self.row_warps(kernel) * 16 / cfg.group_size()
+    }
+
+    /// `pf_sel`'s grid width: a block per `PF_SEL_WARPS` positions of each sequence.
+    pub fn sel_tiles(&self, seqs: &[PlanSeq]) -> u32 {
+        seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(PF_SEL_WARPS)).sum()
     }
 
     /// Tiles of a step's sequences: `kernel`'s grid width.
@@ -217,6 +239,12 @@ pub(crate) fn shared_mem(cfg: &Config, policy: Policy, warps: u32, sel_warp: boo
     (cmp, sw)
 }
 
+/// Shared memory of `pf_sel` (kernels/prefill.cuh): its warps' two 16-key stages of K and V
+/// each, from a 1024-byte aligned base.
+pub(crate) fn sel_shared_mem(cfg: &Config) -> usize {
+    ALIGN_SLACK + PF_SEL_WARPS as usize * 2 * 16 * (cfg.head_dim_qk + cfg.head_dim_v) as usize * 2
+}
+
 /// The window of block scores of the warp-specialised `pf_cmp`: every block, or with a
 /// moving window (`moving`) at most `cap` blocks, or `None` when a tile's blocks would not
 /// fit in that: a 64-key tile reaches blocks up to (B + 61 + A) / B past the window's start
@@ -285,7 +313,10 @@ fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool, warps: O
 /// gives it the moving window wherever it is warp-specialised, `NSA_CUDA_PF_SC_WIN=N`
 /// makes that window N blocks at most (so small prefills move it: for tests and the
 /// sanitizers; a window too short for a tile's blocks leaves the form out), and
-/// `NSA_CUDA_PF_WS_WARPS=N` takes only its forms of N consumer warps (8 or 12).
+/// `NSA_CUDA_PF_WS_WARPS=N` takes only its forms of N consumer warps (8 or 12), and
+/// `NSA_CUDA_PF_CMP_WINDOW=0` keeps the sliding window in `pf_sw` (`PrefillPlan::cmp_window`),
+/// `NSA_CUDA_PF_SEL=0` the selected branch at G = 16 in `pf_sw` (`PrefillPlan::sel_split`),
+/// `NSA_CUDA_PF_SEL_SHARE=0` has `pf_sel` copy every block per warp (`PrefillPlan::sel_share`).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::{env_num, env_on};
     let knobs = Knobs {
@@ -297,6 +328,9 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
         ws_win: env_on("NSA_CUDA_PF_WS_WIN"),
         sc_win: env_num("NSA_CUDA_PF_SC_WIN"),
         ws_warps: env_num("NSA_CUDA_PF_WS_WARPS"),
+        sw_window: env_num("NSA_CUDA_PF_CMP_WINDOW") == Some(0),
+        no_sel: env_num("NSA_CUDA_PF_SEL") == Some(0),
+        no_share: env_num("NSA_CUDA_PF_SEL_SHARE") == Some(0),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
@@ -304,7 +338,9 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
 /// The diagnosis knobs [`plan`] reads (`=1` each but the last): no prefill path, mma.sync
 /// for both kernels or for `pf_sw`, the selected branch over the block's union (not per
 /// warp), `pf_cmp` without warp specialisation, or always with the moving window, that
-/// window's length in blocks, and the warp-specialised forms' consumer warps.
+/// window's length in blocks, the warp-specialised forms' consumer warps, and the sliding
+/// window kept in `pf_sw` (`NSA_CUDA_PF_CMP_WINDOW=0`), no `pf_sel` (`NSA_CUDA_PF_SEL=0`),
+/// and no shared copies in it (`NSA_CUDA_PF_SEL_SHARE=0`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
@@ -315,11 +351,14 @@ struct Knobs {
     ws_win: bool,
     sc_win: Option<usize>,
     ws_warps: Option<usize>,
+    sw_window: bool,
+    no_sel: bool,
+    no_share: bool,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps, sw_window, no_sel, no_share } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -340,9 +379,27 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
         let sw_warp = shared_mem(cfg, policy_sw, warps, true).1;
         let sel_warp = !union && sw_warp <= optin;
         let sw = if sel_warp { sw_warp } else { shared_mem(cfg, policy_sw, warps, false).1 };
-        let p = PrefillPlan { policy, policy_sw, sel_warp, warps, smem_cmp: cmp as u32, smem_sw: sw as u32, sc_win: 0 };
+        let smem_sel = sel_shared_mem(cfg);
+        let p = PrefillPlan {
+            policy,
+            policy_sw,
+            sel_warp,
+            warps,
+            smem_cmp: cmp as u32,
+            smem_sw: sw as u32,
+            sc_win: 0,
+            cmp_window: false,
+            sel_split: false,
+            smem_sel: smem_sel as u32,
+            sel_share: false,
+        };
         let p = match ws {
-            Some(((w, moving), b, sc_win)) => PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, ..p },
+            Some(((w, moving), b, sc_win)) => {
+                let cmp_window = sel_warp && !sw_window;
+                let sel_split = cmp_window && g == 16 && !no_sel && smem_sel <= optin;
+                let sel_share = sel_split && !no_share;
+                PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, cmp_window, sel_split, sel_share, ..p }
+            }
             None => p,
         };
         (warps * 16 / g <= MAX_POSITIONS && p.smem_cmp as usize <= optin && sw <= optin).then_some(p)
@@ -407,6 +464,39 @@ mod tests {
         let p = plan_with(&c, (9, 0), optin, true, Knobs { union: true, ..no_ws }).unwrap();
         assert!(!p.sel_warp);
         assert_eq!(p.smem_sw as usize, shared_mem(&c, Policy::WgmmaTma, 4, false).1);
+    }
+
+    /// The sliding window runs in the warp-specialised `pf_cmp` wherever that form is
+    /// taken and `pf_sw` walks its selected blocks per warp; the knob, the union form and
+    /// the block-wide `pf_cmp` keep it in `pf_sw`.
+    #[test]
+    fn the_window_runs_in_the_warp_specialised_pf_cmp() {
+        let optin = 227 * 1024;
+        for c in [cfg(64, 4, 128, 128, 65536), cfg(64, 4, 192, 128, 65536), cfg(64, 16, 128, 128, 65536), cfg(64, 8, 128, 128, 16384)] {
+            let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
+            assert!(matches!(p.policy, Policy::WgmmaWs(..)) && p.sel_warp && p.cmp_window, "{c:?}");
+            let keep = |k: Knobs| plan_with(&c, (9, 0), optin, true, k).unwrap().cmp_window;
+            assert!(!keep(Knobs { sw_window: true, ..Knobs::default() }));
+            assert!(!keep(Knobs { union: true, ..Knobs::default() }));
+            assert!(!keep(Knobs { no_ws: true, ..Knobs::default() }));
+            assert!(!keep(Knobs { mma_all: true, ..Knobs::default() }));
+            // Without tensor maps pf_cmp is not warp-specialised.
+            assert!(!plan_with(&c, (9, 0), optin, false, Knobs::default()).unwrap().cmp_window);
+            // At G = 16 the selected branch then goes to pf_sel (unless its knob says no).
+            assert_eq!(p.sel_split, c.group_size() == 16);
+            assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_sel: true, ..Knobs::default() }).unwrap().sel_split);
+            assert!(!plan_with(&c, (9, 0), optin, true, Knobs { sw_window: true, ..Knobs::default() }).unwrap().sel_split);
+            // ... which copies the tile's common blocks once (unless its knob says no).
+            assert_eq!(p.sel_share, p.sel_split);
+            assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_share: true, ..Knobs::default() }).unwrap().sel_share);
+        }
+        // pf_sel's stages: 16 KB a warp at 128/128, so three 4-warp blocks fit a
+        // multiprocessor (228 KiB).
+        let c = cfg(64, 4, 128, 128, 65536);
+        assert_eq!(sel_shared_mem(&c), 1024 + 4 * 16 * 1024);
+        assert!(3 * sel_shared_mem(&c) <= 228 * 1024);
+        let seqs = [PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 }, PlanSeq { seq: 1, old_len: 5, new_len: 6, row: 9 }];
+        assert_eq!(plan(&c, (9, 0), optin, true).unwrap().sel_tiles(&seqs), 3 + 1);
     }
 
     #[test]
@@ -547,7 +637,19 @@ mod tests {
     #[test]
     fn tiles_cut_each_sequence() {
         let c = cfg(64, 4, 128, 128, 4096);
-        let p = PrefillPlan { policy: Policy::Wgmma, policy_sw: Policy::Wgmma, sel_warp: true, warps: 4, smem_cmp: 0, smem_sw: 0, sc_win: 0 };
+        let p = PrefillPlan {
+            policy: Policy::Wgmma,
+            policy_sw: Policy::Wgmma,
+            sel_warp: true,
+            warps: 4,
+            smem_cmp: 0,
+            smem_sw: 0,
+            sc_win: 0,
+            cmp_window: false,
+            sel_split: false,
+            smem_sel: 0,
+            sel_share: false,
+        };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
             PlanSeq { seq: 3, old_len: 100, new_len: 101, row: 9 },
