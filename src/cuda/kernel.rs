@@ -227,9 +227,10 @@ impl Kernel {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
         };
-        if matches!(self, Kernel::PfbAttn | Kernel::PfSel) {
-            format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
-        } else if self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
+        // Compiled per (DK, DV): the prefill's block-major and selected-only kernels always,
+        // the tensor-core decode kernels for MMA_SHAPES.
+        let per_shape = matches!(self, Kernel::PfbAttn | Kernel::PfSel);
+        if per_shape || self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
             // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
