@@ -22,13 +22,19 @@ __device__ void copy_rows(const Params& p, int c, int kvh) {
     for (usize i = threadIdx.x; i < nv; i += blockDim.x) vpool[dv_ + i] = vpool[sv + i];
 }
 
+// Where new row r of the step goes: its page (x) and row in the page (y).
+__device__ __forceinline__ int2 append_place(const Params& p, int r) {
+    const int2 tm = ((const int2*)p.step.rows)[r];
+    return make_int2(((const int*)p.paging.raw_tab)[(usize)tm.x * p.paging.pages_per_seq + tm.y / p.paging.page_size],
+                     tm.y % p.paging.page_size);
+}
+
 // Row r of the step, both sides, a thread per element (`append`: a block per row).
 template <class E>
 __device__ void append_row(const Params& p, int r, int kvh) {
     typedef typename E::T T;
-    int2 tm = ((const int2*)p.step.rows)[r];
-    int page = ((const int*)p.paging.raw_tab)[(usize)tm.x * p.paging.pages_per_seq + tm.y / p.paging.page_size];
-    int off = tm.y % p.paging.page_size;
+    const int2 at = append_place(p, r);
+    const int page = at.x, off = at.y;
     const T* k = (const T*)p.io.k + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_qk;
     const T* v = (const T*)p.io.v + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_v;
     T* kd = (T*)p.paging.raw_k + row_at(p, page, kvh, off, p.shape.head_dim_qk);
@@ -67,9 +73,8 @@ __device__ void append_rows(const Params& p, int r0, int n, int kvh, int side, b
     const int hl = threadIdx.x & 15, nh = blockDim.x >> 4;
     for (int i = threadIdx.x >> 4; i < n; i += nh) {
         const int r = r0 + i;
-        const int2 tm = ((const int2*)p.step.rows)[r];
-        const int page = ((const int*)p.paging.raw_tab)[(usize)tm.x * p.paging.pages_per_seq + tm.y / p.paging.page_size];
-        const int off = tm.y % p.paging.page_size;
+        const int2 at = append_place(p, r);
+        const int page = at.x, off = at.y;
         if (both || side == 0)
             append_copy_row<T>((T*)p.paging.raw_k + row_at(p, page, kvh, off, p.shape.head_dim_qk),
                                (const T*)p.io.k + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.head_dim_qk, p.shape.head_dim_qk, hl);

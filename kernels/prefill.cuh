@@ -375,6 +375,27 @@ __device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, b
     fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
 }
 
+// out += the lane's two rows' gated branch output (factors from `pf_gate_over_l`), rows
+// rA (if okA) and rB (if okB): the kernels that add a branch to what an earlier one stored.
+template <class E, int DV>
+__device__ __forceinline__ void pf_add_gated(const Params& p, usize rA, usize rB, bool okA, bool okB, float fA, float fB,
+                                             const float (&o)[DV / 8][4]) {
+    const int q4 = threadIdx.x & 3;
+    typename E::T* out = (typename E::T*)p.io.out;
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        const int c = d * 8 + q4 * 2;
+        if (okA) {
+            E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
+            E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
+        }
+        if (okB) {
+            E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
+            E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
+        }
+    }
+}
+
 // The gated compressed output g_cmp * o_cmp of one of the lane's rows (its position `po`
 // in the tile, head `h` of the group; fragment columns E0 and E0 + 1: 0 for row A, 2 for
 // row B) into `out` (pf_sw adds the other branches to it).
@@ -468,25 +489,12 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
-    const float* gates = (const float*)p.io.gates;
-    typename E::T* out = (typename E::T*)p.io.out;
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
     const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
     const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
     float fA, fB;
-    pf_gate_over_l(lA, lB, okA, okB, gates, rA, rB, 2, fA, fB);
-#pragma unroll
-    for (int d = 0; d < DV / 8; d++) {
-        const int c = d * 8 + q4 * 2;
-        if (okA) {
-            E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
-            E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
-        }
-        if (okB) {
-            E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
-            E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
-        }
-    }
+    pf_gate_over_l(lA, lB, okA, okB, (const float*)p.io.gates, rA, rB, 2, fA, fB);
+    pf_add_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o);
 }
 
 // Ranks the final window blocks [cb, f) of each of the warp's positions (capped at its
@@ -1246,19 +1254,10 @@ __device__ void pf_sel_alone(const Params& p) {
     }
     if (!live) return;
     // out += gate_slc / l * o, rows g and g + 8.
-    const float* gates = (const float*)p.io.gates;
     const usize rA = row * hq + kvh * 16 + g, rB = rA + 8;
     float fA, fB;
-    pf_gate_over_l(lA, lB, true, true, gates, rA, rB, 1, fA, fB);
-    typename E::T* out = (typename E::T*)p.io.out;
-#pragma unroll
-    for (int d = 0; d < DV / 8; d++) {
-        const int c = d * 8 + q4 * 2;
-        E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
-        E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
-        E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
-        E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
-    }
+    pf_gate_over_l(lA, lB, true, true, (const float*)p.io.gates, rA, rB, 1, fA, fB);
+    pf_add_gated<E, DV>(p, rA, rB, true, true, fA, fB, o);
 }
 
 // Selected blocks + sliding window + gated combine (or, WINDOW_ONLY, the window and the

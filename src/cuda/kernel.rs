@@ -303,8 +303,8 @@ impl Kernels {
             smem: [0; Kernel::COUNT],
             pdl: false,
         };
+        let sel_split = prefill.is_some_and(|p| p.sel_split);
         for (i, kernel) in Kernel::ALL.into_iter().enumerate() {
-            let sel_split = prefill.is_some_and(|p| p.sel_split);
             if kernel.tensor_core() && !tensor_cores
                 || kernel.prefill() && prefill.is_none()
                 || kernel.prefill_blocks() && !blocks

@@ -186,8 +186,8 @@ pub(crate) const MODE_L2_EVICT_FIRST: i32 = 8;
 /// `pf_sw` then does the selected branch alone (`PrefillPlan::cmp_window`).
 pub(crate) const MODE_PF_CMP_WINDOW: i32 = 16;
 
-/// `Launch::mode` bit: `pf_sel` copies each 64-key block that every position of its tile
-/// chose once, a 16-key sub-tile per warp, for all of them (`PrefillPlan::sel_share`).
+/// `Launch::mode` bit: `pf_sel` copies each 64-key block that two or more positions of its
+/// tile chose once, a 16-key sub-tile per warp, for those positions (`PrefillPlan::sel_share`).
 pub(crate) const MODE_PF_SEL_SHARE: i32 = 64;
 
 /// `Launch::mode` bit: `cmp_mma` writes per-head Eq. 9 group sums instead of logits, and
@@ -212,7 +212,8 @@ pub(crate) struct LaunchSetup {
     /// The prefill's window inside `pf_cmp_ws` (`PrefillPlan::cmp_window`,
     /// [`MODE_PF_CMP_WINDOW`]).
     pub pf_cmp_window: bool,
-    /// `pf_sel` loads the blocks all of a tile's positions chose once ([`MODE_PF_SEL_SHARE`]).
+    /// `pf_sel` loads the blocks two or more of a tile's positions chose once
+    /// ([`MODE_PF_SEL_SHARE`]).
     pub pf_sel_share: bool,
 }
 

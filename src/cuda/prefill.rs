@@ -108,8 +108,8 @@ pub(crate) struct PrefillPlan {
     pub sel_split: bool,
     /// `pf_sel`'s shared memory ([`sel_shared_mem`]).
     pub smem_sel: u32,
-    /// With `sel_split`: the blocks every position of a `pf_sel` tile chose (at least the
-    /// forced ones) copied once for the tile's four warps, not once each
+    /// With `sel_split`: the blocks two or more positions of a `pf_sel` tile chose (at least
+    /// the forced ones) copied once for those positions, not once each
     /// (`MODE_PF_SEL_SHARE`; knob `NSA_CUDA_PF_SEL_SHARE=0`; docs/PREFILL_NOTES.md, 33c).
     pub sel_share: bool,
 }
@@ -159,14 +159,18 @@ impl PrefillPlan {
 
     /// `pf_sel`'s grid width: a block per `PF_SEL_WARPS` positions of each sequence.
     pub fn sel_tiles(&self, seqs: &[PlanSeq]) -> u32 {
-        seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(PF_SEL_WARPS)).sum()
+        tiles_of(seqs, PF_SEL_WARPS)
     }
 
     /// Tiles of a step's sequences: `kernel`'s grid width.
     pub fn tiles(&self, kernel: Kernel, cfg: &Config, seqs: &[PlanSeq]) -> u32 {
-        let tp = self.positions(kernel, cfg);
-        seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(tp)).sum()
+        tiles_of(seqs, self.positions(kernel, cfg))
     }
+}
+
+/// Tiles of `tp` positions of each sequence's new tokens (`pf_tile` in the kernels).
+fn tiles_of(seqs: &[PlanSeq], tp: u32) -> u32 {
+    seqs.iter().map(|s| (s.new_len - s.old_len).div_ceil(tp)).sum()
 }
 
 /// Whether the config can use the prefill kernels at all (the device decides the rest):
