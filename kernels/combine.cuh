@@ -4,48 +4,83 @@
 
 #include "common.cuh"
 
-// (max, sum) of the partial softmax states u0..u1 (m[u], l[u]; l = 0: empty) by one warp.
-// Any other l, NaN included, is merged: a NaN score or value propagates, never to zeros
-// (fmaxf skips NaN, so a state whose scores were all NaN has m = -inf and l = NaN).
-__device__ __forceinline__ float2 merge_ml(const float* mu, const float* lu, int u0, int u1, int lane) {
-    float m = NEG_INF;
-    for (int u = u0 + lane; u < u1; u += 32)
-        if (lu[u] != 0.f) m = fmaxf(m, mu[u]);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int u = u0 + lane; u < u1; u += 32)
-        if (lu[u] != 0.f) l += m != NEG_INF ? lu[u] * expf(mu[u] - m) : lu[u];
-    return make_float2(m, warp_sum(l));
+// One softmax state (m, l) merged into another (`l` = 0: empty). Both maxima -inf: the sums
+// add as they are (a state whose scores were all NaN has m = -inf and l = NaN, and its NaN
+// must reach the result); otherwise each sum is scaled to the larger max, so a NaN sum
+// still propagates (NaN * 0) and an empty state adds 0.
+__device__ __forceinline__ void ml_merge(float& m, float& l, float mo, float lo) {
+    const float mn = fmaxf(m, mo);
+    l = mn == NEG_INF ? l + lo : l * fexp(m - mn) + lo * fexp(mo - mn);
+    m = mn;
 }
 
-// Branch sums of one (head, group of V columns) over one part's units (bounds: the
-// branches' unit ranges [x, y), [y, z), [z, w), each split into P parts): the part's
-// units of all three branches are walked as one list, 8 at a time, every load of a batch
-// issued before its sums (batch 1 has ~12 units per part: two latency rounds). Units
-// whose factor is 0 are skipped, so an empty or vanished unit never turns a sum into NaN.
-// `f` is the head's factors, `col` its unit-0 row at column c.
-template <int V>
-__device__ __forceinline__ void unit_sums(const float* col, int DV, const float* f, int4 bounds, int part, int P,
-                                          float (&a)[3][V]) {
-    const int n0 = bounds.y - bounds.x, n1 = bounds.z - bounds.y, n2 = bounds.w - bounds.z;
-    const int lo0 = bounds.x + n0 * part / P, hi0 = bounds.x + n0 * (part + 1) / P;
-    const int lo1 = bounds.y + n1 * part / P, hi1 = bounds.y + n1 * (part + 1) / P;
-    const int lo2 = bounds.z + n2 * part / P, hi2 = bounds.z + n2 * (part + 1) / P;
-    const int c0 = hi0 - lo0, c01 = c0 + hi1 - lo1, n = c01 + hi2 - lo2;
+// The gated sum of one (head, V columns) from its branch sums `a` and the branches' softmax
+// sums `l3`, with the gates `g3` (`gated`: else the full-attention baseline, branch 0 alone,
+// normalised), stored. The CPU backend's order and rules: the compressed branch always
+// contributes (a NaN gate propagates), the others only when they saw a key.
+template <class E, int V>
+__device__ __forceinline__ void gated_store(const Params& p, int r, int hg, int c, const float (&a)[3][V],
+                                            const float* l3, const float* g3, bool gated) {
+    typename E::T* out = (typename E::T*)p.io.out;
 #pragma unroll
-    for (int br = 0; br < 3; br++)
+    for (int v = 0; v < V; v++) {
+        const float ocmp = l3[0] != 0.f ? a[0][v] * (1.0f / l3[0]) : 0.f;
+        float o = 0.f;
+        if (!gated) {
+            o = ocmp;
+        } else {
+            o = o + g3[0] * ocmp;
+            if (l3[1] != 0.f) o = o + (g3[1] / l3[1]) * a[1][v];
+            if (l3[2] != 0.f) o = o + (g3[2] / l3[2]) * a[2][v];
+        }
+        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c + v, o);
+    }
+}
+
+// Units a combine thread loads at once (one L2 round trip for all of them).
+#define COMB_BATCH 8
+
+// The gated combine of H consecutive query heads hg0.. of wave row wr (query row r):
+// units [0, s0) are the compressed branch's, [s0, s1) the selected blocks', [s1, U) the
+// window's (`gated` false: the full-attention baseline, every unit in branch 0, no gates).
+//
+// Shaped as one round trip and three barriers (docs/DECODE_NOTES.md, variant 35): at
+// batch 1 the combine is a chain of dependent steps, not a stream of bytes. Threads are
+// (part, head, group of V columns); a part takes units part, part + P, ... (at most
+// COMB_BATCH per part where the threads allow it). Each thread issues the loads of its
+// units' accumulators together with the block's loads of every unit's (m, l), before it
+// knows which units count: every unit's partial is written (empty ranges store l = 0 and
+// zeros), and a unit whose factor is 0 is never added, so an empty or vanished unit never
+// turns a sum into NaN. Then a warp per (head, branch) merges the units' (m, l) online;
+// each thread scales and sums its own units; the parts meet in shared memory.
+// Shared: m[H][U] | l[H][U] | (m, l) per (head, branch) [H][3] x 2 | gates [H][3] |
+// parts' sums [P][3][H * DV] (P * H * DV <= 4 * blockDim; src/cuda/build.rs sizes it).
+template <class E, int V>
+__device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, int s0, int s1, int U, bool gated) {
+    extern __shared__ float smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const int DV = p.shape.head_dim_v, gpr = DV / V, NG = H * gpr;
+    const int P = max(1, min((int)blockDim.x / NG, (U + COMB_BATCH - 1) / COMB_BATCH));
+    float* mu = smem;
+    float* lu = mu + H * U;
+    float* gm = lu + H * U;
+    float* gl = gm + 3 * H;
+    float* g3 = gl + 3 * H;
+    float* red = g3 + 3 * H;
+    // The gates are the layer's inputs, not an earlier kernel's output: read before the wait.
+    if (tid < 3 * H) g3[tid] = gated ? ((const float*)p.io.gates)[((usize)r * p.shape.num_q_heads + hg0) * 3 + tid] : 0.f;
+    // Thread slot x: part x / NG, head and column group x % NG. A slot per thread when they
+    // fit (then its loads are issued before the (m, l) merge); otherwise (one part) each
+    // thread walks slots tid, tid + blockDim, ... after the merge.
+    const bool early = P * NG <= (int)blockDim.x;
+    float x[COMB_BATCH][V];
+    auto load = [&](const float* col, int part, int b0) {  // the part's units b0.. of its own
 #pragma unroll
-        for (int v = 0; v < V; v++) a[br][v] = 0.f;
-    for (int i0 = 0; i0 < n; i0 += 8) {
-        float x[8][V], fk[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int i = i0 + k;
-            const int u = i < c0 ? lo0 + i : (i < c01 ? lo1 + i - c0 : lo2 + i - c01);
-            fk[k] = i < n ? f[u] : 0.f;
-            if (fk[k] != 0.f) {
+        for (int k = 0; k < COMB_BATCH; k++) {
+            const int u = part + (b0 + k) * P;
+            if (u < U) {
                 if (V == 4) {
-                    float4 y = *(const float4*)(col + (usize)u * DV);
+                    const float4 y = *(const float4*)(col + (usize)u * DV);
                     x[k][0] = y.x;
                     x[k][1 % V] = y.y;
                     x[k][2 % V] = y.z;
@@ -53,142 +88,116 @@ __device__ __forceinline__ void unit_sums(const float* col, int DV, const float*
                 } else {
                     x[k][0] = col[(usize)u * DV];
                 }
-            } else {
-#pragma unroll
-                for (int v = 0; v < V; v++) x[k][v] = 0.f;
             }
         }
+    };
+    // Unit u of head hh at column c: col + u * DV; its (m, l): ml[hh * U + u] (U is the
+    // launch's units: `part_at`'s head stride).
+    auto column = [&](int hh, int c) { return (const float*)p.ws.part_acc + part_at(p, wr, hg0 + hh, 0) * DV + c; };
+    const int part0 = tid / NG, gi0 = tid - part0 * NG, hh0 = gi0 / gpr;
+    pdl_wait();
+    if (early && tid < P * NG) load(column(hh0, (gi0 - hh0 * gpr) * V), part0, 0);
+    const float2* ml = (const float2*)p.ws.part_ml + part_at(p, wr, hg0, 0);
+    for (int i = tid; i < H * U; i += blockDim.x) {
+        const float2 v = ml[i];
+        mu[i] = v.x;
+        lu[i] = v.y;
+    }
+    __syncthreads();
+    // Each (head, branch): its units' (m, l) merged, each lane its own units, then the lanes.
+    for (int task = warp; task < 3 * H; task += nw) {
+        const int h = task / 3, br = task - 3 * h;
+        const int u0 = br == 0 ? 0 : br == 1 ? s0 : s1, u1 = br == 0 ? s0 : br == 1 ? s1 : U;
+        float m = NEG_INF, l = 0.f;
+        for (int u = u0 + lane; u < u1; u += 32)
+            if (lu[h * U + u] != 0.f) ml_merge(m, l, mu[h * U + u], lu[h * U + u]);
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            if (fk[k] == 0.f) continue;
-            const int i = i0 + k;
-#pragma unroll
-            for (int v = 0; v < V; v++) {
-                if (i < c0)
-                    a[0][v] += fk[k] * x[k][v];
-                else if (i < c01)
-                    a[1][v] += fk[k] * x[k][v];
-                else
-                    a[2][v] += fk[k] * x[k][v];
-            }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
+            ml_merge(m, l, mo, lo);
+        }
+        if (lane == 0) {
+            gm[task] = m;
+            gl[task] = l;
         }
     }
-}
-
-// The gated sum of one (head, V columns): the branch sums over the softmax sums, times
-// the gates, stored.
-template <class E, int V>
-__device__ __forceinline__ void gated_store(const Params& p, int r, int hg, int c, const float (&a)[3][V], const float* g3) {
-    const float* gt = (const float*)p.io.gates + ((usize)r * p.shape.num_q_heads + hg) * 3;
-    typename E::T* out = (typename E::T*)p.io.out;
-#pragma unroll
-    for (int v = 0; v < V; v++) {
-        // The CPU backend's order and rules: the compressed branch always contributes (a
-        // NaN gate propagates), the others only when they saw a key.
-        float o = 0.f;
-        float ocmp = g3[0] != 0.f ? a[0][v] * (1.0f / g3[0]) : 0.f;
-        o = o + gt[0] * ocmp;
-        if (g3[1] != 0.f) o = o + (gt[1] / g3[1]) * a[1][v];
-        if (g3[2] != 0.f) o = o + (gt[2] / g3[2]) * a[2][v];
-        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c + v, o);
-    }
-}
-
-// The sums of `combine`: (head, group of V columns) pairs over the threads, each pair's
-// units split into P parts when there are threads to spare (independent load streams per
-// column). The parts' sums meet in shared memory (`red`, [P][3][NG * V]): every thread
-// adds the parts of some (branch, column) entries, then every thread gates some columns.
-template <class E, int V>
-__device__ void combine_sums(const Params& p, int wr, int r, int hg0, int H, int U, int4 bounds, const float* fu,
-                             const float* gl, float* red) {
-    const int DV = p.shape.head_dim_v, gpr = DV / V, NG = H * gpr;
-    // Parts only while each keeps 8 units or more (fewer make the shared-memory meeting
-    // cost more than the loads it spreads: batch 16 measured slower with 4 parts of ~3).
-    const int P = max(1, min((int)blockDim.x / NG, U / 8));
-    const float* pa = (const float*)p.ws.part_acc;
-    for (int x = threadIdx.x; x < P * NG; x += blockDim.x) {
-        const int part = x / NG, gi = x - part * NG, hh = gi / gpr, c = (gi - hh * gpr) * V;
+    __syncthreads();
+    // Slot xs's units, each scaled to its branch's max and summed per branch; stored when
+    // the block has one part, else left in `red` for the parts' meeting.
+    auto slot = [&](int xs, bool loaded) {
+        const int part = xs / NG, gi = xs - part * NG, hh = gi / gpr, c = (gi - hh * gpr) * V;
+        const float* col = column(hh, c);
+        if (!loaded) load(col, part, 0);
         float a[3][V];
-        unit_sums<V>(pa + part_at(p, wr, hg0 + hh, 0) * DV + c, DV, fu + hh * U, bounds, part, P, a);
+#pragma unroll
+        for (int br = 0; br < 3; br++)
+#pragma unroll
+            for (int v = 0; v < V; v++) a[br][v] = 0.f;
+        const float M0 = gm[3 * hh], M1 = gm[3 * hh + 1], M2 = gm[3 * hh + 2];
+        for (int b0 = 0;;) {
+#pragma unroll
+            for (int k = 0; k < COMB_BATCH; k++) {
+                // Branch-free: the factor, then the product added under the unit's branch
+                // predicate (a product whose factor is 0 is added nowhere).
+                const int u = part + (b0 + k) * P;
+                const int br = u < s0 ? 0 : u < s1 ? 1 : 2;
+                const float M = br == 0 ? M0 : br == 1 ? M1 : M2;
+                const float lv = u < U ? lu[hh * U + u] : 0.f;
+                const float f = lv != 0.f && M != NEG_INF ? fexp(mu[hh * U + u] - M) : 0.f;
+                const bool p0 = f != 0.f && br == 0, p1 = f != 0.f && br == 1, p2 = f != 0.f && br == 2;
+#pragma unroll
+                for (int v = 0; v < V; v++) {
+                    const float t = f * x[k][v];
+                    if (p0) a[0][v] += t;
+                    if (p1) a[1][v] += t;
+                    if (p2) a[2][v] += t;
+                }
+            }
+            b0 += COMB_BATCH;
+            if (part + b0 * P >= U) break;
+            load(col, part, b0);
+        }
         if (P == 1) {
-            gated_store<E, V>(p, r, hg0 + hh, c, a, gl + hh * 3);
+            gated_store<E, V>(p, r, hg0 + hh, c, a, gl + 3 * hh, g3 + 3 * hh, gated);
         } else {
 #pragma unroll
             for (int br = 0; br < 3; br++)
 #pragma unroll
                 for (int v = 0; v < V; v++) red[(part * 3 + br) * NG * V + gi * V + v] = a[br][v];
         }
+    };
+    if (early) {
+        if (tid < P * NG) slot(tid, true);
+    } else {
+        for (int xs = tid; xs < NG; xs += blockDim.x) slot(xs, false);  // P = 1 here
     }
     if (P == 1) return;
+    const int E3 = 3 * NG * V;  // entries (branch, head, column) of a part
     __syncthreads();
-    const int E3 = 3 * NG * V;  // entries (branch, head, column)
-    for (int e = threadIdx.x; e < E3; e += blockDim.x) {
-        float x = red[e];
-        for (int part = 1; part < P; part++) x += red[part * E3 + e];
-        red[e] = x;  // each entry is read and written by its own thread only
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < NG * V; e += blockDim.x) {
-        const int hh = e / DV, c = e - hh * DV;
-        float a[3][1] = {{red[e]}, {red[NG * V + e]}, {red[2 * NG * V + e]}};
-        gated_store<E, 1>(p, r, hg0 + hh, c, a, gl + hh * 3);
+    // A thread per (head, column): the parts' sums of its three branches, gated.
+    for (int e = tid; e < NG * V; e += blockDim.x) {
+        float s[3][1] = {{0.f}, {0.f}, {0.f}};
+        for (int q = 0; q < P; q++)
+#pragma unroll
+            for (int br = 0; br < 3; br++) s[br][0] += red[q * E3 + br * NG * V + e];
+        const int h = e / DV;
+        gated_store<E, 1>(p, r, hg0 + h, e - h * DV, s, gl + 3 * h, g3 + 3 * h, gated);
     }
 }
 
-// Gated combine of `p.launch.comb_heads` consecutive query heads of one row per block (the host
-// picks more heads per block when rows are many, so blocks stay few and long, and one
-// head per block at batch 1, so the work spreads over SMs). Per head: each branch's
-// (max, sum) over its units (a warp per (head, branch)), the per-unit merge factors
-// exp(m_u - m_branch) in shared memory, then the branch sums of the units' accumulators
-// (`combine_sums`, 4 columns per load when DV allows).
-// Shared: m[H][U] | f[H][U] (l_u, then the factor) | gm[H][3] | gl[H][3] | red[P][3][H * DV]
-// (P * H * DV <= 4 * blockDim).
+// Gated combine of `p.launch.comb_heads` consecutive query heads of one row per block (the
+// host picks more heads per block when rows are many, so blocks stay few and long, and one
+// head per block at batch 1, so the work spreads over SMs): 4 columns per load where DV
+// allows, except with `mode & 128` off and a block's columns at least its threads (a
+// column per thread then keeps every thread busy).
 template <class E>
 __device__ void combine(const Params& p) {
-    extern __shared__ float smem[];
-    const int wr = blockIdx.x, r = p.launch.row0 + wr, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int H = p.launch.comb_heads, hg0 = blockIdx.y * H;
+    const int wr = blockIdx.x, r = p.launch.row0 + wr, H = p.launch.comb_heads;
     const int s0 = p.launch.nsplit_c, s1 = s0 + p.launch.units_s, U = s1 + p.launch.units_w;
-    float* mu = smem;
-    float* fu = mu + H * U;
-    float* gm = fu + H * U;
-    float* gl = gm + 3 * H;
-    float* red = gl + 3 * H;
-    const float* ml = (const float*)p.ws.part_ml;
-    for (int x = tid; x < H * U; x += blockDim.x) {
-        int hh = x / U, u = x - hh * U;
-        float2 v = ((const float2*)ml)[part_at(p, wr, hg0 + hh, u)];
-        mu[x] = v.x;
-        fu[x] = v.y;
-    }
-    __syncthreads();
-    for (int task = warp; task < 3 * H; task += blockDim.x >> 5) {
-        int hh = task / 3, br = task - hh * 3;
-        int u0 = br == 0 ? 0 : (br == 1 ? s0 : s1);
-        int u1 = br == 0 ? s0 : (br == 1 ? s1 : U);
-        float2 v = merge_ml(mu + hh * U, fu + hh * U, u0, u1, lane);
-        if (lane == 0) {
-            gm[task] = v.x;
-            gl[task] = v.y;
-        }
-    }
-    __syncthreads();
-    for (int x = tid; x < H * U; x += blockDim.x) {
-        int hh = x / U, u = x - hh * U;
-        int grp = hh * 3 + (u < s0 ? 0 : (u < s1 ? 1 : 2));
-        fu[x] = (fu[x] != 0.f && gm[grp] != NEG_INF) ? expf(mu[x] - gm[grp]) : 0.f;
-    }
-    __syncthreads();
-    const int4 bounds = make_int4(0, s0, s1, U);  // the branches' units: [x, y), [y, z), [z, w)
-    // 4 columns per load when the block's columns are fewer than its threads (one head
-    // per block at small batch), else a column per thread keeps every thread busy; with
-    // `mode & 128` 4 columns per load always (fewer instructions per column).
     if (p.shape.head_dim_v % 4 == 0 && (H * p.shape.head_dim_v < (int)blockDim.x || (p.launch.mode & 128)))
-        combine_sums<E, 4>(p, wr, r, hg0, H, U, bounds, fu, gl, red);
+        combine_heads<E, 4>(p, wr, r, blockIdx.y * H, H, s0, s1, U, true);
     else
-        combine_sums<E, 1>(p, wr, r, hg0, H, U, bounds, fu, gl, red);
+        combine_heads<E, 1>(p, wr, r, blockIdx.y * H, H, s0, s1, U, true);
 }
-
-// Full attention: merge the splits of one (row, query head), normalise, store.
 
 #endif  // NSA_COMBINE_CUH

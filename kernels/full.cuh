@@ -17,42 +17,15 @@ __device__ void full_partial(const Params& p) {
 }
 
 
-// Shared: m[U] | f[U] | gm | gl.
+// Merge of the splits of one (row, query head), normalised: the gated combine's code with
+// every split in its first branch and no gates.
 template <class E>
 __device__ void full_combine(const Params& p) {
-    extern __shared__ float smem[];
-    int wr = blockIdx.x, r = p.launch.row0 + wr, hg = blockIdx.y, tid = threadIdx.x;
-    int U = p.launch.nsplit_c;
-    float* mu = smem;
-    float* fu = mu + U;
-    float* gm = fu + U;
-    const float* ml = (const float*)p.ws.part_ml;
-    const float* pa = (const float*)p.ws.part_acc;
-    for (int u = tid; u < U; u += blockDim.x) {
-        usize at = part_at(p, wr, hg, u);
-        mu[u] = ml[2 * at];
-        fu[u] = ml[2 * at + 1];
-    }
-    __syncthreads();
-    if (tid < 32) {
-        float2 ml_ = merge_ml(mu, fu, 0, U, tid);
-        if (tid == 0) {
-            gm[0] = ml_.x;
-            gm[1] = ml_.y;
-        }
-    }
-    __syncthreads();
-    for (int u = tid; u < U; u += blockDim.x) fu[u] = (fu[u] != 0.f && gm[0] != NEG_INF) ? expf(mu[u] - gm[0]) : 0.f;
-    __syncthreads();
-    float inv = gm[1] != 0.f ? 1.0f / gm[1] : 0.f;
-    typename E::T* out = (typename E::T*)p.io.out;
-    usize base = part_at(p, wr, hg, 0) * p.shape.head_dim_v;
-    const int4 one_branch = make_int4(0, U, U, U);
-    for (int c = tid; c < p.shape.head_dim_v; c += blockDim.x) {
-        float a[3][1];
-        unit_sums<1>(pa + base + c, p.shape.head_dim_v, fu, one_branch, 0, 1, a);
-        E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c, a[0][0] * inv);
-    }
+    const int wr = blockIdx.x, r = p.launch.row0 + wr, U = p.launch.nsplit_c;
+    if (p.shape.head_dim_v % 4 == 0)
+        combine_heads<E, 4>(p, wr, r, blockIdx.y, 1, U, U, U, false);
+    else
+        combine_heads<E, 1>(p, wr, r, blockIdx.y, 1, U, U, U, false);
 }
 
 

@@ -71,7 +71,8 @@
 
 // Every entry lets the next launch start early (pdl_trigger) and waits for its predecessors
 // (pdl_wait) before its body; the tensor-core attention kernels wait inside `attend_mma`,
-// after their prologue (queries, barriers), so it overlaps the previous kernel's tail.
+// after their prologue (queries, barriers), and the combines after reading the gates, so
+// that part overlaps the previous kernel's tail.
 #define NSA_ENTRY_NT(name, E, suffix, NT)                                                \
     extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
         pdl_trigger();                                                                   \
@@ -79,16 +80,24 @@
         name<E>(p);                                                                      \
     }
 #define NSA_ENTRY(name, E, suffix) NSA_ENTRY_NT(name, E, suffix, NSA_NT_WIDE)
+// Kernels that wait inside their body, after reading what no predecessor writes (the
+// step's rows, the gates).
+#define NSA_ENTRY_OWN_WAIT_NT(name, E, suffix, NT)                                       \
+    extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
+        pdl_trigger();                                                                   \
+        name<E>(p);                                                                      \
+    }
+#define NSA_ENTRY_OWN_WAIT(name, E, suffix) NSA_ENTRY_OWN_WAIT_NT(name, E, suffix, NSA_NT_WIDE)
 
 #define NSA_ALL(E, suffix)              \
     NSA_ENTRY(append, E, suffix)        \
     NSA_ENTRY(append_by_rows, E, suffix) \
     NSA_ENTRY(cmp_partial, E, suffix)   \
-    NSA_ENTRY_NT(select_blocks, E, suffix, NSA_NT_SEL) \
+    NSA_ENTRY_OWN_WAIT_NT(select_blocks, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \
-    NSA_ENTRY(combine, E, suffix)       \
+    NSA_ENTRY_OWN_WAIT(combine, E, suffix) \
     NSA_ENTRY(full_partial, E, suffix)  \
-    NSA_ENTRY(full_combine, E, suffix)
+    NSA_ENTRY_OWN_WAIT(full_combine, E, suffix)
 
 NSA_ALL(EF32, f32)
 NSA_ALL(EF16, f16)

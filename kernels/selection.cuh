@@ -149,7 +149,10 @@ __device__ void select_blocks(const Params& p) {
     const int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, ch = blockIdx.z, nch = p.launch.sel_chunks;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int g = p.shape.group_size, n = p.shape.sel_count;
+    // The step's rows are uploaded before the layer's first kernel: read before the wait
+    // (one round trip off the chain); everything after it reads what cmp_mma wrote.
     const int t = ((const int2*)p.step.rows)[r].y;
+    pdl_wait();
     const int nc = num_cmp(p, t + 1);
     // Eq. 9's alpha and beta: strides per compressed block and per selection block (host-computed).
     const int A = p.shape.eq9_a, B = p.shape.eq9_b;
@@ -215,16 +218,17 @@ __device__ void select_blocks(const Params& p) {
         for (int j = j0 + tid; groups && j < j1; j += blockDim.x) {
             const bool own = B * j < nc, prev = j >= 1 && B * (j - 1) < nc;
             float acc = 0.f;
-            for (int h0 = 0; h0 < g; h0 += 8) {
-                float vx[8], vy[8];
+            // A group's 16 heads in one round trip (32 loads in flight).
+            for (int h0 = 0; h0 < g; h0 += 16) {
+                float vx[16], vy[16];
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
+                for (int k = 0; k < 16; k++) {
                     const float2* row = (const float2*)(lg + (usize)(h0 + k) * p.ws.max_cmp);
                     vx[k] = own && h0 + k < g ? row[j].x : NEG_INF;
                     vy[k] = prev && h0 + k < g ? row[j - 1].y : NEG_INF;
                 }
 #pragma unroll
-                for (int k = 0; k < 8; k++)
+                for (int k = 0; k < 16; k++)
                     if (h0 + k < g) acc += (ex2f(vx[k] - mh[h0 + k]) + ex2f(vy[k] - mh[h0 + k])) * inv[h0 + k];
             }
             if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
