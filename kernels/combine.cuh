@@ -14,27 +14,34 @@ __device__ __forceinline__ void ml_merge(float& m, float& l, float mo, float lo)
     m = mn;
 }
 
-// The gated sum of one (head, V columns) from its branch sums `a` and the branches' softmax
-// sums `l3`, with the gates `g3` (`gated`: else the full-attention baseline, branch 0 alone,
-// normalised), stored. The CPU backend's order and rules: the compressed branch always
-// contributes (a NaN gate propagates), the others only when they saw a key.
+// The gated sum of one (head, V columns) from its branch sums `a`, the branches' softmax
+// sums `l3`, the gates `g3` and the factors `c3` (1 / l of the compressed branch, gate / l
+// of the others: `branch_factor`), stored (`gated`: else the full-attention baseline,
+// branch 0 alone, normalised). The CPU backend's order and rules: the compressed branch
+// always contributes (a NaN gate propagates), the others only when they saw a key.
 template <class E, int V>
 __device__ __forceinline__ void gated_store(const Params& p, int r, int hg, int c, const float (&a)[3][V],
-                                            const float* l3, const float* g3, bool gated) {
+                                            const float* l3, const float* g3, const float* c3, bool gated) {
     typename E::T* out = (typename E::T*)p.io.out;
 #pragma unroll
     for (int v = 0; v < V; v++) {
-        const float ocmp = l3[0] != 0.f ? a[0][v] * (1.0f / l3[0]) : 0.f;
+        const float ocmp = l3[0] != 0.f ? a[0][v] * c3[0] : 0.f;
         float o = 0.f;
         if (!gated) {
             o = ocmp;
         } else {
             o = o + g3[0] * ocmp;
-            if (l3[1] != 0.f) o = o + (g3[1] / l3[1]) * a[1][v];
-            if (l3[2] != 0.f) o = o + (g3[2] / l3[2]) * a[2][v];
+            if (l3[1] != 0.f) o = o + c3[1] * a[1][v];
+            if (l3[2] != 0.f) o = o + c3[2] * a[2][v];
         }
         E::st(out, ((usize)r * p.shape.num_q_heads + hg) * p.shape.head_dim_v + c + v, o);
     }
+}
+// The factor of branch `br` in `gated_store`, once per (head, branch) rather than a
+// division per column: 1 / l for the compressed branch, gate / l for the others (0 where
+// l = 0: the branch is then not added).
+__device__ __forceinline__ float branch_factor(int br, float l, float gate) {
+    return l == 0.f ? 0.f : br == 0 ? 1.0f / l : gate / l;
 }
 
 // Units a combine thread loads at once (one L2 round trip for all of them).
@@ -54,6 +61,7 @@ __device__ __forceinline__ void gated_store(const Params& p, int r, int hg, int 
 // turns a sum into NaN. Then a warp per (head, branch) merges the units' (m, l) online;
 // each thread scales and sums its own units; the parts meet in shared memory.
 // Shared: m[H][U] | l[H][U] | (m, l) per (head, branch) [H][3] x 2 | gates [H][3] |
+// factors [H][3] |
 // parts' sums [P][3][H * DV] (P * H * DV <= 4 * blockDim; src/cuda/build.rs sizes it).
 template <class E, int V>
 __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, int s0, int s1, int U, bool gated) {
@@ -66,7 +74,8 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
     float* gm = lu + H * U;
     float* gl = gm + 3 * H;
     float* g3 = gl + 3 * H;
-    float* red = g3 + 3 * H;
+    float* cf = g3 + 3 * H;
+    float* red = cf + 3 * H;
     // The gates are the layer's inputs, not an earlier kernel's output: read before the wait.
     if (tid < 3 * H) g3[tid] = gated ? ((const float*)p.io.gates)[((usize)r * p.shape.num_q_heads + hg0) * 3 + tid] : 0.f;
     // Thread slot x: part x / NG, head and column group x % NG. A slot per thread when they
@@ -119,6 +128,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
         if (lane == 0) {
             gm[task] = m;
             gl[task] = l;
+            cf[task] = branch_factor(br, l, g3[task]);
         }
     }
     __syncthreads();
@@ -158,7 +168,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
             load(col, part, b0);
         }
         if (P == 1) {
-            gated_store<E, V>(p, r, hg0 + hh, c, a, gl + 3 * hh, g3 + 3 * hh, gated);
+            gated_store<E, V>(p, r, hg0 + hh, c, a, gl + 3 * hh, g3 + 3 * hh, cf + 3 * hh, gated);
         } else {
 #pragma unroll
             for (int br = 0; br < 3; br++)
@@ -181,7 +191,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
 #pragma unroll
             for (int br = 0; br < 3; br++) s[br][0] += red[q * E3 + br * NG * V + e];
         const int h = e / DV;
-        gated_store<E, 1>(p, r, hg0 + h, e - h * DV, s, gl + 3 * h, g3 + 3 * h, gated);
+        gated_store<E, 1>(p, r, hg0 + h, e - h * DV, s, gl + 3 * h, g3 + 3 * h, cf + 3 * h, gated);
     }
 }
 

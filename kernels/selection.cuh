@@ -184,13 +184,20 @@ __device__ void select_blocks(const Params& p) {
         for (int h = warp; h < g; h += nwarps) {
             const int hg = kvh * g + h;
             float m = NEG_INF, l = 0.f;
-            for (int u = lane; u < p.launch.nsplit_c; u += 32) {
-                float2 x = ((const float2*)ml)[part_at(p, wr, hg, u)];
-                if (x.y != 0.f) {
-                    float mn = fmaxf(m, x.x);
-                    l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
-                    m = mn;
-                }
+            // Two splits a lane per round trip (batch 1 has 33 to 65 splits: a lane with
+            // two no longer waits for them one after the other).
+            const float2* hml = (const float2*)ml + part_at(p, wr, hg, 0);
+            for (int u = lane; u < p.launch.nsplit_c; u += 64) {
+                const float2 x0 = hml[u], x1 = u + 32 < p.launch.nsplit_c ? hml[u + 32] : make_float2(NEG_INF, 0.f);
+                auto add = [&](float2 x) {
+                    if (x.y != 0.f) {
+                        float mn = fmaxf(m, x.x);
+                        l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
+                        m = mn;
+                    }
+                };
+                add(x0);
+                add(x1);
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {

@@ -207,11 +207,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     // The token sums' area also holds the top-n's block lists (32 per list).
     let mb = cfg.max_sel_blocks() as usize;
     let selection = 4 * (2 * g + (NT_SEL as usize * b + a - 1).max(mb.next_multiple_of(32)) + 1 + mb);
-    // Combine: per head of the block m, l over the units, (m, l) per branch and the three
-    // gates, plus the parts' sums (kernels/combine.cuh `combine_heads`: at most 3 branches
-    // x 4 columns per thread).
+    // Combine: per head of the block m, l over the units, (m, l) per branch, the three
+    // gates and the three branch factors, plus the parts' sums (kernels/combine.cuh
+    // `combine_heads`: at most 3 branches x 4 columns per thread).
     let units_max = (dl.nsplit_c + dl.units_s + dl.units_w) as usize;
-    let combine = 4 * (g * (2 * units_max + 9) + 3 * 4 * NT_WIDE as usize);
+    let combine = 4 * (g * (2 * units_max + 12) + 3 * 4 * NT_WIDE as usize);
     let bulk = info.compute_capability.0 >= 9 && !env_on("NSA_CUDA_NO_BULK");
     let tma = bulk && tensor_map::supported(cfg) && !env_on("NSA_CUDA_NO_TMA");
     let mma = cfg.dtype != Dtype::F32
