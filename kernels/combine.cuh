@@ -51,7 +51,7 @@ __device__ __forceinline__ float branch_factor(int br, float l, float gate) {
 // units [0, s0) are the compressed branch's, [s0, s1) the selected blocks', [s1, U) the
 // window's (`gated` false: the full-attention baseline, every unit in branch 0, no gates).
 //
-// Shaped as one round trip and three barriers (docs/DECODE_NOTES.md, variant 35): at
+// Shaped as one round trip and three barriers (docs/DECODE_NOTES.md, variants 35, 35b): at
 // batch 1 the combine is a chain of dependent steps, not a stream of bytes. Threads are
 // (part, head, group of V columns); a part takes units part, part + P, ... (at most
 // COMB_BATCH per part where the threads allow it). Each thread issues the loads of its
@@ -61,8 +61,8 @@ __device__ __forceinline__ float branch_factor(int br, float l, float gate) {
 // turns a sum into NaN. Then a warp per (head, branch) merges the units' (m, l) online;
 // each thread scales and sums its own units; the parts meet in shared memory.
 // Shared: m[H][U] | l[H][U] | (m, l) per (head, branch) [H][3] x 2 | gates [H][3] |
-// factors [H][3] |
-// parts' sums [P][3][H * DV] (P * H * DV <= 4 * blockDim; src/cuda/build.rs sizes it).
+// factors [H][3] | parts' sums [P][3][H * DV] (P * H * DV <= 4 * blockDim;
+// src/cuda/build.rs sizes it).
 template <class E, int V>
 __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, int s0, int s1, int U, bool gated) {
     extern __shared__ float smem[];
