@@ -217,13 +217,12 @@ mod tests {
     }
 
     /// Tolerated spills: (architecture, entry-name prefix, spill store bytes, spill load
-    /// bytes). (The 12-warp warp-specialised pf_cmp kept 6-8 words in local memory at 128
-    /// registers a thread until its producer warpgroup handed registers to the consumers,
-    /// prefill variant 26; the window-only 192/128 `pf_sww_wg` one 64-bit value until Q was
-    /// loaded by cp.async, variant 29.) The test fails on any spill not listed and when a listed one
-    /// changes or disappears.
-    /// (The combine kept three words around its batch of eight float4 loads from decode
-    /// variant 25 until it was reshaped in variant 35.)
+    /// bytes); none today. (The 12-warp warp-specialised pf_cmp kept 6-8 words in local
+    /// memory at 128 registers a thread until its producer warpgroup handed registers to the
+    /// consumers, prefill variant 26; the window-only 192/128 `pf_sww_wg` one 64-bit value
+    /// until Q was loaded by cp.async, variant 29; the combine three words around its batch
+    /// of eight float4 loads from decode variant 25 until it was reshaped in variant 35.)
+    /// The test fails on any spill not listed and when a listed one changes or disappears.
     const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC
