@@ -88,7 +88,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
-    /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`): see
+    /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -138,6 +138,10 @@ pub(crate) struct DecodeKnobs {
     /// `NSA_CUDA_PFB_ROWS=N`: the block-major prefill selected branch in chunks of at most
     /// N rows (at most the workspace's; a measurement knob).
     pub pfb_rows: Option<u32>,
+    /// The selection launch at half its threads, two blocks per multiprocessor
+    /// (`launch::sel_threads`): where full blocks would take more than one wave by
+    /// default; `NSA_CUDA_SEL_HALF=1` always, `=0` never.
+    pub sel_half: Option<bool>,
 }
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
@@ -268,6 +272,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         group_sums: mma && group_sums_fit(cfg.eq9_strides()) && !env_on("NSA_CUDA_NO_GROUP_SUMS"),
         comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
         pfb_rows: env_num("NSA_CUDA_PFB_ROWS").map(|n| n as u32),
+        sel_half: env_num("NSA_CUDA_SEL_HALF").map(|n| n != 0),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

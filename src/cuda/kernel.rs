@@ -400,17 +400,17 @@ impl Kernels {
     /// # Safety
     /// `p` describes valid device memory for `kernel`, which was loaded.
     pub unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), p: &Params, stream: CUstream, dependent: bool) -> Result<()> {
-        self.launch_with(kernel, grid, self.smem[kernel as usize], p, stream, dependent, None)
+        self.launch_with(kernel, grid, self.smem[kernel as usize], p, stream, dependent, LaunchOpts::default())
     }
 
     /// [`Kernels::launch`] with `smem` bytes of dynamic shared memory instead of the
     /// kernel's default (at most the limit [`Kernels::allow_smem`] set) and this launch's
-    /// preferred shared-memory carve-out (`carveout`: percent of the unified L1 / shared
-    /// memory; 0 asks for the most L1 the launch's shared memory leaves, which may also
-    /// mean fewer resident blocks), or the function's when `None`.
+    /// [`LaunchOpts`].
     ///
     /// # Safety
-    /// As [`Kernels::launch`]; `smem` is what `p`'s launch fields need, within the limit.
+    /// As [`Kernels::launch`]; `smem` is what `p`'s launch fields need, within the limit;
+    /// `opts.threads`, if any, is a multiple of 32 and at most the kernel's block (its
+    /// launch bound), and the kernel reads its thread count from `blockDim`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn launch_with(
         &self,
@@ -420,7 +420,7 @@ impl Kernels {
         p: &Params,
         stream: CUstream,
         dependent: bool,
-        carveout: Option<u32>,
+        opts: LaunchOpts,
     ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
@@ -436,7 +436,7 @@ impl Kernels {
             attrs[n].value.programmaticStreamSerializationAllowed = 1;
             n += 1;
         }
-        if let Some(c) = carveout {
+        if let Some(c) = opts.carveout {
             attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
             attrs[n].value.sharedMemCarveout = c.min(100);
             n += 1;
@@ -445,7 +445,7 @@ impl Kernels {
             gridDimX: grid.0,
             gridDimY: grid.1,
             gridDimZ: grid.2,
-            blockDimX: self.block[i],
+            blockDimX: opts.threads.map_or(self.block[i], |t| t.min(self.block[i])),
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem,
@@ -459,6 +459,18 @@ impl Kernels {
         }
         Ok(())
     }
+}
+
+/// Per-launch choices of [`Kernels::launch_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaunchOpts {
+    /// The launch's preferred shared-memory carve-out (percent of the unified L1 / shared
+    /// memory; 0 asks for the most L1 the launch's shared memory leaves, which may also
+    /// mean fewer resident blocks), or the function's when `None`.
+    pub carveout: Option<u32>,
+    /// Threads per block, fewer than the kernel's launch bound (more blocks per
+    /// multiprocessor), or the kernel's own count when `None`.
+    pub threads: Option<u32>,
 }
 
 impl Drop for Kernels {

@@ -2,9 +2,9 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
-use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_WIDE, SEL_CHUNK_MIN};
+use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
-use super::kernel::Kernel;
+use super::kernel::{Kernel, LaunchOpts};
 use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
@@ -27,6 +27,17 @@ fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
         None => heads / h >= 2 * sms,
     };
     (1..=g).filter(|&h| g % h == 0 && fits(h)).max().unwrap_or(1)
+}
+
+/// Threads per selection block for a launch of `blocks` blocks on `sms` multiprocessors:
+/// half of `NT_SEL` (two blocks per multiprocessor: the kernel is compiled for `NT_SEL`
+/// threads at 64 registers, so two half blocks fill the register file exactly) where
+/// blocks of `NT_SEL` would take more than one wave, else `NT_SEL` (`None`).
+/// `half`: `Some(true)` always half, `Some(false)` never (`NSA_CUDA_SEL_HALF`). (H200,
+/// graph, with every selection at 512 threads: batch 64 2-6% faster, batch 16, one wave
+/// at 1,024, 3-8% slower; docs/DECODE_NOTES.md variant 38.)
+fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
+    half.unwrap_or(blocks > sms).then_some(NT_SEL / 2)
 }
 
 /// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
@@ -80,6 +91,7 @@ impl CudaBackend {
         let tokens = step.tokens;
         let nseqs = step.seqs.len() as u32;
         let hkv = cfg.num_kv_heads;
+        let sms = self.info.multiprocessors.max(1) as u32;
         let k = self.kernels();
         let _g = CtxGuard::push(self.ctx)?;
         // Small waves run every kernel at the smallest shared-memory carve-out (the most
@@ -87,8 +99,9 @@ impl CudaBackend {
         // 38.6 at 128k; batch 2 measured slower (39.9 -> 44.9) and, with the function-wide
         // knob, batch 16 far slower (one attention block per SM): docs/DECODE_NOTES.md
         // variant 20.
-        let l1 = |kernel: Kernel, rows: u32| {
-            (rows * hkv <= self.knobs.l1_wave_pairs && self.knobs.l1_kernels & 1 << kernel as u32 != 0).then_some(0u32)
+        let l1 = |kernel: Kernel, rows: u32| LaunchOpts {
+            carveout: (rows * hkv <= self.knobs.l1_wave_pairs && self.knobs.l1_kernels & 1 << kernel as u32 != 0).then_some(0u32),
+            threads: None,
         };
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
@@ -158,12 +171,16 @@ impl CudaBackend {
                     _ => k.smem(kernel),
                 };
                 let hint = rows as u64 * row_logits <= self.knobs.l2_hint_logits;
-                let go = |kernel: Kernel, grid| {
+                let go = |kernel: Kernel, grid: (u32, u32, u32)| {
                     let mut pk = pw;
                     if hint && self.knobs.l2_kernels & 1 << kernel as u32 != 0 {
                         pk.launch.mode |= MODE_L2_EVICT_FIRST;
                     }
-                    k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, l1(kernel, rows))
+                    let mut opts = l1(kernel, rows);
+                    if kernel == Kernel::SelectBlocks {
+                        opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
+                    }
+                    k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
                 };
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
@@ -306,7 +323,20 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::comb_heads;
+    use super::{comb_heads, sel_threads};
+    use crate::cuda::consts::NT_SEL;
+
+    #[test]
+    fn selection_blocks_halve_only_past_one_wave() {
+        // H200 (132 SMs): batch 1 (4 pairs x 8 chunks) and batch 16 (64 x 2) fit one wave
+        // of full blocks; batch 64 (256 pairs, one chunk each) does not.
+        assert_eq!(sel_threads(36, 132, None), None);
+        assert_eq!(sel_threads(128, 132, None), None);
+        assert_eq!(sel_threads(132, 132, None), None);
+        assert_eq!(sel_threads(256, 132, None), Some(NT_SEL / 2));
+        assert_eq!(sel_threads(36, 132, Some(true)), Some(NT_SEL / 2));
+        assert_eq!(sel_threads(256, 132, Some(false)), None);
+    }
 
     /// The H200's 132 multiprocessors, 64 query heads per row in groups of 16, DV = 128.
     #[test]
