@@ -50,10 +50,25 @@ __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
 
 // DKT, DVT: the head dims when compiled for one shape (the unrolled steps then use constant
 // shared-memory offsets and need no branches), 0 to read them from `p.shape`.
-template <class E, int NVT, int DKT, int DVT>
+// Work a caller runs right after the wait, before the first tile (every thread calls it;
+// a block barrier follows when it returns true, which must be block-uniform): `NoPrep`
+// none; `Prep<F>` calls F (selected units build their block list there,
+// kernels/selected.cuh).
+struct NoPrep {
+    static constexpr bool active = false;
+    __device__ bool operator()() const { return false; }
+};
+template <class F>
+struct Prep {
+    static constexpr bool active = true;
+    F f;
+    __device__ bool operator()() const { return f(); }
+};
+
+template <class E, int NVT, int DKT, int DVT, class P = NoPrep>
 __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
-                           float* logit_out) {
+                           float* logit_out, const P& prep = P()) {
     extern __shared__ float smem[];
     const int DK = DKT ? DKT : p.shape.head_dim_qk, DV = DVT ? DVT : p.shape.head_dim_v;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -110,6 +125,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // Everything above overlaps the previous kernel (programmatic dependent launch): the
     // K/V pages, the selection and the workspace are read or written only from here.
     pdl_wait();
+    if (P::active && prep()) __syncthreads();
     const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
     const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
     const int ck = DK / 8, cv = DV / 8;

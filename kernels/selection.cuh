@@ -68,27 +68,25 @@ __device__ __forceinline__ void sel_merge32(unsigned& k, int& i, unsigned bk, in
     for (int j = 16; j > 0; j >>= 1) sel_cas(k, i, j, 64);  // a bitonic sequence: one merge pass
 }
 
-// The top `count` (<= n <= 32) of blocks [0, nblk) by their score bits `key` (shared), by
-// sorting networks instead of the radix select: each warp sorts lists of 32 blocks, then
-// the lists merge pairwise in a tree (lists of block numbers in `lists`, shared, at
-// least ceil(nblk / 32) * 32 ints), each merge keeping the 32 best; warp 0 then orders the
-// winners by block and writes them (`put`), -1 padded to n. About 15 + 6 log2(lists)
-// exchange steps on the longest path against the radix select's four histogram passes
-// and two block-wide prefix counts (docs/DECODE_NOTES.md, variant 13).
-template <class Put>
-__device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int count, int n, Put put) {
+// The 32 best of blocks [j0, j1) by their score bits `key` (shared), best-first in warp 0's
+// lanes (`k`, `i`: score bits and block, (0, SEL_PAD) past the range's blocks), by sorting
+// networks: each warp sorts lists of 32 blocks, then the lists merge pairwise in a tree
+// (lists of block numbers in `lists`, shared, at least ceil((j1 - j0) / 32) * 32 ints),
+// each merge keeping the 32 best. About 15 + 6 log2(lists) exchange steps on the longest
+// path (docs/DECODE_NOTES.md, variant 13). Every thread of the block calls it.
+__device__ void sel_best32(const unsigned* key, int* lists, int j0, int j1, unsigned& k, int& i) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int L = (nblk + 31) >> 5;
-    auto load = [&](int slot, unsigned& k, int& i) {  // a list entry and its score
-        i = lists[slot];
-        k = i == SEL_PAD ? 0u : key[i];
+    const int L = (j1 - j0 + 31) >> 5;
+    auto load = [&](int slot, unsigned& lk, int& li) {  // a list entry and its score
+        li = lists[slot];
+        lk = li == SEL_PAD ? 0u : key[li];
     };
     for (int l = warp; l < L; l += nw) {
-        const int j = l * 32 + lane;
-        unsigned k = j < nblk ? key[j] : 0u;
-        int i = j < nblk ? j : SEL_PAD;
-        sel_sort32(k, i);
-        lists[j] = i;
+        const int j = j0 + l * 32 + lane;
+        unsigned lk = j < j1 ? key[j] : 0u;
+        int li = j < j1 ? j : SEL_PAD;
+        sel_sort32(lk, li);
+        lists[l * 32 + lane] = li;
     }
     // Level s: lists at multiples of 2^s; list m * 2^(s+1) absorbs m * 2^(s+1) + 2^s.
     for (int step = 1; step < L; step <<= 1) {
@@ -96,25 +94,40 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
         for (int a = warp * 2 * step; a < L; a += nw * 2 * step) {
             const int b = a + step;
             if (b >= L) continue;
-            unsigned k, bk;
-            int i, bi;
-            load(a * 32 + lane, k, i);
+            unsigned ak, bk;
+            int ai, bi;
+            load(a * 32 + lane, ak, ai);
             load(b * 32 + 31 - lane, bk, bi);
-            sel_merge32(k, i, bk, bi);
-            lists[a * 32 + lane] = i;
+            sel_merge32(ak, ai, bk, bi);
+            lists[a * 32 + lane] = ai;
         }
     }
     __syncthreads();
-    if (warp == 0) {
-        unsigned k;
-        int i;
-        load(lane, k, i);
-        // The winners in block order: sort (0, block) pairs, the losers padded last.
-        k = 0u;
-        if (lane >= count) i = SEL_PAD;
-        sel_sort32(k, i);
-        for (int x = lane; x < n; x += 32) put(x, x < count ? i : -1);
-    }
+    k = 0u;
+    i = SEL_PAD;
+    if (warp == 0 && L > 0) load(lane, k, i);
+}
+
+// Warp 0's best-first winners (`i`, the first `count` lanes) in block order, written by
+// `put`, -1 padded to n. Every lane of warp 0 calls it.
+template <class Put>
+__device__ __forceinline__ void sel_put_by_block(int i, int count, int n, Put put) {
+    const int lane = threadIdx.x & 31;
+    // Sort (0, block) pairs: the losers padded last.
+    unsigned k = 0u;
+    if (lane >= count) i = SEL_PAD;
+    sel_sort32(k, i);
+    for (int x = lane; x < n; x += 32) put(x, x < count ? i : -1);
+}
+
+// The top `count` (<= n <= 32) of blocks [0, nblk) by their score bits `key` (shared),
+// by sorting networks instead of the radix select (`sel_best32`), written in block order.
+template <class Put>
+__device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int count, int n, Put put) {
+    unsigned k;
+    int i;
+    sel_best32(key, lists, 0, nblk, k, i);
+    if ((threadIdx.x >> 5) == 0) sel_put_by_block(i, count, n, put);
 }
 
 // Selection: grid rows x HKV x sel_chunks, NSA_NT_SEL threads. The chunk blocks of a
@@ -170,7 +183,12 @@ __device__ void select_blocks(const Params& p) {
         wsel[k] = j;
         if (usel) usel[k] = j;
     };
+    // With `mode & 512` (tensor-core decode) each chunk block hands `sw_mma` its own best
+    // n, best-first, and nothing more: no counter, no last block; the selected units merge
+    // the chunks' lists (kernels/selected.cuh `sel_merge_lists`) and write `io.selected`.
+    const bool lists = (p.launch.mode & 512) != 0;
     if (nblk <= n) {  // every block is selected (the row's chunks agree: no counter)
+        if (lists) return;  // the selected units know it from the row's length
         if (ch == 0)
             for (int k = tid; k < n; k += blockDim.x) put(k, k < nblk ? k : -1);
         return;
@@ -271,6 +289,20 @@ __device__ void select_blocks(const Params& p) {
             }
             __syncthreads();  // ps is rewritten by the next run
         }
+    }
+    if (lists) {
+        // The chunk's best n (score bits, block), best-first, at [pair][ch * n ..] of the
+        // scores area (2 words an entry; (0, SEL_PAD) past the chunk's blocks).
+        __syncthreads();  // every score of the chunk is in `key`
+        unsigned k;
+        int i;
+        sel_best32(key, (int*)ps, j0, j1, k, i);
+        unsigned* out = (unsigned*)p.ws.scores + pair * p.ws.max_blocks + 2 * (ch * n + lane);
+        if (warp == 0 && lane < n) {
+            out[0] = k;
+            out[1] = (unsigned)i;
+        }
+        return;
     }
     if (nch > 1) {
         // Hand the chunk's scores to the last chunk block of the (row, KV head).

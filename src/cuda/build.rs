@@ -25,6 +25,20 @@ pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
 /// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 with four KV heads. (H200, 64k:
 /// batch 2 and 4 measured slower in the small-wave form, docs/DECODE_NOTES.md variant 17.)
 const SMALL_WAVE_PAIRS: u32 = 4;
+/// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
+/// (kernels/selection.cuh `sel_best32`) and every chunk's list of `sel_count` (score, block)
+/// pairs within a pair's scores area (`max_sel_blocks` words), at the most chunks a wave
+/// takes (`SEL_LISTS_MAX_CHUNKS`, the lists `sw_mma`'s warps fold).
+pub(crate) fn sel_lists_fit(cfg: &Config) -> bool {
+    let mb = cfg.max_sel_blocks();
+    let chunks = mb.div_ceil(super::consts::SEL_CHUNK_MIN).clamp(1, SEL_LISTS_MAX_CHUNKS);
+    cfg.sel_count <= 32 && 2 * cfg.sel_count * chunks <= mb
+}
+
+/// The most selection chunks whose lists `sw_mma` merges (kernels/selected.cuh
+/// `sel_merge_lists`: 4 lists a warp, NSA_MMA_WARPS warps).
+pub(crate) const SEL_LISTS_MAX_CHUNKS: u32 = 4 * super::consts::MMA_WARPS;
+
 /// Default of [`DecodeKnobs::l1_wave_pairs`]: batch 1 with four KV heads. (H200, graph
 /// replay: batch 1 faster in every shape, paper 128/128 42.0 -> 34.2 us at 64k; batch 2
 /// slower, 39.9 -> 44.9; docs/DECODE_NOTES.md variant 20.)
@@ -88,7 +102,8 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
-    /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`): see
+    /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
+    /// `NSA_CUDA_SEL_LISTS=0`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -142,6 +157,11 @@ pub(crate) struct DecodeKnobs {
     /// (`launch::sel_threads`): where full blocks would take more than one wave by
     /// default; `NSA_CUDA_SEL_HALF=1` always, `=0` never.
     pub sel_half: Option<bool>,
+    /// The selection hands `sw_mma` per-chunk lists of its best `sel_count` blocks
+    /// (`MODE_SEL_LISTS`) instead of one list made by the last chunk block: on tensor
+    /// cores, with `sel_count <= 32` (the sorting networks) and the lists within the
+    /// workspace's scores area; `NSA_CUDA_SEL_LISTS=0` never.
+    pub sel_lists: bool,
 }
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
@@ -273,6 +293,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
         pfb_rows: env_num("NSA_CUDA_PFB_ROWS").map(|n| n as u32),
         sel_half: env_num("NSA_CUDA_SEL_HALF").map(|n| n != 0),
+        sel_lists: mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }
@@ -390,6 +411,21 @@ mod tests {
     /// Blocks per multiprocessor at 2, 3, 4 stages.
     fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
         move |s| Ok(t[s - 2])
+    }
+
+    #[test]
+    fn selection_lists_fit_the_scores_area() {
+        use super::sel_lists_fit;
+        use crate::config::{Config, Preset};
+        let paper = Config::preset(Preset::Paper);
+        // 64k tokens: 1,024 blocks, 8 chunks of 16 pairs (2 words each) = 256 words.
+        assert!(sel_lists_fit(&paper.clone().with_capacity(1, 65536)));
+        // 1,024 tokens: 16 blocks, one chunk of 16 pairs = 32 words > 16.
+        assert!(!sel_lists_fit(&paper.clone().with_capacity(1, 1024)));
+        // Past 32 selected blocks the radix select keeps the single list.
+        let mut wide = paper.clone().with_capacity(1, 65536);
+        wide.sel_count = 33;
+        assert!(!sel_lists_fit(&wide));
     }
 
     #[test]

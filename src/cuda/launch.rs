@@ -4,8 +4,9 @@
 
 use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
+use super::build::SEL_LISTS_MAX_CHUNKS;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST};
+use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_SEL_LISTS};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -165,6 +166,10 @@ impl CudaBackend {
                 }
                 if self.knobs.comb_vec {
                     pw.launch.mode |= MODE_COMB_VEC;
+                }
+                if self.knobs.sel_lists {
+                    pw.launch.mode |= MODE_SEL_LISTS;
+                    pw.launch.sel_chunks = pw.launch.sel_chunks.min(SEL_LISTS_MAX_CHUNKS as i32);
                 }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),

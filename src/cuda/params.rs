@@ -198,6 +198,11 @@ pub(crate) const MODE_GROUP_SUMS: i32 = 32;
 /// (`DecodeKnobs::comb_vec`).
 pub(crate) const MODE_COMB_VEC: i32 = 128;
 
+/// `Launch::mode` bit: each selection chunk block writes its own best `sel_count` blocks and
+/// `sw_mma`'s selected units merge the chunks' lists (no counter, no last block; unit 0
+/// writes `LayerIo::selected`) (`DecodeKnobs::sel_lists`).
+pub(crate) const MODE_SEL_LISTS: i32 = 512;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
