@@ -75,6 +75,7 @@
 // that part overlaps the previous kernel's tail.
 #define NSA_ENTRY_NT(name, E, suffix, NT)                                                \
     extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                        \
         pdl_trigger();                                                                   \
         pdl_wait();                                                                      \
         name<E>(p);                                                                      \
@@ -84,6 +85,7 @@
 // step's rows, the gates).
 #define NSA_ENTRY_OWN_WAIT_NT(name, E, suffix, NT)                                       \
     extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                        \
         pdl_trigger();                                                                   \
         name<E>(p);                                                                      \
     }
@@ -108,6 +110,7 @@ NSA_ALL(EBF16, bf16)
 // prefill shapes; src/cuda/kernel.rs picks these when the config has one).
 #define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag)                                                           \
     extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                                                  \
         pdl_trigger();                                                                                             \
         name<E, NVT, DK, DV>(p);                                                                                   \
     }
@@ -133,16 +136,19 @@ NSA_MMA_ALL(EBF16, bf16)
 // two copy stages of 64-key tiles (three measured no faster, docs/PREFILL_NOTES.md).
 #define PF_ENTRY(E, suffix, DK, DV, M, mname)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_cmp_##mname##_##suffix##_##DK##_##DV(const Params p) { \
+        NSA_TIMELINE_SCOPE(pf_cmp);                                                                                    \
         pdl_trigger();                                                                                         \
         pdl_wait();                                                                                            \
         pf_cmp<E, DK, DV, 2, M<E, DK, DV>>(p);                                                                 \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sw_##mname##_##suffix##_##DK##_##DV(const Params p) {  \
+        NSA_TIMELINE_SCOPE(pf_sw);                                                                                     \
         pdl_trigger();                                                                                         \
         pdl_wait();                                                                                            \
         pf_sw<E, DK, DV, 2, M<E, DK, DV>, false>(p);                                                           \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) nsa_pf_sww_##mname##_##suffix##_##DK##_##DV(const Params p) { \
+        NSA_TIMELINE_SCOPE(pf_sww);                                                                                    \
         pdl_trigger();                                                                                         \
         pdl_wait();                                                                                            \
         pf_sw<E, DK, DV, 2, M<E, DK, DV>, true>(p);                                                            \
@@ -167,6 +173,7 @@ PF_ENTRY(EF16, f16, 128, 128, WgmmaTma, wgt)
 // register budget).
 #define PF_SEL_ENTRY(E, suffix, DK, DV, MINB)                                                                        \
     extern "C" __global__ void __launch_bounds__(NSA_PF_SEL_WARPS * 32, MINB) nsa_pf_sel_##suffix##_##DK##_##DV(const Params p) { \
+        NSA_TIMELINE_SCOPE(pf_sel);                                                                                               \
         pdl_trigger();                                                                                               \
         pdl_wait();                                                                                                  \
         pf_sel_alone<E, DK, DV>(p);                                                                                  \
@@ -187,6 +194,7 @@ PF_SEL_ENTRY(EF16, f16, 192, 128, 2)
 #define PF_WS_PRODUCERS(W) ((W) == NSA_PF_WS_PRODUCER_WG ? 4 : 1)
 #define PF_WS_ENTRY(E, suffix, DK, DV, W, WIN, TAG)                                                            \
     extern "C" __global__ void __launch_bounds__((W + PF_WS_PRODUCERS(W)) * 32, 1) nsa_pf_cmp_wgs##TAG##_##suffix##_##DK##_##DV(const Params p) { \
+        NSA_TIMELINE_SCOPE(pf_cmp);                                                                                                               \
         pdl_trigger();                                                                                           \
         pdl_wait();                                                                                              \
         pf_cmp_ws<E, DK, DV, WIN, PF_WS_PRODUCERS(W)>(p);                                                        \
@@ -214,6 +222,7 @@ PFB_ALL(EBF16, bf16)
 PFB_ALL(EF16, f16)
 #define PFB_ATTN(E, suffix, DK, DV)                                                                           \
     extern "C" __global__ void __launch_bounds__(NSA_PFB_WARPS * 32) nsa_pfb_attn_##suffix##_##DK##_##DV(const Params p) { \
+        NSA_TIMELINE_SCOPE(pfb_attn);                                                                                      \
         pdl_trigger();                                                                                       \
         pdl_wait();                                                                                          \
         pfb_attn<E, DK, DV>(p);                                                                              \

@@ -24,6 +24,41 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Per-kernel timeline, a diagnostic compiled only with NSA_TIMELINE (`NSA_CUDA_TIMELINE=1`
+// at the backend's creation; src/cuda/timeline.rs reads it): per kernel slot (the host's
+// `Kernel` index, NSA_TL_SLOT_<stage>), the first and last block start and the first and
+// last warp end in the global timer's nanoseconds. Minima are kept as maxima of the
+// complement, so the host zeroes the array before a run. Each block's thread 0 stamps its
+// start; each warp's lane 0 its end (warps that return early end early).
+#ifdef NSA_TIMELINE
+__device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * 4];
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct TimelineScope {
+    int slot;
+    __device__ explicit TimelineScope(int s) : slot(s) {
+        if (threadIdx.x == 0) {
+            const unsigned long long t = global_ns();
+            atomicMax(&nsa_timeline[4 * s], ~t);
+            atomicMax(&nsa_timeline[4 * s + 1], t);
+        }
+    }
+    __device__ ~TimelineScope() {
+        if ((threadIdx.x & 31) == 0) {
+            const unsigned long long t = global_ns();
+            atomicMax(&nsa_timeline[4 * slot + 2], ~t);
+            atomicMax(&nsa_timeline[4 * slot + 3], t);
+        }
+    }
+};
+#define NSA_TIMELINE_SCOPE(stage) TimelineScope nsa_timeline_scope(NSA_TL_SLOT_##stage)
+#else
+#define NSA_TIMELINE_SCOPE(stage)
+#endif
+
 // Bytes of dynamic shared memory this launch was given.
 __device__ __forceinline__ unsigned dyn_smem_bytes() {
     unsigned r;

@@ -42,11 +42,13 @@ pub(crate) fn source(name: &str) -> &'static str {
 }
 
 /// NVRTC options besides the architecture: the language, then the shared constants
-/// (`consts.rs`). `-lineinfo` (no effect on the code) lets Nsight Compute attribute
-/// stalls to source lines.
+/// (`consts.rs`), then the timeline stamps' switch when asked for (`timeline.rs`).
+/// `-lineinfo` (no effect on the code) lets Nsight Compute attribute stalls to source
+/// lines.
 pub fn options() -> Vec<String> {
     let mut o: Vec<String> = ["-std=c++17", "--fmad=true", "-default-device", "-lineinfo"].iter().map(|s| s.to_string()).collect();
     o.extend(super::consts::nvrtc_defines());
+    o.extend(super::timeline::defines());
     o
 }
 

@@ -325,6 +325,11 @@ impl Kernels {
         Ok(k)
     }
 
+    /// The loaded module (its globals: `timeline.rs`).
+    pub(crate) fn module(&self) -> sys::CUmodule {
+        self.module
+    }
+
     /// Sets `kernel`'s dynamic shared memory (raising its limit above the default 48 KiB).
     pub fn set_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
         self.smem[kernel as usize] = bytes;

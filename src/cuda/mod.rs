@@ -22,7 +22,8 @@
 //! (the kernels by name, the module, the launch), `params.rs` (the kernels' argument),
 //! `workspace.rs` (the device buffer's layout), `upload.rs`, `launch.rs`, `consts.rs`
 //! (constants shared with the kernels), `compile.rs` (NVRTC and the kernel cache),
-//! `staging.rs`, `tensor_map.rs`, `driver.rs`. docs/ARCHITECTURE.md follows a decode step
+//! `staging.rs`, `tensor_map.rs`, `driver.rs`, `timeline.rs` (a diagnostic: when each
+//! kernel ran). docs/ARCHITECTURE.md follows a decode step
 //! through them.
 //!
 //! Launch sequence of a layer: one launch for the step's writes (copy-on-write copies,
@@ -45,7 +46,7 @@
 macro_rules! cuda_modules {
     ($($m:ident),*) => { $( #[cfg(feature = "cuda")] mod $m; )* };
 }
-cuda_modules!(backend, build, compile, consts, device, driver, kernel, launch, params, prefill, staging, state, step_layout, tensor_map, upload, workspace);
+cuda_modules!(backend, build, compile, consts, device, driver, kernel, launch, params, prefill, staging, state, step_layout, tensor_map, timeline, upload, workspace);
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
@@ -62,6 +63,8 @@ pub use device::nvrtc_arch;
 use device::probe as probe_ordinal;
 #[cfg(feature = "cuda")]
 pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf, Stream};
+#[cfg(feature = "cuda")]
+pub use timeline::KernelSpan;
 #[cfg(not(feature = "cuda"))]
 pub use stub::{probe as probe_ordinal, CUstream, CudaBackend};
 

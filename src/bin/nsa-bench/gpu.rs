@@ -219,6 +219,23 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                             t_upload.push(tu);
                         }
                     }
+                    if crate::timeline::wanted() {
+                        let label = format!("{hq}q/{hkv}kv {dk}/{dv} {preset:?} context {ctx} batch {batch}");
+                        crate::timeline::print(&mut gpu, graph.stream, &format!("{label} graph"), |gpu| {
+                            cache.plan_step(&entries)?;
+                            gpu.upload_step(&cache, graph.stream)?;
+                            flush.run(graph.stream)?;
+                            graph.launch()?;
+                            cache.mark_layer_run(0)
+                        })?;
+                        let io = DeviceLayerIo { q: gq.ptr(), ..gio };
+                        crate::timeline::print(&mut gpu, stream, &format!("{label} host"), |gpu| {
+                            cache.plan_step(&entries)?;
+                            flush.run(stream)?;
+                            gpu.upload_step(&cache, stream)?;
+                            gpu.run_layer(&cache, 0, &io, stream)
+                        })?;
+                    }
                     let t = Medians {
                         nsa: median(t_nsa) * 1e-3,
                         full: median(t_full) * 1e-3,

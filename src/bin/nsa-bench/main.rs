@@ -14,6 +14,8 @@ mod flush;
 mod gpu;
 #[cfg(feature = "cuda")]
 mod prefill;
+#[cfg(feature = "cuda")]
+mod timeline;
 mod report;
 #[path = "../../rng.rs"]
 mod rng;
