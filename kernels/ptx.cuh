@@ -5,6 +5,63 @@
 #include "common.cuh"
 
 
+// Per-block timeline, a diagnostic compiled only with NSA_TIMELINE (`NSA_CUDA_TIMELINE=1`
+// at the backend's creation; src/cuda/timeline.rs reads it back): for the first
+// NSA_TL_BLOCKS blocks of each kernel slot (the host's `Kernel` index, NSA_TL_SLOT_<stage>),
+// four words: the block's start (thread 0 at entry), the return of its `pdl_wait` (thread
+// 0), its end (the last of its warps to return) and its multiprocessor, global-timer
+// nanoseconds. `pdl_wait` finds its kernel's slot through `nsa_tl_warp_slot`, indexed by
+// (multiprocessor, warp slot), which the entry writes: no shared memory is added.
+#ifdef NSA_TIMELINE
+__device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * NSA_TL_BLOCKS * 4];
+__device__ int nsa_tl_warp_slot[NSA_TL_SMS * 64];
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned tl_smid() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned tl_warp_at() {
+    unsigned w;
+    asm volatile("mov.u32 %0, %%warpid;" : "=r"(w));
+    return (tl_smid() % NSA_TL_SMS) * 64 + (w & 63);
+}
+// This block's record in `slot`, or null past NSA_TL_BLOCKS.
+__device__ __forceinline__ unsigned long long* tl_record(int slot) {
+    const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    return b < NSA_TL_BLOCKS ? nsa_timeline + ((usize)slot * NSA_TL_BLOCKS + b) * 4 : nullptr;
+}
+struct TimelineScope {
+    int slot;
+    __device__ explicit TimelineScope(int s) : slot(s) {
+        if ((threadIdx.x & 31) == 0) nsa_tl_warp_slot[tl_warp_at()] = s;
+        unsigned long long* r = tl_record(s);
+        if (threadIdx.x == 0 && r) {
+            r[0] = global_ns();
+            r[3] = tl_smid();
+        }
+    }
+    __device__ ~TimelineScope() {
+        unsigned long long* r = tl_record(slot);
+        if ((threadIdx.x & 31) == 0 && r) atomicMax(&r[2], global_ns());
+    }
+};
+__device__ __forceinline__ void tl_wait_stamp() {
+    if (threadIdx.x == 0) {
+        unsigned long long* r = tl_record(nsa_tl_warp_slot[tl_warp_at()]);
+        if (r) r[1] = global_ns();
+    }
+}
+#define NSA_TIMELINE_SCOPE(stage) TimelineScope nsa_timeline_scope(NSA_TL_SLOT_##stage)
+#else
+#define NSA_TIMELINE_SCOPE(stage)
+__device__ __forceinline__ void tl_wait_stamp() {}
+#endif
+
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask
 // for it). A kernel launched as a dependent may start while its predecessor on the stream
 // still runs: `pdl_wait` blocks until every predecessor grid has finished and its writes
@@ -17,47 +74,13 @@ __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    tl_wait_stamp();
 }
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-
-// Per-kernel timeline, a diagnostic compiled only with NSA_TIMELINE (`NSA_CUDA_TIMELINE=1`
-// at the backend's creation; src/cuda/timeline.rs reads it): per kernel slot (the host's
-// `Kernel` index, NSA_TL_SLOT_<stage>), the first and last block start and the first and
-// last warp end in the global timer's nanoseconds. Minima are kept as maxima of the
-// complement, so the host zeroes the array before a run. Each block's thread 0 stamps its
-// start; each warp's lane 0 its end (warps that return early end early).
-#ifdef NSA_TIMELINE
-__device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * 4];
-__device__ __forceinline__ unsigned long long global_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-struct TimelineScope {
-    int slot;
-    __device__ explicit TimelineScope(int s) : slot(s) {
-        if (threadIdx.x == 0) {
-            const unsigned long long t = global_ns();
-            atomicMax(&nsa_timeline[4 * s], ~t);
-            atomicMax(&nsa_timeline[4 * s + 1], t);
-        }
-    }
-    __device__ ~TimelineScope() {
-        if ((threadIdx.x & 31) == 0) {
-            const unsigned long long t = global_ns();
-            atomicMax(&nsa_timeline[4 * slot + 2], ~t);
-            atomicMax(&nsa_timeline[4 * slot + 3], t);
-        }
-    }
-};
-#define NSA_TIMELINE_SCOPE(stage) TimelineScope nsa_timeline_scope(NSA_TL_SLOT_##stage)
-#else
-#define NSA_TIMELINE_SCOPE(stage)
-#endif
 
 // Bytes of dynamic shared memory this launch was given.
 __device__ __forceinline__ unsigned dyn_smem_bytes() {

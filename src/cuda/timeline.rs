@@ -1,11 +1,10 @@
-//! A diagnostic: when each kernel of a run started and ended on the device. With
-//! `NSA_CUDA_TIMELINE=1` when the kernels are compiled (and the backend created), every
-//! entry point stamps the GPU's global timer into `nsa_timeline` (kernels/ptx.cuh): per
-//! kernel, its first and last block start and its first and last warp end. nsa-bench
-//! prints them for decode steps replayed from a CUDA graph, where no profiler shows how
-//! the launches overlap (docs/DECODE_NOTES.md). The stamps cost a few atomics per block,
-//! so a normal build has none of this code (another kernel-cache key: the option is part
-//! of it).
+//! A diagnostic: when each block of each kernel of a run started, got past its wait on the
+//! previous launch and ended, on the device. With `NSA_CUDA_TIMELINE=1` when the kernels
+//! are compiled (and the backend created), every entry point stamps the GPU's global timer
+//! into `nsa_timeline` (kernels/ptx.cuh). nsa-bench prints them for decode steps replayed
+//! from a CUDA graph, where no profiler shows how the launches overlap
+//! (docs/DECODE_NOTES.md). The stamps cost a few stores per block, so a normal build has
+//! none of this code (another kernel-cache key: the option is part of it).
 
 use std::ffi::{c_void, CString};
 
@@ -19,8 +18,11 @@ use crate::error::{NsaError, Result};
 
 /// The device array's name in the module.
 const SYMBOL: &str = "nsa_timeline";
-/// Words per kernel slot: first start, last start, first end, last end (minima stored as
-/// the maxima of their complements).
+/// Blocks recorded per kernel (the first ones by linear block index).
+const BLOCKS: usize = 16384;
+/// Multiprocessors the warp-slot table covers (ids past it wrap).
+const SMS: usize = 256;
+/// Words per block: start, wait return, end, multiprocessor.
 const WORDS: usize = 4;
 
 /// Whether the kernels are compiled with the timeline stamps (`NSA_CUDA_TIMELINE=1`).
@@ -28,38 +30,69 @@ pub(crate) fn enabled() -> bool {
     env_on("NSA_CUDA_TIMELINE")
 }
 
-/// The NVRTC options that turn the stamps on: the switch, the slot count and each
+/// The NVRTC options that turn the stamps on: the switch, the array's shape and each
 /// stage's slot (its `Kernel` index), or nothing when [`enabled`] is false.
 pub(crate) fn defines() -> Vec<String> {
     if !enabled() {
         return Vec::new();
     }
-    let mut d = vec!["-DNSA_TIMELINE".to_string(), format!("-DNSA_TL_SLOTS={}", Kernel::COUNT)];
+    let mut d = vec![
+        "-DNSA_TIMELINE".to_string(),
+        format!("-DNSA_TL_SLOTS={}", Kernel::COUNT),
+        format!("-DNSA_TL_BLOCKS={BLOCKS}"),
+        format!("-DNSA_TL_SMS={SMS}"),
+    ];
     d.extend(Kernel::ALL.iter().enumerate().map(|(i, k)| format!("-DNSA_TL_SLOT_{}={i}", k.stage())));
     d
 }
 
-/// One kernel's stamps in a timeline run, global-timer nanoseconds.
+/// One block's stamps, global-timer nanoseconds (`wait` 0 when thread 0 never waited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStamp {
+    /// Linear block index (x fastest).
+    pub block: u32,
+    pub start: u64,
+    pub wait: u64,
+    pub end: u64,
+    /// The multiprocessor it ran on.
+    pub sm: u32,
+}
+
+/// One kernel's blocks in a timeline run.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSpan {
     /// The kernel's stage name (`cmp_mma`, `select_blocks`, ...).
     pub kernel: &'static str,
-    pub first_start: u64,
-    pub last_start: u64,
-    pub first_end: u64,
-    pub last_end: u64,
+    /// Its stamped blocks, in block order (at most the first 16,384).
+    pub blocks: Vec<BlockStamp>,
 }
 
-/// The kernels that ran, from the raw words (`WORDS` per `Kernel::ALL` slot; a slot
-/// with no stamp is left out), earliest start first.
+impl KernelSpan {
+    /// (earliest, latest) of a stamp over the blocks that have it.
+    pub fn range(&self, f: impl Fn(&BlockStamp) -> u64) -> (u64, u64) {
+        let v = self.blocks.iter().map(f).filter(|&t| t != 0);
+        v.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)))
+    }
+}
+
+/// The kernels that ran, from the raw words (`BLOCKS * WORDS` per `Kernel::ALL` slot; a
+/// block with no start stamp did not run), earliest start first.
 fn spans(words: &[u64]) -> Vec<KernelSpan> {
     let mut v: Vec<KernelSpan> = Kernel::ALL
         .iter()
-        .zip(words.chunks_exact(WORDS))
-        .filter(|(_, w)| w[1] != 0)
-        .map(|(k, w)| KernelSpan { kernel: k.stage(), first_start: !w[0], last_start: w[1], first_end: !w[2], last_end: w[3] })
+        .zip(words.chunks_exact(BLOCKS * WORDS))
+        .map(|(k, w)| KernelSpan {
+            kernel: k.stage(),
+            blocks: w
+                .chunks_exact(WORDS)
+                .enumerate()
+                .filter(|(_, b)| b[0] != 0)
+                .map(|(i, b)| BlockStamp { block: i as u32, start: b[0], wait: b[1], end: b[2], sm: b[3] as u32 })
+                .collect(),
+        })
+        .filter(|s| !s.blocks.is_empty())
         .collect();
-    v.sort_by_key(|s| s.first_start);
+    v.sort_by_key(|s| s.range(|b| b.start).0);
     v
 }
 
@@ -78,8 +111,8 @@ impl CudaBackend {
                 reason: "the kernels were compiled without timeline stamps: set NSA_CUDA_TIMELINE=1 before creating the backend".into(),
             });
         }
-        if bytes != Kernel::COUNT * WORDS * 8 {
-            return Err(NsaError::Corrupt(format!("{SYMBOL} holds {bytes} bytes, expected {}", Kernel::COUNT * WORDS * 8)));
+        if bytes != Kernel::COUNT * BLOCKS * WORDS * 8 {
+            return Err(NsaError::Corrupt(format!("{SYMBOL} holds {bytes} bytes, expected {}", Kernel::COUNT * BLOCKS * WORDS * 8)));
         }
         Ok((ptr, bytes))
     }
@@ -94,7 +127,7 @@ impl CudaBackend {
     }
 
     /// Waits for `stream` and returns the stamps of every kernel that ran since the last
-    /// [`timeline_reset`](Self::timeline_reset), earliest start first.
+    /// [`timeline_reset`](Self::timeline_reset), earliest start first (~10 MB read back).
     pub fn timeline_read(&self, stream: CUstream) -> Result<Vec<KernelSpan>> {
         let _g = CtxGuard::push(self.ctx)?;
         let (ptr, bytes) = self.timeline_array()?;
@@ -110,18 +143,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans_decode_complements_and_order_by_start() {
-        let mut w = vec![0u64; Kernel::COUNT * WORDS];
-        let at = |k: Kernel| k as usize * WORDS;
-        // Select ran 100..180 (blocks started 100..110, warps ended 150..180); append
-        // 50..90; nothing else.
-        w[at(Kernel::SelectBlocks)..at(Kernel::SelectBlocks) + 4].copy_from_slice(&[!100, 110, !150, 180]);
-        w[at(Kernel::Append)..at(Kernel::Append) + 4].copy_from_slice(&[!50, 60, !70, 90]);
+    fn spans_keep_stamped_blocks_and_order_by_start() {
+        let mut w = vec![0u64; Kernel::COUNT * BLOCKS * WORDS];
+        let at = |k: Kernel, b: usize| (k as usize * BLOCKS + b) * WORDS;
+        // Select: blocks 0 and 2 ran 100..180 (block 1 has no stamp); append: block 0 at 50.
+        w[at(Kernel::SelectBlocks, 0)..][..4].copy_from_slice(&[110, 120, 150, 7]);
+        w[at(Kernel::SelectBlocks, 2)..][..4].copy_from_slice(&[100, 0, 180, 9]);
+        w[at(Kernel::Append, 0)..][..4].copy_from_slice(&[50, 55, 90, 1]);
         let s = spans(&w);
         assert_eq!(s.len(), 2);
-        assert_eq!(s[0], KernelSpan { kernel: "append", first_start: 50, last_start: 60, first_end: 70, last_end: 90 });
+        assert_eq!(s[0].kernel, "append");
         assert_eq!(s[1].kernel, "select_blocks");
-        assert_eq!((s[1].first_start, s[1].last_end), (100, 180));
+        assert_eq!(s[1].blocks.len(), 2);
+        assert_eq!(s[1].blocks[1], BlockStamp { block: 2, start: 100, wait: 0, end: 180, sm: 9 });
+        assert_eq!(s[1].range(|b| b.start), (100, 110));
+        // A block that never waited leaves the wait range to the others.
+        assert_eq!(s[1].range(|b| b.wait), (120, 120));
+        assert_eq!(s[1].range(|b| b.end), (150, 180));
     }
 
     #[test]

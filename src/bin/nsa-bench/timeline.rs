@@ -1,8 +1,12 @@
 //! Per-kernel timelines of decode steps (`NSA_CUDA_TIMELINE=1`: the engine's kernels then
-//! stamp their blocks' starts and warps' ends, `nsa::cuda::KernelSpan`). For each decode
-//! point, after its timed reps, three steps replayed from the graph and three launched
-//! from the host, each printed to stderr as one line per kernel, microseconds from the
-//! step's first block start: where the launches of a step overlap and where they wait.
+//! stamp each block's start, the return of its wait on the previous launch and its end,
+//! `nsa::cuda::KernelSpan`). For each decode point, after its timed reps, three steps
+//! replayed from the graph and three launched from the host, each printed to stderr as one
+//! line per kernel, microseconds from the step's first block start: where the launches of a
+//! step overlap and where they wait. With `NSA_TIMELINE_CSV=path` every block's stamps are
+//! appended there too (label, run, kernel, block, sm, start, wait, end).
+
+use std::io::Write;
 
 use nsa::cuda::{CudaBackend, KernelSpan};
 
@@ -20,26 +24,56 @@ pub fn print(gpu: &mut CudaBackend, stream: nsa::cuda::CUstream, label: &str, mu
         step(gpu)?;
         let spans = gpu.timeline_read(stream)?;
         eprintln!("timeline {label} run {run}:{}", lines(&spans));
+        if let Ok(path) = std::env::var("NSA_TIMELINE_CSV") {
+            csv(&path, label, run, &spans).map_err(|e| nsa::NsaError::Cuda(format!("writing {path}: {e}")))?;
+        }
     }
     Ok(())
 }
 
-/// One line per kernel: first..last block start, first..last warp end, in microseconds
-/// from the earliest start; then the step's span.
+/// The step's first block start.
+fn origin(spans: &[KernelSpan]) -> u64 {
+    spans.iter().map(|s| s.range(|b| b.start).0).min().unwrap_or(0)
+}
+
+/// One line per kernel: first..last block start, first..last wait return, first..last
+/// block end, in microseconds from the earliest start; then the step's span.
 fn lines(spans: &[KernelSpan]) -> String {
-    let Some(t0) = spans.iter().map(|s| s.first_start).min() else { return " no kernel stamped".into() };
-    let us = |t: u64| t.saturating_sub(t0) as f64 * 1e-3;
+    if spans.is_empty() {
+        return " no kernel stamped".into();
+    }
+    let t0 = origin(spans);
+    let us = |t: u64| if t == 0 || t == u64::MAX { f64::NAN } else { t.saturating_sub(t0) as f64 * 1e-3 };
     let mut out = String::new();
+    let mut end = t0;
     for s in spans {
+        let (a, w, e) = (s.range(|b| b.start), s.range(|b| b.wait), s.range(|b| b.end));
+        end = end.max(e.1);
         out += &format!(
-            "\n  {:<16} start {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
+            "\n  {:<16} {:>5} blocks  start {:7.2} .. {:7.2}  wait {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
             s.kernel,
-            us(s.first_start),
-            us(s.last_start),
-            us(s.first_end),
-            us(s.last_end)
+            s.blocks.len(),
+            us(a.0),
+            us(a.1),
+            us(w.0),
+            us(w.1),
+            us(e.0),
+            us(e.1)
         );
     }
-    let end = spans.iter().map(|s| s.last_end).max().unwrap_or(t0);
     out + &format!("\n  {:<16} {:7.2} us", "step", us(end))
+}
+
+/// Appends every block's stamps (nanoseconds from the step's first start; wait -1 when
+/// the block never waited).
+fn csv(path: &str, label: &str, run: usize, spans: &[KernelSpan]) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    let t0 = origin(spans) as i64;
+    for s in spans {
+        for b in &s.blocks {
+            let wait = if b.wait == 0 { -1 } else { b.wait as i64 - t0 };
+            writeln!(f, "{label},{run},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, wait, b.end as i64 - t0)?;
+        }
+    }
+    f.flush()
 }
