@@ -141,6 +141,8 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
 // select instead of sorted lists merged by one block.
 //
 // 1. The group's heads' softmax (m, 1 / l) over all compressed splits (a warp per head).
+//    With group sums and warps to spare, warps of their own load the blocks' sums
+//    meanwhile (variant 40: the two round trips after the wait overlap).
 // 2. Per run of at most NSA_NT_SEL blocks of the chunk: a thread per compressed token sums
 //    the group's normalised probabilities (Eq. 8; coalesced loads, one exp per token and
 //    head), then a thread per block applies the Eq. 9 overlap weights; the forced blocks
@@ -196,10 +198,10 @@ __device__ void select_blocks(const Params& p) {
     const int cb = (nblk + nch - 1) / nch, j0 = min(ch * cb, nblk), j1 = min(j0 + cb, nblk);
 
     if (j0 < j1) {
-        // 1. Softmax (m, l) of every head over all compressed splits: a warp per head, one
-        // pass (each lane merges its splits online, then the lanes' states merge).
+        // 1. Softmax (m, l) of head h over all compressed splits (a warp: each lane merges
+        // its splits online, then the lanes' states merge), into mh[h], inv[h].
         const float* ml = (const float*)p.ws.part_ml;
-        for (int h = warp; h < g; h += nwarps) {
+        auto head_ml = [&](int h) {
             const int hg = kvh * g + h;
             float m = NEG_INF, l = 0.f;
             // Two splits a lane per round trip (batch 1 has 33 to 65 splits: a lane with
@@ -230,34 +232,60 @@ __device__ void select_blocks(const Params& p) {
                 mh[h] = l != 0.f ? m * 1.4426950408889634f : 0.f;
                 inv[h] = l != 0.f ? 1.0f / l : 0.f;
             }
-        }
-        __syncthreads();
+        };
 
         // 2. Scores of blocks [s0, s1), runs of at most NSA_NT_SEL: block j gathers tokens
         // B*j - (A-1) + k, k < A + B - 1, with weight overlap_count(k).
         const float* lg = (const float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + (usize)kvh * g) * p.ws.max_cmp;
         // With group sums (`mode & 32`, kernels/attend_mma.cuh) block j is its group's own
         // part (x of group j) plus the previous group's part (y of group j - 1), per head
-        // log2 against the head's max: a thread per block, no token pass.
+        // log2 against the head's max: a thread per block, no token pass. A group's 16
+        // heads load in one round trip (32 loads in flight), then score against (mh, inv).
         const bool groups = (p.launch.mode & 32) != 0;
-        for (int j = j0 + tid; groups && j < j1; j += blockDim.x) {
+        auto group_loads = [&](int j, int h0, float (&vx)[16], float (&vy)[16]) {
             const bool own = B * j < nc, prev = j >= 1 && B * (j - 1) < nc;
-            float acc = 0.f;
-            // A group's 16 heads in one round trip (32 loads in flight).
-            for (int h0 = 0; h0 < g; h0 += 16) {
-                float vx[16], vy[16];
 #pragma unroll
-                for (int k = 0; k < 16; k++) {
-                    const float2* row = (const float2*)(lg + (usize)(h0 + k) * p.ws.max_cmp);
-                    vx[k] = own && h0 + k < g ? row[j].x : NEG_INF;
-                    vy[k] = prev && h0 + k < g ? row[j - 1].y : NEG_INF;
-                }
-#pragma unroll
-                for (int k = 0; k < 16; k++)
-                    if (h0 + k < g) acc += (ex2f(vx[k] - mh[h0 + k]) + ex2f(vy[k] - mh[h0 + k])) * inv[h0 + k];
+            for (int k = 0; k < 16; k++) {
+                const float2* row = (const float2*)(lg + (usize)(h0 + k) * p.ws.max_cmp);
+                vx[k] = own && h0 + k < g ? row[j].x : NEG_INF;
+                vy[k] = prev && h0 + k < g ? row[j - 1].y : NEG_INF;
             }
+        };
+        auto group_score = [&](int h0, const float (&vx)[16], const float (&vy)[16]) {
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < 16; k++)
+                if (h0 + k < g) acc += (ex2f(vx[k] - mh[h0 + k]) + ex2f(vy[k] - mh[h0 + k])) * inv[h0 + k];
+            return acc;
+        };
+        auto put_key = [&](int j, float acc) {
             if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
             key[j] = __float_as_uint(acc);
+        };
+        // With group sums, at most 16 heads and a warp per head to spare beside a thread per
+        // block of the chunk (batch 1 to 16 at 1,024 threads), the two round trips overlap:
+        // warps [0, W) load their blocks' sums right after the wait while warps W.. merge
+        // the heads' (m, l); one barrier, then the scores (variant 40).
+        const int W = (j1 - j0 + 31) >> 5;
+        if (groups && g <= 16 && W + g <= nwarps) {
+            float vx[16], vy[16];
+            const int j = j0 + tid;
+            if (warp < W && j < j1) group_loads(j, 0, vx, vy);
+            if (warp >= W && warp - W < g) head_ml(warp - W);
+            __syncthreads();
+            if (warp < W && j < j1) put_key(j, group_score(0, vx, vy));
+        } else {
+            for (int h = warp; h < g; h += nwarps) head_ml(h);
+            __syncthreads();
+            for (int j = j0 + tid; groups && j < j1; j += blockDim.x) {
+                float acc = 0.f;
+                for (int h0 = 0; h0 < g; h0 += 16) {
+                    float vx[16], vy[16];
+                    group_loads(j, h0, vx, vy);
+                    acc += group_score(h0, vx, vy);
+                }
+                put_key(j, acc);
+            }
         }
         if (groups) __syncthreads();
         for (int s0 = j0; !groups && s0 < j1; s0 += NSA_NT_SEL) {
@@ -284,8 +312,7 @@ __device__ void select_blocks(const Params& p) {
                 const float* pj = ps + B * (j - s0);
                 float acc = 0.f;
                 for (int k = 0; k < A + B - 1; k++) acc += overlap_count(k, A, B) * pj[k];
-                if (j < p.shape.sel_init || j > b - p.shape.sel_local) acc = POS_INF;
-                key[j] = __float_as_uint(acc);
+                put_key(j, acc);
             }
             __syncthreads();  // ps is rewritten by the next run
         }
