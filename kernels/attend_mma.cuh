@@ -231,16 +231,27 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             cp_commit();
         }
     };
-    if (ks.ready) fill();
-    if (((usize)qsrc & 15) == 0) {
-        // 16-byte loads, all independent (DK is a multiple of 16, so rows stay aligned).
-        const int cpr = DK / 8;
-        for (int e = tid; e < 16 * cpr; e += blockDim.x) {
-            int h = e / cpr, c = (e - h * cpr) * 8;
-            uint4 x = h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
-            *(uint4*)(q_s + h * QS + c) = x;
+    // The Q tile: 16-byte loads, all independent (DK is a multiple of 16, so rows stay
+    // aligned), at most QMAX a thread (DK <= 256 at 128 threads), all issued before a ready
+    // unit's tile copies so that they do not queue behind them; stored after.
+    constexpr int QMAX = 4;
+    const int cpr = DK / 8;
+    const bool qvec = ((usize)qsrc & 15) == 0 && 16 * cpr <= QMAX * (int)blockDim.x;
+    if (qvec) {
+        uint4 qx[QMAX];
+#pragma unroll
+        for (int k = 0; k < QMAX; k++) {
+            const int e = tid + k * blockDim.x, h = e / cpr, c = (e - h * cpr) * 8;
+            qx[k] = e < 16 * cpr && h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
+        }
+        if (ks.ready) fill();
+#pragma unroll
+        for (int k = 0; k < QMAX; k++) {
+            const int e = tid + k * blockDim.x, h = e / cpr, c = (e - h * cpr) * 8;
+            if (e < 16 * cpr) *(uint4*)(q_s + h * QS + c) = qx[k];
         }
     } else {
+        if (ks.ready) fill();
         for (int e = tid; e < 16 * DK; e += blockDim.x) {
             int h = e / DK, c = e - h * DK;
             q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
