@@ -38,6 +38,10 @@ struct Keys {
     const int* blocks;
     int lo, n, t;
     int first;  // contiguous ranges: positions below it are masked (a 16-aligned window start)
+    // Nothing this step writes lies in the unit's tiles (block-uniform): the first S - 1
+    // copies go out before the wait on the previous launch (kernels/compressed.cuh says
+    // when that holds).
+    bool ready;
 };
 __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
     if (j >= ks.n) return -1;
@@ -107,25 +111,6 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int st = 0; st < S; st++) mbar_init(bar0 + 8 * st, 1);
         fence_mbar_init();
     }
-    if (((usize)qsrc & 15) == 0) {
-        // 16-byte loads, all independent (DK is a multiple of 16, so rows stay aligned).
-        const int cpr = DK / 8;
-        for (int e = tid; e < 16 * cpr; e += blockDim.x) {
-            int h = e / cpr, c = (e - h * cpr) * 8;
-            uint4 x = h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
-            *(uint4*)(q_s + h * QS + c) = x;
-        }
-    } else {
-        for (int e = tid; e < 16 * DK; e += blockDim.x) {
-            int h = e / DK, c = e - h * DK;
-            q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
-        }
-    }
-    __syncthreads();
-    // Everything above overlaps the previous kernel (programmatic dependent launch): the
-    // K/V pages, the selection and the workspace are read or written only from here.
-    pdl_wait();
-    if (P::active && prep()) __syncthreads();
     const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
     const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
     const int ck = DK / 8, cv = DV / 8;
@@ -237,14 +222,52 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             for (int c = lane; c < cv; c += 32) cp_async16(smem_u32(vd + j * VS + c * 8), vpool + v0 + c * 8, bytes);
         }
     };
+    // The pipeline's first S - 1 tiles (every one of them at batch 1), issued here for a
+    // unit whose keys the step does not write, so that their DRAM time overlaps the
+    // previous launch and the Q loads below; else right after the wait.
+    auto fill = [&]() {
+        for (int st = 0; st < S - 1; st++) {
+            if (st < cnt) load(st, st);
+            cp_commit();
+        }
+    };
+    // The Q tile: 16-byte loads, all independent (DK is a multiple of 16, so rows stay
+    // aligned), at most QMAX a thread (DK <= 256 at 128 threads), all issued before a ready
+    // unit's tile copies so that they do not queue behind them; stored after.
+    constexpr int QMAX = 4;
+    const int cpr = DK / 8;
+    const bool qvec = ((usize)qsrc & 15) == 0 && 16 * cpr <= QMAX * (int)blockDim.x;
+    if (qvec) {
+        uint4 qx[QMAX];
+#pragma unroll
+        for (int k = 0; k < QMAX; k++) {
+            const int e = tid + k * blockDim.x, h = e / cpr, c = (e - h * cpr) * 8;
+            qx[k] = e < 16 * cpr && h < hcn ? *(const uint4*)(qsrc + (usize)h * DK + c) : make_uint4(0, 0, 0, 0);
+        }
+        if (ks.ready) fill();
+#pragma unroll
+        for (int k = 0; k < QMAX; k++) {
+            const int e = tid + k * blockDim.x, h = e / cpr, c = (e - h * cpr) * 8;
+            if (e < 16 * cpr) *(uint4*)(q_s + h * QS + c) = qx[k];
+        }
+    } else {
+        if (ks.ready) fill();
+        for (int e = tid; e < 16 * DK; e += blockDim.x) {
+            int h = e / DK, c = e - h * DK;
+            q_s[h * QS + c] = h < hcn ? qsrc[(usize)h * DK + c] : (u16)0;
+        }
+    }
+    __syncthreads();
+    // Everything above overlaps the previous kernel (programmatic dependent launch): the
+    // K/V pages (but a ready unit's first tiles), the selection and the workspace are read
+    // or written only from here.
+    pdl_wait();
+    if (P::active && prep()) __syncthreads();
     float o[NVT][4];
 #pragma unroll
     for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
-    for (int st = 0; st < S - 1; st++) {
-        if (st < cnt) load(st, st);
-        cp_commit();
-    }
+    if (!ks.ready) fill();
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
     // Stages as running counters (no division by the runtime S per tile): tile i is read
     // from stage `cs` (phase `cph` of its mbarrier), tile i + S - 1 is copied into `ls`.

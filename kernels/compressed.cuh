@@ -24,7 +24,13 @@ __device__ void cmp_mma(const Params& p) {
     int2 tm = ((const int2*)p.step.rows)[r];
     int lo, hi;
     split_range(num_cmp(p, tm.y + 1), p.launch.nsplit_c, split, lo, hi);
-    Keys ks = {0, lo, hi - lo, tm.y, 0};
+    // In a step of one new token per sequence and no page copies (its header is uploaded
+    // before the layer's first kernel), the append writes no compressed token below
+    // num_cmp(t), t the row's length before the step, and no page that holds one: a split
+    // below that loads its tiles before waiting on the append (variant 42).
+    const StepHeader& hdr = *(const StepHeader*)p.step.header;
+    const bool ready = hdr.tokens == hdr.seqs && hdr.copies == 0 && hi <= num_cmp(p, tm.y);
+    Keys ks = {0, lo, hi - lo, tm.y, 0, ready};
     const int* table = (const int*)p.paging.cmp_tab + (usize)tm.x * p.paging.cmp_pages_per_seq;
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;

@@ -36,7 +36,7 @@ __device__ void full_mma(const Params& p) {
     int2 tm = ((const int2*)p.step.rows)[r];
     int lo, hi;
     split_range(tm.y + 1, p.launch.nsplit_c, split, lo, hi);
-    Keys ks = {0, lo, hi - lo, tm.y, 0};
+    Keys ks = {0, lo, hi - lo, tm.y, 0, false};
     const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;

@@ -99,6 +99,7 @@ __device__ void sw_mma(const Params& p) {
     Keys ks;
     ks.t = t;
     ks.first = 0;
+    ks.ready = false;  // selected units learn their blocks after the wait
     __shared__ int sl[32];  // `mode & 512`: the pair's selected blocks (sel_merge_lists)
     const bool lists = (p.launch.mode & 512) != 0 && u < p.launch.units_s;
     if (u < p.launch.units_s) {
