@@ -103,7 +103,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
-    /// `NSA_CUDA_SEL_LISTS=0`): see
+    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -157,6 +157,11 @@ pub(crate) struct DecodeKnobs {
     /// (`launch::sel_threads`): where full blocks would take more than one wave by
     /// default; `NSA_CUDA_SEL_HALF=1` always, `=0` never.
     pub sel_half: Option<bool>,
+    /// `NSA_CUDA_SPB=N`: selected blocks per `sw_mma` unit instead of the wave model's
+    /// choice (`launch::wave_splits`; a power of two, clamped to 1..=sel_count rounded up
+    /// to a power of two; a measurement knob: the timeline shows the selected units as the
+    /// tail of batch 16).
+    pub spb: Option<u32>,
     /// The selection hands `sw_mma` per-chunk lists of its best `sel_count` blocks
     /// (`MODE_SEL_LISTS`) instead of one list made by the last chunk block: on tensor
     /// cores, with `sel_count <= 32` (the sorting networks) and the lists within the
@@ -294,6 +299,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pfb_rows: env_num("NSA_CUDA_PFB_ROWS").map(|n| n as u32),
         sel_half: env_num("NSA_CUDA_SEL_HALF").map(|n| n != 0),
         sel_lists: mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0),
+        spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

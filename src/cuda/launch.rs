@@ -30,6 +30,13 @@ fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
     (1..=g).filter(|&h| g % h == 0 && fits(h)).max().unwrap_or(1)
 }
 
+/// `NSA_CUDA_SPB=k` as a selected-blocks-per-unit count: the largest power of two at most
+/// `k`, within 1..=`sel_count` rounded up to a power of two (the wave model's range).
+fn spb_knob(k: u32, sel_count: u32) -> u32 {
+    let k = k.clamp(1, sel_count.next_power_of_two());
+    1 << (31 - k.leading_zeros())
+}
+
 /// Threads per selection block for a launch of `blocks` blocks on `sms` multiprocessors:
 /// half of `NT_SEL` (two blocks per multiprocessor: the kernel is compiled for `NT_SEL`
 /// threads at 64 registers, so two half blocks fill the register file exactly) where
@@ -235,6 +242,9 @@ impl CudaBackend {
                 }
                 c *= 2;
             }
+            if let Some(k) = self.knobs.spb {
+                spb = spb_knob(k, cfg.sel_count);
+            }
         }
         l.spb = spb as i32;
         // Combine: heads per block (see `comb_heads`).
@@ -328,7 +338,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, sel_threads};
+    use super::{comb_heads, sel_threads, spb_knob};
     use crate::cuda::consts::NT_SEL;
 
     #[test]
@@ -341,6 +351,18 @@ mod tests {
         assert_eq!(sel_threads(256, 132, None), Some(NT_SEL / 2));
         assert_eq!(sel_threads(36, 132, Some(true)), Some(NT_SEL / 2));
         assert_eq!(sel_threads(256, 132, Some(false)), None);
+    }
+
+    #[test]
+    fn spb_knob_is_a_power_of_two_in_range() {
+        assert_eq!(spb_knob(0, 16), 1);
+        assert_eq!(spb_knob(1, 16), 1);
+        assert_eq!(spb_knob(3, 16), 2);
+        assert_eq!(spb_knob(4, 16), 4);
+        assert_eq!(spb_knob(100, 16), 16);
+        // sel_count 12: up to 16, as the wave model (a unit past the count is partial).
+        assert_eq!(spb_knob(100, 12), 16);
+        assert_eq!(spb_knob(9, 12), 8);
     }
 
     /// The H200's 132 multiprocessors, 64 query heads per row in groups of 16, DV = 128.
