@@ -111,6 +111,9 @@ pub(crate) struct Plan {
 /// See [`Plan::knobs`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DecodeKnobs {
+    /// `NSA_CUDA_SEL_CHUNKS=N`: selection chunk blocks per (row, KV head), down to 32
+    /// blocks a chunk (the default keeps at least `SEL_CHUNK_MIN`); at most
+    /// `SEL_LISTS_MAX_CHUNKS` in the lists mode.
     pub sel_chunks: Option<u32>,
     pub comb_heads: Option<u32>,
     /// `NSA_CUDA_MMA_GENERIC=1`: the tensor-core kernels' any-shape entries even where

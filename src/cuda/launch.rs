@@ -259,8 +259,12 @@ impl CudaBackend {
         // with one chunk per pair left half the GPU idle; two per pair measured 110.1 ->
         // 104.8 us on paper 128/128 at 64k, docs/DECODE_NOTES.md variant 14.)
         let sms = self.info.multiprocessors.max(1) as u32;
-        let max_chunks = cfg.max_sel_blocks().div_ceil(SEL_CHUNK_MIN).max(1);
-        l.sel_chunks = self.knobs.sel_chunks.unwrap_or(sms / pairs.max(1)).clamp(1, max_chunks) as i32;
+        let max_chunks = |min_blocks: u32| cfg.max_sel_blocks().div_ceil(min_blocks).max(1);
+        l.sel_chunks = match self.knobs.sel_chunks {
+            // The measurement knob may go down to one sorted list of 32 blocks a chunk.
+            Some(k) => k.clamp(1, max_chunks(32)),
+            None => (sms / pairs.max(1)).clamp(1, max_chunks(SEL_CHUNK_MIN)),
+        } as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
         let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
