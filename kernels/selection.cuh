@@ -267,7 +267,12 @@ __device__ void select_blocks(const Params& p) {
         // warps [0, W) load their blocks' sums right after the wait while warps W.. merge
         // the heads' (m, l); one barrier, then the scores (variant 40).
         const int W = (j1 - j0 + 31) >> 5;
-        if (groups && g <= 16 && W + g <= nwarps) {
+#if __CUDA_ARCH__ >= 900
+        const bool roles = groups && g <= 16 && W + g <= nwarps;
+#else
+        const bool roles = false;  // sm_80: the held sums spill at 64 registers (1,024 threads)
+#endif
+        if (roles) {
             float vx[16], vy[16];
             const int j = j0 + tid;
             if (warp < W && j < j1) group_loads(j, 0, vx, vy);
