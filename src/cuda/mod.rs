@@ -64,7 +64,7 @@ use device::probe as probe_ordinal;
 #[cfg(feature = "cuda")]
 pub use driver::{stream_sync, CUdeviceptr, CUstream, DeviceBuf, Stream};
 #[cfg(feature = "cuda")]
-pub use timeline::{BlockStamp, KernelSpan};
+pub use timeline::{BlockStamp, KernelSpan, TIMELINE_BLOCKS};
 #[cfg(not(feature = "cuda"))]
 pub use stub::{probe as probe_ordinal, CUstream, CudaBackend};
 

@@ -18,8 +18,10 @@ use crate::error::{NsaError, Result};
 
 /// The device array's name in the module.
 const SYMBOL: &str = "nsa_timeline";
-/// Blocks recorded per kernel (the first ones by linear block index).
-const BLOCKS: usize = 16384;
+/// Blocks recorded per kernel (the first ones by linear block index); a kernel with more
+/// shows only these.
+pub const TIMELINE_BLOCKS: usize = 16384;
+const BLOCKS: usize = TIMELINE_BLOCKS;
 /// Multiprocessors the warp-slot table covers (ids past it wrap).
 const SMS: usize = 256;
 /// Words per block: start, wait return, end, multiprocessor.

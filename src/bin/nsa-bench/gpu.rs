@@ -221,7 +221,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                     }
                     if crate::timeline::wanted() {
                         let label = format!("{hq}q/{hkv}kv {dk}/{dv} {preset:?} context {ctx} batch {batch}");
-                        crate::timeline::print(&mut gpu, graph.stream, &format!("{label} graph"), |gpu| {
+                        crate::timeline::print(&mut gpu, graph.stream, &format!("{label} graph"), 3, |gpu| {
                             cache.plan_step(&entries)?;
                             gpu.upload_step(&cache, graph.stream)?;
                             flush.run(graph.stream)?;
@@ -229,7 +229,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                             cache.mark_layer_run(0)
                         })?;
                         let io = DeviceLayerIo { q: gq.ptr(), ..gio };
-                        crate::timeline::print(&mut gpu, stream, &format!("{label} host"), |gpu| {
+                        crate::timeline::print(&mut gpu, stream, &format!("{label} host"), 3, |gpu| {
                             cache.plan_step(&entries)?;
                             flush.run(stream)?;
                             gpu.upload_step(&cache, stream)?;

@@ -85,6 +85,15 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                         full.push(fms);
                     }
                 }
+                if crate::timeline::wanted() {
+                    crate::timeline::print(&mut gpu, stream, &what, 1, |gpu| {
+                        cache.remove(0)?;
+                        cache.add_sequence(0)?;
+                        cache.plan_step(&[StepSeq { seq: 0, tokens: t }])?;
+                        gpu.upload_step(&cache, stream)?;
+                        gpu.run_layer(&cache, 0, &io, stream)
+                    })?;
+                }
                 let full_s = if !o.prefill_full {
                     f64::NAN
                 } else if preset == Preset::Paper {

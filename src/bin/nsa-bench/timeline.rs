@@ -4,11 +4,13 @@
 //! replayed from the graph and three launched from the host, each printed to stderr as one
 //! line per kernel, microseconds from the step's first block start: where the launches of a
 //! step overlap and where they wait. With `NSA_TIMELINE_CSV=path` every block's stamps are
-//! appended there too (label, run, kernel, block, sm, start, wait, end).
+//! appended there too (label, run, kernel, block, sm, start, wait, end). Prefill points get
+//! one such step each; a kernel of more than `TIMELINE_BLOCKS` blocks shows its first ones
+//! only (marked `+`).
 
 use std::io::Write;
 
-use nsa::cuda::{CudaBackend, KernelSpan};
+use nsa::cuda::{CudaBackend, KernelSpan, TIMELINE_BLOCKS};
 
 /// Whether the timeline stamps were asked for (the engine reads the same variable when
 /// it compiles its kernels).
@@ -16,10 +18,10 @@ pub fn wanted() -> bool {
     std::env::var("NSA_CUDA_TIMELINE").is_ok_and(|v| v == "1")
 }
 
-/// Runs `step` three times between a reset and a read of the stamps and prints each
+/// Runs `step` `runs` times between a reset and a read of the stamps and prints each
 /// run's spans under `label`.
-pub fn print(gpu: &mut CudaBackend, stream: nsa::cuda::CUstream, label: &str, mut step: impl FnMut(&mut CudaBackend) -> nsa::Result<()>) -> nsa::Result<()> {
-    for run in 0..3 {
+pub fn print(gpu: &mut CudaBackend, stream: nsa::cuda::CUstream, label: &str, runs: usize, mut step: impl FnMut(&mut CudaBackend) -> nsa::Result<()>) -> nsa::Result<()> {
+    for run in 0..runs {
         gpu.timeline_reset(stream)?;
         step(gpu)?;
         let spans = gpu.timeline_read(stream)?;
@@ -50,9 +52,10 @@ fn lines(spans: &[KernelSpan]) -> String {
         let (a, w, e) = (s.range(|b| b.start), s.range(|b| b.wait), s.range(|b| b.end));
         end = end.max(e.1);
         out += &format!(
-            "\n  {:<16} {:>5} blocks  start {:7.2} .. {:7.2}  wait {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
+            "\n  {:<16} {:>5}{} blocks  start {:7.2} .. {:7.2}  wait {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
             s.kernel,
             s.blocks.len(),
+            if s.blocks.len() >= TIMELINE_BLOCKS { "+" } else { "" },
             us(a.0),
             us(a.1),
             us(w.0),
