@@ -35,9 +35,15 @@ pub(crate) fn enabled() -> bool {
 /// The NVRTC options that turn the stamps on: the switch, the array's shape and each
 /// stage's slot (its `Kernel` index), or nothing when [`enabled`] is false.
 pub(crate) fn defines() -> Vec<String> {
-    if !enabled() {
-        return Vec::new();
+    if enabled() {
+        stamp_defines()
+    } else {
+        Vec::new()
     }
+}
+
+/// The options of a stamped build (see [`defines`]).
+fn stamp_defines() -> Vec<String> {
     let mut d = vec![
         "-DNSA_TIMELINE".to_string(),
         format!("-DNSA_TL_SLOTS={}", Kernel::COUNT),
@@ -162,6 +168,19 @@ mod tests {
         // A block that never waited leaves the wait range to the others.
         assert_eq!(s[1].range(|b| b.wait), (120, 120));
         assert_eq!(s[1].range(|b| b.end), (150, 180));
+    }
+
+    /// The stamped build compiles (every kernel, sm_90a) and holds the array the host
+    /// reads. Needs libnvrtc like the kernel compile test (scripts/test.sh runs both);
+    /// forced to run without NVRTC, it fails.
+    #[test]
+    #[ignore = "needs libnvrtc: scripts/test.sh runs it when NSA_NVRTC_DIR is set"]
+    fn timeline_kernels_compile() {
+        let extra = stamp_defines();
+        let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+        let (bin, _) = crate::cuda::compile::compile_with("sm_90a", &extra).unwrap_or_else(|e| panic!("{e}"));
+        assert!(bin.starts_with(b"\x7fELF"), "a CUBIN is an ELF file");
+        assert!(bin.windows(SYMBOL.len()).any(|w| w == SYMBOL.as_bytes()), "the CUBIN names {SYMBOL}");
     }
 
     #[test]
