@@ -26,13 +26,18 @@ pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
 /// batch 2 and 4 measured slower in the small-wave form, docs/DECODE_NOTES.md variant 17.)
 const SMALL_WAVE_PAIRS: u32 = 4;
 /// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
-/// (kernels/selection.cuh `sel_best32`) and every chunk's list of `sel_count` (score, block)
-/// pairs within a pair's scores area (`max_sel_blocks` words), at the most chunks a wave
-/// takes (`SEL_LISTS_MAX_CHUNKS`, the lists `sw_mma`'s warps fold).
+/// (kernels/selection.cuh `sel_best32`) and the most chunks a wave takes by default (at
+/// least `SEL_CHUNK_MIN` blocks each) within [`sel_lists_max_chunks`].
 pub(crate) fn sel_lists_fit(cfg: &Config) -> bool {
-    let mb = cfg.max_sel_blocks();
-    let chunks = mb.div_ceil(super::consts::SEL_CHUNK_MIN).clamp(1, SEL_LISTS_MAX_CHUNKS);
-    cfg.sel_count <= 32 && 2 * cfg.sel_count * chunks <= mb
+    let chunks = cfg.max_sel_blocks().div_ceil(super::consts::SEL_CHUNK_MIN).clamp(1, SEL_LISTS_MAX_CHUNKS);
+    cfg.sel_count <= 32 && chunks <= sel_lists_max_chunks(cfg)
+}
+
+/// The most selection chunks a launch may use in the lists mode: the lists `sw_mma`'s
+/// warps fold (`SEL_LISTS_MAX_CHUNKS`), and every chunk's `sel_count` (score, block) pairs,
+/// two words each, within a pair's scores area (`max_sel_blocks` words).
+pub(crate) fn sel_lists_max_chunks(cfg: &Config) -> u32 {
+    SEL_LISTS_MAX_CHUNKS.min(cfg.max_sel_blocks() / (2 * cfg.sel_count).max(1))
 }
 
 /// The most selection chunks whose lists `sw_mma` merges (kernels/selected.cuh
@@ -435,6 +440,10 @@ mod tests {
         let mut wide = paper.clone().with_capacity(1, 65536);
         wide.sel_count = 33;
         assert!(!sel_lists_fit(&wide));
+        // A launch's chunks (the NSA_CUDA_SEL_CHUNKS knob may ask for more) stay within
+        // the area: 4,096 tokens, 64 blocks, two lists of 16 pairs.
+        assert_eq!(super::sel_lists_max_chunks(&paper.clone().with_capacity(1, 4096)), 2);
+        assert_eq!(super::sel_lists_max_chunks(&paper.clone().with_capacity(1, 65536)), super::SEL_LISTS_MAX_CHUNKS);
     }
 
     #[test]

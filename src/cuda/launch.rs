@@ -4,7 +4,7 @@
 
 use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
-use super::build::SEL_LISTS_MAX_CHUNKS;
+use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
 use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_SEL_LISTS};
 use super::step_layout::StepLayout;
@@ -176,7 +176,7 @@ impl CudaBackend {
                 }
                 if self.knobs.sel_lists {
                     pw.launch.mode |= MODE_SEL_LISTS;
-                    pw.launch.sel_chunks = pw.launch.sel_chunks.min(SEL_LISTS_MAX_CHUNKS as i32);
+                    pw.launch.sel_chunks = pw.launch.sel_chunks.min(sel_lists_max_chunks(&cfg) as i32);
                 }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),
