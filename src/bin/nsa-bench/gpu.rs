@@ -228,12 +228,11 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
                             graph.launch()?;
                             cache.mark_layer_run(0)
                         })?;
-                        let io = DeviceLayerIo { q: gq.ptr(), ..gio };
                         crate::timeline::print(&mut gpu, stream, &format!("{label} host"), 3, |gpu| {
                             cache.plan_step(&entries)?;
                             flush.run(stream)?;
                             gpu.upload_step(&cache, stream)?;
-                            gpu.run_layer(&cache, 0, &io, stream)
+                            gpu.run_layer(&cache, 0, &gio, stream)
                         })?;
                     }
                     let t = Medians {

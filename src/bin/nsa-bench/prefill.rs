@@ -60,12 +60,16 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                 let mut gpu = CudaBackend::with_allocation(&c)?;
                 let mut times = vec![];
                 let mut full = vec![];
-                for rep in 0..=reps {
+                // Sequence 0 fresh, its t tokens planned as one step.
+                let fresh = |cache: &mut Cache| -> nsa::Result<()> {
                     if cache.contains(0) {
                         cache.remove(0)?;
                     }
                     cache.add_sequence(0)?;
-                    cache.plan_step(&[StepSeq { seq: 0, tokens: t }])?;
+                    cache.plan_step(&[StepSeq { seq: 0, tokens: t }])
+                };
+                for rep in 0..=reps {
+                    fresh(&mut cache)?;
                     let ms = timer.time(stream, || {
                         gpu.upload_step(&cache, stream)?;
                         gpu.run_layer(&cache, 0, &io, stream)
@@ -87,9 +91,7 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
                 }
                 if crate::timeline::wanted() {
                     crate::timeline::print(&mut gpu, stream, &what, 1, |gpu| {
-                        cache.remove(0)?;
-                        cache.add_sequence(0)?;
-                        cache.plan_step(&[StepSeq { seq: 0, tokens: t }])?;
+                        fresh(&mut cache)?;
                         gpu.upload_step(&cache, stream)?;
                         gpu.run_layer(&cache, 0, &io, stream)
                     })?;
