@@ -4,16 +4,6 @@
 
 #include "common.cuh"
 
-// One softmax state (m, l) merged into another (`l` = 0: empty). Both maxima -inf: the sums
-// add as they are (a state whose scores were all NaN has m = -inf and l = NaN, and its NaN
-// must reach the result); otherwise each sum is scaled to the larger max, so a NaN sum
-// still propagates (NaN * 0) and an empty state adds 0.
-__device__ __forceinline__ void ml_merge(float& m, float& l, float mo, float lo) {
-    const float mn = fmaxf(m, mo);
-    l = mn == NEG_INF ? l + lo : l * fexp(m - mn) + lo * fexp(mo - mn);
-    m = mn;
-}
-
 // The gated sum of one (head, V columns) from its branch sums `a`, the branches' softmax
 // sums `l3`, the gates `g3` and the factors `c3` (1 / l of the compressed branch, gate / l
 // of the others: `branch_factor`), stored (`gated`: else the full-attention baseline,

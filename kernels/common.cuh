@@ -231,6 +231,16 @@ __device__ __forceinline__ float fexp(float x) {
     return y;
 }
 
+// One softmax state (m, l) merged into another (`l` = 0: empty). Both maxima -inf: the sums
+// add as they are (a state whose scores were all NaN has m = -inf and l = NaN, and its NaN
+// must reach the result); otherwise each sum is scaled to the larger max, so a NaN sum
+// still propagates (NaN * 0) and an empty state adds 0.
+__device__ __forceinline__ void ml_merge(float& m, float& l, float mo, float lo) {
+    const float mn = fmaxf(m, mo);
+    l = mn == NEG_INF ? l + lo : l * fexp(m - mn) + lo * fexp(mo - mn);
+    m = mn;
+}
+
 // 2^x on the SFU (ex2.approx, flush-to-zero; 2^-inf = 0). The kernels keep softmax state
 // in the log2 domain (logit * scale * log2(e)) so that each probability is one FFMA and one
 // EX2.

@@ -209,23 +209,11 @@ __device__ void select_blocks(const Params& p) {
             const float2* hml = (const float2*)ml + part_at(p, wr, hg, 0);
             for (int u = lane; u < p.launch.nsplit_c; u += 64) {
                 const float2 x0 = hml[u], x1 = u + 32 < p.launch.nsplit_c ? hml[u + 32] : make_float2(NEG_INF, 0.f);
-                auto add = [&](float2 x) {
-                    if (x.y != 0.f) {
-                        float mn = fmaxf(m, x.x);
-                        l = l * fexp(m - mn) + x.y * fexp(x.x - mn);
-                        m = mn;
-                    }
-                };
-                add(x0);
-                add(x1);
+                if (x0.y != 0.f) ml_merge(m, l, x0.x, x0.y);
+                if (x1.y != 0.f) ml_merge(m, l, x1.x, x1.y);
             }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
-                float mn = fmaxf(m, mo);
-                l = (l != 0.f ? l * fexp(m - mn) : 0.f) + (lo != 0.f ? lo * fexp(mo - mn) : 0.f);
-                m = mn;
-            }
+            for (int o = 16; o > 0; o >>= 1) ml_merge(m, l, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, l, o));
             if (lane == 0) {
                 // log2 units: p = 2^(s log2e - m log2e) / l. A head with no visible token
                 // (l = 0) contributes 0 (a finite m keeps 2^(-inf - m) from being NaN).
