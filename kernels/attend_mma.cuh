@@ -263,11 +263,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // or written only from here.
     pdl_wait();
     if (P::active && prep()) __syncthreads();
+    tl_mark<0>();  // the timeline: after the wait and the caller's prep (a selected unit's list)
     float o[NVT][4];
 #pragma unroll
     for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
     if (!ks.ready) fill();
+    tl_mark<1>();  // the first tiles' copies issued: the tile loop begins
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
     // Stages as running counters (no division by the runtime S per tile): tile i is read
     // from stage `cs` (phase `cph` of its mbarrier), tile i + S - 1 is copied into `ls`.
@@ -447,6 +449,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     }
     cp_wait<0>();
     __syncwarp();
+    tl_mark<2>();  // warp 0's tiles done: the merge of the warps' states begins
     if (bulk && lane == 0)
         for (int st = 0; st < S; st++) mbar_inval(bar0 + 8 * st);
     lA += __shfl_xor_sync(0xffffffffu, lA, 1);
@@ -487,6 +490,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             *(float2*)(mine + (g + 8) * DVP + c) = make_float2(o[d][2] * fB, o[d][3] * fB);
         }
     }
+    tl_mark<3>();  // the states scaled into shared memory: the partials' stores begin
     // Unit u's partials of heads hglob0.. : (m, l) pairs and rows of DV floats, `hs` apart.
     const usize at0 = part_at(p, wr, hglob0, u), hs = part_at(p, wr, hglob0 + 1, u) - at0;
     if (tid < hcn) {

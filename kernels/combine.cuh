@@ -3,6 +3,7 @@
 #define NSA_COMBINE_CUH
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 // The gated sum of one (head, V columns) from its branch sums `a`, the branches' softmax
 // sums `l3`, the gates `g3` and the factors `c3` (1 / l of the compressed branch, gate / l
@@ -103,6 +104,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
         lu[i] = v.y;
     }
     __syncthreads();
+    tl_mark<0>();  // the timeline: the units' (m, l) are in (their accumulators in flight)
     // Each (head, branch): its units' (m, l) merged, each lane its own units, then the lanes.
     for (int task = warp; task < 3 * H; task += nw) {
         const int h = task / 3, br = task - 3 * h;
@@ -122,6 +124,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
         }
     }
     __syncthreads();
+    tl_mark<1>();  // the branches' (m, l) merged: the sums begin
     // Slot xs's units, each scaled to its branch's max and summed per branch; stored when
     // the block has one part, else left in `red` for the parts' meeting.
     auto slot = [&](int xs, bool loaded) {
@@ -171,6 +174,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
     } else {
         for (int xs = tid; xs < NG; xs += blockDim.x) slot(xs, false);  // P = 1 here
     }
+    tl_mark<2>();  // thread 0's slot summed: the parts' meeting begins
     if (P == 1) return;
     const int E3 = 3 * NG * V;  // entries (branch, head, column) of a part
     __syncthreads();

@@ -8,12 +8,14 @@
 // Per-block timeline, a diagnostic compiled only with NSA_TIMELINE (`NSA_CUDA_TIMELINE=1`
 // at the backend's creation; src/cuda/timeline.rs reads it back): for the first
 // NSA_TL_BLOCKS blocks of each kernel slot (the host's `Kernel` index, NSA_TL_SLOT_<stage>),
-// four words: the block's start (thread 0 at entry), the return of its `pdl_wait` (thread
-// 0), its end (the last of its warps to return) and its multiprocessor, global-timer
-// nanoseconds. `pdl_wait` finds its kernel's slot through `nsa_tl_warp_slot`, indexed by
-// (multiprocessor, warp slot), which the entry writes: no shared memory is added.
+// NSA_TL_WORDS (8) words: the block's start (thread 0 at entry), the return of its
+// `pdl_wait` (thread 0), its end (the last of its warps to return), its multiprocessor,
+// and four marks a kernel may stamp at points of its own (`tl_mark`, thread 0; 0 where
+// none), global-timer nanoseconds. `pdl_wait` and `tl_mark` find their kernel's slot
+// through `nsa_tl_warp_slot`, indexed by (multiprocessor, warp slot), which the entry
+// writes: no shared memory is added.
 #ifdef NSA_TIMELINE
-__device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * NSA_TL_BLOCKS * 4];
+__device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * NSA_TL_BLOCKS * NSA_TL_WORDS];
 __device__ int nsa_tl_warp_slot[NSA_TL_SMS * 64];
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
@@ -33,7 +35,7 @@ __device__ __forceinline__ unsigned tl_warp_at() {
 // This block's record in `slot`, or null past NSA_TL_BLOCKS.
 __device__ __forceinline__ unsigned long long* tl_record(int slot) {
     const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    return b < NSA_TL_BLOCKS ? nsa_timeline + ((usize)slot * NSA_TL_BLOCKS + b) * 4 : nullptr;
+    return b < NSA_TL_BLOCKS ? nsa_timeline + ((usize)slot * NSA_TL_BLOCKS + b) * NSA_TL_WORDS : nullptr;
 }
 struct TimelineScope {
     int slot;
@@ -56,10 +58,20 @@ __device__ __forceinline__ void tl_wait_stamp() {
         if (r) r[1] = global_ns();
     }
 }
+// Mark K (0..3) of this block: thread 0 stamps it when it passes here.
+template <int K>
+__device__ __forceinline__ void tl_mark() {
+    if (threadIdx.x == 0) {
+        unsigned long long* r = tl_record(nsa_tl_warp_slot[tl_warp_at()]);
+        if (r) r[4 + K] = global_ns();
+    }
+}
 #define NSA_TIMELINE_SCOPE(stage) TimelineScope nsa_timeline_scope(NSA_TL_SLOT_##stage)
 #else
 #define NSA_TIMELINE_SCOPE(stage)
 __device__ __forceinline__ void tl_wait_stamp() {}
+template <int K>
+__device__ __forceinline__ void tl_mark() {}
 #endif
 
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask

@@ -3,6 +3,7 @@
 #define NSA_SELECTION_CUH
 
 #include "common.cuh"
+#include "ptx.cuh"
 
 // A radix-select pass's count: key k (when `in`) into the 256-bin histogram of its digit
 // at `shift`, with one shared atomic per distinct bin per warp (scores of similar size share
@@ -266,6 +267,7 @@ __device__ void select_blocks(const Params& p) {
             if (warp < W && j < j1) group_loads(j, 0, vx, vy);
             if (warp >= W && warp - W < g) head_ml(warp - W);
             __syncthreads();
+            tl_mark<0>();  // the timeline: the heads' (m, l) merged, the group sums loaded
             if (warp < W && j < j1) put_key(j, group_score(0, vx, vy));
         } else {
             for (int h = warp; h < g; h += nwarps) head_ml(h);
@@ -314,9 +316,11 @@ __device__ void select_blocks(const Params& p) {
         // The chunk's best n (score bits, block), best-first, at [pair][ch * n ..] of the
         // scores area (2 words an entry; (0, SEL_PAD) past the chunk's blocks).
         __syncthreads();  // every score of the chunk is in `key`
+        tl_mark<1>();     // the timeline: scores done, the sort begins
         unsigned k;
         int i;
         sel_best32(key, (int*)ps, j0, j1, k, i);
+        tl_mark<2>();
         unsigned* out = (unsigned*)p.ws.scores + pair * p.ws.max_blocks + 2 * (ch * n + lane);
         if (warp == 0 && lane < n) {
             out[0] = k;

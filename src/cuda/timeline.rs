@@ -20,12 +20,12 @@ use crate::error::{NsaError, Result};
 const SYMBOL: &str = "nsa_timeline";
 /// Blocks recorded per kernel (the first ones by linear block index); a kernel with more
 /// shows only these.
-pub const TIMELINE_BLOCKS: usize = 16384;
+pub const TIMELINE_BLOCKS: usize = 32768;
 const BLOCKS: usize = TIMELINE_BLOCKS;
 /// Multiprocessors the warp-slot table covers (ids past it wrap).
 const SMS: usize = 256;
-/// Words per block: start, wait return, end, multiprocessor.
-const WORDS: usize = 4;
+/// Words per block: start, wait return, end, multiprocessor, four marks.
+const WORDS: usize = 8;
 
 /// Whether the kernels are compiled with the timeline stamps (`NSA_CUDA_TIMELINE=1`).
 pub(crate) fn enabled() -> bool {
@@ -48,6 +48,7 @@ fn stamp_defines() -> Vec<String> {
         "-DNSA_TIMELINE".to_string(),
         format!("-DNSA_TL_SLOTS={}", Kernel::COUNT),
         format!("-DNSA_TL_BLOCKS={BLOCKS}"),
+        format!("-DNSA_TL_WORDS={WORDS}"),
         format!("-DNSA_TL_SMS={SMS}"),
     ];
     d.extend(Kernel::ALL.iter().enumerate().map(|(i, k)| format!("-DNSA_TL_SLOT_{}={i}", k.stage())));
@@ -64,6 +65,9 @@ pub struct BlockStamp {
     pub end: u64,
     /// The multiprocessor it ran on.
     pub sm: u32,
+    /// The kernel's own marks (`tl_mark` in kernels/ptx.cuh: e.g. where `attend_mma`'s tile
+    /// loop begins and ends), 0 where it stamps none.
+    pub marks: [u64; 4],
 }
 
 /// One kernel's blocks in a timeline run.
@@ -71,7 +75,7 @@ pub struct BlockStamp {
 pub struct KernelSpan {
     /// The kernel's stage name (`cmp_mma`, `select_blocks`, ...).
     pub kernel: &'static str,
-    /// Its stamped blocks, in block order (at most the first 16,384).
+    /// Its stamped blocks, in block order (at most the first `TIMELINE_BLOCKS`).
     pub blocks: Vec<BlockStamp>,
 }
 
@@ -95,7 +99,7 @@ fn spans(words: &[u64]) -> Vec<KernelSpan> {
                 .chunks_exact(WORDS)
                 .enumerate()
                 .filter(|(_, b)| b[0] != 0)
-                .map(|(i, b)| BlockStamp { block: i as u32, start: b[0], wait: b[1], end: b[2], sm: b[3] as u32 })
+                .map(|(i, b)| BlockStamp { block: i as u32, start: b[0], wait: b[1], end: b[2], sm: b[3] as u32, marks: [b[4], b[5], b[6], b[7]] })
                 .collect(),
         })
         .filter(|s| !s.blocks.is_empty())
@@ -135,7 +139,7 @@ impl CudaBackend {
     }
 
     /// Waits for `stream` and returns the stamps of every kernel that ran since the last
-    /// [`timeline_reset`](Self::timeline_reset), earliest start first (~10 MB read back).
+    /// [`timeline_reset`](Self::timeline_reset), earliest start first (~42 MB read back).
     pub fn timeline_read(&self, stream: CUstream) -> Result<Vec<KernelSpan>> {
         let _g = CtxGuard::push(self.ctx)?;
         let (ptr, bytes) = self.timeline_array()?;
@@ -155,7 +159,8 @@ mod tests {
         let mut w = vec![0u64; Kernel::COUNT * BLOCKS * WORDS];
         let at = |k: Kernel, b: usize| (k as usize * BLOCKS + b) * WORDS;
         // Select: blocks 0 and 2 ran 100..180 (block 1 has no stamp); append: block 0 at 50.
-        w[at(Kernel::SelectBlocks, 0)..][..4].copy_from_slice(&[110, 120, 150, 7]);
+        w[at(Kernel::SelectBlocks, 0)..][..6].copy_from_slice(&[110, 120, 150, 7, 130, 140]);
+        w[at(Kernel::SelectBlocks, 0) + 7] = 145;
         w[at(Kernel::SelectBlocks, 2)..][..4].copy_from_slice(&[100, 0, 180, 9]);
         w[at(Kernel::Append, 0)..][..4].copy_from_slice(&[50, 55, 90, 1]);
         let s = spans(&w);
@@ -163,7 +168,9 @@ mod tests {
         assert_eq!(s[0].kernel, "append");
         assert_eq!(s[1].kernel, "select_blocks");
         assert_eq!(s[1].blocks.len(), 2);
-        assert_eq!(s[1].blocks[1], BlockStamp { block: 2, start: 100, wait: 0, end: 180, sm: 9 });
+        assert_eq!(s[1].blocks[0], BlockStamp { block: 0, start: 110, wait: 120, end: 150, sm: 7, marks: [130, 140, 0, 145] });
+        assert_eq!(s[1].blocks[1], BlockStamp { block: 2, start: 100, wait: 0, end: 180, sm: 9, marks: [0; 4] });
+        assert_eq!(s[1].range(|b| b.marks[1]), (140, 140));
         assert_eq!(s[1].range(|b| b.start), (100, 110));
         // A block that never waited leaves the wait range to the others.
         assert_eq!(s[1].range(|b| b.wait), (120, 120));

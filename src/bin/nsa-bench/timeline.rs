@@ -4,7 +4,11 @@
 //! replayed from the graph and three launched from the host, each printed to stderr as one
 //! line per kernel, microseconds from the step's first block start: where the launches of a
 //! step overlap and where they wait. With `NSA_TIMELINE_CSV=path` every block's stamps are
-//! appended there too (label, run, kernel, block, sm, start, wait, end). Prefill points get
+//! appended there too (label, run, kernel, block, sm, start, wait, end, marks 0 to 3).
+//! Kernels that stamp marks of their own (`tl_mark`, thread 0: the attention kernels after
+//! their wait and prep, where their tile loop begins and ends and where their stores begin;
+//! the selection after its loads, its scores and its sort; the combine after its loads, its
+//! merge and its sums) get their ranges printed after the end, m0 to m3. Prefill points get
 //! one such step each; a kernel of more than `TIMELINE_BLOCKS` blocks shows its first ones
 //! only (marked `+`).
 
@@ -50,6 +54,7 @@ fn lines(spans: &[KernelSpan]) -> String {
     let mut end = t0;
     for s in spans {
         let (a, w, e) = (s.range(|b| b.start), s.range(|b| b.wait), s.range(|b| b.end));
+        let marks: Vec<(u64, u64)> = (0..4).map(|k| s.range(|b| b.marks[k])).collect();
         end = end.max(e.1);
         out += &format!(
             "\n  {:<16} {:>5}{} blocks  start {:7.2} .. {:7.2}  wait {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
@@ -63,19 +68,25 @@ fn lines(spans: &[KernelSpan]) -> String {
             us(e.0),
             us(e.1)
         );
+        for (k, m) in marks.iter().enumerate() {
+            if m.1 != 0 {
+                out += &format!("  m{k} {:7.2} .. {:7.2}", us(m.0), us(m.1));
+            }
+        }
     }
     out + &format!("\n  {:<16} {:7.2} us", "step", us(end))
 }
 
-/// Appends every block's stamps (nanoseconds from the step's first start; wait -1 when
-/// the block never waited).
+/// Appends every block's stamps (nanoseconds from the step's first start; wait and marks -1
+/// where the block has none).
 fn csv(path: &str, label: &str, run: usize, spans: &[KernelSpan]) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
     let t0 = origin(spans) as i64;
     for s in spans {
         for b in &s.blocks {
-            let wait = if b.wait == 0 { -1 } else { b.wait as i64 - t0 };
-            writeln!(f, "{label},{run},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, wait, b.end as i64 - t0)?;
+            let rel = |t: u64| if t == 0 { -1 } else { t as i64 - t0 };
+            let m = b.marks.map(rel);
+            writeln!(f, "{label},{run},{},{},{},{},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, rel(b.wait), b.end as i64 - t0, m[0], m[1], m[2], m[3])?;
         }
     }
     f.flush()
