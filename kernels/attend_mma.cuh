@@ -261,7 +261,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // Everything above overlaps the previous kernel (programmatic dependent launch): the
     // K/V pages (but a ready unit's first tiles), the selection and the workspace are read
     // or written only from here.
-    pdl_wait();
+    pdl_wait_then_trigger(p);
     if (P::active && prep()) __syncthreads();
     tl_mark<0>();  // the timeline: after the wait and the caller's prep (a selected unit's list)
     float o[NVT][4];

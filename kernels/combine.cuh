@@ -95,7 +95,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
     // launch's units: `part_at`'s head stride).
     auto column = [&](int hh, int c) { return (const float*)p.ws.part_acc + part_at(p, wr, hg0 + hh, 0) * DV + c; };
     const int part0 = tid / NG, gi0 = tid - part0 * NG, hh0 = gi0 / gpr;
-    pdl_wait();
+    pdl_wait_then_trigger(p);
     if (early && tid < P * NG) load(column(hh0, (gi0 - hh0 * gpr) * V), part0, 0);
     const float2* ml = (const float2*)p.ws.part_ml + part_at(p, wr, hg0, 0);
     for (int i = tid; i < H * U; i += blockDim.x) {

@@ -71,8 +71,10 @@
 
 // Every entry lets the next launch start early (pdl_trigger) and waits for its predecessors
 // (pdl_wait) before its body; the tensor-core attention kernels wait inside `attend_mma`,
-// after their prologue (queries, barriers), and the combines after reading the gates, so
-// that part overlaps the previous kernel's tail.
+// after their prologue (queries, barriers), and the selection and the combines after
+// reading the step's rows or the gates, so that part overlaps the previous kernel's tail.
+// Those last entries trigger at entry or, with `MODE_LATE_TRIGGER` (kernels/ptx.cuh), once
+// their wait has returned.
 #define NSA_ENTRY_NT(name, E, suffix, NT)                                                \
     extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
         NSA_TIMELINE_SCOPE(name);                                                        \
@@ -86,7 +88,7 @@
 #define NSA_ENTRY_OWN_WAIT_NT(name, E, suffix, NT)                                       \
     extern "C" __global__ void __launch_bounds__(NT) nsa_##name##_##suffix(const Params p) { \
         NSA_TIMELINE_SCOPE(name);                                                        \
-        pdl_trigger();                                                                   \
+        pdl_trigger_at_entry(p);                                                         \
         name<E>(p);                                                                      \
     }
 #define NSA_ENTRY_OWN_WAIT(name, E, suffix) NSA_ENTRY_OWN_WAIT_NT(name, E, suffix, NSA_NT_WIDE)
@@ -111,7 +113,7 @@ NSA_ALL(EBF16, bf16)
 #define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag)                                                           \
     extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag(const Params p) { \
         NSA_TIMELINE_SCOPE(name);                                                                                  \
-        pdl_trigger();                                                                                             \
+        pdl_trigger_at_entry(p);                                                                                   \
         name<E, NVT, DK, DV>(p);                                                                                   \
     }
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \

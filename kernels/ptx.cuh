@@ -11,9 +11,8 @@
 // NSA_TL_WORDS (8) words: the block's start (thread 0 at entry), the return of its
 // `pdl_wait` (thread 0), its end (the last of its warps to return), its multiprocessor,
 // and four marks a kernel may stamp at points of its own (`tl_mark`, thread 0; 0 where
-// none), global-timer nanoseconds. `pdl_wait` and `tl_mark` find their kernel's slot
-// through `nsa_tl_warp_slot`, indexed by (multiprocessor, warp slot), which the entry
-// writes: no shared memory is added.
+// none), global-timer nanoseconds. `pdl_wait` finds its kernel's slot through `nsa_tl_warp_slot`, indexed by
+// (multiprocessor, warp slot), which the entry writes: no shared memory is added.
 #ifdef NSA_TIMELINE
 __device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * NSA_TL_BLOCKS * NSA_TL_WORDS];
 __device__ int nsa_tl_warp_slot[NSA_TL_SMS * 64];
@@ -92,6 +91,21 @@ __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// `launch.mode` bit (src/cuda/params.rs MODE_LATE_TRIGGER): the entry lets the next launch
+// start only once its own wait has returned (`pdl_wait_then_trigger`), not at entry: the
+// next kernel's blocks become resident while this one computes, not while it still waits.
+// Measured faster at batch 1-16 for the compressed, selection and selected kernels (why
+// is not settled; docs/DECODE_NOTES.md, variants 46-47). Entries and bodies that honour
+// it: the tensor-core attention kernels, the selection and the combines.
+#define MODE_LATE_TRIGGER 1024
+__device__ __forceinline__ void pdl_trigger_at_entry(const Params& p) {
+    if (!(p.launch.mode & MODE_LATE_TRIGGER)) pdl_trigger();
+}
+__device__ __forceinline__ void pdl_wait_then_trigger(const Params& p) {
+    pdl_wait();
+    if (p.launch.mode & MODE_LATE_TRIGGER) pdl_trigger();
 }
 
 // Bytes of dynamic shared memory this launch was given.

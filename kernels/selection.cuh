@@ -168,7 +168,7 @@ __device__ void select_blocks(const Params& p) {
     // The step's rows are uploaded before the layer's first kernel: read before the wait
     // (one round trip off the chain); everything after it reads what cmp_mma wrote.
     const int t = ((const int2*)p.step.rows)[r].y;
-    pdl_wait();
+    pdl_wait_then_trigger(p);
     const int nc = num_cmp(p, t + 1);
     // Eq. 9's alpha and beta: strides per compressed block and per selection block (host-computed).
     const int A = p.shape.eq9_a, B = p.shape.eq9_b;

@@ -175,7 +175,27 @@ pub(crate) struct DecodeKnobs {
     /// cores, with `sel_count <= 32` (the sorting networks) and the lists within the
     /// workspace's scores area; `NSA_CUDA_SEL_LISTS=0` never.
     pub sel_lists: bool,
+    /// Kernels (bit `Kernel as u32`; those that honour it, `late_trigger_mask`) launched with
+    /// `MODE_LATE_TRIGGER`: by default `cmp_mma`, `select_blocks` and `sw_mma`, so each
+    /// stage's dependents become resident only once it runs. H200, graph, against every
+    /// kernel triggering at entry: batch 1 at 64k paper 128/128 -7%, fla -16%, batch 2-16
+    /// equal or faster; the combine's trigger moved too was no better (docs/DECODE_NOTES.md,
+    /// variants 46-47). `NSA_CUDA_LATE_TRIGGER=stage,...` names others, `=none` none.
+    pub late_trigger: u32,
 }
+
+/// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset, else the named
+/// stages among those that honour the bit (the tensor-core attention kernels, the
+/// selection and the combines: `pdl_trigger_at_entry` in kernels/ptx.cuh).
+fn late_trigger_mask(names: Option<&str>) -> u32 {
+    let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::Combine | Kernel::FullCombine);
+    let allowed = Kernel::ALL.iter().filter(honours).fold(0u32, |m, &k| m | 1 << k as u32);
+    names.map_or(LATE_TRIGGER_DEFAULT.iter().fold(0, |m, &k| m | 1 << k as u32), |n| kernel_mask(Some(n)) & allowed)
+}
+
+/// The kernels that trigger their dependents late unless `NSA_CUDA_LATE_TRIGGER` says
+/// otherwise (`DecodeKnobs::late_trigger`).
+const LATE_TRIGGER_DEFAULT: [Kernel; 3] = [Kernel::CmpMma, Kernel::SelectBlocks, Kernel::SwMma];
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
 /// `NSA_CUDA_L2_KERNELS`), or every kernel when unset; names that are no kernel's stage
@@ -308,6 +328,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         sel_half: env_num("NSA_CUDA_SEL_HALF").map(|n| n != 0),
         sel_lists: mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0),
         spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
+        late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }
@@ -533,6 +554,15 @@ mod tests {
         let m = kernel_mask(Some("select_blocks, combine"));
         assert_eq!(m, 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::Combine as u32);
         assert_eq!(kernel_mask(Some("cmp")), 0, "a name that is no stage selects nothing");
+    }
+
+    #[test]
+    fn late_trigger_knob_has_a_default_and_takes_only_kernels_that_honour_it() {
+        use super::{late_trigger_mask, Kernel};
+        assert_eq!(late_trigger_mask(None), 1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::SwMma as u32);
+        assert_eq!(late_trigger_mask(Some("none")), 0);
+        assert_eq!(late_trigger_mask(Some("cmp_mma,select_blocks")), 1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32);
+        assert_eq!(late_trigger_mask(Some("append")), 0, "the append triggers at entry always");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_M
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_SEL_LISTS};
+use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -187,6 +187,9 @@ impl CudaBackend {
                     let mut pk = pw;
                     if hint && self.knobs.l2_kernels & 1 << kernel as u32 != 0 {
                         pk.launch.mode |= MODE_L2_EVICT_FIRST;
+                    }
+                    if self.knobs.late_trigger & 1 << kernel as u32 != 0 {
+                        pk.launch.mode |= MODE_LATE_TRIGGER;
                     }
                     let mut opts = l1(kernel, rows);
                     if kernel == Kernel::SelectBlocks {

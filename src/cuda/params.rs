@@ -203,6 +203,11 @@ pub(crate) const MODE_COMB_VEC: i32 = 128;
 /// writes `LayerIo::selected`) (`DecodeKnobs::sel_lists`).
 pub(crate) const MODE_SEL_LISTS: i32 = 512;
 
+/// `Launch::mode` bit: the kernel lets the stream's next launch start once its own wait on
+/// the previous one has returned, instead of at entry (`DecodeKnobs::late_trigger` picks
+/// the kernels; `MODE_LATE_TRIGGER` in kernels/ptx.cuh).
+pub(crate) const MODE_LATE_TRIGGER: i32 = 1024;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
