@@ -111,6 +111,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         for (int st = 0; st < S; st++) mbar_init(bar0 + 8 * st, 1);
         fence_mbar_init();
     }
+    // The tensor maps are written once at the backend's creation: their descriptors can
+    // come in before the wait, off the chain of a unit whose first copy follows it (the
+    // selected units copy only once their block list is known; variant 48).
+    if (tma && tid == 0) {
+        prefetch_tensormap(kmap);
+        prefetch_tensormap(vmap);
+    }
     const int ntiles = (ks.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
     const int cnt = ntiles > warp ? (ntiles - warp + NSA_MMA_WARPS - 1) / NSA_MMA_WARPS : 0;
     const int ck = DK / 8, cv = DV / 8;

@@ -250,6 +250,14 @@ __device__ __forceinline__ u64 l2_evict_first() {
 #endif
     return pol;
 }
+// Fetches a tensor map (a generic address of its 128 bytes in global memory) into the
+// multiprocessor's descriptor cache ahead of its first copy.
+__device__ __forceinline__ void prefetch_tensormap(u64 map) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+#endif
+}
+
 // `tma_load3` with an L2 cache policy (`l2_evict_first`).
 __device__ __forceinline__ void tma_load3_hint(unsigned dst, u64 map, int x, int y, int z, unsigned bar, u64 pol) {
 #if __CUDA_ARCH__ >= 900
