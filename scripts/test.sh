@@ -44,8 +44,10 @@ scripts/valgrind.sh
 scripts/ggml-example.sh
 # The brute-force reference is a test-only feature: a plain release build has none of it.
 cargo build --release --lib
-if nm -C target/release/libnsa.a 2>/dev/null | grep -q 'nsa::reference'; then
-  echo "target/release/libnsa.a carries nsa::reference code without the reference feature" >&2
+lib_a="${CARGO_TARGET_DIR:-target}/release/libnsa.a"
+[ -f "$lib_a" ] || { echo "no $lib_a after the release build" >&2; exit 1; }
+if nm -C "$lib_a" 2>/dev/null | grep -q 'nsa::reference'; then
+  echo "$lib_a carries nsa::reference code without the reference feature" >&2
   exit 1
 fi
 echo "== the release library carries no reference code"

@@ -41,12 +41,14 @@ if [ ! -f "$prefix/.built" ]; then
   touch "$prefix/.built"
 fi
 
-# The engine: the static library (no run-time search path needed for it).
+# The engine: the static library (no run-time search path needed for it), under
+# CARGO_TARGET_DIR when set, as the other scripts.
 (cd "$root" && cargo build --release --lib --quiet)
+target="${CARGO_TARGET_DIR:-$root/target}"
 out=$root/build/examples/ggml
 mkdir -p "$out"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 ${CC:-cc} -std=c11 -O2 -g -Wall -Wextra -Werror -o "$out/nsa_ggml" "$root/examples/ggml/nsa_ggml.c" \
   -I"$root/include" $(pkg-config --cflags ggml) \
-  "$root/target/release/libnsa.a" $(pkg-config --libs ggml) -lpthread -ldl -lm
+  "$target/release/libnsa.a" $(pkg-config --libs ggml) -lpthread -ldl -lm
 echo "ggml example: built $out/nsa_ggml (ggml $(pkg-config --modversion ggml) from llama-cpp-python $version)"
