@@ -299,6 +299,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             else
                 cp_wait<3>();
         }
+        if (i == 0) tl_mark<2>();  // the timeline: warp 0's first tile has arrived
         __syncwarp();
         const int j0 = (warp + i * NSA_MMA_WARPS) * NSA_MMA_KEYS;
         // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
@@ -456,7 +457,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     }
     cp_wait<0>();
     __syncwarp();
-    tl_mark<2>();  // warp 0's tiles done: the merge of the warps' states begins
+    tl_mark<3>();  // warp 0's tiles done: the merge of the warps' states begins
     if (bulk && lane == 0)
         for (int st = 0; st < S; st++) mbar_inval(bar0 + 8 * st);
     lA += __shfl_xor_sync(0xffffffffu, lA, 1);
@@ -497,7 +498,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             *(float2*)(mine + (g + 8) * DVP + c) = make_float2(o[d][2] * fB, o[d][3] * fB);
         }
     }
-    tl_mark<3>();  // the states scaled into shared memory: the partials' stores begin
+    tl_mark<4>();  // the states scaled into shared memory: the partials' stores begin
     // Unit u's partials of heads hglob0.. : (m, l) pairs and rows of DV floats, `hs` apart.
     const usize at0 = part_at(p, wr, hglob0, u), hs = part_at(p, wr, hglob0 + 1, u) - at0;
     if (tid < hcn) {
@@ -512,6 +513,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         ml[1] = l;
     }
     __syncthreads();
+    tl_mark<5>();  // the (m, l) stored: the warps' accumulators are summed and stored
     // DV is a multiple of 16 here: rows of DV / 4 float4 groups, `per` rows per pass.
     const int gpr = DV / 4, per = blockDim.x / gpr;
     float* pacc = (float*)p.ws.part_acc + at0 * DV;

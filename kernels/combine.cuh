@@ -131,6 +131,7 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
         const int part = xs / NG, gi = xs - part * NG, hh = gi / gpr, c = (gi - hh * gpr) * V;
         const float* col = column(hh, c);
         if (!loaded) load(col, part, 0);
+        tl_mark_after<2>(x[0][0]);  // the timeline: thread 0's first accumulator arrived
         float a[3][V];
 #pragma unroll
         for (int br = 0; br < 3; br++)
@@ -174,10 +175,11 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
     } else {
         for (int xs = tid; xs < NG; xs += blockDim.x) slot(xs, false);  // P = 1 here
     }
-    tl_mark<2>();  // thread 0's slot summed: the parts' meeting begins
+    tl_mark<3>();  // thread 0's slot summed: the parts' meeting begins
     if (P == 1) return;
     const int E3 = 3 * NG * V;  // entries (branch, head, column) of a part
     __syncthreads();
+    tl_mark<4>();  // every part summed
     // A thread per (head, column): the parts' sums of its three branches, gated.
     for (int e = tid; e < NG * V; e += blockDim.x) {
         float s[3][1] = {{0.f}, {0.f}, {0.f}};

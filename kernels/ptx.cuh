@@ -8,9 +8,9 @@
 // Per-block timeline, a diagnostic compiled only with NSA_TIMELINE (`NSA_CUDA_TIMELINE=1`
 // at the backend's creation; src/cuda/timeline.rs reads it back): for the first
 // NSA_TL_BLOCKS blocks of each kernel slot (the host's `Kernel` index, NSA_TL_SLOT_<stage>),
-// NSA_TL_WORDS (8) words: the block's start (thread 0 at entry), the return of its
+// NSA_TL_WORDS (12) words: the block's start (thread 0 at entry), the return of its
 // `pdl_wait` (thread 0), its end (the last of its warps to return), its multiprocessor,
-// and four marks a kernel may stamp at points of its own (`tl_mark`, thread 0; 0 where
+// and eight marks a kernel may stamp at points of its own (`tl_mark`, thread 0; 0 where
 // none), global-timer nanoseconds. `pdl_wait` finds its kernel's slot through `nsa_tl_warp_slot`, indexed by
 // (multiprocessor, warp slot), which the entry writes: no shared memory is added.
 #ifdef NSA_TIMELINE
@@ -57,7 +57,7 @@ __device__ __forceinline__ void tl_wait_stamp() {
         if (r) r[1] = global_ns();
     }
 }
-// Mark K (0..3) of this block: thread 0 stamps it when it passes here.
+// Mark K (0..7) of this block: thread 0 stamps it when it passes here.
 template <int K>
 __device__ __forceinline__ void tl_mark() {
     if (threadIdx.x == 0) {
@@ -65,12 +65,21 @@ __device__ __forceinline__ void tl_mark() {
         if (r) r[4 + K] = global_ns();
     }
 }
+// Mark K once `v` (a register a load writes) has arrived: the stamp waits on it, so it
+// times a load's return rather than its issue. No code in a normal build.
+template <int K>
+__device__ __forceinline__ void tl_mark_after(float v) {
+    asm volatile("" ::"f"(v));
+    tl_mark<K>();
+}
 #define NSA_TIMELINE_SCOPE(stage) TimelineScope nsa_timeline_scope(NSA_TL_SLOT_##stage)
 #else
 #define NSA_TIMELINE_SCOPE(stage)
 __device__ __forceinline__ void tl_wait_stamp() {}
 template <int K>
 __device__ __forceinline__ void tl_mark() {}
+template <int K>
+__device__ __forceinline__ void tl_mark_after(float) {}
 #endif
 
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask

@@ -76,6 +76,7 @@ __device__ void sel_merge_lists(const Params& p, int wr, int kvh, int t, int* sl
         k = ck[0];
         i = ci[0];
     }
+    tl_mark_after<6>(__uint_as_float(k));  // the timeline (marks 6, 7: selected units): lists loaded
 #pragma unroll
     for (int m = 1; m < MAXL; m++)
         if (warp + m * NSA_MMA_WARPS < nch) sel_merge32(k, i, ck[m], ci[m]);
@@ -85,6 +86,7 @@ __device__ void sel_merge_lists(const Params& p, int wr, int kvh, int t, int* sl
     if (warp == 0) {
         for (int w = 1; w < NSA_MMA_WARPS; w++) sel_merge32(k, i, wk[w][31 - lane], wi[w][31 - lane]);
         for (int x = lane; x < n; x += 32) sl[x] = x < count && i != SEL_PAD ? i : -1;
+        tl_mark<7>();  // the pair's list merged
         if (usel) sel_put_by_block(i, count, n, [&](int x, int j) { usel[x] = j; });
     }
 }

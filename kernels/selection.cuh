@@ -89,6 +89,7 @@ __device__ void sel_best32(const unsigned* key, int* lists, int j0, int j1, unsi
         sel_sort32(lk, li);
         lists[l * 32 + lane] = li;
     }
+    tl_mark<3>();  // the timeline (the selection): thread 0's list of 32 sorted
     // Level s: lists at multiples of 2^s; list m * 2^(s+1) absorbs m * 2^(s+1) + 2^s.
     for (int step = 1; step < L; step <<= 1) {
         __syncthreads();
@@ -265,9 +266,10 @@ __device__ void select_blocks(const Params& p) {
             float vx[16], vy[16];
             const int j = j0 + tid;
             if (warp < W && j < j1) group_loads(j, 0, vx, vy);
+            if (warp < W && j < j1) tl_mark_after<0>(vx[15]);  // the timeline: the sums' loads returned
             if (warp >= W && warp - W < g) head_ml(warp - W);
             __syncthreads();
-            tl_mark<0>();  // the timeline: the heads' (m, l) merged, the group sums loaded
+            tl_mark<1>();  // the timeline: the heads' (m, l) merged, the group sums loaded
             if (warp < W && j < j1) put_key(j, group_score(0, vx, vy));
         } else {
             for (int h = warp; h < g; h += nwarps) head_ml(h);
@@ -316,11 +318,11 @@ __device__ void select_blocks(const Params& p) {
         // The chunk's best n (score bits, block), best-first, at [pair][ch * n ..] of the
         // scores area (2 words an entry; (0, SEL_PAD) past the chunk's blocks).
         __syncthreads();  // every score of the chunk is in `key`
-        tl_mark<1>();     // the timeline: scores done, the sort begins
+        tl_mark<2>();     // the timeline: scores done, the sort begins
         unsigned k;
         int i;
         sel_best32(key, (int*)ps, j0, j1, k, i);
-        tl_mark<2>();
+        tl_mark<4>();
         unsigned* out = (unsigned*)p.ws.scores + pair * p.ws.max_blocks + 2 * (ch * n + lane);
         if (warp == 0 && lane < n) {
             out[0] = k;

@@ -24,8 +24,8 @@ pub const TIMELINE_BLOCKS: usize = 32768;
 const BLOCKS: usize = TIMELINE_BLOCKS;
 /// Multiprocessors the warp-slot table covers (ids past it wrap).
 const SMS: usize = 256;
-/// Words per block: start, wait return, end, multiprocessor, four marks.
-const WORDS: usize = 8;
+/// Words per block: start, wait return, end, multiprocessor, eight marks.
+const WORDS: usize = 12;
 
 /// Whether the kernels are compiled with the timeline stamps (`NSA_CUDA_TIMELINE=1`).
 pub(crate) fn enabled() -> bool {
@@ -67,7 +67,7 @@ pub struct BlockStamp {
     pub sm: u32,
     /// The kernel's own marks (`tl_mark` in kernels/ptx.cuh: e.g. where `attend_mma`'s tile
     /// loop begins and ends), 0 where it stamps none.
-    pub marks: [u64; 4],
+    pub marks: [u64; 8],
 }
 
 /// One kernel's blocks in a timeline run.
@@ -99,7 +99,7 @@ fn spans(words: &[u64]) -> Vec<KernelSpan> {
                 .chunks_exact(WORDS)
                 .enumerate()
                 .filter(|(_, b)| b[0] != 0)
-                .map(|(i, b)| BlockStamp { block: i as u32, start: b[0], wait: b[1], end: b[2], sm: b[3] as u32, marks: [b[4], b[5], b[6], b[7]] })
+                .map(|(i, b)| BlockStamp { block: i as u32, start: b[0], wait: b[1], end: b[2], sm: b[3] as u32, marks: [b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]] })
                 .collect(),
         })
         .filter(|s| !s.blocks.is_empty())
@@ -139,7 +139,7 @@ impl CudaBackend {
     }
 
     /// Waits for `stream` and returns the stamps of every kernel that ran since the last
-    /// [`timeline_reset`](Self::timeline_reset), earliest start first (~42 MB read back).
+    /// [`timeline_reset`](Self::timeline_reset), earliest start first (~63 MB read back).
     pub fn timeline_read(&self, stream: CUstream) -> Result<Vec<KernelSpan>> {
         let _g = CtxGuard::push(self.ctx)?;
         let (ptr, bytes) = self.timeline_array()?;
@@ -168,8 +168,8 @@ mod tests {
         assert_eq!(s[0].kernel, "append");
         assert_eq!(s[1].kernel, "select_blocks");
         assert_eq!(s[1].blocks.len(), 2);
-        assert_eq!(s[1].blocks[0], BlockStamp { block: 0, start: 110, wait: 120, end: 150, sm: 7, marks: [130, 140, 0, 145] });
-        assert_eq!(s[1].blocks[1], BlockStamp { block: 2, start: 100, wait: 0, end: 180, sm: 9, marks: [0; 4] });
+        assert_eq!(s[1].blocks[0], BlockStamp { block: 0, start: 110, wait: 120, end: 150, sm: 7, marks: [130, 140, 0, 145, 0, 0, 0, 0] });
+        assert_eq!(s[1].blocks[1], BlockStamp { block: 2, start: 100, wait: 0, end: 180, sm: 9, marks: [0; 8] });
         assert_eq!(s[1].range(|b| b.marks[1]), (140, 140));
         assert_eq!(s[1].range(|b| b.start), (100, 110));
         // A block that never waited leaves the wait range to the others.

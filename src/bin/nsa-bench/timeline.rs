@@ -4,11 +4,14 @@
 //! replayed from the graph and three launched from the host, each printed to stderr as one
 //! line per kernel, microseconds from the step's first block start: where the launches of a
 //! step overlap and where they wait. With `NSA_TIMELINE_CSV=path` every block's stamps are
-//! appended there too (label, run, kernel, block, sm, start, wait, end, marks 0 to 3).
-//! Kernels that stamp marks of their own (`tl_mark`, thread 0: the attention kernels after
-//! their wait and prep, where their tile loop begins and ends and where their stores begin;
-//! the selection after its loads, its scores and its sort; the combine after its loads, its
-//! merge and its sums) get their ranges printed after the end, m0 to m3. Prefill points get
+//! appended there too (label, run, kernel, block, sm, start, wait, end, marks 0 to 7).
+//! Kernels that stamp marks of their own (`tl_mark`, thread 0) get their ranges printed after
+//! the end, m0 to m7: the attention kernels after their wait and prep (m0), their first
+//! copies (m1), their first tile's arrival (m2), their tile loop (m3), the warps' merge (m4)
+//! and the (m, l) stores (m5), the selected units' block lists loaded (m6) and merged (m7);
+//! the selection's group sums returned (m0), its (m, l) merged (m1), its scores (m2), its
+//! first sorted list (m3) and its sort (m4); the combine's (m, l) loaded (m0) and merged
+//! (m1), its first accumulator returned (m2), thread 0's sums (m3), the parts' meeting (m4). Prefill points get
 //! one such step each; a kernel of more than `TIMELINE_BLOCKS` blocks shows its first ones
 //! only (marked `+`).
 
@@ -54,7 +57,7 @@ fn lines(spans: &[KernelSpan]) -> String {
     let mut end = t0;
     for s in spans {
         let (a, w, e) = (s.range(|b| b.start), s.range(|b| b.wait), s.range(|b| b.end));
-        let marks: Vec<(u64, u64)> = (0..4).map(|k| s.range(|b| b.marks[k])).collect();
+        let marks: Vec<(u64, u64)> = (0..8).map(|k| s.range(|b| b.marks[k])).collect();
         end = end.max(e.1);
         out += &format!(
             "\n  {:<16} {:>5}{} blocks  start {:7.2} .. {:7.2}  wait {:7.2} .. {:7.2}  end {:7.2} .. {:7.2}",
@@ -86,7 +89,8 @@ fn csv(path: &str, label: &str, run: usize, spans: &[KernelSpan]) -> std::io::Re
         for b in &s.blocks {
             let rel = |t: u64| if t == 0 { -1 } else { t as i64 - t0 };
             let m = b.marks.map(rel);
-            writeln!(f, "{label},{run},{},{},{},{},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, rel(b.wait), b.end as i64 - t0, m[0], m[1], m[2], m[3])?;
+            let m: Vec<String> = m.iter().map(|t| t.to_string()).collect();
+            writeln!(f, "{label},{run},{},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, rel(b.wait), b.end as i64 - t0, m.join(","))?;
         }
     }
     f.flush()
