@@ -15,20 +15,24 @@ echo "$demo_out"
 grep -q "result: PASS" <<<"$demo_out"
 # The CUDA feature's tests: without a GPU they are reported as ignored (the GPU machine
 # runs them with --include-ignored, see docs/GPU_TESTS.md); the ones needing no device run.
-cargo test --release --features cuda --lib --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state --test gpu_lifecycle --test gpu_multi
+cargo test --release --features cuda --lib --bin nsa-bench --test gpu_api --test gpu_decode --test gpu_prefill --test gpu_full --test gpu_bench --test gpu_state --test gpu_lifecycle --test gpu_multi
 # The kernels compiled with the engine's own options for sm_90a and sm_80, failing on
-# register spills, `cuda::precompile` filling a kernel cache, and the timeline's stamped
-# build compiling: NVRTC needs no GPU.
+# register spills, `cuda::precompile` filling a kernel cache, the timeline's stamped build
+# compiling, and nsa-bench's L2 flush kernel: NVRTC needs no GPU.
 # NSA_NVRTC_DIR (default .nvrtc, which .ci/run fills) is a `pip install --target` of
-# nvidia-cuda-nvrtc; without one both tests are reported ignored.
+# nvidia-cuda-nvrtc; without one these tests are reported ignored.
 nvrtc_dir="${NSA_NVRTC_DIR:-.nvrtc}"
 if [ -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
-  LD_LIBRARY_PATH="$(cd "$nvrtc_dir/nvidia/cu13/lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  nvrtc_lib="$(cd "$nvrtc_dir/nvidia/cu13/lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  LD_LIBRARY_PATH="$nvrtc_lib" \
     cargo test --release --features cuda --lib -- --include-ignored kernels_compile_without_spills precompile_fills_the_kernel_cache timeline_kernels_compile
+  LD_LIBRARY_PATH="$nvrtc_lib" \
+    cargo test --release --features cuda --bin nsa-bench -- --include-ignored flush_kernel_compiles_and_keeps_its_loads
 else
   echo "test cuda::compile::tests::kernels_compile_without_spills ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test cuda::compile::tests::precompile_fills_the_kernel_cache ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test cuda::timeline::tests::timeline_kernels_compile ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
+  echo "test flush::tests::flush_kernel_compiles_and_keeps_its_loads ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
 fi
 # The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device).
 python3 scripts/ncu_table.py --self-test

@@ -76,8 +76,66 @@ fn lines(spans: &[KernelSpan]) -> String {
                 out += &format!("  m{k} {:7.2} .. {:7.2}", us(m.0), us(m.1));
             }
         }
+        out += &phases(s);
     }
     out + &format!("\n  {:<16} {:7.2} us", "step", us(end))
+}
+
+/// A kernel's phases: for the blocks that waited, the mean time from the wait to each mark
+/// it stamped, mark to mark in the order they happened, and to the block's end, in
+/// microseconds; one line per sequence of marks (a kernel's blocks may take different
+/// paths: `sw_mma`'s selected units stamp m6 and m7 before m0, its window units do not).
+fn phases(s: &KernelSpan) -> String {
+    let mut paths: std::collections::BTreeMap<Vec<usize>, (usize, Vec<f64>)> = Default::default();
+    for b in s.blocks.iter().filter(|b| b.wait != 0 && b.marks.iter().any(|&m| m != 0)) {
+        let mut order: Vec<usize> = (0..b.marks.len()).filter(|&k| b.marks[k] != 0).collect();
+        order.sort_by_key(|&k| b.marks[k]);
+        let points: Vec<u64> = std::iter::once(b.wait).chain(order.iter().map(|&k| b.marks[k])).chain(std::iter::once(b.end)).collect();
+        let e = paths.entry(order).or_insert_with(|| (0, vec![0.0; points.len() - 1]));
+        e.0 += 1;
+        for (sum, w) in e.1.iter_mut().zip(points.windows(2)) {
+            *sum += w[1].saturating_sub(w[0]) as f64 * 1e-3;
+        }
+    }
+    let mut out = String::new();
+    for (order, (n, sums)) in &paths {
+        let names: Vec<String> = std::iter::once("wait".to_string()).chain(order.iter().map(|k| format!("m{k}"))).chain(std::iter::once("end".to_string())).collect();
+        let parts: Vec<String> = names.windows(2).zip(sums).map(|(w, t)| format!("{}->{} {:.2}", w[0], w[1], t / *n as f64)).collect();
+        out += &format!("\n    phases of {n} blocks (mean, us): {}", parts.join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::phases;
+    use nsa::cuda::{BlockStamp, KernelSpan};
+
+    fn block(wait: u64, marks: [u64; 8], end: u64) -> BlockStamp {
+        BlockStamp { block: 0, start: 1, wait, end, sm: 0, marks }
+    }
+
+    #[test]
+    fn phases_follow_each_path_in_time_order() {
+        let mut m_sel = [0u64; 8];
+        m_sel[6] = 1_100; // the list loaded, before m0
+        m_sel[0] = 1_600;
+        let mut m_win = [0u64; 8];
+        m_win[0] = 1_200;
+        let s = KernelSpan {
+            kernel: "sw_mma",
+            blocks: vec![
+                block(1_000, m_sel, 2_000),
+                block(2_000, [2_100, 0, 0, 0, 0, 0, 0, 0], 2_500),
+                block(1_000, m_win, 1_400),
+                block(0, m_win, 1_400), // never waited: left out
+            ],
+        };
+        let out = phases(&s);
+        assert!(out.contains("phases of 2 blocks (mean, us): wait->m0 0.15 | m0->end 0.30"), "{out}");
+        assert!(out.contains("phases of 1 blocks (mean, us): wait->m6 0.10 | m6->m0 0.50 | m0->end 0.40"), "{out}");
+        assert_eq!(out.matches("phases of").count(), 2);
+    }
 }
 
 /// Appends every block's stamps (nanoseconds from the step's first start; wait and marks -1
