@@ -11,8 +11,9 @@
 // NSA_TL_WORDS (12) words: the block's start (thread 0 at entry), the return of its
 // `pdl_wait` (thread 0), its end (the last of its warps to return), its multiprocessor,
 // and eight marks a kernel may stamp at points of its own (`tl_mark`, thread 0; 0 where
-// none), global-timer nanoseconds. `pdl_wait` finds its kernel's slot through `nsa_tl_warp_slot`, indexed by
-// (multiprocessor, warp slot), which the entry writes: no shared memory is added.
+// none), global-timer nanoseconds. `pdl_wait` and `tl_mark` find their kernel's slot
+// through `nsa_tl_warp_slot`, indexed by (multiprocessor, warp slot), which the entry
+// writes: no shared memory is added.
 #ifdef NSA_TIMELINE
 __device__ unsigned long long nsa_timeline[NSA_TL_SLOTS * NSA_TL_BLOCKS * NSA_TL_WORDS];
 __device__ int nsa_tl_warp_slot[NSA_TL_SMS * 64];
@@ -51,19 +52,18 @@ struct TimelineScope {
         if ((threadIdx.x & 31) == 0 && r) atomicMax(&r[2], global_ns());
     }
 };
-__device__ __forceinline__ void tl_wait_stamp() {
+// Thread 0 stamps word `w` of this block's record (its kernel's slot from the warp table).
+__device__ __forceinline__ void tl_stamp(int w) {
     if (threadIdx.x == 0) {
         unsigned long long* r = tl_record(nsa_tl_warp_slot[tl_warp_at()]);
-        if (r) r[1] = global_ns();
+        if (r) r[w] = global_ns();
     }
 }
+__device__ __forceinline__ void tl_wait_stamp() { tl_stamp(1); }
 // Mark K (0..7) of this block: thread 0 stamps it when it passes here.
 template <int K>
 __device__ __forceinline__ void tl_mark() {
-    if (threadIdx.x == 0) {
-        unsigned long long* r = tl_record(nsa_tl_warp_slot[tl_warp_at()]);
-        if (r) r[4 + K] = global_ns();
-    }
+    tl_stamp(4 + K);
 }
 // Mark K once `v` (a register a load writes) has arrived: the stamp waits on it, so it
 // times a load's return rather than its issue. No code in a normal build.

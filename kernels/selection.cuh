@@ -265,8 +265,10 @@ __device__ void select_blocks(const Params& p) {
         if (roles) {
             float vx[16], vy[16];
             const int j = j0 + tid;
-            if (warp < W && j < j1) group_loads(j, 0, vx, vy);
-            if (warp < W && j < j1) tl_mark_after<0>(vx[15]);  // the timeline: the sums' loads returned
+            if (warp < W && j < j1) {
+                group_loads(j, 0, vx, vy);
+                tl_mark_after<0>(vx[15]);  // the timeline: the sums' loads returned
+            }
             if (warp >= W && warp - W < g) head_ml(warp - W);
             __syncthreads();
             tl_mark<1>();  // the timeline: the heads' (m, l) merged, the group sums loaded

@@ -184,9 +184,9 @@ pub(crate) struct DecodeKnobs {
     pub late_trigger: u32,
 }
 
-/// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset, else the named
-/// stages among those that honour the bit (the tensor-core attention kernels, the
-/// selection and the combines: `pdl_trigger_at_entry` in kernels/ptx.cuh).
+/// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset,
+/// else the named stages among those that honour the bit (the tensor-core attention
+/// kernels, the selection and the combines: `pdl_trigger_at_entry` in kernels/ptx.cuh).
 fn late_trigger_mask(names: Option<&str>) -> u32 {
     let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::Combine | Kernel::FullCombine);
     let allowed = Kernel::ALL.iter().filter(honours).fold(0u32, |m, &k| m | 1 << k as u32);

@@ -6,14 +6,14 @@
 //! step overlap and where they wait. With `NSA_TIMELINE_CSV=path` every block's stamps are
 //! appended there too (label, run, kernel, block, sm, start, wait, end, marks 0 to 7).
 //! Kernels that stamp marks of their own (`tl_mark`, thread 0) get their ranges printed after
-//! the end, m0 to m7: the attention kernels after their wait and prep (m0), their first
-//! copies (m1), their first tile's arrival (m2), their tile loop (m3), the warps' merge (m4)
-//! and the (m, l) stores (m5), the selected units' block lists loaded (m6) and merged (m7);
-//! the selection's group sums returned (m0), its (m, l) merged (m1), its scores (m2), its
-//! first sorted list (m3) and its sort (m4); the combine's (m, l) loaded (m0) and merged
-//! (m1), its first accumulator returned (m2), thread 0's sums (m3), the parts' meeting (m4). Prefill points get
-//! one such step each; a kernel of more than `TIMELINE_BLOCKS` blocks shows its first ones
-//! only (marked `+`).
+//! the end, m0 to m7, and their phases below: the attention kernels after their wait and
+//! prep (m0), their first copies (m1), their first tile's arrival (m2), their tile loop
+//! (m3), the warps' merge (m4) and the (m, l) stores (m5), the selected units' block lists
+//! loaded (m6) and merged (m7); the selection's group sums returned (m0), its (m, l) merged
+//! (m1), its scores (m2), its first sorted list (m3) and its sort (m4); the combine's (m, l)
+//! loaded (m0) and merged (m1), its first accumulator returned (m2), thread 0's sums (m3),
+//! the parts' meeting (m4). Prefill points get one such step each; a kernel of more than
+//! `TIMELINE_BLOCKS` blocks shows its first ones only (marked `+`).
 
 use std::io::Write;
 
