@@ -259,6 +259,11 @@ __device__ __forceinline__ u64 l2_evict_first() {
 #endif
     return pol;
 }
+// A hint: the 128-byte line at `ptr` into the L2 (no architectural effect, so it may precede
+// `pdl_wait` on any address; unlike an L1 prefetch it outlives the wait).
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
 // Fetches a tensor map (a generic address of its 128 bytes in global memory) into the
 // multiprocessor's descriptor cache ahead of its first copy.
 __device__ __forceinline__ void prefetch_tensormap(u64 map) {

@@ -122,6 +122,17 @@ __device__ void sw_mma(const Params& p) {
         ks.first = wlo;
     }
     const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
+    {
+        // Each tile's page lookup comes after the wait (a selected unit's blocks are known
+        // only then): the lines of the table it may read go to L2 now, so that lookup is
+        // not a DRAM round trip on the step's chain (the table is the step's upload, written
+        // before the layer's first kernel). Selected units: the row's table; window units:
+        // their own pages.
+        const int e0 = u < p.launch.units_s ? 0 : max(ks.lo, 0) / p.paging.page_size;
+        const int e1 = u < p.launch.units_s ? t / p.paging.page_size : (ks.lo + max(ks.n, 1) - 1) / p.paging.page_size;
+        const usize a0 = (usize)(table + e0) & ~(usize)127, a1 = (usize)(table + e1 + 1);
+        for (usize a = a0 + (usize)threadIdx.x * 128; a < a1; a += (usize)blockDim.x * 128) prefetch_l2((const void*)a);
+    }
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
         const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
