@@ -42,6 +42,9 @@ pub struct L2Flush {
     buf: DeviceBuf,
     sink: DeviceBuf,
     blocks: u32,
+    /// Bytes each flush reads: the buffer's, or fewer with `NSA_BENCH_FLUSH_MIB=N` (0: no
+    /// flush; a diagnostic, to see which part of a step is cold memory: not for reports).
+    read: usize,
 }
 
 impl L2Flush {
@@ -60,7 +63,8 @@ impl L2Flush {
                 return Err(cuda(e, "cuModuleGetFunction"));
             }
         };
-        let f = L2Flush { module, func, buf: DeviceBuf::new(BYTES)?, sink: DeviceBuf::new(4)?, blocks: sms.max(1) as u32 * 8 };
+        let read = std::env::var("NSA_BENCH_FLUSH_MIB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(BYTES, |m| (m << 20).min(BYTES));
+        let f = L2Flush { module, func, buf: DeviceBuf::new(BYTES)?, sink: DeviceBuf::new(4)?, blocks: sms.max(1) as u32 * 8, read };
         f.buf.fill(0x5a)?;
         Ok(f)
     }
@@ -68,7 +72,11 @@ impl L2Flush {
     /// Reads the whole scratch buffer on `stream`, then waits for it, so the timed work
     /// that follows starts from an idle device and a cold (clean) L2.
     pub fn run(&self, stream: sys::CUstream) -> nsa::Result<()> {
-        let (mut p, mut n, mut key, mut sink) = (self.buf.ptr(), (BYTES / 16) as u64, KEY, self.sink.ptr());
+        if self.read == 0 {
+            // SAFETY: a stream of the current context.
+            return unsafe { result::stream::synchronize(stream) }.map_err(|e| cuda(e, "cuStreamSynchronize"));
+        }
+        let (mut p, mut n, mut key, mut sink) = (self.buf.ptr(), (self.read / 16) as u64, KEY, self.sink.ptr());
         let mut args = [
             &mut p as *mut u64 as *mut c_void,
             &mut n as *mut u64 as *mut c_void,
