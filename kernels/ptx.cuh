@@ -260,7 +260,8 @@ __device__ __forceinline__ u64 l2_evict_first() {
     return pol;
 }
 // A hint: the 128-byte line at `ptr` into the L2 (no architectural effect, so it may precede
-// `pdl_wait` on any address; unlike an L1 prefetch it outlives the wait).
+// `pdl_wait` on any address). Into L2, not L1: an L1 prefetch before the wait measured
+// nothing (docs/DECODE_NOTES.md, variants 41 and 51).
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
