@@ -106,6 +106,22 @@ fn phases(s: &KernelSpan) -> String {
     out
 }
 
+/// Appends every block's stamps (nanoseconds from the step's first start; wait and marks -1
+/// where the block has none).
+fn csv(path: &str, label: &str, run: usize, spans: &[KernelSpan]) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    let t0 = origin(spans) as i64;
+    for s in spans {
+        for b in &s.blocks {
+            let rel = |t: u64| if t == 0 { -1 } else { t as i64 - t0 };
+            let m = b.marks.map(rel);
+            let m: Vec<String> = m.iter().map(|t| t.to_string()).collect();
+            writeln!(f, "{label},{run},{},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, rel(b.wait), b.end as i64 - t0, m.join(","))?;
+        }
+    }
+    f.flush()
+}
+
 #[cfg(test)]
 mod tests {
     use super::phases;
@@ -136,20 +152,4 @@ mod tests {
         assert!(out.contains("phases of 1 blocks (mean, us): wait->m6 0.10 | m6->m0 0.50 | m0->end 0.40"), "{out}");
         assert_eq!(out.matches("phases of").count(), 2);
     }
-}
-
-/// Appends every block's stamps (nanoseconds from the step's first start; wait and marks -1
-/// where the block has none).
-fn csv(path: &str, label: &str, run: usize, spans: &[KernelSpan]) -> std::io::Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
-    let t0 = origin(spans) as i64;
-    for s in spans {
-        for b in &s.blocks {
-            let rel = |t: u64| if t == 0 { -1 } else { t as i64 - t0 };
-            let m = b.marks.map(rel);
-            let m: Vec<String> = m.iter().map(|t| t.to_string()).collect();
-            writeln!(f, "{label},{run},{},{},{},{},{},{},{}", s.kernel, b.block, b.sm, b.start as i64 - t0, rel(b.wait), b.end as i64 - t0, m.join(","))?;
-        }
-    }
-    f.flush()
 }
