@@ -100,6 +100,7 @@
     NSA_ENTRY_OWN_WAIT_NT(select_blocks, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \
     NSA_ENTRY_OWN_WAIT(combine, E, suffix) \
+    NSA_ENTRY_OWN_WAIT(combine_scalar, E, suffix) \
     NSA_ENTRY(full_partial, E, suffix)  \
     NSA_ENTRY_OWN_WAIT(full_combine, E, suffix)
 

@@ -188,7 +188,7 @@ pub(crate) struct DecodeKnobs {
 /// else the named stages among those that honour the bit (the tensor-core attention
 /// kernels, the selection and the combines: `pdl_trigger_at_entry` in kernels/ptx.cuh).
 fn late_trigger_mask(names: Option<&str>) -> u32 {
-    let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::Combine | Kernel::FullCombine);
+    let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine);
     let allowed = Kernel::ALL.iter().filter(honours).fold(0u32, |m, &k| m | 1 << k as u32);
     names.map_or(LATE_TRIGGER_DEFAULT.iter().fold(0, |m, &k| m | 1 << k as u32), |n| kernel_mask(Some(n)) & allowed)
 }

@@ -33,8 +33,10 @@ pub(crate) enum Kernel {
     SelectBlocks,
     /// Selected blocks + window, one block per unit (scalar).
     SwPartial,
-    /// Gated combine of every partial.
+    /// Gated combine of every partial, 4 columns per load (`launch::comb_vec_fits`).
     Combine,
+    /// The same, a column per thread (the other shapes).
+    CombineScalar,
     /// Full causal attention, split over blocks (scalar; the baseline).
     FullPartial,
     /// Merge of the full-attention splits.
@@ -115,7 +117,7 @@ impl SharedMem {
 }
 
 impl Kernel {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 21;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::AppendByRows,
@@ -123,6 +125,7 @@ impl Kernel {
         Kernel::SelectBlocks,
         Kernel::SwPartial,
         Kernel::Combine,
+        Kernel::CombineScalar,
         Kernel::FullPartial,
         Kernel::FullCombine,
         Kernel::CmpMma,
@@ -148,6 +151,7 @@ impl Kernel {
             Kernel::SelectBlocks => "select_blocks",
             Kernel::SwPartial => "sw_partial",
             Kernel::Combine => "combine",
+            Kernel::CombineScalar => "combine_scalar",
             Kernel::FullPartial => "full_partial",
             Kernel::FullCombine => "full_combine",
             Kernel::CmpMma => "cmp_mma",
@@ -185,7 +189,7 @@ impl Kernel {
     /// kernels' come from the backend's [`PrefillPlan`].
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
-            Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
+            Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::CombineScalar | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
             Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::PfSel => super::consts::PF_SEL_WARPS * 32,
@@ -205,7 +209,7 @@ impl Kernel {
             Kernel::PfSel => Smem::PfSel,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
             Kernel::SelectBlocks => Smem::Selection,
-            Kernel::Combine | Kernel::FullCombine => Smem::Combine,
+            Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine => Smem::Combine,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => Smem::TensorCore,
             Kernel::PfCmp => Smem::PfCmp,
             Kernel::PfSw | Kernel::PfSwWindow => Smem::PfSw,
