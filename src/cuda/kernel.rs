@@ -519,10 +519,12 @@ mod tests {
         assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false, false), "nsa_pfb_attn_f16_192_128");
         assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false, false), "nsa_pfb_scan_bf16");
         assert_eq!(Kernel::PfSel.entry(Dtype::Bf16, (128, 128), false, false), "nsa_pf_sel_bf16_128_128");
-        // pf_cmp also warp-specialised (prefill::WS_FORMS), pf_sww as pf_sw; the block-major
-        // kernels: four for both 16-bit types, pfb_attn per prefill shape; pf_sel per
-        // prefill shape.
-        assert_eq!(all, 8 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
+        // Nine scalar decode kernels (the combine's two entries among them) for three types;
+        // the tensor-core ones per compiled shape twice (copy path from the launch, or
+        // tensor maps) and by V tile width; pf_cmp also warp-specialised (prefill::WS_FORMS),
+        // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
+        // prefill shape; pf_sel per prefill shape.
+        assert_eq!(all, 9 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }
