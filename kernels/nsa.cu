@@ -98,6 +98,7 @@
     NSA_ENTRY(append_by_rows, E, suffix) \
     NSA_ENTRY(cmp_partial, E, suffix)   \
     NSA_ENTRY_OWN_WAIT_NT(select_blocks, E, suffix, NSA_NT_SEL) \
+    NSA_ENTRY_OWN_WAIT_NT(select_lists, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \
     NSA_ENTRY_OWN_WAIT(combine, E, suffix) \
     NSA_ENTRY_OWN_WAIT(combine_scalar, E, suffix) \

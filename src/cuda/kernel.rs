@@ -31,6 +31,9 @@ pub(crate) enum Kernel {
     CmpPartial,
     /// Block scores and the top-n of each (row, KV head); chunk blocks at small batch.
     SelectBlocks,
+    /// The same with per-chunk lists and group sums fixed at compile time (tensor-core
+    /// decode: `DecodeKnobs::sel_lists` and `group_sums`).
+    SelectLists,
     /// Selected blocks + window, one block per unit (scalar).
     SwPartial,
     /// Gated combine of every partial, 4 columns per load (`launch::comb_vec_fits`).
@@ -117,12 +120,13 @@ impl SharedMem {
 }
 
 impl Kernel {
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::AppendByRows,
         Kernel::CmpPartial,
         Kernel::SelectBlocks,
+        Kernel::SelectLists,
         Kernel::SwPartial,
         Kernel::Combine,
         Kernel::CombineScalar,
@@ -149,6 +153,7 @@ impl Kernel {
             Kernel::AppendByRows => "append_by_rows",
             Kernel::CmpPartial => "cmp_partial",
             Kernel::SelectBlocks => "select_blocks",
+            Kernel::SelectLists => "select_lists",
             Kernel::SwPartial => "sw_partial",
             Kernel::Combine => "combine",
             Kernel::CombineScalar => "combine_scalar",
@@ -190,7 +195,7 @@ impl Kernel {
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
             Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::CombineScalar | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
-            Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
+            Kernel::SelectBlocks | Kernel::SelectLists | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::PfSel => super::consts::PF_SEL_WARPS * 32,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
@@ -208,7 +213,7 @@ impl Kernel {
             Kernel::PfbAttn => Smem::PfbAttn,
             Kernel::PfSel => Smem::PfSel,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
-            Kernel::SelectBlocks => Smem::Selection,
+            Kernel::SelectBlocks | Kernel::SelectLists => Smem::Selection,
             Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine => Smem::Combine,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => Smem::TensorCore,
             Kernel::PfCmp => Smem::PfCmp,
@@ -519,12 +524,13 @@ mod tests {
         assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false, false), "nsa_pfb_attn_f16_192_128");
         assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false, false), "nsa_pfb_scan_bf16");
         assert_eq!(Kernel::PfSel.entry(Dtype::Bf16, (128, 128), false, false), "nsa_pf_sel_bf16_128_128");
-        // Nine scalar decode kernels (the combine's two entries among them) for three types;
+        // Ten scalar decode kernels (the selection's and the combine's two entries among
+        // them) for three types;
         // the tensor-core ones per compiled shape twice (copy path from the launch, or
         // tensor maps) and by V tile width; pf_cmp also warp-specialised (prefill::WS_FORMS),
         // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
         // prefill shape; pf_sel per prefill shape.
-        assert_eq!(all, 9 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
+        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

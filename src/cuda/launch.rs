@@ -198,7 +198,7 @@ impl CudaBackend {
                         pk.launch.mode |= MODE_LATE_TRIGGER;
                     }
                     let mut opts = l1(kernel, rows);
-                    if kernel == Kernel::SelectBlocks {
+                    if matches!(kernel, Kernel::SelectBlocks | Kernel::SelectLists) {
                         opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
                     }
                     k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
@@ -206,7 +206,9 @@ impl CudaBackend {
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 go(cmp, (rows, hkv, l.nsplit_c as u32))?;
-                go(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32))?;
+                // Lists and group sums fixed at compile time where both are on (one path's code).
+                let sel = if self.knobs.sel_lists && self.knobs.group_sums { Kernel::SelectLists } else { Kernel::SelectBlocks };
+                go(sel, (rows, hkv, l.sel_chunks as u32))?;
                 go(sw, (rows, hkv, units))?;
                 let comb = if comb_vec_fits(cfg.head_dim_v, l.comb_heads as u32, self.knobs.comb_vec) { Kernel::Combine } else { Kernel::CombineScalar };
                 go(comb, (rows, cfg.num_q_heads / l.comb_heads as u32, 1))?;
