@@ -69,7 +69,13 @@ struct Prep {
     __device__ bool operator()() const { return f(); }
 };
 
-template <class E, int NVT, int DKT, int DVT, class P = NoPrep>
+// CP: the copy path, MMA_COPY_MODE (from `launch.mode`'s bits 1 and 2 at run time) or
+// MMA_COPY_TMA (tensor maps, fixed at compile time: the entries the host picks on sm_90
+// with tensor maps, which then hold no code for the other two paths; each multiprocessor
+// fetches a kernel's code cold at every step, docs/DECODE_NOTES.md variant 57).
+#define MMA_COPY_MODE 0
+#define MMA_COPY_TMA 2
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, class P = NoPrep>
 __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
                            float* logit_out, const P& prep = P()) {
@@ -77,7 +83,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int DK = DKT ? DKT : p.shape.head_dim_qk, DV = DVT ? DVT : p.shape.head_dim_v;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const bool bulk = (p.launch.mode & 1) != 0, tma = (p.launch.mode & 2) != 0;
+    const bool bulk = CP == MMA_COPY_TMA || (p.launch.mode & 1) != 0, tma = CP == MMA_COPY_TMA || (p.launch.mode & 2) != 0;
     // Decode reads each K/V line once: with `mode & 8` its copies go first out of L2, and
     // the logits and partials the kernels after this one read stay there (variant 22).
     const u64 l2pol = (p.launch.mode & 8) ? l2_evict_first() : 0;

@@ -193,17 +193,24 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
 
 // Gated combine of `p.launch.comb_heads` consecutive query heads of one row per block (the
 // host picks more heads per block when rows are many, so blocks stay few and long, and one
-// head per block at batch 1, so the work spreads over SMs): 4 columns per load where DV
-// allows, except with `mode & 128` off and a block's columns at least its threads (a
-// column per thread then keeps every thread busy).
-template <class E>
-__device__ void combine(const Params& p) {
+// head per block at batch 1, so the work spreads over SMs), V columns per load. Two entries,
+// `combine` (V = 4, where DV allows) and `combine_scalar` (a column per thread), which the
+// host picks (src/cuda/launch.rs `comb_vec_fits`): one width per kernel, so a
+// multiprocessor fetches only the code it runs, cold at every step (a kernel holding both
+// took 1.7 us longer at batch 1: docs/DECODE_NOTES.md, variant 57).
+template <class E, int V>
+__device__ void combine_v(const Params& p) {
     const int wr = blockIdx.x, r = p.launch.row0 + wr, H = p.launch.comb_heads;
     const int s0 = p.launch.nsplit_c, s1 = s0 + p.launch.units_s, U = s1 + p.launch.units_w;
-    if (p.shape.head_dim_v % 4 == 0 && (H * p.shape.head_dim_v < (int)blockDim.x || (p.launch.mode & 128)))
-        combine_heads<E, 4>(p, wr, r, blockIdx.y * H, H, s0, s1, U, true);
-    else
-        combine_heads<E, 1>(p, wr, r, blockIdx.y * H, H, s0, s1, U, true);
+    combine_heads<E, V>(p, wr, r, blockIdx.y * H, H, s0, s1, U, true);
+}
+template <class E>
+__device__ void combine(const Params& p) {
+    combine_v<E, 4>(p);
+}
+template <class E>
+__device__ void combine_scalar(const Params& p) {
+    combine_v<E, 1>(p);
 }
 
 #endif  // NSA_COMBINE_CUH

@@ -18,7 +18,7 @@ __device__ void cmp_partial(const Params& p) {
 // Full causal attention (the in-repo baseline): split `blockIdx.z` of the row's keys
 
 // Compressed branch, tensor cores: split `blockIdx.z` of the visible compressed tokens.
-template <class E, int NVT, int DKT, int DVT>
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE>
 __device__ void cmp_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
@@ -36,7 +36,7 @@ __device__ void cmp_mma(const Params& p) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
         const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
         float* lg = (float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + hg0) * p.ws.max_cmp;
-        attend_mma<E, NVT, DKT, DVT>(p, (const u16*)p.paging.cmp_k, (const u16*)p.paging.cmp_v, p.paging.tmaps + 2 * NSA_TMAP_BYTES,
+        attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.cmp_k, (const u16*)p.paging.cmp_v, p.paging.tmaps + 2 * NSA_TMAP_BYTES,
                            p.paging.tmaps + 3 * NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, split, lg);
     }
 }

@@ -30,7 +30,7 @@ __device__ void full_combine(const Params& p) {
 
 
 // Full causal attention, tensor cores: split `blockIdx.z` of [0, t].
-template <class E, int NVT, int DKT, int DVT>
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE>
 __device__ void full_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
@@ -41,7 +41,7 @@ __device__ void full_mma(const Params& p) {
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
         const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
-        attend_mma<E, NVT, DKT, DVT>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table, kvh, ks,
+        attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table, kvh, ks,
                            hcn, q, wr, hg0, split,
                            (float*)0);
     }

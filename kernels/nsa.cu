@@ -98,8 +98,10 @@
     NSA_ENTRY(append_by_rows, E, suffix) \
     NSA_ENTRY(cmp_partial, E, suffix)   \
     NSA_ENTRY_OWN_WAIT_NT(select_blocks, E, suffix, NSA_NT_SEL) \
+    NSA_ENTRY_OWN_WAIT_NT(select_lists, E, suffix, NSA_NT_SEL) \
     NSA_ENTRY(sw_partial, E, suffix)    \
     NSA_ENTRY_OWN_WAIT(combine, E, suffix) \
+    NSA_ENTRY_OWN_WAIT(combine_scalar, E, suffix) \
     NSA_ENTRY(full_partial, E, suffix)  \
     NSA_ENTRY_OWN_WAIT(full_combine, E, suffix)
 
@@ -116,16 +118,29 @@ NSA_ALL(EBF16, bf16)
         pdl_trigger_at_entry(p);                                                                                   \
         name<E, NVT, DK, DV>(p);                                                                                   \
     }
+// The same with the tensor-map copy path fixed at compile time: nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV}_tma,
+// picked by the host on sm_90 with tensor maps (kernels/attend_mma.cuh, MMA_COPY_TMA).
+#define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag)                                                             \
+    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##_tma(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                                                      \
+        pdl_trigger_at_entry(p);                                                                                       \
+        name<E, NVT, DK, DV, MMA_COPY_TMA>(p);                                                                         \
+    }
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(full_mma, E, suffix, NVT, DK, DV, tag)
+#define NSA_MMA_KINDS_FIXED(E, suffix, DK, DV, tag)          \
+    NSA_MMA_KINDS(E, suffix, 16, DK, DV, tag)                \
+    NSA_MMA_ENTRY_TMA(cmp_mma, E, suffix, 16, DK, DV, tag)   \
+    NSA_MMA_ENTRY_TMA(sw_mma, E, suffix, 16, DK, DV, tag)    \
+    NSA_MMA_ENTRY_TMA(full_mma, E, suffix, 16, DK, DV, tag)
 #define NSA_MMA_ALL(E, suffix)                      \
     NSA_MMA_KINDS(E, suffix, 16, 0, 0, 16)           \
     NSA_MMA_KINDS(E, suffix, 32, 0, 0, 32)           \
-    NSA_MMA_KINDS(E, suffix, 16, 64, 64, 64_64)      \
-    NSA_MMA_KINDS(E, suffix, 16, 128, 128, 128_128)  \
-    NSA_MMA_KINDS(E, suffix, 16, 192, 128, 192_128)
+    NSA_MMA_KINDS_FIXED(E, suffix, 64, 64, 64_64)    \
+    NSA_MMA_KINDS_FIXED(E, suffix, 128, 128, 128_128) \
+    NSA_MMA_KINDS_FIXED(E, suffix, 192, 128, 192_128)
 
 NSA_MMA_ALL(EF16, f16)
 NSA_MMA_ALL(EBF16, bf16)

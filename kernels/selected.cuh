@@ -93,7 +93,7 @@ __device__ void sel_merge_lists(const Params& p, int wr, int kvh, int t, int* sl
 
 // Selected blocks (units 0..units_s, `spb` blocks each) and window chunks of sel_block * spb
 // keys (units units_s..), tensor cores.
-template <class E, int NVT, int DKT, int DVT>
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE>
 __device__ void sw_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, u = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
@@ -144,7 +144,7 @@ __device__ void sw_mma(const Params& p) {
             if (build_now) sel_merge_lists(p, wr, kvh, t, sl, usel);
             return build_now;
         };
-        attend_mma<E, NVT, DKT, DVT>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table,
+        attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table,
                                      kvh, ks, hcn, q, wr, hg0, p.launch.nsplit_c + u, (float*)0, Prep<decltype(build)>{build});
     }
 }

@@ -157,7 +157,14 @@ __device__ void sel_top_sorted(const unsigned* key, int* lists, int nblk, int co
 //    block-wide prefix count, -1 padded.
 // Shared: m[g] | inv[g] | token sums [NSA_NT_SEL * B + A - 1], at least the blocks rounded
 // up to 32 (step 3's block lists reuse it) | score bits [blocks].
-template <class E>
+// SEL: SEL_MODE reads the lists and group-sums forms from `launch.mode` (bits 512 and 32);
+// SEL_LISTS_GROUPS fixes both at compile time (the `select_lists` entry the host picks for
+// tensor-core decode): no code for the counter hand-over, the sorting networks, the radix
+// select or the per-token sums, which every multiprocessor would otherwise fetch cold at
+// each step (docs/DECODE_NOTES.md, variant 57).
+#define SEL_MODE 0
+#define SEL_LISTS_GROUPS 1
+template <class E, int SEL = SEL_MODE>
 __device__ void select_blocks(const Params& p) {
     extern __shared__ float smem[];
     __shared__ unsigned hist[4][256], wt[32];
@@ -190,7 +197,7 @@ __device__ void select_blocks(const Params& p) {
     // With `mode & 512` (tensor-core decode) each chunk block hands `sw_mma` its own best
     // n, best-first, and nothing more: no counter, no last block; the selected units merge
     // the chunks' lists (kernels/selected.cuh `sel_merge_lists`) and write `io.selected`.
-    const bool lists = (p.launch.mode & 512) != 0;
+    const bool lists = SEL == SEL_LISTS_GROUPS || (p.launch.mode & 512) != 0;
     if (nblk <= n) {  // every block is selected (the row's chunks agree: no counter)
         if (lists) return;  // the selected units know it from the row's length
         if (ch == 0)
@@ -231,7 +238,7 @@ __device__ void select_blocks(const Params& p) {
         // part (x of group j) plus the previous group's part (y of group j - 1), per head
         // log2 against the head's max: a thread per block, no token pass. A group's 16
         // heads load in one round trip (32 loads in flight), then score against (mh, inv).
-        const bool groups = (p.launch.mode & 32) != 0;
+        const bool groups = SEL == SEL_LISTS_GROUPS || (p.launch.mode & 32) != 0;
         auto group_loads = [&](int j, int h0, float (&vx)[16], float (&vy)[16]) {
             const bool own = B * j < nc, prev = j >= 1 && B * (j - 1) < nc;
 #pragma unroll
@@ -421,6 +428,12 @@ __device__ void select_blocks(const Params& p) {
         if (in) put(pos, j);
     }
     for (int k = count + tid; k < n; k += blockDim.x) put(k, -1);
+}
+
+// The selection with per-chunk lists and group sums fixed at compile time (see SEL above).
+template <class E>
+__device__ void select_lists(const Params& p) {
+    select_blocks<E, SEL_LISTS_GROUPS>(p);
 }
 
 #endif  // NSA_SELECTION_CUH

@@ -188,14 +188,14 @@ pub(crate) struct DecodeKnobs {
 /// else the named stages among those that honour the bit (the tensor-core attention
 /// kernels, the selection and the combines: `pdl_trigger_at_entry` in kernels/ptx.cuh).
 fn late_trigger_mask(names: Option<&str>) -> u32 {
-    let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::Combine | Kernel::FullCombine);
+    let honours = |k: &&Kernel| k.tensor_core() || matches!(k, Kernel::SelectBlocks | Kernel::SelectLists | Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine);
     let allowed = Kernel::ALL.iter().filter(honours).fold(0u32, |m, &k| m | 1 << k as u32);
     names.map_or(LATE_TRIGGER_DEFAULT.iter().fold(0, |m, &k| m | 1 << k as u32), |n| kernel_mask(Some(n)) & allowed)
 }
 
 /// The kernels that trigger their dependents late unless `NSA_CUDA_LATE_TRIGGER` says
 /// otherwise (`DecodeKnobs::late_trigger`).
-const LATE_TRIGGER_DEFAULT: [Kernel; 3] = [Kernel::CmpMma, Kernel::SelectBlocks, Kernel::SwMma];
+const LATE_TRIGGER_DEFAULT: [Kernel; 4] = [Kernel::CmpMma, Kernel::SelectBlocks, Kernel::SelectLists, Kernel::SwMma];
 
 /// A knob's kernel mask (bit `Kernel as u32`) from its stage names (`NSA_CUDA_L1_KERNELS`,
 /// `NSA_CUDA_L2_KERNELS`), or every kernel when unset; names that are no kernel's stage
@@ -559,7 +559,10 @@ mod tests {
     #[test]
     fn late_trigger_knob_has_a_default_and_takes_only_kernels_that_honour_it() {
         use super::{late_trigger_mask, Kernel};
-        assert_eq!(late_trigger_mask(None), 1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::SwMma as u32);
+        assert_eq!(
+            late_trigger_mask(None),
+            1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32 | 1 << Kernel::SelectLists as u32 | 1 << Kernel::SwMma as u32
+        );
         assert_eq!(late_trigger_mask(Some("none")), 0);
         assert_eq!(late_trigger_mask(Some("cmp_mma,select_blocks")), 1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32);
         assert_eq!(late_trigger_mask(Some("append")), 0, "the append triggers at entry always");

@@ -31,10 +31,15 @@ pub(crate) enum Kernel {
     CmpPartial,
     /// Block scores and the top-n of each (row, KV head); chunk blocks at small batch.
     SelectBlocks,
+    /// The same with per-chunk lists and group sums fixed at compile time (tensor-core
+    /// decode: `DecodeKnobs::sel_lists` and `group_sums`).
+    SelectLists,
     /// Selected blocks + window, one block per unit (scalar).
     SwPartial,
-    /// Gated combine of every partial.
+    /// Gated combine of every partial, 4 columns per load (`launch::comb_vec_fits`).
     Combine,
+    /// The same, a column per thread (the other shapes).
+    CombineScalar,
     /// Full causal attention, split over blocks (scalar; the baseline).
     FullPartial,
     /// Merge of the full-attention splits.
@@ -115,14 +120,16 @@ impl SharedMem {
 }
 
 impl Kernel {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 22;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::AppendByRows,
         Kernel::CmpPartial,
         Kernel::SelectBlocks,
+        Kernel::SelectLists,
         Kernel::SwPartial,
         Kernel::Combine,
+        Kernel::CombineScalar,
         Kernel::FullPartial,
         Kernel::FullCombine,
         Kernel::CmpMma,
@@ -146,8 +153,10 @@ impl Kernel {
             Kernel::AppendByRows => "append_by_rows",
             Kernel::CmpPartial => "cmp_partial",
             Kernel::SelectBlocks => "select_blocks",
+            Kernel::SelectLists => "select_lists",
             Kernel::SwPartial => "sw_partial",
             Kernel::Combine => "combine",
+            Kernel::CombineScalar => "combine_scalar",
             Kernel::FullPartial => "full_partial",
             Kernel::FullCombine => "full_combine",
             Kernel::CmpMma => "cmp_mma",
@@ -185,8 +194,8 @@ impl Kernel {
     /// kernels' come from the backend's [`PrefillPlan`].
     pub fn block(self, prefill: Option<&PrefillPlan>) -> u32 {
         match self {
-            Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
-            Kernel::SelectBlocks | Kernel::PfbScan => NT_SEL,
+            Kernel::Append | Kernel::AppendByRows | Kernel::Combine | Kernel::CombineScalar | Kernel::PfbCount | Kernel::PfbFill | Kernel::PfbMerge => NT_WIDE,
+            Kernel::SelectBlocks | Kernel::SelectLists | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::PfSel => super::consts::PF_SEL_WARPS * 32,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
@@ -204,8 +213,8 @@ impl Kernel {
             Kernel::PfbAttn => Smem::PfbAttn,
             Kernel::PfSel => Smem::PfSel,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
-            Kernel::SelectBlocks => Smem::Selection,
-            Kernel::Combine | Kernel::FullCombine => Smem::Combine,
+            Kernel::SelectBlocks | Kernel::SelectLists => Smem::Selection,
+            Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine => Smem::Combine,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => Smem::TensorCore,
             Kernel::PfCmp => Smem::PfCmp,
             Kernel::PfSw | Kernel::PfSwWindow => Smem::PfSw,
@@ -221,7 +230,7 @@ impl Kernel {
     /// Entry point for storage type `dtype` and head dims `dk`, `dv`. The tensor-core
     /// kernels have entries compiled for the shapes in [`MMA_SHAPES`] (unless `generic`)
     /// and entries for any head dims by V tile width.
-    pub fn entry(self, dtype: Dtype, (dk, dv): (u32, u32), generic: bool) -> String {
+    pub fn entry(self, dtype: Dtype, (dk, dv): (u32, u32), generic: bool, tma: bool) -> String {
         let suffix = match dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
@@ -230,7 +239,10 @@ impl Kernel {
         // Compiled per (DK, DV): the prefill's block-major and selected-only kernels always,
         // the tensor-core decode kernels for MMA_SHAPES.
         let per_shape = matches!(self, Kernel::PfbAttn | Kernel::PfSel);
-        if per_shape || self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
+        if self.tensor_core() && !generic && tma && MMA_SHAPES.contains(&(dk, dv)) {
+            // The tensor-map copy path fixed at compile time (kernels/nsa.cu NSA_MMA_ENTRY_TMA).
+            format!("nsa_{}_{suffix}_{dk}_{dv}_tma", self.stage())
+        } else if per_shape || self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
             // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
@@ -259,16 +271,16 @@ impl Kernel {
             return v;
         }
         if matches!(self, Kernel::PfbAttn | Kernel::PfSel) {
-            return super::prefill::SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, false))).collect();
+            return super::prefill::SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, false, false))).collect();
         }
         if self.prefill_blocks() {
-            return [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, (0, 0), false)).to_vec();
+            return [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, (0, 0), false, false)).to_vec();
         }
         if self.tensor_core() {
-            let dims = MMA_SHAPES.iter().map(|&s| (s, false)).chain([((128, 128), true), ((256, 256), true)]);
-            dims.flat_map(|(s, generic)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic))).collect()
+            let dims = MMA_SHAPES.iter().flat_map(|&s| [(s, false, false), (s, false, true)]).chain([((128, 128), true, false), ((256, 256), true, false)]);
+            dims.flat_map(|(s, generic, tma)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic, tma))).collect()
         } else {
-            [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, (0, 0), false)).collect()
+            [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, (0, 0), false, false)).collect()
         }
     }
 }
@@ -314,7 +326,7 @@ impl Kernels {
             }
             let entry = match prefill {
                 Some(p) if kernel.prefill() => kernel.prefill_entry(p.policy_of(kernel), dtype, dk, dv),
-                _ => kernel.entry(dtype, (dk, dv), generic_mma),
+                _ => kernel.entry(dtype, (dk, dv), generic_mma, plan.tma),
             };
             k.block[i] = kernel.block(prefill);
             let name = CString::new(entry).expect("no NUL");
@@ -494,24 +506,31 @@ mod tests {
 
     #[test]
     fn entries_are_the_kernel_file_names() {
-        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true), "nsa_sw_mma_bf16_16");
-        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false), "nsa_sw_mma_bf16_128_128");
-        assert_eq!(Kernel::CmpMma.entry(Dtype::F16, (192, 128), false), "nsa_cmp_mma_f16_192_128");
-        assert_eq!(Kernel::SwMma.entry(Dtype::F16, (192, 192), false), "nsa_sw_mma_f16_32");
-        assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false), "nsa_full_mma_bf16_16");
-        assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false), "nsa_append_f32");
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true, false), "nsa_sw_mma_bf16_16");
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false, false), "nsa_sw_mma_bf16_128_128");
+        assert_eq!(Kernel::CmpMma.entry(Dtype::F16, (192, 128), false, false), "nsa_cmp_mma_f16_192_128");
+        assert_eq!(Kernel::SwMma.entry(Dtype::F16, (192, 192), false, false), "nsa_sw_mma_f16_32");
+        assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, false), "nsa_full_mma_bf16_16");
+        // Tensor maps: the compile-time copy path for the compiled shapes only.
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false, true), "nsa_sw_mma_bf16_128_128_tma");
+        assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true, true), "nsa_sw_mma_bf16_16");
+        assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, true), "nsa_full_mma_bf16_16");
+        assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false, false), "nsa_append_f32");
         assert_eq!(
             Kernel::PfSw.prefill_entry(super::super::prefill::Policy::Wgmma, Dtype::Bf16, 128, 128),
             "nsa_pf_sw_wg_bf16_128_128"
         );
         let all: usize = Kernel::ALL.iter().map(|k| k.entries().len()).sum();
-        assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false), "nsa_pfb_attn_f16_192_128");
-        assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false), "nsa_pfb_scan_bf16");
-        assert_eq!(Kernel::PfSel.entry(Dtype::Bf16, (128, 128), false), "nsa_pf_sel_bf16_128_128");
-        // pf_cmp also warp-specialised (prefill::WS_FORMS), pf_sww as pf_sw; the block-major
-        // kernels: four for both 16-bit types, pfb_attn per prefill shape; pf_sel per
-        // prefill shape.
-        assert_eq!(all, 8 * 3 + 3 * 2 * (MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
+        assert_eq!(Kernel::PfbAttn.entry(Dtype::F16, (192, 128), false, false), "nsa_pfb_attn_f16_192_128");
+        assert_eq!(Kernel::PfbScan.entry(Dtype::Bf16, (0, 0), false, false), "nsa_pfb_scan_bf16");
+        assert_eq!(Kernel::PfSel.entry(Dtype::Bf16, (128, 128), false, false), "nsa_pf_sel_bf16_128_128");
+        // Ten scalar decode kernels (the selection's and the combine's two entries among
+        // them) for three types;
+        // the tensor-core ones per compiled shape twice (copy path from the launch, or
+        // tensor maps) and by V tile width; pf_cmp also warp-specialised (prefill::WS_FORMS),
+        // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
+        // prefill shape; pf_sel per prefill shape.
+        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -6,7 +6,7 @@ use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_M
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_COMB_VEC, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
+use super::params::{Launch, Params, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -17,7 +17,7 @@ use crate::plan::Step;
 
 /// Query heads per combine block (`NT_WIDE` threads): the most (a divisor of the group
 /// size `g`) that still leaves two blocks per multiprocessor, or with 4 columns per load
-/// (`vec`, `MODE_COMB_VEC`; `dv` columns per head) the most whose 4-column groups the
+/// (`vec`, `comb_vec_fits`; `dv` columns per head) the most whose 4-column groups the
 /// threads cover once, with at least 3 blocks per 2 multiprocessors: fewer, fuller blocks
 /// issue fewer instructions for the same loads (H200, graph, paper 128/128 at 64k: batch 8
 /// 65.2 -> 60.3 us, batch 64 278.3 -> 269.5 against a column per thread; with 16 heads
@@ -28,6 +28,15 @@ fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
         None => heads / h >= 2 * sms,
     };
     (1..=g).filter(|&h| g % h == 0 && fits(h)).max().unwrap_or(1)
+}
+
+/// Whether the combine of `heads` query heads per block of `NT_WIDE` threads, `dv` V columns
+/// a head, reads 4 columns per load (the `combine` entry) rather than one per thread
+/// (`combine_scalar`): where DV allows, and with `vec` (`DecodeKnobs::comb_vec`) at every
+/// head count, else only while a block's columns are fewer than its threads (a column per
+/// thread then keeps every thread busy).
+fn comb_vec_fits(dv: u32, heads: u32, vec: bool) -> bool {
+    dv % 4 == 0 && (heads * dv < NT_WIDE || vec)
 }
 
 /// `NSA_CUDA_SPB=k` as a selected-blocks-per-unit count: the largest power of two at most
@@ -171,9 +180,6 @@ impl CudaBackend {
                 if self.knobs.group_sums {
                     pw.launch.mode |= MODE_GROUP_SUMS;
                 }
-                if self.knobs.comb_vec {
-                    pw.launch.mode |= MODE_COMB_VEC;
-                }
                 if self.knobs.sel_lists {
                     pw.launch.mode |= MODE_SEL_LISTS;
                     pw.launch.sel_chunks = pw.launch.sel_chunks.min(sel_lists_max_chunks(&cfg) as i32);
@@ -192,7 +198,7 @@ impl CudaBackend {
                         pk.launch.mode |= MODE_LATE_TRIGGER;
                     }
                     let mut opts = l1(kernel, rows);
-                    if kernel == Kernel::SelectBlocks {
+                    if matches!(kernel, Kernel::SelectBlocks | Kernel::SelectLists) {
                         opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
                     }
                     k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
@@ -200,9 +206,12 @@ impl CudaBackend {
                 let l = &pw.launch;
                 let units = (l.units_s + l.units_w) as u32;
                 go(cmp, (rows, hkv, l.nsplit_c as u32))?;
-                go(Kernel::SelectBlocks, (rows, hkv, l.sel_chunks as u32))?;
+                // Lists and group sums fixed at compile time where both are on (one path's code).
+                let sel = if self.knobs.sel_lists && self.knobs.group_sums { Kernel::SelectLists } else { Kernel::SelectBlocks };
+                go(sel, (rows, hkv, l.sel_chunks as u32))?;
                 go(sw, (rows, hkv, units))?;
-                go(Kernel::Combine, (rows, cfg.num_q_heads / l.comb_heads as u32, 1))?;
+                let comb = if comb_vec_fits(cfg.head_dim_v, l.comb_heads as u32, self.knobs.comb_vec) { Kernel::Combine } else { Kernel::CombineScalar };
+                go(comb, (rows, cfg.num_q_heads / l.comb_heads as u32, 1))?;
                 row0 += rows;
             }
         }
@@ -345,7 +354,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, sel_threads, spb_knob};
+    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob};
     use crate::cuda::consts::NT_SEL;
 
     #[test]
@@ -385,5 +394,16 @@ mod tests {
         assert_eq!(comb_heads(3, 3 * 1000, 132, Some(128)), 3);
         assert_eq!(comb_heads(16, 64 * 64, 132, Some(512)), 2);
         assert_eq!(comb_heads(16, 16, 132, Some(128)), 1);
+    }
+
+    /// The combine's entry: 4 columns per load where DV allows it and either the knob is on
+    /// or a block's columns are fewer than its 256 threads.
+    #[test]
+    fn comb_vec_fits_follows_dv_and_the_knob() {
+        assert!(comb_vec_fits(128, 1, false));
+        assert!(!comb_vec_fits(128, 2, false), "256 columns: a column per thread");
+        assert!(comb_vec_fits(128, 8, true));
+        assert!(!comb_vec_fits(24 + 2, 1, true), "DV not a multiple of 4");
+        assert!(comb_vec_fits(24, 1, true));
     }
 }

@@ -194,10 +194,6 @@ pub(crate) const MODE_PF_SEL_SHARE: i32 = 64;
 /// the selection reads them (`DecodeKnobs::group_sums`).
 pub(crate) const MODE_GROUP_SUMS: i32 = 32;
 
-/// `Launch::mode` bit: the combine reads 4 columns per load at every head count
-/// (`DecodeKnobs::comb_vec`).
-pub(crate) const MODE_COMB_VEC: i32 = 128;
-
 /// `Launch::mode` bit: each selection chunk block writes its own best `sel_count` blocks and
 /// `sw_mma`'s selected units merge the chunks' lists (no counter, no last block; unit 0
 /// writes `LayerIo::selected`) (`DecodeKnobs::sel_lists`).
