@@ -271,6 +271,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
     }
     __syncthreads();
+    if (logit_out) tl_mark<7>();  // the timeline (compressed branch): Q staged, the first copies issued; the wait next
     // Everything above overlaps the previous kernel (programmatic dependent launch): the
     // K/V pages (but a ready unit's first tiles), the selection and the workspace are read
     // or written only from here.

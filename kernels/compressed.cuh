@@ -31,6 +31,7 @@ __device__ void cmp_mma(const Params& p) {
     const StepHeader& hdr = *(const StepHeader*)p.step.header;
     const bool ready = hdr.tokens == hdr.seqs && hdr.copies == 0 && hi <= num_cmp(p, tm.y);
     Keys ks = {0, lo, hi - lo, tm.y, 0, ready};
+    tl_mark_after<6>(__int_as_float(ready + lo));  // the timeline: the row and the step's header arrived
     const int* table = (const int*)p.paging.cmp_tab + (usize)tm.x * p.paging.cmp_pages_per_seq;
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;

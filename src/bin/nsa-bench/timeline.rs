@@ -9,7 +9,8 @@
 //! the end, m0 to m7, and their phases below: the attention kernels after their wait and
 //! prep (m0), their first copies (m1), their first tile's arrival (m2), their tile loop
 //! (m3), the warps' merge (m4) and the (m, l) stores (m5), the selected units' block lists
-//! loaded (m6) and merged (m7); the selection's group sums returned (m0), its (m, l) merged
+//! loaded (m6) and merged (m7), and before its wait the compressed branch's row and step
+//! header arrived (m6) and its Q tile staged with its first copies issued (m7); the selection's group sums returned (m0), its (m, l) merged
 //! (m1), its scores (m2), its first sorted list (m3) and its sort (m4); the combine's (m, l)
 //! loaded (m0) and merged (m1), its first accumulator returned (m2), thread 0's sums (m3),
 //! the parts' meeting (m4). Prefill points get one such step each; a kernel of more than
@@ -85,12 +86,17 @@ fn lines(spans: &[KernelSpan]) -> String {
 /// it stamped, mark to mark in the order they happened, and to the block's end, in
 /// microseconds; one line per sequence of marks (a kernel's blocks may take different
 /// paths: `sw_mma`'s selected units stamp m6 and m7 before m0, its window units do not).
+/// Marks stamped before the wait come first, from the block's start: start->m6 | m6->wait.
 fn phases(s: &KernelSpan) -> String {
+    // A path: the marks in time order, `WAIT` standing for the wait among them.
+    const WAIT: usize = usize::MAX;
     let mut paths: std::collections::BTreeMap<Vec<usize>, (usize, Vec<f64>)> = Default::default();
     for b in s.blocks.iter().filter(|b| b.wait != 0 && b.marks.iter().any(|&m| m != 0)) {
-        let mut order: Vec<usize> = (0..b.marks.len()).filter(|&k| b.marks[k] != 0).collect();
-        order.sort_by_key(|&k| b.marks[k]);
-        let points: Vec<u64> = std::iter::once(b.wait).chain(order.iter().map(|&k| b.marks[k])).chain(std::iter::once(b.end)).collect();
+        let at = |k: usize| if k == WAIT { b.wait } else { b.marks[k] };
+        let mut order: Vec<usize> = (0..b.marks.len()).filter(|&k| b.marks[k] != 0).chain(std::iter::once(WAIT)).collect();
+        order.sort_by_key(|&k| (at(k), k != WAIT));
+        let from_start = order[0] != WAIT;
+        let points: Vec<u64> = from_start.then_some(b.start).into_iter().chain(order.iter().map(|&k| at(k))).chain(std::iter::once(b.end)).collect();
         let e = paths.entry(order).or_insert_with(|| (0, vec![0.0; points.len() - 1]));
         e.0 += 1;
         for (sum, w) in e.1.iter_mut().zip(points.windows(2)) {
@@ -99,7 +105,8 @@ fn phases(s: &KernelSpan) -> String {
     }
     let mut out = String::new();
     for (order, (n, sums)) in &paths {
-        let names: Vec<String> = std::iter::once("wait".to_string()).chain(order.iter().map(|k| format!("m{k}"))).chain(std::iter::once("end".to_string())).collect();
+        let name = |k: usize| if k == WAIT { "wait".to_string() } else { format!("m{k}") };
+        let names: Vec<String> = (order[0] != WAIT).then(|| "start".to_string()).into_iter().chain(order.iter().map(|&k| name(k))).chain(std::iter::once("end".to_string())).collect();
         let parts: Vec<String> = names.windows(2).zip(sums).map(|(w, t)| format!("{}->{} {:.2}", w[0], w[1], t / *n as f64)).collect();
         out += &format!("\n    phases of {n} blocks (mean, us): {}", parts.join(" | "));
     }
@@ -138,6 +145,9 @@ mod tests {
         m_sel[0] = 1_600;
         let mut m_win = [0u64; 8];
         m_win[0] = 1_200;
+        let mut m_pre = [0u64; 8];
+        m_pre[6] = 401; // stamped before the wait
+        m_pre[0] = 1_100;
         let s = KernelSpan {
             kernel: "sw_mma",
             blocks: vec![
@@ -145,11 +155,13 @@ mod tests {
                 block(2_000, [2_100, 0, 0, 0, 0, 0, 0, 0], 2_500),
                 block(1_000, m_win, 1_400),
                 block(0, m_win, 1_400), // never waited: left out
+                block(1_000, m_pre, 1_300),
             ],
         };
         let out = phases(&s);
         assert!(out.contains("phases of 2 blocks (mean, us): wait->m0 0.15 | m0->end 0.30"), "{out}");
         assert!(out.contains("phases of 1 blocks (mean, us): wait->m6 0.10 | m6->m0 0.50 | m0->end 0.40"), "{out}");
-        assert_eq!(out.matches("phases of").count(), 2);
+        assert!(out.contains("phases of 1 blocks (mean, us): start->m6 0.40 | m6->wait 0.60 | wait->m0 0.10 | m0->end 0.20"), "{out}");
+        assert_eq!(out.matches("phases of").count(), 3);
     }
 }
