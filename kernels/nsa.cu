@@ -112,20 +112,17 @@ NSA_ALL(EBF16, bf16)
 // Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} for any head dims (DV <= 128
 // or <= 256), and nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV} compiled for one shape (the
 // prefill shapes; src/cuda/kernel.rs picks these when the config has one).
-#define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag)                                                           \
-    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag(const Params p) { \
-        NSA_TIMELINE_SCOPE(name);                                                                                  \
-        pdl_trigger_at_entry(p);                                                                                   \
-        name<E, NVT, DK, DV>(p);                                                                                   \
+// CP: the copy path (kernels/attend_mma.cuh); ext: the entry name's ending for it.
+#define NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, CP, ext)                                                          \
+    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##ext(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                                                         \
+        pdl_trigger_at_entry(p);                                                                                          \
+        name<E, NVT, DK, DV, CP>(p);                                                                                      \
     }
+#define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_MODE, )
 // The same with the tensor-map copy path fixed at compile time: nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV}_tma,
-// picked by the host on sm_90 with tensor maps (kernels/attend_mma.cuh, MMA_COPY_TMA).
-#define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag)                                                             \
-    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##_tma(const Params p) { \
-        NSA_TIMELINE_SCOPE(name);                                                                                      \
-        pdl_trigger_at_entry(p);                                                                                       \
-        name<E, NVT, DK, DV, MMA_COPY_TMA>(p);                                                                         \
-    }
+// picked by the host on sm_90 with tensor maps (MMA_COPY_TMA).
+#define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_TMA, _tma)
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \

@@ -3,13 +3,13 @@
 
 The decode step at batch 1 is a chain of short kernels; each multiprocessor runs each
 kernel's code once per step. This probe separates what fetching that code costs from what
-executing it costs: kernels of N straight-line FMUL instructions (an immediate each) (eight independent chains a
-thread, so warm execution issues about one instruction a cycle), each timed per block by the
-global timer, run
+executing it costs: kernels of N straight-line FMUL instructions (an immediate each; eight
+independent chains a thread, so warm execution issues about one instruction a cycle), each
+timed per block by the global timer, run
 
   cold:  after an evictor kernel (other code, 64k instructions) and an L2 flush;
   l2:    after the evictor only (the code is then in L2, not in the multiprocessors' caches);
-  warm:  right after the same kernel (its code still in the instruction caches).
+  warm:  right after the same kernel (its code still in the instruction caches, where it fits).
 
 cold - warm is the fetch cost; (cold - warm) / KB of code is what each kilobyte of code on a
 kernel's path costs. Two steps, since the GPU machine has no compiler:
@@ -105,7 +105,7 @@ def run(d):
     ck(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
     ck(cu.cuCtxSetCurrent(ctx), "set current")
     fns = {}
-    kb = {}
+    code_kb = {}
     for name in [f"probe_{n}" for n in SIZES] + ["evict"]:
         data = open(f"{d}/{name}.cubin", "rb").read()
         mod = ctypes.c_void_p()
@@ -113,7 +113,7 @@ def run(d):
         f = ctypes.c_void_p()
         ck(cu.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), f"get {name}")
         fns[name] = f
-        kb[name] = text_bytes(data, name) / 1024.0
+        code_kb[name] = text_bytes(data, name) / 1024.0
     out = ctypes.c_uint64()
     sink = ctypes.c_uint64()
     flush = ctypes.c_uint64()
@@ -149,7 +149,7 @@ def run(d):
             res["l2"].append(times())
             launch(name)
             res["warm"].append(times())
-        row = [n, kb[name]]
+        row = [n, code_kb[name]]
         for k in ("cold", "l2", "warm"):
             means = [statistics.mean(t) for t in res[k][1:]]
             maxes = [max(t) for t in res[k][1:]]

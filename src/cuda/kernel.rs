@@ -239,10 +239,11 @@ impl Kernel {
         // Compiled per (DK, DV): the prefill's block-major and selected-only kernels always,
         // the tensor-core decode kernels for MMA_SHAPES.
         let per_shape = matches!(self, Kernel::PfbAttn | Kernel::PfSel);
-        if self.tensor_core() && !generic && tma && MMA_SHAPES.contains(&(dk, dv)) {
+        let mma_fixed = self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv));
+        if mma_fixed && tma {
             // The tensor-map copy path fixed at compile time (kernels/nsa.cu NSA_MMA_ENTRY_TMA).
             format!("nsa_{}_{suffix}_{dk}_{dv}_tma", self.stage())
-        } else if per_shape || self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv)) {
+        } else if per_shape || mma_fixed {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
             // V columns per lane group: 16 up to DV = 128, else 32 (DV <= 256).
