@@ -22,9 +22,11 @@ use crate::layout::Layout;
 
 /// Dynamic shared memory a kernel may use without raising its limit.
 pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
-/// Default of [`DecodeKnobs::small_wave_pairs`]: batch 1 with four KV heads. (H200, 64k:
-/// batch 2 and 4 measured slower in the small-wave form, docs/DECODE_NOTES.md variant 17.)
-const SMALL_WAVE_PAIRS: u32 = 4;
+/// Default of [`DecodeKnobs::small_wave_pairs`]: batch 2 with four KV heads. (H200, 64k:
+/// batch 2 and 4 measured slower in the small-wave form when the stages were longer,
+/// docs/DECODE_NOTES.md variant 17; batch 2 faster with it and the carve-out since the
+/// compile-time entries, variant 64.)
+const SMALL_WAVE_PAIRS: u32 = 8;
 /// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
 /// (kernels/selection.cuh `sel_best32`) and the most chunks a wave takes by default (at
 /// least `SEL_CHUNK_MIN` blocks each) within [`sel_lists_max_chunks`].
@@ -44,10 +46,11 @@ pub(crate) fn sel_lists_max_chunks(cfg: &Config) -> u32 {
 /// `sel_merge_lists`: 4 lists a warp, NSA_MMA_WARPS warps).
 pub(crate) const SEL_LISTS_MAX_CHUNKS: u32 = 4 * super::consts::MMA_WARPS;
 
-/// Default of [`DecodeKnobs::l1_wave_pairs`]: batch 1 with four KV heads. (H200, graph
-/// replay: batch 1 faster in every shape, paper 128/128 42.0 -> 34.2 us at 64k; batch 2
-/// slower, 39.9 -> 44.9; docs/DECODE_NOTES.md variant 20.)
-const L1_WAVE_PAIRS: u32 = 4;
+/// Default of [`DecodeKnobs::l1_wave_pairs`]: batch 2 with four KV heads. (H200, graph
+/// replay: batch 1 faster in every shape, paper 128/128 42.0 -> 34.2 us at 64k, variant 20;
+/// batch 2 faster too together with the small-wave form, 32.3 -> 30.4 us, variant 64; the
+/// carve-out alone is slower there.)
+const L1_WAVE_PAIRS: u32 = 8;
 
 /// A diagnosis knob read at backend creation: set to `1`.
 pub(crate) fn env_on(name: &str) -> bool {
@@ -125,7 +128,7 @@ pub(crate) struct DecodeKnobs {
     /// one is compiled for the config's head dims (for comparisons).
     pub generic_mma: bool,
     /// Waves of at most this many (row, KV head) pairs take the small-wave form
-    /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else 4.
+    /// ([`SmallWave`]); `NSA_CUDA_SMALL_WAVE_PAIRS=N` (0: never), else [`SMALL_WAVE_PAIRS`].
     pub small_wave_pairs: u32,
     /// Waves of at most this many pairs (and steps of at most this many token x KV head
     /// pairs, for the append) launch every kernel at the smallest shared-memory
