@@ -165,6 +165,18 @@ struct EBF16 {
         asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
         p[i] = r;
     }
+    // Elements i and i + 1 (i even: a lane's two accumulator columns) as one word, each
+    // rounded as `st` rounds it.
+    static __device__ __forceinline__ unsigned pk(float x, float y) {
+        unsigned r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(y), "f"(x));
+        return r;
+    }
+    static __device__ __forceinline__ void upk(unsigned v, float& x, float& y) {
+        x = __uint_as_float(v << 16);
+        y = __uint_as_float(v & 0xffff0000u);
+    }
+    static __device__ __forceinline__ void st2(T* p, usize i, float x, float y) { *(unsigned*)(p + i) = pk(x, y); }
 };
 struct EF16 {
     typedef u16 T;
@@ -180,6 +192,16 @@ struct EF16 {
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
         p[i] = r;
     }
+    static __device__ __forceinline__ unsigned pk(float x, float y) {
+        unsigned r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(y), "f"(x));
+        return r;
+    }
+    static __device__ __forceinline__ void upk(unsigned v, float& x, float& y) {
+        x = cvt((u16)(v & 0xffffu));
+        y = cvt((u16)(v >> 16));
+    }
+    static __device__ __forceinline__ void st2(T* p, usize i, float x, float y) { *(unsigned*)(p + i) = pk(x, y); }
 };
 
 // ---------------------------------------------------------------- small helpers

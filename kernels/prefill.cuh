@@ -375,25 +375,47 @@ __device__ __forceinline__ void pf_gate_over_l(float& lA, float& lB, bool okA, b
     fB = okB && lB != 0.f ? gates[rB * 3 + branch] / lB : 0.f;
 }
 
-// out += the lane's two rows' gated branch output (factors from `pf_gate_over_l`), rows
-// rA (if okA) and rB (if okB): the kernels that add a branch to what an earlier one stored.
+// out = cur + the lane's two rows' gated branch output, `cur` a word per row and pair of
+// columns (what `pf_add_gated` loaded, or what `pf_cmp_ws` kept of its compressed part).
 template <class E, int DV>
-__device__ __forceinline__ void pf_add_gated(const Params& p, usize rA, usize rB, bool okA, bool okB, float fA, float fB,
-                                             const float (&o)[DV / 8][4]) {
+__device__ __forceinline__ void pf_store_gated(const Params& p, usize rA, usize rB, bool okA, bool okB, float fA, float fB,
+                                               const float (&o)[DV / 8][4], const unsigned (&cur)[DV / 8][2]) {
     const int q4 = threadIdx.x & 3;
     typename E::T* out = (typename E::T*)p.io.out;
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) {
         const int c = d * 8 + q4 * 2;
+        float x, y;
         if (okA) {
-            E::st(out, rA * DV + c, E::ld(out, rA * DV + c) + fA * o[d][0]);
-            E::st(out, rA * DV + c + 1, E::ld(out, rA * DV + c + 1) + fA * o[d][1]);
+            E::upk(cur[d][0], x, y);
+            *(unsigned*)(out + rA * DV + c) = E::pk(x + fA * o[d][0], y + fA * o[d][1]);
         }
         if (okB) {
-            E::st(out, rB * DV + c, E::ld(out, rB * DV + c) + fB * o[d][2]);
-            E::st(out, rB * DV + c + 1, E::ld(out, rB * DV + c + 1) + fB * o[d][3]);
+            E::upk(cur[d][1], x, y);
+            *(unsigned*)(out + rB * DV + c) = E::pk(x + fB * o[d][2], y + fB * o[d][3]);
         }
     }
+}
+
+// out += the lane's two rows' gated branch output (factors from `pf_gate_over_l`), rows
+// rA (if okA) and rB (if okB): the kernels that add a branch to what an earlier one stored.
+// A lane's two columns of a row are one word; every word is loaded before any is stored:
+// interleaved, each load waited a round trip behind the store before it, which may alias
+// it (11% of `pf_cmp`'s stall samples at 64k, docs/PREFILL_NOTES.md, variant 36).
+template <class E, int DV>
+__device__ __forceinline__ void pf_add_gated(const Params& p, usize rA, usize rB, bool okA, bool okB, float fA, float fB,
+                                             const float (&o)[DV / 8][4]) {
+    static_assert(sizeof(typename E::T) == 2, "a lane's two columns are one word");
+    const int q4 = threadIdx.x & 3;
+    typename E::T* out = (typename E::T*)p.io.out;
+    unsigned cur[DV / 8][2];
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        const int c = d * 8 + q4 * 2;
+        cur[d][0] = okA ? *(const unsigned*)(out + rA * DV + c) : 0u;
+        cur[d][1] = okB ? *(const unsigned*)(out + rB * DV + c) : 0u;
+    }
+    pf_store_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o, cur);
 }
 
 // The gated compressed output g_cmp * o_cmp of one of the lane's rows (its position `po`
@@ -409,11 +431,24 @@ __device__ __forceinline__ void pf_cmp_store_row(const Params& p, const PrefillT
         usize row = (usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * G + h;
         float gt = gates[row * 3];
 #pragma unroll
-        for (int d = 0; d < DV / 8; d++) {
-            int c = d * 8 + q4 * 2;
-            E::st(out, row * DV + c, gt * o[d][E0]);
-            E::st(out, row * DV + c + 1, gt * o[d][E0 + 1]);
-        }
+        for (int d = 0; d < DV / 8; d++) E::st2(out, row * DV + d * 8 + q4 * 2, gt * o[d][E0], gt * o[d][E0 + 1]);
+    }
+}
+
+// The same values as `pf_cmp_store_row` stores, kept as words (`pf_store_gated`'s `cur`)
+// by `pf_cmp_ws` while its window runs: the window then writes out once, with no load.
+template <class E, int DV>
+__device__ __forceinline__ void pf_cmp_gated_words(const Params& p, const PrefillTile& tl, const PfCmpRows& r, int kvh,
+                                                   int warp, const float (&o)[DV / 8][4], unsigned (&cur)[DV / 8][2]) {
+    const int g = (threadIdx.x & 31) >> 2, G = p.shape.group_size;
+    const float* gates = (const float*)p.io.gates;
+    const usize row0 = (usize)tl.row0 * p.shape.num_q_heads + kvh * G;
+    const float gA = r.poA < tl.npos ? gates[(row0 + (usize)r.poA * p.shape.num_q_heads + (warp * 16 + g) % G) * 3] : 0.f;
+    const float gB = r.poB < tl.npos ? gates[(row0 + (usize)r.poB * p.shape.num_q_heads + (warp * 16 + g + 8) % G) * 3] : 0.f;
+#pragma unroll
+    for (int d = 0; d < DV / 8; d++) {
+        cur[d][0] = E::pk(gA * o[d][0], gA * o[d][1]);
+        cur[d][1] = E::pk(gB * o[d][2], gB * o[d][3]);
     }
 }
 
@@ -441,15 +476,15 @@ __device__ __forceinline__ PfWinTiles pf_win_tiles(const Params& p, const Prefil
 // `pf_cmp_ws`'s sliding window (`launch.mode & 16`, `PrefillPlan::cmp_window`): after
 // pass 2 the producer streams the band's raw 64-key tiles [wt0, wt0 + nwt) through the same
 // ring (ring counters from `it0`), and each warpgroup multiplies those of its positions'
-// band (a banded causal attention, online softmax, as `pf_sw`'s window phase), then adds
-// g_win * o_win / l to `out`, which holds the gated compressed part this thread has just
-// stored. So the window's tiles serve the warp-specialised block's 192 rows and `pf_sw`
-// keeps the selected branch alone. Every consumer warp waits for and releases every tile
+// band (a banded causal attention, online softmax, as `pf_sw`'s window phase), then writes
+// the gated compressed part (KEPT: `cur`, kept in registers by the caller; else what the
+// caller stored to `out`) + g_win * o_win / l to `out`. So the window's tiles serve the
+// warp-specialised block's 192 rows and `pf_sw` keeps the selected branch alone. Every consumer warp waits for and releases every tile
 // (a warp's release may count only towards the tile's current round).
-template <class E, int DK, int DV, class M, class Round>
+template <class E, int DK, int DV, bool KEPT, class M, class Round>
 __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile& tl, M& m, int kvh,
                                               int warp, unsigned ks, unsigned vs, unsigned full0, unsigned empty0, int it0,
-                                              Round round_of, int NS, float sl2) {
+                                              Round round_of, int NS, float sl2, const unsigned (&cur)[DV / 8][2]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, G = p.shape.group_size, w = p.shape.window;
     const int last = tl.pos0 + tl.npos - 1;
     const PfWinTiles wn = pf_win_tiles(p, tl);
@@ -494,7 +529,10 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
     const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
     float fA, fB;
     pf_gate_over_l(lA, lB, okA, okB, (const float*)p.io.gates, rA, rB, 2, fA, fB);
-    pf_add_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o);
+    if (KEPT)
+        pf_store_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o, cur);
+    else
+        pf_add_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o);
 }
 
 // Ranks the final window blocks [cb, f) of each of the warp's positions (capped at its
@@ -872,8 +910,17 @@ __device__ void pf_cmp_ws(const Params& p) {
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
-    pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
-    if (p.launch.mode & 16) pf_cmp_window<E, DK, DV>(p, tl, m, kvh, warp, ks, vs, full0, empty0, 2 * ntl, round_of, NS, sl2);
+    // With the window, the gated compressed part stays in registers (rounded as stored)
+    // until the window adds its own, so out is written once; but the moving-window forms
+    // spill with those 32 words live at DK = 192 or in 8 warps, and store it first.
+    constexpr bool KEPT = !WIN || (DK <= 128 && PWARPS == 4);
+    unsigned cur[DV / 8][2];
+    if (KEPT && (p.launch.mode & 16))
+        pf_cmp_gated_words<E, DV>(p, tl, rw, kvh, warp, o, cur);
+    else
+        pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
+    if (p.launch.mode & 16)
+        pf_cmp_window<E, DK, DV, KEPT>(p, tl, m, kvh, warp, ks, vs, full0, empty0, 2 * ntl, round_of, NS, sl2, cur);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
 }
 

@@ -369,7 +369,19 @@ __device__ void pfb_merge(const Params& p) {
     if (W == 0.f) return;
     const float f = ((const float*)p.io.gates)[((usize)(c.row0 + row) * hq_n + hq) * 3 + 1] / W;
     typename E::T* out = (typename E::T*)p.io.out + ((usize)(c.row0 + row) * hq_n + hq) * DV + lane * cols;
-    for (int k = 0; k < cols; k++) E::st(out, k, E::ld(out, k) + f * a[k]);
+    // The lane's columns as words, all loaded before any store (interleaved, each load
+    // would wait behind the store before it).
+    unsigned cur[2];
+#pragma unroll
+    for (int k = 0; k < 2; k++)
+        if (2 * k < cols) cur[k] = *(const unsigned*)(out + 2 * k);
+#pragma unroll
+    for (int k = 0; k < 2; k++)
+        if (2 * k < cols) {
+            float x, y;
+            E::upk(cur[k], x, y);
+            *(unsigned*)(out + 2 * k) = E::pk(x + f * a[2 * k], y + f * a[2 * k + 1]);
+        }
 }
 
 #endif  // NSA_PREFILL_BLOCKS_CUH

@@ -286,12 +286,7 @@ __device__ __forceinline__ void tma_load3_hint(unsigned dst, u64 map, int x, int
 
 template <int MMA>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    if (MMA == 1)
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
+    return MMA == 1 ? EBF16::pk(lo, hi) : EF16::pk(lo, hi);
 }
 
 #endif  // NSA_PTX_CUH
