@@ -7,7 +7,8 @@
 # is not disturbed). On the GPU machine: `bash .gpu-TAG/run.sh` runs its tests, and
 # `NSA_COMPARE_MORE=".gpu-bench-TAG" scripts/gpu-compare.sh` times it after main's build.
 # Env: NSA_STAGE_BINS="gpu_prefill gpu_decode ..." keeps only those test binaries (the
-# device call carries at most 64 MiB).
+# device call carries at most 64 MiB). A CARGO_TARGET_DIR shared with the main checkout
+# works, but the checkout's next build there must touch its own sources (see below).
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 BRANCH TAG" >&2; exit 2; }
 branch="$1" tag="$2"
@@ -16,6 +17,11 @@ wt="/tmp/nsa-stage-$tag"
 git -C "$root" worktree remove --force "$wt" 2>/dev/null || true
 git -C "$root" worktree add --detach "$wt" "$branch" >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/nsa-stage-target}"
+# cargo records this crate's sources relative to the package root and judges them by
+# mtime: a target directory shared with another checkout (or an earlier worktree) can take
+# this one's files as up to date and hand back the other's binaries. The worktree's files
+# are made newer than anything built before.
+find "$wt/src" "$wt/kernels" -type f -exec touch {} +
 (cd "$wt" && ./scripts/gpu-stage.sh >/dev/null)
 rm -rf "$root/.gpu-$tag" && mv "$wt/.gpu" "$root/.gpu-$tag"
 if [ -n "${NSA_STAGE_BINS:-}" ]; then
