@@ -388,11 +388,11 @@ __device__ __forceinline__ void pf_store_gated(const Params& p, usize rA, usize 
         float x, y;
         if (okA) {
             E::upk(cur[d][0], x, y);
-            *(unsigned*)(out + rA * DV + c) = E::pk(x + fA * o[d][0], y + fA * o[d][1]);
+            E::st2(out, rA * DV + c, x + fA * o[d][0], y + fA * o[d][1]);
         }
         if (okB) {
             E::upk(cur[d][1], x, y);
-            *(unsigned*)(out + rB * DV + c) = E::pk(x + fB * o[d][2], y + fB * o[d][3]);
+            E::st2(out, rB * DV + c, x + fB * o[d][2], y + fB * o[d][3]);
         }
     }
 }
@@ -479,8 +479,9 @@ __device__ __forceinline__ PfWinTiles pf_win_tiles(const Params& p, const Prefil
 // band (a banded causal attention, online softmax, as `pf_sw`'s window phase), then writes
 // the gated compressed part (KEPT: `cur`, kept in registers by the caller; else what the
 // caller stored to `out`) + g_win * o_win / l to `out`. So the window's tiles serve the
-// warp-specialised block's 192 rows and `pf_sw` keeps the selected branch alone. Every consumer warp waits for and releases every tile
-// (a warp's release may count only towards the tile's current round).
+// warp-specialised block's 192 rows and `pf_sw` keeps the selected branch alone. Every
+// consumer warp waits for and releases every tile (a warp's release may count only towards
+// the tile's current round).
 template <class E, int DK, int DV, bool KEPT, class M, class Round>
 __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile& tl, M& m, int kvh,
                                               int warp, unsigned ks, unsigned vs, unsigned full0, unsigned empty0, int it0,
