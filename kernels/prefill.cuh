@@ -418,18 +418,23 @@ __device__ __forceinline__ void pf_add_gated(const Params& p, usize rA, usize rB
     pf_store_gated<E, DV>(p, rA, rB, okA, okB, fA, fB, o, cur);
 }
 
+// The output (and gates) row of position `po` of the tile, head `h` of KV head kvh's group.
+__device__ __forceinline__ usize pf_out_row(const Params& p, const PrefillTile& tl, int po, int h, int kvh) {
+    return (usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * p.shape.group_size + h;
+}
+
 // The gated compressed output g_cmp * o_cmp of one of the lane's rows (its position `po`
 // in the tile, head `h` of the group; fragment columns E0 and E0 + 1: 0 for row A, 2 for
 // row B) into `out` (pf_sw adds the other branches to it).
 template <class E, int DV, int E0>
 __device__ __forceinline__ void pf_cmp_store_row(const Params& p, const PrefillTile& tl, int po, int h, int kvh,
                                                  const float (&o)[DV / 8][4]) {
-    const int q4 = threadIdx.x & 3, G = p.shape.group_size;
+    const int q4 = threadIdx.x & 3;
     const float* gates = (const float*)p.io.gates;
     typename E::T* out = (typename E::T*)p.io.out;
     if (po < tl.npos) {
-        usize row = (usize)(tl.row0 + po) * p.shape.num_q_heads + kvh * G + h;
-        float gt = gates[row * 3];
+        const usize row = pf_out_row(p, tl, po, h, kvh);
+        const float gt = gates[row * 3];
 #pragma unroll
         for (int d = 0; d < DV / 8; d++) E::st2(out, row * DV + d * 8 + q4 * 2, gt * o[d][E0], gt * o[d][E0 + 1]);
     }
@@ -442,9 +447,8 @@ __device__ __forceinline__ void pf_cmp_gated_words(const Params& p, const Prefil
                                                    int warp, const float (&o)[DV / 8][4], unsigned (&cur)[DV / 8][2]) {
     const int g = (threadIdx.x & 31) >> 2, G = p.shape.group_size;
     const float* gates = (const float*)p.io.gates;
-    const usize row0 = (usize)tl.row0 * p.shape.num_q_heads + kvh * G;
-    const float gA = r.poA < tl.npos ? gates[(row0 + (usize)r.poA * p.shape.num_q_heads + (warp * 16 + g) % G) * 3] : 0.f;
-    const float gB = r.poB < tl.npos ? gates[(row0 + (usize)r.poB * p.shape.num_q_heads + (warp * 16 + g + 8) % G) * 3] : 0.f;
+    const float gA = r.poA < tl.npos ? gates[pf_out_row(p, tl, r.poA, (warp * 16 + g) % G, kvh) * 3] : 0.f;
+    const float gB = r.poB < tl.npos ? gates[pf_out_row(p, tl, r.poB, (warp * 16 + g + 8) % G, kvh) * 3] : 0.f;
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) {
         cur[d][0] = E::pk(gA * o[d][0], gA * o[d][1]);
@@ -526,8 +530,7 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
-    const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
-    const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
+    const usize rA = pf_out_row(p, tl, poA, hA, kvh), rB = pf_out_row(p, tl, poB, hB, kvh);
     float fA, fB;
     pf_gate_over_l(lA, lB, okA, okB, (const float*)p.io.gates, rA, rB, 2, fA, fB);
     if (KEPT)
@@ -1403,8 +1406,7 @@ __device__ void pf_sw(const Params& p) {
     PfPartial<DV, M::ACC_REGS> part(acc + warp * (DV / 8) * 4 * 32 + lane);
     const float* gates = (const float*)p.io.gates;
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
-    const usize rA = (usize)(tl.row0 + poA) * p.shape.num_q_heads + kvh * G + hA;
-    const usize rB = (usize)(tl.row0 + poB) * p.shape.num_q_heads + kvh * G + hB;
+    const usize rA = pf_out_row(p, tl, poA, hA, kvh), rB = pf_out_row(p, tl, poB, hB, kvh);
 
     // Selected branch done: acc = compressed part (already in out) + g_slc * o_slc.
     auto fold_selected = [&]() {

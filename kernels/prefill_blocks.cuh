@@ -380,7 +380,7 @@ __device__ void pfb_merge(const Params& p) {
         if (2 * k < cols) {
             float x, y;
             E::upk(cur[k], x, y);
-            *(unsigned*)(out + 2 * k) = E::pk(x + f * a[2 * k], y + f * a[2 * k + 1]);
+            E::st2(out, 2 * k, x + f * a[2 * k], y + f * a[2 * k + 1]);
         }
 }
 
