@@ -111,7 +111,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
-    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`): see
+    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
