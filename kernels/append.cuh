@@ -230,12 +230,39 @@ __device__ void compress(const Params& p, int job, int h, int side) {
 // waits for another: appends and copies write disjoint rows, compress reads new rows
 // from the step's inputs and copied rows from their source pages (`src_row`), and
 // writes compressed rows past the live ones, which cmp copies do not touch.
+// `launch.mode` bit of the append launch (`DecodeKnobs::append_prefetch`): the blocks of
+// new rows hint into L2 what the compressed launch reads first (`prefetch_row_inputs`).
+#define MODE_APPEND_PREFETCH 4096
+
+// The `bytes` bytes at `a` into L2 by the block's threads, a line each.
+__device__ __forceinline__ void prefetch_range(usize a, usize bytes) {
+    const usize end = a + bytes;
+    for (a = (a & ~(usize)127) + (usize)threadIdx.x * 128; a < end; a += (usize)blockDim.x * 128) prefetch_l2((const void*)a);
+}
+
+// Row r's queries of KV head kvh's group and (from KV head 0's block) its sequence's
+// compressed page-table row into L2, hints issued at the step's start: the compressed
+// launch's first reads of them otherwise came back only ~3 us after its blocks asked,
+// behind the tile copies every block of it sends out at once (docs/DECODE_NOTES.md,
+// variants 63 and 71). No query pointer (an append-only run): nothing.
+template <class E>
+__device__ void prefetch_row_inputs(const Params& p, int r, int kvh) {
+    if (!p.io.q || !(p.launch.mode & MODE_APPEND_PREFETCH)) return;
+    const usize es = sizeof(typename E::T), g = (usize)p.shape.group_size, dk = (usize)p.shape.head_dim_qk;
+    prefetch_range(p.io.q + ((usize)r * p.shape.num_q_heads + (usize)kvh * g) * dk * es, g * dk * es);
+    if (kvh == 0) {
+        const int seq = ((const int2*)p.step.rows)[r].x;
+        prefetch_range(p.paging.cmp_tab + (usize)seq * p.paging.cmp_pages_per_seq * 4, (usize)p.paging.cmp_pages_per_seq * 4);
+    }
+}
+
 template <class E>
 __device__ void append(const Params& p) {
     const StepHeader& hdr = *(const StepHeader*)p.step.header;
     const int x = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const int tokens = hdr.tokens, copies_end = tokens + 2 * hdr.seqs;
     if (x < tokens) {
+        if (z == gridDim.z - 1) prefetch_row_inputs<E>(p, x, h);
         if (z == 0) append_row<E>(p, x, h);
     } else if (x < copies_end) {
         if (z == 0 && x - tokens < hdr.copies) copy_rows<E>(p, x - tokens, h);

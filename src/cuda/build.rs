@@ -111,7 +111,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
-    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`): see
+    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -185,6 +185,9 @@ pub(crate) struct DecodeKnobs {
     /// equal or faster; the combine's trigger moved too was no better (docs/DECODE_NOTES.md,
     /// variants 46-47). `NSA_CUDA_LATE_TRIGGER=stage,...` names others, `=none` none.
     pub late_trigger: u32,
+    /// The append launch prefetches the new rows' queries and compressed page-table rows
+    /// into L2 (`MODE_APPEND_PREFETCH`); `NSA_CUDA_APPEND_PREFETCH=0` off.
+    pub append_prefetch: bool,
 }
 
 /// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset,
@@ -332,6 +335,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         sel_lists: mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0),
         spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
         late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
+        append_prefetch: env_num("NSA_CUDA_APPEND_PREFETCH") != Some(0),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

@@ -6,7 +6,7 @@ use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_M
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
+use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -136,7 +136,11 @@ impl CudaBackend {
             } else {
                 (Kernel::Append, (2 * tokens + 2 * nseqs, hkv, sides))
             };
-            k.launch_with(kernel, grid, k.smem(kernel), &p, stream, false, l1(kernel, tokens))?;
+            let mut pa = p;
+            if self.knobs.append_prefetch && kernel == Kernel::Append {
+                pa.launch.mode |= MODE_APPEND_PREFETCH;
+            }
+            k.launch_with(kernel, grid, k.smem(kernel), &pa, stream, false, l1(kernel, tokens))?;
             if append_only {
                 return Ok(());
             }

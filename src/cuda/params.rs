@@ -204,6 +204,11 @@ pub(crate) const MODE_SEL_LISTS: i32 = 512;
 /// the kernels; `MODE_LATE_TRIGGER` in kernels/ptx.cuh).
 pub(crate) const MODE_LATE_TRIGGER: i32 = 1024;
 
+/// `Launch::mode` bit of the append launch (`DecodeKnobs::append_prefetch`): its blocks of
+/// new rows prefetch the rows' queries and compressed page-table rows into L2 for the
+/// compressed launch (kernels/append.cuh `prefetch_row_inputs`).
+pub(crate) const MODE_APPEND_PREFETCH: i32 = 4096;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {
