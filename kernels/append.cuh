@@ -222,14 +222,6 @@ __device__ void compress(const Params& p, int job, int h, int side) {
     }
 }
 
-// ---------------------------------------------------------------- the step's writes
-// One launch for everything a step writes, grid (2*tokens + 2*seqs) x HKV x 2: blocks
-// [0, tokens) append the new K/V rows, the next 2*seqs make the copy-on-write copies
-// (exiting past n_copies), the rest emit the finished compressed tokens (one block per
-// job and side z, exiting past n_jobs; a step finishes at most one per new token). None
-// waits for another: appends and copies write disjoint rows, compress reads new rows
-// from the step's inputs and copied rows from their source pages (`src_row`), and
-// writes compressed rows past the live ones, which cmp copies do not touch.
 // `launch.mode` bit of the append launch (`DecodeKnobs::append_prefetch`): the blocks of
 // new rows hint into L2 what the compressed launch reads first (`prefetch_row_inputs`).
 #define MODE_APPEND_PREFETCH 4096
@@ -241,10 +233,12 @@ __device__ __forceinline__ void prefetch_range(usize a, usize bytes) {
 }
 
 // Row r's queries of KV head kvh's group and (from KV head 0's block) its sequence's
-// compressed page-table row into L2, hints issued at the step's start: the compressed
-// launch's first reads of them otherwise came back only ~3 us after its blocks asked,
-// behind the tile copies every block of it sends out at once (docs/DECODE_NOTES.md,
-// variants 63 and 71). No query pointer (an append-only run): nothing.
+// compressed page-table row into L2, hints issued at the step's start, before the
+// compressed launch reads them (by each new row's last-side block: the V side's, which has
+// nothing else to do, where the launch has two). H200, graph replay, 32 decode points: 0.991 of the step's time (geometric mean,
+// two rounds; batch 4 0.979), though the compressed blocks' prologue it aimed at did not
+// shorten, so where the gain comes from is not established (docs/DECODE_NOTES.md,
+// variants 71 and 73). No query pointer (an append-only run): nothing.
 template <class E>
 __device__ void prefetch_row_inputs(const Params& p, int r, int kvh) {
     if (!p.io.q || !(p.launch.mode & MODE_APPEND_PREFETCH)) return;
@@ -256,6 +250,14 @@ __device__ void prefetch_row_inputs(const Params& p, int r, int kvh) {
     }
 }
 
+// ---------------------------------------------------------------- the step's writes
+// One launch for everything a step writes, grid (2*tokens + 2*seqs) x HKV x 2: blocks
+// [0, tokens) append the new K/V rows, the next 2*seqs make the copy-on-write copies
+// (exiting past n_copies), the rest emit the finished compressed tokens (one block per
+// job and side z, exiting past n_jobs; a step finishes at most one per new token). None
+// waits for another: appends and copies write disjoint rows, compress reads new rows
+// from the step's inputs and copied rows from their source pages (`src_row`), and
+// writes compressed rows past the live ones, which cmp copies do not touch.
 template <class E>
 __device__ void append(const Params& p) {
     const StepHeader& hdr = *(const StepHeader*)p.step.header;
