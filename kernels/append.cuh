@@ -226,19 +226,13 @@ __device__ void compress(const Params& p, int job, int h, int side) {
 // new rows hint into L2 what the compressed launch reads first (`prefetch_row_inputs`).
 #define MODE_APPEND_PREFETCH 4096
 
-// The `bytes` bytes at `a` into L2 by the block's threads, a line each.
-__device__ __forceinline__ void prefetch_range(usize a, usize bytes) {
-    const usize end = a + bytes;
-    for (a = (a & ~(usize)127) + (usize)threadIdx.x * 128; a < end; a += (usize)blockDim.x * 128) prefetch_l2((const void*)a);
-}
-
 // Row r's queries of KV head kvh's group and (from KV head 0's block) its sequence's
 // compressed page-table row into L2, hints issued at the step's start, before the
 // compressed launch reads them (by each new row's last-side block: the V side's, which has
-// nothing else to do, where the launch has two). H200, graph replay, 32 decode points: 0.991 of the step's time (geometric mean,
-// two rounds; batch 4 0.979), though the compressed blocks' prologue it aimed at did not
-// shorten, so where the gain comes from is not established (docs/DECODE_NOTES.md,
-// variants 71 and 73). No query pointer (an append-only run): nothing.
+// nothing else to do, where the launch has two). H200, graph replay, 32 decode points: 0.991
+// of the step's time (geometric mean, two rounds; batch 4 0.979), though the compressed
+// blocks' prologue it aimed at did not shorten, so where the gain comes from is not
+// established (docs/DECODE_NOTES.md, variants 71 and 73). No query pointer (an append-only run): nothing.
 template <class E>
 __device__ void prefetch_row_inputs(const Params& p, int r, int kvh) {
     if (!p.io.q || !(p.launch.mode & MODE_APPEND_PREFETCH)) return;

@@ -265,6 +265,11 @@ __device__ __forceinline__ u64 l2_evict_first() {
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
+// The `bytes` bytes at global address `a` into L2 by the block's threads, a line each.
+__device__ __forceinline__ void prefetch_range(usize a, usize bytes) {
+    const usize end = a + bytes;
+    for (a = (a & ~(usize)127) + (usize)threadIdx.x * 128; a < end; a += (usize)blockDim.x * 128) prefetch_l2((const void*)a);
+}
 // Fetches a tensor map (a generic address of its 128 bytes in global memory) into the
 // multiprocessor's descriptor cache ahead of its first copy.
 __device__ __forceinline__ void prefetch_tensormap(u64 map) {

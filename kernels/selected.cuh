@@ -130,8 +130,7 @@ __device__ void sw_mma(const Params& p) {
         // their own pages.
         const int e0 = u < p.launch.units_s ? 0 : max(ks.lo, 0) / p.paging.page_size;
         const int e1 = u < p.launch.units_s ? t / p.paging.page_size : (ks.lo + max(ks.n, 1) - 1) / p.paging.page_size;
-        const usize a0 = (usize)(table + e0) & ~(usize)127, a1 = (usize)(table + e1 + 1);
-        for (usize a = a0 + (usize)threadIdx.x * 128; a < a1; a += (usize)blockDim.x * 128) prefetch_l2((const void*)a);
+        prefetch_range((usize)(table + e0), (usize)(e1 + 1 - e0) * sizeof(int));
     }
     for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
         int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
