@@ -52,6 +52,34 @@ __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
     return pos <= ks.t ? pos : -1;
 }
 
+// Window unit c of a row of length t: `sel_block * spb` keys from the window's first
+// position t + 1 - window (rounded down to 16 with tensor maps, whose tiles are whole
+// 16-row boxes; the positions before it masked). The window's units of `sw_mma`, and of
+// `cmp_mma` when the host puts them in the compressed launch (kernels/compressed.cuh).
+__device__ __forceinline__ Keys window_keys(const Params& p, int t, int c) {
+    const int span = p.shape.sel_block * p.launch.spb, wlo = max(0, t + 1 - p.shape.window);
+    const int lo = ((p.launch.mode & 2) ? wlo & ~(NSA_WINDOW_ALIGN - 1) : wlo) + c * span, hi = min(lo + span, t + 1);
+    return Keys{0, lo, hi > lo ? hi - lo : 0, t, wlo, false};
+}
+
+// The page-table entries of keys [lo, lo + max(n, 1)) into L2 (each tile's page lookup
+// comes after the wait: the lookup is then not a DRAM round trip on the step's chain; the
+// table is the step's upload, written before the layer's first kernel).
+__device__ __forceinline__ void prefetch_pages(const Params& p, const int* table, int lo, int n) {
+    const int e0 = max(lo, 0) / p.paging.page_size, e1 = (lo + max(n, 1) - 1) / p.paging.page_size;
+    prefetch_range((usize)(table + e0), (usize)(e1 + 1 - e0) * sizeof(int));
+}
+
+// Calls f(hcn, hg0, q) for each chunk of at most 16 of row r's query heads of KV head kvh
+// (the rows of one mma tile): hcn heads from global head hg0, whose queries start at q.
+template <class F>
+__device__ __forceinline__ void for_head_chunks(const Params& p, int r, int kvh, F f) {
+    for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
+        const int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
+        f(hcn, hg0, (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk);
+    }
+}
+
 // DKT, DVT: the head dims when compiled for one shape (the unrolled steps then use constant
 // shared-memory offsets and need no branches), 0 to read them from `p.shape`.
 // Work a caller runs right after the wait, before the first tile (every thread calls it;

@@ -18,28 +18,46 @@ __device__ void cmp_partial(const Params& p) {
 // Full causal attention (the in-repo baseline): split `blockIdx.z` of the row's keys
 
 // Compressed branch, tensor cores: split `blockIdx.z` of the visible compressed tokens.
+// Blocks past the splits (z >= nsplit_c: the host puts the window's units in this launch
+// for large waves, `launch::wave_splits`) run window unit z - nsplit_c instead, into the
+// window's partial slot: they then start on the multiprocessors whose splits end first,
+// and the selected-branch launch streams only the selected blocks (docs/DECODE_NOTES.md,
+// variant 75). One call site of `attend_mma` for both, so the entry holds its code once.
 template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE>
 __device__ void cmp_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
-    int lo, hi;
-    split_range(num_cmp(p, tm.y + 1), p.launch.nsplit_c, split, lo, hi);
-    // In a step of one new token per sequence and no page copies (its header is uploaded
-    // before the layer's first kernel), the append writes no compressed token below
-    // num_cmp(t), t the row's length before the step, and no page that holds one: a split
-    // below that loads its tiles before waiting on the append (variant 42).
-    const StepHeader& hdr = *(const StepHeader*)p.step.header;
-    const bool ready = hdr.tokens == hdr.seqs && hdr.copies == 0 && hi <= num_cmp(p, tm.y);
-    Keys ks = {0, lo, hi - lo, tm.y, 0, ready};
-    tl_mark_after<6>(__int_as_float(ready + lo));  // the timeline: the row and the step's header arrived
-    const int* table = (const int*)p.paging.cmp_tab + (usize)tm.x * p.paging.cmp_pages_per_seq;
-    for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
-        int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
-        const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
-        float* lg = (float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + hg0) * p.ws.max_cmp;
-        attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.cmp_k, (const u16*)p.paging.cmp_v, p.paging.tmaps + 2 * NSA_TMAP_BYTES,
-                           p.paging.tmaps + 3 * NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, split, lg);
+    const bool win = split >= p.launch.nsplit_c;
+    Keys ks;
+    const int* table;
+    int u;
+    if (win) {
+        const int c = split - p.launch.nsplit_c;
+        ks = window_keys(p, tm.y, c);
+        u = p.launch.nsplit_c + p.launch.units_s + c;
+        table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
+        prefetch_pages(p, table, ks.lo, ks.n);
+    } else {
+        int lo, hi;
+        split_range(num_cmp(p, tm.y + 1), p.launch.nsplit_c, split, lo, hi);
+        // In a step of one new token per sequence and no page copies (its header is uploaded
+        // before the layer's first kernel), the append writes no compressed token below
+        // num_cmp(t), t the row's length before the step, and no page that holds one: a split
+        // below that loads its tiles before waiting on the append (variant 42).
+        const StepHeader& hdr = *(const StepHeader*)p.step.header;
+        const bool ready = hdr.tokens == hdr.seqs && hdr.copies == 0 && hi <= num_cmp(p, tm.y);
+        ks = Keys{0, lo, hi - lo, tm.y, 0, ready};
+        u = split;
+        table = (const int*)p.paging.cmp_tab + (usize)tm.x * p.paging.cmp_pages_per_seq;
+        tl_mark_after<6>(__int_as_float(ready + lo));  // the timeline: the row and the step's header arrived
     }
+    const u16* kpool = (const u16*)(win ? p.paging.raw_k : p.paging.cmp_k);
+    const u16* vpool = (const u16*)(win ? p.paging.raw_v : p.paging.cmp_v);
+    const u64 maps = p.paging.tmaps + (win ? 0 : 2 * NSA_TMAP_BYTES);
+    for_head_chunks(p, r, kvh, [&](int hcn, int hg0, const u16* q) {
+        float* lg = win ? (float*)0 : (float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + hg0) * p.ws.max_cmp;
+        attend_mma<E, NVT, DKT, DVT, CP>(p, kpool, vpool, maps, maps + NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, u, lg);
+    });
 }
 
 #endif  // NSA_COMPRESSED_CUH

@@ -38,13 +38,10 @@ __device__ void full_mma(const Params& p) {
     split_range(tm.y + 1, p.launch.nsplit_c, split, lo, hi);
     Keys ks = {0, lo, hi - lo, tm.y, 0, false};
     const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
-    for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
-        int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
-        const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
+    for_head_chunks(p, r, kvh, [&](int hcn, int hg0, const u16* q) {
         attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table, kvh, ks,
-                           hcn, q, wr, hg0, split,
-                           (float*)0);
-    }
+                                     hcn, q, wr, hg0, split, (float*)0);
+    });
 }
 
 #endif  // NSA_FULL_CUH

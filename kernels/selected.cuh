@@ -99,53 +99,34 @@ __device__ void sw_mma(const Params& p) {
     int2 tm = ((const int2*)p.step.rows)[r];
     int t = tm.y;
     Keys ks;
-    ks.t = t;
-    ks.first = 0;
-    ks.ready = false;  // selected units learn their blocks after the wait
     __shared__ int sl[32];  // `mode & 512`: the pair's selected blocks (sel_merge_lists)
     const bool lists = (p.launch.mode & 512) != 0 && u < p.launch.units_s;
+    const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
     if (u < p.launch.units_s) {
         int b0 = u * p.launch.spb;
         ks.blocks = (lists ? sl : (const int*)p.ws.sel + ((usize)wr * p.shape.num_kv_heads + kvh) * p.shape.sel_count) + b0;
         ks.lo = 0;
         ks.n = min(p.launch.spb, p.shape.sel_count - b0) * p.shape.sel_block;
+        ks.t = t;
+        ks.first = 0;
+        ks.ready = false;  // selected units learn their blocks after the wait
+        prefetch_pages(p, table, 0, t + 1);  // any page of the row may hold a selected block
     } else {
-        // With tensor maps the window's units start at its first position rounded down
-        // to 16 (tiles are whole 16-row boxes); the positions before it are masked.
-        int c = u - p.launch.units_s, span = p.shape.sel_block * p.launch.spb;
-        int wlo = max(0, t + 1 - p.shape.window);
-        int lo = ((p.launch.mode & 2) ? wlo & ~(NSA_WINDOW_ALIGN - 1) : wlo) + c * span;
-        int hi = min(lo + span, t + 1);
-        ks.blocks = 0;
-        ks.lo = lo;
-        ks.n = hi > lo ? hi - lo : 0;
-        ks.first = wlo;
+        ks = window_keys(p, t, u - p.launch.units_s);
+        prefetch_pages(p, table, ks.lo, ks.n);
     }
-    const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
-    {
-        // Each tile's page lookup comes after the wait (a selected unit's blocks are known
-        // only then): the lines of the table it may read go to L2 now, so that lookup is
-        // not a DRAM round trip on the step's chain (the table is the step's upload, written
-        // before the layer's first kernel). Selected units: the row's table; window units:
-        // their own pages.
-        const int e0 = u < p.launch.units_s ? 0 : max(ks.lo, 0) / p.paging.page_size;
-        const int e1 = u < p.launch.units_s ? t / p.paging.page_size : (ks.lo + max(ks.n, 1) - 1) / p.paging.page_size;
-        prefetch_range((usize)(table + e0), (usize)(e1 + 1 - e0) * sizeof(int));
-    }
-    for (int h0 = 0; h0 < p.shape.group_size; h0 += 16) {
-        int hcn = min(16, p.shape.group_size - h0), hg0 = kvh * p.shape.group_size + h0;
-        const u16* q = (const u16*)p.io.q + ((usize)r * p.shape.num_q_heads + hg0) * p.shape.head_dim_qk;
+    for_head_chunks(p, r, kvh, [&](int hcn, int hg0, const u16* q) {
         // With lists, the first head chunk's wait is followed by the pair's block list (unit
         // 0 also writes the caller's selection: the selection kernel did not).
         int* usel = u == 0 && p.io.selected ? (int*)p.io.selected + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.sel_count : (int*)0;
-        const bool build_now = lists && h0 == 0;
+        const bool build_now = lists && hg0 == kvh * p.shape.group_size;
         auto build = [&]() {
             if (build_now) sel_merge_lists(p, wr, kvh, t, sl, usel);
             return build_now;
         };
         attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table,
                                      kvh, ks, hcn, q, wr, hg0, p.launch.nsplit_c + u, (float*)0, Prep<decltype(build)>{build});
-    }
+    });
 }
 
 #endif  // NSA_SELECTED_CUH

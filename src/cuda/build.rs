@@ -27,6 +27,10 @@ pub(crate) const DEFAULT_SMEM: usize = 48 * 1024;
 /// docs/DECODE_NOTES.md variant 17; batch 2 faster with it and the carve-out since the
 /// compile-time entries, variant 64.)
 const SMALL_WAVE_PAIRS: u32 = 8;
+/// Default of [`DecodeKnobs::win_in_cmp_pairs`]: batch 32 with four KV heads (H200,
+/// graph: batch 32 and 64 faster with the window in the compressed launch, batch 16
+/// slower; docs/DECODE_NOTES.md, variant 75).
+const WIN_IN_CMP_PAIRS: u32 = 128;
 /// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
 /// (kernels/selection.cuh `sel_best32`) and the most chunks a wave takes by default (at
 /// least `SEL_CHUNK_MIN` blocks each) within [`sel_lists_max_chunks`].
@@ -111,7 +115,8 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
-    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`): see
+    /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
+    /// `NSA_CUDA_WIN_IN_CMP=N`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -188,6 +193,11 @@ pub(crate) struct DecodeKnobs {
     /// The append launch prefetches the new rows' queries and compressed page-table rows
     /// into L2 (`MODE_APPEND_PREFETCH`); `NSA_CUDA_APPEND_PREFETCH=0` off.
     pub append_prefetch: bool,
+    /// Waves of at least this many (row, KV head) pairs outside the small-wave form run the
+    /// window's units in the compressed launch, after its splits (kernels/compressed.cuh),
+    /// and the selected-branch launch only the selected units; `NSA_CUDA_WIN_IN_CMP=N`
+    /// (0: never; 1: every wave, the small-wave form included), else [`WIN_IN_CMP_PAIRS`].
+    pub win_in_cmp_pairs: u32,
 }
 
 /// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset,
@@ -336,6 +346,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
         late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
         append_prefetch: env_num("NSA_CUDA_APPEND_PREFETCH") != Some(0),
+        win_in_cmp_pairs: match env_num("NSA_CUDA_WIN_IN_CMP") {
+            Some(0) => u32::MAX,
+            Some(n) => n as u32,
+            None => WIN_IN_CMP_PAIRS,
+        },
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

@@ -57,6 +57,17 @@ fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
     half.unwrap_or(blocks > sms).then_some(NT_SEL / 2)
 }
 
+/// Whether a tensor-core wave of `pairs` (row, KV head) pairs runs the window's units in
+/// the compressed launch (`DecodeKnobs::win_in_cmp_pairs`, `min_pairs`): from that many
+/// pairs on, outside the small-wave form (`small`) unless the knob asks for every wave
+/// (1). There they start on the multiprocessors whose compressed splits end first, and the
+/// selected-branch launch streams only the selected blocks (H200, graph, against main's
+/// launches: batch 32 and 64 2-9% faster, batch 1-16 slower; docs/DECODE_NOTES.md,
+/// variant 75).
+fn window_in_cmp(pairs: u32, small: bool, min_pairs: u32) -> bool {
+    pairs >= min_pairs && (!small || min_pairs == 1)
+}
+
 /// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
 const BLOCKS_PER_SM: u32 = 2;
 
@@ -176,8 +187,9 @@ impl CudaBackend {
                 // The small-wave form: deeper stages whose shared memory keeps one attention
                 // block per multiprocessor (build::SmallWave has the measurements).
                 let small = self.small_wave.filter(|_| rows * hkv <= self.knobs.small_wave_pairs);
+                let win_in_cmp = self.mma && window_in_cmp(rows * hkv, small.is_some(), self.knobs.win_in_cmp_pairs);
                 let mut pw = p;
-                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1));
+                pw.launch = self.wave_splits(&p.launch, row0, rows, small.map_or(self.mma_per_sm, |_| 1), win_in_cmp);
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
@@ -208,8 +220,10 @@ impl CudaBackend {
                     k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
                 };
                 let l = &pw.launch;
-                let units = (l.units_s + l.units_w) as u32;
-                go(cmp, (rows, hkv, l.nsplit_c as u32))?;
+                // With the window in the compressed launch, its units are the blocks past the
+                // splits there (kernels/compressed.cuh) and `sw_mma` runs the selected ones.
+                let (win_c, units) = if win_in_cmp { (l.units_w as u32, l.units_s as u32) } else { (0, (l.units_s + l.units_w) as u32) };
+                go(cmp, (rows, hkv, l.nsplit_c as u32 + win_c))?;
                 // Lists and group sums fixed at compile time where both are on (one path's code).
                 let sel = if self.knobs.sel_lists && self.knobs.group_sums { Kernel::SelectLists } else { Kernel::SelectBlocks };
                 go(sel, (rows, hkv, l.sel_chunks as u32))?;
@@ -234,8 +248,9 @@ impl CudaBackend {
     /// `SPLIT_MIN_KEYS` keys of the actual length); on tensor cores, selected blocks per
     /// unit (`spb`) by a wave model: waves x (keys per unit + 64 keys' worth of per-block
     /// overhead), the larger on ties. `mma_per_sm`: the tensor-core blocks per
-    /// multiprocessor of this wave's launches.
-    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32, mma_per_sm: u32) -> Launch {
+    /// multiprocessor of this wave's launches. `win_in_cmp`: the window's units run in the
+    /// compressed launch, so the model counts the selected units only.
+    fn wave_splits(&self, fixed: &Launch, row0: u32, rows: u32, mma_per_sm: u32, win_in_cmp: bool) -> Launch {
         let cfg = &self.cfg;
         let mut l = *fixed;
         l.row0 = row0 as i32;
@@ -249,7 +264,7 @@ impl CudaBackend {
             // 16 to spb = 8 and batch 64 to spb = 4 and measured slower (H200, paper
             // 128/128 at 64k: 118.5 vs 115.2 us, 321.6 vs 310.9; docs/DECODE_NOTES.md
             // variant 12), so the model stays as measured.
-            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + cfg.window.div_ceil(cfg.sel_block * spb);
+            let units = |spb: u32| cfg.sel_count.div_ceil(spb) + if win_in_cmp { 0 } else { cfg.window.div_ceil(cfg.sel_block * spb) };
             let cost = |spb: u32| (pairs * units(spb)).div_ceil(slots) * (spb * cfg.sel_block + 64);
             let mut c = 2 * spb;
             while c <= cfg.sel_count.next_power_of_two() {
@@ -358,7 +373,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob};
+    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob, window_in_cmp};
     use crate::cuda::consts::NT_SEL;
 
     #[test]
@@ -371,6 +386,19 @@ mod tests {
         assert_eq!(sel_threads(256, 132, None), Some(NT_SEL / 2));
         assert_eq!(sel_threads(36, 132, Some(true)), Some(NT_SEL / 2));
         assert_eq!(sel_threads(256, 132, Some(false)), None);
+    }
+
+    #[test]
+    fn window_joins_the_compressed_launch_from_its_pair_count() {
+        // The default (128 pairs): batch 32 and up at four KV heads, never a small wave.
+        assert!(!window_in_cmp(64, false, 128));
+        assert!(window_in_cmp(128, false, 128));
+        assert!(window_in_cmp(256, false, 128));
+        assert!(!window_in_cmp(4, true, 128));
+        // `NSA_CUDA_WIN_IN_CMP=1`: every wave, small ones too; `=0` (u32::MAX): none.
+        assert!(window_in_cmp(4, true, 1));
+        assert!(window_in_cmp(1, false, 1));
+        assert!(!window_in_cmp(256, false, u32::MAX));
     }
 
     #[test]
