@@ -85,15 +85,18 @@ __device__ __forceinline__ void for_head_chunks(const Params& p, int r, int kvh,
 // Work a caller runs right after the wait, before the first tile (every thread calls it;
 // a block barrier follows when it returns true, which must be block-uniform): `NoPrep`
 // none; `Prep<F>` calls F (selected units build their block list there,
-// kernels/selected.cuh).
+// kernels/selected.cuh). With `own_wait` (block-uniform) the kernel only triggers its
+// dependents there and F does whatever waiting the unit needs (MODE_SW_FLOW, kernels/ptx.cuh).
 struct NoPrep {
     static constexpr bool active = false;
+    static constexpr bool own_wait = false;
     __device__ bool operator()() const { return false; }
 };
 template <class F>
 struct Prep {
     static constexpr bool active = true;
     F f;
+    bool own_wait;
     __device__ bool operator()() const { return f(); }
 };
 
@@ -303,7 +306,11 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // Everything above overlaps the previous kernel (programmatic dependent launch): the
     // K/V pages (but a ready unit's first tiles), the selection and the workspace are read
     // or written only from here.
-    pdl_wait_then_trigger(p);
+    if (P::active && prep.own_wait) {
+        pdl_trigger();
+    } else {
+        pdl_wait_then_trigger(p);
+    }
     if (P::active && prep()) __syncthreads();
     tl_mark<0>();  // the timeline: after the wait and the caller's prep (a selected unit's list)
     float o[NVT][4];

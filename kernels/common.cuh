@@ -139,6 +139,9 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #ifndef NSA_PF_WS_STAGES
 #error "NSA_PF_WS_STAGES is passed by the host (src/cuda/consts.rs)"
 #endif
+#ifndef NSA_PAIR_COUNTERS
+#error "NSA_PAIR_COUNTERS is passed by the host (src/cuda/consts.rs)"
+#endif
 #ifndef NSA_SPLIT_MIN_KEYS
 #error "NSA_SPLIT_MIN_KEYS is passed by the host (src/cuda/consts.rs)"
 #endif

@@ -58,6 +58,8 @@ __device__ void cmp_mma(const Params& p) {
         float* lg = win ? (float*)0 : (float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + hg0) * p.ws.max_cmp;
         attend_mma<E, NVT, DKT, DVT, CP>(p, kpool, vpool, maps, maps + NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, u, lg);
     });
+    // The pair's selection may start once its splits are written (MODE_SEL_FLOW, kernels/ptx.cuh).
+    if (!win && (p.launch.mode & MODE_SEL_FLOW)) flow_signal(flow_counters(p, (usize)wr * p.shape.num_kv_heads + kvh) + FLOW_SPLITS);
 }
 
 #endif  // NSA_COMPRESSED_CUH

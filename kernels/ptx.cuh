@@ -90,10 +90,13 @@ __device__ __forceinline__ void tl_mark_after(float) {}
 // kernel start launching once every block of this one has called it or exited. Every
 // dependent block calls `pdl_wait` before it exits, so a grid's completion implies its
 // predecessors' (a kernel two launches later may read what the first one wrote).
-__device__ __forceinline__ void pdl_wait() {
+__device__ __forceinline__ void pdl_wait_untimed() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_wait() {
+    pdl_wait_untimed();
     tl_wait_stamp();
 }
 __device__ __forceinline__ void pdl_trigger() {
@@ -115,6 +118,54 @@ __device__ __forceinline__ void pdl_trigger_at_entry(const Params& p) {
 __device__ __forceinline__ void pdl_wait_then_trigger(const Params& p) {
     pdl_wait();
     if (p.launch.mode & MODE_LATE_TRIGGER) pdl_trigger();
+}
+
+// Per-(row, KV head) hand-overs between a wave's launches by counters instead of each
+// launch waiting for the whole previous one (docs/DECODE_NOTES.md, variant 76), so the
+// work of a pair whose inputs are done runs while the previous launch's slowest
+// multiprocessors still stream. `launch.mode` bits (src/cuda/params.rs): MODE_SEL_FLOW,
+// the compressed splits to the selection; MODE_SW_FLOW, the selection's chunk blocks to
+// the selected units. A producer block counts itself done once its outputs are written
+// (`flow_signal`); a consumer block waits for its pair's count (`flow_wait`). Each hand-over
+// has two words among the pair's NSA_PAIR_COUNTERS workspace counters (`ws.count`; word 0 is the
+// selection's last-block counter): done, then how many consumers saw it complete, the last
+// of which sets both back to 0 for the next wave or layer (every other consumer has seen the
+// count, and no producer adds to it again in this launch). A block that skips the wait at
+// entry still calls `pdl_wait_untimed` before it exits, so the grid's completion keeps
+// implying its predecessors' (see above); producers are resident or done before any
+// consumer starts (the consumer launch starts only once every producer block has
+// triggered), so a consumer never waits on a block that cannot run.
+#define MODE_SEL_FLOW 8192
+#define MODE_SW_FLOW 16384
+#define FLOW_SPLITS 1  // the words of the splits' hand-over
+#define FLOW_LISTS 3   // the words of the selection lists' hand-over
+static_assert(FLOW_LISTS + 2 <= NSA_PAIR_COUNTERS, "the hand-overs' words fit the pair's counters");
+__device__ __forceinline__ int* flow_counters(const Params& p, usize pair) {
+    return (int*)p.ws.count + NSA_PAIR_COUNTERS * pair;
+}
+// Every thread of the block calls it, after its last global write of the outputs.
+__device__ __forceinline__ void flow_signal(int* done) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(done, 1);
+}
+// Every thread of the block calls it; returns once `need` producers have signalled, their
+// writes visible to the whole block (thread 0's acquire load, then the block barrier).
+// `consumers`: the blocks that wait on this count in this launch.
+__device__ __forceinline__ void flow_wait(int* done, int need, int consumers) {
+    if (threadIdx.x == 0) {
+        for (;;) {
+            int v;
+            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(done) : "memory");
+            if (v >= need) break;
+            __nanosleep(64);
+        }
+        if (atomicAdd(done + 1, 1) == consumers - 1) {
+            atomicExch(done, 0);
+            atomicExch(done + 1, 0);
+        }
+    }
+    __syncthreads();
 }
 
 // Bytes of dynamic shared memory this launch was given.

@@ -101,6 +101,10 @@ __device__ void sw_mma(const Params& p) {
     Keys ks;
     __shared__ int sl[32];  // `mode & 512`: the pair's selected blocks (sel_merge_lists)
     const bool lists = (p.launch.mode & 512) != 0 && u < p.launch.units_s;
+    // MODE_SW_FLOW (with the lists): a selected unit waits for its pair's selection blocks
+    // only, a window unit for nothing (its keys were appended before the selection launch
+    // started: every compressed block had returned from its wait on the append).
+    const bool flow = (p.launch.mode & (MODE_SW_FLOW | 512)) == (MODE_SW_FLOW | 512);
     const int* table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
     if (u < p.launch.units_s) {
         int b0 = u * p.launch.spb;
@@ -121,12 +125,17 @@ __device__ void sw_mma(const Params& p) {
         int* usel = u == 0 && p.io.selected ? (int*)p.io.selected + ((usize)r * p.shape.num_kv_heads + kvh) * p.shape.sel_count : (int*)0;
         const bool build_now = lists && hg0 == kvh * p.shape.group_size;
         auto build = [&]() {
+            if (flow && build_now) {
+                flow_wait(flow_counters(p, (usize)wr * p.shape.num_kv_heads + kvh) + FLOW_LISTS, p.launch.sel_chunks, p.launch.units_s);
+                tl_wait_stamp();
+            }
             if (build_now) sel_merge_lists(p, wr, kvh, t, sl, usel);
             return build_now;
         };
         attend_mma<E, NVT, DKT, DVT, CP>(p, (const u16*)p.paging.raw_k, (const u16*)p.paging.raw_v, p.paging.tmaps, p.paging.tmaps + NSA_TMAP_BYTES, table,
-                                     kvh, ks, hcn, q, wr, hg0, p.launch.nsplit_c + u, (float*)0, Prep<decltype(build)>{build});
+                                     kvh, ks, hcn, q, wr, hg0, p.launch.nsplit_c + u, (float*)0, Prep<decltype(build)>{build, flow});
     });
+    if (flow) pdl_wait_untimed();  // the completion chain (kernels/ptx.cuh)
 }
 
 #endif  // NSA_SELECTED_CUH

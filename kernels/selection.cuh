@@ -176,7 +176,15 @@ __device__ void select_blocks(const Params& p) {
     // The step's rows are uploaded before the layer's first kernel: read before the wait
     // (one round trip off the chain); everything after it reads what cmp_mma wrote.
     const int t = ((const int2*)p.step.rows)[r].y;
-    pdl_wait_then_trigger(p);
+    // With MODE_SEL_FLOW (kernels/ptx.cuh) the block waits for its own pair's splits, not
+    // for the whole compressed launch; `select_lists` waits for that launch before it exits.
+    if (SEL == SEL_LISTS_GROUPS && (p.launch.mode & MODE_SEL_FLOW)) {
+        pdl_trigger();
+        flow_wait(flow_counters(p, (usize)wr * p.shape.num_kv_heads + kvh) + FLOW_SPLITS, p.launch.nsplit_c, nch);
+        tl_wait_stamp();
+    } else {
+        pdl_wait_then_trigger(p);
+    }
     const int nc = num_cmp(p, t + 1);
     // Eq. 9's alpha and beta: strides per compressed block and per selection block (host-computed).
     const int A = p.shape.eq9_a, B = p.shape.eq9_b;
@@ -346,9 +354,9 @@ __device__ void select_blocks(const Params& p) {
         __threadfence();
         __syncthreads();
         if (tid == 0) {
-            const int done = atomicAdd((int*)p.ws.count + pair, 1);
+            const int done = atomicAdd(flow_counters(p, pair), 1);
             s_last = done == nch - 1;
-            if (s_last) atomicExch((int*)p.ws.count + pair, 0);
+            if (s_last) atomicExch(flow_counters(p, pair), 0);
         }
         __syncthreads();
         if (!s_last) return;
@@ -431,9 +439,14 @@ __device__ void select_blocks(const Params& p) {
 }
 
 // The selection with per-chunk lists and group sums fixed at compile time (see SEL above).
+// With MODE_SW_FLOW each block then counts itself done for its pair's selected units, and
+// with either hand-over it waits for the compressed launch before it exits (the completion
+// chain, kernels/ptx.cuh).
 template <class E>
 __device__ void select_lists(const Params& p) {
     select_blocks<E, SEL_LISTS_GROUPS>(p);
+    if (p.launch.mode & MODE_SW_FLOW) flow_signal(flow_counters(p, (usize)blockIdx.x * p.shape.num_kv_heads + blockIdx.y) + FLOW_LISTS);
+    if (p.launch.mode & (MODE_SEL_FLOW | MODE_SW_FLOW)) pdl_wait_untimed();
 }
 
 #endif  // NSA_SELECTION_CUH

@@ -31,6 +31,15 @@ const SMALL_WAVE_PAIRS: u32 = 8;
 /// graph: batch 32 and 64 faster with the window in the compressed launch, batch 16
 /// slower; docs/DECODE_NOTES.md, variant 75).
 const WIN_IN_CMP_PAIRS: u32 = 128;
+
+/// Default of [`DecodeKnobs::sel_flow_pairs`]: batch 4 with four KV heads. H200, graph,
+/// paper presets against the launch-wide wait: batch 64 at 128k -2 to -3%, batch 2-32
+/// within -1.5 to +0.5%, batch 1 (4 pairs) 1.3% slower (docs/DECODE_NOTES.md, variant 76).
+const SEL_FLOW_PAIRS: u32 = 16;
+/// Default of [`DecodeKnobs::sw_flow_pairs`]: batch 32 with four KV heads. With the
+/// selection's hand-over, paper presets at 128k: batch 32 -3%, batch 64 -3 to -4% against
+/// neither; batch 1-16 up to 3% slower (variant 76).
+const SW_FLOW_PAIRS: u32 = 128;
 /// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
 /// (kernels/selection.cuh `sel_best32`) and the most chunks a wave takes by default (at
 /// least `SEL_CHUNK_MIN` blocks each) within [`sel_lists_max_chunks`].
@@ -116,7 +125,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
-    /// `NSA_CUDA_WIN_IN_CMP=N`): see
+    /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`): see
     /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
@@ -198,6 +207,28 @@ pub(crate) struct DecodeKnobs {
     /// and the selected-branch launch only the selected units; `NSA_CUDA_WIN_IN_CMP=N`
     /// (0: never; 1: every wave, the small-wave form included), else [`WIN_IN_CMP_PAIRS`].
     pub win_in_cmp_pairs: u32,
+    /// Waves of at least this many pairs, with the lists and group sums, hand each pair's
+    /// compressed splits to its selection blocks by a counter (`MODE_SEL_FLOW`,
+    /// kernels/ptx.cuh) instead of the selection waiting for the whole compressed launch;
+    /// `NSA_CUDA_SEL_FLOW=N` (0: never), else [`SEL_FLOW_PAIRS`].
+    pub sel_flow_pairs: u32,
+    /// Waves of at least this many pairs, with the lists and group sums, hand each pair's
+    /// selection lists to its selected units by a counter (`MODE_SW_FLOW`), and the window's
+    /// units in `sw_mma` wait for nothing; only where the compressed launch triggers its
+    /// dependents after its own wait on the append (`late_trigger`), which is what puts the
+    /// window's keys in place before `sw_mma` starts. `NSA_CUDA_SW_FLOW=N` (0: never), else
+    /// [`SW_FLOW_PAIRS`].
+    pub sw_flow_pairs: u32,
+}
+
+/// A pair-count threshold from its knob's value: 0 never (`u32::MAX`), N from N pairs,
+/// unset `default`.
+fn pairs_knob(knob: Option<usize>, default: u32) -> u32 {
+    match knob {
+        Some(0) => u32::MAX,
+        Some(n) => n.min(u32::MAX as usize) as u32,
+        None => default,
+    }
 }
 
 /// `DecodeKnobs::late_trigger` from its knob's value: [`LATE_TRIGGER_DEFAULT`] when unset,
@@ -346,11 +377,9 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
         late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
         append_prefetch: env_num("NSA_CUDA_APPEND_PREFETCH") != Some(0),
-        win_in_cmp_pairs: match env_num("NSA_CUDA_WIN_IN_CMP") {
-            Some(0) => u32::MAX,
-            Some(n) => n as u32,
-            None => WIN_IN_CMP_PAIRS,
-        },
+        win_in_cmp_pairs: pairs_knob(env_num("NSA_CUDA_WIN_IN_CMP"), WIN_IN_CMP_PAIRS),
+        sel_flow_pairs: pairs_knob(env_num("NSA_CUDA_SEL_FLOW"), SEL_FLOW_PAIRS),
+        sw_flow_pairs: pairs_knob(env_num("NSA_CUDA_SW_FLOW"), SW_FLOW_PAIRS),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }
@@ -588,6 +617,16 @@ mod tests {
         assert_eq!(late_trigger_mask(Some("none")), 0);
         assert_eq!(late_trigger_mask(Some("cmp_mma,select_blocks")), 1 << Kernel::CmpMma as u32 | 1 << Kernel::SelectBlocks as u32);
         assert_eq!(late_trigger_mask(Some("append")), 0, "the append triggers at entry always");
+    }
+
+    #[test]
+    fn pair_thresholds_read_zero_as_never_and_keep_their_default_unset() {
+        use super::pairs_knob;
+        assert_eq!(pairs_knob(None, 128), 128);
+        assert_eq!(pairs_knob(Some(0), 128), u32::MAX, "0: no wave reaches it");
+        assert_eq!(pairs_knob(Some(1), 128), 1, "1: every wave");
+        assert_eq!(pairs_knob(Some(64), u32::MAX), 64);
+        assert_eq!(pairs_knob(Some(usize::MAX), 1), u32::MAX);
     }
 
     #[test]

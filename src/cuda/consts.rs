@@ -41,6 +41,9 @@ pub(crate) const SEL_CHUNK_MIN: u32 = 128;
 /// With tensor maps the window's range starts at a multiple of this many keys (whole
 /// boxes), up to `WINDOW_ALIGN - 1` keys before its first position (those are masked).
 pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
+/// Workspace counters per (row, KV head) pair of a wave: the selection's last-block
+/// hand-over and the per-pair hand-overs between launches (kernels/ptx.cuh `flow_counters`).
+pub(crate) const PAIR_COUNTERS: u32 = 8;
 /// Keys per split of the compressed and full branches, at least.
 pub(crate) const SPLIT_MIN_KEYS: u32 = 64;
 /// Keys per tile of the prefill kernels: one contiguous run of one page (page_size and
@@ -95,6 +98,7 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_NT_SEL", NT_SEL as u64),
     ("NSA_WINDOW_ALIGN", WINDOW_ALIGN as u64),
     ("NSA_SPLIT_MIN_KEYS", SPLIT_MIN_KEYS as u64),
+    ("NSA_PAIR_COUNTERS", PAIR_COUNTERS as u64),
     ("NSA_PF_KEYS", PF_KEYS as u64),
     ("NSA_PF_WS_STAGES", PF_WS_STAGES as u64),
     ("NSA_PF_WS_PRODUCER_WG", PF_WS_PRODUCER_WG as u64),

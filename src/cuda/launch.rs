@@ -6,7 +6,7 @@ use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_M
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_LISTS};
+use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -199,6 +199,21 @@ impl CudaBackend {
                 if self.knobs.sel_lists {
                     pw.launch.mode |= MODE_SEL_LISTS;
                     pw.launch.sel_chunks = pw.launch.sel_chunks.min(sel_lists_max_chunks(&cfg) as i32);
+                }
+                // Waves of `sel_flow_pairs` pairs or more hand each pair's compressed splits to
+                // its selection blocks by a counter, so a pair's selection runs as soon as its
+                // own splits end (docs/DECODE_NOTES.md, variant 76). Only `select_lists` (lists
+                // and group sums) and `cmp_mma` honour the bit and must agree on it: it is set
+                // for the whole wave.
+                let lists = self.mma && self.knobs.sel_lists && self.knobs.group_sums;
+                if lists && rows * hkv >= self.knobs.sel_flow_pairs {
+                    pw.launch.mode |= MODE_SEL_FLOW;
+                }
+                // The same for the lists to the selected units; the window's units in `sw_mma`
+                // then wait for nothing, which needs the compressed launch to trigger only
+                // once its wait on the append has returned (`DecodeKnobs::sw_flow_pairs`).
+                if lists && rows * hkv >= self.knobs.sw_flow_pairs && self.knobs.late_trigger & 1 << Kernel::CmpMma as u32 != 0 {
+                    pw.launch.mode |= MODE_SW_FLOW;
                 }
                 let smem = |kernel| match kernel {
                     Kernel::CmpMma | Kernel::SwMma => small.map_or(k.smem(kernel), |w| w.smem),

@@ -209,6 +209,18 @@ pub(crate) const MODE_LATE_TRIGGER: i32 = 1024;
 /// compressed launch (kernels/append.cuh `prefetch_row_inputs`).
 pub(crate) const MODE_APPEND_PREFETCH: i32 = 4096;
 
+/// `Launch::mode` bit of a wave's compressed and selection launches
+/// (`DecodeKnobs::sel_flow_pairs`): each compressed split block counts itself done per
+/// (row, KV head), and the selection blocks of that pair start once its count is complete
+/// rather than when the whole compressed launch has ended (`flow_wait` in kernels/ptx.cuh).
+pub(crate) const MODE_SEL_FLOW: i32 = 8192;
+
+/// `Launch::mode` bit of a wave's selection and selected-branch launches
+/// (`DecodeKnobs::sw_flow_pairs`): each selection chunk block counts itself done per pair,
+/// and that pair's selected units start once the count is complete (the window's units at
+/// once) rather than when the whole selection launch has ended.
+pub(crate) const MODE_SW_FLOW: i32 = 16384;
+
 /// What the backend decided at creation that the kernels need to know.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaunchSetup {

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
-use super::consts::{MAPS_PER_LAYER, PFB_CHUNK, PFB_ITEM, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
+use super::consts::{MAPS_PER_LAYER, PAIR_COUNTERS, PFB_CHUNK, PFB_ITEM, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
 use crate::layout::Layout;
 
 /// The most splits of the compressed branch the workspace holds: one per
@@ -36,6 +36,8 @@ pub(crate) struct DevLayout {
     pub sel: Reg,
     /// Selection: the chunk blocks' scores and counters (`select_blocks`).
     pub scores: Reg,
+    /// `PAIR_COUNTERS` counters a (row, KV head): the selection's last-block hand-over and
+    /// the per-pair hand-overs between launches (kernels/ptx.cuh `flow_counters`).
     pub count: Reg,
     pub tmaps: Reg,
     pub part_ml: Reg,
@@ -96,7 +98,7 @@ impl DevLayout {
         let logits = b.take(&[w, hq, u(max_cmp), 4])?;
         let sel = b.take(&[w, hkv, u(cfg.sel_count), 4])?;
         let scores = b.take(&[w, hkv, u(cfg.max_sel_blocks()), 4])?;
-        let count = b.take(&[w, hkv, 4])?;
+        let count = b.take(&[w, hkv, PAIR_COUNTERS as usize, 4])?;
         let tmaps = b.take(&[u(cfg.num_layers), MAPS_PER_LAYER, TMAP_BYTES])?;
         let part_ml = b.take(&[w, hq, units, 8])?;
         let part_acc = b.take(&[w, hq, units, u(cfg.head_dim_v), 4])?;
@@ -172,7 +174,7 @@ mod tests {
                 // Selection: a score per block of the longest sequence and a counter per pair.
                 let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
                 assert_eq!(dl.scores.bytes, pairs * c.max_sel_blocks() as usize * 4);
-                assert_eq!(dl.count.bytes, pairs * 4);
+                assert_eq!(dl.count.bytes, pairs * PAIR_COUNTERS as usize * 4);
                 // Window units cover a window that starts up to 15 keys early (16-aligned tiles).
                 assert!(dl.units_w * c.sel_block >= c.window + WINDOW_ALIGN - 1);
                 assert_eq!(dl.tmaps.bytes, c.num_layers as usize * MAPS_PER_LAYER * TMAP_BYTES);
