@@ -79,6 +79,33 @@ fn decode_batch_64_paper_bf16() {
     scenario::<bf16>("decode_batch_64_paper_bf16", &cfg, 16, &pl);
 }
 
+/// The compressed branch's group sums at Eq. 9's other strides (kernels/attend_mma.cuh):
+/// B = l' / d = 2 (l' = 32) and B = 8 (l' = 128), the paper's l and d otherwise, eight rows
+/// of two KV heads a step (the waves the per-pair hand-overs take at their defaults).
+fn group_sums_at(name: &str, sel_block: u32, seed: u64) {
+    if device_or_skip(name).is_none() {
+        return;
+    }
+    let mut cfg = cfg_for(Preset::Paper, 32, 2, 128, 128, Dtype::Bf16, 10, 4096, 2048);
+    cfg.sel_block = sel_block;
+    cfg.page_size = sel_block;
+    cfg.fit_pages();
+    let pl = Plan { seqs: sz(8, 4), prompt_min: 1, prompt_max: sz(3000, 400), chunk_max: 700, decode_steps: sz(16, 4), forks: true };
+    scenario::<bf16>(name, &cfg, seed, &pl);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn decode_group_sums_b2_bf16() {
+    group_sums_at("decode_group_sums_b2_bf16", 32, 31);
+}
+
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn decode_group_sums_b8_bf16() {
+    group_sums_at("decode_group_sums_b8_bf16", 128, 32);
+}
+
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn decode_long_context_128k_paper_bf16() {
