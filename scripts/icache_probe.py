@@ -22,6 +22,8 @@ import os
 import statistics
 import sys
 
+from probe_cuda import Driver, compile_cubin, nvrtc
+
 SIZES = [0, 1024, 2048, 4096, 8192, 16384]
 EVICT = 65536
 BLOCKS, THREADS = 132, 128
@@ -47,34 +49,11 @@ def source(name, n):
 
 
 def build(d):
-    lib = None
-    for p in [os.environ.get("NSA_NVRTC_LIB", ""), "/work/nvrtc/nvidia/cu13/lib/libnvrtc.so.13", "libnvrtc.so"]:
-        try:
-            lib = ctypes.CDLL(p) if p else None
-        except OSError:
-            lib = None
-        if lib:
-            break
-    if not lib:
-        sys.exit("no NVRTC found (set NSA_NVRTC_LIB)")
+    lib = nvrtc()
     os.makedirs(d, exist_ok=True)
     for name, n in [(f"probe_{n}", n) for n in SIZES] + [("evict", EVICT)]:
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), source(name, n).encode(), b"p.cu", 0, None, None) == 0
-        opts = [b"--gpu-architecture=sm_90a", b"-std=c++17"]
-        O = ctypes.c_char_p * len(opts)
-        r = lib.nvrtcCompileProgram(prog, len(opts), O(*opts))
-        sz = ctypes.c_size_t()
-        if r != 0:
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(sz))
-            b = ctypes.create_string_buffer(sz.value)
-            lib.nvrtcGetProgramLog(prog, b)
-            sys.exit(b.value.decode()[:2000])
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(sz))
-        b = ctypes.create_string_buffer(sz.value)
-        lib.nvrtcGetCUBIN(prog, b)
-        open(f"{d}/{name}.cubin", "wb").write(b.raw)
-        print(name, n, "instructions,", sz.value, "bytes of cubin")
+        size = compile_cubin(lib, source(name, n), f"{d}/{name}.cubin")
+        print(name, n, "instructions,", size, "bytes of cubin")
 
 
 def text_bytes(data, name):
@@ -92,27 +71,12 @@ def text_bytes(data, name):
 
 
 def run(d):
-    cu = ctypes.CDLL("libcuda.so.1")
-
-    def ck(r, what):
-        if r != 0:
-            sys.exit(f"{what}: CUDA error {r}")
-
-    ck(cu.cuInit(0), "cuInit")
-    dev = ctypes.c_int()
-    ck(cu.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
-    ctx = ctypes.c_void_p()
-    ck(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
-    ck(cu.cuCtxSetCurrent(ctx), "set current")
+    drv = Driver()
+    cu, ck = drv.cu, drv.ck
     fns = {}
     code_kb = {}
     for name in [f"probe_{n}" for n in SIZES] + ["evict"]:
-        data = open(f"{d}/{name}.cubin", "rb").read()
-        mod = ctypes.c_void_p()
-        ck(cu.cuModuleLoadData(ctypes.byref(mod), data), f"load {name}")
-        f = ctypes.c_void_p()
-        ck(cu.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), f"get {name}")
-        fns[name] = f
+        fns[name], data = drv.function(f"{d}/{name}.cubin", name)
         code_kb[name] = text_bytes(data, name) / 1024.0
     out = ctypes.c_uint64()
     sink = ctypes.c_uint64()

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""How fast the H200 runs the prefill selected branch's per-warp matrix loop (a diagnostic).
+
+`pf_sel` (kernels/prefill.cuh `pf_sel_alone`) multiplies each position's 16 query heads
+against its selected blocks with mma.sync m16n8k16 (a warp per position: no other rows
+share a K/V block with random selections, and a wgmma needs 64). This probe measures the
+ceiling of that instruction mix with no memory traffic at all, so the branch's time can
+be set against what its loop can do even if every byte arrived for free:
+
+  mma_regs_C   mma.sync with operands in registers, C independent accumulators a warp
+               (the instruction's own rate);
+  sel_mma      the per-warp loop's matrix part on a 16-key sub-tile already in shared
+               memory: Q K^T (8 ldmatrix.x4, 16 mma, two chains of two), P V (8
+               ldmatrix.x4.trans, 16 mma), the same swizzled addresses as pf_sel;
+  sel_loop     the same with the online softmax between them (row max over the four
+               lanes of a row, 8 exponentials and sums per lane; no rescale, as in the
+               common case where the max moves by less than the threshold).
+
+Each runs a single wave of resident blocks (128 threads, dynamic shared memory chosen so
+that 1 to 4 blocks share a multiprocessor) for a fixed number of iterations; TFLOP/s
+counts 4,096 FLOPs per m16n8k16. Two steps, since the GPU machine has no compiler:
+
+  python3 scripts/mma_probe.py build DIR   # here: NVRTC -> DIR/*.cubin
+  python3 scripts/mma_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+"""
+import ctypes
+import os
+import statistics
+import sys
+
+from probe_cuda import Driver, compile_cubin, nvrtc
+
+HEADER = r"""
+typedef unsigned u32;
+__device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldsm4(u32 a, u32& b0, u32& b1, u32& b2, u32& b3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(u32 a, u32& b0, u32& b1, u32& b2, u32& b3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(a));
+}
+__device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ u32 pack(float lo, float hi) { u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+// bf16 pairs of about 2^-7 with varied mantissas (random-looking data draws the power real data does).
+__device__ __forceinline__ u32 val(u32 i) { return 0x3c003c00u | ((i * 2654435761u) & 0x007f007fu); }
+"""
+
+
+def regs_source(c):
+    return HEADER + f"""
+extern "C" __global__ void __launch_bounds__(128) mma_regs_{c}(float* sink, int iters) {{
+    float acc[{c}][4];
+#pragma unroll
+    for (int k = 0; k < {c}; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
+    const u32 t = threadIdx.x;
+    const u32 a0 = val(t), a1 = val(t + 1), a2 = val(t + 2), a3 = val(t + 3), b0 = val(t + 4), b1 = val(t + 5);
+    for (int i = 0; i < iters; i++) {{
+#pragma unroll
+        for (int k = 0; k < {c}; k++) mma(acc[k], a0, a1, a2, a3, b0, b1);
+    }}
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < {c}; k++) s += acc[k][0] + acc[k][1] + acc[k][2] + acc[k][3];
+    if (s == 1.2345f) sink[threadIdx.x] = s;
+}}
+"""
+
+
+def sel_source(name, softmax):
+    return HEADER + f"""
+extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters) {{
+    extern __shared__ __align__(128) unsigned char sm[];
+    const int lane = threadIdx.x & 31;
+    // Two stages of 16 keys of K then V (128 dims, bf16: 8 KB each), as a pf_sel warp's; the
+    // block's warps read the same ones (the data is never written again), so the dynamic
+    // shared memory only sets how many blocks share a multiprocessor.
+    u32* w = (u32*)sm;
+    for (int i = threadIdx.x; i < 4096; i += blockDim.x) w[i] = val(i);
+    __syncthreads();
+    u32 qa[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) qa[kk][e] = val(lane * 32 + kk * 4 + e);
+    const u32 base = (u32)__cvta_generic_to_shared(sm);
+    const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+    const u32 kx = krow * 256 + (((kc ^ krow) & 7) << 4), vx = vrow * 256 + (((vc ^ vrow) & 7) << 4);
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float lA = 0.f, lB = 0.f, mA = 1.f, mB = 1.f;
+    const float sl2 = 0.1275f;
+    for (int i = 0; i < iters; i++) {{
+        const u32 kt = base + (i & 1) * 8192, vt = kt + 4096;
+        float s[2][4], u[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = u[0][e] = u[1][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {{
+            u32 b0, b1, b2, b3;
+            ldsm4((kt + kx + (kk >> 2) * 128) ^ (((2 * kk) & 7) << 4), b0, b1, b2, b3);
+            float(&acc)[2][4] = kk % 2 ? u : s;
+            mma(acc[0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+            mma(acc[1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
+        }}
+#pragma unroll
+        for (int e = 0; e < 4; e++) {{
+            s[0][e] += u[0][e];
+            s[1][e] += u[1][e];
+        }}
+        if ({1 if softmax else 0}) {{
+            float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+            float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+            xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+            xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+            xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+            xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+            const bool keep = __all_sync(0xffffffffu, (xA - mA) * sl2 <= 8.f && (xB - mB) * sl2 <= 8.f);
+            if (!keep) {{ mA = fmaxf(mA, xA); mB = fmaxf(mB, xB); }}
+            const float uA = mA * sl2, uB = mB * sl2;
+            float sA = 0.f, sB = 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; n++) {{
+                s[n][0] = ex2(fmaf(s[n][0], sl2, -uA));
+                s[n][1] = ex2(fmaf(s[n][1], sl2, -uA));
+                s[n][2] = ex2(fmaf(s[n][2], sl2, -uB));
+                s[n][3] = ex2(fmaf(s[n][3], sl2, -uB));
+                sA += s[n][0] + s[n][1];
+                sB += s[n][2] + s[n][3];
+            }}
+            lA += sA;
+            lB += sB;
+        }}
+        const u32 pa0 = pack(s[0][0], s[0][1]), pa1 = pack(s[0][2], s[0][3]), pa2 = pack(s[1][0], s[1][1]), pa3 = pack(s[1][2], s[1][3]);
+#pragma unroll
+        for (int dp = 0; dp < 8; dp++) {{
+            u32 b0, b1, b2, b3;
+            ldsm4t((vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4), b0, b1, b2, b3);
+            mma(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+            mma(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+        }}
+    }}
+    float t = lA + lB;
+#pragma unroll
+    for (int d = 0; d < 16; d++) t += o[d][0] + o[d][1] + o[d][2] + o[d][3];
+    if (t == 1.2345f) sink[threadIdx.x] = t;
+}}
+"""
+
+
+# (name, source, m16n8k16 per warp per iteration)
+KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
+    ("sel_mma", sel_source("sel_mma", False), 32),
+    ("sel_loop", sel_source("sel_loop", True), 32),
+]
+THREADS = 128
+SMEM_PER_SM = 228 * 1024
+
+
+def build(d):
+    lib = nvrtc()
+    os.makedirs(d, exist_ok=True)
+    for name, src, _ in KERNELS:
+        size = compile_cubin(lib, src, f"{d}/{name}.cubin")
+        print(name, size, "bytes of cubin")
+
+
+def run(d):
+    drv = Driver()
+    sms = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    sink = drv.alloc(4 * THREADS)
+    print(f"{sms} multiprocessors; one wave of 128-thread blocks; TFLOP/s = 4,096 FLOPs per m16n8k16, median of 5 launches")
+    print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for name, _, per_iter in KERNELS:
+        f, _ = drv.function(f"{d}/{name}.cubin", name)
+        for per_sm in (1, 2, 3, 4):
+            # Shared memory such that exactly `per_sm` blocks fit (1 KB reserved a block).
+            smem = SMEM_PER_SM // per_sm - 1024 - 16
+            drv.set_smem(f, smem)
+            blocks = sms * per_sm
+            iters = ctypes.c_int(4000 if name.startswith("sel") else 40000)
+            args = [sink, iters]
+            drv.launch(f, blocks, THREADS, args, smem)  # warm-up
+            drv.sync()
+            ms = [drv.timed_ms(lambda: drv.launch(f, blocks, THREADS, args, smem)) for _ in range(5)]
+            t = statistics.median(ms)
+            flops = blocks * (THREADS // 32) * iters.value * per_iter * 4096.0
+            print(f"| {name} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
+        sys.exit(__doc__)
+    (build if sys.argv[1] == "build" else run)(sys.argv[2])
