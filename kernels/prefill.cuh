@@ -1228,7 +1228,10 @@ __device__ void pf_sel_alone(const Params& p) {
                 first &= w > warp;
             }
         }
-        const bool multi = __popc(who) >= 2;
+        // Shared when at least 2, 3 or all of the tile's positions chose it (the host's
+        // `PrefillPlan::sel_share_min`: a shared block idles the warps that did not choose it).
+        const int smin = (p.launch.mode >> MODE_PF_SEL_SHARE_MIN_SHIFT) & 3;
+        const bool multi = __popc(who) >= (smin == 2 ? max(tl.npos, 2) : 2 + smin);
         const unsigned mine = __ballot_sync(0xffffffffu, multi && first);
         if (lane == 0) ccount[warp] = __popc(mine);
         __syncthreads();

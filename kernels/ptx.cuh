@@ -137,6 +137,10 @@ __device__ __forceinline__ void pdl_wait_then_trigger(const Params& p) {
 // triggered), so a consumer never waits on a block that cannot run.
 #define MODE_SEL_FLOW 8192
 #define MODE_SW_FLOW 16384
+// `pf_sel` (kernels/prefill.cuh): the fewest positions of a tile that must have chosen a block
+// for it to be copied once for them (0: two; 1: three; 2: all of the tile's positions), in
+// bits 15-16 of `launch.mode` (src/cuda/params.rs MODE_PF_SEL_SHARE_MIN_SHIFT).
+#define MODE_PF_SEL_SHARE_MIN_SHIFT 15
 #define FLOW_SPLITS 1  // the words of the splits' hand-over
 #define FLOW_LISTS 3   // the words of the selection lists' hand-over
 static_assert(FLOW_LISTS + 2 <= NSA_PAIR_COUNTERS, "the hand-overs' words fit the pair's counters");

@@ -190,6 +190,11 @@ pub(crate) const MODE_PF_CMP_WINDOW: i32 = 16;
 /// tile chose once, a 16-key sub-tile per warp, for those positions (`PrefillPlan::sel_share`).
 pub(crate) const MODE_PF_SEL_SHARE: i32 = 64;
 
+/// `Launch::mode` bits 15-16: with `MODE_PF_SEL_SHARE`, the fewest positions of a `pf_sel`
+/// tile that must have chosen a block for it to be shared, less 2 (0: two, 1: three, 2: all
+/// of the tile's positions; `PrefillPlan::sel_share_min`).
+pub(crate) const MODE_PF_SEL_SHARE_MIN_SHIFT: i32 = 15;
+
 /// `Launch::mode` bit: `cmp_mma` writes per-head Eq. 9 group sums instead of logits, and
 /// the selection reads them (`DecodeKnobs::group_sums`).
 pub(crate) const MODE_GROUP_SUMS: i32 = 32;
@@ -238,6 +243,8 @@ pub(crate) struct LaunchSetup {
     /// `pf_sel` loads the blocks two or more of a tile's positions chose once
     /// ([`MODE_PF_SEL_SHARE`]).
     pub pf_sel_share: bool,
+    /// `PrefillPlan::sel_share_min` ([`MODE_PF_SEL_SHARE_MIN_SHIFT`]).
+    pub pf_sel_share_min: u32,
 }
 
 impl Params {
@@ -307,7 +314,8 @@ impl Params {
                     | (setup.tma as i32) << 1
                     | (setup.pf_sel_warp as i32) << 2
                     | if setup.pf_cmp_window { MODE_PF_CMP_WINDOW } else { 0 }
-                    | if setup.pf_sel_share { MODE_PF_SEL_SHARE } else { 0 },
+                    | if setup.pf_sel_share { MODE_PF_SEL_SHARE } else { 0 }
+                    | (setup.pf_sel_share_min.clamp(2, 4) as i32 - 2) << MODE_PF_SEL_SHARE_MIN_SHIFT,
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
                 pf_c0: 0,

@@ -112,6 +112,13 @@ pub(crate) struct PrefillPlan {
     /// the forced ones) copied once for those positions, not once each
     /// (`MODE_PF_SEL_SHARE`; knob `NSA_CUDA_PF_SEL_SHARE=0`; docs/PREFILL_NOTES.md, 33c).
     pub sel_share: bool,
+    /// With `sel_share`: how many of a tile's positions must have chosen a block for it to be
+    /// shared (2 or 3; 4: all of them): 3 at DK > 128, where `pf_sel` runs two blocks per
+    /// multiprocessor and a shared block's block barriers idle the warps whose positions
+    /// did not choose it (H200, paper 192/128: 8k 2.91 -> 2.76 ms, 16k 6.26 -> 6.13, 64k
+    /// unchanged; at 128/128 3 was 2-3% slower at 16k and 64k; docs/PREFILL_NOTES.md,
+    /// variant 82). Knob `NSA_CUDA_PF_SEL_SHARE_MIN=2|3|4` (`MODE_PF_SEL_SHARE_MIN_SHIFT`).
+    pub sel_share_min: u32,
 }
 
 /// Producer warps of `pf_cmp_ws` beside `w` consumer warps (the kernels'
@@ -320,7 +327,8 @@ fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool, warps: O
 /// `NSA_CUDA_PF_WS_WARPS=N` takes only its forms of N consumer warps (8 or 12), and
 /// `NSA_CUDA_PF_CMP_WINDOW=0` keeps the sliding window in `pf_sw` (`PrefillPlan::cmp_window`),
 /// `NSA_CUDA_PF_SEL=0` the selected branch at G = 16 in `pf_sw` (`PrefillPlan::sel_split`),
-/// `NSA_CUDA_PF_SEL_SHARE=0` has `pf_sel` copy every block per warp (`PrefillPlan::sel_share`).
+/// `NSA_CUDA_PF_SEL_SHARE=0` has `pf_sel` copy every block per warp (`PrefillPlan::sel_share`),
+/// `NSA_CUDA_PF_SEL_SHARE_MIN=N` shares the blocks N positions chose (`PrefillPlan::sel_share_min`).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::{env_num, env_on};
     let knobs = Knobs {
@@ -335,6 +343,7 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
         sw_window: env_num("NSA_CUDA_PF_CMP_WINDOW") == Some(0),
         no_sel: env_num("NSA_CUDA_PF_SEL") == Some(0),
         no_share: env_num("NSA_CUDA_PF_SEL_SHARE") == Some(0),
+        share_min: env_num("NSA_CUDA_PF_SEL_SHARE_MIN"),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
@@ -344,7 +353,8 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
 /// warp), `pf_cmp` without warp specialisation, or always with the moving window, that
 /// window's length in blocks, the warp-specialised forms' consumer warps, and the sliding
 /// window kept in `pf_sw` (`NSA_CUDA_PF_CMP_WINDOW=0`), no `pf_sel` (`NSA_CUDA_PF_SEL=0`),
-/// and no shared copies in it (`NSA_CUDA_PF_SEL_SHARE=0`).
+/// and no shared copies in it (`NSA_CUDA_PF_SEL_SHARE=0`) or copies shared by N positions
+/// (`NSA_CUDA_PF_SEL_SHARE_MIN=N`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
@@ -358,11 +368,12 @@ struct Knobs {
     sw_window: bool,
     no_sel: bool,
     no_share: bool,
+    share_min: Option<usize>,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps, sw_window, no_sel, no_share } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps, sw_window, no_sel, no_share, share_min } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -396,6 +407,7 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
             sel_split: false,
             smem_sel: smem_sel as u32,
             sel_share: false,
+            sel_share_min: share_min.map_or(if cfg.head_dim_qk > 128 { 3 } else { 2 }, |n| n.clamp(2, 4) as u32),
         };
         let p = match ws {
             Some(((w, moving), b, sc_win)) => {
@@ -493,6 +505,11 @@ mod tests {
             // ... which copies the tile's common blocks once (unless its knob says no).
             assert_eq!(p.sel_share, p.sel_split);
             assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_share: true, ..Knobs::default() }).unwrap().sel_share);
+            // A block is shared when two of the tile's positions chose it, three at DK > 128
+            // (variant 82); the knob's value within 2..=4.
+            assert_eq!(p.sel_share_min, if c.head_dim_qk > 128 { 3 } else { 2 }, "{c:?}");
+            let share_min = |n| plan_with(&c, (9, 0), optin, true, Knobs { share_min: Some(n), ..Knobs::default() }).unwrap().sel_share_min;
+            assert_eq!((share_min(1), share_min(3), share_min(4), share_min(9)), (2, 3, 4, 4));
         }
         // pf_sel's stages: 16 KB a warp at 128/128, so three 4-warp blocks fit a
         // multiprocessor (228 KiB).
@@ -653,6 +670,7 @@ mod tests {
             sel_split: false,
             smem_sel: 0,
             sel_share: false,
+            sel_share_min: 2,
         };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
