@@ -123,6 +123,54 @@ fn non_finite_inputs_reach_exactly_the_reference_outputs() {
     non_finite_case::<bf16>(Dtype::Bf16, Spot::K, 70, f32::NAN);
 }
 
+/// The same policy on the tensor-core kernels (the cases above use shapes that take the
+/// scalar kernels): head dims 128, bf16, G = 16, 8 and 4, a NaN or infinite value at positions
+/// 70 and 90 and a NaN key at 70, the sequence in `chunks`. Every case runs; the failures are
+/// listed together.
+fn non_finite_on_tensor_cores(chunks: &[usize], what: &str) {
+    let mut failures = vec![];
+    for hkv in [1, 2, 4] {
+        let mut c = Config::preset(Preset::Paper).with_shape(16, hkv, 128, 128).with_capacity(1, 256);
+        c.dtype = Dtype::Bf16;
+        c.cpu_threads = 2;
+        for (spot, pos, bad) in [(Spot::V, 70, f32::NAN), (Spot::V, 90, f32::INFINITY), (Spot::K, 70, f32::NAN)] {
+            let d = non_finite::data::<bf16>(&c, spot, pos, bad);
+            let name = format!("gpu bf16 G = {} {spot:?} = {bad} at {pos}, {what}", 16 / hkv);
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let got = gpu_engine::<bf16>(&c, &d, chunks);
+                non_finite::check(&c, &d, &got, 3e-2, &name);
+            }));
+            if let Err(e) = run {
+                let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|m| m.to_string()));
+                failures.push(msg.unwrap_or(name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of 9 cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// A prefill chunk's tiles serve several positions with one K/V load, so a value past a
+/// position (in the same tile) meets a zero probability there: 0 * NaN must not reach that
+/// position's output. One 120-token step (the prefill kernels).
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn non_finite_values_on_the_tensor_core_prefill() {
+    if device_or_skip("non_finite_values_on_the_tensor_core_prefill").is_none() {
+        return;
+    }
+    non_finite_on_tensor_cores(&[non_finite::LEN], "one step");
+}
+
+/// The same token by token (the tensor-core decode kernels).
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn non_finite_values_on_the_tensor_core_decode() {
+    if device_or_skip("non_finite_values_on_the_tensor_core_decode").is_none() {
+        return;
+    }
+    non_finite_on_tensor_cores(&[1; non_finite::LEN], "token by token");
+}
+
 /// Decode token by token equals one prefill of the same tokens on the device. Not bit
 /// for bit: the compressed branch splits its keys over thread blocks by the step's row
 /// count, so the f32 sums are ordered differently; tolerance 2e-5 relative in f32, one
