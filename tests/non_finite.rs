@@ -8,7 +8,7 @@ use common::non_finite::{cfg, check, data, schedules, Spot, CASES};
 use common::*;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::elem::Elem;
-use nsa::{Cache, Config, Dtype, StepSeq};
+use nsa::{Cache, Config, Dtype, Preset, StepSeq};
 
 /// Runs the whole sequence through the CPU engine in `chunks`; its outputs as f32.
 fn engine<T: Elem>(c: &Config, d: &SeqData, chunks: &[usize]) -> Vec<f32> {
@@ -55,4 +55,23 @@ fn half_precision_storage_propagates_the_same_way() {
     case::<half::bf16>(Dtype::Bf16, Spot::K, 70, f32::NAN);
     case::<half::f16>(Dtype::F16, Spot::V, 30, f32::NAN);
     case::<half::f16>(Dtype::F16, Spot::Q, 100, f32::INFINITY);
+}
+
+/// The shapes the GPU's tensor-core test uses (tests/gpu_lifecycle.rs): head dims 128, bf16,
+/// G = 16, 8, 4, one 120-token step and token by token: the CPU engine's blocked kernels
+/// also share K/V rows among positions.
+#[test]
+fn the_tensor_core_test_shapes_on_the_cpu() {
+    for hkv in [1, 2, 4] {
+        let mut c = Config::preset(Preset::Paper).with_shape(16, hkv, 128, 128).with_capacity(1, 256);
+        c.dtype = Dtype::Bf16;
+        c.cpu_threads = 2;
+        for (spot, pos, bad) in [(Spot::V, 70, f32::NAN), (Spot::V, 90, f32::INFINITY), (Spot::K, 70, f32::NAN)] {
+            let d = data::<half::bf16>(&c, spot, pos, bad);
+            for chunks in [vec![common::non_finite::LEN], vec![1; common::non_finite::LEN]] {
+                let got = engine::<half::bf16>(&c, &d, &chunks);
+                check(&c, &d, &got, 3e-2, &format!("cpu bf16 G = {} {spot:?} = {bad} at {pos}, {} chunks", 16 / hkv, chunks.len()));
+            }
+        }
+    }
 }
