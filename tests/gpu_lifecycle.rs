@@ -129,11 +129,9 @@ fn non_finite_inputs_reach_exactly_the_reference_outputs() {
 /// listed together.
 fn non_finite_on_tensor_cores(chunks: &[usize], what: &str) {
     let mut failures = vec![];
-    for hkv in [1, 2, 4] {
-        let mut c = Config::preset(Preset::Paper).with_shape(16, hkv, 128, 128).with_capacity(1, 256);
-        c.dtype = Dtype::Bf16;
-        c.cpu_threads = 2;
-        for (spot, pos, bad) in [(Spot::V, 70, f32::NAN), (Spot::V, 90, f32::INFINITY), (Spot::K, 70, f32::NAN)] {
+    for hkv in non_finite::WIDE_HKV {
+        let c = non_finite::wide_cfg(hkv);
+        for (spot, pos, bad) in non_finite::WIDE_CASES {
             let d = non_finite::data::<bf16>(&c, spot, pos, bad);
             let name = format!("gpu bf16 G = {} {spot:?} = {bad} at {pos}, {what}", 16 / hkv);
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -4,11 +4,11 @@
 //! Cases and check: `common/non_finite.rs` (shared with the GPU test).
 
 mod common;
-use common::non_finite::{cfg, check, data, schedules, Spot, CASES};
+use common::non_finite::{cfg, check, data, schedules, wide_cfg, Spot, CASES, WIDE_CASES, WIDE_HKV};
 use common::*;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
 use nsa::elem::Elem;
-use nsa::{Cache, Config, Dtype, Preset, StepSeq};
+use nsa::{Cache, Config, Dtype, StepSeq};
 
 /// Runs the whole sequence through the CPU engine in `chunks`; its outputs as f32.
 fn engine<T: Elem>(c: &Config, d: &SeqData, chunks: &[usize]) -> Vec<f32> {
@@ -62,11 +62,9 @@ fn half_precision_storage_propagates_the_same_way() {
 /// also share K/V rows among positions.
 #[test]
 fn the_tensor_core_test_shapes_on_the_cpu() {
-    for hkv in [1, 2, 4] {
-        let mut c = Config::preset(Preset::Paper).with_shape(16, hkv, 128, 128).with_capacity(1, 256);
-        c.dtype = Dtype::Bf16;
-        c.cpu_threads = 2;
-        for (spot, pos, bad) in [(Spot::V, 70, f32::NAN), (Spot::V, 90, f32::INFINITY), (Spot::K, 70, f32::NAN)] {
+    for hkv in WIDE_HKV {
+        let c = wide_cfg(hkv);
+        for (spot, pos, bad) in WIDE_CASES {
             let d = data::<half::bf16>(&c, spot, pos, bad);
             for chunks in [vec![common::non_finite::LEN], vec![1; common::non_finite::LEN]] {
                 let got = engine::<half::bf16>(&c, &d, &chunks);

@@ -243,7 +243,7 @@ pub(crate) struct LaunchSetup {
     /// `pf_sel` loads the blocks two or more of a tile's positions chose once
     /// ([`MODE_PF_SEL_SHARE`]).
     pub pf_sel_share: bool,
-    /// `PrefillPlan::sel_share_min` ([`MODE_PF_SEL_SHARE_MIN_SHIFT`]).
+    /// `PrefillPlan::sel_share_min`, 2 to 4 ([`MODE_PF_SEL_SHARE_MIN_SHIFT`]).
     pub pf_sel_share_min: u32,
 }
 
@@ -315,7 +315,7 @@ impl Params {
                     | (setup.pf_sel_warp as i32) << 2
                     | if setup.pf_cmp_window { MODE_PF_CMP_WINDOW } else { 0 }
                     | if setup.pf_sel_share { MODE_PF_SEL_SHARE } else { 0 }
-                    | (setup.pf_sel_share_min.clamp(2, 4) as i32 - 2) << MODE_PF_SEL_SHARE_MIN_SHIFT,
+                    | (setup.pf_sel_share_min as i32 - 2) << MODE_PF_SEL_SHARE_MIN_SHIFT,
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
                 pf_c0: 0,

@@ -115,7 +115,7 @@ pub(crate) struct PrefillPlan {
     /// With `sel_share`: how many of a tile's positions must have chosen a block for it to be
     /// shared (2 or 3; 4: all of them): 3 at DK > 128, where `pf_sel` runs two blocks per
     /// multiprocessor and a shared block's block barriers idle the warps whose positions
-    /// did not choose it (H200, paper 192/128: 8k 2.91 -> 2.76 ms, 16k 6.26 -> 6.13, 64k
+    /// did not choose it (H200, paper 192/128: 8k 2.90 -> 2.74 ms, 16k 6.25 -> 6.10, 64k
     /// unchanged; at 128/128 3 was 2-3% slower at 16k and 64k; docs/PREFILL_NOTES.md,
     /// variant 82). Knob `NSA_CUDA_PF_SEL_SHARE_MIN=2|3|4` (`MODE_PF_SEL_SHARE_MIN_SHIFT`).
     pub sel_share_min: u32,

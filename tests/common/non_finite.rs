@@ -35,6 +35,21 @@ pub const CASES: [(Spot, usize, f32); 11] = [
     (Spot::Gate, 2, f32::INFINITY),
 ];
 
+/// The cases on the tensor-core shapes (the GPU's tensor-core kernels, and the CPU engine at
+/// the same shapes): a NaN or infinite value at positions 70 and 90, a NaN key at 70.
+pub const WIDE_CASES: [(Spot, usize, f32); 3] = [(Spot::V, 70, f32::NAN), (Spot::V, 90, f32::INFINITY), (Spot::K, 70, f32::NAN)];
+
+/// KV heads of the tensor-core shapes' configs: G = 16, 8 and 4 over 16 query heads.
+pub const WIDE_HKV: [u32; 3] = [1, 2, 4];
+
+/// A tensor-core shape: paper preset, 16 query heads over `hkv`, head dims 128, bf16.
+pub fn wide_cfg(hkv: u32) -> Config {
+    let mut c = Config::preset(Preset::Paper).with_shape(16, hkv, 128, 128).with_capacity(1, 256);
+    c.dtype = Dtype::Bf16;
+    c.cpu_threads = 2;
+    c
+}
+
 /// Tokens of every case's sequence.
 pub const LEN: usize = 120;
 
