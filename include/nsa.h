@@ -1385,12 +1385,9 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * output; `NSA_CUDA_NO_PDL=1` at backend creation turns this off).
  *
  * Non-finite inputs: as `nsa_cpu_run_layer` says (a NaN or infinity reaches exactly the
- * outputs whose branches read it), with one known exception: on the tensor-core prefill
- * path (a step with a sequence's chunk of 64 tokens or more; 16-bit types, head dims
- * 64/64, 128/128 or 192/128, a power-of-two group of at most 16)
- * a NaN or infinity in `v` at position j can also make NaN the outputs of earlier
- * positions of the same chunk (a tile of keys serves several positions, and a zero
- * weight times NaN is NaN). Decode steps and `q`, `k` and `gates` follow the rule.
+ * outputs whose branches read it), on every path: the tensor-core prefill kernels, where a
+ * tile of keys serves several positions, take a tile's products in scalar when a value
+ * some of its positions must not see is non-finite (slower, only then).
  *
  * Errors (nothing is enqueued, the layer is not counted): `NSA_STATUS_NULL_POINTER`,
  * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step

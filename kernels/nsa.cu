@@ -23,7 +23,8 @@
 //   wgmma.cuh       warpgroup MMA (sm_90a): matrix descriptors, swizzled tiles
 //   prefill.cuh     the prefill path: pf_cmp (compressed branch + selection) and pf_sw
 //                   (selected + window + gated combine) over tiles of positions x heads;
-//                   prefill_parts.cuh: its tiles, copies, MMA policies, softmax, top-n
+//                   prefill_parts.cuh: its tiles, copies, MMA policies, softmax, top-n;
+//                   prefill_nonfinite.cuh: its guard for NaN / infinite V in shared tiles
 //   prefill_blocks.cuh  the prefill's selected branch block-major, for small groups
 //                   (pfb_count / pfb_scan / pfb_fill: the selection inverted into lists per
 //                   (KV head, block); pfb_attn: partials; pfb_merge: into the output)
@@ -64,6 +65,7 @@
 #include "full.cuh"
 #include "wgmma.cuh"
 #include "prefill_parts.cuh"
+#include "prefill_nonfinite.cuh"
 #include "prefill.cuh"
 #include "prefill_blocks.cuh"
 

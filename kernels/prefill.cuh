@@ -44,6 +44,7 @@
 #define NSA_PREFILL_CUH
 
 #include "prefill_parts.cuh"
+#include "prefill_nonfinite.cuh"
 
 // ---------------------------------------------------------------- pf_cmp's parts
 // Shared by `pf_cmp` (block-wide stages) and `pf_cmp_ws` (a producer warp and mbarriers):
@@ -524,7 +525,19 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
                     }
             }
             pf_online<8, DV>(sv, sl2, mA, mB, lA, lB, o);
-            m.pv(sv, vs + s * M::VTILE, o);
+            // In scalar where a loaded key that some of the tile's rows do not see (below
+            // the last position's band, past the first position) holds a non-finite value
+            // (kernels/prefill_nonfinite.cuh; every consumer warp scans the same rows).
+            const unsigned vt = vs + s * M::VTILE;
+            if ((k0 <= last - w || k0 + PF_KT - 1 > tl.pos0) &&
+                pf_tile_nf<E, DV, M>(vt, 0, min(PF_KT - 1, last - w - k0), max(tl.pos0 + 1 - k0, 0), min(PF_KT - 1, last - k0)))
+                // Row A sees tile keys (eA - w, eA], row B (eB - w, eB] (none past the tile).
+                pf_tile_pv_exact<E, DV, M>(sv, vt, [eA = okA ? tA - k0 : -0x40000000, eB = okB ? tB - k0 : -0x40000000, w](int b, int j) {
+                    const int e = b ? eB : eA;
+                    return j <= e && j > e - w;
+                }, o);
+            else
+                m.pv(sv, vt, o);
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
@@ -704,6 +717,7 @@ __device__ void pf_cmp(const Params& p) {
         cp.commit();
     }
     float* myps = ps + warp * PW * PF_KT;
+    const int cu = pf_unit_cmp_count<M>(p, tl, warp);
     for (int kt = 0; kt < ntl; kt++) {
         const int nx = kt + NS - 1;
         if (nx < ntl)
@@ -716,7 +730,11 @@ __device__ void pf_cmp(const Params& p) {
         float s[8][4];
         m.qk(ks + (kt % NS) * M::KTILE, s);
         pf_prob_tile(s, kt * PF_KT, rw, sl2, lseA, lseB);
-        m.pv(s, vs + (kt % NS) * M::VTILE, o);
+        const unsigned vt = vs + (kt % NS) * M::VTILE;
+        if (pf_cmp_tile_nf<E, DV, M>(vt, kt * PF_KT, cu, nc_max))  // kernels/prefill_nonfinite.cuh
+            pf_tile_pv_exact<E, DV, M>(s, vt, [nA = rw.ncA - kt * PF_KT, nB = rw.ncB - kt * PF_KT](int b, int j) { return j < (b ? nB : nA); }, o);
+        else
+            m.pv(s, vt, o);
         pf_block_scores(p, s, myps, pf_win(sm.S, 0), sm.S.L(), nblk_tile, tl, warp, kt * PF_KT);
         __syncthreads();
     }
@@ -890,6 +908,9 @@ __device__ void pf_cmp_ws(const Params& p) {
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float* myps = ps + warp * PW * PF_KT;
+    // Compressed tokens the tile's first position sees: later ones some rows do not see
+    // (the non-finite guard's scan; every consumer warp scans the same rows, so they agree).
+    const int nc0 = num_cmp(p, tl.pos0 + 1);
     for (int kt = 0; kt < ntl; kt++) {
         const int it = ntl + kt, q = round_of(it), s = it - q * NS, k0 = kt * PF_KT;
         if (WIN && min(pf_tile_last_block(p, k0), nblk_tile - 1) - cb >= W) {
@@ -906,8 +927,14 @@ __device__ void pf_cmp_ws(const Params& p) {
         m.qk(ks + s * M::KTILE, sv);
         pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);
         // P.V stays in flight while the probabilities are summed into block scores (it
-        // reads V from the stage: the stage is released after the wait).
-        m.template pv<false>(sv, vs + s * M::VTILE, o);
+        // reads V from the stage: the stage is released after the wait); in scalar where
+        // a non-finite value in V must not reach rows that do not see its token
+        // (kernels/prefill_nonfinite.cuh).
+        const unsigned vt = vs + s * M::VTILE;
+        if (pf_cmp_tile_nf<E, DV, M>(vt, k0, nc0, nc_max))
+            pf_tile_pv_exact<E, DV, M>(sv, vt, [nA = rw.ncA - k0, nB = rw.ncB - k0](int b, int j) { return j < (b ? nB : nA); }, o);
+        else
+            m.template pv<false>(sv, vt, o);
         pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
         wg_wait<0>();
         wg_pin(o);
@@ -964,11 +991,18 @@ __device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int r
 
 // The second half of a 16-key sub-tile step of the per-warp selected loops (`pf_sel_warp`,
 // `pf_sel_alone`): the online softmax of the masked scores s, then P times the sub-tile's V
-// rows into o; `vaddr(dp)` is the ldmatrix address of V's columns 16 dp .. 16 dp + 15.
-template <class E, int DV, class VAddr>
+// rows into o; `vaddr(dp)` is the ldmatrix address of V's columns 16 dp .. 16 dp + 15 of
+// the warp stage's V rows at `vt`. With `exact` (`pf_sub_nf` found a non-finite value
+// in keys some row does not see) the product is taken in scalar, each row only with the
+// keys it `sees` (as `pf_pv_exact` takes it; kernels/prefill_nonfinite.cuh).
+template <class E, int DV, class VAddr, class Sees>
 __device__ __forceinline__ void pf_sub_pv(float (&s)[2][4], float sl2, float& mA, float& mB, float& lA, float& lB,
-                                          float (&o)[DV / 8][4], VAddr vaddr) {
+                                          float (&o)[DV / 8][4], VAddr vaddr, bool exact, unsigned vt, Sees sees) {
     pf_online<2, DV>(s, sl2, mA, mB, lA, lB, o);
+    if (exact) {
+        pf_pv_exact<E, 2, DV>(s, [vt](int j, int c) { return vt + j * DV * 2 + pf_swz(c >> 3, j) + (c & 7) * 2; }, sees, o);
+        return;
+    }
     const unsigned pa0 = pack2<E::MMA>(s[0][0], s[0][1]), pa1 = pack2<E::MMA>(s[0][2], s[0][3]);
     const unsigned pa2 = pack2<E::MMA>(s[1][0], s[1][1]), pa3 = pack2<E::MMA>(s[1][2], s[1][3]);
 #pragma unroll
@@ -978,6 +1012,13 @@ __device__ __forceinline__ void pf_sub_pv(float (&s)[2][4], float sl2, float& mA
         mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
         mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
     }
+}
+
+// The non-finite guard's scan of V rows nf0..nf1 (none when nf1 < nf0) of a warp stage at
+// `vt` (the loaded keys some of the warp's rows do not see): `pf_sub_pv`'s `exact`.
+template <class E, int DV>
+__device__ __forceinline__ bool pf_sub_nf(unsigned vt, int nf0, int nf1) {
+    return nf0 <= nf1 && pf_nf_rows<E, DV>([vt](int r, int c) { return vt + r * DV * 2 + pf_swz(c, r); }, nf0, nf1);
 }
 
 // The selected branch of one warp's rows (`launch.mode & 4`): the warp walks the blocks
@@ -1078,6 +1119,9 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         }
         // Rows of positions that did not choose the block, and keys past a row's
         // position, see nothing of it (masks only where some row of the warp needs them).
+        // The loaded keys (up to the tile's last position) from the first that some row
+        // does not see are the non-finite guard's to scan.
+        int nf0 = 16;
         if (!__all_sync(0xffffffffu, sA && sB && k0 + 15 <= min(tA, tB))) {
 #pragma unroll
             for (int nt = 0; nt < 2; nt++)
@@ -1087,8 +1131,11 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
                     if (!(sA && pos <= tA)) s[nt][e] = NEG_INF;
                     if (!(sB && pos <= tB)) s[nt][2 + e] = NEG_INF;
                 }
+            nf0 = __reduce_min_sync(0xffffffffu, sA && sB ? max(min(tA, tB) - k0 + 1, 0) : 0);
         }
-        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow); });
+        const bool exact = pf_sub_nf<E, DV>(vt, nf0, min(15, last - k0));
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow); }, exact,
+                         vt, [eA = sA ? tA - k0 : -1, eB = sB ? tB - k0 : -1](int b, int jj) { return jj <= (b ? eB : eA); });
         __syncwarp();  // the stage is refilled by the copy issued in the step after next
         cu = nu;
         cq = nq;
@@ -1195,7 +1242,11 @@ __device__ void pf_sel_alone(const Params& p) {
                 for (int e = 0; e < 2; e++)
                     if (k0 + nt * 8 + q4 * 2 + e > t) s[nt][e] = s[nt][2 + e] = NEG_INF;
         }
-        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); });
+        // Keys past the position are zero-filled rows (its own blocks are copied up to it,
+        // and no shared block holds a key past the tile's first position): no non-finite
+        // value to guard against.
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); },
+                         false, vt, [](int, int) { return false; });
     };
 
     // The blocks two or more positions of the tile chose (the initial and local blocks, shared
@@ -1229,9 +1280,13 @@ __device__ void pf_sel_alone(const Params& p) {
             }
         }
         // Shared when at least 2, 3 or all of the tile's positions chose it (the host's
-        // `PrefillPlan::sel_share_min`: a shared block idles the warps that did not choose it).
+        // `PrefillPlan::sel_share_min`: a shared block idles the warps that did not choose it),
+        // and when no key of it lies past the tile's first position: a shared block is
+        // copied up to the tile's last position, and a position's rows would multiply the
+        // keys past it (probability 0) by their V, where 0 x NaN is NaN (the non-finite
+        // policy, kernels/prefill_nonfinite.cuh); the warps' own copies zero-fill them.
         const int smin = (p.launch.mode >> MODE_PF_SEL_SHARE_MIN_SHIFT) & 3;
-        const bool multi = __popc(who) >= (smin == 2 ? max(tl.npos, 2) : 2 + smin);
+        const bool multi = __popc(who) >= (smin == 2 ? max(tl.npos, 2) : 2 + smin) && myblk * B + B - 1 <= tl.pos0;
         const unsigned mine = __ballot_sync(0xffffffffu, multi && first);
         if (lane == 0) ccount[warp] = __popc(mine);
         __syncthreads();
@@ -1264,8 +1319,11 @@ __device__ void pf_sel_alone(const Params& p) {
         if (ci < 32) issue(ci, 0, 0);
         cp_commit();
         while (ci < 32) {
+            // The block's next sub-tile, unless it starts past the position (its own block's
+            // sub-tiles past it would be all masked).
+            const int kb = __shfl_sync(0xffffffffu, myblk, ci) * B;
             int nq = cq + 1, ni = ci;
-            if (nq == nsub) {
+            if (nq == nsub || kb + nq * 16 > t) {
                 nq = 0;
                 todo &= ~(1u << ci);
                 ni = todo ? __ffs(todo) - 1 : 32;
@@ -1274,7 +1332,7 @@ __device__ void pf_sel_alone(const Params& p) {
             cp_commit();
             cp_wait<1>();
             __syncwarp();
-            attend(wst + st * SB, __shfl_sync(0xffffffffu, myblk, ci) * B + cq * 16);
+            attend(wst + st * SB, kb + cq * 16);
             __syncwarp();  // the stage is refilled by the copy issued in the step after next
             ci = ni;
             cq = nq;
@@ -1462,6 +1520,24 @@ __device__ void pf_sw(const Params& p) {
             work = unit * PU < tl.npos && k0 <= tmax && k0 + PF_KT - 1 >= tmin - p.shape.window + 1;
         }
         if (work) {
+            // The loaded keys (up to the tile's last position) some of the unit's rows do
+            // not see: a block some of its positions did not choose, all of it; else the
+            // keys past its first position, and in the window those below its last
+            // position's band. Where one holds a non-finite value the unit takes the P V
+            // in scalar (kernels/prefill_nonfinite.cuh).
+            bool exact;
+            {
+                const int umin = tl.pos0 + unit * PU, umax = min(umin + PU - 1, last), kl = min(PF_KT - 1, last - k0);
+                const unsigned vt = vs + ((it - it0) % NS) * M::VTILE;
+                const unsigned valid = ubits & (tl.npos >= 32 ? 0xffffffffu : (1u << tl.npos) - 1u);
+                if (it < nsel_tiles && (bm & valid) != valid)
+                    exact = pf_tile_nf<E, DV, M>(vt, 0, kl);
+                else if (it < nsel_tiles)
+                    exact = k0 + PF_KT - 1 > umin && pf_tile_nf<E, DV, M>(vt, max(umin + 1 - k0, 0), kl);
+                else
+                    exact = (k0 <= umax - p.shape.window || k0 + PF_KT - 1 > umin) &&
+                            pf_tile_nf<E, DV, M>(vt, 0, min(PF_KT - 1, umax - p.shape.window - k0), max(umin + 1 - k0, 0), kl);
+            }
             float s[8][4];
             m.qk(ks + ((it - it0) % NS) * M::KTILE, s);
             const bool selA = it < nsel_tiles ? okA && ((bm >> poA) & 1u) : okA;
@@ -1488,7 +1564,14 @@ __device__ void pf_sw(const Params& p) {
                 }
                 pf_online<8, DV>(s, sl2, mA, mB, lA, lB, o);
             }
-            m.pv(s, vs + ((it - it0) % NS) * M::VTILE, o);
+            const unsigned vt = vs + ((it - it0) % NS) * M::VTILE;
+            if (exact)
+                // Row A sees tile keys [lA, eA], row B [lB, eB] (none where it did not choose the block).
+                pf_tile_pv_exact<E, DV, M>(s, vt, [eA = selA ? tA - k0 : -1, eB = selB ? tB - k0 : -1, lA = loA - k0, lB = loB - k0](int b, int j) {
+                    return b ? j <= eB && j >= lB : j <= eA && j >= lA;
+                }, o);
+            else
+                m.pv(s, vt, o);
         }
         __syncthreads();
     }

@@ -25,6 +25,7 @@
 
 #include "common.cuh"
 #include "prefill_parts.cuh"  // pf_sel, PF_KT
+#include "prefill_nonfinite.cuh"
 #include "ptx.cuh"
 
 #define PFB_WARPS NSA_PFB_WARPS  // warps of pfb_attn's blocks
@@ -157,6 +158,7 @@ __device__ __forceinline__ void pfb_load_q(const Params& p, const PfbChunk& c, u
 template <class E, int DK, int DV>
 __device__ void pfb_attn(const Params& p) {
     extern __shared__ __align__(16) unsigned char pfb_smem[];
+    __shared__ unsigned long long nfrows;  // the item's V rows with a non-finite element (bit r: key k0 + r)
     constexpr int LK = DK + 8, LV = DV + 8;  // padded rows: ldmatrix without bank conflicts
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, tq = lane & 3;
@@ -181,6 +183,7 @@ __device__ void pfb_attn(const Params& p) {
         const int kvh = item.x, blk = item.y, e0 = item.z, e1 = item.w;
         const int hq0 = kvh * G, k0 = blk * PFB_KEYS, ne = e1 - e0;
         __syncthreads();  // the previous item's K/V and entries are no longer read
+        if (tid == 0) nfrows = 0ull;
         {
             const int page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
             const u16* kb = (const u16*)p.paging.raw_k + row_at(p, page, kvh, off, DK);
@@ -204,6 +207,21 @@ __device__ void pfb_attn(const Params& p) {
         if (e < ne) pfb_load_q<DK, LK>(p, c, qw, es, e, ne, hq0, lg, lane);
         cp_commit();
         cp_wait<0>();
+        // The non-finite guard (kernels/prefill_nonfinite.cuh): where the block holds keys past
+        // the chunk's first position, each thread checks the V granules it copied (its own
+        // copies are complete for it here) and marks their rows in `nfrows`.
+        if (k0 + PFB_KEYS - 1 > c.pos0) {
+            bool bad = false;
+            unsigned long long rows = 0ull;
+            for (int x = tid; x < PFB_KEYS * DV / 8; x += PFB_WARPS * 32) {
+                const int r = x / (DV / 8), cc = x % (DV / 8);
+                if (k0 + r < c.len && pf_nf_granule<E>(lds128(vs + (r * LV + cc * 8) * 2))) {
+                    bad = true;
+                    rows |= 1ull << r;
+                }
+            }
+            if (bad) atomicOr(&nfrows, rows);
+        }
         __syncthreads();
 
         for (; e < ne; e += PFB_WARPS * pw) {
@@ -212,6 +230,14 @@ __device__ void pfb_attn(const Params& p) {
             if (en < ne) pfb_load_q<DK, LK>(p, c, qw + (buf ^ 1) * 16 * LK * 2, es, en, ne, hq0, lg, lane);
             cp_commit();
 
+            // The lane's rows' entries and positions (rows past the entries see every key);
+            // whether a loaded key past the warp's first position holds a non-finite value:
+            // then P V is taken in scalar (kernels/prefill_nonfinite.cuh).
+            const int eA = e + (g >> lg), eB = e + ((g + 8) >> lg);
+            const int rA = eA < ne ? es[eA] : -1, rB = eB < ne ? es[eB] : -1;
+            const int tA = rA >= 0 ? c.pos0 + (rA >> 5) : 0x7fffffff, tB = rB >= 0 ? c.pos0 + (rB >> 5) : 0x7fffffff;
+            const int tmin = __reduce_min_sync(0xffffffffu, min(tA, tB));
+            const bool exact = k0 + PFB_KEYS - 1 > tmin && (nfrows >> max(tmin + 1 - k0, 0)) != 0ull;
             // S = Q K^T: 16 rows x 64 keys.
             float s[8][4];
 #pragma unroll
@@ -232,9 +258,6 @@ __device__ void pfb_attn(const Params& p) {
             }
             // Causal mask (only the position's own block reaches past it) and each row's
             // softmax over the block, log2 domain.
-            const int eA = e + (g >> lg), eB = e + ((g + 8) >> lg);
-            const int rA = eA < ne ? es[eA] : -1, rB = eB < ne ? es[eB] : -1;
-            const int tA = rA >= 0 ? c.pos0 + (rA >> 5) : 0x7fffffff, tB = rB >= 0 ? c.pos0 + (rB >> 5) : 0x7fffffff;
             float mA = NEG_INF, mB = NEG_INF;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -267,21 +290,33 @@ __device__ void pfb_attn(const Params& p) {
                 lA += __shfl_xor_sync(0xffffffffu, lA, o);
                 lB += __shfl_xor_sync(0xffffffffu, lB, o);
             }
-            // O = P V: 16 rows x DV.
+            // O = P V: 16 rows x DV (in scalar with `exact`).
             float acc[DV / 8][4];
 #pragma unroll
             for (int j = 0; j < DV / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+            if (exact) {
+                // P through the chunk's query rows (free once S is taken: [16][64] 16-bit, 2 KB
+                // of their 16 (DK + 8) x 2 bytes), so the scalar product needs no S registers.
+                static_assert(16 * PFB_KEYS <= 16 * LK, "P fits the chunk's query rows");
+                u16* pb = qw_ptr + buf * 16 * LK;
+                pf_p_to_smem<E, 8>(s, pb);
+                __syncwarp();
+                pf_pv_exact_smem<E, PFB_KEYS, DV>(pb, [vs](int j, int cc) { return vs + (j * LV + cc) * 2; },
+                                                  [eA = min(tA - k0, PFB_KEYS), eB = min(tB - k0, PFB_KEYS)](int b, int j) { return j <= (b ? eB : eA); }, acc);
+                __syncwarp();  // the buffer stages the partial next
+            } else {
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                const unsigned a0 = pack2<E::MMA>(s[2 * kk][0], s[2 * kk][1]), a1 = pack2<E::MMA>(s[2 * kk][2], s[2 * kk][3]);
-                const unsigned a2 = pack2<E::MMA>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                const unsigned a3 = pack2<E::MMA>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                for (int kk = 0; kk < 4; kk++) {
+                    const unsigned a0 = pack2<E::MMA>(s[2 * kk][0], s[2 * kk][1]), a1 = pack2<E::MMA>(s[2 * kk][2], s[2 * kk][3]);
+                    const unsigned a2 = pack2<E::MMA>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    const unsigned a3 = pack2<E::MMA>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-                for (int j = 0; j < DV / 16; j++) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm4t(vs + ((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LV + j * 16 + (lane >> 4) * 8) * 2, b0, b1, b2, b3);
-                    mma16816<E::MMA>(acc[2 * j], a0, a1, a2, a3, b0, b1);
-                    mma16816<E::MMA>(acc[2 * j + 1], a0, a1, a2, a3, b2, b3);
+                    for (int j = 0; j < DV / 16; j++) {
+                        unsigned b0, b1, b2, b3;
+                        ldsm4t(vs + ((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LV + j * 16 + (lane >> 4) * 8) * 2, b0, b1, b2, b3);
+                        mma16816<E::MMA>(acc[2 * j], a0, a1, a2, a3, b0, b1);
+                        mma16816<E::MMA>(acc[2 * j + 1], a0, a1, a2, a3, b2, b3);
+                    }
                 }
             }
             // The normalised partial through the chunk's (now free) query rows, then

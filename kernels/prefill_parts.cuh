@@ -219,6 +219,8 @@ struct MmaSync {
     static constexpr bool ACC_REGS = false;  // no registers to spare: the partial output in shared memory
     static constexpr unsigned KTILE = PF_KT * (DK + 8) * 2, VTILE = PF_KT * (DV + 8) * 2;
     static __host__ __device__ constexpr unsigned q_bytes(int) { return 0; }  // Q staged through the K/V stages
+    // Shared address of 16-byte granule c of key r in a V tile at vt (padded rows).
+    static __device__ __forceinline__ unsigned v_gran(unsigned vt, int r, int c) { return vt + (r * (DV + 8) + c * 8) * 2; }
     unsigned qf[DK / 16][4];
 
     // `q_at`: the block's Q region (unused), `stage`: the K/V stages (free at this point).
@@ -300,6 +302,8 @@ struct Wgmma {
     static constexpr bool ACC_REGS = true;
     static constexpr unsigned KTILE = PF_KT * DK * 2, VTILE = PF_KT * DV * 2;
     static __host__ __device__ constexpr unsigned q_bytes(int rows) { return (unsigned)rows * DK * 2; }
+    // Shared address of 16-byte granule c of key r in a V tile at vt (swizzled, MN-major).
+    static __device__ __forceinline__ unsigned v_gran(unsigned vt, int r, int c) { return vt + sw128_off(r, c, PF_KT); }
     unsigned qaddr;
     int rows;
     u64 qdesc;  // this warpgroup's 64 rows of the Q tile

@@ -4,8 +4,9 @@
 #   2. compute-sanitizer memcheck and racecheck on gpu_decode, gpu_prefill and gpu_full with
 #      NSA_GPU_TEST_SMALL=1 (reduced sizes), and initcheck on one small test of each.
 # Prints a short table last; full logs go to $OUT/logs.tgz and $OUT/summary.txt.
-# Env: NSA_GPU_PHASES="tests window memcheck initcheck racecheck synccheck" (default: all
-# but window and synccheck; `window` forces pf_cmp's moving window short, NSA_GPU_SC_WIN
+# Env: NSA_GPU_PHASES="tests paths window memcheck initcheck racecheck synccheck" (default:
+# all but window and synccheck; `paths` runs the non-finite tests under each prefill
+# form's knob, below; `window` forces pf_cmp's moving window short, NSA_GPU_SC_WIN
 # blocks, default 17, in its forms of NSA_GPU_WS_WARPS consumer warps if set, and runs
 # racecheck on the tests NSA_GPU_WINDOW_RACE names), NSA_GPU_FILTER (a test name filter for phase 1), NSA_GPU_SAN_FILTER (filter for
 # the sanitizer phases), NSA_GPU_SAN_BINS (which test binaries the sanitizers run),
@@ -16,7 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$here/out}"
 LOGS="$(mktemp -d)"
 mkdir -p "$OUT"
-phases="${NSA_GPU_PHASES:-tests memcheck initcheck racecheck}"
+phases="${NSA_GPU_PHASES:-tests paths memcheck initcheck racecheck}"
 summary="$OUT/summary.txt"
 : > "$summary"
 {
@@ -53,6 +54,15 @@ if [[ " $phases " == *" tests "* ]]; then
     else
       run "$n" "$LOGS/$n.log" "$b" ${NSA_GPU_FILTER:-} --include-ignored --test-threads=1 --nocapture
     fi
+  done
+fi
+# Phase `paths`: the non-finite tests of gpu_lifecycle (tensor-core prefill and decode) with
+# each prefill form a knob picks instead of the default (src/cuda/prefill.rs `plan`): a NaN
+# or infinite value must reach the outputs the reference says in every one of them
+# (kernels/prefill_nonfinite.cuh guards each kernel that shares a K/V tile among rows).
+if [[ " $phases " == *" paths "* && -x "$here/bin/gpu_lifecycle" ]]; then
+  for k in NSA_CUDA_PF_MMA=1 NSA_CUDA_PF_SEL=0 NSA_CUDA_PF_NO_WS=1 NSA_CUDA_PF_CMP_WINDOW=0 NSA_CUDA_PF_SEL_SHARE=0 NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SW_MMA=1; do
+    run "gpu_lifecycle non_finite ($k)" "$LOGS/paths_$k.log" env "$k" "$here/bin/gpu_lifecycle" non_finite --include-ignored --test-threads=1
   done
 fi
 # Phase `window`: gpu_prefill with pf_cmp's moving window of block scores forced on and

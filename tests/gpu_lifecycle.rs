@@ -149,14 +149,17 @@ fn non_finite_on_tensor_cores(chunks: &[usize], what: &str) {
 
 /// A prefill chunk's tiles serve several positions with one K/V load, so a value past a
 /// position (in the same tile) meets a zero probability there: 0 * NaN must not reach that
-/// position's output. One 120-token step (the prefill kernels).
+/// position's output. One 120-token step, and a chunk of 80 onto a cache of 40 (the
+/// prefill kernels; the first chunk takes the decode kernels).
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn non_finite_values_on_the_tensor_core_prefill() {
     if device_or_skip("non_finite_values_on_the_tensor_core_prefill").is_none() {
         return;
     }
-    non_finite_on_tensor_cores(&[non_finite::LEN], "one step");
+    let [one, onto_cache, _] = non_finite::wide_schedules();
+    non_finite_on_tensor_cores(&one, "one step");
+    non_finite_on_tensor_cores(&onto_cache, "40 then 80");
 }
 
 /// The same token by token (the tensor-core decode kernels).
@@ -166,7 +169,8 @@ fn non_finite_values_on_the_tensor_core_decode() {
     if device_or_skip("non_finite_values_on_the_tensor_core_decode").is_none() {
         return;
     }
-    non_finite_on_tensor_cores(&[1; non_finite::LEN], "token by token");
+    let [_, _, token_by_token] = non_finite::wide_schedules();
+    non_finite_on_tensor_cores(&token_by_token, "token by token");
 }
 
 /// Decode token by token equals one prefill of the same tokens on the device. Not bit

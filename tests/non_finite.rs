@@ -66,7 +66,7 @@ fn the_tensor_core_test_shapes_on_the_cpu() {
         let c = wide_cfg(hkv);
         for (spot, pos, bad) in WIDE_CASES {
             let d = data::<half::bf16>(&c, spot, pos, bad);
-            for chunks in [vec![common::non_finite::LEN], vec![1; common::non_finite::LEN]] {
+            for chunks in common::non_finite::wide_schedules() {
                 let got = engine::<half::bf16>(&c, &d, &chunks);
                 check(&c, &d, &got, 3e-2, &format!("cpu bf16 G = {} {spot:?} = {bad} at {pos}, {} chunks", 16 / hkv, chunks.len()));
             }

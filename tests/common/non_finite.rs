@@ -53,6 +53,13 @@ pub fn wide_cfg(hkv: u32) -> Config {
 /// Tokens of every case's sequence.
 pub const LEN: usize = 120;
 
+/// The tensor-core shapes' schedules: one step; a prefill chunk onto a cache that holds 40
+/// tokens (its tiles' keys then include cached ones, its compressed tokens cached values);
+/// token by token.
+pub fn wide_schedules() -> [Vec<usize>; 3] {
+    [vec![LEN], vec![40, LEN - 40], vec![1; LEN]]
+}
+
 /// Prefill in one step, in uneven chunks, and token by token.
 pub fn schedules() -> [Vec<usize>; 3] {
     [vec![LEN], vec![37, 1, 1, 50, 31], vec![1; LEN]]
