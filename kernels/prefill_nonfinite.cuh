@@ -8,14 +8,18 @@
 // but not the keys that some of a tile's rows see and others do not: the diagonal's keys
 // past the first position, the window's lower edge, the compressed tokens completed among
 // the tile's positions, a selected block that some of a warp's positions did not choose.
-// So on a tile that masks, before its P V, each unit of rows that multiply together (a
-// warp with mma.sync, a warpgroup with wgmma) scans those V rows (`pf_nf_rows`: a few rows,
-// a 16-byte load per lane and row of 256 bytes), and where one holds a non-finite element
-// the unit takes that tile's P V in scalar (`pf_pv_exact`), each product only where the
-// row sees the key, which is what the reference computes (p x NaN = NaN, p x inf = inf,
-// and NaN again where a row that sees the key has p = 0). Every warp of a unit scans the
-// same rows of the same tile, so the unit agrees without a barrier. The guard costs the
-// scan on masking tiles and nothing else unless a value is non-finite.
+// So on a tile that masks, before its P V, those V rows are scanned (`pf_nf_rows`: a
+// 16-byte load per lane and row of 256 bytes; `pf_cmp_ws` scans the tile's frontier in
+// every consumer warp, `pf_cmp` and `pf_sw` each unit of rows that multiply together, a
+// warp with mma.sync or a warpgroup with wgmma, `pfb_attn` each thread its own copies into
+// a row mask; `pf_sel` shares no block with such keys instead), and where one holds a
+// non-finite element the unit takes that tile's P V in scalar (`pf_pv_exact`), each
+// product only where the row sees the key, which is what the reference computes (p x NaN
+// = NaN, p x inf = inf, and NaN again where a row that sees the key has p = 0). Every warp
+// that decides for a unit scans the same rows of the same tile, so the unit agrees
+// without a barrier. Measured on the H200 the guard costs the prefill 3-11%, mostly from
+// the scalar path's code in the tile loops, not the scans (docs/PREFILL_NOTES.md,
+// twenty-ninth session).
 #ifndef NSA_PREFILL_NONFINITE_CUH
 #define NSA_PREFILL_NONFINITE_CUH
 
