@@ -30,7 +30,8 @@
 // Key tiles are NSA_PF_KEYS = 64 keys, one contiguous run of rows of one page (the host
 // requires page_size and sel_block to be multiples of it). Rows of a tile past the last
 // visible key are zero-filled by the copy, so stale pool rows never meet a zero
-// probability (0 * NaN).
+// probability (0 * NaN); `pf_cmp_ws`'s tensor-map tiles are not, and its non-finite scans
+// cover those rows (kernels/prefill_nonfinite.cuh).
 //
 // The matrix products come from an MMA policy: `MmaSync` (mma.sync m16n8k16, any sm_80+;
 // each warp of 16 rows keeps Q in registers and reads K/V fragments with ldmatrix from
@@ -526,11 +527,11 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
             }
             pf_online<8, DV>(sv, sl2, mA, mB, lA, lB, o);
             // In scalar where a loaded key that some of the tile's rows do not see (below
-            // the last position's band, past the first position) holds a non-finite value
+            // the last position's band, past the first position, and the rows past the last
+            // one, which the copies did not zero) holds a non-finite value
             // (kernels/prefill_nonfinite.cuh; every consumer warp scans the same rows).
             const unsigned vt = vs + s * M::VTILE;
-            if ((k0 <= last - w || k0 + PF_KT - 1 > tl.pos0) &&
-                pf_tile_nf<E, DV, M>(vt, 0, min(PF_KT - 1, last - w - k0), max(tl.pos0 + 1 - k0, 0), min(PF_KT - 1, last - k0)))
+            if (pf_band_tile_nf<E, DV, M>(vt, k0, tl.pos0, last, w, k0 + PF_KT - 1))
                 // Row A sees tile keys (eA - w, eA], row B (eB - w, eB] (none past the tile).
                 pf_tile_pv_exact<E, DV, M>(sv, vt, [eA = okA ? tA - k0 : -0x40000000, eB = okB ? tB - k0 : -0x40000000, w](int b, int j) {
                     const int e = b ? eB : eA;
@@ -753,9 +754,14 @@ __device__ void pf_cmp(const Params& p) {
 // and a producer warp that copies the tiles of both passes into stages ahead of them (in a
 // warpgroup of its own beside 12 consumer warps, PWARPS = 4, whose registers go to them).
 // Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with the
-// copy engine's bytes (or, for a tail tile whose V rows past the last visible key must
-// be zeros, with the producer's arrive after it zeroed them), empty[s] with one arrive per
-// consumer warp after its last read of the stage. So one warpgroup's softmax and block
+// copy engine's bytes, empty[s] with one arrive per consumer warp after its last read of
+// the stage. A tail tile's V rows past its last key are not zeroed (whatever the page holds
+// there, a later position's row or a stale one, may be a NaN, and 0 x NaN is NaN): the
+// consumers' non-finite scans take them in, so where one holds such a value that tile's
+// P V is taken in scalar, which never multiplies them (kernels/prefill_nonfinite.cuh). (The
+// producer zeroed them until the thirtieth session: its stores, or copy-engine copies of
+// zeros, ordered after the scans' loads of the stage's previous round only by the empty
+// mbarrier, were what compute-sanitizer's race check reported.) So one warpgroup's softmax and block
 // scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
 // variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
@@ -769,7 +775,7 @@ __device__ void pf_cmp_ws(const Params& p) {
 #endif
     using M = Wgmma<E, DK, DV>;
     extern __shared__ __align__(16) unsigned char pf_smem[];
-    __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES + 1];
+    __shared__ __align__(8) unsigned long long bars[2 * NSA_PF_WS_STAGES];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x >> 5) - PWARPS;
     const int g = lane >> 2;
     const int kvh = blockIdx.y, G = p.shape.group_size, PW = 16 / G, n = WIN ? p.shape.sel_count : 0;
@@ -788,13 +794,12 @@ __device__ void pf_cmp_ws(const Params& p) {
     float* ps = sm.ps;
     int* pg = sm.pg;
     unsigned* hist = (unsigned*)(pg + ntlm);
-    const unsigned full0 = smem_u32(bars), empty0 = full0 + 8 * NSA_PF_WS_STAGES, tailb = full0 + 16 * NSA_PF_WS_STAGES;
+    const unsigned full0 = smem_u32(bars), empty0 = full0 + 8 * NSA_PF_WS_STAGES;
     if (threadIdx.x == 0) {
         for (int s = 0; s < NS; s++) {
             mbar_init(full0 + 8 * s, 1);
             mbar_init(empty0 + 8 * s, nw);
         }
-        mbar_init(tailb, 1);
         fence_mbar_init();
     }
     M m;
@@ -817,38 +822,19 @@ __device__ void pf_cmp_ws(const Params& p) {
         // K and V tiles, through the ring.
         const int* rtab = (const int*)p.paging.raw_tab + (usize)tl.seq * p.paging.pages_per_seq;
         const PfWinTiles wn = pf_win_tiles(p, tl);
-        const int last = tl.pos0 + tl.npos - 1, wt0 = wn.t0, nwt = (p.launch.mode & 16) ? wn.n : 0;
-        unsigned tails = 0u;  // tail tiles so far: tailb's phase
+        const int wt0 = wn.t0, nwt = (p.launch.mode & 16) ? wn.n : 0;
         for (int it = 0; it < 2 * ntl + nwt; it++) {
             const int q = round_of(it), s = it - q * NS;
             if (it >= NS) mbar_wait(empty0 + 8 * s, (q - 1) & 1);
             const bool raw = it >= 2 * ntl, v = it >= ntl;
             const int kt = raw ? wt0 + it - 2 * ntl : it < ntl ? it : it - ntl, k0 = kt * PF_KT;
-            const int kend = raw ? last + 1 : nc_max;
-            const bool tail = v && k0 + PF_KT > kend;
-            const unsigned kd = ks + s * M::KTILE, vd = vs + s * M::VTILE;
-            const unsigned bar = tail ? tailb : full0 + 8 * s;
+            const unsigned kd = ks + s * M::KTILE, vd = vs + s * M::VTILE, bar = full0 + 8 * s;
             if (raw)
                 pf_tma_tile<DK, DV>(p, lane, bar, kd, 0, vd, 1, rtab[k0 / p.paging.page_size], kvh, k0);
             else if (v)
                 pf_tma_tile<DK, DV>(p, lane, bar, kd, 2, vd, 3, pg[kt], kvh, k0);
             else
                 pf_tma_tile<DK, 0>(p, lane, full0 + 8 * s, kd, 2, vd, 3, pg[kt], kvh, k0);
-            if (tail) {
-                // V rows past the last visible key: zeros (their p is 0, but 0 * NaN is
-                // NaN); then the stage is full.
-                mbar_wait(tailb, tails & 1u);
-                tails++;
-                unsigned char* vg = base + (vd - qs);
-                const int r0 = kend - k0;
-                for (int e = lane; e < (PF_KT - r0) * (DV / 8); e += 32) {
-                    const int r = r0 + e / (DV / 8), c = e % (DV / 8);
-                    *(uint4*)(vg + sw128_off(r, c, PF_KT)) = make_uint4(0u, 0u, 0u, 0u);
-                }
-                fence_async_smem();
-                __syncwarp();
-                if (lane == 0) mbar_arrive(full0 + 8 * s);
-            }
         }
         return;
     }
@@ -931,7 +917,7 @@ __device__ void pf_cmp_ws(const Params& p) {
         // a non-finite value in V must not reach rows that do not see its token
         // (kernels/prefill_nonfinite.cuh).
         const unsigned vt = vs + s * M::VTILE;
-        if (pf_cmp_tile_nf<E, DV, M>(vt, k0, nc0, nc_max))
+        if (pf_cmp_tile_nf<E, DV, M>(vt, k0, nc0, k0 + PF_KT))  // to the tile's end: not zeroed
             pf_tile_pv_exact<E, DV, M>(sv, vt, [nA = rw.ncA - k0, nB = rw.ncB - k0](int b, int j) { return j < (b ? nB : nA); }, o);
         else
             m.template pv<false>(sv, vt, o);
@@ -1532,11 +1518,8 @@ __device__ void pf_sw(const Params& p) {
                 const unsigned valid = ubits & (tl.npos >= 32 ? 0xffffffffu : (1u << tl.npos) - 1u);
                 if (it < nsel_tiles && (bm & valid) != valid)
                     exact = pf_tile_nf<E, DV, M>(vt, 0, kl);
-                else if (it < nsel_tiles)
-                    exact = k0 + PF_KT - 1 > umin && pf_tile_nf<E, DV, M>(vt, max(umin + 1 - k0, 0), kl);
-                else
-                    exact = (k0 <= umax - p.shape.window || k0 + PF_KT - 1 > umin) &&
-                            pf_tile_nf<E, DV, M>(vt, 0, min(PF_KT - 1, umax - p.shape.window - k0), max(umin + 1 - k0, 0), kl);
+                else  // a selected block: no lower edge
+                    exact = pf_band_tile_nf<E, DV, M>(vt, k0, umin, umax, it < nsel_tiles ? PF_NO_BAND : p.shape.window, last);
             }
             float s[8][4];
             m.qk(ks + ((it - it0) % NS) * M::KTILE, s);

@@ -4,8 +4,9 @@
 // A K/V tile in shared memory serves several rows, and a row that must not see one of its
 // keys gets probability 0 there; the tensor-core product still multiplies that 0 by the
 // key's V row, and 0 x NaN and 0 x inf are NaN: a non-finite V element would reach rows
-// that never see its key. The copies zero-fill a tile's rows past its last visible key,
-// but not the keys that some of a tile's rows see and others do not: the diagonal's keys
+// that never see its key. Most copies zero-fill a tile's rows past its last visible key
+// (`pf_cmp_ws`'s tensor-map tiles do not: its scans cover those rows too), but not the
+// keys that some of a tile's rows see and others do not: the diagonal's keys
 // past the first position, the window's lower edge, the compressed tokens completed among
 // the tile's positions, a selected block that some of a warp's positions did not choose.
 // So on a tile that masks, before its P V, those V rows are scanned (`pf_nf_rows`: a
@@ -145,6 +146,19 @@ __device__ __forceinline__ bool pf_tile_nf(unsigned vt, int a0, int a1, int b0 =
     return pf_nf_rows<E, DV>(gran, a0, a1) || pf_nf_rows<E, DV>(gran, b0, b1);
 }
 
+// `pf_band_tile_nf`'s band for a tile with no lower edge (a selected block's).
+#define PF_NO_BAND 0x40000000
+
+// A banded tile's scan (rows at positions first..hi, each seeing the w keys up to itself):
+// of the 64-key tile at k0 (V at vt), the keys below the last row's band (<= hi - w) and
+// those past the first row up to `kend`: the last row the copy did not zero-fill
+// (`pf_cmp_window`, `pf_sw`).
+template <class E, int DV, class M>
+__device__ __forceinline__ bool pf_band_tile_nf(unsigned vt, int k0, int first, int hi, int w, int kend) {
+    return (k0 <= hi - w || k0 + PF_KT - 1 > first) &&
+           pf_tile_nf<E, DV, M>(vt, 0, min(PF_KT - 1, hi - w - k0), max(first + 1 - k0, 0), min(PF_KT - 1, kend - k0));
+}
+
 // `pf_pv_exact` on a 64-key tile of MMA policy M whose V is at `vt`.
 template <class E, int DV, class M, class Sees>
 __device__ __forceinline__ void pf_tile_pv_exact(const float (&s)[8][4], unsigned vt, Sees sees, float (&o)[DV / 8][4]) {
@@ -152,9 +166,10 @@ __device__ __forceinline__ void pf_tile_pv_exact(const float (&s)[8][4], unsigne
 }
 
 // Pass 2 of the compressed branch (`pf_cmp`, `pf_cmp_ws`): whether the unit must take the
-// compressed tile at k0 (V at vt) exactly: the tile's loaded tokens (below `nc_max`, the
-// tile's count) from `cu`, the count of the unit's first position (the fewest: counts grow
-// with the position), are seen by some of its rows only.
+// compressed tile at k0 (V at vt) exactly: the tile's loaded rows below `nc_max` (the tile's
+// count where the copies zero-filled the rest, else k0 + 64) from `cu`, the count of the
+// unit's first position (the fewest: counts grow with the position), are seen by some of
+// its rows only, or (past the count) by none.
 template <class E, int DV, class M>
 __device__ __forceinline__ bool pf_cmp_tile_nf(unsigned vt, int k0, int cu, int nc_max) {
     return k0 + PF_KT > cu && pf_tile_nf<E, DV, M>(vt, max(cu - k0, 0), min(PF_KT - 1, nc_max - 1 - k0));
