@@ -70,9 +70,10 @@ template <class E, int DV, class El>
 __device__ __forceinline__ void pf_pv_key(float pa, float pb, bool sa, bool sb, int j, El el, float (&o)[DV / 8][4]) {
     const int q4 = threadIdx.x & 3;
     // A key neither row sees is read as key 0 (seen by some row of every tile there is),
-    // not as itself: it may be a row the copy zero-filled, written by another warp behind
-    // an mbarrier, which compute-sanitizer's race check does not take as ordering. (A
-    // branch around the loads instead made ptxas spill in the tile loops.)
+    // not as itself: it may be a row past the tile's last key, which a copy zero-filled or
+    // left as the page holds it; when another warp zeroed such rows behind an mbarrier,
+    // compute-sanitizer's race check reported these loads (it takes no mbarrier as
+    // ordering). (A branch around the loads instead made ptxas spill in the tile loops.)
     const int jr = sa || sb ? j : 0;
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) {
