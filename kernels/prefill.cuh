@@ -755,15 +755,15 @@ __device__ void pf_cmp(const Params& p) {
 // warpgroup of its own beside 12 consumer warps, PWARPS = 4, whose registers go to them).
 // Hand-over by mbarriers, no block-wide barrier in the loops: full[s] completes with the
 // copy engine's bytes, empty[s] with one arrive per consumer warp after its last read of
-// the stage. A tail tile's V rows past its last key are not zeroed (whatever the page holds
-// there, a later position's row or a stale one, may be a NaN, and 0 x NaN is NaN): the
-// consumers' non-finite scans take them in, so where one holds such a value that tile's
-// P V is taken in scalar, which never multiplies them (kernels/prefill_nonfinite.cuh). (The
-// producer zeroed them until the thirtieth session: its stores, or copy-engine copies of
-// zeros, ordered after the scans' loads of the stage's previous round only by the empty
-// mbarrier, were what compute-sanitizer's race check reported.) So one warpgroup's softmax and block
-// scores overlap the other's products and the next tiles' copies (docs/PREFILL_NOTES.md,
-// variant 14). Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
+// the stage. So one warpgroup's softmax and block scores overlap the other's products and
+// the next tiles' copies (docs/PREFILL_NOTES.md, variant 14). A tail tile's V rows past its
+// last key are not zeroed (whatever the page holds there, a later position's row or a
+// stale one, may be a NaN, and 0 x NaN is NaN): the consumers' non-finite scans take them
+// in, so where one holds such a value that tile's P V is taken in scalar, which never
+// multiplies them (kernels/prefill_nonfinite.cuh). (The producer zeroed them until the
+// thirtieth session: its stores, or copy-engine copies of zeros, ordered after the scans'
+// loads of the stage's previous round only by the empty mbarrier, were what
+// compute-sanitizer's race check reported.) Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
 // ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
 // (src/cuda/prefill.rs sizes it with the same layout). With WIN the rankings are inline
 // (a call made ptxas spill in the 12-warp form when it had 128 registers a thread).

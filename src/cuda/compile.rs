@@ -223,8 +223,9 @@ mod tests {
     /// Since the non-finite guard's scalar product (kernels/prefill_nonfinite.cuh) sits in
     /// their tile loops, ptxas keeps a few words of these prefill kernels in local memory,
     /// each stored and loaded once per thread block or work item, outside the tile loops but
-    /// for one reload noted below (read off the SASS, 2026-12-03): the 12-warp `pf_cmp_ws` forms the gated compressed
-    /// part between its passes and its window (and at 192/128 a few prologue words);
+    /// for one reload noted below (read off the SASS, 2026-12-03): the 12-warp `pf_cmp_ws`
+    /// forms the gated compressed part between its passes and its window (and at 192/128 a
+    /// few prologue words);
     /// `pfb_attn` at 128/128 one word per item; the block-wide `pf_sw` with wgmma at 192/128
     /// (a non-default form: sm_90a with `NSA_CUDA_PF_SEL=0` or a group below 16 whose blocks
     /// are not 64 keys) one prologue word, reloaded at the head of its tile loop (20 / 84
