@@ -1385,9 +1385,10 @@ nsa_status nsa_cuda_upload_step(struct nsa_cuda_backend *backend,
  * output; `NSA_CUDA_NO_PDL=1` at backend creation turns this off).
  *
  * Non-finite inputs: as `nsa_cpu_run_layer` says (a NaN or infinity reaches exactly the
- * outputs whose branches read it), on every path: the tensor-core prefill kernels, where a
- * tile of keys serves several positions, take a tile's products in scalar when a value
- * some of its positions must not see is non-finite (slower, only then).
+ * outputs whose branches read it), on every path: where a tile of keys serves several
+ * positions of the tensor-core prefill and a value some of them must not see is
+ * non-finite (or a stale pool row past a sequence's end holds such bits), the layer's last
+ * kernel recomputes those positions' outputs in scalar (slower, only then).
  *
  * Errors (nothing is enqueued, the layer is not counted): `NSA_STATUS_NULL_POINTER`,
  * `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_BAD_STRUCT_SIZE`, `NSA_STATUS_NO_STEP` (no step

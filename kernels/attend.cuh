@@ -13,18 +13,24 @@
 // (scaled) logits are stored too: logit_out[h * max_cmp + position].
 // Shared: q_s[hc*DK] | s_t[hc*NSA_TK] | v_t[NSA_TK*DV] | acc[hc*DV] | m[hc] | l[hc] | corr[hc].
 
-template <class E>
-__device__ void attend(const Params& p, const typename E::T* kpool, const typename E::T* vpool,
-                       const int* table, int kvh, int lo, int hi, int hcn, const float* q_s, float* s_t,
-                       float* v_t, float* acc, float* m_s, float* l_s, float* corr, float* logit_out) {
-    const int DK = p.shape.head_dim_qk, DV = p.shape.head_dim_v;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = NSA_NT_ATT / 32;
-    for (int e = tid; e < hcn * DV; e += NSA_NT_ATT) acc[e] = 0.f;
-    for (int h = tid; h < hcn; h += NSA_NT_ATT) {
+// `attend_keys`' state before the first key: acc = 0, m = -inf, l = 0 (then a barrier).
+__device__ __forceinline__ void attend_reset(int hcn, int DV, float* acc, float* m_s, float* l_s) {
+    for (int e = threadIdx.x; e < hcn * DV; e += NSA_NT_ATT) acc[e] = 0.f;
+    for (int h = threadIdx.x; h < hcn; h += NSA_NT_ATT) {
         m_s[h] = NEG_INF;
         l_s[h] = 0.f;
     }
     __syncthreads();
+}
+
+// The online softmax's update over keys [lo, hi), continuing the state in acc, m_s, l_s
+// (`attend` from a reset state; the prefill's repair over several ranges of one branch).
+template <class E>
+__device__ void attend_keys(const Params& p, const typename E::T* kpool, const typename E::T* vpool,
+                            const int* table, int kvh, int lo, int hi, int hcn, const float* q_s, float* s_t,
+                            float* v_t, float* acc, float* m_s, float* l_s, float* corr, float* logit_out) {
+    const int DK = p.shape.head_dim_qk, DV = p.shape.head_dim_v;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = NSA_NT_ATT / 32;
     for (int base = lo; base < hi; base += NSA_TK) {
         int n = min(NSA_TK, hi - base);
         // Stage the V tile (f32).
@@ -90,6 +96,14 @@ __device__ void attend(const Params& p, const typename E::T* kpool, const typena
         }
         __syncthreads();
     }
+}
+
+template <class E>
+__device__ void attend(const Params& p, const typename E::T* kpool, const typename E::T* vpool,
+                       const int* table, int kvh, int lo, int hi, int hcn, const float* q_s, float* s_t,
+                       float* v_t, float* acc, float* m_s, float* l_s, float* corr, float* logit_out) {
+    attend_reset(hcn, p.shape.head_dim_v, acc, m_s, l_s);
+    attend_keys<E>(p, kpool, vpool, table, kvh, lo, hi, hcn, q_s, s_t, v_t, acc, m_s, l_s, corr, logit_out);
 }
 
 // Loads the scaled queries of heads h0..h0+hcn of KV head kvh, row r.

@@ -61,6 +61,7 @@ struct Workspace {
     // Prefill's block-major selected branch (kernels/prefill_blocks.cuh; 0 when unused): list
     // counters, cursors and the item count | items | entries | partials | their log2 sums.
     u64 pf_cnt, pf_items, pf_ent, pf_part, pf_lse;
+    u64 pf_fix;  // prefill: a byte per (step row, KV head) to repair (kernels/prefill_repair.cuh)
     int max_cmp, max_blocks;
 };
 

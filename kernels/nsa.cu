@@ -24,7 +24,8 @@
 //   prefill.cuh     the prefill path: pf_cmp (compressed branch + selection) and pf_sw
 //                   (selected + window + gated combine) over tiles of positions x heads;
 //                   prefill_parts.cuh: its tiles, copies, MMA policies, softmax, top-n;
-//                   prefill_nonfinite.cuh: its guard for NaN / infinite V in shared tiles
+//                   prefill_nonfinite.cuh: its scans for NaN / infinite V in shared tiles;
+//                   prefill_repair.cuh: the exact repair of the rows they mark
 //   prefill_blocks.cuh  the prefill's selected branch block-major, for small groups
 //                   (pfb_count / pfb_scan / pfb_fill: the selection inverted into lists per
 //                   (KV head, block); pfb_attn: partials; pfb_merge: into the output)
@@ -68,6 +69,7 @@
 #include "prefill_nonfinite.cuh"
 #include "prefill.cuh"
 #include "prefill_blocks.cuh"
+#include "prefill_repair.cuh"
 
 // ---------------------------------------------------------------- entry points
 
@@ -236,6 +238,10 @@ PF_WS_ALL(12, true, 12w)
     NSA_ENTRY(pfb_merge, E, suffix)
 PFB_ALL(EBF16, bf16)
 PFB_ALL(EF16, f16)
+// The prefill's exact repair of the rows its non-finite scans marked (prefill_repair.cuh):
+// nsa_pf_repair_{bf16,f16}, any shape.
+NSA_ENTRY_NT(pf_repair, EBF16, bf16, NSA_NT_ATT)
+NSA_ENTRY_NT(pf_repair, EF16, f16, NSA_NT_ATT)
 #define PFB_ATTN(E, suffix, DK, DV)                                                                           \
     extern "C" __global__ void __launch_bounds__(NSA_PFB_WARPS * 32) nsa_pfb_attn_##suffix##_##DK##_##DV(const Params p) { \
         NSA_TIMELINE_SCOPE(pfb_attn);                                                                                      \

@@ -46,6 +46,7 @@
 
 #include "prefill_parts.cuh"
 #include "prefill_nonfinite.cuh"
+#include "prefill_repair.cuh"
 
 // ---------------------------------------------------------------- pf_cmp's parts
 // Shared by `pf_cmp` (block-wide stages) and `pf_cmp_ws` (a producer warp and mbarriers):
@@ -488,9 +489,9 @@ __device__ __forceinline__ PfWinTiles pf_win_tiles(const Params& p, const Prefil
 // warp-specialised block's 192 rows and `pf_sw` keeps the selected branch alone. Every
 // consumer warp waits for and releases every tile (a warp's release may count only towards
 // the tile's current round).
-template <class E, int DK, int DV, bool KEPT, class M, class Round>
+template <class E, int DK, int DV, bool KEPT, bool SPLIT, class M, class Round>
 __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile& tl, M& m, int kvh,
-                                              int warp, unsigned ks, unsigned vs, unsigned full0, unsigned empty0, int it0,
+                                              int warp, int nw, unsigned ks, unsigned vs, unsigned full0, unsigned empty0, int it0,
                                               Round round_of, int NS, float sl2, const unsigned (&cur)[DV / 8][2]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, G = p.shape.group_size, w = p.shape.window;
     const int last = tl.pos0 + tl.npos - 1;
@@ -510,6 +511,16 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
     for (int i = 0; i < wn.n; i++) {
         const int it = it0 + i, q = round_of(it), s = it - q * NS, k0 = (wn.t0 + i) * PF_KT;
         mbar_wait(full0 + 8 * s, q & 1);
+        // Whether a loaded key that some of the tile's rows do not see (below the last
+        // position's band, past the first position, and the rows past the last one, which
+        // the copies did not zero) holds a non-finite value: then the tile's rows are
+        // repaired after the step (kernels/prefill_repair.cuh). With SPLIT (the 12-warp
+        // forms) each consumer warp scans its share of those rows, whether its positions
+        // need the tile or not, before the tile's products; else every warp whose positions
+        // need the tile scans them all before its P V (the 8-warp forms: in the split form
+        // ptxas injected a warpgroup arrive at the P V, and in this form the 12-warp ones
+        // spilled).
+        if (SPLIT) pf_nf_note(pf_band_tile_nf<E, DV, M>(vs + s * M::VTILE, k0, tl.pos0, last, w, k0 + PF_KT - 1, warp, nw));
         if (uok && k0 <= umax && k0 + PF_KT - 1 >= umin - w + 1) {
             float sv[8][4];
             m.qk(ks + s * M::KTILE, sv);
@@ -526,23 +537,13 @@ __device__ __forceinline__ void pf_cmp_window(const Params& p, const PrefillTile
                     }
             }
             pf_online<8, DV>(sv, sl2, mA, mB, lA, lB, o);
-            // In scalar where a loaded key that some of the tile's rows do not see (below
-            // the last position's band, past the first position, and the rows past the last
-            // one, which the copies did not zero) holds a non-finite value
-            // (kernels/prefill_nonfinite.cuh; every consumer warp scans the same rows).
-            const unsigned vt = vs + s * M::VTILE;
-            if (pf_band_tile_nf<E, DV, M>(vt, k0, tl.pos0, last, w, k0 + PF_KT - 1))
-                // Row A sees tile keys (eA - w, eA], row B (eB - w, eB] (none past the tile).
-                pf_tile_pv_exact<E, DV, M>(sv, vt, [eA = okA ? tA - k0 : -0x40000000, eB = okB ? tB - k0 : -0x40000000, w](int b, int j) {
-                    const int e = b ? eB : eA;
-                    return j <= e && j > e - w;
-                }, o);
-            else
-                m.pv(sv, vt, o);
+            if (!SPLIT) pf_nf_note(pf_band_tile_nf<E, DV, M>(vs + s * M::VTILE, k0, tl.pos0, last, w, k0 + PF_KT - 1));
+            m.pv(sv, vs + s * M::VTILE, o);
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
+    pf_nf_flush(p, tl.row0, tl.npos, kvh);
     const int hA = (warp * 16 + g) % G, hB = (warp * 16 + g + 8) % G;
     const usize rA = pf_out_row(p, tl, poA, hA, kvh), rB = pf_out_row(p, tl, poB, hB, kvh);
     float fA, fB;
@@ -719,6 +720,7 @@ __device__ void pf_cmp(const Params& p) {
     }
     float* myps = ps + warp * PW * PF_KT;
     const int cu = pf_unit_cmp_count<M>(p, tl, warp);
+    bool bad = false;  // the non-finite scan found one: the tile's rows are repaired
     for (int kt = 0; kt < ntl; kt++) {
         const int nx = kt + NS - 1;
         if (nx < ntl)
@@ -732,13 +734,12 @@ __device__ void pf_cmp(const Params& p) {
         m.qk(ks + (kt % NS) * M::KTILE, s);
         pf_prob_tile(s, kt * PF_KT, rw, sl2, lseA, lseB);
         const unsigned vt = vs + (kt % NS) * M::VTILE;
-        if (pf_cmp_tile_nf<E, DV, M>(vt, kt * PF_KT, cu, nc_max))  // kernels/prefill_nonfinite.cuh
-            pf_tile_pv_exact<E, DV, M>(s, vt, [nA = rw.ncA - kt * PF_KT, nB = rw.ncB - kt * PF_KT](int b, int j) { return j < (b ? nB : nA); }, o);
-        else
-            m.pv(s, vt, o);
+        bad |= pf_cmp_tile_nf<E, DV, M>(vt, kt * PF_KT, cu, nc_max);  // kernels/prefill_nonfinite.cuh
+        m.pv(s, vt, o);
         pf_block_scores(p, s, myps, pf_win(sm.S, 0), sm.S.L(), nblk_tile, tl, warp, kt * PF_KT);
         __syncthreads();
     }
+    if (bad) pf_fix_mark(p, tl.row0, tl.npos, kvh);  // kernels/prefill_repair.cuh
     pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
     // Each warp's top-n histogram takes 1 KB of the K stages: every warp passed the loop's
     // last barrier, so no copy or product touches them any more.
@@ -759,8 +760,8 @@ __device__ void pf_cmp(const Params& p) {
 // the next tiles' copies (docs/PREFILL_NOTES.md, variant 14). A tail tile's V rows past its
 // last key are not zeroed (whatever the page holds there, a later position's row or a
 // stale one, may be a NaN, and 0 x NaN is NaN): the consumers' non-finite scans take them
-// in, so where one holds such a value that tile's P V is taken in scalar, which never
-// multiplies them (kernels/prefill_nonfinite.cuh). (The producer zeroed them until the
+// in, so where one holds such a value the tile's rows are recomputed by the exact repair,
+// which never multiplies them (kernels/prefill_repair.cuh). (The producer zeroed them until the
 // thirtieth session: its stores, or copy-engine copies of zeros, ordered after the scans'
 // loads of the stage's previous round only by the empty mbarrier, were what
 // compute-sanitizer's race check reported.) Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
@@ -840,6 +841,7 @@ __device__ void pf_cmp_ws(const Params& p) {
     }
 
     if (PWARPS == 4) setmaxnreg_inc<160>();
+    if (lane == 0) pf_nf_flag() = 0;  // set by pass 2's and the window's scans
     const PfCmpRows rw = pf_cmp_rows(p, tl, warp, g);
     const float sl2 = p.shape.scale * 1.4426950408889634f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
@@ -895,7 +897,7 @@ __device__ void pf_cmp_ws(const Params& p) {
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float* myps = ps + warp * PW * PF_KT;
     // Compressed tokens the tile's first position sees: later ones some rows do not see
-    // (the non-finite guard's scan; every consumer warp scans the same rows, so they agree).
+    // (the non-finite scan, each consumer warp its share of the rows).
     const int nc0 = num_cmp(p, tl.pos0 + 1);
     for (int kt = 0; kt < ntl; kt++) {
         const int it = ntl + kt, q = round_of(it), s = it - q * NS, k0 = kt * PF_KT;
@@ -909,24 +911,25 @@ __device__ void pf_cmp_ws(const Params& p) {
             win = pf_win(sm.S, cb);
         }
         mbar_wait(full0 + 8 * s, q & 1);
+        // V's rows some of the tile's rows do not see are scanned before the tile's products
+        // (a non-finite value there has the tile's rows repaired after the step:
+        // kernels/prefill_repair.cuh; between the products, in the 8-warp forms, ptxas
+        // injected a warpgroup arrive).
+        const unsigned vt = vs + s * M::VTILE;
+        pf_nf_note(pf_cmp_tile_nf<E, DV, M>(vt, k0, nc0, k0 + PF_KT, warp, nw));  // to the tile's end: not zeroed
         float sv[8][4];
         m.qk(ks + s * M::KTILE, sv);
         pf_prob_tile(sv, k0, rw, sl2, lseA, lseB);
         // P.V stays in flight while the probabilities are summed into block scores (it
-        // reads V from the stage: the stage is released after the wait); in scalar where
-        // a non-finite value in V must not reach rows that do not see its token
-        // (kernels/prefill_nonfinite.cuh).
-        const unsigned vt = vs + s * M::VTILE;
-        if (pf_cmp_tile_nf<E, DV, M>(vt, k0, nc0, k0 + PF_KT))  // to the tile's end: not zeroed
-            pf_tile_pv_exact<E, DV, M>(sv, vt, [nA = rw.ncA - k0, nB = rw.ncB - k0](int b, int j) { return j < (b ? nB : nA); }, o);
-        else
-            m.template pv<false>(sv, vt, o);
+        // reads V from the stage: the stage is released after the wait).
+        m.template pv<false>(sv, vt, o);
         pf_block_scores(p, sv, myps, win, sm.S.L(), nblk_tile, tl, warp, k0);
         wg_wait<0>();
         wg_pin(o);
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
     }
+    pf_nf_flush(p, tl.row0, tl.npos, kvh);
     // With the window, the gated compressed part stays in registers (rounded as stored)
     // until the window adds its own, so out is written once; but the moving-window forms
     // spill with those 32 words live at DK = 192 or in 8 warps, and store it first.
@@ -937,7 +940,7 @@ __device__ void pf_cmp_ws(const Params& p) {
     else
         pf_cmp_store<E, DV>(p, tl, rw, kvh, warp, o);
     if (p.launch.mode & 16)
-        pf_cmp_window<E, DK, DV, KEPT>(p, tl, m, kvh, warp, ks, vs, full0, empty0, 2 * ntl, round_of, NS, sl2, cur);
+        pf_cmp_window<E, DK, DV, KEPT, PWARPS == 4>(p, tl, m, kvh, warp, nw, ks, vs, full0, empty0, 2 * ntl, round_of, NS, sl2, cur);
     pf_cmp_select<!WIN>(p, tl, kvh, warp, sm.S, cb, hist + warp * 256);
 }
 
@@ -978,17 +981,11 @@ __device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int r
 // The second half of a 16-key sub-tile step of the per-warp selected loops (`pf_sel_warp`,
 // `pf_sel_alone`): the online softmax of the masked scores s, then P times the sub-tile's V
 // rows into o; `vaddr(dp)` is the ldmatrix address of V's columns 16 dp .. 16 dp + 15 of
-// the warp stage's V rows at `vt`. With `exact` (`pf_sub_nf` found a non-finite value
-// in keys some row does not see) the product is taken in scalar, each row only with the
-// keys it `sees` (as `pf_pv_exact` takes it; kernels/prefill_nonfinite.cuh).
-template <class E, int DV, class VAddr, class Sees>
+// the warp stage's V rows.
+template <class E, int DV, class VAddr>
 __device__ __forceinline__ void pf_sub_pv(float (&s)[2][4], float sl2, float& mA, float& mB, float& lA, float& lB,
-                                          float (&o)[DV / 8][4], VAddr vaddr, bool exact, unsigned vt, Sees sees) {
+                                          float (&o)[DV / 8][4], VAddr vaddr) {
     pf_online<2, DV>(s, sl2, mA, mB, lA, lB, o);
-    if (exact) {
-        pf_pv_exact<E, 2, DV>(s, [vt](int j, int c) { return vt + j * DV * 2 + pf_swz(c >> 3, j) + (c & 7) * 2; }, sees, o);
-        return;
-    }
     const unsigned pa0 = pack2<E::MMA>(s[0][0], s[0][1]), pa1 = pack2<E::MMA>(s[0][2], s[0][3]);
     const unsigned pa2 = pack2<E::MMA>(s[1][0], s[1][1]), pa3 = pack2<E::MMA>(s[1][2], s[1][3]);
 #pragma unroll
@@ -1001,7 +998,7 @@ __device__ __forceinline__ void pf_sub_pv(float (&s)[2][4], float sl2, float& mA
 }
 
 // The non-finite guard's scan of V rows nf0..nf1 (none when nf1 < nf0) of a warp stage at
-// `vt` (the loaded keys some of the warp's rows do not see): `pf_sub_pv`'s `exact`.
+// `vt` (the loaded keys some of the warp's rows do not see; kernels/prefill_repair.cuh).
 template <class E, int DV>
 __device__ __forceinline__ bool pf_sub_nf(unsigned vt, int nf0, int nf1) {
     return nf0 <= nf1 && pf_nf_rows<E, DV>([vt](int r, int c) { return vt + r * DV * 2 + pf_swz(c, r); }, nf0, nf1);
@@ -1014,9 +1011,11 @@ __device__ __forceinline__ bool pf_sub_nf(unsigned vt, int nf0, int nf1) {
 // is conflict-free) and multiplied with mma.sync; no block barrier, and no row multiplies
 // a block its position did not choose. With one position per warp (G = 16) that is
 // exactly its n blocks, where the block-wide path multiplies the union of four. Leaves
-// the online-softmax state (m raw, l per lane) and o of the lane's two rows.
+// the online-softmax state (m raw, l per lane) and o of the lane's two rows; returns
+// whether a non-finite scan found one (the rows are then repaired after the step:
+// kernels/prefill_repair.cuh).
 template <class E, int DK, int DV, class M>
-__device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int* ulist, int ucount, const unsigned* bmask,
+__device__ bool pf_sel_warp(const Params& p, const M& m, unsigned wst, const int* ulist, int ucount, const unsigned* bmask,
                             const int* tpage, int kvh, unsigned wbits, bool selA_ok, bool selB_ok, int poA, int poB, int tA,
                             int tB, int last, float sl2, float& mA, float& mB, float& lA, float& lB, float (&o)[DV / 8][4]) {
     const int lane = threadIdx.x & 31, q4 = lane & 3;
@@ -1049,6 +1048,7 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         pf_warp_rows<DV>(vd, rv + row_at(p, page, kvh, off, DV), last - k0);
     };
     int cu = next_u(-1), cq = 0, st = 0;
+    bool bad = false;
     if (cu < ucount) issue(cu, cq, 0);
     cp_commit();
     // At DK > 128 the warp's Q fragments stay in registers across its sub-tiles (12 of the
@@ -1119,9 +1119,8 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
                 }
             nf0 = __reduce_min_sync(0xffffffffu, sA && sB ? max(min(tA, tB) - k0 + 1, 0) : 0);
         }
-        const bool exact = pf_sub_nf<E, DV>(vt, nf0, min(15, last - k0));
-        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow); }, exact,
-                         vt, [eA = sA ? tA - k0 : -1, eB = sB ? tB - k0 : -1](int b, int jj) { return jj <= (b ? eB : eA); });
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return vt + vrow * DV * 2 + pf_swz(dp * 2 + vc, vrow); });
+        bad |= pf_sub_nf<E, DV>(vt, nf0, min(15, last - k0));
         __syncwarp();  // the stage is refilled by the copy issued in the step after next
         cu = nu;
         cq = nq;
@@ -1129,6 +1128,7 @@ __device__ void pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
     }
     cp_wait<0>();
     __syncwarp();
+    return bad;
 }
 
 // The selected branch alone, a warp per position (G = 16: the warp's 16 rows are the
@@ -1231,8 +1231,7 @@ __device__ void pf_sel_alone(const Params& p) {
         // Keys past the position are zero-filled rows (its own blocks are copied up to it,
         // and no shared block holds a key past the tile's first position): no non-finite
         // value to guard against.
-        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); },
-                         false, vt, [](int, int) { return false; });
+        pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); });
     };
 
     // The blocks two or more positions of the tile chose (the initial and local blocks, shared
@@ -1472,13 +1471,16 @@ __device__ void pf_sw(const Params& p) {
         mA = mB = NEG_INF;
         lA = lB = 0.f;
     };
+    // Whether a non-finite scan found one: the tile's rows are repaired after the step
+    // (kernels/prefill_repair.cuh).
+    bool bad = false;
     // Per warp, the selected blocks first; the block's pipeline then runs the window only.
     if (per_warp) {
         const int PW = 16 / G;
         const unsigned wbits = (PW >= 32 ? 0xffffffffu : ((1u << PW) - 1u)) << (warp * PW);
         if (!window_only)
-            pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA,
-                                   okB, poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
+            bad = pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA,
+                                         okB, poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
         fold_selected();
         __syncthreads();  // every warp is done with its stages: the window's tiles go there
     }
@@ -1509,17 +1511,16 @@ __device__ void pf_sw(const Params& p) {
             // The loaded keys (up to the tile's last position) some of the unit's rows do
             // not see: a block some of its positions did not choose, all of it; else the
             // keys past its first position, and in the window those below its last
-            // position's band. Where one holds a non-finite value the unit takes the P V
-            // in scalar (kernels/prefill_nonfinite.cuh).
-            bool exact;
+            // position's band. Where one holds a non-finite value the tile's rows are
+            // repaired after the step (kernels/prefill_repair.cuh).
             {
                 const int umin = tl.pos0 + unit * PU, umax = min(umin + PU - 1, last), kl = min(PF_KT - 1, last - k0);
                 const unsigned vt = vs + ((it - it0) % NS) * M::VTILE;
                 const unsigned valid = ubits & (tl.npos >= 32 ? 0xffffffffu : (1u << tl.npos) - 1u);
                 if (it < nsel_tiles && (bm & valid) != valid)
-                    exact = pf_tile_nf<E, DV, M>(vt, 0, kl);
+                    bad |= pf_tile_nf<E, DV, M>(vt, 0, kl);
                 else  // a selected block: no lower edge
-                    exact = pf_band_tile_nf<E, DV, M>(vt, k0, umin, umax, it < nsel_tiles ? PF_NO_BAND : p.shape.window, last);
+                    bad |= pf_band_tile_nf<E, DV, M>(vt, k0, umin, umax, it < nsel_tiles ? PF_NO_BAND : p.shape.window, last);
             }
             float s[8][4];
             m.qk(ks + ((it - it0) % NS) * M::KTILE, s);
@@ -1547,18 +1548,12 @@ __device__ void pf_sw(const Params& p) {
                 }
                 pf_online<8, DV>(s, sl2, mA, mB, lA, lB, o);
             }
-            const unsigned vt = vs + ((it - it0) % NS) * M::VTILE;
-            if (exact)
-                // Row A sees tile keys [lA, eA], row B [lB, eB] (none where it did not choose the block).
-                pf_tile_pv_exact<E, DV, M>(s, vt, [eA = selA ? tA - k0 : -1, eB = selB ? tB - k0 : -1, lA = loA - k0, lB = loB - k0](int b, int j) {
-                    return b ? j <= eB && j >= lB : j <= eA && j >= lA;
-                }, o);
-            else
-                m.pv(s, vt, o);
+            m.pv(s, vs + ((it - it0) % NS) * M::VTILE, o);
         }
         __syncthreads();
     }
     cp_wait<0>();
+    if (__any_sync(0xffffffffu, bad)) pf_fix_mark(p, tl.row0, tl.npos, kvh);
     // The window holds the position itself (nwin >= 1), so the selected part was folded
     // into acc at it == nsel_tiles; or it was done before (nwin = 0), which the host asks
     // only with the selected branch per warp (folded after `pf_sel_warp`).

@@ -26,6 +26,7 @@
 #include "common.cuh"
 #include "prefill_parts.cuh"  // pf_sel, PF_KT
 #include "prefill_nonfinite.cuh"
+#include "prefill_repair.cuh"
 #include "ptx.cuh"
 
 #define PFB_WARPS NSA_PFB_WARPS  // warps of pfb_attn's blocks
@@ -200,17 +201,23 @@ __device__ void pfb_attn(const Params& p) {
             }
         }
         // The item's entries, while the K/V copies fly; from here on entries are the
-        // item's (0 .. ne).
-        for (int x = tid; x < ne; x += PFB_WARPS * 32) es[x] = ent[e0 + x];
-        __syncthreads();
+        // item's (0 .. ne). Whether one's position lies inside the block, before its last
+        // key: only then are some of its keys unseen by an entry (the non-finite scan below).
+        bool inside = false;
+        for (int x = tid; x < ne; x += PFB_WARPS * 32) {
+            const int en = ent[e0 + x];
+            es[x] = en;
+            inside |= c.pos0 + (en >> 5) < k0 + PFB_KEYS - 1;
+        }
+        inside = __syncthreads_or(inside);
         int e = warp * pw, buf = 0;
         if (e < ne) pfb_load_q<DK, LK>(p, c, qw, es, e, ne, hq0, lg, lane);
         cp_commit();
         cp_wait<0>();
         // The non-finite guard (kernels/prefill_nonfinite.cuh): where the block holds keys past
-        // the chunk's first position, each thread checks the V granules it copied (its own
-        // copies are complete for it here) and marks their rows in `nfrows`.
-        if (k0 + PFB_KEYS - 1 > c.pos0) {
+        // an entry's position, each thread checks the V granules it copied (its own copies
+        // are complete for it here) and marks their rows in `nfrows`.
+        if (inside) {
             bool bad = false;
             unsigned long long rows = 0ull;
             for (int x = tid; x < PFB_KEYS * DV / 8; x += PFB_WARPS * 32) {
@@ -232,7 +239,7 @@ __device__ void pfb_attn(const Params& p) {
 
             // The lane's rows' entries and positions (rows past the entries see every key);
             // whether a loaded key past the warp's first position holds a non-finite value:
-            // then P V is taken in scalar (kernels/prefill_nonfinite.cuh).
+            // then the rows are repaired after the step (kernels/prefill_repair.cuh).
             const int eA = e + (g >> lg), eB = e + ((g + 8) >> lg);
             const int rA = eA < ne ? es[eA] : -1, rB = eB < ne ? es[eB] : -1;
             const int tA = rA >= 0 ? c.pos0 + (rA >> 5) : 0x7fffffff, tB = rB >= 0 ? c.pos0 + (rB >> 5) : 0x7fffffff;
@@ -290,34 +297,26 @@ __device__ void pfb_attn(const Params& p) {
                 lA += __shfl_xor_sync(0xffffffffu, lA, o);
                 lB += __shfl_xor_sync(0xffffffffu, lB, o);
             }
-            // O = P V: 16 rows x DV (in scalar with `exact`).
+            // O = P V: 16 rows x DV.
             float acc[DV / 8][4];
 #pragma unroll
             for (int j = 0; j < DV / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-            if (exact) {
-                // P through the chunk's query rows (free once S is taken: [16][64] 16-bit, 2 KB
-                // of their 16 (DK + 8) x 2 bytes), so the scalar product needs no S registers.
-                static_assert(16 * PFB_KEYS <= 16 * LK, "P fits the chunk's query rows");
-                u16* pb = qw_ptr + buf * 16 * LK;
-                pf_p_to_smem<E, 8>(s, pb);
-                __syncwarp();
-                pf_pv_exact_smem<E, PFB_KEYS, DV>(pb, [vs](int j, int cc) { return vs + (j * LV + cc) * 2; },
-                                                  [eA = min(tA - k0, PFB_KEYS), eB = min(tB - k0, PFB_KEYS)](int b, int j) { return j <= (b ? eB : eA); }, acc);
-                __syncwarp();  // the buffer stages the partial next
-            } else {
 #pragma unroll
-                for (int kk = 0; kk < 4; kk++) {
-                    const unsigned a0 = pack2<E::MMA>(s[2 * kk][0], s[2 * kk][1]), a1 = pack2<E::MMA>(s[2 * kk][2], s[2 * kk][3]);
-                    const unsigned a2 = pack2<E::MMA>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    const unsigned a3 = pack2<E::MMA>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int kk = 0; kk < 4; kk++) {
+                const unsigned a0 = pack2<E::MMA>(s[2 * kk][0], s[2 * kk][1]), a1 = pack2<E::MMA>(s[2 * kk][2], s[2 * kk][3]);
+                const unsigned a2 = pack2<E::MMA>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                const unsigned a3 = pack2<E::MMA>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-                    for (int j = 0; j < DV / 16; j++) {
-                        unsigned b0, b1, b2, b3;
-                        ldsm4t(vs + ((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LV + j * 16 + (lane >> 4) * 8) * 2, b0, b1, b2, b3);
-                        mma16816<E::MMA>(acc[2 * j], a0, a1, a2, a3, b0, b1);
-                        mma16816<E::MMA>(acc[2 * j + 1], a0, a1, a2, a3, b2, b3);
-                    }
+                for (int j = 0; j < DV / 16; j++) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm4t(vs + ((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LV + j * 16 + (lane >> 4) * 8) * 2, b0, b1, b2, b3);
+                    mma16816<E::MMA>(acc[2 * j], a0, a1, a2, a3, b0, b1);
+                    mma16816<E::MMA>(acc[2 * j + 1], a0, a1, a2, a3, b2, b3);
                 }
+            }
+            if (exact) {
+                if (rA >= 0) pf_fix_mark(p, c.row0 + (rA >> 5), 1, kvh);
+                if (rB >= 0) pf_fix_mark(p, c.row0 + (rB >> 5), 1, kvh);
             }
             // The normalised partial through the chunk's (now free) query rows, then
             // 16-byte stores; the log2-sum-exp2 by one lane per row.

@@ -356,6 +356,9 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_sw: prefill.map_or(0, |p| p.smem_sw),
         pfb_attn: if blocks { pfb_attn as u32 } else { 0 },
         pf_sel: prefill.filter(|p| p.sel_split).map_or(0, |p| p.smem_sel),
+        // The scalar attention's area and the gated sums and gates of `hc` heads
+        // (kernels/prefill_repair.cuh `pf_repair_pair`): under 48 KiB + 13 KiB at any shape.
+        pf_repair: if prefill.is_some() { (att(hc) + 4 * (hc * dv + 3 * hc)) as u32 } else { 0 },
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
     let knobs = DecodeKnobs {
@@ -478,7 +481,8 @@ pub(crate) struct SmallWave {
 }
 
 /// Initialises the workspace of the buffer at `base`: every layer's tensor maps (when
-/// used) and the selection's counters (0; each launch leaves them so), then waits.
+/// used), the selection's counters and the prefill's repair marks (0; each launch leaves
+/// them so), then waits.
 pub(crate) fn init_workspace(cfg: &Config, lay: &Layout, dl: &DevLayout, base: u64, tma: bool) -> Result<()> {
     if tma {
         let maps = tensor_map::encode_all(cfg, lay, base + dl.pools.off as u64)?;
@@ -487,6 +491,10 @@ pub(crate) fn init_workspace(cfg: &Config, lay: &Layout, dl: &DevLayout, base: u
     }
     // SAFETY: the region lies inside the caller's buffer (checked by `check_buffer`).
     check(unsafe { sys::cuMemsetD8_v2(base + dl.count.off as u64, 0, dl.count.bytes) }, "cuMemsetD8")?;
+    if dl.pf_fix.bytes > 0 {
+        // SAFETY: as above; the prefill's repair marks start clear (kernels/prefill_repair.cuh).
+        check(unsafe { sys::cuMemsetD8_v2(base + dl.pf_fix.off as u64, 0, dl.pf_fix.bytes) }, "cuMemsetD8")?;
+    }
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
 }
 

@@ -34,6 +34,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("prefill_nonfinite.cuh", include_str!("../../kernels/prefill_nonfinite.cuh")),
     ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
     ("prefill_blocks.cuh", include_str!("../../kernels/prefill_blocks.cuh")),
+    ("prefill_repair.cuh", include_str!("../../kernels/prefill_repair.cuh")),
 ];
 
 /// The text of kernel file `name` (one of [`KERNEL_FILES`]).
@@ -219,35 +220,31 @@ mod tests {
         assert_eq!(names.len(), KERNEL_FILES.len());
     }
 
-    /// Tolerated spills: (architecture, entry name, spill store bytes, spill load bytes).
-    /// Since the non-finite guard's scalar product (kernels/prefill_nonfinite.cuh) sits in
-    /// their tile loops, ptxas keeps a few words of these prefill kernels in local memory,
-    /// each stored and loaded once per thread block or work item, outside the tile loops but
-    /// for one reload noted below (read off the SASS, 2026-12-03): the 12-warp `pf_cmp_ws`
-    /// forms the gated compressed part between its passes and its window (and at 192/128 a
-    /// few prologue words);
-    /// `pfb_attn` at 128/128 one word per item; the block-wide `pf_sw` with wgmma at 192/128
-    /// (a non-default form: sm_90a with `NSA_CUDA_PF_SEL=0` or a group below 16 whose blocks
-    /// are not 64 keys) one prologue word, reloaded at the head of its tile loop (20 / 84
-    /// bytes before the banded scan's helper, 2026-12-03, thirtieth session). Measured in the
-    /// prefill benchmark against the kernels without the guard (docs/PREFILL_NOTES.md,
-    /// twenty-ninth session). (Earlier tolerated spills, all gone: the 12-warp
-    /// warp-specialised pf_cmp kept 6-8 words until its producer warpgroup handed registers
-    /// to the consumers, prefill variant 26; the window-only 192/128 `pf_sww_wg` one 64-bit
-    /// value until Q was loaded by cp.async, variant 29; the combine three words around its
-    /// batch of eight float4 loads from decode variant 25 until variant 35.)
+    /// Tolerated spills: (architecture, entry name, spill store bytes, spill load bytes),
+    /// read off the SASS (2026-12-03, thirty-first session): the 8-warp `pf_cmp_ws` forms
+    /// (used where the 12-warp ones do not fit) keep one to four words of the gated
+    /// compressed part in local memory between their passes and their window, stored and
+    /// loaded once a block, and the moving-window ones at 192/128 one 64-bit value, reloaded
+    /// once per window tile; `pf_repair` two loop counters across its calls of the scalar
+    /// attention (a launch that does work only where a non-finite value was found). Every
+    /// 12-warp form is spill-free. (Earlier tolerated spills, all gone: the non-finite
+    /// guard's scalar product in the tile loops cost the 12-warp `pf_cmp_ws` forms,
+    /// `pfb_attn` and `pf_sw` at 192/128 4 to 80 bytes from the twenty-ninth session until
+    /// it moved into `pf_repair` and `pf_cmp_ws`'s scans were split among its warps in the
+    /// thirty-first; the 12-warp warp-specialised pf_cmp kept 6-8 words until its producer
+    /// warpgroup handed registers to the consumers, prefill variant 26; the window-only
+    /// 192/128 `pf_sww_wg` one 64-bit value until Q was loaded by cp.async, variant 29; the
+    /// combine three words around its batch of eight float4 loads from decode variant 25
+    /// until variant 35.)
     /// The test fails on any spill not listed and when a listed one changes or disappears.
     const KNOWN_SPILLS: &[(&str, &str, u64, u64)] = &[
-        ("sm_90a", "nsa_pf_cmp_wgs12_bf16_128_128", 16, 16),
-        ("sm_90a", "nsa_pf_cmp_wgs12_f16_128_128", 24, 24),
-        ("sm_90a", "nsa_pf_cmp_wgs12_bf16_192_128", 12, 12),
-        ("sm_90a", "nsa_pf_cmp_wgs12_f16_192_128", 68, 80),
-        ("sm_90a", "nsa_pf_cmp_wgs12w_bf16_128_128", 24, 24),
-        ("sm_90a", "nsa_pf_cmp_wgs12w_f16_128_128", 32, 32),
-        ("sm_90a", "nsa_pfb_attn_bf16_128_128", 4, 4),
-        ("sm_90a", "nsa_pfb_attn_f16_128_128", 4, 4),
-        ("sm_90a", "nsa_pf_sw_wg_bf16_192_128", 4, 4),
-        ("sm_90a", "nsa_pf_sw_wg_f16_192_128", 4, 4),
+        ("sm_90a", "nsa_pf_cmp_wgs8_bf16_128_128", 4, 4),
+        ("sm_90a", "nsa_pf_cmp_wgs8_f16_128_128", 12, 12),
+        ("sm_90a", "nsa_pf_cmp_wgs8_f16_192_128", 16, 16),
+        ("sm_90a", "nsa_pf_cmp_wgs8w_bf16_192_128", 8, 8),
+        ("sm_90a", "nsa_pf_cmp_wgs8w_f16_192_128", 8, 8),
+        ("sm_90a", "nsa_pf_repair_bf16", 8, 8),
+        ("sm_90a", "nsa_pf_repair_f16", 8, 8),
     ];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC

@@ -66,6 +66,9 @@ pub(crate) enum Kernel {
     /// Prefill's selected branch alone at G = 16, a warp per position, after `PfCmp` did
     /// the window (`PrefillPlan::sel_split`).
     PfSel,
+    /// Prefill path, after its last kernel: the (row, KV head) pairs its non-finite scans
+    /// marked, recomputed in scalar (kernels/prefill_repair.cuh).
+    PfRepair,
 }
 
 /// Which of the config-dependent shared-memory sizes ([`SharedMem`]) a kernel takes.
@@ -82,6 +85,7 @@ pub(crate) enum Smem {
     PfSw,
     PfbAttn,
     PfSel,
+    PfRepair,
 }
 
 /// Dynamic shared memory per kernel family, bytes, for one config and device
@@ -100,6 +104,8 @@ pub(crate) struct SharedMem {
     pub pfb_attn: u32,
     /// `pf_sel`'s (0 unless `PrefillPlan::sel_split`).
     pub pf_sel: u32,
+    /// `pf_repair`'s: the scalar attention's and the gated sums (0 without the prefill path).
+    pub pf_repair: u32,
 }
 
 impl SharedMem {
@@ -115,12 +121,13 @@ impl SharedMem {
             Smem::PfSw => self.pf_sw,
             Smem::PfbAttn => self.pfb_attn,
             Smem::PfSel => self.pf_sel,
+            Smem::PfRepair => self.pf_repair,
         }
     }
 }
 
 impl Kernel {
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
     pub const ALL: [Kernel; Kernel::COUNT] = [
         Kernel::Append,
         Kernel::AppendByRows,
@@ -144,6 +151,7 @@ impl Kernel {
         Kernel::PfbAttn,
         Kernel::PfbMerge,
         Kernel::PfSel,
+        Kernel::PfRepair,
     ];
 
     /// The stage's name in its entry points.
@@ -171,6 +179,7 @@ impl Kernel {
             Kernel::PfbAttn => "pfb_attn",
             Kernel::PfbMerge => "pfb_merge",
             Kernel::PfSel => "pf_sel",
+            Kernel::PfRepair => "pf_repair",
         }
     }
 
@@ -198,7 +207,7 @@ impl Kernel {
             Kernel::SelectBlocks | Kernel::SelectLists | Kernel::PfbScan => NT_SEL,
             Kernel::PfbAttn => PFB_WARPS * 32,
             Kernel::PfSel => super::consts::PF_SEL_WARPS * 32,
-            Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine => NT_ATT,
+            Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial | Kernel::FullCombine | Kernel::PfRepair => NT_ATT,
             Kernel::CmpMma | Kernel::SwMma | Kernel::FullMma => MMA_WARPS * 32,
             Kernel::PfCmp | Kernel::PfSw => prefill.map_or(0, |p| p.threads(self)),
             Kernel::PfSwWindow => prefill.map_or(0, |p| p.threads(Kernel::PfSw)),
@@ -212,6 +221,7 @@ impl Kernel {
             Kernel::PfbCount | Kernel::PfbScan | Kernel::PfbFill | Kernel::PfbMerge => Smem::None,
             Kernel::PfbAttn => Smem::PfbAttn,
             Kernel::PfSel => Smem::PfSel,
+            Kernel::PfRepair => Smem::PfRepair,
             Kernel::CmpPartial | Kernel::SwPartial | Kernel::FullPartial => Smem::Attention,
             Kernel::SelectBlocks | Kernel::SelectLists => Smem::Selection,
             Kernel::Combine | Kernel::CombineScalar | Kernel::FullCombine => Smem::Combine,
@@ -274,7 +284,7 @@ impl Kernel {
         if matches!(self, Kernel::PfbAttn | Kernel::PfSel) {
             return super::prefill::SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, false, false))).collect();
         }
-        if self.prefill_blocks() {
+        if self.prefill_blocks() || self == Kernel::PfRepair {
             return [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, (0, 0), false, false)).to_vec();
         }
         if self.tensor_core() {
@@ -322,6 +332,7 @@ impl Kernels {
                 || kernel.prefill() && prefill.is_none()
                 || kernel.prefill_blocks() && !blocks
                 || kernel == Kernel::PfSel && !sel_split
+                || kernel == Kernel::PfRepair && prefill.is_none()
             {
                 continue;
             }
@@ -343,10 +354,17 @@ impl Kernels {
         self.module
     }
 
-    /// Sets `kernel`'s dynamic shared memory (raising its limit above the default 48 KiB).
+    /// Sets `kernel`'s dynamic shared memory (raising its limit where it and the kernel's
+    /// static shared memory pass the default 48 KiB).
     pub fn set_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
         self.smem[kernel as usize] = bytes;
-        if bytes as usize > super::build::DEFAULT_SMEM {
+        let mut fixed = 0i32;
+        // SAFETY: plain attribute query on a function of our module.
+        check(
+            unsafe { sys::cuFuncGetAttribute(&mut fixed, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.funcs[kernel as usize]) },
+            "cuFuncGetAttribute",
+        )?;
+        if bytes as usize + fixed.max(0) as usize > super::build::DEFAULT_SMEM {
             // SAFETY: plain attribute on a function of our module.
             check(
                 unsafe {

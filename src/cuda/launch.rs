@@ -2,7 +2,7 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
-use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
+use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_ATT, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
@@ -159,21 +159,25 @@ impl CudaBackend {
             // read in 16-byte granules, so it must be 16-byte aligned).
             if let Some(pf) = self.prefill.filter(|_| super::prefill::wanted(step.seqs) && io.q % 16 == 0) {
                 k.launch(Kernel::PfCmp, (pf.tiles(Kernel::PfCmp, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
-                let mut sw = Kernel::PfSw;
                 // One sequence: its selected branch block-major, chunk by chunk, then the
                 // window alone (unless `pf_cmp` did it: `PrefillPlan::cmp_window`).
-                if let (true, [seq]) = (self.pfb_grid > 0, step.seqs) {
+                let sw = if let (true, [seq]) = (self.pfb_grid > 0, step.seqs) {
                     self.selected_block_major(&p, seq.new_len - seq.old_len, stream)?;
-                    if pf.cmp_window {
-                        return Ok(());
-                    }
-                    sw = Kernel::PfSwWindow;
+                    (!pf.cmp_window).then_some(Kernel::PfSwWindow)
                 } else if pf.sel_split {
                     // G = 16 with the window in pf_cmp: the selected branch a warp per position.
                     k.launch(Kernel::PfSel, (pf.sel_tiles(step.seqs), hkv, 1), &p, stream, true)?;
-                    return Ok(());
+                    None
+                } else {
+                    Some(Kernel::PfSw)
+                };
+                if let Some(sw) = sw {
+                    k.launch(sw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
                 }
-                k.launch(sw, (pf.tiles(Kernel::PfSw, &cfg, step.seqs), hkv, 1), &p, stream, true)?;
+                // Last, the (row, KV head) pairs the kernels' non-finite scans marked,
+                // recomputed exactly over what they wrote (kernels/prefill_repair.cuh): a
+                // block per 4 x NT_ATT marks, at most two per multiprocessor.
+                k.launch(Kernel::PfRepair, ((tokens * hkv).div_ceil(4 * NT_ATT).min(2 * sms), 1, 1), &p, stream, true)?;
                 return Ok(());
             }
             let (cmp, sw) = if self.mma { (Kernel::CmpMma, Kernel::SwMma) } else { (Kernel::CmpPartial, Kernel::SwPartial) };

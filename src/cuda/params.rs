@@ -128,6 +128,9 @@ pub(crate) struct Workspace {
     pub pf_ent: u64,
     pub pf_part: u64,
     pub pf_lse: u64,
+    /// Prefill path: a byte per (step row, KV head) whose outputs the repair launch
+    /// recomputes (kernels/prefill_repair.cuh; 0 when the config cannot use the path).
+    pub pf_fix: u64,
     pub max_cmp: i32,
     /// Selection blocks of the longest sequence (`Config::max_sel_blocks`).
     pub max_blocks: i32,
@@ -298,6 +301,7 @@ impl Params {
                 pf_ent: pfb(dl.pf_ent),
                 pf_part: pfb(dl.pf_part),
                 pf_lse: pfb(dl.pf_lse),
+                pf_fix: if dl.pf_fix.bytes > 0 { at(dl.pf_fix.off) } else { 0 },
                 max_cmp: dl.max_cmp as i32,
                 max_blocks: cfg.max_sel_blocks() as i32,
             },
@@ -353,16 +357,16 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float + 3 ints (+ 4 padding); 5 pointers; 12 pointers + 2 ints; 13 ints (+ 4
+        // float + 3 ints (+ 4 padding); 5 pointers; 13 pointers + 2 ints; 13 ints (+ 4
         // padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 19 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
-        assert_eq!(size_of::<Workspace>(), 12 * 8 + 2 * 4);
+        assert_eq!(size_of::<Workspace>(), 13 * 8 + 2 * 4);
         assert_eq!(size_of::<Launch>(), 13 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 104 + 52 + 4);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 112 + 52 + 4);
         assert_eq!(align_of::<Params>(), 8);
     }
 

@@ -52,6 +52,10 @@ pub(crate) struct DevLayout {
     pub pf_ent: Reg,
     pub pf_part: Reg,
     pub pf_lse: Reg,
+    /// Prefill path: a byte per (step row, KV head) the repair launch recomputes
+    /// (kernels/prefill_repair.cuh), rounded up to whole 4-byte words; zeroed at creation,
+    /// every repaired mark cleared again (empty when the config cannot use the path).
+    pub pf_fix: Reg,
     /// Rows per chunk of that branch (0: the config cannot use it).
     pub pfb_chunk: u32,
     pub total: usize,
@@ -112,6 +116,7 @@ impl DevLayout {
         let pf_ent = b.take(&[c, hkv, n, 4])?;
         let pf_part = b.take(&[c, hq, n, u(cfg.head_dim_v), 2])?;
         let pf_lse = b.take(&[c, hq, n, 4])?;
+        let pf_fix = b.take(&[(pf_rows * hkv).next_multiple_of(4)])?;
         let total = b.at.div_ceil(ALIGN).checked_mul(ALIGN).ok_or_else(too_big)?;
         if total > isize::MAX as usize {
             return Err(too_big());
@@ -132,6 +137,7 @@ impl DevLayout {
             pf_ent,
             pf_part,
             pf_lse,
+            pf_fix,
             pfb_chunk,
             total,
             wave_rows,
@@ -181,14 +187,16 @@ mod tests {
                 // Regions do not overlap and stay in order.
                 let regs = [
                     dl.pools, dl.step, dl.logits, dl.sel, dl.scores, dl.count, dl.tmaps, dl.part_ml, dl.part_acc, dl.pf_sel,
-                    dl.pf_cnt, dl.pf_items, dl.pf_ent, dl.pf_part, dl.pf_lse,
+                    dl.pf_cnt, dl.pf_items, dl.pf_ent, dl.pf_part, dl.pf_lse, dl.pf_fix,
                 ];
                 for w in regs.windows(2) {
                     assert!(w[0].off + w[0].bytes <= w[1].off, "{:?} overlaps {:?}", w[0], w[1]);
                 }
-                assert!(dl.pf_sel.off + dl.pf_sel.bytes <= dl.total);
-                // The prefill path's selection holds every row of a step.
+                assert!(dl.pf_fix.off + dl.pf_fix.bytes <= dl.total);
+                // The prefill path's selection holds every row of a step, its repair marks a
+                // byte per (row, KV head) in whole words.
                 assert_eq!(dl.pf_sel.bytes, (c.max_step_tokens * c.num_kv_heads * c.sel_count) as usize * 4);
+                assert_eq!(dl.pf_fix.bytes, ((c.max_step_tokens * c.num_kv_heads) as usize).next_multiple_of(4));
                 // G = 16: no block-major selected branch, no room for it.
                 assert_eq!(dl.pfb_chunk, 0);
                 assert_eq!(dl.pf_cnt.bytes + dl.pf_items.bytes + dl.pf_ent.bytes + dl.pf_part.bytes + dl.pf_lse.bytes, 0);
