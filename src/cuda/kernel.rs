@@ -548,8 +548,9 @@ mod tests {
         // the tensor-core ones per compiled shape twice (copy path from the launch, or
         // tensor maps) and by V tile width; pf_cmp also warp-specialised (prefill::WS_FORMS),
         // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
-        // prefill shape; pf_sel per prefill shape.
-        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3);
+        // prefill shape; pf_sel per prefill shape; pf_repair for both 16-bit types.
+        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3 + 2);
+        assert_eq!(Kernel::PfRepair.entry(Dtype::F16, (192, 128), false, false), "nsa_pf_repair_f16");
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }
