@@ -761,11 +761,12 @@ __device__ void pf_cmp(const Params& p) {
 // last key are not zeroed (whatever the page holds there, a later position's row or a
 // stale one, may be a NaN, and 0 x NaN is NaN): the consumers' non-finite scans take them
 // in, so where one holds such a value the tile's rows are recomputed by the exact repair,
-// which never multiplies them (kernels/prefill_repair.cuh). (The producer zeroed them until the
-// thirtieth session: its stores, or copy-engine copies of zeros, ordered after the scans'
-// loads of the stage's previous round only by the empty mbarrier, were what
-// compute-sanitizer's race check reported.) Shared memory: `PfCmpSmem`, then histograms [nw][256] u32; the stage count
-// ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared memory the host gave holds
+// which never multiplies them (kernels/prefill_repair.cuh). (The producer zeroed them until
+// the thirtieth session: its stores, or copy-engine copies of zeros, ordered after the
+// scans' loads of the stage's previous round only by the empty mbarrier, were what
+// compute-sanitizer's race check reported.) Shared memory: `PfCmpSmem`, then histograms
+// [nw][256] u32; the stage count ns (2 to NSA_PF_WS_STAGES) is whatever the dynamic shared
+// memory the host gave holds
 // (src/cuda/prefill.rs sizes it with the same layout). With WIN the rankings are inline
 // (a call made ptxas spill in the 12-warp form when it had 128 registers a thread).
 template <class E, int DK, int DV, bool WIN, int PWARPS>
@@ -1553,7 +1554,7 @@ __device__ void pf_sw(const Params& p) {
         __syncthreads();
     }
     cp_wait<0>();
-    if (__any_sync(0xffffffffu, bad)) pf_fix_mark(p, tl.row0, tl.npos, kvh);
+    if (bad) pf_fix_mark(p, tl.row0, tl.npos, kvh);  // warp-uniform: the scans' answers
     // The window holds the position itself (nwin >= 1), so the selected part was folded
     // into acc at it == nsel_tiles; or it was done before (nwin = 0), which the host asks
     // only with the selected branch per warp (folded after `pf_sel_warp`).

@@ -21,6 +21,7 @@
 #define NSA_PREFILL_REPAIR_CUH
 
 #include "attend.cuh"
+#include "combine.cuh"        // branch_factor
 #include "prefill_parts.cuh"  // pf_sel
 
 // Marks step rows row0 .. row0 + n - 1 (n <= 255, a tile's positions) at KV head kvh for
@@ -85,17 +86,17 @@ __device__ void pf_repair_pair(const Params& p, int r, int kvh) {
         const usize hrow = (usize)r * p.shape.num_q_heads + (usize)kvh * G + h0;  // first head's (row, head)
         load_q<E>(p, r, kvh, h0, hcn, q_s);
         for (int e = threadIdx.x; e < hcn * 3; e += blockDim.x) g3[e] = ((const float*)p.io.gates)[hrow * 3 + e];
-        // Branch b's gated part added to fo in the combine's order and rules: the
-        // compressed branch always (g x 0 where it saw no key: a NaN gate propagates), the
-        // others only where they saw a key, each as (gate / l) x acc.
+        // Branch b's gated part added to fo in the combine's order and rules (`gated_store`,
+        // `branch_factor`: kernels/combine.cuh): the compressed branch always (g x 0 where
+        // it saw no key: a NaN gate propagates), the others only where they saw a key.
         auto add = [&](int b) {
             for (int e = threadIdx.x; e < hcn * DV; e += blockDim.x) {
                 const int h = e / DV;
-                const float l = l_s[h];
+                const float l = l_s[h], g = g3[h * 3 + b], f = branch_factor(b, l, g);
                 if (b == 0)
-                    fo[e] = 0.f + g3[h * 3] * (l != 0.f ? acc[e] * (1.0f / l) : 0.f);
+                    fo[e] = 0.f + g * (l != 0.f ? acc[e] * f : 0.f);
                 else if (l != 0.f)
-                    fo[e] = fo[e] + g3[h * 3 + b] / l * acc[e];
+                    fo[e] = fo[e] + f * acc[e];
             }
             __syncthreads();
         };

@@ -225,7 +225,7 @@ mod tests {
     /// (used where the 12-warp ones do not fit) keep one to four words of the gated
     /// compressed part in local memory between their passes and their window, stored and
     /// loaded once a block, and the moving-window ones at 192/128 one 64-bit value, reloaded
-    /// once per window tile; `pf_repair` (at 56 registers) two or three loop counters and
+    /// once per window tile; `pf_repair` (at 56 registers) one or two loop counters and
     /// row values across its scalar attention passes (a launch that does work only where a
     /// non-finite value was found; force-inlining those passes did not change it). Every
     /// 12-warp form is spill-free. (Earlier tolerated spills, all gone: the non-finite
@@ -244,10 +244,10 @@ mod tests {
         ("sm_90a", "nsa_pf_cmp_wgs8_f16_192_128", 16, 16),
         ("sm_90a", "nsa_pf_cmp_wgs8w_bf16_192_128", 8, 8),
         ("sm_90a", "nsa_pf_cmp_wgs8w_f16_192_128", 8, 8),
-        ("sm_90a", "nsa_pf_repair_bf16", 8, 8),
-        ("sm_90a", "nsa_pf_repair_f16", 8, 8),
-        ("sm_80", "nsa_pf_repair_bf16", 12, 28),
-        ("sm_80", "nsa_pf_repair_f16", 12, 28),
+        ("sm_90a", "nsa_pf_repair_bf16", 4, 4),
+        ("sm_90a", "nsa_pf_repair_f16", 4, 4),
+        ("sm_80", "nsa_pf_repair_bf16", 8, 24),
+        ("sm_80", "nsa_pf_repair_f16", 8, 24),
     ];
 
     /// Compiles every kernel with the engine's own options for sm_90a and sm_80 (NVRTC
