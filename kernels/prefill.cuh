@@ -957,13 +957,13 @@ __device__ __forceinline__ unsigned pf_swz(int c, int r) { return (unsigned)((c 
 // consecutive in the pool, so granule e's source is one address plus 16 e bytes, an
 // immediate of the copy (a 64-bit address per copy was ~100 instructions per 16-key
 // sub-tile in the per-warp loop, docs/PREFILL_NOTES.md, variant 22b); its row r = e / C
-// gives the swizzled destination and the zero fill.
-template <int C, int J>
-__device__ __forceinline__ void pf_warp_rows_at(unsigned dst, const u16* s0, int lane, int rmax) {
+// gives the destination `at(r, c)` and the zero fill.
+template <int C, int J, class At>
+__device__ __forceinline__ void pf_warp_rows_at(At at, const u16* s0, int lane, int rmax) {
     if constexpr (J < C / 2) {
         const int e = lane + 32 * J, r = e / C, c = e - r * C;
-        cp_async16_at<J * 512>(dst + r * C * 16 + pf_swz(c, r), s0, r <= rmax ? 16 : 0);
-        pf_warp_rows_at<C, J + 1>(dst, s0, lane, rmax);
+        cp_async16_at<J * 512>(at(r, c), s0, r <= rmax ? 16 : 0);
+        pf_warp_rows_at<C, J + 1>(at, s0, lane, rmax);
     }
 }
 
@@ -976,7 +976,26 @@ __device__ __forceinline__ void pf_warp_rows(unsigned dst, const u16* src, int r
     constexpr int C = D / 8;  // granules per row
     static_assert(C >= 2 && C % 2 == 0 && D % 8 == 0, "rows of an even number of 16-byte granules");
     const int lane = threadIdx.x & 31;
-    pf_warp_rows_at<C, 0>(dst, src + lane * 8, lane, rmax);
+    pf_warp_rows_at<C, 0>([dst](int r, int c) { return dst + r * C * 16 + pf_swz(c, r); }, src + lane * 8, lane, rmax);
+}
+
+// The same 16 rows as keys 16 w .. 16 w + 15 of a 64-key tile at `tile` in the layout the
+// warpgroup products read (`Wgmma`: D / 64 column chunks of 64 rows x 128 bytes, swizzled);
+// every row present.
+template <int D>
+__device__ __forceinline__ void pf_warp_rows_wg(unsigned tile, int w, const u16* src) {
+    constexpr int C = D / 8;
+    static_assert(D % 64 == 0, "whole 64-column chunks");
+    const int lane = threadIdx.x & 31;
+    // Granule c of row r: its unswizzled address a, then the 128-byte swizzle as a function
+    // of a's own bits (the tile is 1024-byte aligned: bits 7-9 are the row's low three),
+    // three operations a copy, nothing kept across the loop that issues it.
+    pf_warp_rows_at<C, 0>(
+        [tile, w](int r, int c) {
+            const unsigned a = tile + (c >> 3) * (PF_KT * 128) + (16 * w + r) * 128 + (c & 7) * 16;
+            return a ^ ((a >> 3) & 0x70u);
+        },
+        src + lane * 8, lane, 15);
 }
 
 // The second half of a 16-key sub-tile step of the per-warp selected loops (`pf_sel_warp`,
@@ -1161,16 +1180,17 @@ __device__ void pf_sel_alone(const Params& p) {
     const usize row = (usize)tl.row0 + warp;
     const int hq = p.shape.num_q_heads, hkv = p.shape.num_kv_heads;
     // Rows g and g + 8: heads kvh * 16 + g and + 8; the m16n8k16 A fragments of each k step.
+    // A warp past the positions holds zeros (it joins the warpgroup products below).
     unsigned qa[DK / 16][4];
-    if (live) {
+    {
         const u16* q = (const u16*)p.io.q + (row * hq + kvh * 16) * DK;
 #pragma unroll
         for (int kk = 0; kk < DK / 16; kk++) {
             const int c = kk * 16 + q4 * 2;
-            qa[kk][0] = *(const unsigned*)(q + g * DK + c);
-            qa[kk][1] = *(const unsigned*)(q + (g + 8) * DK + c);
-            qa[kk][2] = *(const unsigned*)(q + g * DK + c + 8);
-            qa[kk][3] = *(const unsigned*)(q + (g + 8) * DK + c + 8);
+            qa[kk][0] = live ? *(const unsigned*)(q + g * DK + c) : 0u;
+            qa[kk][1] = live ? *(const unsigned*)(q + (g + 8) * DK + c) : 0u;
+            qa[kk][2] = live ? *(const unsigned*)(q + g * DK + c + 8) : 0u;
+            qa[kk][3] = live ? *(const unsigned*)(q + (g + 8) * DK + c + 8) : 0u;
         }
     }
     // Lane i holds the position's i-th selected block (-1: none) and, with one 64-key tile
@@ -1183,13 +1203,13 @@ __device__ void pf_sel_alone(const Params& p) {
     const u16* rv = (const u16*)p.paging.raw_v;
     constexpr unsigned KB = 16 * DK * 2, SB = KB + 16 * DV * 2;  // a stage: K rows then V rows
     const unsigned st0 = smem_u32(pf_base(pf_smem)), wst = st0 + warp * pf_warp_stages<DK, DV>();
-    // The 16 keys at row `off` of `page` into the warp's stage st; rows past `rmax`
-    // zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
-    auto copy = [&](int page, int off, int st, int rmax) {
-        const unsigned kd = wst + st * SB;
+    // The 16 keys at row `off` of `page` into the stage at kd (K rows, then V rows); rows
+    // past `rmax` zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
+    auto copy_to = [&](unsigned kd, int page, int off, int rmax) {
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), rmax);
         pf_warp_rows<DV>(kd + KB, rv + row_at(p, page, kvh, off, DV), rmax);
     };
+    auto copy = [&](int page, int off, int st, int rmax) { copy_to(wst + st * SB, page, off, rmax); };
     float o[DV / 8][4];
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -1233,6 +1253,31 @@ __device__ void pf_sel_alone(const Params& p) {
         // and no shared block holds a key past the tile's first position): no non-finite
         // value to guard against.
         pf_sub_pv<E, DV>(s, sl2, mA, mB, lA, lB, o, [&](int dp) { return (vt + vx + (dp >> 2) * 128) ^ (((2 * dp) & 7) << 4); });
+    };
+    // The block's 64 rows (its four warps' positions, Q in registers) against a whole 64-key
+    // tile at kt in `Wgmma`'s layout (K, then V), every key visible to every row: the shared
+    // blocks hold no key past the tile's first position. Every warp of the block calls it.
+    // By 32-key halves (a whole tile's scores at once made ptxas spill ~64 bytes).
+    auto attend_wg = [&](unsigned kt) {
+#pragma unroll 1
+        for (int h = 0; h < PF_KT; h += 32) {
+            float sv[4][4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) sv[e][0] = sv[e][1] = sv[e][2] = sv[e][3] = 0.f;
+            // Keys h.. start h rows into each 64-column chunk of the K tile.
+            const u64 kdesc = wg_desc(kt + h * 128, 16, 1024);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk++)
+                wg_rs_m64n32k16<E::MMA>(&sv[0][0], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3],
+                                        wg_desc_at(kdesc, (kk >> 2) * PF_KT * 128 + (kk & 3) * 32), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_pin(sv);
+            pf_online<4, DV>(sv, sl2, mA, mB, lA, lB, o);
+            Wgmma<E, DK, DV>().pv(sv, kt + PF_KT * DK * 2, o, h);
+            wg_pin(o);
+        }
     };
 
     // The blocks two or more positions of the tile chose (the initial and local blocks, shared
@@ -1331,22 +1376,46 @@ __device__ void pf_sel_alone(const Params& p) {
         // common block; the warps' own stages are free again once all have passed here.
         __syncthreads();
         const int nc = ncommon();
-        auto common_copy = [&](int c, int st) {
-            const int k0 = common[c] * B + warp * 16;
-            copy(rtab[k0 / p.paging.page_size], k0 % p.paging.page_size, st, last - k0);
+        // The stages' bytes as two slots of a 64-key block each (4 SB: its K, then its V).
+        auto slot = [&](int c) { return st0 + (c & 1) * (NSA_PF_SEL_WARPS * SB); };
+        // A block every position of the tile chose (on sm_90a with `MODE_PF_SEL_WG`: the
+        // forced ones, and any other all chose) is multiplied by the block's four warps as
+        // one warpgroup, 64 rows = the four positions' 16 heads (prefill variant 87): one
+        // product reads each K and V element from shared memory once, where four warps'
+        // ldmatrix read it four times. Its tile is copied in the layout `Wgmma` reads.
+        // Blocks fewer positions chose stay with the warps that chose them.
+        auto by_wg = [&](int c) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+            return (p.launch.mode & MODE_PF_SEL_WG) && cmask[c] == (1u << tl.npos) - 1u;
+#else
+            return false;
+#endif
         };
-        if (nc > 0) common_copy(0, 0);
+        auto common_copy = [&](int c) {
+            const int k0 = common[c] * B + warp * 16, page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
+            if (by_wg(c)) {
+                pf_warp_rows_wg<DK>(slot(c), warp, rk + row_at(p, page, kvh, off, DK));
+                pf_warp_rows_wg<DV>(slot(c) + PF_KT * DK * 2, warp, rv + row_at(p, page, kvh, off, DV));
+            } else {
+                copy_to(slot(c) + warp * SB, page, off, last - k0);
+            }
+        };
+        if (nc > 0) common_copy(0);
         cp_commit();
         for (int c = 0; c < nc; c++) {
-            if (c + 1 < nc) common_copy(c + 1, (c + 1) & 1);
+            if (c + 1 < nc) common_copy(c + 1);
             cp_commit();
             cp_wait<1>();
-            __syncthreads();  // every warp's sub-tile of block c is in its stage c & 1
-            if (live && ((cmask[c] >> warp) & 1u)) {
+            const bool wg = by_wg(c);  // block-uniform
+            if (wg) fence_async_smem();  // the copies' generic writes before the products' reads
+            __syncthreads();  // every warp's sub-tile of block c is in slot c & 1
+            if (wg) {
+                attend_wg(slot(c));
+            } else if (live && ((cmask[c] >> warp) & 1u)) {
                 const int k0 = common[c] * B;
-                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(st0 + w * pf_warp_stages<DK, DV>() + (c & 1) * SB, k0 + w * 16);
+                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(slot(c) + w * SB, k0 + w * 16);
             }
-            __syncthreads();  // stage c & 1 is refilled by the copy issued in step c + 1
+            __syncthreads();  // slot c & 1 is refilled by the copy issued in step c + 1
         }
         cp_wait<0>();
     }

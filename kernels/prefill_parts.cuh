@@ -358,21 +358,24 @@ struct Wgmma {
         if (WAIT) wg_wait<0>();
     }
 
-    template <bool WAIT = true>
-    __device__ void pv(const float (&pr)[8][4], unsigned vt, float (&o)[DV / 8][4]) {
-        unsigned a[4][4];
+    // P (NT x 8 keys of the tile at vt from key `k0` on, a multiple of 16) times those V rows.
+    template <bool WAIT = true, int NT>
+    __device__ void pv(const float (&pr)[NT][4], unsigned vt, float (&o)[DV / 8][4], int k0 = 0) {
+        static_assert(NT % 2 == 0 && NT <= 8, "whole k16 steps of a 64-key tile");
+        constexpr int KS = NT / 2;
+        unsigned a[KS][4];
 #pragma unroll
-        for (int ks = 0; ks < 4; ks++) {
+        for (int ks = 0; ks < KS; ks++) {
             a[ks][0] = pack2<E::MMA>(pr[2 * ks][0], pr[2 * ks][1]);
             a[ks][1] = pack2<E::MMA>(pr[2 * ks][2], pr[2 * ks][3]);
             a[ks][2] = pack2<E::MMA>(pr[2 * ks + 1][0], pr[2 * ks + 1][1]);
             a[ks][3] = pack2<E::MMA>(pr[2 * ks + 1][2], pr[2 * ks + 1][3]);
         }
         // V is MN-major: 8-key groups 1024 bytes apart, 64-column chunks a tile apart.
-        const u64 vdesc = wg_desc(vt, PF_KT * 128, 1024);
+        const u64 vdesc = wg_desc(vt + k0 * 128, PF_KT * 128, 1024);
         wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ks++) {
+        for (int ks = 0; ks < KS; ks++) {
             const u64 db = wg_desc_at(vdesc, ks * 16 * 128);
             if constexpr (DV == 128)
                 wg_rs_m64n128k16_tb<E::MMA>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], db);

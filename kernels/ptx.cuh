@@ -141,6 +141,9 @@ __device__ __forceinline__ void pdl_wait_then_trigger(const Params& p) {
 // for it to be copied once for them (0: two; 1: three; 2: all of the tile's positions), in
 // bits 15-16 of `launch.mode` (src/cuda/params.rs MODE_PF_SEL_SHARE_MIN_SHIFT).
 #define MODE_PF_SEL_SHARE_MIN_SHIFT 15
+// `pf_sel` on sm_90a: the blocks all of a tile's positions chose are multiplied by the
+// block's warps as one warpgroup (src/cuda/params.rs MODE_PF_SEL_WG).
+#define MODE_PF_SEL_WG 131072
 #define FLOW_SPLITS 1  // the words of the splits' hand-over
 #define FLOW_LISTS 3   // the words of the selection lists' hand-over
 static_assert(FLOW_LISTS + 2 <= NSA_PAIR_COUNTERS, "the hand-overs' words fit the pair's counters");

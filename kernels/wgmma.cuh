@@ -87,6 +87,29 @@ __device__ __forceinline__ void wg_ss_m64n64k16_first(float* d, u64 da, u64 db) 
     for (int i = 0; i < 32; i++) d[i] = 0.f;  // (never launched below sm_90a; defined values)
 #endif
 }
+// A from registers (the m16n8k16 A layout per warp), B from shared memory K-major (as K
+// [keys][dims] is), 32 keys: S = Q K^T with the warps' Q fragments kept in registers
+// (`pf_sel`'s blocks that all of a tile's positions chose, half a tile at a time so the
+// kernel's registers hold). `acc` 0: d = A B, else d += A B.
+#define NSA_WG_RS_K_M64N32(TY)                                                                                      \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"                                                       \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY                                           \
+                 " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, " \
+                 "%20, p, 1, 1, 0; }"                                                                              \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
+                   "+f"(d[15])                                                                                     \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(acc))
+template <int MMA>
+__device__ __forceinline__ void wg_rs_m64n32k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, u64 db, int acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if (MMA == 1)
+        NSA_WG_RS_K_M64N32("bf16");
+    else
+        NSA_WG_RS_K_M64N32("f16");
+#endif
+}
+#undef NSA_WG_RS_K_M64N32
 // A from registers (the m16n8k16 A layout per warp), B from shared memory, B transposed
 // (MN-major: N contiguous, as V [keys][dims] is).
 template <int MMA>

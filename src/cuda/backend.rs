@@ -156,6 +156,7 @@ impl CudaBackend {
             pf_cmp_window: plan.prefill.is_some_and(|p| p.cmp_window),
             pf_sel_share: plan.prefill.is_some_and(|p| p.sel_share),
             pf_sel_share_min: plan.prefill.map_or(2, |p| p.sel_share_min),
+            pf_sel_wg: plan.prefill.is_some_and(|p| p.sel_wg),
         };
         Ok(CudaBackend {
             cfg: *cfg,

@@ -198,6 +198,11 @@ pub(crate) const MODE_PF_SEL_SHARE: i32 = 64;
 /// of the tile's positions; `PrefillPlan::sel_share_min`).
 pub(crate) const MODE_PF_SEL_SHARE_MIN_SHIFT: i32 = 15;
 
+/// `Launch::mode` bit: with `MODE_PF_SEL_SHARE` on sm_90a, `pf_sel` multiplies each block
+/// that all of its tile's positions chose with warpgroup products (64 rows: the four
+/// positions' heads) instead of per warp (`PrefillPlan::sel_wg`).
+pub(crate) const MODE_PF_SEL_WG: i32 = 1 << 17;
+
 /// `Launch::mode` bit: `cmp_mma` writes per-head Eq. 9 group sums instead of logits, and
 /// the selection reads them (`DecodeKnobs::group_sums`).
 pub(crate) const MODE_GROUP_SUMS: i32 = 32;
@@ -248,6 +253,8 @@ pub(crate) struct LaunchSetup {
     pub pf_sel_share: bool,
     /// `PrefillPlan::sel_share_min`, 2 to 4 ([`MODE_PF_SEL_SHARE_MIN_SHIFT`]).
     pub pf_sel_share_min: u32,
+    /// `PrefillPlan::sel_wg` ([`MODE_PF_SEL_WG`]).
+    pub pf_sel_wg: bool,
 }
 
 impl Params {
@@ -319,7 +326,8 @@ impl Params {
                     | (setup.pf_sel_warp as i32) << 2
                     | if setup.pf_cmp_window { MODE_PF_CMP_WINDOW } else { 0 }
                     | if setup.pf_sel_share { MODE_PF_SEL_SHARE } else { 0 }
-                    | (setup.pf_sel_share_min as i32 - 2) << MODE_PF_SEL_SHARE_MIN_SHIFT,
+                    | (setup.pf_sel_share_min as i32 - 2) << MODE_PF_SEL_SHARE_MIN_SHIFT
+                    | if setup.pf_sel_wg { MODE_PF_SEL_WG } else { 0 },
                 nstage: setup.nstage as i32,
                 pf_win: setup.pf_win as i32,
                 pf_c0: 0,

@@ -119,6 +119,12 @@ pub(crate) struct PrefillPlan {
     /// unchanged; at 128/128 3 was 2-3% slower at 16k and 64k; docs/PREFILL_NOTES.md,
     /// variant 82). Knob `NSA_CUDA_PF_SEL_SHARE_MIN=2|3|4` (`MODE_PF_SEL_SHARE_MIN_SHIFT`).
     pub sel_share_min: u32,
+    /// With `sel_share` on sm_90a (the wgmma policies): the blocks all of a tile's positions
+    /// chose (at least the forced ones) are multiplied by `pf_sel`'s four warps as one
+    /// warpgroup, Q in registers, K and V read once from shared memory per product instead
+    /// of once per warp (`MODE_PF_SEL_WG`; knob `NSA_CUDA_PF_SEL_WG=0`; docs/PREFILL_NOTES.md,
+    /// variant 87).
+    pub sel_wg: bool,
 }
 
 /// Producer warps of `pf_cmp_ws` beside `w` consumer warps (the kernels'
@@ -328,7 +334,8 @@ fn ws_choice(cfg: &Config, optin: usize, cap: usize, window_only: bool, warps: O
 /// `NSA_CUDA_PF_CMP_WINDOW=0` keeps the sliding window in `pf_sw` (`PrefillPlan::cmp_window`),
 /// `NSA_CUDA_PF_SEL=0` the selected branch at G = 16 in `pf_sw` (`PrefillPlan::sel_split`),
 /// `NSA_CUDA_PF_SEL_SHARE=0` has `pf_sel` copy every block per warp (`PrefillPlan::sel_share`),
-/// `NSA_CUDA_PF_SEL_SHARE_MIN=N` shares the blocks N positions chose (`PrefillPlan::sel_share_min`).
+/// `NSA_CUDA_PF_SEL_SHARE_MIN=N` shares the blocks N positions chose (`PrefillPlan::sel_share_min`),
+/// `NSA_CUDA_PF_SEL_WG=0` multiplies the blocks all of them chose per warp (`PrefillPlan::sel_wg`).
 pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Option<PrefillPlan> {
     use super::build::{env_num, env_on};
     let knobs = Knobs {
@@ -344,6 +351,7 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
         no_sel: env_num("NSA_CUDA_PF_SEL") == Some(0),
         no_share: env_num("NSA_CUDA_PF_SEL_SHARE") == Some(0),
         share_min: env_num("NSA_CUDA_PF_SEL_SHARE_MIN"),
+        no_wg: env_num("NSA_CUDA_PF_SEL_WG") == Some(0),
     };
     plan_with(cfg, cc, optin, tma, knobs)
 }
@@ -354,7 +362,7 @@ pub(crate) fn plan(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool) -> Opt
 /// window's length in blocks, the warp-specialised forms' consumer warps, and the sliding
 /// window kept in `pf_sw` (`NSA_CUDA_PF_CMP_WINDOW=0`), no `pf_sel` (`NSA_CUDA_PF_SEL=0`),
 /// and no shared copies in it (`NSA_CUDA_PF_SEL_SHARE=0`) or copies shared by N positions
-/// (`NSA_CUDA_PF_SEL_SHARE_MIN=N`).
+/// (`NSA_CUDA_PF_SEL_SHARE_MIN=N`), and no warpgroup products there (`NSA_CUDA_PF_SEL_WG=0`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Knobs {
     off: bool,
@@ -369,11 +377,12 @@ struct Knobs {
     no_sel: bool,
     no_share: bool,
     share_min: Option<usize>,
+    no_wg: bool,
 }
 
 /// [`plan`] with its knobs as arguments.
 fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) -> Option<PrefillPlan> {
-    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps, sw_window, no_sel, no_share, share_min } = k;
+    let Knobs { off, mma_all, mma_sw, union, no_ws, ws_win, sc_win, ws_warps, sw_window, no_sel, no_share, share_min, no_wg } = k;
     if !supported(cfg) || off {
         return None;
     }
@@ -408,13 +417,15 @@ fn plan_with(cfg: &Config, cc: (i32, i32), optin: usize, tma: bool, k: Knobs) ->
             smem_sel: smem_sel as u32,
             sel_share: false,
             sel_share_min: share_min.map_or(if cfg.head_dim_qk > 128 { 3 } else { 2 }, |n| n.clamp(2, 4) as u32),
+            sel_wg: false,
         };
         let p = match ws {
             Some(((w, moving), b, sc_win)) => {
                 let cmp_window = sel_warp && !sw_window;
                 let sel_split = cmp_window && g == 16 && !no_sel && smem_sel <= optin;
                 let sel_share = sel_split && !no_share;
-                PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, cmp_window, sel_split, sel_share, ..p }
+                let sel_wg = sel_share && !no_wg;
+                PrefillPlan { policy: Policy::WgmmaWs(w, moving), smem_cmp: b as u32, sc_win, cmp_window, sel_split, sel_share, sel_wg, ..p }
             }
             None => p,
         };
@@ -505,6 +516,11 @@ mod tests {
             // ... which copies the tile's common blocks once (unless its knob says no).
             assert_eq!(p.sel_share, p.sel_split);
             assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_share: true, ..Knobs::default() }).unwrap().sel_share);
+            // ... and multiplies the blocks all of them chose by warpgroup (unless its knob or
+            // the share knob says no).
+            assert_eq!(p.sel_wg, p.sel_share);
+            assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_wg: true, ..Knobs::default() }).unwrap().sel_wg);
+            assert!(!plan_with(&c, (9, 0), optin, true, Knobs { no_share: true, ..Knobs::default() }).unwrap().sel_wg);
             // A block is shared when two of the tile's positions chose it, three at DK > 128
             // (variant 82); the knob's value within 2..=4.
             assert_eq!(p.sel_share_min, if c.head_dim_qk > 128 { 3 } else { 2 }, "{c:?}");
@@ -671,6 +687,7 @@ mod tests {
             smem_sel: 0,
             sel_share: false,
             sel_share_min: 2,
+            sel_wg: false,
         };
         let seqs = [
             PlanSeq { seq: 0, old_len: 0, new_len: 9, row: 0 },
