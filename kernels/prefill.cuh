@@ -1169,6 +1169,7 @@ __device__ void pf_sel_alone(const Params& p) {
     __shared__ int common[32];
     __shared__ unsigned cmask[32];
     __shared__ int ccount[NSA_PF_SEL_WARPS];
+    __shared__ int ccount_wg[NSA_PF_SEL_WARPS];  // of those, the ones every position chose (variant 87)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int g = lane >> 2, q4 = lane & 3;
     const int kvh = blockIdx.y, n = p.shape.sel_count, B = p.shape.sel_block;
@@ -1203,13 +1204,13 @@ __device__ void pf_sel_alone(const Params& p) {
     const u16* rv = (const u16*)p.paging.raw_v;
     constexpr unsigned KB = 16 * DK * 2, SB = KB + 16 * DV * 2;  // a stage: K rows then V rows
     const unsigned st0 = smem_u32(pf_base(pf_smem)), wst = st0 + warp * pf_warp_stages<DK, DV>();
-    // The 16 keys at row `off` of `page` into the stage at kd (K rows, then V rows); rows
-    // past `rmax` zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
-    auto copy_to = [&](unsigned kd, int page, int off, int rmax) {
+    // The 16 keys at row `off` of `page` into the warp's stage st; rows past `rmax`
+    // zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
+    auto copy = [&](int page, int off, int st, int rmax) {
+        const unsigned kd = wst + st * SB;
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), rmax);
         pf_warp_rows<DV>(kd + KB, rv + row_at(p, page, kvh, off, DV), rmax);
     };
-    auto copy = [&](int page, int off, int st, int rmax) { copy_to(wst + st * SB, page, off, rmax); };
     float o[DV / 8][4];
 #pragma unroll
     for (int d = 0; d < DV / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -1289,10 +1290,15 @@ __device__ void pf_sel_alone(const Params& p) {
     // before the warps' own loops, with their lists live across it, it made ptxas spill
     // in those loops.)
     const bool share = (p.launch.mode & 64) && one_tile && tl.npos > 1;  // block-uniform
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const bool sel_wg = (p.launch.mode & MODE_PF_SEL_WG) != 0;
+#else
+    constexpr bool sel_wg = false;
+#endif
     // Common blocks: the sum of the warps' counts (read again after the warps' own loops).
-    auto ncommon = [&]() {
+    auto ncommon = [&](const int* cnt) {
         int c = 0;
-        for (int w = 0; w < NSA_PF_SEL_WARPS; w++) c += ccount[w];
+        for (int w = 0; w < NSA_PF_SEL_WARPS; w++) c += cnt[w];
         return c;
     };
     if (share) {
@@ -1318,13 +1324,24 @@ __device__ void pf_sel_alone(const Params& p) {
         // policy, kernels/prefill_nonfinite.cuh); the warps' own copies zero-fill them.
         const int smin = (p.launch.mode >> MODE_PF_SEL_SHARE_MIN_SHIFT) & 3;
         const bool multi = __popc(who) >= (smin == 2 ? max(tl.npos, 2) : 2 + smin) && myblk * B + B - 1 <= tl.pos0;
-        const unsigned mine = __ballot_sync(0xffffffffu, multi && first);
-        if (lane == 0) ccount[warp] = __popc(mine);
+        // With `MODE_PF_SEL_WG` on sm_90a the blocks every position chose are listed first
+        // (`nwg` of them) and multiplied by the warpgroup; the rest in warp order after them.
+        const bool all = sel_wg && who == (1u << tl.npos) - 1u;
+        const unsigned mine = __ballot_sync(0xffffffffu, multi && first), mine_wg = __ballot_sync(0xffffffffu, multi && first && all);
+        if (lane == 0) {
+            ccount[warp] = __popc(mine);
+            ccount_wg[warp] = __popc(mine_wg);
+        }
         __syncthreads();
-        int base = 0;
-        for (int w = 0; w < warp; w++) base += ccount[w];
+        int base = 0, base_wg = 0, nwg = 0;
+        for (int w = 0; w < NSA_PF_SEL_WARPS; w++) {
+            base += w < warp ? ccount[w] - ccount_wg[w] : 0;
+            base_wg += w < warp ? ccount_wg[w] : 0;
+            nwg += ccount_wg[w];
+        }
         if (multi && first) {
-            const int slot = base + __popc(mine & ((1u << lane) - 1u));
+            const unsigned lm = (1u << lane) - 1u;
+            const int slot = all ? base_wg + __popc(mine_wg & lm) : nwg + base + __popc(mine & ~mine_wg & lm);
             common[slot] = myblk;
             cmask[slot] = who;
         }
@@ -1375,47 +1392,53 @@ __device__ void pf_sel_alone(const Params& p) {
         // Every warp (also one past the tile's positions) copies its sub-tile of each
         // common block; the warps' own stages are free again once all have passed here.
         __syncthreads();
-        const int nc = ncommon();
-        // The stages' bytes as two slots of a 64-key block each (4 SB: its K, then its V).
-        auto slot = [&](int c) { return st0 + (c & 1) * (NSA_PF_SEL_WARPS * SB); };
-        // A block every position of the tile chose (on sm_90a with `MODE_PF_SEL_WG`: the
-        // forced ones, and any other all chose) is multiplied by the block's four warps as
-        // one warpgroup, 64 rows = the four positions' 16 heads (prefill variant 87): one
-        // product reads each K and V element from shared memory once, where four warps'
-        // ldmatrix read it four times. Its tile is copied in the layout `Wgmma` reads.
-        // Blocks fewer positions chose stay with the warps that chose them.
-        auto by_wg = [&](int c) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-            return (p.launch.mode & MODE_PF_SEL_WG) && cmask[c] == (1u << tl.npos) - 1u;
-#else
-            return false;
-#endif
-        };
-        auto common_copy = [&](int c) {
-            const int k0 = common[c] * B + warp * 16, page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
-            if (by_wg(c)) {
+        const int nc = ncommon(ccount), nwg = ncommon(ccount_wg);
+        // The blocks every position chose (variant 87): multiplied by the block's four warps as
+        // one warpgroup, 64 rows = the four positions' 16 heads: one product reads each K and
+        // V element from shared memory once, where four warps' ldmatrix read it four times.
+        // Each is copied as one 64-key tile in the layout `Wgmma` reads, into one of two
+        // slots (the stages' bytes, 4 SB each: its K, then its V), a 16-key row group a warp.
+        // Its own loop, before the per-warp one (in one loop with it ptxas spilled ~20 bytes,
+        // and the per-warp path lost ~5% at 8k).
+        if (nwg > 0) {
+            auto slot = [&](int c) { return st0 + (c & 1) * (NSA_PF_SEL_WARPS * SB); };
+            auto wg_copy = [&](int c) {
+                const int k0 = common[c] * B + warp * 16, page = rtab[k0 / p.paging.page_size], off = k0 % p.paging.page_size;
                 pf_warp_rows_wg<DK>(slot(c), warp, rk + row_at(p, page, kvh, off, DK));
                 pf_warp_rows_wg<DV>(slot(c) + PF_KT * DK * 2, warp, rv + row_at(p, page, kvh, off, DV));
-            } else {
-                copy_to(slot(c) + warp * SB, page, off, last - k0);
+            };
+            wg_copy(0);
+            cp_commit();
+            for (int c = 0; c < nwg; c++) {
+                if (c + 1 < nwg) wg_copy(c + 1);
+                cp_commit();
+                cp_wait<1>();
+                fence_async_smem();  // the copies' generic writes before the products' reads
+                __syncthreads();     // every warp's rows of block c are in slot c & 1
+                attend_wg(slot(c));
+                __syncthreads();  // slot c & 1 is refilled by the copy issued in step c + 1
             }
+            cp_wait<0>();
+        }
+        // The rest, a 16-key sub-tile a warp into the warps' stages; the warps whose
+        // positions chose a block read all four.
+        auto common_copy = [&](int c, int st) {
+            const int k0 = common[c] * B + warp * 16;
+            copy(rtab[k0 / p.paging.page_size], k0 % p.paging.page_size, st, last - k0);
         };
-        if (nc > 0) common_copy(0);
+        if (nwg < nc) common_copy(nwg, 0);
         cp_commit();
-        for (int c = 0; c < nc; c++) {
-            if (c + 1 < nc) common_copy(c + 1);
+        for (int c = nwg; c < nc; c++) {
+            const int st = (c - nwg) & 1;
+            if (c + 1 < nc) common_copy(c + 1, st ^ 1);
             cp_commit();
             cp_wait<1>();
-            const bool wg = by_wg(c);  // block-uniform
-            if (wg) fence_async_smem();  // the copies' generic writes before the products' reads
-            __syncthreads();  // every warp's sub-tile of block c is in slot c & 1
-            if (wg) {
-                attend_wg(slot(c));
-            } else if (live && ((cmask[c] >> warp) & 1u)) {
+            __syncthreads();  // every warp's sub-tile of block c is in its stage st
+            if (live && ((cmask[c] >> warp) & 1u)) {
                 const int k0 = common[c] * B;
-                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(slot(c) + w * SB, k0 + w * 16);
+                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(st0 + w * pf_warp_stages<DK, DV>() + st * SB, k0 + w * 16);
             }
-            __syncthreads();  // slot c & 1 is refilled by the copy issued in step c + 1
+            __syncthreads();  // stage st is refilled by the copy issued in step c + 1
         }
         cp_wait<0>();
     }
