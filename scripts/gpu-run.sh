@@ -61,7 +61,7 @@ fi
 # or infinite value must reach the outputs the reference says in every one of them
 # (kernels/prefill_nonfinite.cuh guards each kernel that shares a K/V tile among rows).
 if [[ " $phases " == *" paths "* && -x "$here/bin/gpu_lifecycle" ]]; then
-  for k in NSA_CUDA_PF_MMA=1 NSA_CUDA_PF_SEL=0 NSA_CUDA_PF_NO_WS=1 NSA_CUDA_PF_CMP_WINDOW=0 NSA_CUDA_PF_SEL_SHARE=0 NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SW_MMA=1; do
+  for k in NSA_CUDA_PF_MMA=1 NSA_CUDA_PF_SEL=0 NSA_CUDA_PF_NO_WS=1 NSA_CUDA_PF_CMP_WINDOW=0 NSA_CUDA_PF_SEL_SHARE=0 NSA_CUDA_PF_WS_WIN=1 NSA_CUDA_PF_SW_MMA=1 NSA_CUDA_PF_SEL_WG=0; do
     run "gpu_lifecycle non_finite ($k)" "$LOGS/paths_$k.log" env "$k" "$here/bin/gpu_lifecycle" non_finite --include-ignored --test-threads=1
   done
 fi
