@@ -1156,7 +1156,9 @@ __device__ bool pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
 // its position's selected blocks and queries straight from global memory (Q fragments stay
 // in registers), walks the blocks as 16-key sub-tiles through its own two copy stages, and
 // adds the gated, normalised result to `out`, which holds the compressed branch and the
-// window (`pf_cmp_ws` with `launch.mode & 16`). No Q tile and no window pipeline: a block
+// window (`pf_cmp_ws` with `launch.mode & 16`). Blocks several of the tile's positions
+// chose are copied once for them (33c), and on sm_90a those all of them chose are multiplied
+// by the four warps as one warpgroup (87). No Q tile and no window pipeline: a block
 // is its warps' stages (16 KB a warp at 128/128), so three blocks fit a multiprocessor
 // where `pf_sw`, with the window's registers and tiles, runs two.
 template <class E, int DK, int DV>
