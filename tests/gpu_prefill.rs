@@ -70,6 +70,20 @@ fn prefill_chunks_with_decodes_paper_g16_bf16() {
     scenario::<bf16>("prefill_chunks_with_decodes_paper_g16_bf16", &cfg, 35, &pl);
 }
 
+// G = 16 at DK = DV = 64 in f16: the selected branch's other shape of `pf_sel` (its
+// warpgroup products of the blocks all of a tile's positions chose at one 64-column chunk,
+// P V at N = 64), with chunks that leave tiles of fewer than four positions.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
+fn prefill_chunks_with_decodes_paper_g16_dk64_f16() {
+    if device_or_skip("prefill_chunks_with_decodes_paper_g16_dk64_f16").is_none() {
+        return;
+    }
+    let cfg = cfg_for(Preset::Paper, 16, 1, 64, 64, Dtype::F16, 4, 4096, 4096);
+    let pl = Plan { seqs: 4, prompt_min: 64, prompt_max: sz(3000, 300), chunk_max: sz(900, 130), decode_steps: sz(6, 2), forks: true };
+    scenario::<f16>("prefill_chunks_with_decodes_paper_g16_dk64_f16", &cfg, 41, &pl);
+}
+
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-run.sh runs it with --include-ignored"]
 fn prefill_one_long_step_paper_g16_dk192_f16() {

@@ -452,6 +452,21 @@ mod tests {
         c
     }
 
+    /// At G = 16 every `pf_sel` shape (tests/gpu_prefill.rs runs each: 64/64, 128/128,
+    /// 192/128) takes the selected branch in `pf_sel` with its warpgroup products on sm_90,
+    /// and none on sm_80 (no tensor maps there, so no warp-specialised `pf_cmp` either).
+    #[test]
+    fn pf_sel_serves_every_g16_shape() {
+        let optin = 227 * 1024;
+        for (dk, dv) in SHAPES {
+            let c = cfg(16, 1, dk, dv, 8192);
+            let p = plan_with(&c, (9, 0), optin, true, Knobs::default()).unwrap();
+            assert!(p.sel_split && p.sel_share && p.sel_wg, "{dk}/{dv}: {p:?}");
+            let p = plan_with(&c, (8, 0), 163 * 1024, false, Knobs::default()).unwrap();
+            assert!(!p.sel_split && !p.sel_wg, "{dk}/{dv} on sm_80: {p:?}");
+        }
+    }
+
     #[test]
     fn paper_shapes_fit_on_hopper() {
         let optin = 227 * 1024;
