@@ -987,15 +987,7 @@ __device__ __forceinline__ void pf_warp_rows_wg(unsigned tile, int w, const u16*
     constexpr int C = D / 8;
     static_assert(D % 64 == 0, "whole 64-column chunks");
     const int lane = threadIdx.x & 31;
-    // Granule c of row r: its unswizzled address a, then the 128-byte swizzle as a function
-    // of a's own bits (the tile is 1024-byte aligned: bits 7-9 are the row's low three),
-    // three operations a copy, nothing kept across the loop that issues it.
-    pf_warp_rows_at<C, 0>(
-        [tile, w](int r, int c) {
-            const unsigned a = tile + (c >> 3) * (PF_KT * 128) + (16 * w + r) * 128 + (c & 7) * 16;
-            return a ^ ((a >> 3) & 0x70u);
-        },
-        src + lane * 8, lane, 15);
+    pf_warp_rows_at<C, 0>([tile, w](int r, int c) { return tile + sw128_off(16 * w + r, c, PF_KT); }, src + lane * 8, lane, 15);
 }
 
 // The second half of a 16-key sub-tile step of the per-warp selected loops (`pf_sel_warp`,
@@ -1278,7 +1270,7 @@ __device__ void pf_sel_alone(const Params& p) {
             wg_wait<0>();
             wg_pin(sv);
             pf_online<4, DV>(sv, sl2, mA, mB, lA, lB, o);
-            Wgmma<E, DK, DV>().pv(sv, kt + PF_KT * DK * 2, o, h);
+            Wgmma<E, DK, DV>::pv(sv, kt + PF_KT * DK * 2, o, h);
             wg_pin(o);
         }
     };

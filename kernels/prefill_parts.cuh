@@ -359,8 +359,9 @@ struct Wgmma {
     }
 
     // P (NT x 8 keys of the tile at vt from key `k0` on, a multiple of 16) times those V rows.
+    // Static: it needs no Q tile (`pf_sel`'s warpgroup products call it without one).
     template <bool WAIT = true, int NT>
-    __device__ void pv(const float (&pr)[NT][4], unsigned vt, float (&o)[DV / 8][4], int k0 = 0) {
+    static __device__ void pv(const float (&pr)[NT][4], unsigned vt, float (&o)[DV / 8][4], int k0 = 0) {
         static_assert(NT % 2 == 0 && NT <= 8, "whole k16 steps of a 64-key tile");
         constexpr int KS = NT / 2;
         unsigned a[KS][4];
