@@ -948,6 +948,12 @@ __device__ void pf_cmp_ws(const Params& p) {
 // Bytes of a warp's two copy stages in `pf_sel_warp`: 16 keys of K and of V each.
 template <int DK, int DV>
 __host__ __device__ constexpr unsigned pf_warp_stages() { return 2u * 16u * (DK + DV) * 2u; }
+// Shared-memory address of warp w's copy stage st (16 K rows, then 16 V rows at + 16 DK * 2)
+// in a per-warp stages area from `base`.
+template <int DK, int DV>
+__device__ __forceinline__ unsigned pf_warp_stage(unsigned base, int w, int st) {
+    return base + (unsigned)w * pf_warp_stages<DK, DV>() + (unsigned)st * (pf_warp_stages<DK, DV>() / 2u);
+}
 
 // Byte offset of 16-byte granule c of row r in a warp stage's rows: granules XOR-swizzled
 // by r within each 128 bytes, so ldmatrix reads are conflict-free.
@@ -1055,7 +1061,7 @@ __device__ bool pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         const int page = tpage[u * tpb + q / (PF_KT / 16)];
         if (q % (PF_KT / 16) == 0) toff = k0 % p.paging.page_size;
         const int off = toff + (q % (PF_KT / 16)) * 16;  // the tile's rows lie in one page
-        const unsigned kd = wst + st * (KB + 16 * DV * 2), vd = kd + KB;
+        const unsigned kd = pf_warp_stage<DK, DV>(wst, 0, st), vd = kd + KB;
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), last - k0);
         pf_warp_rows<DV>(vd, rv + row_at(p, page, kvh, off, DV), last - k0);
     };
@@ -1090,7 +1096,7 @@ __device__ bool pf_sel_warp(const Params& p, const M& m, unsigned wst, const int
         const unsigned bm = bmask[j];
         const bool sA = selA_ok && ((bm >> poA) & 1u), sB = selB_ok && ((bm >> poB) & 1u);
         const int k0 = j * p.shape.sel_block + cq * 16;
-        const unsigned kt = wst + st * (KB + 16 * DV * 2), vt = kt + KB;
+        const unsigned kt = pf_warp_stage<DK, DV>(wst, 0, st), vt = kt + KB;
         // Q K^T as four independent chains (even and odd k steps apart, summed after): the
         // per-warp loop is bound by dependent latency (ncu: "wait" stalls lead), and two
         // chains of DK / 16 dependent products were its longest run.
@@ -1197,11 +1203,11 @@ __device__ void pf_sel_alone(const Params& p) {
     const u16* rk = (const u16*)p.paging.raw_k;
     const u16* rv = (const u16*)p.paging.raw_v;
     constexpr unsigned KB = 16 * DK * 2, SB = KB + 16 * DV * 2;  // a stage: K rows then V rows
-    const unsigned st0 = smem_u32(pf_base(pf_smem)), wst = st0 + warp * pf_warp_stages<DK, DV>();
+    const unsigned st0 = smem_u32(pf_base(pf_smem));
     // The 16 keys at row `off` of `page` into the warp's stage st; rows past `rmax`
     // zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
     auto copy = [&](int page, int off, int st, int rmax) {
-        const unsigned kd = wst + st * SB;
+        const unsigned kd = pf_warp_stage<DK, DV>(st0, warp, st);
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), rmax);
         pf_warp_rows<DV>(kd + KB, rv + row_at(p, page, kvh, off, DV), rmax);
     };
@@ -1374,7 +1380,7 @@ __device__ void pf_sel_alone(const Params& p) {
             cp_commit();
             cp_wait<1>();
             __syncwarp();
-            attend(wst + st * SB, kb + cq * 16);
+            attend(pf_warp_stage<DK, DV>(st0, warp, st), kb + cq * 16);
             __syncwarp();  // the stage is refilled by the copy issued in the step after next
             ci = ni;
             cq = nq;
@@ -1430,7 +1436,7 @@ __device__ void pf_sel_alone(const Params& p) {
             __syncthreads();  // every warp's sub-tile of block c is in its stage st
             if (live && ((cmask[c] >> warp) & 1u)) {
                 const int k0 = common[c] * B;
-                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(st0 + w * pf_warp_stages<DK, DV>() + st * SB, k0 + w * 16);
+                for (int w = 0; w < NSA_PF_SEL_WARPS; w++) attend(pf_warp_stage<DK, DV>(st0, w, st), k0 + w * 16);
             }
             __syncthreads();  // stage st is refilled by the copy issued in step c + 1
         }
@@ -1566,7 +1572,7 @@ __device__ void pf_sw(const Params& p) {
         const int PW = 16 / G;
         const unsigned wbits = (PW >= 32 ? 0xffffffffu : ((1u << PW) - 1u)) << (warp * PW);
         if (!window_only)
-            bad = pf_sel_warp<E, DK, DV>(p, m, ks + warp * pf_warp_stages<DK, DV>(), ulist, ucount, bmask, tpage, kvh, wbits, okA,
+            bad = pf_sel_warp<E, DK, DV>(p, m, pf_warp_stage<DK, DV>(ks, warp, 0), ulist, ucount, bmask, tpage, kvh, wbits, okA,
                                          okB, poA, poB, tA, tB, last, sl2, mA, mB, lA, lB, o);
         fold_selected();
         __syncthreads();  // every warp is done with its stages: the window's tiles go there
