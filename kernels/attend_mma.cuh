@@ -127,6 +127,9 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // A lane's weights (the same on every tile: splits start at multiples of 16): token i of
     // group j is tap i + A - 1 of block j and tap i - B + A - 1 of block j + 1.
     float o0 = 0.f, o1 = 0.f, n0 = 0.f, n1 = 0.f;
+    // The lane's two heads' rows of group sums (g and g + 8 of the chunk), set once.
+    float* const gsA = groups ? logit_out + (usize)g * p.ws.max_cmp : nullptr;
+    float* const gsB = groups ? gsA + (usize)8 * p.ws.max_cmp : nullptr;
     if (groups) {
         const int A = p.shape.eq9_a, B = p.shape.eq9_b, i0 = (q4 * 2) & (B - 1);
         o0 = overlap_count(i0 + A - 1, A, B);
@@ -317,6 +320,9 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
 #pragma unroll
     for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    // mA, mB * log2(e): each probability is then one FFMA and one EX2 (docs/DECODE_NOTES.md,
+    // variant 96).
+    float mA2 = NEG_INF, mB2 = NEG_INF;
     if (!ks.ready) fill();
     tl_mark<1>();  // the first tiles' copies issued: the tile loop begins
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
@@ -443,16 +449,18 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             }
             mA = nA;
             mB = nB;
+            mA2 = mA * 1.4426950408889634f;
+            mB2 = mB * 1.4426950408889634f;
         }
         // Every row's reference is finite here (a tile with a visible key gives each row a
         // finite max, and the first such tile moved the reference).
         float pr[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-            pr[nt][0] = fexp(s[nt][0] - mA);
-            pr[nt][1] = fexp(s[nt][1] - mA);
-            pr[nt][2] = fexp(s[nt][2] - mB);
-            pr[nt][3] = fexp(s[nt][3] - mB);
+            pr[nt][0] = ex2f(fmaf(s[nt][0], 1.4426950408889634f, -mA2));
+            pr[nt][1] = ex2f(fmaf(s[nt][1], 1.4426950408889634f, -mA2));
+            pr[nt][2] = ex2f(fmaf(s[nt][2], 1.4426950408889634f, -mB2));
+            pr[nt][3] = ex2f(fmaf(s[nt][3], 1.4426950408889634f, -mB2));
         }
         lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
         lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
@@ -460,7 +468,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
             // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
             const int B = p.shape.eq9_b;
-            const float rA = mA * 1.4426950408889634f, rB = mB * 1.4426950408889634f;
+            const float rA = mA2, rB = mB2;
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
                 const int pos = ks.lo + j0 + nt * 8 + q4 * 2;
@@ -475,9 +483,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 // The group's first lane stores, for groups that start inside the split.
                 if ((q4 & (B / 2 - 1)) == 0 && pos < ks.lo + ks.n) {
                     const int gi = pos >> (__ffs(B) - 1);
-                    if (g < hcn) *(float2*)(logit_out + (usize)g * p.ws.max_cmp + 2 * gi) = make_float2(__log2f(xa) + rA, __log2f(ya) + rA);
-                    if (g + 8 < hcn)
-                        *(float2*)(logit_out + (usize)(g + 8) * p.ws.max_cmp + 2 * gi) = make_float2(__log2f(xb) + rB, __log2f(yb) + rB);
+                    if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(xa) + rA, lg2f(ya) + rA);
+                    if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(xb) + rB, lg2f(yb) + rB);
                 }
             }
         }

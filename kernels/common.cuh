@@ -276,6 +276,14 @@ __device__ __forceinline__ float ex2f(float x) {
     return y;
 }
 
+// log2(x) on the SFU (lg2.approx, flush-to-zero): for arguments that are 0 or normal, as
+// sums of ex2f results are, the same value as __log2f without its denormal fix-up.
+__device__ __forceinline__ float lg2f(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Eq. 9 overlap count of offset k: pairs (a, b), a < A, b < B, a + b = k (0 outside
 // [0, A + B - 2]).
 __device__ __forceinline__ float overlap_count(int k, int A, int B) {
