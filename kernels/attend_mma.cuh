@@ -323,6 +323,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // mA, mB * log2(e): each probability is then one FFMA and one EX2 (docs/DECODE_NOTES.md,
     // variant 96).
     float mA2 = NEG_INF, mB2 = NEG_INF;
+    const float scl = p.shape.scale, sl2 = scl * 1.4426950408889634f;
     if (!ks.ready) fill();
     tl_mark<1>();  // the first tiles' copies issued: the tile loop begins
     const unsigned qa = smem_u32(q_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * QS + (lane >> 4) * 8);
@@ -353,9 +354,11 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         // A tile with no visible key (a -1 block, a block past t) is skipped: its stage
         // holds no copied rows in bulk mode.
         const int tp0 = tma ? tile_pos0(i) : -1;
-        unsigned vis =
-            __ballot_sync(0xffffffffu, (tma ? tile_key(i, tp0, lane & (NSA_MMA_KEYS - 1)) : key_pos(p, ks, j0 + (lane & (NSA_MMA_KEYS - 1)))) >= 0) &
-            0xffffu;
+        // A tile wholly inside its unit's visible keys (warp-uniform) skips the per-key test.
+        const bool whole = tma && tp0 >= 0 && (ks.blocks ? tp0 + NSA_MMA_KEYS - 1 <= ks.t : j0 + NSA_MMA_KEYS <= ks.n && tp0 >= ks.first);
+        unsigned vis = whole ? 0xffffu
+                             : __ballot_sync(0xffffffffu, (tma ? tile_key(i, tp0, lane & (NSA_MMA_KEYS - 1)) : key_pos(p, ks, j0 + (lane & (NSA_MMA_KEYS - 1)))) >= 0) &
+                                   0xffffu;
         if (vis == 0u) continue;
         u16* kt = my + st * stage_elems;
         u16* vt = kt + NSA_MMA_KEYS * KS;
@@ -392,9 +395,11 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            s[0][e] = (s[0][e] + s2[0][e]) * p.shape.scale;
-            s[1][e] = (s[1][e] + s2[1][e]) * p.shape.scale;
+            s[0][e] += s2[0][e];
+            s[1][e] += s2[1][e];
         }
+        // s holds unscaled logits from here (the scale is > 0, so maxima commute with it):
+        // the scale joins log2(e) in each probability's FFMA, and the maxima are scaled once.
         // Keep the raw logits (compressed branch: keys are the contiguous range from
         // ks.lo, so key jj of the tile is position ks.lo + j0 + jj), then mask the keys the
         // tile's visibility bits exclude. A lane's two keys of an n8 tile are adjacent
@@ -408,14 +413,15 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 const int pos = ks.lo + j0 + jj;
                 float* la = logit_out + (usize)g * p.ws.max_cmp + pos;
                 float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
+                const float sc = scl;
                 if (v0 && v1 && (pos & 1) == 0) {
-                    if (g < hcn) *(float2*)la = make_float2(s[nt][0], s[nt][1]);
-                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2], s[nt][3]);
+                    if (g < hcn) *(float2*)la = make_float2(s[nt][0] * sc, s[nt][1] * sc);
+                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2] * sc, s[nt][3] * sc);
                 } else {
-                    if (v0 && g < hcn) la[0] = s[nt][0];
-                    if (v1 && g < hcn) la[1] = s[nt][1];
-                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2];
-                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3];
+                    if (v0 && g < hcn) la[0] = s[nt][0] * sc;
+                    if (v1 && g < hcn) la[1] = s[nt][1] * sc;
+                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2] * sc;
+                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3] * sc;
                 }
             }
             if (vis != 0xffffu) {
@@ -429,6 +435,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
         xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
         xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        xA *= scl;
+        xB *= scl;
         // Lazy rescale: a row's reference max moves only when the tile's max exceeds it by
         // more than RESCALE_SLACK (or it is still -inf), and then every row of the warp
         // moves to its true max. Between moves P = exp(s - m) stays below e^SLACK, well
@@ -457,10 +465,10 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         float pr[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
-            pr[nt][0] = ex2f(fmaf(s[nt][0], 1.4426950408889634f, -mA2));
-            pr[nt][1] = ex2f(fmaf(s[nt][1], 1.4426950408889634f, -mA2));
-            pr[nt][2] = ex2f(fmaf(s[nt][2], 1.4426950408889634f, -mB2));
-            pr[nt][3] = ex2f(fmaf(s[nt][3], 1.4426950408889634f, -mB2));
+            pr[nt][0] = ex2f(fmaf(s[nt][0], sl2, -mA2));
+            pr[nt][1] = ex2f(fmaf(s[nt][1], sl2, -mA2));
+            pr[nt][2] = ex2f(fmaf(s[nt][2], sl2, -mB2));
+            pr[nt][3] = ex2f(fmaf(s[nt][3], sl2, -mB2));
         }
         lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
         lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
