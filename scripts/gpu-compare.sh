@@ -34,6 +34,11 @@ run() { # name dir env...
   env "$@" "$dir/nsa-bench" --gpu "${args[@]}" --json "$o/$name.json" 2>"$o/$name.err" | tee "$o/$name.md"
   tail -n 3 "$o/$name.err"
 }
+# An untimed warm-up process first: the first nsa-bench process of a device call has run
+# up to 6% slow at some points (docs/DECODE_NOTES.md, thirty-fourth session), which would
+# favour every build timed after the base.
+echo "== warm-up (untimed)"
+.gpu-bench/nsa-bench --gpu --contexts 65536 --batches 1,16 --reps 5 --prefill none >/dev/null 2>&1
 [ -x .gpu-base/nsa-bench ] && run base .gpu-base
 run new .gpu-bench
 # Candidate builds by name: .gpu-bench-x runs as "x".
