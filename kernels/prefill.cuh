@@ -1203,11 +1203,11 @@ __device__ void pf_sel_alone(const Params& p) {
     const u16* rk = (const u16*)p.paging.raw_k;
     const u16* rv = (const u16*)p.paging.raw_v;
     constexpr unsigned KB = 16 * DK * 2, SB = KB + 16 * DV * 2;  // a stage: K rows then V rows
-    const unsigned st0 = smem_u32(pf_base(pf_smem));
+    const unsigned st0 = smem_u32(pf_base(pf_smem)), wst = pf_warp_stage<DK, DV>(st0, warp, 0);
     // The 16 keys at row `off` of `page` into the warp's stage st; rows past `rmax`
     // zero-filled (masked, and a stale row past the sequence's end may hold a NaN).
     auto copy = [&](int page, int off, int st, int rmax) {
-        const unsigned kd = pf_warp_stage<DK, DV>(st0, warp, st);
+        const unsigned kd = pf_warp_stage<DK, DV>(wst, 0, st);
         pf_warp_rows<DK>(kd, rk + row_at(p, page, kvh, off, DK), rmax);
         pf_warp_rows<DV>(kd + KB, rv + row_at(p, page, kvh, off, DV), rmax);
     };
@@ -1380,7 +1380,7 @@ __device__ void pf_sel_alone(const Params& p) {
             cp_commit();
             cp_wait<1>();
             __syncwarp();
-            attend(pf_warp_stage<DK, DV>(st0, warp, st), kb + cq * 16);
+            attend(pf_warp_stage<DK, DV>(wst, 0, st), kb + cq * 16);
             __syncwarp();  // the stage is refilled by the copy issued in the step after next
             ci = ni;
             cq = nq;
