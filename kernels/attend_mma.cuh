@@ -413,15 +413,14 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 const int pos = ks.lo + j0 + jj;
                 float* la = logit_out + (usize)g * p.ws.max_cmp + pos;
                 float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
-                const float sc = scl;
                 if (v0 && v1 && (pos & 1) == 0) {
-                    if (g < hcn) *(float2*)la = make_float2(s[nt][0] * sc, s[nt][1] * sc);
-                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2] * sc, s[nt][3] * sc);
+                    if (g < hcn) *(float2*)la = make_float2(s[nt][0] * scl, s[nt][1] * scl);
+                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2] * scl, s[nt][3] * scl);
                 } else {
-                    if (v0 && g < hcn) la[0] = s[nt][0] * sc;
-                    if (v1 && g < hcn) la[1] = s[nt][1] * sc;
-                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2] * sc;
-                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3] * sc;
+                    if (v0 && g < hcn) la[0] = s[nt][0] * scl;
+                    if (v1 && g < hcn) la[1] = s[nt][1] * scl;
+                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2] * scl;
+                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3] * scl;
                 }
             }
             if (vis != 0xffffu) {
@@ -476,7 +475,6 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
             // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
             const int B = p.shape.eq9_b;
-            const float rA = mA2, rB = mB2;
 #pragma unroll
             for (int nt = 0; nt < 2; nt++) {
                 const int pos = ks.lo + j0 + nt * 8 + q4 * 2;
@@ -491,8 +489,8 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 // The group's first lane stores, for groups that start inside the split.
                 if ((q4 & (B / 2 - 1)) == 0 && pos < ks.lo + ks.n) {
                     const int gi = pos >> (__ffs(B) - 1);
-                    if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(xa) + rA, lg2f(ya) + rA);
-                    if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(xb) + rB, lg2f(yb) + rB);
+                    if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(xa) + mA2, lg2f(ya) + mA2);
+                    if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(xb) + mB2, lg2f(yb) + mB2);
                 }
             }
         }
