@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use half::bf16;
 use nsa::cpu::{CpuBackend, LayerIo, PhiWeights};
-use nsa::{Cache, HostBuf, Preset};
+use nsa::{Cache, HostBuf};
 
 use crate::common::{bf16s, config, each_seq, fill};
 use crate::report::{median, Medians, Row};
@@ -33,7 +33,7 @@ pub fn run(o: &Opts) -> nsa::Result<Vec<Row>> {
     let (hq, hkv, dk, dv) = if o.quick { (8usize, 2usize, 64usize, 64usize) } else { (64, 4, 128, 128) };
     let mut rows = vec![];
     let mut rng = Rng::new(1);
-    for preset in [Preset::Paper, Preset::Fla] {
+    for &preset in &o.presets {
         for &ctx in &o.contexts {
             for &batch in &o.batches {
                 let mut c = config(preset, (hq, hkv, dk, dv));

@@ -12,7 +12,7 @@
 use cudarc::driver::{result, sys};
 use half::bf16;
 use nsa::cuda::{CudaBackend, DeviceBuf, DeviceLayerIo};
-use nsa::{Cache, HostBuf, Preset};
+use nsa::{Cache, HostBuf};
 
 use crate::common::{bf16s, config, each_seq, fill, Shape};
 use crate::flush::L2Flush;
@@ -154,9 +154,10 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
     let flush = L2Flush::new(&info.arch, info.multiprocessors)?;
     let timer = Timer::new()?;
     let bw = bandwidth(stream, &timer)?;
-    let shapes: &[Shape] = if o.quick { &[(16, 2, 64, 64)] } else { &[(64, 4, 128, 128), (64, 4, 192, 128)] };
+    let default: &[Shape] = if o.quick { &[(16, 2, 64, 64)] } else { &[(64, 4, 128, 128), (64, 4, 192, 128)] };
+    let shapes: &[Shape] = o.shapes.as_deref().unwrap_or(default);
     for &(hq, hkv, dk, dv) in shapes {
-        for preset in [Preset::Paper, Preset::Fla] {
+        for &preset in &o.presets {
             for &ctx in &o.contexts {
                 for &batch in &o.batches {
                     let b = batch as usize;
@@ -250,7 +251,7 @@ pub fn run(o: &Opts) -> nsa::Result<Results> {
     // Prefill also at the small groups the issue names (G = 4 and 8: 64 query heads over
     // 16 and 8 KV heads), where the decode-shaped kernels pad G to 16 mma rows.
     let mut prefill_shapes = shapes.to_vec();
-    if !o.quick {
+    if !o.quick && o.shapes.is_none() {
         prefill_shapes.extend([(64, 16, 128, 128), (64, 8, 128, 128)]);
     }
     res.prefill = crate::prefill::run(o, &prefill_shapes, &timer, stream)?;

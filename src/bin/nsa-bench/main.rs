@@ -38,6 +38,11 @@ pub struct Opts {
     /// skips it: at 64k it takes longer than NSA's own points, and comparing builds
     /// does not need it).
     pub prefill_full: bool,
+    /// `--shapes`: the `--gpu` decode shapes (query heads, KV heads, DK, DV), and the prefill
+    /// shapes instead of the default set (`None`: the defaults, `gpu.rs`).
+    pub shapes: Option<Vec<common::Shape>>,
+    /// `--presets`: which presets the `--gpu` points run (default both).
+    pub presets: Vec<nsa::Preset>,
 }
 
 /// Prefill lengths of a `--gpu` run without `--prefill`.
@@ -55,6 +60,8 @@ fn usage() -> ! {
          --prefill A,B,...     --gpu: prefill lengths, each one fresh sequence in one step, median of\n                        min(reps, 3) after 1 warm-up (default 8192,16384,32768,65536;\n                        `none` or an empty list: no prefill)\n  \
          --matrix-tflops X     dense bf16 matrix rate of the prefill floor, TFLOP/s (default 767,\n                        measured on the H100)\n  \
          --no-prefill-full     --gpu: skip the in-repo full-attention baseline of the prefill points\n                        (its columns read `-`; it is most of a 64k run's time)\n  \
+         --shapes S,S,...      --gpu: shapes HQ/HKV/DK/DV (e.g. 64/16/128/128: G = 4), decode and\n                        prefill (default 64/4/128/128,64/4/192/128 for decode, and also\n                        64/16/128/128,64/8/128/128 for prefill)\n  \
+         --presets P,P,...     paper, fla or both (default both)\n  \
          --quick               small sizes, for a smoke test\n  \
          --json FILE           also write the results as JSON\n  \
          --precompile DIR      only compile the CUDA kernels into the kernel cache DIR (for\n                        NSA_CUDA_CACHE_DIR; needs NVRTC, no GPU) and exit\n  \
@@ -86,6 +93,30 @@ fn list(s: &str) -> Vec<u32> {
     s.split(',').map(|x| x.trim().parse().unwrap_or_else(|_| usage())).collect()
 }
 
+/// `HQ/HKV/DK/DV` shapes, comma-separated.
+fn shapes(s: &str) -> Option<Vec<common::Shape>> {
+    s.split(',')
+        .map(|x| {
+            let v: Vec<usize> = x.trim().split('/').map(|d| d.trim().parse().ok().filter(|&d: &usize| d > 0)).collect::<Option<_>>()?;
+            match v[..] {
+                [hq, hkv, dk, dv] => Some((hq, hkv, dk, dv)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// `paper` / `fla` names, comma-separated.
+fn presets(s: &str) -> Option<Vec<nsa::Preset>> {
+    s.split(',')
+        .map(|x| match x.trim() {
+            "paper" => Some(nsa::Preset::Paper),
+            "fla" => Some(nsa::Preset::Fla),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A list that may be `none` or empty.
 fn maybe_list(s: &str) -> Vec<u32> {
     if s.trim().is_empty() || s.trim() == "none" {
@@ -107,6 +138,8 @@ fn main() {
         prefill: vec![],
         matrix_rate: 767e12,
         prefill_full: true,
+        shapes: None,
+        presets: vec![nsa::Preset::Paper, nsa::Preset::Fla],
     };
     let mut prefill = None;
     let (mut precompile, mut archs) = (None, vec!["sm_90a".to_string()]);
@@ -123,6 +156,8 @@ fn main() {
             "--json" => o.json = Some(val()),
             "--prefill" => prefill = Some(maybe_list(&val())),
             "--matrix-tflops" => o.matrix_rate = val().parse::<f64>().ok().filter(|&x| x > 0.0).unwrap_or_else(|| usage()) * 1e12,
+            "--shapes" => o.shapes = Some(shapes(&val()).unwrap_or_else(|| usage())),
+            "--presets" => o.presets = presets(&val()).unwrap_or_else(|| usage()),
             "--quick" => o.quick = true,
             "--no-prefill-full" => o.prefill_full = false,
             "--precompile" => precompile = Some(val()),
@@ -171,5 +206,27 @@ fn main() {
             eprintln!("error: writing {path}: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{presets, shapes};
+    use nsa::Preset;
+
+    #[test]
+    fn shapes_parse_four_positive_dims_each() {
+        assert_eq!(shapes("64/16/128/128, 64/8/192/128"), Some(vec![(64, 16, 128, 128), (64, 8, 192, 128)]));
+        assert_eq!(shapes("64/16/128"), None, "three dims");
+        assert_eq!(shapes("64/16/128/128/1"), None, "five dims");
+        assert_eq!(shapes("64/0/128/128"), None, "a zero dim");
+        assert_eq!(shapes("64/x/128/128"), None);
+    }
+
+    #[test]
+    fn presets_parse_by_name() {
+        assert_eq!(presets("fla"), Some(vec![Preset::Fla]));
+        assert_eq!(presets("paper, fla"), Some(vec![Preset::Paper, Preset::Fla]));
+        assert_eq!(presets("paper,nsa"), None);
     }
 }

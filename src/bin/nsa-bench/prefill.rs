@@ -44,7 +44,7 @@ pub fn run(o: &Opts, shapes: &[Shape], timer: &Timer, stream: sys::CUstream) -> 
     eprintln!("prefill: inputs and output of {tmax} tokens: {:.2} GB on the device", io_bytes as f64 / GB);
     let mut rows = vec![];
     for &(hq, hkv, dk, dv) in shapes {
-        for preset in [Preset::Paper, Preset::Fla] {
+        for &preset in &o.presets {
             for &t in &o.prefill {
                 let mut c = config(preset, (hq, hkv, dk, dv)).with_capacity(1, t);
                 c.max_step_tokens = t;
