@@ -1355,7 +1355,13 @@ void nsa_cuda_backend_destroy(struct nsa_cuda_backend *backend);
  * Writes the plan into one of the backend's two page-locked staging buffers (first
  * waiting, if need be, until the copies that used it two uploads ago have run) and
  * enqueues asynchronous copies from it; allocates nothing. Stays outside CUDA graphs;
- * the layer runs can be captured.
+ * the layer runs can be captured. When the step lists the same sequences in the same
+ * order as the backend's previous upload, copies no page, and the cache changed no page
+ * table since but by planning steps (no fork, truncate, remove, import or abort), only
+ * the page-table entries the sequences gained are copied (a decode step: an entry a
+ * sequence every `page_size` tokens); the rest of the tables is what the earlier uploads
+ * left in the workspace. So every upload must run on the device in the order the calls
+ * were made (one stream, or streams ordered by events, as the layer runs need anyway).
  *
  * Errors: `NSA_STATUS_NULL_POINTER`, `NSA_STATUS_INVALID_HANDLE`, `NSA_STATUS_NO_STEP`,
  * `NSA_STATUS_INVALID_ARGUMENT` (a cache with another config, or other than the one this

@@ -173,10 +173,22 @@ impl Cache<'_> {
         *p.step_valid = 1;
     }
 
-    /// Drops the plan (an add/fork/truncate/remove after a complete step).
+    /// Drops the plan (an add/fork/truncate/remove after a complete step). Every operation
+    /// that changes a page table other than by `plan_step`'s growth (fork, truncate,
+    /// remove, import, abort) ends the step here, so this is also where `tables_epoch` moves.
     pub(crate) fn end_step(&mut self) {
         self.reset_claims();
         *self.split().step_valid = 0;
+        self.tables_epoch = self.tables_epoch.wrapping_add(1);
+    }
+
+    /// A number that stays the same from one step to the next while the page tables change
+    /// only by `plan_step`'s growth: new pages past a sequence's last, and copy-on-write
+    /// copies, which the step lists (`Step::copies`). A backend that keeps a copy of the
+    /// tables (CUDA's upload) compares it to know whether uploading the new entries is
+    /// enough. Not persistent: a cache made again over the same arena has another `id`.
+    pub(crate) fn tables_epoch(&self) -> u64 {
+        self.tables_epoch
     }
 
     /// Claims `layer` of the planned step for one layer run by `backend`, binding it to

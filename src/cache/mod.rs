@@ -36,6 +36,9 @@ pub struct Cache<'a> {
     arena: Arena<'a>,
     /// Identity that backends bind to (`lifecycle::fresh_id`).
     id: u64,
+    /// Moves whenever a page table may have changed other than by `plan_step`'s growth
+    /// (`Cache::tables_epoch`).
+    tables_epoch: u64,
 }
 
 impl std::fmt::Debug for Cache<'_> {
@@ -74,7 +77,7 @@ impl<'a> Cache<'a> {
             sp.raw.reset();
             sp.cmp.reset();
         }
-        let mut c = Cache { cfg: *cfg, arena, id: lifecycle::fresh_id() };
+        let mut c = Cache { cfg: *cfg, arena, id: lifecycle::fresh_id(), tables_epoch: 0 };
         c.end_step();
         let p = c.split();
         p.seqs.fill(Default::default());
@@ -88,7 +91,7 @@ impl<'a> Cache<'a> {
     /// Zeroes this value's padding bytes in place (the C handle that holds it lives in
     /// caller memory). The arena view and its layout are all pointers and `usize`s.
     pub(crate) fn zero_padding(&mut self) {
-        crate::zero_pad::zero_gaps!(self, Cache { cfg, arena, id });
+        crate::zero_pad::zero_gaps!(self, Cache { cfg, arena, id, tables_epoch });
         self.cfg.zero_padding();
     }
 

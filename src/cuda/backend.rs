@@ -11,6 +11,7 @@ use super::kernel::{Kernel, Kernels};
 use super::prefill::PrefillPlan;
 use super::params::{LaunchSetup, Params};
 use super::staging::Staging;
+use super::table_shadow::TableShadow;
 use super::workspace::DevLayout;
 use super::{CudaOptions, DeviceInfo, DeviceLayerIo};
 use crate::cache::{Cache, CacheBinding};
@@ -58,6 +59,8 @@ pub struct CudaBackend {
     /// entries, says whether the copy is current: after an abort or a remove, a new plan
     /// with the same entries can have other page tables.
     pub(super) uploaded: Option<(u64, u32)>,
+    /// Which page-table entries the step region already holds (`table_shadow.rs`).
+    pub(super) tables: TableShadow,
     pub(super) owned: Option<DeviceBuf>,
 }
 
@@ -179,6 +182,7 @@ impl CudaBackend {
             binding: CacheBinding::new(cfg),
             staging: Some(staging),
             uploaded: None,
+            tables: TableShadow::new(cfg),
             owned: None,
         })
     }
@@ -228,7 +232,10 @@ impl CudaBackend {
     /// workspace, on `stream`, from a page-locked staging buffer (two alternate; one is
     /// reused only after its previous copies ran, even when a copy failed to enqueue).
     /// Call once per step, after `plan_step`, before `run_layer`; issue `run_layer` on the
-    /// same stream (or order the streams). Allocates nothing.
+    /// same stream (or order the streams). Allocates nothing. A step whose tables only grew
+    /// since the previous upload (same sequences in the same order, no copy, no other table
+    /// change: `table_shadow.rs`) copies just the entries they gained, so uploads must run
+    /// on the device in call order.
     pub fn upload_step(&mut self, cache: &Cache, stream: CUstream) -> Result<()> {
         self.upload(cache, stream)
     }

@@ -125,8 +125,8 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_L2_KERNELS`, `NSA_CUDA_CMP_WAVES=N`, `NSA_CUDA_NO_GROUP_SUMS=1`,
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
-    /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`): see
-    /// [`DecodeKnobs`]'s fields.
+    /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`,
+    /// `NSA_CUDA_FULL_TABLES=1`): see [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
@@ -219,6 +219,9 @@ pub(crate) struct DecodeKnobs {
     /// window's keys in place before `sw_mma` starts. `NSA_CUDA_SW_FLOW=N` (0: never), else
     /// [`SW_FLOW_PAIRS`].
     pub sw_flow_pairs: u32,
+    /// `NSA_CUDA_FULL_TABLES=1`: every upload copies every page table of the step, as
+    /// before the uploads of grown tables only (`table_shadow.rs`; a measurement knob).
+    pub full_tables: bool,
 }
 
 /// A pair-count threshold from its knob's value: 0 never (`u32::MAX`), N from N pairs,
@@ -383,6 +386,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         win_in_cmp_pairs: pairs_knob(env_num("NSA_CUDA_WIN_IN_CMP"), WIN_IN_CMP_PAIRS),
         sel_flow_pairs: pairs_knob(env_num("NSA_CUDA_SEL_FLOW"), SEL_FLOW_PAIRS),
         sw_flow_pairs: pairs_knob(env_num("NSA_CUDA_SW_FLOW"), SW_FLOW_PAIRS),
+        full_tables: env_on("NSA_CUDA_FULL_TABLES"),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

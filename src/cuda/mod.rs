@@ -46,7 +46,7 @@
 macro_rules! cuda_modules {
     ($($m:ident),*) => { $( #[cfg(feature = "cuda")] mod $m; )* };
 }
-cuda_modules!(backend, build, compile, consts, device, driver, kernel, launch, params, prefill, staging, state, step_layout, tensor_map, timeline, upload, workspace);
+cuda_modules!(backend, build, compile, consts, device, driver, kernel, launch, params, prefill, staging, state, step_layout, table_shadow, tensor_map, timeline, upload, workspace);
 #[cfg(not(feature = "cuda"))]
 mod stub;
 

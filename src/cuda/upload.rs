@@ -8,6 +8,7 @@ use super::driver::{self, CtxGuard, CUstream};
 use super::params::StepHeader;
 use super::staging::issue_copies;
 use super::step_layout::StepLayout;
+use super::table_shadow::MAX_RUNS;
 use super::CudaBackend;
 use crate::cache::Cache;
 use crate::config::Config;
@@ -35,7 +36,19 @@ fn put<T: Pod>(st: &mut [u8], off: usize, xs: &[T]) {
 /// packed by its shape (`StepLayout::new`). Returns the layout and the number of compress
 /// jobs. Host work only; `st` must hold `StepLayout::max` bytes.
 pub(super) fn pack(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
+    let (sl, jobs) = pack_head(step, cfg, st);
     let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+    // Tables are indexed by the step's sequence index, `pages_per_seq` (kernels'
+    // `Paging::pages_per_seq`) and `cmp_pages_per_seq` entries apart.
+    for (si, ps) in step.seqs.iter().enumerate() {
+        put(st, sl.raw_tab + si * pps * 4, step.raw_table(ps.seq));
+        put(st, sl.cmp_tab + si * cpps * 4, step.cmp_table(ps.seq));
+    }
+    (sl, jobs)
+}
+
+/// `pack` but the page tables: the header, sequences, copies, token rows and compress jobs.
+fn pack_head(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
     let nseqs = step.seqs.len();
     let sl = StepLayout::of(cfg, step);
     put(st, sl.seqs, step.seqs);
@@ -49,12 +62,6 @@ pub(super) fn pack(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usi
     for (i, j) in step.compress_jobs().enumerate() {
         put(st, sl.jobs + i * 8, &[[j.seq_index as i32, j.cmp_token as i32]]);
         jobs += 1;
-    }
-    // Tables are indexed by the step's sequence index, `pages_per_seq` (kernels'
-    // `Paging::pages_per_seq`) and `cmp_pages_per_seq` entries apart.
-    for (si, ps) in step.seqs.iter().enumerate() {
-        put(st, sl.raw_tab + si * pps * 4, step.raw_table(ps.seq));
-        put(st, sl.cmp_tab + si * cpps * 4, step.cmp_table(ps.seq));
     }
     let header = StepHeader { seqs: nseqs as i32, tokens: step.tokens as i32, copies: step.copies.len() as i32, jobs: jobs as i32 };
     put(st, 0, &[header]);
@@ -71,16 +78,40 @@ impl CudaBackend {
         self.binding.check(cache)?;
         let step = cache.step()?;
         let _g = CtxGuard::push(self.ctx)?;
+        let cfg = &self.cfg;
         let staging = self.staging.as_mut().expect("staging lives until drop");
-        let (sl, jobs) = pack(&step, &self.cfg, staging.next()?);
+        let sl = StepLayout::of(cfg, &step);
         debug_assert!(sl.end <= self.dl.step.bytes);
-        // One copy for a decode step (two when a long chunk leaves many job slots unused).
-        let (ranges, n) = sl.copy_ranges(jobs);
+        // The region's tables grew only (table_shadow.rs): the head and each run of new
+        // entries, else the whole step (one copy for a decode step, two when a long chunk
+        // leaves many job slots unused).
+        let epoch = cache.tables_epoch();
+        let patch = if self.knobs.full_tables { None } else { self.tables.runs(cfg, cache.id(), epoch, &step, &sl) };
+        let st = staging.next()?;
+        let mut ranges = [(0usize, 0usize); 1 + MAX_RUNS];
+        let n = match &patch {
+            Some((runs, nr)) => {
+                let (_, jobs) = pack_head(&step, cfg, st);
+                ranges[0] = (0, sl.jobs + jobs * 8);
+                for (i, r) in runs[..*nr].iter().enumerate() {
+                    let t = if r.raw { step.raw_table(step.seqs[r.si].seq) } else { step.cmp_table(step.seqs[r.si].seq) };
+                    put(st, r.off, &t[r.first..r.first + r.len]);
+                    ranges[1 + i] = (r.off, r.len * 4);
+                }
+                1 + nr
+            }
+            None => {
+                let (_, jobs) = pack(&step, cfg, st);
+                let (r, n) = sl.copy_ranges(jobs);
+                ranges[..n].copy_from_slice(&r[..n]);
+                n
+            }
+        };
         self.uploaded = None;
         let (dst, src) = (self.base + self.dl.step.off as u64, staging.current());
         // Even when a copy fails to enqueue, the buffer is reused only after the copies
         // already enqueued ran (`issue_copies`).
-        issue_copies(
+        let copied = issue_copies(
             staging,
             stream,
             n,
@@ -91,7 +122,16 @@ impl CudaBackend {
                 // staging mirror, which stays untouched until these copies ran.
                 unsafe { driver::htod(dst + off as u64, src.add(off).cast(), bytes, stream) }
             },
-        )?;
+        );
+        // A copy that failed to enqueue may leave the region's tables half written.
+        match (copied, patch) {
+            (Err(e), _) => {
+                self.tables.forget();
+                return Err(e);
+            }
+            (Ok(()), Some((runs, nr))) => self.tables.uploaded_runs(&runs[..nr]),
+            (Ok(()), None) => self.tables.uploaded_all(cfg, cache.id(), epoch, &step, &sl),
+        }
         self.uploaded = Some((cache.id(), cache.step_id()));
         Ok(())
     }
