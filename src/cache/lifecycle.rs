@@ -187,6 +187,7 @@ impl Cache<'_> {
     /// copies, which the step lists (`Step::copies`). A backend that keeps a copy of the
     /// tables (CUDA's upload) compares it to know whether uploading the new entries is
     /// enough. Not persistent: a cache made again over the same arena has another `id`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA upload only
     pub(crate) fn tables_epoch(&self) -> u64 {
         self.tables_epoch
     }
