@@ -27,14 +27,14 @@ fn needed(cfg: &Config, new_len: u32) -> (u32, u32) {
     (new_len.div_ceil(cfg.page_size), cfg.num_cmp_tokens(new_len).div_ceil(cfg.page_size))
 }
 
-/// What a full upload or the runs of a patched one leave in the region.
+/// What a full upload or the runs of a patched one leave in the region (the tables'
+/// offsets also fix the step's sequence count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Held {
     cache: u64,
     epoch: u64,
     raw_tab: usize,
     cmp_tab: usize,
-    seqs: usize,
 }
 
 /// The entries of the step region's tables that are current (see the module docs).
@@ -59,6 +59,15 @@ pub(crate) struct Run {
     pub si: usize,
 }
 
+impl Run {
+    /// The entries this run copies, from `step`'s tables.
+    pub fn entries<'s>(&self, step: &Step<'s>) -> &'s [i32] {
+        let seq = step.seqs[self.si].seq;
+        let t = if self.raw { step.raw_table(seq) } else { step.cmp_table(seq) };
+        &t[self.first..self.first + self.len]
+    }
+}
+
 impl TableShadow {
     pub fn new(cfg: &Config) -> TableShadow {
         let n = cfg.max_step_seqs as usize;
@@ -75,7 +84,7 @@ impl TableShadow {
     /// nothing grew), or `None` when every table must be uploaded.
     pub fn runs(&self, cfg: &Config, cache: u64, epoch: u64, step: &Step, sl: &StepLayout) -> Option<([Run; MAX_RUNS], usize)> {
         let h = self.held?;
-        let now = Held { cache, epoch, raw_tab: sl.raw_tab, cmp_tab: sl.cmp_tab, seqs: step.seqs.len() };
+        let now = Held { cache, epoch, raw_tab: sl.raw_tab, cmp_tab: sl.cmp_tab };
         if h != now || !step.copies.is_empty() {
             return None;
         }
@@ -110,7 +119,7 @@ impl TableShadow {
             let (raw, cmp) = needed(cfg, ps.new_len);
             (self.slot[si], self.raw[si], self.cmp[si]) = (ps.seq, raw, cmp);
         }
-        self.held = Some(Held { cache, epoch, raw_tab: sl.raw_tab, cmp_tab: sl.cmp_tab, seqs: step.seqs.len() });
+        self.held = Some(Held { cache, epoch, raw_tab: sl.raw_tab, cmp_tab: sl.cmp_tab });
     }
 
     /// Records that `runs` were copied (the region's key stays as it was).
@@ -156,8 +165,7 @@ mod tests {
             match sh.runs(&cfg, cache.id(), cache.tables_epoch(), &st, &sl) {
                 Some((runs, n)) => {
                     for r in &runs[..n] {
-                        let t = if r.raw { st.raw_table(st.seqs[r.si].seq) } else { st.cmp_table(st.seqs[r.si].seq) };
-                        put(region, r.off, &t[r.first..r.first + r.len]);
+                        put(region, r.off, r.entries(&st));
                     }
                     sh.uploaded_runs(&runs[..n]);
                     patched.set(patched.get() + 1);

@@ -32,25 +32,11 @@ fn put<T: Pod>(st: &mut [u8], off: usize, xs: &[T]) {
     st[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
-/// Writes `step` into `st` (the staging mirror of the step region) as the kernels read it:
-/// packed by its shape (`StepLayout::new`). Returns the layout and the number of compress
-/// jobs. Host work only; `st` must hold `StepLayout::max` bytes.
-pub(super) fn pack(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
-    let (sl, jobs) = pack_head(step, cfg, st);
-    let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
-    // Tables are indexed by the step's sequence index, `pages_per_seq` (kernels'
-    // `Paging::pages_per_seq`) and `cmp_pages_per_seq` entries apart.
-    for (si, ps) in step.seqs.iter().enumerate() {
-        put(st, sl.raw_tab + si * pps * 4, step.raw_table(ps.seq));
-        put(st, sl.cmp_tab + si * cpps * 4, step.cmp_table(ps.seq));
-    }
-    (sl, jobs)
-}
-
-/// `pack` but the page tables: the header, sequences, copies, token rows and compress jobs.
-fn pack_head(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
+/// Writes the step region's head into `st` (its staging mirror, `StepLayout::max` bytes) as
+/// the kernels read it, at `sl` (the step's layout, `StepLayout::new`): the header,
+/// sequences, copies, token rows and compress jobs. Returns the number of compress jobs.
+fn pack_head(step: &Step, sl: &StepLayout, st: &mut [u8]) -> usize {
     let nseqs = step.seqs.len();
-    let sl = StepLayout::of(cfg, step);
     put(st, sl.seqs, step.seqs);
     put(st, sl.copies, step.copies);
     let mut rows = 0usize;
@@ -66,7 +52,17 @@ fn pack_head(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
     let header = StepHeader { seqs: nseqs as i32, tokens: step.tokens as i32, copies: step.copies.len() as i32, jobs: jobs as i32 };
     put(st, 0, &[header]);
     debug_assert_eq!(rows, step.tokens as usize);
-    (sl, jobs)
+    jobs
+}
+
+/// The step's page tables at `sl`: indexed by the step's sequence index, `pages_per_seq`
+/// (kernels' `Paging::pages_per_seq`) and `cmp_pages_per_seq` entries apart.
+fn pack_tables(step: &Step, cfg: &Config, sl: &StepLayout, st: &mut [u8]) {
+    let (pps, cpps) = (cfg.pages_per_seq() as usize, cfg.cmp_pages_per_seq() as usize);
+    for (si, ps) in step.seqs.iter().enumerate() {
+        put(st, sl.raw_tab + si * pps * 4, step.raw_table(ps.seq));
+        put(st, sl.cmp_tab + si * cpps * 4, step.cmp_table(ps.seq));
+    }
 }
 
 impl CudaBackend {
@@ -91,17 +87,17 @@ impl CudaBackend {
         let mut ranges = [(0usize, 0usize); 1 + MAX_RUNS];
         let n = match &patch {
             Some((runs, nr)) => {
-                let (_, jobs) = pack_head(&step, cfg, st);
+                let jobs = pack_head(&step, &sl, st);
                 ranges[0] = (0, sl.jobs + jobs * 8);
                 for (i, r) in runs[..*nr].iter().enumerate() {
-                    let t = if r.raw { step.raw_table(step.seqs[r.si].seq) } else { step.cmp_table(step.seqs[r.si].seq) };
-                    put(st, r.off, &t[r.first..r.first + r.len]);
+                    put(st, r.off, r.entries(&step));
                     ranges[1 + i] = (r.off, r.len * 4);
                 }
                 1 + nr
             }
             None => {
-                let (_, jobs) = pack(&step, cfg, st);
+                let jobs = pack_head(&step, &sl, st);
+                pack_tables(&step, cfg, &sl, st);
                 let (r, n) = sl.copy_ranges(jobs);
                 ranges[..n].copy_from_slice(&r[..n]);
                 n
@@ -143,6 +139,15 @@ mod tests {
     use crate::config::Preset;
     use crate::host_buf::HostBuf;
     use crate::plan::StepSeq;
+
+    /// The whole step as a full upload writes it (`pack_head`, `pack_tables`); returns the
+    /// layout and the number of compress jobs.
+    fn pack(step: &Step, cfg: &Config, st: &mut [u8]) -> (StepLayout, usize) {
+        let sl = StepLayout::of(cfg, step);
+        let jobs = pack_head(step, &sl, st);
+        pack_tables(step, cfg, &sl, st);
+        (sl, jobs)
+    }
 
     fn i32s(b: &[u8], off: usize, n: usize) -> Vec<i32> {
         (0..n).map(|i| i32::from_ne_bytes(b[off + 4 * i..off + 4 * i + 4].try_into().unwrap())).collect()
