@@ -45,7 +45,7 @@ impl StepLayout {
         StepLayout { seqs: seqs_at, rows, jobs, raw_tab, cmp_tab, copies: copies_at, end: copies_at + copies * std::mem::size_of::<PageCopy>() }
     }
 
-    /// The layout of `step` (what `upload::pack` writes and the launches read).
+    /// The layout of `step` (what the upload writes and the launches read).
     pub fn of(cfg: &Config, step: &Step) -> StepLayout {
         StepLayout::new(cfg, step.seqs.len(), step.tokens as usize, step.copies.len())
     }
