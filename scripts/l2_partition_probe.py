@@ -16,22 +16,26 @@ This probe measures what a stream would gain if every SM read only near data:
      SM warms them); an SM whose near chunks are the fast ones is in A's partition;
   C. the stream buffer's map: the SMs of A's partition classify every 4 KB chunk of a
      512 MB buffer (each SM its own chunks, fastest of 4 loads, after a flush);
-  E. the buffer streamed by 1-D bulk copies (cp.async.bulk into shared memory, as the decode
-     kernels' copies) of 4-64 KB pieces in address order: the read-only rate by piece size;
+  E. the buffer streamed by 1-D bulk copies (cp.async.bulk into shared memory) of 4-64 KB
+     pieces, and (`run DIR sizes`) by tensor-map boxes of 16-64 rows as the decode kernels
+     copy their tiles, in address order: the read-only rate by copy size;
   D. streaming the buffer by bulk copies of 4 KB pieces or 16-byte loads (ld.global.cg) by
      blocks that claim pieces from counters: one list for all (the usual placement), one
      list per partition with each block taking its own SM's partition's list first (near
      reads), or the same with the SMs' partitions swapped (every read far); GB/s of each,
      best of several runs.
 
-What it found on the H200 (docs/bench/l2-partition-probe-calls6-11-2026-12-04-session37.txt):
+What it found on the H200 (docs/bench/l2-partition-probe-calls6-13-2026-12-04-session37.txt):
 4 KB granularity, 66 / 66 SMs, every-read-far streams capped at 2.0-2.3 TB/s, near-only
-streams no faster than the usual placement (3.2-3.7 TB/s, varying by up to 15% between runs).
+streams no faster than the usual placement (3.1-3.8 TB/s, varying by up to 15% between
+machines); within one run, copies of 8 KB and more stream ~8% faster than 4 KB ones (1-D),
+and tensor boxes of 64 rows ~5% faster than the 16-row boxes of the decode kernels' tiles.
 
 Two steps, since the GPU machine has no compiler:
 
   python3 scripts/l2_partition_probe.py build DIR   # here: NVRTC -> DIR/probe.cubin
   python3 scripts/l2_partition_probe.py run DIR     # on the GPU: the driver through ctypes
+  python3 scripts/l2_partition_probe.py run DIR sizes   # step E alone, its forms alternated 5 times
 """
 import ctypes
 import random
@@ -186,6 +190,54 @@ extern "C" __global__ void __launch_bounds__(32) bulk(const unsigned char* buf, 
     }
     if (stg[0] == 0x5a && stg[1] == 0xa5) sink[0] = 1;
 }
+// The same by tensor-map boxes, as the decode kernels copy a tile: a piece of R rows of 256
+// bytes is two boxes of 64 columns x R rows (128-byte swizzle), one per half of the rows.
+extern "C" __global__ void __launch_bounds__(32) tbulk(const unsigned long long* tmap, const long long* lists, const int* lens,
+                                                       int rows, unsigned* sink, int NST, int* counters) {
+    extern __shared__ __align__(1024) unsigned char stg[];
+    __shared__ __align__(8) unsigned long long bar[NST_MAX];
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < NST; i++) {
+        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + i);
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const unsigned piece = (unsigned)rows * 256u;
+    const int cl = piece >= 65536 ? 1 : (int)(65536 / piece);
+    unsigned phase = 0;
+    long long n = 0;
+    for (;;) {
+        const int b0 = atomicAdd(counters, cl);
+        if (b0 >= lens[0]) break;
+        for (int j = 0; j < cl && b0 + j < lens[0]; j++, n++) {
+            const int st = (int)(n % NST);
+            const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
+            if (n >= NST) {
+                unsigned ok = 0;
+                while (!ok)
+                    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                                 : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
+                phase ^= 1u << st;
+            }
+            const int y = (int)(lists[b0 + j] * rows);
+            const unsigned dst = (unsigned)__cvta_generic_to_shared(stg + (long long)st * piece);
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(piece) : "memory");
+            for (int h = 0; h < 2; h++)
+                asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                             ::"r"(dst + h * (piece / 2)), "l"(tmap), "r"(h * 64), "r"(y), "r"(b) : "memory");
+        }
+    }
+    for (long long m = n > NST ? n - NST : 0; m < n; m++) {
+        const int st = (int)(m % NST);
+        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
+        unsigned ok = 0;
+        while (!ok)
+            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                         : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
+        phase ^= 1u << st;
+    }
+    if (stg[0] == 0x5a && stg[1] == 0xa5) sink[0] = 1;
+}
 STREAM_ENTRY(8)
 STREAM_ENTRY(16)
 STREAM_ENTRY(32)
@@ -226,7 +278,76 @@ def two_groups(xs):
     return cut if cut is not None and gap >= 50 else None
 
 
-def run(d):
+def sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds, forms):
+    """Step E: the buffer streamed by bulk copies of each form (piece bytes, copies in flight
+    a block, blocks a SM) in address order, the forms alternated `rounds` times."""
+    ck, cu = drv.ck, drv.cu
+    res = {f: [] for f in forms}
+    for _ in range(rounds):
+        for piece_e, nst, per_sm in forms:
+            n_e = STREAM // piece_e
+            h2d(lists_d, (ctypes.c_longlong * n_e)(*range(n_e)))
+            h2d(lens_d, (ctypes.c_int * 2)(n_e, 0))
+            h2d(part_d, (ctypes.c_int * SMS_MAX)(*([0] * SMS_MAX)))
+            drv.set_smem(bulk, nst * piece_e)
+            args = [ctypes.c_uint64(buf.value), ctypes.c_uint64(lists_d.value), ctypes.c_uint64(lens_d.value), ctypes.c_longlong(n_e),
+                    ctypes.c_uint64(part_d.value), ctypes.c_uint64(cnt_d.value), ctypes.c_longlong(piece_e), ctypes.c_uint64(sink.value),
+                    ctypes.c_int(nst)]
+            ts = []
+            for _ in range(7):
+                ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
+                flush_l2()
+                drv.sync()
+                ts.append(drv.timed_ms(lambda: drv.launch(bulk, per_sm * nsm, 32, args, smem=nst * piece_e)))
+            res[(piece_e, nst, per_sm)].append(STREAM / min(ts[1:]) / 1e6)
+    for (piece_e, nst, per_sm), r in res.items():
+        print(f"E. bulk copies of {piece_e >> 10} KB, {nst} in flight a block, {per_sm} blocks a SM ({per_sm * nst * piece_e >> 10} KB a SM): "
+              f"GB/s by round {[round(x) for x in r]}, median {statistics.median(r):.0f}")
+
+
+def tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, rounds, forms):
+    """Step E with tensor-map boxes: the buffer as rows of 256 bytes, each piece R rows (two
+    boxes of 64 columns x R rows), forms (R, pieces in flight a block, blocks a SM)."""
+    ck, cu = drv.ck, drv.cu
+    tb, _ = drv.function(f"{d}/probe.cubin", "tbulk")
+    nrows = STREAM // 256
+    res = {f: [] for f in forms}
+    maps = {}
+    for r, _, _ in forms:
+        raw = (ctypes.c_uint8 * 256)()  # a 64-byte aligned 128-byte map inside it
+        addr = (ctypes.addressof(raw) + 63) & ~63
+        tm = (ctypes.c_uint64 * 16).from_address(addr)
+        dims = (ctypes.c_uint64 * 2)(128, nrows)
+        strides = (ctypes.c_uint64 * 1)(256)
+        box = (ctypes.c_uint32 * 2)(64, r)
+        es = (ctypes.c_uint32 * 2)(1, 1)
+        # UINT16, rank 2, no interleave, 128-byte swizzle, 256-byte L2 promotion, no OOB fill (as the engine's maps)
+        ck(cu.cuTensorMapEncodeTiled(tm, 1, 2, ctypes.c_void_p(buf.value), dims, strides, box, es, 0, 3, 3, 0), "tensor map")
+        md = drv.alloc(128)
+        h2d(md, tm)
+        maps[r] = (md, raw)
+    for _ in range(rounds):
+        for r, nst, per_sm in forms:
+            piece = r * 256
+            n_e = STREAM // piece
+            h2d(lists_d, (ctypes.c_longlong * n_e)(*range(n_e)))
+            h2d(lens_d, (ctypes.c_int * 2)(n_e, 0))
+            drv.set_smem(tb, nst * piece)
+            args = [ctypes.c_uint64(maps[r][0].value), ctypes.c_uint64(lists_d.value), ctypes.c_uint64(lens_d.value), ctypes.c_int(r),
+                    ctypes.c_uint64(sink.value), ctypes.c_int(nst), ctypes.c_uint64(cnt_d.value)]
+            ts = []
+            for _ in range(7):
+                ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
+                flush_l2()
+                drv.sync()
+                ts.append(drv.timed_ms(lambda: drv.launch(tb, per_sm * nsm, 32, args, smem=nst * piece)))
+            res[(r, nst, per_sm)].append(STREAM / min(ts[1:]) / 1e6)
+    for (r, nst, per_sm), x in res.items():
+        print(f"E. tensor boxes of {r} rows (pieces of {r * 256 >> 10} KB as two boxes of {r * 128 >> 10} KB), {nst} in flight a block, "
+              f"{per_sm} blocks a SM: GB/s by round {[round(v) for v in x]}, median {statistics.median(x):.0f}")
+
+
+def run(d, only_e=False):
     drv = Driver()
     cu, ck = drv.cu, drv.ck
     lat, _ = drv.function(f"{d}/probe.cubin", "lat")
@@ -290,6 +411,17 @@ def run(d):
         cu.cuMemFree_v2(out_d)
         return res
 
+    if only_e:
+        part_d = drv.alloc(4 * SMS_MAX)
+        cnt_d = drv.alloc(8)
+        lens_d = drv.alloc(8)
+        lists_d = drv.alloc(8 * (STREAM // 4096))
+        sink = drv.alloc(4)
+        sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds=3,
+              forms=((4096, 16, 3), (16384, 4, 3), (8192, 8, 3)))
+        tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, rounds=3,
+                     forms=((16, 16, 3), (32, 8, 3), (64, 4, 3), (16, 12, 4)))
+        return
     seen_d = drv.alloc(4 * SMS_MAX)
     ck(cu.cuMemsetD32_v2(seen_d, 0, SMS_MAX), "seen")
     drv.launch(smids_f, 16 * nsm, 32, [ctypes.c_uint64(seen_d.value)])
@@ -381,23 +513,8 @@ def run(d):
     sink = drv.alloc(4)
     occ = 8
     # E. bulk copies of larger pieces (one list, address order): does the piece size set the rate?
-    for piece_e, nst, per_sm in ((4096, 16, 3), (4096, 24, 2), (8192, 8, 3), (16384, 4, 3), (16384, 6, 2), (32768, 3, 2), (65536, 3, 1)):
-        n_e = STREAM // piece_e
-        h2d(lists_d, (ctypes.c_longlong * n_e)(*range(n_e)))
-        h2d(lens_d, (ctypes.c_int * 2)(n_e, 0))
-        h2d(part_d, (ctypes.c_int * SMS_MAX)(*([0] * SMS_MAX)))
-        drv.set_smem(bulk, nst * piece_e)
-        args = [ctypes.c_uint64(buf.value), ctypes.c_uint64(lists_d.value), ctypes.c_uint64(lens_d.value), ctypes.c_longlong(n_e),
-                ctypes.c_uint64(part_d.value), ctypes.c_uint64(cnt_d.value), ctypes.c_longlong(piece_e), ctypes.c_uint64(sink.value),
-                ctypes.c_int(nst)]
-        ts = []
-        for _ in range(7):
-            ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
-            flush_l2()
-            drv.sync()
-            ts.append(drv.timed_ms(lambda: drv.launch(bulk, per_sm * nsm, 32, args, smem=nst * piece_e)))
-        print(f"E. bulk copies of {piece_e >> 10} KB, {nst} in flight a block, {per_sm} blocks a SM ({per_sm * nst * piece_e >> 10} KB a SM): "
-              f"{STREAM / min(ts[1:]) / 1e6:.0f} GB/s (all {[round(t * 1e3, 1) for t in ts]})")
+    sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds=1,
+          forms=((4096, 16, 3), (4096, 24, 2), (8192, 8, 3), (16384, 4, 3), (16384, 6, 2), (32768, 3, 2), (65536, 3, 1)))
     drv.set_smem(bulk, 16 * 4096)
     for g in ("bulk", 8, 32):
         for name in ("one list", "by partition", "by partition, SMs swapped"):
@@ -430,6 +547,9 @@ def run(d):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
-    (build if sys.argv[1] == "build" else run)(sys.argv[2])
+    if sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        run(sys.argv[2], only_e=sys.argv[3:] == ["sizes"])
