@@ -16,6 +16,9 @@ This probe measures what a stream would gain if every SM read only near data:
      SM warms them); an SM whose near chunks are the fast ones is in A's partition;
   C. the stream buffer's map: the SMs of A's partition classify every 4 KB chunk of a
      512 MB buffer (each SM its own chunks, fastest of 4 loads, after a flush);
+  F. (`run DIR sizes`) the compressed decode launch's copies without its math: four warps a
+     block on adjacent 16-row tiles of a contiguous run, against one thread copying the run
+     in 64-row boxes, the same shared memory;
   E. the buffer streamed by 1-D bulk copies (cp.async.bulk into shared memory) of 4-64 KB
      pieces, and (`run DIR sizes`) by tensor-map boxes of 16-64 rows as the decode kernels
      copy their tiles, in address order: the read-only rate by copy size;
@@ -25,11 +28,12 @@ This probe measures what a stream would gain if every SM read only near data:
      reads), or the same with the SMs' partitions swapped (every read far); GB/s of each,
      best of several runs.
 
-What it found on the H200 (docs/bench/l2-partition-probe-calls6-13-2026-12-04-session37.txt):
+What it found on the H200 (docs/bench/l2-partition-probe-calls6-14-2026-12-04-session37.txt):
 4 KB granularity, 66 / 66 SMs, every-read-far streams capped at 2.0-2.3 TB/s, near-only
 streams no faster than the usual placement (3.1-3.8 TB/s, varying by up to 15% between
-machines); within one run, copies of 8 KB and more stream ~8% faster than 4 KB ones (1-D),
-and tensor boxes of 64 rows ~5% faster than the 16-row boxes of the decode kernels' tiles.
+machines); one thread's copies of 8 KB and more stream ~5-8% faster than 4 KB ones, but the
+compressed decode launch's copy pattern (F: four warps on adjacent 16-row tiles) streams as
+fast as 64-row boxes do (3.66 TB/s without the math).
 
 Two steps, since the GPU machine has no compiler:
 
@@ -238,6 +242,56 @@ extern "C" __global__ void __launch_bounds__(32) tbulk(const unsigned long long*
     }
     if (stg[0] == 0x5a && stg[1] == 0xa5) sink[0] = 1;
 }
+// The decode compressed launch's copy pattern without its math: each block owns a contiguous
+// run of 16-row pieces (rows of 256 bytes; a piece = two 2 KB boxes); WARPS > 1: warp w copies
+// pieces w, w + 4, ... of it into NST stages of its own (as cmp_mma's warps do), WARPS == 1:
+// thread 0 copies four adjacent pieces at once as two 64-row boxes into NST stages of 16 KB
+// (the shared-stage form). `rows` is the rows a copy covers (16 or 64).
+extern "C" __global__ void __launch_bounds__(128) cmpcopy(const unsigned long long* tmap, long long npieces, int rows, unsigned* sink,
+                                                          int NST) {
+    extern __shared__ __align__(1024) unsigned char stg[];
+    __shared__ __align__(8) unsigned long long bar[4][NST_MAX];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane != 0) return;
+    const unsigned piece = (unsigned)rows * 256u;  // bytes one copy (two boxes) brings
+    const long long per = (npieces + gridDim.x - 1) / gridDim.x;     // 16-row pieces a block
+    const long long p0 = blockIdx.x * per, p1 = min(npieces, p0 + per);
+    const int step = rows / 16;                                       // 16-row pieces a copy
+    unsigned char* mine = stg + (long long)w * NST * piece;
+    for (int i = 0; i < NST; i++) {
+        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][i]);
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    unsigned phase = 0;
+    long long n = 0;
+    for (long long q = p0 + (long long)w * step; q < p1; q += (long long)nw * step, n++) {
+        const int st = (int)(n % NST);
+        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][st]);
+        if (n >= NST) {
+            unsigned ok = 0;
+            while (!ok)
+                asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                             : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
+            phase ^= 1u << st;
+        }
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (long long)st * piece);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(piece) : "memory");
+        for (int h = 0; h < 2; h++)
+            asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                         ::"r"(dst + h * (piece / 2)), "l"(tmap), "r"(h * 64), "r"((int)(q * 16)), "r"(b) : "memory");
+    }
+    for (long long m = n > NST ? n - NST : 0; m < n; m++) {
+        const int st = (int)(m % NST);
+        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][st]);
+        unsigned ok = 0;
+        while (!ok)
+            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                         : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
+        phase ^= 1u << st;
+    }
+    if (mine[0] == 0x5a && mine[1] == 0xa5) sink[0] = 1;
+}
 STREAM_ENTRY(8)
 STREAM_ENTRY(16)
 STREAM_ENTRY(32)
@@ -347,6 +401,41 @@ def tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, 
               f"{per_sm} blocks a SM: GB/s by round {[round(v) for v in x]}, median {statistics.median(x):.0f}")
 
 
+def cmp_pattern(drv, d, buf, flush_l2, sink, nsm, rounds):
+    """The compressed launch's copies without its math: four warps of 16-row tiles against
+    one thread of 64-row boxes a block, the same bytes in flight, two blocks a SM."""
+    ck, cu = drv.ck, drv.cu
+    f, _ = drv.function(f"{d}/probe.cubin", "cmpcopy")
+    nrows = STREAM // 256
+    maps = {}
+    for r in (16, 64):
+        raw = (ctypes.c_uint8 * 256)()
+        addr = (ctypes.addressof(raw) + 63) & ~63
+        tm = (ctypes.c_uint64 * 16).from_address(addr)
+        ck(cu.cuTensorMapEncodeTiled(tm, 1, 2, ctypes.c_void_p(buf.value), (ctypes.c_uint64 * 2)(128, nrows), (ctypes.c_uint64 * 1)(256),
+                                     (ctypes.c_uint32 * 2)(64, r), (ctypes.c_uint32 * 2)(1, 1), 0, 3, 3, 0), "tensor map")
+        md = drv.alloc(128)
+        ck(cu.cuMemcpyHtoD_v2(md, tm, 128), "h2d")
+        maps[r] = (md, raw)
+    # (name, warps, rows a copy, stages a copier): 96 KB of stages a block either way.
+    forms = (("4 warps x 6 stages of 16-row pieces (4 KB)", 4, 16, 6), ("1 thread x 6 stages of 64-row pieces (16 KB)", 1, 64, 6),
+             ("4 warps x 3 stages of 16-row pieces", 4, 16, 3), ("1 thread x 3 stages of 64-row pieces", 1, 64, 3))
+    res = {x[0]: [] for x in forms}
+    for _ in range(rounds):
+        for name, warps, r, nst in forms:
+            smem = warps * nst * r * 256
+            drv.set_smem(f, smem)
+            args = [ctypes.c_uint64(maps[r][0].value), ctypes.c_longlong(nrows // 16), ctypes.c_int(r), ctypes.c_uint64(sink.value), ctypes.c_int(nst)]
+            ts = []
+            for _ in range(7):
+                flush_l2()
+                drv.sync()
+                ts.append(drv.timed_ms(lambda: drv.launch(f, 2 * nsm, 32 * warps, args, smem=smem)))
+            res[name].append(STREAM / min(ts[1:]) / 1e6)
+    for name, x in res.items():
+        print(f"F. {name}, 2 blocks a SM: GB/s by round {[round(v) for v in x]}, median {statistics.median(x):.0f}")
+
+
 def run(d, only_e=False):
     drv = Driver()
     cu, ck = drv.cu, drv.ck
@@ -417,10 +506,11 @@ def run(d, only_e=False):
         lens_d = drv.alloc(8)
         lists_d = drv.alloc(8 * (STREAM // 4096))
         sink = drv.alloc(4)
-        sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds=3,
-              forms=((4096, 16, 3), (16384, 4, 3), (8192, 8, 3)))
-        tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, rounds=3,
-                     forms=((16, 16, 3), (32, 8, 3), (64, 4, 3), (16, 12, 4)))
+        sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds=2,
+              forms=((4096, 16, 3), (16384, 4, 3)))
+        tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, rounds=2,
+                     forms=((16, 16, 3), (64, 4, 3)))
+        cmp_pattern(drv, d, buf, flush_l2, sink, nsm, rounds=4)
         return
     seen_d = drv.alloc(4 * SMS_MAX)
     ck(cu.cuMemsetD32_v2(seen_d, 0, SMS_MAX), "seen")
