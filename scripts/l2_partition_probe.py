@@ -39,7 +39,8 @@ Two steps, since the GPU machine has no compiler:
 
   python3 scripts/l2_partition_probe.py build DIR   # here: NVRTC -> DIR/probe.cubin
   python3 scripts/l2_partition_probe.py run DIR     # on the GPU: the driver through ctypes
-  python3 scripts/l2_partition_probe.py run DIR sizes   # step E alone, its forms alternated 5 times
+  python3 scripts/l2_partition_probe.py run DIR sizes   # steps E and F alone, their forms alternated
+  python3 scripts/l2_partition_probe.py --self-test     # the latency split on synthetic data (no GPU)
 """
 import ctypes
 import random
@@ -636,7 +637,23 @@ def run(d, only_e=False):
         print(f"   by partition / one list: {best[(g, 'one list')] / best[(g, 'by partition')]:.3f}x the rate")
 
 
+def self_test():
+    """The latency split on synthetic data (no GPU): two groups as the H200 shows them, with
+    a tail of slow loads, split between them; one group is not split."""
+    rng = random.Random(5)
+    two = [int(rng.gauss(520, 15)) for _ in range(4000)] + [int(rng.gauss(700, 25)) for _ in range(4000)]
+    two += [900 + rng.randrange(300) for _ in range(200)]
+    t = two_groups(two)
+    assert t is not None and 560 < t < 660, t
+    one = [int(rng.gauss(520, 15)) for _ in range(4000)] + [900 + rng.randrange(300) for _ in range(100)]
+    assert two_groups(one) is None, two_groups(one)
+    print("l2_partition_probe self-test: ok")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--self-test"]:
+        self_test()
+        sys.exit(0)
     if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     if sys.argv[1] == "build":
