@@ -141,111 +141,107 @@ __device__ void stream_body(const unsigned char* buf, const long long* lists, co
                                                                 long long piece, unsigned* sink) {                              \
         stream_body<G>(buf, lists, lens, stride, sm_part, counters, piece, sink);                                             \
     }
-// The same stream by the copy engine (what the decode kernels use): one thread a block
-// claims 4 KB pieces and keeps NST of them in flight as 1-D bulk copies into shared memory
-// (each stage an mbarrier), nothing else.
 #define NST_MAX 32
+// One thread's ring of `nst` copy stages, each on an mbarrier: `take(n)` is copy n's stage
+// once the copy it held before has landed, `drain(n)` waits for the last copies of n.
+struct Stages {
+    unsigned long long* bar;
+    int nst;
+    unsigned phase;  // bit i: the parity stage i waits for next
+    __device__ void init(unsigned long long* b, int n) {
+        bar = b;
+        nst = n;
+        phase = 0;
+        for (int i = 0; i < nst; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(addr(i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __device__ unsigned addr(int st) const { return (unsigned)__cvta_generic_to_shared(bar + st); }
+    __device__ void wait(int st) {
+        unsigned ok = 0;
+        while (!ok)
+            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                         : "=r"(ok) : "r"(addr(st)), "r"((phase >> st) & 1u) : "memory");
+        phase ^= 1u << st;
+    }
+    __device__ int take(long long n) {
+        const int st = (int)(n % nst);
+        if (n >= nst) wait(st);
+        return st;
+    }
+    __device__ void drain(long long n) {
+        for (long long m = n > nst ? n - nst : 0; m < n; m++) wait((int)(m % nst));
+    }
+    // Stage st's barrier expects `bytes` from the copies issued next.
+    __device__ void expect(int st, unsigned bytes) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(addr(st)), "r"(bytes) : "memory");
+    }
+};
+// Rows [y, y + R) of 256 bytes by a tensor map of 64 x R boxes: two boxes, one per half of
+// the rows, into `dst` (R rows x 128 bytes each, 128-byte swizzle), completing on `bar`.
+__device__ __forceinline__ void copy_rows(unsigned dst, const unsigned long long* tmap, int y, unsigned piece, unsigned bar) {
+    for (int h = 0; h < 2; h++)
+        asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                     ::"r"(dst + h * (piece / 2)), "l"(tmap), "r"(h * 64), "r"(y), "r"(bar) : "memory");
+}
+// The same stream by the copy engine (what the decode kernels use): one thread a block
+// claims pieces (64 KB a claim) and keeps NST of them in flight as 1-D bulk copies into
+// shared memory, nothing else.
 extern "C" __global__ void __launch_bounds__(32) bulk(const unsigned char* buf, const long long* lists, const int* lens, long long stride,
                                                       const int* sm_part, int* counters, long long piece, unsigned* sink, int NST) {
     extern __shared__ __align__(128) unsigned char stg[];
     __shared__ __align__(8) unsigned long long bar[NST_MAX];
     if (threadIdx.x != 0) return;
-    for (int i = 0; i < NST; i++) {
-        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + i);
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    Stages r;
+    r.init(bar, NST);
     const int own = sm_part[smid()];
-    unsigned phase = 0;  // bit i: the parity stage i waits for next
     long long n = 0;
     for (int k = 0; k < 2; k++) {
         const int part = k == 0 ? own : own ^ 1;
         if (part < 0 || part > 1 || lens[part] == 0) continue;
         for (;;) {
-            const int cl = piece >= 65536 ? 1 : (int)(65536 / piece);  // 64 KB a claim
+            const int cl = piece >= 65536 ? 1 : (int)(65536 / piece);
             const int b0 = atomicAdd(counters + part, cl);
             if (b0 >= lens[part]) break;
             for (int j = 0; j < cl && b0 + j < lens[part]; j++, n++) {
-                const int st = (int)(n % NST);
-                const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
-                if (n >= NST) {
-                    unsigned ok = 0;
-                    while (!ok)
-                        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                                     : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-                    phase ^= 1u << st;
-                }
+                const int st = r.take(n);
                 const long long p = lists[part * stride + b0 + j];
                 const unsigned dst = (unsigned)__cvta_generic_to_shared(stg + (long long)st * piece);
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"((unsigned)piece) : "memory");
+                r.expect(st, (unsigned)piece);
                 asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(dst), "l"(buf + p * piece), "r"((unsigned)piece), "r"(b) : "memory");
+                             ::"r"(dst), "l"(buf + p * piece), "r"((unsigned)piece), "r"(r.addr(st)) : "memory");
             }
         }
     }
-    // Drain: every stage still in flight.
-    for (long long m = n > NST ? n - NST : 0; m < n; m++) {
-        const int st = (int)(m % NST);
-        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
-        unsigned ok = 0;
-        while (!ok)
-            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                         : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-        phase ^= 1u << st;
-    }
+    r.drain(n);
     if (stg[0] == 0x5a && stg[1] == 0xa5) sink[0] = 1;
 }
 // The same by tensor-map boxes, as the decode kernels copy a tile: a piece of R rows of 256
-// bytes is two boxes of 64 columns x R rows (128-byte swizzle), one per half of the rows.
+// bytes is two boxes of 64 columns x R rows (`copy_rows`).
 extern "C" __global__ void __launch_bounds__(32) tbulk(const unsigned long long* tmap, const long long* lists, const int* lens,
                                                        int rows, unsigned* sink, int NST, int* counters) {
     extern __shared__ __align__(1024) unsigned char stg[];
     __shared__ __align__(8) unsigned long long bar[NST_MAX];
     if (threadIdx.x != 0) return;
-    for (int i = 0; i < NST; i++) {
-        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + i);
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    Stages r;
+    r.init(bar, NST);
     const unsigned piece = (unsigned)rows * 256u;
     const int cl = piece >= 65536 ? 1 : (int)(65536 / piece);
-    unsigned phase = 0;
     long long n = 0;
     for (;;) {
         const int b0 = atomicAdd(counters, cl);
         if (b0 >= lens[0]) break;
         for (int j = 0; j < cl && b0 + j < lens[0]; j++, n++) {
-            const int st = (int)(n % NST);
-            const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
-            if (n >= NST) {
-                unsigned ok = 0;
-                while (!ok)
-                    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                                 : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-                phase ^= 1u << st;
-            }
-            const int y = (int)(lists[b0 + j] * rows);
-            const unsigned dst = (unsigned)__cvta_generic_to_shared(stg + (long long)st * piece);
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(piece) : "memory");
-            for (int h = 0; h < 2; h++)
-                asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                             ::"r"(dst + h * (piece / 2)), "l"(tmap), "r"(h * 64), "r"(y), "r"(b) : "memory");
+            const int st = r.take(n);
+            r.expect(st, piece);
+            copy_rows((unsigned)__cvta_generic_to_shared(stg + (long long)st * piece), tmap, (int)(lists[b0 + j] * rows), piece, r.addr(st));
         }
     }
-    for (long long m = n > NST ? n - NST : 0; m < n; m++) {
-        const int st = (int)(m % NST);
-        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + st);
-        unsigned ok = 0;
-        while (!ok)
-            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                         : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-        phase ^= 1u << st;
-    }
+    r.drain(n);
     if (stg[0] == 0x5a && stg[1] == 0xa5) sink[0] = 1;
 }
 // The decode compressed launch's copy pattern without its math: each block owns a contiguous
-// run of 16-row pieces (rows of 256 bytes; a piece = two 2 KB boxes); WARPS > 1: warp w copies
-// pieces w, w + 4, ... of it into NST stages of its own (as cmp_mma's warps do), WARPS == 1:
+// run of 16-row pieces (rows of 256 bytes; a piece = two 2 KB boxes); 4 warps: warp w copies
+// pieces w, w + 4, ... of it into NST stages of its own (as cmp_mma's warps do); 1 warp:
 // thread 0 copies four adjacent pieces at once as two 64-row boxes into NST stages of 16 KB
 // (the shared-stage form). `rows` is the rows a copy covers (16 or 64).
 extern "C" __global__ void __launch_bounds__(128) cmpcopy(const unsigned long long* tmap, long long npieces, int rows, unsigned* sink,
@@ -259,42 +255,18 @@ extern "C" __global__ void __launch_bounds__(128) cmpcopy(const unsigned long lo
     const long long p0 = blockIdx.x * per, p1 = min(npieces, p0 + per);
     const int step = rows / 16;                                       // 16-row pieces a copy
     unsigned char* mine = stg + (long long)w * NST * piece;
-    for (int i = 0; i < NST; i++) {
-        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][i]);
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    unsigned phase = 0;
+    Stages r;
+    r.init(bar[w], NST);
     long long n = 0;
     for (long long q = p0 + (long long)w * step; q < p1; q += (long long)nw * step, n++) {
-        const int st = (int)(n % NST);
-        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][st]);
-        if (n >= NST) {
-            unsigned ok = 0;
-            while (!ok)
-                asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                             : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-            phase ^= 1u << st;
-        }
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (long long)st * piece);
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(piece) : "memory");
-        for (int h = 0; h < 2; h++)
-            asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                         ::"r"(dst + h * (piece / 2)), "l"(tmap), "r"(h * 64), "r"((int)(q * 16)), "r"(b) : "memory");
+        const int st = r.take(n);
+        r.expect(st, piece);
+        copy_rows((unsigned)__cvta_generic_to_shared(mine + (long long)st * piece), tmap, (int)(q * 16), piece, r.addr(st));
     }
-    for (long long m = n > NST ? n - NST : 0; m < n; m++) {
-        const int st = (int)(m % NST);
-        const unsigned b = (unsigned)__cvta_generic_to_shared(&bar[w][st]);
-        unsigned ok = 0;
-        while (!ok)
-            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                         : "=r"(ok) : "r"(b), "r"((phase >> st) & 1u) : "memory");
-        phase ^= 1u << st;
-    }
+    r.drain(n);
     if (mine[0] == 0x5a && mine[1] == 0xa5) sink[0] = 1;
 }
 STREAM_ENTRY(8)
-STREAM_ENTRY(16)
 STREAM_ENTRY(32)
 """
 
@@ -333,10 +305,36 @@ def two_groups(xs):
     return cut if cut is not None and gap >= 50 else None
 
 
+def rows_map(drv, buf, rows):
+    """A tensor map of the stream buffer as rows of 256 bytes read in boxes of 64 columns x
+    `rows` (UINT16, 128-byte swizzle, 256-byte L2 promotion: as the engine's maps), copied to
+    the device. Returns (device address, host buffer kept alive)."""
+    raw = (ctypes.c_uint8 * 256)()  # a 64-byte aligned 128-byte map inside it
+    tm = (ctypes.c_uint64 * 16).from_address((ctypes.addressof(raw) + 63) & ~63)
+    drv.ck(drv.cu.cuTensorMapEncodeTiled(tm, 1, 2, ctypes.c_void_p(buf.value), (ctypes.c_uint64 * 2)(128, STREAM // 256),
+                                         (ctypes.c_uint64 * 1)(256), (ctypes.c_uint32 * 2)(64, rows), (ctypes.c_uint32 * 2)(1, 1),
+                                         0, 3, 3, 0), "tensor map")
+    md = drv.alloc(128)
+    drv.ck(drv.cu.cuMemcpyHtoD_v2(md, tm, 128), "h2d")
+    return md, raw
+
+
+def timed_runs(drv, flush_l2, go, cnt_d=None):
+    """Seven runs of `go()` (ms), each after an L2 flush (and its claim counters zeroed); the
+    first is a warm-up. Returns (best of the other six, all seven)."""
+    ts = []
+    for _ in range(7):
+        if cnt_d is not None:
+            drv.ck(drv.cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
+        flush_l2()
+        drv.sync()
+        ts.append(drv.timed_ms(go))
+    return min(ts[1:]), ts
+
+
 def sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, nsm, rounds, forms):
     """Step E: the buffer streamed by bulk copies of each form (piece bytes, copies in flight
     a block, blocks a SM) in address order, the forms alternated `rounds` times."""
-    ck, cu = drv.ck, drv.cu
     res = {f: [] for f in forms}
     for _ in range(rounds):
         for piece_e, nst, per_sm in forms:
@@ -348,13 +346,8 @@ def sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, n
             args = [ctypes.c_uint64(buf.value), ctypes.c_uint64(lists_d.value), ctypes.c_uint64(lens_d.value), ctypes.c_longlong(n_e),
                     ctypes.c_uint64(part_d.value), ctypes.c_uint64(cnt_d.value), ctypes.c_longlong(piece_e), ctypes.c_uint64(sink.value),
                     ctypes.c_int(nst)]
-            ts = []
-            for _ in range(7):
-                ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
-                flush_l2()
-                drv.sync()
-                ts.append(drv.timed_ms(lambda: drv.launch(bulk, per_sm * nsm, 32, args, smem=nst * piece_e)))
-            res[(piece_e, nst, per_sm)].append(STREAM / min(ts[1:]) / 1e6)
+            t, _ = timed_runs(drv, flush_l2, lambda: drv.launch(bulk, per_sm * nsm, 32, args, smem=nst * piece_e), cnt_d)
+            res[(piece_e, nst, per_sm)].append(STREAM / t / 1e6)
     for (piece_e, nst, per_sm), r in res.items():
         print(f"E. bulk copies of {piece_e >> 10} KB, {nst} in flight a block, {per_sm} blocks a SM ({per_sm * nst * piece_e >> 10} KB a SM): "
               f"GB/s by round {[round(x) for x in r]}, median {statistics.median(r):.0f}")
@@ -363,24 +356,9 @@ def sweep(drv, bulk, buf, flush_l2, h2d, lists_d, lens_d, part_d, cnt_d, sink, n
 def tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, rounds, forms):
     """Step E with tensor-map boxes: the buffer as rows of 256 bytes, each piece R rows (two
     boxes of 64 columns x R rows), forms (R, pieces in flight a block, blocks a SM)."""
-    ck, cu = drv.ck, drv.cu
     tb, _ = drv.function(f"{d}/probe.cubin", "tbulk")
-    nrows = STREAM // 256
     res = {f: [] for f in forms}
-    maps = {}
-    for r, _, _ in forms:
-        raw = (ctypes.c_uint8 * 256)()  # a 64-byte aligned 128-byte map inside it
-        addr = (ctypes.addressof(raw) + 63) & ~63
-        tm = (ctypes.c_uint64 * 16).from_address(addr)
-        dims = (ctypes.c_uint64 * 2)(128, nrows)
-        strides = (ctypes.c_uint64 * 1)(256)
-        box = (ctypes.c_uint32 * 2)(64, r)
-        es = (ctypes.c_uint32 * 2)(1, 1)
-        # UINT16, rank 2, no interleave, 128-byte swizzle, 256-byte L2 promotion, no OOB fill (as the engine's maps)
-        ck(cu.cuTensorMapEncodeTiled(tm, 1, 2, ctypes.c_void_p(buf.value), dims, strides, box, es, 0, 3, 3, 0), "tensor map")
-        md = drv.alloc(128)
-        h2d(md, tm)
-        maps[r] = (md, raw)
+    maps = {r: rows_map(drv, buf, r) for r, _, _ in forms}
     for _ in range(rounds):
         for r, nst, per_sm in forms:
             piece = r * 256
@@ -390,13 +368,8 @@ def tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, 
             drv.set_smem(tb, nst * piece)
             args = [ctypes.c_uint64(maps[r][0].value), ctypes.c_uint64(lists_d.value), ctypes.c_uint64(lens_d.value), ctypes.c_int(r),
                     ctypes.c_uint64(sink.value), ctypes.c_int(nst), ctypes.c_uint64(cnt_d.value)]
-            ts = []
-            for _ in range(7):
-                ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
-                flush_l2()
-                drv.sync()
-                ts.append(drv.timed_ms(lambda: drv.launch(tb, per_sm * nsm, 32, args, smem=nst * piece)))
-            res[(r, nst, per_sm)].append(STREAM / min(ts[1:]) / 1e6)
+            t, _ = timed_runs(drv, flush_l2, lambda: drv.launch(tb, per_sm * nsm, 32, args, smem=nst * piece), cnt_d)
+            res[(r, nst, per_sm)].append(STREAM / t / 1e6)
     for (r, nst, per_sm), x in res.items():
         print(f"E. tensor boxes of {r} rows (pieces of {r * 256 >> 10} KB as two boxes of {r * 128 >> 10} KB), {nst} in flight a block, "
               f"{per_sm} blocks a SM: GB/s by round {[round(v) for v in x]}, median {statistics.median(x):.0f}")
@@ -405,19 +378,9 @@ def tensor_sweep(drv, d, buf, flush_l2, h2d, lists_d, lens_d, cnt_d, sink, nsm, 
 def cmp_pattern(drv, d, buf, flush_l2, sink, nsm, rounds):
     """The compressed launch's copies without its math: four warps of 16-row tiles against
     one thread of 64-row boxes a block, the same bytes in flight, two blocks a SM."""
-    ck, cu = drv.ck, drv.cu
     f, _ = drv.function(f"{d}/probe.cubin", "cmpcopy")
     nrows = STREAM // 256
-    maps = {}
-    for r in (16, 64):
-        raw = (ctypes.c_uint8 * 256)()
-        addr = (ctypes.addressof(raw) + 63) & ~63
-        tm = (ctypes.c_uint64 * 16).from_address(addr)
-        ck(cu.cuTensorMapEncodeTiled(tm, 1, 2, ctypes.c_void_p(buf.value), (ctypes.c_uint64 * 2)(128, nrows), (ctypes.c_uint64 * 1)(256),
-                                     (ctypes.c_uint32 * 2)(64, r), (ctypes.c_uint32 * 2)(1, 1), 0, 3, 3, 0), "tensor map")
-        md = drv.alloc(128)
-        ck(cu.cuMemcpyHtoD_v2(md, tm, 128), "h2d")
-        maps[r] = (md, raw)
+    maps = {r: rows_map(drv, buf, r) for r in (16, 64)}
     # (name, warps, rows a copy, stages a copier): 96 KB of stages a block either way.
     forms = (("4 warps x 6 stages of 16-row pieces (4 KB)", 4, 16, 6), ("1 thread x 6 stages of 64-row pieces (16 KB)", 1, 64, 6),
              ("4 warps x 3 stages of 16-row pieces", 4, 16, 3), ("1 thread x 3 stages of 64-row pieces", 1, 64, 3))
@@ -427,12 +390,8 @@ def cmp_pattern(drv, d, buf, flush_l2, sink, nsm, rounds):
             smem = warps * nst * r * 256
             drv.set_smem(f, smem)
             args = [ctypes.c_uint64(maps[r][0].value), ctypes.c_longlong(nrows // 16), ctypes.c_int(r), ctypes.c_uint64(sink.value), ctypes.c_int(nst)]
-            ts = []
-            for _ in range(7):
-                flush_l2()
-                drv.sync()
-                ts.append(drv.timed_ms(lambda: drv.launch(f, 2 * nsm, 32 * warps, args, smem=smem)))
-            res[name].append(STREAM / min(ts[1:]) / 1e6)
+            t, _ = timed_runs(drv, flush_l2, lambda: drv.launch(f, 2 * nsm, 32 * warps, args, smem=smem))
+            res[name].append(STREAM / t / 1e6)
     for name, x in res.items():
         print(f"F. {name}, 2 blocks a SM: GB/s by round {[round(v) for v in x]}, median {statistics.median(x):.0f}")
 
@@ -442,7 +401,7 @@ def run(d, only_e=False):
     cu, ck = drv.cu, drv.ck
     lat, _ = drv.function(f"{d}/probe.cubin", "lat")
     smids_f, _ = drv.function(f"{d}/probe.cubin", "smids")
-    streams = {g: drv.function(f"{d}/probe.cubin", f"stream{g}")[0] for g in (8, 16, 32)}
+    streams = {g: drv.function(f"{d}/probe.cubin", f"stream{g}")[0] for g in (8, 32)}
     bulk, _ = drv.function(f"{d}/probe.cubin", "bulk")
     drv.set_smem(bulk, 16 * 4096)
     nsm = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
@@ -625,13 +584,9 @@ def run(d, only_e=False):
                     ctypes.c_uint64(part_d.value), ctypes.c_uint64(cnt_d.value), ctypes.c_longlong(piece), ctypes.c_uint64(sink.value)]
             if g == "bulk":
                 args.append(ctypes.c_int(16))
-            ts = []
-            for _ in range(7):
-                ck(cu.cuMemsetD32_v2(cnt_d, 0, 2), "counters")
-                flush_l2()
-                drv.sync()
-                ts.append(drv.timed_ms(lambda: drv.launch(bulk, 3 * nsm, 32, args, smem=16 * 4096) if g == "bulk" else drv.launch(streams[g], occ * nsm, 256, args)))
-            best[(g, name)] = min(ts[1:])
+            best[(g, name)], ts = timed_runs(
+                drv, flush_l2, lambda: drv.launch(bulk, 3 * nsm, 32, args, smem=16 * 4096) if g == "bulk" else drv.launch(streams[g], occ * nsm, 256, args),
+                cnt_d)
             print(f"D. {g} ({'bulk copies, 16 a block, 3 blocks a SM' if g == 'bulk' else 'loads a thread in flight'}), {name}: {STREAM / best[(g, name)] / 1e6:.0f} GB/s "
                   f"(best of 6: {best[(g, name)] * 1e3:.1f} us; all {[round(t * 1e3, 1) for t in ts]})")
         print(f"   by partition / one list: {best[(g, 'one list')] / best[(g, 'by partition')]:.3f}x the rate")
