@@ -23,6 +23,11 @@
 // engine's 128-byte swizzle, which the ldmatrix addresses undo): a few large requests
 // instead of 32 row copies. The copy engine issues requests slowly, so this is what keeps
 // enough bytes in flight. Masked keys' V rows are zeroed after arrival.
+// MMA_COPY_LDGSTS (compile time, the compressed branch's entries for the same pages) fills
+// the same swizzled boxes by cp.async instead, 16 bytes a lane, consecutive lanes on
+// consecutive chunks of a row: a stream of 16-byte copies reads DRAM faster than the copy
+// engine's boxes (4.4-4.5 against 3.6 TB/s in scripts/stream_probe.py and
+// scripts/l2_partition_probe.py on the H200).
 // Shared: q_s[16][DK+8] | mbarriers[NSA_MMA_WARPS][NSA_MMA_MAX_STAGES] (128 bytes) | per warp, per stage:
 // K[16][DK+8] V[16][DV+8] (16-bit; unpadded K[DK/64][16][64] V[DV/64][16][64] boxes from a
 // 1024-byte boundary with tensor maps); after the loop the stages are reused for the
@@ -106,6 +111,9 @@ struct Prep {
 // fetches a kernel's code cold at every step, docs/DECODE_NOTES.md variant 57).
 #define MMA_COPY_MODE 0
 #define MMA_COPY_TMA 2
+// MMA_COPY_LDGSTS: tiles as MMA_COPY_TMA's (16 contiguous rows of a page in the boxes'
+// swizzled layout), copied by cp.async and completed by cp.async groups (see above).
+#define MMA_COPY_LDGSTS 3
 template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, class P = NoPrep>
 __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
@@ -114,7 +122,9 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     const int DK = DKT ? DKT : p.shape.head_dim_qk, DV = DVT ? DVT : p.shape.head_dim_v;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q4 = lane & 3;
-    const bool bulk = CP == MMA_COPY_TMA || (p.launch.mode & 1) != 0, tma = CP == MMA_COPY_TMA || (p.launch.mode & 2) != 0;
+    constexpr bool lds = CP == MMA_COPY_LDGSTS;
+    const bool bulk = CP == MMA_COPY_TMA || (!lds && (p.launch.mode & 1) != 0),
+               tma = CP == MMA_COPY_TMA || lds || (p.launch.mode & 2) != 0;
     // Decode reads each K/V line once: with `mode & 8` its copies go first out of L2, and
     // the logits and partials the kernels after this one read stay there (variant 22).
     const u64 l2pol = (p.launch.mode & 8) ? l2_evict_first() : 0;
@@ -154,7 +164,7 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // The tensor maps are written once at the backend's creation: their descriptors can
     // come in before the wait, off the chain of a unit whose first copy follows it (the
     // selected units copy only once their block list is known; variant 48).
-    if (tma && tid == 0) {
+    if (tma && !lds && tid == 0) {
         prefetch_tensormap(kmap);
         prefetch_tensormap(vmap);
     }
@@ -210,6 +220,23 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
             if ((li & 31) == 0) tile_src(li + lane);
             int pos0 = tile_pos0(li);
             int z = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? tz[1] : tz[0], li & 31);
+            if (lds) {
+                if (pos0 < 0) return;  // nothing to copy (the caller commits an empty group)
+                const int y = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? ty[1] : ty[0], li & 31);
+                const usize row0 = (usize)z * p.paging.page_size + y;
+                // 16 rows of D columns from `src` (contiguous) into boxes at `dst`: chunk cc
+                // of row r goes to box cc / 8, 16-byte slot (cc % 8) ^ (r % 8) of its row.
+                auto rows = [&](u16* dst, const u16* src, const int D) {
+#pragma unroll
+                    for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
+                        const int r = x / (D / 8), cc = x % (D / 8);
+                        cp_async16_pol(smem_u32(dst) + (cc >> 3) * 2048 + r * 128 + (((cc & 7) ^ (r & 7)) << 4), src + (usize)x * 8, l2pol);
+                    }
+                };
+                rows(kd, kpool + row0 * DK, DK);
+                rows(vd, vpool + row0 * DV, DV);
+                return;
+            }
             unsigned bar = bar0 + 8 * st;
             fence_async_smem();
             if (pos0 < 0) {

@@ -127,13 +127,18 @@ NSA_ALL(EBF16, bf16)
 // The same with the tensor-map copy path fixed at compile time: nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV}_tma,
 // picked by the host on sm_90 with tensor maps (MMA_COPY_TMA).
 #define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_TMA, _tma)
+// The compressed branch's entry for the same shapes and pages: the boxes' layout filled by
+// cp.async (MMA_COPY_LDGSTS), nsa_cmp_mma_{bf16,f16}_{DK}_{DV}_lds: its long stream of
+// contiguous tiles reads DRAM faster that way than through the copy engine (docs/DECODE_NOTES.md
+// variant 112).
+#define NSA_MMA_ENTRY_LDS(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_LDGSTS, _lds)
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(full_mma, E, suffix, NVT, DK, DV, tag)
 #define NSA_MMA_KINDS_FIXED(E, suffix, DK, DV, tag)          \
     NSA_MMA_KINDS(E, suffix, 16, DK, DV, tag)                \
-    NSA_MMA_ENTRY_TMA(cmp_mma, E, suffix, 16, DK, DV, tag)   \
+    NSA_MMA_ENTRY_LDS(cmp_mma, E, suffix, 16, DK, DV, tag)   \
     NSA_MMA_ENTRY_TMA(sw_mma, E, suffix, 16, DK, DV, tag)    \
     NSA_MMA_ENTRY_TMA(full_mma, E, suffix, 16, DK, DV, tag)
 #define NSA_MMA_ALL(E, suffix)                      \

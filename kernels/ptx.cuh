@@ -207,6 +207,13 @@ template <int OFF>
 __device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1+%3], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes), "n"(OFF) : "memory");
 }
+// A whole 16-byte cp.async, with the L2 eviction policy `pol` when it is not 0.
+__device__ __forceinline__ void cp_async16_pol(unsigned dst, const void* src, unsigned long long pol) {
+    if (pol)
+        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol) : "memory");
+    else
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {

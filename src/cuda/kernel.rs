@@ -251,8 +251,10 @@ impl Kernel {
         let per_shape = matches!(self, Kernel::PfbAttn | Kernel::PfSel);
         let mma_fixed = self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv));
         if mma_fixed && tma {
-            // The tensor-map copy path fixed at compile time (kernels/nsa.cu NSA_MMA_ENTRY_TMA).
-            format!("nsa_{}_{suffix}_{dk}_{dv}_tma", self.stage())
+            // The copy path fixed at compile time for tensor-map pages (kernels/nsa.cu):
+            // tensor-map boxes, or for the compressed branch cp.async into the boxes' layout.
+            let ext = if self == Kernel::CmpMma { "lds" } else { "tma" };
+            format!("nsa_{}_{suffix}_{dk}_{dv}_{ext}", self.stage())
         } else if per_shape || mma_fixed {
             format!("nsa_{}_{suffix}_{dk}_{dv}", self.stage())
         } else if self.tensor_core() {
@@ -532,6 +534,8 @@ mod tests {
         assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, false), "nsa_full_mma_bf16_16");
         // Tensor maps: the compile-time copy path for the compiled shapes only.
         assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false, true), "nsa_sw_mma_bf16_128_128_tma");
+        assert_eq!(Kernel::CmpMma.entry(Dtype::Bf16, (128, 128), false, true), "nsa_cmp_mma_bf16_128_128_lds");
+        assert_eq!(Kernel::CmpMma.entry(Dtype::F16, (192, 128), false, true), "nsa_cmp_mma_f16_192_128_lds");
         assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true, true), "nsa_sw_mma_bf16_16");
         assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, true), "nsa_full_mma_bf16_16");
         assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false, false), "nsa_append_f32");
