@@ -73,7 +73,7 @@ class Driver:
 
     def alloc(self, nbytes):
         p = ctypes.c_uint64()
-        self.ck(self.cu.cuMemAlloc_v2(ctypes.byref(p), nbytes), "alloc")
+        self.ck(self.cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(nbytes)), "alloc")  # size_t: buffers over 2 GiB
         return p
 
     def launch(self, f, grid, block, args, smem=0):
