@@ -32,6 +32,7 @@ Two steps, since the GPU machine has no compiler:
 
   python3 scripts/stream_probe.py build DIR   # here: NVRTC -> DIR/stream.cubin
   python3 scripts/stream_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+  python3 scripts/stream_probe.py --self-test # the piece orders, no GPU (run by scripts/test.sh)
 """
 import ctypes
 import os
@@ -141,6 +142,35 @@ def build(d):
     print(f"{d}/stream.cubin: {n} bytes")
 
 
+def piece_orders(npc, grid):
+    """The pieces step's orders of `npc` pieces for `grid` blocks, block b reading piece
+    order[i * grid + b] at its i-th step: address order (the blocks of a step on adjacent
+    pieces), a contiguous run a block (the pieces past grid * (npc // grid) in address
+    order), and a random permutation (seeded)."""
+    runs = npc // grid
+    return {"address order": list(range(npc)),
+            "a run a block": [(j % grid) * runs + j // grid if j < runs * grid else j for j in range(npc)],
+            "random": random.Random(1).sample(range(npc), npc)}
+
+
+def self_test():
+    """The orders without a GPU: each a permutation of the pieces, each block's run
+    contiguous, address order's blocks on adjacent pieces at each step."""
+    for npc, grid in ((1000, 7), (64, 8), (5, 8), (528 * 3 + 11, 528)):
+        orders = piece_orders(npc, grid)
+        for name, order in orders.items():
+            assert sorted(order) == list(range(npc)), (name, npc, grid)
+        runs = npc // grid
+        for b in range(grid):
+            mine = [orders["a run a block"][i * grid + b] for i in range(runs)]
+            assert mine == list(range(b * runs, (b + 1) * runs)), (npc, grid, b)
+        for i in range(npc // grid):
+            step = orders["address order"][i * grid:(i + 1) * grid]
+            assert step == list(range(i * grid, (i + 1) * grid)), (npc, grid, i)
+    assert piece_orders(100, 3)["random"] == piece_orders(100, 3)["random"]  # the same order on every run
+    print("stream_probe self-test: ok")
+
+
 def run(d):
     drv = Driver()
     nsm = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
@@ -175,11 +205,7 @@ def run(d):
     order_d = drv.alloc(npc * 4)
     for per in (4, 8):
         grid = per * nsm
-        runs = npc // grid
-        orders = {"address order": list(range(npc)),
-                  "a run a block": [(j % grid) * runs + j // grid if j < runs * grid else j for j in range(npc)],
-                  "random": random.Random(1).sample(range(npc), npc)}
-        for oname, order in orders.items():
+        for oname, order in piece_orders(npc, grid).items():
             drv.ck(drv.cu.cuMemcpyHtoD_v2(order_d, (ctypes.c_int * npc)(*order), ctypes.c_size_t(npc * 4)), "h2d")
             for u in (4, 8):
                 f, _ = drv.function(cubin, f"pc_{u}")
@@ -213,6 +239,8 @@ def run(d):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--self-test"]:
+        sys.exit(self_test())
     if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     (build if sys.argv[1] == "build" else run)(sys.argv[2])

@@ -34,10 +34,12 @@ else
   echo "test cuda::timeline::tests::timeline_kernels_compile ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test flush::tests::flush_kernel_compiles_and_keeps_its_loads ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
 fi
-# The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device), and the
-# L2 partition probe's latency split (scripts/l2_partition_probe.py).
+# The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device), the
+# L2 partition probe's latency split (scripts/l2_partition_probe.py) and the stream probe's
+# piece orders (scripts/stream_probe.py).
 python3 scripts/ncu_table.py --self-test
 python3 scripts/l2_partition_probe.py --self-test
+python3 scripts/stream_probe.py --self-test
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg),
 # under CARGO_TARGET_DIR when set.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner
