@@ -18,13 +18,19 @@ against "the best read-only stream" rests on kernels with nothing else to do:
          order, U pieces a block in flight, into registers or into shared memory by cp.async;
   copy   the same loop storing what it loads into a second buffer (read + write bytes);
   write  the same loop storing zeros (write bytes);
-  memcpy cuMemcpyDtoD of 64 MiB (the benchmark's floor) and of 2 GiB (read + write bytes).
+  memcpy cuMemcpyDtoD of 64 MiB (the benchmark's floor) and of 2 GiB (read + write bytes);
+  launch one launch the size of a decode step's compressed launch (LAUNCHES: its blocks,
+         each a contiguous run by cp.async), timed back to back: the ramp and the tail a
+         launch of that size pays without any attention around it.
 
 What it found on the H200 (docs/bench/stream-probe-calls2-4-2026-12-04-session38.txt): loads
 stream at 4.5-4.6 TB/s (the 256-byte L2 prefetch hint costs ~9%), 4 KB pieces in any order
 4.3-4.5 into registers or by cp.async, while the copy engine's streams (l2_partition_probe.py
 step E and F on the same machines) reach 3.1-3.6: the decode kernels' tile copies moved
-from the copy engine to cp.async on that evidence (docs/DECODE_NOTES.md variant 112).
+from the copy engine to cp.async on that evidence (docs/DECODE_NOTES.md variant 112). The
+`launch` step (docs/bench/stream-probe-launch-calls3-5-2026-12-04-session39.txt): a bare launch
+of the batch-16 / 64k compressed launch's shape (256 blocks of 512 KB) takes 32.7 us (4.1 TB/s),
+of batch 64 / 128k's (1.07 GB in one, two or four splits a pair) 237-244 us (4.4-4.5 TB/s).
 
 Each form over several block sizes and blocks per multiprocessor; each timing is three
 passes over the buffer between two events, the best of five after a warm-up, in GB/s.
@@ -32,6 +38,7 @@ Two steps, since the GPU machine has no compiler:
 
   python3 scripts/stream_probe.py build DIR   # here: NVRTC -> DIR/stream.cubin
   python3 scripts/stream_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+  python3 scripts/stream_probe.py run DIR launch  # only the decode-sized launches (below)
   python3 scripts/stream_probe.py --self-test # the piece orders, no GPU (run by scripts/test.sh)
 """
 import ctypes
@@ -102,6 +109,26 @@ template <int U> __device__ void pa(const uint4* a, const int* order, int np) {
 extern "C" __global__ void __launch_bounds__(256) pa_4(const uint4* a, const int* o, int np) { pa<4>(a, o, np); }
 extern "C" __global__ void __launch_bounds__(256) pa_8(const uint4* a, const int* o, int np) { pa<8>(a, o, np); }
 
+// One decode-sized launch: block b streams its own contiguous run of `run` bytes from `a`
+// (run a multiple of 16 * blockDim.x) by cp.async into a ring of U stages of blockDim.x
+// 16-byte pieces, as a compressed split streams its tiles; the launch's time is what the
+// `launch` step measures.
+template <int U> __device__ void lr(const uint4* a, long long run) {
+    extern __shared__ uint4 ring[];
+    const uint4* src = a + (long long)blockIdx.x * (run / 16) + threadIdx.x;
+    const long long steps = run / 16 / blockDim.x;
+    int k = 0;
+    for (long long i = 0; i < steps; i++, k = k + 1 == U ? 0 : k + 1) {
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(ring + k * blockDim.x + threadIdx.x);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src + i * blockDim.x) : "memory");
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" :: "n"(U - 1) : "memory");
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+extern "C" __global__ void __launch_bounds__(256) lr_16(const uint4* a, long long run) { lr<16>(a, run); }
+extern "C" __global__ void __launch_bounds__(256) lr_32(const uint4* a, long long run) { lr<32>(a, run); }
+
 template <int U> __device__ void cp(const uint4* a, uint4* b, long long n) {
     const long long T = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += U * T) {
@@ -171,7 +198,56 @@ def self_test():
     print("stream_probe self-test: ok")
 
 
-def run(d):
+# The `launch` step's decode-sized launches: (what, blocks, bytes a block's run). The
+# compressed launch of paper 128/128 (DK = DV = 128, bf16): 4,095 compressed tokens a
+# (row, KV head) at 64k, 512 bytes each, K and V; batch 16 has 64 pairs in four splits
+# (256 blocks); batch 64 at 128k has 256 pairs of ~4 MB, in one, two or four splits (at most
+# two 128-thread blocks run a multiprocessor in the engine; here up to three fit).
+LAUNCHES = [("batch 16 / 64k compressed (64 pairs x 4 splits)", 256, 512 << 10),
+            ("batch 16 / 128k compressed", 256, 1 << 20),
+            ("batch 64 / 128k compressed, one split a pair", 256, 4 << 20),
+            ("batch 64 / 128k compressed, two splits a pair", 512, 2 << 20),
+            ("batch 64 / 128k compressed, four splits a pair", 1024, 1 << 20),
+            ("batch 1 / 64k compressed (4 pairs x 33 splits)", 132, 64 << 10)]
+
+
+def launch_rows(drv, cubin, a, sink, nsm):
+    """Decode-sized launches, each block a contiguous run (LAUNCHES), 128 threads a block as
+    the decode kernels run, U = 16 or 32 pieces of 2 KB in flight a block; 20 launches back
+    to back over disjoint regions of the buffer (no launch reads what the L2 kept from the
+    one before), the mean time a launch, against the bytes at the 4.5 TB/s of a long stream."""
+    rows = []
+    for u in (16, 32):
+        f, _ = drv.function(cubin, f"lr_{u}")
+        drv.set_smem(f, u * 2048)
+        for what, grid, run in LAUNCHES:
+            nb = grid * run
+            regions = max(1, min(20, BUF // nb))
+            argv = [[ctypes.c_uint64(a.value + (i % regions) * nb), ctypes.c_longlong(run)] for i in range(20)]
+            go = lambda: [drv.launch(f, grid, 128, argv[i], smem=u * 2048) for i in range(20)]
+            go()
+            drv.sync()
+            us = min(drv.timed_ms(go) for _ in range(5)) * 1e3 / 20
+            rows.append((what, u, grid, nb, us))
+    # The same bytes by the grid-stride loop of 16-byte loads (1024 threads, 2 blocks a SM):
+    # what a launch of that size reaches with no runs or stages at all.
+    f, _ = drv.function(cubin, "rd_cg_8")
+    for what, grid, run in LAUNCHES:
+        nb = grid * run
+        regions = max(1, min(20, BUF // nb))
+        argv = [[ctypes.c_uint64(a.value + (i % regions) * nb), ctypes.c_longlong(nb // 16), ctypes.c_uint64(sink.value)] for i in range(20)]
+        go = lambda: [drv.launch(f, 2 * nsm, 1024, argv[i]) for i in range(20)]
+        go()
+        drv.sync()
+        us = min(drv.timed_ms(go) for _ in range(5)) * 1e3 / 20
+        rows.append((what + ", grid-stride loads", 8, 2 * nsm, nb, us))
+    print("| launch | pieces in flight a block | blocks | MB | us a launch | GB/s | us at 4.5 TB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for what, u, grid, nb, us in rows:
+        print(f"| {what} | {u} | {grid} | {nb / 1e6:.1f} | {us:.1f} | {nb / us / 1e3:.0f} | {nb / 4.5e6:.1f} |")
+
+
+def run(d, steps=("all",)):
     drv = Driver()
     nsm = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     name = ctypes.create_string_buffer(128)
@@ -184,6 +260,10 @@ def run(d):
     drv.ck(drv.cu.cuMemsetD8_v2(sink, 0, ctypes.c_size_t(64)), "memset")
     drv.sync()
     n16 = BUF // 16
+    if "launch" in steps or "all" in steps:
+        launch_rows(drv, cubin, a, sink, nsm)
+    if "all" not in steps:
+        return
 
     def best(go, nbytes):
         go()  # warm-up
@@ -242,6 +322,9 @@ def run(d):
 if __name__ == "__main__":
     if sys.argv[1:] == ["--self-test"]:
         sys.exit(self_test())
-    if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run") or (sys.argv[1] == "build" and len(sys.argv) != 3):
         sys.exit(__doc__)
-    (build if sys.argv[1] == "build" else run)(sys.argv[2])
+    if sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        run(sys.argv[2], tuple(sys.argv[3:]) or ("all",))
