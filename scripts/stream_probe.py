@@ -216,30 +216,31 @@ def launch_rows(drv, cubin, a, sink, nsm):
     the decode kernels run, U = 16 or 32 pieces of 2 KB in flight a block; 20 launches back
     to back over disjoint regions of the buffer (no launch reads what the L2 kept from the
     one before), the mean time a launch, against the bytes at the 4.5 TB/s of a long stream."""
+    N = 20
+
+    def per_launch_us(nb, launch):
+        """Mean us of N back-to-back `launch(region_address)` calls over disjoint regions of
+        `nb` bytes (best of 5, after one warm-up round)."""
+        regions = max(1, min(N, BUF // nb))
+        addrs = [a.value + (i % regions) * nb for i in range(N)]
+        go = lambda: [launch(x) for x in addrs]
+        go()
+        drv.sync()
+        return min(drv.timed_ms(go) for _ in range(5)) * 1e3 / N
+
     rows = []
     for u in (16, 32):
         f, _ = drv.function(cubin, f"lr_{u}")
         drv.set_smem(f, u * 2048)
         for what, grid, run in LAUNCHES:
-            nb = grid * run
-            regions = max(1, min(20, BUF // nb))
-            argv = [[ctypes.c_uint64(a.value + (i % regions) * nb), ctypes.c_longlong(run)] for i in range(20)]
-            go = lambda: [drv.launch(f, grid, 128, argv[i], smem=u * 2048) for i in range(20)]
-            go()
-            drv.sync()
-            us = min(drv.timed_ms(go) for _ in range(5)) * 1e3 / 20
-            rows.append((what, u, grid, nb, us))
+            us = per_launch_us(grid * run, lambda x: drv.launch(f, grid, 128, [ctypes.c_uint64(x), ctypes.c_longlong(run)], smem=u * 2048))
+            rows.append((what, u, grid, grid * run, us))
     # The same bytes by the grid-stride loop of 16-byte loads (1024 threads, 2 blocks a SM):
     # what a launch of that size reaches with no runs or stages at all.
     f, _ = drv.function(cubin, "rd_cg_8")
     for what, grid, run in LAUNCHES:
         nb = grid * run
-        regions = max(1, min(20, BUF // nb))
-        argv = [[ctypes.c_uint64(a.value + (i % regions) * nb), ctypes.c_longlong(nb // 16), ctypes.c_uint64(sink.value)] for i in range(20)]
-        go = lambda: [drv.launch(f, 2 * nsm, 1024, argv[i]) for i in range(20)]
-        go()
-        drv.sync()
-        us = min(drv.timed_ms(go) for _ in range(5)) * 1e3 / 20
+        us = per_launch_us(nb, lambda x: drv.launch(f, 2 * nsm, 1024, [ctypes.c_uint64(x), ctypes.c_longlong(nb // 16), ctypes.c_uint64(sink.value)]))
         rows.append((what + ", grid-stride loads", 8, 2 * nsm, nb, us))
     print("| launch | pieces in flight a block | blocks | MB | us a launch | GB/s | us at 4.5 TB/s |")
     print("|---|---|---|---|---|---|---|")
