@@ -114,7 +114,9 @@ struct Prep {
 // MMA_COPY_LDGSTS: tiles as MMA_COPY_TMA's (16 contiguous rows of a page in the boxes'
 // swizzled layout), copied by cp.async and completed by cp.async groups (see above).
 #define MMA_COPY_LDGSTS 3
-template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, class P = NoPrep>
+// GSM: the compressed branch's group sums as one more tensor-core product (the compressed
+// entries for large waves, `_ldsg`; see below), else per lane with shuffles.
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, bool GSM = false, class P = NoPrep>
 __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, u64 kmap, u64 vmap, const int* table,
                            int kvh, const Keys& ks, int hcn, const u16* qsrc, int wr, int hglob0, int u,
                            float* logit_out, const P& prep = P()) {
@@ -146,6 +148,30 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         o1 = overlap_count(i0 + A, A, B);
         n0 = overlap_count(i0 - B + A - 1, A, B);
         n1 = overlap_count(i0 - B + A, A, B);
+    }
+    // GSM: the group sums as one more m16n8k16 product per tile, the tile's probabilities P
+    // (16 heads x 16 keys: the A fragments P V takes, here in f16) times a constant matrix W
+    // of Eq. 9's overlap counts (16 keys x 8 columns: column 2q group q's own part x, 2q + 1
+    // its part y for the next block; small integers, exact in f16), so lane (g, q4) receives
+    // group 4t + q4's (x, y) for heads g and g + 8 from n-tile t (B = 2 takes two n-tiles,
+    // B = 8 columns 0-3 only). P goes in as f16 hi + lo parts (two products): f16 alone
+    // rounds each probability by 2^-11 and moved 2% of the selections past the near-tie
+    // limit at 128k; the two parts keep the sums within ~2^-22, as the f32 sums. Per tile at
+    // B = 4 it replaces eight multiplies, eight shuffles, eight adds, eight log2s on half
+    // the lanes and four stores by two products, twelve conversions, four log2s and two
+    // stores (docs/DECODE_NOTES.md, variant 119). `gw[t]`: the lane's B fragments of W.
+    unsigned gw[2][2] = {{0u, 0u}, {0u, 0u}};
+    if (GSM && groups) {
+        const int A = p.shape.eq9_a, B = p.shape.eq9_b;
+        auto w = [&](int c, int k) {  // W[k][c]
+            return k / B == c / 2 ? overlap_count(k % B + ((c & 1) ? A - 1 - B : A - 1), A, B) : 0.f;
+        };
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            const int c = 8 * t + g;
+            gw[t][0] = EF16::pk(w(c, 2 * q4), w(c, 2 * q4 + 1));
+            gw[t][1] = EF16::pk(w(c, 2 * q4 + 8), w(c, 2 * q4 + 9));
+        }
     }
     // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
     const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
@@ -498,7 +524,34 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         }
         lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
         lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
-        if (groups) {
+        if (GSM && groups) {
+            const int B = p.shape.eq9_b, lb = __ffs(B) - 1;
+            // P's f16 hi parts and the f32 remainders' f16 lo parts, in P V's A-fragment order.
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float a = pr[e >> 1][(e & 1) * 2], b = pr[e >> 1][(e & 1) * 2 + 1];
+                float ha, hb;
+                hi[e] = EF16::pk(a, b);
+                EF16::upk(hi[e], ha, hb);
+                lo[e] = EF16::pk(a - ha, b - hb);
+            }
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                if (t * 8 < 32 / B) {  // the n-tiles holding columns (2 x 16 / B of them)
+                    float c[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma16816<EF16::MMA>(c, hi[0], hi[1], hi[2], hi[3], gw[t][0], gw[t][1]);
+                    mma16816<EF16::MMA>(c, lo[0], lo[1], lo[2], lo[3], gw[t][0], gw[t][1]);
+                    // The lane's group, for groups that start inside the split.
+                    const int gq = 4 * t + q4, pos = ks.lo + j0 + gq * B;
+                    if (gq < (16 >> lb) && pos < ks.lo + ks.n) {
+                        const int gi = pos >> lb;
+                        if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(c[0]) + mA2, lg2f(c[1]) + mA2);
+                        if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(c[2]) + mB2, lg2f(c[3]) + mB2);
+                    }
+                }
+            }
+        } else if (groups) {
             // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
             // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
             const int B = p.shape.eq9_b;

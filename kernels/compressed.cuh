@@ -23,7 +23,8 @@ __device__ void cmp_partial(const Params& p) {
 // window's partial slot: they then start on the multiprocessors whose splits end first,
 // and the selected-branch launch streams only the selected blocks (docs/DECODE_NOTES.md,
 // variant 75). One call site of `attend_mma` for both, so the entry holds its code once.
-template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE>
+// GSM: the group sums by a tensor-core product (kernels/attend_mma.cuh; the `_ldsg` entries).
+template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, bool GSM = false>
 __device__ void cmp_mma(const Params& p) {
     int wr = blockIdx.x, r = p.launch.row0 + wr, kvh = blockIdx.y, split = blockIdx.z;
     int2 tm = ((const int2*)p.step.rows)[r];
@@ -56,7 +57,7 @@ __device__ void cmp_mma(const Params& p) {
     const u64 maps = p.paging.tmaps + (win ? 0 : 2 * NSA_TMAP_BYTES);
     for_head_chunks(p, r, kvh, [&](int hcn, int hg0, const u16* q) {
         float* lg = win ? (float*)0 : (float*)p.ws.logits + ((usize)wr * p.shape.num_q_heads + hg0) * p.ws.max_cmp;
-        attend_mma<E, NVT, DKT, DVT, CP>(p, kpool, vpool, maps, maps + NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, u, lg);
+        attend_mma<E, NVT, DKT, DVT, CP, GSM>(p, kpool, vpool, maps, maps + NSA_TMAP_BYTES, table, kvh, ks, hcn, q, wr, hg0, u, lg);
     });
     // The pair's selection may start once its splits are written (MODE_SEL_FLOW, kernels/ptx.cuh).
     if (!win && (p.launch.mode & MODE_SEL_FLOW)) flow_signal(flow_counters(p, (usize)wr * p.shape.num_kv_heads + kvh) + FLOW_SPLITS);

@@ -132,6 +132,16 @@ NSA_ALL(EBF16, bf16)
 // contiguous tiles reads DRAM faster that way than through the copy engine (docs/DECODE_NOTES.md
 // variant 112).
 #define NSA_MMA_ENTRY_LDS(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_LDGSTS, _lds)
+// The same with the group sums by a tensor-core product (variant 119): nsa_cmp_mma_{bf16,f16}_{DK}_{DV}_ldsg,
+// which the host launches for waves whose pairs hand over to the selection one by one (16 pairs and
+// up): a separate entry, so that the small waves' code stays as it was (the new path cost batch 1 ~1%
+// by its presence alone, docs/DECODE_NOTES.md variant 119b).
+#define NSA_MMA_ENTRY_LDSG(name, E, suffix, NVT, DK, DV, tag)                                                   \
+    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##_ldsg(const Params p) { \
+        NSA_TIMELINE_SCOPE(name);                                                                                \
+        pdl_trigger_at_entry(p);                                                                                 \
+        name<E, NVT, DK, DV, MMA_COPY_LDGSTS, true>(p);                                                          \
+    }
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \
@@ -139,6 +149,7 @@ NSA_ALL(EBF16, bf16)
 #define NSA_MMA_KINDS_FIXED(E, suffix, DK, DV, tag)          \
     NSA_MMA_KINDS(E, suffix, 16, DK, DV, tag)                \
     NSA_MMA_ENTRY_LDS(cmp_mma, E, suffix, 16, DK, DV, tag)   \
+    NSA_MMA_ENTRY_LDSG(cmp_mma, E, suffix, 16, DK, DV, tag)  \
     NSA_MMA_ENTRY_TMA(sw_mma, E, suffix, 16, DK, DV, tag)    \
     NSA_MMA_ENTRY_TMA(full_mma, E, suffix, 16, DK, DV, tag)
 #define NSA_MMA_ALL(E, suffix)                      \

@@ -40,6 +40,10 @@ const SEL_FLOW_PAIRS: u32 = 16;
 /// selection's hand-over, paper presets at 128k: batch 32 -3%, batch 64 -3 to -4% against
 /// neither; batch 1-16 up to 3% slower (variant 76).
 const SW_FLOW_PAIRS: u32 = 128;
+/// Default of [`DecodeKnobs::cmp_large_pairs`]: batch 4 with four KV heads. H200, paper
+/// presets: batch 16-64 -1.5 to -3% with the group sums by a tensor-core product; batch 1
+/// +1% with that code in its entry, hence a separate one (docs/DECODE_NOTES.md, 119, 119b).
+const CMP_LARGE_PAIRS: u32 = 16;
 /// Whether the selection's per-chunk lists fit (`DecodeKnobs::sel_lists`): `sel_count <= 32`
 /// (kernels/selection.cuh `sel_best32`) and the most chunks a wave takes by default (at
 /// least `SEL_CHUNK_MIN` blocks each) within [`sel_lists_max_chunks`].
@@ -126,7 +130,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
     /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`,
-    /// `NSA_CUDA_FULL_TABLES=1`): see [`DecodeKnobs`]'s fields.
+    /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`): see [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
@@ -222,6 +226,10 @@ pub(crate) struct DecodeKnobs {
     /// `NSA_CUDA_FULL_TABLES=1`: every upload copies every page table of the step, as
     /// before the uploads of grown tables only (`table_shadow.rs`; a measurement knob).
     pub full_tables: bool,
+    /// Waves of at least this many pairs launch the compressed branch's entry for large
+    /// waves where one is compiled (`Kernel::large_entry`: the group sums by a tensor-core
+    /// product); `NSA_CUDA_CMP_LARGE=N` (0: never), else [`CMP_LARGE_PAIRS`].
+    pub cmp_large_pairs: u32,
 }
 
 /// A pair-count threshold from its knob's value: 0 never (`u32::MAX`), N from N pairs,
@@ -387,6 +395,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         sel_flow_pairs: pairs_knob(env_num("NSA_CUDA_SEL_FLOW"), SEL_FLOW_PAIRS),
         sw_flow_pairs: pairs_knob(env_num("NSA_CUDA_SW_FLOW"), SW_FLOW_PAIRS),
         full_tables: env_on("NSA_CUDA_FULL_TABLES"),
+        cmp_large_pairs: pairs_knob(env_num("NSA_CUDA_CMP_LARGE"), CMP_LARGE_PAIRS),
     };
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }

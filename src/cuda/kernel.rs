@@ -266,6 +266,14 @@ impl Kernel {
         }
     }
 
+    /// The compressed branch's entry for large waves, where one is compiled (the shapes of
+    /// [`MMA_SHAPES`] with tensor-map pages): its group sums by a tensor-core product
+    /// (kernels/nsa.cu `_ldsg`), launched where [`LaunchOpts::large`] asks for it.
+    pub fn large_entry(self, dtype: Dtype, dims: (u32, u32), generic: bool, tma: bool) -> Option<String> {
+        let fixed = self == Kernel::CmpMma && !generic && tma && dtype != Dtype::F32 && MMA_SHAPES.contains(&dims);
+        fixed.then(|| self.entry(dtype, dims, generic, tma) + "g")
+    }
+
     /// Every entry point compiled for this kernel (all storage types and tile widths).
     #[cfg(test)]
     pub fn entries(self) -> Vec<String> {
@@ -291,7 +299,8 @@ impl Kernel {
         }
         if self.tensor_core() {
             let dims = MMA_SHAPES.iter().flat_map(|&s| [(s, false, false), (s, false, true)]).chain([((128, 128), true, false), ((256, 256), true, false)]);
-            dims.flat_map(|(s, generic, tma)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic, tma))).collect()
+            let large = MMA_SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(move |d| self.large_entry(d, s, false, true))).flatten();
+            dims.flat_map(|(s, generic, tma)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic, tma))).chain(large).collect()
         } else {
             [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, (0, 0), false, false)).collect()
         }
@@ -303,6 +312,9 @@ impl Kernel {
 pub(crate) struct Kernels {
     module: sys::CUmodule,
     funcs: [sys::CUfunction; Kernel::COUNT],
+    /// `CmpMma`'s entry for large waves ([`Kernel::large_entry`]), null where none is
+    /// compiled; it takes `CmpMma`'s block size and shared memory.
+    cmp_large: sys::CUfunction,
     block: [u32; Kernel::COUNT],
     smem: [u32; Kernel::COUNT],
     /// Dependent launches use programmatic dependent launch (sm_90+, unless
@@ -324,6 +336,7 @@ impl Kernels {
         let mut k = Kernels {
             module,
             funcs: [std::ptr::null_mut(); Kernel::COUNT],
+            cmp_large: std::ptr::null_mut(),
             block: [0; Kernel::COUNT],
             smem: [0; Kernel::COUNT],
             pdl: false,
@@ -346,6 +359,11 @@ impl Kernels {
             let name = CString::new(entry).expect("no NUL");
             // SAFETY: module loaded above; name is a kernel of it. On error `k` drops and unloads.
             check(unsafe { sys::cuModuleGetFunction(&mut k.funcs[i], module, name.as_ptr()) }, "cuModuleGetFunction")?;
+            if let Some(large) = kernel.large_entry(dtype, (dk, dv), generic_mma, plan.tma) {
+                let name = CString::new(large).expect("no NUL");
+                // SAFETY: as above.
+                check(unsafe { sys::cuModuleGetFunction(&mut k.cmp_large, module, name.as_ptr()) }, "cuModuleGetFunction")?;
+            }
             k.set_smem(kernel, smem.of(kernel.smem()))?;
         }
         Ok(k)
@@ -360,10 +378,22 @@ impl Kernels {
     /// static shared memory pass the default 48 KiB).
     pub fn set_smem(&mut self, kernel: Kernel, bytes: u32) -> Result<()> {
         self.smem[kernel as usize] = bytes;
+        let large = if kernel == Kernel::CmpMma { self.cmp_large } else { std::ptr::null_mut() };
+        for f in [self.funcs[kernel as usize], large] {
+            if !f.is_null() {
+                Self::raise_smem(f, bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises `f`'s dynamic shared-memory limit to `bytes` where it and the function's
+    /// static shared memory pass the default 48 KiB.
+    fn raise_smem(f: sys::CUfunction, bytes: u32) -> Result<()> {
         let mut fixed = 0i32;
         // SAFETY: plain attribute query on a function of our module.
         check(
-            unsafe { sys::cuFuncGetAttribute(&mut fixed, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.funcs[kernel as usize]) },
+            unsafe { sys::cuFuncGetAttribute(&mut fixed, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f) },
             "cuFuncGetAttribute",
         )?;
         if bytes as usize + fixed.max(0) as usize > super::build::DEFAULT_SMEM {
@@ -371,7 +401,7 @@ impl Kernels {
             check(
                 unsafe {
                     sys::cuFuncSetAttribute(
-                        self.funcs[kernel as usize],
+                        f,
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         bytes as i32,
                     )
@@ -386,7 +416,7 @@ impl Kernels {
     /// multiprocessor's unified L1 / shared memory (`NSA_CUDA_CARVEOUT=P`, a measurement
     /// knob: whether kernels that prefer different splits slow the chain of a step).
     pub fn set_carveout(&mut self, percent: u32) -> Result<()> {
-        for &f in self.funcs.iter().filter(|f| !f.is_null()) {
+        for &f in self.funcs.iter().chain([&self.cmp_large]).filter(|f| !f.is_null()) {
             // SAFETY: plain attribute on a function of our module.
             check(
                 unsafe {
@@ -491,7 +521,8 @@ impl Kernels {
             attrs: attrs.as_mut_ptr(),
             numAttrs: n as u32,
         };
-        let r = sys::cuLaunchKernelEx(&cfg, self.funcs[i], args.as_mut_ptr(), std::ptr::null_mut());
+        let f = if opts.large && kernel == Kernel::CmpMma && !self.cmp_large.is_null() { self.cmp_large } else { self.funcs[i] };
+        let r = sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut());
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(NsaError::Cuda(format!("cuLaunchKernelEx(nsa_{}) failed: {r:?}", kernel.stage())));
         }
@@ -509,6 +540,8 @@ pub struct LaunchOpts {
     /// Threads per block, fewer than the kernel's launch bound (more blocks per
     /// multiprocessor), or the kernel's own count when `None`.
     pub threads: Option<u32>,
+    /// `CmpMma`: its entry for large waves where one is loaded ([`Kernel::large_entry`]).
+    pub large: bool,
 }
 
 impl Drop for Kernels {
@@ -536,6 +569,12 @@ mod tests {
         assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), false, true), "nsa_sw_mma_bf16_128_128_tma");
         assert_eq!(Kernel::CmpMma.entry(Dtype::Bf16, (128, 128), false, true), "nsa_cmp_mma_bf16_128_128_lds");
         assert_eq!(Kernel::CmpMma.entry(Dtype::F16, (192, 128), false, true), "nsa_cmp_mma_f16_192_128_lds");
+        // The compressed branch's entry for large waves: compiled shapes with tensor maps only.
+        assert_eq!(Kernel::CmpMma.large_entry(Dtype::Bf16, (128, 128), false, true).as_deref(), Some("nsa_cmp_mma_bf16_128_128_ldsg"));
+        assert_eq!(Kernel::CmpMma.large_entry(Dtype::Bf16, (128, 128), false, false), None);
+        assert_eq!(Kernel::CmpMma.large_entry(Dtype::Bf16, (128, 128), true, true), None);
+        assert_eq!(Kernel::CmpMma.large_entry(Dtype::F16, (96, 64), false, true), None);
+        assert_eq!(Kernel::SwMma.large_entry(Dtype::Bf16, (128, 128), false, true), None);
         assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true, true), "nsa_sw_mma_bf16_16");
         assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, true), "nsa_full_mma_bf16_16");
         assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false, false), "nsa_append_f32");
@@ -550,10 +589,11 @@ mod tests {
         // Ten scalar decode kernels (the selection's and the combine's two entries among
         // them) for three types;
         // the tensor-core ones per compiled shape twice (copy path from the launch, or
-        // tensor maps) and by V tile width; pf_cmp also warp-specialised (prefill::WS_FORMS),
+        // tensor maps) and by V tile width, the compressed one's large-wave entry per compiled
+        // shape; pf_cmp also warp-specialised (prefill::WS_FORMS),
         // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
         // prefill shape; pf_sel per prefill shape; pf_repair for both 16-bit types.
-        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3 + 2);
+        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 2 * MMA_SHAPES.len() + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3 + 2);
         assert_eq!(Kernel::PfRepair.entry(Dtype::F16, (192, 128), false, false), "nsa_pf_repair_f16");
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);

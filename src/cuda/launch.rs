@@ -129,7 +129,7 @@ impl CudaBackend {
         // variant 20.
         let l1 = |kernel: Kernel, rows: u32| LaunchOpts {
             carveout: (rows * hkv <= self.knobs.l1_wave_pairs && self.knobs.l1_kernels & 1 << kernel as u32 != 0).then_some(0u32),
-            threads: None,
+            ..LaunchOpts::default()
         };
         // SAFETY: every pointer in `p` was checked non-null or lies in the caller's buffer;
         // grids and shared memory match the kernels' expectations.
@@ -233,6 +233,7 @@ impl CudaBackend {
                         pk.launch.mode |= MODE_LATE_TRIGGER;
                     }
                     let mut opts = l1(kernel, rows);
+                    opts.large = kernel == Kernel::CmpMma && rows * hkv >= self.knobs.cmp_large_pairs;
                     if matches!(kernel, Kernel::SelectBlocks | Kernel::SelectLists) {
                         opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
                     }
