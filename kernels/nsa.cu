@@ -116,32 +116,28 @@ NSA_ALL(EBF16, bf16)
 // Tensor-core attention: nsa_{cmp,sw,full}_mma_{bf16,f16}_{16,32} for any head dims (DV <= 128
 // or <= 256), and nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV} compiled for one shape (the
 // prefill shapes; src/cuda/kernel.rs picks these when the config has one).
-// CP: the copy path (kernels/attend_mma.cuh); ext: the entry name's ending for it.
-#define NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, CP, ext)                                                          \
+// ext: the entry name's ending; then the body's template arguments after the shape: the copy
+// path CP (kernels/attend_mma.cuh) and, for the compressed branch, GSM (kernels/compressed.cuh).
+#define NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, ext, ...)                                                         \
     extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##ext(const Params p) { \
         NSA_TIMELINE_SCOPE(name);                                                                                         \
         pdl_trigger_at_entry(p);                                                                                          \
-        name<E, NVT, DK, DV, CP>(p);                                                                                      \
+        name<E, NVT, DK, DV, __VA_ARGS__>(p);                                                                             \
     }
-#define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_MODE, )
+#define NSA_MMA_ENTRY(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, , MMA_COPY_MODE)
 // The same with the tensor-map copy path fixed at compile time: nsa_{cmp,sw,full}_mma_{bf16,f16}_{DK}_{DV}_tma,
 // picked by the host on sm_90 with tensor maps (MMA_COPY_TMA).
-#define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_TMA, _tma)
+#define NSA_MMA_ENTRY_TMA(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, _tma, MMA_COPY_TMA)
 // The compressed branch's entry for the same shapes and pages: the boxes' layout filled by
 // cp.async (MMA_COPY_LDGSTS), nsa_cmp_mma_{bf16,f16}_{DK}_{DV}_lds: its long stream of
 // contiguous tiles reads DRAM faster that way than through the copy engine (docs/DECODE_NOTES.md
 // variant 112).
-#define NSA_MMA_ENTRY_LDS(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, MMA_COPY_LDGSTS, _lds)
+#define NSA_MMA_ENTRY_LDS(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, _lds, MMA_COPY_LDGSTS)
 // The same with the group sums by a tensor-core product (variant 119): nsa_cmp_mma_{bf16,f16}_{DK}_{DV}_ldsg,
 // which the host launches for waves whose pairs hand over to the selection one by one (16 pairs and
 // up): a separate entry, so that the small waves' code stays as it was (the new path cost batch 1 ~1%
 // by its presence alone, docs/DECODE_NOTES.md variant 119b).
-#define NSA_MMA_ENTRY_LDSG(name, E, suffix, NVT, DK, DV, tag)                                                   \
-    extern "C" __global__ void __launch_bounds__(NSA_MMA_WARPS * 32) nsa_##name##_##suffix##_##tag##_ldsg(const Params p) { \
-        NSA_TIMELINE_SCOPE(name);                                                                                \
-        pdl_trigger_at_entry(p);                                                                                 \
-        name<E, NVT, DK, DV, MMA_COPY_LDGSTS, true>(p);                                                          \
-    }
+#define NSA_MMA_ENTRY_LDSG(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, _ldsg, MMA_COPY_LDGSTS, true)
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \

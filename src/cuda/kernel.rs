@@ -249,7 +249,7 @@ impl Kernel {
         // Compiled per (DK, DV): the prefill's block-major and selected-only kernels always,
         // the tensor-core decode kernels for MMA_SHAPES.
         let per_shape = matches!(self, Kernel::PfbAttn | Kernel::PfSel);
-        let mma_fixed = self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv));
+        let mma_fixed = self.mma_fixed(dk, dv, generic);
         if mma_fixed && tma {
             // The copy path fixed at compile time for tensor-map pages (kernels/nsa.cu):
             // tensor-map boxes, or for the compressed branch cp.async into the boxes' layout.
@@ -270,8 +270,14 @@ impl Kernel {
     /// [`MMA_SHAPES`] with tensor-map pages): its group sums by a tensor-core product
     /// (kernels/nsa.cu `_ldsg`), launched where [`LaunchOpts::large`] asks for it.
     pub fn large_entry(self, dtype: Dtype, dims: (u32, u32), generic: bool, tma: bool) -> Option<String> {
-        let fixed = self == Kernel::CmpMma && !generic && tma && dtype != Dtype::F32 && MMA_SHAPES.contains(&dims);
+        let fixed = self == Kernel::CmpMma && tma && dtype != Dtype::F32 && self.mma_fixed(dims.0, dims.1, generic);
         fixed.then(|| self.entry(dtype, dims, generic, tma) + "g")
+    }
+
+    /// A tensor-core kernel with an entry compiled for these head dims ([`MMA_SHAPES`],
+    /// unless `generic` asks for the any-shape entries).
+    fn mma_fixed(self, dk: u32, dv: u32, generic: bool) -> bool {
+        self.tensor_core() && !generic && MMA_SHAPES.contains(&(dk, dv))
     }
 
     /// Every entry point compiled for this kernel (all storage types and tile widths).
