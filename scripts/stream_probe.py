@@ -211,6 +211,13 @@ LAUNCHES = [("batch 16 / 64k compressed (64 pairs x 4 splits)", 256, 512 << 10),
             ("batch 1 / 64k compressed (4 pairs x 33 splits)", 132, 64 << 10)]
 
 
+def best_ms(drv, go, reps=1):
+    """The best of five timings (ms) of `reps` calls of `go`, after one warm-up call."""
+    go()
+    drv.sync()
+    return min(drv.timed_ms(lambda: [go() for _ in range(reps)]) for _ in range(5))
+
+
 def launch_rows(drv, cubin, a, sink, nsm):
     """Decode-sized launches, each block a contiguous run (LAUNCHES), 128 threads a block as
     the decode kernels run, U = 16 or 32 pieces of 2 KB in flight a block; 20 launches back
@@ -223,10 +230,7 @@ def launch_rows(drv, cubin, a, sink, nsm):
         `nb` bytes (best of 5, after one warm-up round)."""
         regions = max(1, min(N, BUF // nb))
         addrs = [a.value + (i % regions) * nb for i in range(N)]
-        go = lambda: [launch(x) for x in addrs]
-        go()
-        drv.sync()
-        return min(drv.timed_ms(go) for _ in range(5)) * 1e3 / N
+        return best_ms(drv, lambda: [launch(x) for x in addrs]) * 1e3 / N
 
     rows = []
     for u in (16, 32):
@@ -267,10 +271,7 @@ def run(d, steps=("all",)):
         return
 
     def best(go, nbytes):
-        go()  # warm-up
-        drv.sync()
-        ts = [drv.timed_ms(lambda: [go() for _ in range(PASSES)]) for _ in range(5)]
-        return PASSES * nbytes / min(ts) / 1e6  # GB/s
+        return PASSES * nbytes / best_ms(drv, go, PASSES) / 1e6  # GB/s
 
     print(f"GPU: {name.value.decode()}, {nsm} SMs; buffer {BUF >> 20} MiB, {PASSES} passes a timing, best of 5")
     rows = []
