@@ -40,6 +40,7 @@ fi
 python3 scripts/ncu_table.py --self-test
 python3 scripts/l2_partition_probe.py --self-test
 python3 scripts/stream_probe.py --self-test
+python3 scripts/persist_probe.py --self-test
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg),
 # under CARGO_TARGET_DIR when set.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner
