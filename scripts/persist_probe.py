@@ -7,8 +7,10 @@ into items of a sixteenth of a (row, KV head) pair handed out by a device counte
 1.5-2x: each item paid its prologue (the claim, the row, the page-table entries, Q: dependent
 round trips at loaded-memory latency) with no copy in flight. A form that could reach the
 target needs an item to cost its bytes only. This probe asks that of the memory system alone,
-with nothing computed: 128-thread blocks, a ring of U stages of CH bytes filled by bulk copies
-(`cp.async.bulk` on mbarriers) and released by consumer warps, items of `run` contiguous bytes
+with nothing computed: 128-thread blocks, a ring of U stages of CH bytes filled by a producer
+warp (one bulk copy a stage by the copy engine, `cp.async.bulk`, or 16-byte `cp.async` by its 32
+lanes: the copy engine streams slower, scripts/stream_probe.py) on mbarriers and released by
+consumer warps, items of `run` contiguous bytes
 claimed from a counter, and before each item's first copy a chain of D dependent loads from
 random addresses of a second buffer (the item's prologue). Three ways to switch items:
 
@@ -74,10 +76,13 @@ __device__ __forceinline__ const char* prologue(const char* a, long long run, un
     return a + (long long)item * run + (deps > 0 && x == 0xffffffffu ? 16 : 0);
 }
 
-// mode 0 restart, 1 ahead, 2 scheduler (see the module's text). Items: `nitems` runs of `run`
-// bytes (a multiple of ch); claims count from `base` (the claims of earlier launches).
+// mode 0 restart, 1 ahead, 2 scheduler (see the module's text); lds 0: each stage one bulk
+// copy by lane 0 (the copy engine), 1: 16-byte cp.async by the producer warp's 32 lanes, each
+// lane's completion counted on the stage's barrier (`cp.async.mbarrier.arrive.noinc`). Items:
+// `nitems` runs of `run` bytes (a multiple of ch); claims count from `base` (the claims of
+// earlier launches).
 __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr, unsigned base,
-                   const unsigned* tab, unsigned tmask, int deps, int mode, int U, unsigned ch) {
+                   const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch) {
     extern __shared__ __align__(128) uint4 ring_w[];
     char* ring = (char*)ring_w;
     __shared__ __align__(8) unsigned long long full[16], empty[16], qfull[2], qempty[2];
@@ -88,7 +93,7 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     const int first_cons = mode == 2 ? 2 : 1, ncons = (blockDim.x >> 5) - first_cons;
     if (threadIdx.x == 0) {
         for (int s = 0; s < U; s++) {
-            mb_init(sa(&full[s]), 1);
+            mb_init(sa(&full[s]), lds ? 32 : 1);
             mb_init(sa(&empty[s]), ncons);
         }
         for (int s = 0; s < 2; s++) {
@@ -100,37 +105,49 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     __syncthreads();
     const int nch = (int)(run / ch);
     if (warp == 0) {
-        if (lane != 0) return;
+        // The producer warp: lane 0 claims and runs the chains (the lanes wait with it, as a
+        // warp whose lane 0 loads does); the copies by lane 0 or by every lane.
         int s = 0;
         unsigned ph = 0;
         auto put = [&](unsigned item, const char* src) {
             for (int c = 0; c < nch; c++) {
                 mb_wait(sa(&empty[s]), ph ^ 1);
-                sitem[s] = (int)item;
-                mb_expect(sa(&full[s]), ch);
-                bulk(sa(ring + (long long)s * ch), src + (long long)c * ch, ch, sa(&full[s]));
+                if (lane == 0) sitem[s] = (int)item;
+                const unsigned dst = sa(ring + (long long)s * ch);
+                const char* from = src + (long long)c * ch;
+                if (lds) {
+                    for (unsigned o = lane * 16; o < ch; o += 512)
+                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + o), "l"(from + o) : "memory");
+                    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(sa(&full[s])) : "memory");
+                } else if (lane == 0) {
+                    mb_expect(sa(&full[s]), ch);
+                    bulk(dst, from, ch, sa(&full[s]));
+                }
                 if (++s == U) {
                     s = 0;
                     ph ^= 1;
                 }
             }
         };
+        auto bcast = [&](unsigned v) { return __shfl_sync(0xffffffffu, v, 0); };
         if (mode == 2) {
             for (unsigned k = 0;; k++) {
                 const unsigned q = k & 1, qp = (k >> 1) & 1;
                 mb_wait(sa(&qfull[q]), qp);
                 const int item = *(volatile int*)&qitem[q];
                 const char* src = *(const char* volatile*)&qsrc[q];
-                mb_arrive(sa(&qempty[q]));
+                __syncwarp();
+                if (lane == 0) mb_arrive(sa(&qempty[q]));
                 if (item < 0) break;
                 put((unsigned)item, src);
             }
         } else {
-            unsigned item = claim(ctr) - base;
+            unsigned item = bcast(lane == 0 ? claim(ctr) - base : 0);
             while (item < nitems) {
-                const char* src = prologue(a, run, item, tab, tmask, deps);
+                const char* src = (const char*)(unsigned long long)__shfl_sync(0xffffffffu,
+                    lane == 0 ? (unsigned long long)prologue(a, run, item, tab, tmask, deps) : 0ull, 0);
                 unsigned next = 0;
-                if (mode == 1) next = claim(ctr) - base;
+                if (mode == 1 && lane == 0) next = claim(ctr) - base;  // read at the item's end
                 const int ls = s;
                 const unsigned lph = ph;
                 put(item, src);
@@ -139,14 +156,16 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
                     const int last = (ls + nch - 1) % U;
                     const unsigned lp = lph ^ (((ls + nch - 1) / U) & 1);
                     mb_wait(sa(&empty[last]), lp);
-                    next = claim(ctr) - base;
+                    if (lane == 0) next = claim(ctr) - base;
                 }
-                item = next;
+                item = bcast(next);
             }
         }
+        // The end: a stage with no bytes whose item is -1.
         mb_wait(sa(&empty[s]), ph ^ 1);
-        sitem[s] = -1;
-        mb_arrive(sa(&full[s]));
+        if (lane == 0) sitem[s] = -1;
+        __syncwarp();
+        if (lds || lane == 0) mb_arrive(sa(&full[s]));
         return;
     }
     if (mode == 2 && warp == 1) {
@@ -179,8 +198,8 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     }
 }
 extern "C" __global__ void __launch_bounds__(128) persist(const char* a, long long run, unsigned nitems, unsigned* ctr, unsigned base,
-                                                          const unsigned* tab, unsigned tmask, int deps, int mode, int U, unsigned ch) {
-    pw(a, run, nitems, ctr, base, tab, tmask, deps, mode, U, ch);
+                                                          const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch) {
+    pw(a, run, nitems, ctr, base, tab, tmask, deps, mode, lds, U, ch);
 }
 """
 
@@ -196,16 +215,16 @@ def claims(nitems, grid):
 
 
 def configs(nsm):
-    """(mode, item bytes, prologue loads, stages, blocks a SM): one item a block's split (as the
-    bare launch), a sixteenth and a thirty-second of a pair, prologues of 0 and 3 loads."""
+    """(mode, item bytes, prologue loads, stages, blocks a SM, copies by cp.async): one item a
+    block's split (as the bare launch), a fourth and an eighth of that (a sixteenth and a
+    thirty-second of a pair), prologues of 0 and 3 loads, each copy form."""
     out = []
     for per in (2, 3):
         for run in (512 << 10, 128 << 10, 64 << 10):
             for deps in (0, 3):
                 for mode in MODES:
-                    for u in (8, 12):
-                        if per * u * CH <= 200 << 10:
-                            out.append((mode, run, deps, u, per))
+                    for lds in (0, 1):
+                        out.append((mode, run, deps, 8, per, lds))
     return out
 
 
@@ -213,9 +232,10 @@ def self_test():
     """The bookkeeping without a GPU: every config's stages fit the shared memory the run
     allows, items divide into stages, and the claims of a whole run stay below the counter's bound (2^31 - 1)."""
     cs = configs(132)
-    assert cs and all(run % CH == 0 and TOTAL % run == 0 for _, run, _, _, _ in cs)
-    assert all(u <= 16 and per * u * CH <= 200 << 10 for _, _, _, u, per in cs)
-    n = sum(6 * 20 * claims(TOTAL // run, per * 132) for _, run, _, _, per in cs)
+    assert cs and all(run % CH == 0 and TOTAL % run == 0 for _, run, _, _, _, _ in cs)
+    assert all(u <= 16 and per * u * CH <= 200 << 10 for _, _, _, u, per, _ in cs)
+    assert CH % 512 == 0  # a cp.async stage: 16 bytes a lane, 32 lanes, whole rounds
+    n = sum(6 * 20 * claims(TOTAL // run, per * 132) for _, run, _, _, per, _ in cs)
     assert n < 1 << 31, n
     assert claims(1024, 264) == 1288
     print("persist_probe self-test: ok")
@@ -254,7 +274,7 @@ def run(d):
     rows.append(("bare launch (stream_probe lr_32: 256 blocks, a 512 KB run each)", "-", "-", "-", "-", bare))
     f, _ = drv.function(cubin, "persist")
     drv.set_smem(f, 200 << 10)
-    for mode, run_b, deps, u, per in configs(nsm):
+    for mode, run_b, deps, u, per, lds in configs(nsm):
         grid, nitems = per * nsm, TOTAL // run_b
         # Every launch's arguments built before the timing (the host must not be what is timed):
         # warm-up and five timings of N launches, each with the claims made before it as its base.
@@ -262,7 +282,7 @@ def run(d):
         for i in range(6 * N):
             args = [ctypes.c_uint64(addrs[i % N]), ctypes.c_longlong(run_b), ctypes.c_uint(nitems), ctypes.c_uint64(ctr.value),
                     ctypes.c_uint(used[0] & 0xffffffff), ctypes.c_uint64(tab.value), ctypes.c_uint(tmask), ctypes.c_int(deps),
-                    ctypes.c_int(MODES[mode]), ctypes.c_int(u), ctypes.c_uint(CH)]
+                    ctypes.c_int(MODES[mode]), ctypes.c_int(lds), ctypes.c_int(u), ctypes.c_uint(CH)]
             used[0] += claims(nitems, grid)
             keep.append(args)
             arrays.append((ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in args]))
@@ -276,8 +296,8 @@ def run(d):
         got = ctypes.c_uint()
         drv.ck(drv.cu.cuMemcpyDtoH_v2(ctypes.byref(got), ctr, ctypes.c_size_t(4)), "d2h")
         if got.value != used[0]:
-            sys.exit(f"{mode} {run_b} {deps} {u} {per}: the counter reads {got.value}, the launches made {used[0]} claims")
-        rows.append((mode, f"{run_b >> 10} KB", deps, f"{u} x {CH >> 10} KB", per, us))
+            sys.exit(f"{mode} {run_b} {deps} {u} {per} {lds}: the counter reads {got.value}, the launches made {used[0]} claims")
+        rows.append((mode + (", cp.async" if lds else ", bulk"), f"{run_b >> 10} KB", deps, f"{u} x {CH >> 10} KB", per, us))
     print("| form | item | prologue loads | stages | blocks a SM | us a launch | TB/s | x bare |")
     print("|---|---|---|---|---|---|---|---|")
     for form, item, deps, st, per, us in rows:
