@@ -29,6 +29,14 @@ by cp.async, 32.7 us for batch 16 / 64k's 134 MB on the H200) and the same ring 
 a block. Each launch over a region of the buffer no earlier launch of the timing read; the
 mean of 20 launches back to back, best of 5.
 
+What it found on the H200 (docs/bench/persist-probe-and-timeline-call5-2026-12-05-session43.txt,
+against a bare launch of 32.4 us in the same run; two blocks a SM): the ring with one item a
+block 34.1-34.2 us (1.05x); items of 128 KB (a sixteenth of a pair) with a prologue of 3
+dependent loads restart 39.1-40.6 us (1.21-1.25x), ahead 37.3-38.9, scheduler **35.0-35.7
+(1.08-1.10x)**; of 64 KB restart 42.0-48.6 (1.30-1.50x), ahead 41.3-44.7, scheduler **35.3-35.5
+(1.09x)**. So short items cost their bytes only when their claims and prologues run on a warp
+of their own, ahead of the copies; three blocks a SM streamed no faster.
+
   python3 scripts/persist_probe.py build DIR   # here: NVRTC -> DIR/persist.cubin
   python3 scripts/persist_probe.py run DIR     # on the GPU: a table
   python3 scripts/persist_probe.py --self-test # the claim bookkeeping, no GPU (scripts/test.sh)
