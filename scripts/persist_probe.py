@@ -7,12 +7,16 @@ into items of a sixteenth of a (row, KV head) pair handed out by a device counte
 1.5-2x: each item paid its prologue (the claim, the row, the page-table entries, Q: dependent
 round trips at loaded-memory latency) with no copy in flight. A form that could reach the
 target needs an item to cost its bytes only. This probe asks that of the memory system alone,
-with nothing computed: 128-thread blocks, a ring of U stages of CH bytes filled by a producer
+with nothing computed (or a spin standing for it): 128-thread blocks, a ring of U stages of CH bytes filled by a producer
 warp (one bulk copy a stage by the copy engine, `cp.async.bulk`, or 16-byte `cp.async` by its 32
 lanes: the copy engine streams slower, scripts/stream_probe.py) on mbarriers and released by
-consumer warps, items of `run` contiguous bytes
-claimed from a counter, and before each item's first copy a chain of D dependent loads from
-random addresses of a second buffer (the item's prologue). Three ways to switch items:
+consumer warps (three, or two beside a scheduler warp, each taking every third or second stage
+as a split's warps take every fourth tile), items
+of `run` contiguous bytes claimed from a counter, and before each item's first copy a chain of D
+dependent loads from random addresses of a second buffer (the item's prologue). Optionally the
+consumers spin a number of cycles on each stage (the tile's math) and, at an item's end, meet
+at a barrier and store the item's partial (its (m, l, o): the merge and the stores a compressed
+split ends with). Three ways to switch items:
 
   restart    one thread claims, runs the chain and issues the copies; between items it
              waits until the consumers have released every stage (the ring drained), then
@@ -35,7 +39,8 @@ block 34.1-34.2 us (1.05x); items of 128 KB (a sixteenth of a pair) with a prolo
 dependent loads restart 39.1-40.6 us (1.21-1.25x), ahead 37.3-38.9, scheduler **35.0-35.7
 (1.08-1.10x)**; of 64 KB restart 42.0-48.6 (1.30-1.50x), ahead 41.3-44.7, scheduler **35.3-35.5
 (1.09x)**. So short items cost their bytes only when their claims and prologues run on a warp
-of their own, ahead of the copies; three blocks a SM streamed no faster.
+of their own, ahead of the copies; three blocks a SM streamed no faster. (That run's consumer
+warps each waited on every stage, with no math and no partials: commit 460d9f9's form.)
 
   python3 scripts/persist_probe.py build DIR   # here: NVRTC -> DIR/persist.cubin
   python3 scripts/persist_probe.py run DIR     # on the GPU: a table
@@ -90,7 +95,8 @@ __device__ __forceinline__ const char* prologue(const char* a, long long run, un
 // `nitems` runs of `run` bytes (a multiple of ch); claims count from `base` (the claims of
 // earlier launches).
 __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr, unsigned base,
-                   const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch) {
+                   const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch,
+                   int work, unsigned part, char* out) {
     extern __shared__ __align__(128) uint4 ring_w[];
     char* ring = (char*)ring_w;
     __shared__ __align__(8) unsigned long long full[16], empty[16], qfull[2], qempty[2];
@@ -102,7 +108,7 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     if (threadIdx.x == 0) {
         for (int s = 0; s < U; s++) {
             mb_init(sa(&full[s]), lds ? 32 : 1);
-            mb_init(sa(&empty[s]), ncons);
+            mb_init(sa(&empty[s]), 1);
         }
         for (int s = 0; s < 2; s++) {
             mb_init(sa(&qfull[s]), 1);
@@ -115,11 +121,12 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     if (warp == 0) {
         // The producer warp: lane 0 claims and runs the chains (the lanes wait with it, as a
         // warp whose lane 0 loads does); the copies by lane 0 or by every lane.
-        int s = 0;
-        unsigned ph = 0;
+        int k = 0;  // fills so far: fill k uses stage k % U in phase (k / U) & 1
+        auto stage_free = [&](int j) { mb_wait(sa(&empty[j % U]), ((j / U) & 1) ^ 1); };
         auto put = [&](unsigned item, const char* src) {
-            for (int c = 0; c < nch; c++) {
-                mb_wait(sa(&empty[s]), ph ^ 1);
+            for (int c = 0; c < nch; c++, k++) {
+                const int s = k % U;
+                stage_free(k);
                 if (lane == 0) sitem[s] = (int)item;
                 const unsigned dst = sa(ring + (long long)s * ch);
                 const char* from = src + (long long)c * ch;
@@ -130,10 +137,6 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
                 } else if (lane == 0) {
                     mb_expect(sa(&full[s]), ch);
                     bulk(dst, from, ch, sa(&full[s]));
-                }
-                if (++s == U) {
-                    s = 0;
-                    ph ^= 1;
                 }
             }
         };
@@ -156,24 +159,23 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
                     lane == 0 ? (unsigned long long)prologue(a, run, item, tab, tmask, deps) : 0ull, 0);
                 unsigned next = 0;
                 if (mode == 1 && lane == 0) next = claim(ctr) - base;  // read at the item's end
-                const int ls = s;
-                const unsigned lph = ph;
                 put(item, src);
                 if (mode == 0) {
-                    // The ring drained: wait for the release of the item's last stage.
-                    const int last = (ls + nch - 1) % U;
-                    const unsigned lp = lph ^ (((ls + nch - 1) / U) & 1);
-                    mb_wait(sa(&empty[last]), lp);
+                    // The ring drained: every stage of the item released (the consumer warps
+                    // release theirs in any order).
+                    for (int j = k > U ? k - U : 0; j < k; j++) mb_wait(sa(&empty[j % U]), (j / U) & 1);
                     if (lane == 0) next = claim(ctr) - base;
                 }
                 item = bcast(next);
             }
         }
-        // The end: a stage with no bytes whose item is -1.
-        mb_wait(sa(&empty[s]), ph ^ 1);
-        if (lane == 0) sitem[s] = -1;
-        __syncwarp();
-        if (lds || lane == 0) mb_arrive(sa(&full[s]));
+        // The end: a stage with no bytes whose item is -1 for each consumer warp.
+        for (int c = 0; c < ncons; c++, k++) {
+            stage_free(k);
+            if (lane == 0) sitem[k % U] = -1;
+            __syncwarp();
+            if (lds || lane == 0) mb_arrive(sa(&full[k % U]));
+        }
         return;
     }
     if (mode == 2 && warp == 1) {
@@ -191,29 +193,45 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
         }
         return;
     }
-    // Consumers: every lane waits for the stage, lane 0 releases it.
-    int s = 0;
-    unsigned ph = 0;
-    while (true) {
-        mb_wait(sa(&full[s]), ph);
-        if (*(volatile int*)&sitem[s] < 0) break;
+    // Consumers: warp c takes fills c, c + ncons, ... (a split's warps take every ncons-th
+    // tile), spins `work` cycles on each (the tile's math) and releases it; when its next fill
+    // belongs to another item, the consumer warps meet (named barrier 1: the merge of their
+    // states) and each stores its share of the item's partial, `part` bytes, to `out`.
+    const int c = warp - first_cons;
+    int cur = -1;
+    for (int k = c;; k += ncons) {
+        const int s = k % U;
+        mb_wait(sa(&full[s]), (k / U) & 1);
+        const int it = *(volatile int*)&sitem[s];
+        if (it != cur) {
+            if (cur >= 0 && part) {
+                asm volatile("bar.sync 1, %0;" :: "r"(ncons * 32) : "memory");
+                for (unsigned o = (c * 32 + lane) * 16; o < part; o += ncons * 512)
+                    __stcg((uint4*)(out + (long long)cur * part + o), make_uint4(cur, o, k, 0));
+            }
+            cur = it;
+        }
+        if (it < 0) break;
+        if (work) {
+            const long long t0 = clock64();
+            while (clock64() - t0 < work) {
+            }
+        }
         __syncwarp();
         if (lane == 0) mb_arrive(sa(&empty[s]));
-        if (++s == U) {
-            s = 0;
-            ph ^= 1;
-        }
     }
 }
 extern "C" __global__ void __launch_bounds__(128) persist(const char* a, long long run, unsigned nitems, unsigned* ctr, unsigned base,
-                                                          const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch) {
-    pw(a, run, nitems, ctr, base, tab, tmask, deps, mode, lds, U, ch);
+                                                          const unsigned* tab, unsigned tmask, int deps, int mode, int lds, int U, unsigned ch,
+                                                          int work, unsigned part, char* out) {
+    pw(a, run, nitems, ctr, base, tab, tmask, deps, mode, lds, U, ch, work, part, out);
 }
 """
 
 MODES = {"restart": 0, "ahead": 1, "scheduler": 2}
 TOTAL = 512 << 10 << 8   # batch 16 / 64k's compressed K/V: 64 pairs x 2 MB (stream_probe.LAUNCHES' first row)
 CH = 8 << 10             # a stage: one 16-key tile of K and V at DK = DV = 128, bf16
+OUT = 16 << 20           # the items' partials: a sixteenth of a pair's (m, l, o) for 16 heads is ~8 KB
 
 
 def claims(nitems, grid):
@@ -223,16 +241,22 @@ def claims(nitems, grid):
 
 
 def configs(nsm):
-    """(mode, item bytes, prologue loads, stages, blocks a SM, copies by cp.async): one item a
-    block's split (as the bare launch), a fourth and an eighth of that (a sixteenth and a
-    thirty-second of a pair), prologues of 0 and 3 loads, each copy form."""
+    """(mode, item bytes, prologue loads, stages, blocks a SM, copies by cp.async, work cycles
+    a stage, partial bytes an item): the streams alone (one item a block's split, as the bare
+    launch, a fourth and an eighth of that: a sixteenth and a thirty-second of a pair; prologues
+    of 0 and 3 loads; each switch and copy form), then the short items with the consumers'
+    math (a spin a stage) and the item's merge and partial store."""
     out = []
-    for per in (2, 3):
-        for run in (512 << 10, 128 << 10, 64 << 10):
-            for deps in (0, 3):
-                for mode in MODES:
-                    for lds in (0, 1):
-                        out.append((mode, run, deps, 8, per, lds))
+    for run in (512 << 10, 128 << 10, 64 << 10):
+        for deps in (0, 3):
+            for mode in MODES:
+                for lds in (0, 1):
+                    out.append((mode, run, deps, 8, 2, lds, 0, 0))
+    for run in (128 << 10, 64 << 10):
+        for mode in ("restart", "scheduler"):
+            for lds in (0, 1):
+                for work, part in ((800, 0), (0, 8 << 10), (800, 8 << 10)):
+                    out.append((mode, run, 3, 8, 2, lds, work, part))
     return out
 
 
@@ -240,10 +264,14 @@ def self_test():
     """The bookkeeping without a GPU: every config's stages fit the shared memory the run
     allows, items divide into stages, and the claims of a whole run stay below the counter's bound (2^31 - 1)."""
     cs = configs(132)
-    assert cs and all(run % CH == 0 and TOTAL % run == 0 for _, run, _, _, _, _ in cs)
-    assert all(u <= 16 and per * u * CH <= 200 << 10 for _, _, _, u, per, _ in cs)
+    assert cs and all(run % CH == 0 and TOTAL % run == 0 for _, run, *_ in cs)
+    assert all(u <= 16 and per * u * CH <= 200 << 10 for _, _, _, u, per, *_ in cs)
     assert CH % 512 == 0  # a cp.async stage: 16 bytes a lane, 32 lanes, whole rounds
-    n = sum(6 * 20 * claims(TOTAL // run, per * 132) for _, run, _, _, per, _ in cs)
+    # Every consumer warp sees every item (its merge barrier counts them all): at least one
+    # fill each, i.e. as many stages an item as consumer warps (3 at most).
+    assert all(run // CH >= 3 for _, run, *_ in cs)
+    assert all(part % 16 == 0 and (TOTAL // run) * part <= OUT for _, run, *_, part in cs)
+    n = sum(6 * 20 * claims(TOTAL // run, per * 132) for _, run, _, _, per, *_ in cs)
     assert n < 1 << 31, n
     assert claims(1024, 264) == 1288
     print("persist_probe self-test: ok")
@@ -261,7 +289,7 @@ def run(d):
     name = ctypes.create_string_buffer(128)
     drv.ck(drv.cu.cuDeviceGetName(name, 128, drv.dev), "name")
     cubin = os.path.join(d, "persist.cubin")
-    a, tab, ctr = drv.alloc(BUF), drv.alloc(BUF // 4), drv.alloc(64)
+    a, tab, ctr, out = drv.alloc(BUF), drv.alloc(BUF // 4), drv.alloc(64), drv.alloc(OUT)
     fill, _ = drv.function(cubin, "fill")
     drv.launch(fill, 4 * nsm, 1024, [ctypes.c_uint64(a.value), ctypes.c_longlong(BUF // 4)])
     drv.launch(fill, 4 * nsm, 1024, [ctypes.c_uint64(tab.value), ctypes.c_longlong(BUF // 16)])
@@ -279,10 +307,10 @@ def run(d):
     drv.set_smem(lr, 32 * 2048)
     bare = best_ms(drv, lambda: [drv.launch(lr, 256, 128, [ctypes.c_uint64(x), ctypes.c_longlong(512 << 10)], smem=32 * 2048)
                                  for x in addrs]) * 1e3 / N
-    rows.append(("bare launch (stream_probe lr_32: 256 blocks, a 512 KB run each)", "-", "-", "-", "-", bare))
+    rows.append(("bare launch (stream_probe lr_32: 256 blocks, a 512 KB run each)", "-", "-", "-", "-", "-", "-", bare))
     f, _ = drv.function(cubin, "persist")
     drv.set_smem(f, 200 << 10)
-    for mode, run_b, deps, u, per, lds in configs(nsm):
+    for mode, run_b, deps, u, per, lds, work, part in configs(nsm):
         grid, nitems = per * nsm, TOTAL // run_b
         # Every launch's arguments built before the timing (the host must not be what is timed):
         # warm-up and five timings of N launches, each with the claims made before it as its base.
@@ -290,7 +318,8 @@ def run(d):
         for i in range(6 * N):
             args = [ctypes.c_uint64(addrs[i % N]), ctypes.c_longlong(run_b), ctypes.c_uint(nitems), ctypes.c_uint64(ctr.value),
                     ctypes.c_uint(used[0] & 0xffffffff), ctypes.c_uint64(tab.value), ctypes.c_uint(tmask), ctypes.c_int(deps),
-                    ctypes.c_int(MODES[mode]), ctypes.c_int(lds), ctypes.c_int(u), ctypes.c_uint(CH)]
+                    ctypes.c_int(MODES[mode]), ctypes.c_int(lds), ctypes.c_int(u), ctypes.c_uint(CH),
+                    ctypes.c_int(work), ctypes.c_uint(part), ctypes.c_uint64(out.value)]
             used[0] += claims(nitems, grid)
             keep.append(args)
             arrays.append((ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in args]))
@@ -304,12 +333,13 @@ def run(d):
         got = ctypes.c_uint()
         drv.ck(drv.cu.cuMemcpyDtoH_v2(ctypes.byref(got), ctr, ctypes.c_size_t(4)), "d2h")
         if got.value != used[0]:
-            sys.exit(f"{mode} {run_b} {deps} {u} {per} {lds}: the counter reads {got.value}, the launches made {used[0]} claims")
-        rows.append((mode + (", cp.async" if lds else ", bulk"), f"{run_b >> 10} KB", deps, f"{u} x {CH >> 10} KB", per, us))
-    print("| form | item | prologue loads | stages | blocks a SM | us a launch | TB/s | x bare |")
-    print("|---|---|---|---|---|---|---|---|")
-    for form, item, deps, st, per, us in rows:
-        print(f"| {form} | {item} | {deps} | {st} | {per} | {us:.1f} | {TOTAL / us / 1e6:.2f} | {us / bare:.2f} |")
+            sys.exit(f"{mode} {run_b} {deps} {u} {per} {lds} {work} {part}: the counter reads {got.value}, the launches made {used[0]} claims")
+        rows.append((mode + (", cp.async" if lds else ", bulk"), f"{run_b >> 10} KB", deps, f"{u} x {CH >> 10} KB", per,
+                     work, part >> 10, us))
+    print("| form | item | prologue loads | stages | blocks a SM | cycles a stage | partial KB | us a launch | TB/s | x bare |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for form, item, deps, st, per, work, part, us in rows:
+        print(f"| {form} | {item} | {deps} | {st} | {per} | {work} | {part} | {us:.1f} | {TOTAL / us / 1e6:.2f} | {us / bare:.2f} |")
 
 
 if __name__ == "__main__":
