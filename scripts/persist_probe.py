@@ -107,7 +107,10 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
     const int first_cons = mode == 2 ? 2 : 1, ncons = (blockDim.x >> 5) - first_cons;
     if (threadIdx.x == 0) {
         for (int s = 0; s < U; s++) {
-            mb_init(sa(&full[s]), lds ? 32 : 1);
+            // cp.async: the 32 lanes' completions, then lane 0's own arrival, whose release makes
+            // its write of the stage's item visible to the consumers' acquiring wait (whether
+            // the asynchronous arrivals release a thread's earlier writes is not documented).
+            mb_init(sa(&full[s]), lds ? 33 : 1);
             mb_init(sa(&empty[s]), 1);
         }
         for (int s = 0; s < 2; s++) {
@@ -134,6 +137,7 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
                     for (unsigned o = lane * 16; o < ch; o += 512)
                         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + o), "l"(from + o) : "memory");
                     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(sa(&full[s])) : "memory");
+                    if (lane == 0) mb_arrive(sa(&full[s]));
                 } else if (lane == 0) {
                     mb_expect(sa(&full[s]), ch);
                     bulk(dst, from, ch, sa(&full[s]));
@@ -175,6 +179,7 @@ __device__ void pw(const char* a, long long run, unsigned nitems, unsigned* ctr,
             if (lane == 0) sitem[k % U] = -1;
             __syncwarp();
             if (lds || lane == 0) mb_arrive(sa(&full[k % U]));
+            if (lds && lane == 0) mb_arrive(sa(&full[k % U]));
         }
         return;
     }
