@@ -245,7 +245,7 @@ def claims(nitems, grid):
     return nitems + grid
 
 
-def configs(nsm):
+def configs():
     """(mode, item bytes, prologue loads, stages, blocks a SM, copies by cp.async, work cycles
     a stage, partial bytes an item): the streams alone (one item a block's split, as the bare
     launch, a fourth and an eighth of that: a sixteenth and a thirty-second of a pair; prologues
@@ -268,7 +268,7 @@ def configs(nsm):
 def self_test():
     """The bookkeeping without a GPU: every config's stages fit the shared memory the run
     allows, items divide into stages, and the claims of a whole run stay below the counter's bound (2^31 - 1)."""
-    cs = configs(132)
+    cs = configs()
     assert cs and all(run % CH == 0 and TOTAL % run == 0 for _, run, *_ in cs)
     assert all(u <= 16 and per * u * CH <= 200 << 10 for _, _, _, u, per, *_ in cs)
     assert CH % 512 == 0  # a cp.async stage: 16 bytes a lane, 32 lanes, whole rounds
@@ -315,7 +315,7 @@ def run(d):
     rows.append(("bare launch (stream_probe lr_32: 256 blocks, a 512 KB run each)", "-", "-", "-", "-", "-", "-", bare))
     f, _ = drv.function(cubin, "persist")
     drv.set_smem(f, 200 << 10)
-    for mode, run_b, deps, u, per, lds, work, part in configs(nsm):
+    for mode, run_b, deps, u, per, lds, work, part in configs():
         grid, nitems = per * nsm, TOTAL // run_b
         # Every launch's arguments built before the timing (the host must not be what is timed):
         # warm-up and five timings of N launches, each with the claims made before it as its base.
