@@ -250,7 +250,9 @@ def configs():
     a stage, partial bytes an item): the streams alone (one item a block's split, as the bare
     launch, a fourth and an eighth of that: a sixteenth and a thirty-second of a pair; prologues
     of 0 and 3 loads; each switch and copy form), then the short items with the consumers'
-    math (a spin a stage) and the item's merge and partial store."""
+    math (a spin a stage: 800 cycles, and 3,000, where three consumer warps take about as long
+    over a stage as the stream takes to fill it at two blocks a SM) and the item's merge and
+    partial store."""
     out = []
     for run in (512 << 10, 128 << 10, 64 << 10):
         for deps in (0, 3):
@@ -260,7 +262,7 @@ def configs():
     for run in (128 << 10, 64 << 10):
         for mode in ("restart", "scheduler"):
             for lds in (0, 1):
-                for work, part in ((800, 0), (0, 8 << 10), (800, 8 << 10)):
+                for work, part in ((800, 0), (0, 8 << 10), (800, 8 << 10), (3000, 8 << 10)):
                     out.append((mode, run, 3, 8, 2, lds, work, part))
     return out
 
