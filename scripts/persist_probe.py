@@ -329,12 +329,12 @@ def run(d):
                     ctypes.c_int(work), ctypes.c_uint(part), ctypes.c_uint64(out.value)]
             used[0] += claims(nitems, grid)
             keep.append(args)
-            arrays.append((ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in args]))
+            arrays.append(drv.pack(args))
         it = iter(arrays)
 
         def go(grid=grid, u=u):
             for _ in range(N):
-                drv.ck(drv.cu.cuLaunchKernel(f, grid, 1, 1, 128, 1, 1, u * CH, None, next(it), None), "launch")
+                drv.launch(f, grid, 128, None, smem=u * CH, packed=next(it))
         us = best_ms(drv, go) * 1e3 / N
         # Every block ended after exactly one claim past the items: the counter says so.
         got = ctypes.c_uint()

@@ -76,9 +76,16 @@ class Driver:
         self.ck(self.cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(nbytes)), "alloc")  # size_t: buffers over 2 GiB
         return p
 
-    def launch(self, f, grid, block, args, smem=0):
-        """`args`: ctypes values (kept alive by the caller for the call)."""
-        arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    @staticmethod
+    def pack(args):
+        """The kernel-parameter array of `args` (ctypes values, kept alive by the caller while
+        the array is used): built once, it can be launched many times without host work."""
+        return (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+
+    def launch(self, f, grid, block, args, smem=0, packed=None):
+        """`args`: ctypes values (kept alive by the caller for the call); or `packed`, an
+        array from `pack`."""
+        arr = packed if packed is not None else self.pack(args)
         self.ck(self.cu.cuLaunchKernel(f, grid, 1, 1, block, 1, 1, smem, None, arr, None), "launch")
 
     def set_smem(self, f, nbytes):
