@@ -282,6 +282,17 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
     }
 #endif
 }
+// The lane's earlier cp.async copies arrive on mbarrier `bar` once they have landed, without
+// raising its expected count (the barrier counts the lanes that copy).
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+#endif
+}
+// Named block barriers 1..15 over `n` threads (a multiple of 32) of some warps: `sync` waits
+// for the count, `arrive` counts this warp without waiting (the producer side).
+__device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void fence_async_smem() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

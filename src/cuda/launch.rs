@@ -4,9 +4,9 @@
 
 use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_ATT, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
-use super::build::sel_lists_max_chunks;
-use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
+use super::build::{sel_lists_max_chunks, stream_splits};
+use super::kernel::{Kernel, LaunchOpts, StreamForm};
+use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_CS_WINDOW, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -67,6 +67,10 @@ fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
 fn window_in_cmp(pairs: u32, small: bool, min_pairs: u32) -> bool {
     pairs >= min_pairs && (!small || min_pairs == 1)
 }
+
+/// Compressed items a block of the persistent stream takes by default (`build::stream_splits`):
+/// short items keep the blocks' shares even while the ring never drains between them.
+const CS_ITEMS_PER_BLOCK: u32 = 4;
 
 /// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
 const BLOCKS_PER_SM: u32 = 2;
@@ -197,6 +201,14 @@ impl CudaBackend {
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
+                pw.launch.rows = rows as i32;
+                // Large waves' compressed branch as one persistent stream where its knob asks
+                // (kernels/compressed_stream.cuh): a grid of `per_sm` blocks a multiprocessor,
+                // each pair's splits as items of about a quarter of a block's share.
+                let cs = k.stream.filter(|_| self.mma && small.is_none() && rows * hkv >= self.knobs.cmp_stream_pairs);
+                if let Some(f) = cs {
+                    pw.launch.nsplit_c = stream_splits(rows * hkv, f.per_sm * sms, CS_ITEMS_PER_BLOCK, self.cmp_splits, self.knobs.cmp_stream_splits) as i32;
+                }
                 if self.knobs.group_sums {
                     pw.launch.mode |= MODE_GROUP_SUMS;
                 }
@@ -224,7 +236,8 @@ impl CudaBackend {
                     _ => k.smem(kernel),
                 };
                 let hint = rows as u64 * row_logits <= self.knobs.l2_hint_logits;
-                let go = |kernel: Kernel, grid: (u32, u32, u32)| {
+                // `cs`: the compressed launch as the stream (its grid, ring and shared memory).
+                let go_as = |kernel: Kernel, grid: (u32, u32, u32), cs: Option<StreamForm>| {
                     let mut pk = pw;
                     if hint && self.knobs.l2_kernels & 1 << kernel as u32 != 0 {
                         pk.launch.mode |= MODE_L2_EVICT_FIRST;
@@ -237,13 +250,28 @@ impl CudaBackend {
                     if matches!(kernel, Kernel::SelectBlocks | Kernel::SelectLists) {
                         opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
                     }
-                    k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
+                    match cs {
+                        Some(f) => {
+                            pk.launch.nstage = f.stages as i32;
+                            if win_in_cmp {
+                                pk.launch.mode |= MODE_CS_WINDOW;
+                            }
+                            opts.stream = true;
+                            k.launch_with(kernel, grid, f.smem, &pk, stream, true, opts)
+                        }
+                        None => k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts),
+                    }
                 };
+                let go = |kernel: Kernel, grid: (u32, u32, u32)| go_as(kernel, grid, None);
                 let l = &pw.launch;
                 // With the window in the compressed launch, its units are the blocks past the
                 // splits there (kernels/compressed.cuh) and `sw_mma` runs the selected ones.
                 let (win_c, units) = if win_in_cmp { (l.units_w as u32, l.units_s as u32) } else { (0, (l.units_s + l.units_w) as u32) };
-                go(cmp, (rows, hkv, l.nsplit_c as u32 + win_c))?;
+                match cs {
+                    // Every item once: the pairs' splits and window units over at most the grid.
+                    Some(f) => go_as(cmp, (((rows * hkv) * (l.nsplit_c as u32 + win_c)).min(f.per_sm * sms), 1, 1), cs)?,
+                    None => go(cmp, (rows, hkv, l.nsplit_c as u32 + win_c))?,
+                }
                 // Lists and group sums fixed at compile time where both are on (one path's code).
                 let sel = if self.knobs.sel_lists && self.knobs.group_sums { Kernel::SelectLists } else { Kernel::SelectBlocks };
                 go(sel, (rows, hkv, l.sel_chunks as u32))?;
