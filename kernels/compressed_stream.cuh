@@ -4,6 +4,7 @@
 #define NSA_COMPRESSED_STREAM_CUH
 
 #include "attend_mma.cuh"
+#include "selection.cuh"
 
 // Why: `cmp_mma` gives each block one split of one (row, KV head) pair; a block pays its
 // prologue (row, Q, page-table entries, first copies) and its epilogue (the merge of its warps'
@@ -14,7 +15,8 @@
 // tiles that is never drained between items:
 //
 //   warp 5 (scheduler)  prepares items NSA_CS_SLOTS ahead into slots (the row, the Q tile, the
-//                       page-table entries of the first NSA_CS_SRC tiles), and merges each
+//                       page-table entries and first positions of the first NSA_CS_SRC tiles;
+//                       for a selected unit the pair's merged block list first), and merges each
 //                       item's four warp states into its partial and the pair's hand-over to
 //                       the selection (MODE_SEL_FLOW), as `cmp_mma`'s blocks write them;
 //   warp 4 (copier)     copies tile k of the block's stream into stage k % S by 16-byte cp.async
@@ -22,6 +24,13 @@
 //   warps 0-3 (math)    tile k goes to warp k % 4, whatever its item: `mma_tile`, then the
 //                       stage's empty mbarrier; at an item's end each leaves its state in shared
 //                       memory for the scheduler and goes on with the next item's tiles.
+//
+// With MODE_SW_STREAM (variant 131) the same kernel runs after the selection in `sw_mma`'s
+// place: its items are each pair's selected units (the scheduler folds the selection chunks'
+// lists into the pair's top n, `cs_pair_list`, and gives a unit its `spb` blocks) and, with
+// MODE_CS_WINDOW, its window units; no compressed split, no hand-over (the combine waits for
+// the launch). Every kind sees its keys by one rule: key jj of a tile whose first position is
+// pos0 is visible iff first <= pos0 + jj <= last.
 //
 // Hand-overs: a slot's full mbarrier (the scheduler's 32 lanes arrive once it is written;
 // item i in slot i % SLOTS, phase (i / SLOTS) & 1); named barrier 1 (the math warps' states
@@ -31,10 +40,15 @@
 // the math warps could finish it).
 
 #define CS_MATH_WARPS 4
+#define CS_UNIT_BLOCKS 8  // the most selected blocks a unit (the host's `launch::sw_stream_fits`)
 #define CS_COPY_WARP 4
 #define CS_SCHED_WARP 5
-// Launch mode bit (src/cuda/params.rs MODE_CS_WINDOW): the window's units are items too.
+// Launch mode bits (src/cuda/params.rs): MODE_CS_WINDOW, the window's units are items too;
+// MODE_SW_STREAM, the launch after the selection (variant 131): each pair's selected units
+// (`spb` blocks of its list, the selection chunks' lists merged by the scheduler) are its
+// items, in `sw_mma`'s place, and no compressed split.
 #define MODE_CS_WINDOW (1 << 18)
+#define MODE_SW_STREAM (1 << 19)
 static_assert(NSA_CS_THREADS == 32 * (CS_MATH_WARPS + 2), "four math warps, a copier, a scheduler");
 static_assert(8 * (NSA_CS_SLOTS + 2 * NSA_CS_MAX_STAGES) <= NSA_CS_BAR_BYTES, "the mbarriers fit their area");
 
@@ -44,7 +58,10 @@ struct CsItem {
     const u16* vpool;
     const int* table;  // the sequence's page table (compressed or raw)
     float* lg;         // group sums of the item's heads (compressed), else null
-    int wr, kvh, lo, n, first;
+    int wr, kvh, lo, n;
+    int first, last;  // visible positions (compressed tokens for a compressed split)
+    int sel;          // a selected unit: its `spb` blocks (-1: none) in `blocks`
+    int blocks[CS_UNIT_BLOCKS];
     int u;      // partial slot
     int pair;   // hand-over to the selection (compressed splits with MODE_SEL_FLOW), else -1
     int ntiles, hcn, hg0;
@@ -52,13 +69,15 @@ struct CsItem {
 static_assert(sizeof(CsItem) <= NSA_CS_DESC_BYTES, "an item's descriptor fits its slot's head");
 
 // Shared memory (bytes from the dynamic base): mbarriers | slots (descriptor, the first
-// NSA_CS_SRC tiles' (z, y) entries, the Q tile of 16 rows of DK + 8) | the math warps' maxima,
+// NSA_CS_SRC tiles' (z, y, first position) entries, the Q tile of 16 rows of DK + 8) | the math warps' maxima,
 // sums, the scheduler's factors, accumulators [4][16][DV + 8] f32 | the ring, from the next
 // 1024-byte boundary: S stages of K [DK / 64][16][64] and V [DV / 64][16][64]. The host's
 // twin is `build::smem_cmp_stream`.
 template <int DK, int DV>
 struct CsLayout {
-    static constexpr int QS = DK + 8, DVP = DV + 8;
+    // The states' rows are padded by 4 floats, not 8: they are written once an item, and the
+    // 1 KB this saves keeps 8 ring stages at 128/128 (two-way conflicts on those stores).
+    static constexpr int QS = DK + 8, DVP = DV + 4;
     static constexpr int SLOT = NSA_CS_DESC_BYTES + NSA_CS_SRC * 8 + 16 * QS * 2;
     static constexpr int SLOTS_AT = NSA_CS_BAR_BYTES;
     static constexpr int MW_AT = SLOTS_AT + NSA_CS_SLOTS * SLOT;
@@ -69,13 +88,50 @@ struct CsLayout {
     static constexpr int STAGE = NSA_MMA_KEYS * (DK + DV) * 2;
 };
 
-// The (z = page * HKV + kvh, y = row in page) of the item's tile t, y = -1 where none of its
-// keys is visible (nothing to copy; the math warps skip it by the same rule).
+// The first position of the item's tile t: from its block for a selected unit (-1 for a
+// missing one), else its place in the range.
+__device__ __forceinline__ int cs_tile_pos(const Params& p, const CsItem& it, int t) {
+    if (!it.sel) return it.lo + t * NSA_MMA_KEYS;
+    const int per = p.shape.sel_block / NSA_MMA_KEYS, b = it.blocks[t / per];
+    return b >= 0 ? b * p.shape.sel_block + (t - t / per * per) * NSA_MMA_KEYS : -1;
+}
+// The item's tile t as (z = page * HKV + kvh, y = row in page), y = -1 where none of its keys
+// is visible (nothing to copy; the math warps skip it by the same rule, `first..last`).
 __device__ __forceinline__ int2 cs_tile_entry(const Params& p, const CsItem& it, int t) {
-    const int j0 = t * NSA_MMA_KEYS;
-    if (t >= it.ntiles || it.lo + min(j0 + NSA_MMA_KEYS, it.n) - 1 < it.first) return make_int2(0, -1);
-    const int pos0 = it.lo + j0, pg = pos0 / p.paging.page_size;
+    const int pos0 = t < it.ntiles ? cs_tile_pos(p, it, t) : -1;
+    if (pos0 < 0 || min(pos0 + NSA_MMA_KEYS - 1, it.last) < max(pos0, it.first)) return make_int2(0, -1);
+    const int pg = pos0 / p.paging.page_size;
     return make_int2(it.table[pg] * p.shape.num_kv_heads + it.kvh, pos0 - pg * p.paging.page_size);
+}
+
+// The top `sel_count` blocks of the pair (wr, kvh), best-first, lane x holding the x-th (-1
+// past the count), by this warp alone folding the selection chunks' lists (`sel_merge_lists`'
+// result: the top n of the union is the same whatever the fold's order); written in block
+// order to `usel` too where given (the caller's selection). Every lane calls it.
+__device__ int cs_pair_list(const Params& p, int wr, int kvh, int t, int* usel) {
+    const int lane = threadIdx.x & 31, n = p.shape.sel_count, nch = p.launch.sel_chunks;
+    const int nblk = t / p.shape.sel_block + 1, count = min(n, nblk);
+    if (nblk <= n) {  // every block (the selection wrote no lists)
+        if (usel && lane < n) usel[lane] = lane < nblk ? lane : -1;
+        return lane < nblk ? lane : -1;
+    }
+    const unsigned* lists = (const unsigned*)p.ws.scores + ((usize)wr * p.shape.num_kv_heads + kvh) * p.ws.max_blocks;
+    auto entry = [&](int c, int e, unsigned& k, int& i) {  // chunk c's entry e (pads past n)
+        k = e < n ? lists[2 * (c * n + e)] : 0u;
+        i = e < n ? (int)lists[2 * (c * n + e) + 1] : SEL_PAD;
+    };
+    unsigned k;
+    int i;
+    entry(0, lane, k, i);
+    for (int c = 1; c < nch; c++) {
+        unsigned bk;
+        int bi;
+        entry(c, 31 - lane, bk, bi);
+        sel_merge32(k, i, bk, bi);
+    }
+    const int best = lane < count && i != SEL_PAD ? i : -1;
+    if (usel) sel_put_by_block(i, count, n, [&](int x, int j) { usel[x] = j; });
+    return best;
 }
 
 // The scheduler's preparation of the block's item `id` into `slot` (the whole warp): the row
@@ -103,7 +159,27 @@ __device__ void cs_prepare(const Params& p, unsigned char* slot, int id, int per
     it.kvh = kvh;
     it.hcn = hcn;
     it.hg0 = hg0;
-    if (j < p.launch.nsplit_c) {
+    const bool sw = (p.launch.mode & MODE_SW_STREAM) != 0;
+    const int ncmp = sw ? 0 : p.launch.nsplit_c;  // the launch's compressed items a pair
+    it.sel = sw && j < p.launch.units_s;
+    if (it.sel) {
+        // Selected unit j: blocks j * spb.. of the pair's list, its partial slot nsplit_c + j.
+        int* usel = j == 0 && p.io.selected ? (int*)p.io.selected + ((usize)r * HKV + kvh) * p.shape.sel_count : (int*)0;
+        const int best = cs_pair_list(p, wr, kvh, tm.y, usel);
+        const int b0 = j * p.launch.spb;
+        it.kpool = (const u16*)p.paging.raw_k;
+        it.vpool = (const u16*)p.paging.raw_v;
+        it.table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
+        it.lg = nullptr;
+        it.lo = 0;
+        it.n = min(p.launch.spb, p.shape.sel_count - b0) * p.shape.sel_block;
+        it.first = 0;
+        it.last = tm.y;
+        it.u = p.launch.nsplit_c + j;
+        it.pair = -1;
+#pragma unroll
+        for (int x = 0; x < CS_UNIT_BLOCKS; x++) it.blocks[x] = __shfl_sync(0xffffffffu, best, min(b0 + x, 31));
+    } else if (j < ncmp) {
         int lo, hi;
         split_range(num_cmp(p, tm.y + 1), p.launch.nsplit_c, j, lo, hi);
         it.kpool = (const u16*)p.paging.cmp_k;
@@ -113,10 +189,11 @@ __device__ void cs_prepare(const Params& p, unsigned char* slot, int id, int per
         it.lo = lo;
         it.n = hi - lo;
         it.first = 0;
+        it.last = hi - 1;
         it.u = j;
         it.pair = (p.launch.mode & MODE_SEL_FLOW) ? pair : -1;
     } else {
-        const int c = j - p.launch.nsplit_c;
+        const int c = j - (sw ? p.launch.units_s : ncmp);
         const Keys ks = window_keys(p, tm.y, c);
         it.kpool = (const u16*)p.paging.raw_k;
         it.vpool = (const u16*)p.paging.raw_v;
@@ -125,11 +202,15 @@ __device__ void cs_prepare(const Params& p, unsigned char* slot, int id, int per
         it.lo = ks.lo;
         it.n = ks.n;
         it.first = ks.first;
+        it.last = ks.lo + ks.n - 1;
         it.u = p.launch.nsplit_c + p.launch.units_s + c;
         it.pair = -1;
     }
     it.ntiles = (it.n + NSA_MMA_KEYS - 1) / NSA_MMA_KEYS;
-    const int2 e = cs_tile_entry(p, it, lane);
+    // The descriptor first: the entries index its block list (shared, not a local array).
+    if (lane == 0) *(CsItem*)slot = it;
+    __syncwarp();
+    const int2 e = cs_tile_entry(p, *(const CsItem*)slot, lane);
     u16* q = (u16*)(slot + NSA_CS_DESC_BYTES + NSA_CS_SRC * 8);
 #pragma unroll
     for (int k = 0; k < QN; k++) {
@@ -138,7 +219,6 @@ __device__ void cs_prepare(const Params& p, unsigned char* slot, int id, int per
     }
     static_assert(NSA_CS_SRC == 32, "a lane's entry a tile");
     ((int2*)(slot + NSA_CS_DESC_BYTES))[lane] = e;
-    if (lane == 0) *(CsItem*)slot = it;
     __syncwarp();
     mbar_arrive(bar);
 }
@@ -159,9 +239,10 @@ __device__ void cs_copier(const Params& p, unsigned char* slots, u16* ring, unsi
         const CsItem it = *(const CsItem*)slot;
         int2 e = ((const int2*)(slot + NSA_CS_DESC_BYTES))[lane];
         for (int t = 0; t < it.ntiles; t++) {
-            // Later rounds of 32 tiles: the lane's entry looked up here (the ring holds a few
+            // Later rounds of 32 tiles (contiguous items only: the host keeps a selected unit
+            // within 32 tiles): the lane's entry looked up here (the ring holds a few
             // microseconds of tiles, more than the page table's round trip).
-            if (t > 0 && (t & 31) == 0) e = cs_tile_entry(p, it, t + lane);
+            if (t > 0 && (t & 31) == 0) e = cs_tile_entry(p, *(const CsItem*)slot, t + lane);
             const int z = __shfl_sync(0xffffffffu, e.x, t & 31), y = __shfl_sync(0xffffffffu, e.y, t & 31);
             if (round > 0) mbar_wait(bar_empty + 8 * st, (unsigned)((round - 1) & 1));
             if (y >= 0) {
@@ -208,13 +289,15 @@ __device__ void cs_math(const Params& p, unsigned char* csm, unsigned char* slot
         ss.init();
         for (; k < kb + it.ntiles; k += CS_MATH_WARPS) {
             mbar_wait(bar_full + 8 * st, (unsigned)(round & 1));
-            const int j0 = (k - kb) * NSA_MMA_KEYS;
-            const bool whole = j0 + NSA_MMA_KEYS <= it.n && it.lo + j0 >= it.first;
-            const int jj = lane & (NSA_MMA_KEYS - 1);
-            const unsigned vis = whole ? 0xffffu : __ballot_sync(0xffffffffu, j0 + jj < it.n && it.lo + j0 + jj >= it.first) & 0xffffu;
+            // Key jj of the tile is visible iff first <= pos0 + jj <= last (every kind).
+            const int tl = k - kb;
+            const int pos0 = cs_tile_pos(p, *(const CsItem*)slot, tl);
+            const bool whole = pos0 >= 0 && pos0 >= it.first && pos0 + NSA_MMA_KEYS - 1 <= it.last;
+            const int pj = pos0 + (lane & (NSA_MMA_KEYS - 1));
+            const unsigned vis = whole ? 0xffffu : __ballot_sync(0xffffffffu, pos0 >= 0 && pj >= it.first && pj <= it.last) & 0xffffu;
             if (vis) {
                 u16* kt = ring + st * (L::STAGE / 2);
-                mma_tile<E, NVT, true>(p, ss, ts, kt, kt + NSA_MMA_KEYS * DK, qa, true, DK, DV, DK, DV, vis, it.lo + j0, it.lo + it.n,
+                mma_tile<E, NVT, true>(p, ss, ts, kt, kt + NSA_MMA_KEYS * DK, qa, true, DK, DV, DK, DV, vis, pos0, it.lo + it.n,
                                        it.hcn, scl, sl2);
             }
             __syncwarp();
@@ -263,9 +346,13 @@ __device__ void cs_scheduler(const Params& p, unsigned char* csm, unsigned char*
     const float* lw = (const float*)(csm + L::LW_AT);
     float* fac = (float*)(csm + L::FAC_AT);
     const float* acc = (const float*)(csm + L::ACC_AT);
+    // The compressed items need nothing the previous launch writes before their copies, so
+    // the first ones are prepared before the wait; the selected units need the selection's lists.
+    const bool sw = (p.launch.mode & MODE_SW_STREAM) != 0;
+    if (sw) pdl_wait_then_trigger(p);
     for (int i = 0; i < min(count, NSA_CS_SLOTS); i++)
         cs_prepare<DK, DV>(p, slots + i * L::SLOT, blockIdx.x + i * gridDim.x, per_pair, bar_slot + 8 * i);
-    pdl_wait_then_trigger(p);
+    if (!sw) pdl_wait_then_trigger(p);
     for (int i = 0; i < count; i++) {
         const int s = i % NSA_CS_SLOTS;
         const CsItem it = *(const CsItem*)(slots + s * L::SLOT);
@@ -328,7 +415,8 @@ __device__ void cmp_stream(const Params& p) {
     const unsigned bar_slot = base, bar_full = base + 8 * NSA_CS_SLOTS, bar_empty = bar_full + 8 * NSA_CS_MAX_STAGES;
     unsigned char* slots = csm + L::SLOTS_AT;
     u16* ring = (u16*)(csm + ((base + L::END + 1023u & ~1023u) - base));
-    const int per_pair = p.launch.nsplit_c + ((p.launch.mode & MODE_CS_WINDOW) ? p.launch.units_w : 0);
+    const int per_pair = ((p.launch.mode & MODE_SW_STREAM) ? p.launch.units_s : p.launch.nsplit_c) +
+                         ((p.launch.mode & MODE_CS_WINDOW) ? p.launch.units_w : 0);
     const int items = p.launch.rows * p.shape.num_kv_heads * per_pair;
     const int count = (int)blockIdx.x < items ? (items - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
     if (threadIdx.x == 0) {

@@ -136,7 +136,8 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
     /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`,
     /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`, `NSA_CUDA_CMP_STREAM=N`,
-    /// `NSA_CUDA_CMP_STREAM_SPLITS=N`, `NSA_CUDA_CMP_STREAM_PER_SM=N`): see [`DecodeKnobs`]'s fields.
+    /// `NSA_CUDA_CMP_STREAM_SPLITS=N`, `NSA_CUDA_CMP_STREAM_PER_SM=N`, `NSA_CUDA_SW_STREAM=1`):
+    /// see [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
@@ -247,6 +248,10 @@ pub(crate) struct DecodeKnobs {
     /// `NSA_CUDA_CMP_STREAM_PER_SM=N`: stream blocks a multiprocessor (default 2; the ring
     /// is sized to keep them resident).
     pub cmp_stream_per_sm: u32,
+    /// `NSA_CUDA_SW_STREAM=1`: in the waves the compressed stream takes, the selected units
+    /// (and the window's, where they are not in the compressed launch) run through the same
+    /// kernel after the selection, in `sw_mma`'s place (variant 131; `launch::sw_stream_fits`).
+    pub sw_stream: bool,
 }
 
 /// Compressed items a pair of the persistent stream: `items_per_block` items for each of the
@@ -318,11 +323,11 @@ pub(crate) fn smem_tensor_core(cfg: &Config, tma: bool, stages: usize) -> usize 
 /// Shared memory of the persistent compressed stream (kernels/compressed_stream.cuh
 /// `CsLayout`) at `stages` ring stages: mbarriers | CS_SLOTS slots (descriptor, CS_SRC tile
 /// entries, a 16-row Q tile padded by 8) | the four math warps' maxima, sums, factors and
-/// accumulators (16 rows of DV + 8 floats) | the ring from a 1024-byte boundary.
+/// accumulators (16 rows of DV + 4 floats) | the ring from a 1024-byte boundary.
 pub(crate) fn smem_cmp_stream(dk: usize, dv: usize, stages: usize) -> usize {
     use super::consts::{CS_BAR_BYTES, CS_DESC_BYTES, CS_SLOTS, CS_SRC};
     let slot = CS_DESC_BYTES as usize + 8 * CS_SRC as usize + 2 * 16 * (dk + 8);
-    let end = CS_BAR_BYTES as usize + CS_SLOTS as usize * slot + MMA_WARPS as usize * 16 * (3 * 4 + 4 * (dv + 8));
+    let end = CS_BAR_BYTES as usize + CS_SLOTS as usize * slot + MMA_WARPS as usize * 16 * (3 * 4 + 4 * (dv + 4));
     end + 1024 + stages * 2 * MMA_KEYS as usize * (dk + dv)
 }
 
@@ -434,6 +439,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         cmp_stream_pairs: pairs_knob(env_num("NSA_CUDA_CMP_STREAM"), u32::MAX),
         cmp_stream_splits: env_num("NSA_CUDA_CMP_STREAM_SPLITS").map(|n| n as u32),
         cmp_stream_per_sm: env_num("NSA_CUDA_CMP_STREAM_PER_SM").map_or(2, |n| (n as u32).clamp(1, 4)),
+        sw_stream: env_on("NSA_CUDA_SW_STREAM"),
     };
     let stream = tma && mma && info.compute_capability.0 >= 9 && g <= 16 && knobs.cmp_stream_pairs != u32::MAX;
     Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, stream, optin, knobs })
@@ -560,16 +566,18 @@ mod tests {
     }
 
     /// The stream's ring at two blocks a multiprocessor on a Hopper multiprocessor (228 KiB,
-    /// 1 KiB reserved a block): 7 stages at 128/128 (8 KB each), 5 at 192/128, all 16 at 64/64.
+    /// 1 KiB reserved a block): 8 stages at 128/128 (8 KB each), 5 at 192/128, the most (12)
+    /// at 64/64.
     #[test]
     fn stream_ring_keeps_two_blocks() {
         use super::smem_cmp_stream;
-        let deepest = |dk, dv| (4..=16).filter(|&s| 2 * (smem_cmp_stream(dk, dv, s) + 1024) <= 228 * 1024).max();
-        assert_eq!(deepest(128, 128), Some(7));
+        use crate::cuda::consts::{CS_MAX_STAGES, CS_MIN_STAGES};
+        let deepest = |dk, dv| (CS_MIN_STAGES as usize..=CS_MAX_STAGES as usize).filter(|&s| 2 * (smem_cmp_stream(dk, dv, s) + 1024) <= 228 * 1024).max();
+        assert_eq!(deepest(128, 128), Some(8));
         assert_eq!(deepest(192, 128), Some(5));
-        assert_eq!(deepest(64, 64), Some(16));
-        // The layout's parts at 128/128: 512 + 3 x 4,736 + 4 x 16 x 556 + 1,024 + 7 x 8,192.
-        assert_eq!(smem_cmp_stream(128, 128, 7), 512 + 3 * 4736 + 64 * 556 + 1024 + 7 * 8192);
+        assert_eq!(deepest(64, 64), Some(12));
+        // The layout's parts at 128/128: 256 + 3 x 4,736 + 4 x 16 x 540 + 1,024 + 8 x 8,192.
+        assert_eq!(smem_cmp_stream(128, 128, 8), 256 + 3 * 4736 + 64 * 540 + 1024 + 8 * 8192);
     }
 
     /// Items a pair: four a block by default (batch 16 at four KV heads, 264 blocks: 16),

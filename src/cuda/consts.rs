@@ -49,12 +49,13 @@ pub(crate) const CS_SLOTS: u32 = 3;
 /// Tiles of an item whose page-table entries the scheduler resolves into its slot (a lane's
 /// each); the copy warp looks up later rounds itself.
 pub(crate) const CS_SRC: u32 = 32;
-/// Bytes of the stream's mbarrier area and of an item's descriptor in its slot.
-pub(crate) const CS_BAR_BYTES: u32 = 512;
+/// Bytes of the stream's mbarrier area (a slot's and two a stage) and of an item's
+/// descriptor in its slot.
+pub(crate) const CS_BAR_BYTES: u32 = 256;
 pub(crate) const CS_DESC_BYTES: u32 = 128;
 /// The stream's ring holds at least and at most this many 16-key stages.
 pub(crate) const CS_MIN_STAGES: u32 = 4;
-pub(crate) const CS_MAX_STAGES: u32 = 16;
+pub(crate) const CS_MAX_STAGES: u32 = 12;
 /// Workspace counters per (row, KV head) pair of a wave: the selection's last-block
 /// hand-over and the per-pair hand-overs between launches (kernels/ptx.cuh `flow_counters`).
 pub(crate) const PAIR_COUNTERS: u32 = 8;

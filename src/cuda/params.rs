@@ -234,6 +234,11 @@ pub(crate) const MODE_SEL_FLOW: i32 = 8192;
 /// are its items too, after each pair's splits (`MODE_CS_WINDOW` in kernels/compressed_stream.cuh).
 pub(crate) const MODE_CS_WINDOW: i32 = 1 << 18;
 
+/// `Launch::mode` bit of the persistent stream launched after the selection in `sw_mma`'s place
+/// (`MODE_SW_STREAM` in kernels/compressed_stream.cuh): its items are each pair's selected
+/// units (and window units with `MODE_CS_WINDOW`).
+pub(crate) const MODE_SW_STREAM: i32 = 1 << 19;
+
 /// `Launch::mode` bit of a wave's selection and selected-branch launches
 /// (`DecodeKnobs::sw_flow_pairs`): each selection chunk block counts itself done per pair,
 /// and that pair's selected units start once the count is complete (the window's units at
