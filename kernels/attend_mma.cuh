@@ -115,10 +115,27 @@ struct Prep {
 // swizzled layout), copied by cp.async and completed by cp.async groups (see above).
 #define MMA_COPY_LDGSTS 3
 // A tile's 16 rows of D columns from `src` (contiguous) into the swizzled boxes at `dst` by the
-// warp's 16-byte cp.async (L2 policy `pol`, 0 none): chunk cc of row r goes to box cc / 8,
-// 16-byte slot (cc % 8) ^ (r % 8) of its row, the layout the tiles' ldmatrix addresses undo.
+// warp's 16-byte cp.async (L2 policy `pol`; 0 none, unless ONE_FORM: every copy then takes
+// `pol`, one instruction form): chunk cc of row r goes to box cc / 8, 16-byte slot
+// (cc % 8) ^ (r % 8) of its row, the layout the tiles' ldmatrix addresses undo.
+template <bool ONE_FORM = false>
 __device__ __forceinline__ void box_rows_async(u16* dst, const u16* src, const int D, u64 pol) {
     const int lane = threadIdx.x & 31;
+    if (ONE_FORM) {
+        // The destination's base kept in a plain register (an empty asm hides it from the
+        // compiler): at D = 192 in `cmp_stream`'s copy warp, NVRTC 13.0's ptxas otherwise put
+        // it in a uniform register and gave the K copies an odd descriptor register
+        // (LDGSTS [R+UR0], desc[UR1]), which the GPU faults on as an illegal instruction
+        // (docs/DECODE_NOTES.md, the forty-fifth session).
+        unsigned d0 = smem_u32(dst);
+        asm volatile("" : "+r"(d0));
+#pragma unroll
+        for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
+            const int r = x / (D / 8), cc = x % (D / 8);
+            cp_async16_hint(d0 + (cc >> 3) * 2048 + r * 128 + (((cc & 7) ^ (r & 7)) << 4), src + (usize)x * 8, pol);
+        }
+        return;
+    }
 #pragma unroll
     for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
         const int r = x / (D / 8), cc = x % (D / 8);

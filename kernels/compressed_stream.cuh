@@ -229,7 +229,11 @@ __device__ void cs_copier(const Params& p, unsigned char* slots, u16* ring, unsi
                           int count) {
     using L = CsLayout<DK, DV>;
     const int lane = threadIdx.x & 31, S = p.launch.nstage;
-    const u64 pol = (p.launch.mode & 8) ? l2_evict_first() : 0;
+    // One copy form with a policy always: with `cp_async16_pol`'s two forms chosen at run time,
+    // NVRTC 13.0's ptxas gave the 192/128 entries LDGSTS with an odd descriptor register
+    // (desc[UR1]), which the H200 faults on as an illegal instruction (docs/DECODE_NOTES.md,
+    // the forty-fifth session).
+    const u64 pol = (p.launch.mode & 8) ? l2_evict_first() : l2_evict_normal();
     // Tile k of the stream sits in stage `st` (k % S), round `round` (k / S).
     int st = 0, round = 0;
     for (int i = 0; i < count; i++) {
@@ -248,8 +252,8 @@ __device__ void cs_copier(const Params& p, unsigned char* slots, u16* ring, unsi
             if (y >= 0) {
                 u16* kd = ring + st * (L::STAGE / 2);
                 const usize row0 = (usize)z * p.paging.page_size + y;
-                box_rows_async(kd, it.kpool + row0 * DK, DK, pol);
-                box_rows_async(kd + NSA_MMA_KEYS * DK, it.vpool + row0 * DV, DV, pol);
+                box_rows_async<true>(kd, it.kpool + row0 * DK, DK, pol);
+                box_rows_async<true>(kd + NSA_MMA_KEYS * DK, it.vpool + row0 * DV, DV, pol);
             }
             cp_async_mbar_arrive(bar_full + 8 * st);
             if (++st == S) {

@@ -214,6 +214,10 @@ __device__ __forceinline__ void cp_async16_pol(unsigned dst, const void* src, un
     else
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// A whole 16-byte cp.async with the L2 policy `pol` (always one: no run-time choice of form).
+__device__ __forceinline__ void cp_async16_hint(unsigned dst, const void* src, unsigned long long pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol) : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
@@ -344,6 +348,15 @@ __device__ __forceinline__ u64 l2_evict_first() {
     u64 pol = 0;
 #if __CUDA_ARCH__ >= 900
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+    return pol;
+}
+// The default L2 priority as a policy (for copies that always pass one: `box_rows_async`'s
+// one-form copies).
+__device__ __forceinline__ u64 l2_evict_normal() {
+    u64 pol = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
 #endif
     return pol;
 }
