@@ -114,299 +114,6 @@ struct Prep {
 // MMA_COPY_LDGSTS: tiles as MMA_COPY_TMA's (16 contiguous rows of a page in the boxes'
 // swizzled layout), copied by cp.async and completed by cp.async groups (see above).
 #define MMA_COPY_LDGSTS 3
-// A tile's 16 rows of D columns from `src` (contiguous) into the swizzled boxes at `dst` by the
-// warp's 16-byte cp.async (L2 policy `pol`; 0 none, unless ONE_FORM: every copy then takes
-// `pol`, one instruction form): chunk cc of row r goes to box cc / 8, 16-byte slot
-// (cc % 8) ^ (r % 8) of its row, the layout the tiles' ldmatrix addresses undo.
-template <bool ONE_FORM = false>
-__device__ __forceinline__ void box_rows_async(u16* dst, const u16* src, const int D, u64 pol) {
-    const int lane = threadIdx.x & 31;
-    if (ONE_FORM) {
-        // The destination's base kept in a plain register (an empty asm hides it from the
-        // compiler): at D = 192 in `cmp_stream`'s copy warp, NVRTC 13.0's ptxas otherwise put
-        // it in a uniform register and gave the K copies an odd descriptor register
-        // (LDGSTS [R+UR0], desc[UR1]), which the GPU faults on as an illegal instruction
-        // (docs/DECODE_NOTES.md, the forty-fifth session).
-        unsigned d0 = smem_u32(dst);
-        asm volatile("" : "+r"(d0));
-#pragma unroll
-        for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
-            const int r = x / (D / 8), cc = x % (D / 8);
-            cp_async16_hint(d0 + (cc >> 3) * 2048 + r * 128 + (((cc & 7) ^ (r & 7)) << 4), src + (usize)x * 8, pol);
-        }
-        return;
-    }
-#pragma unroll
-    for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
-        const int r = x / (D / 8), cc = x % (D / 8);
-        cp_async16_pol(smem_u32(dst) + (cc >> 3) * 2048 + r * 128 + (((cc & 7) ^ (r & 7)) << 4), src + (usize)x * 8, pol);
-    }
-}
-
-// Where a compressed unit's tiles leave their logits or Eq. 9 group sums (see `tile_sums`),
-// and the lane's Eq. 9 weights; `logit_out` null for the other branches.
-struct TileSums {
-    float* logit_out;
-    float *gsA, *gsB;
-    bool groups;
-    float o0, o1, n0, n1;
-    unsigned gw[2][2];
-};
-template <bool GSM>
-__device__ __forceinline__ TileSums tile_sums(const Params& p, float* logit_out) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
-    TileSums ts;
-    // Compressed branch with `mode & 32`: instead of each head's raw logits, each group of
-    // B = eq9_b tokens (B = 2, 4 or 8, A = eq9_a <= B + 1) gets two numbers per head, the
-    // log2 of its tokens' Eq. 9-weighted probabilities for its own selection block (x) and
-    // for the next one (y), against this warp's softmax reference; the selection rescales
-    // them by the head's final (max, sum). Half the bytes of the logits at B = 4.
-    ts.groups = logit_out && (p.launch.mode & 32);
-    ts.logit_out = logit_out;
-    // A lane's weights (the same on every tile: splits start at multiples of 16): token i of
-    // group j is tap i + A - 1 of block j and tap i - B + A - 1 of block j + 1.
-    ts.o0 = ts.o1 = ts.n0 = ts.n1 = 0.f;
-    // The lane's two heads' rows of group sums (g and g + 8 of the chunk), set once.
-    ts.gsA = ts.groups ? logit_out + (usize)g * p.ws.max_cmp : nullptr;
-    ts.gsB = ts.groups ? ts.gsA + (usize)8 * p.ws.max_cmp : nullptr;
-    if (ts.groups) {
-        const int A = p.shape.eq9_a, B = p.shape.eq9_b, i0 = (q4 * 2) & (B - 1);
-        ts.o0 = overlap_count(i0 + A - 1, A, B);
-        ts.o1 = overlap_count(i0 + A, A, B);
-        ts.n0 = overlap_count(i0 - B + A - 1, A, B);
-        ts.n1 = overlap_count(i0 - B + A, A, B);
-    }
-    // GSM: the group sums as one more m16n8k16 product per tile, the tile's probabilities P
-    // (16 heads x 16 keys: the A fragments P V takes, here in f16) times a constant matrix W
-    // of Eq. 9's overlap counts (16 keys x 8 columns: column 2q group q's own part x, 2q + 1
-    // its part y for the next block; small integers, exact in f16), so lane (g, q4) receives
-    // group 4t + q4's (x, y) for heads g and g + 8 from n-tile t (B = 2 takes two n-tiles,
-    // B = 8 columns 0-3 only). P goes in as f16 hi + lo parts (two products): f16 alone
-    // rounds each probability by 2^-11 and moved 2% of the selections past the near-tie
-    // limit at 128k; the two parts keep the sums within ~2^-22, as the f32 sums. Per tile at
-    // B = 4 it replaces eight multiplies, eight shuffles, eight adds, eight log2s on half
-    // the lanes and four stores by two products, twelve conversions, four log2s and two
-    // stores (docs/DECODE_NOTES.md, variant 119). `gw[t]`: the lane's B fragments of W.
-    ts.gw[0][0] = ts.gw[0][1] = ts.gw[1][0] = ts.gw[1][1] = 0u;
-    if (GSM && ts.groups) {
-        const int A = p.shape.eq9_a, B = p.shape.eq9_b;
-        auto w = [&](int c, int k) {  // W[k][c]
-            return k / B == c / 2 ? overlap_count(k % B + ((c & 1) ? A - 1 - B : A - 1), A, B) : 0.f;
-        };
-    #pragma unroll
-        for (int t = 0; t < 2; t++) {
-            const int c = 8 * t + g;
-            ts.gw[t][0] = EF16::pk(w(c, 2 * q4), w(c, 2 * q4 + 1));
-            ts.gw[t][1] = EF16::pk(w(c, 2 * q4 + 8), w(c, 2 * q4 + 9));
-        }
-    }
-    return ts;
-}
-
-// A warp's online-softmax state over its tiles for two heads a lane (rows g and g + 8 of the
-// mma tile): the reference maxima (and times log2(e): each probability is then one FFMA and
-// one EX2, docs/DECODE_NOTES.md variant 96), the sums (per lane until the merge) and the
-// accumulators.
-template <int NVT>
-struct SoftState {
-    float o[NVT][4];
-    float mA, mB, lA, lB, mA2, mB2;
-    __device__ __forceinline__ void init() {
-#pragma unroll
-        for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-        mA = mB = mA2 = mB2 = NEG_INF;
-        lA = lB = 0.f;
-    }
-};
-
-// One tile of 16 keys into a warp's state: S = Q K^T from the Q tile at `qa` (this lane's
-// ldmatrix address) and the K rows at `kt`, the keys `vis` (bit jj: key jj is visible; not
-// 0) masked, the online softmax, the unit's logits or group sums (`ts`; key jj is position
-// pos_lo + jj, groups past pos_end belong to the next unit), O += P V from the rows at `vt`.
-// `tma`: K and V in the boxes' swizzled layout (16 rows x 64 columns, 128-byte swizzle), else
-// rows KS / VS elements apart. Masked keys' V rows are zeroed first in the box layout (they
-// hold whatever the page holds, maybe NaN). Shared by `attend_mma`'s loop and the persistent
-// compressed stream (kernels/compressed_stream.cuh).
-template <class E, int NVT, bool GSM>
-__device__ __forceinline__ void mma_tile(const Params& p, SoftState<NVT>& st, const TileSums& ts, u16* kt, u16* vt, unsigned qa, bool tma,
-                                         int KS, int VS, int DK, int DV, unsigned vis, int pos_lo, int pos_end, int hcn, float scl,
-                                         float sl2) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
-    if (tma && vis != 0xffffu) {
-        // Box rows of masked keys hold whatever the page holds there (maybe NaN):
-        // zero their V rows, as P = 0 times NaN is NaN. (The next copy into this stage
-        // is ordered after these writes by the proxy fence in `load`.)
-        for (int x = lane; x < NSA_MMA_KEYS * (DV / 8); x += 32) {
-            int r = x & (NSA_MMA_KEYS - 1), c = x >> 4;  // row, 16-byte chunk (any order: whole rows)
-            if (!((vis >> r) & 1u)) *(uint4*)(vt + (c >> 3) * 1024 + r * 64 + (c & 7) * 8) = make_uint4(0, 0, 0, 0);
-        }
-        __syncwarp();
-    }
-    // S = Q K^T in two pairs of accumulator chains (even and odd 16-column steps) so
-    // consecutive mma do not wait on each other.
-    float s[2][4], s2[2][4];
-#pragma unroll
-    for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = s2[0][e] = s2[1][e] = 0.f;
-    // ldmatrix row addresses; swizzled boxes: 16-byte chunk c of row r of a box sits
-    // at chunk c ^ (r & 7) of the row (the copy engine's 128-byte swizzle).
-    const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
-    const unsigned ka = tma ? smem_u32(kt) + krow * 128 : smem_u32(kt + krow * KS + kc * 8);
-    auto qk_step = [&](int kk, float (&acc)[2][4]) {
-        unsigned a0, a1, a2, a3, b0, b1, b2, b3;
-        ldsm4(qa + kk * 2, a0, a1, a2, a3);
-        ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2, b3);
-        mma16816<E::MMA>(acc[0], a0, a1, a2, a3, b0, b1);
-        mma16816<E::MMA>(acc[1], a0, a1, a2, a3, b2, b3);
-    };
-#pragma unroll
-    for (int kk = 0; kk < DK; kk += 32) {
-        qk_step(kk, s);
-        if (kk + 16 < DK) qk_step(kk + 16, s2);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        s[0][e] += s2[0][e];
-        s[1][e] += s2[1][e];
-    }
-    // s holds unscaled logits from here (the scale is > 0, so maxima commute with it):
-    // the scale joins log2(e) in each probability's FFMA, and the maxima are scaled once.
-    // Keep the raw logits (compressed branch: keys are the contiguous range from
-    // the unit's first key, so key jj of the tile is position pos_lo + jj), then mask the keys the
-    // tile's visibility bits exclude. A lane's two keys of an n8 tile are adjacent
-    // positions: one 8-byte store per head when both are visible and the pair is
-    // 8-byte aligned (the host keeps max_cmp even).
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-        const int jj = nt * 8 + q4 * 2;
-        const bool v0 = (vis >> jj) & 1u, v1 = (vis >> (jj + 1)) & 1u;
-        if (ts.logit_out && !ts.groups) {
-            const int pos = pos_lo + jj;
-            float* la = ts.logit_out + (usize)g * p.ws.max_cmp + pos;
-            float* lb = ts.logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
-            if (v0 && v1 && (pos & 1) == 0) {
-                if (g < hcn) *(float2*)la = make_float2(s[nt][0] * scl, s[nt][1] * scl);
-                if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2] * scl, s[nt][3] * scl);
-            } else {
-                if (v0 && g < hcn) la[0] = s[nt][0] * scl;
-                if (v1 && g < hcn) la[1] = s[nt][1] * scl;
-                if (v0 && g + 8 < hcn) lb[0] = s[nt][2] * scl;
-                if (v1 && g + 8 < hcn) lb[1] = s[nt][3] * scl;
-            }
-        }
-        if (vis != 0xffffu) {
-            if (!v0) s[nt][0] = s[nt][2] = NEG_INF;
-            if (!v1) s[nt][1] = s[nt][3] = NEG_INF;
-        }
-    }
-    float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
-    xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
-    xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
-    xA *= scl;
-    xB *= scl;
-    // Lazy rescale: a row's reference max moves only when the tile's max exceeds it by
-    // more than RESCALE_SLACK (or it is still -inf), and then every row of the warp
-    // moves to its true max. Between moves P = exp(s - m) stays below e^SLACK, well
-    // inside f32 and the 16-bit P; l and the accumulators always share the reference,
-    // so the partial (m, l, acc) is the same softmax state with fewer rescales (the
-    // 64 multiplies of the accumulators are skipped on most tiles).
-    if (__any_sync(0xffffffffu, xA > st.mA + RESCALE_SLACK || xB > st.mB + RESCALE_SLACK)) {
-        const float nA = fmaxf(st.mA, xA), nB = fmaxf(st.mB, xB);
-        const float cA = st.mA == NEG_INF ? 0.f : fexp(st.mA - nA), cB = st.mB == NEG_INF ? 0.f : fexp(st.mB - nB);
-        st.lA *= cA;
-        st.lB *= cB;
-#pragma unroll
-        for (int d = 0; d < NVT; d++) {
-            st.o[d][0] *= cA;
-            st.o[d][1] *= cA;
-            st.o[d][2] *= cB;
-            st.o[d][3] *= cB;
-        }
-        st.mA = nA;
-        st.mB = nB;
-        st.mA2 = st.mA * 1.4426950408889634f;
-        st.mB2 = st.mB * 1.4426950408889634f;
-    }
-    // Every row's reference is finite here (a tile with a visible key gives each row a
-    // finite max, and the first such tile moved the reference).
-    float pr[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-        pr[nt][0] = ex2f(fmaf(s[nt][0], sl2, -st.mA2));
-        pr[nt][1] = ex2f(fmaf(s[nt][1], sl2, -st.mA2));
-        pr[nt][2] = ex2f(fmaf(s[nt][2], sl2, -st.mB2));
-        pr[nt][3] = ex2f(fmaf(s[nt][3], sl2, -st.mB2));
-    }
-    st.lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
-    st.lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
-    if (GSM && ts.groups) {
-        const int B = p.shape.eq9_b, lb = __ffs(B) - 1;
-        // P's f16 hi parts and the f32 remainders' f16 lo parts, in P V's A-fragment order.
-        unsigned hi[4], lo[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const float a = pr[e >> 1][(e & 1) * 2], b = pr[e >> 1][(e & 1) * 2 + 1];
-            float ha, hb;
-            hi[e] = EF16::pk(a, b);
-            EF16::upk(hi[e], ha, hb);
-            lo[e] = EF16::pk(a - ha, b - hb);
-        }
-#pragma unroll
-        for (int t = 0; t < 2; t++) {
-            if (t * 8 < 32 / B) {  // the n-tiles holding columns (2 x 16 / B of them)
-                float c[4] = {0.f, 0.f, 0.f, 0.f};
-                mma16816<EF16::MMA>(c, hi[0], hi[1], hi[2], hi[3], ts.gw[t][0], ts.gw[t][1]);
-                mma16816<EF16::MMA>(c, lo[0], lo[1], lo[2], lo[3], ts.gw[t][0], ts.gw[t][1]);
-                // The lane's group, for ts.groups that start inside the split.
-                const int gq = 4 * t + q4, pos = pos_lo + gq * B;
-                if (gq < (16 >> lb) && pos < pos_end) {
-                    const int gi = pos >> lb;
-                    if (g < hcn) *(float2*)(ts.gsA + 2 * gi) = make_float2(lg2f(c[0]) + st.mA2, lg2f(c[1]) + st.mA2);
-                    if (g + 8 < hcn) *(float2*)(ts.gsB + 2 * gi) = make_float2(lg2f(c[2]) + st.mB2, lg2f(c[3]) + st.mB2);
-                }
-            }
-        }
-    } else if (ts.groups) {
-        // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
-        // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
-        const int B = p.shape.eq9_b;
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            const int pos = pos_lo + nt * 8 + q4 * 2;
-            float xa = ts.o0 * pr[nt][0] + ts.o1 * pr[nt][1], ya = ts.n0 * pr[nt][0] + ts.n1 * pr[nt][1];
-            float xb = ts.o0 * pr[nt][2] + ts.o1 * pr[nt][3], yb = ts.n0 * pr[nt][2] + ts.n1 * pr[nt][3];
-            for (int o = 1; o < B / 2; o <<= 1) {
-                xa += __shfl_xor_sync(0xffffffffu, xa, o);
-                ya += __shfl_xor_sync(0xffffffffu, ya, o);
-                xb += __shfl_xor_sync(0xffffffffu, xb, o);
-                yb += __shfl_xor_sync(0xffffffffu, yb, o);
-            }
-            // The group's first lane stores, for ts.groups that start inside the split.
-            if ((q4 & (B / 2 - 1)) == 0 && pos < pos_end) {
-                const int gi = pos >> (__ffs(B) - 1);
-                if (g < hcn) *(float2*)(ts.gsA + 2 * gi) = make_float2(lg2f(xa) + st.mA2, lg2f(ya) + st.mA2);
-                if (g + 8 < hcn) *(float2*)(ts.gsB + 2 * gi) = make_float2(lg2f(xb) + st.mB2, lg2f(yb) + st.mB2);
-            }
-        }
-    }
-    unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
-    unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
-    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
-    const unsigned va = tma ? smem_u32(vt) + vrow * 128 : smem_u32(vt + vrow * VS + vc * 8);
-#pragma unroll
-    for (int dp = 0; dp < NVT / 2; dp++) {
-        if (dp * 16 < DV) {
-            unsigned b0, b1, b2, b3;
-            ldsm4t(tma ? va + ((dp >> 2) << 11) + (((((dp * 2) & 7) + vc) ^ (vrow & 7)) << 4) : va + dp * 32, b0, b1,
-                   b2, b3);
-            mma16816<E::MMA>(st.o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
-            mma16816<E::MMA>(st.o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
-        }
-    }
-}
-
 // GSM: the compressed branch's group sums as one more tensor-core product (the compressed
 // entries for large waves, `_ldsg`; see below), else per lane with shuffles.
 template <class E, int NVT, int DKT, int DVT, int CP = MMA_COPY_MODE, bool GSM = false, class P = NoPrep>
@@ -423,8 +130,49 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     // Decode reads each K/V line once: with `mode & 8` its copies go first out of L2, and
     // the logits and partials the kernels after this one read stay there (variant 22).
     const u64 l2pol = (p.launch.mode & 8) ? l2_evict_first() : 0;
-    // Where this unit's logits or group sums go, and the lane's Eq. 9 weights (TileSums).
-    const TileSums ts = tile_sums<GSM>(p, logit_out);
+    // Compressed branch with `mode & 32`: instead of each head's raw logits, each group of
+    // B = eq9_b tokens (B = 2, 4 or 8, A = eq9_a <= B + 1) gets two numbers per head, the
+    // log2 of its tokens' Eq. 9-weighted probabilities for its own selection block (x) and
+    // for the next one (y), against this warp's softmax reference; the selection rescales
+    // them by the head's final (max, sum). Half the bytes of the logits at B = 4.
+    const bool groups = logit_out && (p.launch.mode & 32);
+    // A lane's weights (the same on every tile: splits start at multiples of 16): token i of
+    // group j is tap i + A - 1 of block j and tap i - B + A - 1 of block j + 1.
+    float o0 = 0.f, o1 = 0.f, n0 = 0.f, n1 = 0.f;
+    // The lane's two heads' rows of group sums (g and g + 8 of the chunk), set once.
+    float* const gsA = groups ? logit_out + (usize)g * p.ws.max_cmp : nullptr;
+    float* const gsB = groups ? gsA + (usize)8 * p.ws.max_cmp : nullptr;
+    if (groups) {
+        const int A = p.shape.eq9_a, B = p.shape.eq9_b, i0 = (q4 * 2) & (B - 1);
+        o0 = overlap_count(i0 + A - 1, A, B);
+        o1 = overlap_count(i0 + A, A, B);
+        n0 = overlap_count(i0 - B + A - 1, A, B);
+        n1 = overlap_count(i0 - B + A, A, B);
+    }
+    // GSM: the group sums as one more m16n8k16 product per tile, the tile's probabilities P
+    // (16 heads x 16 keys: the A fragments P V takes, here in f16) times a constant matrix W
+    // of Eq. 9's overlap counts (16 keys x 8 columns: column 2q group q's own part x, 2q + 1
+    // its part y for the next block; small integers, exact in f16), so lane (g, q4) receives
+    // group 4t + q4's (x, y) for heads g and g + 8 from n-tile t (B = 2 takes two n-tiles,
+    // B = 8 columns 0-3 only). P goes in as f16 hi + lo parts (two products): f16 alone
+    // rounds each probability by 2^-11 and moved 2% of the selections past the near-tie
+    // limit at 128k; the two parts keep the sums within ~2^-22, as the f32 sums. Per tile at
+    // B = 4 it replaces eight multiplies, eight shuffles, eight adds, eight log2s on half
+    // the lanes and four stores by two products, twelve conversions, four log2s and two
+    // stores (docs/DECODE_NOTES.md, variant 119). `gw[t]`: the lane's B fragments of W.
+    unsigned gw[2][2] = {{0u, 0u}, {0u, 0u}};
+    if (GSM && groups) {
+        const int A = p.shape.eq9_a, B = p.shape.eq9_b;
+        auto w = [&](int c, int k) {  // W[k][c]
+            return k / B == c / 2 ? overlap_count(k % B + ((c & 1) ? A - 1 - B : A - 1), A, B) : 0.f;
+        };
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            const int c = 8 * t + g;
+            gw[t][0] = EF16::pk(w(c, 2 * q4), w(c, 2 * q4 + 1));
+            gw[t][1] = EF16::pk(w(c, 2 * q4 + 8), w(c, 2 * q4 + 9));
+        }
+    }
     // Tensor-map tiles are unpadded, 128-byte swizzled boxes of 16 rows x 64 columns.
     const int QS = DK + 8, VS = tma ? DV : DV + 8, KS = tma ? DK : QS;
     const int stage_elems = NSA_MMA_KEYS * (KS + VS);
@@ -502,8 +250,17 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
                 if (pos0 < 0) return;  // nothing to copy (the caller commits an empty group)
                 const int y = __shfl_sync(0xffffffffu, (li >> 5) & 1 ? ty[1] : ty[0], li & 31);
                 const usize row0 = (usize)z * p.paging.page_size + y;
-                box_rows_async(kd, kpool + row0 * DK, DK, l2pol);
-                box_rows_async(vd, vpool + row0 * DV, DV, l2pol);
+                // 16 rows of D columns from `src` (contiguous) into boxes at `dst`: chunk cc
+                // of row r goes to box cc / 8, 16-byte slot (cc % 8) ^ (r % 8) of its row.
+                auto rows = [&](u16* dst, const u16* src, const int D) {
+#pragma unroll
+                    for (int x = lane; x < NSA_MMA_KEYS * (D / 8); x += 32) {
+                        const int r = x / (D / 8), cc = x % (D / 8);
+                        cp_async16_pol(smem_u32(dst) + (cc >> 3) * 2048 + r * 128 + (((cc & 7) ^ (r & 7)) << 4), src + (usize)x * 8, l2pol);
+                    }
+                };
+                rows(kd, kpool + row0 * DK, DK);
+                rows(vd, vpool + row0 * DV, DV);
                 return;
             }
             unsigned bar = bar0 + 8 * st;
@@ -612,8 +369,13 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     }
     if (P::active && prep()) __syncthreads();
     tl_mark<0>();  // the timeline: after the wait and the caller's prep (a selected unit's list)
-    SoftState<NVT> ss;
-    ss.init();
+    float o[NVT][4];
+#pragma unroll
+    for (int i = 0; i < NVT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    // mA, mB * log2(e): each probability is then one FFMA and one EX2 (docs/DECODE_NOTES.md,
+    // variant 96).
+    float mA2 = NEG_INF, mB2 = NEG_INF;
     const float scl = p.shape.scale, sl2 = scl * 1.4426950408889634f;
     if (!ks.ready) fill();
     tl_mark<1>();  // the first tiles' copies issued: the tile loop begins
@@ -653,7 +415,179 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         if (vis == 0u) continue;
         u16* kt = my + st * stage_elems;
         u16* vt = kt + NSA_MMA_KEYS * KS;
-        mma_tile<E, NVT, GSM>(p, ss, ts, kt, vt, qa, tma, KS, VS, DK, DV, vis, ks.lo + j0, ks.lo + ks.n, hcn, scl, sl2);
+        if (tma && vis != 0xffffu) {
+            // Box rows of masked keys hold whatever the page holds there (maybe NaN):
+            // zero their V rows, as P = 0 times NaN is NaN. (The next copy into this stage
+            // is ordered after these writes by the proxy fence in `load`.)
+            for (int x = lane; x < NSA_MMA_KEYS * (DV / 8); x += 32) {
+                int r = x & (NSA_MMA_KEYS - 1), c = x >> 4;  // row, 16-byte chunk (any order: whole rows)
+                if (!((vis >> r) & 1u)) *(uint4*)(vt + (c >> 3) * 1024 + r * 64 + (c & 7) * 8) = make_uint4(0, 0, 0, 0);
+            }
+            __syncwarp();
+        }
+        // S = Q K^T in two pairs of accumulator chains (even and odd 16-column steps) so
+        // consecutive mma do not wait on each other.
+        float s[2][4], s2[2][4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[0][e] = s[1][e] = s2[0][e] = s2[1][e] = 0.f;
+        // ldmatrix row addresses; swizzled boxes: 16-byte chunk c of row r of a box sits
+        // at chunk c ^ (r & 7) of the row (the copy engine's 128-byte swizzle).
+        const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+        const unsigned ka = tma ? smem_u32(kt) + krow * 128 : smem_u32(kt + krow * KS + kc * 8);
+        auto qk_step = [&](int kk, float (&acc)[2][4]) {
+            unsigned a0, a1, a2, a3, b0, b1, b2, b3;
+            ldsm4(qa + kk * 2, a0, a1, a2, a3);
+            ldsm4(tma ? ka + ((kk >> 6) << 11) + (((((kk >> 3) & 7) + kc) ^ (krow & 7)) << 4) : ka + kk * 2, b0, b1, b2, b3);
+            mma16816<E::MMA>(acc[0], a0, a1, a2, a3, b0, b1);
+            mma16816<E::MMA>(acc[1], a0, a1, a2, a3, b2, b3);
+        };
+#pragma unroll
+        for (int kk = 0; kk < DK; kk += 32) {
+            qk_step(kk, s);
+            if (kk + 16 < DK) qk_step(kk + 16, s2);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[0][e] += s2[0][e];
+            s[1][e] += s2[1][e];
+        }
+        // s holds unscaled logits from here (the scale is > 0, so maxima commute with it):
+        // the scale joins log2(e) in each probability's FFMA, and the maxima are scaled once.
+        // Keep the raw logits (compressed branch: keys are the contiguous range from
+        // ks.lo, so key jj of the tile is position ks.lo + j0 + jj), then mask the keys the
+        // tile's visibility bits exclude. A lane's two keys of an n8 tile are adjacent
+        // positions: one 8-byte store per head when both are visible and the pair is
+        // 8-byte aligned (the host keeps max_cmp even).
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const int jj = nt * 8 + q4 * 2;
+            const bool v0 = (vis >> jj) & 1u, v1 = (vis >> (jj + 1)) & 1u;
+            if (logit_out && !groups) {
+                const int pos = ks.lo + j0 + jj;
+                float* la = logit_out + (usize)g * p.ws.max_cmp + pos;
+                float* lb = logit_out + (usize)(g + 8) * p.ws.max_cmp + pos;
+                if (v0 && v1 && (pos & 1) == 0) {
+                    if (g < hcn) *(float2*)la = make_float2(s[nt][0] * scl, s[nt][1] * scl);
+                    if (g + 8 < hcn) *(float2*)lb = make_float2(s[nt][2] * scl, s[nt][3] * scl);
+                } else {
+                    if (v0 && g < hcn) la[0] = s[nt][0] * scl;
+                    if (v1 && g < hcn) la[1] = s[nt][1] * scl;
+                    if (v0 && g + 8 < hcn) lb[0] = s[nt][2] * scl;
+                    if (v1 && g + 8 < hcn) lb[1] = s[nt][3] * scl;
+                }
+            }
+            if (vis != 0xffffu) {
+                if (!v0) s[nt][0] = s[nt][2] = NEG_INF;
+                if (!v1) s[nt][1] = s[nt][3] = NEG_INF;
+            }
+        }
+        float xA = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float xB = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        xA *= scl;
+        xB *= scl;
+        // Lazy rescale: a row's reference max moves only when the tile's max exceeds it by
+        // more than RESCALE_SLACK (or it is still -inf), and then every row of the warp
+        // moves to its true max. Between moves P = exp(s - m) stays below e^SLACK, well
+        // inside f32 and the 16-bit P; l and the accumulators always share the reference,
+        // so the partial (m, l, acc) is the same softmax state with fewer rescales (the
+        // 64 multiplies of the accumulators are skipped on most tiles).
+        if (__any_sync(0xffffffffu, xA > mA + RESCALE_SLACK || xB > mB + RESCALE_SLACK)) {
+            const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+            const float cA = mA == NEG_INF ? 0.f : fexp(mA - nA), cB = mB == NEG_INF ? 0.f : fexp(mB - nB);
+            lA *= cA;
+            lB *= cB;
+#pragma unroll
+            for (int d = 0; d < NVT; d++) {
+                o[d][0] *= cA;
+                o[d][1] *= cA;
+                o[d][2] *= cB;
+                o[d][3] *= cB;
+            }
+            mA = nA;
+            mB = nB;
+            mA2 = mA * 1.4426950408889634f;
+            mB2 = mB * 1.4426950408889634f;
+        }
+        // Every row's reference is finite here (a tile with a visible key gives each row a
+        // finite max, and the first such tile moved the reference).
+        float pr[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            pr[nt][0] = ex2f(fmaf(s[nt][0], sl2, -mA2));
+            pr[nt][1] = ex2f(fmaf(s[nt][1], sl2, -mA2));
+            pr[nt][2] = ex2f(fmaf(s[nt][2], sl2, -mB2));
+            pr[nt][3] = ex2f(fmaf(s[nt][3], sl2, -mB2));
+        }
+        lA += pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1];
+        lB += pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3];
+        if (GSM && groups) {
+            const int B = p.shape.eq9_b, lb = __ffs(B) - 1;
+            // P's f16 hi parts and the f32 remainders' f16 lo parts, in P V's A-fragment order.
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float a = pr[e >> 1][(e & 1) * 2], b = pr[e >> 1][(e & 1) * 2 + 1];
+                float ha, hb;
+                hi[e] = EF16::pk(a, b);
+                EF16::upk(hi[e], ha, hb);
+                lo[e] = EF16::pk(a - ha, b - hb);
+            }
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                if (t * 8 < 32 / B) {  // the n-tiles holding columns (2 x 16 / B of them)
+                    float c[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma16816<EF16::MMA>(c, hi[0], hi[1], hi[2], hi[3], gw[t][0], gw[t][1]);
+                    mma16816<EF16::MMA>(c, lo[0], lo[1], lo[2], lo[3], gw[t][0], gw[t][1]);
+                    // The lane's group, for groups that start inside the split.
+                    const int gq = 4 * t + q4, pos = ks.lo + j0 + gq * B;
+                    if (gq < (16 >> lb) && pos < ks.lo + ks.n) {
+                        const int gi = pos >> lb;
+                        if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(c[0]) + mA2, lg2f(c[1]) + mA2);
+                        if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(c[2]) + mB2, lg2f(c[3]) + mB2);
+                    }
+                }
+            }
+        } else if (groups) {
+            // A lane's two keys of an n8 tile lie in one group (B >= 2) and a group in one n8
+            // tile (B <= 8; splits start at multiples of 16): B / 2 lanes hold a group.
+            const int B = p.shape.eq9_b;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const int pos = ks.lo + j0 + nt * 8 + q4 * 2;
+                float xa = o0 * pr[nt][0] + o1 * pr[nt][1], ya = n0 * pr[nt][0] + n1 * pr[nt][1];
+                float xb = o0 * pr[nt][2] + o1 * pr[nt][3], yb = n0 * pr[nt][2] + n1 * pr[nt][3];
+                for (int o = 1; o < B / 2; o <<= 1) {
+                    xa += __shfl_xor_sync(0xffffffffu, xa, o);
+                    ya += __shfl_xor_sync(0xffffffffu, ya, o);
+                    xb += __shfl_xor_sync(0xffffffffu, xb, o);
+                    yb += __shfl_xor_sync(0xffffffffu, yb, o);
+                }
+                // The group's first lane stores, for groups that start inside the split.
+                if ((q4 & (B / 2 - 1)) == 0 && pos < ks.lo + ks.n) {
+                    const int gi = pos >> (__ffs(B) - 1);
+                    if (g < hcn) *(float2*)(gsA + 2 * gi) = make_float2(lg2f(xa) + mA2, lg2f(ya) + mA2);
+                    if (g + 8 < hcn) *(float2*)(gsB + 2 * gi) = make_float2(lg2f(xb) + mB2, lg2f(yb) + mB2);
+                }
+            }
+        }
+        unsigned pa0 = pack2<E::MMA>(pr[0][0], pr[0][1]), pa1 = pack2<E::MMA>(pr[0][2], pr[0][3]);
+        unsigned pa2 = pack2<E::MMA>(pr[1][0], pr[1][1]), pa3 = pack2<E::MMA>(pr[1][2], pr[1][3]);
+        const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+        const unsigned va = tma ? smem_u32(vt) + vrow * 128 : smem_u32(vt + vrow * VS + vc * 8);
+#pragma unroll
+        for (int dp = 0; dp < NVT / 2; dp++) {
+            if (dp * 16 < DV) {
+                unsigned b0, b1, b2, b3;
+                ldsm4t(tma ? va + ((dp >> 2) << 11) + (((((dp * 2) & 7) + vc) ^ (vrow & 7)) << 4) : va + dp * 32, b0, b1,
+                       b2, b3);
+                mma16816<E::MMA>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+                mma16816<E::MMA>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+            }
+        }
         __syncwarp();
     }
     cp_wait<0>();
@@ -661,10 +595,10 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     tl_mark<3>();  // warp 0's tiles done: the merge of the warps' states begins
     if (bulk && lane == 0)
         for (int st = 0; st < S; st++) mbar_inval(bar0 + 8 * st);
-    ss.lA += __shfl_xor_sync(0xffffffffu, ss.lA, 1);
-    ss.lA += __shfl_xor_sync(0xffffffffu, ss.lA, 2);
-    ss.lB += __shfl_xor_sync(0xffffffffu, ss.lB, 1);
-    ss.lB += __shfl_xor_sync(0xffffffffu, ss.lB, 2);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
     __syncthreads();  // every warp is done with the stages
     // Merge of the warps' states. Every thread learns the block's max of its two heads from
     // the warps' maxima and scales its own accumulators by its warp's factor before they go
@@ -676,10 +610,10 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
     float* mw = area + NSA_MMA_WARPS * 16 * DVP;
     float* lw = mw + NSA_MMA_WARPS * 16;
     if (q4 == 0) {
-        mw[warp * 16 + g] = ss.mA;
-        mw[warp * 16 + g + 8] = ss.mB;
-        lw[warp * 16 + g] = ss.lA;
-        lw[warp * 16 + g + 8] = ss.lB;
+        mw[warp * 16 + g] = mA;
+        mw[warp * 16 + g + 8] = mB;
+        lw[warp * 16 + g] = lA;
+        lw[warp * 16 + g + 8] = lB;
     }
     __syncthreads();
     float MA = NEG_INF, MB = NEG_INF;
@@ -688,15 +622,15 @@ __device__ void attend_mma(const Params& p, const u16* kpool, const u16* vpool, 
         MA = fmaxf(MA, mw[w * 16 + g]);
         MB = fmaxf(MB, mw[w * 16 + g + 8]);
     }
-    const float fA = (MA == NEG_INF || ss.mA == NEG_INF) ? 0.f : fexp(ss.mA - MA);
-    const float fB = (MB == NEG_INF || ss.mB == NEG_INF) ? 0.f : fexp(ss.mB - MB);
+    const float fA = (MA == NEG_INF || mA == NEG_INF) ? 0.f : fexp(mA - MA);
+    const float fB = (MB == NEG_INF || mB == NEG_INF) ? 0.f : fexp(mB - MB);
     float* mine = area + warp * 16 * DVP;
 #pragma unroll
     for (int d = 0; d < NVT; d++) {
         if (d * 8 < DV) {
             int c = d * 8 + q4 * 2;
-            *(float2*)(mine + g * DVP + c) = make_float2(ss.o[d][0] * fA, ss.o[d][1] * fA);
-            *(float2*)(mine + (g + 8) * DVP + c) = make_float2(ss.o[d][2] * fB, ss.o[d][3] * fB);
+            *(float2*)(mine + g * DVP + c) = make_float2(o[d][0] * fA, o[d][1] * fA);
+            *(float2*)(mine + (g + 8) * DVP + c) = make_float2(o[d][2] * fB, o[d][3] * fB);
         }
     }
     tl_mark<4>();  // the states scaled into shared memory: the partials' stores begin

@@ -77,7 +77,6 @@ struct Launch {
     int head_chunk, mode, nstage;
     int pf_win;  // blocks in pf_cmp_ws's moving window of block scores (0: none)
     int pf_c0, pf_rows;  // the block-major selected branch's chunk: first row (of the sequence's new rows), rows
-    int rows;  // query rows of the wave (the persistent compressed stream, kernels/compressed_stream.cuh)
 };
 
 struct Params {
@@ -113,24 +112,6 @@ static_assert(sizeof(StepHeader) == NSA_STEP_HEADER_BYTES, "StepHeader differs f
 #endif
 #ifndef NSA_TMAP_BYTES
 #error "NSA_TMAP_BYTES is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_THREADS
-#error "NSA_CS_THREADS is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_SLOTS
-#error "NSA_CS_SLOTS is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_SRC
-#error "NSA_CS_SRC is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_BAR_BYTES
-#error "NSA_CS_BAR_BYTES is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_DESC_BYTES
-#error "NSA_CS_DESC_BYTES is passed by the host (src/cuda/consts.rs)"
-#endif
-#ifndef NSA_CS_MAX_STAGES
-#error "NSA_CS_MAX_STAGES is passed by the host (src/cuda/consts.rs)"
 #endif
 #ifndef NSA_NT_SEL
 #error "NSA_NT_SEL is passed by the host (src/cuda/consts.rs)"

@@ -15,9 +15,7 @@
 //                   cp_wait, mbar_*, bulk_g2s, tma_load3, smem_u32
 //   append.cuh      the step's writes: copy-on-write copies, appends, compressed tokens
 //   attend.cuh      scalar attention core; attend_mma.cuh: tensor-core attention core
-//   compressed.cuh  compressed attention (cmp_partial, cmp_mma); compressed_stream.cuh: the
-//                   large waves' compressed launch as a persistent, warp-specialised stream
-//                   (cmp_stream, a knob's choice: src/cuda/build.rs DecodeKnobs::cmp_stream_pairs)
+//   compressed.cuh  compressed attention (cmp_partial, cmp_mma)
 //   selection.cuh   block scores and the top-n (select_blocks)
 //   selected.cuh    selected blocks + window (sw_partial, sw_mma)
 //   combine.cuh     gated combine of the partials
@@ -62,7 +60,6 @@
 #include "attend.cuh"
 #include "attend_mma.cuh"
 #include "compressed.cuh"
-#include "compressed_stream.cuh"
 #include "selection.cuh"
 #include "selected.cuh"
 #include "combine.cuh"
@@ -141,15 +138,6 @@ NSA_ALL(EBF16, bf16)
 // up): a separate entry, so that the small waves' code stays as it was (the new path cost batch 1 ~1%
 // by its presence alone, docs/DECODE_NOTES.md variant 119b).
 #define NSA_MMA_ENTRY_LDSG(name, E, suffix, NVT, DK, DV, tag) NSA_MMA_ENTRY_CP(name, E, suffix, NVT, DK, DV, tag, _ldsg, MMA_COPY_LDGSTS, true)
-// The compressed branch of large waves as one persistent stream (kernels/compressed_stream.cuh),
-// nsa_cmp_stream_{bf16,f16}_{DK}_{DV}: two blocks of NSA_CS_THREADS a multiprocessor; its
-// timeline slot is `cmp_mma`'s, whose launch it replaces.
-#define NSA_CS_ENTRY(E, suffix, DK, DV, tag)                                                                              \
-    extern "C" __global__ void __launch_bounds__(NSA_CS_THREADS, 2) nsa_cmp_stream_##suffix##_##tag(const Params p) { \
-        NSA_TIMELINE_SCOPE(cmp_mma);                                                                                  \
-        pdl_trigger_at_entry(p);                                                                                      \
-        cmp_stream<E, DK, DV>(p);                                                                                     \
-    }
 #define NSA_MMA_KINDS(E, suffix, NVT, DK, DV, tag)  \
     NSA_MMA_ENTRY(cmp_mma, E, suffix, NVT, DK, DV, tag) \
     NSA_MMA_ENTRY(sw_mma, E, suffix, NVT, DK, DV, tag)  \
@@ -159,8 +147,7 @@ NSA_ALL(EBF16, bf16)
     NSA_MMA_ENTRY_LDS(cmp_mma, E, suffix, 16, DK, DV, tag)   \
     NSA_MMA_ENTRY_LDSG(cmp_mma, E, suffix, 16, DK, DV, tag)  \
     NSA_MMA_ENTRY_TMA(sw_mma, E, suffix, 16, DK, DV, tag)    \
-    NSA_MMA_ENTRY_TMA(full_mma, E, suffix, 16, DK, DV, tag)  \
-    NSA_CS_ENTRY(E, suffix, DK, DV, tag)
+    NSA_MMA_ENTRY_TMA(full_mma, E, suffix, 16, DK, DV, tag)
 #define NSA_MMA_ALL(E, suffix)                      \
     NSA_MMA_KINDS(E, suffix, 16, 0, 0, 16)           \
     NSA_MMA_KINDS(E, suffix, 32, 0, 0, 32)           \

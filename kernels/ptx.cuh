@@ -214,10 +214,6 @@ __device__ __forceinline__ void cp_async16_pol(unsigned dst, const void* src, un
     else
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
-// A whole 16-byte cp.async with the L2 policy `pol` (always one: no run-time choice of form).
-__device__ __forceinline__ void cp_async16_hint(unsigned dst, const void* src, unsigned long long pol) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol) : "memory");
-}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
@@ -286,17 +282,6 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
     }
 #endif
 }
-// The lane's earlier cp.async copies arrive on mbarrier `bar` once they have landed, without
-// raising its expected count (the barrier counts the lanes that copy).
-__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-#endif
-}
-// Named block barriers 1..15 over `n` threads (a multiple of 32) of some warps: `sync` waits
-// for the count, `arrive` counts this warp without waiting (the producer side).
-__device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void fence_async_smem() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -348,15 +333,6 @@ __device__ __forceinline__ u64 l2_evict_first() {
     u64 pol = 0;
 #if __CUDA_ARCH__ >= 900
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-#endif
-    return pol;
-}
-// The default L2 priority as a policy (for copies that always pass one: `box_rows_async`'s
-// one-form copies).
-__device__ __forceinline__ u64 l2_evict_normal() {
-    u64 pol = 0;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
 #endif
     return pol;
 }

@@ -123,11 +123,6 @@ pub(crate) struct Plan {
     /// The most compressed splits a launch may use: the workspace's count, or fewer with
     /// `NSA_CUDA_CMP_SPLITS=N` (a tuning knob for measurements).
     pub cmp_splits: u32,
-    /// Load the persistent compressed stream (`Kernel::stream_entry`): tensor maps on sm_90,
-    /// groups of at most 16 heads, and its knob on (`DecodeKnobs::cmp_stream_pairs`).
-    pub stream: bool,
-    /// The device's shared memory a block may opt into.
-    pub optin: usize,
     /// The decode launches' tuned choices and their measurement knobs (`NSA_CUDA_SEL_CHUNKS=N`,
     /// `NSA_CUDA_COMB_HEADS=N`, `NSA_CUDA_MMA_GENERIC=1`, `NSA_CUDA_SMALL_WAVE_PAIRS=N`,
     /// `NSA_CUDA_L1_WAVE_PAIRS=N`, `NSA_CUDA_L1_KERNELS`, `NSA_CUDA_L2_HINTS`,
@@ -135,9 +130,7 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
     /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`,
-    /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`, `NSA_CUDA_CMP_STREAM=N`,
-    /// `NSA_CUDA_CMP_STREAM_SPLITS=N`, `NSA_CUDA_CMP_STREAM_PER_SM=N`, `NSA_CUDA_SW_STREAM=1`):
-    /// see [`DecodeKnobs`]'s fields.
+    /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`): see [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
@@ -237,28 +230,6 @@ pub(crate) struct DecodeKnobs {
     /// waves where one is compiled (`Kernel::large_entry`: the group sums by a tensor-core
     /// product); `NSA_CUDA_CMP_LARGE=N` (0: never), else [`CMP_LARGE_PAIRS`].
     pub cmp_large_pairs: u32,
-    /// Waves of at least this many pairs (outside the small-wave form) run the compressed
-    /// branch, and the window's units where they join it, as one persistent stream
-    /// (kernels/compressed_stream.cuh, docs/DECODE_NOTES.md variant 130) where it is
-    /// loaded; `NSA_CUDA_CMP_STREAM=N`, off by default (being measured).
-    pub cmp_stream_pairs: u32,
-    /// `NSA_CUDA_CMP_STREAM_SPLITS=N`: compressed items a pair in the stream instead of
-    /// [`stream_splits`]'s four a block.
-    pub cmp_stream_splits: Option<u32>,
-    /// `NSA_CUDA_CMP_STREAM_PER_SM=N`: stream blocks a multiprocessor (default 2; the ring
-    /// is sized to keep them resident).
-    pub cmp_stream_per_sm: u32,
-    /// `NSA_CUDA_SW_STREAM=1`: in the waves the compressed stream takes, the selected units
-    /// (and the window's, where they are not in the compressed launch) run through the same
-    /// kernel after the selection, in `sw_mma`'s place (variant 131; `launch::sw_stream_fits`).
-    pub sw_stream: bool,
-}
-
-/// Compressed items a pair of the persistent stream: `items_per_block` items for each of the
-/// grid's blocks over the wave's `pairs`, within 1..=`max` (the workspace's splits), unless
-/// `knob` says how many.
-pub(crate) fn stream_splits(pairs: u32, grid: u32, items_per_block: u32, max: u32, knob: Option<u32>) -> u32 {
-    knob.unwrap_or(items_per_block * grid / pairs.max(1)).clamp(1, max.max(1))
 }
 
 /// A pair-count threshold from its knob's value: 0 never (`u32::MAX`), N from N pairs,
@@ -318,17 +289,6 @@ pub(crate) fn smem_tensor_core(cfg: &Config, tma: bool, stages: usize) -> usize 
     let (dk, dv, keys) = (cfg.head_dim_qk as usize, cfg.head_dim_v as usize, MMA_KEYS as usize);
     let tile = if tma { 2 * keys * (dk + dv) } else { 2 * keys * (dk + dv + 16) };
     2 * 16 * (dk + 8) + MBAR_BYTES as usize + if tma { 1024 } else { 0 } + MMA_WARPS as usize * stages * tile
-}
-
-/// Shared memory of the persistent compressed stream (kernels/compressed_stream.cuh
-/// `CsLayout`) at `stages` ring stages: mbarriers | CS_SLOTS slots (descriptor, CS_SRC tile
-/// entries, a 16-row Q tile padded by 8) | the four math warps' maxima, sums, factors and
-/// accumulators (16 rows of DV + 4 floats) | the ring from a 1024-byte boundary.
-pub(crate) fn smem_cmp_stream(dk: usize, dv: usize, stages: usize) -> usize {
-    use super::consts::{CS_BAR_BYTES, CS_DESC_BYTES, CS_SLOTS, CS_SRC};
-    let slot = CS_DESC_BYTES as usize + 8 * CS_SRC as usize + 2 * 16 * (dk + 8);
-    let end = CS_BAR_BYTES as usize + CS_SLOTS as usize * slot + MMA_WARPS as usize * 16 * (3 * 4 + 4 * (dv + 4));
-    end + 1024 + stages * 2 * MMA_KEYS as usize * (dk + dv)
 }
 
 /// Shared memory of `pfb_attn`: a selection block's K and V and two 16-row query buffers
@@ -436,13 +396,8 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         sw_flow_pairs: pairs_knob(env_num("NSA_CUDA_SW_FLOW"), SW_FLOW_PAIRS),
         full_tables: env_on("NSA_CUDA_FULL_TABLES"),
         cmp_large_pairs: pairs_knob(env_num("NSA_CUDA_CMP_LARGE"), CMP_LARGE_PAIRS),
-        cmp_stream_pairs: pairs_knob(env_num("NSA_CUDA_CMP_STREAM"), u32::MAX),
-        cmp_stream_splits: env_num("NSA_CUDA_CMP_STREAM_SPLITS").map(|n| n as u32),
-        cmp_stream_per_sm: env_num("NSA_CUDA_CMP_STREAM_PER_SM").map_or(2, |n| (n as u32).clamp(1, 4)),
-        sw_stream: env_on("NSA_CUDA_SW_STREAM"),
     };
-    let stream = tma && mma && info.compute_capability.0 >= 9 && g <= 16 && knobs.cmp_stream_pairs != u32::MAX;
-    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, stream, optin, knobs })
+    Ok(Plan { smem, head_chunk: hc as u32, mma, bulk, tma: tma && mma, stages_fit, prefill, blocks, cmp_splits, knobs })
 }
 
 /// The CUBIN for the device (compiled or from the caches) loaded into the current context.
@@ -563,34 +518,6 @@ mod tests {
     /// Blocks per multiprocessor at 2, 3, 4 stages.
     fn table(t: [u32; 3]) -> impl FnMut(usize) -> crate::error::Result<u32> {
         move |s| Ok(t[s - 2])
-    }
-
-    /// The stream's ring at two blocks a multiprocessor on a Hopper multiprocessor (228 KiB,
-    /// 1 KiB reserved a block): 8 stages at 128/128 (8 KB each), 5 at 192/128, the most (12)
-    /// at 64/64.
-    #[test]
-    fn stream_ring_keeps_two_blocks() {
-        use super::smem_cmp_stream;
-        use crate::cuda::consts::{CS_MAX_STAGES, CS_MIN_STAGES};
-        let deepest = |dk, dv| (CS_MIN_STAGES as usize..=CS_MAX_STAGES as usize).filter(|&s| 2 * (smem_cmp_stream(dk, dv, s) + 1024) <= 228 * 1024).max();
-        assert_eq!(deepest(128, 128), Some(8));
-        assert_eq!(deepest(192, 128), Some(5));
-        assert_eq!(deepest(64, 64), Some(12));
-        // The layout's parts at 128/128: 256 + 3 x 4,736 + 4 x 16 x 540 + 1,024 + 8 x 8,192.
-        assert_eq!(smem_cmp_stream(128, 128, 8), 256 + 3 * 4736 + 64 * 540 + 1024 + 8 * 8192);
-    }
-
-    /// Items a pair: four a block by default (batch 16 at four KV heads, 264 blocks: 16),
-    /// within the workspace's splits; the knob's count as asked, clamped the same way.
-    #[test]
-    fn stream_splits_give_each_block_four_items() {
-        use super::stream_splits;
-        assert_eq!(stream_splits(64, 264, 4, 64, None), 16);
-        assert_eq!(stream_splits(256, 264, 4, 64, None), 4);
-        assert_eq!(stream_splits(2048, 264, 4, 64, None), 1);
-        assert_eq!(stream_splits(64, 264, 4, 8, None), 8);
-        assert_eq!(stream_splits(64, 264, 4, 64, Some(40)), 40);
-        assert_eq!(stream_splits(64, 264, 4, 64, Some(0)), 1);
     }
 
     #[test]

@@ -25,7 +25,6 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("attend.cuh", include_str!("../../kernels/attend.cuh")),
     ("attend_mma.cuh", include_str!("../../kernels/attend_mma.cuh")),
     ("compressed.cuh", include_str!("../../kernels/compressed.cuh")),
-    ("compressed_stream.cuh", include_str!("../../kernels/compressed_stream.cuh")),
     ("selection.cuh", include_str!("../../kernels/selection.cuh")),
     ("selected.cuh", include_str!("../../kernels/selected.cuh")),
     ("combine.cuh", include_str!("../../kernels/combine.cuh")),

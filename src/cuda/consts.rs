@@ -41,21 +41,6 @@ pub(crate) const SEL_CHUNK_MIN: u32 = 128;
 /// With tensor maps the window's range starts at a multiple of this many keys (whole
 /// boxes), up to `WINDOW_ALIGN - 1` keys before its first position (those are masked).
 pub(crate) const WINDOW_ALIGN: u32 = MMA_KEYS;
-/// Threads of the persistent compressed stream (`cmp_stream`, kernels/compressed_stream.cuh):
-/// four math warps, a copy warp, a scheduler warp.
-pub(crate) const CS_THREADS: u32 = 192;
-/// Items the stream's scheduler prepares ahead (its slots).
-pub(crate) const CS_SLOTS: u32 = 3;
-/// Tiles of an item whose page-table entries the scheduler resolves into its slot (a lane's
-/// each); the copy warp looks up later rounds itself.
-pub(crate) const CS_SRC: u32 = 32;
-/// Bytes of the stream's mbarrier area (a slot's and two a stage) and of an item's
-/// descriptor in its slot.
-pub(crate) const CS_BAR_BYTES: u32 = 256;
-pub(crate) const CS_DESC_BYTES: u32 = 128;
-/// The stream's ring holds at least and at most this many 16-key stages.
-pub(crate) const CS_MIN_STAGES: u32 = 4;
-pub(crate) const CS_MAX_STAGES: u32 = 12;
 /// Workspace counters per (row, KV head) pair of a wave: the selection's last-block
 /// hand-over and the per-pair hand-overs between launches (kernels/ptx.cuh `flow_counters`).
 pub(crate) const PAIR_COUNTERS: u32 = 8;
@@ -120,12 +105,6 @@ const DEFINES: &[(&str, u64)] = &[
     ("NSA_PFB_ITEM", PFB_ITEM as u64),
     ("NSA_PFB_WARPS", PFB_WARPS as u64),
     ("NSA_PF_SEL_WARPS", PF_SEL_WARPS as u64),
-    ("NSA_CS_THREADS", CS_THREADS as u64),
-    ("NSA_CS_SLOTS", CS_SLOTS as u64),
-    ("NSA_CS_SRC", CS_SRC as u64),
-    ("NSA_CS_BAR_BYTES", CS_BAR_BYTES as u64),
-    ("NSA_CS_DESC_BYTES", CS_DESC_BYTES as u64),
-    ("NSA_CS_MAX_STAGES", CS_MAX_STAGES as u64),
 ];
 
 /// The `-D` options that define the constants in the kernels, and the sizes of the

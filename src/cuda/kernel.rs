@@ -8,7 +8,7 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::sys;
 
-use super::consts::{CS_MAX_STAGES, CS_MIN_STAGES, CS_THREADS, MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE, PFB_WARPS};
+use super::consts::{MMA_WARPS, NT_ATT, NT_SEL, NT_WIDE, PFB_WARPS};
 use super::driver::{check, CUstream};
 use super::params::Params;
 use super::prefill::PrefillPlan;
@@ -274,15 +274,6 @@ impl Kernel {
         fixed.then(|| self.entry(dtype, dims, generic, tma) + "g")
     }
 
-    /// The compressed branch as one persistent stream (kernels/compressed_stream.cuh
-    /// `cmp_stream`), compiled where [`Kernel::large_entry`] is, for DV <= 128 (a lane's
-    /// accumulators): `nsa_cmp_stream_{bf16,f16}_{DK}_{DV}`, launched where
-    /// [`LaunchOpts::stream`] asks for it.
-    pub fn stream_entry(self, dtype: Dtype, dims: (u32, u32), generic: bool, tma: bool) -> Option<String> {
-        let large = self.large_entry(dtype, dims, generic, tma).filter(|_| dims.1 <= 128)?;
-        Some(large.replacen("nsa_cmp_mma_", "nsa_cmp_stream_", 1).trim_end_matches("_ldsg").to_string())
-    }
-
     /// A tensor-core kernel with an entry compiled for these head dims ([`MMA_SHAPES`],
     /// unless `generic` asks for the any-shape entries).
     fn mma_fixed(self, dk: u32, dv: u32, generic: bool) -> bool {
@@ -314,11 +305,7 @@ impl Kernel {
         }
         if self.tensor_core() {
             let dims = MMA_SHAPES.iter().flat_map(|&s| [(s, false, false), (s, false, true)]).chain([((128, 128), true, false), ((256, 256), true, false)]);
-            let large = MMA_SHAPES
-                .iter()
-                .flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(move |d| [self.large_entry(d, s, false, true), self.stream_entry(d, s, false, true)]))
-                .flatten()
-                .flatten();
+            let large = MMA_SHAPES.iter().flat_map(|&s| [Dtype::F16, Dtype::Bf16].map(move |d| self.large_entry(d, s, false, true))).flatten();
             dims.flat_map(|(s, generic, tma)| [Dtype::F16, Dtype::Bf16].map(|d| self.entry(d, s, generic, tma))).chain(large).collect()
         } else {
             [Dtype::F32, Dtype::F16, Dtype::Bf16].iter().map(|&d| self.entry(d, (0, 0), false, false)).collect()
@@ -334,10 +321,6 @@ pub(crate) struct Kernels {
     /// `CmpMma`'s entry for large waves ([`Kernel::large_entry`]), null where none is
     /// compiled; it takes `CmpMma`'s block size and shared memory.
     cmp_large: sys::CUfunction,
-    /// `CmpMma`'s persistent stream ([`Kernel::stream_entry`]) and its ring, where the plan
-    /// asks for it and two blocks fit a multiprocessor ([`Kernels::load`]).
-    cmp_stream: sys::CUfunction,
-    pub stream: Option<StreamForm>,
     block: [u32; Kernel::COUNT],
     smem: [u32; Kernel::COUNT],
     /// Dependent launches use programmatic dependent launch (sm_90+, unless
@@ -360,8 +343,6 @@ impl Kernels {
             module,
             funcs: [std::ptr::null_mut(); Kernel::COUNT],
             cmp_large: std::ptr::null_mut(),
-            cmp_stream: std::ptr::null_mut(),
-            stream: None,
             block: [0; Kernel::COUNT],
             smem: [0; Kernel::COUNT],
             pdl: false,
@@ -391,37 +372,7 @@ impl Kernels {
             }
             k.set_smem(kernel, smem.of(kernel.smem()))?;
         }
-        if let Some(name) = Kernel::CmpMma.stream_entry(dtype, (dk, dv), generic_mma, plan.tma).filter(|_| plan.stream) {
-            let name = CString::new(name).expect("no NUL");
-            // SAFETY: as above.
-            check(unsafe { sys::cuModuleGetFunction(&mut k.cmp_stream, module, name.as_ptr()) }, "cuModuleGetFunction")?;
-            k.stream = k.stream_form(dk, dv, plan.knobs.cmp_stream_per_sm, plan.optin)?;
-        }
         Ok(k)
-    }
-
-    /// The stream's deepest ring (`CS_MIN_STAGES..=CS_MAX_STAGES` stages) at which `per_sm`
-    /// blocks stay resident a multiprocessor (registers and shared memory, by the driver's
-    /// occupancy query), its shared memory raised to that; `None` when not even the
-    /// shallowest fits.
-    fn stream_form(&self, dk: u32, dv: u32, per_sm: u32, optin: usize) -> Result<Option<StreamForm>> {
-        for stages in (CS_MIN_STAGES..=CS_MAX_STAGES).rev() {
-            let smem = super::build::smem_cmp_stream(dk as usize, dv as usize, stages as usize);
-            if smem > optin {
-                continue;
-            }
-            Self::raise_smem(self.cmp_stream, smem as u32)?;
-            let mut blocks = 0i32;
-            // SAFETY: a loaded function; plain occupancy query.
-            check(
-                unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, self.cmp_stream, CS_THREADS as i32, smem) },
-                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-            )?;
-            if blocks >= per_sm as i32 {
-                return Ok(Some(StreamForm { stages, smem: smem as u32, per_sm }));
-            }
-        }
-        Ok(None)
     }
 
     /// The loaded module (its globals: `timeline.rs`).
@@ -564,17 +515,11 @@ impl Kernels {
             attrs[n].value.sharedMemCarveout = c.min(100);
             n += 1;
         }
-        let threads = opts.threads.map_or(self.block[i], |t| t.min(self.block[i]));
-        let (f, threads) = match kernel {
-            Kernel::CmpMma if opts.stream && !self.cmp_stream.is_null() => (self.cmp_stream, CS_THREADS),
-            Kernel::CmpMma if opts.large && !self.cmp_large.is_null() => (self.cmp_large, threads),
-            _ => (self.funcs[i], threads),
-        };
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
             gridDimZ: grid.2,
-            blockDimX: threads,
+            blockDimX: opts.threads.map_or(self.block[i], |t| t.min(self.block[i])),
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem,
@@ -582,6 +527,7 @@ impl Kernels {
             attrs: attrs.as_mut_ptr(),
             numAttrs: n as u32,
         };
+        let f = if opts.large && kernel == Kernel::CmpMma && !self.cmp_large.is_null() { self.cmp_large } else { self.funcs[i] };
         let r = sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut());
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(NsaError::Cuda(format!("cuLaunchKernelEx(nsa_{}) failed: {r:?}", kernel.stage())));
@@ -602,18 +548,6 @@ pub struct LaunchOpts {
     pub threads: Option<u32>,
     /// `CmpMma`: its entry for large waves where one is loaded ([`Kernel::large_entry`]).
     pub large: bool,
-    /// `CmpMma`: its persistent stream where one is loaded ([`Kernels::stream`]); the
-    /// launch's grid, `launch.nstage` and shared memory are the caller's (`StreamForm`).
-    pub stream: bool,
-}
-
-/// The persistent compressed stream's form on this device: ring stages, dynamic shared
-/// memory, blocks a multiprocessor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamForm {
-    pub stages: u32,
-    pub smem: u32,
-    pub per_sm: u32,
 }
 
 impl Drop for Kernels {
@@ -647,13 +581,6 @@ mod tests {
         assert_eq!(Kernel::CmpMma.large_entry(Dtype::Bf16, (128, 128), true, true), None);
         assert_eq!(Kernel::CmpMma.large_entry(Dtype::F16, (96, 64), false, true), None);
         assert_eq!(Kernel::SwMma.large_entry(Dtype::Bf16, (128, 128), false, true), None);
-        // The persistent compressed stream: where the large-wave entry is, for DV <= 128.
-        assert_eq!(Kernel::CmpMma.stream_entry(Dtype::Bf16, (128, 128), false, true).as_deref(), Some("nsa_cmp_stream_bf16_128_128"));
-        assert_eq!(Kernel::CmpMma.stream_entry(Dtype::F16, (192, 128), false, true).as_deref(), Some("nsa_cmp_stream_f16_192_128"));
-        assert_eq!(Kernel::CmpMma.stream_entry(Dtype::Bf16, (64, 64), false, true).as_deref(), Some("nsa_cmp_stream_bf16_64_64"));
-        assert_eq!(Kernel::CmpMma.stream_entry(Dtype::Bf16, (128, 128), false, false), None);
-        assert_eq!(Kernel::CmpMma.stream_entry(Dtype::Bf16, (128, 128), true, true), None);
-        assert_eq!(Kernel::SwMma.stream_entry(Dtype::Bf16, (128, 128), false, true), None);
         assert_eq!(Kernel::SwMma.entry(Dtype::Bf16, (128, 128), true, true), "nsa_sw_mma_bf16_16");
         assert_eq!(Kernel::FullMma.entry(Dtype::Bf16, (96, 64), false, true), "nsa_full_mma_bf16_16");
         assert_eq!(Kernel::Append.entry(Dtype::F32, (64, 64), false, false), "nsa_append_f32");
@@ -668,11 +595,11 @@ mod tests {
         // Ten scalar decode kernels (the selection's and the combine's two entries among
         // them) for three types;
         // the tensor-core ones per compiled shape twice (copy path from the launch, or
-        // tensor maps) and by V tile width, the compressed one's large-wave entry and its
-        // persistent stream per compiled shape; pf_cmp also warp-specialised (prefill::WS_FORMS),
+        // tensor maps) and by V tile width, the compressed one's large-wave entry per compiled
+        // shape; pf_cmp also warp-specialised (prefill::WS_FORMS),
         // pf_sww as pf_sw; the block-major kernels: four for both 16-bit types, pfb_attn per
         // prefill shape; pf_sel per prefill shape; pf_repair for both 16-bit types.
-        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 2 * 2 * MMA_SHAPES.len() + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3 + 2);
+        assert_eq!(all, 10 * 3 + 3 * 2 * (2 * MMA_SHAPES.len() + 2) + 2 * MMA_SHAPES.len() + 16 + (16 + 4 * 6) + 16 + 4 * 2 + 2 * 3 + 2 * 3 + 2);
         assert_eq!(Kernel::PfRepair.entry(Dtype::F16, (192, 128), false, false), "nsa_pf_repair_f16");
         for (i, k) in Kernel::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);

@@ -2,11 +2,11 @@
 //! ([`CudaBackend::wave_splits`]) and the fixed sequence of kernels (see the module doc of
 //! `mod.rs` and docs/ARCHITECTURE.md). Launches only: nothing is allocated.
 
-use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, CS_SRC, MMA_KEYS, NT_ATT, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
+use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_ATT, NT_SEL, NT_WIDE, SEL_CHUNK_MIN};
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
-use super::build::{sel_lists_max_chunks, stream_splits};
-use super::kernel::{Kernel, LaunchOpts, StreamForm};
-use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_CS_WINDOW, MODE_GROUP_SUMS, MODE_SW_STREAM, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
+use super::build::sel_lists_max_chunks;
+use super::kernel::{Kernel, LaunchOpts};
+use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -67,17 +67,6 @@ fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
 fn window_in_cmp(pairs: u32, small: bool, min_pairs: u32) -> bool {
     pairs >= min_pairs && (!small || min_pairs == 1)
 }
-
-/// Whether a selected unit of `spb` blocks of `sel_block` keys fits the persistent stream's
-/// item (kernels/compressed_stream.cuh): at most `CS_UNIT_BLOCKS` (8) blocks and `CS_SRC`
-/// (32) tiles of 16 keys, whole tiles a block.
-fn sw_stream_fits(spb: u32, sel_block: u32) -> bool {
-    sel_block % MMA_KEYS == 0 && spb <= 8 && spb * sel_block <= CS_SRC * MMA_KEYS
-}
-
-/// Compressed items a block of the persistent stream takes by default (`build::stream_splits`):
-/// short items keep the blocks' shares even while the ring never drains between them.
-const CS_ITEMS_PER_BLOCK: u32 = 4;
 
 /// Blocks per multiprocessor a scalar launch aims for when it picks its split counts.
 const BLOCKS_PER_SM: u32 = 2;
@@ -208,14 +197,6 @@ impl CudaBackend {
                 if let Some(w) = small {
                     pw.launch.nstage = w.nstage as i32;
                 }
-                pw.launch.rows = rows as i32;
-                // Large waves' compressed branch as one persistent stream where its knob asks
-                // (kernels/compressed_stream.cuh): a grid of `per_sm` blocks a multiprocessor,
-                // each pair's splits as items of about a quarter of a block's share.
-                let cs = k.stream.filter(|_| self.mma && small.is_none() && rows * hkv >= self.knobs.cmp_stream_pairs);
-                if let Some(f) = cs {
-                    pw.launch.nsplit_c = stream_splits(rows * hkv, f.per_sm * sms, CS_ITEMS_PER_BLOCK, self.cmp_splits, self.knobs.cmp_stream_splits) as i32;
-                }
                 if self.knobs.group_sums {
                     pw.launch.mode |= MODE_GROUP_SUMS;
                 }
@@ -243,15 +224,7 @@ impl CudaBackend {
                     _ => k.smem(kernel),
                 };
                 let hint = rows as u64 * row_logits <= self.knobs.l2_hint_logits;
-                // The selected units through the same stream after the selection (variant 131),
-                // where its knob asks and a unit's blocks fit the kernel's slot; the selection
-                // then hands nothing over per pair to the selected branch.
-                let sws = cs.filter(|_| self.knobs.sw_stream && pw.launch.mode & MODE_SEL_LISTS != 0 && sw_stream_fits(pw.launch.spb as u32, cfg.sel_block));
-                if sws.is_some() {
-                    pw.launch.mode &= !MODE_SW_FLOW;
-                }
-                // `cs`: a launch of the stream (its grid, ring and shared memory), with `mode`.
-                let go_as = |kernel: Kernel, grid: (u32, u32, u32), cs: Option<(StreamForm, i32)>| {
+                let go = |kernel: Kernel, grid: (u32, u32, u32)| {
                     let mut pk = pw;
                     if hint && self.knobs.l2_kernels & 1 << kernel as u32 != 0 {
                         pk.launch.mode |= MODE_L2_EVICT_FIRST;
@@ -264,35 +237,17 @@ impl CudaBackend {
                     if matches!(kernel, Kernel::SelectBlocks | Kernel::SelectLists) {
                         opts.threads = sel_threads(grid.0 * grid.1 * grid.2, sms, self.knobs.sel_half);
                     }
-                    match cs {
-                        Some((f, mode)) => {
-                            pk.launch.nstage = f.stages as i32;
-                            pk.launch.mode |= mode;
-                            opts.stream = true;
-                            k.launch_with(kernel, grid, f.smem, &pk, stream, true, opts)
-                        }
-                        None => k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts),
-                    }
+                    k.launch_with(kernel, grid, smem(kernel), &pk, stream, true, opts)
                 };
-                let go = |kernel: Kernel, grid: (u32, u32, u32)| go_as(kernel, grid, None);
                 let l = &pw.launch;
                 // With the window in the compressed launch, its units are the blocks past the
                 // splits there (kernels/compressed.cuh) and `sw_mma` runs the selected ones.
                 let (win_c, units) = if win_in_cmp { (l.units_w as u32, l.units_s as u32) } else { (0, (l.units_s + l.units_w) as u32) };
-                // A stream launch of `per_pair` items a pair: every item once, over at most its grid.
-                let stream_grid = |f: StreamForm, per_pair: u32| ((rows * hkv * per_pair).min(f.per_sm * sms), 1, 1);
-                match cs {
-                    Some(f) => go_as(cmp, stream_grid(f, l.nsplit_c as u32 + win_c), Some((f, if win_in_cmp { MODE_CS_WINDOW } else { 0 })))?,
-                    None => go(cmp, (rows, hkv, l.nsplit_c as u32 + win_c))?,
-                }
+                go(cmp, (rows, hkv, l.nsplit_c as u32 + win_c))?;
                 // Lists and group sums fixed at compile time where both are on (one path's code).
                 let sel = if self.knobs.sel_lists && self.knobs.group_sums { Kernel::SelectLists } else { Kernel::SelectBlocks };
                 go(sel, (rows, hkv, l.sel_chunks as u32))?;
-                match sws {
-                    // Its items: each pair's selected units, then its window units unless they ran above.
-                    Some(f) => go_as(cmp, stream_grid(f, units), Some((f, MODE_SW_STREAM | if win_in_cmp { 0 } else { MODE_CS_WINDOW })))?,
-                    None => go(sw, (rows, hkv, units))?,
-                }
+                go(sw, (rows, hkv, units))?;
                 let comb = if comb_vec_fits(cfg.head_dim_v, l.comb_heads as u32, self.knobs.comb_vec) { Kernel::Combine } else { Kernel::CombineScalar };
                 go(comb, (rows, cfg.num_q_heads / l.comb_heads as u32, 1))?;
                 row0 += rows;
@@ -438,7 +393,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob, sw_stream_fits, window_in_cmp};
+    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob, window_in_cmp};
     use crate::cuda::consts::NT_SEL;
 
     #[test]
@@ -464,18 +419,6 @@ mod tests {
         assert!(window_in_cmp(4, true, 1));
         assert!(window_in_cmp(1, false, 1));
         assert!(!window_in_cmp(256, false, u32::MAX));
-    }
-
-    /// Selected units in the stream: up to 8 blocks and 32 tiles (paper's 64-key blocks: spb
-    /// up to 8; 128-key blocks: up to 4), blocks of whole tiles.
-    #[test]
-    fn sw_stream_takes_units_of_at_most_32_tiles() {
-        assert!(sw_stream_fits(1, 64));
-        assert!(sw_stream_fits(8, 64));
-        assert!(!sw_stream_fits(16, 64));
-        assert!(sw_stream_fits(4, 128));
-        assert!(!sw_stream_fits(8, 128));
-        assert!(!sw_stream_fits(2, 40));
     }
 
     #[test]

@@ -167,8 +167,6 @@ pub(crate) struct Launch {
     /// sequence's first new row) and its rows.
     pub pf_c0: i32,
     pub pf_rows: i32,
-    /// Query rows of the wave (the persistent compressed stream counts its items from it).
-    pub rows: i32,
 }
 
 #[repr(C)]
@@ -229,15 +227,6 @@ pub(crate) const MODE_APPEND_PREFETCH: i32 = 4096;
 /// (row, KV head), and the selection blocks of that pair start once its count is complete
 /// rather than when the whole compressed launch has ended (`flow_wait` in kernels/ptx.cuh).
 pub(crate) const MODE_SEL_FLOW: i32 = 8192;
-
-/// `Launch::mode` bit of the persistent compressed stream (`cmp_stream`): the window's units
-/// are its items too, after each pair's splits (`MODE_CS_WINDOW` in kernels/compressed_stream.cuh).
-pub(crate) const MODE_CS_WINDOW: i32 = 1 << 18;
-
-/// `Launch::mode` bit of the persistent stream launched after the selection in `sw_mma`'s place
-/// (`MODE_SW_STREAM` in kernels/compressed_stream.cuh): its items are each pair's selected
-/// units (and window units with `MODE_CS_WINDOW`).
-pub(crate) const MODE_SW_STREAM: i32 = 1 << 19;
 
 /// `Launch::mode` bit of a wave's selection and selected-branch launches
 /// (`DecodeKnobs::sw_flow_pairs`): each selection chunk block counts itself done per pair,
@@ -343,7 +332,6 @@ impl Params {
                 pf_win: setup.pf_win as i32,
                 pf_c0: 0,
                 pf_rows: 0,
-                rows: 0,
             },
         }
     }
@@ -377,15 +365,16 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // The kernels' groups: 8 pointers; 7 pointers + 3 ints (+ 4 padding); 15 ints + a
-        // float + 3 ints (+ 4 padding); 5 pointers; 13 pointers + 2 ints; 14 ints.
+        // float + 3 ints (+ 4 padding); 5 pointers; 13 pointers + 2 ints; 13 ints (+ 4
+        // padding at the end).
         assert_eq!(size_of::<DeviceLayerIo>(), 64);
         assert_eq!(size_of::<Paging>(), 7 * 8 + 3 * 4 + 4);
         assert_eq!(size_of::<Shapes>(), 19 * 4);
         assert_eq!(size_of::<StepPlan>(), 5 * 8);
         assert_eq!(size_of::<Workspace>(), 13 * 8 + 2 * 4);
-        assert_eq!(size_of::<Launch>(), 14 * 4);
+        assert_eq!(size_of::<Launch>(), 13 * 4);
         assert_eq!(size_of::<StepHeader>(), 16);
-        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 112 + 56);
+        assert_eq!(size_of::<Params>(), 64 + 72 + 76 + 4 + 40 + 112 + 52 + 4);
         assert_eq!(align_of::<Params>(), 8);
     }
 
