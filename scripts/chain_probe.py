@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""What a chain of dependent stages costs with nothing computed in it (a diagnostic).
+
+Issue 12 asks a batch-1 decode step at 64k for <= 10 us; the engine's step is five dependent
+launches (append, compressed branch, selection, selected blocks and window, combine) and takes
+~25 us on the H200 (docs/DECODE_NOTES.md, variant 103: append + compressed 11.9, selection 5.3,
+selected 5.4, combine 3.3). This probe times the skeleton of such a step: the same number of
+stages, each with a grid of the engine's size, each reading what the one before wrote (one L2
+round trip) and writing a word a block, plus the one stage that carries bytes (the compressed
+branch's 8 MB read cold from memory), so that the floor of the structure itself is measured
+rather than argued. Every timing is a CUDA graph replayed (as nsa-bench's graph numbers), the
+L2 flushed before each replay (by reading a buffer several times its size, outside the timed
+events), the median of REPS replays, in microseconds.
+
+  graph     one 4-block kernel that does nothing: what a replayed graph costs at least;
+  hops N    N dependent launches of 256 blocks (each waits for the one before, reads 32 of
+            its words, writes one), with programmatic dependent launch (`pdl`: each kernel
+            lets the next start at its entry and waits with griddepcontrol.wait, as the
+            engine's kernels do) and without (`serial`);
+  burst     one launch of 256 blocks reading 8 MB (32 KB a block, contiguous, 8 loads of
+            16 bytes in flight a thread), cold: the compressed branch's bytes at batch 1;
+  step      the five-launch skeleton with pdl: a 128-block hop (the append), the burst,
+            three 256-block hops (selection, selected, combine);
+  fused K   one launch of 264 blocks (two a multiprocessor, all resident): the burst, then
+            K grid-wide hand-overs (each block counts itself in on a counter, waits for the
+            whole grid's count with acquire loads, reads 32 words of other blocks, writes
+            one): the one-launch form of the same chain.
+
+Two steps, since the GPU machine has no compiler:
+
+  python3 scripts/chain_probe.py build DIR   # here: NVRTC -> DIR/chain.cubin
+  python3 scripts/chain_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+  python3 scripts/chain_probe.py --self-test # the hand-over's ticket arithmetic, no GPU
+"""
+import ctypes
+import os
+import statistics
+import sys
+
+from probe_cuda import Driver, compile_cubin, nvrtc
+
+SRC = r"""
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Reads n 16-byte words (grid-stride, 4 in flight a thread) so that the L2 holds none of the
+// probe's data afterwards.
+extern "C" __global__ void flush(const uint4* a, long long n, unsigned* sink) {
+    const long long T = (long long)gridDim.x * blockDim.x;
+    unsigned acc = 0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += 4 * T) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const long long j = i + k * T;
+            if (j < n) {
+                const uint4 v = __ldcg(a + j);
+                acc ^= v.x ^ v.y ^ v.z ^ v.w;
+            }
+        }
+    }
+    if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+// A block's word from the previous stage's words: 32 lanes of warp 0 read 32 of them (one L2
+// round trip), fold them, and thread 0 writes the block's own. Block barrier before the store
+// so the whole block's work is on the chain, as in a real stage.
+__device__ __forceinline__ void hop_body(const unsigned* in, int nin, unsigned* out, unsigned salt) {
+    __shared__ unsigned w;
+    if (threadIdx.x < 32) {
+        unsigned v = nin > 0 ? __ldcg(in + (blockIdx.x * 7u + threadIdx.x * 13u) % (unsigned)nin) : 0u;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v ^= __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) w = v + salt;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = w;
+}
+
+extern "C" __global__ void hop(const unsigned* in, int nin, unsigned* out, int pdl) {
+    if (pdl) {
+        pdl_trigger();
+        pdl_wait();
+    }
+    hop_body(in, nin, out, 1u);
+}
+
+// Block b reads its `per` 16-byte words of a (contiguous), 8 loads in flight a thread.
+__device__ __forceinline__ unsigned burst_body(const uint4* a, int per) {
+    const uint4* p = a + (long long)blockIdx.x * per;
+    unsigned acc = 0;
+    for (int i = threadIdx.x; i < per; i += 8 * blockDim.x) {
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const int j = i + k * blockDim.x;
+            v[k] = j < per ? __ldcg(p + j) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    return acc;
+}
+
+extern "C" __global__ void burst(const uint4* a, int per, unsigned* out, int pdl) {
+    if (pdl) {
+        pdl_trigger();
+        pdl_wait();
+    }
+    __shared__ unsigned w[32];
+    const unsigned acc = burst_body(a, per);
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned v = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+        out[blockIdx.x] = v;
+    }
+}
+
+// The grid-wide hand-over: every block takes a ticket on the counter; a block's round is
+// ticket / grid, and the round is complete once the counter reaches (round + 1) * grid. The
+// counter is never reset, so graph replays need no memset (2^32 / grid rounds before it wraps).
+__device__ __forceinline__ void grid_handover(unsigned* counter) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned ticket = atomicAdd(counter, 1u);
+        const unsigned target = (ticket / gridDim.x + 1u) * gridDim.x;
+        while ((int)(ld_acquire(counter) - target) < 0) {
+        }
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsigned* counters, int stages) {
+    __shared__ unsigned w[32];
+    const unsigned acc = burst_body(a, per);
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned v = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+        words[blockIdx.x] = v;
+    }
+    for (int s = 0; s < stages; s++) {
+        grid_handover(counters + 32 * s);
+        hop_body(words + s * gridDim.x, gridDim.x, words + (s + 1) * gridDim.x, s + 2u);
+    }
+}
+"""
+
+REPS = 30
+BURST_BYTES = 8 << 20  # the compressed branch's K/V at batch 1, 64k, paper 128/128
+FLUSH_BYTES = 1 << 30
+THREADS = 256
+
+
+def ticket_target(ticket, grid):
+    """The count at which the round of `ticket` is complete (the kernel's `grid_handover`)."""
+    return (ticket // grid + 1) * grid
+
+
+def self_test():
+    # Every ticket of a round waits for the same count, the round's last ticket completes it,
+    # and the next round's tickets wait for the next multiple, whatever the replay.
+    for grid in (1, 4, 132, 264):
+        for rnd in range(3):
+            tickets = range(rnd * grid, (rnd + 1) * grid)
+            targets = {ticket_target(t, grid) for t in tickets}
+            assert targets == {(rnd + 1) * grid}, (grid, rnd, targets)
+            assert max(tickets) + 1 == (rnd + 1) * grid
+    # The kernel compares with a signed difference, so a counter that wrapped past 2^32 still
+    # compares correctly for targets within 2^31 of it.
+    wrap = lambda x: ((x + (1 << 31)) % (1 << 32)) - (1 << 31)
+    assert wrap((5 - ((1 << 32) - 3)) % (1 << 32)) > 0
+    print("chain_probe self-test ok")
+
+
+class CUlaunchAttribute(ctypes.Structure):
+    # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union.
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class CUlaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(CUlaunchAttribute)), ("numAttrs", ctypes.c_uint),
+    ]
+
+
+PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class Chain:
+    """Launches on one stream (pdl or not), captured into graphs and replayed."""
+
+    def __init__(self, d):
+        self.d = d
+        self.cu = d.cu
+        s = ctypes.c_void_p()
+        d.ck(self.cu.cuStreamCreate(ctypes.byref(s), 1), "stream")  # CU_STREAM_NON_BLOCKING
+        self.stream = s
+        self.keep = []
+
+    def launch(self, f, grid, args, pdl):
+        attr = CUlaunchAttribute()
+        attr.id = PDL_ATTRIBUTE
+        one = ctypes.c_int(1)  # value.programmaticStreamSerializationAllowed
+        ctypes.memmove(ctypes.addressof(attr) + CUlaunchAttribute.value.offset, ctypes.addressof(one), 4)
+        cfg = CUlaunchConfig(grid, 1, 1, THREADS, 1, 1, 0, self.stream, ctypes.pointer(attr), 1 if pdl else 0)
+        packed = self.d.pack(args)
+        self.keep.append((args, packed, attr, cfg))
+        self.d.ck(self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, packed, None), "cuLaunchKernelEx")
+
+    def graph(self, go):
+        """`go()` captured on the stream, instantiated."""
+        self.d.ck(self.cu.cuStreamBeginCapture_v2(self.stream, 0), "begin capture")
+        go()
+        g = ctypes.c_void_p()
+        self.d.ck(self.cu.cuStreamEndCapture(self.stream, ctypes.byref(g)), "end capture")
+        ex = ctypes.c_void_p()
+        self.d.ck(self.cu.cuGraphInstantiateWithFlags(ctypes.byref(ex), g, ctypes.c_ulonglong(0)), "instantiate")
+        return ex
+
+    def time_us(self, ex, flush):
+        """Median microseconds of a replay of `ex`, each after `flush()` outside the events."""
+        e0, e1 = ctypes.c_void_p(), ctypes.c_void_p()
+        self.d.ck(self.cu.cuEventCreate(ctypes.byref(e0), 0), "event")
+        self.d.ck(self.cu.cuEventCreate(ctypes.byref(e1), 0), "event")
+        out = []
+        for i in range(REPS + 3):
+            flush()
+            self.d.ck(self.cu.cuEventRecord(e0, self.stream), "record")
+            self.d.ck(self.cu.cuGraphLaunch(ex, self.stream), "graph launch")
+            self.d.ck(self.cu.cuEventRecord(e1, self.stream), "record")
+            self.d.ck(self.cu.cuEventSynchronize(e1), "sync")
+            ms = ctypes.c_float()
+            self.d.ck(self.cu.cuEventElapsedTime(ctypes.byref(ms), e0, e1), "elapsed")
+            if i >= 3:
+                out.append(1000.0 * ms.value)
+        return statistics.median(out), min(out)
+
+
+def build(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    n = compile_cubin(nvrtc(), SRC, os.path.join(out_dir, "chain.cubin"))
+    print(f"{out_dir}/chain.cubin: {n} bytes")
+
+
+def run(out_dir):
+    d = Driver()
+    cubin = os.path.join(out_dir, "chain.cubin")
+    f = {k: d.function(cubin, k)[0] for k in ("flush", "hop", "burst", "fused")}
+    sms = d.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    c = Chain(d)
+    big = d.alloc(FLUSH_BYTES)
+    d.ck(d.cu.cuMemsetD32_v2(big, ctypes.c_uint(0x5a5a5a5a), ctypes.c_size_t(FLUSH_BYTES // 4)), "memset")
+    words = d.alloc(64 << 20)
+    d.ck(d.cu.cuMemsetD32_v2(words, ctypes.c_uint(0), ctypes.c_size_t((64 << 20) // 4)), "memset")
+    counters = d.alloc(4096)
+    d.ck(d.cu.cuMemsetD32_v2(counters, ctypes.c_uint(0), ctypes.c_size_t(1024)), "memset")
+    sink = d.alloc(64)
+    # The burst reads the first 8 MB of `big`; the flush reads all of it, ending at its far
+    # end, so the L2 holds none of those 8 MB when a replay starts.
+    fl_args = [big, ctypes.c_longlong(FLUSH_BYTES // 16), sink]
+
+    def flush():
+        d.ck(d.cu.cuLaunchKernel(f["flush"], sms * 4, 1, 1, THREADS, 1, 1, 0, c.stream, d.pack(fl_args), None), "flush")
+
+    W = lambda i: ctypes.c_uint64(words.value + i * 4 * 4096)  # stage i's words: 4,096 slots apart
+
+    def hop(i, grid, nin, pdl):
+        c.launch(f["hop"], grid, [W(i), ctypes.c_int(nin), W(i + 1), ctypes.c_int(1 if pdl else 0)], pdl)
+
+    per = BURST_BYTES // 16 // 256
+
+    def burst(i, pdl):
+        c.launch(f["burst"], 256, [big, ctypes.c_int(per), W(i + 1), ctypes.c_int(1 if pdl else 0)], pdl)
+
+    rows = []
+
+    def measure(name, go, note=""):
+        med, lo = c.time_us(c.graph(go), flush)
+        rows.append((name, med, lo, note))
+        print(f"{name:<28} {med:8.2f} {lo:8.2f}  {note}", flush=True)
+
+    print(f"{'form':<28} {'median':>8} {'min':>8}  (us, graph replay, L2 flushed before each)")
+    measure("graph (1 empty kernel)", lambda: hop(0, 4, 0, False))
+    for n in (2, 3, 4, 5):
+        for pdl in (True, False):
+            measure(f"hops {n} {'pdl' if pdl else 'serial'}", lambda n=n, pdl=pdl: [hop(i, 256, 256 if i else 0, pdl and i > 0) for i in range(n)])
+    measure("burst 8 MB (256 blocks)", lambda: burst(0, False), f"{BURST_BYTES / 1e6:.1f} MB")
+    measure("step skeleton pdl", lambda: [hop(0, 128, 0, False), burst(1, True)] + [hop(2 + i, 256, 256, True) for i in range(3)])
+    measure("step skeleton serial", lambda: [hop(0, 128, 0, False), burst(1, False)] + [hop(2 + i, 256, 256, False) for i in range(3)])
+    grid = 2 * sms
+    perf = BURST_BYTES // 16 // grid
+    for k in (0, 1, 3):
+        measure(f"fused burst + {k} hand-overs",
+                lambda k=k: c.launch(f["fused"], grid, [big, ctypes.c_int(perf), words, counters, ctypes.c_int(k)], False),
+                f"{grid} blocks")
+    print("\nchain probe table (us):")
+    for name, med, lo, note in rows:
+        print(f"| {name} | {med:.2f} | {lo:.2f} | {note} |")
+
+
+def main():
+    if len(sys.argv) >= 2 and sys.argv[1] == "--self-test":
+        self_test()
+    elif len(sys.argv) >= 3 and sys.argv[1] == "build":
+        build(sys.argv[2])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "run":
+        run(sys.argv[2])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
