@@ -24,7 +24,11 @@ events), the median of REPS replays, in microseconds.
   fused K   one launch of 264 blocks (two a multiprocessor, all resident): the burst, then
             K grid-wide hand-overs (each block counts itself in on a counter, waits for the
             whole grid's count with acquire loads, reads 32 words of other blocks, writes
-            one): the one-launch form of the same chain.
+            one): the one-launch form of the same chain;
+  cluster   one launch of clusters (4 of 16 blocks: a cluster per (row, KV head) at batch 1;
+            or 8 of 8, 8 of 16, 32 of 8), the burst spread over its blocks, then K hand-overs
+            by cluster barriers with each block's word read by the others from its shared
+            memory: the per-pair form on chip (docs/DECODE_NOTES.md variant 69).
 
 Two steps, since the GPU machine has no compiler:
 
@@ -139,6 +143,43 @@ __device__ __forceinline__ void grid_handover(unsigned* counter) {
     __syncthreads();
 }
 
+// The per-pair form on chip: a cluster of blocks reads its share of the burst, then K
+// hand-overs by cluster barriers, each block reading every other block's word of the cluster
+// from its shared memory (distributed shared memory) and publishing its next one; a last
+// barrier keeps every block's shared memory alive until the others have read it.
+extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out, int stages) {
+    __shared__ unsigned w[32];
+    __shared__ unsigned pub[2];
+    const unsigned acc = burst_body(a, per);
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned v = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+        pub[0] = v;
+    }
+    unsigned n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    for (int s = 0; s < stages; s++) {
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        if (threadIdx.x < 32) {
+            unsigned v = 0;
+            if (threadIdx.x < n) {
+                unsigned ra;
+                const unsigned la = (unsigned)__cvta_generic_to_shared(&pub[s & 1]);
+                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(la), "r"(threadIdx.x));
+                asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(ra) : "memory");
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v ^= __shfl_xor_sync(0xffffffffu, v, o);
+            if (threadIdx.x == 0) pub[(s + 1) & 1] = v + s;
+        }
+        __syncthreads();
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    if (threadIdx.x == 0) out[blockIdx.x] = pub[stages & 1];
+}
+
 extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsigned* counters, int stages) {
     __shared__ unsigned w[32];
     const unsigned acc = burst_body(a, per);
@@ -198,6 +239,8 @@ class CUlaunchConfig(ctypes.Structure):
 
 
 PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+CLUSTER_ATTRIBUTE = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+NON_PORTABLE_CLUSTER = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
 class Chain:
@@ -211,12 +254,18 @@ class Chain:
         self.stream = s
         self.keep = []
 
-    def launch(self, f, grid, args, pdl):
+    def launch(self, f, grid, args, pdl, cluster=0):
+        """`pdl`: programmatic stream serialization; `cluster`: blocks a cluster (0: none)."""
         attr = CUlaunchAttribute()
-        attr.id = PDL_ATTRIBUTE
-        one = ctypes.c_int(1)  # value.programmaticStreamSerializationAllowed
-        ctypes.memmove(ctypes.addressof(attr) + CUlaunchAttribute.value.offset, ctypes.addressof(one), 4)
-        cfg = CUlaunchConfig(grid, 1, 1, THREADS, 1, 1, 0, self.stream, ctypes.pointer(attr), 1 if pdl else 0)
+        if cluster:
+            attr.id = CLUSTER_ATTRIBUTE
+            dims = (ctypes.c_uint * 3)(cluster, 1, 1)  # value.clusterDim
+            ctypes.memmove(ctypes.addressof(attr) + CUlaunchAttribute.value.offset, ctypes.addressof(dims), 12)
+        else:
+            attr.id = PDL_ATTRIBUTE
+            one = ctypes.c_int(1)  # value.programmaticStreamSerializationAllowed
+            ctypes.memmove(ctypes.addressof(attr) + CUlaunchAttribute.value.offset, ctypes.addressof(one), 4)
+        cfg = CUlaunchConfig(grid, 1, 1, THREADS, 1, 1, 0, self.stream, ctypes.pointer(attr), 1 if pdl or cluster else 0)
         packed = self.d.pack(args)
         self.keep.append((args, packed, attr, cfg))
         self.d.ck(self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, packed, None), "cuLaunchKernelEx")
@@ -259,7 +308,8 @@ def build(out_dir):
 def run(out_dir):
     d = Driver()
     cubin = os.path.join(out_dir, "chain.cubin")
-    f = {k: d.function(cubin, k)[0] for k in ("flush", "hop", "burst", "fused")}
+    f = {k: d.function(cubin, k)[0] for k in ("flush", "hop", "burst", "fused", "cluster_chain")}
+    d.ck(d.cu.cuFuncSetAttribute(f["cluster_chain"], NON_PORTABLE_CLUSTER, 1), "non-portable cluster size")
     sms = d.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     c = Chain(d)
     big = d.alloc(FLUSH_BYTES)
@@ -307,6 +357,13 @@ def run(out_dir):
         measure(f"fused burst + {k} hand-overs",
                 lambda k=k: c.launch(f["fused"], grid, [big, ctypes.c_int(perf), words, counters, ctypes.c_int(k)], False),
                 f"{grid} blocks")
+    for blocks, size in ((64, 16), (64, 8), (128, 16), (256, 8)):
+        per_c = BURST_BYTES // 16 // blocks
+        for k in (0, 1, 3):
+            measure(f"cluster {blocks}x{size} + {k} barriers",
+                    lambda k=k, blocks=blocks, size=size, per_c=per_c: c.launch(
+                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k)], False, cluster=size),
+                    f"{blocks // size} clusters of {size}")
     print("\nchain probe table (us):")
     for name, med, lo, note in rows:
         print(f"| {name} | {med:.2f} | {lo:.2f} | {note} |")
