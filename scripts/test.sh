@@ -20,7 +20,8 @@ cargo test --release --features cuda --lib --bin nsa-bench --test gpu_api --test
 # register spills, `cuda::precompile` filling a kernel cache, the timeline's stamped build
 # compiling, and nsa-bench's L2 flush kernel: NVRTC needs no GPU.
 # NSA_NVRTC_DIR (default .nvrtc, which .ci/run fills) is a `pip install --target` of
-# nvidia-cuda-nvrtc; without one these tests are reported ignored.
+# nvidia-cuda-nvrtc (and nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm for the SASS check);
+# without one these tests are reported ignored.
 nvrtc_dir="${NSA_NVRTC_DIR:-.nvrtc}"
 if [ -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
   nvrtc_lib="$(cd "$nvrtc_dir/nvidia/cu13/lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -28,11 +29,21 @@ if [ -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
     cargo test --release --features cuda --lib -- --include-ignored kernels_compile_without_spills precompile_fills_the_kernel_cache timeline_kernels_compile
   LD_LIBRARY_PATH="$nvrtc_lib" \
     cargo test --release --features cuda --bin nsa-bench -- --include-ignored flush_kernel_compiles_and_keeps_its_loads
+  # The sm_90a kernels' SASS (cuobjdump + nvdisasm from the same pip target): no memory
+  # descriptor in an odd uniform register, which the GPU faults on.
+  bin_dir="$nvrtc_dir/nvidia/cu13/bin"
+  if [ -x "$bin_dir/cuobjdump" ] && [ -x "$bin_dir/nvdisasm" ]; then
+    NSA_CUDA_BIN_DIR="$(cd "$bin_dir" && pwd)" LD_LIBRARY_PATH="$nvrtc_lib" \
+      cargo test --release --features cuda --lib -- --include-ignored kernels_sass_has_no_odd_descriptor_register
+  else
+    echo "test cuda::compile::tests::kernels_sass_has_no_odd_descriptor_register ... ignored (no cuobjdump / nvdisasm in $bin_dir)"
+  fi
 else
   echo "test cuda::compile::tests::kernels_compile_without_spills ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test cuda::compile::tests::precompile_fills_the_kernel_cache ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test cuda::timeline::tests::timeline_kernels_compile ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
   echo "test flush::tests::flush_kernel_compiles_and_keeps_its_loads ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
+  echo "test cuda::compile::tests::kernels_sass_has_no_odd_descriptor_register ... ignored (no NVRTC in $nvrtc_dir; set NSA_NVRTC_DIR)"
 fi
 # The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device), the
 # L2 partition probe's latency split (scripts/l2_partition_probe.py) and the stream probe's
