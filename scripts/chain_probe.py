@@ -221,7 +221,7 @@ def self_test():
     # compares correctly for targets within 2^31 of it.
     wrap = lambda x: ((x + (1 << 31)) % (1 << 32)) - (1 << 31)
     assert wrap((5 - ((1 << 32) - 3)) % (1 << 32)) > 0
-    print("chain_probe self-test ok")
+    print("chain_probe self-test: ok")
 
 
 class CUlaunchAttribute(ctypes.Structure):
