@@ -93,7 +93,8 @@ extern "C" __global__ void hop(const unsigned* in, int nin, unsigned* out, int p
     hop_body(in, nin, out, 1u);
 }
 
-// Block b reads its `per` 16-byte words of a (contiguous), 8 loads in flight a thread.
+// Block b reads its `per` 16-byte words of a (contiguous), 8 loads in flight a thread; returns
+// their fold to thread 0.
 __device__ __forceinline__ unsigned burst_body(const uint4* a, int per) {
     const uint4* p = a + (long long)blockIdx.x * per;
     unsigned acc = 0;
@@ -109,7 +110,14 @@ __device__ __forceinline__ unsigned burst_body(const uint4* a, int per) {
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-    return acc;
+    // The block's word from its warps' (valid in thread 0).
+    __shared__ unsigned w[32];
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    unsigned v = 0;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+    return v;
 }
 
 extern "C" __global__ void burst(const uint4* a, int per, unsigned* out, int pdl) {
@@ -117,15 +125,8 @@ extern "C" __global__ void burst(const uint4* a, int per, unsigned* out, int pdl
         pdl_trigger();
         pdl_wait();
     }
-    __shared__ unsigned w[32];
-    const unsigned acc = burst_body(a, per);
-    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned v = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
-        out[blockIdx.x] = v;
-    }
+    const unsigned v = burst_body(a, per);
+    if (threadIdx.x == 0) out[blockIdx.x] = v;
 }
 
 // The grid-wide hand-over: every block takes a ticket on the counter; a block's round is
@@ -148,16 +149,9 @@ __device__ __forceinline__ void grid_handover(unsigned* counter) {
 // from its shared memory (distributed shared memory) and publishing its next one; a last
 // barrier keeps every block's shared memory alive until the others have read it.
 extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out, int stages) {
-    __shared__ unsigned w[32];
     __shared__ unsigned pub[2];
-    const unsigned acc = burst_body(a, per);
-    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned v = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
-        pub[0] = v;
-    }
+    const unsigned v0 = burst_body(a, per);
+    if (threadIdx.x == 0) pub[0] = v0;
     unsigned n;
     asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
     for (int s = 0; s < stages; s++) {
@@ -181,15 +175,8 @@ extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out,
 }
 
 extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsigned* counters, int stages) {
-    __shared__ unsigned w[32];
-    const unsigned acc = burst_body(a, per);
-    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned v = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
-        words[blockIdx.x] = v;
-    }
+    const unsigned v = burst_body(a, per);
+    if (threadIdx.x == 0) words[blockIdx.x] = v;
     for (int s = 0; s < stages; s++) {
         grid_handover(counters + 32 * s);
         hop_body(words + s * gridDim.x, gridDim.x, words + (s + 1) * gridDim.x, s + 2u);
