@@ -304,13 +304,11 @@ mod tests {
                 function = line[i + "Function : ".len()..].trim().to_string();
                 continue;
             }
-            let mut rest = line;
-            while let Some(i) = rest.find("desc[UR") {
-                let digits: String = rest[i + "desc[UR".len()..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            for after in line.split("desc[UR").skip(1) {
+                let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
                 if digits.parse::<u32>().is_ok_and(|r| r % 2 == 1) {
                     out.push((function.clone(), line.trim().to_string()));
                 }
-                rest = &rest[i + "desc[UR".len()..];
             }
         }
         out
