@@ -28,7 +28,10 @@ events), the median of REPS replays, in microseconds.
   cluster   one launch of clusters (4 of 16 blocks: a cluster per (row, KV head) at batch 1;
             or 8 of 8, 8 of 16, 32 of 8), the burst spread over its blocks, then K hand-overs
             by cluster barriers with each block's word read by the others from its shared
-            memory: the per-pair form on chip (docs/DECODE_NOTES.md variant 69).
+            memory: the per-pair form on chip (docs/DECODE_NOTES.md variant 69);
+  bulk      the same with each block's share of the burst put in flight at once by bulk
+            copies into its shared memory (64 KB or 128 KB a block), then 0-3 barriers: the
+            least a one-launch step with a cluster per (row, KV head) can cost.
 
 Two steps, since the GPU machine has no compiler:
 
@@ -144,13 +147,75 @@ __device__ __forceinline__ void grid_handover(unsigned* counter) {
     __syncthreads();
 }
 
+// The burst by bulk copies (the tensor memory accelerator's
+// `cp.async.bulk`): warp 0 puts the block's whole share in flight at once, chunks of at most
+// 16 KB into dynamic shared memory on one mbarrier, so a block's bytes in flight are its share
+// (up to 128 KB), not 8 loads a thread; then every thread folds its part of the staged share.
+// What a one-launch batch-1 step's compressed phase costs at best when one cluster of 16
+// multiprocessors owns a (row, KV head) (`cluster_chain` with `bulk`). `bar`: an mbarrier
+// of one arrival in its first phase.
+__device__ __forceinline__ unsigned bulk_fold(const uint4* src, int per, unsigned bar) {
+    extern __shared__ __align__(128) uint4 stage[];
+    const unsigned bytes = (unsigned)per * 16u;
+    const unsigned chunk = 16384u;
+    if (threadIdx.x < 32) {
+        if (threadIdx.x == 0) {
+            // The stage's previous contents were read by the generic proxy (the fold below,
+            // before a block barrier); the bulk copies write it through the async proxy.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+        }
+        __syncwarp();
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(stage);
+        for (unsigned off = threadIdx.x * chunk; off < bytes; off += 32u * chunk) {
+            const unsigned n = bytes - off < chunk ? bytes - off : chunk;
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(dst + off), "l"((const char*)src + off), "r"(n), "r"(bar) : "memory");
+        }
+    }
+    asm volatile("{\n\t.reg .pred p;\n"
+                 "CHAIN_BULK_WAIT%=:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n\t"
+                 "@!p bra CHAIN_BULK_WAIT%=;\n}" :: "r"(bar) : "memory");
+    unsigned acc = 0;
+    for (int i = threadIdx.x; i < per; i += blockDim.x) {
+        const uint4 v = stage[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    __shared__ unsigned w[32];
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    unsigned v = 0;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+    __syncthreads();  // every thread's reads of the stage done before it is filled again
+    return v;
+}
+
 // The per-pair form on chip: a cluster of blocks reads its share of the burst, then K
 // hand-overs by cluster barriers, each block reading every other block's word of the cluster
 // from its shared memory (distributed shared memory) and publishing its next one; a last
 // barrier keeps every block's shared memory alive until the others have read it.
-extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out, int stages) {
+//
+// `bulk`: the burst by bulk copies (`bulk_fold`). `dep` (with `bulk`, 16-byte words): after the
+// first hand-over every block reads `dep` more words, cold, from an address that depends on the
+// word the hand-over gave it, as the selected blocks are read after the selection: the
+// one-launch step's second memory phase, on the chain.
+extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out, int stages, int bulk, int dep) {
     __shared__ unsigned pub[2];
-    const unsigned v0 = burst_body(a, per);
+    __shared__ __align__(8) unsigned long long bars[2];
+    const unsigned bar0 = (unsigned)__cvta_generic_to_shared(&bars[0]);
+    if (bulk) {
+        if (threadIdx.x == 0) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar0) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar0 + 8u) : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncthreads();
+    }
+    const unsigned v0 = bulk ? bulk_fold(a + (long long)blockIdx.x * per, per, bar0) : burst_body(a, per);
     if (threadIdx.x == 0) pub[0] = v0;
     unsigned n;
     asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
@@ -169,6 +234,13 @@ extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out,
             if (threadIdx.x == 0) pub[(s + 1) & 1] = v + s;
         }
         __syncthreads();
+        if (s == 0 && bulk && dep > 0) {
+            // A slot of `dep` words past the burst's bytes, chosen by the hand-over's word.
+            const unsigned slot = ((pub[1] ^ blockIdx.x) * 2654435761u) % 4096u;
+            const unsigned v = bulk_fold(a + (8ll << 20) / 16 + (long long)slot * dep, dep, bar0 + 8u);
+            if (threadIdx.x == 0) pub[1] ^= v;
+            __syncthreads();
+        }
     }
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
     if (threadIdx.x == 0) out[blockIdx.x] = pub[stages & 1];
@@ -186,6 +258,7 @@ extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsig
 
 REPS = 30
 BURST_BYTES = 8 << 20  # the compressed branch's K/V at batch 1, 64k, paper 128/128
+SELECTED_BYTES = 2 << 20  # the selected blocks' K/V at batch 1, paper 128/128
 FLUSH_BYTES = 1 << 30
 THREADS = 256
 
@@ -241,8 +314,9 @@ class Chain:
         self.stream = s
         self.keep = []
 
-    def launch(self, f, grid, args, pdl, cluster=0):
-        """`pdl`: programmatic stream serialization; `cluster`: blocks a cluster (0: none)."""
+    def launch(self, f, grid, args, pdl, cluster=0, smem=0):
+        """`pdl`: programmatic stream serialization; `cluster`: blocks a cluster (0: none);
+        `smem`: bytes of dynamic shared memory."""
         attr = CUlaunchAttribute()
         if cluster:
             attr.id = CLUSTER_ATTRIBUTE
@@ -252,7 +326,7 @@ class Chain:
             attr.id = PDL_ATTRIBUTE
             one = ctypes.c_int(1)  # value.programmaticStreamSerializationAllowed
             ctypes.memmove(ctypes.addressof(attr) + CUlaunchAttribute.value.offset, ctypes.addressof(one), 4)
-        cfg = CUlaunchConfig(grid, 1, 1, THREADS, 1, 1, 0, self.stream, ctypes.pointer(attr), 1 if pdl or cluster else 0)
+        cfg = CUlaunchConfig(grid, 1, 1, THREADS, 1, 1, smem, self.stream, ctypes.pointer(attr), 1 if pdl or cluster else 0)
         packed = self.d.pack(args)
         self.keep.append((args, packed, attr, cfg))
         self.d.ck(self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, packed, None), "cuLaunchKernelEx")
@@ -349,8 +423,31 @@ def run(out_dir):
         for k in (0, 1, 3):
             measure(f"cluster {blocks}x{size} + {k} barriers",
                     lambda k=k, blocks=blocks, size=size, per_c=per_c: c.launch(
-                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k)], False, cluster=size),
+                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k), ctypes.c_int(0), ctypes.c_int(0)],
+                        False, cluster=size),
                     f"{blocks // size} clusters of {size}")
+    # The bulk-copy burst: a block's whole share in flight at once (at most 128 KB of shared
+    # memory a block, so at least 64 blocks), one or two blocks a multiprocessor.
+    d.set_smem(f["cluster_chain"], BURST_BYTES // 64)
+    for blocks, size in ((64, 16), (64, 8), (128, 16), (128, 8), (256, 8)):
+        per_c = BURST_BYTES // 16 // blocks
+        for k in (0, 1, 2, 3):
+            measure(f"bulk {blocks}x{size} + {k} barriers",
+                    lambda k=k, blocks=blocks, size=size, per_c=per_c: c.launch(
+                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k), ctypes.c_int(1), ctypes.c_int(0)],
+                        False, cluster=size, smem=per_c * 16),
+                    f"{blocks // size} clusters of {size}, {per_c * 16 // 1024} KB a block")
+    # The one-launch step's whole chain with nothing computed: the burst, a hand-over (the
+    # scores' normalisers), the selected blocks' 2 MB read cold after it (16 blocks of 64 keys,
+    # K and V, four KV heads: 32 KB a block of 64), a hand-over (the final merge).
+    for blocks, size in ((64, 16), (64, 8), (128, 8)):
+        per_c = BURST_BYTES // 16 // blocks
+        dep_c = SELECTED_BYTES // 16 // blocks
+        measure(f"bulk {blocks}x{size} + dependent read + 2 barriers",
+                lambda blocks=blocks, size=size, per_c=per_c, dep_c=dep_c: c.launch(
+                    f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(2), ctypes.c_int(1), ctypes.c_int(dep_c)],
+                    False, cluster=size, smem=per_c * 16),
+                f"{SELECTED_BYTES * 1e-6:.1f} MB after the first, {dep_c * 16 // 1024} KB a block")
     print("\nchain probe table (us):")
     for name, med, lo, note in rows:
         print(f"| {name} | {med:.2f} | {lo:.2f} | {note} |")
