@@ -96,6 +96,21 @@ extern "C" __global__ void hop(const unsigned* in, int nin, unsigned* out, int p
     hop_body(in, nin, out, 1u);
 }
 
+// The block's word from its threads' (valid in thread 0); ends with a block barrier, so shared
+// memory the threads read before it may be written again.
+__device__ __forceinline__ unsigned block_fold(unsigned acc) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    __shared__ unsigned w[32];
+    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    unsigned v = 0;
+    if (threadIdx.x == 0)
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
+    __syncthreads();
+    return v;
+}
+
 // Block b reads its `per` 16-byte words of a (contiguous), 8 loads in flight a thread; returns
 // their fold to thread 0.
 __device__ __forceinline__ unsigned burst_body(const uint4* a, int per) {
@@ -111,16 +126,7 @@ __device__ __forceinline__ unsigned burst_body(const uint4* a, int per) {
 #pragma unroll
         for (int k = 0; k < 8; k++) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-    // The block's word from its warps' (valid in thread 0).
-    __shared__ unsigned w[32];
-    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    unsigned v = 0;
-    if (threadIdx.x == 0)
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
-    return v;
+    return block_fold(acc);
 }
 
 extern "C" __global__ void burst(const uint4* a, int per, unsigned* out, int pdl) {
@@ -182,16 +188,7 @@ __device__ __forceinline__ unsigned bulk_fold(const uint4* src, int per, unsigne
         const uint4 v = stage[i];
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-    __shared__ unsigned w[32];
-    if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    unsigned v = 0;
-    if (threadIdx.x == 0)
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) v ^= w[i];
-    __syncthreads();  // every thread's reads of the stage done before it is filled again
-    return v;
+    return block_fold(acc);  // its closing barrier: the stage's reads done before a refill
 }
 
 // The per-pair form on chip: a cluster of blocks reads its share of the burst, then K
