@@ -21,6 +21,10 @@ events), the median of REPS replays, in microseconds.
             16 bytes in flight a thread), cold: the compressed branch's bytes at batch 1;
   step      the five-launch skeleton with pdl: a 128-block hop (the append), the burst,
             three 256-block hops (selection, selected, combine);
+  bN Tk     batch N / context T's bytes (16 / 64k, 16 / 128k, 64 / 128k): in one burst, and
+            as the step's data flow allows at best (a hop, the compressed keys and the
+            window, a hop, the selected blocks, a hop): what issue 12's larger targets leave
+            for the computation;
   fused K   one launch of 264 blocks (two a multiprocessor, all resident): the burst, then
             K grid-wide hand-overs (each block counts itself in on a counter, waits for the
             whole grid's count with acquire loads, reads 32 words of other blocks, writes
@@ -256,7 +260,20 @@ extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsig
 REPS = 30
 BURST_BYTES = 8 << 20  # the compressed branch's K/V at batch 1, 64k, paper 128/128
 SELECTED_BYTES = 2 << 20  # the selected blocks' K/V at batch 1, paper 128/128
-FLUSH_BYTES = 1 << 30
+FLUSH_BYTES = 1 << 30  # at least, many times the L2
+KV_KEY_BYTES = 512  # K and V of one key, DK = DV = 128, bf16
+
+
+def step_bytes(batch, context):
+    """Paper 128/128 at four KV heads: (the compressed keys + the window, the selected blocks),
+    the bytes a decode step reads before and after its selection."""
+    pairs = 4 * batch
+    compressed = (context - 32) // 16 + 1  # blocks of 32 keys, stride 16
+    return pairs * (compressed + 512) * KV_KEY_BYTES, pairs * 16 * 64 * KV_KEY_BYTES
+
+
+SKELETONS = ((16, 65536), (16, 131072), (64, 131072))  # issue 12's larger targets
+BIG_BYTES = max(FLUSH_BYTES, max(sum(step_bytes(b, t)) for b, t in SKELETONS) + (64 << 20))
 THREADS = 256
 
 
@@ -370,16 +387,16 @@ def run(out_dir):
     d.ck(d.cu.cuFuncSetAttribute(f["cluster_chain"], NON_PORTABLE_CLUSTER, 1), "non-portable cluster size")
     sms = d.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     c = Chain(d)
-    big = d.alloc(FLUSH_BYTES)
-    d.ck(d.cu.cuMemsetD32_v2(big, ctypes.c_uint(0x5a5a5a5a), ctypes.c_size_t(FLUSH_BYTES // 4)), "memset")
+    big = d.alloc(BIG_BYTES)
+    d.ck(d.cu.cuMemsetD32_v2(big, ctypes.c_uint(0x5a5a5a5a), ctypes.c_size_t(BIG_BYTES // 4)), "memset")
     words = d.alloc(64 << 20)
     d.ck(d.cu.cuMemsetD32_v2(words, ctypes.c_uint(0), ctypes.c_size_t((64 << 20) // 4)), "memset")
     counters = d.alloc(4096)
     d.ck(d.cu.cuMemsetD32_v2(counters, ctypes.c_uint(0), ctypes.c_size_t(1024)), "memset")
     sink = d.alloc(64)
-    # The burst reads the first 8 MB of `big`; the flush reads all of it, ending at its far
-    # end, so the L2 holds none of those 8 MB when a replay starts.
-    fl_args = [big, ctypes.c_longlong(FLUSH_BYTES // 16), sink]
+    # The bursts read from the start of `big`; the flush reads all of it, ending 64 MB past the
+    # largest step's bytes, so the L2 holds none of them when a replay starts.
+    fl_args = [big, ctypes.c_longlong(BIG_BYTES // 16), sink]
 
     def flush():
         d.ck(d.cu.cuLaunchKernel(f["flush"], sms * 4, 1, 1, THREADS, 1, 1, 0, c.stream, d.pack(fl_args), None), "flush")
@@ -409,6 +426,24 @@ def run(out_dir):
     measure("burst 8 MB (256 blocks)", lambda: burst(0, False), f"{BURST_BYTES / 1e6:.1f} MB")
     measure("step skeleton pdl", lambda: [hop(0, 128, 0, False), burst(1, True)] + [hop(2 + i, 256, 256, True) for i in range(3)])
     measure("step skeleton serial", lambda: [hop(0, 128, 0, False), burst(1, False)] + [hop(2 + i, 256, 256, False) for i in range(3)])
+    # Batches 16 and 64: the step's bytes in the order the data flow allows at best (the
+    # window beside the compressed keys, the selected blocks after the selection), read by bare
+    # 16-byte-load bursts of two blocks a multiprocessor; and the same bytes in one burst.
+    g2 = 2 * sms
+
+    def burst_at(i, offset, nbytes, pdl):
+        c.launch(f["burst"], g2, [ctypes.c_uint64(big.value + offset), ctypes.c_int(nbytes // 16 // g2), W(i + 1),
+                                  ctypes.c_int(1 if pdl else 0)], pdl)
+
+    for b, t in SKELETONS:
+        first, second = step_bytes(b, t)
+        measure(f"b{b} {t // 1024}k bytes in one burst", lambda first=first, second=second: burst_at(0, 0, first + second, False),
+                f"{(first + second) / 1e6:.1f} MB, {g2} blocks")
+        measure(f"b{b} {t // 1024}k skeleton pdl",
+                lambda b=b, first=first, second=second: [
+                    hop(0, 32 * b, 0, False), burst_at(1, 0, first, True), hop(2, 256, g2, True),
+                    burst_at(3, first, second, True), hop(4, 256, g2, True)],
+                f"{first / 1e6:.1f} MB, hop, {second / 1e6:.1f} MB, hop")
     grid = 2 * sms
     perf = BURST_BYTES // 16 // grid
     for k in (0, 1, 3):
