@@ -295,6 +295,10 @@ def self_test():
     # compares correctly for targets within 2^31 of it.
     wrap = lambda x: ((x + (1 << 31)) % (1 << 32)) - (1 << 31)
     assert wrap((5 - ((1 << 32) - 3)) % (1 << 32)) > 0
+    # The skeletons' bytes are the engine's own count of what a step reads (nsa-bench's
+    # `nsa_bytes`, docs/bench/nsa-bench-decode-main-b211a06-call3-h100-2026-12-05-session47.json).
+    assert sum(step_bytes(1, 65536)) == 11532288
+    assert sum(step_bytes(16, 65536)) == 184516608
     print("chain_probe self-test: ok")
 
 
