@@ -41,7 +41,7 @@ Two steps, since the GPU machine has no compiler:
 
   python3 scripts/chain_probe.py build DIR   # here: NVRTC -> DIR/chain.cubin
   python3 scripts/chain_probe.py run DIR     # on the GPU: the driver through ctypes, a table
-  python3 scripts/chain_probe.py --self-test # the hand-over's ticket arithmetic, no GPU
+  python3 scripts/chain_probe.py --self-test # the hand-over's tickets, the step bytes, no GPU
 """
 import ctypes
 import os
@@ -236,9 +236,10 @@ extern "C" __global__ void cluster_chain(const uint4* a, int per, unsigned* out,
         }
         __syncthreads();
         if (s == 0 && bulk && dep > 0) {
-            // A slot of `dep` words past the burst's bytes, chosen by the hand-over's word.
+            // A slot of `dep` words past the burst's bytes (the grid's `per` words a block),
+            // chosen by the hand-over's word.
             const unsigned slot = ((pub[1] ^ blockIdx.x) * 2654435761u) % 4096u;
-            const unsigned v = bulk_fold(a + (8ll << 20) / 16 + (long long)slot * dep, dep, bar0 + 8u);
+            const unsigned v = bulk_fold(a + (long long)gridDim.x * per + (long long)slot * dep, dep, bar0 + 8u);
             if (threadIdx.x == 0) pub[1] ^= v;
             __syncthreads();
         }
@@ -259,7 +260,6 @@ extern "C" __global__ void fused(const uint4* a, int per, unsigned* words, unsig
 
 REPS = 30
 BURST_BYTES = 8 << 20  # the compressed branch's K/V at batch 1, 64k, paper 128/128
-SELECTED_BYTES = 2 << 20  # the selected blocks' K/V at batch 1, paper 128/128
 FLUSH_BYTES = 1 << 30  # at least, many times the L2
 KV_KEY_BYTES = 512  # K and V of one key, DK = DV = 128, bf16
 
@@ -272,6 +272,7 @@ def step_bytes(batch, context):
     return pairs * (compressed + 512) * KV_KEY_BYTES, pairs * 16 * 64 * KV_KEY_BYTES
 
 
+SELECTED_BYTES = step_bytes(1, 65536)[1]  # the selected blocks' K/V at batch 1 (2 MB)
 SKELETONS = ((16, 65536), (16, 131072), (64, 131072))  # issue 12's larger targets
 BIG_BYTES = max(FLUSH_BYTES, max(sum(step_bytes(b, t)) for b, t in SKELETONS) + (64 << 20))
 THREADS = 256
@@ -410,10 +411,15 @@ def run(out_dir):
     def hop(i, grid, nin, pdl):
         c.launch(f["hop"], grid, [W(i), ctypes.c_int(nin), W(i + 1), ctypes.c_int(1 if pdl else 0)], pdl)
 
-    per = BURST_BYTES // 16 // 256
+    g2 = 2 * sms  # two blocks a multiprocessor
+
+    def burst_at(i, offset, nbytes, pdl, grid=g2):
+        """Stage i: `grid` blocks read `nbytes` of `big` from `offset`, a contiguous share each."""
+        c.launch(f["burst"], grid, [ctypes.c_uint64(big.value + offset), ctypes.c_int(nbytes // 16 // grid), W(i + 1),
+                                    ctypes.c_int(1 if pdl else 0)], pdl)
 
     def burst(i, pdl):
-        c.launch(f["burst"], 256, [big, ctypes.c_int(per), W(i + 1), ctypes.c_int(1 if pdl else 0)], pdl)
+        burst_at(i, 0, BURST_BYTES, pdl, grid=256)
 
     rows = []
 
@@ -433,12 +439,6 @@ def run(out_dir):
     # Batches 16 and 64: the step's bytes in the order the data flow allows at best (the
     # window beside the compressed keys, the selected blocks after the selection), read by bare
     # 16-byte-load bursts of two blocks a multiprocessor; and the same bytes in one burst.
-    g2 = 2 * sms
-
-    def burst_at(i, offset, nbytes, pdl):
-        c.launch(f["burst"], g2, [ctypes.c_uint64(big.value + offset), ctypes.c_int(nbytes // 16 // g2), W(i + 1),
-                                  ctypes.c_int(1 if pdl else 0)], pdl)
-
     for b, t in SKELETONS:
         first, second = step_bytes(b, t)
         measure(f"b{b} {t // 1024}k bytes in one burst", lambda first=first, second=second: burst_at(0, 0, first + second, False),
@@ -448,12 +448,11 @@ def run(out_dir):
                     hop(0, 32 * b, 0, False), burst_at(1, 0, first, True), hop(2, 256, g2, True),
                     burst_at(3, first, second, True), hop(4, 256, g2, True)],
                 f"{first / 1e6:.1f} MB, hop, {second / 1e6:.1f} MB, hop")
-    grid = 2 * sms
-    perf = BURST_BYTES // 16 // grid
+    perf = BURST_BYTES // 16 // g2
     for k in (0, 1, 3):
         measure(f"fused burst + {k} hand-overs",
-                lambda k=k: c.launch(f["fused"], grid, [big, ctypes.c_int(perf), words, counters, ctypes.c_int(k)], False),
-                f"{grid} blocks")
+                lambda k=k: c.launch(f["fused"], g2, [big, ctypes.c_int(perf), words, counters, ctypes.c_int(k)], False),
+                f"{g2} blocks")
     for blocks, size in ((64, 16), (64, 8), (128, 16), (256, 8)):
         per_c = BURST_BYTES // 16 // blocks
         for k in (0, 1, 3):
