@@ -57,6 +57,22 @@ fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
     half.unwrap_or(blocks > sms).then_some(NT_SEL / 2)
 }
 
+/// Selection chunk blocks per (row, KV head) for a wave of `pairs` pairs on `sms`
+/// multiprocessors (before the cap by the blocks there are to score): one wave of full
+/// blocks (`sms / pairs`; H200: batch 1 nine chunks 14.5 us, one 16.9; batch 16 with one
+/// chunk per pair left half the GPU idle, two measured 110.1 -> 104.8 us on paper 128/128
+/// at 64k, docs/DECODE_NOTES.md variant 14), and with the lists (`lists`: each chunk's
+/// best n to `sw_mma`) one wave of half blocks, twice as many, where full blocks would give
+/// a pair at most two chunks: shorter sorts, two blocks a multiprocessor. About 1% (H100,
+/// graph, two calls against one wave of full blocks: batch 16 0.99 at 64k and 128k, batch
+/// 32 0.98 / 0.995, G = 8 batch 16 0.99, G = 4 batch 4 and 8 0.985; the runs' spread on
+/// unchanged points is +-1.5%); doubling four or eight chunks measured 0.987-1.012, so
+/// smaller waves keep theirs (docs/DECODE_NOTES.md, variant 134).
+fn sel_chunks(sms: u32, pairs: u32, lists: bool) -> u32 {
+    let full = sms / pairs.max(1);
+    if lists && full <= 2 { (2 * sms / pairs.max(1)).max(1) } else { full.max(1) }
+}
+
 /// Whether a tensor-core wave of `pairs` (row, KV head) pairs runs the window's units in
 /// the compressed launch (`DecodeKnobs::win_in_cmp_pairs`, `min_pairs`): from that many
 /// pairs on, outside the small-wave form (`small`) unless the knob asks for every wave
@@ -304,17 +320,14 @@ impl CudaBackend {
         if let Some(h) = self.knobs.comb_heads.filter(|&h| h >= 1 && cfg.group_size() % h == 0) {
             l.comb_heads = h as i32;
         }
-        // Selection: chunk blocks (NT_SEL threads) over the multiprocessors, each scoring at
-        // least SEL_CHUNK_MIN blocks of the longest sequence; one chunk once the (row, KV
-        // head) pairs cover them. (H200: batch 1 nine chunks 14.5 us, one 16.9; batch 16
-        // with one chunk per pair left half the GPU idle; two per pair measured 110.1 ->
-        // 104.8 us on paper 128/128 at 64k, docs/DECODE_NOTES.md variant 14.)
+        // Selection: chunk blocks over the multiprocessors, each scoring at least
+        // SEL_CHUNK_MIN blocks of the longest sequence (`sel_chunks`).
         let sms = self.info.multiprocessors.max(1) as u32;
         let max_chunks = |min_blocks: u32| cfg.max_sel_blocks().div_ceil(min_blocks).max(1);
         l.sel_chunks = match self.knobs.sel_chunks {
             // The measurement knob may go down to one sorted list of 32 blocks a chunk.
             Some(k) => k.clamp(1, max_chunks(32)),
-            None => (sms / pairs.max(1)).clamp(1, max_chunks(SEL_CHUNK_MIN)),
+            None => sel_chunks(sms, pairs, self.mma && self.knobs.sel_lists).min(max_chunks(SEL_CHUNK_MIN)),
         } as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
         // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
@@ -393,8 +406,21 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, comb_vec_fits, sel_threads, spb_knob, window_in_cmp};
+    use super::{comb_heads, comb_vec_fits, sel_chunks, sel_threads, spb_knob, window_in_cmp};
     use crate::cuda::consts::NT_SEL;
+
+    #[test]
+    fn selection_chunks_fill_one_wave_of_half_blocks_where_full_ones_give_few() {
+        // 132 multiprocessors; pairs = batch x 4 KV heads. With the lists: batch 1-8 keep one
+        // wave of full blocks (33, 8, 4 chunks), batch 16 and 32 take one of half blocks.
+        let lists = [4, 16, 32, 64, 128, 256, 512].map(|p| sel_chunks(132, p, true));
+        assert_eq!(lists, [33, 8, 4, 4, 2, 1, 1]);
+        // Without the lists (the last chunk block merges) one wave of full blocks throughout.
+        let full = [4, 16, 32, 64, 128, 256, 512].map(|p| sel_chunks(132, p, false));
+        assert_eq!(full, [33, 8, 4, 2, 1, 1, 1]);
+        // The threshold: two full chunks (44 < pairs <= 66) double, three do not.
+        assert_eq!((sel_chunks(132, 44, true), sel_chunks(132, 45, true), sel_chunks(132, 66, true)), (3, 5, 4));
+    }
 
     #[test]
     fn selection_blocks_halve_only_past_one_wave() {
