@@ -453,35 +453,33 @@ def run(out_dir):
         measure(f"fused burst + {k} hand-overs",
                 lambda k=k: c.launch(f["fused"], g2, [big, ctypes.c_int(perf), words, counters, ctypes.c_int(k)], False),
                 f"{g2} blocks")
-    for blocks, size in ((64, 16), (64, 8), (128, 16), (256, 8)):
+    def chain(blocks, size, k, bulk, dep=0):
+        """`cluster_chain`: the 8 MB burst over `blocks` in clusters of `size`, then `k` cluster
+        barriers; `bulk`: the burst by bulk copies (a block's share in its shared memory); `dep`:
+        16-byte words a block reads after the first barrier."""
         per_c = BURST_BYTES // 16 // blocks
+        c.launch(f["cluster_chain"], blocks,
+                 [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k), ctypes.c_int(1 if bulk else 0), ctypes.c_int(dep)],
+                 False, cluster=size, smem=per_c * 16 if bulk else 0)
+
+    for blocks, size in ((64, 16), (64, 8), (128, 16), (256, 8)):
         for k in (0, 1, 3):
-            measure(f"cluster {blocks}x{size} + {k} barriers",
-                    lambda k=k, blocks=blocks, size=size, per_c=per_c: c.launch(
-                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k), ctypes.c_int(0), ctypes.c_int(0)],
-                        False, cluster=size),
+            measure(f"cluster {blocks}x{size} + {k} barriers", lambda k=k, blocks=blocks, size=size: chain(blocks, size, k, False),
                     f"{blocks // size} clusters of {size}")
     # The bulk-copy burst: a block's whole share in flight at once (at most 128 KB of shared
     # memory a block, so at least 64 blocks), one or two blocks a multiprocessor.
     d.set_smem(f["cluster_chain"], BURST_BYTES // 64)
     for blocks, size in ((64, 16), (64, 8), (128, 16), (128, 8), (256, 8)):
-        per_c = BURST_BYTES // 16 // blocks
         for k in (0, 1, 2, 3):
-            measure(f"bulk {blocks}x{size} + {k} barriers",
-                    lambda k=k, blocks=blocks, size=size, per_c=per_c: c.launch(
-                        f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(k), ctypes.c_int(1), ctypes.c_int(0)],
-                        False, cluster=size, smem=per_c * 16),
-                    f"{blocks // size} clusters of {size}, {per_c * 16 // 1024} KB a block")
+            measure(f"bulk {blocks}x{size} + {k} barriers", lambda k=k, blocks=blocks, size=size: chain(blocks, size, k, True),
+                    f"{blocks // size} clusters of {size}, {BURST_BYTES // blocks // 1024} KB a block")
     # The one-launch step's whole chain with nothing computed: the burst, a hand-over (the
     # scores' normalisers), the selected blocks' 2 MB read cold after it (16 blocks of 64 keys,
     # K and V, four KV heads: 32 KB a block of 64), a hand-over (the final merge).
     for blocks, size in ((64, 16), (64, 8), (128, 8)):
-        per_c = BURST_BYTES // 16 // blocks
         dep_c = SELECTED_BYTES // 16 // blocks
         measure(f"bulk {blocks}x{size} + dependent read + 2 barriers",
-                lambda blocks=blocks, size=size, per_c=per_c, dep_c=dep_c: c.launch(
-                    f["cluster_chain"], blocks, [big, ctypes.c_int(per_c), W(0), ctypes.c_int(2), ctypes.c_int(1), ctypes.c_int(dep_c)],
-                    False, cluster=size, smem=per_c * 16),
+                lambda blocks=blocks, size=size, dep_c=dep_c: chain(blocks, size, 2, True, dep_c),
                 f"{SELECTED_BYTES * 1e-6:.1f} MB after the first, {dep_c * 16 // 1024} KB a block")
     print("\nchain probe table (us):")
     for name, med, lo, note in rows:

@@ -69,8 +69,9 @@ fn sel_threads(blocks: u32, sms: u32, half: Option<bool>) -> Option<u32> {
 /// unchanged points is +-1.5%); doubling four or eight chunks measured 0.987-1.012, so
 /// smaller waves keep theirs (docs/DECODE_NOTES.md, variant 134).
 fn sel_chunks(sms: u32, pairs: u32, lists: bool) -> u32 {
-    let full = sms / pairs.max(1);
-    if lists && full <= 2 { (2 * sms / pairs.max(1)).max(1) } else { full.max(1) }
+    let pairs = pairs.max(1);
+    let full = sms / pairs;
+    if lists && full <= 2 { (2 * sms / pairs).max(1) } else { full.max(1) }
 }
 
 /// Whether a tensor-core wave of `pairs` (row, KV head) pairs runs the window's units in
