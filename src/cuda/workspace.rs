@@ -89,8 +89,13 @@ impl DevLayout {
         let mut b = B { at: 0 };
         let pools = b.take(&[lay.pool_bytes])?;
         let step = b.take(&[super::step_layout::StepLayout::max(cfg).end])?;
-        // Compressed tokens per logits row, rounded up to even (8-byte logit stores).
-        let max_cmp = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(2);
+        // Compressed tokens per logits row, rounded up to a multiple of eight: each row starts
+        // on a 32-byte sector, so a tile's group sums (four groups of a head, 32 bytes at
+        // B = 4) fill one sector instead of straddling two. Rows of an even count only
+        // (8 bytes aligned) made three heads in four write partial sectors at the benchmark's
+        // lengths; aligned: H100, graph, batch 32-64 0.98-0.99, batch 1-16 unchanged
+        // (docs/DECODE_NOTES.md, variant 139).
+        let max_cmp = cfg.num_cmp_tokens(cfg.max_seq_len).max(1).next_multiple_of(8);
         let nsplit_c = max_cmp.div_ceil(SPLIT_MIN_KEYS).clamp(1, CMP_SPLITS_MAX);
         let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
         let units_s = cfg.sel_count;
@@ -170,12 +175,15 @@ mod tests {
     #[test]
     fn workspace_shapes_fit_the_kernels() {
         for preset in [Preset::Paper, Preset::Fla] {
-            for len in [1000u32, 65536, 131072] {
+            // The benchmark's lengths (a context plus its steps) give odd compressed counts.
+            for len in [1000u32, 65536, 65571, 131072, 131107] {
                 let c = Config::preset(preset).with_shape(64, 4, 192, 128).with_capacity(4, len);
                 let lay = Layout::new(&c).unwrap();
                 let dl = DevLayout::new(&c, &lay).unwrap();
-                // Logits rows are even (8-byte stores) and hold every compressed token.
-                assert_eq!(dl.max_cmp % 2, 0);
+                // Logits rows start on 32-byte sectors (whole-sector group-sum stores) and hold
+                // every compressed token.
+                assert_eq!(dl.max_cmp % 8, 0);
+                assert_eq!(dl.logits.off % 32, 0);
                 assert!(dl.max_cmp >= c.num_cmp_tokens(c.max_seq_len));
                 // Selection: a score per block of the longest sequence and a counter per pair.
                 let pairs = (dl.wave_rows * c.num_kv_heads) as usize;
