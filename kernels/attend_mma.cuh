@@ -61,9 +61,24 @@ __device__ __forceinline__ int key_pos(const Params& p, const Keys& ks, int j) {
 // position t + 1 - window (rounded down to 16 with tensor maps, whose tiles are whole
 // 16-row boxes; the positions before it masked). The window's units of `sw_mma`, and of
 // `cmp_mma` when the host puts them in the compressed launch (kernels/compressed.cuh).
+// With MODE_WIN_LOCAL (kernels/ptx.cuh) unit 0 is the forced local blocks' keys [L, t] (L a
+// multiple of sel_block, inside the window: the host checks window >= sel_local * sel_block
+// and that sel_block is a power of two)
+// and units 1.. the window's keys below L.
+__device__ __forceinline__ int local_start(const Params& p, int t) {
+    const int lb = __ffs(p.shape.sel_block) - 1;  // a power of two (the host checks)
+    return max(0, (t >> lb) - p.shape.sel_local + 1) << lb;
+}
+// WL: whether the entry honours MODE_WIN_LOCAL (the compiled-shape entries: in the any-shape ones
+// its arithmetic pushed `cmp_mma` past its registers; the host sets the bit only where the
+// compiled-shape entries run).
+template <bool WL>
 __device__ __forceinline__ Keys window_keys(const Params& p, int t, int c) {
     const int span = p.shape.sel_block * p.launch.spb, wlo = max(0, t + 1 - p.shape.window);
-    const int lo = ((p.launch.mode & 2) ? wlo & ~(NSA_WINDOW_ALIGN - 1) : wlo) + c * span, hi = min(lo + span, t + 1);
+    const int base = (p.launch.mode & 2) ? wlo & ~(NSA_WINDOW_ALIGN - 1) : wlo;
+    const bool local = WL && (p.launch.mode & MODE_WIN_LOCAL) != 0;
+    const int L = local ? local_start(p, t) : t + 1;  // the end of the spans
+    const int lo = local && c == 0 ? L : base + (c - local) * span, hi = local && c == 0 ? t + 1 : min(lo + span, L);
     return Keys{0, lo, hi > lo ? hi - lo : 0, t, wlo, false};
 }
 

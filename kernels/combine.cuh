@@ -105,10 +105,12 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
     }
     __syncthreads();
     tl_mark<0>();  // the timeline: the units' (m, l) are in (their accumulators in flight)
+    // MODE_WIN_LOCAL (kernels/ptx.cuh): unit s1, the window's first, is the selected branch's too.
+    const bool wl = gated && (p.launch.mode & MODE_WIN_LOCAL) != 0 && s1 < U;
     // Each (head, branch): its units' (m, l) merged, each lane its own units, then the lanes.
     for (int task = warp; task < 3 * H; task += nw) {
         const int h = task / 3, br = task - 3 * h;
-        const int u0 = br == 0 ? 0 : br == 1 ? s0 : s1, u1 = br == 0 ? s0 : br == 1 ? s1 : U;
+        const int u0 = br == 0 ? 0 : br == 1 ? s0 : s1, u1 = br == 0 ? s0 : br == 1 ? s1 + wl : U;
         float m = NEG_INF, l = 0.f;
         for (int u = u0 + lane; u < u1; u += 32)
             if (lu[h * U + u] != 0.f) ml_merge(m, l, mu[h * U + u], lu[h * U + u]);
@@ -149,12 +151,15 @@ __device__ void combine_heads(const Params& p, int wr, int r, int hg0, int H, in
                 const float lv = u < U ? lu[hh * U + u] : 0.f;
                 const float f = lv != 0.f && M != NEG_INF ? fexp(mu[hh * U + u] - M) : 0.f;
                 const bool p0 = f != 0.f && br == 0, p1 = f != 0.f && br == 1, p2 = f != 0.f && br == 2;
+                // The shared unit, also to the selected branch at that branch's max.
+                const float fs = wl && u == s1 && lv != 0.f && M1 != NEG_INF ? fexp(mu[hh * U + u] - M1) : 0.f;
 #pragma unroll
                 for (int v = 0; v < V; v++) {
                     const float t = f * x[k][v];
                     if (p0) a[0][v] += t;
                     if (p1) a[1][v] += t;
                     if (p2) a[2][v] += t;
+                    if (fs != 0.f) a[1][v] += fs * x[k][v];
                 }
             }
             b0 += COMB_BATCH;

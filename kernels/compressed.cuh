@@ -34,7 +34,7 @@ __device__ void cmp_mma(const Params& p) {
     int u;
     if (win) {
         const int c = split - p.launch.nsplit_c;
-        ks = window_keys(p, tm.y, c);
+        ks = window_keys<DKT != 0>(p, tm.y, c);
         u = p.launch.nsplit_c + p.launch.units_s + c;
         table = (const int*)p.paging.raw_tab + (usize)tm.x * p.paging.pages_per_seq;
         prefetch_pages(p, table, ks.lo, ks.n);

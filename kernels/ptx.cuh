@@ -144,6 +144,11 @@ __device__ __forceinline__ void pdl_wait_then_trigger(const Params& p) {
 // `pf_sel` on sm_90a: the blocks all of a tile's positions chose are multiplied by the
 // block's warps as one warpgroup (src/cuda/params.rs MODE_PF_SEL_WG).
 #define MODE_PF_SEL_WG 131072
+// Decode (variant 142, src/cuda/params.rs MODE_WIN_LOCAL): the window's first unit covers exactly
+// the forced local blocks' keys, and its partial is the selected branch's for them too (the same
+// queries, keys and causal mask: the local blocks lie inside the window), so the selected units
+// skip those blocks and the combine counts that unit in both branches.
+#define MODE_WIN_LOCAL (1 << 21)
 #define FLOW_SPLITS 1  // the words of the splits' hand-over
 #define FLOW_LISTS 3   // the words of the selection lists' hand-over
 static_assert(FLOW_LISTS + 2 <= NSA_PAIR_COUNTERS, "the hand-overs' words fit the pair's counters");

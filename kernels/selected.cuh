@@ -42,10 +42,13 @@ __device__ void sel_merge_lists(const Params& p, int wr, int kvh, int t, int* sl
     __shared__ int wi[NSA_MMA_WARPS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n = p.shape.sel_count, nch = p.launch.sel_chunks;
     const int nblk = t / p.shape.sel_block + 1, count = min(n, nblk);
+    // MODE_WIN_LOCAL: the forced local blocks (from `lb`) are the window's first unit's (kernels/ptx.cuh):
+    // the selected units skip them (`sl` -1), the caller's selection keeps them.
+    const int lb = (p.launch.mode & MODE_WIN_LOCAL) ? local_start(p, t) / p.shape.sel_block : 0x7fffffff;
     if (nblk <= n) {  // every block (the selection wrote no lists)
         if (warp == 0) {
             for (int x = lane; x < n; x += 32) {
-                sl[x] = x < nblk ? x : -1;
+                sl[x] = x < nblk && x < lb ? x : -1;
                 if (usel) usel[x] = x < nblk ? x : -1;
             }
         }
@@ -85,7 +88,7 @@ __device__ void sel_merge_lists(const Params& p, int wr, int kvh, int t, int* sl
     __syncthreads();
     if (warp == 0) {
         for (int w = 1; w < NSA_MMA_WARPS; w++) sel_merge32(k, i, wk[w][31 - lane], wi[w][31 - lane]);
-        for (int x = lane; x < n; x += 32) sl[x] = x < count && i != SEL_PAD ? i : -1;
+        for (int x = lane; x < n; x += 32) sl[x] = x < count && i != SEL_PAD && i < lb ? i : -1;
         tl_mark<7>();  // the pair's list merged
         if (usel) sel_put_by_block(i, count, n, [&](int x, int j) { usel[x] = j; });
     }
@@ -116,7 +119,7 @@ __device__ void sw_mma(const Params& p) {
         ks.ready = false;  // selected units learn their blocks after the wait
         prefetch_pages(p, table, 0, t + 1);  // any page of the row may hold a selected block
     } else {
-        ks = window_keys(p, t, u - p.launch.units_s);
+        ks = window_keys<DKT != 0>(p, t, u - p.launch.units_s);
         prefetch_pages(p, table, ks.lo, ks.n);
     }
     for_head_chunks(p, r, kvh, [&](int hcn, int hg0, const u16* q) {

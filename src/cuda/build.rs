@@ -211,6 +211,11 @@ pub(crate) struct DecodeKnobs {
     /// and the selected-branch launch only the selected units; `NSA_CUDA_WIN_IN_CMP=N`
     /// (0: never; 1: every wave, the small-wave form included), else [`WIN_IN_CMP_PAIRS`].
     pub win_in_cmp_pairs: u32,
+    /// `NSA_CUDA_WIN_LOCAL=1` (variant 142, a measurement knob): the forced local blocks'
+    /// selected partial taken from the window's first unit (`MODE_WIN_LOCAL`); only on tensor
+    /// cores with per-chunk lists, forced local blocks inside the window and the window's
+    /// units within the workspace's ([`super::launch::window_units`]), else off.
+    pub win_local: bool,
     /// Waves of at least this many pairs, with the lists and group sums, hand each pair's
     /// compressed splits to its selection blocks by a counter (`MODE_SEL_FLOW`,
     /// kernels/ptx.cuh) instead of the selection waiting for the whole compressed launch;
@@ -372,6 +377,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         pf_repair: if prefill.is_some() { (att(hc) + 4 * (hc * dv + 3 * hc)) as u32 } else { 0 },
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
+    let sel_lists = mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0);
     let knobs = DecodeKnobs {
         sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32),
         comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
@@ -387,11 +393,19 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         comb_vec: env_num("NSA_CUDA_COMB_VEC") != Some(0),
         pfb_rows: env_num("NSA_CUDA_PFB_ROWS").map(|n| n as u32),
         sel_half: env_num("NSA_CUDA_SEL_HALF").map(|n| n != 0),
-        sel_lists: mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0),
+        sel_lists,
         spb: env_num("NSA_CUDA_SPB").map(|n| n as u32),
         late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
         append_prefetch: env_num("NSA_CUDA_APPEND_PREFETCH") != Some(0),
         win_in_cmp_pairs: pairs_knob(env_num("NSA_CUDA_WIN_IN_CMP"), WIN_IN_CMP_PAIRS),
+        win_local: env_on("NSA_CUDA_WIN_LOCAL")
+            && sel_lists
+            && cfg.sel_local >= 1
+            && cfg.sel_block.is_power_of_two()
+            // the compiled-shape entries (kernels/attend_mma.cuh `window_keys<WL>`)
+            && Kernel::CmpMma.large_entry(cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), env_on("NSA_CUDA_MMA_GENERIC"), tma && mma).is_some()
+            && cfg.window >= cfg.sel_local * cfg.sel_block
+            && super::launch::window_units(cfg, 1, tma && mma, true) <= dl.units_w,
         sel_flow_pairs: pairs_knob(env_num("NSA_CUDA_SEL_FLOW"), SEL_FLOW_PAIRS),
         sw_flow_pairs: pairs_knob(env_num("NSA_CUDA_SW_FLOW"), SW_FLOW_PAIRS),
         full_tables: env_on("NSA_CUDA_FULL_TABLES"),

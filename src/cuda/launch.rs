@@ -6,7 +6,7 @@ use super::consts::{APPEND_MIN_TOKENS, APPEND_ROWS, NT_ATT, NT_SEL, NT_WIDE, SEL
 use super::driver::{zero_u32_async, CtxGuard, CUstream};
 use super::build::sel_lists_max_chunks;
 use super::kernel::{Kernel, LaunchOpts};
-use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW};
+use super::params::{Launch, Params, MODE_APPEND_PREFETCH, MODE_GROUP_SUMS, MODE_L2_EVICT_FIRST, MODE_LATE_TRIGGER, MODE_SEL_FLOW, MODE_SEL_LISTS, MODE_SW_FLOW, MODE_WIN_LOCAL};
 use super::step_layout::StepLayout;
 use super::DeviceLayerIo;
 use super::CudaBackend;
@@ -35,6 +35,20 @@ fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
 /// (`combine_scalar`): where DV allows, and with `vec` (`DecodeKnobs::comb_vec`) at every
 /// head count, else only while a block's columns are fewer than its threads (a column per
 /// thread then keeps every thread busy).
+/// The window's units of `sel_block * spb` keys: with tensor maps its range starts up to
+/// WINDOW_ALIGN - 1 keys early. With `win_local` (variant 142, `MODE_WIN_LOCAL`) unit 0 is the
+/// forced local blocks' keys and the others cover the window below them: at least
+/// (sel_local - 1) * sel_block + 1 keys fewer (the last block holds at least one key).
+pub(crate) fn window_units(cfg: &crate::Config, spb: u32, tma: bool, win_local: bool) -> u32 {
+    let wkeys = if tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
+    if win_local {
+        let rest = wkeys.saturating_sub((cfg.sel_local - 1) * cfg.sel_block + 1);
+        rest.div_ceil(cfg.sel_block * spb) + 1
+    } else {
+        wkeys.div_ceil(cfg.sel_block * spb)
+    }
+}
+
 fn comb_vec_fits(dv: u32, heads: u32, vec: bool) -> bool {
     dv % 4 == 0 && (heads * dv < NT_WIDE || vec)
 }
@@ -217,6 +231,9 @@ impl CudaBackend {
                 if self.knobs.group_sums {
                     pw.launch.mode |= MODE_GROUP_SUMS;
                 }
+                if self.knobs.win_local {
+                    pw.launch.mode |= MODE_WIN_LOCAL;
+                }
                 if self.knobs.sel_lists {
                     pw.launch.mode |= MODE_SEL_LISTS;
                     pw.launch.sel_chunks = pw.launch.sel_chunks.min(sel_lists_max_chunks(&cfg) as i32);
@@ -331,9 +348,7 @@ impl CudaBackend {
             None => sel_chunks(sms, pairs, self.mma && self.knobs.sel_lists).min(max_chunks(SEL_CHUNK_MIN)),
         } as i32;
         l.units_s = cfg.sel_count.div_ceil(spb) as i32;
-        // With tensor maps the window's range starts up to WINDOW_ALIGN - 1 keys early.
-        let wkeys = if self.tma { cfg.window + super::consts::WINDOW_ALIGN - 1 } else { cfg.window };
-        l.units_w = wkeys.div_ceil(cfg.sel_block * spb) as i32;
+        l.units_w = window_units(cfg, spb, self.tma, self.knobs.win_local) as i32;
         l
     }
 
@@ -407,7 +422,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{comb_heads, comb_vec_fits, sel_chunks, sel_threads, spb_knob, window_in_cmp};
+    use super::{comb_heads, comb_vec_fits, sel_chunks, sel_threads, spb_knob, window_in_cmp, window_units};
     use crate::cuda::consts::NT_SEL;
 
     #[test]
@@ -446,6 +461,36 @@ mod tests {
         assert!(window_in_cmp(4, true, 1));
         assert!(window_in_cmp(1, false, 1));
         assert!(!window_in_cmp(256, false, u32::MAX));
+    }
+
+    #[test]
+    fn window_units_cover_the_window_with_the_local_unit() {
+        // Independent of the kernels' layout: count the units that cover [base, L) in spans
+        // of sel_block * spb, plus the local one, at every row length, against the host's count.
+        use crate::config::{Config, Preset};
+        for (window, sel_local) in [(512, 2), (512, 1), (128, 2), (512, 4)] {
+            let mut cfg = Config::preset(Preset::Paper);
+            cfg.window = window;
+            cfg.sel_local = sel_local;
+            for spb in [1, 2, 4, 8, 16] {
+                for tma in [false, true] {
+                    let span = cfg.sel_block * spb;
+                    let need = (0..4096u32)
+                        .map(|t| {
+                            let wlo = (t + 1).saturating_sub(window);
+                            let base = if tma { wlo & !15 } else { wlo };
+                            let local = (t / cfg.sel_block + 1).saturating_sub(sel_local) * cfg.sel_block;
+                            assert!(local >= wlo, "the local blocks lie inside the window");
+                            (local - base).div_ceil(span) + 1
+                        })
+                        .max()
+                        .unwrap();
+                    assert!(window_units(&cfg, spb, tma, true) >= need, "window {window} local {sel_local} spb {spb} tma {tma}");
+                    // Never more than one unit beyond the plain layout's.
+                    assert!(window_units(&cfg, spb, tma, true) <= window_units(&cfg, spb, tma, false) + 1);
+                }
+            }
+        }
     }
 
     #[test]
