@@ -130,7 +130,8 @@ pub(crate) struct Plan {
     /// `NSA_CUDA_COMB_VEC=0`, `NSA_CUDA_PFB_ROWS=N`, `NSA_CUDA_SEL_HALF`,
     /// `NSA_CUDA_SEL_LISTS=0`, `NSA_CUDA_SPB=N`, `NSA_CUDA_APPEND_PREFETCH=0`,
     /// `NSA_CUDA_WIN_IN_CMP=N`, `NSA_CUDA_SEL_FLOW=N`, `NSA_CUDA_SW_FLOW=N`,
-    /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`): see [`DecodeKnobs`]'s fields.
+    /// `NSA_CUDA_FULL_TABLES=1`, `NSA_CUDA_CMP_LARGE=N`, `NSA_CUDA_WIN_LOCAL=0`): see
+    /// [`DecodeKnobs`]'s fields.
     pub knobs: DecodeKnobs,
 }
 
@@ -211,10 +212,11 @@ pub(crate) struct DecodeKnobs {
     /// and the selected-branch launch only the selected units; `NSA_CUDA_WIN_IN_CMP=N`
     /// (0: never; 1: every wave, the small-wave form included), else [`WIN_IN_CMP_PAIRS`].
     pub win_in_cmp_pairs: u32,
-    /// `NSA_CUDA_WIN_LOCAL=1` (variant 142, a measurement knob): the forced local blocks'
-    /// selected partial taken from the window's first unit (`MODE_WIN_LOCAL`); only on tensor
-    /// cores with per-chunk lists, forced local blocks inside the window and the window's
-    /// units within the workspace's ([`super::launch::window_units`]), else off.
+    /// The forced local blocks' selected partial taken from the window's first unit
+    /// (`MODE_WIN_LOCAL`, variant 142: the selected units do not read those blocks again); on
+    /// tensor cores with per-chunk lists, forced local blocks inside the window and the
+    /// window's units within the workspace's ([`super::launch::window_units`]);
+    /// `NSA_CUDA_WIN_LOCAL=0` never.
     pub win_local: bool,
     /// Waves of at least this many pairs, with the lists and group sums, hand each pair's
     /// compressed splits to its selection blocks by a counter (`MODE_SEL_FLOW`,
@@ -398,7 +400,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
         late_trigger: late_trigger_mask(std::env::var("NSA_CUDA_LATE_TRIGGER").ok().as_deref()),
         append_prefetch: env_num("NSA_CUDA_APPEND_PREFETCH") != Some(0),
         win_in_cmp_pairs: pairs_knob(env_num("NSA_CUDA_WIN_IN_CMP"), WIN_IN_CMP_PAIRS),
-        win_local: env_on("NSA_CUDA_WIN_LOCAL")
+        win_local: env_num("NSA_CUDA_WIN_LOCAL") != Some(0)
             && sel_lists
             && cfg.sel_local >= 1
             && cfg.sel_block.is_power_of_two()

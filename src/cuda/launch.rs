@@ -35,6 +35,10 @@ fn comb_heads(g: u32, heads: u32, sms: u32, vec: Option<u32>) -> u32 {
 /// (`combine_scalar`): where DV allows, and with `vec` (`DecodeKnobs::comb_vec`) at every
 /// head count, else only while a block's columns are fewer than its threads (a column per
 /// thread then keeps every thread busy).
+fn comb_vec_fits(dv: u32, heads: u32, vec: bool) -> bool {
+    dv % 4 == 0 && (heads * dv < NT_WIDE || vec)
+}
+
 /// The window's units of `sel_block * spb` keys: with tensor maps its range starts up to
 /// WINDOW_ALIGN - 1 keys early. With `win_local` (variant 142, `MODE_WIN_LOCAL`) unit 0 is the
 /// forced local blocks' keys and the others cover the window below them: at least
@@ -47,10 +51,6 @@ pub(crate) fn window_units(cfg: &crate::Config, spb: u32, tma: bool, win_local: 
     } else {
         wkeys.div_ceil(cfg.sel_block * spb)
     }
-}
-
-fn comb_vec_fits(dv: u32, heads: u32, vec: bool) -> bool {
-    dv % 4 == 0 && (heads * dv < NT_WIDE || vec)
 }
 
 /// `NSA_CUDA_SPB=k` as a selected-blocks-per-unit count: the largest power of two at most

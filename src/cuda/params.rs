@@ -234,7 +234,7 @@ pub(crate) const MODE_SEL_FLOW: i32 = 8192;
 /// once) rather than when the whole selection launch has ended.
 pub(crate) const MODE_SW_FLOW: i32 = 16384;
 
-/// `Launch::mode` bit of a wave's launches (measurement knob `NSA_CUDA_WIN_LOCAL`, variant 142):
+/// `Launch::mode` bit of a wave's launches (`DecodeKnobs::win_local`, variant 142; `NSA_CUDA_WIN_LOCAL=0` off):
 /// the window's first unit covers the forced local blocks' keys and its partial is the
 /// selected branch's for them too; the selected units skip those blocks and the combine counts
 /// the unit in both branches (`MODE_WIN_LOCAL` in kernels/ptx.cuh).
