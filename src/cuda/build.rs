@@ -380,10 +380,11 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
     };
     let cmp_splits = env_num("NSA_CUDA_CMP_SPLITS").map_or(dl.nsplit_c, |n| (n as u32).clamp(1, dl.nsplit_c));
     let sel_lists = mma && sel_lists_fit(cfg) && env_num("NSA_CUDA_SEL_LISTS") != Some(0);
+    let generic_mma = env_on("NSA_CUDA_MMA_GENERIC");
     let knobs = DecodeKnobs {
         sel_chunks: env_num("NSA_CUDA_SEL_CHUNKS").map(|n| n as u32),
         comb_heads: env_num("NSA_CUDA_COMB_HEADS").map(|n| n as u32),
-        generic_mma: env_on("NSA_CUDA_MMA_GENERIC"),
+        generic_mma,
         small_wave_pairs: env_num("NSA_CUDA_SMALL_WAVE_PAIRS").map_or(SMALL_WAVE_PAIRS, |n| n as u32),
         // The per-launch carve-out is a launch attribute of drivers from CUDA 12.5 on.
         l1_wave_pairs: if info.driver_version >= 12050 { env_num("NSA_CUDA_L1_WAVE_PAIRS").map_or(L1_WAVE_PAIRS, |n| n as u32) } else { 0 },
@@ -405,7 +406,7 @@ pub(crate) fn plan(cfg: &Config, dl: &DevLayout, info: &DeviceInfo) -> Result<Pl
             && cfg.sel_local >= 1
             && cfg.sel_block.is_power_of_two()
             // the compiled-shape entries (kernels/attend_mma.cuh `window_keys<WL>`)
-            && Kernel::CmpMma.large_entry(cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), env_on("NSA_CUDA_MMA_GENERIC"), tma && mma).is_some()
+            && Kernel::CmpMma.large_entry(cfg.dtype, (cfg.head_dim_qk, cfg.head_dim_v), generic_mma, tma && mma).is_some()
             && cfg.window >= cfg.sel_local * cfg.sel_block
             && super::launch::window_units(cfg, 1, tma && mma, true) <= dl.units_w,
         sel_flow_pairs: pairs_knob(env_num("NSA_CUDA_SEL_FLOW"), SEL_FLOW_PAIRS),

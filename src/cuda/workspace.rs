@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{NsaError, Result};
-use super::consts::{MAPS_PER_LAYER, PAIR_COUNTERS, PFB_CHUNK, PFB_ITEM, SPLIT_MIN_KEYS, TMAP_BYTES, WINDOW_ALIGN};
+use super::consts::{MAPS_PER_LAYER, PAIR_COUNTERS, PFB_CHUNK, PFB_ITEM, SPLIT_MIN_KEYS, TMAP_BYTES};
 use crate::layout::Layout;
 
 /// The most splits of the compressed branch the workspace holds: one per
@@ -99,9 +99,10 @@ impl DevLayout {
         let nsplit_c = max_cmp.div_ceil(SPLIT_MIN_KEYS).clamp(1, CMP_SPLITS_MAX);
         let wave_rows = cfg.max_step_tokens.min(cfg.max_step_seqs.max(WAVE_ROWS_MIN));
         let units_s = cfg.sel_count;
-        // With tensor maps the window's range starts WINDOW_ALIGN-aligned, up to
-        // WINDOW_ALIGN - 1 keys early.
-        let units_w = (cfg.window + WINDOW_ALIGN - 1).div_ceil(cfg.sel_block);
+        // The window's units at one block a unit, its range started up to WINDOW_ALIGN - 1
+        // keys early (tensor maps), the layout without the local unit (variant 142 uses it
+        // only where it fits these, `DecodeKnobs::win_local`).
+        let units_w = super::launch::window_units(cfg, 1, true, false);
         let units = u(nsplit_c + units_s + units_w);
         let (w, hq, hkv) = (u(wave_rows), u(cfg.num_q_heads), u(cfg.num_kv_heads));
         let logits = b.take(&[w, hq, u(max_cmp), 4])?;
@@ -171,6 +172,7 @@ pub(crate) fn pfb_max_items(lists: usize, entries: usize) -> usize {
 mod tests {
     use super::*;
     use crate::config::Preset;
+    use crate::cuda::consts::WINDOW_ALIGN;
 
     #[test]
     fn workspace_shapes_fit_the_kernels() {
