@@ -15,14 +15,23 @@ be set against what its loop can do even if every byte arrived for free:
   sel_loop     the same with the online softmax between them (row max over the four
                lanes of a row, 8 exponentials and sums per lane; no rescale, as in the
                common case where the max moves by less than the threshold).
+  sel_stream   sel_loop fed as pf_sel feeds it: each warp copies its sub-tiles (16 keys of
+               K and of V, 8 KB) by cp.async from scattered 64-key blocks of a 24 MB buffer
+               (resident in L2, as the selected blocks mostly are) into its own two stages,
+               one sub-tile ahead. Every byte is then written into shared memory once and
+               read out of it once, which no register-only probe above pays;
+  copy_stream  the same copies and waits with no math: the rate at which these warps
+               bring blocks from L2 into shared memory at all.
 
 Each runs a single wave of resident blocks (128 threads, dynamic shared memory chosen so
-that 1 to 4 blocks share a multiprocessor) for a fixed number of iterations; TFLOP/s
+that 1 to 4 blocks share a multiprocessor, where the kernel's own stages fit) for a fixed number of iterations; TFLOP/s
 counts 4,096 FLOPs per m16n8k16. Two steps, since the GPU machine has no compiler:
 
   python3 scripts/mma_probe.py build DIR   # here: NVRTC -> DIR/*.cubin
   python3 scripts/mma_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+  python3 scripts/mma_probe.py --self-test # the stages' layout: copies against ldmatrix reads
 """
+import array
 import ctypes
 import os
 import statistics
@@ -152,11 +161,78 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters)
 """
 
 
+STREAM_BLOCKS = 768  # 64-key blocks of K and V (32 KB each at 128/128): a 24 MB buffer
+
+
+def stream_source(name, math):
+    """sel_loop's body (or none) on sub-tiles each warp copies into its own two stages."""
+    body = sel_source(name, True)
+    # The register-only probe's prologue fills a block-wide 16 KB once; here each warp
+    # streams into 16 KB of its own, so the kernel takes the buffer and keeps its layout.
+    body = body.replace(f"{name}(float* sink, int iters)", f"{name}(float* sink, int iters, const unsigned char* buf)")
+    body = body.replace("""    // Two stages of 16 keys of K then V (128 dims, bf16: 8 KB each), as a pf_sel warp's; the
+    // block's warps read the same ones (the data is never written again), so the dynamic
+    // shared memory only sets how many blocks share a multiprocessor.
+    u32* w = (u32*)sm;
+    for (int i = threadIdx.x; i < 4096; i += blockDim.x) w[i] = val(i);
+    __syncthreads();""", """    // Two stages of 16 keys of K then V (128 dims, bf16: 8 KB each) a warp, as pf_sel's.
+    const int warp = threadIdx.x >> 5;
+    const u32 gw = blockIdx.x * 4u + warp;""")
+    body = body.replace("const u32 base = (u32)__cvta_generic_to_shared(sm);",
+                        "const u32 base = (u32)__cvta_generic_to_shared(sm) + warp * 16384u;")
+    # Sub-tile i of warp gw: 16 keys (i & 3) of a scattered block; lane l copies 16-byte chunks
+    # l + 32 j of its 512 (K rows then V rows, 16 chunks a 256-byte row), each into its row's
+    # chunk c ^ (row & 7): the swizzle the ldmatrix addresses above read.
+    copy = f"""
+    auto issue = [&](int i) {{
+        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u;
+        const u32 dst = base + (u32)(i & 1) * 8192u;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {{
+            const int idx = lane + 32 * j, half = idx >> 8, row = (idx >> 4) & 15, c = idx & 15;
+            const u32 d = dst + half * 4096u + row * 256u + (u32)((c ^ (row & 7)) << 4);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src + half * 16384u + row * 256u + c * 16u));
+        }}
+        asm volatile("cp.async.commit_group;");
+    }};
+    issue(0);
+    for (int i = 0; i < iters; i++) {{
+        if (i + 1 < iters) issue(i + 1); else asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncwarp();"""
+    body = body.replace("""    for (int i = 0; i < iters; i++) {
+        const u32 kt = base + (i & 1) * 8192, vt = kt + 4096;""", copy + """
+        const u32 kt = base + (i & 1) * 8192, vt = kt + 4096;""")
+    if not math:
+        # Keep the copies and the waits; the math reads one word a sub-tile so nothing is dead.
+        start = body.index("        float s[2][4], u[2][4];")
+        end = body.index("    float t = lA + lB;")
+        body = body[:start] + """        u32 x;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(kt + lane * 4));
+        lA += __uint_as_float(x & 0x3f800000u);
+        __syncwarp();
+    }
+""" + body[end:]
+    else:
+        # The stage is rewritten by the copy two iterations on: every lane past its reads first.
+        body = body.replace("""            mma(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+        }
+    }""", """            mma(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+        }
+        __syncwarp();
+    }""")
+    return body
+
+
 # (name, source, m16n8k16 per warp per iteration)
 KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_mma", sel_source("sel_mma", False), 32),
     ("sel_loop", sel_source("sel_loop", True), 32),
+    ("sel_stream", stream_source("sel_stream", True), 32),
+    ("copy_stream", stream_source("copy_stream", False), 0),
 ]
+STREAMS = ("sel_stream", "copy_stream")
 THREADS = 128
 SMEM_PER_SM = 228 * 1024
 
@@ -173,27 +249,67 @@ def run(d):
     drv = Driver()
     sms = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     sink = drv.alloc(4 * THREADS)
-    print(f"{sms} multiprocessors; one wave of 128-thread blocks; TFLOP/s = 4,096 FLOPs per m16n8k16, median of 5 launches")
-    print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s |")
-    print("|---|---|---|---|---|")
+    buf = drv.alloc(STREAM_BLOCKS * 32768)
+    # The blocks hold bf16 values as the register probes' val() makes them (random-looking
+    # mantissas around 2^-7: zeros would draw less power than real data).
+    words = array.array("I", (0x3C003C00 | ((i * 2654435761) & 0x007F007F) for i in range(STREAM_BLOCKS * 8192)))
+    drv.ck(drv.cu.cuMemcpyHtoD_v2(buf, ctypes.c_void_p(words.buffer_info()[0]), ctypes.c_size_t(len(words) * 4)), "fill")
+    print(f"{sms} multiprocessors; one wave of 128-thread blocks; TFLOP/s = 4,096 FLOPs per m16n8k16, median of 5 launches;")
+    print("GB/s: the stream kernels' bytes copied from L2 into shared memory (8 KB a warp an iteration)")
+    print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s | GB/s |")
+    print("|---|---|---|---|---|---|")
     for name, _, per_iter in KERNELS:
         f, _ = drv.function(f"{d}/{name}.cubin", name)
         for per_sm in (1, 2, 3, 4):
             # Shared memory such that exactly `per_sm` blocks fit (1 KB reserved a block).
             smem = SMEM_PER_SM // per_sm - 1024 - 16
+            if name in STREAMS:
+                if smem < 4 * 16384:
+                    continue  # the block's four warps' stages (16 KB each) do not fit
+                smem = 4 * 16384 if per_sm == 3 else smem
             drv.set_smem(f, smem)
             blocks = sms * per_sm
-            iters = ctypes.c_int(4000 if name.startswith("sel") else 40000)
-            args = [sink, iters]
+            iters = ctypes.c_int(4000 if name.startswith(("sel", "copy")) else 40000)
+            args = [sink, iters] + ([buf] if name in STREAMS else [])
             drv.launch(f, blocks, THREADS, args, smem)  # warm-up
             drv.sync()
             ms = [drv.timed_ms(lambda: drv.launch(f, blocks, THREADS, args, smem)) for _ in range(5)]
             t = statistics.median(ms)
             flops = blocks * (THREADS // 32) * iters.value * per_iter * 4096.0
-            print(f"| {name} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} |")
+            nbytes = blocks * (THREADS // 32) * iters.value * 8192.0 if name in STREAMS else 0.0
+            print(f"| {name} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
+
+
+def self_test():
+    """The stream kernels' copies place each 16-byte chunk where the ldmatrix addresses of
+    sel_source read it: logical chunk L (dims 8L..8L+7) of key row r of a 16-key sub-tile
+    lives at r * 256 + (L >> 3) * 128 + ((L & 7) ^ (r & 7)) * 16 of its K or V half."""
+    want = lambda r, L: r * 256 + (L >> 3) * 128 + (((L & 7) ^ (r & 7)) << 4)
+    placed = {}
+    for lane in range(32):
+        for j in range(16):  # stream_source's copy: idx -> (half, row, chunk)
+            idx = lane + 32 * j
+            half, row, c = idx >> 8, (idx >> 4) & 15, idx & 15
+            placed[half * 4096 + row * 256 + ((c ^ (row & 7)) << 4)] = (half, row, c)
+    assert sorted(placed) == list(range(0, 8192, 16)), "the copies cover the stage's 512 chunks once"
+    for (half, row, c) in placed.values():
+        assert placed[half * 4096 + want(row, c)] == (half, row, c)
+    for lane in range(32):
+        # K: ldmatrix.x4 for m16n8k16's B of two n-tiles: matrices (keys 0-7, 8-15) x (dims lo, hi).
+        krow, kc = (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1
+        kx = krow * 256 + (((kc ^ krow) & 7) << 4)
+        # V (.trans): matrices (keys 0-7, 8-15 of the k dimension) x (dims lo, hi).
+        vrow, vc = (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4
+        vx = vrow * 256 + (((vc ^ vrow) & 7) << 4)
+        for kk in range(8):
+            assert (kx + (kk >> 2) * 128) ^ (((2 * kk) & 7) << 4) == want(krow, 2 * kk + kc), (lane, kk)
+            assert (vx + (kk >> 2) * 128) ^ (((2 * kk) & 7) << 4) == want(vrow, 2 * kk + vc), (lane, kk)
+    print("mma_probe self-test: ok (the copies' placement matches the ldmatrix reads)")
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--self-test"]:
+        sys.exit(self_test())
     if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     (build if sys.argv[1] == "build" else run)(sys.argv[2])

@@ -48,12 +48,14 @@ fi
 # The GPU scripts' ncu report parser (scripts/gpu-profile.sh uses it on the device), the
 # L2 partition probe's latency split (scripts/l2_partition_probe.py) and the stream probe's
 # piece orders (scripts/stream_probe.py), the persistent probe's items and the chain probe's
-# hand-over tickets (scripts/persist_probe.py, scripts/chain_probe.py).
+# hand-over tickets (scripts/persist_probe.py, scripts/chain_probe.py), the matrix probe's
+# stage layout (scripts/mma_probe.py: its copies against its ldmatrix reads).
 python3 scripts/ncu_table.py --self-test
 python3 scripts/l2_partition_probe.py --self-test
 python3 scripts/stream_probe.py --self-test
 python3 scripts/persist_probe.py --self-test
 python3 scripts/chain_probe.py --self-test
+python3 scripts/mma_probe.py --self-test
 # Model-check the CPU worker runner with loom (its own target dir: a different cfg),
 # under CARGO_TARGET_DIR when set.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" cargo test --release --test loom_runner
