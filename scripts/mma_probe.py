@@ -21,7 +21,11 @@ be set against what its loop can do even if every byte arrived for free:
                one sub-tile ahead. Every byte is then written into shared memory once and
                read out of it once, which no register-only probe above pays;
   copy_stream  the same copies and waits with no math: the rate at which these warps
-               bring blocks from L2 into shared memory at all.
+               bring blocks from L2 into shared memory at all (also on half the
+               multiprocessors, one block each: whether the rate is the chip's or each SM's);
+  copy_bulk    the same sub-tiles by the bulk-copy engine instead (one lane a warp issues
+               cp.async.bulk of the K and V rows, 4 KB each, on an mbarrier a stage): whether
+               that path brings bytes in faster than 16-byte cp.async does.
 
 Each runs a single wave of resident blocks (128 threads, dynamic shared memory chosen so
 that 1 to 4 blocks share a multiprocessor, where the kernel's own stages fit) for a fixed number of iterations; TFLOP/s
@@ -225,14 +229,63 @@ def stream_source(name, math):
     return body
 
 
+def bulk_source(name):
+    """copy_stream's sub-tiles by cp.async.bulk (K rows, then V rows: 4 KB each, contiguous
+    in the buffer), completion on one mbarrier per stage; the same one-word read of each."""
+    return HEADER + f"""
+extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters, const unsigned char* buf) {{
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ __align__(8) unsigned long long bar[4][2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 gw = blockIdx.x * 4u + warp;
+    const u32 base = (u32)__cvta_generic_to_shared(sm) + warp * 16384u;
+    const u32 b0 = (u32)__cvta_generic_to_shared(&bar[warp][0]);
+    if (lane == 0) {{
+        asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(b0));
+        asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(b0 + 8));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }}
+    __syncwarp();
+    auto issue = [&](int i) {{
+        if (lane != 0) return;
+        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u;
+        const u32 dst = base + (u32)(i & 1) * 8192u, b = b0 + (u32)(i & 1) * 8u;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the generic reads of this stage before the async writes
+        asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], 8192;" :: "r"(b) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 4096, [%2];"
+                     :: "r"(dst), "l"(src), "r"(b) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 4096, [%2];"
+                     :: "r"(dst + 4096u), "l"(src + 16384u), "r"(b) : "memory");
+    }};
+    float acc = 0.f;
+    issue(0);
+    for (int i = 0; i < iters; i++) {{
+        if (i + 1 < iters) issue(i + 1);
+        const u32 b = b0 + (u32)(i & 1) * 8u, parity = (u32)(i >> 1) & 1u;
+        u32 done = 0;
+        while (!done)
+            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
+                         : "=r"(done) : "r"(b), "r"(parity) : "memory");
+        u32 x;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(base + (u32)(i & 1) * 8192u + lane * 4));
+        acc += __uint_as_float(x & 0x3f800000u);
+        __syncwarp();
+    }}
+    if (acc == 1.2345f) sink[threadIdx.x] = acc;
+}}
+"""
+
+
 # (name, source, m16n8k16 per warp per iteration)
 KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_mma", sel_source("sel_mma", False), 32),
     ("sel_loop", sel_source("sel_loop", True), 32),
     ("sel_stream", stream_source("sel_stream", True), 32),
     ("copy_stream", stream_source("copy_stream", False), 0),
+    ("copy_bulk", bulk_source("copy_bulk"), 0),
 ]
-STREAMS = ("sel_stream", "copy_stream")
+STREAMS = ("sel_stream", "copy_stream", "copy_bulk")
 THREADS = 128
 SMEM_PER_SM = 228 * 1024
 
@@ -260,7 +313,8 @@ def run(d):
     print("|---|---|---|---|---|---|")
     for name, _, per_iter in KERNELS:
         f, _ = drv.function(f"{d}/{name}.cubin", name)
-        for per_sm in (1, 2, 3, 4):
+        # (blocks per SM, SMs used): one block on half the SMs too for the copy kernels.
+        for per_sm, used in [(1, sms), (2, sms), (3, sms), (4, sms)] + ([(1, sms // 2)] if name.startswith("copy") else []):
             # Shared memory such that exactly `per_sm` blocks fit (1 KB reserved a block).
             smem = SMEM_PER_SM // per_sm - 1024 - 16
             if name in STREAMS:
@@ -268,7 +322,7 @@ def run(d):
                     continue  # the block's four warps' stages (16 KB each) do not fit
                 smem = 4 * 16384 if per_sm == 3 else smem
             drv.set_smem(f, smem)
-            blocks = sms * per_sm
+            blocks = used * per_sm
             iters = ctypes.c_int(4000 if name.startswith(("sel", "copy")) else 40000)
             args = [sink, iters] + ([buf] if name in STREAMS else [])
             drv.launch(f, blocks, THREADS, args, smem)  # warm-up
@@ -277,7 +331,8 @@ def run(d):
             t = statistics.median(ms)
             flops = blocks * (THREADS // 32) * iters.value * per_iter * 4096.0
             nbytes = blocks * (THREADS // 32) * iters.value * 8192.0 if name in STREAMS else 0.0
-            print(f"| {name} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
+            where = "" if used == sms else f" ({used} SMs)"
+            print(f"| {name}{where} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
 
 
 def self_test():
