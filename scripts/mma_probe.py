@@ -23,6 +23,12 @@ be set against what its loop can do even if every byte arrived for free:
   copy_stream  the same copies and waits with no math: the rate at which these warps
                bring blocks from L2 into shared memory at all (also on half the
                multiprocessors, one block each: whether the rate is the chip's or each SM's);
+  sel_union_U  (U = 10 x the users a block) pf_sel's loop as a 12-position block would run it: 12 warps (a position
+               each) walk one list of 64-key blocks (the union of their positions'
+               choices) through a ring of 32 KB stages, each block copied once (by the
+               warp that released its stage last) and multiplied by the warps whose
+               positions chose it (about U of the 12, at random); no block barrier: an
+               mbarrier a stage says its copy landed, a count a stage who is done;
   copy_bulk    the same sub-tiles by the bulk-copy engine instead (one lane a warp issues
                cp.async.bulk of the K and V rows, 4 KB each, on an mbarrier a stage): whether
                that path brings bytes in faster than 16-byte cp.async does.
@@ -277,6 +283,98 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters,
 """
 
 
+UNION_STAGES = 6  # 32 KB stages: 192 KB of one block a multiprocessor
+UNION_WARPS = 12
+
+
+def union_source(name, users):
+    """sel_loop's step on a ring of whole-block stages shared by 12 warps (see the module
+    notes); `users`: the mean number of warps that multiply each block."""
+    body = sel_source(name, True)
+    prologue = body[body.index("    u32 qa[8][4];"):body.index("    for (int i = 0; i < iters; i++) {")]
+    prologue = prologue.replace("const u32 base = (u32)__cvta_generic_to_shared(sm);", "const u32 base = (u32)__cvta_generic_to_shared(sm);\n    const int warp = threadIdx.x >> 5;")
+    a = body.index("        float s[2][4], u[2][4];")
+    b = body.index("    float t = lA + lB;")
+    step = body[a:b].rstrip()
+    assert step.endswith("}\n    }"), step[-40:]
+    step = step[: step.rindex("}")]  # the loop's closing brace is not part of the step
+    epilogue = body[b:]
+    thr = min(65535, int(65536 * users / UNION_WARPS))
+    return HEADER + f"""
+extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float* sink, int iters, const unsigned char* buf, unsigned long long* used) {{
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ __align__(8) unsigned long long full[{UNION_STAGES}];
+    __shared__ int cnt[{UNION_STAGES}];
+    __shared__ volatile u32 gen[{UNION_STAGES}];  // the block whose copy was last issued into each stage
+    const int lane = threadIdx.x & 31;
+{prologue}
+    // Which of the 12 warps multiply block u: each with probability users / 12 (one at least).
+    auto mask_of = [&](u32 u) {{
+        const u32 h = (u * 2654435761u) ^ (blockIdx.x * 40503u);
+        u32 m = 0;
+#pragma unroll
+        for (int w = 0; w < {UNION_WARPS}; w++) m |= (((h ^ (w * 0x9E3779B9u)) * 0x85EBCA6Bu) >> 16 < {thr}u ? 1u : 0u) << w;
+        return m ? m : 1u << (u % {UNION_WARPS}u);
+    }};
+    // Block u of the list into stage u % S by the calling warp (64 16-byte cp.async a lane,
+    // swizzled as the ldmatrix addresses read), each lane arriving on the stage's mbarrier
+    // once its copies land (init count 32).
+    auto refill = [&](u32 u) {{
+        const u32 st = u % {UNION_STAGES}u, dst = base + st * 32768u;
+        const u32 blk = ((blockIdx.x * 2654435761u) ^ (u * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u;
+        if (lane == 0) gen[st] = u;
+#pragma unroll 8
+        for (int j = 0; j < 64; j++) {{
+            const int idx = lane + 32 * j, half = idx >> 10, row = (idx >> 4) & 63, c = idx & 15;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + half * 16384u + row * 256u + (u32)((c ^ (row & 7)) << 4)),
+                         "l"(src + half * 16384u + row * 256u + c * 16u));
+        }}
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"((u32)__cvta_generic_to_shared(&full[st])) : "memory");
+    }};
+    if (threadIdx.x < {UNION_STAGES}) {{
+        asm volatile("mbarrier.init.shared.b64 [%0], 32;" :: "r"((u32)__cvta_generic_to_shared(&full[threadIdx.x])));
+        cnt[threadIdx.x] = 0;
+        gen[threadIdx.x] = 0xffffffffu;
+    }}
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+    const u32 total = (u32)iters;
+    if (warp < {UNION_STAGES} && (u32)warp < total) refill((u32)warp);
+    unsigned long long mine = 0;
+    for (u32 ub = 0; ub < total; ub++) {{
+        const u32 m = mask_of(ub);
+        if (!((m >> warp) & 1u)) continue;
+        const u32 st = ub % {UNION_STAGES}u, parity = (ub / {UNION_STAGES}u) & 1u, fb = (u32)__cvta_generic_to_shared(&full[st]);
+        // A warp that skipped blocks may reach block ub while its stage still waits for an
+        // earlier block's copy (whose phase has the other parity... or the same, two back):
+        // first wait until ub's copy is issued (its stage's earlier users are then all done,
+        // so the mbarrier is at ub's phase), then on the phase's parity.
+        while (gen[st] != ub) {{ }}
+        u32 done = 0;
+        while (!done)
+            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
+                         : "=r"(done) : "r"(fb), "r"(parity) : "memory");
+        for (int q = 0; q < 4; q++) {{
+            const u32 kt = base + st * 32768u + q * 4096u, vt = kt + 16384u;
+{step}
+        }}
+        mine++;
+        // Every lane's reads of the stage are done; the warp that counts the block's last
+        // user copies block ub + S into the stage.
+        __syncwarp();
+        int last = 0;
+        if (lane == 0) {{
+            last = atomicAdd(&cnt[st], 1) + 1 == __popc(m);
+            if (last) cnt[st] = 0;
+        }}
+        last = __shfl_sync(0xffffffffu, last, 0);
+        if (last && ub + {UNION_STAGES}u < total) refill(ub + {UNION_STAGES}u);
+    }}
+    if (lane == 0) atomicAdd(used, mine);
+{epilogue}"""
+
+
 # (name, source, m16n8k16 per warp per iteration)
 KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_mma", sel_source("sel_mma", False), 32),
@@ -284,7 +382,7 @@ KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_stream", stream_source("sel_stream", True), 32),
     ("copy_stream", stream_source("copy_stream", False), 0),
     ("copy_bulk", bulk_source("copy_bulk"), 0),
-]
+] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)]
 STREAMS = ("sel_stream", "copy_stream", "copy_bulk")
 THREADS = 128
 SMEM_PER_SM = 228 * 1024
@@ -311,10 +409,29 @@ def run(d):
     print("GB/s: the stream kernels' bytes copied from L2 into shared memory (8 KB a warp an iteration)")
     print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s | GB/s |")
     print("|---|---|---|---|---|---|")
+    used = drv.alloc(8)
     for name, _, per_iter in KERNELS:
         f, _ = drv.function(f"{d}/{name}.cubin", name)
+        if name.startswith("sel_union"):
+            # One 12-warp block a multiprocessor, its ring of stages; FLOPs from the blocks the
+            # warps multiplied (counted by the kernel), bytes from the blocks copied.
+            smem, threads, iters = UNION_STAGES * 32768, UNION_WARPS * 32, ctypes.c_int(4000)
+            drv.set_smem(f, smem)
+            args = [sink, iters, buf, used]
+            drv.launch(f, sms, threads, args, smem)  # warm-up
+            drv.sync()
+            ms = []
+            for _ in range(5):
+                drv.ck(drv.cu.cuMemsetD8_v2(used, 0, ctypes.c_size_t(8)), "memset")
+                ms.append(drv.timed_ms(lambda: drv.launch(f, sms, threads, args, smem)))
+            n = ctypes.c_uint64()
+            drv.ck(drv.cu.cuMemcpyDtoH_v2(ctypes.byref(n), used, ctypes.c_size_t(8)), "read count")
+            t = statistics.median(ms)
+            flops, nbytes = n.value * per_iter * 4096.0, sms * iters.value * 32768.0
+            print(f"| {name} ({n.value / (sms * iters.value):.2f} users a block) | 1 | {UNION_WARPS} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
+            continue
         # (blocks per SM, SMs used): one block on half the SMs too for the copy kernels.
-        for per_sm, used in [(1, sms), (2, sms), (3, sms), (4, sms)] + ([(1, sms // 2)] if name.startswith("copy") else []):
+        for per_sm, used_sms in [(1, sms), (2, sms), (3, sms), (4, sms)] + ([(1, sms // 2)] if name.startswith("copy") else []):
             # Shared memory such that exactly `per_sm` blocks fit (1 KB reserved a block).
             smem = SMEM_PER_SM // per_sm - 1024 - 16
             if name in STREAMS:
@@ -322,7 +439,7 @@ def run(d):
                     continue  # the block's four warps' stages (16 KB each) do not fit
                 smem = 4 * 16384 if per_sm == 3 else smem
             drv.set_smem(f, smem)
-            blocks = used * per_sm
+            blocks = used_sms * per_sm
             iters = ctypes.c_int(4000 if name.startswith(("sel", "copy")) else 40000)
             args = [sink, iters] + ([buf] if name in STREAMS else [])
             drv.launch(f, blocks, THREADS, args, smem)  # warm-up
@@ -331,7 +448,7 @@ def run(d):
             t = statistics.median(ms)
             flops = blocks * (THREADS // 32) * iters.value * per_iter * 4096.0
             nbytes = blocks * (THREADS // 32) * iters.value * 8192.0 if name in STREAMS else 0.0
-            where = "" if used == sms else f" ({used} SMs)"
+            where = "" if used_sms == sms else f" ({used_sms} SMs)"
             print(f"| {name}{where} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
 
 
