@@ -396,7 +396,7 @@ def build(d):
         print(name, size, "bytes of cubin")
 
 
-def run(d):
+def run(d, start=None):
     drv = Driver()
     sms = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     sink = drv.alloc(4 * THREADS)
@@ -410,7 +410,9 @@ def run(d):
     print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s | GB/s |")
     print("|---|---|---|---|---|---|")
     used = drv.alloc(8)
-    for name, _, per_iter in KERNELS:
+    names = [k[0] for k in KERNELS]
+    first = names.index(start) if start else 0  # `--from NAME`: that kernel and those after it
+    for name, _, per_iter in KERNELS[first:]:
         f, _ = drv.function(f"{d}/{name}.cubin", name)
         if name.startswith("sel_union"):
             # One 12-warp block a multiprocessor, its ring of stages; FLOPs from the blocks the
@@ -437,7 +439,7 @@ def run(d):
             if name in STREAMS:
                 if smem < 4 * 16384:
                     continue  # the block's four warps' stages (16 KB each) do not fit
-                smem = 4 * 16384 if per_sm == 3 else smem
+                smem = 4 * 16384 if per_sm == 3 else min(smem, 225 * 1024)  # room for static barriers
             drv.set_smem(f, smem)
             blocks = used_sms * per_sm
             iters = ctypes.c_int(4000 if name.startswith(("sel", "copy")) else 40000)
@@ -482,6 +484,8 @@ def self_test():
 if __name__ == "__main__":
     if sys.argv[1:] == ["--self-test"]:
         sys.exit(self_test())
+    if len(sys.argv) == 5 and sys.argv[1] == "run" and sys.argv[3] == "--from":
+        sys.exit(run(sys.argv[2], sys.argv[4]))
     if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     (build if sys.argv[1] == "build" else run)(sys.argv[2])
