@@ -39,6 +39,7 @@ counts 4,096 FLOPs per m16n8k16. Two steps, since the GPU machine has no compile
 
   python3 scripts/mma_probe.py build DIR   # here: NVRTC -> DIR/*.cubin
   python3 scripts/mma_probe.py run DIR     # on the GPU: the driver through ctypes, a table
+                                           # (run DIR --from NAME: that kernel and those after it)
   python3 scripts/mma_probe.py --self-test # the stages' layout: copies against ldmatrix reads
 """
 import array
