@@ -29,6 +29,12 @@ be set against what its loop can do even if every byte arrived for free:
                warp that released its stage last) and multiplied by the warps whose
                positions chose it (about U of the 12, at random); no block barrier: an
                mbarrier a stage says its copy landed, a count a stage who is done;
+  copy_mcast   copy_bulk by a cluster of two blocks on two multiprocessors that stream the
+               same sub-tiles: each block's warp copies half of each (K or V, 4 KB) into both
+               blocks' stages at once (.multicast::cluster), and a stage is refilled once the
+               warps of both blocks are done with it (an mbarrier a stage in each block, armed
+               from both): whether one L2 read landing in two multiprocessors doubles the
+               bytes a second they take in, the premise of two pf_sel tiles sharing blocks;
   copy_bulk    the same sub-tiles by the bulk-copy engine instead (one lane a warp issues
                cp.async.bulk of the K and V rows, 4 KB each, on an mbarrier a stage): whether
                that path brings bytes in faster than 16-byte cp.async does.
@@ -284,6 +290,72 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters,
 """
 
 
+def mcast_source(name, ns=2):
+    """copy_bulk's stream shared by a cluster of two blocks (see the module notes), through
+    `ns` stages a warp."""
+    return HEADER + f"""
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128) {name}(float* sink, int iters, const unsigned char* buf) {{
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ __align__(8) unsigned long long full[4][{ns}], empty[4][{ns}];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const u32 gw = (blockIdx.x >> 1) * 4u + warp;  // the pair streams the same sub-tiles
+    const u32 base = (u32)__cvta_generic_to_shared(sm) + warp * {ns * 8192}u;
+    const u32 f0 = (u32)__cvta_generic_to_shared(&full[warp][0]), e0 = (u32)__cvta_generic_to_shared(&empty[warp][0]);
+    u32 e0_peer;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(e0_peer) : "r"(e0), "r"(rank ^ 1u));
+    if (lane == 0) {{
+        for (int st = 0; st < {ns}; st++) {{
+            asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(f0 + 8u * st));
+            asm volatile("mbarrier.init.shared.b64 [%0], 2;" :: "r"(e0 + 8u * st));  // both blocks' warp
+        }}
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }}
+    // Both blocks' barriers exist before either block's copies or arrivals reach them.
+    asm volatile("barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    auto wait = [&](u32 bar, u32 parity) {{
+        u32 done = 0;
+        while (!done)
+            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
+                         : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    }};
+    // Sub-tile i into stage i % ns of both blocks: this block's half (rank 0 K, rank 1 V), 4 KB,
+    // multicast; each block arms its own stage barrier for the 8 KB both halves bring.
+    auto issue = [&](int i) {{
+        if (lane != 0) return;
+        const u32 st = (u32)i % {ns}u;
+        if (i >= {ns}) wait(e0 + 8u * st, ((u32)i / {ns}u + 1u) & 1u);  // both blocks' warp read sub-tile i - ns
+        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u + rank * 16384u;
+        const u32 dst = base + st * 8192u + rank * 4096u, fb = f0 + 8u * st;
+        asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], 8192;" :: "r"(fb) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], 4096, [%2], %3;"
+                     :: "r"(dst), "l"(src), "r"(fb), "h"((unsigned short)3) : "memory");
+    }};
+    float acc = 0.f;
+    for (int i = 0; i < {ns} - 1 && i < iters; i++) issue(i);
+    for (int i = 0; i < iters; i++) {{
+        if (i + {ns} - 1 < iters) issue(i + {ns} - 1);
+        const u32 st = (u32)i % {ns}u;
+        wait(f0 + 8u * st, ((u32)i / {ns}u) & 1u);
+        u32 x;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(base + st * 8192u + lane * 4));
+        acc += __uint_as_float(x & 0x3f800000u);
+        __syncwarp();
+        if (lane == 0) {{  // this block's warp is done with the stage: tell both blocks' issuers
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            asm volatile("mbarrier.arrive.release.cluster.shared::cta.b64 _, [%0];" :: "r"(e0 + 8u * st) : "memory");
+            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(e0_peer + 8u * st) : "memory");
+        }}
+    }}
+    // Neither block leaves while the other may still copy into it or arrive on its barriers.
+    asm volatile("barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    if (acc == 1.2345f) sink[threadIdx.x] = acc;
+}}
+"""
+
+
 UNION_STAGES = 6  # 32 KB stages: 192 KB of one block a multiprocessor
 UNION_WARPS = 12
 
@@ -383,8 +455,11 @@ KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_stream", stream_source("sel_stream", True), 32),
     ("copy_stream", stream_source("copy_stream", False), 0),
     ("copy_bulk", bulk_source("copy_bulk"), 0),
+    ("copy_mcast", mcast_source("copy_mcast"), 0),
+    ("copy_mcast4", mcast_source("copy_mcast4", 4), 0),
 ] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)]
-STREAMS = ("sel_stream", "copy_stream", "copy_bulk")
+STREAMS = ("sel_stream", "copy_stream", "copy_bulk", "copy_mcast", "copy_mcast4")
+STAGE_BYTES = {"copy_mcast4": 4 * 32768}  # a block's stages where not four warps' 16 KB
 THREADS = 128
 SMEM_PER_SM = 228 * 1024
 
@@ -407,7 +482,8 @@ def run(d, start=None):
     words = array.array("I", (0x3C003C00 | ((i * 2654435761) & 0x007F007F) for i in range(STREAM_BLOCKS * 8192)))
     drv.ck(drv.cu.cuMemcpyHtoD_v2(buf, ctypes.c_void_p(words.buffer_info()[0]), ctypes.c_size_t(len(words) * 4)), "fill")
     print(f"{sms} multiprocessors; one wave of 128-thread blocks; TFLOP/s = 4,096 FLOPs per m16n8k16, median of 5 launches;")
-    print("GB/s: the stream kernels' bytes copied from L2 into shared memory (8 KB a warp an iteration)")
+    print("GB/s: the stream kernels' bytes copied from L2 into shared memory (8 KB a warp an iteration);")
+    print("copy_mcast: the bytes landed in shared memory, each byte read from L2 landing in both blocks of a pair")
     print("| kernel | blocks per SM | warps per SM | us per launch | TFLOP/s | GB/s |")
     print("|---|---|---|---|---|---|")
     used = drv.alloc(8)
@@ -438,9 +514,10 @@ def run(d, start=None):
             # Shared memory such that exactly `per_sm` blocks fit (1 KB reserved a block).
             smem = SMEM_PER_SM // per_sm - 1024 - 16
             if name in STREAMS:
-                if smem < 4 * 16384:
-                    continue  # the block's four warps' stages (16 KB each) do not fit
-                smem = 4 * 16384 if per_sm == 3 else min(smem, 225 * 1024)  # room for static barriers
+                need = STAGE_BYTES.get(name, 4 * 16384)
+                if smem < need:
+                    continue  # the block's four warps' stages do not fit
+                smem = need if per_sm == 3 else min(smem, 225 * 1024)  # room for static barriers
             drv.set_smem(f, smem)
             blocks = used_sms * per_sm
             iters = ctypes.c_int(4000 if name.startswith(("sel", "copy")) else 40000)
