@@ -46,7 +46,14 @@ counts 4,096 FLOPs per m16n8k16. Two steps, since the GPU machine has no compile
   python3 scripts/mma_probe.py build DIR   # here: NVRTC -> DIR/*.cubin
   python3 scripts/mma_probe.py run DIR     # on the GPU: the driver through ctypes, a table
                                            # (run DIR --from NAME: that kernel and those after it)
+  python3 scripts/mma_probe.py run DIR --corun  # two kernels on one SM each at once (below)
   python3 scripts/mma_probe.py --self-test # the stages' layout: copies against ldmatrix reads
+
+--corun times a compute-bound loop A and an L2-bound stream B in one 8-warp block a
+multiprocessor (warps 0-3 A, warps 4-7 B), each alone (the other half idle) and together:
+whether the prefill's two halves could overlap if they shared the multiprocessors.
+A = mma_regs_8 (tensor cores only), sel_loop (tensor cores and shared-memory reads, as
+pf_cmp's products are); B = sel_stream or copy_stream.
 """
 import array
 import ctypes
@@ -470,17 +477,25 @@ def build(d):
     for name, src, _ in KERNELS:
         size = compile_cubin(lib, src, f"{d}/{name}.cubin")
         print(name, size, "bytes of cubin")
+    for a, b in CORUN:
+        size = compile_cubin(lib, corun_source(a, b), f"{d}/corun_{a}_{b}.cubin")
+        print(f"corun_{a}_{b}", size, "bytes of cubin")
+
+
+def stream_buffer(drv):
+    """The stream kernels' 24 MB of blocks, holding bf16 values as the register probes' val()
+    makes them (random-looking mantissas around 2^-7: zeros would draw less power than real data)."""
+    buf = drv.alloc(STREAM_BLOCKS * 32768)
+    words = array.array("I", (0x3C003C00 | ((i * 2654435761) & 0x007F007F) for i in range(STREAM_BLOCKS * 8192)))
+    drv.ck(drv.cu.cuMemcpyHtoD_v2(buf, ctypes.c_void_p(words.buffer_info()[0]), ctypes.c_size_t(len(words) * 4)), "fill")
+    return buf
 
 
 def run(d, start=None):
     drv = Driver()
     sms = drv.attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
     sink = drv.alloc(4 * THREADS)
-    buf = drv.alloc(STREAM_BLOCKS * 32768)
-    # The blocks hold bf16 values as the register probes' val() makes them (random-looking
-    # mantissas around 2^-7: zeros would draw less power than real data).
-    words = array.array("I", (0x3C003C00 | ((i * 2654435761) & 0x007F007F) for i in range(STREAM_BLOCKS * 8192)))
-    drv.ck(drv.cu.cuMemcpyHtoD_v2(buf, ctypes.c_void_p(words.buffer_info()[0]), ctypes.c_size_t(len(words) * 4)), "fill")
+    buf = stream_buffer(drv)
     print(f"{sms} multiprocessors; one wave of 128-thread blocks; TFLOP/s = 4,096 FLOPs per m16n8k16, median of 5 launches;")
     print("GB/s: the stream kernels' bytes copied from L2 into shared memory (8 KB a warp an iteration);")
     print("copy_mcast: the bytes landed in shared memory, each byte read from L2 landing in both blocks of a pair")
@@ -532,6 +547,62 @@ def run(d, start=None):
             print(f"| {name}{where} | {per_sm} | {per_sm * THREADS // 32} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
 
 
+def as_device(src, name):
+    """A probe kernel's source as a __device__ function `name_body` over the first 128
+    threads of a larger block: its block-wide barrier becomes named barrier 1 of those 128
+    threads, its block-strided loops stride 128."""
+    head = src.index('extern "C"')
+    body = src[head:]
+    body = body.replace(f'extern "C" __global__ void __launch_bounds__(128) {name}(', f"__device__ __forceinline__ void {name}_body(")
+    body = body.replace("__syncthreads();", 'asm volatile("bar.sync 1, 128;");').replace("i += blockDim.x", "i += 128")
+    body = body.replace("extern __shared__ __align__(128) unsigned char sm[];", "extern __shared__ __align__(128) unsigned char sm[];  // shared by both halves")
+    return body
+
+
+CORUN = [("mma_regs_8", "sel_stream"), ("sel_loop", "sel_stream"), ("sel_loop", "copy_stream")]
+
+
+def corun_source(a, b):
+    """One 8-warp block a multiprocessor: warps 0-3 run kernel a's loop, warps 4-7 kernel b's
+    (b's stages are its warps' 16 KB each from 64 KB on; a reads at most the first 16 KB)."""
+    srcs = dict((n, src) for n, src, _ in KERNELS)
+    return HEADER + as_device(srcs[a][len(HEADER):], a) + as_device(srcs[b][len(HEADER):], b) + f"""
+extern "C" __global__ void __launch_bounds__(256, 1) corun_{a}_{b}(float* sink, int ia, int ib, const unsigned char* buf) {{
+    if (threadIdx.x < 128) {{
+        if (ia > 0) {a}_body(sink, ia{', buf' if a in STREAMS else ''});
+    }} else if (ib > 0) {{
+        {b}_body(sink, ib{', buf' if b in STREAMS else ''});
+    }}
+}}
+"""
+
+
+def corun(d):
+    drv = Driver()
+    sms = drv.attribute(16)
+    sink = drv.alloc(4 * 256)
+    buf = stream_buffer(drv)
+    smem = 128 * 1024 + 1024  # b's four warps' stages from 64 KB on; one block a multiprocessor
+    print(f"{sms} multiprocessors, one 8-warp block each: warps 0-3 run A's loop, warps 4-7 B's; ms, median of 5;")
+    print("A alone / B alone: the same block with the other half's iterations 0")
+    print("| A | B | A alone ms | B alone ms | together ms | together / (A + B) | together / max(A, B) |")
+    print("|---|---|---|---|---|---|---|")
+    # Iterations for ~3 ms each alone at four warps a multiprocessor (H100 rates of the plain run).
+    iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300}
+    for a, b in CORUN:
+        f, _ = drv.function(f"{d}/corun_{a}_{b}.cubin", f"corun_{a}_{b}")
+        drv.set_smem(f, smem)
+
+        def t(ia, ib):
+            args = [sink, ctypes.c_int(ia), ctypes.c_int(ib), buf]
+            drv.launch(f, sms, 256, args, smem)  # warm-up
+            drv.sync()
+            return statistics.median([drv.timed_ms(lambda: drv.launch(f, sms, 256, args, smem)) for _ in range(5)])
+
+        ta, tb, tab = t(iters[a], 0), t(0, iters[b]), t(iters[a], iters[b])
+        print(f"| {a} | {b} | {ta:.2f} | {tb:.2f} | {tab:.2f} | {tab / (ta + tb):.2f} | {tab / max(ta, tb):.2f} |")
+
+
 def self_test():
     """The stream kernels' copies place each 16-byte chunk where the ldmatrix addresses of
     sel_source read it: logical chunk L (dims 8L..8L+7) of key row r of a 16-key sub-tile
@@ -562,6 +633,8 @@ def self_test():
 if __name__ == "__main__":
     if sys.argv[1:] == ["--self-test"]:
         sys.exit(self_test())
+    if len(sys.argv) == 4 and sys.argv[1] == "run" and sys.argv[3] == "--corun":
+        sys.exit(corun(sys.argv[2]))
     if len(sys.argv) == 5 and sys.argv[1] == "run" and sys.argv[3] == "--from":
         sys.exit(run(sys.argv[2], sys.argv[4]))
     if len(sys.argv) != 3 or sys.argv[1] not in ("build", "run"):
