@@ -185,6 +185,64 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters)
 """
 
 
+def wg_source(name):
+    """pf_cmp's pass-2 tile step on one warpgroup: S = Q K^T by eight wgmma m64n64k16 from
+    shared memory (Q and K tiles of 64 x 128 in the 128-byte swizzled layout), the
+    probabilities' exponentials, O += P V by four wgmma m64n128k16 with P from registers,
+    each product waited for (kernels/wgmma.cuh, as kernels/prefill_parts.cuh `Wgmma` runs
+    them). In a larger block, warpgroup w uses 48 KB of shared memory from w x 48 KB."""
+    wg = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "wgmma.cuh")).read()
+    return HEADER + "typedef unsigned long long u64;\n" + wg + f"""
+extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters) {{
+    extern __shared__ __align__(1024) unsigned char sm[];
+    const int wg = threadIdx.x >> 7;
+    u32* w = (u32*)(sm + wg * 49152);
+    for (int i = threadIdx.x & 127; i < 12288; i += 128) w[i] = val(i);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the generic writes before the products read them
+    asm volatile("bar.sync %0, 128;" :: "r"(1 + wg));  // this warpgroup's own barrier
+    const u32 q = (u32)__cvta_generic_to_shared(sm) + wg * 49152u, k = q + 16384u, v = q + 32768u;
+    const u64 qdesc = wg_desc(q, 16, 1024), kdesc = wg_desc(k, 16, 1024), vdesc = wg_desc(v, 64 * 128, 1024);
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    const float sl2 = 0.1275f;
+    for (int i = 0; i < iters; i++) {{
+        float sc[8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {{
+            const u64 da = wg_desc_at(qdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32), db = wg_desc_at(kdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32);
+            if (kk == 0)
+                wg_ss_m64n64k16_first<1>(&sc[0][0], da, db);
+            else
+                wg_ss_m64n64k16<1>(&sc[0][0], da, db, 1);
+        }}
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(sc);
+        u32 a[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {{
+            a[ks][0] = pack(ex2(sc[2 * ks][0] * sl2), ex2(sc[2 * ks][1] * sl2));
+            a[ks][1] = pack(ex2(sc[2 * ks][2] * sl2), ex2(sc[2 * ks][3] * sl2));
+            a[ks][2] = pack(ex2(sc[2 * ks + 1][0] * sl2), ex2(sc[2 * ks + 1][1] * sl2));
+            a[ks][3] = pack(ex2(sc[2 * ks + 1][2] * sl2), ex2(sc[2 * ks + 1][3] * sl2));
+        }}
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wg_rs_m64n128k16_tb<1>(&o[0][0], a[ks][0], a[ks][1], a[ks][2], a[ks][3], wg_desc_at(vdesc, ks * 16 * 128));
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(o);
+    }}
+    float t = 0.f;
+#pragma unroll
+    for (int d = 0; d < 16; d++) t += o[d][0] + o[d][1] + o[d][2] + o[d][3];
+    if (t == 1.2345f) sink[threadIdx.x] = t;
+}}
+"""
+
+
 STREAM_BLOCKS = 768  # 64-key blocks of K and V (32 KB each at 128/128): a 24 MB buffer
 
 
@@ -464,6 +522,7 @@ KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("copy_bulk", bulk_source("copy_bulk"), 0),
     ("copy_mcast", mcast_source("copy_mcast"), 0),
     ("copy_mcast4", mcast_source("copy_mcast4", 4), 0),
+    ("wg_loop", wg_source("wg_loop"), 128),
 ] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)]
 STREAMS = ("sel_stream", "copy_stream", "copy_bulk", "copy_mcast", "copy_mcast4")
 STAGE_BYTES = {"copy_mcast4": 4 * 32768}  # a block's stages where not four warps' 16 KB
@@ -477,9 +536,9 @@ def build(d):
     for name, src, _ in KERNELS:
         size = compile_cubin(lib, src, f"{d}/{name}.cubin")
         print(name, size, "bytes of cubin")
-    for a, b in CORUN:
-        size = compile_cubin(lib, corun_source(a, b), f"{d}/corun_{a}_{b}.cubin")
-        print(f"corun_{a}_{b}", size, "bytes of cubin")
+    for a, b, aw in CORUN:
+        size = compile_cubin(lib, corun_source(a, b, aw), f"{d}/{corun_name(a, b, aw)}.cubin")
+        print(corun_name(a, b, aw), size, "bytes of cubin")
 
 
 def stream_buffer(drv):
@@ -559,16 +618,26 @@ def as_device(src, name):
     return body
 
 
-CORUN = [("mma_regs_8", "sel_stream"), ("sel_loop", "sel_stream"), ("sel_loop", "copy_stream")]
+# (A, B, warps of A): B's four warps follow A's.
+CORUN = [("mma_regs_8", "sel_stream", 4), ("sel_loop", "sel_stream", 4), ("sel_loop", "copy_stream", 4),
+         ("wg_loop", "sel_stream", 4), ("wg_loop", "sel_stream", 8)]
 
 
-def corun_source(a, b):
-    """One 8-warp block a multiprocessor: warps 0-3 run kernel a's loop, warps 4-7 kernel b's
-    (b's stages are its warps' 16 KB each from 64 KB on; a reads at most the first 16 KB)."""
+def corun_name(a, b, aw):
+    return f"corun_{a}_{b}" + ("" if aw == 4 else f"_{aw}")
+
+
+def corun_source(a, b, aw):
+    """One block a multiprocessor: warps [0, aw) run kernel a's loop, the next four kernel b's
+    (b's stages are its warps' 16 KB each from aw x 16 KB on; a's warpgroups use at most 48 KB
+    each below that)."""
     srcs = dict((n, src) for n, src, _ in KERNELS)
-    return HEADER + as_device(srcs[a][len(HEADER):], a) + as_device(srcs[b][len(HEADER):], b) + f"""
-extern "C" __global__ void __launch_bounds__(256, 1) corun_{a}_{b}(float* sink, int ia, int ib, const unsigned char* buf) {{
-    if (threadIdx.x < 128) {{
+    pre = len(HEADER)
+    if a == "wg_loop":
+        pre = srcs[a].index('extern "C"')
+    return srcs[a][:pre] + as_device(srcs[a][pre:], a) + as_device(srcs[b][len(HEADER):], b) + f"""
+extern "C" __global__ void __launch_bounds__({32 * (aw + 4)}, 1) {corun_name(a, b, aw)}(float* sink, int ia, int ib, const unsigned char* buf) {{
+    if (threadIdx.x < {32 * aw}) {{
         if (ia > 0) {a}_body(sink, ia{', buf' if a in STREAMS else ''});
     }} else if (ib > 0) {{
         {b}_body(sink, ib{', buf' if b in STREAMS else ''});
@@ -582,25 +651,28 @@ def corun(d):
     sms = drv.attribute(16)
     sink = drv.alloc(4 * 256)
     buf = stream_buffer(drv)
-    smem = 128 * 1024 + 1024  # b's four warps' stages from 64 KB on; one block a multiprocessor
-    print(f"{sms} multiprocessors, one 8-warp block each: warps 0-3 run A's loop, warps 4-7 B's; ms, median of 5;")
-    print("A alone / B alone: the same block with the other half's iterations 0")
-    print("| A | B | A alone ms | B alone ms | together ms | together / (A + B) | together / max(A, B) |")
-    print("|---|---|---|---|---|---|---|")
-    # Iterations for ~3 ms each alone at four warps a multiprocessor (H100 rates of the plain run).
-    iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300}
-    for a, b in CORUN:
-        f, _ = drv.function(f"{d}/corun_{a}_{b}.cubin", f"corun_{a}_{b}")
+    print(f"{sms} multiprocessors, one block each: A's warps, then B's four; ms, median of 5;")
+    print("A alone / B alone: the same block with the other part's iterations 0; A's TFLOP/s alone and together")
+    print("| A (warps) | B | A alone ms | B alone ms | together ms | together / (A + B) | together / max(A, B) | A TFLOP/s alone |")
+    print("|---|---|---|---|---|---|---|---|")
+    # Iterations for ~3 ms each alone (H100 rates of the plain run); FLOPs a warp an iteration.
+    iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300, "wg_loop": 4000}
+    flops = {"mma_regs_8": 8 * 4096, "sel_loop": 32 * 4096, "wg_loop": 2 * 64 * 64 * 128 * 2 / 4}
+    for a, b, aw in CORUN:
+        name = corun_name(a, b, aw)
+        f, _ = drv.function(f"{d}/{name}.cubin", name)
+        threads, smem = 32 * (aw + 4), (aw + 4) * 16384 + 1024  # b's stages from aw x 16 KB on
         drv.set_smem(f, smem)
 
         def t(ia, ib):
             args = [sink, ctypes.c_int(ia), ctypes.c_int(ib), buf]
-            drv.launch(f, sms, 256, args, smem)  # warm-up
+            drv.launch(f, sms, threads, args, smem)  # warm-up
             drv.sync()
-            return statistics.median([drv.timed_ms(lambda: drv.launch(f, sms, 256, args, smem)) for _ in range(5)])
+            return statistics.median([drv.timed_ms(lambda: drv.launch(f, sms, threads, args, smem)) for _ in range(5)])
 
         ta, tb, tab = t(iters[a], 0), t(0, iters[b]), t(iters[a], iters[b])
-        print(f"| {a} | {b} | {ta:.2f} | {tb:.2f} | {tab:.2f} | {tab / (ta + tb):.2f} | {tab / max(ta, tb):.2f} |")
+        tf = sms * aw * iters[a] * flops[a] / ta / 1e9
+        print(f"| {a} ({aw}) | {b} | {ta:.2f} | {tb:.2f} | {tab:.2f} | {tab / (ta + tb):.2f} | {tab / max(ta, tb):.2f} | {tf:.0f} |")
 
 
 def self_test():
