@@ -29,6 +29,11 @@ be set against what its loop can do even if every byte arrived for free:
                warp that released its stage last) and multiplied by the warps whose
                positions chose it (about U of the 12, at random); no block barrier: an
                mbarrier a stage says its copy landed, a count a stage who is done;
+  sel_items_K  the same ring, but a block's work as K items any warp takes in turn (a
+               shared counter): an item is one position's 16 heads against the block, its
+               accumulators, softmax state and Q fragments loaded from shared memory and its
+               accumulators stored back (4 positions' slots), so every warp can work on
+               whatever block is in the ring instead of waiting for its own position's next;
   copy_mcast   copy_bulk by a cluster of two blocks on two multiprocessors that stream the
                same sub-tiles: each block's warp copies half of each (K or V, 4 KB) into both
                blocks' stages at once (.multicast::cluster), and a stage is refilled once the
@@ -513,6 +518,110 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
 {epilogue}"""
 
 
+ITEM_STAGES = 5  # 160 KB of ring, then 4 positions' Q (4 KB each) and accumulators (8.5 KB each)
+ITEM_POS = 4
+
+
+def items_source(name, k):
+    """sel_union's ring with each block's work as `k` items taken by any warp (see the
+    module notes)."""
+    body = sel_source(name, True)
+    a = body.index("        float s[2][4], u[2][4];")
+    b = body.index("    float t = lA + lB;")
+    step = body[a:b].rstrip()
+    assert step.endswith("}\n    }"), step[-40:]
+    step = step[: step.rindex("}")]
+    return HEADER + f"""
+extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float* sink, int iters, const unsigned char* buf, unsigned long long* used) {{
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ __align__(8) unsigned long long full[{ITEM_STAGES}];
+    __shared__ int cnt[{ITEM_STAGES}];
+    __shared__ volatile u32 gen[{ITEM_STAGES}];
+    __shared__ int next;
+    const int lane = threadIdx.x & 31;
+    const u32 base = (u32)__cvta_generic_to_shared(sm);
+    const u32 qs = base + {ITEM_STAGES} * 32768u, os = qs + {ITEM_POS} * 4096u;  // Q slots, then (o, m, l) slots
+    const int krow = (lane & 7) + (lane >> 4) * 8, kc = (lane >> 3) & 1;
+    const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
+    const u32 kx = krow * 256 + (((kc ^ krow) & 7) << 4), vx = vrow * 256 + (((vc ^ vrow) & 7) << 4);
+    const float sl2 = 0.1275f;
+    auto refill = [&](u32 u) {{
+        const u32 st = u % {ITEM_STAGES}u, dst = base + st * 32768u;
+        const u32 blk = ((blockIdx.x * 2654435761u) ^ (u * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u;
+        if (lane == 0) gen[st] = u;
+#pragma unroll 8
+        for (int j = 0; j < 64; j++) {{
+            const int idx = lane + 32 * j, half = idx >> 10, row = (idx >> 4) & 63, c = idx & 15;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + half * 16384u + row * 256u + (u32)((c ^ (row & 7)) << 4)),
+                         "l"(src + half * 16384u + row * 256u + c * 16u));
+        }}
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"((u32)__cvta_generic_to_shared(&full[st])) : "memory");
+    }};
+    // The positions' slots: Q fragments (val()), accumulators 0, (m, l) = (1, 0), a lane's words side by side.
+    for (int i = threadIdx.x; i < {ITEM_POS} * 1024; i += blockDim.x) ((u32*)(sm + {ITEM_STAGES} * 32768))[i] = val(i);
+    for (int i = threadIdx.x; i < {ITEM_POS} * 2176; i += blockDim.x)
+        ((float*)(sm + {ITEM_STAGES} * 32768 + {ITEM_POS} * 4096))[i] = (i % 2176) >= 2048 && (i % 2) == 0 ? 1.f : 0.f;
+    if (threadIdx.x < {ITEM_STAGES}) {{
+        asm volatile("mbarrier.init.shared.b64 [%0], 32;" :: "r"((u32)__cvta_generic_to_shared(&full[threadIdx.x])));
+        cnt[threadIdx.x] = 0;
+        gen[threadIdx.x] = 0xffffffffu;
+    }}
+    if (threadIdx.x == 0) next = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+    const u32 total = (u32)iters, warp = threadIdx.x >> 5;
+    if (warp < {ITEM_STAGES}u && warp < total) refill(warp);
+    unsigned long long mine = 0;
+    for (;;) {{
+        int item = 0;
+        if (lane == 0) item = atomicAdd(&next, 1);
+        item = __shfl_sync(0xffffffffu, item, 0);
+        const u32 ub = (u32)item / {k}u;
+        if (ub >= total) break;
+        const u32 pos = ((u32)item * 2654435761u >> 16) % {ITEM_POS}u;
+        const u32 st = ub % {ITEM_STAGES}u, parity = (ub / {ITEM_STAGES}u) & 1u, fb = (u32)__cvta_generic_to_shared(&full[st]);
+        while (gen[st] != ub) {{ }}
+        u32 done = 0;
+        while (!done)
+            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
+                         : "=r"(done) : "r"(fb), "r"(parity) : "memory");
+        // The item's position: Q fragments, accumulators and (m, l) from its slots.
+        u32 qa[8][4];
+        float o[16][4];
+        const u32 qp = qs + pos * 4096u + lane * 128u, op = os + pos * 8704u + lane * 256u, mp = os + pos * 8704u + 8192u + lane * 16u;
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++)
+            asm volatile("ld.shared.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(qa[kk][0]), "=r"(qa[kk][1]), "=r"(qa[kk][2]), "=r"(qa[kk][3]) : "r"(qp + kk * 16u));
+#pragma unroll
+        for (int d = 0; d < 16; d++)
+            asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%4];" : "=f"(o[d][0]), "=f"(o[d][1]), "=f"(o[d][2]), "=f"(o[d][3]) : "r"(op + d * 16u));
+        float mA, mB, lA, lB;
+        asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%4];" : "=f"(mA), "=f"(mB), "=f"(lA), "=f"(lB) : "r"(mp));
+        for (int q = 0; q < 4; q++) {{
+            const u32 kt = base + st * 32768u + q * 4096u, vt = kt + 16384u;
+{step}
+        }}
+#pragma unroll
+        for (int d = 0; d < 16; d++)
+            asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "r"(op + d * 16u), "f"(o[d][0]), "f"(o[d][1]), "f"(o[d][2]), "f"(o[d][3]) : "memory");
+        asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "r"(mp), "f"(mA), "f"(mB), "f"(lA), "f"(lB) : "memory");
+        mine++;
+        __syncwarp();
+        int last = 0;
+        if (lane == 0) {{
+            last = atomicAdd(&cnt[st], 1) + 1 == {k};
+            if (last) cnt[st] = 0;
+        }}
+        last = __shfl_sync(0xffffffffu, last, 0);
+        if (last && ub + {ITEM_STAGES}u < total) refill(ub + {ITEM_STAGES}u);
+    }}
+    if (lane == 0) atomicAdd(used, mine);
+    if (mine == 0xffffffffull) sink[threadIdx.x] = 0.f;
+}}
+"""
+
+
 # (name, source, m16n8k16 per warp per iteration)
 KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("sel_mma", sel_source("sel_mma", False), 32),
@@ -523,7 +632,8 @@ KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("copy_mcast", mcast_source("copy_mcast"), 0),
     ("copy_mcast4", mcast_source("copy_mcast4", 4), 0),
     ("wg_loop", wg_source("wg_loop"), 128),
-] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)]
+] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)] + [
+    (f"sel_items_{k}", items_source(f"sel_items_{k}", k), 128) for k in (1, 2, 3, 6, 12)]
 STREAMS = ("sel_stream", "copy_stream", "copy_bulk", "copy_mcast", "copy_mcast4")
 STAGE_BYTES = {"copy_mcast4": 4 * 32768}  # a block's stages where not four warps' 16 KB
 THREADS = 128
@@ -565,10 +675,11 @@ def run(d, start=None):
     first = names.index(start) if start else 0  # `--from NAME`: that kernel and those after it
     for name, _, per_iter in KERNELS[first:]:
         f, _ = drv.function(f"{d}/{name}.cubin", name)
-        if name.startswith("sel_union"):
+        if name.startswith(("sel_union", "sel_items")):
             # One 12-warp block a multiprocessor, its ring of stages; FLOPs from the blocks the
             # warps multiplied (counted by the kernel), bytes from the blocks copied.
-            smem, threads, iters = UNION_STAGES * 32768, UNION_WARPS * 32, ctypes.c_int(4000)
+            smem = UNION_STAGES * 32768 if name.startswith("sel_union") else ITEM_STAGES * 32768 + ITEM_POS * (4096 + 8704)
+            threads, iters = UNION_WARPS * 32, ctypes.c_int(4000)
             drv.set_smem(f, smem)
             args = [sink, iters, buf, used]
             drv.launch(f, sms, threads, args, smem)  # warm-up
@@ -581,7 +692,7 @@ def run(d, start=None):
             drv.ck(drv.cu.cuMemcpyDtoH_v2(ctypes.byref(n), used, ctypes.c_size_t(8)), "read count")
             t = statistics.median(ms)
             flops, nbytes = n.value * per_iter * 4096.0, sms * iters.value * 32768.0
-            print(f"| {name} ({n.value / (sms * iters.value):.2f} users a block) | 1 | {UNION_WARPS} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
+            print(f"| {name} ({n.value / (sms * iters.value):.2f} {'users' if 'union' in name else 'items'} a block) | 1 | {UNION_WARPS} | {t * 1000:.0f} | {flops / t / 1e9:.0f} | {nbytes / t / 1e6:.0f} |")
             continue
         # (blocks per SM, SMs used): one block on half the SMs too for the copy kernels.
         for per_sm, used_sms in [(1, sms), (2, sms), (3, sms), (4, sms)] + ([(1, sms // 2)] if name.startswith("copy") else []):
