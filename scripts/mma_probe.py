@@ -426,6 +426,27 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128) {nam
 """
 
 
+def ring_refill(stages):
+    """The ring kernels' `refill(u)`: block u of the list into stage u % stages by the calling
+    warp (64 16-byte cp.async a lane, swizzled as the ldmatrix addresses read), each lane
+    arriving on the stage's mbarrier once its copies land (init count 32); `gen[stage]` = u
+    says the copy is issued."""
+    return f"""    auto refill = [&](u32 u) {{
+        const u32 st = u % {stages}u, dst = base + st * 32768u;
+        const u32 blk = ((blockIdx.x * 2654435761u) ^ (u * 40503u)) % {STREAM_BLOCKS}u;
+        const unsigned char* src = buf + (size_t)blk * 32768u;
+        if (lane == 0) gen[st] = u;
+#pragma unroll 8
+        for (int j = 0; j < 64; j++) {{
+            const int idx = lane + 32 * j, half = idx >> 10, row = (idx >> 4) & 63, c = idx & 15;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + half * 16384u + row * 256u + (u32)((c ^ (row & 7)) << 4)),
+                         "l"(src + half * 16384u + row * 256u + c * 16u));
+        }}
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"((u32)__cvta_generic_to_shared(&full[st])) : "memory");
+    }};
+"""
+
+
 UNION_STAGES = 6  # 32 KB stages: 192 KB of one block a multiprocessor
 UNION_WARPS = 12
 
@@ -459,23 +480,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
         for (int w = 0; w < {UNION_WARPS}; w++) m |= (((h ^ (w * 0x9E3779B9u)) * 0x85EBCA6Bu) >> 16 < {thr}u ? 1u : 0u) << w;
         return m ? m : 1u << (u % {UNION_WARPS}u);
     }};
-    // Block u of the list into stage u % S by the calling warp (64 16-byte cp.async a lane,
-    // swizzled as the ldmatrix addresses read), each lane arriving on the stage's mbarrier
-    // once its copies land (init count 32).
-    auto refill = [&](u32 u) {{
-        const u32 st = u % {UNION_STAGES}u, dst = base + st * 32768u;
-        const u32 blk = ((blockIdx.x * 2654435761u) ^ (u * 40503u)) % {STREAM_BLOCKS}u;
-        const unsigned char* src = buf + (size_t)blk * 32768u;
-        if (lane == 0) gen[st] = u;
-#pragma unroll 8
-        for (int j = 0; j < 64; j++) {{
-            const int idx = lane + 32 * j, half = idx >> 10, row = (idx >> 4) & 63, c = idx & 15;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + half * 16384u + row * 256u + (u32)((c ^ (row & 7)) << 4)),
-                         "l"(src + half * 16384u + row * 256u + c * 16u));
-        }}
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"((u32)__cvta_generic_to_shared(&full[st])) : "memory");
-    }};
-    if (threadIdx.x < {UNION_STAGES}) {{
+{ring_refill(UNION_STAGES)}    if (threadIdx.x < {UNION_STAGES}) {{
         asm volatile("mbarrier.init.shared.b64 [%0], 32;" :: "r"((u32)__cvta_generic_to_shared(&full[threadIdx.x])));
         cnt[threadIdx.x] = 0;
         gen[threadIdx.x] = 0xffffffffu;
@@ -545,20 +550,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
     const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
     const u32 kx = krow * 256 + (((kc ^ krow) & 7) << 4), vx = vrow * 256 + (((vc ^ vrow) & 7) << 4);
     const float sl2 = 0.1275f;
-    auto refill = [&](u32 u) {{
-        const u32 st = u % {ITEM_STAGES}u, dst = base + st * 32768u;
-        const u32 blk = ((blockIdx.x * 2654435761u) ^ (u * 40503u)) % {STREAM_BLOCKS}u;
-        const unsigned char* src = buf + (size_t)blk * 32768u;
-        if (lane == 0) gen[st] = u;
-#pragma unroll 8
-        for (int j = 0; j < 64; j++) {{
-            const int idx = lane + 32 * j, half = idx >> 10, row = (idx >> 4) & 63, c = idx & 15;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst + half * 16384u + row * 256u + (u32)((c ^ (row & 7)) << 4)),
-                         "l"(src + half * 16384u + row * 256u + c * 16u));
-        }}
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" :: "r"((u32)__cvta_generic_to_shared(&full[st])) : "memory");
-    }};
-    // The positions' slots: Q fragments (val()), accumulators 0, (m, l) = (1, 0), a lane's words side by side.
+{ring_refill(ITEM_STAGES)}    // The positions' slots: Q fragments (val()), accumulators 0, (m, l) = (1, 0), a lane's words side by side.
     for (int i = threadIdx.x; i < {ITEM_POS} * 1024; i += blockDim.x) ((u32*)(sm + {ITEM_STAGES} * 32768))[i] = val(i);
     for (int i = threadIdx.x; i < {ITEM_POS} * 2176; i += blockDim.x)
         ((float*)(sm + {ITEM_STAGES} * 32768 + {ITEM_POS} * 4096))[i] = (i % 2176) >= 2048 && (i % 2) == 0 ? 1.f : 0.f;
