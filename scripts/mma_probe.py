@@ -550,7 +550,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
     const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vc = lane >> 4;
     const u32 kx = krow * 256 + (((kc ^ krow) & 7) << 4), vx = vrow * 256 + (((vc ^ vrow) & 7) << 4);
     const float sl2 = 0.1275f;
-{ring_refill(ITEM_STAGES)}    // The positions' slots: Q fragments (val()), accumulators 0, (m, l) = (1, 0), a lane's words side by side.
+{ring_refill(ITEM_STAGES)}    // The positions' slots: Q fragments (val()), accumulators 0, (m, l) = (1, 0).
     for (int i = threadIdx.x; i < {ITEM_POS} * 1024; i += blockDim.x) ((u32*)(sm + {ITEM_STAGES} * 32768))[i] = val(i);
     for (int i = threadIdx.x; i < {ITEM_POS} * 2176; i += blockDim.x)
         ((float*)(sm + {ITEM_STAGES} * 32768 + {ITEM_POS} * 4096))[i] = (i % 2176) >= 2048 && (i % 2) == 0 ? 1.f : 0.f;
@@ -581,13 +581,15 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
         // The item's position: Q fragments, accumulators and (m, l) from its slots.
         u32 qa[8][4];
         float o[16][4];
-        const u32 qp = qs + pos * 4096u + lane * 128u, op = os + pos * 8704u + lane * 256u, mp = os + pos * 8704u + 8192u + lane * 16u;
+        // A slot's 16-byte pieces lane-interleaved (piece d of lane l at (32 d + l) x 16): each
+        // warp access is 512 contiguous bytes, no bank conflict.
+        const u32 qp = qs + pos * 4096u + lane * 16u, op = os + pos * 8704u + lane * 16u, mp = os + pos * 8704u + 8192u + lane * 16u;
 #pragma unroll
         for (int kk = 0; kk < 8; kk++)
-            asm volatile("ld.shared.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(qa[kk][0]), "=r"(qa[kk][1]), "=r"(qa[kk][2]), "=r"(qa[kk][3]) : "r"(qp + kk * 16u));
+            asm volatile("ld.shared.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(qa[kk][0]), "=r"(qa[kk][1]), "=r"(qa[kk][2]), "=r"(qa[kk][3]) : "r"(qp + kk * 512u));
 #pragma unroll
         for (int d = 0; d < 16; d++)
-            asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%4];" : "=f"(o[d][0]), "=f"(o[d][1]), "=f"(o[d][2]), "=f"(o[d][3]) : "r"(op + d * 16u));
+            asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%4];" : "=f"(o[d][0]), "=f"(o[d][1]), "=f"(o[d][2]), "=f"(o[d][3]) : "r"(op + d * 512u));
         float mA, mB, lA, lB;
         asm volatile("ld.shared.v4.f32 {{%0, %1, %2, %3}}, [%4];" : "=f"(mA), "=f"(mB), "=f"(lA), "=f"(lB) : "r"(mp));
         for (int q = 0; q < 4; q++) {{
@@ -596,7 +598,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
         }}
 #pragma unroll
         for (int d = 0; d < 16; d++)
-            asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "r"(op + d * 16u), "f"(o[d][0]), "f"(o[d][1]), "f"(o[d][2]), "f"(o[d][3]) : "memory");
+            asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "r"(op + d * 512u), "f"(o[d][0]), "f"(o[d][1]), "f"(o[d][2]), "f"(o[d][3]) : "memory");
         asm volatile("st.shared.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "r"(mp), "f"(mA), "f"(mB), "f"(lA), "f"(lB) : "memory");
         mine++;
         __syncwarp();
