@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""How fast the H200 runs the prefill selected branch's per-warp matrix loop (a diagnostic).
+"""How fast the prefill selected branch's per-warp loop can run, and what feeds it (a diagnostic).
 
 `pf_sel` (kernels/prefill.cuh `pf_sel_alone`) multiplies each position's 16 query heads
 against its selected blocks with mma.sync m16n8k16 (a warp per position: no other rows
-share a K/V block with random selections, and a wgmma needs 64). This probe measures the
-ceiling of that instruction mix with no memory traffic at all, so the branch's time can
-be set against what its loop can do even if every byte arrived for free:
+share a K/V block with random selections, and a wgmma needs 64). The first forms measure
+that loop's ceiling with no memory traffic at all; the rest what bringing its bytes in
+costs, and the ways of sharing them that were weighed before building one
+(docs/PREFILL_NOTES.md, twenty-eighth and fifty-third sessions):
 
   mma_regs_C   mma.sync with operands in registers, C independent accumulators a warp
                (the instruction's own rate);
@@ -14,51 +15,52 @@ be set against what its loop can do even if every byte arrived for free:
                ldmatrix.x4.trans, 16 mma), the same swizzled addresses as pf_sel;
   sel_loop     the same with the online softmax between them (row max over the four
                lanes of a row, 8 exponentials and sums per lane; no rescale, as in the
-               common case where the max moves by less than the threshold).
+               common case where the max moves by less than the threshold);
   sel_stream   sel_loop fed as pf_sel feeds it: each warp copies its sub-tiles (16 keys of
                K and of V, 8 KB) by cp.async from scattered 64-key blocks of a 24 MB buffer
                (resident in L2, as the selected blocks mostly are) into its own two stages,
-               one sub-tile ahead. Every byte is then written into shared memory once and
-               read out of it once, which no register-only probe above pays;
+               one sub-tile ahead, so every byte is written into shared memory and read back;
   copy_stream  the same copies and waits with no math: the rate at which these warps
                bring blocks from L2 into shared memory at all (also on half the
                multiprocessors, one block each: whether the rate is the chip's or each SM's);
-  sel_union_U  (U = 10 x the users a block) pf_sel's loop as a 12-position block would run it: 12 warps (a position
-               each) walk one list of 64-key blocks (the union of their positions'
-               choices) through a ring of 32 KB stages, each block copied once (by the
-               warp that released its stage last) and multiplied by the warps whose
-               positions chose it (about U of the 12, at random); no block barrier: an
+  copy_bulk    the same sub-tiles by the bulk-copy engine (one lane a warp issues
+               cp.async.bulk of the K and V rows, 4 KB each, on an mbarrier a stage);
+  copy_mcast   copy_bulk by a cluster of two blocks on two multiprocessors that stream the
+  (-4: four    same sub-tiles: each block's warp copies half of each (K or V, 4 KB) into both
+  stages)      blocks' stages at once (.multicast::cluster), and a stage is refilled once the
+               warps of both blocks are done with it (an mbarrier a stage in each block, armed
+               from both): whether one L2 read landing in two multiprocessors doubles the
+               bytes a second they take in, the premise of two pf_sel tiles sharing blocks;
+  wg_loop      pf_cmp's pass-2 tile step on one warpgroup (wgmma Q K^T from shared memory,
+               the exponentials, wgmma P V with P from registers), for --corun;
+  sel_union_U  (U = 10 x the users a block) pf_sel's loop as a 12-position block would run
+               it: 12 warps (a position each) walk one list of 64-key blocks (the union of
+               their positions' choices) through a ring of 32 KB stages, each block copied
+               once (by the warp that released its stage last) and multiplied by the warps
+               whose positions chose it (about U of the 12, at random); no block barrier: an
                mbarrier a stage says its copy landed, a count a stage who is done;
   sel_items_K  the same ring, but a block's work as K items any warp takes in turn (a
                shared counter): an item is one position's 16 heads against the block, its
                accumulators, softmax state and Q fragments loaded from shared memory and its
                accumulators stored back (4 positions' slots), so every warp can work on
-               whatever block is in the ring instead of waiting for its own position's next;
-  copy_mcast   copy_bulk by a cluster of two blocks on two multiprocessors that stream the
-               same sub-tiles: each block's warp copies half of each (K or V, 4 KB) into both
-               blocks' stages at once (.multicast::cluster), and a stage is refilled once the
-               warps of both blocks are done with it (an mbarrier a stage in each block, armed
-               from both): whether one L2 read landing in two multiprocessors doubles the
-               bytes a second they take in, the premise of two pf_sel tiles sharing blocks;
-  copy_bulk    the same sub-tiles by the bulk-copy engine instead (one lane a warp issues
-               cp.async.bulk of the K and V rows, 4 KB each, on an mbarrier a stage): whether
-               that path brings bytes in faster than 16-byte cp.async does.
+               whatever block is in the ring instead of waiting for its own position's next.
 
-Each runs a single wave of resident blocks (128 threads, dynamic shared memory chosen so
-that 1 to 4 blocks share a multiprocessor, where the kernel's own stages fit) for a fixed number of iterations; TFLOP/s
-counts 4,096 FLOPs per m16n8k16. Two steps, since the GPU machine has no compiler:
+Each runs a single wave of resident blocks for a fixed number of iterations: 128 threads and
+1 to 4 blocks a multiprocessor (dynamic shared memory chosen so, where the kernel's own
+stages fit), or one 12-warp block a multiprocessor for the ring forms. TFLOP/s counts 4,096
+FLOPs per m16n8k16. Two steps, since the GPU machine has no compiler:
 
   python3 scripts/mma_probe.py build DIR   # here: NVRTC -> DIR/*.cubin
   python3 scripts/mma_probe.py run DIR     # on the GPU: the driver through ctypes, a table
                                            # (run DIR --from NAME: that kernel and those after it)
-  python3 scripts/mma_probe.py run DIR --corun  # two kernels on one SM each at once (below)
+  python3 scripts/mma_probe.py run DIR --corun  # a compute loop and a stream in one block (below)
   python3 scripts/mma_probe.py --self-test # the stages' layout: copies against ldmatrix reads
 
---corun times a compute-bound loop A and an L2-bound stream B in one 8-warp block a
-multiprocessor (warps 0-3 A, warps 4-7 B), each alone (the other half idle) and together:
-whether the prefill's two halves could overlap if they shared the multiprocessors.
-A = mma_regs_8 (tensor cores only), sel_loop (tensor cores and shared-memory reads, as
-pf_cmp's products are); B = sel_stream or copy_stream.
+--corun times a compute-bound loop A and an L2-bound stream B in one block a multiprocessor
+(A's warps first, then B's four), each alone (the other part idle) and together: whether the
+prefill's two halves could overlap if they shared the multiprocessors. A = mma_regs_8
+(tensor cores only), sel_loop (tensor cores and shared-memory reads), wg_loop on one or two
+warpgroups (pf_cmp's own step); B = sel_stream or copy_stream.
 """
 import array
 import ctypes
