@@ -86,6 +86,15 @@ __device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32
 __device__ __forceinline__ u32 pack(float lo, float hi) { u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
 // bf16 pairs of about 2^-7 with varied mantissas (random-looking data draws the power real data does).
 __device__ __forceinline__ u32 val(u32 i) { return 0x3c003c00u | ((i * 2654435761u) & 0x007f007fu); }
+// The stream kernels' scattered block for sub-tile i of warp gw (four 16-key sub-tiles a block).
+__device__ __forceinline__ u32 stream_block(u32 gw, int i, u32 nblocks) { return ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % nblocks; }
+// Spins until the phase of the mbarrier at shared address `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile("{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
 """
 
 
@@ -274,7 +283,7 @@ def stream_source(name, math):
     # chunk c ^ (row & 7): the swizzle the ldmatrix addresses above read.
     copy = f"""
     auto issue = [&](int i) {{
-        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const u32 blk = stream_block(gw, i, {STREAM_BLOCKS}u);
         const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u;
         const u32 dst = base + (u32)(i & 1) * 8192u;
 #pragma unroll
@@ -333,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters,
     __syncwarp();
     auto issue = [&](int i) {{
         if (lane != 0) return;
-        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const u32 blk = stream_block(gw, i, {STREAM_BLOCKS}u);
         const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u;
         const u32 dst = base + (u32)(i & 1) * 8192u, b = b0 + (u32)(i & 1) * 8u;
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the generic reads of this stage before the async writes
@@ -348,10 +357,7 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters,
     for (int i = 0; i < iters; i++) {{
         if (i + 1 < iters) issue(i + 1);
         const u32 b = b0 + (u32)(i & 1) * 8u, parity = (u32)(i >> 1) & 1u;
-        u32 done = 0;
-        while (!done)
-            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
-                         : "=r"(done) : "r"(b), "r"(parity) : "memory");
+        mbar_wait(b, parity);
         u32 x;
         asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(base + (u32)(i & 1) * 8192u + lane * 4));
         acc += __uint_as_float(x & 0x3f800000u);
@@ -398,7 +404,7 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128) {nam
         if (lane != 0) return;
         const u32 st = (u32)i % {ns}u;
         if (i >= {ns}) wait(e0 + 8u * st, ((u32)i / {ns}u + 1u) & 1u);  // both blocks' warp read sub-tile i - ns
-        const u32 blk = ((gw * 2654435761u) ^ ((u32)(i >> 2) * 40503u)) % {STREAM_BLOCKS}u;
+        const u32 blk = stream_block(gw, i, {STREAM_BLOCKS}u);
         const unsigned char* src = buf + (size_t)blk * 32768u + (u32)(i & 3) * 4096u + rank * 16384u;
         const u32 dst = base + st * 8192u + rank * 4096u, fb = f0 + 8u * st;
         asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], 8192;" :: "r"(fb) : "memory");
@@ -501,10 +507,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
         // first wait until ub's copy is issued (its stage's earlier users are then all done,
         // so the mbarrier is at ub's phase), then on the phase's parity.
         while (gen[st] != ub) {{ }}
-        u32 done = 0;
-        while (!done)
-            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
-                         : "=r"(done) : "r"(fb), "r"(parity) : "memory");
+        mbar_wait(fb, parity);
         for (int q = 0; q < 4; q++) {{
             const u32 kt = base + st * 32768u + q * 4096u, vt = kt + 16384u;
 {step}
@@ -576,10 +579,7 @@ extern "C" __global__ void __launch_bounds__({UNION_WARPS * 32}, 1) {name}(float
         const u32 pos = ((u32)item * 2654435761u >> 16) % {ITEM_POS}u;
         const u32 st = ub % {ITEM_STAGES}u, parity = (ub / {ITEM_STAGES}u) & 1u, fb = (u32)__cvta_generic_to_shared(&full[st]);
         while (gen[st] != ub) {{ }}
-        u32 done = 0;
-        while (!done)
-            asm volatile("{{ .reg .pred P; mbarrier.try_wait.parity.shared.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }}"
-                         : "=r"(done) : "r"(fb), "r"(parity) : "memory");
+        mbar_wait(fb, parity);
         // The item's position: Q fragments, accumulators and (m, l) from its slots.
         u32 qa[8][4];
         float o[16][4];
@@ -721,7 +721,6 @@ def as_device(src, name):
     body = src[head:]
     body = body.replace(f'extern "C" __global__ void __launch_bounds__(128) {name}(', f"__device__ __forceinline__ void {name}_body(")
     body = body.replace("__syncthreads();", 'asm volatile("bar.sync 1, 128;");').replace("i += blockDim.x", "i += 128")
-    body = body.replace("extern __shared__ __align__(128) unsigned char sm[];", "extern __shared__ __align__(128) unsigned char sm[];  // shared by both halves")
     return body
 
 
@@ -762,9 +761,9 @@ def corun(d):
     print("A alone / B alone: the same block with the other part's iterations 0; A's TFLOP/s alone and together")
     print("| A (warps) | B | A alone ms | B alone ms | together ms | together / (A + B) | together / max(A, B) | A TFLOP/s alone |")
     print("|---|---|---|---|---|---|---|---|")
-    # Iterations for ~3 ms each alone (H100 rates of the plain run); FLOPs a warp an iteration.
+    # Iterations for ~3 ms each alone (H100 rates of the plain run).
     iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300, "wg_loop": 4000}
-    flops = {"mma_regs_8": 8 * 4096, "sel_loop": 32 * 4096, "wg_loop": 2 * 64 * 64 * 128 * 2 / 4}
+    per_iter = dict((n, m) for n, _, m in KERNELS)  # m16n8k16 (4,096 FLOPs) a warp an iteration
     for a, b, aw in CORUN:
         name = corun_name(a, b, aw)
         f, _ = drv.function(f"{d}/{name}.cubin", name)
@@ -778,7 +777,7 @@ def corun(d):
             return statistics.median([drv.timed_ms(lambda: drv.launch(f, sms, threads, args, smem)) for _ in range(5)])
 
         ta, tb, tab = t(iters[a], 0), t(0, iters[b]), t(iters[a], iters[b])
-        tf = sms * aw * iters[a] * flops[a] / ta / 1e9
+        tf = sms * aw * iters[a] * per_iter[a] * 4096.0 / ta / 1e9
         print(f"| {a} ({aw}) | {b} | {ta:.2f} | {tb:.2f} | {tab:.2f} | {tab / (ta + tb):.2f} | {tab / max(ta, tb):.2f} | {tf:.0f} |")
 
 
