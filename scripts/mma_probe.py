@@ -33,6 +33,9 @@ costs, and the ways of sharing them that were weighed before building one
                bytes a second they take in, the premise of two pf_sel tiles sharing blocks;
   wg_loop      pf_cmp's pass-2 tile step on one warpgroup (wgmma Q K^T from shared memory,
                the exponentials, wgmma P V with P from registers), for --corun;
+  wg_loop_rs   the same with Q K^T's Q from registers (32 words a thread): the step reading
+               only K and V from shared memory, to tell shared-memory reads from the tensor
+               cores as what the stream beside it competes for;
   sel_union_U  (U = 10 x the users a block) pf_sel's loop as a 12-position block would run
                it: 12 warps (a position each) walk one list of 64-key blocks (the union of
                their positions' choices) through a ring of 32 KB stages, each block copied
@@ -59,8 +62,9 @@ FLOPs per m16n8k16. Two steps, since the GPU machine has no compiler:
 --corun times a compute-bound loop A and an L2-bound stream B in one block a multiprocessor
 (A's warps first, then B's four), each alone (the other part idle) and together: whether the
 prefill's two halves could overlap if they shared the multiprocessors. A = mma_regs_8
-(tensor cores only), sel_loop (tensor cores and shared-memory reads), wg_loop on one or two
-warpgroups (pf_cmp's own step); B = sel_stream or copy_stream.
+(tensor cores only), sel_loop (tensor cores and shared-memory reads), wg_loop or wg_loop_rs
+on one or two warpgroups (pf_cmp's own step); B = sel_stream or copy_stream (the stream's copies
+without its products).
 """
 import array
 import ctypes
@@ -201,14 +205,44 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters)
 """
 
 
-def wg_source(name):
+# wgmma m64n64k16 with A (Q) from registers and B (K) K-major from shared memory: the RS form
+# of Q K^T, which reads only K from shared memory (wg_loop_rs). The probe's own: the engine's
+# kernels have no such product (pf_cmp reads Q from shared memory).
+WG_RS_QK = """
+__device__ __forceinline__ void wg_rs_qk_m64n64k16(float* d, const unsigned* a, u64 db, int acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+#endif
+}
+"""
+
+
+def wg_source(name, rs=False):
     """pf_cmp's pass-2 tile step on one warpgroup: S = Q K^T by eight wgmma m64n64k16 from
     shared memory (Q and K tiles of 64 x 128 in the 128-byte swizzled layout), the
     probabilities' exponentials, O += P V by four wgmma m64n128k16 with P from registers,
     each product waited for (kernels/wgmma.cuh, as kernels/prefill_parts.cuh `Wgmma` runs
-    them). In a larger block, warpgroup w uses 48 KB of shared memory from w x 48 KB."""
+    them). In a larger block, warpgroup w uses 48 KB of shared memory from w x 48 KB.
+    rs: Q K^T with Q's fragments in registers (32 words a thread, loaded once), so the tile
+    step reads only K and V from shared memory (half the bytes a FLOP of the Q K^T half)."""
+    if rs:
+        q_regs = """    u32 qf[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+        for (int j = 0; j < 4; j++) qf[kk][j] = val(threadIdx.x * 32 + kk * 4 + j);"""
+        qk_step = "            wg_rs_qk_m64n64k16(&sc[0][0], qf[kk], db, kk);"
+    else:
+        q_regs = ""
+        qk_step = """            const u64 da = wg_desc_at(qdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32);
+            if (kk == 0)
+                wg_ss_m64n64k16_first<1>(&sc[0][0], da, db);
+            else
+                wg_ss_m64n64k16<1>(&sc[0][0], da, db, 1);"""
     wg = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "wgmma.cuh")).read()
-    return HEADER + "typedef unsigned long long u64;\n" + wg + f"""
+    return HEADER + "typedef unsigned long long u64;\n" + wg + (WG_RS_QK if rs else "") + f"""
 extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters) {{
     extern __shared__ __align__(1024) unsigned char sm[];
     const int wg = threadIdx.x >> 7;
@@ -221,17 +255,15 @@ extern "C" __global__ void __launch_bounds__(128) {name}(float* sink, int iters)
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+{q_regs}
     const float sl2 = 0.1275f;
     for (int i = 0; i < iters; i++) {{
         float sc[8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {{
-            const u64 da = wg_desc_at(qdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32), db = wg_desc_at(kdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32);
-            if (kk == 0)
-                wg_ss_m64n64k16_first<1>(&sc[0][0], da, db);
-            else
-                wg_ss_m64n64k16<1>(&sc[0][0], da, db, 1);
+            const u64 db = wg_desc_at(kdesc, (kk >> 2) * 64 * 128 + (kk & 3) * 32);
+{qk_step}
         }}
         wg_commit();
         wg_wait<0>();
@@ -628,6 +660,7 @@ KERNELS = [(f"mma_regs_{c}", regs_source(c), c) for c in (2, 4, 8)] + [
     ("copy_mcast", mcast_source("copy_mcast"), 0),
     ("copy_mcast4", mcast_source("copy_mcast4", 4), 0),
     ("wg_loop", wg_source("wg_loop"), 128),
+    ("wg_loop_rs", wg_source("wg_loop_rs", rs=True), 128),
 ] + [(f"sel_union_{round(10 * u)}", union_source(f"sel_union_{round(10 * u)}", u), 128) for u in (1, 1.4, 3.2, 12)] + [
     (f"sel_items_{k}", items_source(f"sel_items_{k}", k), 128) for k in (1, 2, 3, 6, 12)]
 STREAMS = ("sel_stream", "copy_stream", "copy_bulk", "copy_mcast", "copy_mcast4")
@@ -726,7 +759,8 @@ def as_device(src, name):
 
 # (A, B, warps of A): B's four warps follow A's.
 CORUN = [("mma_regs_8", "sel_stream", 4), ("sel_loop", "sel_stream", 4), ("sel_loop", "copy_stream", 4),
-         ("wg_loop", "sel_stream", 4), ("wg_loop", "sel_stream", 8)]
+         ("wg_loop", "sel_stream", 4), ("wg_loop", "sel_stream", 8), ("wg_loop_rs", "sel_stream", 4),
+         ("wg_loop_rs", "sel_stream", 8), ("wg_loop", "copy_stream", 8), ("wg_loop_rs", "copy_stream", 8)]
 
 
 def corun_name(a, b, aw):
@@ -739,7 +773,7 @@ def corun_source(a, b, aw):
     each below that)."""
     srcs = dict((n, src) for n, src, _ in KERNELS)
     pre = len(HEADER)
-    if a == "wg_loop":
+    if a.startswith("wg_loop"):
         pre = srcs[a].index('extern "C"')
     return srcs[a][:pre] + as_device(srcs[a][pre:], a) + as_device(srcs[b][len(HEADER):], b) + f"""
 extern "C" __global__ void __launch_bounds__({32 * (aw + 4)}, 1) {corun_name(a, b, aw)}(float* sink, int ia, int ib, const unsigned char* buf) {{
@@ -762,7 +796,7 @@ def corun(d):
     print("| A (warps) | B | A alone ms | B alone ms | together ms | together / (A + B) | together / max(A, B) | A TFLOP/s alone |")
     print("|---|---|---|---|---|---|---|---|")
     # Iterations for ~3 ms each alone (H100 rates of the plain run).
-    iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300, "wg_loop": 4000}
+    iters = {"mma_regs_8": 100000, "sel_loop": 7700, "sel_stream": 5300, "copy_stream": 5300, "wg_loop": 4000, "wg_loop_rs": 4000}
     per_iter = dict((n, m) for n, _, m in KERNELS)  # m16n8k16 (4,096 FLOPs) a warp an iteration
     for a, b, aw in CORUN:
         name = corun_name(a, b, aw)
